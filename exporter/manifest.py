@@ -1,0 +1,72 @@
+"""Run manifest: what went in, what came out (sha256), versions and the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "exporter_manifest.json"
+_PACKAGES = ("exporter", "torch", "transformers", "peft", "safetensors", "gguf", "tokenizers", "llama-cpp-python")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe(path: Path | str, root: Path | None = None) -> list[dict[str, Any]]:
+    """Files under `path` (or the file itself) with size and sha256; names relative to `root` or `path`."""
+    path = Path(path)
+    if not path.exists():
+        return [{"path": str(path), "missing": True}]
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    base = root if root is not None else (path.parent if path.is_file() else path)
+    return [
+        {"path": str(p.relative_to(base)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in files
+        if p.name != MANIFEST_NAME
+    ]
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages that shape an output."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write(
+    out_dir: Path, stage: str, inputs: dict[str, Path | str], settings: dict[str, Any] | None = None,
+    outputs: Path | None = None,
+) -> Path:
+    """Write `exporter_manifest.json` into `out_dir` describing inputs (local paths hashed) and outputs."""
+    ins: dict[str, Any] = {}
+    for name, value in inputs.items():
+        p = Path(value)
+        ins[name] = {"source": str(value), "files": describe(p)} if p.exists() else {"source": str(value)}
+    doc = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": sys.argv,
+        "versions": versions(),
+        "settings": settings or {},
+        "inputs": ins,
+        "outputs": describe(outputs if outputs is not None else out_dir),
+    }
+    path = Path(out_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return path

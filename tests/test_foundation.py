@@ -1,0 +1,121 @@
+"""Config, atomic output, manifest, hub resolution and the CLI's error contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter import atomic, config, hub, manifest
+from exporter.errors import UserError
+
+
+@dataclasses.dataclass
+class _Cfg:
+    model_name_or_path: str
+    lora_rank: int = 8
+    learning_rate: float = 1e-4
+    bf16: bool = False
+    dataset: list[str] = dataclasses.field(default_factory=list)
+    stage: str = "sft"
+
+
+def test_config_yaml_and_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("model_name_or_path: m\nlora_rank: 4\ndataset: a,b\n")
+    cfg = config.load(_Cfg, f, ["lora_rank=16", "bf16=true", "learning_rate=5e-5"])
+    assert cfg == _Cfg("m", 16, 5e-5, True, ["a", "b"])
+
+
+def test_config_unknown_key_did_you_mean(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("model_name_or_path: m\nlora_rnak: 4\n")
+    with pytest.raises(UserError, match=r"unknown key 'lora_rnak' \(did you mean 'lora_rank'\?\)"):
+        config.load(_Cfg, f)
+
+
+def test_config_type_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="lora_rank must be an integer"):
+        config.load(_Cfg, None, ["model_name_or_path=m", "lora_rank=big"])
+    with pytest.raises(UserError, match="missing required key"):
+        config.load(_Cfg, None, [])
+    with pytest.raises(UserError, match="key=value"):
+        config.load(_Cfg, None, ["nokey"])
+
+
+def test_atomic_dir_success_and_failure(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with atomic.atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("x")
+        assert not out.exists()
+    assert (out / "a.txt").read_text() == "x"
+    with pytest.raises(UserError, match="already exists"):
+        with atomic.atomic_dir(out):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_dir(out, force=True) as tmp:
+            (tmp / "b.txt").write_text("y")
+            raise RuntimeError("crash")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written left behind
+    assert (out / "a.txt").exists() and not (out / "b.txt").exists()
+    with atomic.atomic_dir(out, force=True) as tmp:
+        (tmp / "c.txt").write_text("z")
+    assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
+
+
+def test_atomic_file(tmp_path: Path) -> None:
+    out = tmp_path / "f.bin"
+    with pytest.raises(ValueError):
+        with atomic.atomic_file(out) as tmp:
+            tmp.write_bytes(b"half")
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []
+    with atomic.atomic_file(out) as tmp:
+        tmp.write_bytes(b"whole")
+    assert out.read_bytes() == b"whole"
+
+
+def test_free_space_check(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not enough free disk"):
+        atomic.check_free_space(tmp_path / "x" / "y", 1 << 60)
+    atomic.check_free_space(tmp_path, 1)
+
+
+def test_manifest(tmp_path: Path) -> None:
+    src = tmp_path / "in.txt"
+    src.write_text("hello")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "w.bin").write_bytes(b"abc")
+    path = manifest.write(out, "test", {"base": src, "hub": "org/model"}, {"k": 1})
+    doc = json.loads(path.read_text())
+    assert doc["inputs"]["base"]["files"][0]["sha256"] == (
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    )
+    assert doc["inputs"]["hub"] == {"source": "org/model"}
+    assert [o["path"] for o in doc["outputs"]] == ["w.bin"]
+    assert doc["versions"]["torch"].startswith("2.13.0")
+
+
+def test_hub_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert hub.resolve(tmp_path) == tmp_path
+    with pytest.raises(UserError, match="no such directory"):
+        hub.resolve(tmp_path / "nope")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="fetching it from the Hugging Face hub failed"):
+        hub.resolve("no-such-owner/no-such-model")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True)
+
+
+def test_cli_version_and_help() -> None:
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.strip().startswith("exporter ")
+    r = _cli("--help")
+    assert r.returncode == 0 and "Usage" in r.stdout
