@@ -37,6 +37,20 @@ def _root(
 # ---- stage commands are registered below, one block each ----
 
 
+@app.command(
+    "train",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Fine-tune (LoRA or full; stages sft, pt): exporter train CONFIG.yaml [key=value ...], or LLaMA-Factory "
+    "flags: exporter train --stage sft --do_train --model_name_or_path M --dataset a,b --output_dir OUT ...",
+)
+def train_cmd(ctx: typer.Context) -> None:
+    from exporter import train
+
+    if not ctx.args:
+        raise UserError("exporter train: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
+    train.main(list(ctx.args))
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
