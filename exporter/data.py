@@ -186,7 +186,7 @@ def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
         if not isinstance(given, dict):
             raise UserError(f"{where}: dataset {name!r}: columns must be an object")
         allowed = set(columns)
-        for key, value in given.items():
+        for key in given:
             if key in UNSUPPORTED_COLUMNS:
                 raise UserError(f"{where}: dataset {name!r}: column {key!r} (multimodal/preference) is not supported")
             if key not in allowed:

@@ -662,7 +662,7 @@ def plot(log: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         pts = [(r["current_steps"], r[key]) for r in log if r.get(key) is not None]
         if not pts:
             continue
-        steps, vals = zip(*pts)
+        steps, vals = zip(*pts, strict=True)
         fig = plt.figure()
         plt.plot(steps, vals, color="#1f77b4", alpha=0.4, label="original")
         plt.plot(steps, smooth(list(vals)), color="#1f77b4", label="smoothed")
