@@ -421,6 +421,8 @@ def _sharegpt(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drop
 
 def _check_columns(sp: DatasetSpec, rows: list[tuple[str, Any]], stage: str) -> None:
     """A configured column that no row has is a mistake in dataset_info.json or the file: say so once."""
+    if not rows:
+        return
     seen: set[str] = set()
     for _, row in rows[:1000]:
         if isinstance(row, dict):

@@ -462,8 +462,10 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
     model.to(device)
     model.config.use_cache = False
     if not cfg.disable_gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.finetuning_type == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -719,8 +721,10 @@ def _prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
     return None
 
 
-def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
-    """Train per `cfg`; returns output_dir holding the adapter (or full model), logs, plots and the manifest."""
+def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | None = None) -> Path:
+    """Train per `cfg`; returns output_dir holding the adapter (or full model), logs, plots and the manifest.
+
+    `_stop_after` (tests only) interrupts the run after that step, as a crash would."""
     import numpy as np
     import torch
     from transformers import AutoTokenizer, get_scheduler
@@ -887,8 +891,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
                     scaler.update()
                 else:
                     opt.step()
-                lr = sched.get_last_lr()[0]
                 sched.step()
+                lr = sched.get_last_lr()[0]  # HF logs the rate after the scheduler step
                 opt.zero_grad(set_to_none=True)
                 state["batches_done"] += len(group)
                 state["global_step"] += 1
@@ -906,7 +910,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
                     write_log({"eval_loss": round(evaluate(), 6)})
                 if step % save_every == 0 and step < total:
                     save_checkpoint(model, opt, sched, state, out, cfg)
-                if os.environ.get("EXPORTER_TRAIN_STOP_AFTER") == str(step):  # test hook: simulate a crash
+                if _stop_after == step:
                     raise KeyboardInterrupt
     finally:
         log_file.close()
