@@ -141,3 +141,234 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
     merged = current + [i for i in ids if i not in current]
     gen["eos_token_id"] = merged[0] if len(merged) == 1 else merged
     _write_json(gen_path, gen)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training renderer: conversation -> [(text, trained)] segments, driven by the family's `format` block.
+# It is a second implementation of each family (the Jinja and the Go TEMPLATE are the others); tests hold all
+# three byte-identical.
+# ---------------------------------------------------------------------------------------------------------------
+
+Segment = tuple[str, bool]
+
+
+def _content(m: dict[str, Any], i: int) -> str:
+    c = m.get("content")
+    if c is None:
+        return ""
+    if not isinstance(c, str):
+        raise UserError(f"message {i}: content must be a string, got {type(c).__name__}")
+    return c
+
+
+def _tojson(x: Any) -> str:
+    return json.dumps(x, ensure_ascii=False, separators=(",", ":"))
+
+
+def _tool_fn(tc: dict[str, Any]) -> dict[str, Any]:
+    return tc["function"] if isinstance(tc.get("function"), dict) else tc
+
+
+def _args_json(fn: dict[str, Any]) -> str:
+    args = fn.get("arguments")
+    return args if isinstance(args, str) else _tojson(args)
+
+
+_QWEN_TOOLS_HEAD = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_QWEN_TOOLS_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call><|im_end|>\n"
+)
+
+
+class _Renderer:
+    """State for one render; `out` collects (text, trained) segments."""
+
+    def __init__(self, tpl: ChatTemplate, bos: str, eos: str) -> None:
+        self.tpl, self.f, self.bos, self.eos = tpl, tpl.format, bos, eos
+        self.out: list[Segment] = []
+
+    def fill(self, pattern: str, **kw: str) -> str:
+        # single-pass substitution so braces inside content are never re-read as placeholders
+        values = {"bos": self.bos, "eos": self.eos, **kw}
+        out, i = [], 0
+        while i < len(pattern):
+            if pattern[i] == "{":
+                j = pattern.find("}", i)
+                key = pattern[i + 1 : j]
+                if j > 0 and key in values:
+                    out.append(values[key])
+                    i = j + 1
+                    continue
+            out.append(pattern[i])
+            i += 1
+        return "".join(out)
+
+    def emit(self, text: str, trained: bool = False) -> None:
+        if text:
+            self.out.append((text, trained))
+
+    def assistant(self, content: str, prefix: str = "") -> None:
+        start, body, tail = self.f["assistant"]
+        self.emit(self.fill(start))
+        self.emit(self.fill(body, content=prefix + content), True)
+        self.emit(self.fill(tail))
+
+
+def _check_alternation(loop: list[dict[str, Any]]) -> None:
+    for k, m in enumerate(loop):
+        if (m.get("role") == "user") != (k % 2 == 0):
+            raise UserError(
+                f"message {k}: conversation roles must alternate user/assistant/user/assistant/... for this family"
+            )
+
+
+def _render_qwen(r: _Renderer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
+    """ChatML families (qwen, qwen3) including tool calls, tool responses and Qwen3 thinking blocks."""
+    f, style = r.f, r.f.get("tool_style")
+    has_sys = bool(messages) and messages[0].get("role") == "system"
+    sys_text = _content(messages[0], 0) if has_sys else None
+    if tools:
+        head = "<|im_start|>system\n"
+        if style == "qwen":
+            head += (sys_text if has_sys else r.tpl.default_system or "") + "\n\n"
+        elif has_sys:
+            head += sys_text + "\n\n"
+        head += _QWEN_TOOLS_HEAD + "".join("\n" + _tojson(t) for t in tools) + _QWEN_TOOLS_TAIL
+        r.emit(head)
+    elif has_sys:
+        r.emit(r.fill(f["system_turn"], content=sys_text))
+    elif f["system"] == "always":
+        r.emit(r.fill(f["system_turn"], content=r.tpl.default_system or ""))
+    last_query = len(messages) - 1
+    for i, m in enumerate(messages):
+        if m.get("role") == "user":
+            last_query = i
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), _content(m, i)
+        last = i == len(messages) - 1
+        if role == "user" or (role == "system" and i > 0):
+            r.emit(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+        elif role == "assistant":
+            calls = m.get("tool_calls") or []
+            body = ""
+            if f.get("think") == "qwen3":
+                reasoning = ""
+                if m.get("reasoning_content") is not None:
+                    reasoning = m["reasoning_content"]
+                elif "</think>" in content:
+                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    content = content.split("</think>")[-1].lstrip("\n")
+                if i > last_query and (last or reasoning):
+                    body = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+                else:
+                    body = content
+                for k, tc in enumerate(calls):
+                    fn = _tool_fn(tc)
+                    sep = "\n" if (k == 0 and content) or k > 0 else ""
+                    body += sep + '<tool_call>\n{"name": "' + fn["name"] + '", "arguments": ' + _args_json(fn)
+                    body += "}\n</tool_call>"
+                r.emit("<|im_start|>assistant\n")
+            elif calls:
+                body = "\n" + content if content else ""
+                for tc in calls:
+                    fn = _tool_fn(tc)
+                    body += '\n<tool_call>\n{"name": "' + fn["name"] + '", "arguments": ' + _args_json(fn)
+                    body += "}\n</tool_call>"
+                # "<|im_start|>assistant" is the prompt; the newline that follows belongs to the answer
+                r.emit("<|im_start|>assistant")
+            else:
+                body = content
+                r.emit("<|im_start|>assistant\n")
+            r.emit(body + "<|im_end|>", True)
+            r.emit("\n")
+        elif role == "tool":
+            prev = messages[i - 1].get("role") if i > 0 else None
+            text = ("<|im_start|>user" if prev != "tool" else "") + "\n<tool_response>\n" + content
+            text += "\n</tool_response>"
+            if last or messages[i + 1].get("role") != "tool":
+                text += "<|im_end|>\n"
+            r.emit(text)
+
+
+def _render_turns(r: _Renderer, messages: list[dict[str, Any]]) -> None:
+    """Families made of fixed per-role patterns (llama2, llama3, mistral, gemma, phi3, base formats ...)."""
+    f = r.f
+    mode = f["system"]
+    has_sys = bool(messages) and messages[0].get("role") == "system"
+    system = _content(messages[0], 0) if has_sys else r.tpl.default_system
+    loop = messages[1:] if has_sys else messages
+    if not f.get("bos_in_turns"):
+        r.emit(r.bos)
+    if f.get("alternate"):
+        _check_alternation(loop)
+    if mode == "always":
+        r.emit(r.fill(f["system_turn"], content=system or ""))
+    elif mode in ("optional", "optional_nonempty") and has_sys and (system or mode == "optional"):
+        r.emit(r.fill(f["system_turn"], content=system))
+    last_user = max((k for k, m in enumerate(loop) if m.get("role") == "user"), default=-1)
+    first_user = min((k for k, m in enumerate(loop) if m.get("role") == "user"), default=-1)
+    for k, m in enumerate(loop):
+        role, content = m.get("role"), _content(m, k)
+        if role == "user":
+            merge = (mode == "first_user" and k == first_user == 0) or (mode == "last_user" and k == last_user)
+            if merge and system is not None and (has_sys or mode != "last_user"):
+                r.emit(r.fill(f["user_with_system"], content=content, system=system))
+            else:
+                r.emit(r.fill(f["user"], content=content))
+        elif role == "assistant":
+            if m.get("tool_calls"):
+                raise UserError(f"message {k}: template family {r.tpl.name!r} has no tool-call format")
+            r.assistant(content)
+        elif role == "system" and mode in ("optional", "optional_nonempty"):
+            if content or mode != "optional_nonempty":
+                r.emit(r.fill(f["system_turn"], content=content))
+        else:
+            raise UserError(f"message {k}: role {role!r} is not supported by template family {r.tpl.name!r}")
+
+
+def render_segments(
+    tpl: ChatTemplate,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    enable_thinking: bool | None = None,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+) -> list[Segment]:
+    """Render `messages` as [(text, trained)]: trained = assistant content and its end-of-turn token.
+
+    The joined text equals the family's Jinja rendered by transformers' `apply_chat_template` with the same
+    arguments. `bos_token`/`eos_token` default to the family's own (pass the tokenizer's to match its Jinja).
+    """
+    if not messages:
+        raise UserError("conversation has no messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise UserError(f"message {i}: expected an object with 'role' and 'content'")
+    if tools and not tpl.tools:
+        raise UserError(f"template family {tpl.name!r} has no tool format; drop 'tools' or pick a tool-capable family")
+    bos = tpl.bos_token if bos_token is None else bos_token
+    eos = tpl.eos_token if eos_token is None else eos_token
+    r = _Renderer(tpl, bos or "", eos or "")
+    if tpl.format.get("tool_style") in ("qwen", "qwen3"):
+        _render_qwen(r, messages, tools)
+    else:
+        _render_turns(r, messages)
+    if add_generation_prompt:
+        gen = tpl.format["generation"]
+        if enable_thinking is False and "generation_no_think" in tpl.format:
+            gen = tpl.format["generation_no_think"]
+        r.emit(r.fill(gen))
+    elif tpl.format.get("final_eos"):
+        r.emit(r.eos, messages[-1].get("role") == "assistant")
+    return r.out
+
+
+def render_text(tpl: ChatTemplate, messages: list[dict[str, Any]], **kw: Any) -> str:
+    """The training text of `messages` (== the family's Jinja through apply_chat_template)."""
+    return "".join(t for t, _ in render_segments(tpl, messages, **kw))
