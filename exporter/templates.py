@@ -372,3 +372,220 @@ def render_segments(
 def render_text(tpl: ChatTemplate, messages: list[dict[str, Any]], **kw: Any) -> str:
     """The training text of `messages` (== the family's Jinja through apply_chat_template)."""
     return "".join(t for t, _ in render_segments(tpl, messages, **kw))
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return (
+        bool(with_special)
+        and with_special[0] == bos_id
+        and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos_id]
+    )
+
+
+def _tokenize(tokenizer: Any, segments: list[Segment]) -> tuple[list[int], list[bool]]:
+    """Token ids of the joined text (exactly `tokenizer(text, add_special_tokens=False)`) and a trained flag per
+    token: a token is trained when its last character lies in a trained segment."""
+    text = "".join(t for t, _ in segments)
+    trained_at = []
+    for t, trained in segments:
+        trained_at.extend([trained] * len(t))
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        flags = []
+        for start, end in enc["offset_mapping"]:
+            pos = end - 1 if end > start else start
+            flags.append(bool(trained_at[pos]) if 0 <= pos < len(trained_at) else False)
+        return ids, flags
+    # slow tokenizers have no offsets: tokenize segment by segment (ids may differ at segment boundaries)
+    ids, flags = [], []
+    for t, trained in segments:
+        seg = tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids.extend(seg)
+        flags.extend([trained] * len(seg))
+    return ids, flags
+
+
+def _cut(ids: list[int], labels: list[int], cutoff_len: int, keep_first: bool) -> tuple[list[int], list[int]]:
+    """Truncate to `cutoff_len` tokens; when the plain head cut would drop every trained token, keep a window that
+    ends inside the first answer instead (with the leading BOS kept when `keep_first`)."""
+    if len(ids) <= cutoff_len:
+        return ids, labels
+    if cutoff_len < 2:
+        raise UserError(f"cutoff_len must be at least 2, got {cutoff_len}")
+    if any(x != -100 for x in labels[:cutoff_len]) or all(x == -100 for x in labels):
+        return ids[:cutoff_len], labels[:cutoff_len]
+    first = next(k for k, x in enumerate(labels) if x != -100)
+    span = first
+    while span < len(labels) and labels[span] != -100:
+        span += 1
+    keep = min(span - first, max(1, cutoff_len // 2))
+    end = first + keep
+    if keep_first:
+        start = end - (cutoff_len - 1)
+        return ids[:1] + ids[start:end], labels[:1] + labels[start:end]
+    start = end - cutoff_len
+    return ids[start:end], labels[start:end]
+
+
+def encode(
+    tokenizer: Any,
+    tpl: ChatTemplate,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    train_on_prompt: bool = False,
+    cutoff_len: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one training conversation (labels -100 where not trained).
+
+    Ids are the tokenizer's ids of the training text (== `apply_chat_template` text of our Jinja), tokenized with
+    `add_special_tokens=False`, so a BOS the Jinja renders appears once; when the tokenizer itself adds BOS and the
+    template renders none, one BOS is prepended (llama.cpp/Ollama add it at tokenization too). Never two.
+    """
+    segments = render_segments(
+        tpl, messages, tools=tools, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or ""
+    )
+    ids, flags = _tokenize(tokenizer, segments)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is not None and (not ids or ids[0] != bos_id) and _adds_bos(tokenizer):
+        ids, flags = [bos_id] + ids, [False] + flags
+    labels = [i if (f or train_on_prompt) else -100 for i, f in zip(ids, flags, strict=True)]
+    if cutoff_len is not None:
+        keep_first = bos_id is not None and bool(ids) and ids[0] == bos_id
+        ids, labels = _cut(ids, labels, cutoff_len, keep_first)
+    return ids, labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Detection by content: render probe conversations through the model's own chat_template and through each family.
+# ---------------------------------------------------------------------------------------------------------------
+
+PROBES: list[tuple[list[dict[str, Any]], bool]] = [
+    ([{"role": "user", "content": "Hello there"}], True),
+    ([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}], True),
+    (
+        [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+        True,
+    ),
+    (
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+        True,
+    ),
+    ([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], False),
+]
+
+
+def _token_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("content") or "")
+    return "" if value is None else str(value)
+
+
+def model_chat_template(model_dir: Path | str) -> tuple[str, str, str]:
+    """(chat_template, bos_token, eos_token) as saved in an HF dir (chat_template.jinja wins, as in transformers)."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg: dict[str, Any] = {}
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{cfg_path}: not valid JSON: {e}") from None
+    elif not model_dir.is_dir():
+        raise UserError(f"{model_dir}: not a directory")
+    template = None
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    else:
+        ct = cfg.get("chat_template")
+        if isinstance(ct, list):
+            named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
+            ct = named.get("default")
+        template = ct if isinstance(ct, str) else None
+    if not template:
+        raise UserError(
+            f"{model_dir} has no chat_template (tokenizer_config.json or chat_template.jinja); "
+            f"pass --template with one of: {', '.join(list_templates())}"
+        )
+    return template, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+
+
+def _render_jinja(template: str, messages: list[dict[str, Any]], gen: bool, bos: str, eos: str) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    out, _ = render_jinja_template(
+        conversations=[messages], chat_template=template, add_generation_prompt=gen, bos_token=bos, eos_token=eos
+    )
+    return out[0]
+
+
+def _first_diff(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
+
+
+def detect_template_text(template: str, bos: str = "", eos: str = "", where: str = "model") -> ChatTemplate:
+    """The family whose Jinja renders every probe exactly as `template` does; UserError naming the nearest one."""
+    import difflib
+
+    refs: list[tuple[int, str]] = []
+    for k, (msgs, gen) in enumerate(PROBES):
+        try:
+            refs.append((k, _render_jinja(template, msgs, gen, bos, eos)))
+        except Exception:  # the model's template may refuse a probe (e.g. no system role): compare the others
+            continue
+    if not refs:
+        raise UserError(f"{where}: its chat_template fails on every probe conversation; pass --template")
+    best: tuple[float, str, int, str, str] | None = None
+    for name in list_templates():
+        tpl = load_template(name)
+        diff = None
+        score = 0.0
+        for k, ref in refs:
+            msgs, gen = PROBES[k]
+            try:
+                ours = _render_jinja(tpl.jinja, msgs, gen, bos, eos)
+            except Exception:
+                ours = ""
+            if ours != ref and diff is None:
+                diff = (k, ref, ours)
+            score += difflib.SequenceMatcher(None, ref, ours, autojunk=False).ratio()
+        if diff is None:
+            return tpl
+        if best is None or score > best[0]:
+            best = (score, name, *diff)
+    assert best is not None
+    _, name, k, ref, ours = best
+    at = _first_diff(ref, ours)
+    raise UserError(
+        f"{where}: chat_template matches no known family; nearest is {name!r}, which first differs at char {at} of "
+        f"probe {k}: model renders {ref[at : at + 40]!r}, {name} renders {ours[at : at + 40]!r}; "
+        f"pass --template FAMILY to force one"
+    )
+
+
+def detect(model_dir: Path | str) -> ChatTemplate:
+    """The family of the chat_template saved in `model_dir`, decided by rendered content, never by name."""
+    template, bos, eos = model_chat_template(model_dir)
+    return detect_template_text(template, bos, eos, where=str(model_dir))
+
+
+def resolve(model_dir: Path | str, override: str | None) -> ChatTemplate:
+    """`override` (a family name) when given, else `detect(model_dir)`."""
+    if override:
+        return load_template(override)
+    return detect(model_dir)
