@@ -40,6 +40,28 @@ class ChatTemplate:
     tools: bool
     format: dict[str, Any]
 
+    def for_tokenizer(self, bos_token: str | None, eos_token: str | None) -> ChatTemplate:
+        """This family with the tokenizer's BOS/EOS text filled in: base-model formats (alpaca, vicuna, default)
+        end answers with whatever eos the tokenizer has, written `{eos_token}` in `eot_tokens` and `ollama`."""
+        eos = self.eos_token if self.eos_token is not None else eos_token
+        bos = self.bos_token if self.bos_token is not None else bos_token
+        if "{eos_token}" in self.ollama + "".join(self.eot_tokens) and not eos:
+            raise UserError(
+                f"template family {self.name!r} ends answers with the tokenizer's eos token, but it has none"
+            )
+
+        def fill(s: str) -> str:
+            return s.replace("{eos_token}", eos or "")
+
+        return dataclasses.replace(
+            self,
+            bos_token=bos,
+            eos_token=eos,
+            ollama=fill(self.ollama),
+            eot_tokens=[fill(t) for t in self.eot_tokens],
+            stop=[fill(t) for t in self.stop],
+        )
+
 
 _REQUIRED = ("name", "description", "jinja", "ollama", "stop", "eot_tokens", "format")
 _OPTIONAL = {"default_system": None, "bos_token": None, "eos_token": None, "tools": False}
@@ -118,6 +140,8 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
     cfg_path = out_dir / "tokenizer_config.json"
     if not cfg_path.is_file():
         raise UserError(f"{out_dir}: no tokenizer_config.json; save the tokenizer there before writing the template")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    tpl = tpl.for_tokenizer(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
     ids = []
     for token in tpl.eot_tokens:
         tid = _token_id(out_dir, token)
@@ -128,7 +152,6 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
             )
         ids.append(tid)
 
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["chat_template"] = tpl.jinja
     _write_json(cfg_path, cfg)
     with atomic_file(out_dir / "chat_template.jinja") as tmp:
@@ -209,7 +232,7 @@ class _Renderer:
         return "".join(out)
 
     def emit(self, text: str, trained: bool = False) -> None:
-        if text:
+        if text or trained:
             self.out.append((text, trained))
 
     def assistant(self, content: str, prefix: str = "") -> None:
@@ -302,8 +325,9 @@ def _render_turns(r: _Renderer, messages: list[dict[str, Any]]) -> None:
     has_sys = bool(messages) and messages[0].get("role") == "system"
     system = _content(messages[0], 0) if has_sys else r.tpl.default_system
     loop = messages[1:] if has_sys else messages
-    if not f.get("bos_in_turns"):
+    if f.get("bos"):
         r.emit(r.bos)
+    r.emit(f.get("prefix", ""))
     if f.get("alternate"):
         _check_alternation(loop)
     if mode == "always":
@@ -311,12 +335,11 @@ def _render_turns(r: _Renderer, messages: list[dict[str, Any]]) -> None:
     elif mode in ("optional", "optional_nonempty") and has_sys and (system or mode == "optional"):
         r.emit(r.fill(f["system_turn"], content=system))
     last_user = max((k for k, m in enumerate(loop) if m.get("role") == "user"), default=-1)
-    first_user = min((k for k, m in enumerate(loop) if m.get("role") == "user"), default=-1)
     for k, m in enumerate(loop):
         role, content = m.get("role"), _content(m, k)
         if role == "user":
-            merge = (mode == "first_user" and k == first_user == 0) or (mode == "last_user" and k == last_user)
-            if merge and system is not None and (has_sys or mode != "last_user"):
+            merge = (mode == "first_user" and k == 0) or (mode == "last_user" and k == last_user)
+            if merge and has_sys:
                 r.emit(r.fill(f["user_with_system"], content=content, system=system))
             else:
                 r.emit(r.fill(f["user"], content=content))
@@ -324,11 +347,28 @@ def _render_turns(r: _Renderer, messages: list[dict[str, Any]]) -> None:
             if m.get("tool_calls"):
                 raise UserError(f"message {k}: template family {r.tpl.name!r} has no tool-call format")
             r.assistant(content)
-        elif role == "system" and mode in ("optional", "optional_nonempty"):
+        elif role == "system" and f.get("system_mid"):
             if content or mode != "optional_nonempty":
                 r.emit(r.fill(f["system_turn"], content=content))
+        elif role == "system":
+            raise UserError(f"template family {r.tpl.name!r} supports one system message, first in the conversation")
         else:
             raise UserError(f"message {k}: role {role!r} is not supported by template family {r.tpl.name!r}")
+
+
+def _train_next(segments: list[Segment], tokens: list[str]) -> list[Segment]:
+    """Mark the role token that opens the turn after an answer as trained (families whose answers end that way)."""
+    out: list[Segment] = []
+    for k, (text, trained) in enumerate(segments):
+        prev_trained = k > 0 and segments[k - 1][1]
+        hit = next((t for t in tokens if text.startswith(t)), None) if prev_trained and not trained else None
+        if hit:
+            out.append((hit, True))
+            if text[len(hit) :]:
+                out.append((text[len(hit) :], False))
+        else:
+            out.append((text, trained))
+    return out
 
 
 def render_segments(
@@ -364,8 +404,12 @@ def render_segments(
         if enable_thinking is False and "generation_no_think" in tpl.format:
             gen = tpl.format["generation_no_think"]
         r.emit(r.fill(gen))
-    elif tpl.format.get("final_eos"):
+    elif tpl.format.get("final_eos") == "always" or (
+        tpl.format.get("final_eos") == "after_assistant" and messages[-1].get("role") == "assistant"
+    ):
         r.emit(r.eos, messages[-1].get("role") == "assistant")
+    if tpl.format.get("trained_next"):
+        return _train_next(r.out, tpl.format["trained_next"])
     return r.out
 
 
@@ -585,7 +629,13 @@ def detect(model_dir: Path | str) -> ChatTemplate:
 
 
 def resolve(model_dir: Path | str, override: str | None) -> ChatTemplate:
-    """`override` (a family name) when given, else `detect(model_dir)`."""
-    if override:
-        return load_template(override)
-    return detect(model_dir)
+    """`override` (a family name) when given, else `detect(model_dir)`; filled in with the model's BOS/EOS text
+    (see `ChatTemplate.for_tokenizer`)."""
+    tpl = load_template(override) if override else detect(model_dir)
+    try:
+        _, bos, eos = model_chat_template(model_dir)
+    except UserError:  # no chat_template saved: read the special tokens alone
+        cfg_path = Path(model_dir) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+    return tpl.for_tokenizer(bos or None, eos or None)
