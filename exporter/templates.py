@@ -318,10 +318,48 @@ def _render_qwen(r: _Renderer, messages: list[dict[str, Any]], tools: list[dict[
             r.emit(text)
 
 
-def _render_turns(r: _Renderer, messages: list[dict[str, Any]]) -> None:
+_LLAMA3_TOOLS_HEAD = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments that "
+    'best answers the given prompt.\n\nRespond in the format {"name": function name, "parameters": dictionary of '
+    "argument name and its value}.Do not use variables.\n\n"
+)
+
+
+def _tools_text(style: str, tools: list[dict[str, Any]]) -> str:
+    if style == "llama3":
+        return "".join(_tojson(t) + "\n\n" for t in tools)
+    items = []  # mistral: the function's own keys, hand-spaced around compact JSON values
+    for t in tools:
+        fn = t.get("function", t)
+        keys = []
+        for key in ("name", "description", "parameters"):
+            if key in fn:
+                val = fn[key]
+                keys.append(f'"{key}": "{val}"' if isinstance(val, str) else f'"{key}": {_tojson(val)}')
+        items.append('{"type": "function", "function": {' + ", ".join(keys) + "}}")
+    return "[AVAILABLE_TOOLS][" + ", ".join(items) + "][/AVAILABLE_TOOLS]"
+
+
+def _tool_calls_text(style: str, calls: list[dict[str, Any]], k: int) -> str:
+    if style == "llama3":
+        if len(calls) != 1:
+            raise UserError(f"message {k}: llama3 supports exactly one tool call per assistant message")
+        fn = _tool_fn(calls[0])
+        return '{"name": "' + fn["name"] + '", "parameters": ' + _args_json(fn) + "}"
+    parts = []
+    for tc in calls:
+        fn, cid = _tool_fn(tc), tc.get("id")
+        if not isinstance(cid, str) or len(cid) != 9:
+            raise UserError(f"message {k}: mistral tool-call ids must be 9-character strings, got {cid!r}")
+        parts.append('{"name": "' + fn["name"] + '", "arguments": ' + _args_json(fn) + ', "id": "' + cid + '"}')
+    return "[TOOL_CALLS][" + ", ".join(parts) + "]"
+
+
+def _render_turns(r: _Renderer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
     """Families made of fixed per-role patterns (llama2, llama3, mistral, gemma, phi3, base formats ...)."""
     f = r.f
     mode = f["system"]
+    style = f.get("tool_style")
     has_sys = bool(messages) and messages[0].get("role") == "system"
     system = _content(messages[0], 0) if has_sys else r.tpl.default_system
     loop = messages[1:] if has_sys else messages
@@ -330,23 +368,38 @@ def _render_turns(r: _Renderer, messages: list[dict[str, Any]]) -> None:
     r.emit(f.get("prefix", ""))
     if f.get("alternate"):
         _check_alternation(loop)
+    system_turn = f["system_turn_tools"] if tools and "system_turn_tools" in f else f.get("system_turn", "")
     if mode == "always":
-        r.emit(r.fill(f["system_turn"], content=system or ""))
+        r.emit(r.fill(system_turn, content=system or ""))
     elif mode in ("optional", "optional_nonempty") and has_sys and (system or mode == "optional"):
-        r.emit(r.fill(f["system_turn"], content=system))
+        r.emit(r.fill(system_turn, content=system))
     last_user = max((k for k, m in enumerate(loop) if m.get("role") == "user"), default=-1)
     for k, m in enumerate(loop):
         role, content = m.get("role"), _content(m, k)
         if role == "user":
+            if tools and style == "llama3" and k == 0:
+                r.emit(r.fill(f["user"], content=_LLAMA3_TOOLS_HEAD + _tools_text(style, tools) + content))
+                continue
+            if tools and style == "mistral" and k == last_user:
+                r.emit(_tools_text(style, tools))
             merge = (mode == "first_user" and k == 0) or (mode == "last_user" and k == last_user)
             if merge and has_sys:
                 r.emit(r.fill(f["user_with_system"], content=content, system=system))
             else:
                 r.emit(r.fill(f["user"], content=content))
         elif role == "assistant":
-            if m.get("tool_calls"):
+            calls = m.get("tool_calls") or []
+            if calls and not style:
                 raise UserError(f"message {k}: template family {r.tpl.name!r} has no tool-call format")
-            r.assistant(content)
+            r.assistant(_tool_calls_text(style, calls, k) if calls else content)
+        elif role == "tool" and style:
+            if style == "llama3":
+                r.emit(r.fill(f["tool_turn"], content=content))
+            else:
+                cid = m.get("tool_call_id")
+                if not isinstance(cid, str) or len(cid) != 9:
+                    raise UserError(f"message {k}: mistral tool results need a 9-character tool_call_id, got {cid!r}")
+                r.emit('[TOOL_RESULTS]{"content": ' + content + ', "call_id": "' + cid + '"}[/TOOL_RESULTS]')
         elif role == "system" and f.get("system_mid"):
             if content or mode != "optional_nonempty":
                 r.emit(r.fill(f["system_turn"], content=content))
@@ -398,7 +451,7 @@ def render_segments(
     if tpl.format.get("tool_style") in ("qwen", "qwen3"):
         _render_qwen(r, messages, tools)
     else:
-        _render_turns(r, messages)
+        _render_turns(r, messages, tools)
     if add_generation_prompt:
         gen = tpl.format["generation"]
         if enable_thinking is False and "generation_no_think" in tpl.format:
