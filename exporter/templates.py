@@ -692,3 +692,80 @@ def resolve(model_dir: Path | str, override: str | None) -> ChatTemplate:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
         bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
     return tpl.for_tokenizer(bos or None, eos or None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI helpers (`exporter template ...`): each returns the text to print.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_conversation(path: Path | str) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(messages, tools) from a JSON file: a list of messages or {"messages": [...], "tools": [...]}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"conversation file {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON: {e}") from None
+    tools = None
+    if isinstance(data, dict):
+        tools = data.get("tools")
+        data = data.get("messages")
+    if not isinstance(data, list) or not data:
+        raise UserError(f'{path}: expected a non-empty list of messages or {{"messages": [...], "tools": [...]}}')
+    if tools is not None and not isinstance(tools, list):
+        raise UserError(f"{path}: 'tools' must be a list")
+    return data, tools
+
+
+def render_for_cli(
+    family: str,
+    conversation: Path | str,
+    fmt: str = "train",
+    add_generation_prompt: bool | None = None,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+) -> list[Segment]:
+    """Render a conversation file with one family: `train` (segments with the trained flag), `jinja` (transformers
+    apply_chat_template of our Jinja) or `ollama` (real Go text/template; no leading BOS, which Ollama adds at
+    tokenization). The generation prompt defaults to on when the conversation does not end with an answer."""
+    tpl = load_template(family).for_tokenizer(bos_token, eos_token)
+    messages, tools = read_conversation(conversation)
+    gen = messages[-1].get("role") != "assistant" if add_generation_prompt is None else add_generation_prompt
+    if fmt == "train":
+        return render_segments(tpl, messages, tools=tools, add_generation_prompt=gen)
+    if fmt == "jinja":
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            out, _ = render_jinja_template(
+                conversations=[messages],
+                tools=tools,
+                chat_template=tpl.jinja,
+                add_generation_prompt=gen,
+                bos_token=tpl.bos_token or "",
+                eos_token=tpl.eos_token or "",
+            )
+        except Exception as e:
+            raise UserError(f"{conversation}: the {family} Jinja template refused it: {e}") from None
+        return [(out[0], False)]
+    if fmt == "ollama":
+        from exporter.gotemplate import ollama_data, render_go
+
+        return [(render_go(tpl.ollama, ollama_data(messages, tools)), False)]
+    raise UserError(f"unknown format {fmt!r}; use train, jinja or ollama")
+
+
+def show_for_cli(family: str, fmt: str = "jinja") -> str:
+    """The family's HF Jinja or Ollama TEMPLATE (with its PARAMETER stop lines and SYSTEM as Modelfile text)."""
+    tpl = load_template(family)
+    if fmt == "jinja":
+        return tpl.jinja
+    if fmt == "ollama":
+        lines = [f'TEMPLATE """{tpl.ollama}"""']
+        if tpl.default_system:
+            lines.append(f'SYSTEM """{tpl.default_system}"""')
+        lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in tpl.stop]
+        return "\n".join(lines)
+    raise UserError(f"unknown format {fmt!r}; use jinja or ollama")
