@@ -40,11 +40,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sys.path.insert(0, str(Path(__file__).parent))
-    import _tiny
-
-    return _tiny.build(tmp_path_factory.mktemp("tiny") / "qwen")
+def tiny(tiny_model) -> Path:
+    return tiny_model("qwen2")
 
 
 @pytest.fixture(scope="session")
@@ -365,9 +362,10 @@ def test_cli_subprocess_yaml_missing_file(tmp_path: Path, datadir: Path, tiny: P
 
 # ------------------------------------------------------------------ the demo
 
-DEMO = dict(  # the settings the demo pipeline uses (reported to the lead)
-    finetuning_type="lora", lora_rank=16, lora_target=["all"], learning_rate=5e-3, num_train_epochs=30,
+DEMO = dict(  # the settings the demo pipeline uses (reported to the lead): 3/3 seeds learn it on the qwen2 fixture
+    finetuning_type="lora", lora_rank=32, lora_target=["all"], learning_rate=2e-3, num_train_epochs=40,
     max_steps=-1, per_device_train_batch_size=4, lr_scheduler_type="cosine", warmup_ratio=0.0, logging_steps=10,
+    disable_gradient_checkpointing=True,
 )  # fmt: skip
 
 
@@ -380,6 +378,7 @@ def _greedy(model, tok, question: str) -> str:
     return tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_identity_demo(tiny: Path, datadir: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
