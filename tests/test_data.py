@@ -30,8 +30,8 @@ def test_alpaca_defaults_history_system(tmp_path: Path) -> None:
         {"instruction": "Add", "input": "1 and 2", "output": "3", "sys": "Be exact.", "hist": [["hi", "hello"]]},
         {"instruction": "Only instruction", "input": "", "output": "ok"},
     ]
-    d = _write(tmp_path, {"a": {"file_name": "a.json", "columns": {"prompt": "instruction", "query": "input",
-                                "response": "output", "system": "sys", "history": "hist"}}}, {"a.json": rows})  # fmt: skip
+    columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "sys", "history": "hist"}
+    d = _write(tmp_path, {"a": {"file_name": "a.json", "columns": columns}}, {"a.json": rows})
     samples, drops = data.load(["a"], d)
     assert not drops.counts
     assert samples[0].chat() == [
@@ -151,25 +151,47 @@ def test_num_samples_subset(tmp_path: Path) -> None:
     assert len(s1) == 3 and [s.messages[0]["content"] for s in s1] == [s.messages[0]["content"] for s in s2]
 
 
-@pytest.mark.parametrize(
-    ("info", "files", "names", "message"),
-    [
-        ({"a": {"file_name": "a.json"}}, {}, ["a"], r"dataset 'a': file .*a.json not found"),
-        ({"alpaca_en": {"file_name": "a.json"}}, {}, ["alpaca_em"], r"'alpaca_em' is not defined .*did you mean 'alpaca_en'"),
-        ({"a": {"file_name": "a.json", "columns": {"prompt": "question"}}}, {"a.json": [{"instruction": "x", "output": "y"}]},
-         ["a"], r"no column 'question' \(prompt\) in the data; columns found: instruction, output"),
-        ({"a": {"file_name": "a.json"}}, {"a.json": [{"instruction": "x", "output": "y"}, ["not", "an", "object"]]},
-         ["a"], r"a.json row 2: malformed row: expected an object, got list"),
-        ({"a": {"file_name": "a.json"}}, {"a.json": [{"instruction": "x", "output": {"k": 1}}]},
-         ["a"], r"a.json row 1: malformed row: output must be a string, got dict"),
-        ({"a": {"file_name": "a.json", "formatting": "sharegpt"}}, {"a.json": [{"conversations": [{"role": "user"}]}]},
-         ["a"], r"a.json row 1: malformed row: message 1 must be an object with 'from' and 'value'"),
-        ({"a": {"file_name": "a.json", "formating": "sharegpt"}}, {}, ["a"], r"unknown key 'formating' \(did you mean 'formatting'\?\)"),
-        ({"a": {"file_name": "a.json", "columns": {"images": "img"}}}, {}, ["a"], r"column 'images' .* not supported"),
-        ({"a": {"file_name": "a.json"}}, {"a.json": []}, ["a"], r"no usable samples .* 1 empty datasets"),
-        ({"a": {"script_url": "x"}}, {}, ["a"], r"script_url; loading scripts is not supported"),
-    ],
-)  # fmt: skip
+ROW = {"instruction": "x", "output": "y"}
+BAD_INPUT = [
+    ({"a": {"file_name": "a.json"}}, {}, ["a"], r"dataset 'a': file .*a.json not found"),
+    (
+        {"alpaca_en": {"file_name": "a.json"}},
+        {},
+        ["alpaca_em"],
+        r"'alpaca_em' is not defined .*did you mean 'alpaca_en'",
+    ),
+    (
+        {"a": {"file_name": "a.json", "columns": {"prompt": "question"}}},
+        {"a.json": [ROW]},
+        ["a"],
+        r"no column 'question' \(prompt\) in the data; columns found: instruction, output",
+    ),
+    ({"a": {"file_name": "a.json"}}, {"a.json": [ROW, [1]]}, ["a"], r"a.json row 2: malformed row: expected an object"),
+    (
+        {"a": {"file_name": "a.json"}},
+        {"a.json": [{"instruction": "x", "output": {"k": 1}}]},
+        ["a"],
+        r"a.json row 1: malformed row: output must be a string, got dict",
+    ),
+    (
+        {"a": {"file_name": "a.json", "formatting": "sharegpt"}},
+        {"a.json": [{"conversations": [{"role": "user"}]}]},
+        ["a"],
+        r"a.json row 1: malformed row: message 1 must be an object with 'from' and 'value'",
+    ),
+    (
+        {"a": {"file_name": "a.json", "formating": "x"}},
+        {},
+        ["a"],
+        r"unknown key 'formating' \(did you mean 'formatting'",
+    ),
+    ({"a": {"file_name": "a.json", "columns": {"images": "img"}}}, {}, ["a"], r"column 'images' .* not supported"),
+    ({"a": {"file_name": "a.json"}}, {"a.json": []}, ["a"], r"no usable samples .* 1 empty datasets"),
+    ({"a": {"script_url": "x"}}, {}, ["a"], r"script_url; loading scripts is not supported"),
+]
+
+
+@pytest.mark.parametrize(("info", "files", "names", "message"), BAD_INPUT)
 def test_bad_input_messages(tmp_path: Path, info: dict, files: dict, names: list[str], message: str) -> None:
     d = _write(tmp_path, info, files)
     with pytest.raises(UserError, match=message):
