@@ -1,7 +1,8 @@
 """`exporter train`: LoRA (or full) SFT and pretraining with LLaMA-Factory's config keys, in a plain PyTorch loop.
 
 One public entry: `train(cfg)`; `config_from_args(argv)` builds the `TrainConfig` from either a YAML file with
-`key=value` overrides or LLaMA-Factory's `--key value` flags.
+`key=value` overrides or LLaMA-Factory's `--key value` flags. The rich progress bar goes to stderr
+(EXPORTER_NO_PROGRESS=1 turns it off, e.g. in benchmarks).
 """
 
 from __future__ import annotations
@@ -222,8 +223,8 @@ def check(cfg: TrainConfig, given: set[str], device: str) -> None:
     bad = [r for r in cfg.report_to if r not in ("none",)]
     if bad:
         raise UserError(f"report_to: {', '.join(bad)} is not supported yet (exporter logs to trainer_log.jsonl)")
-    if cfg.stage == "sft" and cfg.packing and cfg.train_on_prompt:
-        pass  # fine: packed examples keep their own labels
+    if "eval_steps" in given and cfg.eval_strategy != "steps":
+        raise UserError(f"eval_steps is set but eval_strategy is {cfg.eval_strategy!r}; set eval_strategy: steps")
     notes = {
         "flash_attn": f"flash_attn={cfg.flash_attn}: "
         + ("FlashAttention does not exist on CPU; using PyTorch SDPA attention" if device == "cpu"
@@ -841,6 +842,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
         log_file.write(json.dumps(full) + "\n")
         log_file.flush()
 
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -853,7 +855,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        transient=False, disable=os.environ.get("EXPORTER_NO_PROGRESS") == "1",
+        console=Console(stderr=True), transient=False, disable=os.environ.get("EXPORTER_NO_PROGRESS") == "1",
     )  # fmt: skip
     losses_since_log: list[float] = []
     all_losses: list[float] = []

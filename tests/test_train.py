@@ -125,6 +125,9 @@ def test_config_errors() -> None:
     cfg, given = T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a", "--fp16"])
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         T.check(cfg, given, "cpu")
+    cfg, given = T.config_from_args("--model_name_or_path m --output_dir o --dataset a --eval_steps 5".split())
+    with pytest.raises(UserError, match="eval_steps is set but eval_strategy is 'no'"):
+        T.check(cfg, given, "cpu")
     cfg, given = T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--report_to", "wandb"])
     with pytest.raises(UserError, match="report_to: wandb is not supported yet"):
         T.check(dataclasses.replace(cfg, dataset=["a"]), given, "cpu")
@@ -294,7 +297,7 @@ def test_sharegpt_full_finetune(tiny: Path, datadir: Path, tmp_path: Path) -> No
 
 def test_pt_stage_packing(tiny: Path, datadir: Path, tmp_path: Path) -> None:
     out = tmp_path / "pt"
-    cfg = _cfg(tiny, datadir, out, stage="pt", dataset=["text"], template=None, cutoff_len=32, max_steps=3)
+    cfg = _cfg(tiny, datadir, out, stage="pt", dataset=["text"], template=None, cutoff_len=32, max_steps=3, bf16=True)
     T.train(cfg)
     assert (out / "adapter_model.safetensors").is_file()
     manifest = json.loads((out / "exporter_manifest.json").read_text())

@@ -99,6 +99,8 @@ def peer(work: Path, steps: int, batch: int) -> None:
 
     examples = json.loads((work / "examples.json").read_text())
     tok = AutoTokenizer.from_pretrained(work / "model")
+    if tok.pad_token is None:  # LLaMA-Factory does the same
+        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # LF default
