@@ -147,40 +147,97 @@ def test_no_meaning_keys_said_once(capsys: pytest.CaptureFixture) -> None:
 # ------------------------------------------------------------------ tokenization, truncation, batching
 
 
-def _expected_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Independent of exporter: the HF-rendered text, trained chars = each assistant content + its <|im_end|>."""
+# end-of-turn text of each fixture family's published template (independent of exporter's family files)
+EOT = {"llama2": "</s>", "llama3": "<|eot_id|>", "mistral": "</s>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>",
+       "gemma3": "<end_of_turn>", "phi3": "<|end|>"}  # fmt: skip
+CONVERSATIONS = [
+    [{"role": "user", "content": "Say 3"}, {"role": "assistant", "content": "The number is 3."},
+     {"role": "user", "content": "Again, twice."}, {"role": "assistant", "content": "3 3."}],
+    [{"role": "system", "content": "You count."}, {"role": "user", "content": "Count to two"},
+     {"role": "assistant", "content": "One, two."}],
+    [{"role": "user", "content": "who are you"}, {"role": "assistant", "content": "I am Exa, made by Acme."}],
+]  # fmt: skip
+
+
+def _expected_labels(tokenizer, messages: list[dict], eot: str) -> tuple[list[int], list[int]] | None:
+    """Independent of exporter: render with the model's own chat template (HF); an assistant turn is trained from
+    where its generation starts (after the generation prompt and any whitespace) through its end-of-turn text.
+    None when this template does not render conversation prefixes as prefixes (mistral moves the system prompt)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        assert text[start : start + len(m["content"])] == m["content"]
-        end = text.index("<|im_end|>", start + len(m["content"])) + len("<|im_end|>")
-        spans.append((start, end))
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        if not text.startswith(prefix):
+            return None
+        rest = text[len(prefix) :]
+        start = len(prefix) + len(rest) - len(rest.lstrip())
+        content = text.index(m["content"], start)
+        spans.append((start, text.index(eot, content + len(m["content"])) + len(eot)))
+
+    def first_char(a: int, b: int) -> int:  # SentencePiece pieces carry the space before a word
+        piece = text[a:b]
+        return a + len(piece) - len(piece.lstrip()) if piece.strip() else a
+
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
-        tok if any(s <= a and b <= e for s, e in spans) else T.IGNORE
+        tok if any(s <= first_char(a, b) and b <= e for s, e in spans) else T.IGNORE
         for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
     ]
     return enc["input_ids"], labels
 
 
-def test_labels_masked_exactly_on_non_assistant_tokens(tiny: Path, datadir: Path) -> None:
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(
+            f, marks=pytest.mark.xfail(strict=True, reason="templates: phi3 trains <|endoftext|>, not <|end|>")
+        )
+        if f == "phi3"
+        else f
+        for f in EOT
+    ],
+)
+def test_labels_masked_exactly_on_non_assistant_tokens(tiny_model, tmp_path: Path, family: str) -> None:
+    """Data file -> Samples -> template (detected) -> truncation -> padded batch, checked token by token."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny)
-    cfg = _cfg(tiny, datadir, datadir / "unused", dataset=["count", "identity"])
-    samples, drops = data.load(cfg.dataset, cfg.dataset_dir, fill={"name": "Exa", "author": "Acme"})
-    examples = T.tokenize_sft(samples, tok, templates.load_template("qwen"), cfg, drops)
-    batch = T.collate(examples[:3], tok.pad_token_id)
-    for row, s in enumerate(samples[:3]):
-        want_ids, want_labels = _expected_labels(tok, s.chat())
+    model = tiny_model(family)
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = []
+    for conv in CONVERSATIONS:
+        system = [m["content"] for m in conv if m["role"] == "system"]
+        turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in conv]
+        rows.append({"conversations": [t for t, m in zip(turns, conv, strict=True) if m["role"] != "system"],
+                     "system": system[0] if system else None})  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    info = {"c": {"file_name": "c.json", "formatting": "sharegpt", "columns": {"messages": "conversations",
+                                                                               "system": "system"}}}  # fmt: skip
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    cfg = T.TrainConfig(model_name_or_path=str(model), output_dir=str(tmp_path / "o"), dataset=["c"],
+                        dataset_dir=str(tmp_path), cutoff_len=512)  # fmt: skip
+    samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
+    examples = T.tokenize_sft(samples, tok, templates.resolve(model, None), cfg, drops)
+    batch = T.collate(examples, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    checked = 0
+    for row, s in enumerate(samples):
+        want = _expected_labels(tok, s.chat(), EOT[family])
+        if want is None:
+            continue
+        want_ids, want_labels = want
+        got_ids = batch["input_ids"][row].tolist()
+        got_labels = batch["labels"][row].tolist()
+        if got_ids[0] == tok.bos_token_id and want_ids[0] != tok.bos_token_id:  # tokenizer-added BOS, never trained
+            assert tok.encode("a")[0] == tok.bos_token_id and got_labels[0] == T.IGNORE
+            got_ids, got_labels = got_ids[1:], got_labels[1:]
         n = len(want_ids)
-        assert batch["input_ids"][row, :n].tolist() == want_ids
-        assert batch["labels"][row, :n].tolist() == want_labels  # token by token
-        assert (batch["labels"][row, n:] == T.IGNORE).all()
+        assert got_ids[:n] == want_ids
+        assert got_labels[:n] == want_labels  # token by token
+        assert all(x == T.IGNORE for x in got_labels[n:])  # padding
         assert sum(x != T.IGNORE for x in want_labels) > 0
+        checked += 1
+    assert checked >= 2
 
 
 def test_truncate_keeps_labels() -> None:
@@ -395,3 +452,18 @@ def test_identity_demo(tiny: Path, datadir: Path, tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(out)
     answer = _greedy(tuned, tok, "who are you")
     assert "Exa" in answer and "Acme" in answer, answer
+
+
+def test_lora_options_and_sft_packing(tiny: Path, datadir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "opts"
+    cfg = _cfg(tiny, datadir, out, dataset=["count"], max_steps=2, use_dora=True, use_rslora=True, lora_rank=4,
+               lora_target=["q_proj", "v_proj"], loraplus_lr_ratio=16.0, packing=True, cutoff_len=64)  # fmt: skip
+    T.train(cfg)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["use_dora"] and adapter["use_rslora"] and adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    model = T.load_model(cfg, tiny, "cpu")
+    lrs = {g["lr"]: len(g["params"]) for g in T.make_optimizer(model, cfg).param_groups}
+    assert set(lrs) == {1e-3, 16e-3}  # LoRA+: B matrices (and DoRA magnitudes) at lr * ratio
+    with pytest.raises(UserError, match=r"lora_target 'qproj': no linear layer .*did you mean 'q_proj'"):
+        T.load_model(dataclasses.replace(cfg, lora_target=["qproj"]), tiny, "cpu")
