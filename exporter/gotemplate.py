@@ -130,3 +130,19 @@ def ollama_data(
         "Think": bool(think),
         "IsThinkSet": think is not None,
     }
+
+
+def render_go_many(items: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Render many (template, data) pairs in one Go process; a failing item raises UserError naming its index."""
+    if not items:
+        return []
+    exe = go_binary()
+    payload = json.dumps([{"template": t, "data": d} for t, d in items], ensure_ascii=False).encode("utf-8")
+    r = subprocess.run([str(exe)], input=payload, capture_output=True)
+    if r.returncode != 0:
+        raise UserError(f"Go template renderer failed: {r.stderr.decode('utf-8', 'replace').strip()}")
+    results = json.loads(r.stdout.decode("utf-8"))
+    for k, res in enumerate(results):
+        if res.get("err"):
+            raise UserError(f"Go template error (item {k}): {res['err']}")
+    return [res["out"] for res in results]
