@@ -485,18 +485,23 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 def _tokenize(tokenizer: Any, segments: list[Segment]) -> tuple[list[int], list[bool]]:
     """Token ids of the joined text (exactly `tokenizer(text, add_special_tokens=False)`) and a trained flag per
-    token: a token is trained when its last character lies in a trained segment."""
+    token: a token is trained when at least half of its characters lie in trained segments (so "▁Hello" after a
+    prompt space, or an end-of-turn token that swallows the following newline, count as answer tokens)."""
     text = "".join(t for t, _ in segments)
-    trained_at = []
+    prefix = [0]  # prefix[i] = number of trained characters in text[:i]
     for t, trained in segments:
-        trained_at.extend([trained] * len(t))
+        for _ in t:
+            prefix.append(prefix[-1] + (1 if trained else 0))
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         flags = []
         for start, end in enc["offset_mapping"]:
-            pos = end - 1 if end > start else start
-            flags.append(bool(trained_at[pos]) if 0 <= pos < len(trained_at) else False)
+            start, end = max(0, min(start, len(text))), max(0, min(end, len(text)))
+            if end > start:
+                flags.append(2 * (prefix[end] - prefix[start]) >= end - start)
+            else:
+                flags.append(start < len(text) and prefix[start + 1] > prefix[start])
         return ids, flags
     # slow tokenizers have no offsets: tokenize segment by segment (ids may differ at segment boundaries)
     ids, flags = [], []
