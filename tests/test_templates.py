@@ -452,15 +452,17 @@ REAL_VOCAB = {
     "qwen": "qwen2",
     "qwen3": "qwen2",
     "llama3": "llama-bpe",
-    "gemma": "gemma-4",
+    # gemma: transformers 5.23 cannot rebuild a tokenizer from ggml-vocab-gemma-4.gguf (config validation error)
 }
 
 
 @cache
 def real_tokenizer(vocab: str):
+    import transformers
     from transformers import AutoTokenizer
 
-    cached = fixtures_root() / f"vocab-{vocab}"
+    # keyed by transformers version only (not by the template files, unlike the model fixtures): conversion is slow
+    cached = fixtures_root().parent / f"vocab-{vocab}-transformers-{transformers.__version__}"
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     models = llama_src() / "vendor" / "llama.cpp" / "models"
