@@ -110,17 +110,19 @@ def load_template(name: str) -> ChatTemplate:
     return _parse(name, files[name].read_text(encoding="utf-8"), f"template family {name}")
 
 
-def _token_id(out_dir: Path, token: str) -> int | None:
+def _token_ids(out_dir: Path, tokens: list[str]) -> list[int | None]:
+    """Ids of `tokens` in the tokenizer saved in `out_dir` (None where the vocabulary lacks one)."""
     tj = out_dir / "tokenizer.json"
     if tj.is_file():
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(tj)).token_to_id(token)
+        tk = Tokenizer.from_file(str(tj))
+        return [tk.token_to_id(t) for t in tokens]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out_dir))
-    ids = tok.convert_tokens_to_ids([token])
-    return None if ids[0] is None or ids[0] == tok.unk_token_id else int(ids[0])
+    ids = tok.convert_tokens_to_ids(tokens)
+    return [None if i is None or i == tok.unk_token_id else int(i) for i in ids]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -143,8 +145,7 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     tpl = tpl.for_tokenizer(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
     ids = []
-    for token in tpl.eot_tokens:
-        tid = _token_id(out_dir, token)
+    for token, tid in zip(tpl.eot_tokens, _token_ids(out_dir, tpl.eot_tokens), strict=True):
         if tid is None:
             raise UserError(
                 f"template {tpl.name!r} ends assistant turns with {token!r}, but the tokenizer in {out_dir} has no "
