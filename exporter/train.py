@@ -26,6 +26,8 @@ from exporter import config as config_mod
 from exporter.errors import UserError
 
 IGNORE = -100
+# LLaMA-Factory template names that exporter's families call differently
+TEMPLATE_ALIASES = {"phi": "phi3", "gemma2": "gemma", "gemma3": "gemma", "llama3_1": "llama3"}
 TRAINER_LOG = "trainer_log.jsonl"
 STATE_NAME = "trainer_state.json"
 _SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -580,8 +582,11 @@ def _save_weights(model: Any, out: Path, cfg: TrainConfig) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-def save_checkpoint(model: Any, opt: Any, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig) -> Path:
-    """checkpoint-N/: weights, optimizer, scheduler, RNG states and the trainer state (incl. data order)."""
+def save_checkpoint(
+    model: Any, opt: Any, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig, tokenizer: Any, tpl: Any
+) -> Path:
+    """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
+    trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir."""
     import numpy as np
     import torch
 
@@ -590,6 +595,11 @@ def save_checkpoint(model: Any, opt: Any, sched: Any, state: dict[str, Any], out
     path = out_dir / f"checkpoint-{state['global_step']}"
     with atomic_dir(path, force=True) as tmp:
         _save_weights(model, tmp, cfg)
+        tokenizer.save_pretrained(tmp)
+        if tpl is not None:
+            from exporter import templates
+
+            templates.write_into(tmp, tpl)
         if not cfg.save_only_model:
             torch.save(opt.state_dict(), tmp / "optimizer.pt")
             torch.save(sched.state_dict(), tmp / "scheduler.pt")
@@ -752,7 +762,11 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
         raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     tpl = None
     if cfg.stage == "sft" or cfg.template:
-        tpl = templates.resolve(model_dir, cfg.template)
+        name = cfg.template
+        if name in TEMPLATE_ALIASES and name not in templates.list_templates():
+            _say(f"template {name!r} is LLaMA-Factory's name for exporter's {TEMPLATE_ALIASES[name]!r} family")
+            name = TEMPLATE_ALIASES[name]
+        tpl = templates.resolve(model_dir, name)
         check_template_tokens(tokenizer, tpl, str(model_dir))
     if cfg.stage == "sft":
         examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
@@ -911,7 +925,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
                                or (cfg.eval_strategy == "epoch" and epoch_end)):  # fmt: skip
                     write_log({"eval_loss": round(evaluate(), 6)})
                 if step % save_every == 0 and step < total:
-                    save_checkpoint(model, opt, sched, state, out, cfg)
+                    save_checkpoint(model, opt, sched, state, out, cfg, tokenizer, tpl)
                 if _stop_after == step:
                     raise KeyboardInterrupt
     finally:
@@ -947,6 +961,14 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
             shutil.copy(gen, stage_dir / "generation_config.json")
         if tpl is not None:
             templates.write_into(stage_dir, tpl)
+        hf_log = [
+            {k2: v for k2, v in (("loss", r.get("loss")), ("eval_loss", r.get("eval_loss")), ("learning_rate",
+             r.get("lr")), ("epoch", r["epoch"]), ("step", r["current_steps"])) if v is not None}
+            for r in state["log_history"]
+        ]  # fmt: skip
+        hf_state = {"global_step": state["global_step"], "max_steps": total, "epoch": results["epoch"],
+                    "logging_steps": log_every, "save_steps": save_every, "log_history": hf_log}  # fmt: skip
+        (stage_dir / STATE_NAME).write_text(json.dumps(hf_state, indent=2) + "\n", encoding="utf-8")
         (stage_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         (stage_dir / "train_results.json").write_text(
             json.dumps({k: v for k, v in results.items() if not k.startswith("eval")}, indent=2) + "\n"

@@ -313,9 +313,15 @@ def test_sft_alpaca_outputs_and_adapter_changes_logits(tiny: Path, datadir: Path
             "trainer_log.jsonl", "training_loss.png", "training_eval_loss.png", "all_results.json",
             "exporter_manifest.json", "checkpoint-2"} <= names  # fmt: skip
     assert not any(n.startswith(".final-tmp") for n in names)
-    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "adapter_model.safetensors"} <= {
-        p.name for p in (out / "checkpoint-2").iterdir()
-    }
+    assert {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "adapter_model.safetensors",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= {p.name for p in (out / "checkpoint-2").iterdir()}
     log = _log(out)
     train_rows = [r for r in log if "loss" in r]
     assert [r["current_steps"] for r in train_rows] == [1, 2, 3, 4]
@@ -324,6 +330,8 @@ def test_sft_alpaca_outputs_and_adapter_changes_logits(tiny: Path, datadir: Path
                 "remaining_time", "throughput", "total_tokens"} <= set(r)  # fmt: skip
     assert train_rows[-1]["percentage"] == 100.0 and train_rows[0]["lr"] == pytest.approx(1e-3)  # warmup 1 of 4
     assert [r["current_steps"] for r in log if "eval_loss" in r] == [2, 4]
+    hf_state = json.loads((out / "trainer_state.json").read_text())
+    assert hf_state["global_step"] == 4 and [r["step"] for r in hf_state["log_history"] if "loss" in r] == [1, 2, 3, 4]
     results = json.loads((out / "all_results.json").read_text())
     assert {"train_loss", "eval_loss", "epoch", "train_runtime", "num_input_tokens_seen"} <= set(results)
     manifest = json.loads((out / "exporter_manifest.json").read_text())
