@@ -114,7 +114,7 @@ def _template_render(
 @app.command(
     "train",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    help="Fine-tune (LoRA or full; stages sft, pt): exporter train CONFIG.yaml [key=value ...], or LLaMA-Factory "
+    help="Fine-tune (LoRA or full; stages sft, pt): exporter train CONFIG.yaml \\[key=value ...], or LLaMA-Factory "
     "flags: exporter train --stage sft --do_train --model_name_or_path M --dataset a,b --output_dir OUT ...",
 )
 def train_cmd(ctx: typer.Context) -> None:
