@@ -258,7 +258,7 @@ def _infer_seqlen(source: int, target: int, cutoff: int) -> tuple[int, int]:
     elif source * 2 < cutoff:
         max_target = cutoff - source
     else:
-        max_target = int(cutoff * (target / (source + target)))
+        max_target = max(int(cutoff * (target / (source + target))), 1)  # never zero: keep a label
     new_target = min(max_target, target)
     new_source = min(max(cutoff - new_target, 0), source)
     return new_source, new_target

@@ -253,6 +253,8 @@ def test_truncate_keeps_labels() -> None:
     out_ids, out_labels = T.truncate(ids, labels, 20)
     assert len(out_ids) == 20 and out_labels.count(R) == 10
     assert T.truncate(ids[:10], labels[:10], 20) == (ids[:10], labels[:10])
+    out_ids, out_labels = T.truncate(ids, [P] * 99 + [R], 2)  # tiny budget, huge prompt: the label survives
+    assert out_ids == [0, 99] and out_labels == [P, R]
 
 
 def test_plan_epoch_covers_all_and_pads_less() -> None:
