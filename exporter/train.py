@@ -871,8 +871,9 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=Console(stderr=True), transient=False, disable=os.environ.get("EXPORTER_NO_PROGRESS") == "1",
     )  # fmt: skip
-    losses_since_log: list[float] = []
-    all_losses: list[float] = []
+    state.setdefault("pending_losses", [])  # losses since the last log line (kept across a resume)
+    state.setdefault("loss_total", 0.0)
+    state.setdefault("loss_steps", 0)
     run_tokens = 0
     try:
         with progress:
@@ -913,13 +914,15 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
                 state["batches_done"] += len(group)
                 state["global_step"] += 1
                 state["elapsed"] = time.time() - t0
-                losses_since_log.append(step_loss)
-                all_losses.append(step_loss)
+                state["pending_losses"].append(step_loss)
+                state["loss_total"] += step_loss
+                state["loss_steps"] += 1
                 step = state["global_step"]
                 progress.update(task, completed=step, loss=f"{step_loss:.4f}")
                 if step % log_every == 0 or step == total:
-                    write_log({"loss": round(sum(losses_since_log) / len(losses_since_log), 6), "lr": lr})
-                    losses_since_log = []
+                    pending = state["pending_losses"]
+                    write_log({"loss": round(sum(pending) / len(pending), 6), "lr": lr})
+                    state["pending_losses"] = []
                 epoch_end = state["batches_done"] >= len(order)
                 if val_ex and ((cfg.eval_strategy == "steps" and step % eval_every == 0)
                                or (cfg.eval_strategy == "epoch" and epoch_end)):  # fmt: skip
@@ -934,7 +937,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
     runtime = time.time() - t_start_run
     results: dict[str, Any] = {
         "epoch": round(state["global_step"] / updates_per_epoch, 4),
-        "train_loss": round(sum(all_losses) / max(len(all_losses), 1), 6),
+        "train_loss": round(state["loss_total"] / max(state["loss_steps"], 1), 6),
         "train_runtime": round(runtime, 3),
         "train_samples_per_second": round(
             len(train_ex) * state["global_step"] / updates_per_epoch / max(runtime, 1e-9), 3

@@ -379,8 +379,10 @@ def test_pt_stage_packing(tiny: Path, datadir: Path, tmp_path: Path) -> None:
     assert [t for b in blocks for t in b.input_ids] == flat[: len(blocks) * 32]
 
 
-def test_resume_matches_uninterrupted(tiny: Path, datadir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("logging_steps", [1, 3])  # every step; and a log line whose window spans the resume
+def test_resume_matches_uninterrupted(tiny: Path, datadir: Path, tmp_path: Path, logging_steps: int) -> None:
     kw = dict(dataset=["identity", "count"], max_steps=6, save_steps=2, per_device_train_batch_size=2,
+              logging_steps=logging_steps,
               gradient_accumulation_steps=2, lora_dropout=0.1, lr_scheduler_type="cosine")  # fmt: skip
     T.train(_cfg(tiny, datadir, tmp_path / "a", **kw))
     with pytest.raises(KeyboardInterrupt):
@@ -388,9 +390,15 @@ def test_resume_matches_uninterrupted(tiny: Path, datadir: Path, tmp_path: Path)
     assert not (tmp_path / "b" / "adapter_model.safetensors").exists() and (tmp_path / "b" / "checkpoint-2").is_dir()
     T.train(_cfg(tiny, datadir, tmp_path / "b", resume_from_checkpoint=True, **kw))
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
-    assert [r["current_steps"] for r in a] == [r["current_steps"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert (
+        [r["current_steps"] for r in a]
+        == [r["current_steps"] for r in b]
+        == list(range(logging_steps, 7, logging_steps))
+    )
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
+    ra, rb = (json.loads((tmp_path / x / "all_results.json").read_text()) for x in "ab")
+    assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize(
