@@ -839,7 +839,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
 
     log_file = open(out / TRAINER_LOG, "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
     t0 = time.time() - state["elapsed"]
-    t_start_run, step_at_start = time.time(), state["global_step"]
+    t_start_run, cpu_start, step_at_start = time.time(), time.process_time(), state["global_step"]
 
     def write_log(rec: dict[str, Any]) -> None:
         done = state["global_step"]
@@ -934,7 +934,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
     finally:
         log_file.close()
 
-    runtime = time.time() - t_start_run
+    runtime, cpu_time = time.time() - t_start_run, time.process_time() - cpu_start
     results: dict[str, Any] = {
         "epoch": round(state["global_step"] / updates_per_epoch, 4),
         "train_loss": round(state["loss_total"] / max(state["loss_steps"], 1), 6),
@@ -944,6 +944,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
         ),
         "train_steps_per_second": round((state["global_step"] - step_at_start) / max(runtime, 1e-9), 3),
         "train_tokens_per_second": round(run_tokens / max(runtime, 1e-9), 2),
+        "train_cpu_seconds": round(cpu_time, 3),  # CPU time of the loop (all threads): load-independent cost
     }
     if cfg.include_num_input_tokens_seen:
         results["num_input_tokens_seen"] = state["tokens_seen"]
