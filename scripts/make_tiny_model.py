@@ -328,7 +328,7 @@ def _train_spm(fam: Family, work: Path) -> Path:
 def _spm_tokenizer(fam: Family, work: Path):
     """A transformers fast tokenizer converted from a freshly trained SentencePiece model."""
     import transformers
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, decoders, normalizers
 
     _train_spm(fam, work)
     cls = getattr(transformers, fam.tokenizer_class)
@@ -345,6 +345,15 @@ def _spm_tokenizer(fam: Family, work: Path):
     tok = cls.from_pretrained(str(work), **kwargs)
     # control pieces (ids 0..) are special added tokens, as in the hub's tokenizer.json files
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in fam.spm_head], special_tokens=True)
+    if fam.name == "phi3":
+        # transformers loads Phi-3 with the generic backend, which keeps tokenizer.json as written; the hub's
+        # Phi-3 tokenizer.json prepends "▁" with a normalizer (like sentencepiece and llama.cpp), not Metaspace.
+        bt = tok.backend_tokenizer
+        bt.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        bt.pre_tokenizer = None
+        bt.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
     if fam.added:  # Phi-3: every added token but <|endoftext|> eats the whitespace on its right
         rstrip = fam.rstrip_added
         tok.add_tokens(
@@ -434,17 +443,90 @@ def _wrap_bpe(fam: Family, tk):
 
 
 def _real_vocab_tokenizer(fam: Family, work: Path):
-    """Rebuild the family's real vocabulary from llama.cpp's ggml-vocab-*.gguf (needs $EXPORTER_LLAMA_SRC)."""
-    from transformers import AutoTokenizer
+    """The family's real vocabulary, rebuilt from llama.cpp's ggml-vocab-*.gguf by transformers' GGUF tokenizer
+    conversion (its reader; gguf-py's takes ~30 s per vocabulary), wrapped in the family's tokenizer class.
 
+    Tokens the vocabulary lacks are supplied as the family has them: Gemma 3's turn markers take ids 105/106
+    (Gemma 4's `<|turn>`/`<turn|>`), Qwen3's think/tool-response tags take the first padding slots after
+    Qwen2.5's vocabulary (151665..151668, as in Qwen3), Mistral's control tokens are appended.
+    """
+    import transformers
+    from tokenizers import AddedToken, Tokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    gguf = llama_src() / "vendor" / "llama.cpp" / "models" / f"ggml-vocab-{fam.real_vocab}.gguf"
+    if not gguf.is_file():
+        raise FileNotFoundError(f"--real-vocab: {gguf} not found")
+    arch, tdict, _ = get_gguf_tokenizer(str(gguf))
+    tokens, types = list(tdict["tokens"]), list(tdict["token_type"])
+    renames: dict[int, tuple[str, int]] = {}
+    if fam.name == "gemma3":
+        renames = {105: ("<start_of_turn>", 3), 106: ("<end_of_turn>", 3)}
+    elif fam.name == "llama3" or fam.name.startswith("qwen"):
+        # the vocabulary file predates Llama 3.1 / Qwen2.5 / Qwen3: name their tokens at their real ids
+        base = 128000 if fam.name == "llama3" else 151643
+        renames = {base + i: (t, 3 if special else 4) for i, (t, special) in enumerate(fam.added)}
+    for i, (t, ty) in renames.items():
+        if tokens[i] != t:
+            if fam.name != "gemma3" and not (tokens[i].startswith("[PAD") or "reserved" in tokens[i]):
+                raise ValueError(f"real vocabulary {gguf.name}: id {i} is {tokens[i]!r}, expected a free slot")
+            tokens[i], types[i] = t, ty
+    tdict = {**tdict, "tokens": tokens, "token_type": types}
+    if "scores" in tdict and fam.kind == "spm" and fam.name != "gemma3":
+        _write_spm_model(tdict, work / "tokenizer.model", 32000)
+    backend, _ = convert_gguf_tokenizer(arch, tdict)
+    data = json.loads(backend.to_str())
+    if any(a["id"] >= len(tokens) for a in data["added_tokens"]):  # class defaults (GPT-2's <|endoftext|>)
+        data["added_tokens"] = [a for a in data["added_tokens"] if a["id"] < len(tokens)]
+        backend = Tokenizer.from_str(json.dumps(data))
+    cls = getattr(transformers, fam.tokenizer_class)
+    kwargs = {"tokenizer_object": backend, "bos_token": fam.bos, "eos_token": fam.eos, "add_bos_token": fam.add_bos}
+    kwargs["unk_token"] = fam.unk  # None for byte-level BPE (else a default <|endoftext|> gets added)
+    if fam.pad:
+        kwargs["pad_token"] = fam.pad
+    if fam.tokenizer_class == "LlamaTokenizer":
+        kwargs["legacy"] = False
+    if fam.name.startswith("qwen"):
+        kwargs.update(unk_token=None, errors="replace", split_special_tokens=False)
+    tok = cls(**kwargs)
+    missing = [t for t in (*fam.spm_head, *(t for t, _ in fam.added)) if t not in tok.get_vocab()]
+    if missing:  # Mistral's [INST] & co. (not in Llama 2's vocabulary)
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return tok
+
+
+def _write_spm_model(tdict: dict, path: Path, limit: int) -> None:
+    """A sentencepiece `tokenizer.model` (BPE, byte fallback) holding the GGUF's first `limit` pieces, as the hub's
+    Llama 2 / Phi-3 repos ship it (Phi-3's added tokens live outside it)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    n = min(limit, len(tdict["tokens"]))
+    forced = {tdict.get("unk_token_id", 0): 2, tdict["bos_token_id"]: 3, 2: 3}  # unk / <s> / </s>
+    for i, (t, score, ty) in enumerate(zip(tdict["tokens"][:n], tdict["scores"][:n], tdict["token_type"][:n])):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = t, float(score), forced.get(i, int(ty))  # GGUF and sentencepiece share types
+    ts = m.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = n
+    ts.byte_fallback = True
+    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = tdict.get("unk_token_id", 0), tdict["bos_token_id"], 2, -1
+    ts.split_digits = True
+    ts.allow_whitespace_only_pieces = True
+    ns = m.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = True
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    path.write_bytes(m.SerializeToString())
+
+
+def llama_src() -> Path:
+    """The llama-cpp-python sdist named by $EXPORTER_LLAMA_SRC."""
     src = os.environ.get("EXPORTER_LLAMA_SRC")
     if not src:
-        raise SystemExit("--real-vocab needs EXPORTER_LLAMA_SRC (the llama-cpp-python sdist directory)")
-    gguf = Path(src) / "vendor" / "llama.cpp" / "models" / f"ggml-vocab-{fam.real_vocab}.gguf"
-    if not gguf.is_file():
-        raise SystemExit(f"--real-vocab: {gguf} not found")
-    shutil.copy(gguf, work / gguf.name)
-    return AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
+        raise FileNotFoundError("--real-vocab needs EXPORTER_LLAMA_SRC (the llama-cpp-python sdist directory)")
+    return Path(src)
 
 
 def build_tokenizer(fam: Family, work: Path, real_vocab: bool):
@@ -627,6 +709,18 @@ def _finish_tokenizer_files(out: Path, tok, fam: Family, template: str) -> None:
         cfg["extra_special_tokens"] = extra
     if fam.tokenizer_class == "PreTrainedTokenizerFast":  # the name the hub's Llama 3 uses (v5 alias)
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # the hub's tokenizer_config.json lists the added tokens (llama.cpp's converter reads them from here)
+    cfg["added_tokens_decoder"] = {
+        str(i): {
+            "content": a.content,
+            "lstrip": a.lstrip,
+            "normalized": a.normalized,
+            "rstrip": a.rstrip,
+            "single_word": a.single_word,
+            "special": a.special,
+        }
+        for i, a in sorted(tok.added_tokens_decoder.items())
+    }
     cfg["chat_template"] = template
     cfg["add_bos_token"] = fam.add_bos
     cfg.setdefault("add_eos_token", False)
@@ -670,7 +764,7 @@ def make(
         tok = build_tokenizer(fam, work, real_vocab)
         tok.chat_template = template
         tok.save_pretrained(str(tmp))
-        if fam.kind == "spm" and not real_vocab:
+        if (work / "tokenizer.model").is_file():
             shutil.copy(work / "tokenizer.model", tmp / "tokenizer.model")
         shutil.rmtree(work)
         for leftover in tmp.glob("*.gguf"):
@@ -736,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()) as p:
         try:
             out = make(args.family, args.out, args.size, args.seed, args.real_vocab, args.force, progress=p)
-        except (FileExistsError, ValueError) as e:
+        except (FileExistsError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     print(out)
