@@ -503,7 +503,8 @@ def _write_spm_model(tdict: dict, path: Path, limit: int) -> None:
     m = pb.ModelProto()
     n = min(limit, len(tdict["tokens"]))
     forced = {tdict.get("unk_token_id", 0): 2, tdict["bos_token_id"]: 3, 2: 3}  # unk / <s> / </s>
-    for i, (t, score, ty) in enumerate(zip(tdict["tokens"][:n], tdict["scores"][:n], tdict["token_type"][:n])):
+    rows = zip(tdict["tokens"][:n], tdict["scores"][:n], tdict["token_type"][:n], strict=True)
+    for i, (t, score, ty) in enumerate(rows):
         p = m.pieces.add()
         p.piece, p.score, p.type = t, float(score), forced.get(i, int(ty))  # GGUF and sentencepiece share types
     ts = m.trainer_spec

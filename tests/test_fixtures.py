@@ -244,6 +244,11 @@ def test_real_vocab_matches_llama_cpp(tiny_model, family: str, capsys: pytest.Ca
         print(f"\n[real vocab] {family} ({spec.real_vocab}): {len(pairs) - len(bad)}/{len(pairs)} match llama.cpp")
     known = REAL_VOCAB_KNOWN.get(family, lambda text: False)
     assert [t for t in bad if not known(t)] == []
+    if (path / "tokenizer.model").is_file():  # the sentencepiece model rebuilt from the GGUF: exact, no exceptions
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+        assert [t for t, ids in pairs if sp.encode(t) != ids] == []
     # the family's special tokens are single ids, BOS as the family adds it, eos list as the real model's
     for t in {t for t in (spec.bos, spec.eos, spec.pad, *spec.gen_eos, *(a for a, _ in spec.added)) if t}:
         assert len(tok.encode(t, add_special_tokens=False)) == 1, t
