@@ -263,3 +263,69 @@ def test_real_vocab_matches_llama_cpp(tiny_model, family: str, capsys: pytest.Ca
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id or 0)
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+# ---- demo data (LLaMA-Factory's dataset_info.json conventions) ----------------------------------------------
+
+DATA = ROOT / "data"
+
+
+def _rows(name: str) -> list[dict]:
+    info = json.loads((DATA / "dataset_info.json").read_text(encoding="utf-8"))
+    return json.loads((DATA / info[name]["file_name"]).read_text(encoding="utf-8"))
+
+
+def _has_cjk(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def test_dataset_info_registers_every_file() -> None:
+    info = json.loads((DATA / "dataset_info.json").read_text(encoding="utf-8"))
+    assert {"identity", "alpaca_en_demo", "alpaca_zh_demo", "sharegpt_demo"} <= set(info)
+    for name, attr in info.items():
+        assert (DATA / attr["file_name"]).is_file(), name
+        assert attr.get("formatting", "alpaca") in ("alpaca", "sharegpt"), name
+        rows = _rows(name)
+        assert isinstance(rows, list) and len(rows) >= 20, name
+        if attr.get("formatting", "alpaca") == "alpaca":
+            cols = {"prompt": "instruction", "query": "input", "response": "output", **attr.get("columns", {})}
+            for row in rows:
+                assert isinstance(row[cols["prompt"]], str) and row[cols["prompt"]].strip(), (name, row)
+                assert isinstance(row.get(cols["query"], ""), str) and row[cols["response"]].strip(), (name, row)
+
+
+def test_identity_has_placeholders_in_both_languages() -> None:
+    rows = _rows("identity")
+    assert len(rows) >= 40
+    zh = [r for r in rows if _has_cjk(r["instruction"])]
+    en = [r for r in rows if not _has_cjk(r["instruction"])]
+    assert len(zh) >= 15 and len(en) >= 15
+    assert all("{{name}}" in r["output"] or "{{author}}" in r["output"] for r in rows)
+    assert sum("{{author}}" in r["output"] for r in rows) >= 30
+    assert len({r["instruction"] for r in rows}) == len(rows)  # no duplicate prompts
+
+
+def test_alpaca_demo_languages() -> None:
+    assert all(_has_cjk(r["instruction"]) for r in _rows("alpaca_zh_demo"))
+    assert not any(_has_cjk(r["instruction"] + r["output"]) for r in _rows("alpaca_en_demo"))
+
+
+def test_sharegpt_demo_follows_llama_factory_rules() -> None:
+    info = json.loads((DATA / "dataset_info.json").read_text(encoding="utf-8"))["sharegpt_demo"]
+    cols, tags = info["columns"], info["tags"]
+    odd = {tags["user_tag"], tags["observation_tag"]}  # LLaMA-Factory: turns 1, 3, ... come from these
+    even = {tags["assistant_tag"], tags["function_tag"]}  # turns 2, 4, ... from these
+    rows = _rows("sharegpt_demo")
+    with_tools = [r for r in rows if r.get(cols["tools"])]
+    assert with_tools and any(r.get(cols["system"]) for r in rows)
+    for row in rows:
+        msgs = row[cols["messages"]]
+        assert len(msgs) % 2 == 0 and msgs, row
+        for i, m in enumerate(msgs):
+            assert m[tags["role_tag"]] in (odd if i % 2 == 0 else even), (i, m)
+            assert m[tags["content_tag"]].strip()
+            if m[tags["role_tag"]] == tags["function_tag"]:
+                call = json.loads(m[tags["content_tag"]])
+                names = {t["name"] for t in json.loads(row[cols["tools"]])}
+                assert call["name"] in names and isinstance(call["arguments"], dict)
+        assert msgs[-1][tags["role_tag"]] == tags["assistant_tag"]
