@@ -127,6 +127,7 @@ class Family:
     rstrip_added: bool = False  # Phi-3's added tokens eat whitespace on their right
     real_vocab: str = ""  # ggml-vocab-<name>.gguf
     trained_size: int = 1600
+    config_eos_list: bool = False  # config.json eos_token_id is the generation list (else the tokenizer's eos)
 
 
 SPECS: dict[str, Family] = {
@@ -156,6 +157,7 @@ SPECS: dict[str, Family] = {
         eos="<|eot_id|>",
         add_bos=True,
         gen_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+        config_eos_list=True,
         real_vocab="llama-bpe",
     ),
     "mistral": Family(
@@ -213,6 +215,7 @@ SPECS: dict[str, Family] = {
         unk="<unk>",
         add_bos=True,
         gen_eos=("<eos>", "<end_of_turn>"),
+        config_eos_list=True,
         tie=True,
         spm_dummy_prefix=False,
         real_vocab="gemma-4",
@@ -758,12 +761,14 @@ def make(
             ids["bos"] = tok.convert_tokens_to_ids("<|endoftext|>")
         n = len(tok)
         vocab_size = -(-n // fam.vocab_multiple) * fam.vocab_multiple
-        config = _config(fam, size, vocab_size, ids)
-        config.save_pretrained(str(tmp))
-        _deterministic_json(tmp / "config.json")
         gen_eos = [tok.convert_tokens_to_ids(t) for t in fam.gen_eos]
         if real_vocab:  # a real vocab may lack some of the family's tokens; keep the ones it has
             gen_eos = [i for i in gen_eos if i is not None and i != tok.unk_token_id] or [ids["eos"]]
+        config = _config(fam, size, vocab_size, ids)
+        if fam.config_eos_list:  # Llama 3.1 / Gemma 3 list every end-of-turn id in config.json too
+            config.eos_token_id = gen_eos
+        config.save_pretrained(str(tmp))
+        _deterministic_json(tmp / "config.json")
         gen = GenerationConfig(
             bos_token_id=ids["bos"], eos_token_id=gen_eos if len(gen_eos) > 1 else gen_eos[0], pad_token_id=ids["pad"]
         )
