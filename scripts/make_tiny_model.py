@@ -452,8 +452,10 @@ def _real_vocab_tokenizer(fam: Family, work: Path):
                 raise ValueError(f"real vocabulary {gguf.name}: id {i} is {tokens[i]!r}, expected a free slot")
             tokens[i], types[i] = t, ty
     tdict = {**tdict, "tokens": tokens, "token_type": types}
-    if "scores" in tdict and fam.kind == "spm" and fam.name != "gemma3":
-        _write_spm_model(tdict, work / "tokenizer.model", 32000)
+    if fam.kind == "spm":
+        _write_spm_model(
+            tdict, work / "tokenizer.model", 32000 if fam.name != "gemma3" else len(tokens), fam.name == "gemma3"
+        )
     backend, _ = convert_gguf_tokenizer(arch, tdict)
     data = json.loads(backend.to_str())
     if any(a["id"] >= len(tokens) for a in data["added_tokens"]):  # class defaults (GPT-2's <|endoftext|>)
@@ -475,28 +477,44 @@ def _real_vocab_tokenizer(fam: Family, work: Path):
     return tok
 
 
-def _write_spm_model(tdict: dict, path: Path, limit: int) -> None:
+def _write_spm_model(tdict: dict, path: Path, limit: int, gemma: bool = False) -> None:
     """A sentencepiece `tokenizer.model` (BPE, byte fallback) holding the GGUF's first `limit` pieces, as the hub's
-    Llama 2 / Phi-3 repos ship it (Phi-3's added tokens live outside it)."""
+    Llama 2 / Phi-3 / Gemma 3 repos ship it (Phi-3's added tokens live outside it).
+
+    Gemma: no dummy prefix; whitespace-only pieces respelled with "▁"; the file's scores carry no merge order
+    (the token order does), so each normal piece scores -id."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     m = pb.ModelProto()
     n = min(limit, len(tdict["tokens"]))
-    forced = {tdict.get("unk_token_id", 0): 2, tdict["bos_token_id"]: 3, 2: 3}  # unk / <s> / </s>
+    unk, bos, eos = tdict.get("unk_token_id", 0), tdict["bos_token_id"], 1 if gemma else 2
+    forced = {unk: 2, bos: 3, eos: 3}
+    seen: set[str] = set()
     rows = zip(tdict["tokens"][:n], tdict["scores"][:n], tdict["token_type"][:n], strict=True)
     for i, (t, score, ty) in enumerate(rows):
+        ty = forced.get(i, int(ty))  # GGUF and sentencepiece number their token types alike
+        if gemma:
+            t = "▁" * len(t) if " " in t and not t.strip() else t
+            score = -i if ty == 1 else 0.0
+        if t in seen:  # sentencepiece refuses duplicate pieces
+            t, ty = f"<unused-dup-{i}>", 5
+        seen.add(t)
         p = m.pieces.add()
-        p.piece, p.score, p.type = t, float(score), forced.get(i, int(ty))  # GGUF and sentencepiece share types
+        p.piece, p.score, p.type = t, float(score), ty
     ts = m.trainer_spec
     ts.model_type = pb.TrainerSpec.BPE
     ts.vocab_size = n
     ts.byte_fallback = True
-    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = tdict.get("unk_token_id", 0), tdict["bos_token_id"], 2, -1
+    ts.unk_id, ts.bos_id, ts.eos_id = unk, bos, eos
+    ts.pad_id = tdict.get("pad_token_id", -1) if gemma else -1
+    ts.unk_piece, ts.bos_piece, ts.eos_piece = (m.pieces[i].piece for i in (unk, bos, eos))
+    if ts.pad_id >= 0:
+        ts.pad_piece = m.pieces[ts.pad_id].piece
     ts.split_digits = True
     ts.allow_whitespace_only_pieces = True
     ns = m.normalizer_spec
     ns.name = "identity"
-    ns.add_dummy_prefix = True
+    ns.add_dummy_prefix = not gemma
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
     path.write_bytes(m.SerializeToString())
