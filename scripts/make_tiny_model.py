@@ -729,8 +729,8 @@ def _finish_tokenizer_files(out: Path, tok, fam: Family, template: str) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, ensure_ascii=False) + "\n")
 
 
-def _deterministic_json(path: Path) -> None:
-    """Drop fields that would differ between builds (transformers writes its version; keep it, it is stable)."""
+def _sorted_json(path: Path) -> None:
+    """Rewrite a JSON file with sorted keys (stable, diff-friendly)."""
     data = json.loads(path.read_text())
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
@@ -752,22 +752,17 @@ def make(
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
     fam = SPECS[family]
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists (use --force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from exporter.atomic import atomic_dir
+
     template = chat_template(fam.template)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        work = Path(tempfile.mkdtemp(prefix="spm-", dir=tmp))
+    with atomic_dir(out, force) as tmp:
+        work = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=tmp))
         tok = build_tokenizer(fam, work, real_vocab)
         tok.chat_template = template
         tok.save_pretrained(str(tmp))
         if (work / "tokenizer.model").is_file():
             shutil.copy(work / "tokenizer.model", tmp / "tokenizer.model")
         shutil.rmtree(work)
-        for leftover in tmp.glob("*.gguf"):
-            leftover.unlink()
         _finish_tokenizer_files(tmp, tok, fam, template)
 
         ids = {
@@ -777,32 +772,25 @@ def make(
         }
         if fam.name.startswith("qwen"):  # Qwen's config.json names <|endoftext|> as bos
             ids["bos"] = tok.convert_tokens_to_ids("<|endoftext|>")
-        n = len(tok)
-        vocab_size = -(-n // fam.vocab_multiple) * fam.vocab_multiple
-        gen_eos = [tok.convert_tokens_to_ids(t) for t in fam.gen_eos]
-        if real_vocab:  # a real vocab may lack some of the family's tokens; keep the ones it has
-            gen_eos = [i for i in gen_eos if i is not None and i != tok.unk_token_id] or [ids["eos"]]
+        gen_eos = tok.convert_tokens_to_ids(list(fam.gen_eos))
+        if None in gen_eos or (tok.unk_token_id is not None and tok.unk_token_id in gen_eos):
+            raise ValueError(f"{family}: the tokenizer lacks one of {fam.gen_eos}")
+        vocab_size = -(-len(tok) // fam.vocab_multiple) * fam.vocab_multiple
         config = _config(fam, size, vocab_size, ids)
         if fam.config_eos_list:  # Llama 3.1 / Gemma 3 list every end-of-turn id in config.json too
             config.eos_token_id = gen_eos
         config.save_pretrained(str(tmp))
-        _deterministic_json(tmp / "config.json")
+        _sorted_json(tmp / "config.json")
         gen = GenerationConfig(
             bos_token_id=ids["bos"], eos_token_id=gen_eos if len(gen_eos) > 1 else gen_eos[0], pad_token_id=ids["pad"]
         )
         gen.save_pretrained(str(tmp))
-        _deterministic_json(tmp / "generation_config.json")
+        _sorted_json(tmp / "generation_config.json")
         _write_weights(tmp, config, fam, seed, 4 if size == "bench" else 1, progress)
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def source_hash() -> str:
@@ -828,10 +816,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from exporter.errors import UserError
+
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()) as p:
         try:
             out = make(args.family, args.out, args.size, args.seed, args.real_vocab, args.force, progress=p)
-        except (FileExistsError, FileNotFoundError, ValueError) as e:
+        except (UserError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     print(out)
