@@ -325,9 +325,12 @@ def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drop
 
     out = []
     for s in samples:
-        ids, labels = templates.encode(
-            tokenizer, tpl, s.chat(), tools=s.tool_list(), train_on_prompt=cfg.train_on_prompt, cutoff_len=None
-        )
+        try:
+            ids, labels = templates.encode(
+                tokenizer, tpl, s.chat(), tools=s.tool_list(), train_on_prompt=cfg.train_on_prompt, cutoff_len=None
+            )
+        except UserError as e:
+            raise UserError(f"{s.where}: {e}") from None
         ids, labels = truncate(list(ids), list(labels), cfg.cutoff_len)
         if not any(x != IGNORE for x in labels[1:]):
             drops.add("samples with no trained token left within cutoff_len", s.where)
