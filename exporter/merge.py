@@ -149,7 +149,8 @@ def _strip(key: str) -> str:
 _LORA_AB = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.(?P<p>weight|bias)$")
 _LORA_EMB = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
 _LORA_MAG = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
-_SAVED = re.compile(r"^(?P<mod>.+)\.modules_to_save\.[^.]+\.(?P<p>.+)$")
+_SAVED = re.compile(r"^(?P<mod>.+)\.modules_to_save\.(?:default\.)?(?P<p>.+)$")
+_ORIGINAL = re.compile(r"^.+\.original_module\..+$")
 _BASE_LAYER = re.compile(r"^(?P<mod>.+)\.base_layer\.(?P<p>weight|bias)$")
 
 
@@ -215,13 +216,15 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
         elif m := _LORA_MAG.match(key):
             parts.setdefault(m["mod"], {})["mag"] = src
         elif m := _SAVED.match(key):
-            ad.full[f"{m['mod']}.{m['p']}"] = src
+            ad.full.setdefault(f"{m['mod']}.{m['p']}", src)  # PEFT may also save it under its plain name
+        elif _ORIGINAL.match(key):
+            continue  # the base's own copy of a saved module
         elif m := _BASE_LAYER.match(key):
             ad.full[f"{m['mod']}.{m['p']}"] = src
         elif "lora_" in key or "trainable_tokens" in key:
             raise UserError(f"{file}: tensor {raw} is of a kind this merge does not know")
         else:
-            ad.full[key] = src
+            ad.full.setdefault(key, src)
 
     r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -588,8 +591,10 @@ def merge(
                         bar.update(task, tensor=t.name)
                         _run_job(jobs[t.name], writer, lambda n: bar.advance(task, n))
                         weight_map[t.name] = fname
-                finally:
-                    writer.close()
+                except BaseException:
+                    writer.f.close()
+                    raise
+                writer.close()
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
