@@ -166,6 +166,7 @@ def _run_case(tiny_model, tmp_path, family, variants, dtype_name, weights=None, 
     return out
 
 
+PHI3 = dict(target_modules=ALL_LINEAR, use_rslora=True, r=16, lora_alpha=8, modules_to_save=["norm", "lm_head"])
 CASES = [
     # (family, [LoraConfig kwargs per adapter], output dtype, weights)
     ("llama3", [dict(target_modules="all-linear")], "bf16", None),
@@ -173,7 +174,7 @@ CASES = [
     ("mistral", [dict(target_modules=["q_proj", "v_proj", "embed_tokens"])], "fp16", None),
     (
         "phi3",
-        [dict(target_modules=ALL_LINEAR, use_rslora=True, r=16, lora_alpha=8, modules_to_save=["norm", "lm_head"])],
+        [PHI3],
         "fp32",
         None,
     ),
