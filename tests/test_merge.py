@@ -147,15 +147,14 @@ def _check_logits(out: Path, base: Path, adapters, weights, dtype, vocab=None):
     return mine, ref
 
 
-def _run_case(tiny_model, tmp_path, family, variants, dtype_name, weights=None, vocab=None, shard=None):
+def _run_case(base, tmp_path, variants, dtype_name, weights=None, vocab=None, shard=None, template=None):
     """Build adapters, merge with ours and PEFT, compare tensors and logits. Returns our output dir."""
-    base = tiny_model(family)
     dtype = DT[dtype_name]
     adapters = [_make_adapter(base, tmp_path / f"ad{i}", seed=10 + i, vocab=vocab, **v) for i, v in enumerate(variants)]
     weights = weights or [1.0] * len(adapters)
     out = tmp_path / "merged"
     kwargs = {"max_shard_size": shard} if shard else {}
-    merge(base, adapters, weights, out, dtype=dtype_name, **kwargs)
+    merge(base, adapters, weights, out, dtype=dtype_name, template=template, **kwargs)
     ours = _ours(out)
     peft_sd = _peft_models(base, adapters, weights, dtype, vocab).state_dict()
     peft32_sd = _peft_models(base, adapters, weights, torch.float32, vocab).state_dict()
@@ -192,7 +191,7 @@ CASES = [
 
 @pytest.mark.parametrize("family,variants,dtype,weights", CASES, ids=[c[0] for c in CASES])
 def test_merge_equals_peft(tiny_model, tmp_path, family, variants, dtype, weights):
-    out = _run_case(tiny_model, tmp_path, family, variants, dtype, weights)
+    out = _run_case(tiny_model(family), tmp_path, variants, dtype, weights)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == str(DT[dtype]).removeprefix("torch.")
     manifest = json.loads((out / "exporter_manifest.json").read_text())
@@ -202,7 +201,7 @@ def test_merge_equals_peft(tiny_model, tmp_path, family, variants, dtype, weight
 def test_dora_on_embeddings_and_sharding(tiny_model, tmp_path):
     """DoRA on the embedding (norm over vocab columns: the whole-tensor path) and small shards with an index."""
     v = dict(target_modules=["embed_tokens", "q_proj", "down_proj"], use_dora=True)
-    out = _run_case(tiny_model, tmp_path, "llama3", [v], "fp32", shard="1MB")
+    out = _run_case(tiny_model("llama3"), tmp_path, [v], "fp32", shard="1MB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and all((out / f).is_file() for f in files)
@@ -250,9 +249,8 @@ def test_resized_vocab_tokenizer_from_adapter(tiny_model, tmp_path):
     n = json.loads((base / "config.json").read_text())["vocab_size"]
     vocab = n + 8
     out = _run_case(
-        tiny_model,
+        base,
         tmp_path,
-        "qwen2",
         [dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])],
         "bf16",
         vocab=vocab,
@@ -262,6 +260,23 @@ def test_resized_vocab_tokenizer_from_adapter(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(out)) == vocab
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_fan_in_fan_out_conv1d(tiny_model, tmp_path, dora):
+    """GPT-2 style Conv1D weights (stored in x out): PEFT's fan_in_fan_out layout, with and without DoRA."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    qwen = tiny_model("qwen2")
+    base = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    vocab = len(AutoTokenizer.from_pretrained(qwen))
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(base)
+    for f in qwen.iterdir():  # the qwen fixture's tokenizer (ChatML template)
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
+            shutil.copy2(f, base / f.name)
+    v = dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=dora)
+    _run_case(base, tmp_path, [v], "fp32", template="qwen")
 
 
 def test_output_files_and_template(tiny_model, tmp_path):
