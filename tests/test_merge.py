@@ -171,6 +171,7 @@ CASES = [
     ("llama3", [dict(target_modules="all-linear")], "bf16", None),
     ("qwen3", [dict(target_modules="all-linear", use_dora=True)], "bf16", None),
     ("mistral", [dict(target_modules=["q_proj", "v_proj", "embed_tokens"])], "fp16", None),
+    ("qwen2", [dict(target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)], "bf16", None),
     (
         "phi3",
         [PHI3],
@@ -189,7 +190,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,variants,dtype,weights", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("family,variants,dtype,weights", CASES, ids=[c[0] + ("-bias" if c[1][0].get("lora_bias") else "") for c in CASES])
 def test_merge_equals_peft(tiny_model, tmp_path, family, variants, dtype, weights):
     out = _run_case(tiny_model(family), tmp_path, variants, dtype, weights)
     cfg = json.loads((out / "config.json").read_text())
