@@ -190,7 +190,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,variants,dtype,weights", CASES, ids=[c[0] + ("-bias" if c[1][0].get("lora_bias") else "") for c in CASES])
+@pytest.mark.parametrize(
+    "family,variants,dtype,weights", CASES, ids=[c[0] + ("-bias" if c[1][0].get("lora_bias") else "") for c in CASES]
+)
 def test_merge_equals_peft(tiny_model, tmp_path, family, variants, dtype, weights):
     out = _run_case(tiny_model(family), tmp_path, variants, dtype, weights)
     cfg = json.loads((out / "config.json").read_text())
