@@ -111,14 +111,13 @@ class LoraPart:
 
     def delta(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 of the delta in the stored layout, PEFT's `transpose(B @ A, fifo) * scale`."""
-        if self.embedding:
-            return (self.B @ self.A[:, r0:r1]).T * self.scale
-        if self.fan_in_fan_out:
-            return (self.B @ self.A[:, r0:r1]).T * self.scale
-        return (self.B[r0:r1] @ self.A) * self.scale
+        if self.embedding or self.fan_in_fan_out:
+            return (self.B @ self.A[:, r0:r1]).T.mul_(self.scale)
+        return (self.B[r0:r1] @ self.A).mul_(self.scale)
 
     def apply(self, cur: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        merged = cur + self.delta(r0, r1)
+        """`cur` (float32 rows r0:r1, updated in place when possible) with this module's change applied."""
+        merged = cur.add_(self.delta(r0, r1))
         if self.magnitude is None:
             return merged
         if self.embedding or self.fan_in_fan_out:  # norm per column of the stored matrix
@@ -426,6 +425,16 @@ def plan(base_dir: Path, adapters: list[Adapter], out_dtype: torch.dtype | None)
 # execution
 
 
+def _finite(cur: torch.Tensor, out: torch.Tensor) -> bool:
+    """All values finite after the cast: a float32 sum is non-finite if any element is (elementwise check only then),
+    and a float16 cast overflows exactly when some |value| rounds past float16's largest number."""
+    if not torch.isfinite(cur.sum()) and not torch.isfinite(cur).all():
+        return False
+    if out.dtype == torch.float16 and cur.numel() and cur.abs().amax() >= 65520.0:
+        return False
+    return True
+
+
 def _run_job(job: Job, writer: ShardWriter, advance: Callable[[int], None]) -> None:
     """Stream one tensor through its changes, block of rows by block of rows."""
     if not job.ops:
@@ -449,7 +458,7 @@ def _run_job(job: Job, writer: ShardWriter, advance: Callable[[int], None]) -> N
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if ops[0].full is not None and ops[0].adapter.weight == 1.0:
-            cur, ops_here = ops[0].full.rows(r0, r1).to(torch.float32), ops[1:]
+            cur, ops_here = ops[0].full.rows(r0, r1).to(torch.float32, copy=True), ops[1:]
         else:
             cur, ops_here = read_rows(job.base, r0, r1).to(torch.float32), ops
         for op in ops_here:
@@ -460,7 +469,7 @@ def _run_job(job: Job, writer: ShardWriter, advance: Callable[[int], None]) -> N
             else:
                 cur = op.lora.apply(cur, r0, r1)
         out = cur.to(job.out_dtype)
-        if not torch.isfinite(out).all():
+        if not _finite(cur, out):
             labels = ", ".join(dict.fromkeys(op.adapter.label for op in job.ops))
             raise UserError(
                 f"tensor {job.name}: non-finite values (inf/nan) after merging {labels} in "
