@@ -130,12 +130,11 @@ def parse_size(text: str | int) -> int:
     """'2GB' -> 2e9, '500MiB' -> 500*2**20 (the units transformers' max_shard_size accepts)."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), flags=re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
     if not m:
         raise UserError(f"--max-shard-size {text!r}: expected a size such as 2GB, 500MB or 1GiB")
-    unit = (m.group(2) or "B").upper()
-    power = "BKMGT".index(unit[0]) if unit != "B" else 0
-    base = 1024 if "I" in unit else 1000
+    power = "KMGT".index(m.group(2)) + 1 if m.group(2) else 0
+    base = 1024 if m.group(3) else 1000
     return int(float(m.group(1)) * base**power)
 
 
