@@ -339,7 +339,7 @@ def plan(base_dir: Path, adapters: list[Adapter], out_dtype: torch.dtype | None)
     base = _base_tensors(base_dir)
     config = _read_json(base_dir / "config.json")
     embed = next((n for n in base if n.endswith(_EMBED_SUFFIXES)), None)
-    tied = embed is not None and (_HEAD not in base or _tie_flag(config))
+    tied = embed is not None and _tie_flag(config)
 
     jobs: dict[str, Job] = {}
     for name, info in base.items():
