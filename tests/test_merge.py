@@ -389,3 +389,26 @@ def test_refuses_existing_out(tiny_model, tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr and (out / "keep").exists()
     merge(base, [ad], None, out, force=True)
     assert not (out / "keep").exists() and (out / "config.json").exists()
+
+
+def test_weight_scales_lora_and_interpolates_saved_modules(tiny_model, tmp_path):
+    """--weight w: LoRA deltas scaled by w (PEFT with scaling * w); a saved module becomes W + w * (saved - W)."""
+    from safetensors.torch import load_file
+
+    base = tiny_model("mistral")
+    ad = _make_adapter(base, tmp_path / "ad", seed=11, target_modules=["q_proj"], modules_to_save=["norm"])
+    out = tmp_path / "merged"
+    merge(base, [ad], [0.25], out, dtype="fp32")
+    ours = _ours(out)
+    lora = {k: v for k, v in ours.items() if "norm" not in k}
+    peft32 = _peft_models(base, [ad], [0.25], torch.float32).state_dict()
+    ref = _peft_models(base, [ad], [0.25], torch.float64).state_dict()
+    _check_tensors(lora, peft32, peft32, ref, torch.float32)
+    saved = {k.removeprefix("base_model.model."): v for k, v in load_file(ad / "adapter_model.safetensors").items()}
+    base_sd = _load_base(base, torch.float64).state_dict()
+    norms = [k for k in ours if k.endswith("norm.weight")]
+    assert norms and all(k in saved for k in norms)
+    for k in norms:
+        want = (base_sd[k] + 0.25 * (saved[k].double() - base_sd[k])).float()
+        assert torch.allclose(ours[k], want, rtol=0, atol=1e-6), k
+        assert not torch.equal(ours[k], saved[k].float())
