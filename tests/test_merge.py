@@ -412,3 +412,17 @@ def test_weight_scales_lora_and_interpolates_saved_modules(tiny_model, tmp_path)
         want = (base_sd[k] + 0.25 * (saved[k].double() - base_sd[k])).float()
         assert torch.allclose(ours[k], want, rtol=0, atol=1e-6), k
         assert not torch.equal(ours[k], saved[k].float())
+
+
+def test_bin_adapter_same_as_safetensors(tiny_model, tmp_path):
+    """adapter_model.bin (older PEFT saves) merges to the same bytes as adapter_model.safetensors."""
+    from safetensors.torch import load_file
+
+    base = tiny_model("llama2")
+    st = _make_adapter(base, tmp_path / "st", seed=4, target_modules=["q_proj", "embed_tokens"], use_dora=True)
+    binad = shutil.copytree(st, tmp_path / "bin")
+    torch.save(load_file(binad / "adapter_model.safetensors"), binad / "adapter_model.bin")
+    (binad / "adapter_model.safetensors").unlink()
+    merge(base, [st], None, tmp_path / "a")
+    merge(base, [binad], None, tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
