@@ -92,6 +92,11 @@ class Source:
     rows: Callable[[int, int], torch.Tensor]
 
 
+def _pow2(x: float) -> bool:
+    m, _ = math.frexp(x)
+    return x > 0 and m == 0.5
+
+
 @dataclass
 class LoraPart:
     """One adapted module of one adapter, with everything needed to compute its delta."""
@@ -117,6 +122,10 @@ class LoraPart:
 
     def apply(self, cur: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """`cur` (float32 rows r0:r1, updated in place when possible) with this module's change applied."""
+        if self.magnitude is None and not (self.embedding or self.fan_in_fan_out) and _pow2(self.scale):
+            # one fused pass; scaling by a power of two is exact, so this rounds exactly like PEFT's
+            # `W + (B @ A) * scale` (the common alpha = r or 2r); other scales take the three-pass path below
+            return cur.addmm_(self.B[r0:r1], self.A, alpha=self.scale)
         merged = cur.add_(self.delta(r0, r1))
         if self.magnitude is None:
             return merged
