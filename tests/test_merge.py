@@ -312,6 +312,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "exporter", "merge", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_bad_inputs_cli(tiny_model, tmp_path):
     """Each bad input: exit 2, one clear line naming the problem, nothing at --out."""
     llama = tiny_model("llama3")
