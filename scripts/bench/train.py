@@ -85,7 +85,7 @@ def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     return time.time() - t, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)
 
 
-def peer(work: Path, steps: int, batch: int) -> None:
+def peer(work: Path, steps: int, batch: int, bf16: bool = False) -> None:
     """HF Trainer + PEFT with LLaMA-Factory's defaults on exporter's tokenized examples."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -134,7 +134,7 @@ def peer(work: Path, steps: int, batch: int) -> None:
         output_dir=str(work / "peer-out"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         learning_rate=COMMON["learning_rate"], max_steps=steps, lr_scheduler_type="cosine", warmup_steps=0.1,
         logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False, seed=42,
-        max_grad_norm=1.0, ddp_find_unused_parameters=False, disable_tqdm=True,
+        max_grad_norm=1.0, ddp_find_unused_parameters=False, disable_tqdm=True, bf16=bf16,
     )  # fmt: skip
     data = [{"input_ids": e[0], "attention_mask": [1] * len(e[0]), "labels": e[1]} for e in examples]
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[clock])
@@ -150,11 +150,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--work", type=Path, default=Path("/tmp/exporter-bench-train"))
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (for a GPU run)")
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     if a.peer:
-        peer(a.work, a.steps, a.batch)
+        peer(a.work, a.steps, a.batch, a.bf16)
         return 0
 
     from transformers import AutoTokenizer
@@ -167,7 +168,7 @@ def main() -> int:
     cfg = T.TrainConfig(
         model_name_or_path=str(model), output_dir=str(a.work / "ours-out"), dataset=["bench"], dataset_dir=str(ddir),
         template="llama3", per_device_train_batch_size=a.batch, max_steps=a.steps, logging_steps=1,
-        save_steps=10**9, overwrite_output_dir=True, **COMMON,
+        save_steps=10**9, overwrite_output_dir=True, bf16=a.bf16, **COMMON,
     )  # fmt: skip
     tok = AutoTokenizer.from_pretrained(model)
     samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
@@ -190,7 +191,8 @@ def main() -> int:
     ours_tps = res["train_tokens_per_second"]
 
     peer_wall, peer_rss, rc = run_child(
-        [sys.executable, __file__, "--peer", "--work", str(a.work), "--steps", str(a.steps), "--batch", str(a.batch)],
+        [sys.executable, __file__, "--peer", "--work", str(a.work), "--steps", str(a.steps), "--batch", str(a.batch)]
+        + (["--bf16"] if a.bf16 else []),
         env,
     )
     if rc:
