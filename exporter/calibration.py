@@ -91,8 +91,13 @@ def _encoded(
         yield ids
 
 
-def pack(seqs: Iterator[list[int]], eos_id: int | None, max_length: int, n_blocks: int) -> tuple[list[list[int]], int]:
-    """Join sequences with EOS (unless one already ends with it) and cut into `max_length` blocks.
+def pack(
+    seqs: Iterator[list[int]], eos_id: int | None, max_length: int, n_blocks: int, enders: frozenset[int] = frozenset()
+) -> tuple[list[list[int]], int]:
+    """Join sequences with EOS and cut into `max_length` blocks.
+
+    No EOS is added after a sequence whose last two ids hold EOS or one of `enders` (the template's end-of-turn
+    tokens, which ChatML-style templates follow with a newline): such a sequence is already terminated.
 
     Stops once `n_blocks` full blocks exist; a shorter last block is kept only when fewer than `n_blocks` full
     blocks could be made. Returns (blocks, sequences consumed).
@@ -102,7 +107,7 @@ def pack(seqs: Iterator[list[int]], eos_id: int | None, max_length: int, n_block
     need = n_blocks * max_length
     for ids in seqs:
         stream.extend(ids)
-        if eos_id is not None and ids[-1] != eos_id:
+        if eos_id is not None and not ({eos_id, *enders} & set(ids[-2:])):
             stream.append(eos_id)
         used += 1
         if len(stream) >= need:
@@ -140,7 +145,9 @@ def build(
     order = list(range(len(convs)))
     random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id
-    blocks, used = pack(_encoded([convs[i] for i in order], tokenizer, tpl, rejected), eos, max_length, samples)
+    enders = frozenset(i for i in tokenizer.convert_tokens_to_ids(list(tpl.eot_tokens)) if i is not None)
+    seqs = _encoded([convs[i] for i in order], tokenizer, tpl, rejected)
+    blocks, used = pack(seqs, eos, max_length, samples, enders)
     cal = Calibration(blocks, source, rows_used=used, rows_total=rows_total, rejected=rejected)
     need_blocks = min(samples, MIN_BLOCKS)
     if cal.tokens < need_blocks * max_length:

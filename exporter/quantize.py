@@ -30,6 +30,13 @@ BITS = {"gptq": (4, 8), "awq": (4,), "bnb4": (4,), "bnb8": (8,)}
 GROUP_SIZES = {"gptq": (-1, 16, 32, 64, 128, 256, 512, 1024), "awq": (-1, 16, 32, 64, 128)}
 AWQ_OUT_MULTIPLE = 8  # AWQ packs 8 output columns into one int32
 EXTRA_HINT = "pip install 'exporter[quant]'"
+# (method, model_type) pairs gptqmodel 7.6.0 has a definition for but fails on (measured on the tiny fixtures)
+BROKEN = {
+    ("awq", "phi3"): "gptqmodel 7.6.0's AWQ builds no scaling groups for Phi-3's fused qkv_proj/gate_up_proj and "
+    "then fails while packing (KeyError 'q_zeros')",
+    ("gptq", "phi3"): "gptqmodel 7.6.0 writes a corrupt g_idx for Phi-3's fused gate_up_proj, so the output fails "
+    "to load (IndexError in its TorchAtenLinear kernel)",
+}
 _console = Console(stderr=True)
 
 
@@ -148,6 +155,11 @@ def _check_architecture(cfg: dict[str, Any], method: str, model_dir: Path) -> No
         if model_type not in CONFIG_MAPPING:
             raise UserError(f"model_type {model_type!r} ({model_dir}) is not known to this transformers version")
         return
+    if (method, model_type) in BROKEN:
+        raise UserError(
+            f"--method {method} cannot quantize model_type {model_type!r}: {BROKEN[method, model_type]}; "
+            f"use {' or '.join(m for m in METHODS if (m, model_type) not in BROKEN)}"
+        )
     from gptqmodel.models.auto import MODEL_MAP
 
     if model_type not in MODEL_MAP:
@@ -167,6 +179,17 @@ def _import_gptqmodel() -> Any:
     import gptqmodel
 
     return gptqmodel
+
+
+def _rotary_needs_layer_type(hf_model: Any) -> bool:
+    """Whether the model's rotary embedding takes a required `layer_type` argument (per-layer-type RoPE)."""
+    import inspect
+
+    for name, mod in hf_model.named_modules():
+        if name.endswith("rotary_emb"):
+            p = inspect.signature(mod.forward).parameters.get("layer_type")
+            return p is not None and p.default is inspect.Parameter.empty
+    return False
 
 
 def _run_gptqmodel(model_dir: Path, tmp: Path, method: str, bits: int, group: int, blocks: list[list[int]]) -> str:
@@ -189,6 +212,10 @@ def _run_gptqmodel(model_dir: Path, tmp: Path, method: str, bits: int, group: in
         # gptqmodel 7.6 writes per-run logs into ./logs of the current directory; keep the user's cwd clean
         loop_processor._PROJECT_LOG_DIR = Path(logs)
         model = gm.GPTQModel.load(str(model_dir), qc)
+        if method == "awq" and _rotary_needs_layer_type(model.model):
+            # gptqmodel 7.6's AWQ scale search recomputes RoPE without `layer_type` (Gemma 3: local/global RoPE) and
+            # fails; reuse the position embeddings captured from the real forward pass instead.
+            model.awq_preserve_explicit_position_embeddings = True
         model.quantize(calib, backend=backend, calibration_data_min_length=1, calibration_sort="desc")
         model.save(str(tmp))
     return str(getattr(backend, "value", backend))
