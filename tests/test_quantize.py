@@ -179,6 +179,23 @@ def test_dataset_calibration_is_the_chat_template_rendering(tiny_model, tmp_path
     assert again.blocks == cal.blocks and other.blocks != cal.blocks
 
 
+def test_sharegpt_dataset_and_unknown_name(tiny_model, tmp_path: Path) -> None:
+    tok, tpl = _tok_tpl(tiny_model("qwen3"))
+    d = tmp_path / "data"
+    d.mkdir()
+    conv = [{"from": "human", "value": "Hi, how are you today?"}, {"from": "gpt", "value": "Fine, thanks! " * 20}]
+    rows = [{"conversations": conv}] * 40 + [{"conversations": conv[:1]}]  # the last row has no answer
+    (d / "sg.json").write_text(json.dumps(rows), encoding="utf-8")
+    (d / "dataset_info.json").write_text(json.dumps({"sg": {"file_name": "sg.json", "formatting": "sharegpt"}}))
+    cal = calibration.build(tok, tpl, "sg", d, samples=4, max_length=128, seed=0)
+    assert len(cal.blocks) == 4 and cal.rows_total == 41 and sum(cal.rejected.values()) == 1
+    msgs = [{"role": "user", "content": conv[0]["value"]}, {"role": "assistant", "content": conv[1]["value"]}]
+    ref = tok(tok.apply_chat_template(msgs, chat_template=tpl.jinja, tokenize=False), add_special_tokens=False)
+    assert [t for b in cal.blocks for t in b][: len(ref["input_ids"])] == ref["input_ids"]
+    with pytest.raises(UserError, match=r"dataset 'sq' is not in .*dataset_info.json"):
+        calibration.build(tok, tpl, "sq", d, samples=4, max_length=128, seed=0)
+
+
 def test_default_calibration_is_multilingual_and_enough(tiny_model) -> None:
     tok, tpl = _tok_tpl(tiny_model("qwen2"))
     cal = calibration.build(tok, tpl, None, None, samples=16, max_length=256, seed=0)
