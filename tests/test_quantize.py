@@ -248,8 +248,8 @@ def test_perplexity_matches_transformers_loss_on_second_halves(tiny_model) -> No
 # Every fixture family x method: quantize here, reload in a fresh process with plain transformers.
 # ---------------------------------------------------------------------------------------------------------------
 
-# Relative L2 distance of the logits to the source's; measured on these random-weight fixtures (see the report in
-# the test output): 8-bit ~0.01-0.03, 4-bit ~0.1-0.25. Random weights are the hardest case for 4-bit.
+# Relative L2 distance of the logits to the source's; measured on these random-weight fixtures (the table printed
+# with -s): 8-bit 0.009-0.021, 4-bit 0.064-0.205 (gemma3 highest). Random weights are a hard case for 4-bit.
 LOGITS_REL = {"gptq": 0.35, "awq": 0.35, "bnb4": 0.35, "bnb8": 0.06}
 PPL_REL = {"gptq": 0.10, "awq": 0.10, "bnb4": 0.10, "bnb8": 0.01}  # the issue's defaults: 4-bit 10 %, 8-bit 1 %
 
@@ -257,14 +257,26 @@ PPL_REL = {"gptq": 0.10, "awq": 0.10, "bnb4": 0.10, "bnb8": 0.01}  # the issue's
 BROKEN_CASES = {("phi3", "awq"), ("phi3", "gptq")}  # gptqmodel 7.6.0 fails there; we say so up front (tested)
 
 
+_QUANTIZE_ALL = """
+import json, sys, time
+from exporter.quantize import QuantizeOptions, quantize
+seconds = {}
+for job in json.load(open(sys.argv[1])):
+    key = job.pop("key")
+    t = time.perf_counter()
+    quantize(QuantizeOptions(**job))
+    seconds[key] = round(time.perf_counter() - t, 2)
+open(sys.argv[2], "w").write(json.dumps(seconds))
+"""
+
+
 @pytest.fixture(scope="module")
 def quantized(tiny_model, tmp_path_factory) -> dict:
-    """All families x methods quantized in this process, then reloaded and scored in ONE fresh process."""
+    """All families x methods quantized in one child process (gptqmodel's import-time patches and worker threads
+    stay out of the test process), then reloaded and scored in ONE other fresh process."""
     require_quant()
-    import time
-
     root = tmp_path_factory.mktemp("quantized")
-    dirs, seconds = {}, {}
+    dirs, jobs = {}, []
     for fam in FAMILIES:
         src = tiny_model(fam)
         for m in METHODS:
@@ -272,10 +284,13 @@ def quantized(tiny_model, tmp_path_factory) -> dict:
                 continue
             out = root / f"{fam}-{m}"
             kw = {"samples": 8, "max_length": 128} if m in ("gptq", "awq") else {}
-            t = time.perf_counter()
-            quantize(QuantizeOptions(model=str(src), method=m, out=str(out), **kw))
-            seconds[(fam, m)] = time.perf_counter() - t
+            jobs.append({"key": f"{fam}-{m}", "model": str(src), "method": m, "out": str(out), **kw})
             dirs[(fam, m)] = (src, out)
+    (root / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
+    args = [sys.executable, "-c", _QUANTIZE_ALL, str(root / "jobs.json"), str(root / "seconds.json")]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    seconds = {tuple(k.split("-")): v for k, v in json.loads((root / "seconds.json").read_text()).items()}
     spec = {
         "n_ctx": N_CTX,
         "cases": [
