@@ -9,7 +9,6 @@ silently dropped. Rows that cannot be used are counted per reason and reported.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -65,85 +64,12 @@ def _dataset_conversations(
     names: list[str], dataset_dir: Path, seed: int, rejected: Counter
 ) -> list[tuple[list[dict[str, Any]], Any]]:
     """Conversations of the named datasets, via `exporter.data` (rows it drops are counted in `rejected`)."""
-    try:
-        from exporter import data
-    except ImportError:  # exporter.data (branch train) has not landed yet
-        return _read_dataset_minimal(names, dataset_dir, rejected)
+    from exporter import data
+
     samples, drops = data.load(names, dataset_dir, stage="sft", seed=seed)
     for reason, n in drops.counts.items():
         rejected[f"dataset: {reason}"] += n
     return [(s.chat(), s) for s in samples]
-
-
-def _read_dataset_minimal(
-    names: list[str], dataset_dir: Path, rejected: Counter
-) -> list[tuple[list[dict[str, Any]], Any]]:
-    """Stand-in for `exporter.data.load` until it lands: local alpaca/sharegpt .json/.jsonl files of a
-    LLaMA-Factory `dataset_info.json`, default column names and tags, text only."""
-    from exporter.config import did_you_mean
-
-    info_path = dataset_dir / "dataset_info.json"
-    if not info_path.is_file():
-        raise UserError(f"--dataset-dir {dataset_dir}: no dataset_info.json (LLaMA-Factory's dataset registry)")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    out: list[tuple[list[dict[str, Any]], Any]] = []
-    for name in names:
-        if name not in info:
-            raise UserError(f"dataset {name!r} is not in {info_path}{did_you_mean(name, info)}")
-        entry = info[name]
-        if "file_name" not in entry:
-            raise UserError(f"{info_path}: dataset {name!r} has no file_name (hub datasets need exporter.data)")
-        path = dataset_dir / entry["file_name"]
-        if not path.is_file():
-            raise UserError(f"{info_path}: dataset {name!r}: file {path} not found")
-        text = path.read_text(encoding="utf-8")
-        try:
-            jsonl = path.suffix == ".jsonl"
-            rows = [json.loads(x) for x in text.splitlines() if x.strip()] if jsonl else json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        cols, tags = entry.get("columns", {}), entry.get("tags", {})
-        for row in rows:
-            msgs = (_sharegpt_row if entry.get("formatting") == "sharegpt" else _alpaca_row)(row, cols, tags)
-            if msgs is None:
-                rejected["dataset: rows without an assistant answer"] += 1
-            else:
-                out.append((msgs, None))
-    return out
-
-
-def _alpaca_row(row: Any, cols: dict[str, str], tags: dict[str, str]) -> list[dict[str, Any]] | None:
-    if not isinstance(row, dict) or not isinstance(row.get(cols.get("response", "output")), str):
-        return None
-    prompt = "\n".join(
-        str(row[k]) for k in (cols.get("prompt", "instruction"), cols.get("query", "input")) if row.get(k)
-    )
-    msgs = (
-        [{"role": "system", "content": row[cols["system"]]}] if cols.get("system") and row.get(cols["system"]) else []
-    )
-    for old_q, old_a in row.get(cols.get("history", "history")) or []:
-        msgs += [{"role": "user", "content": str(old_q)}, {"role": "assistant", "content": str(old_a)}]
-    return msgs + [
-        {"role": "user", "content": prompt},
-        {"role": "assistant", "content": row[cols.get("response", "output")]},
-    ]
-
-
-def _sharegpt_row(row: Any, cols: dict[str, str], tags: dict[str, str]) -> list[dict[str, Any]] | None:
-    turns = row.get(cols.get("messages", "conversations")) if isinstance(row, dict) else None
-    if not isinstance(turns, list) or not turns:
-        return None
-    role_of = {
-        tags.get("user_tag", "human"): "user", tags.get("assistant_tag", "gpt"): "assistant",
-        tags.get("system_tag", "system"): "system", "user": "user", "assistant": "assistant",
-    }  # fmt: skip
-    msgs = []
-    for t in turns:
-        role = role_of.get(t.get(tags.get("role_tag", "from"))) if isinstance(t, dict) else None
-        if role is None:
-            return None
-        msgs.append({"role": role, "content": str(t.get(tags.get("content_tag", "value"), ""))})
-    return msgs if msgs[-1]["role"] == "assistant" else None
 
 
 def _encoded(

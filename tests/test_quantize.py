@@ -192,7 +192,7 @@ def test_sharegpt_dataset_and_unknown_name(tiny_model, tmp_path: Path) -> None:
     msgs = [{"role": "user", "content": conv[0]["value"]}, {"role": "assistant", "content": conv[1]["value"]}]
     ref = tok(tok.apply_chat_template(msgs, chat_template=tpl.jinja, tokenize=False), add_special_tokens=False)
     assert [t for b in cal.blocks for t in b][: len(ref["input_ids"])] == ref["input_ids"]
-    with pytest.raises(UserError, match=r"dataset 'sq' is not in .*dataset_info.json"):
+    with pytest.raises(UserError, match=r"dataset 'sq' is not defined in .*dataset_info.json"):
         calibration.build(tok, tpl, "sq", d, samples=4, max_length=128, seed=0)
 
 
