@@ -38,6 +38,29 @@ def _root(
 # ---- stage commands are registered below, one block each ----
 
 
+# quantize (exporter/quantize.py)
+@app.command("quantize")
+def _quantize(
+    model: str = typer.Argument(..., help="HF model dir (or hub id) to quantize, e.g. the output of `merge`."),
+    method: str = typer.Option(..., "--method", help="gptq | awq (gptqmodel) | bnb4 | bnb8 (bitsandbytes)."),
+    out: str = typer.Option(..., "--out", help="Output dir (written atomically)."),
+    bits: int | None = typer.Option(None, "--bits", help="4 or 8 (gptq); awq/bnb4: 4; bnb8: 8."),
+    group_size: int | None = typer.Option(None, "--group-size", help="GPTQ/AWQ group size (default 128; -1: per row)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Calibration dataset name(s) from dataset_info.json."),
+    dataset_dir: str | None = typer.Option(None, "--dataset-dir", help="Dir holding dataset_info.json (default data)."),
+    template: str | None = typer.Option(None, "--template", help="Chat template family (default: detected)."),
+    samples: int = typer.Option(128, "--samples", help="Calibration blocks (at most)."),
+    max_length: int = typer.Option(512, "--max-length", help="Tokens per calibration block."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration order and quantization."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output dir."),
+) -> None:
+    """Quantize an HF model to GPTQ, AWQ or bitsandbytes nf4/int8, calibrated on your data through its chat template."""
+    from exporter.quantize import QuantizeOptions, quantize
+
+    quantize(QuantizeOptions(model, method, out, bits, group_size, dataset, dataset_dir, template, samples, max_length,
+                             seed, force))  # fmt: skip
+
+
 # ---- template: chat-template families (exporter/templates.py) ----
 template_app = typer.Typer(
     help="Chat-template families: list, show, detect, render.", no_args_is_help=True, add_completion=False
