@@ -693,6 +693,8 @@ def test_family_data_is_consistent(family: str) -> None:
         if eot != "<|observation|>":  # glm4: ends answers before tool results, which the corpus has none of
             assert eot in trained or eot in "".join(t for t, _ in segs), (family, eot)
     assert "{eos_token}" not in filled.ollama
+    # the never-ending-answer trap: every end-of-turn token is also a Modelfile stop
+    assert set(filled.eot_tokens) <= set(filled.stop), (family, filled.eot_tokens, filled.stop)
 
 
 def test_write_into(tiny_model, tmp_path: Path) -> None:
