@@ -28,6 +28,11 @@ from types import ModuleType
 
 import pytest
 
+# Child Pythons (`python -m exporter`, `python -c`, helper scripts) run from the repo root; without this they would
+# import the source tree's `exporter/` ahead of the installed package, whose `exporter.families` and
+# `exporter.converters` exist only once installed (they live in the top-level `templates/` and `converters/`).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 # exporter template family name of each fixture family

@@ -221,5 +221,6 @@ def test_hub_dataset_offline_or_without_datasets(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     d = _write(tmp_path, {"h": {"hf_hub_url": "someone/not-cached-dataset"}}, {})
-    with pytest.raises(UserError, match=r"dataset 'h'.*(install the `datasets` package|from the hub failed)"):
+    expected = r"dataset 'h'.*(install the `datasets` package|from the Hugging Face hub failed)"
+    with pytest.raises(UserError, match=expected):
         data.load(["h"], d)
