@@ -23,9 +23,7 @@ from exporter.errors import UserError
 log = logging.getLogger(__name__)
 
 # The original (tokenizer.json) regexes of the pre-tokenizers llama.cpp implements that our families use.
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -169,7 +167,9 @@ def _spm_model_vocab(model_dir: Path, vocab_size: int, fixed_added_types: bool) 
     for text, i in _read_json(model_dir / "added_tokens.json").items():
         if i < vocab_size:
             tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, gguf.TokenType.USER_DEFINED
-    overlays = [(int(i), d) for i, d in _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {}).items()]
+    overlays = [
+        (int(i), d) for i, d in _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {}).items()
+    ]
     if fixed_added_types:  # Phi-3: tokenizer.json's added tokens too, and only the `special` flag decides
         overlays += [(int(d["id"]), d) for d in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])]
     for i, d in overlays:
@@ -199,9 +199,11 @@ def _spm_json_vocab(model_dir: Path) -> Vocab:
 
 def _is_spm_json(tj: dict) -> bool:
     model = tj.get("model", {})
-    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and (tj.get("decoder") or {}).get(
-        "type"
-    ) != "ByteLevel"
+    return (
+        model.get("type") == "BPE"
+        and bool(model.get("byte_fallback"))
+        and (tj.get("decoder") or {}).get("type") != "ByteLevel"
+    )
 
 
 def _hf_adds(tokenizer: Any) -> tuple[bool, bool]:
