@@ -257,7 +257,8 @@ def arch_for(hp: dict[str, Any], where: Path) -> Arch:
         if hf in arch.hf_archs:
             return arch
     raise UserError(
-        f"{where / 'config.json'}: architecture {hf!r} is not supported for GGUF export; supported: {', '.join(SUPPORTED)}"
+        f"{where / 'config.json'}: architecture {hf!r} is not supported for GGUF export; "
+        f"supported: {', '.join(SUPPORTED)}"
     )
 
 

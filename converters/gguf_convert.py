@@ -17,9 +17,9 @@ from typing import Any, BinaryIO
 import gguf
 import numpy as np
 import torch
+from exporter.converters import gguf_arch, gguf_vocab
 from safetensors import safe_open
 
-from exporter.converters import gguf_arch, gguf_vocab
 from exporter.errors import UserError
 
 T = gguf.GGMLQuantizationType
@@ -219,7 +219,7 @@ def convert(
     for spec in specs_all:
         single = len(spec.shape) < 2 or spec.shape[0] <= _rows_per_chunk(spec.shape)
         cached = list(iter_f32(src, spec)) if single else None  # small tensors: convert once for every output
-        for rec, w, types in writers:
+        for _rec, w, types in writers:
             blocks = (lambda c=cached: iter(c)) if cached is not None else (lambda s=spec: iter_f32(src, s))
             stream = _Stream(blocks, types[spec.name], _nbytes(spec.shape, types[spec.name]), tick)
             w.write_tensor_data(stream, tensor_endianess=gguf.GGUFEndian.LITTLE)  # type: ignore[arg-type]
