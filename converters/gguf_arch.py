@@ -182,6 +182,10 @@ def _gemma3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
         w.add_final_logit_softcapping(hp["final_logit_softcapping"])
     if hp.get("sliding_window_pattern") != 1:
         w.add_sliding_window(hp["sliding_window"])
+        if hp.get("layer_types"):
+            # which layers slide: without this llama.cpp assumes Gemma3's 5-local-1-global cycle from layer 0,
+            # wrong for any config whose layer_types differ from that cycle (llama.cpp's converter drops it)
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in hp["layer_types"]])
     w.add_head_count_kv(hp.get("num_key_value_heads", 4))
 
 
