@@ -177,6 +177,59 @@ def export(
     return result
 
 
+def export_adapter(
+    adapter_dir: Path,
+    base_dir: Path,
+    kinds: list[str],
+    tpl: Any,
+    out: Path,
+    ollama_name: str | None = None,
+    force: bool = False,
+    base_gguf: str | None = None,
+) -> GGUFResult:
+    """A PEFT LoRA adapter as a GGUF LoRA file plus a Modelfile `FROM <base>` + `ADAPTER ./<file>.gguf`."""
+    from exporter import manifest
+    from exporter.converters.gguf_lora import LORA_KINDS, convert_lora
+    from exporter.converters.modelfile import ModelfileSpec, render
+
+    if len(kinds) != 1 or kinds[0] not in LORA_KINDS:
+        raise UserError(f"with --adapter, --type is one of {', '.join(LORA_KINDS)} (the LoRA matrices' type)")
+    kind = kinds[0]
+    check_target(out, force)
+    stem = _safe_name(adapter_dir.name)
+    name = ollama_name or stem.lower()
+    base_from = base_gguf or str(base_dir.resolve())
+    result = GGUFResult(out)
+    with atomic_dir(out, force) as tmp:
+        path = tmp / f"{stem}-lora-{kind}.gguf"
+        ranks = convert_lora(adapter_dir, base_dir, path, kind)
+        header = modelfile_header(kind, f"{adapter_dir} on {base_dir}", tpl, name, path.name)
+        header[-1] = (
+            f"create with: ollama create {name} -f Modelfile (FROM must be the base model the adapter was trained on)"
+        )
+        text = render(
+            ModelfileSpec(
+                from_=base_from,
+                adapter=f"./{path.name}",
+                template=tpl.ollama,
+                stops=list(tpl.stop),
+                system=tpl.default_system,
+                header=header,
+            )
+        )
+        (tmp / "Modelfile").write_text(text, encoding="utf-8")
+        manifest.write(
+            tmp,
+            "gguf",
+            inputs={"adapter": adapter_dir, "base": base_dir},
+            settings={"mode": "adapter", "type": kind, "template": tpl.name, "lora_tensors": len(ranks)},
+        )
+    result.files[kind] = out / path.name
+    result.modelfiles[kind] = out / "Modelfile"
+    result.commands.append(f"ollama create {name} -f {out / 'Modelfile'}")
+    return result
+
+
 def run(
     model: str | Path,
     types: str | Sequence[str] = "f16",
@@ -190,12 +243,23 @@ def run(
     """The `exporter gguf` stage: convert a model (or, with `adapter`, a LoRA adapter) and print how to import it."""
     from exporter import hub, templates
 
-    if adapter is not None:
-        from exporter.gguf_adapter import export_adapter
+    from exporter.converters.gguf_arch import arch_for, load_hparams
 
-        return export_adapter(Path(adapter), model, out, ollama_name, template, force, base_gguf)
     kinds = parse_types(types)
     model_dir = hub.resolve(model, "model")
+    arch_for(load_hparams(model_dir), model_dir)  # an unsupported architecture is the first thing to report
+    if adapter is not None:
+        adapter_dir = hub.resolve(adapter, "adapter")
+        has_template = (adapter_dir / "chat_template.jinja").is_file() or "chat_template" in (
+            (adapter_dir / "tokenizer_config.json").read_text(encoding="utf-8")
+            if (adapter_dir / "tokenizer_config.json").is_file()
+            else ""
+        )
+        tpl = templates.resolve(adapter_dir if has_template else model_dir, template)
+        out = Path(out) if out is not None else adapter_dir.parent / f"{adapter_dir.name}-gguf"
+        result = export_adapter(adapter_dir, model_dir, kinds, tpl, out, ollama_name, force, base_gguf)
+        _report(result)
+        return result
     tpl = templates.resolve(model_dir, template)
     out = Path(out) if out is not None else model_dir.parent / f"{model_dir.name}-gguf"
     result = export(model_dir, kinds, tpl, out, ollama_name, force, source_label=str(model))

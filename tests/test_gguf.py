@@ -365,3 +365,89 @@ def test_bad_type_and_existing_output_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="did you mean 'q8_0'"):
         parse_types("f16,q8")
     assert parse_types("F16, q8_0,f16") == ["f16", "q8_0"]
+
+
+@pytest.mark.parametrize(
+    ("family", "targets"),
+    [
+        ("llama3", ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+        ("phi3", ["qkv_proj", "o_proj", "gate_up_proj"]),
+    ],
+)
+def test_gguf_lora_matches_peft_merge(family, targets, tiny_model, converted, tmp_path):
+    """Base f32 GGUF + our GGUF LoRA in llama.cpp == PEFT merge_and_unload in transformers (rsLoRA included)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from exporter.gguf import export_adapter
+
+    model = tiny_model(family)
+    out, tpl = converted(family)
+    hf = _hf_model(model)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, use_rslora=True)
+    peft_model = get_peft_model(hf, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.5)  # a visible but moderate change of the logits
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    merged = peft_model.merge_and_unload().eval()
+
+    res = export_adapter(adapter, model, ["f32"], tpl, tmp_path / "lora-gguf")
+    mf = (tmp_path / "lora-gguf" / "Modelfile").read_text(encoding="utf-8")
+    assert f"ADAPTER ./{res.files['f32'].name}" in mf and f"FROM {model.resolve()}" in mf
+
+    base = _llama(_gguf(out, "f32"), n_ctx=64, logits_all=True, n_threads=2)
+    llm = _llama(_gguf(out, "f32"), n_ctx=64, logits_all=True, n_threads=2, lora_path=str(res.files["f32"]))
+    for ids in _probe_ids(model):
+        with torch.no_grad():
+            want = merged(torch.tensor([ids])).logits[0].numpy()
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        base.reset()
+        base.eval(ids)
+        base_logits = np.array(base.scores[: len(ids)], dtype=np.float32)
+        change = float(np.abs(want - base_logits).max())
+        diff = float(np.abs(got - want).max())
+        assert change > 0.1, f"{family}: the adapter barely changes the logits ({change}); test would prove nothing"
+        assert diff < 2e-3 * max(1.0, float(np.abs(want).max())), f"{family}: LoRA logits differ by {diff}"
+
+
+def test_cli_writes_files_and_prints_ollama_commands(tiny_model, tmp_path):
+    """`exporter gguf` end to end: files, Modelfiles, manifest, printed `ollama create` lines; bad input exits 2."""
+    import shutil
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    model = tiny_model("qwen3")
+    out = tmp_path / "g"
+    cmd = [sys.executable, "-m", "exporter", "gguf", str(model), "--type", "q8_0,f16", "--out", str(out)]
+    r = subprocess.run([*cmd, "--template", "qwen3", "--ollama-name", "tiny"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"ollama create tiny:q8_0 -f {out / 'Modelfile.q8_0'}" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "Modelfile.f16",
+            "Modelfile.q8_0",
+            "exporter_manifest.json",
+            f"{model.name}-f16.gguf",
+            f"{model.name}-q8_0.gguf",
+        ]
+    )
+    r = subprocess.run([*cmd, "--template", "qwen3"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+
+    bad = Path(shutil.copytree(model, tmp_path / "bad"))
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = subprocess.run(
+        [sys.executable, "-m", "exporter", "gguf", str(bad), "--template", "qwen3"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 2 and "GPT2LMHeadModel" in r.stderr and "Qwen3ForCausalLM" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "bad-gguf").exists()
