@@ -242,7 +242,6 @@ def run(
 ) -> GGUFResult:
     """The `exporter gguf` stage: convert a model (or, with `adapter`, a LoRA adapter) and print how to import it."""
     from exporter import hub, templates
-
     from exporter.converters.gguf_arch import arch_for, load_hparams
 
     kinds = parse_types(types)
