@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,7 @@ from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
-import torch
 from exporter.converters import gguf_arch, gguf_vocab
-from safetensors import safe_open
 
 from exporter.errors import UserError
 
@@ -47,13 +47,21 @@ class Written:
     fallbacks: list[str] = field(default_factory=list)
 
 
+_DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
+
+
 @dataclass
 class Source:
-    """Memory-mapped safetensors of a model dir: name -> (file, shape)."""
+    """Safetensors weights of a model dir, read by explicit `pread` of row ranges.
+
+    No mmap: pages of a mapped file count towards the process's resident memory once touched, so a memory-mapped
+    pass over a model grows RSS to the model size; reading row blocks keeps it at one block.
+    """
 
     files: dict[str, Path]
     shapes: dict[str, tuple[int, ...]]
-    _open: dict[Path, Any] = field(default_factory=dict)
+    entries: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (dtype, absolute data offset)
+    _fds: dict[Path, int] = field(default_factory=dict)
 
     @classmethod
     def open(cls, model_dir: Path) -> Source:
@@ -70,16 +78,37 @@ class Source:
             path = model_dir / part
             if not path.is_file():
                 raise UserError(f"{path}: listed in model.safetensors.index.json but missing")
-            f = safe_open(str(path), framework="pt")
-            src._open[path] = f
-            for name in f.keys():
+            fd = os.open(path, os.O_RDONLY)
+            src._fds[path] = fd
+            try:
+                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                header = json.loads(os.pread(fd, n, 8))
+            except (struct.error, ValueError) as e:
+                raise UserError(f"{path}: not a safetensors file ({e})") from None
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _DTYPES:
+                    raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}; expected BF16, F16 or F32")
                 src.files[name] = path
-                src.shapes[name] = tuple(f.get_slice(name).get_shape())
+                src.shapes[name] = tuple(info["shape"])
+                src.entries[name] = (info["dtype"], 8 + n + info["data_offsets"][0])
         return src
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        sl = self._open[self.files[name]].get_slice(name)
-        return sl[start:stop] if len(self.shapes[name]) > 0 else sl[:]
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor (all of a 0/1-D tensor) as float32."""
+        dtype, offset = self.entries[name]
+        np_type, size = _DTYPES[dtype]
+        shape = self.shapes[name]
+        if len(shape) < 2:
+            start, stop, row = 0, 1, int(np.prod(shape, dtype=np.int64))
+        else:
+            row = int(np.prod(shape[1:], dtype=np.int64))
+        count = (stop - start) * row
+        buf = os.pread(self._fds[self.files[name]], count * size, offset + start * row * size)
+        raw = np.frombuffer(buf, dtype=np_type, count=count)
+        out = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
+        return out.reshape((stop - start, *shape[1:]) if len(shape) >= 2 else shape)
 
 
 def _rows_per_chunk(shape: tuple[int, ...]) -> int:
@@ -95,7 +124,7 @@ def iter_f32(src: Source, spec: gguf_arch.TensorSpec) -> Iterator[np.ndarray]:
     assert spec.source is not None
     shape = spec.shape
     if len(shape) < 2:
-        t = src.rows(spec.source, 0, shape[0] if shape else 1).to(torch.float32).numpy()
+        t = src.rows(spec.source, 0, 1)
         yield t + np.float32(spec.add) if spec.add else t
         return
     n_rows, step = shape[0], _rows_per_chunk(shape)
@@ -104,8 +133,7 @@ def iter_f32(src: Source, spec: gguf_arch.TensorSpec) -> Iterator[np.ndarray]:
     full = None if contiguous else src.rows(spec.source, 0, src.shapes[spec.source][0])
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        block = src.rows(spec.source, r0, r1) if full is None else full[torch.from_numpy(idx[r0:r1])]
-        out = block.to(torch.float32).numpy()
+        out = src.rows(spec.source, r0, r1) if full is None else full[idx[r0:r1]]
         yield out + np.float32(spec.add) if spec.add else out
 
 
