@@ -189,11 +189,25 @@ def _spm_model_vocab(model_dir: Path, vocab_size: int, fixed_added_types: bool) 
     return Vocab("llama", "default", tokens, types, scores)
 
 
-def _spm_json_vocab(model_dir: Path) -> Vocab:
-    """SentencePiece-style BPE (byte fallback, ▁ spaces) that only ships tokenizer.json."""
+def _spm_json_vocab(model_dir: Path, tokenizer_json: dict) -> Vocab:
+    """SentencePiece-style BPE (byte fallback, ▁ spaces) that only ships tokenizer.json.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose merged piece has the highest score; HF's BPE
+    merges the pair of lowest merge rank. Scoring each piece -rank of the merge that makes it gives the same
+    tokenization (gguf-py's LlamaHfVocab gives every piece the same score, which tokenizes differently).
+    """
     hf = gguf.LlamaHfVocab(model_dir)
+    merges = tokenizer_json.get("model", {}).get("merges") or []
+    rank: dict[str, int] = {}
+    for i, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, i)
+    unmerged = -float(len(merges) + 1)
     tokens, scores, types = [], [], []
     for text, score, ttype in hf.all_tokens():
+        piece = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        if ttype == gguf.TokenType.NORMAL:
+            score = -float(rank[piece]) if piece in rank else (0.0 if len(piece) == 1 else unmerged)
         tokens.append(text)
         scores.append(score)
         types.append(int(ttype))
@@ -232,7 +246,7 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens:
     if has_spm_model and arch_name in ("llama", "gemma3", "phi3", "qwen2", "qwen3"):
         vocab = _spm_model_vocab(model_dir, vocab_size, fixed_added_types=arch_name == "phi3")
     elif tj and _is_spm_json(tj):
-        vocab = _spm_json_vocab(model_dir)
+        vocab = _spm_json_vocab(model_dir, tj)
     elif tj:
         vocab = _bpe_vocab(model_dir, vocab_size, tokenizer)
     else:
