@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,7 +33,7 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
-CHUNK_BYTES = 64 << 20  # f32 bytes per block of rows
+CHUNK_BYTES = 32 << 20  # f32 bytes per block of rows
 
 logging.getLogger("gguf").setLevel(logging.ERROR)  # duplicate-key notices are expected when an arch overrides
 logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
@@ -234,23 +236,31 @@ def convert(
     total = sum(_nbytes(s.shape, t[s.name]) for _, _, t in writers for s in specs_all)
     done = 0
 
+    lock = threading.Lock()
+
     def tick(n: int) -> None:
         nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
+        with lock:
+            done += n
+            if progress:
+                progress(done, total)
 
     for rec, w, _ in writers:
         w.write_header_to_file(path=rec.path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-    for spec in specs_all:
-        single = len(spec.shape) < 2 or spec.shape[0] <= _rows_per_chunk(spec.shape)
-        cached = list(iter_f32(src, spec)) if single else None  # small tensors: convert once for every output
-        for _rec, w, types in writers:
-            blocks = (lambda c=cached: iter(c)) if cached is not None else (lambda s=spec: iter_f32(src, s))
-            stream = _Stream(blocks, types[spec.name], _nbytes(spec.shape, types[spec.name]), tick)
-            w.write_tensor_data(stream, tensor_endianess=gguf.GGUFEndian.LITTLE)  # type: ignore[arg-type]
+    # one thread per output file: numpy's quantization releases the GIL, so the outputs convert in parallel
+    with ThreadPoolExecutor(max_workers=len(writers)) as pool:
+        for spec in specs_all:
+            single = len(spec.shape) < 2 or spec.shape[0] <= _rows_per_chunk(spec.shape)
+            cached = list(iter_f32(src, spec)) if single else None  # small tensors: convert once for all outputs
+            jobs = []
+            for _rec, w, types in writers:
+                blocks = (lambda c=cached: iter(c)) if cached is not None else (lambda s=spec: iter_f32(src, s))
+                stream = _Stream(blocks, types[spec.name], _nbytes(spec.shape, types[spec.name]), tick)
+                jobs.append(pool.submit(w.write_tensor_data, stream, tensor_endianess=gguf.GGUFEndian.LITTLE))
+            for job in jobs:
+                job.result()
     for _, w, _ in writers:
         w.close()
     return [rec for rec, _, _ in writers], vocab

@@ -453,3 +453,22 @@ def test_cli_writes_files_and_prints_ollama_commands(tiny_model, tmp_path):
     )
     assert r.returncode == 2 and "GPT2LMHeadModel" in r.stderr and "Qwen3ForCausalLM" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "bad-gguf").exists()
+
+
+def test_sharded_input_gives_the_same_file(tiny_model, converted, tmp_path):
+    """A model saved in many shards (with model.safetensors.index.json) converts to the same tensors."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    from exporter.gguf import export
+
+    model = tiny_model("qwen2")
+    out, tpl = converted("qwen2")
+    sharded = Path(shutil.copytree(model, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors")))
+    _hf_model(model).to(dtype=__import__("torch").bfloat16).save_pretrained(sharded, max_shard_size="300KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 3 and (sharded / "model.safetensors.index.json").is_file()
+    res = export(sharded, ["f16"], tpl, tmp_path / "out")
+    got = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(res.files["f16"]).tensors}
+    want = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(_gguf(out, "f16")).tensors}
+    assert got == want
