@@ -82,8 +82,16 @@ def main() -> int:
         if not (model / "config.json").is_file():
             print(f"building the bench model in {model} ...", flush=True)
             subprocess.run(
-                [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "llama2", str(model), "--size", "bench",
-                 "--force"], check=True,
+                [
+                    sys.executable,
+                    str(ROOT / "scripts" / "make_tiny_model.py"),
+                    "llama2",
+                    str(model),
+                    "--size",
+                    "bench",
+                    "--force",
+                ],
+                check=True,
             )
     size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     print(f"model: {model} ({size / 2**30:.2f} GiB safetensors, {len(list(model.glob('*.safetensors')))} shards)")
@@ -93,20 +101,37 @@ def main() -> int:
     out_peer.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(src) / "vendor" / "llama.cpp" / "gguf-py")}
 
-    ours = measure([sys.executable, "-m", "exporter", "gguf", str(model), "--type", "f16,q8_0", "--out",
-                    str(out_ours), "--template", args.template])
+    ours = measure(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "gguf",
+            str(model),
+            "--type",
+            "f16,q8_0",
+            "--out",
+            str(out_ours),
+            "--template",
+            args.template,
+        ]
+    )
     peer = {}
     for t in ("f16", "q8_0"):
-        peer[t] = measure([sys.executable, str(convert), str(model), "--outtype", t, "--outfile",
-                           str(out_peer / f"peer-{t}.gguf")], env=env)
+        peer[t] = measure(
+            [sys.executable, str(convert), str(model), "--outtype", t, "--outfile", str(out_peer / f"peer-{t}.gguf")],
+            env=env,
+        )
     peer_wall = sum(r["wall"] for r in peer.values())
     peer_rss = max(r["rss"] for r in peer.values())
     print("\nf16 + q8_0 from the HF model")
     print(_row("ours: exporter gguf --type f16,q8_0 (1 process)", ours))
     for t, r in peer.items():
         print(_row(f"llama.cpp convert_hf_to_gguf.py --outtype {t}", r))
-    print(f"  ratio ours/llama.cpp: time {ours['wall'] / peer_wall:.2f}x (target <= 0.5x), "
-          f"peak RSS {ours['rss'] / peer_rss:.2f}x (target <= 0.5x)")
+    print(
+        f"  ratio ours/llama.cpp: time {ours['wall'] / peer_wall:.2f}x (target <= 0.5x), "
+        f"peak RSS {ours['rss'] / peer_rss:.2f}x (target <= 0.5x)"
+    )
 
     (f16,) = out_ours.glob("*-f16.gguf")
     kq_ours = measure([sys.executable, "-c", _OURS_KQUANT, str(f16), str(args.work / "ours-q4_k_m.gguf")])
@@ -114,8 +139,10 @@ def main() -> int:
     print("\nq4_k_m from the same f16 GGUF (both are libllama's llama_model_quantize)")
     print(_row("ours: exporter.converters.gguf_kquant.quantize", kq_ours))
     print(_row("peer: llama_model_quantize (llama-quantize's code)", kq_peer))
-    print(f"  ratio ours/peer: time {kq_ours['wall'] / kq_peer['wall']:.2f}x, "
-          f"peak RSS {kq_ours['rss'] / kq_peer['rss']:.2f}x")
+    print(
+        f"  ratio ours/peer: time {kq_ours['wall'] / kq_peer['wall']:.2f}x, "
+        f"peak RSS {kq_ours['rss'] / kq_peer['rss']:.2f}x"
+    )
     return 0
 
 
