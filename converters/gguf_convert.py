@@ -109,7 +109,12 @@ class Source:
         count = (stop - start) * row
         buf = os.pread(self._fds[self.files[name]], count * size, offset + start * row * size)
         raw = np.frombuffer(buf, dtype=np_type, count=count)
-        out = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
+        if dtype == "BF16":  # bf16 is the top half of an f32: widen into a preallocated buffer in one pass
+            out = np.zeros(count, dtype=np.uint32)
+            out.view(np.uint16)[1::2] = raw  # little-endian: high half-word
+            out = out.view(np.float32)
+        else:
+            out = raw.astype(np.float32)
         return out.reshape((stop - start, *shape[1:]) if len(shape) >= 2 else shape)
 
 

@@ -261,7 +261,7 @@ def test_kquants_load_and_give_sane_logits(tiny_model, tmp_path):
     require_llama_cpp()
     model = tiny_model("llama3")
     tpl = templates.resolve(model, TEMPLATE_OF["llama3"])
-    kinds = ["f32", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+    kinds = ["f32", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
     res = export(model, kinds, tpl, tmp_path / "out")
     assert not list((tmp_path / "out").glob(".*for-kquant*")), "temporary f16 left behind"
     ids = _probe_ids(model)[0]
@@ -273,7 +273,7 @@ def test_kquants_load_and_give_sane_logits(tiny_model, tmp_path):
     ref = logits["f32"]
     for kind in kinds[1:]:
         corr = float(np.corrcoef(ref.ravel(), logits[kind].ravel())[0, 1])
-        assert corr > (0.99 if kind in ("q8_0", "q6_k") else 0.9), f"{kind}: logits correlation {corr}"
+        assert corr > (0.99 if kind in ("bf16", "q8_0", "q6_k") else 0.9), f"{kind}: logits correlation {corr}"
     from gguf import GGUFReader
 
     types = {t.name: t.tensor_type.name for t in GGUFReader(res.files["q4_k_m"]).tensors}
