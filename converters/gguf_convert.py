@@ -162,6 +162,24 @@ def _nbytes(shape: tuple[int, ...], qtype: T) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
+_ROW_QUANTS = {T.Q8_0: gguf.quants.Q8_0, T.Q4_0: gguf.quants.Q4_0, T.BF16: gguf.quants.BF16}
+_SLICE_ELEMS = 1 << 20
+
+
+def quantize(block: np.ndarray, qtype: T) -> np.ndarray:
+    """Same bytes as `gguf.quants.quantize`, faster: f16 through torch's vectorised cast (IEEE round-to-nearest-even
+    like numpy's), block quants over ~1M-element row slices instead of gguf-py's 16-row groups."""
+    if qtype == T.F16 and block.size >= _SLICE_ELEMS:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(block)).half().numpy()
+    if qtype in _ROW_QUANTS and block.ndim == 2 and block.size >= _SLICE_ELEMS:
+        step = max(1, _SLICE_ELEMS // block.shape[1])
+        quant = _ROW_QUANTS[qtype]
+        return np.concatenate([quant.quantize_rows(block[r : r + step]) for r in range(0, block.shape[0], step)])
+    return gguf.quants.quantize(block, qtype)
+
+
 class _Stream:
     """Array-like that GGUFWriter.write_tensor_data writes by calling `tofile`: converts block by block."""
 
@@ -171,7 +189,7 @@ class _Stream:
     def tofile(self, fout: BinaryIO) -> None:
         written = 0
         for block in self.blocks():
-            data = gguf.quants.quantize(block, self.qtype)
+            data = quantize(block, self.qtype)
             data.tofile(fout)
             written += data.nbytes
             self.tick(data.nbytes)
