@@ -472,3 +472,23 @@ def test_sharded_input_gives_the_same_file(tiny_model, converted, tmp_path):
     got = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(res.files["f16"]).tensors}
     want = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(_gguf(out, "f16")).tensors}
     assert got == want
+
+
+def test_fast_quantize_gives_gguf_py_bytes():
+    """Our vectorised f16 / block-quant paths write exactly what gguf-py's reference quantizer writes."""
+    import gguf
+
+    from exporter.converters.gguf_convert import quantize
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1536, 1024)) * 0.05).astype(np.float32)
+    x[3, :64] = 0.0  # an all-zero block
+    x[5, 7], x[6, 8] = 1e-8, 7e4  # f16 subnormal underflow and overflow
+    for qtype in (
+        gguf.GGMLQuantizationType.F16,
+        gguf.GGMLQuantizationType.BF16,
+        gguf.GGMLQuantizationType.Q8_0,
+        gguf.GGMLQuantizationType.Q4_0,
+    ):
+        with np.errstate(over="ignore"):
+            assert quantize(x, qtype).tobytes() == gguf.quants.quantize(x, qtype).tobytes(), qtype.name
