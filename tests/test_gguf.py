@@ -477,7 +477,6 @@ def test_sharded_input_gives_the_same_file(tiny_model, converted, tmp_path):
 def test_fast_quantize_gives_gguf_py_bytes():
     """Our vectorised f16 / block-quant paths write exactly what gguf-py's reference quantizer writes."""
     import gguf
-
     from exporter.converters.gguf_convert import quantize
 
     rng = np.random.default_rng(0)
