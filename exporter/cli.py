@@ -38,6 +38,29 @@ def _root(
 # ---- stage commands are registered below, one block each ----
 
 
+# quantize (exporter/quantize.py)
+@app.command("quantize")
+def _quantize(
+    model: str = typer.Argument(..., help="HF model dir (or hub id) to quantize, e.g. the output of `merge`."),
+    method: str = typer.Option(..., "--method", help="gptq | awq (gptqmodel) | bnb4 | bnb8 (bitsandbytes)."),
+    out: str = typer.Option(..., "--out", help="Output dir (written atomically)."),
+    bits: int | None = typer.Option(None, "--bits", help="4 or 8 (gptq); awq/bnb4: 4; bnb8: 8."),
+    group_size: int | None = typer.Option(None, "--group-size", help="GPTQ/AWQ group size (default 128; -1: per row)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Calibration dataset name(s) from dataset_info.json."),
+    dataset_dir: str | None = typer.Option(None, "--dataset-dir", help="Dir holding dataset_info.json (default data)."),
+    template: str | None = typer.Option(None, "--template", help="Chat template family (default: detected)."),
+    samples: int = typer.Option(128, "--samples", help="Calibration blocks (at most)."),
+    max_length: int = typer.Option(512, "--max-length", help="Tokens per calibration block."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration order and quantization."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output dir."),
+) -> None:
+    """Quantize an HF model to GPTQ, AWQ or bitsandbytes nf4/int8, calibrated on your data through its chat template."""
+    from exporter.quantize import QuantizeOptions, quantize
+
+    quantize(QuantizeOptions(model, method, out, bits, group_size, dataset, dataset_dir, template, samples, max_length,
+                             seed, force))  # fmt: skip
+
+
 # ---- template: chat-template families (exporter/templates.py) ----
 template_app = typer.Typer(
     help="Chat-template families: list, show, detect, render.", no_args_is_help=True, add_completion=False
@@ -109,6 +132,43 @@ def _template_render(
     else:
         sys.stdout.write("".join(part for part, _ in segments))
     sys.stdout.flush()
+
+
+# ---- train: fine-tuning (exporter/train.py) ----
+@app.command(
+    "train",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Fine-tune (LoRA or full; stages sft, pt): exporter train CONFIG.yaml \\[key=value ...], or LLaMA-Factory "
+    "flags: exporter train --stage sft --do_train --model_name_or_path M --dataset a,b --output_dir OUT ...",
+)
+def train_cmd(ctx: typer.Context) -> None:
+    from exporter import train
+
+    if not ctx.args:
+        raise UserError("exporter train: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
+    train.main(list(ctx.args))
+
+
+# ---- merge ----
+@app.command("merge")
+def _merge(
+    base: str = typer.Option(..., "--base", help="Base model: local HF dir or hub id."),
+    adapter: list[str] = typer.Option(..., "--adapter", help="PEFT LoRA adapter dir or hub id; repeat to stack."),
+    weight: list[float] = typer.Option(
+        None, "--weight", help="Scale of each adapter's change, one per --adapter in order (default 1)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory (refused if it exists, unless --force)."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: the base's)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard, e.g. 2GB, 500MB."),
+    template: str = typer.Option(None, "--template", help="Chat-template family to write (default: detected)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+) -> None:
+    """Merge LoRA adapters into a base model, streaming one tensor at a time (equals PEFT merge_and_unload)."""
+    from exporter.merge import merge
+
+    merge(
+        base, adapter, weight or None, out, dtype=dtype, max_shard_size=max_shard_size, force=force, template=template
+    )
 
 
 # ---- gguf: GGUF export + Ollama Modelfiles (exporter/gguf.py) ----

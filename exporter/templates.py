@@ -461,7 +461,11 @@ def render_segments(
     elif tpl.format.get("final_eos") == "always" or (
         tpl.format.get("final_eos") == "after_assistant" and messages[-1].get("role") == "assistant"
     ):
-        r.emit(r.eos, messages[-1].get("role") == "assistant")
+        # The closing eos is trained only when it is what ends the last answer (glm4); where the answer already
+        # ended with its own end-of-turn token (phi3's <|end|>) the eos after it is context, not a target.
+        answer = tpl.format.get("assistant", ["", ""])[1]
+        ended = any(answer.endswith(t) for t in tpl.eot_tokens if t and "{" not in t)
+        r.emit(r.eos, messages[-1].get("role") == "assistant" and not ended)
     if tpl.format.get("trained_next"):
         return _train_next(r.out, tpl.format["trained_next"])
     return r.out

@@ -370,8 +370,8 @@ def _expected_answers(family: str, conv: list[dict], tok) -> list[str]:
         if family == "glm4":  # answers end when the model emits the next role token; the last one with eos
             eot = "<|user|>" if k < len(answers) - 1 else tok.eos_token
         out.append(content + eot)
-    if family == "phi3":
-        out.append(tok.eos_token)  # the published template closes a finished conversation with eos
+    # phi3's published template closes a finished conversation with eos after <|end|>: context, not a target
+    # (the answer already ended with <|end|>), so it is not among the trained runs.
     return out
 
 

@@ -1,0 +1,329 @@
+"""`exporter quantize`: GPTQ / AWQ (gptqmodel) and bitsandbytes nf4 / int8 checkpoints that plain transformers loads.
+
+GPTQ and AWQ are calibrated on the user's data rendered through the model's chat template (`exporter.calibration`);
+bitsandbytes quantizes at load time and needs no calibration. Every output dir is complete: weights with their
+quantization config, the tokenizer with the chat template, `generation_config.json` whose `eos_token_id` holds the
+end-of-turn tokens, and `exporter_manifest.json`; it is written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from exporter.errors import UserError
+
+METHODS = ("gptq", "awq", "bnb4", "bnb8")
+BITS = {"gptq": (4, 8), "awq": (4,), "bnb4": (4,), "bnb8": (8,)}
+# group sizes gptqmodel 7.6's kernels accept (TorchQuantLinear for GPTQ, AwqTorchQuantLinear for AWQ)
+GROUP_SIZES = {"gptq": (-1, 16, 32, 64, 128, 256, 512, 1024), "awq": (-1, 16, 32, 64, 128)}
+AWQ_OUT_MULTIPLE = 8  # AWQ packs 8 output columns into one int32
+EXTRA_HINT = "pip install 'exporter[quant]'"
+# (method, model_type) pairs gptqmodel 7.6.0 has a definition for but fails on (measured on the tiny fixtures)
+BROKEN = {
+    ("awq", "phi3"): "gptqmodel 7.6.0's AWQ builds no scaling groups for Phi-3's fused qkv_proj/gate_up_proj and "
+    "then fails while packing (KeyError 'q_zeros')",
+    ("gptq", "phi3"): "gptqmodel 7.6.0 writes a corrupt g_idx for Phi-3's fused gate_up_proj, so the output fails "
+    "to load (IndexError in its TorchAtenLinear kernel)",
+}
+_console = Console(stderr=True)
+
+
+@dataclasses.dataclass
+class QuantizeOptions:
+    """What `exporter quantize` takes (CLI flags and the pipeline's `quantize:` block)."""
+
+    model: str
+    method: str
+    out: str
+    bits: int | None = None
+    group_size: int | None = None
+    dataset: str | None = None
+    dataset_dir: str | None = None
+    template: str | None = None
+    samples: int = 128
+    max_length: int = 512
+    seed: int = 0
+    force: bool = False
+
+
+def _check_options(o: QuantizeOptions) -> tuple[int, int | None]:
+    """Validate the flag combination; returns (bits, group_size) with defaults applied."""
+    from exporter.config import did_you_mean
+
+    if o.method not in METHODS:
+        raise UserError(f"unknown --method {o.method!r}{did_you_mean(o.method, METHODS)}; choose one of {METHODS}")
+    bits = o.bits if o.bits is not None else BITS[o.method][0]
+    if bits not in BITS[o.method]:
+        hint = {"awq": "; AWQ is 4-bit only: use --method gptq --bits 8 or bnb8 for 8 bits"}.get(o.method, "")
+        raise UserError(f"--bits {bits} is not supported by --method {o.method} (supported: {BITS[o.method]}){hint}")
+    if o.method.startswith("bnb"):
+        given = [f for f, v in (("--group-size", o.group_size), ("--dataset", o.dataset),
+                                ("--dataset-dir", o.dataset_dir)) if v is not None]  # fmt: skip
+        if given:
+            raise UserError(
+                f"{', '.join(given)} do nothing with --method {o.method}: bitsandbytes quantizes at load time "
+                f"without calibration and with its fixed block size; drop them or use --method gptq/awq"
+            )
+        return bits, None
+    group = o.group_size if o.group_size is not None else 128
+    if group not in GROUP_SIZES[o.method]:
+        raise UserError(
+            f"--group-size {group} is not supported for {o.method} by gptqmodel's kernels; "
+            f"use one of {GROUP_SIZES[o.method]} (-1 = one group per row)"
+        )
+    return bits, group
+
+
+def _require(method: str) -> None:
+    """The optional `[quant]` extra must be installed for this method."""
+    needed = ["bitsandbytes"] if method.startswith("bnb") else ["gptqmodel", "optimum"]
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--method {method} needs {', '.join(missing)}, not installed: {EXTRA_HINT}")
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """`(out_features, in_features)` of every 2-D weight inside the decoder layers, from the safetensors headers."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir}: no *.safetensors weights (convert .bin checkpoints with save_pretrained)")
+    shapes: dict[str, tuple[int, int]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                if not name.endswith(".weight") or not re.search(r"\.layers\.\d+\.", name):
+                    continue
+                shape = sf.get_slice(name).get_shape()
+                if len(shape) == 2:
+                    shapes[name[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+    if not shapes:
+        raise UserError(f"{model_dir}: found no linear layers under '*.layers.N.*' to quantize")
+    return shapes
+
+
+def check_shapes(shapes: dict[str, tuple[int, int]], method: str, group: int) -> None:
+    """Every quantized layer's in_features must split into whole groups (AWQ: out_features into packs of 8)."""
+    if method == "awq":
+        for name, (out_f, _) in sorted(shapes.items()):
+            if out_f % AWQ_OUT_MULTIPLE:
+                raise UserError(
+                    f"layer {name}: out_features {out_f} is not a multiple of {AWQ_OUT_MULTIPLE}, which AWQ packing "
+                    f"needs; use --method gptq or bnb4 for this model"
+                )
+    if group <= 0:
+        return
+    for name, (_, in_f) in sorted(shapes.items()):
+        if in_f % group:
+            ok = [g for g in GROUP_SIZES[method] if g == -1 or all(i % g == 0 for _, i in shapes.values())]
+            raise UserError(
+                f"layer {name}: in_features {in_f} is not divisible by --group-size {group}; "
+                f"group sizes that divide every layer of this model: {', '.join(map(str, ok))}"
+            )
+
+
+def _check_architecture(cfg: dict[str, Any], method: str, model_dir: Path) -> None:
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise UserError(f"{model_dir / 'config.json'}: no model_type")
+    if method.startswith("bnb"):
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            raise UserError(f"model_type {model_type!r} ({model_dir}) is not known to this transformers version")
+        return
+    if (method, model_type) in BROKEN:
+        raise UserError(
+            f"--method {method} cannot quantize model_type {model_type!r}: {BROKEN[method, model_type]}; "
+            f"use {' or '.join(m for m in METHODS if (m, model_type) not in BROKEN)}"
+        )
+    from gptqmodel.models.auto import MODEL_MAP
+
+    if model_type not in MODEL_MAP:
+        from exporter.config import did_you_mean
+
+        raise UserError(
+            f"model_type {model_type!r} ({model_dir / 'config.json'}) is not among the {len(MODEL_MAP)} architectures "
+            f"gptqmodel supports{did_you_mean(model_type, MODEL_MAP)}, so --method {method} cannot quantize it; "
+            f"--method bnb4 or bnb8 works for any model transformers loads"
+        )
+
+
+def _import_gptqmodel() -> Any:
+    """Import gptqmodel with a CPU worker pool that works on small machines (its default of 1 fails on 2 cores)."""
+    if "GPTQMODEL_CPU_WORKERS" not in os.environ:
+        os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, min(12, ((os.cpu_count() or 2) + 1) // 2)))
+    import gptqmodel
+
+    return gptqmodel
+
+
+def _rotary_needs_layer_type(hf_model: Any) -> bool:
+    """Whether the model's rotary embedding takes a required `layer_type` argument (per-layer-type RoPE)."""
+    import inspect
+
+    for name, mod in hf_model.named_modules():
+        if name.endswith("rotary_emb"):
+            p = inspect.signature(mod.forward).parameters.get("layer_type")
+            return p is not None and p.default is inspect.Parameter.empty
+    return False
+
+
+def _run_gptqmodel(model_dir: Path, tmp: Path, method: str, bits: int, group: int, blocks: list[list[int]]) -> str:
+    """Quantize with gptqmodel and save into `tmp`; returns the kernel backend used."""
+    import torch
+
+    gm = _import_gptqmodel()
+    cuda = torch.cuda.is_available()
+    if method == "gptq":
+        qc = gm.QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True)
+        backend = gm.BACKEND.AUTO
+    else:
+        qc = gm.AWQConfig(bits=bits, group_size=group)
+        # gptqmodel's default AWQ backend is a CUDA kernel ("AWQ: CUDA is not available" on CPU)
+        backend = gm.BACKEND.AUTO if cuda else gm.BACKEND.TORCH
+    calib = [{"input_ids": b, "attention_mask": [1] * len(b)} for b in blocks]
+    from gptqmodel.looper import loop_processor
+
+    with tempfile.TemporaryDirectory(prefix="exporter-gptqmodel-logs-") as logs:
+        # gptqmodel 7.6 writes per-run logs into ./logs of the current directory; keep the user's cwd clean
+        loop_processor._PROJECT_LOG_DIR = Path(logs)
+        model = gm.GPTQModel.load(str(model_dir), qc)
+        if method == "awq" and _rotary_needs_layer_type(model.model):
+            # gptqmodel 7.6's AWQ scale search recomputes RoPE without `layer_type` (Gemma 3: local/global RoPE) and
+            # fails; reuse the position embeddings captured from the real forward pass instead.
+            model.awq_preserve_explicit_position_embeddings = True
+        model.quantize(calib, backend=backend, calibration_data_min_length=1, calibration_sort="desc")
+        model.save(str(tmp))
+    return str(getattr(backend, "value", backend))
+
+
+def _run_bnb(model_dir: Path, tmp: Path, method: str, cfg: dict[str, Any]) -> str:
+    """Quantize at load with bitsandbytes and `save_pretrained` into `tmp`; returns the device used."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    src_dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    compute = getattr(torch, src_dtype) if src_dtype in ("float16", "bfloat16") else torch.bfloat16
+    if method == "bnb4":
+        qc = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+        )  # fmt: skip
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), quantization_config=qc, device_map=device, dtype=compute
+    )
+    model.save_pretrained(str(tmp))
+    return device
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+def _finish_dir(tmp: Path, model_dir: Path, tpl: Any) -> None:
+    """Source tokenizer files verbatim (no re-save drift) + chat template + end-of-turn eos ids; no calibration text."""
+    from exporter import templates
+
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        (tmp / name).unlink(missing_ok=True)  # the quantizer's re-saved copies
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, tmp / name)
+    templates.write_into(tmp, tpl)
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    qcfg = cfg.get("quantization_config")
+    if not isinstance(qcfg, dict):
+        raise RuntimeError(f"the quantizer wrote no quantization_config into {cfg_path}")
+    if qcfg.pop("dataset", None) is not None:  # transformers' GPTQConfig path would store the calibration text here
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def quantize(opts: QuantizeOptions) -> Path:
+    """Quantize the HF model `opts.model` with `opts.method` into `opts.out`; returns the output dir."""
+    from exporter import atomic, hub, manifest
+
+    bits, group = _check_options(opts)
+    _require(opts.method)
+    model_dir = hub.resolve(opts.model, "model")
+    out = Path(opts.out)
+    atomic.check_target(out, opts.force)
+    cfg = _read_config(model_dir)
+    shapes = linear_shapes(model_dir)
+    _check_architecture(cfg, opts.method, model_dir)
+    if group is not None:
+        check_shapes(shapes, opts.method, group)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.check_free_space(out.parent, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2)
+
+    from transformers import AutoTokenizer
+
+    from exporter import templates
+
+    tpl = templates.resolve(model_dir, opts.template)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    random.seed(opts.seed)
+    import torch
+
+    torch.manual_seed(opts.seed)
+    settings: dict[str, Any] = {"method": opts.method, "bits": bits, "template": tpl.name, "seed": opts.seed}
+    inputs: dict[str, Path | str] = {"model": model_dir}
+    cal = None
+    if group is not None:
+        from exporter import calibration
+
+        _console.print(f"[bold]calibration[/]: rendering through template {tpl.name!r}")
+        cal = calibration.build(
+            tokenizer, tpl, opts.dataset, opts.dataset_dir, opts.samples, opts.max_length, opts.seed
+        )
+        if len(cal.blocks) < opts.samples:
+            _console.print(
+                f"[yellow]calibration[/]: {cal.source} gives {len(cal.blocks)} blocks of up to {opts.max_length} "
+                f"tokens ({cal.tokens} tokens), fewer than --samples {opts.samples}; using all of them"
+            )
+        if cal.rejected:
+            _console.print(f"[yellow]calibration[/]: rows left out: {dict(cal.rejected)}")
+        settings.update(group_size=group, samples=opts.samples, max_length=opts.max_length,
+                        calibration=cal.describe())  # fmt: skip
+        if opts.dataset:
+            inputs["dataset_dir"] = Path(opts.dataset_dir or "data") / "dataset_info.json"
+    start = time.perf_counter()
+    with atomic.atomic_dir(out, opts.force) as tmp:
+        _console.print(f"[bold]quantize[/]: {opts.method} {bits}-bit {model_dir} -> {out}")
+        if cal is not None:
+            settings["backend"] = _run_gptqmodel(model_dir, tmp, opts.method, bits, group, cal.blocks)
+        else:
+            settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg)
+        _finish_dir(tmp, model_dir, tpl)
+        settings["seconds"] = round(time.perf_counter() - start, 2)
+        manifest.write(tmp, "quantize", inputs=inputs, settings=settings)
+    _console.print(f"[green]done[/]: {out} ({settings['seconds']} s)")
+    return out
