@@ -1,0 +1,308 @@
+"""Per-architecture GGUF mapping: HF config -> GGUF metadata, HF tensors -> GGUF tensor names, shapes and transforms.
+
+Details follow what llama.cpp's runtime expects for each architecture (learned from llama.cpp's converter, written
+here independently): Llama-family q/k rows are permuted for llama.cpp's RoPE layout, Gemma3 RMSNorm weights are
+stored with the +1 the HF module adds at run time, tied embeddings have no `output.weight`, Phi3 keeps its fused
+qkv and gate_up projections (llama.cpp splits them at load time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from exporter.errors import UserError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor: where it comes from and how it is reshaped on the way."""
+
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy (row-major) shape as written
+    source: str | None  # HF tensor name; None for generated tensors
+    row_index: np.ndarray | None = None  # output row r comes from source row row_index[r] (permutation / truncation)
+    add: float = 0.0  # constant added after conversion to f32 (Gemma norm +1)
+    data: np.ndarray | None = None  # generated tensors (rope factors)
+
+    @property
+    def is_weight_matrix(self) -> bool:
+        return len(self.shape) >= 2 and self.name.endswith(".weight") and not self.name.endswith("_norm.weight")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What differs between architectures."""
+
+    gguf_arch: gguf.MODEL_ARCH
+    hf_archs: tuple[str, ...]
+    permute_qk: bool = False
+    norm_add: float = 0.0
+    params: Callable[[dict[str, Any], gguf.GGUFWriter], None] = lambda hp, w: None
+    extra: Callable[[dict[str, Any], gguf.GGUFWriter], list[tuple[str, np.ndarray]]] = lambda hp, w: []
+    skip: tuple[str, ...] = field(default=(".rotary_emb.inv_freq",))
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+
+def load_hparams(model_dir: Path) -> dict[str, Any]:
+    """The model's config as transformers resolves it (defaults filled in), like llama.cpp's converter reads it."""
+    try:
+        from transformers import AutoConfig
+
+        hp = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
+    except Exception:  # unknown model_type: fall back to the raw file, arch check reports it
+        path = model_dir / "config.json"
+        if not path.is_file():
+            raise UserError(f"{model_dir}: no config.json; expected a Hugging Face model directory") from None
+        hp = json.loads(path.read_text(encoding="utf-8"))
+    if "text_config" in hp:
+        hp = {**hp, **hp["text_config"]}
+    return hp
+
+
+def rope_params(hp: dict[str, Any]) -> dict[str, Any]:
+    """Global-attention RoPE parameters from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`."""
+    rp = dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
+    if "full_attention" in rp:
+        rp = dict(rp["full_attention"])
+    if "rope_theta" not in rp and hp.get("rope_theta") is not None:
+        rp["rope_theta"] = hp["rope_theta"]
+    if "rope_type" not in rp and rp.get("type") is not None:
+        rp["rope_type"] = rp["type"]
+    if "original_max_position_embeddings" not in rp and hp.get("original_max_position_embeddings") is not None:
+        rp["original_max_position_embeddings"] = hp["original_max_position_embeddings"]
+    return rp
+
+
+def _sliding_rope_theta(hp: dict[str, Any]) -> float | None:
+    rp = hp.get("rope_parameters") or {}
+    if "sliding_attention" in rp:
+        return rp["sliding_attention"].get("rope_theta")
+    return hp.get("rope_local_base_freq")
+
+
+def _head_dim(hp: dict[str, Any]) -> int:
+    return hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+
+
+def _common_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """Hyper-parameters every decoder shares."""
+    w.add_block_count(hp["num_hidden_layers"])
+    if hp.get("max_position_embeddings") is not None:
+        w.add_context_length(hp["max_position_embeddings"])
+    w.add_embedding_length(hp["hidden_size"])
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_head_count(hp["num_attention_heads"])
+    if hp.get("num_key_value_heads") is not None:
+        w.add_head_count_kv(hp["num_key_value_heads"])
+    rp = rope_params(hp)
+    rope_type = rp.get("rope_type")
+    if rope_type == "linear" and rp.get("factor") is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rp["factor"])
+    elif rope_type == "yarn" and rp.get("factor") is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rp["factor"])
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+        for key, add in (
+            ("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+            ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+            ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", w.add_rope_scaling_yarn_beta_slow),
+        ):
+            if rp.get(key) is not None:
+                add(rp[key])
+    elif rope_type in ("su", "longrope"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    elif rope_type not in (None, "default", "llama3"):
+        raise UserError(f"RoPE scaling type {rope_type!r} is not supported; supported: linear, yarn, llama3, longrope")
+    if rp.get("rope_theta") is not None:
+        w.add_rope_freq_base(rp["rope_theta"])
+    if (swa_theta := _sliding_rope_theta(hp)) is not None:
+        w.add_rope_freq_base_swa(swa_theta)
+    if hp.get("rms_norm_eps") is not None:
+        w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    if hp.get("head_dim") is not None:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+
+
+def _llama_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    _common_params(hp, w)
+    w.add_vocab_size(hp["vocab_size"])
+    w.add_rope_dimension_count(_head_dim(hp))
+
+
+def _llama3_rope_factors(hp: dict[str, Any], w: gguf.GGUFWriter) -> list[tuple[str, np.ndarray]]:
+    """Llama 3.1 frequency scaling as a `rope_freqs` tensor (Meta's published formula)."""
+    rp = rope_params(hp)
+    if str(rp.get("rope_type", "")).lower() != "llama3":
+        return []
+    dim = _head_dim(hp)
+    base = rp.get("rope_theta", 10000.0)
+    factor = rp.get("factor", 8.0)
+    low, high = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old_ctx = rp.get("original_max_position_embeddings", 8192)
+    inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    out = []
+    for f in inv_freq:
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", np.array(out, dtype=np.float32))]
+
+
+def _gemma3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    _common_params(hp, w)
+    # Gemma3 defaults that older configs leave out (llama.cpp fills the same ones)
+    w.add_context_length(hp.get("max_position_embeddings", 131072))
+    w.add_head_count(hp.get("num_attention_heads", 8))
+    w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
+    w.add_key_length(hp.get("head_dim", 256))
+    w.add_value_length(hp.get("head_dim", 256))
+    w.add_rope_freq_base(rope_params(hp).get("rope_theta", 1_000_000.0))
+    if hp.get("attn_logit_softcapping") is not None:
+        raise UserError("Gemma3 config has attn_logit_softcapping, which Gemma3 does not use; is this Gemma2?")
+    if hp.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(hp["final_logit_softcapping"])
+    if hp.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(hp["sliding_window"])
+        if hp.get("layer_types"):
+            # which layers slide: without this llama.cpp assumes Gemma3's 5-local-1-global cycle from layer 0,
+            # wrong for any config whose layer_types differ from that cycle (llama.cpp's converter drops it)
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in hp["layer_types"]])
+    w.add_head_count_kv(hp.get("num_key_value_heads", 4))
+
+
+def _phi3_rope_parts(hp: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    rp = rope_params(hp)
+    rot = rp.get("partial_rotary_factor", hp.get("partial_rotary_factor", 1.0))
+    return rp, int(rot * hp["hidden_size"]) // hp["num_attention_heads"]
+
+
+def _phi3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    rp, rope_dims = _phi3_rope_parts(hp)
+    orig = rp.get("original_max_position_embeddings")
+    if orig is None:
+        raise UserError("Phi3 config.json lacks original_max_position_embeddings; llama.cpp needs it")
+    w.add_context_length(hp["max_position_embeddings"])
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_embedding_length(hp["hidden_size"])
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_block_count(hp["num_hidden_layers"])
+    w.add_head_count(hp["num_attention_heads"])
+    w.add_head_count_kv(hp["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    w.add_rope_dimension_count(rope_dims)
+    w.add_rope_freq_base(rp["rope_theta"])
+    w.add_sliding_window(hp.get("sliding_window") or 0)
+
+
+def _phi3_rope_factors(hp: dict[str, Any], w: gguf.GGUFWriter) -> list[tuple[str, np.ndarray]]:
+    """LongRoPE factors (Phi-3 128k variants) as tensors plus the attention factor."""
+    rp, rope_dims = _phi3_rope_parts(hp)
+    long, short = rp.get("long_factor"), rp.get("short_factor")
+    if not long:
+        return []
+    orig = rp["original_max_position_embeddings"]
+    scale = hp["max_position_embeddings"] / orig
+    kind = str(rp.get("rope_type", "")).lower()
+    if kind in ("su", "longrope"):
+        attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    elif kind == "yarn":
+        attn = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    else:
+        raise UserError(f"Phi3 rope scaling type {kind!r} is not supported; supported: longrope, su, yarn")
+    if short is None or len(long) != len(short) or len(long) != rope_dims // 2:
+        raise UserError(f"Phi3 rope long/short factors must both have {rope_dims // 2} entries")
+    w.add_rope_scaling_attn_factors(attn)
+    return [
+        ("rope_factors_long.weight", np.asarray(long, dtype=np.float32)),
+        ("rope_factors_short.weight", np.asarray(short, dtype=np.float32)),
+    ]
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch(
+        gguf.MODEL_ARCH.LLAMA,
+        ("LlamaForCausalLM", "MistralForCausalLM"),
+        permute_qk=True,
+        params=_llama_params,
+        extra=_llama3_rope_factors,
+    ),
+    "qwen2": Arch(gguf.MODEL_ARCH.QWEN2, ("Qwen2ForCausalLM",), params=_common_params),
+    "qwen3": Arch(gguf.MODEL_ARCH.QWEN3, ("Qwen3ForCausalLM",), params=_common_params),
+    "gemma3": Arch(gguf.MODEL_ARCH.GEMMA3, ("Gemma3ForCausalLM",), norm_add=1.0, params=_gemma3_params),
+    "phi3": Arch(gguf.MODEL_ARCH.PHI3, ("Phi3ForCausalLM",), params=_phi3_params, extra=_phi3_rope_factors),
+}
+SUPPORTED = sorted(hf for a in ARCHS.values() for hf in a.hf_archs)
+
+
+def arch_for(hp: dict[str, Any], where: Path) -> Arch:
+    """The Arch of a config's `architectures[0]`; UserError listing the supported ones otherwise."""
+    names = hp.get("architectures") or []
+    hf = names[0] if names else None
+    for arch in ARCHS.values():
+        if hf in arch.hf_archs:
+            return arch
+    raise UserError(
+        f"{where / 'config.json'}: architecture {hf!r} is not supported for GGUF export; "
+        f"supported: {', '.join(SUPPORTED)}"
+    )
+
+
+def _permute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order llama.cpp's RoPE expects: within each head, interleave the two rotary halves."""
+    half = n_rows // n_head // 2
+    idx = np.arange(n_rows).reshape(n_head, 2, half).swapaxes(1, 2).reshape(n_rows)
+    return idx
+
+
+def plan_tensors(
+    arch: Arch, hp: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_vocab_real: int | None
+) -> list[TensorSpec]:
+    """Map every HF tensor to its GGUF spec; unknown tensors are a UserError naming them."""
+    n_layer = hp["num_hidden_layers"]
+    tmap = gguf.get_tensor_name_map(arch.gguf_arch, n_layer)
+    n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
+    specs: list[TensorSpec] = []
+    tied = bool(hp.get("tie_word_embeddings"))
+    for name, shape in shapes.items():
+        if name.endswith(arch.skip):
+            continue
+        if tied and name == "lm_head.weight":
+            continue  # a tied head is the embedding; llama.cpp reuses token_embd
+        mapped = tmap.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise UserError(f"tensor {name!r} {list(shape)} has no GGUF name for architecture {arch.name}")
+        ttype, new = mapped
+        rows = None
+        if arch.permute_qk and ttype in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+            rows = _permute_rows(shape[0], n_head if ttype == gguf.MODEL_TENSOR.ATTN_Q else n_kv)
+        if ttype == gguf.MODEL_TENSOR.TOKEN_EMBD and arch.gguf_arch == gguf.MODEL_ARCH.GEMMA3 and n_vocab_real:
+            if n_vocab_real < shape[0]:  # Gemma pads the embedding past the tokenizer; llama.cpp wants them equal
+                rows = np.arange(n_vocab_real)
+                shape = (n_vocab_real, *shape[1:])
+        add = arch.norm_add if new.endswith("norm.weight") else 0.0
+        specs.append(TensorSpec(new, tuple(shape), name, rows, add))
+    return specs
+
+
+def extra_tensors(arch: Arch, hp: dict[str, Any], w: gguf.GGUFWriter) -> list[TensorSpec]:
+    """Generated tensors (rope factors), which may also add metadata to `w`."""
+    return [TensorSpec(n, d.shape, None, data=d) for n, d in arch.extra(hp, w)]

@@ -1,0 +1,331 @@
+"""Tokenizer export into GGUF: SentencePiece and byte-level BPE vocabularies, special ids, EOG tokens, template.
+
+The BPE pre-tokenizer name (`tokenizer.ggml.pre`) selects the regex llama.cpp splits text with before merging.
+llama.cpp's converter finds it by hashing the tokenization of a check string and looking the hash up in a table
+of known released models, which fails for any retrained or resized vocabulary. We identify it by what decides
+the behaviour instead: the Split regex in tokenizer.json (plus `ignore_merges`, which llama.cpp ties to the
+name) compared with the regex each llama.cpp pre-tokenizer implements. Tests check the two agree on real vocabs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from exporter.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The original (tokenizer.json) regexes of the pre-tokenizers llama.cpp implements that our families use.
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+
+# The string llama.cpp hashes the tokenization of (kept for the diagnostic hash in error messages).
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? "
+    "'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+
+SPM_USER_SPACE = "\u2581"
+
+
+@dataclass
+class Vocab:
+    """Everything the GGUF tokenizer section holds."""
+
+    model: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    pre: str
+    tokens: list[str | bytes]
+    toktypes: list[int]
+    scores: list[float] | None = None
+    merges: list[str] = field(default_factory=list)
+    special_ids: dict[str, int] = field(default_factory=dict)
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    add_space_prefix: bool | None = None
+    add_other: dict[str, bool] = field(default_factory=dict)  # add_sep_token etc. as the tokenizer files say
+    notes: list[str] = field(default_factory=list)
+
+    def token_id(self, text: str) -> int | None:
+        for i, t in enumerate(self.tokens):
+            if (t.decode("utf-8", "replace") if isinstance(t, bytes) else t) == text:
+                return i
+        return None
+
+
+def check_hash(tokenizer: Any) -> str:
+    """sha256 of str(ids) of CHECK_TEXT — the key llama.cpp's converter looks pre-tokenizers up by."""
+    return hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+
+
+def _split_regexes(pre: dict | None) -> list[str]:
+    if not pre:
+        return []
+    if pre.get("type") == "Sequence":
+        return [r for p in pre.get("pretokenizers", []) for r in _split_regexes(p)]
+    if pre.get("type") == "Split":
+        pat = pre.get("pattern", {})
+        return [pat.get("Regex") or pat.get("String") or ""]
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return [_GPT2_REGEX]
+    return []
+
+
+def bpe_pre_name(tokenizer_json: dict, where: Path) -> str:
+    """The llama.cpp pre-tokenizer that splits text exactly like this tokenizer.json."""
+    regexes = _split_regexes(tokenizer_json.get("pre_tokenizer"))
+    ignore_merges = bool(tokenizer_json.get("model", {}).get("ignore_merges"))
+    if regexes == [_LLAMA3_REGEX]:
+        # llama.cpp: "llama-bpe" = Llama 3 regex with merges ignored for whole-word hits; "smaug-bpe" = same regex
+        return "llama-bpe" if ignore_merges else "smaug-bpe"
+    if regexes == [_QWEN2_REGEX] and not ignore_merges:
+        return "qwen2"
+    if regexes == [_GPT2_REGEX] and not ignore_merges:
+        return "gpt-2"
+    raise UserError(
+        f"{where}: byte-level BPE pre-tokenizer {regexes!r} (ignore_merges={ignore_merges}) is not one llama.cpp "
+        "implements for the supported families (Llama 3, Qwen2, GPT-2 regexes)"
+    )
+
+
+def _looks_special(text: str) -> bool:
+    """Added tokens that are control tokens even when a tokenizer forgot to flag them special."""
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any) -> Vocab:
+    tj = _read_json(model_dir / "tokenizer.json")
+    pre = bpe_pre_name(tj, model_dir / "tokenizer.json")
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(reverse) >= vocab_size:
+        raise UserError(f"{model_dir}: tokenizer has id {max(reverse)} but config vocab_size is {vocab_size}")
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens: list[str | bytes] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tok = reverse[i]
+        if tok in added:
+            if not decoder[i].normalized:  # llama.cpp matches added tokens pre-normalized
+                tok = tokenizer.decode(tokenizer.encode(tok, add_special_tokens=False))
+            if decoder[i].special or _looks_special(tok):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                tok = tok.replace(SPM_USER_SPACE, " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(tok)
+    return Vocab("gpt2", pre, tokens, types)
+
+
+def _spm_model_vocab(model_dir: Path, vocab_size: int, fixed_added_types: bool) -> Vocab:
+    """Vocabulary from a SentencePiece `tokenizer.model`, with HF added tokens laid over it."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(model_dir / "tokenizer.model"))
+    tokens: list[str | bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        scores[i] = sp.GetScore(i)
+        if sp.IsUnknown(i):
+            types[i] = gguf.TokenType.UNKNOWN
+        elif sp.IsControl(i):
+            types[i] = gguf.TokenType.CONTROL
+        elif sp.IsUnused(i):
+            types[i] = gguf.TokenType.UNUSED
+        elif sp.IsByte(i):
+            types[i] = gguf.TokenType.BYTE
+        else:
+            types[i] = gguf.TokenType.NORMAL
+    for text, i in _read_json(model_dir / "added_tokens.json").items():
+        if i < vocab_size:
+            tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, gguf.TokenType.USER_DEFINED
+    overlays = [
+        (int(i), d) for i, d in _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {}).items()
+    ]
+    if fixed_added_types:  # Phi-3: tokenizer.json's added tokens too, and only the `special` flag decides
+        overlays += [(int(d["id"]), d) for d in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])]
+    for i, d in overlays:
+        if i >= vocab_size:
+            continue
+        text = d["content"]
+        if d.get("special") or (not fixed_added_types and _looks_special(text)):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            if not fixed_added_types:
+                text = text.replace(SPM_USER_SPACE, " ")
+            types[i] = gguf.TokenType.USER_DEFINED
+        tokens[i], scores[i] = text.encode("utf-8"), -1000.0
+    return Vocab("llama", "default", tokens, types, scores)
+
+
+def _spm_json_vocab(model_dir: Path, tokenizer_json: dict) -> Vocab:
+    """SentencePiece-style BPE (byte fallback, ▁ spaces) that only ships tokenizer.json.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose merged piece has the highest score; HF's BPE
+    merges the pair of lowest merge rank. Scoring each piece -rank of the merge that makes it gives the same
+    tokenization (gguf-py's LlamaHfVocab gives every piece the same score, which tokenizes differently).
+    """
+    hf = gguf.LlamaHfVocab(model_dir)
+    merges = tokenizer_json.get("model", {}).get("merges") or []
+    rank: dict[str, int] = {}
+    for i, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, i)
+    unmerged = -float(len(merges) + 1)
+    tokens, scores, types = [], [], []
+    for text, score, ttype in hf.all_tokens():
+        piece = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        if ttype == gguf.TokenType.NORMAL:
+            score = -float(rank[piece]) if piece in rank else (0.0 if len(piece) == 1 else unmerged)
+        tokens.append(text)
+        scores.append(score)
+        types.append(int(ttype))
+    return Vocab("llama", "default", tokens, types, scores)
+
+
+def _is_spm_json(tj: dict) -> bool:
+    model = tj.get("model", {})
+    return (
+        model.get("type") == "BPE"
+        and bool(model.get("byte_fallback"))
+        and (tj.get("decoder") or {}).get("type") != "ByteLevel"
+    )
+
+
+def _hf_adds(tokenizer: Any) -> tuple[bool, bool]:
+    """Whether HF's tokenizer prepends BOS / appends EOS on plain encode — what add_bos/add_eos must say."""
+    ids = tokenizer.encode("Hello world", add_special_tokens=True)
+    bare = tokenizer.encode("Hello world", add_special_tokens=False)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = bos is not None and len(ids) > len(bare) and ids[0] == bos
+    add_eos = eos is not None and len(ids) > len(bare) and ids[-1] == eos
+    return add_bos, add_eos
+
+
+def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens: list[str]) -> Vocab:
+    """Read the model's tokenizer into a Vocab, with every end-of-turn token of the template made an EOG id."""
+    from transformers import AutoTokenizer
+
+    vocab_size = hp.get("vocab_size")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if vocab_size is None:
+        vocab_size = len(tokenizer)
+    tj = _read_json(model_dir / "tokenizer.json")
+    has_spm_model = (model_dir / "tokenizer.model").is_file()
+    if has_spm_model and arch_name in ("llama", "gemma3", "phi3", "qwen2", "qwen3"):
+        vocab = _spm_model_vocab(model_dir, vocab_size, fixed_added_types=arch_name == "phi3")
+    elif tj and _is_spm_json(tj):
+        vocab = _spm_json_vocab(model_dir, tj)
+    elif tj:
+        vocab = _bpe_vocab(model_dir, vocab_size, tokenizer)
+    else:
+        raise UserError(f"{model_dir}: no tokenizer.json or tokenizer.model; cannot export the vocabulary")
+    if vocab.model == "llama" and arch_name == "gemma3":
+        vocab.add_space_prefix = False
+    elif vocab.model == "llama" and arch_name == "llama":
+        prefix = _read_json(model_dir / "tokenizer_config.json").get("add_prefix_space")
+        if prefix is not None:
+            vocab.add_space_prefix = bool(prefix)
+
+    special = gguf.SpecialVocab(
+        model_dir, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens) if vocab.model == "llama" else None
+    )
+    if vocab.model == "gpt2":
+        if not special.merges:
+            raise UserError(f"{model_dir / 'tokenizer.json'}: byte-level BPE without merges")
+        vocab.merges = special.merges
+    vocab.special_ids = dict(special.special_token_ids)
+    vocab.add_bos, vocab.add_eos = _hf_adds(tokenizer)
+    vocab.add_other = {k: v for k, v in special.add_special_token.items() if k not in ("bos", "eos")}
+    for kind, hf_value in (("bos", vocab.add_bos), ("eos", vocab.add_eos)):
+        ours = special.add_special_token.get(kind)
+        if ours is not None and ours != hf_value:
+            vocab.notes.append(f"add_{kind}_token: tokenizer files say {ours}, HF tokenizer behaviour says {hf_value}")
+
+    _set_eog(vocab, eot_tokens, model_dir)
+    return vocab
+
+
+def _set_eog(vocab: Vocab, eot_tokens: list[str], model_dir: Path) -> None:
+    """Make each end-of-turn token an EOG id: eos already is; the first other one is eot, the next eom."""
+    eos = vocab.special_ids.get("eos")
+    extra: list[int] = []
+    for text in eot_tokens:
+        tid = vocab.token_id(text)
+        if tid is None:
+            raise UserError(f"{model_dir}: end-of-turn token {text!r} of the chat template is not in the vocabulary")
+        if vocab.toktypes[tid] not in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
+            vocab.notes.append(f"end-of-turn token {text!r} (id {tid}) was a normal token; typed CONTROL")
+            vocab.toktypes[tid] = gguf.TokenType.CONTROL
+        if tid != eos and tid not in extra:
+            extra.append(tid)
+    if eos is None and extra:
+        vocab.special_ids["eos"] = extra.pop(0)
+    slots = ["eot", "eom"]
+    for tid in extra:
+        for slot in list(slots):
+            slots.remove(slot)
+            if vocab.special_ids.get(slot) in (None, tid):
+                vocab.special_ids[slot] = tid
+                break
+        else:
+            raise UserError(
+                f"{model_dir}: the template ends turns with more tokens than GGUF can mark as end-of-generation "
+                f"(eos, eot, eom): {eot_tokens}"
+            )
+
+
+def write_vocab(w: gguf.GGUFWriter, vocab: Vocab, chat_template: str | None) -> None:
+    """Tokenizer keys in llama.cpp's layout."""
+    w.add_tokenizer_model(vocab.model)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.toktypes)
+    if vocab.merges:
+        w.add_token_merges(vocab.merges)
+    for kind, tid in vocab.special_ids.items():
+        getattr(w, f"add_{kind}_token_id")(tid)
+    if vocab.add_bos is not None:
+        w.add_add_bos_token(vocab.add_bos)
+    if vocab.add_eos is not None:
+        w.add_add_eos_token(vocab.add_eos)
+    for kind, value in vocab.add_other.items():
+        if (add := getattr(w, f"add_add_{kind}_token", None)) is not None:
+            add(value)
+    if vocab.add_space_prefix is not None:
+        w.add_add_space_prefix(vocab.add_space_prefix)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)

@@ -1,0 +1,278 @@
+"""`exporter gguf`: HF model dir -> GGUF files (several types in one pass) + one Ollama Modelfile per file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from exporter import __version__
+from exporter.atomic import atomic_dir, check_free_space, check_target
+from exporter.config import did_you_mean
+from exporter.errors import UserError
+
+NUMPY_KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+KQUANT_KINDS = ("q4_k_m", "q5_k_m", "q6_k")
+ALL_KINDS = NUMPY_KINDS + KQUANT_KINDS
+_BYTES_PER_PARAM = {
+    "f32": 4,
+    "f16": 2,
+    "bf16": 2,
+    "q8_0": 1.07,
+    "q4_0": 0.57,
+    "q4_k_m": 0.61,
+    "q5_k_m": 0.71,
+    "q6_k": 0.83,
+}
+
+console = Console(stderr=True)
+
+
+@dataclass
+class GGUFResult:
+    """What `run` wrote."""
+
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)  # kind -> gguf
+    modelfiles: dict[str, Path] = field(default_factory=dict)  # kind -> Modelfile
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)  # kind -> per-tensor notes
+    commands: list[str] = field(default_factory=list)
+
+
+def parse_types(types: str | Sequence[str]) -> list[str]:
+    """`"f16,q8_0"` -> ["f16", "q8_0"]; unknown names are a UserError with a suggestion."""
+    items = types.split(",") if isinstance(types, str) else [t for x in types for t in x.split(",")]
+    kinds = []
+    for raw in items:
+        kind = raw.strip().lower()
+        if not kind:
+            continue
+        if kind not in ALL_KINDS:
+            raise UserError(
+                f"--type {raw!r} is not a GGUF type{did_you_mean(kind, ALL_KINDS)}; use {', '.join(ALL_KINDS)}"
+            )
+        if kind not in kinds:
+            kinds.append(kind)
+    if not kinds:
+        raise UserError(f"--type is empty; use one or more of {', '.join(ALL_KINDS)}")
+    return kinds
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _param_count(model_dir: Path) -> int:
+    from exporter.converters.gguf_convert import Source
+
+    src = Source.open(model_dir)
+    n = 0
+    for shape in src.shapes.values():
+        k = 1
+        for d in shape:
+            k *= d
+        n += k
+    return n
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
+
+
+def modelfile_header(kind: str, source: str, tpl: Any, ollama_name: str, gguf_name: str) -> list[str]:
+    """Provenance comment lines for a Modelfile."""
+    return [
+        f"Ollama Modelfile for {gguf_name}, written by exporter {__version__}",
+        f"source model: {source}",
+        f"GGUF type: {kind}; chat template family: {tpl.name}",
+        f"create with: ollama create {ollama_name} -f Modelfile.{kind}",
+    ]
+
+
+def export(
+    model_dir: Path,
+    kinds: list[str],
+    tpl: Any,
+    out: Path,
+    ollama_name: str | None = None,
+    force: bool = False,
+    source_label: str | None = None,
+) -> GGUFResult:
+    """Write the GGUF files and Modelfiles for `kinds` into `out` (atomically) using chat template `tpl`."""
+    from exporter import manifest
+    from exporter.converters import gguf_convert, gguf_kquant
+    from exporter.converters.modelfile import ModelfileSpec, render
+
+    check_target(out, force)
+    gguf_convert.plan(model_dir)  # unsupported architecture / missing weights fail before anything is written
+    stem = _safe_name(model_dir.name)
+    name = ollama_name or stem.lower()
+    params = _param_count(model_dir)
+    check_free_space(out.parent, int(params * sum(_BYTES_PER_PARAM[k] for k in kinds)))
+    kquants = [k for k in kinds if k in KQUANT_KINDS]
+    numpy_kinds = [k for k in kinds if k in NUMPY_KINDS]
+    temp_f16 = bool(kquants) and "f16" not in numpy_kinds
+    if temp_f16:
+        numpy_kinds.append("f16")
+    result = GGUFResult(out)
+    with atomic_dir(out, force) as tmp:
+        paths = {k: tmp / f"{stem}-{k}.gguf" for k in numpy_kinds}
+        if temp_f16:
+            paths["f16"] = tmp / f".{stem}-f16.for-kquant.gguf"
+        with _progress() as prog:
+            task = prog.add_task(f"GGUF {','.join(numpy_kinds)}", total=None)
+            written, vocab = gguf_convert.convert(
+                model_dir,
+                paths,
+                tpl.jinja,
+                list(tpl.eot_tokens),
+                progress=lambda done, total: prog.update(task, completed=done, total=total),
+            )
+            for rec in written:
+                result.fallbacks[rec.kind] = rec.fallbacks
+            for kind in kquants:
+                ktask = prog.add_task(f"GGUF {kind} (libllama)", total=None)
+                path = tmp / f"{stem}-{kind}.gguf"
+                result.fallbacks[kind] = gguf_kquant.quantize(paths["f16"], path, kind)
+                paths[kind] = path
+                prog.update(ktask, total=path.stat().st_size, completed=path.stat().st_size)
+        if temp_f16:
+            paths.pop("f16").unlink()
+        for note in vocab.notes:
+            console.print(f"[yellow]tokenizer:[/] {note}")
+        for kind in kinds:
+            gguf_name = paths[kind].name
+            mf = tmp / f"Modelfile.{kind}"
+            text = render(
+                ModelfileSpec(
+                    from_=f"./{gguf_name}",
+                    template=tpl.ollama,
+                    stops=list(tpl.stop),
+                    system=tpl.default_system,
+                    header=modelfile_header(kind, source_label or str(model_dir), tpl, f"{name}:{kind}", gguf_name),
+                )
+            )
+            mf.write_text(text, encoding="utf-8")
+            result.files[kind] = out / gguf_name
+            result.modelfiles[kind] = out / mf.name
+            result.commands.append(f"ollama create {name}:{kind} -f {out / mf.name}")
+        manifest.write(
+            tmp,
+            "gguf",
+            inputs={"model": source_label or model_dir},
+            settings={"types": kinds, "template": tpl.name, "ollama_name": name, "fallbacks": result.fallbacks},
+        )
+    return result
+
+
+def export_adapter(
+    adapter_dir: Path,
+    base_dir: Path,
+    kinds: list[str],
+    tpl: Any,
+    out: Path,
+    ollama_name: str | None = None,
+    force: bool = False,
+    base_gguf: str | None = None,
+) -> GGUFResult:
+    """A PEFT LoRA adapter as a GGUF LoRA file plus a Modelfile `FROM <base>` + `ADAPTER ./<file>.gguf`."""
+    from exporter import manifest
+    from exporter.converters.gguf_lora import LORA_KINDS, convert_lora
+    from exporter.converters.modelfile import ModelfileSpec, render
+
+    if len(kinds) != 1 or kinds[0] not in LORA_KINDS:
+        raise UserError(f"with --adapter, --type is one of {', '.join(LORA_KINDS)} (the LoRA matrices' type)")
+    kind = kinds[0]
+    check_target(out, force)
+    stem = _safe_name(adapter_dir.name)
+    name = ollama_name or stem.lower()
+    base_from = base_gguf or str(base_dir.resolve())
+    result = GGUFResult(out)
+    with atomic_dir(out, force) as tmp:
+        path = tmp / f"{stem}-lora-{kind}.gguf"
+        ranks = convert_lora(adapter_dir, base_dir, path, kind)
+        header = modelfile_header(kind, f"{adapter_dir} on {base_dir}", tpl, name, path.name)
+        header[-1] = (
+            f"create with: ollama create {name} -f Modelfile (FROM must be the base model the adapter was trained on)"
+        )
+        text = render(
+            ModelfileSpec(
+                from_=base_from,
+                adapter=f"./{path.name}",
+                template=tpl.ollama,
+                stops=list(tpl.stop),
+                system=tpl.default_system,
+                header=header,
+            )
+        )
+        (tmp / "Modelfile").write_text(text, encoding="utf-8")
+        manifest.write(
+            tmp,
+            "gguf",
+            inputs={"adapter": adapter_dir, "base": base_dir},
+            settings={"mode": "adapter", "type": kind, "template": tpl.name, "lora_tensors": len(ranks)},
+        )
+    result.files[kind] = out / path.name
+    result.modelfiles[kind] = out / "Modelfile"
+    result.commands.append(f"ollama create {name} -f {out / 'Modelfile'}")
+    return result
+
+
+def run(
+    model: str | Path,
+    types: str | Sequence[str] = "f16",
+    out: Path | None = None,
+    ollama_name: str | None = None,
+    template: str | None = None,
+    force: bool = False,
+    adapter: Path | None = None,
+    base_gguf: str | None = None,
+) -> GGUFResult:
+    """The `exporter gguf` stage: convert a model (or, with `adapter`, a LoRA adapter) and print how to import it."""
+    from exporter import hub, templates
+    from exporter.converters.gguf_arch import arch_for, load_hparams
+
+    kinds = parse_types(types)
+    model_dir = hub.resolve(model, "model")
+    arch_for(load_hparams(model_dir), model_dir)  # an unsupported architecture is the first thing to report
+    if adapter is not None:
+        adapter_dir = hub.resolve(adapter, "adapter")
+        has_template = (adapter_dir / "chat_template.jinja").is_file() or "chat_template" in (
+            (adapter_dir / "tokenizer_config.json").read_text(encoding="utf-8")
+            if (adapter_dir / "tokenizer_config.json").is_file()
+            else ""
+        )
+        tpl = templates.resolve(adapter_dir if has_template else model_dir, template)
+        out = Path(out) if out is not None else adapter_dir.parent / f"{adapter_dir.name}-gguf"
+        result = export_adapter(adapter_dir, model_dir, kinds, tpl, out, ollama_name, force, base_gguf)
+        _report(result)
+        return result
+    tpl = templates.resolve(model_dir, template)
+    out = Path(out) if out is not None else model_dir.parent / f"{model_dir.name}-gguf"
+    result = export(model_dir, kinds, tpl, out, ollama_name, force, source_label=str(model))
+    _report(result)
+    return result
+
+
+def _report(result: GGUFResult) -> None:
+    for kind, notes in result.fallbacks.items():
+        for note in notes:
+            console.print(f"[dim]{kind}: {note}[/]")
+    for kind, path in result.files.items():
+        size = path.stat().st_size / 2**20 if path.exists() else 0
+        console.print(f"wrote {path} ({size:.1f} MiB) and {result.modelfiles[kind].name}")
+    print("Import into Ollama with:")
+    for cmd in result.commands:
+        print(f"  {cmd}")
