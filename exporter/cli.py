@@ -38,6 +38,79 @@ def _root(
 # ---- stage commands are registered below, one block each ----
 
 
+# ---- template: chat-template families (exporter/templates.py) ----
+template_app = typer.Typer(
+    help="Chat-template families: list, show, detect, render.", no_args_is_help=True, add_completion=False
+)
+app.add_typer(template_app, name="template")
+
+
+@template_app.command("list")
+def _template_list() -> None:
+    """List the known chat-template families."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from exporter.templates import list_templates, load_template
+
+    table = Table("family", "end of turn", "tools", "description")
+    for name in list_templates():
+        tpl = load_template(name)
+        cells = (name, " ".join(tpl.eot_tokens), "yes" if tpl.tools else "", tpl.description)
+        table.add_row(*(Text(c) for c in cells))
+    Console(highlight=False).print(table)
+
+
+@template_app.command("show")
+def _template_show(
+    family: str = typer.Argument(..., help="Family name (see `exporter template list`)."),
+    fmt: str = typer.Option("jinja", "--format", help="jinja (HF chat_template) or ollama (Modelfile lines)."),
+) -> None:
+    """Print a family's HF Jinja chat_template or its Ollama Modelfile TEMPLATE/SYSTEM/stop lines."""
+    from exporter.templates import show_for_cli
+
+    typer.echo(show_for_cli(family, fmt))
+
+
+@template_app.command("detect")
+def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir with a chat_template.")) -> None:
+    """Name the family whose template renders exactly like the model's own chat_template."""
+    from exporter.templates import detect
+
+    typer.echo(detect(model_dir).name)
+
+
+@template_app.command("render")
+def _template_render(
+    family: str = typer.Argument(..., help="Family name."),
+    conversation: str = typer.Argument(..., help='JSON file: [messages] or {"messages": [...], "tools": [...]}.'),
+    fmt: str = typer.Option("train", "--format", help="train (trained parts in green), jinja or ollama."),
+    generation_prompt: bool = typer.Option(
+        None, "--generation-prompt/--no-generation-prompt", help="Default: on unless the last message is an answer."
+    ),
+    bos_token: str = typer.Option(None, "--bos-token", help="BOS text for families that take it from the tokenizer."),
+    eos_token: str = typer.Option(None, "--eos-token", help="EOS text for families that take it from the tokenizer."),
+) -> None:
+    """Render a conversation with a family, as training text, HF Jinja or Ollama Go template."""
+    import sys
+
+    from exporter.templates import render_for_cli
+
+    segments = render_for_cli(family, conversation, fmt, generation_prompt, bos_token, eos_token)
+    if fmt == "train" and sys.stdout.isatty():
+        from rich.console import Console
+        from rich.text import Text
+
+        text = Text()
+        for part, trained in segments:
+            text.append(part, style="green" if trained else None)
+        Console(highlight=False).print(text, end="")
+    else:
+        sys.stdout.write("".join(part for part, _ in segments))
+    sys.stdout.flush()
+
+
 # verify ------------------------------------------------------------------------------------------------------
 @app.command("verify")
 def _verify(
@@ -63,9 +136,19 @@ def _verify(
     from exporter import verify, verify_report
 
     rep = verify.verify(
-        base=base, adapter=adapter, merged=merged, ggufs=gguf, modelfiles=modelfile, run_dir=run_dir,
-        template=template, thresholds=verify.parse_thresholds(ppl_threshold), prompts=prompts, text=text,
-        data=data, ctx=ctx, max_new_tokens=max_new_tokens,
+        base=base,
+        adapter=adapter,
+        merged=merged,
+        ggufs=gguf,
+        modelfiles=modelfile,
+        run_dir=run_dir,
+        template=template,
+        thresholds=verify.parse_thresholds(ppl_threshold),
+        prompts=prompts,
+        text=text,
+        data=data,
+        ctx=ctx,
+        max_new_tokens=max_new_tokens,
     )
     verify_report.print_table(rep)
     if report is not None:

@@ -120,7 +120,8 @@ def build(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             raise UserError(f"{where}: unknown key {key!r}{did_you_mean(key, fields)}")
         kwargs[key] = _coerce(key, value, hints[key], where)
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:

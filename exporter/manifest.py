@@ -50,7 +50,10 @@ def versions() -> dict[str, str]:
 
 
 def write(
-    out_dir: Path, stage: str, inputs: dict[str, Path | str], settings: dict[str, Any] | None = None,
+    out_dir: Path,
+    stage: str,
+    inputs: dict[str, Path | str],
+    settings: dict[str, Any] | None = None,
     outputs: Path | None = None,
 ) -> Path:
     """Write `exporter_manifest.json` into `out_dir` describing inputs (local paths hashed) and outputs."""

@@ -1,0 +1,132 @@
+"""Render Ollama Modelfile TEMPLATEs with real Go `text/template` (the engine Ollama uses).
+
+A small Go program ships as package data (`exporter/gotmpl/main.go`); it is compiled once with the local `go`
+toolchain into a cache dir keyed by the source hash, then fed JSON on stdin: the template plus the variables
+Ollama's template package passes to a chat template (`.System`, `.Messages`, `.Tools`, `.Prompt`, `.Response`,
+`.Think`, `.IsThinkSet`), with Ollama's `json` function and `missingkey=zero`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import UserError
+
+
+class GoUnavailable(UserError):
+    """No Go toolchain on PATH (tests skip on it; CLI users get this one-line error)."""
+
+
+def _source() -> bytes:
+    return importlib.resources.files("exporter").joinpath("gotmpl/main.go").read_bytes()
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("EXPORTER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "exporter"
+    )
+    return Path(base) / "gotmpl"
+
+
+def go_binary() -> Path:
+    """Path of the compiled renderer, building it on first use (cached by source hash)."""
+    src = _source()
+    key = hashlib.sha256(src).hexdigest()[:16]
+    exe = _cache_root() / key / "gotmpl"
+    if exe.is_file():
+        return exe
+    go = shutil.which("go")
+    if go is None:
+        raise GoUnavailable("the Go toolchain (`go`) is not on PATH; it is needed to render Ollama templates")
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gotmpl-build-", dir=exe.parent) as tmp:
+        (Path(tmp) / "main.go").write_bytes(src)
+        (Path(tmp) / "go.mod").write_text("module gotmpl\n\ngo 1.18\n", encoding="utf-8")
+        env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GO111MODULE": "on"}
+        env.setdefault("GOCACHE", str(_cache_root() / "gocache"))
+        built = Path(tmp) / "gotmpl"
+        r = subprocess.run([go, "build", "-o", str(built), "."], cwd=tmp, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UserError(f"building the Go template renderer failed: {r.stderr.strip()}")
+        os.replace(built, exe)
+    return exe
+
+
+def render_go(template: str, data: dict[str, Any]) -> str:
+    """Render Ollama Go `template` with `data` (see `ollama_data`) through real Go text/template."""
+    exe = go_binary()
+    payload = json.dumps({"template": template, "data": data}, ensure_ascii=False).encode("utf-8")
+    r = subprocess.run([str(exe)], input=payload, capture_output=True)
+    if r.returncode != 0:
+        raise UserError(f"Go template error: {r.stderr.decode('utf-8', 'replace').strip()}")
+    return r.stdout.decode("utf-8")
+
+
+def _arguments(args: Any, where: str) -> dict[str, Any]:
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: tool-call arguments are not valid JSON: {args[:60]!r}") from None
+    if not isinstance(args, dict):
+        raise UserError(f"{where}: tool-call arguments must be a JSON object, got {type(args).__name__}")
+    return args
+
+
+def ollama_data(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    system: str | None = None,
+    think: bool | None = None,
+) -> dict[str, Any]:
+    """The variables Ollama's chat endpoint gives a TEMPLATE for `messages` (OpenAI/HF style dicts).
+
+    Mirrors Ollama: a Modelfile `SYSTEM` (`system`) is prepended when the conversation has no system message;
+    consecutive messages of the same role (except tool) are merged with a blank line; `.System` joins all system
+    messages; `reasoning_content` becomes `.Thinking`; tool-call arguments become an object (printed as compact
+    JSON by the template); `think` sets `.Think` and `.IsThinkSet` (HF `enable_thinking`).
+    """
+    msgs = list(messages)
+    if system is not None and (not msgs or msgs[0].get("role") != "system"):
+        msgs.insert(0, {"role": "system", "content": system})
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(msgs):
+        role = str(m.get("role", "")).lower()
+        item: dict[str, Any] = {"role": role, "content": m.get("content") or ""}
+        if m.get("reasoning_content"):
+            item["thinking"] = m["reasoning_content"]
+        calls = []
+        for j, tc in enumerate(m.get("tool_calls") or []):
+            fn = tc.get("function", tc)
+            args = _arguments(fn.get("arguments"), f"message {i}")
+            call: dict[str, Any] = {"function": {"index": j, "name": fn["name"], "arguments": args}}
+            if tc.get("id"):
+                call["id"] = tc["id"]
+            calls.append(call)
+        if calls:
+            item["tool_calls"] = calls
+        if m.get("name") and role == "tool":
+            item["tool_name"] = m["name"]
+        if m.get("tool_call_id"):
+            item["tool_call_id"] = m["tool_call_id"]
+        if out and out[-1]["role"] == role and role != "tool":
+            out[-1]["content"] += "\n\n" + item["content"]
+            continue
+        out.append(item)
+    return {
+        "System": "\n\n".join(m["content"] for m in out if m["role"] == "system"),
+        "Messages": out,
+        "Tools": list(tools or []),
+        "Prompt": "",
+        "Response": "",
+        "Think": bool(think),
+        "IsThinkSet": think is not None,
+    }

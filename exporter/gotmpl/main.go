@@ -1,0 +1,230 @@
+// Command gotmpl renders an Ollama Modelfile TEMPLATE with Go's text/template, the engine Ollama uses.
+//
+// Input (stdin, JSON): {"template": "...", "data": {...}}. The data mirrors what Ollama's template package
+// passes to Execute for chat templates: System, Messages (Role, Content, Thinking, ToolCalls, ToolName,
+// ToolCallID), Tools, Prompt, Response, Suffix, Think, IsThinkSet. Tool-call arguments keep their key order and
+// print as compact JSON (Ollama's ToolCallFunctionArguments.String). The template is parsed with
+// Option("missingkey=zero") and the "json" function, as in Ollama. The rendered text goes to stdout.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"text/template"
+)
+
+// orderedArgs keeps tool-call arguments in the order they were given.
+type orderedArgs struct {
+	keys []string
+	vals map[string]json.RawMessage
+}
+
+func (a *orderedArgs) UnmarshalJSON(b []byte) error {
+	a.vals = map[string]json.RawMessage{}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if _, err := dec.Token(); err != nil {
+		return err
+	}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		key := tok.(string)
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return err
+		}
+		if _, seen := a.vals[key]; !seen {
+			a.keys = append(a.keys, key)
+		}
+		a.vals[key] = raw
+	}
+	return nil
+}
+
+func (a orderedArgs) MarshalJSON() ([]byte, error) {
+	var buf bytes.Buffer
+	buf.WriteByte('{')
+	for i, k := range a.keys {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		kb, _ := json.Marshal(k)
+		buf.Write(kb)
+		buf.WriteByte(':')
+		var v any
+		if err := json.Unmarshal(a.vals[k], &v); err != nil {
+			return nil, err
+		}
+		vb, err := marshalOrdered(a.vals[k])
+		if err != nil {
+			return nil, err
+		}
+		buf.Write(vb)
+	}
+	buf.WriteByte('}')
+	return buf.Bytes(), nil
+}
+
+// marshalOrdered re-encodes a raw JSON value compactly, keeping object key order and Go's HTML escaping.
+func marshalOrdered(raw json.RawMessage) ([]byte, error) {
+	trimmed := bytes.TrimSpace(raw)
+	if len(trimmed) > 0 && trimmed[0] == '{' {
+		var o orderedArgs
+		if err := o.UnmarshalJSON(trimmed); err != nil {
+			return nil, err
+		}
+		return o.MarshalJSON()
+	}
+	if len(trimmed) > 0 && trimmed[0] == '[' {
+		var items []json.RawMessage
+		if err := json.Unmarshal(trimmed, &items); err != nil {
+			return nil, err
+		}
+		var buf bytes.Buffer
+		buf.WriteByte('[')
+		for i, it := range items {
+			if i > 0 {
+				buf.WriteByte(',')
+			}
+			b, err := marshalOrdered(it)
+			if err != nil {
+				return nil, err
+			}
+			buf.Write(b)
+		}
+		buf.WriteByte(']')
+		return buf.Bytes(), nil
+	}
+	var v any
+	if err := json.Unmarshal(trimmed, &v); err != nil {
+		return nil, err
+	}
+	return json.Marshal(v)
+}
+
+// String prints the arguments as Ollama does: compact JSON.
+func (a orderedArgs) String() string {
+	b, _ := a.MarshalJSON()
+	return string(b)
+}
+
+type ToolCallFunction struct {
+	Index     int         `json:"index"`
+	Name      string      `json:"name"`
+	Arguments orderedArgs `json:"arguments"`
+}
+
+type ToolCall struct {
+	ID       string           `json:"id,omitempty"`
+	Function ToolCallFunction `json:"function"`
+}
+
+type Message struct {
+	Role       string     `json:"role"`
+	Content    string     `json:"content"`
+	Thinking   string     `json:"thinking,omitempty"`
+	ToolCalls  []ToolCall `json:"tool_calls,omitempty"`
+	ToolName   string     `json:"tool_name,omitempty"`
+	ToolCallID string     `json:"tool_call_id,omitempty"`
+}
+
+// Tool keeps the raw JSON of one tool and prints it compactly (Ollama's Tool.String).
+type Tool struct {
+	Type     string       `json:"type"`
+	Function ToolFunction `json:"function"`
+	raw      json.RawMessage
+}
+
+type ToolFunction struct {
+	Name        string          `json:"name"`
+	Description string          `json:"description"`
+	Parameters  json.RawMessage `json:"parameters"`
+	raw         json.RawMessage
+}
+
+func (t *Tool) UnmarshalJSON(b []byte) error {
+	type alias Tool
+	var a alias
+	if err := json.Unmarshal(b, &a); err != nil {
+		return err
+	}
+	*t = Tool(a)
+	t.raw = append(json.RawMessage(nil), b...)
+	var parts struct {
+		Function json.RawMessage `json:"function"`
+	}
+	if err := json.Unmarshal(b, &parts); err == nil {
+		t.Function.raw = parts.Function
+	}
+	return nil
+}
+
+func (t Tool) MarshalJSON() ([]byte, error)         { return marshalOrdered(t.raw) }
+func (t Tool) String() string                       { b, _ := t.MarshalJSON(); return string(b) }
+func (f ToolFunction) MarshalJSON() ([]byte, error) { return marshalOrdered(f.raw) }
+func (f ToolFunction) String() string               { b, _ := f.MarshalJSON(); return string(b) }
+
+type Input struct {
+	Template string `json:"template"`
+	Data     struct {
+		System     string    `json:"System"`
+		Messages   []Message `json:"Messages"`
+		Tools      []Tool    `json:"Tools"`
+		Prompt     string    `json:"Prompt"`
+		Response   string    `json:"Response"`
+		Suffix     string    `json:"Suffix"`
+		Think      bool      `json:"Think"`
+		IsThinkSet bool      `json:"IsThinkSet"`
+	} `json:"data"`
+}
+
+var funcs = template.FuncMap{
+	"json": func(v any) string {
+		b, _ := json.Marshal(v)
+		return string(b)
+	},
+}
+
+func main() {
+	in, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "read stdin:", err)
+		os.Exit(1)
+	}
+	var input Input
+	if err := json.Unmarshal(in, &input); err != nil {
+		fmt.Fprintln(os.Stderr, "bad input JSON:", err)
+		os.Exit(1)
+	}
+	tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs).Parse(input.Template)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "template parse error:", err)
+		os.Exit(3)
+	}
+	d := input.Data
+	var tools any
+	if len(d.Tools) > 0 {
+		tools = d.Tools
+	}
+	data := map[string]any{
+		"System":     d.System,
+		"Messages":   d.Messages,
+		"Tools":      tools,
+		"Prompt":     d.Prompt,
+		"Response":   d.Response,
+		"Suffix":     d.Suffix,
+		"Think":      d.Think,
+		"IsThinkSet": d.IsThinkSet,
+	}
+	var out bytes.Buffer
+	if err := tmpl.Execute(&out, data); err != nil {
+		fmt.Fprintln(os.Stderr, "template execute error:", err)
+		os.Exit(4)
+	}
+	os.Stdout.Write(out.Bytes())
+}

@@ -1,0 +1,747 @@
+#!/usr/bin/env python
+"""Build small random-init, deterministic HF models of the chat families exporter supports (test fixtures).
+
+    python scripts/make_tiny_model.py FAMILY OUT [--size tiny|bench] [--seed N] [--real-vocab] [--force]
+
+Each output is a complete HF dir: config.json, model.safetensors (bench: 4 shards + index), a fast tokenizer
+(tokenizer.json, tokenizer_config.json with the chat template, special_tokens_map.json, chat_template.jinja;
+SentencePiece families also ship tokenizer.model) and generation_config.json with the family's end-of-turn ids.
+
+Tokenizers are trained here on `data/corpus/*.txt` (SentencePiece BPE with byte fallback, or byte-level BPE with
+the family's pre-tokenizer regex); `--real-vocab` instead rebuilds the family's real vocabulary from the
+llama.cpp sdist named by $EXPORTER_LLAMA_SRC. Weights never come from torch's global RNG: every tensor is drawn
+from its own generator seeded by (seed, tensor name), so two builds give identical bytes.
+Importable: `make(family, out, size="tiny", seed=0, real_vocab=False) -> Path`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS_DIR = ROOT / "data" / "corpus"
+FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+
+# Llama 3 / Qwen2 pre-tokenizer regexes, as published in those models' tokenizer.json files.
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_QWEN25_ADDED = [  # (content, special) in Qwen2.5's order; <tool_call> tags are added but not special
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+]
+_QWEN3_EXTRA = [("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False)]
+_LLAMA3_ADDED = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(3, 8)]
+_PHI3_ADDED = [  # appended after the SentencePiece vocab, as in Phi-3 (ids 32000..32010 there)
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+]
+_MISTRAL_CONTROL = [
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a family's fixture looks like: architecture, tokenizer kind, special tokens, ids, dtype."""
+
+    name: str
+    template: str  # exporter template name
+    arch: str  # HF architecture class
+    tokenizer_class: str
+    kind: str  # "spm" (SentencePiece BPE, byte fallback) or "bpe" (byte-level BPE)
+    spm_head: tuple[str, ...] = ()  # pieces at ids 0.. of the SentencePiece model (control/unk)
+    added: tuple[tuple[str, bool], ...] = ()  # tokens appended after the trained vocab: (content, special)
+    bos: str | None = None
+    eos: str = ""
+    pad: str | None = None
+    unk: str | None = None
+    add_bos: bool = False
+    gen_eos: tuple[str, ...] = ()  # generation_config eos_token_id, in the real model's order
+    dtype: str = "bfloat16"
+    tie: bool = False
+    vocab_multiple: int = 1  # pad the embedding rows to a multiple of this (Qwen/Phi-3 pad theirs)
+    spm_dummy_prefix: bool = True
+    rstrip_added: bool = False  # Phi-3's added tokens eat whitespace on their right
+    real_vocab: str = ""  # ggml-vocab-<name>.gguf
+    trained_size: int = 1600
+
+
+SPECS: dict[str, Family] = {
+    "llama2": Family(
+        "llama2",
+        "llama2",
+        "LlamaForCausalLM",
+        "LlamaTokenizer",
+        "spm",
+        spm_head=("<unk>", "<s>", "</s>"),
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        add_bos=True,
+        gen_eos=("</s>",),
+        dtype="float16",
+        real_vocab="llama-spm",
+    ),
+    "llama3": Family(
+        "llama3",
+        "llama3",
+        "LlamaForCausalLM",
+        "PreTrainedTokenizerFast",
+        "bpe",
+        added=tuple((t, True) for t in _LLAMA3_ADDED),
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        add_bos=True,
+        gen_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+        real_vocab="llama-bpe",
+    ),
+    "mistral": Family(
+        "mistral",
+        "mistral",
+        "MistralForCausalLM",
+        "LlamaTokenizer",
+        "spm",
+        spm_head=("<unk>", "<s>", "</s>", *_MISTRAL_CONTROL),
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        add_bos=True,
+        gen_eos=("</s>",),
+        real_vocab="llama-spm",
+    ),
+    "qwen2": Family(
+        "qwen2",
+        "qwen",
+        "Qwen2ForCausalLM",
+        "Qwen2Tokenizer",
+        "bpe",
+        added=tuple(_QWEN25_ADDED),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        gen_eos=("<|im_end|>", "<|endoftext|>"),
+        tie=True,
+        vocab_multiple=128,
+        real_vocab="qwen2",
+    ),
+    "qwen3": Family(
+        "qwen3",
+        "qwen3",
+        "Qwen3ForCausalLM",
+        "Qwen2Tokenizer",
+        "bpe",
+        added=tuple(_QWEN25_ADDED + _QWEN3_EXTRA),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        gen_eos=("<|im_end|>", "<|endoftext|>"),
+        tie=True,
+        vocab_multiple=128,
+        real_vocab="qwen2",
+    ),
+    "gemma3": Family(
+        "gemma3",
+        "gemma",
+        "Gemma3ForCausalLM",
+        "GemmaTokenizer",
+        "spm",
+        spm_head=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        add_bos=True,
+        gen_eos=("<eos>", "<end_of_turn>"),
+        tie=True,
+        spm_dummy_prefix=False,
+        real_vocab="gemma-4",
+    ),
+    "phi3": Family(
+        "phi3",
+        "phi3",
+        "Phi3ForCausalLM",
+        "LlamaTokenizer",
+        "spm",
+        spm_head=("<unk>", "<s>", "</s>"),
+        added=tuple((t, True) for t in _PHI3_ADDED),
+        bos="<s>",
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        unk="<unk>",
+        add_bos=True,
+        gen_eos=("<|end|>", "<|assistant|>", "<|endoftext|>"),
+        vocab_multiple=64,
+        rstrip_added=True,
+        real_vocab="phi-3",
+    ),
+}
+
+SIZES = {
+    # tiny: a few MB; every row count a multiple of 256 so K-quants apply.
+    "tiny": dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, head_dim=64),
+    # bench: ~0.9B parameters (with a trained vocab), 4 shards.
+    "bench": dict(hidden=2048, intermediate=5632, layers=20, heads=16, kv_heads=4, head_dim=128),
+}
+
+
+def corpus_text() -> str:
+    """The shipped training corpus (English, Chinese, code, emoji), files in name order."""
+    files = sorted(CORPUS_DIR.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no corpus files under {CORPUS_DIR}")
+    return "".join(f.read_text(encoding="utf-8") for f in files)
+
+
+def chat_template(name: str) -> str:
+    """The family's HF chat template from exporter's template families."""
+    try:
+        from exporter.templates import load_template
+    except ImportError:  # TEMPORARY stand-in until the templates branch lands on main
+        return _STANDIN_TEMPLATES[name]
+    return load_template(name).jinja
+
+
+# TEMPORARY: minimal stand-ins (removed once exporter.templates lands).
+_STANDIN_TEMPLATES = {
+    "llama2": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}",
+    "llama3": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+    "mistral": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
+    "qwen": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "qwen3": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "gemma": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+    "m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    "phi3": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def _train_spm(fam: Family, work: Path) -> Path:
+    """Train a SentencePiece BPE model with byte fallback, the family's control pieces at the lowest ids."""
+    import sentencepiece as spm
+
+    lines = [ln for ln in corpus_text().splitlines() if ln.strip()]
+    ids = {p: i for i, p in enumerate(fam.spm_head)}
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=fam.trained_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=fam.spm_dummy_prefix,
+        normalization_rule_name="identity",
+        unk_id=ids[fam.unk],
+        bos_id=ids[fam.bos],
+        eos_id=ids[fam.eos] if fam.eos in ids else ids["</s>"],
+        pad_id=ids.get(fam.pad, -1) if fam.pad else -1,
+        unk_piece=fam.unk,
+        bos_piece=fam.bos,
+        eos_piece=fam.eos if fam.eos in ids else "</s>",
+        pad_piece=fam.pad or "<pad>",
+        control_symbols=[p for p in fam.spm_head if p not in (fam.unk, fam.bos, fam.eos, fam.pad, "</s>")],
+        num_threads=1,
+        seed_sentencepiece_size=100000,
+        minloglevel=2,
+    )
+    model = work / "tokenizer.model"
+    model.write_bytes(buf.getvalue())
+    return model
+
+
+def _spm_tokenizer(fam: Family, work: Path):
+    """A transformers fast tokenizer converted from a freshly trained SentencePiece model."""
+    import transformers
+    from tokenizers import AddedToken
+
+    _train_spm(fam, work)
+    cls = getattr(transformers, fam.tokenizer_class)
+    kwargs = {"bos_token": fam.bos, "eos_token": fam.eos, "unk_token": fam.unk, "add_bos_token": fam.add_bos}
+    if fam.tokenizer_class == "LlamaTokenizer":
+        kwargs["legacy"] = False  # as the hub's Llama 2 / Mistral / Phi-3 tokenizer_config.json say
+    if fam.pad:
+        kwargs["pad_token"] = fam.pad
+    if fam.name == "gemma3":
+        kwargs["extra_special_tokens"] = []
+    if fam.added:  # Phi-3: eos/pad live in the added tokens; convert first, then add them.
+        kwargs["eos_token"] = "</s>"
+        kwargs.pop("pad_token", None)
+    tok = cls.from_pretrained(str(work), **kwargs)
+    # control pieces (ids 0..) are special added tokens, as in the hub's tokenizer.json files
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in fam.spm_head], special_tokens=True)
+    if fam.added:  # Phi-3: every added token but <|endoftext|> eats the whitespace on its right
+        rstrip = fam.rstrip_added
+        tok.add_tokens(
+            [AddedToken(t, special=s, rstrip=rstrip and t != "<|endoftext|>", normalized=False) for t, s in fam.added]
+        )
+        tok.eos_token = fam.eos
+        tok.pad_token = fam.pad
+    return tok
+
+
+def _bpe_tokenizer(fam: Family):
+    """A byte-level BPE tokenizer trained with the family's pre-tokenizer regex, special tokens appended."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import BpeTrainer
+
+    regex = LLAMA3_REGEX if fam.name == "llama3" else QWEN2_REGEX
+    tk = Tokenizer(models.BPE(byte_fallback=False, fuse_unk=False))
+    if fam.name != "llama3":
+        tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tk.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=fam.trained_size,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = corpus_text().splitlines(keepends=True)
+    tk.train_from_iterator(lines, trainer=trainer)
+    tk.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in fam.added if not s])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, s in fam.added if s])
+    # add_tokens/add_special_tokens insert in call order; restore the family's order by rebuilding ids.
+    return _reorder_added(tk, fam, processors)
+
+
+def _reorder_added(tk, fam: Family, processors):
+    """Re-serialise so added tokens get consecutive ids in the family's published order."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tk.to_str())
+    base = len(data["model"]["vocab"])
+    data["added_tokens"] = [
+        {
+            "id": base + i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": s,
+        }
+        for i, (t, s) in enumerate(fam.added)
+    ]
+    tk = Tokenizer.from_str(json.dumps(data))
+    if fam.add_bos:
+        bos_id = tk.token_to_id(fam.bos)
+        tk.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{fam.bos}:0 $A:0",
+                    pair=f"{fam.bos}:0 $A:0 {fam.bos}:1 $B:1",
+                    special_tokens=[(fam.bos, bos_id)],
+                ),
+            ]
+        )
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tk
+
+
+def _wrap_bpe(fam: Family, tk):
+    import transformers
+
+    cls = getattr(transformers, fam.tokenizer_class)
+    kwargs = {"tokenizer_object": tk, "eos_token": fam.eos, "bos_token": fam.bos, "add_bos_token": fam.add_bos}
+    if fam.pad:
+        kwargs["pad_token"] = fam.pad
+    if fam.name.startswith("qwen"):
+        kwargs.update(unk_token=None, errors="replace", split_special_tokens=False)
+    return cls(**kwargs)
+
+
+def _real_vocab_tokenizer(fam: Family, work: Path):
+    """Rebuild the family's real vocabulary from llama.cpp's ggml-vocab-*.gguf (needs $EXPORTER_LLAMA_SRC)."""
+    from transformers import AutoTokenizer
+
+    src = os.environ.get("EXPORTER_LLAMA_SRC")
+    if not src:
+        raise SystemExit("--real-vocab needs EXPORTER_LLAMA_SRC (the llama-cpp-python sdist directory)")
+    gguf = Path(src) / "vendor" / "llama.cpp" / "models" / f"ggml-vocab-{fam.real_vocab}.gguf"
+    if not gguf.is_file():
+        raise SystemExit(f"--real-vocab: {gguf} not found")
+    shutil.copy(gguf, work / gguf.name)
+    return AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
+
+
+def build_tokenizer(fam: Family, work: Path, real_vocab: bool):
+    """The family's transformers tokenizer (trained here, or the real vocabulary)."""
+    if real_vocab:
+        return _real_vocab_tokenizer(fam, work)
+    if fam.kind == "spm":
+        return _spm_tokenizer(fam, work)
+    return _wrap_bpe(fam, _bpe_tokenizer(fam))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def _config(fam: Family, size: str, vocab_size: int, ids: dict[str, int | None]):
+    """The family's transformers config at the requested size."""
+    from transformers import AutoConfig
+
+    s = SIZES[size]
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        head_dim=s["head_dim"],
+        tie_word_embeddings=fam.tie,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        initializer_range=0.02,
+        architectures=[fam.arch],
+        dtype=fam.dtype,
+    )
+    n = fam.name
+    if n == "llama2":
+        extra = dict(
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+        mt = "llama"
+    elif n == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+        extra = dict(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=rope)
+        mt = "llama"
+    elif n == "mistral":
+        extra = dict(
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            sliding_window=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        )
+        mt = "mistral"
+    elif n in ("qwen2", "qwen3"):
+        extra = dict(
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        )
+        mt = n
+        if n == "qwen3":
+            extra["attention_bias"] = False
+    elif n == "gemma3":
+        extra = dict(
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            query_pre_attn_scalar=s["head_dim"],
+            sliding_window=512,
+            layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(s["layers"])],
+            hidden_activation="gelu_pytorch_tanh",
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        )
+        if s["layers"] == 2:  # exercise both attention kinds in two layers
+            extra["layer_types"] = ["sliding_attention", "full_attention"]
+        mt = "gemma3_text"
+    elif n == "phi3":
+        extra = dict(
+            max_position_embeddings=4096,
+            original_max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            sliding_window=2047,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+        mt = "phi3"
+    else:  # pragma: no cover - FAMILIES is closed
+        raise ValueError(n)
+    return AutoConfig.for_model(mt, **common, **extra)
+
+
+def _tensor(name: str, shape: tuple[int, ...], seed: int, fam: Family, dtype):
+    """One weight, drawn from a generator seeded by (seed, name): independent of build order and other tensors."""
+    import torch
+
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF)
+    leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+    if len(shape) == 1 and "norm" in name:  # RMSNorm scales: 1 + noise (Gemma stores the offset from 1)
+        w = torch.randn(shape, generator=g) * 0.05 + (0.0 if fam.name == "gemma3" else 1.0)
+    elif name.endswith(".bias"):
+        w = torch.randn(shape, generator=g) * 0.02
+    elif leaf in ("embed_tokens", "lm_head"):
+        w = torch.randn(shape, generator=g) * 0.1
+    else:
+        w = torch.randn(shape, generator=g) * 0.02
+    return w.to(dtype)
+
+
+def _tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the checkpoint's tensors, from a meta-device model (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _write_weights(out: Path, config, fam: Family, seed: int, shards: int, progress) -> int:
+    """Write the safetensors file(s) shard by shard; returns the parameter count."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, fam.dtype)
+    shapes = _tensor_shapes(config)
+    nbytes = {k: int(torch.Size(s).numel()) * dtype.itemsize for k, s in shapes.items()}
+    total = sum(nbytes.values())
+    groups: list[list[str]] = [[] for _ in range(shards)]
+    acc = 0
+    for k in shapes:  # contiguous split into `shards` groups of about equal bytes
+        groups[min(shards - 1, acc * shards // total)].append(k)
+        acc += nbytes[k]
+    groups = [g for g in groups if g]
+    weight_map = {}
+    task = progress.add_task("weights", total=total) if progress else None
+    for i, names in enumerate(groups):
+        fname = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for k in names:
+            tensors[k] = _tensor(k, shapes[k], seed, fam, dtype)
+            weight_map[k] = fname
+            if progress:
+                progress.advance(task, nbytes[k])
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return sum(int(torch.Size(s).numel()) for s in shapes.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Assembly
+
+
+def _finish_tokenizer_files(out: Path, tok, fam: Family, template: str) -> None:
+    """Chat template in tokenizer_config.json and chat_template.jinja; special_tokens_map.json like the hub's."""
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for junk in ("is_local", "local_files_only", "vocab_file", "name_or_path"):  # build-machine details
+        cfg.pop(junk, None)
+    named = {str(v) for v in (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) if v is not None}
+    extra = [t for t in cfg.pop("extra_special_tokens", []) if t not in named]
+    if extra:
+        cfg["extra_special_tokens"] = extra
+    if fam.tokenizer_class == "PreTrainedTokenizerFast":  # the name the hub's Llama 3 uses (v5 alias)
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = template
+    cfg["add_bos_token"] = fam.add_bos
+    cfg.setdefault("add_eos_token", False)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    (out / "chat_template.jinja").write_text(template)
+    smap = {k: v for k, v in tok.special_tokens_map.items() if v is not None}
+    (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, ensure_ascii=False) + "\n")
+
+
+def _deterministic_json(path: Path) -> None:
+    """Drop fields that would differ between builds (transformers writes its version; keep it, it is stable)."""
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def make(
+    family: str,
+    out: Path | str,
+    size: str = "tiny",
+    seed: int = 0,
+    real_vocab: bool = False,
+    force: bool = False,
+    progress=None,
+) -> Path:
+    """Build the fixture for `family` into `out` (atomically) and return `out`."""
+    from transformers import GenerationConfig
+
+    if family not in SPECS:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+    fam = SPECS[family]
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists (use --force)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    template = chat_template(fam.template)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix="spm-", dir=tmp))
+        tok = build_tokenizer(fam, work, real_vocab)
+        tok.chat_template = template
+        tok.save_pretrained(str(tmp))
+        if fam.kind == "spm" and not real_vocab:
+            shutil.copy(work / "tokenizer.model", tmp / "tokenizer.model")
+        shutil.rmtree(work)
+        for leftover in tmp.glob("*.gguf"):
+            leftover.unlink()
+        _finish_tokenizer_files(tmp, tok, fam, template)
+
+        ids = {
+            "bos": tok.convert_tokens_to_ids(fam.bos) if fam.bos else None,
+            "eos": tok.convert_tokens_to_ids(fam.eos),
+            "pad": tok.convert_tokens_to_ids(fam.pad) if fam.pad else None,
+        }
+        if fam.name.startswith("qwen"):  # Qwen's config.json names <|endoftext|> as bos
+            ids["bos"] = tok.convert_tokens_to_ids("<|endoftext|>")
+        n = len(tok)
+        vocab_size = -(-n // fam.vocab_multiple) * fam.vocab_multiple
+        config = _config(fam, size, vocab_size, ids)
+        config.save_pretrained(str(tmp))
+        _deterministic_json(tmp / "config.json")
+        gen_eos = [tok.convert_tokens_to_ids(t) for t in fam.gen_eos]
+        if real_vocab:  # a real vocab may lack some of the family's tokens; keep the ones it has
+            gen_eos = [i for i in gen_eos if i is not None and i != tok.unk_token_id] or [ids["eos"]]
+        gen = GenerationConfig(
+            bos_token_id=ids["bos"], eos_token_id=gen_eos if len(gen_eos) > 1 else gen_eos[0], pad_token_id=ids["pad"]
+        )
+        gen.save_pretrained(str(tmp))
+        _deterministic_json(tmp / "generation_config.json")
+        _write_weights(tmp, config, fam, seed, 4 if size == "bench" else 1, progress)
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def source_hash() -> str:
+    """Hash of everything a fixture depends on: this script, the corpus, the template families."""
+    h = hashlib.sha256()
+    files = [Path(__file__).resolve(), *sorted(CORPUS_DIR.glob("*.txt")), *sorted((ROOT / "templates").glob("*"))]
+    files += [ROOT / "exporter" / "templates.py"]
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("family", choices=FAMILIES)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real-vocab", action="store_true", help="use the family's real vocabulary (llama.cpp sdist)")
+    ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = ap.parse_args(argv)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()) as p:
+        try:
+            out = make(args.family, args.out, args.size, args.seed, args.real_vocab, args.force, progress=p)
+        except (FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Shared test fixtures: tiny models of every family (built once per cache dir) and reference-availability helpers.
+
+    def test_x(tiny_model, tmp_path):
+        src = tiny_model("qwen2")                  # Path of a cached HF dir; never mutate it
+        work = shutil.copytree(src, tmp_path / "m")  # copy first when a test writes into the model dir
+
+`tiny_model(family, real_vocab=False)` builds with `scripts/make_tiny_model.py` into
+`$EXPORTER_FIXTURES/<hash>/` (default `~/.cache/exporter/fixtures/<hash>/`), where the hash covers the script,
+the corpus, the template families and the transformers/tokenizers versions; a file lock makes parallel sessions
+safe and the build is renamed into place only when complete.
+`llama_src()`, `require_go()`, `require_llama_cpp()` skip a test when a reference is missing locally and fail it
+when `EXPORTER_REQUIRE_REFERENCES=1` (CI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+# exporter template family name of each fixture family
+TEMPLATE_OF = {
+    "llama2": "llama2",
+    "llama3": "llama3",
+    "mistral": "mistral",
+    "qwen2": "qwen",
+    "qwen3": "qwen3",
+    "gemma3": "gemma",
+    "phi3": "phi3",
+}
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("EXPORTER_REQUIRE_REFERENCES") == "1":
+        pytest.fail(f"{what} is required here (EXPORTER_REQUIRE_REFERENCES=1) but missing")
+    pytest.skip(f"{what} not available")
+
+
+def llama_src() -> Path:
+    """The llama-cpp-python sdist (llama.cpp converter, vocabularies, templates) from $EXPORTER_LLAMA_SRC."""
+    value = os.environ.get("EXPORTER_LLAMA_SRC")
+    if value and (Path(value) / "vendor" / "llama.cpp" / "models").is_dir():
+        return Path(value)
+    _missing(f"llama.cpp reference sdist (EXPORTER_LLAMA_SRC={value!r})")
+    raise AssertionError("unreachable")
+
+
+def require_go() -> str:
+    """Path of the `go` binary (real Go text/template renders Ollama templates)."""
+    go = shutil.which("go")
+    if go:
+        return go
+    _missing("the Go toolchain (`go` on PATH)")
+    raise AssertionError("unreachable")
+
+
+def require_llama_cpp() -> ModuleType:
+    """The `llama_cpp` module (llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        _missing("llama-cpp-python (`import llama_cpp`)")
+        raise AssertionError("unreachable") from None
+    return llama_cpp
+
+
+def load_maker() -> ModuleType:
+    """`scripts/make_tiny_model.py` as a module (scripts/ is not a package)."""
+    if "make_tiny_model" in sys.modules:
+        return sys.modules["make_tiny_model"]
+    path = ROOT / "scripts" / "make_tiny_model.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_model", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_tiny_model"] = module  # dataclasses need the module registered while it executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["make_tiny_model"]
+        raise
+    return module
+
+
+def fixtures_root() -> Path:
+    """Cache directory of this version of the fixtures."""
+    import tokenizers
+    import transformers
+
+    maker = load_maker()
+    h = hashlib.sha256(f"{maker.source_hash()}|{transformers.__version__}|{tokenizers.__version__}".encode())
+    base = Path(os.environ.get("EXPORTER_FIXTURES") or Path.home() / ".cache" / "exporter" / "fixtures")
+    return base / h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_fixture(family: str, real_vocab: bool = False) -> Path:
+    """Build (once per cache dir) and return the fixture dir of `family`."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if real_vocab:
+        os.environ["EXPORTER_LLAMA_SRC"] = str(llama_src())
+    root = fixtures_root()
+    out = root / (f"{family}-real" if real_vocab else family)
+    if (out / "config.json").is_file():
+        return out
+    with _locked(root / f".{out.name}.lock"):
+        if not (out / "config.json").is_file():  # another session may have built it while we waited
+            load_maker().make(family, out, real_vocab=real_vocab, force=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., Path]:
+    """Factory: `tiny_model("qwen2")` / `tiny_model("llama3", real_vocab=True)` -> cached HF model dir (read-only)."""
+    return build_fixture
