@@ -71,7 +71,7 @@ TOKENIZER_CORPUS: list[str] = [
     "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
     'for (int i = 0; i < 10; ++i) { printf("%d\\n", i); }',
     '{"key": [1, 2.5, -3e10], "nested": {"a": null, "b": true}}',
-    "<div class=\"x\">&amp; &lt;tag&gt;</div>\t// comment\r\n",
+    '<div class="x">&amp; &lt;tag&gt;</div>\t// comment\r\n',
     "   leading spaces",
     "trailing spaces   ",
     "  \n\n  \t\t mixed \n whitespace \t\n",
@@ -269,8 +269,10 @@ def discover(run_dir: Path) -> Artifacts:
 
 def _data_texts(path: Path, limit: int = 200) -> tuple[list[str], list[str]]:
     """(texts, user prompts) from a JSON/JSONL data file or dir (every string value; user turns as prompts)."""
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.name != "dataset_info.json"
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.name != "dataset_info.json")
     )
     texts: list[str] = []
     prompts: list[str] = []
@@ -295,9 +297,11 @@ def _data_texts(path: Path, limit: int = 200) -> tuple[list[str], list[str]]:
     for f in files:
         try:
             raw = f.read_text(encoding="utf-8")
-            records = [json.loads(line) for line in raw.splitlines() if line.strip()] if f.suffix == ".jsonl" else [
-                json.loads(raw)
-            ]
+            records = (
+                [json.loads(line) for line in raw.splitlines() if line.strip()]
+                if f.suffix == ".jsonl"
+                else [json.loads(raw)]
+            )
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"data {f}: not readable JSON ({e})") from None
         walk(records)
@@ -408,8 +412,11 @@ def read_gguf(path: Path) -> GGUFInfo:
         ftype = ftype.lower()
     except (TypeError, ValueError):
         ftype = "unknown"
-    eog = {n: int(kv[f"tokenizer.ggml.{n}_token_id"]) for n in ("eos", "eot", "eom") if
-           f"tokenizer.ggml.{n}_token_id" in kv}
+    eog = {
+        n: int(kv[f"tokenizer.ggml.{n}_token_id"])
+        for n in ("eos", "eot", "eom")
+        if f"tokenizer.ggml.{n}_token_id" in kv
+    }
     eos_ids = kv.get("tokenizer.ggml.eos_token_ids")
     return GGUFInfo(
         path=path,
@@ -480,7 +487,11 @@ def _text_diff(a: str, b: str, what_a: str, what_b: str) -> str:
 
 
 def check_template(
-    tpl: Any, tpl_reason: str | None, tok: Any, exported: dict[str, str], ggufs: list[GGUFInfo],
+    tpl: Any,
+    tpl_reason: str | None,
+    tok: Any,
+    exported: dict[str, str],
+    ggufs: list[GGUFInfo],
     modelfiles: list[Modelfile],
 ) -> list[Check]:
     """Training renderer == exported HF Jinja == GGUF chat_template == Go-rendered Modelfile TEMPLATE."""
@@ -510,8 +521,13 @@ def check_template(
             )
             break
     checks.append(
-        Check("template", f"training ({tpl.name})", "fail" if bad else "pass", bad or f"{n} conversations: ids equal",
-              {"conversations": n})
+        Check(
+            "template",
+            f"training ({tpl.name})",
+            "fail" if bad else "pass",
+            bad or f"{n} conversations: ids equal",
+            {"conversations": n},
+        )
     )
 
     # 2./3. exported Jinja strings (tokenizer_config.json, chat_template.jinja, each GGUF) render like training's
@@ -565,8 +581,13 @@ def check_template(
             checks.append(Check("template", target, "skip", f"Go toolchain not available: {e}"))
             continue
         checks.append(
-            Check("template", target, "fail" if problem else "pass",
-                  problem or f"{n} prompts render identically with Go text/template", {"conversations": n})
+            Check(
+                "template",
+                target,
+                "fail" if problem else "pass",
+                problem or f"{n} prompts render identically with Go text/template",
+                {"conversations": n},
+            )
         )
     return checks
 
@@ -602,9 +623,17 @@ def check_stops(
         gen = _gen_eos(merged)
         missing = [t for t, i in eot.items() if i not in (gen or [])]
         checks.append(
-            Check("stops", "generation_config.json", "fail" if missing else "pass",
-                  (f"generation_config.json eos_token_id {gen} lacks {', '.join(f'{t} ({eot[t]})' for t in missing)}"
-                   if missing else f"eos_token_id {gen} includes {names}"), {"eos_token_id": gen, "eot_ids": eot})
+            Check(
+                "stops",
+                "generation_config.json",
+                "fail" if missing else "pass",
+                (
+                    f"generation_config.json eos_token_id {gen} lacks {', '.join(f'{t} ({eot[t]})' for t in missing)}"
+                    if missing
+                    else f"eos_token_id {gen} includes {names}"
+                ),
+                {"eos_token_id": gen, "eot_ids": eot},
+            )
         )
     for g in ggufs:
         declared = set(g.eog_ids.values()) | set(g.eos_ids)
@@ -633,16 +662,28 @@ def check_stops(
             except GGUFLoadError as e:
                 problems.append(str(e))
         checks.append(
-            Check("stops", g.path.name, "fail" if problems else "pass",
-                  "; ".join(problems) or f"{names} end generation (metadata and llama.cpp)",
-                  {"eot_ids": eot, "metadata": g.eog_ids})
+            Check(
+                "stops",
+                g.path.name,
+                "fail" if problems else "pass",
+                "; ".join(problems) or f"{names} end generation (metadata and llama.cpp)",
+                {"eot_ids": eot, "metadata": g.eog_ids},
+            )
         )
     for mf in modelfiles:
         missing = [t for t in eot if t not in mf.stops]
         checks.append(
-            Check("stops", mf.path.name, "fail" if missing else "pass",
-                  (f"no PARAMETER stop for {', '.join(missing)} (stops: {mf.stops})" if missing
-                   else f"PARAMETER stop for {names}"), {"stops": mf.stops})
+            Check(
+                "stops",
+                mf.path.name,
+                "fail" if missing else "pass",
+                (
+                    f"no PARAMETER stop for {', '.join(missing)} (stops: {mf.stops})"
+                    if missing
+                    else f"PARAMETER stop for {names}"
+                ),
+                {"stops": mf.stops},
+            )
         )
     return checks
 
@@ -675,8 +716,13 @@ def check_tokenizer(tok: Any, ggufs: list[GGUFInfo], data_texts: list[str], chat
         else:
             detail = f"{n} texts: identical ids"
         checks.append(
-            Check("tokenizer", g.path.name, "fail" if mismatches else "pass", detail,
-                  {"texts": n, "mismatches": len(mismatches), "pre": g.pre, "examples": mismatches[:5]})
+            Check(
+                "tokenizer",
+                g.path.name,
+                "fail" if mismatches else "pass",
+                detail,
+                {"texts": n, "mismatches": len(mismatches), "pre": g.pre, "examples": mismatches[:5]},
+            )
         )
     return checks
 
@@ -823,8 +869,9 @@ def _gguf_greedy(llm: Any, prompt: list[int], max_new: int) -> list[int]:
 def _progress(total: int, label: str) -> Iterator[Callable[[], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as p:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+    ) as p:
         task = p.add_task(label, total=total)
         yield lambda: p.advance(task)
 
@@ -921,20 +968,27 @@ def verify(
     hf_model = _load_hf(art.merged) if art.merged else None
     checks += _check_numbers(art, tok, hf_model, infos, thresholds, ctx, max_windows, data_texts)
     prompt_list = (data_prompts + CHAT_PROMPTS)[:prompts]
-    checks += _check_chat(tok, hf_model, chat_source, infos, prompt_list, gen_eos or list(eot.values()),
-                          max_new_tokens)
+    checks += _check_chat(tok, hf_model, chat_source, infos, prompt_list, gen_eos or list(eot.values()), max_new_tokens)
 
     from exporter import manifest
 
-    artifacts = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-                 for k, v in dataclasses.asdict(art).items()}
+    artifacts = {
+        k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+        for k, v in dataclasses.asdict(art).items()
+    }
     artifacts["template"] = tpl.name if tpl is not None else None
     return Report(checks, artifacts, thresholds, time.perf_counter() - t0, manifest.versions())
 
 
 def _check_numbers(
-    art: Artifacts, tok: Any, hf_model: Any, infos: list[GGUFInfo], thresholds: dict[str, float], ctx: int,
-    max_windows: int, data_texts: list[str],
+    art: Artifacts,
+    tok: Any,
+    hf_model: Any,
+    infos: list[GGUFInfo],
+    thresholds: dict[str, float],
+    ctx: int,
+    max_windows: int,
+    data_texts: list[str],
 ) -> list[Check]:
     if hf_model is None and art.adapter is None:
         return [Check("perplexity", "-", "skip", "no HF model (--merged or --adapter) to compare with")]
@@ -952,14 +1006,26 @@ def _check_numbers(
         ref_model = hf_model if hf_model is not None else _load_adapter(art.base, art.adapter)
         ref = score(_hf_logits(ref_model), wins, None, True, step)
         base_metrics = {"ref": ref_name, "ref_ppl": ref.ppl, "tokens": ref.tokens, "windows": len(wins), "ctx": ctx}
-        checks.append(Check("perplexity", ref_name, "pass", f"reference ppl {ref.ppl:.4f} on {ref.tokens} tokens",
-                            {"ppl": ref.ppl, **base_metrics}))
+        checks.append(
+            Check(
+                "perplexity",
+                ref_name,
+                "pass",
+                f"reference ppl {ref.ppl:.4f} on {ref.tokens} tokens",
+                {"ppl": ref.ppl, **base_metrics},
+            )
+        )
         others: list[tuple[str, str, Callable[[], Any]]] = []
         if hf_model is not None and art.adapter is not None:
             others.append(("adapter", "adapter", lambda: _load_adapter(art.base, art.adapter)))
         for g in infos:
-            others.append((g.path.name, g.file_type, lambda g=g: _load_llama(g, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
-                                                                            logits_all=True)))
+            others.append(
+                (
+                    g.path.name,
+                    g.file_type,
+                    lambda g=g: _load_llama(g, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True),
+                )
+            )
         for target, kind, load in others:
             try:
                 m = load()
@@ -975,21 +1041,42 @@ def _check_numbers(
             del m
             rel = abs(s.ppl - ref.ppl) / ref.ppl
             thr = thresholds.get(kind)
-            metrics = {"ppl": s.ppl, "rel_diff": rel, "threshold": thr, "type": kind, "kld": s.kld, "top1": s.top1,
-                       **base_metrics}
+            metrics = {
+                "ppl": s.ppl,
+                "rel_diff": rel,
+                "threshold": thr,
+                "type": kind,
+                "kld": s.kld,
+                "top1": s.top1,
+                **base_metrics,
+            }
             if thr is None:
-                checks.append(Check("perplexity", target, "fail",
-                                    f"no threshold for type {kind!r}; pass --ppl-threshold {kind}=FRACTION", metrics))
+                checks.append(
+                    Check(
+                        "perplexity",
+                        target,
+                        "fail",
+                        f"no threshold for type {kind!r}; pass --ppl-threshold {kind}=FRACTION",
+                        metrics,
+                    )
+                )
                 continue
             ok = rel <= thr
-            detail = (f"ppl {s.ppl:.4f} vs {ref_name} {ref.ppl:.4f}: {rel * 100:.3f}% "
-                      f"{'<=' if ok else '>'} {thr * 100:g}% ({kind}); KL {s.kld:.2e}, top-1 {s.top1 * 100:.1f}%")
+            detail = (
+                f"ppl {s.ppl:.4f} vs {ref_name} {ref.ppl:.4f}: {rel * 100:.3f}% "
+                f"{'<=' if ok else '>'} {thr * 100:g}% ({kind}); KL {s.kld:.2e}, top-1 {s.top1 * 100:.1f}%"
+            )
             checks.append(Check("perplexity", target, "pass" if ok else "fail", detail, metrics))
     return checks
 
 
 def _check_chat(
-    tok: Any, hf_model: Any, jinja: str | None, infos: list[GGUFInfo], prompts: list[str], stop: list[int],
+    tok: Any,
+    hf_model: Any,
+    jinja: str | None,
+    infos: list[GGUFInfo],
+    prompts: list[str],
+    stop: list[int],
     max_new: int,
 ) -> list[Check]:
     if hf_model is None or not infos or not prompts:
@@ -1030,28 +1117,47 @@ def _check_chat(
                 {"prompt": p, "hf": h, "gguf": tok.decode(o, skip_special_tokens=True), "first_divergence": f}
                 for p, h, o, f in zip(prompts, hf_answers, outs, firsts, strict=True)
             ]
-            metrics = {"prompts": len(prompts), "exact": firsts.count(None), "first_divergence": firsts,
-                       "hf_tokens": [r[0] for r in ref], "gguf_tokens": outs, "answers": answers,
-                       "near_ties": len(notes)}
+            metrics = {
+                "prompts": len(prompts),
+                "exact": firsts.count(None),
+                "first_divergence": firsts,
+                "hf_tokens": [r[0] for r in ref],
+                "gguf_tokens": outs,
+                "answers": answers,
+                "near_ties": len(notes),
+            }
             real = [f for f in firsts if f is not None and f not in notes]
             if g.file_type in FULL_PRECISION:
                 if real:
                     k = next(j for j, f in enumerate(firsts) if f is not None and f not in notes)
                     w, o = ref[k][0], outs[k]
                     f = firsts[k]
-                    detail = (f"prompt {prompts[k]!r}: GGUF diverges from HF at token {f}: "
-                              f"HF {tok.decode(w[f : f + 4])!r}{' (stop)' if f == len(w) - 1 and w[-1] in stop else ''}"
-                              f" vs GGUF {tok.decode(o[f : f + 4])!r}"
-                              + (" (GGUF did not stop)" if len(o) > len(w) else ""))
+                    detail = (
+                        f"prompt {prompts[k]!r}: GGUF diverges from HF at token {f}: "
+                        f"HF {tok.decode(w[f : f + 4])!r}{' (stop)' if f == len(w) - 1 and w[-1] in stop else ''}"
+                        f" vs GGUF {tok.decode(o[f : f + 4])!r}" + (" (GGUF did not stop)" if len(o) > len(w) else "")
+                    )
                     checks.append(Check("chat", g.path.name, "fail", detail, metrics))
                 else:
                     extra = f" ({len(notes)} near-tie)" if notes else ""
-                    checks.append(Check("chat", g.path.name, "pass",
-                                        f"{firsts.count(None)}/{len(prompts)} answers token-exact incl. stop{extra}",
-                                        metrics))
+                    checks.append(
+                        Check(
+                            "chat",
+                            g.path.name,
+                            "pass",
+                            f"{firsts.count(None)}/{len(prompts)} answers token-exact incl. stop{extra}",
+                            metrics,
+                        )
+                    )
             else:
                 div = ", ".join("=" if f is None else str(f) for f in firsts)
-                checks.append(Check("chat", g.path.name, "pass",
-                                    f"{firsts.count(None)}/{len(prompts)} token-exact; first divergence per prompt: "
-                                    f"{div}", metrics))
+                checks.append(
+                    Check(
+                        "chat",
+                        g.path.name,
+                        "pass",
+                        f"{firsts.count(None)}/{len(prompts)} token-exact; first divergence per prompt: {div}",
+                        metrics,
+                    )
+                )
     return checks

@@ -109,7 +109,9 @@ def write_junit(report: Report, path: Path) -> None:
     for c in report.checks:
         lines.append(f"  <testcase classname={quoteattr('verify.' + c.check)} name={quoteattr(c.target)}>")
         if c.status == "fail":
-            lines.append(f"    <failure message={quoteattr(c.detail)}>{escape(json.dumps(c.metrics, default=str))}</failure>")
+            lines.append(
+                f"    <failure message={quoteattr(c.detail)}>{escape(json.dumps(c.metrics, default=str))}</failure>"
+            )
         elif c.status == "skip":
             lines.append(f"    <skipped message={quoteattr(c.detail)}/>")
         lines.append("  </testcase>")
