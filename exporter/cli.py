@@ -128,8 +128,13 @@ def _verify(
     ),
     prompts: int = typer.Option(4, "--prompts", min=0, help="Greedy chat prompts compared HF vs GGUF."),
     text: Path = typer.Option(None, "--text", help="Held-out text file for perplexity (default: built-in)."),
-    data: Path = typer.Option(None, "--data", help="Training data (JSON/JSONL file or dir): texts and prompts."),
+    data: list[Path] = typer.Option(
+        [], "--data", help="Training data (JSON/JSONL file or dir, repeatable): its texts and prompts are checked too."
+    ),
     ctx: int = typer.Option(128, "--ctx", min=8, help="Perplexity window (llama.cpp's -c)."),
+    max_windows: int = typer.Option(
+        8, "--max-windows", min=1, help="Perplexity windows at most (llama.cpp's --chunks)."
+    ),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Greedy tokens per chat prompt."),
 ) -> None:
     """Prove an export is faithful: templates, stop tokens, tokenizer, perplexity and chat; exit 1 on a failure."""
@@ -156,6 +161,19 @@ def _verify(
     if junit is not None:
         verify_report.write_junit(rep, junit)
     raise typer.Exit(0 if rep.passed else 1)
+
+
+# pipeline ----------------------------------------------------------------------------------------------------
+@app.command("pipeline")
+def _pipeline(
+    config_file: Path = typer.Argument(..., help="Pipeline YAML (base, run_dir, template, train/merge/gguf/verify)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.max_steps=5."),
+) -> None:
+    """train -> merge -> gguf -> verify into one run dir; finished stages are skipped; exit 1 if verify fails."""
+    from exporter import pipeline
+
+    result = pipeline.run(pipeline.load_config(config_file, overrides or []))
+    raise typer.Exit(0 if result.passed else 1)
 
 
 def main() -> None:

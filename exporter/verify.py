@@ -167,7 +167,7 @@ class Artifacts:
     merged: Path | None = None
     ggufs: list[Path] = dataclasses.field(default_factory=list)
     modelfiles: list[Path] = dataclasses.field(default_factory=list)
-    data: Path | None = None
+    data: list[Path] = dataclasses.field(default_factory=list)
     text: Path | None = None
 
 
@@ -256,7 +256,7 @@ def discover(run_dir: Path) -> Artifacts:
     if state.is_file():
         doc = json.loads(state.read_text(encoding="utf-8"))
         art.base = Path(doc["base"]) if doc.get("base") else None
-        art.data = Path(doc["data"]) if doc.get("data") else None
+        art.data = [Path(p) for p in doc.get("data") or []]
     for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and ".tmp-" not in p.name):
         if (d / "adapter_config.json").is_file() and art.adapter is None:
             art.adapter = d
@@ -900,7 +900,7 @@ def _check_inputs(art: Artifacts) -> None:
         raise UserError(f"--merged {art.merged}: no config.json (expected an exported HF model dir)")
     if art.adapter is not None and not (art.adapter / "adapter_config.json").is_file():
         raise UserError(f"--adapter {art.adapter}: no adapter_config.json (expected a PEFT adapter dir)")
-    for p in art.ggufs + art.modelfiles + [x for x in (art.text, art.data) if x is not None]:
+    for p in art.ggufs + art.modelfiles + art.data + ([art.text] if art.text else []):
         if not Path(p).exists():
             raise UserError(f"{p}: no such file")
     if art.merged is None and art.adapter is None and not art.ggufs and not art.modelfiles:
@@ -918,7 +918,7 @@ def verify(
     thresholds: dict[str, float] | None = None,
     prompts: int = 4,
     text: Path | None = None,
-    data: Path | None = None,
+    data: Path | Sequence[Path] | None = None,
     ctx: int = 128,
     max_windows: int = 8,
     max_new_tokens: int = 24,
@@ -932,7 +932,8 @@ def verify(
     art.ggufs = [Path(p) for p in ggufs] or art.ggufs
     art.modelfiles = [Path(p) for p in modelfiles] or art.modelfiles
     art.text = Path(text) if text else None
-    art.data = Path(data) if data else art.data
+    if data:
+        art.data = [Path(data)] if isinstance(data, (str, Path)) else [Path(p) for p in data]
     if art.adapter is not None and art.base is None:
         cfg = json.loads((art.adapter / "adapter_config.json").read_text(encoding="utf-8"))
         if cfg.get("base_model_name_or_path"):
@@ -943,7 +944,11 @@ def verify(
     thresholds = dict(thresholds or DEFAULT_THRESHOLDS)
     infos = [read_gguf(p) for p in art.ggufs]
     mfs = [parse_modelfile(p) for p in art.modelfiles]
-    data_texts, data_prompts = _data_texts(art.data) if art.data else ([], [])
+    data_texts, data_prompts = [], []
+    for p in art.data:
+        t, q = _data_texts(p)
+        data_texts, data_prompts = data_texts + t, data_prompts + q
+    data_texts, data_prompts = list(dict.fromkeys(data_texts))[:200], list(dict.fromkeys(data_prompts))
 
     from transformers import AutoTokenizer
 
