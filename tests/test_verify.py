@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import require_go, require_llama_cpp
+from conftest import FAMILIES, TEMPLATE_OF, require_go, require_llama_cpp
 from export_edits import rewrite_gguf, sharpen_attention
 
 from exporter import verify as V
@@ -244,3 +244,34 @@ def test_chunked_windows_match_llama_cpp_convention() -> None:
     logits = np.zeros((8, 40), dtype=np.float32)
     s = V.score(lambda w: logits, wins, None, False, lambda: None)
     assert s.tokens == 2 * (8 - 8 // 2 - 1) and s.ppl == pytest.approx(40.0)
+
+
+# Families whose good export verify currently rejects, for causes outside verify (each found by verify itself).
+_KNOWN = {
+    "llama2": "templates: the llama2 family's Modelfile has no PARAMETER stop for its end-of-turn token </s>",
+    "mistral": "gguf: SPM text after a control token / leading spaces tokenize differently in llama.cpp than in HF",
+    "phi3": "gguf: SPM text after a control token / leading spaces tokenize differently in llama.cpp than in HF",
+    "gemma3": "gguf: no {arch}.attention.sliding_window_pattern, so llama.cpp uses its 5:1 SWA pattern and the SWA "
+    "rope base on a layer HF runs as full attention",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=_KNOWN[f])) if f in _KNOWN else f for f in FAMILIES],
+)
+def test_good_export_of_every_family_passes(family: str, tiny_model, tmp_path: Path) -> None:
+    require_llama_cpp()
+    from exporter import gguf, templates
+
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model(family), merged)
+    sharpen_attention(merged)
+    tpl = templates.resolve(merged, TEMPLATE_OF[family])
+    templates.write_into(merged, tpl)
+    res = gguf.export(merged, ["f16"], tpl, tmp_path / "gguf")
+    rep = V.verify(
+        merged=merged, ggufs=[res.files["f16"]], modelfiles=[res.modelfiles["f16"]], template=tpl.name, **FAST
+    )
+    assert rep.passed, _failed(rep)
