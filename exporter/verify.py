@@ -1084,8 +1084,10 @@ def _check_chat(
     stop: list[int],
     max_new: int,
 ) -> list[Check]:
-    if hf_model is None or not infos or not prompts:
-        return [Check("chat", "-", "skip", "needs --merged and at least one --gguf")] if infos or hf_model else []
+    if not infos or not prompts:
+        return []
+    if hf_model is None:
+        return [Check("chat", "-", "skip", "needs --merged (the HF model to compare the GGUF answers with)")]
     if not jinja:
         return [Check("chat", "-", "fail", "no chat template to render the prompts with")]
     prompt_ids = [
