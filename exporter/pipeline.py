@@ -159,7 +159,9 @@ def run(cfg: PipelineConfig) -> PipelineResult:
                     [_fingerprint(p) for p in data_files])  # fmt: skip
     h_merge = _hash("merge", h_train, cfg.merge)
     h_gguf = _hash("gguf", h_merge, cfg.gguf)
-    h_verify = _hash("verify", h_gguf, cfg.verify)
+    h_verify = _hash(
+        "verify", h_gguf, cfg.verify, _fingerprint(Path(cfg.verify["text"])) if "text" in cfg.verify else 0
+    )
     outputs = {
         "train": adapter / "adapter_model.safetensors",
         "merge": merged / "config.json",
