@@ -86,13 +86,16 @@ def ollama_data(
     tools: list[dict[str, Any]] | None = None,
     system: str | None = None,
     think: bool | None = None,
+    split_thinking: bool = False,
 ) -> dict[str, Any]:
     """The variables Ollama's chat endpoint gives a TEMPLATE for `messages` (OpenAI/HF style dicts).
 
     Mirrors Ollama: a Modelfile `SYSTEM` (`system`) is prepended when the conversation has no system message;
     consecutive messages of the same role (except tool) are merged with a blank line; `.System` joins all system
     messages; `reasoning_content` becomes `.Thinking`; tool-call arguments become an object (printed as compact
-    JSON by the template); `think` sets `.Think` and `.IsThinkSet` (HF `enable_thinking`).
+    JSON by the template); `think` sets `.Think` and `.IsThinkSet` (HF `enable_thinking`). With
+    `split_thinking` (thinking models), an answer's inline `<think>...</think>` moves to `.Thinking` as Ollama's
+    thinking parser returns it, and thinking loses its surrounding newlines (as the Qwen3 Jinja strips them).
     """
     msgs = list(messages)
     if system is not None and (not msgs or msgs[0].get("role") != "system"):
@@ -101,8 +104,13 @@ def ollama_data(
     for i, m in enumerate(msgs):
         role = str(m.get("role", "")).lower()
         item: dict[str, Any] = {"role": role, "content": m.get("content") or ""}
-        if m.get("reasoning_content"):
-            item["thinking"] = m["reasoning_content"]
+        thinking = m.get("reasoning_content")
+        if split_thinking and role == "assistant" and thinking is None and "</think>" in item["content"]:
+            before, _, after = item["content"].partition("</think>")
+            thinking = before.rstrip("\n").split("<think>")[-1]
+            item["content"] = after.split("</think>")[-1].lstrip("\n")
+        if thinking:
+            item["thinking"] = thinking.strip("\n") if split_thinking else thinking
         calls = []
         for j, tc in enumerate(m.get("tool_calls") or []):
             fn = tc.get("function", tc)
@@ -130,3 +138,19 @@ def ollama_data(
         "Think": bool(think),
         "IsThinkSet": think is not None,
     }
+
+
+def render_go_many(items: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Render many (template, data) pairs in one Go process; a failing item raises UserError naming its index."""
+    if not items:
+        return []
+    exe = go_binary()
+    payload = json.dumps([{"template": t, "data": d} for t, d in items], ensure_ascii=False).encode("utf-8")
+    r = subprocess.run([str(exe)], input=payload, capture_output=True)
+    if r.returncode != 0:
+        raise UserError(f"Go template renderer failed: {r.stderr.decode('utf-8', 'replace').strip()}")
+    results = json.loads(r.stdout.decode("utf-8"))
+    for k, res in enumerate(results):
+        if res.get("err"):
+            raise UserError(f"Go template error (item {k}): {res['err']}")
+    return [res["out"] for res in results]

@@ -110,17 +110,19 @@ def load_template(name: str) -> ChatTemplate:
     return _parse(name, files[name].read_text(encoding="utf-8"), f"template family {name}")
 
 
-def _token_id(out_dir: Path, token: str) -> int | None:
+def _token_ids(out_dir: Path, tokens: list[str]) -> list[int | None]:
+    """Ids of `tokens` in the tokenizer saved in `out_dir` (None where the vocabulary lacks one)."""
     tj = out_dir / "tokenizer.json"
     if tj.is_file():
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(tj)).token_to_id(token)
+        tk = Tokenizer.from_file(str(tj))
+        return [tk.token_to_id(t) for t in tokens]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out_dir))
-    ids = tok.convert_tokens_to_ids([token])
-    return None if ids[0] is None or ids[0] == tok.unk_token_id else int(ids[0])
+    ids = tok.convert_tokens_to_ids(tokens)
+    return [None if i is None or i == tok.unk_token_id else int(i) for i in ids]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -143,8 +145,7 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     tpl = tpl.for_tokenizer(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
     ids = []
-    for token in tpl.eot_tokens:
-        tid = _token_id(out_dir, token)
+    for token, tid in zip(tpl.eot_tokens, _token_ids(out_dir, tpl.eot_tokens), strict=True):
         if tid is None:
             raise UserError(
                 f"template {tpl.name!r} ends assistant turns with {token!r}, but the tokenizer in {out_dir} has no "
@@ -485,18 +486,23 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 def _tokenize(tokenizer: Any, segments: list[Segment]) -> tuple[list[int], list[bool]]:
     """Token ids of the joined text (exactly `tokenizer(text, add_special_tokens=False)`) and a trained flag per
-    token: a token is trained when its last character lies in a trained segment."""
+    token: a token is trained when at least half of its characters lie in trained segments (so "▁Hello" after a
+    prompt space, or an end-of-turn token that swallows the following newline, count as answer tokens)."""
     text = "".join(t for t, _ in segments)
-    trained_at = []
+    prefix = [0]  # prefix[i] = number of trained characters in text[:i]
     for t, trained in segments:
-        trained_at.extend([trained] * len(t))
+        for _ in t:
+            prefix.append(prefix[-1] + (1 if trained else 0))
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         flags = []
         for start, end in enc["offset_mapping"]:
-            pos = end - 1 if end > start else start
-            flags.append(bool(trained_at[pos]) if 0 <= pos < len(trained_at) else False)
+            start, end = max(0, min(start, len(text))), max(0, min(end, len(text)))
+            if end > start:
+                flags.append(2 * (prefix[end] - prefix[start]) >= end - start)
+            else:
+                flags.append(start < len(text) and prefix[start + 1] > prefix[start])
         return ids, flags
     # slow tokenizers have no offsets: tokenize segment by segment (ids may differ at segment boundaries)
     ids, flags = [], []

@@ -107,7 +107,8 @@ def test_chat_template_renders(tiny_model, family: str) -> None:
     for t in tok.all_special_tokens + [str(a) for a in tok.added_tokens_decoder.values()]:
         assert ids.count(tok.convert_tokens_to_ids(t)) == text.count(t), t  # each marker is one id
     if tok.bos_token and text.startswith(tok.bos_token):
-        assert ids.count(tok.bos_token_id) == 1  # no double BOS
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # no double BOS (llama2 opens every
+        # user turn with <s>, as its published template does, so BOS may recur later)
     # the assistant turn ends with one of the generation_config eos ids
     assert set(ids) & set(_gen_eos(path)), (family, text)
 

@@ -56,10 +56,6 @@ func (a orderedArgs) MarshalJSON() ([]byte, error) {
 		kb, _ := json.Marshal(k)
 		buf.Write(kb)
 		buf.WriteByte(':')
-		var v any
-		if err := json.Unmarshal(a.vals[k], &v); err != nil {
-			return nil, err
-		}
 		vb, err := marshalOrdered(a.vals[k])
 		if err != nil {
 			return nil, err
@@ -190,21 +186,11 @@ var funcs = template.FuncMap{
 	},
 }
 
-func main() {
-	in, err := io.ReadAll(os.Stdin)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "read stdin:", err)
-		os.Exit(1)
-	}
-	var input Input
-	if err := json.Unmarshal(in, &input); err != nil {
-		fmt.Fprintln(os.Stderr, "bad input JSON:", err)
-		os.Exit(1)
-	}
+// render parses and executes one template; errors carry the stage that failed.
+func render(input Input) (string, error) {
 	tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs).Parse(input.Template)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "template parse error:", err)
-		os.Exit(3)
+		return "", fmt.Errorf("template parse error: %w", err)
 	}
 	d := input.Data
 	var tools any
@@ -223,8 +209,54 @@ func main() {
 	}
 	var out bytes.Buffer
 	if err := tmpl.Execute(&out, data); err != nil {
-		fmt.Fprintln(os.Stderr, "template execute error:", err)
-		os.Exit(4)
+		return "", fmt.Errorf("template execute error: %w", err)
 	}
-	os.Stdout.Write(out.Bytes())
+	return out.String(), nil
+}
+
+type result struct {
+	Out string `json:"out"`
+	Err string `json:"err,omitempty"`
+}
+
+// main reads one input object (writes the text) or a JSON array of them (writes a JSON array of results).
+func main() {
+	in, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "read stdin:", err)
+		os.Exit(1)
+	}
+	trimmed := bytes.TrimSpace(in)
+	if len(trimmed) > 0 && trimmed[0] == '[' {
+		var inputs []Input
+		if err := json.Unmarshal(trimmed, &inputs); err != nil {
+			fmt.Fprintln(os.Stderr, "bad input JSON:", err)
+			os.Exit(1)
+		}
+		results := make([]result, len(inputs))
+		for i, input := range inputs {
+			out, err := render(input)
+			results[i] = result{Out: out}
+			if err != nil {
+				results[i].Err = err.Error()
+			}
+		}
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetEscapeHTML(false)
+		if err := enc.Encode(results); err != nil {
+			os.Exit(1)
+		}
+		return
+	}
+	var input Input
+	if err := json.Unmarshal(trimmed, &input); err != nil {
+		fmt.Fprintln(os.Stderr, "bad input JSON:", err)
+		os.Exit(1)
+	}
+	out, err := render(input)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(3)
+	}
+	os.Stdout.WriteString(out)
 }
