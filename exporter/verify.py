@@ -567,19 +567,19 @@ def check_template(
             checks.append(Check("template", target, "skip", "exporter.gotemplate is not installed"))
             continue
         problem = None
-        try:
-            for prompt, gen in zip(prompts, ref_gen, strict=True):
-                msgs = prompt
-                if mf.system is not None and (not msgs or msgs[0]["role"] != "system"):
-                    msgs = [{"role": "system", "content": mf.system}] + msgs  # what Ollama does with SYSTEM
-                got = gotemplate.render_go(mf.template, gotemplate.ollama_data(msgs))
-                want = gen.removeprefix(tok.bos_token) if tok.bos_token else gen  # Ollama's tokenizer adds BOS
-                if got != want:
-                    problem = _text_diff(got, want, f"{target} TEMPLATE (Go)", f"training template {tpl.name}")
-                    break
+        try:  # one Go process renders every prompt; SYSTEM is prepended the way Ollama does (ollama_data)
+            items = [(mf.template, gotemplate.ollama_data(p, system=mf.system)) for p in prompts]
+            outs = gotemplate.render_go_many(items)
         except gotemplate.GoUnavailable as e:
             checks.append(Check("template", target, "skip", f"Go toolchain not available: {e}"))
             continue
+        except UserError as e:  # the TEMPLATE does not parse or execute in Go
+            outs, problem = [], f"{target} TEMPLATE fails in Go text/template: {e}"
+        for got, gen in zip(outs, ref_gen, strict=False):
+            want = gen.removeprefix(tok.bos_token) if tok.bos_token else gen  # Ollama's tokenizer adds BOS
+            if got != want:
+                problem = _text_diff(got, want, f"{target} TEMPLATE (Go)", f"training template {tpl.name}")
+                break
         checks.append(
             Check(
                 "template",

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import ROOT, require_llama_cpp
 
-from exporter import pipeline
+from exporter import pipeline, verify
 from exporter.errors import UserError
 
 
@@ -57,6 +57,10 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path: Path) -> None:
     assert ("perplexity", "adapter") in kinds and ("chat", "merged-f16.gguf") in kinds
     assert first.commands == [f"ollama create t:f16 -f {(run / 'gguf' / 'Modelfile.f16').resolve()}"]
     mtimes = {n: (run / n).stat().st_mtime_ns for n in ("adapter", "merged", "gguf")}
+    # `exporter verify --run-dir` finds the same artifacts
+    art = verify.discover(run)
+    assert (art.adapter, art.merged, art.base) == (run / "adapter", run / "merged", base.resolve())
+    assert art.ggufs == [run / "gguf" / "merged-f16.gguf"] and art.modelfiles == [run / "gguf" / "Modelfile.f16"]
 
     again = pipeline.run(pipeline.load_config(path, []))
     assert again.ran == [] and again.skipped == ["train", "merge", "gguf", "verify"] and again.passed
