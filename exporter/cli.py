@@ -153,6 +153,7 @@ def _verify(
         text=text,
         data=data,
         ctx=ctx,
+        max_windows=max_windows,
         max_new_tokens=max_new_tokens,
     )
     verify_report.print_table(rep)

@@ -1,6 +1,6 @@
 """Benchmark `exporter verify` against llama.cpp's perplexity over the same tokens (via llama-cpp-python).
 
-    python scripts/bench/verify.py [--model DIR] [--work DIR] [--ctx 128] [--windows 4]
+    python scripts/bench/verify.py [--model DIR] [--work DIR] [--ctx 128] [--windows 8]
 
 Without --model it builds the ~0.9B random bf16 qwen2 model (scripts/make_tiny_model.py qwen2 --size bench) and
 exports GGUF f16 + q8_0 + q4_k_m with `exporter gguf` (setup, not timed). Then, each in its own process, timed with
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="HF model dir (default: build the ~0.9B qwen2 bench model)")
     ap.add_argument("--work", type=Path, help="work dir (default: a temp dir under /tmp)")
     ap.add_argument("--ctx", type=int, default=128)
-    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=4)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-verify-"))
