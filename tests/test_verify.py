@@ -212,6 +212,8 @@ def test_cli_exit_codes_and_files(good, tmp_path: Path, monkeypatch) -> None:
             "4",
             "--ctx",
             "64",
+            "--max-windows",
+            "2",
             "--ppl-threshold",
             "f16=0.001",
         ]
@@ -221,6 +223,8 @@ def test_cli_exit_codes_and_files(good, tmp_path: Path, monkeypatch) -> None:
         assert e.value.code == code
         doc = json.loads((out / "report.json").read_text())
         assert doc["passed"] is (code == 0) and doc["thresholds"]["f16"] == 0.001
+        ppl = next(c["metrics"] for c in doc["checks"] if c["check"] == "perplexity" and c["target"] == "merged")
+        assert (ppl["ctx"], ppl["windows"], ppl["tokens"]) == (64, 2, 2 * (64 - 32 - 1))
         assert ("<failure" in (out / "junit.xml").read_text()) is (code == 1)
 
 
