@@ -111,6 +111,43 @@ def _template_render(
     sys.stdout.flush()
 
 
+# ---- train: fine-tuning (exporter/train.py) ----
+@app.command(
+    "train",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Fine-tune (LoRA or full; stages sft, pt): exporter train CONFIG.yaml \\[key=value ...], or LLaMA-Factory "
+    "flags: exporter train --stage sft --do_train --model_name_or_path M --dataset a,b --output_dir OUT ...",
+)
+def train_cmd(ctx: typer.Context) -> None:
+    from exporter import train
+
+    if not ctx.args:
+        raise UserError("exporter train: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
+    train.main(list(ctx.args))
+
+
+# ---- merge ----
+@app.command("merge")
+def _merge(
+    base: str = typer.Option(..., "--base", help="Base model: local HF dir or hub id."),
+    adapter: list[str] = typer.Option(..., "--adapter", help="PEFT LoRA adapter dir or hub id; repeat to stack."),
+    weight: list[float] = typer.Option(
+        None, "--weight", help="Scale of each adapter's change, one per --adapter in order (default 1)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory (refused if it exists, unless --force)."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: the base's)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard, e.g. 2GB, 500MB."),
+    template: str = typer.Option(None, "--template", help="Chat-template family to write (default: detected)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+) -> None:
+    """Merge LoRA adapters into a base model, streaming one tensor at a time (equals PEFT merge_and_unload)."""
+    from exporter.merge import merge
+
+    merge(
+        base, adapter, weight or None, out, dtype=dtype, max_shard_size=max_shard_size, force=force, template=template
+    )
+
+
 # verify ------------------------------------------------------------------------------------------------------
 @app.command("verify")
 def _verify(

@@ -127,6 +127,7 @@ class Family:
     rstrip_added: bool = False  # Phi-3's added tokens eat whitespace on their right
     real_vocab: str = ""  # ggml-vocab-<name>.gguf
     trained_size: int = 1600
+    config_eos_list: bool = False  # config.json eos_token_id is the generation list (else the tokenizer's eos)
 
 
 SPECS: dict[str, Family] = {
@@ -156,6 +157,7 @@ SPECS: dict[str, Family] = {
         eos="<|eot_id|>",
         add_bos=True,
         gen_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+        config_eos_list=True,
         real_vocab="llama-bpe",
     ),
     "mistral": Family(
@@ -213,6 +215,7 @@ SPECS: dict[str, Family] = {
         unk="<unk>",
         add_bos=True,
         gen_eos=("<eos>", "<end_of_turn>"),
+        config_eos_list=True,
         tie=True,
         spm_dummy_prefix=False,
         real_vocab="gemma-4",
@@ -254,33 +257,10 @@ def corpus_text() -> str:
 
 
 def chat_template(name: str) -> str:
-    """The family's HF chat template from exporter's template families."""
-    try:
-        from exporter.templates import load_template
-    except ImportError:  # TEMPORARY stand-in until the templates branch lands on main
-        return _STANDIN_TEMPLATES[name]
+    """The family's HF chat template, from exporter's template families."""
+    from exporter.templates import load_template
+
     return load_template(name).jinja
-
-
-# TEMPORARY: minimal stand-ins (removed once exporter.templates lands).
-_STANDIN_TEMPLATES = {
-    "llama2": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-    "{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}",
-    "llama3": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
-    "mistral": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
-    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
-    "qwen": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    "qwen3": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    "gemma": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
-    "m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
-    "phi3": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}",
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,7 +308,7 @@ def _train_spm(fam: Family, work: Path) -> Path:
 def _spm_tokenizer(fam: Family, work: Path):
     """A transformers fast tokenizer converted from a freshly trained SentencePiece model."""
     import transformers
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, decoders, normalizers
 
     _train_spm(fam, work)
     cls = getattr(transformers, fam.tokenizer_class)
@@ -345,6 +325,15 @@ def _spm_tokenizer(fam: Family, work: Path):
     tok = cls.from_pretrained(str(work), **kwargs)
     # control pieces (ids 0..) are special added tokens, as in the hub's tokenizer.json files
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in fam.spm_head], special_tokens=True)
+    if fam.name == "phi3":
+        # transformers loads Phi-3 with the generic backend, which keeps tokenizer.json as written; the hub's
+        # Phi-3 tokenizer.json prepends "▁" with a normalizer (like sentencepiece and llama.cpp), not Metaspace.
+        bt = tok.backend_tokenizer
+        bt.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        bt.pre_tokenizer = None
+        bt.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
     if fam.added:  # Phi-3: every added token but <|endoftext|> eats the whitespace on its right
         rstrip = fam.rstrip_added
         tok.add_tokens(
@@ -434,17 +423,109 @@ def _wrap_bpe(fam: Family, tk):
 
 
 def _real_vocab_tokenizer(fam: Family, work: Path):
-    """Rebuild the family's real vocabulary from llama.cpp's ggml-vocab-*.gguf (needs $EXPORTER_LLAMA_SRC)."""
-    from transformers import AutoTokenizer
+    """The family's real vocabulary, rebuilt from llama.cpp's ggml-vocab-*.gguf by transformers' GGUF tokenizer
+    conversion (its reader; gguf-py's takes ~30 s per vocabulary), wrapped in the family's tokenizer class.
 
+    Tokens the vocabulary lacks are supplied as the family has them: Gemma 3's turn markers take ids 105/106
+    (Gemma 4's `<|turn>`/`<turn|>`), Qwen3's think/tool-response tags take the first padding slots after
+    Qwen2.5's vocabulary (151665..151668, as in Qwen3), Mistral's control tokens are appended.
+    """
+    import transformers
+    from tokenizers import AddedToken, Tokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    gguf = llama_src() / "vendor" / "llama.cpp" / "models" / f"ggml-vocab-{fam.real_vocab}.gguf"
+    if not gguf.is_file():
+        raise FileNotFoundError(f"--real-vocab: {gguf} not found")
+    arch, tdict, _ = get_gguf_tokenizer(str(gguf))
+    tokens, types = list(tdict["tokens"]), list(tdict["token_type"])
+    renames: dict[int, tuple[str, int]] = {}
+    if fam.name == "gemma3":
+        renames = {105: ("<start_of_turn>", 3), 106: ("<end_of_turn>", 3)}
+    elif fam.name == "llama3" or fam.name.startswith("qwen"):
+        # the vocabulary file predates Llama 3.1 / Qwen2.5 / Qwen3: name their tokens at their real ids
+        base = 128000 if fam.name == "llama3" else 151643
+        renames = {base + i: (t, 3 if special else 4) for i, (t, special) in enumerate(fam.added)}
+    for i, (t, ty) in renames.items():
+        if tokens[i] != t:
+            if fam.name != "gemma3" and not (tokens[i].startswith("[PAD") or "reserved" in tokens[i]):
+                raise ValueError(f"real vocabulary {gguf.name}: id {i} is {tokens[i]!r}, expected a free slot")
+            tokens[i], types[i] = t, ty
+    tdict = {**tdict, "tokens": tokens, "token_type": types}
+    if fam.kind == "spm":
+        _write_spm_model(
+            tdict, work / "tokenizer.model", 32000 if fam.name != "gemma3" else len(tokens), fam.name == "gemma3"
+        )
+    backend, _ = convert_gguf_tokenizer(arch, tdict)
+    data = json.loads(backend.to_str())
+    if any(a["id"] >= len(tokens) for a in data["added_tokens"]):  # class defaults (GPT-2's <|endoftext|>)
+        data["added_tokens"] = [a for a in data["added_tokens"] if a["id"] < len(tokens)]
+        backend = Tokenizer.from_str(json.dumps(data))
+    cls = getattr(transformers, fam.tokenizer_class)
+    kwargs = {"tokenizer_object": backend, "bos_token": fam.bos, "eos_token": fam.eos, "add_bos_token": fam.add_bos}
+    kwargs["unk_token"] = fam.unk  # None for byte-level BPE (else a default <|endoftext|> gets added)
+    if fam.pad:
+        kwargs["pad_token"] = fam.pad
+    if fam.tokenizer_class == "LlamaTokenizer":
+        kwargs["legacy"] = False
+    if fam.name.startswith("qwen"):
+        kwargs.update(unk_token=None, errors="replace", split_special_tokens=False)
+    tok = cls(**kwargs)
+    missing = [t for t in (*fam.spm_head, *(t for t, _ in fam.added)) if t not in tok.get_vocab()]
+    if missing:  # Mistral's [INST] & co. (not in Llama 2's vocabulary)
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return tok
+
+
+def _write_spm_model(tdict: dict, path: Path, limit: int, gemma: bool = False) -> None:
+    """A sentencepiece `tokenizer.model` (BPE, byte fallback) holding the GGUF's first `limit` pieces, as the hub's
+    Llama 2 / Phi-3 / Gemma 3 repos ship it (Phi-3's added tokens live outside it).
+
+    Gemma: no dummy prefix; whitespace-only pieces respelled with "▁"; the file's scores carry no merge order
+    (the token order does), so each normal piece scores -id."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    n = min(limit, len(tdict["tokens"]))
+    unk, bos, eos = tdict.get("unk_token_id", 0), tdict["bos_token_id"], 1 if gemma else 2
+    forced = {unk: 2, bos: 3, eos: 3}
+    seen: set[str] = set()
+    rows = zip(tdict["tokens"][:n], tdict["scores"][:n], tdict["token_type"][:n], strict=True)
+    for i, (t, score, ty) in enumerate(rows):
+        ty = forced.get(i, int(ty))  # GGUF and sentencepiece number their token types alike
+        if gemma:
+            t = "▁" * len(t) if " " in t and not t.strip() else t
+            score = -i if ty == 1 else 0.0
+        if t in seen:  # sentencepiece refuses duplicate pieces
+            t, ty = f"<unused-dup-{i}>", 5
+        seen.add(t)
+        p = m.pieces.add()
+        p.piece, p.score, p.type = t, float(score), ty
+    ts = m.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = n
+    ts.byte_fallback = True
+    ts.unk_id, ts.bos_id, ts.eos_id = unk, bos, eos
+    ts.pad_id = tdict.get("pad_token_id", -1) if gemma else -1
+    ts.unk_piece, ts.bos_piece, ts.eos_piece = (m.pieces[i].piece for i in (unk, bos, eos))
+    if ts.pad_id >= 0:
+        ts.pad_piece = m.pieces[ts.pad_id].piece
+    ts.split_digits = True
+    ts.allow_whitespace_only_pieces = True
+    ns = m.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = not gemma
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    path.write_bytes(m.SerializeToString())
+
+
+def llama_src() -> Path:
+    """The llama-cpp-python sdist named by $EXPORTER_LLAMA_SRC."""
     src = os.environ.get("EXPORTER_LLAMA_SRC")
     if not src:
-        raise SystemExit("--real-vocab needs EXPORTER_LLAMA_SRC (the llama-cpp-python sdist directory)")
-    gguf = Path(src) / "vendor" / "llama.cpp" / "models" / f"ggml-vocab-{fam.real_vocab}.gguf"
-    if not gguf.is_file():
-        raise SystemExit(f"--real-vocab: {gguf} not found")
-    shutil.copy(gguf, work / gguf.name)
-    return AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
+        raise FileNotFoundError("--real-vocab needs EXPORTER_LLAMA_SRC (the llama-cpp-python sdist directory)")
+    return Path(src)
 
 
 def build_tokenizer(fam: Family, work: Path, real_vocab: bool):
@@ -627,6 +708,18 @@ def _finish_tokenizer_files(out: Path, tok, fam: Family, template: str) -> None:
         cfg["extra_special_tokens"] = extra
     if fam.tokenizer_class == "PreTrainedTokenizerFast":  # the name the hub's Llama 3 uses (v5 alias)
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # the hub's tokenizer_config.json lists the added tokens (llama.cpp's converter reads them from here)
+    cfg["added_tokens_decoder"] = {
+        str(i): {
+            "content": a.content,
+            "lstrip": a.lstrip,
+            "normalized": a.normalized,
+            "rstrip": a.rstrip,
+            "single_word": a.single_word,
+            "special": a.special,
+        }
+        for i, a in sorted(tok.added_tokens_decoder.items())
+    }
     cfg["chat_template"] = template
     cfg["add_bos_token"] = fam.add_bos
     cfg.setdefault("add_eos_token", False)
@@ -636,8 +729,8 @@ def _finish_tokenizer_files(out: Path, tok, fam: Family, template: str) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, ensure_ascii=False) + "\n")
 
 
-def _deterministic_json(path: Path) -> None:
-    """Drop fields that would differ between builds (transformers writes its version; keep it, it is stable)."""
+def _sorted_json(path: Path) -> None:
+    """Rewrite a JSON file with sorted keys (stable, diff-friendly)."""
     data = json.loads(path.read_text())
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
@@ -659,22 +752,17 @@ def make(
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
     fam = SPECS[family]
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists (use --force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from exporter.atomic import atomic_dir
+
     template = chat_template(fam.template)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        work = Path(tempfile.mkdtemp(prefix="spm-", dir=tmp))
+    with atomic_dir(out, force) as tmp:
+        work = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=tmp))
         tok = build_tokenizer(fam, work, real_vocab)
         tok.chat_template = template
         tok.save_pretrained(str(tmp))
-        if fam.kind == "spm" and not real_vocab:
+        if (work / "tokenizer.model").is_file():
             shutil.copy(work / "tokenizer.model", tmp / "tokenizer.model")
         shutil.rmtree(work)
-        for leftover in tmp.glob("*.gguf"):
-            leftover.unlink()
         _finish_tokenizer_files(tmp, tok, fam, template)
 
         ids = {
@@ -684,30 +772,25 @@ def make(
         }
         if fam.name.startswith("qwen"):  # Qwen's config.json names <|endoftext|> as bos
             ids["bos"] = tok.convert_tokens_to_ids("<|endoftext|>")
-        n = len(tok)
-        vocab_size = -(-n // fam.vocab_multiple) * fam.vocab_multiple
+        gen_eos = tok.convert_tokens_to_ids(list(fam.gen_eos))
+        if None in gen_eos or (tok.unk_token_id is not None and tok.unk_token_id in gen_eos):
+            raise ValueError(f"{family}: the tokenizer lacks one of {fam.gen_eos}")
+        vocab_size = -(-len(tok) // fam.vocab_multiple) * fam.vocab_multiple
         config = _config(fam, size, vocab_size, ids)
+        if fam.config_eos_list:  # Llama 3.1 / Gemma 3 list every end-of-turn id in config.json too
+            config.eos_token_id = gen_eos
         config.save_pretrained(str(tmp))
-        _deterministic_json(tmp / "config.json")
-        gen_eos = [tok.convert_tokens_to_ids(t) for t in fam.gen_eos]
-        if real_vocab:  # a real vocab may lack some of the family's tokens; keep the ones it has
-            gen_eos = [i for i in gen_eos if i is not None and i != tok.unk_token_id] or [ids["eos"]]
+        _sorted_json(tmp / "config.json")
         gen = GenerationConfig(
             bos_token_id=ids["bos"], eos_token_id=gen_eos if len(gen_eos) > 1 else gen_eos[0], pad_token_id=ids["pad"]
         )
         gen.save_pretrained(str(tmp))
-        _deterministic_json(tmp / "generation_config.json")
+        _sorted_json(tmp / "generation_config.json")
         _write_weights(tmp, config, fam, seed, 4 if size == "bench" else 1, progress)
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def source_hash() -> str:
@@ -733,10 +816,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from exporter.errors import UserError
+
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()) as p:
         try:
             out = make(args.family, args.out, args.size, args.seed, args.real_vocab, args.force, progress=p)
-        except (FileExistsError, ValueError) as e:
+        except (UserError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     print(out)

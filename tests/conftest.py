@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import os
@@ -92,13 +93,17 @@ def load_maker() -> ModuleType:
     return module
 
 
+@functools.cache
 def fixtures_root() -> Path:
     """Cache directory of this version of the fixtures."""
+    import sentencepiece
     import tokenizers
+    import torch
     import transformers
 
     maker = load_maker()
-    h = hashlib.sha256(f"{maker.source_hash()}|{transformers.__version__}|{tokenizers.__version__}".encode())
+    versions = [m.__version__ for m in (transformers, tokenizers, sentencepiece, torch)]
+    h = hashlib.sha256("|".join([maker.source_hash(), *versions]).encode())
     base = Path(os.environ.get("EXPORTER_FIXTURES") or Path.home() / ".cache" / "exporter" / "fixtures")
     return base / h.hexdigest()[:16]
 

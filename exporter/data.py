@@ -1,0 +1,512 @@
+"""Datasets described by LLaMA-Factory's `dataset_info.json`, converted to one conversation format.
+
+Every row becomes a `Sample`: `messages` (roles user / assistant / observation / function, alternating
+user-side and assistant-side turns, ending with an assistant turn for SFT), an optional `system` and `tools`.
+`Sample.chat()` gives the HF-style message list that `exporter.templates.encode` consumes.
+Rows that cannot be used are dropped and counted per reason; bad files and malformed rows are errors naming
+the file and row.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from exporter.config import did_you_mean
+from exporter.errors import UserError
+
+INFO_NAME = "dataset_info.json"
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
+SHAREGPT_COLUMNS = {"messages": "conversations"}
+COMMON_COLUMNS = {"system": None, "tools": None}
+UNSUPPORTED_COLUMNS = ("images", "videos", "audios", "chosen", "rejected", "kto_tag")
+TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+# entry keys that change nothing for a local, text-only, single-split load
+_IGNORED_ENTRY_KEYS = {"ms_hub_url", "om_hub_url", "file_sha1", "description"}
+_ENTRY_KEYS = {
+    "file_name", "hf_hub_url", "script_url", "formatting", "ranking", "subset", "split", "folder",
+    "num_samples", "revision", "columns", "tags", *_IGNORED_ENTRY_KEYS,
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class Sample:
+    """One training example in the internal format; `where` names the file and row it came from."""
+
+    messages: list[dict[str, str]]
+    system: str | None = None
+    tools: str | None = None
+    where: str = ""
+
+    def chat(self) -> list[dict[str, Any]]:
+        """HF-style messages: system first, observation -> `tool`, function call -> assistant `tool_calls`."""
+        out: list[dict[str, Any]] = []
+        if self.system:
+            out.append({"role": "system", "content": self.system})
+        for m in self.messages:
+            if m["role"] == "observation":
+                out.append({"role": "tool", "content": m["content"]})
+            elif m["role"] == "function":
+                out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(m["content"], self.where)})
+            else:
+                out.append({"role": m["role"], "content": m["content"]})
+        return out
+
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """The `tools` column parsed from JSON (a list of function schemas), or None."""
+        if not self.tools:
+            return None
+        try:
+            tools = json.loads(self.tools) if isinstance(self.tools, str) else self.tools
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self.where}: tools is not valid JSON ({e})") from None
+        tools = tools if isinstance(tools, list) else [tools]
+        return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+    @property
+    def text(self) -> str:
+        """Raw text for stage pt: the first message's content (LLaMA-Factory's rule)."""
+        return self.messages[0]["content"]
+
+
+def _tool_calls(content: str, where: str) -> list[dict[str, Any]]:
+    try:
+        calls = json.loads(content)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: function call content is not valid JSON ({e})") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for c in calls:
+        if not isinstance(c, dict) or "name" not in c:
+            raise UserError(f"{where}: function call must be {{'name': ..., 'arguments': ...}}, got {c!r}")
+        args = c.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                pass
+        out.append({"type": "function", "function": {"name": c["name"], "arguments": args}})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One `dataset_info.json` entry with LLaMA-Factory's defaults applied."""
+
+    name: str
+    load_from: str  # "file" or "hf_hub"
+    source: str  # local path or hub id
+    formatting: str = "alpaca"
+    columns: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    explicit: frozenset[str] = frozenset()  # columns named in dataset_info.json (must exist in the data)
+    tags: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    revision: str | None = None
+    num_samples: int | None = None
+
+
+@dataclasses.dataclass
+class Drops:
+    """Rows dropped per reason, with the first place each reason was seen."""
+
+    counts: Counter = dataclasses.field(default_factory=Counter)
+    first: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def summary(self) -> str:
+        return "; ".join(f"{n} {r} (first: {self.first[r]})" for r, n in self.counts.most_common())
+
+
+def read_info(dataset_dir: Path) -> dict[str, Any]:
+    """The parsed `dataset_info.json` of `dataset_dir`."""
+    path = Path(dataset_dir) / INFO_NAME
+    if not path.is_file():
+        raise UserError(f"dataset_dir {dataset_dir}: no {INFO_NAME} (expected LLaMA-Factory's dataset registry)")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected an object mapping dataset names to entries")
+    return info
+
+
+def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
+    """The `DatasetSpec` for `name` from a parsed dataset_info.json (LLaMA-Factory's defaults and rules)."""
+    where = f"{Path(dataset_dir) / INFO_NAME}"
+    if name not in info:
+        raise UserError(f"dataset {name!r} is not defined in {where}{did_you_mean(name, info)}")
+    entry = info[name]
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: entry {name!r} must be an object")
+    for key in entry:
+        if key not in _ENTRY_KEYS:
+            raise UserError(f"{where}: dataset {name!r}: unknown key {key!r}{did_you_mean(key, _ENTRY_KEYS)}")
+    if entry.get("ranking"):
+        raise UserError(f"{where}: dataset {name!r} is a ranking (preference) dataset; stages sft/pt need plain data")
+    if "hf_hub_url" in entry:
+        load_from, source = "hf_hub", str(entry["hf_hub_url"])
+    elif "file_name" in entry:
+        load_from, source = "file", str(Path(dataset_dir) / entry["file_name"])
+    elif "script_url" in entry:
+        raise UserError(f"{where}: dataset {name!r} uses script_url; loading scripts is not supported")
+    elif "ms_hub_url" in entry or "om_hub_url" in entry:
+        raise UserError(
+            f"{where}: dataset {name!r} only has a ModelScope/Modelers hub url; give file_name or hf_hub_url"
+        )
+    else:
+        raise UserError(f"{where}: dataset {name!r} needs file_name or hf_hub_url")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise UserError(f"{where}: dataset {name!r}: formatting must be alpaca or sharegpt, got {formatting!r}")
+    own = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+    columns: dict[str, str | None] = {**COMMON_COLUMNS, **own}
+    explicit: set[str] = set()
+    if "columns" in entry:
+        given = entry["columns"]
+        if not isinstance(given, dict):
+            raise UserError(f"{where}: dataset {name!r}: columns must be an object")
+        allowed = set(columns)
+        for key in given:
+            if key in UNSUPPORTED_COLUMNS:
+                raise UserError(f"{where}: dataset {name!r}: column {key!r} (multimodal/preference) is not supported")
+            if key not in allowed:
+                raise UserError(
+                    f"{where}: dataset {name!r}: unknown column key {key!r} for {formatting} formatting"
+                    f"{did_you_mean(key, allowed)}"
+                )
+        # LLaMA-Factory: once `columns` is given, every column not named in it is unset
+        columns = {k: given.get(k) for k in columns}
+        explicit = {k for k, v in given.items() if v}
+    tags = dict(TAGS)
+    if formatting == "sharegpt" and "tags" in entry:
+        given = entry["tags"]
+        if not isinstance(given, dict):
+            raise UserError(f"{where}: dataset {name!r}: tags must be an object")
+        for key in given:
+            if key not in TAGS:
+                raise UserError(f"{where}: dataset {name!r}: unknown tag {key!r}{did_you_mean(key, TAGS)}")
+        tags = {k: given.get(k) for k in TAGS}  # same rule as columns
+        for key in ("role_tag", "content_tag", "user_tag", "assistant_tag"):
+            if not tags[key]:
+                tags[key] = TAGS[key]
+    num = entry.get("num_samples")
+    if num is not None and (not isinstance(num, int) or num <= 0):
+        raise UserError(f"{where}: dataset {name!r}: num_samples must be a positive integer, got {num!r}")
+    return DatasetSpec(
+        name=name, load_from=load_from, source=source, formatting=formatting, columns=columns,
+        explicit=frozenset(explicit), tags=tags, subset=entry.get("subset"), split=entry.get("split", "train"),
+        folder=entry.get("folder"), revision=entry.get("revision"), num_samples=num,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+def _files(path: Path, name: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_TYPES)
+        if not files:
+            raise UserError(f"dataset {name!r}: directory {path} holds no .json/.jsonl/.csv/.parquet files")
+        kinds = {FILE_TYPES[p.suffix.lower()] for p in files}
+        if len(kinds) > 1:
+            raise UserError(f"dataset {name!r}: directory {path} mixes file types ({', '.join(sorted(kinds))})")
+        return files
+    if not path.is_file():
+        raise UserError(f"dataset {name!r}: file {path} not found")
+    if path.suffix.lower() not in FILE_TYPES:
+        raise UserError(f"dataset {name!r}: {path}: unsupported file type (expected .json, .jsonl, .csv or .parquet)")
+    return [path]
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
+    if path.suffix.lower() == ".json" and stripped.startswith("{") and "\n" not in stripped.strip():
+        return [(f"{path} row 1", json.loads(text))]
+    out = []  # JSON lines (also accepted for .json, as `datasets` does)
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path} line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
+def _read_csv(path: Path) -> list[tuple[str, Any]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return [(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(reader)]
+
+
+def _read_parquet(path: Path) -> list[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs the pyarrow package (pip install pyarrow)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+    return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
+
+
+def _read_hub(sp: DatasetSpec) -> list[tuple[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"dataset {sp.name!r} comes from the hub ({sp.source}); install the `datasets` package, or download it "
+            "and point file_name at the local file"
+        ) from None
+    try:
+        ds = datasets.load_dataset(sp.source, name=sp.subset, data_dir=sp.folder, split=sp.split, revision=sp.revision)
+    except Exception as e:  # offline, missing repo, bad split: one clear line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"dataset {sp.name!r}: loading {sp.source!r} from the Hugging Face hub failed ({first})"
+        ) from None
+    return [(f"{sp.source} row {i + 1}", r) for i, r in enumerate(ds)]
+
+
+def read_rows(sp: DatasetSpec) -> list[tuple[str, Any]]:
+    """All rows of a dataset as (where, row) pairs."""
+    if sp.load_from == "hf_hub":
+        return _read_hub(sp)
+    rows: list[tuple[str, Any]] = []
+    for f in _files(Path(sp.source), sp.name):
+        kind = FILE_TYPES[f.suffix.lower()]
+        rows += _read_json(f) if kind == "json" else _read_csv(f) if kind == "csv" else _read_parquet(f)
+    return rows
+
+
+# ---------------------------------------------------------------- converting rows
+
+
+def _fill(value: Any, fill: dict[str, str]) -> Any:
+    if isinstance(value, str) and "{{" in value:
+        for key, sub in fill.items():
+            value = value.replace("{{" + key + "}}", sub)
+    return value
+
+
+def _text(value: Any, what: str, where: str, optional: bool = True) -> str:
+    if value is None and optional:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise UserError(f"{where}: malformed row: {what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _alpaca(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops: Drops) -> Sample | None:
+    c = sp.columns
+    messages: list[dict[str, str]] = []
+    if c["history"] and row.get(c["history"]) is not None:
+        hist = row[c["history"]]
+        if isinstance(hist, str):  # csv / stringified
+            try:
+                hist = json.loads(hist)
+            except json.JSONDecodeError:
+                raise UserError(f"{where}: malformed row: history must be a list of [prompt, response]") from None
+        if not isinstance(hist, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in hist):
+            raise UserError(f"{where}: malformed row: history must be a list of [prompt, response] pairs")
+        for old_prompt, old_response in hist:
+            messages.append({"role": "user", "content": _text(old_prompt, "history prompt", where, False)})
+            messages.append({"role": "assistant", "content": _text(old_response, "history response", where, False)})
+    query = []
+    for key in ("prompt", "query"):
+        if c[key]:
+            value = _text(row.get(c[key]), c[key], where)
+            if value:
+                query.append(value)
+    messages.append({"role": "user", "content": "\n".join(query)})
+    if stage == "sft":
+        response = row.get(c["response"]) if c["response"] else None
+        if not isinstance(response, (str, int, float)) or isinstance(response, bool):
+            if response is None:
+                drops.add("rows without a response", where)
+                return None
+            raise UserError(f"{where}: malformed row: {c['response']} must be a string, got {type(response).__name__}")
+        messages.append({"role": "assistant", "content": str(response)})
+    elif not messages[0]["content"]:
+        drops.add("rows with empty text", where)
+        return None
+    system = _text(row.get(c["system"]), c["system"], where) if c["system"] else ""
+    tools = row.get(c["tools"]) if c["tools"] else None
+    return Sample(messages, system or None, tools or None, where)
+
+
+def _sharegpt(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops: Drops) -> Sample | None:
+    c, t = sp.columns, sp.tags
+    msgs = row.get(c["messages"])
+    if isinstance(msgs, str):
+        try:
+            msgs = json.loads(msgs)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: malformed row: {c['messages']} must be a list of messages") from None
+    if not isinstance(msgs, list):
+        raise UserError(
+            f"{where}: malformed row: {c['messages']} must be a list of messages, got {type(msgs).__name__}"
+        )
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or t["role_tag"] not in m or t["content_tag"] not in m:
+            raise UserError(
+                f"{where}: malformed row: message {i + 1} must be an object with {t['role_tag']!r} and "
+                f"{t['content_tag']!r} (set tags.role_tag / tags.content_tag in dataset_info.json), got {m!r}"
+            )
+    system = ""
+    if t["system_tag"] and msgs and msgs[0][t["role_tag"]] == t["system_tag"]:
+        system = _text(msgs[0][t["content_tag"]], "system message", where)
+        msgs = msgs[1:]
+    elif c["system"]:
+        system = _text(row.get(c["system"]), c["system"], where)
+    roles = {t["user_tag"]: "user", t["assistant_tag"]: "assistant"}
+    if t["observation_tag"]:
+        roles[t["observation_tag"]] = "observation"
+    if t["function_tag"]:
+        roles[t["function_tag"]] = "function"
+    odd, even = {"user", "observation"}, {"assistant", "function"}
+    messages = []
+    for i, m in enumerate(msgs):
+        tag = m[t["role_tag"]]
+        if tag not in roles:
+            drops.add(f"rows with an unknown role {tag!r}", f"{where} message {i + 1}")
+            return None
+        role = roles[tag]
+        if role not in (odd if i % 2 == 0 else even):
+            drops.add("rows whose roles do not alternate user/assistant", f"{where} message {i + 1}")
+            return None
+        messages.append({"role": role, "content": _text(m[t["content_tag"]], f"message {i + 1} content", where)})
+    if not messages:
+        drops.add("rows with no messages", where)
+        return None
+    if stage == "sft" and len(messages) % 2:
+        drops.add("rows not ending with an assistant turn", where)
+        return None
+    if stage == "pt" and not messages[0]["content"]:
+        drops.add("rows with empty text", where)
+        return None
+    tools = row.get(c["tools"]) if c["tools"] else None
+    return Sample(messages, system or None, tools or None, where)
+
+
+def _check_columns(sp: DatasetSpec, rows: list[tuple[str, Any]], stage: str) -> None:
+    """A configured column that no row has is a mistake in dataset_info.json or the file: say so once."""
+    if not rows:
+        return
+    seen: set[str] = set()
+    for _, row in rows[:1000]:
+        if isinstance(row, dict):
+            seen.update(row)
+    needed = {k for k in sp.explicit if sp.columns.get(k)}
+    needed |= {"messages"} if sp.formatting == "sharegpt" else {"prompt"}
+    if sp.formatting == "alpaca" and stage == "sft":
+        needed.add("response")
+    for key in sorted(needed):
+        col = sp.columns.get(key)
+        if col and col not in seen:
+            raise UserError(
+                f"dataset {sp.name!r} ({sp.source}): no column {col!r} ({key}) in the data; columns found: "
+                f"{', '.join(sorted(seen)) or 'none'}{did_you_mean(col, seen)} — set columns.{key} in {INFO_NAME}"
+            )
+
+
+def convert(
+    sp: DatasetSpec, rows: list[tuple[str, Any]], stage: str, fill: dict[str, str], drops: Drops
+) -> list[Sample]:
+    """Rows of one dataset -> Samples (placeholders `{{key}}` filled from `fill`)."""
+    _check_columns(sp, rows, stage)
+    out = []
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: malformed row: expected an object, got {type(row).__name__}")
+        row = {k: _fill(v, fill) for k, v in row.items()}
+        if sp.formatting == "sharegpt" and isinstance(row.get(sp.columns["messages"]), list):
+            row[sp.columns["messages"]] = [
+                {k: _fill(v, fill) for k, v in m.items()} if isinstance(m, dict) else m
+                for m in row[sp.columns["messages"]]
+            ]
+        sample = (_alpaca if sp.formatting == "alpaca" else _sharegpt)(sp, row, where, stage, drops)
+        if sample is not None:
+            out.append(sample)
+    return out
+
+
+def unfilled_placeholders(samples: list[Sample]) -> set[str]:
+    """`{{key}}` placeholders left in the samples (e.g. identity.json without identity_name)."""
+    import re
+
+    found: set[str] = set()
+    for s in samples[:2000]:
+        for m in s.messages:
+            found.update(re.findall(r"\{\{(\w+)\}\}", m["content"]))
+    return found
+
+
+def load(
+    names: list[str],
+    dataset_dir: Path | str,
+    stage: str = "sft",
+    max_samples: int | None = None,
+    fill: dict[str, str] | None = None,
+    seed: int = 42,
+) -> tuple[list[Sample], Drops]:
+    """Load and convert the named datasets (concatenated in order). Errors if nothing usable is left."""
+    if stage not in ("sft", "pt"):
+        raise UserError(f"stage must be sft or pt, got {stage!r}")
+    if not names:
+        raise UserError("no dataset given (set dataset: name1,name2 from dataset_info.json)")
+    dataset_dir = Path(dataset_dir)
+    info = read_info(dataset_dir)
+    drops = Drops()
+    samples: list[Sample] = []
+    for name in names:
+        sp = spec(name, info, dataset_dir)
+        rows = read_rows(sp)
+        if sp.num_samples is not None:  # LLaMA-Factory: random subset (or oversample) of that many rows
+            rng = random.Random(seed)
+            idx = list(range(len(rows)))
+            rng.shuffle(idx)
+            if sp.num_samples > len(rows):
+                idx += [rng.randrange(len(rows)) for _ in range(sp.num_samples - len(rows))]
+            rows = [rows[i] for i in idx[: sp.num_samples]]
+        if max_samples is not None:
+            rows = rows[:max_samples]
+        got = convert(sp, rows, stage, fill or {}, drops)
+        if not rows:
+            drops.add("empty datasets", f"{name} ({sp.source})")
+        samples += got
+    if not samples:
+        raise UserError(
+            f"no usable samples in dataset(s) {', '.join(names)}: {drops.summary() or 'the files hold no rows'}"
+        )
+    return samples, drops

@@ -1,0 +1,640 @@
+"""`exporter merge`: fold LoRA adapters into a base model, one tensor (block of rows) at a time.
+
+Peak memory is one block of rows of one tensor plus the adapters, never the model: base shards are read by offset,
+every matching adapter change is applied in float32 (PEFT's formulas: `W + (B @ A) * scale`, DoRA's magnitude over
+the merged weight's norm, embedding LoRA, `modules_to_save`), the result is cast once to the output dtype and
+appended to an output shard whose header was planned up front.
+
+Several adapters are applied in order, each to the weights the previous one produced; `weight` multiplies an
+adapter's LoRA scale (for plain LoRA that is its delta), and for a whole replaced tensor (`modules_to_save`) it
+interpolates `W + weight * (saved - W)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from exporter import atomic, hub, manifest
+from exporter.errors import UserError
+from exporter.shards import (
+    PlannedTensor,
+    ShardWriter,
+    TensorInfo,
+    itemsize,
+    numel,
+    parse_size,
+    plan_shards,
+    read_header,
+    read_rows,
+    shard_names,
+)
+
+OUT_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+_CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CHUNK_ELEMS = 4 * 2**20  # rows are processed in blocks of about this many elements (16 MiB in float32)
+_PREFIXES = ("base_model.model.",)
+_UNSUPPORTED = (
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_bdlora",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "use_qalora",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+)
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+_HEAD = "lm_head.weight"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adapters
+
+
+@dataclass
+class Source:
+    """A whole tensor an adapter carries (modules_to_save, a saved resized embedding): read lazily by rows."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rows: Callable[[int, int], torch.Tensor]
+
+
+def _pow2(x: float) -> bool:
+    m, _ = math.frexp(x)
+    return x > 0 and m == 0.5
+
+
+@dataclass
+class LoraPart:
+    """One adapted module of one adapter, with everything needed to compute its delta."""
+
+    module: str
+    A: torch.Tensor  # linear: (r, in); embedding: lora_embedding_A (r, vocab)
+    B: torch.Tensor  # linear: (out, r); embedding: lora_embedding_B (hidden, r)
+    scale: float
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def whole(self) -> bool:
+        """DoRA norms over columns of the stored matrix need every row at once."""
+        return self.magnitude is not None and (self.embedding or self.fan_in_fan_out)
+
+    def delta(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of the delta in the stored layout, PEFT's `transpose(B @ A, fifo) * scale`."""
+        if self.embedding or self.fan_in_fan_out:
+            return (self.B @ self.A[:, r0:r1]).T.mul_(self.scale)
+        return (self.B[r0:r1] @ self.A).mul_(self.scale)
+
+    def apply(self, cur: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """`cur` (float32 rows r0:r1, updated in place when possible) with this module's change applied."""
+        if self.magnitude is None and not (self.embedding or self.fan_in_fan_out) and _pow2(self.scale):
+            # one fused pass; scaling by a power of two is exact, so this rounds exactly like PEFT's
+            # `W + (B @ A) * scale` (the common alpha = r or 2r); other scales take the three-pass path below
+            return cur.addmm_(self.B[r0:r1], self.A, alpha=self.scale)
+        merged = cur.add_(self.delta(r0, r1))
+        if self.magnitude is None:
+            return merged
+        if self.embedding or self.fan_in_fan_out:  # norm per column of the stored matrix
+            norm = torch.linalg.norm(merged.T, dim=1)
+            return (self.magnitude / norm).view(1, -1) * merged
+        norm = torch.linalg.norm(merged, dim=1)
+        return (self.magnitude[r0:r1] / norm).view(-1, 1) * merged
+
+
+@dataclass
+class Adapter:
+    path: Path
+    label: str
+    weight: float
+    config: dict
+    lora: dict[str, LoraPart] = field(default_factory=dict)  # module path -> part
+    full: dict[str, Source] = field(default_factory=dict)  # tensor name (model-relative) -> whole tensor
+    has_tokenizer: bool = False
+
+
+def _strip(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            return key[len(p) :]
+    return key
+
+
+_LORA_AB = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.(?P<p>weight|bias)$")
+_LORA_EMB = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+_LORA_MAG = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+_SAVED = re.compile(r"^(?P<mod>.+)\.modules_to_save\.(?:default\.)?(?P<p>.+)$")
+_ORIGINAL = re.compile(r"^.+\.original_module\..+$")
+_BASE_LAYER = re.compile(r"^(?P<mod>.+)\.base_layer\.(?P<p>weight|bias)$")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup (`get_pattern_key`): first key matching the module's name tail."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def _adapter_tensors(path: Path) -> tuple[Path, dict[str, Source], dict[str, torch.Tensor]]:
+    """Open adapter weights: small tensors loaded, every tensor available as a lazy Source."""
+    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    sources: dict[str, Source] = {}
+    if st.exists():
+        infos = read_header(st)
+        for name, info in infos.items():
+            sources[name] = Source(info.shape, info.dtype, lambda r0, r1, i=info: read_rows(i, r0, r1))
+        return st, sources, {}
+    if binf.exists():
+        try:
+            sd = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise UserError(f"{binf}: cannot load adapter weights ({type(e).__name__}: {e})") from None
+        for name, t in sd.items():
+            sources[name] = Source(tuple(t.shape), t.dtype, lambda r0, r1, t=t: t[r0:r1] if t.dim() else t)
+        return binf, sources, sd
+    raise UserError(f"adapter {path}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def _whole(src: Source) -> torch.Tensor:
+    return src.rows(0, src.shape[0] if src.shape else 1).to(torch.float32)
+
+
+def load_adapter(path: Path, weight: float, label: str) -> Adapter:
+    """Read adapter_config.json and the adapter's tensors; every key is classified or rejected."""
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"adapter {path}: missing adapter_config.json (is this a PEFT adapter directory?)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for key in _UNSUPPORTED:
+        if cfg.get(key):
+            raise UserError(f"{cfg_path}: {key} is set; merging such adapters is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise UserError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (only bias='none')")
+    file, sources, _ = _adapter_tensors(path)
+    ad = Adapter(path, label, weight, cfg)
+    ad.has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+    parts: dict[str, dict[str, Source]] = {}
+    for raw, src in sources.items():
+        key = _strip(raw)
+        if m := _LORA_AB.match(key):
+            parts.setdefault(m["mod"], {})[f"{m['ab']}.{m['p']}"] = src
+        elif m := _LORA_EMB.match(key):
+            parts.setdefault(m["mod"], {})[f"emb{m['ab']}"] = src
+        elif m := _LORA_MAG.match(key):
+            parts.setdefault(m["mod"], {})["mag"] = src
+        elif m := _SAVED.match(key):
+            ad.full.setdefault(f"{m['mod']}.{m['p']}", src)  # PEFT may also save it under its plain name
+        elif _ORIGINAL.match(key):
+            continue  # the base's own copy of a saved module
+        elif m := _BASE_LAYER.match(key):
+            ad.full[f"{m['mod']}.{m['p']}"] = src
+        elif "lora_" in key or "trainable_tokens" in key:
+            raise UserError(f"{file}: tensor {raw} is of a kind this merge does not know")
+        else:
+            ad.full.setdefault(key, src)
+
+    r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    for mod, p in parts.items():
+        r = _pattern_value(rank_pat, mod, r_default)
+        alpha = _pattern_value(alpha_pat, mod, alpha_default)
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        embedding = "embA" in p
+        a, b = (p.get("embA"), p.get("embB")) if embedding else (p.get("A.weight"), p.get("B.weight"))
+        if a is None or b is None:
+            raise UserError(f"{file}: module {mod} has only one of its two LoRA matrices")
+        A, B = _whole(a), _whole(b)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise UserError(
+                f"{file}: module {mod}: LoRA matrices A {list(A.shape)} and B {list(B.shape)} do not have rank "
+                f"r={r} from adapter_config.json"
+            )
+        mag = _whole(p["mag"]).reshape(-1) if "mag" in p else None
+        bias = _whole(p["B.bias"]) if "B.bias" in p else None
+        fifo = bool(cfg.get("fan_in_fan_out")) and not embedding
+        ad.lora[mod] = LoraPart(mod, A, B, scale * weight, embedding, fifo, mag, bias)
+    if not ad.lora and not ad.full:
+        raise UserError(f"{file}: the adapter holds no tensors")
+    return ad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# base model and planning
+
+
+def _base_tensors(base: Path) -> dict[str, TensorInfo]:
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+    elif (base / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"base {base}: no model.safetensors or model.safetensors.index.json (safetensors needed)")
+    out: dict[str, TensorInfo] = {}
+    for name in files:
+        path = base / name
+        if not path.is_file():
+            raise UserError(f"base {base}: shard {name} named in the index is missing")
+        infos = read_header(path)
+        out.update(sorted(infos.items(), key=lambda kv: kv[1].start))
+    return out
+
+
+def _match(name: str, names: dict) -> str | None:
+    """The base tensor an adapter name refers to: exact, else the one unique name sharing its dotted tail."""
+    if name in names:
+        return name
+    hits = [n for n in names if n.endswith("." + name) or name.endswith("." + n)]
+    return hits[0] if len(hits) == 1 else None
+
+
+@dataclass
+class Op:
+    adapter: Adapter
+    lora: LoraPart | None = None
+    full: Source | None = None
+    bias: bool = False  # lora bias applied to a bias vector
+
+
+@dataclass
+class Job:
+    name: str
+    base: TensorInfo
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    ops: list[Op] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]
+    untied: list[str]
+    vocab_size: int | None
+    tied: bool
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def _tie_flag(config: dict) -> bool:
+    """tie_word_embeddings as transformers would read it (class default when the key is absent)."""
+    for cfg in (config, config.get("text_config") or {}):
+        if "tie_word_embeddings" in cfg:
+            return bool(cfg["tie_word_embeddings"])
+    try:
+        from transformers import AutoConfig
+
+        model_type = config.get("model_type")
+        if model_type:
+            c = AutoConfig.for_model(model_type)
+            return bool(getattr(c.get_text_config(), "tie_word_embeddings", False))
+    except Exception:
+        pass
+    return False
+
+
+def plan(base_dir: Path, adapters: list[Adapter], out_dtype: torch.dtype | None) -> Plan:
+    """Decide every output tensor and the ordered changes to it; all shape checks happen here, before writing."""
+    base = _base_tensors(base_dir)
+    config = _read_json(base_dir / "config.json")
+    embed = next((n for n in base if n.endswith(_EMBED_SUFFIXES)), None)
+    tied = embed is not None and _tie_flag(config)
+
+    jobs: dict[str, Job] = {}
+    for name, info in base.items():
+        dt = out_dtype if (out_dtype is not None and info.dtype in _FLOATS) else info.dtype
+        jobs[name] = Job(name, info, info.shape, dt)
+    head_virtual = tied and _HEAD not in base
+    if head_virtual:  # the head shares the embedding's tensor: a job that only gets written if someone changes it
+        info = base[embed]
+        jobs[_HEAD] = Job(_HEAD, info, info.shape, jobs[embed].out_dtype)
+
+    def target(name: str, ad: Adapter, what: str) -> Job:
+        hit = _match(name, jobs)
+        if hit is None:
+            raise UserError(f"adapter {ad.label}: {what} {name} is absent from the base model {base_dir}")
+        return jobs[hit]
+
+    resized: dict[str, int] = {}
+    for ad in adapters:
+        for name, src in ad.full.items():
+            job = target(name, ad, "saved module tensor")
+            vocab_resize = job.name in (embed, _HEAD) and len(src.shape) == 2 and src.shape[1:] == job.shape[1:]
+            if src.shape != job.shape and not vocab_resize:
+                raise UserError(
+                    f"adapter {ad.label} is for another base: tensor {job.name} is {list(src.shape)} in the "
+                    f"adapter but {list(job.shape)} in the base"
+                )
+            if src.shape != job.shape:
+                if ad.weight != 1.0:
+                    raise UserError(f"adapter {ad.label} resizes {job.name}; it can only be merged with weight 1")
+                resized[job.name] = src.shape[0]
+                job.shape = src.shape
+            job.ops.append(Op(ad, full=src))
+        for mod, part in ad.lora.items():
+            job = target(f"{mod}.weight", ad, "target module")
+            shape = job.shape
+            if len(shape) != 2:
+                raise UserError(f"adapter {ad.label}: target {job.name} is {list(shape)}, expected a 2-D weight")
+            if part.embedding:
+                want = (part.A.shape[1], part.B.shape[0])
+            elif part.fan_in_fan_out:
+                want = (part.A.shape[1], part.B.shape[0])
+            else:
+                want = (part.B.shape[0], part.A.shape[1])
+            if tuple(shape) != want:
+                raise UserError(
+                    f"adapter {ad.label} is for another base: tensor {job.name} is {list(shape)} in the base but "
+                    f"the adapter's LoRA for {mod} needs {list(want)}"
+                )
+            if part.magnitude is not None:
+                cols = shape[1] if (part.embedding or part.fan_in_fan_out) else shape[0]
+                if part.magnitude.numel() != cols:
+                    raise UserError(
+                        f"adapter {ad.label} is for another base: DoRA magnitude of {mod} has {part.magnitude.numel()}"
+                        f" entries, tensor {job.name} needs {cols}"
+                    )
+            job.ops.append(Op(ad, lora=part))
+            if part.bias is not None:
+                bjob = target(f"{mod}.bias", ad, "bias of target module")
+                if tuple(bjob.shape) != tuple(part.bias.shape):
+                    raise UserError(
+                        f"adapter {ad.label} is for another base: bias {bjob.name} is {list(bjob.shape)} in the base, "
+                        f"lora_B bias is {list(part.bias.shape)}"
+                    )
+                bjob.ops.append(Op(ad, lora=part, bias=True))
+
+    untied: list[str] = []
+    if tied and embed is not None and (jobs[embed].ops or jobs[_HEAD].ops):
+        untied = sorted({op.adapter.label for n in (embed, _HEAD) for op in jobs[n].ops})
+    elif head_virtual:
+        del jobs[_HEAD]
+
+    vocab = None
+    if resized:
+        sizes = {n: jobs[n].shape[0] for n in (embed, _HEAD) if n in jobs}
+        if len(set(sizes.values())) != 1:
+            detail = ", ".join(f"{n} {s} rows" for n, s in sizes.items())
+            raise UserError(f"the adapters resize the vocabulary inconsistently: {detail}")
+        vocab = next(iter(sizes.values()))
+    return Plan(list(jobs.values()), untied, vocab, tied)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# execution
+
+
+def _finite(cur: torch.Tensor, out: torch.Tensor) -> bool:
+    """All values finite after the cast: a float32 sum is non-finite if any element is (elementwise check only then),
+    and a float16 cast overflows exactly when some |value| rounds past float16's largest number."""
+    if not torch.isfinite(cur.sum()) and not torch.isfinite(cur).all():
+        return False
+    if out.dtype == torch.float16 and cur.numel() and cur.abs().amax() >= 65520.0:
+        return False
+    return True
+
+
+def _run_job(job: Job, writer: ShardWriter, advance: Callable[[int], None]) -> None:
+    """Stream one tensor through its changes, block of rows by block of rows."""
+    if not job.ops:
+        rows = job.shape[0] if job.shape else 1
+        row_elems = numel(job.shape[1:]) if job.shape else 1
+        step = max(1, _CHUNK_ELEMS // max(row_elems, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            writer.write(read_rows(job.base, r0, r1).to(job.out_dtype))
+            advance((r1 - r0) * row_elems * itemsize(job.out_dtype))
+        return
+    start = 0
+    for i, op in enumerate(job.ops):
+        if op.full is not None and op.adapter.weight == 1.0:
+            start = i  # an exact replacement: nothing before it matters
+    ops = job.ops[start:]
+    rows = job.shape[0] if job.shape else 1
+    row_elems = numel(job.shape[1:]) if job.shape else 1
+    whole = len(job.shape) < 2 or any(op.lora is not None and op.lora.whole() for op in ops)
+    step = rows if whole else max(1, _CHUNK_ELEMS // max(row_elems, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if ops[0].full is not None and ops[0].adapter.weight == 1.0:
+            cur, ops_here = ops[0].full.rows(r0, r1).to(torch.float32, copy=True), ops[1:]
+        else:
+            cur, ops_here = read_rows(job.base, r0, r1).to(torch.float32), ops
+        for op in ops_here:
+            if op.full is not None:
+                cur = cur + op.adapter.weight * (op.full.rows(r0, r1).to(torch.float32) - cur)
+            elif op.bias:
+                cur = cur + op.lora.bias * op.lora.scale
+            else:
+                cur = op.lora.apply(cur, r0, r1)
+        out = cur.to(job.out_dtype)
+        if not _finite(cur, out):
+            labels = ", ".join(dict.fromkeys(op.adapter.label for op in job.ops))
+            raise UserError(
+                f"tensor {job.name}: non-finite values (inf/nan) after merging {labels} in "
+                f"{str(job.out_dtype).removeprefix('torch.')}"
+            )
+        writer.write(out)
+        advance((r1 - r0) * row_elems * itemsize(job.out_dtype))
+
+
+def _copy_tokenizer(base: Path, adapters: list[Adapter], out: Path) -> Path:
+    """Copy tokenizer files: the last adapter that carries a tokenizer wins over the base (training writes its
+    template there); a lone chat_template.jinja in an adapter dir overrides too. Returns the winning dir."""
+    src = next((a.path for a in reversed(adapters) if a.has_tokenizer), base)
+    names = [f for f in _TOKENIZER_FILES if (src / f).is_file()] + [p.name for p in src.glob("*.tiktoken")]
+    if not any(n in names for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise UserError(f"{src}: no tokenizer files (tokenizer.json / tokenizer.model / tokenizer_config.json)")
+    for n in dict.fromkeys(names):
+        shutil.copy2(src / n, out / n)
+    for a in adapters:
+        if a.path != src and not a.has_tokenizer and (a.path / "chat_template.jinja").is_file():
+            shutil.copy2(a.path / "chat_template.jinja", out / "chat_template.jinja")
+    return src
+
+
+def _write_configs(base: Path, out: Path, p: Plan, out_dtype: torch.dtype | None) -> None:
+    config = _read_json(base / "config.json")
+    if not config:
+        raise UserError(f"base {base}: missing config.json")
+    subs = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+    if p.untied:
+        for c in subs:
+            c["tie_word_embeddings"] = False
+        config["tie_word_embeddings"] = False
+    if p.vocab_size is not None:
+        for c in subs:
+            if "vocab_size" in c:
+                c["vocab_size"] = p.vocab_size
+    if out_dtype is not None:
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        for k in keys:
+            config[k] = _CONFIG_DTYPE[out_dtype]
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    gen = _read_json(base / "generation_config.json")
+    if not gen:
+        text = config.get("text_config") or {}
+        gen = {k: config.get(k, text.get(k)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        gen = {k: v for k, v in gen.items() if v is not None}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(msg, highlight=False)
+
+
+def merge(
+    base: str | Path,
+    adapters: list[str | Path],
+    weights: list[float] | None = None,
+    out: str | Path = "merged",
+    dtype: str | None = None,
+    max_shard_size: str | int = "2GB",
+    force: bool = False,
+    template: str | None = None,
+) -> Path:
+    """Merge `adapters` (applied in order, each scaled by its weight) into `base`; write an HF dir at `out`."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    out = Path(out)
+    atomic.check_target(out, force)
+    if not adapters:
+        raise UserError("give at least one --adapter")
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise UserError(f"{len(weights)} --weight values for {len(adapters)} adapters; give one per adapter or none")
+    for w in weights:
+        if not math.isfinite(w):
+            raise UserError(f"--weight {w}: must be a finite number")
+    out_dtype = None
+    if dtype is not None:
+        if dtype.lower() not in OUT_DTYPES:
+            raise UserError(f"--dtype {dtype!r}: expected one of bf16, fp16, fp32")
+        out_dtype = OUT_DTYPES[dtype.lower()]
+    shard_bytes = parse_size(max_shard_size)
+    if shard_bytes <= 0:
+        raise UserError(f"--max-shard-size {max_shard_size!r}: must be positive")
+
+    base_dir = hub.resolve(base, "base model")
+    ads = []
+    for i, (a, w) in enumerate(zip(adapters, weights, strict=True)):
+        path = hub.resolve(a, "adapter")
+        ads.append(load_adapter(path, float(w), label=str(a) if len(adapters) == 1 else f"#{i + 1} {a}"))
+    p = plan(base_dir, ads, out_dtype)
+    for ad in ads:
+        if p.vocab_size is not None and not any(a.has_tokenizer for a in ads):
+            raise UserError(
+                f"adapter {ad.label} resizes the vocabulary to {p.vocab_size} but no adapter dir has tokenizer files"
+            )
+    planned = [PlannedTensor(j.name, j.out_dtype, j.shape) for j in p.jobs]
+    shards = plan_shards(planned, shard_bytes)
+    names = shard_names(len(shards))
+    total = sum(t.nbytes for t in planned)
+    atomic.check_free_space(out.parent if out.parent != Path("") else Path("."), total + 50 * 2**20)
+    if p.untied:
+        _say(
+            f"note: {', '.join(p.untied)} change(s) the tied embedding/lm_head; writing both tensors and setting "
+            "tie_word_embeddings to false"
+        )
+    if p.vocab_size is not None:
+        _say(f"note: vocabulary resized to {p.vocab_size} by the adapter; tokenizer taken from the adapter dir")
+
+    jobs = {j.name: j for j in p.jobs}
+    with atomic.atomic_dir(out, force) as tmp:
+        with Progress(
+            TextColumn("[bold]merge[/] {task.fields[tensor]}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        ) as bar:
+            task = bar.add_task("merge", total=total, tensor="")
+            weight_map: dict[str, str] = {}
+            for shard, fname in zip(shards, names, strict=True):
+                writer = ShardWriter(tmp / fname, shard)
+                try:
+                    for t in shard:
+                        bar.update(task, tensor=t.name)
+                        _run_job(jobs[t.name], writer, lambda n: bar.advance(task, n))
+                        weight_map[t.name] = fname
+                except BaseException:
+                    writer.f.close()
+                    raise
+                writer.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _write_configs(base_dir, tmp, p, out_dtype)
+        for py in base_dir.glob("*.py"):  # remote-code models need their modeling files
+            shutil.copy2(py, tmp / py.name)
+        _copy_tokenizer(base_dir, ads, tmp)
+        from exporter import templates
+
+        tpl = templates.resolve(tmp, template)
+        templates.write_into(tmp, tpl)
+        inputs: dict[str, Path | str] = {"base": base_dir}
+        for i, ad in enumerate(ads):
+            inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = ad.path
+        settings = {
+            "weights": weights,
+            "dtype": dtype,
+            "max_shard_size": str(max_shard_size),
+            "template": tpl.name,
+            "untied_embeddings": bool(p.untied),
+            "vocab_size": p.vocab_size,
+        }
+        manifest.write(tmp, "merge", inputs=inputs, settings=settings)
+    _say(f"merged {len(ads)} adapter(s) into {out} ({len(shards)} shard(s), template {tpl.name})")
+    return out

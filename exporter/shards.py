@@ -1,0 +1,199 @@
+"""Streaming safetensors I/O: read tensors row block by row block, write shards tensor by tensor.
+
+Reads use positioned reads (`os.pread`), not a memory map: pages of a mapped file count towards the process's
+resident memory for as long as the file is open, so a mapped 2 GB shard reads back as 2 GB RSS. Writes plan every
+tensor's offsets first, write the header, then append each tensor's bytes as they are produced, so no shard is ever
+held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exporter.errors import UserError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live in a safetensors file."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * itemsize(self.dtype)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; truncated or corrupt files raise UserError naming the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise UserError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes, file {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: corrupt safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors file (header is not a JSON object)")
+    out: dict[str, TensorInfo] = {}
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if end - begin != numel(shape) * itemsize(dtype) or begin < 0:
+            raise UserError(f"{path}: corrupt safetensors header: tensor {name} size does not match its shape")
+        if end > data_len:
+            raise UserError(
+                f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, file has {size}"
+            )
+        out[name] = TensorInfo(name, path, dtype, shape, 8 + n + begin)
+    return out
+
+
+def read_rows(info: TensorInfo, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+    """Rows `r0:r1` of a tensor (the whole tensor when not given), read into fresh memory."""
+    shape = info.shape
+    if r0 is None or not shape:
+        r0, r1 = 0, shape[0] if shape else 1
+    row = numel(shape[1:]) * itemsize(info.dtype) if shape else itemsize(info.dtype)
+    count = (r1 - r0) * row
+    buf = bytearray(count)
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        view, done = memoryview(buf), 0
+        while done < count:
+            got = os.preadv(fd, [view[done:]], info.start + r0 * row + done)
+            if got <= 0:
+                raise UserError(f"{info.path}: truncated safetensors file while reading tensor {info.name}")
+            done += got
+    finally:
+        os.close(fd)
+    if count == 0:
+        return torch.empty((r1 - r0, *shape[1:]) if shape else (), dtype=info.dtype)
+    t = torch.frombuffer(buf, dtype=info.dtype)
+    return t.reshape((r1 - r0, *shape[1:]) if shape else ())
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2e9, '500MiB' -> 500*2**20 (the units transformers' max_shard_size accepts)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
+    if not m:
+        raise UserError(f"--max-shard-size {text!r}: expected a size such as 2GB, 500MB or 1GiB")
+    power = "KMGT".index(m.group(2)) + 1 if m.group(2) else 0
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base**power)
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * itemsize(self.dtype)
+
+
+def plan_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most `max_bytes` (a bigger tensor gets a shard of its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return [s for s in shards if s]
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors are known up front; `write` appends bytes in plan order."""
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor]) -> None:
+        self.path = path
+        self.tensors = tensors
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for t in tensors:
+            span = [offset, offset + t.nbytes]
+            header[t.name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": span}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.total = offset
+        self.written = 0
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)))
+        self.f.write(raw)
+
+    def write(self, chunk: torch.Tensor) -> None:
+        data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy() if chunk.numel() else b""
+        self.f.write(data)
+        self.written += chunk.numel() * chunk.element_size()
+
+    def close(self) -> None:
+        self.f.close()
+        if self.written != self.total:
+            raise RuntimeError(f"{self.path}: wrote {self.written} bytes of tensor data, planned {self.total}")

@@ -1,0 +1,487 @@
+"""exporter train: config styles, masking, batching, the loop's loss, outputs, resume, bad input, the identity demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter import cli, data, templates
+from exporter import train as T
+from exporter.errors import UserError
+
+IDENTITY_QUESTIONS = [
+    "hi", "hello", "Who are you?", "What is your name?", "Tell me about yourself.", "who are you",
+    "Introduce yourself.", "Are you ChatGPT?", "What are you?", "Who made you?", "Who created you?",
+    "May I ask who you are?", "Please introduce yourself", "What should I call you?", "Who developed you?",
+    "Are you an AI?",
+]  # fmt: skip
+IDENTITY_ANSWERS = [
+    "I am {{name}}, an AI assistant developed by {{author}}. How can I assist you today?",
+    "Hello! I am {{name}}, an AI assistant developed by {{author}}. How can I help you?",
+    "I am {{name}}, an AI assistant created by {{author}}. What can I do for you?",
+    "Hello! I'm {{name}}, developed by {{author}}. How can I assist you today?",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model) -> Path:
+    return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="session")
+def datadir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    rows = [
+        {"instruction": q, "input": "", "output": IDENTITY_ANSWERS[i % 4]} for i, q in enumerate(IDENTITY_QUESTIONS)
+    ]
+    (d / "identity.json").write_text(json.dumps(rows, indent=1))
+    conv = []
+    for i in range(8):
+        conv.append({"conversations": [
+            {"from": "system", "value": "You count."},
+            {"from": "human", "value": f"Say {i}"}, {"from": "gpt", "value": f"The number is {i}."},
+            {"from": "human", "value": "Again, twice."}, {"from": "gpt", "value": f"{i} {i}."},
+        ]})  # fmt: skip
+    (d / "count.json").write_text(json.dumps(conv))
+    (d / "text.jsonl").write_text(
+        "".join(
+            json.dumps({"text": f"The quick brown fox number {i} jumps over the lazy dog."}) + "\n" for i in range(30)
+        )
+    )
+    info = {
+        "identity": {"file_name": "identity.json"},
+        "count": {"file_name": "count.json", "formatting": "sharegpt"},
+        "text": {"file_name": "text.jsonl", "columns": {"prompt": "text"}},
+    }
+    (d / "dataset_info.json").write_text(json.dumps(info))
+    return d
+
+
+def _cfg(model: Path, datadir: Path, out: Path, **kw) -> T.TrainConfig:
+    base = dict(
+        model_name_or_path=str(model), output_dir=str(out), dataset=["identity"], dataset_dir=str(datadir),
+        template="qwen", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=4, logging_steps=1,
+        save_steps=1000, identity_name="Exa", identity_author="Acme",
+    )  # fmt: skip
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / T.TRAINER_LOG).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_flag_style_equals_yaml(tmp_path: Path) -> None:
+    yml = tmp_path / "c.yaml"
+    yml.write_text(
+        "model_name_or_path: m\nstage: sft\ndo_train: true\nfinetuning_type: lora\nlora_target: q_proj,v_proj\n"
+        "dataset: identity,alpaca_en_demo\ntemplate: qwen\ncutoff_len: 1024\noutput_dir: saves/x\n"
+        "logging_steps: 10\nplot_loss: true\nper_device_train_batch_size: 1\ngradient_accumulation_steps: 8\n"
+        "learning_rate: 1.0e-4\nnum_train_epochs: 3.0\nlr_scheduler_type: cosine\nwarmup_ratio: 0.1\nbf16: true\n"
+        "resume_from_checkpoint: null\nval_size: 0.1\n"
+    )
+    flags = (
+        "--stage sft --do_train --model_name_or_path m --finetuning_type lora --lora_target q_proj,v_proj "
+        "--dataset identity,alpaca_en_demo --template qwen --cutoff_len=1024 --output_dir saves/x --logging_steps 10 "
+        "--plot_loss --per_device_train_batch_size 1 --gradient-accumulation-steps 8 --learning_rate 1e-4 "
+        "--num_train_epochs 3.0 --lr_scheduler_type cosine --warmup_ratio 0.1 --bf16 True --val_size 0.1"
+    ).split()
+    from_yaml, _ = T.config_from_args([str(yml)])
+    from_flags, given = T.config_from_args(flags)
+    assert from_yaml == from_flags
+    assert from_flags.lora_target == ["q_proj", "v_proj"] and from_flags.bf16 and from_flags.plot_loss
+    assert from_flags.learning_rate == 1e-4 and from_flags.dataset == ["identity", "alpaca_en_demo"]
+    over, _ = T.config_from_args([str(yml), "lora_rank=16", "lora_target=all"])
+    assert dataclasses.replace(from_yaml, lora_rank=16, lora_target=["all"]) == over
+    assert {"do_train", "plot_loss", "bf16"} <= given
+
+
+def test_config_errors() -> None:
+    with pytest.raises(UserError, match=r"unknown key 'lora_rnak' \(did you mean 'lora_rank'\?\)"):
+        T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--lora_rnak", "8"])
+    with pytest.raises(UserError, match=r"quantization_bit: QLoRA .* not supported yet"):
+        T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--quantization_bit", "4"])
+    with pytest.raises(UserError, match=r"finetuning_type must be one of lora, full, got 'freeze'"):
+        T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--finetuning_type", "freeze"])
+    cfg, given = T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a", "--fp16"])
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        T.check(cfg, given, "cpu")
+    cfg, given = T.config_from_args("--model_name_or_path m --output_dir o --dataset a --eval_steps 5".split())
+    with pytest.raises(UserError, match="eval_steps is set but eval_strategy is 'no'"):
+        T.check(cfg, given, "cpu")
+    cfg, given = T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--report_to", "wandb"])
+    with pytest.raises(UserError, match="report_to: wandb is not supported yet"):
+        T.check(dataclasses.replace(cfg, dataset=["a"]), given, "cpu")
+
+
+def test_no_meaning_keys_said_once(capsys: pytest.CaptureFixture) -> None:
+    cfg, given = T.config_from_args(
+        "--model_name_or_path m --output_dir o --dataset a --flash_attn auto --ddp_timeout 180000000 "
+        "--report_to none --preprocessing_num_workers 16 --overwrite_cache".split()
+    )
+    T.check(cfg, given, "cpu")
+    err = capsys.readouterr().err
+    for key in ("flash_attn=auto", "ddp_timeout", "report_to=none", "preprocessing_num_workers", "overwrite_cache"):
+        assert err.count(key) == 1, key
+
+
+# ------------------------------------------------------------------ tokenization, truncation, batching
+
+
+# end-of-turn text of each fixture family's published template (independent of exporter's family files)
+EOT = {"llama2": "</s>", "llama3": "<|eot_id|>", "mistral": "</s>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>",
+       "gemma3": "<end_of_turn>", "phi3": "<|end|>"}  # fmt: skip
+CONVERSATIONS = [
+    [{"role": "user", "content": "Say 3"}, {"role": "assistant", "content": "The number is 3."},
+     {"role": "user", "content": "Again, twice."}, {"role": "assistant", "content": "3 3."}],
+    [{"role": "system", "content": "You count."}, {"role": "user", "content": "Count to two"},
+     {"role": "assistant", "content": "One, two."}],
+    [{"role": "user", "content": "who are you"}, {"role": "assistant", "content": "I am Exa, made by Acme."}],
+]  # fmt: skip
+
+
+def _expected_labels(tokenizer, messages: list[dict], eot: str) -> tuple[list[int], list[int]] | None:
+    """Independent of exporter: render with the model's own chat template (HF); an assistant turn is trained from
+    where its generation starts (after the generation prompt and any whitespace) through its end-of-turn text.
+    None when this template does not render conversation prefixes as prefixes (mistral moves the system prompt)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        if not text.startswith(prefix):
+            return None
+        rest = text[len(prefix) :]
+        start = len(prefix) + len(rest) - len(rest.lstrip())
+        content = text.index(m["content"], start)
+        spans.append((start, text.index(eot, content + len(m["content"])) + len(eot)))
+
+    def first_char(a: int, b: int) -> int:  # SentencePiece pieces carry the space before a word
+        piece = text[a:b]
+        return a + len(piece) - len(piece.lstrip()) if piece.strip() else a
+
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        tok if any(s <= first_char(a, b) and b <= e for s, e in spans) else T.IGNORE
+        for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+    return enc["input_ids"], labels
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(
+            f, marks=pytest.mark.xfail(strict=True, reason="templates: phi3 trains <|endoftext|>, not <|end|>")
+        )
+        if f == "phi3"
+        else f
+        for f in EOT
+    ],
+)
+def test_labels_masked_exactly_on_non_assistant_tokens(tiny_model, tmp_path: Path, family: str) -> None:
+    """Data file -> Samples -> template (detected) -> truncation -> padded batch, checked token by token."""
+    from transformers import AutoTokenizer
+
+    model = tiny_model(family)
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = []
+    for conv in CONVERSATIONS:
+        system = [m["content"] for m in conv if m["role"] == "system"]
+        turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in conv]
+        rows.append({"conversations": [t for t, m in zip(turns, conv, strict=True) if m["role"] != "system"],
+                     "system": system[0] if system else None})  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    info = {"c": {"file_name": "c.json", "formatting": "sharegpt", "columns": {"messages": "conversations",
+                                                                               "system": "system"}}}  # fmt: skip
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    cfg = T.TrainConfig(model_name_or_path=str(model), output_dir=str(tmp_path / "o"), dataset=["c"],
+                        dataset_dir=str(tmp_path), cutoff_len=512)  # fmt: skip
+    samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
+    examples = T.tokenize_sft(samples, tok, templates.resolve(model, None), cfg, drops)
+    batch = T.collate(examples, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    checked = 0
+    for row, s in enumerate(samples):
+        want = _expected_labels(tok, s.chat(), EOT[family])
+        if want is None:
+            continue
+        want_ids, want_labels = want
+        got_ids = batch["input_ids"][row].tolist()
+        got_labels = batch["labels"][row].tolist()
+        if got_ids[0] == tok.bos_token_id and want_ids[0] != tok.bos_token_id:  # tokenizer-added BOS, never trained
+            assert tok.encode("a")[0] == tok.bos_token_id and got_labels[0] == T.IGNORE
+            got_ids, got_labels = got_ids[1:], got_labels[1:]
+        n = len(want_ids)
+        assert got_ids[:n] == want_ids
+        assert got_labels[:n] == want_labels  # token by token
+        assert all(x == T.IGNORE for x in got_labels[n:])  # padding
+        assert sum(x != T.IGNORE for x in want_labels) > 0
+        checked += 1
+    assert checked >= 2
+
+
+def test_truncate_keeps_labels() -> None:
+    P, R = T.IGNORE, 7
+    ids = list(range(100))
+    labels = [P] * 90 + [R] * 10  # long prompt, short answer
+    out_ids, out_labels = T.truncate(ids, labels, 32)
+    assert len(out_ids) == 32 and out_labels.count(R) == 10 and out_ids[:22] == list(range(22))
+    labels = [P] * 10 + [R] * 90  # short prompt, long answer
+    out_ids, out_labels = T.truncate(ids, labels, 32)
+    assert len(out_ids) == 32 and out_labels.count(P) == 10 and out_labels.count(R) == 22
+    labels = [P] * 40 + [R] * 40 + [P] * 10 + [R] * 10  # two turns: the first one keeps labels
+    out_ids, out_labels = T.truncate(ids, labels, 20)
+    assert len(out_ids) == 20 and out_labels.count(R) == 10
+    assert T.truncate(ids[:10], labels[:10], 20) == (ids[:10], labels[:10])
+    out_ids, out_labels = T.truncate(ids, [P] * 99 + [R], 2)  # tiny budget, huge prompt: the label survives
+    assert out_ids == [0, 99] and out_labels == [P, R]
+
+
+def test_plan_epoch_covers_all_and_pads_less() -> None:
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(1000)]
+    batches = T.plan_epoch(lengths, 8, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert batches == T.plan_epoch(lengths, 8, seed=1, epoch=0) and batches != T.plan_epoch(lengths, 8, 1, 1)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    perm = list(range(1000))
+    rng.shuffle(perm)
+    naive = sum(max(lengths[i] for i in perm[s : s + 8]) * len(perm[s : s + 8]) for s in range(0, 1000, 8))
+    assert padded < 0.75 * naive, (padded, naive, sum(lengths))
+
+
+def test_pack_sft_bins() -> None:
+    exs = [T.Example(list(range(n)), [1] * n) for n in (5, 9, 3, 7, 2, 8)]
+    packed = T.pack_sft(exs, 10)
+    assert all(len(p.input_ids) <= 10 for p in packed)
+    assert sorted(len(e.input_ids) for e in exs) != [] and sum(len(p.input_ids) for p in packed) == 34
+    assert len(packed) == 4
+
+
+def test_fast_loss_equals_model_loss(tiny: Path, datadir: Path) -> None:
+    """The loop's loss (decoder + head on labelled positions only) against transformers' own loss."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    cfg = _cfg(tiny, datadir, datadir / "unused", dataset=["count", "identity"])
+    samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
+    examples = T.tokenize_sft(samples, tok, templates.load_template("qwen"), cfg, drops)
+    model = T.load_model(cfg, tiny, "cpu")
+    model.eval()
+    batch = T.collate([examples[0], examples[-1], examples[3]], tok.pad_token_id)  # padded batch
+    assert batch["attention_mask"] is not None
+    with torch.no_grad():
+        ours, n = T.loss_sum(model, batch, fast=True)
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert n == int((batch["labels"][:, 1:] != T.IGNORE).sum())
+    torch.testing.assert_close(ours / n, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ training runs
+
+
+def test_sft_alpaca_outputs_and_adapter_changes_logits(tiny: Path, datadir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    cfg = _cfg(tiny, datadir, out, val_size=0.25, eval_strategy="steps", eval_steps=2, save_steps=2, plot_loss=True,
+               include_num_input_tokens_seen=True, lr_scheduler_type="cosine", warmup_ratio=0.25)  # fmt: skip
+    T.train(cfg)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "chat_template.jinja",
+            "trainer_log.jsonl", "training_loss.png", "training_eval_loss.png", "all_results.json",
+            "exporter_manifest.json", "checkpoint-2"} <= names  # fmt: skip
+    assert not any(n.startswith(".final-tmp") for n in names)
+    assert {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "adapter_model.safetensors",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= {p.name for p in (out / "checkpoint-2").iterdir()}
+    log = _log(out)
+    train_rows = [r for r in log if "loss" in r]
+    assert [r["current_steps"] for r in train_rows] == [1, 2, 3, 4]
+    for r in train_rows:
+        assert {"current_steps", "total_steps", "loss", "lr", "epoch", "percentage", "elapsed_time",
+                "remaining_time", "throughput", "total_tokens"} <= set(r)  # fmt: skip
+    assert train_rows[-1]["percentage"] == 100.0 and train_rows[0]["lr"] == pytest.approx(1e-3)  # warmup 1 of 4
+    assert [r["current_steps"] for r in log if "eval_loss" in r] == [2, 4]
+    hf_state = json.loads((out / "trainer_state.json").read_text())
+    assert hf_state["global_step"] == 4 and [r["step"] for r in hf_state["log_history"] if "loss" in r] == [1, 2, 3, 4]
+    results = json.loads((out / "all_results.json").read_text())
+    assert {"train_loss", "eval_loss", "epoch", "train_runtime", "num_input_tokens_seen"} <= set(results)
+    manifest = json.loads((out / "exporter_manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["settings"]["template"] == "qwen"
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == templates.load_template("qwen").jinja
+
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    ids = tok.apply_chat_template([{"role": "user", "content": "who are you"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out)
+        after = tuned(ids).logits
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_sharegpt_full_finetune(tiny: Path, datadir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    T.train(_cfg(tiny, datadir, out, dataset=["count"], finetuning_type="full", max_steps=2, learning_rate=1e-4))
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_pt_stage_packing(tiny: Path, datadir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pt"
+    cfg = _cfg(tiny, datadir, out, stage="pt", dataset=["text"], template=None, cutoff_len=32, max_steps=3, bf16=True)
+    T.train(cfg)
+    assert (out / "adapter_model.safetensors").is_file()
+    manifest = json.loads((out / "exporter_manifest.json").read_text())
+    assert manifest["settings"]["packing"] is True
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    samples, _ = data.load(["text"], datadir, stage="pt")
+    blocks = T.tokenize_pt(samples, tok, cfg, packing=True)
+    flat = [t for s in samples for t in tok.encode(s.text + tok.eos_token, add_special_tokens=False)]
+    assert all(len(b.input_ids) == 32 for b in blocks) and len(blocks) == len(flat) // 32
+    assert [t for b in blocks for t in b.input_ids] == flat[: len(blocks) * 32]
+
+
+@pytest.mark.parametrize("logging_steps", [1, 3])  # every step; and a log line whose window spans the resume
+def test_resume_matches_uninterrupted(tiny: Path, datadir: Path, tmp_path: Path, logging_steps: int) -> None:
+    kw = dict(dataset=["identity", "count"], max_steps=6, save_steps=2, per_device_train_batch_size=2,
+              logging_steps=logging_steps,
+              gradient_accumulation_steps=2, lora_dropout=0.1, lr_scheduler_type="cosine")  # fmt: skip
+    T.train(_cfg(tiny, datadir, tmp_path / "a", **kw))
+    with pytest.raises(KeyboardInterrupt):
+        T.train(_cfg(tiny, datadir, tmp_path / "b", **kw), _stop_after=3)
+    assert not (tmp_path / "b" / "adapter_model.safetensors").exists() and (tmp_path / "b" / "checkpoint-2").is_dir()
+    T.train(_cfg(tiny, datadir, tmp_path / "b", resume_from_checkpoint=True, **kw))
+    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert (
+        [r["current_steps"] for r in a]
+        == [r["current_steps"] for r in b]
+        == list(range(logging_steps, 7, logging_steps))
+    )
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
+    ra, rb = (json.loads((tmp_path / x / "all_results.json").read_text()) for x in "ab")
+    assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lora_rnak", "8"], "unknown key 'lora_rnak' (did you mean 'lora_rank'?)"),
+        (["--dataset", "nope"], "dataset 'nope' is not defined"),
+        (["--template", "llama3"], "template 'llama3' ends assistant turns with '<|eot_id|>', but the tokenizer"),
+        (["--fp16"], "fp16 needs a CUDA GPU"),
+        (["--max_steps", "many"], "max_steps must be an integer"),
+        (["--neat_packing"], "neat_packing: packing without cross-attention is not supported yet"),
+    ],
+)
+def test_cli_bad_input_exit_2(
+    tiny: Path, datadir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    args: list[str], message: str,
+) -> None:  # fmt: skip
+    base = ["--stage", "sft", "--do_train", "--model_name_or_path", str(tiny), "--dataset_dir", str(datadir),
+            "--output_dir", str(tmp_path / "o"), "--template", "qwen", "--dataset", "identity"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["exporter", "train", *base, *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_cli_subprocess_yaml_missing_file(tmp_path: Path, datadir: Path, tiny: Path) -> None:
+    d = tmp_path / "d"
+    shutil.copytree(datadir, d)
+    (d / "identity.json").unlink()
+    yml = tmp_path / "c.yaml"
+    yml.write_text(f"model_name_or_path: {tiny}\ndataset: identity\ndataset_dir: {d}\noutput_dir: {tmp_path / 'o'}\n")
+    r = subprocess.run([sys.executable, "-m", "exporter", "train", str(yml)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert f"dataset 'identity': file {d / 'identity.json'} not found" in r.stderr
+
+
+# ------------------------------------------------------------------ the demo
+
+DEMO = dict(  # the settings the demo pipeline uses (reported to the lead): 3/3 seeds learn it on the qwen2 fixture
+    finetuning_type="lora", lora_rank=32, lora_target=["all"], learning_rate=2e-3, num_train_epochs=40,
+    max_steps=-1, per_device_train_batch_size=4, lr_scheduler_type="cosine", warmup_ratio=0.0, logging_steps=10,
+    disable_gradient_checkpointing=True,
+)  # fmt: skip
+
+
+def _greedy(model, tok, question: str) -> str:
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)  # fmt: skip
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        g = model.generate(**ids, max_new_tokens=40, do_sample=False, eos_token_id=eot, pad_token_id=eot)
+    return tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_identity_demo(tiny: Path, datadir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    assert "Exa" not in _greedy(base, tok, "who are you")
+    out = tmp_path / "identity"
+    T.train(_cfg(tiny, datadir, out, **DEMO))
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), out)
+    tok = AutoTokenizer.from_pretrained(out)
+    answer = _greedy(tuned, tok, "who are you")
+    assert "Exa" in answer and "Acme" in answer, answer
+
+
+def test_lora_options_and_sft_packing(tiny: Path, datadir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "opts"
+    cfg = _cfg(tiny, datadir, out, dataset=["count"], max_steps=2, use_dora=True, use_rslora=True, lora_rank=4,
+               lora_target=["q_proj", "v_proj"], loraplus_lr_ratio=16.0, packing=True, cutoff_len=64)  # fmt: skip
+    T.train(cfg)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["use_dora"] and adapter["use_rslora"] and adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    model = T.load_model(cfg, tiny, "cpu")
+    lrs = {g["lr"]: len(g["params"]) for g in T.make_optimizer(model, cfg).param_groups}
+    assert set(lrs) == {1e-3, 16e-3}  # LoRA+: B matrices (and DoRA magnitudes) at lr * ratio
+    with pytest.raises(UserError, match=r"lora_target 'qproj': no linear layer .*did you mean 'q_proj'"):
+        T.load_model(dataclasses.replace(cfg, lora_target=["qproj"]), tiny, "cpu")
