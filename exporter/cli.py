@@ -193,6 +193,72 @@ def _gguf(
     gguf.run(model, type_, out, ollama_name, template, force, adapter, base_gguf)
 
 
+# verify ------------------------------------------------------------------------------------------------------
+@app.command("verify")
+def _verify(
+    base: Path = typer.Option(None, "--base", help="Base model dir the adapter was trained on."),
+    adapter: Path = typer.Option(None, "--adapter", help="PEFT LoRA adapter dir."),
+    merged: Path = typer.Option(None, "--merged", help="Merged (exported) HF model dir."),
+    gguf: list[Path] = typer.Option([], "--gguf", help="GGUF file (repeatable)."),
+    modelfile: list[Path] = typer.Option([], "--modelfile", help="Ollama Modelfile (repeatable)."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="A pipeline run dir: find all artifacts in it."),
+    template: str = typer.Option(None, "--template", help="Chat-template family used in training."),
+    report: Path = typer.Option(None, "--report", help="Write report.json here."),
+    junit: Path = typer.Option(None, "--junit", help="Write JUnit XML here (for CI)."),
+    ppl_threshold: str = typer.Option(
+        None, "--ppl-threshold", help="Max relative perplexity difference per type, e.g. f16=0.001,q8_0=0.005."
+    ),
+    prompts: int = typer.Option(4, "--prompts", min=0, help="Greedy chat prompts compared HF vs GGUF."),
+    text: Path = typer.Option(None, "--text", help="Held-out text file for perplexity (default: built-in)."),
+    data: list[Path] = typer.Option(
+        [], "--data", help="Training data (JSON/JSONL file or dir, repeatable): its texts and prompts are checked too."
+    ),
+    ctx: int = typer.Option(128, "--ctx", min=8, help="Perplexity window (llama.cpp's -c)."),
+    max_windows: int = typer.Option(
+        8, "--max-windows", min=1, help="Perplexity windows at most (llama.cpp's --chunks)."
+    ),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Greedy tokens per chat prompt."),
+) -> None:
+    """Prove an export is faithful: templates, stop tokens, tokenizer, perplexity and chat; exit 1 on a failure."""
+    from exporter import verify, verify_report
+
+    rep = verify.verify(
+        base=base,
+        adapter=adapter,
+        merged=merged,
+        ggufs=gguf,
+        modelfiles=modelfile,
+        run_dir=run_dir,
+        template=template,
+        thresholds=verify.parse_thresholds(ppl_threshold),
+        prompts=prompts,
+        text=text,
+        data=data,
+        ctx=ctx,
+        max_windows=max_windows,
+        max_new_tokens=max_new_tokens,
+    )
+    verify_report.print_table(rep)
+    if report is not None:
+        verify_report.write_json(rep, report)
+    if junit is not None:
+        verify_report.write_junit(rep, junit)
+    raise typer.Exit(0 if rep.passed else 1)
+
+
+# pipeline ----------------------------------------------------------------------------------------------------
+@app.command("pipeline")
+def _pipeline(
+    config_file: Path = typer.Argument(..., help="Pipeline YAML (base, run_dir, template, train/merge/gguf/verify)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.max_steps=5."),
+) -> None:
+    """train -> merge -> gguf -> verify into one run dir; finished stages are skipped; exit 1 if verify fails."""
+    from exporter import pipeline
+
+    result = pipeline.run(pipeline.load_config(config_file, overrides or []))
+    raise typer.Exit(0 if result.passed else 1)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:

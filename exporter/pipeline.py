@@ -1,0 +1,285 @@
+"""exporter pipeline: train -> merge -> gguf -> verify from one YAML file into one run dir, resumable by stage.
+
+    base: path/or/hub-id          # the model to fine-tune
+    run_dir: runs/my-run          # every stage writes below it: adapter/ merged/ gguf/ verify/ pipeline.json
+    template: qwen                # chat-template family (default: detected from the base model)
+    train: {dataset: identity, dataset_dir: data/demo, max_steps: 60, ...}   # `exporter train` keys
+    merge: {dtype: bfloat16}      # `exporter merge` options
+    gguf: {types: [f16, q8_0, q4_k_m], ollama_name: my-model}
+    verify: {prompts: 4, ppl_threshold: "q4_k_m=0.05"}                        # `exporter verify` options
+
+`key=value` overrides use dotted keys (`train.max_steps=5`, `gguf.types=f16`). A stage is finished when its output
+is complete (each stage writes atomically, or for train: the final adapter file) and `pipeline.json` records the
+same config hash for it; a finished stage is skipped on a rerun. The hash of a stage covers its own settings and
+the hash of the stage before, so a change re-runs that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from exporter import config
+from exporter.atomic import atomic_dir, atomic_file
+from exporter.errors import UserError
+
+STAGES = ("train", "merge", "gguf", "verify")
+STATE = "pipeline.json"
+_RUN_SET = {"model_name_or_path", "output_dir"}  # train keys the pipeline sets itself
+_VERIFY_KEYS = {"prompts", "ctx", "max_windows", "max_new_tokens", "ppl_threshold", "text"}
+_MERGE_KEYS = {"dtype", "max_shard_size"}
+_GGUF_KEYS = {"types", "ollama_name"}
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """The pipeline YAML: the base model, the run dir, the template and one settings block per stage."""
+
+    base: str
+    run_dir: str = "runs/pipeline"
+    template: str | None = None
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    merge: dict[str, Any] = dataclasses.field(default_factory=dict)
+    gguf: dict[str, Any] = dataclasses.field(default_factory=lambda: {"types": ["f16"]})
+    verify: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """Where things are, which stages ran or were skipped, and the verify verdict."""
+
+    run_dir: Path
+    ran: list[str]
+    skipped: list[str]
+    passed: bool
+    report: Path
+    commands: list[str]
+    answers: list[dict[str, Any]]
+
+
+def load_config(path: Path | str, overrides: list[str]) -> PipelineConfig:
+    """Config from YAML plus dotted `key=value` overrides; unknown keys are errors (with did-you-mean)."""
+    data = config.read_yaml(path)
+    for key, value in config.parse_overrides(overrides).items():
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {key}: {p} is not a mapping in {path}")
+        node[parts[-1]] = value
+    cfg = config.build(PipelineConfig, data, where=str(path))
+    for name, allowed in (("verify", _VERIFY_KEYS), ("merge", _MERGE_KEYS), ("gguf", _GGUF_KEYS)):
+        for key in getattr(cfg, name):
+            if key not in allowed:
+                raise UserError(f"{path}: {name}.{key} is not a {name} setting{config.did_you_mean(key, allowed)}")
+    for key in cfg.train:
+        if key in _RUN_SET:
+            raise UserError(f"{path}: train.{key} is set by the pipeline (base / run_dir); remove it")
+    return cfg
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprint(path: Path) -> list[Any]:
+    """Names, sizes and mtimes of the files under `path` (cheap: a changed input changes this)."""
+    if not path.exists():
+        return [str(path)]
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in files]  # fmt: skip
+
+
+def _data_files(train_cfg: dict[str, Any]) -> list[Path]:
+    """The dataset files the train stage reads (from dataset_info.json), for hashing and for verify."""
+    ddir = Path(train_cfg.get("dataset_dir", "data"))
+    names = train_cfg.get("dataset") or []
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    info_path = ddir / "dataset_info.json"
+    if not info_path.is_file():
+        return []
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    out = []
+    for n in names:
+        f = info.get(n, {}).get("file_name")
+        if f and (ddir / f).exists():
+            out.append(ddir / f)
+    return out
+
+
+class _State:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / STATE
+        self.doc: dict[str, Any] = {"stages": {}}
+        if self.path.is_file():
+            try:
+                self.doc = json.loads(self.path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                raise UserError(f"{self.path}: not valid JSON; delete it to start the run over") from None
+
+    def done(self, stage: str, h: str) -> bool:
+        return self.doc["stages"].get(stage, {}).get("hash") == h
+
+    def record(self, stage: str, h: str | None, seconds: float = 0.0, **extra: Any) -> None:
+        if h is None:
+            self.doc["stages"].pop(stage, None)
+        else:
+            self.doc["stages"][stage] = {"hash": h, "seconds": round(seconds, 1), **extra}
+        self.save()
+
+    def save(self) -> None:
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps(self.doc, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def run(cfg: PipelineConfig) -> PipelineResult:
+    """Run the stages that are not finished (or whose config changed), then print where everything is."""
+    from rich.console import Console
+
+    from exporter import hub, templates
+
+    console = Console()
+    run_dir = Path(cfg.run_dir)
+    base = hub.resolve(cfg.base, "base model")
+    tpl = templates.resolve(base, cfg.template)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = _State(run_dir)
+    data_files = _data_files(cfg.train)
+    state.doc.update({"base": str(base.resolve()), "template": tpl.name,
+                      "data": [str(p.resolve()) for p in data_files]})  # fmt: skip
+    adapter, merged, gguf_dir, verify_dir = (run_dir / n for n in ("adapter", "merged", "gguf", "verify"))
+
+    h_train = _hash("train", str(base.resolve()), _fingerprint(base), tpl.name, cfg.train,
+                    [_fingerprint(p) for p in data_files])  # fmt: skip
+    h_merge = _hash("merge", h_train, cfg.merge)
+    h_gguf = _hash("gguf", h_merge, cfg.gguf)
+    h_verify = _hash(
+        "verify", h_gguf, cfg.verify, _fingerprint(Path(cfg.verify["text"])) if "text" in cfg.verify else 0
+    )
+    outputs = {
+        "train": adapter / "adapter_model.safetensors",
+        "merge": merged / "config.json",
+        "gguf": gguf_dir / "exporter_manifest.json",
+        "verify": verify_dir / "report.json",
+    }
+    hashes = {"train": h_train, "merge": h_merge, "gguf": h_gguf, "verify": h_verify}
+    ran, skipped = [], []
+    invalid = False
+    for stage in STAGES:
+        finished = outputs[stage].is_file() and state.done(stage, hashes[stage]) and not invalid
+        if finished:
+            skipped.append(stage)
+            console.print(f"[dim]{stage}: finished earlier (config hash {hashes[stage]}), skipped[/]")
+            continue
+        invalid = True  # every later stage runs again too
+        console.rule(f"[bold]{stage}")
+        t0 = time.perf_counter()
+        stale = state.doc["stages"].get(stage, {}).get("hash") not in (None, hashes[stage])
+        state.record(stage, None)
+        if stage == "train":
+            _train(cfg, base, tpl.name, adapter, overwrite=stale)
+        elif stage == "merge":
+            from exporter import merge
+
+            merge.merge(base, [adapter], out=merged, template=tpl.name, force=True, **cfg.merge)
+        elif stage == "gguf":
+            from exporter import gguf
+
+            types = cfg.gguf.get("types", ["f16"])
+            gguf.run(merged, types=types, out=gguf_dir, ollama_name=cfg.gguf.get("ollama_name"),
+                     template=tpl.name, force=True)  # fmt: skip
+        else:
+            _verify(cfg, base, adapter, merged, gguf_dir, verify_dir, tpl.name, data_files)
+        state.record(stage, hashes[stage], time.perf_counter() - t0)
+        ran.append(stage)
+    return _summary(console, run_dir, ran, skipped, gguf_dir, verify_dir)
+
+
+def _train(cfg: PipelineConfig, base: Path, template: str, out: Path, overwrite: bool) -> None:
+    from exporter import train
+
+    values = {**cfg.train, "model_name_or_path": str(base), "output_dir": str(out), "template": template}
+    if overwrite or (out / "adapter_model.safetensors").exists():
+        values["overwrite_output_dir"] = True  # settings changed (or a finished run of other settings): start over
+    tcfg = config.build(train.TrainConfig, values, where="train")
+    train.train(tcfg, given=set(values))
+
+
+def _verify(
+    cfg: PipelineConfig,
+    base: Path,
+    adapter: Path,
+    merged: Path,
+    gguf_dir: Path,
+    out: Path,
+    template: str,
+    data_files: list[Path],
+) -> None:
+    from exporter import verify, verify_report
+
+    v = dict(cfg.verify)
+    thr = v.pop("ppl_threshold", None)
+    if isinstance(thr, dict):
+        thr = ",".join(f"{k}={val}" for k, val in thr.items())
+    rep = verify.verify(
+        base=base,
+        adapter=adapter,
+        merged=merged,
+        ggufs=sorted(gguf_dir.glob("*.gguf")),
+        modelfiles=sorted(gguf_dir.glob("Modelfile*")),
+        template=template,
+        thresholds=verify.parse_thresholds(thr),
+        data=data_files or None,
+        **v,
+    )
+    verify_report.print_table(rep)
+    with atomic_dir(out, force=True) as tmp:
+        verify_report.write_json(rep, tmp / "report.json")
+        verify_report.write_junit(rep, tmp / "junit.xml")
+
+
+def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_dir: Path,
+             verify_dir: Path) -> PipelineResult:  # fmt: skip
+    report = verify_dir / "report.json"
+    doc = json.loads(report.read_text(encoding="utf-8"))
+    commands = [f"ollama create {_ollama_name(mf)} -f {mf.resolve()}" for mf in sorted(gguf_dir.glob("Modelfile*"))]
+    answers: list[dict[str, Any]] = []
+    for c in doc["checks"]:
+        if c["check"] == "chat" and c["metrics"].get("answers"):
+            for a in c["metrics"]["answers"]:
+                answers.append({"file": c["target"], **a})
+    console.rule("[bold]result")
+    if answers:
+        first = answers[0]["prompt"]
+        console.print(f"[bold]{first}[/]")
+        console.print(f"  HF (merged):      {answers[0]['hf']!r}")
+        for a in answers:
+            if a["prompt"] == first:
+                same = "same tokens" if a["first_divergence"] is None else f"differs from token {a['first_divergence']}"
+                console.print(f"  GGUF {a['file']}: {a['gguf']!r} ({same})")
+    verdict = "[bold green]PASSED[/]" if doc["passed"] else "[bold red]FAILED[/]"
+    s = doc["summary"]
+    console.print(f"verify {verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped -> {report}")
+    console.print(f"run dir: {run_dir.resolve()}  (ran: {', '.join(ran) or 'nothing'}; "
+                  f"skipped: {', '.join(skipped) or 'nothing'})")  # fmt: skip
+    for name in ("adapter", "merged", "gguf"):
+        console.print(f"  {name + '/':9} {(run_dir / name).resolve()}")
+    console.print("Import into Ollama:")
+    for cmd in commands:
+        console.print(f"  {cmd}", soft_wrap=True)
+    return PipelineResult(run_dir, ran, skipped, bool(doc["passed"]), report, commands, answers)
+
+
+def _ollama_name(modelfile: Path) -> str:
+    for line in modelfile.read_text(encoding="utf-8").splitlines():
+        if "ollama create" in line:  # the gguf stage writes the intended name into a header comment
+            parts = line.split("ollama create", 1)[1].split()
+            if parts:
+                return parts[0]
+    return f"{modelfile.parent.parent.name}:{modelfile.name.removeprefix('Modelfile.')}"

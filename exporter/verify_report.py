@@ -1,0 +1,140 @@
+"""The verify report: check results, the `report.json` document, JUnit XML and the rich table.
+
+`report.json` schema (`"schema": "exporter.verify/1"`)::
+
+    {
+      "schema": "exporter.verify/1",
+      "passed": true,                 # false when any check has status "fail"
+      "created": "2026-11-24T08:00:00Z",
+      "seconds": 12.3,                # wall time of the whole verify run
+      "artifacts": {                  # what was checked (absolute paths; null / [] when not given)
+        "base": str|null, "adapter": str|null, "merged": str|null,
+        "ggufs": [str], "modelfiles": [str], "data": str|null, "text": str|null,
+        "template": str|null          # chat-template family the export was trained with
+      },
+      "thresholds": {"f16": 0.001, "q8_0": 0.005, ...},   # max relative perplexity difference per type
+      "summary": {"pass": int, "fail": int, "skip": int},
+      "checks": [
+        {
+          "check": "template" | "stops" | "tokenizer" | "perplexity" | "chat",
+          "target": str,              # which artifact (a file name, "merged", "adapter", "Modelfile.q8_0" ...)
+          "status": "pass" | "fail" | "skip",
+          "detail": str,              # one line: the cause of a failure, the reason of a skip, or a summary
+          "metrics": {...}            # check-specific numbers, see below
+        }, ...
+      ],
+      "versions": {"python": ..., "torch": ..., "llama-cpp-python": ...}
+    }
+
+Metrics per check: template {conversations, compared}; stops {eot_tokens, eot_ids, ...};
+tokenizer {texts, mismatches, pre}; perplexity {ppl, ref_ppl, rel_diff, threshold, type, kld, top1, tokens};
+chat {prompts, exact, first_divergence: [int|null per prompt], hf_tokens, gguf_tokens, answers}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+from xml.sax.saxutils import escape, quoteattr
+
+from exporter.atomic import atomic_file
+
+Status = Literal["pass", "fail", "skip"]
+SCHEMA = "exporter.verify/1"
+
+
+@dataclasses.dataclass
+class Check:
+    """One check on one artifact."""
+
+    check: str
+    target: str
+    status: Status
+    detail: str
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything verify found; `passed` is false when any check failed."""
+
+    checks: list[Check]
+    artifacts: dict[str, Any]
+    thresholds: dict[str, float]
+    seconds: float = 0.0
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not any(c.status == "fail" for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "fail"]
+
+    def summary(self) -> dict[str, int]:
+        return {s: sum(c.status == s for c in self.checks) for s in ("pass", "fail", "skip")}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "passed": self.passed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(self.seconds, 3),
+            "artifacts": self.artifacts,
+            "thresholds": self.thresholds,
+            "summary": self.summary(),
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+            "versions": self.versions,
+        }
+
+
+def write_json(report: Report, path: Path) -> None:
+    """Write `report.json` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False, default=str) + "\n", "utf-8")
+
+
+def write_junit(report: Report, path: Path) -> None:
+    """JUnit XML: one testcase per check (classname = check kind, name = target)."""
+    s = report.summary()
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<testsuite name="exporter verify" tests="{len(report.checks)}" failures="{s["fail"]}" '
+        f'skipped="{s["skip"]}" time="{report.seconds:.3f}">',
+    ]
+    for c in report.checks:
+        lines.append(f"  <testcase classname={quoteattr('verify.' + c.check)} name={quoteattr(c.target)}>")
+        if c.status == "fail":
+            lines.append(
+                f"    <failure message={quoteattr(c.detail)}>{escape(json.dumps(c.metrics, default=str))}</failure>"
+            )
+        elif c.status == "skip":
+            lines.append(f"    <skipped message={quoteattr(c.detail)}/>")
+        lines.append("  </testcase>")
+    lines.append("</testsuite>")
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", "utf-8")
+
+
+def print_table(report: Report) -> None:
+    """The rich table of all checks, failures in red, then one verdict line."""
+    from rich.console import Console
+    from rich.table import Table
+
+    colors = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+    table = Table(title="exporter verify", show_lines=False)
+    table.add_column("check")
+    table.add_column("target")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    for c in report.checks:
+        table.add_row(c.check, c.target, f"[{colors[c.status]}]{c.status.upper()}[/]", c.detail)
+    console = Console()
+    console.print(table)
+    s = report.summary()
+    verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
+    console.print(f"{verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped in {report.seconds:.1f} s")

@@ -1,0 +1,86 @@
+"""exporter pipeline: a tiny end-to-end run passes verify; a rerun skips finished stages; a config change re-runs
+that stage and the ones after it; bad configs are clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, require_llama_cpp
+
+from exporter import pipeline, verify
+from exporter.errors import UserError
+
+
+def _config(tmp_path: Path, base: Path, **verify) -> Path:
+    cfg = {
+        "base": str(base),
+        "run_dir": str(tmp_path / "run"),
+        "template": "qwen",
+        "train": {
+            "dataset": "identity",
+            "dataset_dir": str(ROOT / "data" / "demo"),
+            "identity_name": "Exa",
+            "identity_author": "Acme",
+            "max_steps": 2,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_steps": 1000,
+            "cutoff_len": 64,
+            "max_samples": 8,
+        },  # fmt: skip
+        "gguf": {"types": ["f16"], "ollama_name": "t"},
+        "verify": {"prompts": 1, "max_new_tokens": 4, "ctx": 64, "max_windows": 2, **verify},
+    }
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path: Path) -> None:
+    require_llama_cpp()
+    base = tiny_model("qwen2")
+    path = _config(tmp_path, base)
+    first = pipeline.run(pipeline.load_config(path, []))
+    run = tmp_path / "run"
+    assert first.ran == ["train", "merge", "gguf", "verify"] and first.skipped == []
+    assert first.passed, json.loads(first.report.read_text())["checks"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "merged" / "config.json").is_file()
+    assert sorted(p.name for p in (run / "gguf").glob("*.gguf")) == ["merged-f16.gguf"]
+    assert (run / "verify" / "junit.xml").is_file()
+    doc = json.loads(first.report.read_text())
+    kinds = {(c["check"], c["target"]) for c in doc["checks"]}
+    assert ("perplexity", "adapter") in kinds and ("chat", "merged-f16.gguf") in kinds
+    assert first.commands == [f"ollama create t:f16 -f {(run / 'gguf' / 'Modelfile.f16').resolve()}"]
+    mtimes = {n: (run / n).stat().st_mtime_ns for n in ("adapter", "merged", "gguf")}
+    # `exporter verify --run-dir` finds the same artifacts
+    art = verify.discover(run)
+    assert (art.adapter, art.merged, art.base) == (run / "adapter", run / "merged", base.resolve())
+    assert art.ggufs == [run / "gguf" / "merged-f16.gguf"] and art.modelfiles == [run / "gguf" / "Modelfile.f16"]
+
+    again = pipeline.run(pipeline.load_config(path, []))
+    assert again.ran == [] and again.skipped == ["train", "merge", "gguf", "verify"] and again.passed
+    # a verify setting changed: only verify runs again, the earlier outputs are untouched
+    changed = pipeline.run(pipeline.load_config(path, ["verify.prompts=2"]))
+    assert changed.ran == ["verify"] and changed.skipped == ["train", "merge", "gguf"]
+    assert {n: (run / n).stat().st_mtime_ns for n in mtimes} == mtimes
+    assert len(json.loads(changed.report.read_text())["checks"][-1]["metrics"]["answers"]) == 2
+
+
+def test_pipeline_config_errors(tmp_path: Path) -> None:
+    path = _config(tmp_path, tmp_path / "nowhere")
+    cfg = pipeline.load_config(path, ["train.max_steps=7", "gguf.types=f16,q8_0", "run_dir=elsewhere"])
+    assert cfg.train["max_steps"] == 7 and cfg.gguf["types"] == "f16,q8_0" and cfg.run_dir == "elsewhere"
+    with pytest.raises(UserError, match="did you mean 'prompts'"):
+        pipeline.load_config(path, ["verify.promts=3"])
+    with pytest.raises(UserError, match="unknown key 'trian'"):
+        pipeline.load_config(path, ["trian.max_steps=3"])
+    with pytest.raises(UserError, match="set by the pipeline"):
+        pipeline.load_config(path, ["train.output_dir=x"])
+    with pytest.raises(UserError, match="base model"):
+        pipeline.run(pipeline.load_config(path, []))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
