@@ -73,7 +73,8 @@ def _reference_f16(model: Path, dest: Path) -> Path:
     """llama.cpp's convert_hf_to_gguf.py (lazy mode, --outtype f16) with its own gguf-py, as a subprocess."""
     vendor = llama_src() / "vendor" / "llama.cpp"
     out = dest / "ref-f16.gguf"
-    env = {**os.environ, "PYTHONPATH": str(vendor / "gguf-py")}
+    # the converter imports its `conversion/` package from its own dir, so the script dir must stay on sys.path
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"} | {"PYTHONPATH": str(vendor / "gguf-py")}
     cmd = [sys.executable, str(vendor / "convert_hf_to_gguf.py"), str(model), "--outtype", "f16", "--outfile", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, f"llama.cpp converter failed on {model}:\n{r.stderr[-3000:]}"
