@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -31,6 +32,15 @@ def parse_overrides(items: typing.Sequence[str]) -> dict[str, Any]:
             raise UserError(f"override {item!r} is not of the form key=value")
         out[key.strip()] = yaml.safe_load(value) if value.strip() else None
     return out
+
+
+def read_json(path: Path | str) -> Any:
+    """Parsed JSON of an existing file; malformed JSON is a UserError naming the file, line and column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def read_yaml(path: Path | str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from exporter.config import did_you_mean
+from exporter.config import did_you_mean, read_json
 from exporter.errors import UserError
 
 INFO_NAME = "dataset_info.json"
@@ -141,10 +141,7 @@ def read_info(dataset_dir: Path) -> dict[str, Any]:
     path = Path(dataset_dir) / INFO_NAME
     if not path.is_file():
         raise UserError(f"dataset_dir {dataset_dir}: no {INFO_NAME} (expected LLaMA-Factory's dataset registry)")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    info = read_json(path)
     if not isinstance(info, dict):
         raise UserError(f"{path}: expected an object mapping dataset names to entries")
     return info

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from exporter import atomic, hub, manifest
+from exporter.config import read_json
 from exporter.errors import UserError
 from exporter.shards import (
     PlannedTensor,
@@ -199,10 +200,7 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         raise UserError(f"adapter {path}: missing adapter_config.json (is this a PEFT adapter directory?)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for key in _UNSUPPORTED:
@@ -318,12 +316,7 @@ class Plan:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path) if path.is_file() else {}
 
 
 def _tie_flag(config: dict) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
+from exporter.config import read_json
 from exporter.errors import UserError
 
 METHODS = ("gptq", "awq", "bnb4", "bnb8")
@@ -98,10 +99,7 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path)
 
 
 def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from exporter.config import read_json
 from exporter.errors import UserError
 
 FAMILIES_PACKAGE = "exporter.families"
@@ -607,10 +608,7 @@ def model_chat_template(model_dir: Path | str) -> tuple[str, str, str]:
     cfg_path = model_dir / "tokenizer_config.json"
     cfg: dict[str, Any] = {}
     if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{cfg_path}: not valid JSON: {e}") from None
+        cfg = read_json(cfg_path)
     elif not model_dir.is_dir():
         raise UserError(f"{model_dir}: not a directory")
     template = None
@@ -714,10 +712,7 @@ def read_conversation(path: Path | str) -> tuple[list[dict[str, Any]], list[dict
     path = Path(path)
     if not path.is_file():
         raise UserError(f"conversation file {path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON: {e}") from None
+    data = read_json(path)
     tools = None
     if isinstance(data, dict):
         tools = data.get("tools")

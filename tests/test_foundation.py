@@ -47,6 +47,15 @@ def test_config_type_errors(tmp_path: Path) -> None:
         config.load(_Cfg, None, ["nokey"])
 
 
+def test_read_json_names_file_line_and_column(tmp_path: Path) -> None:
+    f = tmp_path / "x.json"
+    f.write_text('{"a": 1,\n "b": }')
+    with pytest.raises(UserError, match=r"x.json: not valid JSON at line 2 column 7"):
+        config.read_json(f)
+    f.write_text('{"a": [1]}')
+    assert config.read_json(f) == {"a": [1]}
+
+
 def test_atomic_dir_success_and_failure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with atomic.atomic_dir(out) as tmp:
