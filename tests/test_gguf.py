@@ -431,7 +431,7 @@ def test_cli_writes_files_and_prints_ollama_commands(tiny_model, tmp_path):
     """`exporter gguf` end to end: files, Modelfiles, manifest, printed `ollama create` lines; bad input exits 2."""
     import shutil
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)  # the installed package (conftest sets PYTHONSAFEPATH, so not the source tree)
     model = tiny_model("qwen3")
     out = tmp_path / "g"
     cmd = [sys.executable, "-m", "exporter", "gguf", str(model), "--type", "q8_0,f16", "--out", str(out)]
