@@ -128,3 +128,14 @@ def test_cli_version_and_help() -> None:
     assert r.returncode == 0 and r.stdout.strip().startswith("exporter ")
     r = _cli("--help")
     assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_installed_package_ships_data() -> None:
+    """`pip install .` (non-editable, as CI installs it) must carry the template families, the Go renderer source
+    and the converters under the `exporter` import name."""
+    import importlib.resources
+
+    families = [p.name for p in importlib.resources.files("exporter.families").iterdir() if p.name.endswith(".yaml")]
+    assert {"llama2.yaml", "llama3.yaml", "qwen.yaml", "qwen3.yaml", "gemma.yaml", "phi3.yaml"} <= set(families)
+    assert importlib.resources.files("exporter.gotmpl").joinpath("main.go").read_text().startswith("//")
+    assert importlib.resources.files("exporter.converters").joinpath("gguf_arch.py").is_file()
