@@ -201,6 +201,9 @@ def _verify(
     merged: Path = typer.Option(None, "--merged", help="Merged (exported) HF model dir."),
     gguf: list[Path] = typer.Option([], "--gguf", help="GGUF file (repeatable)."),
     modelfile: list[Path] = typer.Option([], "--modelfile", help="Ollama Modelfile (repeatable)."),
+    quantized: list[Path] = typer.Option(
+        [], "--quantized", help="Quantized HF dir from `exporter quantize` (repeatable; needs --merged)."
+    ),
     run_dir: Path = typer.Option(None, "--run-dir", help="A pipeline run dir: find all artifacts in it."),
     template: str = typer.Option(None, "--template", help="Chat-template family used in training."),
     report: Path = typer.Option(None, "--report", help="Write report.json here."),
@@ -228,6 +231,7 @@ def _verify(
         merged=merged,
         ggufs=gguf,
         modelfiles=modelfile,
+        quantized=quantized,
         run_dir=run_dir,
         template=template,
         thresholds=verify.parse_thresholds(ppl_threshold),

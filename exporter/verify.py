@@ -50,6 +50,12 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "q3_k_m": 0.10,
     "q3_k_s": 0.15,
     "q2_k": 0.25,
+    # quantized HF dirs from `exporter quantize` (kind = method + bits, read from their quantization_config)
+    "gptq8": 0.01,
+    "bnb8": 0.01,
+    "gptq4": 0.10,
+    "awq4": 0.10,
+    "bnb4": 0.10,
 }
 FULL_PRECISION = ("f32", "f16", "bf16")
 # Greedy divergence on a near-tie (HF top-2 logit gap below this) is rounding, not an export error.
@@ -167,6 +173,7 @@ class Artifacts:
     merged: Path | None = None
     ggufs: list[Path] = dataclasses.field(default_factory=list)
     modelfiles: list[Path] = dataclasses.field(default_factory=list)
+    quantized: list[Path] = dataclasses.field(default_factory=list)
     data: list[Path] = dataclasses.field(default_factory=list)
     text: Path | None = None
 
@@ -794,7 +801,7 @@ def _hf_logits(model: Any) -> LogitsFn:
 
     def fn(w: list[int]) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.tensor([w])).logits[0].float().numpy()
+            return model(torch.tensor([w], device=model.device)).logits[0].float().cpu().numpy()
 
     return fn
 
@@ -814,6 +821,20 @@ def _load_hf(model_dir: Path) -> Any:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval()
+
+
+class QuantizedLoadError(Exception):
+    """A quantized HF dir that transformers cannot load (missing extra, corrupt files): a failed check."""
+
+
+def _load_quantized(model_dir: Path) -> Any:
+    from exporter.perplexity import load_model
+
+    try:
+        return load_model(model_dir)
+    except Exception as e:  # the loaders raise many types; the check reports which
+        hint = " (install the [quant] extra: pip install 'exporter[quant]')" if isinstance(e, ImportError) else ""
+        raise QuantizedLoadError(f"cannot load {model_dir}: {type(e).__name__}: {e}{hint}") from None
 
 
 def _load_adapter(base: Path, adapter: Path) -> Any:
@@ -891,11 +912,29 @@ def _exported_templates(model_dir: Path) -> dict[str, str]:
     return out
 
 
+def quantized_kind(model_dir: Path) -> str:
+    """`gptq4`, `gptq8`, `awq4`, `bnb4` or `bnb8` from a quantized HF dir's `quantization_config`."""
+    from exporter.config import read_json
+
+    q = read_json(model_dir / "config.json").get("quantization_config")
+    if not isinstance(q, dict):
+        raise UserError(f"--quantized {model_dir}: config.json has no quantization_config (not a quantized model)")
+    method = str(q.get("quant_method", "")).lower()
+    if method == "bitsandbytes":
+        return "bnb4" if q.get("load_in_4bit") or q.get("_load_in_4bit") else "bnb8"
+    if method in ("gptq", "awq"):
+        return f"{method}{int(q.get('bits', 4))}"
+    raise UserError(f"--quantized {model_dir}: quant_method {method!r} is not one of gptq, awq, bitsandbytes")
+
+
 def _check_inputs(art: Artifacts) -> None:
     for name in ("base", "adapter", "merged"):
         p = getattr(art, name)
         if p is not None and not Path(p).is_dir():
             raise UserError(f"--{name} {p}: not a directory")
+    for q in art.quantized:
+        if not (Path(q) / "config.json").is_file():
+            raise UserError(f"--quantized {q}: no config.json (expected an `exporter quantize` output dir)")
     if art.merged is not None and not (art.merged / "config.json").is_file():
         raise UserError(f"--merged {art.merged}: no config.json (expected an exported HF model dir)")
     if art.adapter is not None and not (art.adapter / "adapter_config.json").is_file():
@@ -903,6 +942,8 @@ def _check_inputs(art: Artifacts) -> None:
     for p in art.ggufs + art.modelfiles + art.data + ([art.text] if art.text else []):
         if not Path(p).exists():
             raise UserError(f"{p}: no such file")
+    if art.quantized and art.merged is None:
+        raise UserError("--quantized needs --merged: quantized dirs are scored against the unquantized model")
     if art.merged is None and art.adapter is None and not art.ggufs and not art.modelfiles:
         raise UserError("nothing to verify: give --merged, --adapter, --gguf, --modelfile or --run-dir")
 
@@ -913,6 +954,7 @@ def verify(
     merged: Path | None = None,
     ggufs: Sequence[Path] = (),
     modelfiles: Sequence[Path] = (),
+    quantized: Sequence[Path] = (),
     run_dir: Path | None = None,
     template: str | None = None,
     thresholds: dict[str, float] | None = None,
@@ -931,6 +973,7 @@ def verify(
     art.merged = Path(merged) if merged else art.merged
     art.ggufs = [Path(p) for p in ggufs] or art.ggufs
     art.modelfiles = [Path(p) for p in modelfiles] or art.modelfiles
+    art.quantized = [Path(p) for p in quantized] or art.quantized
     art.text = Path(text) if text else None
     if data:
         art.data = [Path(data)] if isinstance(data, (str, Path)) else [Path(p) for p in data]
@@ -942,6 +985,7 @@ def verify(
             art.base = hub.resolve(cfg["base_model_name_or_path"], "base model of the adapter")
     _check_inputs(art)
     thresholds = dict(thresholds or DEFAULT_THRESHOLDS)
+    quantized_kinds = [quantized_kind(q) for q in art.quantized]  # bad dirs fail before any model is loaded
     infos = [read_gguf(p) for p in art.ggufs]
     mfs = [parse_modelfile(p) for p in art.modelfiles]
     data_texts, data_prompts = [], []
@@ -971,7 +1015,7 @@ def verify(
     checks += check_tokenizer(tok, infos, data_texts, chat_texts)
 
     hf_model = _load_hf(art.merged) if art.merged else None
-    checks += _check_numbers(art, tok, hf_model, infos, thresholds, ctx, max_windows, data_texts)
+    checks += _check_numbers(art, tok, hf_model, infos, quantized_kinds, thresholds, ctx, max_windows)
     prompt_list = (data_prompts + CHAT_PROMPTS)[:prompts]
     checks += _check_chat(tok, hf_model, chat_source, infos, prompt_list, gen_eos or list(eot.values()), max_new_tokens)
 
@@ -990,10 +1034,10 @@ def _check_numbers(
     tok: Any,
     hf_model: Any,
     infos: list[GGUFInfo],
+    quantized_kinds: list[str],
     thresholds: dict[str, float],
     ctx: int,
     max_windows: int,
-    data_texts: list[str],
 ) -> list[Check]:
     if hf_model is None and art.adapter is None:
         return [Check("perplexity", "-", "skip", "no HF model (--merged or --adapter) to compare with")]
@@ -1005,7 +1049,7 @@ def _check_numbers(
     if not wins:
         raise UserError(f"held-out text has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
     checks: list[Check] = []
-    n_models = (hf_model is not None) + (art.adapter is not None) + len(infos)
+    n_models = (hf_model is not None) + (art.adapter is not None) + len(infos) + len(art.quantized)
     with _progress(n_models * len(wins), "perplexity") as step:
         ref_name = "merged" if hf_model is not None else "adapter"
         ref_model = hf_model if hf_model is not None else _load_adapter(art.base, art.adapter)
@@ -1020,26 +1064,30 @@ def _check_numbers(
                 {"ppl": ref.ppl, **base_metrics},
             )
         )
-        others: list[tuple[str, str, Callable[[], Any]]] = []
+        # (target, kind, loader, is an HF model): every one is scored on the same windows as the reference
+        others: list[tuple[str, str, Callable[[], Any], bool]] = []
         if hf_model is not None and art.adapter is not None:
-            others.append(("adapter", "adapter", lambda: _load_adapter(art.base, art.adapter)))
+            others.append(("adapter", "adapter", lambda: _load_adapter(art.base, art.adapter), True))
         for g in infos:
             others.append(
                 (
                     g.path.name,
                     g.file_type,
                     lambda g=g: _load_llama(g, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True),
+                    False,
                 )
             )
-        for target, kind, load in others:
+        for q, kind in zip(art.quantized, quantized_kinds, strict=True):
+            others.append((q.name, kind, lambda q=q: _load_quantized(q), True))
+        for target, kind, load, is_hf in others:
             try:
                 m = load()
-            except GGUFLoadError as e:
+            except (GGUFLoadError, QuantizedLoadError) as e:
                 checks.append(Check("perplexity", target, "fail", str(e)))
                 for _ in wins:
                     step()
                 continue
-            fn = _gguf_logits(m) if kind != "adapter" else _hf_logits(m)
+            fn = _hf_logits(m) if is_hf else _gguf_logits(m)
             s = score(fn, wins, ref, False, step)
             if hasattr(m, "close"):
                 m.close()
