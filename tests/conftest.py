@@ -81,6 +81,17 @@ def require_llama_cpp() -> ModuleType:
     return llama_cpp
 
 
+def require_quant() -> None:
+    """The [quant] extra (gptqmodel, optimum, bitsandbytes): skip without it, fail when EXPORTER_REQUIRE_QUANT=1."""
+    missing = [m for m in ("gptqmodel", "optimum", "bitsandbytes") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    msg = f"the [quant] extra is not installed (missing {', '.join(missing)}; pip install 'exporter[quant]')"
+    if os.environ.get("EXPORTER_REQUIRE_QUANT") == "1":
+        pytest.fail(f"{msg}, but EXPORTER_REQUIRE_QUANT=1")
+    pytest.skip(msg)
+
+
 def load_maker() -> ModuleType:
     """`scripts/make_tiny_model.py` as a module (scripts/ is not a package)."""
     if "make_tiny_model" in sys.modules:

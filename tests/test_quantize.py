@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAMILIES, TEMPLATE_OF
+from conftest import FAMILIES, TEMPLATE_OF, require_quant
 
 from exporter import calibration, perplexity, templates
 from exporter.errors import UserError
@@ -42,17 +42,6 @@ HELD_OUT = (
     "Las montañas del norte reciben la primera nieve del invierno a finales de octubre, y los pastores bajan el "
     "ganado a los valles antes de que los caminos se cierren. "
 ) * 3
-
-
-def require_quant() -> None:
-    """Skip without the [quant] extra; fail instead when EXPORTER_REQUIRE_QUANT=1."""
-    missing = [m for m in ("gptqmodel", "optimum", "bitsandbytes") if importlib.util.find_spec(m) is None]
-    if not missing:
-        return
-    msg = f"the [quant] extra is not installed (missing {', '.join(missing)}; {EXTRA_HINT})"
-    if os.environ.get("EXPORTER_REQUIRE_QUANT") == "1":
-        pytest.fail(f"{msg}, but EXPORTER_REQUIRE_QUANT=1")
-    pytest.skip(msg)
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import FAMILIES, TEMPLATE_OF, require_go, require_llama_cpp
+from conftest import FAMILIES, TEMPLATE_OF, require_go, require_llama_cpp, require_quant
 from export_edits import rewrite_gguf, sharpen_attention
 
 from exporter import verify as V
@@ -277,3 +277,32 @@ def test_good_export_of_every_family_passes(family: str, tiny_model, tmp_path: P
         merged=merged, ggufs=[res.files["f16"]], modelfiles=[res.modelfiles["f16"]], template=tpl.name, **FAST
     )
     assert rep.passed, _failed(rep)
+
+
+def test_quantized_dirs_scored_against_merged(tiny_model, tmp_path: Path) -> None:
+    """`exporter quantize` outputs: perplexity vs the merged model on the same ids, per-method thresholds."""
+    import subprocess
+
+    require_quant()
+    merged = tiny_model("qwen2")
+    q8 = tmp_path / "bnb8"
+    r = subprocess.run(
+        [sys.executable, "-m", "exporter", "quantize", str(merged), "--method", "bnb8", "--out", str(q8)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert V.quantized_kind(q8) == "bnb8"
+    fast = {**FAST, "prompts": 0}
+    rep = V.verify(merged=merged, quantized=[q8], template="qwen", **fast)
+    (check,) = [c for c in rep.checks if c.check == "perplexity" and c.target == "bnb8"]
+    assert check.status == "pass" and check.metrics["type"] == "bnb8" and check.metrics["threshold"] == 0.01
+    assert 0 < check.metrics["rel_diff"] <= 0.01  # int8 moves perplexity, a little
+    strict = V.verify(
+        merged=merged, quantized=[q8], template="qwen", thresholds={**V.DEFAULT_THRESHOLDS, "bnb8": 0.0}, **fast
+    )
+    assert not strict.passed and [c.target for c in strict.checks if c.status == "fail"] == ["bnb8"]
+    with pytest.raises(UserError, match="--quantized needs --merged"):
+        V.verify(quantized=[q8], ggufs=[], modelfiles=[], adapter=None, template="qwen")
+    with pytest.raises(UserError, match="no quantization_config"):
+        V.verify(merged=merged, quantized=[merged], template="qwen", **fast)
