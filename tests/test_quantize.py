@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from conftest import FAMILIES, TEMPLATE_OF, require_quant
 
 from exporter import calibration, perplexity, templates
 from exporter.errors import UserError
-from exporter.quantize import EXTRA_HINT, QuantizeOptions, check_shapes, linear_shapes, quantize
+from exporter.quantize import QuantizeOptions, check_shapes, linear_shapes, quantize
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("gptq", "awq", "bnb4", "bnb8")
