@@ -24,24 +24,33 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def windows(ids: Sequence[int], ctx: int, bos: int | None, max_windows: int) -> list[list[int]]:
+    """llama.cpp's perplexity chunks: consecutive windows of `ctx` tokens, the first replaced by BOS if used."""
+    out = []
+    for k in range(min(len(ids) // ctx, max_windows)):
+        w = list(ids[k * ctx : (k + 1) * ctx])
+        if bos is not None:
+            w[0] = bos
+        out.append(w)
+    return out
+
+
 def perplexity_model(model: Any, token_ids: Sequence[int], n_ctx: int = 512, bos_id: int | None = None) -> float:
     """Perplexity of an already loaded causal LM; `bos_id` replaces each chunk's first id when given."""
     import torch
 
     if n_ctx < 4:
         raise UserError(f"perplexity: n_ctx must be at least 4, got {n_ctx}")
-    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-    n_chunk = ids.numel() // n_ctx
-    if n_chunk < 1:
-        raise UserError(f"perplexity: need at least {n_ctx} tokens for one chunk of n_ctx={n_ctx}, got {ids.numel()}")
+    ids = list(token_ids)
+    wins = windows(ids, n_ctx, bos_id, len(ids) // n_ctx)
+    if not wins:
+        raise UserError(f"perplexity: need at least {n_ctx} tokens for one chunk of n_ctx={n_ctx}, got {len(ids)}")
     first = n_ctx // 2
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     with torch.no_grad():
-        for i in range(n_chunk):
-            chunk = ids[i * n_ctx : (i + 1) * n_ctx].clone()
-            if bos_id is not None:
-                chunk[0] = bos_id
+        for w in wins:
+            chunk = torch.tensor(w, dtype=torch.long)
             logits = model(chunk[None].to(device)).logits[0, first : n_ctx - 1].float()
             targets = chunk[first + 1 :].to(logits.device)
             logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])

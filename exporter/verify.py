@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import UserError
+from exporter.perplexity import load_model, windows
 from exporter.verify_report import Check, Report
 
 # Max relative perplexity difference to the merged HF model, per artifact type (GGUF file type or "adapter").
@@ -739,17 +740,6 @@ def check_tokenizer(tok: Any, ggufs: list[GGUFInfo], data_texts: list[str], chat
 LogitsFn = Callable[[list[int]], np.ndarray]
 
 
-def windows(ids: Sequence[int], ctx: int, bos: int | None, max_windows: int) -> list[list[int]]:
-    """llama.cpp's perplexity chunks: consecutive windows of `ctx` tokens, the first replaced by BOS if used."""
-    out = []
-    for k in range(min(len(ids) // ctx, max_windows)):
-        w = list(ids[k * ctx : (k + 1) * ctx])
-        if bos is not None:
-            w[0] = bos
-        out.append(w)
-    return out
-
-
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
@@ -828,8 +818,6 @@ class QuantizedLoadError(Exception):
 
 
 def _load_quantized(model_dir: Path) -> Any:
-    from exporter.perplexity import load_model
-
     try:
         return load_model(model_dir)
     except Exception as e:  # the loaders raise many types; the check reports which
