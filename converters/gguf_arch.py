@@ -54,19 +54,77 @@ class Arch:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
 
-def load_hparams(model_dir: Path) -> dict[str, Any]:
-    """The model's config as transformers resolves it (defaults filled in), like llama.cpp's converter reads it."""
-    try:
-        from transformers import AutoConfig
+# What transformers 5's config classes fill in when config.json leaves a key out, for the keys this module reads
+# (tests/test_gguf.py checks the metadata they give against AutoConfig on minimal configs). Reading config.json
+# directly keeps `exporter gguf` free of transformers, whose config import brings torch (~0.3 GiB) with it.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "mistral": {
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "sliding_window": 4096,
+        "num_key_value_heads": 8,
+    },
+    "qwen2": {
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "num_key_value_heads": 32,
+    },
+    "qwen3": {
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "head_dim": 128,
+        "num_key_value_heads": 32,
+    },
+    "phi3": {
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "original_max_position_embeddings": 4096,
+    },
+    "gemma3_text": {
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "sliding_window": 4096,
+        "head_dim": 256,
+        "num_key_value_heads": 4,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+    },
+}
 
-        hp = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
-    except Exception:  # unknown model_type: fall back to the raw file, arch check reports it
-        path = model_dir / "config.json"
-        if not path.is_file():
-            raise UserError(f"{model_dir}: no config.json; expected a Hugging Face model directory") from None
+
+def load_hparams(model_dir: Path) -> dict[str, Any]:
+    """config.json with the defaults transformers would fill in for the keys the converter reads."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    try:
         hp = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     if "text_config" in hp:
-        hp = {**hp, **hp["text_config"]}
+        hp = {**hp, **hp["text_config"], "model_type": hp["text_config"].get("model_type", hp.get("model_type"))}
+    model_type = hp.get("model_type")
+    if model_type == "gemma3":
+        model_type = "gemma3_text"
+    for key, value in _DEFAULTS.get(model_type, {}).items():
+        hp.setdefault(key, value)
+    if hp.get("num_key_value_heads") is None and hp.get("num_attention_heads"):
+        hp["num_key_value_heads"] = hp["num_attention_heads"]
+    if model_type in ("llama", "mistral") and hp.get("head_dim") is None and hp.get("num_attention_heads"):
+        hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
+    if not hp.get("rope_parameters") and hp.get("rope_theta") is None:
+        hp["rope_theta"] = 10_000.0
+    if model_type == "gemma3_text" and not hp.get("layer_types") and hp.get("num_hidden_layers"):
+        every = hp.get("sliding_window_pattern") or 6  # Gemma 3: five sliding layers, then a global one
+        hp["layer_types"] = [
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(hp["num_hidden_layers"])
+        ]
     return hp
 
 

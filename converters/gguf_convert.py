@@ -1,8 +1,9 @@
 """Streaming HF safetensors -> GGUF conversion, several output types from one pass over the model.
 
-Tensors are read memory-mapped, a block of rows at a time, converted to f32, transformed (q/k permutation, norm
-shift, vocab truncation) and written through gguf-py's GGUFWriter: tensor infos first, then data tensor by tensor,
-so peak memory is one block of rows per output, never the model.
+gguf-py's GGUFWriter writes each file's header, metadata and tensor infos; that fixes where every tensor's data
+lies. The data is then converted in blocks of whole rows by a pool of threads (numpy releases the GIL): each block
+is read once with `pread`, transformed (q/k permutation, norm shift, vocab truncation), encoded for every output
+type and written with `pwrite` at its place in every file. Peak memory is a few blocks of rows, never the model.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import gguf
 import numpy as np
-from exporter.converters import gguf_arch, gguf_vocab
+from exporter.converters import gguf_arch, gguf_quant, gguf_vocab
 
 from exporter.errors import UserError
 
@@ -33,7 +35,7 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
-CHUNK_BYTES = 32 << 20  # f32 bytes per block of rows
+BLOCK_ELEMS = 1 << 18  # elements per block of rows (1 MiB as f32: the working set of a block stays in L2)
 
 logging.getLogger("gguf").setLevel(logging.ERROR)  # duplicate-key notices are expected when an arch overrides
 logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
@@ -87,18 +89,28 @@ class Source:
                 header = json.loads(os.pread(fd, n, 8))
             except (struct.error, ValueError) as e:
                 raise UserError(f"{path}: not a safetensors file ({e})") from None
+            size = os.fstat(fd).st_size
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 if info["dtype"] not in _DTYPES:
                     raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}; expected BF16, F16 or F32")
+                begin, end = info["data_offsets"]
+                if 8 + n + end > size:
+                    raise UserError(f"{path}: truncated safetensors file: tensor {name} ends past the end of the file")
                 src.files[name] = path
                 src.shapes[name] = tuple(info["shape"])
-                src.entries[name] = (info["dtype"], 8 + n + info["data_offsets"][0])
+                src.entries[name] = (info["dtype"], 8 + n + begin)
         return src
 
-    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a tensor (all of a 0/1-D tensor) as float32."""
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def raw(self, name: str, start: int, stop: int, scratch: gguf_quant.Scratch | None = None) -> np.ndarray:
+        """Rows [start, stop) of a tensor (all of a 0/1-D tensor) in its stored dtype (bf16 as uint16 bits), read
+        into `scratch`'s buffer when given."""
         dtype, offset = self.entries[name]
         np_type, size = _DTYPES[dtype]
         shape = self.shapes[name]
@@ -107,41 +119,31 @@ class Source:
         else:
             row = int(np.prod(shape[1:], dtype=np.int64))
         count = (stop - start) * row
-        buf = os.pread(self._fds[self.files[name]], count * size, offset + start * row * size)
-        raw = np.frombuffer(buf, dtype=np_type, count=count)
-        if dtype == "BF16":  # bf16 is the top half of an f32: widen into a preallocated buffer in one pass
-            out = np.zeros(count, dtype=np.uint32)
-            out.view(np.uint16)[1::2] = raw  # little-endian: high half-word
-            out = out.view(np.float32)
-        else:
-            out = raw.astype(np.float32)
+        buf = scratch.take("read", (count * size,), np.uint8) if scratch is not None else bytearray(count * size)
+        view, done, fd = memoryview(buf), 0, self._fds[self.files[name]]
+        while done < len(buf):
+            got = os.preadv(fd, [view[done:]], offset + start * row * size + done)
+            if got <= 0:
+                raise UserError(f"{self.files[name]}: truncated safetensors file while reading tensor {name}")
+            done += got
+        out = np.frombuffer(buf, dtype=np_type, count=count)
         return out.reshape((stop - start, *shape[1:]) if len(shape) >= 2 else shape)
 
 
-def _rows_per_chunk(shape: tuple[int, ...]) -> int:
+def _to_f32(raw: np.ndarray, dtype: str, scratch: gguf_quant.Scratch) -> np.ndarray:
+    """A block as float32 in `scratch` (an f32 block read into scratch is already that)."""
+    if dtype == "BF16":
+        return gguf_quant.bf16_to_f32(raw, scratch)
+    if dtype == "F32":
+        return raw
+    out = scratch.take("f32", raw.shape, np.float32)
+    np.copyto(out, raw)
+    return out
+
+
+def _block_rows(shape: tuple[int, ...]) -> int:
     row_elems = int(np.prod(shape[1:])) if len(shape) > 1 else max(1, int(np.prod(shape)))
-    return max(1, CHUNK_BYTES // (4 * row_elems))
-
-
-def iter_f32(src: Source, spec: gguf_arch.TensorSpec) -> Iterator[np.ndarray]:
-    """The spec's data as f32 numpy blocks of whole rows, in output row order."""
-    if spec.data is not None:
-        yield spec.data.astype(np.float32)
-        return
-    assert spec.source is not None
-    shape = spec.shape
-    if len(shape) < 2:
-        t = src.rows(spec.source, 0, 1)
-        yield t + np.float32(spec.add) if spec.add else t
-        return
-    n_rows, step = shape[0], _rows_per_chunk(shape)
-    idx = spec.row_index
-    contiguous = idx is None or np.array_equal(idx, np.arange(len(idx)))
-    full = None if contiguous else src.rows(spec.source, 0, src.shapes[spec.source][0])
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        out = src.rows(spec.source, r0, r1) if full is None else full[idx[r0:r1]]
-        yield out + np.float32(spec.add) if spec.add else out
+    return max(1, BLOCK_ELEMS // row_elems)
 
 
 def choose_type(spec: gguf_arch.TensorSpec, kind: str, output_like: bool) -> tuple[T, str | None]:
@@ -162,41 +164,6 @@ def _nbytes(shape: tuple[int, ...], qtype: T) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
-_ROW_QUANTS = {T.Q8_0: gguf.quants.Q8_0, T.Q4_0: gguf.quants.Q4_0, T.BF16: gguf.quants.BF16}
-_SLICE_ELEMS = 1 << 20
-
-
-def quantize(block: np.ndarray, qtype: T) -> np.ndarray:
-    """Same bytes as `gguf.quants.quantize`, faster: f16 through torch's vectorised cast (IEEE round-to-nearest-even
-    like numpy's), block quants over ~1M-element row slices instead of gguf-py's 16-row groups."""
-    if qtype == T.F16 and block.size >= _SLICE_ELEMS:
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(block)).half().numpy()
-    if qtype in _ROW_QUANTS and block.ndim == 2 and block.size >= _SLICE_ELEMS:
-        step = max(1, _SLICE_ELEMS // block.shape[1])
-        quant = _ROW_QUANTS[qtype]
-        return np.concatenate([quant.quantize_rows(block[r : r + step]) for r in range(0, block.shape[0], step)])
-    return gguf.quants.quantize(block, qtype)
-
-
-class _Stream:
-    """Array-like that GGUFWriter.write_tensor_data writes by calling `tofile`: converts block by block."""
-
-    def __init__(self, blocks: Callable[[], Iterator[np.ndarray]], qtype: T, nbytes: int, tick: Callable[[int], None]):
-        self.blocks, self.qtype, self.nbytes, self.tick = blocks, qtype, nbytes, tick
-
-    def tofile(self, fout: BinaryIO) -> None:
-        written = 0
-        for block in self.blocks():
-            data = quantize(block, self.qtype)
-            data.tofile(fout)
-            written += data.nbytes
-            self.tick(data.nbytes)
-        if written != self.nbytes:
-            raise RuntimeError(f"wrote {written} bytes for a tensor planned at {self.nbytes}")
-
-
 def _metadata(w: gguf.GGUFWriter, model_dir: Path, name: str | None) -> None:
     total, shared, expert, n_expert = w.get_total_parameter_count()
     meta = gguf.Metadata.load(None, model_dir, name, total)
@@ -215,6 +182,81 @@ def plan(model_dir: Path) -> tuple[gguf_arch.Arch, dict[str, Any], Source]:
     return arch, hp, Source.open(model_dir)
 
 
+@dataclass
+class _Out:
+    """One output file being filled: its fd, each tensor's type and absolute data offset."""
+
+    rec: Written
+    fd: int
+    types: dict[str, T]
+    offsets: dict[str, int]
+
+
+def _write_head(w: gguf.GGUFWriter, rec: Written, specs: list[gguf_arch.TensorSpec], types: dict[str, T]) -> _Out:
+    """Header, metadata and tensor infos through GGUFWriter; returns the file opened for the tensor data."""
+    path = rec.path
+    w.write_header_to_file(path=path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    pos = gguf.GGUFWriter.ggml_pad(path.stat().st_size, w.data_alignment)  # data starts aligned after the infos
+    offsets = {}
+    for spec in specs:  # the order the infos were added in, which is the order of their offsets
+        offsets[spec.name] = pos
+        pos += gguf.GGUFWriter.ggml_pad(_nbytes(spec.shape, types[spec.name]), w.data_alignment)
+    fd = os.open(path, os.O_WRONLY)
+    os.posix_fallocate(fd, 0, pos)  # the final size, its blocks allocated up front (faster writes); padding reads 0
+    return _Out(rec, fd, types, offsets)
+
+
+def _pwrite(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+_scratch = threading.local()
+
+
+def _convert_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, outs: list[_Out]) -> int:
+    """Rows [r0, r1) of one output tensor: read once, encoded and written into every output file; bytes written."""
+    if not hasattr(_scratch, "buffers"):
+        _scratch.buffers = gguf_quant.Scratch()
+    scratch: gguf_quant.Scratch = _scratch.buffers
+    raw, dtype = None, "F32"
+    if spec.data is not None:
+        x = (spec.data if len(spec.shape) < 2 else spec.data[r0:r1]).astype(np.float32)
+    else:
+        assert spec.source is not None
+        dtype = src.entries[spec.source][0]
+        idx = spec.row_index
+        if len(spec.shape) < 2:
+            raw = src.raw(spec.source, 0, 1, scratch)
+        elif idx is None:
+            raw = src.raw(spec.source, r0, r1, scratch)
+        else:  # permuted rows: read the span they come from, then gather
+            want = idx[r0:r1]
+            lo = int(want.min())
+            raw = src.raw(spec.source, lo, int(want.max()) + 1, scratch)[want - lo]
+        x = None
+    written = 0
+    for out in outs:
+        qtype = out.types[spec.name]
+        if qtype == T.F16 and dtype == "BF16" and not spec.add:
+            data = gguf_quant.bf16_to_f16(raw, scratch)  # exact without the f32 detour
+        else:
+            if x is None:
+                x = _to_f32(raw, dtype, scratch)
+                if spec.add:
+                    x += np.float32(spec.add)
+            data = gguf_quant.encode(x, qtype, scratch)
+        row_bytes = _nbytes(spec.shape, qtype) // (spec.shape[0] if len(spec.shape) >= 2 else 1)
+        _pwrite(out.fd, data, out.offsets[spec.name] + r0 * row_bytes)
+        written += data.nbytes
+    return written
+
+
 def convert(
     model_dir: Path,
     outputs: dict[str, Path],
@@ -222,68 +264,66 @@ def convert(
     eot_tokens: list[str],
     progress: Callable[[int, int], None] | None = None,
     model_name: str | None = None,
+    threads: int | None = None,
 ) -> tuple[list[Written], gguf_vocab.Vocab]:
-    """Write one GGUF per `outputs` kind (f32, f16, bf16, q8_0, q4_0) reading the model once, tensor by tensor."""
+    """Write one GGUF per `outputs` kind (f32, f16, bf16, q8_0, q4_0) reading the model once, block by block."""
     for kind in outputs:
         if kind not in NUMPY_TYPES:
             raise UserError(f"GGUF type {kind!r} is not a direct conversion type; use one of {', '.join(NUMPY_TYPES)}")
+    if not outputs:
+        raise UserError("no GGUF output type requested")
     arch, hp, src = plan(model_dir)
     vocab = gguf_vocab.build_vocab(model_dir, hp, arch.name, eot_tokens)
     n_vocab_real = len(vocab.tokens) if arch.gguf_arch == gguf.MODEL_ARCH.GEMMA3 else None
     specs = gguf_arch.plan_tensors(arch, hp, src.shapes, n_vocab_real)
     has_output = any(s.name == "output.weight" for s in specs)
 
-    if not outputs:
-        raise UserError("no GGUF output type requested")
-    writers: list[tuple[Written, gguf.GGUFWriter, dict[str, T]]] = []
+    outs: list[_Out] = []
     specs_all: list[gguf_arch.TensorSpec] = []
-    for kind, path in outputs.items():
-        w = gguf.GGUFWriter(path=None, arch=arch.name)
-        specs_all = gguf_arch.extra_tensors(arch, hp, w) + specs
-        rec, types = Written(kind, path), {}
-        for spec in specs_all:
-            output_like = spec.name == "output.weight" or (not has_output and spec.name == "token_embd.weight")
-            qtype, why = choose_type(spec, kind, output_like)
-            types[spec.name] = qtype
-            rec.types[spec.name] = qtype.name
-            if why:
-                rec.fallbacks.append(f"{spec.name}: {why}")
-            w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), _nbytes(spec.shape, qtype), raw_dtype=qtype)
-        _metadata(w, model_dir, model_name)
-        arch.params(hp, w)
-        w.add_file_type(FILE_TYPES[kind])
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        gguf_vocab.write_vocab(w, vocab, chat_template)
-        writers.append((rec, w, types))
+    try:
+        for kind, path in outputs.items():
+            w = gguf.GGUFWriter(path=None, arch=arch.name)
+            specs_all = gguf_arch.extra_tensors(arch, hp, w) + specs
+            rec, types = Written(kind, path), {}
+            for spec in specs_all:
+                output_like = spec.name == "output.weight" or (not has_output and spec.name == "token_embd.weight")
+                qtype, why = choose_type(spec, kind, output_like)
+                types[spec.name] = qtype
+                rec.types[spec.name] = qtype.name
+                if why:
+                    rec.fallbacks.append(f"{spec.name}: {why}")
+                nbytes = _nbytes(spec.shape, qtype)
+                w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            _metadata(w, model_dir, model_name)
+            arch.params(hp, w)
+            w.add_file_type(FILE_TYPES[kind])
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            gguf_vocab.write_vocab(w, vocab, chat_template)
+            outs.append(_write_head(w, rec, specs_all, types))
 
-    total = sum(_nbytes(s.shape, t[s.name]) for _, _, t in writers for s in specs_all)
-    done = 0
+        total = sum(_nbytes(s.shape, o.types[s.name]) for o in outs for s in specs_all)
+        done = 0
+        n_threads = threads or len(os.sched_getaffinity(0))
+        pending: deque[Future[int]] = deque()
 
-    lock = threading.Lock()
-
-    def tick(n: int) -> None:
-        nonlocal done
-        with lock:
-            done += n
+        def finish(job: Future[int]) -> None:  # in this thread, in submission order
+            nonlocal done
+            done += job.result()
             if progress:
                 progress(done, total)
 
-    for rec, w, _ in writers:
-        w.write_header_to_file(path=rec.path)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-    # one thread per output file: numpy's quantization releases the GIL, so the outputs convert in parallel
-    with ThreadPoolExecutor(max_workers=len(writers)) as pool:
-        for spec in specs_all:
-            single = len(spec.shape) < 2 or spec.shape[0] <= _rows_per_chunk(spec.shape)
-            cached = list(iter_f32(src, spec)) if single else None  # small tensors: convert once for all outputs
-            jobs = []
-            for _rec, w, types in writers:
-                blocks = (lambda c=cached: iter(c)) if cached is not None else (lambda s=spec: iter_f32(src, s))
-                stream = _Stream(blocks, types[spec.name], _nbytes(spec.shape, types[spec.name]), tick)
-                jobs.append(pool.submit(w.write_tensor_data, stream, tensor_endianess=gguf.GGUFEndian.LITTLE))
-            for job in jobs:
-                job.result()
-    for _, w, _ in writers:
-        w.close()
-    return [rec for rec, _, _ in writers], vocab
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            for spec in specs_all:
+                n_rows = spec.shape[0] if len(spec.shape) >= 2 else 1
+                step = n_rows if len(spec.shape) < 2 else _block_rows(spec.shape)
+                for r0 in range(0, n_rows, step):
+                    pending.append(pool.submit(_convert_block, src, spec, r0, min(n_rows, r0 + step), outs))
+                    if len(pending) >= 2 * n_threads:  # bounded: memory stays at a few blocks
+                        finish(pending.popleft())
+            while pending:
+                finish(pending.popleft())
+    finally:
+        for out in outs:
+            os.close(out.fd)
+        src.close()
+    return [o.rec for o in outs], vocab

@@ -118,11 +118,10 @@ def _read_json(path: Path) -> dict:
 def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any) -> Vocab:
     tj = _read_json(model_dir / "tokenizer.json")
     pre = bpe_pre_name(tj, model_dir / "tokenizer.json")
-    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    reverse = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     if max(reverse) >= vocab_size:
         raise UserError(f"{model_dir}: tokenizer has id {max(reverse)} but config vocab_size is {vocab_size}")
-    added = tokenizer.get_added_vocab()
-    decoder = tokenizer.added_tokens_decoder
+    decoder = tokenizer.get_added_tokens_decoder()
     tokens: list[str | bytes] = []
     types: list[int] = []
     for i in range(vocab_size):
@@ -131,9 +130,9 @@ def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any) -> Vocab:
             types.append(gguf.TokenType.UNUSED)
             continue
         tok = reverse[i]
-        if tok in added:
+        if i in decoder:
             if not decoder[i].normalized:  # llama.cpp matches added tokens pre-normalized
-                tok = tokenizer.decode(tokenizer.encode(tok, add_special_tokens=False))
+                tok = tokenizer.decode(tokenizer.encode(tok, add_special_tokens=False).ids, skip_special_tokens=False)
             if decoder[i].special or _looks_special(tok):
                 types.append(gguf.TokenType.CONTROL)
             else:
@@ -145,12 +144,13 @@ def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any) -> Vocab:
     return Vocab("gpt2", pre, tokens, types)
 
 
-def _spm_model_vocab(model_dir: Path, vocab_size: int, fixed_added_types: bool) -> Vocab:
+def _spm_model_vocab(model_dir: Path, vocab_size: int | None, fixed_added_types: bool) -> Vocab:
     """Vocabulary from a SentencePiece `tokenizer.model`, with HF added tokens laid over it."""
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
     sp.LoadFromFile(str(model_dir / "tokenizer.model"))
+    vocab_size = vocab_size or sp.vocab_size()
     tokens: list[str | bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
@@ -223,11 +223,21 @@ def _is_spm_json(tj: dict) -> bool:
     )
 
 
-def _hf_adds(tokenizer: Any) -> tuple[bool, bool]:
-    """Whether HF's tokenizer prepends BOS / appends EOS on plain encode — what add_bos/add_eos must say."""
-    ids = tokenizer.encode("Hello world", add_special_tokens=True)
-    bare = tokenizer.encode("Hello world", add_special_tokens=False)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+def _hf_adds(model_dir: Path, tokenizer: Any, special_ids: dict[str, int]) -> tuple[bool, bool]:
+    """Whether transformers' tokenizer prepends BOS / appends EOS on plain encode — what add_bos/add_eos must say.
+
+    Read from the files the way transformers 5 does (without importing it, and torch with it): add_bos_token or
+    add_eos_token in tokenizer_config.json replace tokenizer.json's post-processor (an unset one counts as false);
+    otherwise that post-processor decides.
+    """
+    config = _read_json(model_dir / "tokenizer_config.json")
+    bos, eos = special_ids.get("bos"), special_ids.get("eos")
+    if "add_bos_token" in config or "add_eos_token" in config or tokenizer is None:
+        add_bos = bool(config.get("add_bos_token")) and bos is not None
+        add_eos = bool(config.get("add_eos_token")) and eos is not None
+        return add_bos, add_eos
+    ids = tokenizer.encode("Hello world", add_special_tokens=True).ids
+    bare = tokenizer.encode("Hello world", add_special_tokens=False).ids
     add_bos = bos is not None and len(ids) > len(bare) and ids[0] == bos
     add_eos = eos is not None and len(ids) > len(bare) and ids[-1] == eos
     return add_bos, add_eos
@@ -235,13 +245,16 @@ def _hf_adds(tokenizer: Any) -> tuple[bool, bool]:
 
 def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens: list[str]) -> Vocab:
     """Read the model's tokenizer into a Vocab, with every end-of-turn token of the template made an EOG id."""
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer
 
-    vocab_size = hp.get("vocab_size")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if vocab_size is None:
-        vocab_size = len(tokenizer)
     tj = _read_json(model_dir / "tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")) if tj else None
+    except Exception as e:  # the Rust library raises its own exception types
+        raise UserError(f"{model_dir / 'tokenizer.json'}: the tokenizers library cannot load it ({e})") from None
+    vocab_size = hp.get("vocab_size")
+    if vocab_size is None and tokenizer is not None:
+        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     has_spm_model = (model_dir / "tokenizer.model").is_file()
     if has_spm_model and arch_name in ("llama", "gemma3", "phi3", "qwen2", "qwen3"):
         vocab = _spm_model_vocab(model_dir, vocab_size, fixed_added_types=arch_name == "phi3")
@@ -266,7 +279,7 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens:
             raise UserError(f"{model_dir / 'tokenizer.json'}: byte-level BPE without merges")
         vocab.merges = special.merges
     vocab.special_ids = dict(special.special_token_ids)
-    vocab.add_bos, vocab.add_eos = _hf_adds(tokenizer)
+    vocab.add_bos, vocab.add_eos = _hf_adds(model_dir, tokenizer, vocab.special_ids)
     vocab.add_other = {k: v for k, v in special.add_special_token.items() if k not in ("bos", "eos")}
     for kind, hf_value in (("bos", vocab.add_bos), ("eos", vocab.add_eos)):
         ours = special.add_special_token.get(kind)

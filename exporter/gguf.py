@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,19 +75,6 @@ def _progress() -> Progress:
     )
 
 
-def _param_count(model_dir: Path) -> int:
-    from exporter.converters.gguf_convert import Source
-
-    src = Source.open(model_dir)
-    n = 0
-    for shape in src.shapes.values():
-        k = 1
-        for d in shape:
-            k *= d
-        n += k
-    return n
-
-
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
 
@@ -116,10 +104,11 @@ def export(
     from exporter.converters.modelfile import ModelfileSpec, render
 
     check_target(out, force)
-    gguf_convert.plan(model_dir)  # unsupported architecture / missing weights fail before anything is written
+    _, _, src = gguf_convert.plan(model_dir)  # unsupported architecture / missing weights fail before any write
+    src.close()
+    params = sum(math.prod(shape) for shape in src.shapes.values())
     stem = _safe_name(model_dir.name)
     name = ollama_name or stem.lower()
-    params = _param_count(model_dir)
     check_free_space(out.parent, int(params * sum(_BYTES_PER_PARAM[k] for k in kinds)))
     kquants = [k for k in kinds if k in KQUANT_KINDS]
     numpy_kinds = [k for k in kinds if k in NUMPY_KINDS]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,11 +33,11 @@ def describe(path: Path | str, root: Path | None = None) -> list[dict[str, Any]]
         return [{"path": str(path), "missing": True}]
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     base = root if root is not None else (path.parent if path.is_file() else path)
-    return [
-        {"path": str(p.relative_to(base)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in files
-        if p.name != MANIFEST_NAME
-    ]
+    files = [p for p in files if p.name != MANIFEST_NAME]
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:  # hashlib releases the GIL
+        digests = list(pool.map(sha256_file, files))
+    rows = zip(files, digests, strict=True)
+    return [{"path": str(p.relative_to(base)), "bytes": p.stat().st_size, "sha256": h} for p, h in rows]
 
 
 def versions() -> dict[str, str]:

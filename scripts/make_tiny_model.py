@@ -743,15 +743,16 @@ def make(
     real_vocab: bool = False,
     force: bool = False,
     progress=None,
+    dtype: str | None = None,
 ) -> Path:
-    """Build the fixture for `family` into `out` (atomically) and return `out`."""
+    """Build the fixture for `family` into `out` (atomically) and return `out`; `dtype` overrides the family's."""
     from transformers import GenerationConfig
 
     if family not in SPECS:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
-    fam = SPECS[family]
+    fam = SPECS[family] if dtype is None else dataclasses.replace(SPECS[family], dtype=dtype)
     from exporter.atomic import atomic_dir
 
     template = chat_template(fam.template)
@@ -813,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--real-vocab", action="store_true", help="use the family's real vocabulary (llama.cpp sdist)")
     ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights dtype (default: the family's)")
     args = ap.parse_args(argv)
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -820,7 +822,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()) as p:
         try:
-            out = make(args.family, args.out, args.size, args.seed, args.real_vocab, args.force, progress=p)
+            out = make(
+                args.family, args.out, args.size, args.seed, args.real_vocab, args.force, progress=p, dtype=args.dtype
+            )
         except (UserError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -153,6 +153,56 @@ def test_matches_llama_cpp_converter(family, tiny_model, converted, tmp_path):
         assert np.asarray(t.data).tobytes() == np.asarray(r.data).tobytes(), f"{family}/{name}: bytes differ"
 
 
+def _v4_style(cfg: dict) -> dict:
+    """A config as transformers 4 wrote it: rope_theta (and rope_scaling) at top level, no rope_parameters."""
+    cfg = dict(cfg)
+    rp = cfg.pop("rope_parameters", None) or {}
+    if "full_attention" in rp:
+        cfg["rope_theta"] = rp["full_attention"]["rope_theta"]
+        cfg["rope_local_base_freq"] = rp["sliding_attention"]["rope_theta"]
+    elif rp:
+        cfg["rope_theta"] = rp["rope_theta"]
+        if rp.get("rope_type", "default") != "default":
+            cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return cfg
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_defaults_match_transformers(family, tiny_model, tmp_path):
+    """Metadata from config.json read without transformers equals metadata from AutoConfig: on the fixture's config
+    without the keys equal to their defaults, the same with transformers-4-style rope keys, and on a bare config
+    with only the model's shape (every other key left to the defaults)."""
+    import gguf
+    from exporter.converters import gguf_arch
+    from transformers import AutoConfig
+
+    model = tiny_model(family)
+    minimal = AutoConfig.from_pretrained(model).to_diff_dict()
+    shape = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    bare = {k: minimal[k] for k in (*shape, "num_attention_heads") if k in minimal}  # every default left to fill
+    for name, cfg in (("minimal", minimal), ("v4-style", _v4_style(minimal)), ("bare", bare)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        want = AutoConfig.from_pretrained(d).to_dict()
+        if "text_config" in want:
+            want = {**want, **want["text_config"]}
+        kv = []
+        for hp in (gguf_arch.load_hparams(d), want):
+            w = gguf.GGUFWriter(path=None, arch="x")
+            arch = gguf_arch.arch_for(hp, d)
+            arch.params(hp, w)
+            extra = {n: t.tobytes() for n, t in arch.extra(hp, w)}
+            kv.append(({k: v.value for k, v in w.kv_data[0].items()}, extra))
+        (ours, ours_t), (ref, ref_t) = kv
+        diff = {
+            k: (ours.get(k, "<missing>"), ref.get(k, "<missing>"))
+            for k in set(ours) | set(ref)
+            if ours.get(k) != ref.get(k)
+        }
+        assert not diff and ours_t == ref_t, f"{family} ({name} config.json): (ours, AutoConfig) {diff}"
+
+
 def _llama(path: Path, **kw):
     llama_cpp = require_llama_cpp()
     return llama_cpp.Llama(model_path=str(path), verbose=False, **kw)
@@ -483,20 +533,47 @@ def test_sharded_input_gives_the_same_file(tiny_model, converted, tmp_path):
     assert got == want
 
 
-def test_fast_quantize_gives_gguf_py_bytes():
-    """Our vectorised f16 / block-quant paths write exactly what gguf-py's reference quantizer writes."""
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_blocks_and_threads_do_not_change_the_file(family, tiny_model, converted, tmp_path, monkeypatch):
+    """Blocks of rows are converted by a pool of threads and written where they belong: with blocks of 3-4 rows
+    (cutting through the permuted q/k heads of llama3) and 1 or 3 threads, the files are the same bytes."""
+    from exporter.converters import gguf_convert
+
+    out, tpl = converted(family)
+    want = {k: _gguf(out, k).read_bytes() for k in ("f16", "q8_0")}
+    monkeypatch.setattr(gguf_convert, "BLOCK_ELEMS", 1000)
+    for threads in (1, 3):
+        paths = {k: tmp_path / f"{threads}-{k}.gguf" for k in want}
+        gguf_convert.convert(tiny_model(family), paths, tpl.jinja, list(tpl.eot_tokens), threads=threads)
+        for k, path in paths.items():
+            assert path.read_bytes() == want[k], f"{family} {k} with {threads} threads differs"
+
+
+def test_fast_encoders_give_gguf_py_bytes():
+    """Our numpy encoders write exactly what gguf-py's reference quantizer (and so llama.cpp's converter) writes."""
     import gguf
-    from exporter.converters.gguf_convert import quantize
+    from exporter.converters.gguf_quant import bf16_to_f16, bf16_to_f32, encode, nudge_half_away, q8_0
+    from gguf.quants import np_roundf
+
+    every = np.arange(1 << 16, dtype=np.uint16)  # every bf16 bit pattern: zero, subnormals, overflow, inf, nan
+    with np.errstate(over="ignore"):
+        assert np.array_equal(bf16_to_f16(every), bf16_to_f32(every).astype(np.float16).view(np.uint16))
+
+    # Q8_0's rounding: every f32 in [0.25, 2) and the neighbourhood of every tie k + 0.5 up to 127.5, both signs
+    dense = np.arange(np.float32(0.25).view(np.uint32), np.float32(2).view(np.uint32), dtype=np.uint32)
+    ties = np.arange(128, dtype=np.float32) + np.float32(0.5)
+    near = (ties.view(np.uint32)[:, None] + np.arange(-4, 5, dtype=np.int64)).astype(np.uint32).ravel()
+    v = np.concatenate([dense, near]).view(np.float32)
+    v = np.concatenate([v, -v])
+    ours = nudge_half_away(v.copy()).astype(np.int8)  # the int8 cast truncates, as in q8_0
+    assert np.array_equal(ours, np_roundf(v).astype(np.int8))
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((1536, 1024)) * 0.05).astype(np.float32)
-    x[3, :64] = 0.0  # an all-zero block
+    x[3, :64] = 0.0  # all-zero blocks
+    x[4, :32] = np.arange(32, dtype=np.float32) - 15.5  # scale 127/16.5: many products near ties
     x[5, 7], x[6, 8] = 1e-8, 7e4  # f16 subnormal underflow and overflow
-    for qtype in (
-        gguf.GGMLQuantizationType.F16,
-        gguf.GGMLQuantizationType.BF16,
-        gguf.GGMLQuantizationType.Q8_0,
-        gguf.GGMLQuantizationType.Q4_0,
-    ):
+    assert q8_0(x).tobytes() == gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).tobytes()
+    for qtype in gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.Q4_0:
         with np.errstate(over="ignore"):
-            assert quantize(x, qtype).tobytes() == gguf.quants.quantize(x, qtype).tobytes(), qtype.name
+            assert encode(x, qtype).tobytes() == gguf.quants.quantize(x, qtype).tobytes(), qtype.name

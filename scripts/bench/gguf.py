@@ -3,10 +3,12 @@
 
     EXPORTER_LLAMA_SRC=/path/to/llama_cpp_python-0.3.36 python scripts/bench/gguf.py [--model DIR] [--work DIR]
 
-Without --model it builds the ~0.9B random bf16 Llama in 4 shards (`make_tiny_model.py llama2 --size bench`;
-the SentencePiece family, because llama.cpp's converter refuses byte-level BPE vocabularies it has no hash for).
-Every measured command runs as its own child process; wall time and peak RSS (the child's ru_maxrss, read by a
-small wrapper process that runs only that child) are printed for ours and the peer, with ratios.
+Without --model it builds the ~0.9B random bf16 Llama in 4 shards (`make_tiny_model.py llama2 --size bench
+--dtype bfloat16`; the SentencePiece family, because llama.cpp's converter refuses byte-level BPE vocabularies it
+has no hash for). Every measured command runs as its own child process; wall time and peak RSS (the child's
+ru_maxrss, read by a small wrapper process that runs only that child) are printed for ours and the peer, with
+ratios. Before each run the inputs are read once (so every command finds them in the page cache) and `sync` flushes
+what earlier runs wrote; each command runs --repeat times and the median is compared.
 
   1. ours: one `exporter gguf --type f16,q8_0` process (one pass, both files)
      peer: `convert_hf_to_gguf.py --outtype f16` and `--outtype q8_0` (default lazy mode), two processes
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -52,17 +55,38 @@ quantize(Path(sys.argv[1]), Path(sys.argv[2]), "q4_k_m")
 """
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
-    """Run `cmd` as the only child of a wrapper process; wall seconds and the child's peak RSS in bytes."""
-    r = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env)
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    if res["rc"] != 0:
-        raise SystemExit(f"command failed ({res['rc']}): {' '.join(cmd)}\n{res['err']}")
-    return res
+def warm(paths: list[Path]) -> None:
+    """Read files once so the measured command finds them in the page cache (as the one before it did), and flush
+    what earlier commands wrote, so no command pays for another's writeback."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    os.sync()
+
+
+def measure(cmd: list[str], inputs: list[Path], output: Path, repeat: int, env: dict[str, str] | None = None) -> dict:
+    """Run `cmd` `repeat` times, each as the only child of a wrapper process, from warm inputs and without `output`;
+    the median wall seconds (all of them in "walls") and the largest peak RSS in bytes."""
+    walls, rss = [], 0
+    for _ in range(repeat):
+        if output.is_dir():
+            shutil.rmtree(output)
+        else:
+            output.unlink(missing_ok=True)
+        warm(inputs)
+        r = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        if res["rc"] != 0:
+            raise SystemExit(f"command failed ({res['rc']}): {' '.join(cmd)}\n{res['err']}")
+        walls.append(res["wall"])
+        rss = max(rss, res["rss"])
+    return {"wall": statistics.median(walls), "walls": walls, "rss": rss}
 
 
 def _row(label: str, res: dict) -> str:
-    return f"  {label:<44} {res['wall']:8.1f} s   {res['rss'] / 2**30:6.2f} GiB"
+    runs = ", ".join(f"{w:.1f}" for w in res["walls"])
+    return f"  {label:<50} {res['wall']:7.1f} s   {res['rss'] / 2**30:5.2f} GiB   (runs: {runs} s)"
 
 
 def main() -> int:
@@ -70,6 +94,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, help="HF model dir (default: build the bench Llama)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "exporter-bench-gguf")
     ap.add_argument("--template", default="llama2", help="template family of the model (default llama2)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each command; the median is reported (default 3)")
     args = ap.parse_args()
     src = os.environ.get("EXPORTER_LLAMA_SRC")
     if not src:
@@ -78,7 +103,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model is None:
-        model = args.work / "llama2-bench"
+        model = args.work / "llama2-bench-bf16"
         if not (model / "config.json").is_file():
             print(f"building the bench model in {model} ...", flush=True)
             subprocess.run(
@@ -89,14 +114,16 @@ def main() -> int:
                     str(model),
                     "--size",
                     "bench",
+                    "--dtype",
+                    "bfloat16",
                     "--force",
                 ],
                 check=True,
             )
-    size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    weights = sorted(model.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in weights)
     print(f"model: {model} ({size / 2**30:.2f} GiB safetensors, {len(list(model.glob('*.safetensors')))} shards)")
     out_ours, out_peer = args.work / "ours", args.work / "peer"
-    shutil.rmtree(out_ours, ignore_errors=True)
     shutil.rmtree(out_peer, ignore_errors=True)
     out_peer.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(src) / "vendor" / "llama.cpp" / "gguf-py")}
@@ -114,12 +141,18 @@ def main() -> int:
             str(out_ours),
             "--template",
             args.template,
-        ]
+        ],
+        weights,
+        out_ours,
+        args.repeat,
     )
     peer = {}
     for t in ("f16", "q8_0"):
         peer[t] = measure(
             [sys.executable, str(convert), str(model), "--outtype", t, "--outfile", str(out_peer / f"peer-{t}.gguf")],
+            weights,
+            out_peer / f"peer-{t}.gguf",
+            args.repeat,
             env=env,
         )
     peer_wall = sum(r["wall"] for r in peer.values())
@@ -134,8 +167,11 @@ def main() -> int:
     )
 
     (f16,) = out_ours.glob("*-f16.gguf")
-    kq_ours = measure([sys.executable, "-c", _OURS_KQUANT, str(f16), str(args.work / "ours-q4_k_m.gguf")])
-    kq_peer = measure([sys.executable, "-c", _PEER_KQUANT, str(f16), str(args.work / "peer-q4_k_m.gguf")])
+    kq = {}
+    for who, code in (("ours", _OURS_KQUANT), ("peer", _PEER_KQUANT)):
+        dest = args.work / f"{who}-q4_k_m.gguf"
+        kq[who] = measure([sys.executable, "-c", code, str(f16), str(dest)], [f16], dest, args.repeat)
+    kq_ours, kq_peer = kq["ours"], kq["peer"]
     print("\nq4_k_m from the same f16 GGUF (both are libllama's llama_model_quantize)")
     print(_row("ours: exporter.converters.gguf_kquant.quantize", kq_ours))
     print(_row("peer: llama_model_quantize (llama-quantize's code)", kq_peer))
