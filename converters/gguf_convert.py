@@ -243,7 +243,9 @@ def _convert_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, ou
     written = 0
     for out in outs:
         qtype = out.types[spec.name]
-        if qtype == T.F16 and dtype == "BF16" and not spec.add:
+        if qtype == T.F16 and dtype == "F16" and not spec.add:
+            data = raw  # already the bytes to write
+        elif qtype == T.F16 and dtype == "BF16" and not spec.add:
             data = gguf_quant.bf16_to_f16(raw, scratch)  # exact without the f32 detour
         else:
             if x is None:
