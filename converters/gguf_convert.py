@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import gguf
 import numpy as np
 from exporter.converters import gguf_arch, gguf_quant, gguf_vocab
 
+from exporter import safetensors_file
 from exporter.errors import UserError
 
 T = gguf.GGMLQuantizationType
@@ -51,7 +51,7 @@ class Written:
     fallbacks: list[str] = field(default_factory=list)
 
 
-_DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
+_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # bf16 is read as its bits
 
 
 @dataclass
@@ -82,25 +82,13 @@ class Source:
             path = model_dir / part
             if not path.is_file():
                 raise UserError(f"{path}: listed in model.safetensors.index.json but missing")
-            fd = os.open(path, os.O_RDONLY)
-            src._fds[path] = fd
-            try:
-                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-                header = json.loads(os.pread(fd, n, 8))
-            except (struct.error, ValueError) as e:
-                raise UserError(f"{path}: not a safetensors file ({e})") from None
-            size = os.fstat(fd).st_size
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if info["dtype"] not in _DTYPES:
-                    raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}; expected BF16, F16 or F32")
-                begin, end = info["data_offsets"]
-                if 8 + n + end > size:
-                    raise UserError(f"{path}: truncated safetensors file: tensor {name} ends past the end of the file")
+            for name, entry in safetensors_file.read_header(path).items():
+                if entry.dtype not in _DTYPES:
+                    raise UserError(f"{path}: tensor {name} has dtype {entry.dtype}; expected BF16, F16 or F32")
                 src.files[name] = path
-                src.shapes[name] = tuple(info["shape"])
-                src.entries[name] = (info["dtype"], 8 + n + begin)
+                src.shapes[name] = entry.shape
+                src.entries[name] = (entry.dtype, entry.start)
+            src._fds[path] = os.open(path, os.O_RDONLY)
         return src
 
     def close(self) -> None:
@@ -112,7 +100,8 @@ class Source:
         """Rows [start, stop) of a tensor (all of a 0/1-D tensor) in its stored dtype (bf16 as uint16 bits), read
         into `scratch`'s buffer when given."""
         dtype, offset = self.entries[name]
-        np_type, size = _DTYPES[dtype]
+        np_type = _DTYPES[dtype]
+        size = np.dtype(np_type).itemsize
         shape = self.shapes[name]
         if len(shape) < 2:
             start, stop, row = 0, 1, int(np.prod(shape, dtype=np.int64))
@@ -120,12 +109,8 @@ class Source:
             row = int(np.prod(shape[1:], dtype=np.int64))
         count = (stop - start) * row
         buf = scratch.take("read", (count * size,), np.uint8) if scratch is not None else bytearray(count * size)
-        view, done, fd = memoryview(buf), 0, self._fds[self.files[name]]
-        while done < len(buf):
-            got = os.preadv(fd, [view[done:]], offset + start * row * size + done)
-            if got <= 0:
-                raise UserError(f"{self.files[name]}: truncated safetensors file while reading tensor {name}")
-            done += got
+        path = self.files[name]
+        safetensors_file.pread_exact(self._fds[path], buf, offset + start * row * size, path, name)
         out = np.frombuffer(buf, dtype=np_type, count=count)
         return out.reshape((stop - start, *shape[1:]) if len(shape) >= 2 else shape)
 
@@ -142,8 +127,8 @@ def _to_f32(raw: np.ndarray, dtype: str, scratch: gguf_quant.Scratch) -> np.ndar
 
 
 def _block_rows(shape: tuple[int, ...]) -> int:
-    row_elems = int(np.prod(shape[1:])) if len(shape) > 1 else max(1, int(np.prod(shape)))
-    return max(1, BLOCK_ELEMS // row_elems)
+    """Rows per block of a 2-D (or higher) tensor."""
+    return max(1, BLOCK_ELEMS // int(np.prod(shape[1:])))
 
 
 def choose_type(spec: gguf_arch.TensorSpec, kind: str, output_like: bool) -> tuple[T, str | None]:

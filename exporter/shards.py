@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from exporter.errors import UserError
+from exporter.safetensors_file import pread_exact
+from exporter.safetensors_file import read_header as read_entries
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -32,7 +34,6 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -63,43 +64,7 @@ def itemsize(dtype: torch.dtype) -> int:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header; truncated or corrupt files raise UserError naming the file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise UserError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise UserError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes, file {size})")
-            raw = f.read(n)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path}: corrupt safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: corrupt safetensors file (header is not a JSON object)")
-    out: dict[str, TensorInfo] = {}
-    data_len = size - 8 - n
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[meta["dtype"]]
-            shape = tuple(int(d) for d in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        if end - begin != numel(shape) * itemsize(dtype) or begin < 0:
-            raise UserError(f"{path}: corrupt safetensors header: tensor {name} size does not match its shape")
-        if end > data_len:
-            raise UserError(
-                f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, file has {size}"
-            )
-        out[name] = TensorInfo(name, path, dtype, shape, 8 + n + begin)
-    return out
+    return {name: TensorInfo(name, path, DTYPES[e.dtype], e.shape, e.start) for name, e in read_entries(path).items()}
 
 
 def read_rows(info: TensorInfo, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
@@ -112,12 +77,7 @@ def read_rows(info: TensorInfo, r0: int | None = None, r1: int | None = None) ->
     buf = bytearray(count)
     fd = os.open(info.path, os.O_RDONLY)
     try:
-        view, done = memoryview(buf), 0
-        while done < count:
-            got = os.preadv(fd, [view[done:]], info.start + r0 * row + done)
-            if got <= 0:
-                raise UserError(f"{info.path}: truncated safetensors file while reading tensor {info.name}")
-            done += got
+        pread_exact(fd, buf, info.start + r0 * row, info.path, info.name)
     finally:
         os.close(fd)
     if count == 0:
