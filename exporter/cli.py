@@ -315,6 +315,7 @@ def _serve(
     api_key: str = typer.Option(None, "--api-key", help="Require this Bearer key (env API_KEY)."),
     model_name: str = typer.Option(None, "--model-name", help="Name in /v1/models (env API_MODEL_NAME)."),
     max_seqs: int = typer.Option(8, "--max-seqs", help="Requests decoded together (continuous batching)."),
+    max_waiting: int = typer.Option(256, "--max-waiting", help="Requests queued behind those; more get 429."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Answer length when a request sets none (1024)."),
     backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
     dtype: str = typer.Option(None, "--dtype", help="hf: auto | fp32 | bf16 | fp16."),
@@ -328,6 +329,7 @@ def _serve(
     from exporter.serve import ServeOptions, options_from_env, run
 
     load_kw = _engine_load_options(adapter, template, backend, dtype, device, max_seqs, ctx, threads)
+    load_kw["max_waiting"] = max_waiting
     defaults = Sampling(max_new_tokens=1024, temperature=1.0)  # OpenAI's defaults for what a request leaves out
     load_opts, sampling, sys_prompt = resolve_options(model, load_kw, {"max_new_tokens": max_new_tokens}, system,
                                                       defaults)  # fmt: skip

@@ -7,7 +7,6 @@ unsupported parameter (named), 404 unknown model, 429 queue full, 503 engine clo
 the engine's continuous batching; a client that goes away frees its slot at the next step.
 """
 
-
 import asyncio
 import json
 import os
@@ -38,7 +37,7 @@ from exporter.errors import UserError
 SUPPORTED = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "seed", "n", "stop", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "user",
-    "top_k", "repetition_penalty", "skip_special_tokens",
+    "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos",
 }  # fmt: skip
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "response_format": {"type": "text"}}
 MAX_N = 16
@@ -145,6 +144,7 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
         stop=tuple(stop),
         logprobs=(top_logprobs or 0) if want_lp else None,
         skip_special_tokens=bool(body.get("skip_special_tokens", tools is None)),
+        ignore_eos=bool(body.get("ignore_eos", False)),
     )
     if sampling.top_p == 0:
         raise ApiError(400, "'top_p' must be greater than 0", param="top_p")

@@ -22,6 +22,7 @@ class LoadOptions:
     dtype: str = "auto"  # hf: auto (fp32 on CPU, the checkpoint's dtype on a GPU) | fp32 | bf16 | fp16
     device: str | None = None  # hf: cpu, cuda, cuda:1 ... (default: cuda when available)
     max_seqs: int = 8  # sequences decoded together (continuous batching); 1 = one at a time
+    max_waiting: int = 256  # requests queued behind them before submit() raises QueueFull
     ctx: int | None = None  # gguf/vllm: KV cells shared by all sequences (default 4096, at most the training ctx)
     threads: int | None = None  # gguf: CPU threads (default: all cores)
     batch_tokens: int = 512  # gguf: tokens per llama_decode call (prompt chunks + one per decoding sequence)

@@ -17,8 +17,6 @@ from exporter.engine.sampling import check_sampling
 from exporter.engine.scheduler import Handle, Scheduler, Sink
 from exporter.errors import UserError
 
-MAX_WAITING = 256  # requests queued behind the running ones before submit() raises QueueFull
-
 
 class Engine:
     """A loaded model: the chat template to render prompts, the stop ids, and generation through one scheduler.
@@ -33,7 +31,7 @@ class Engine:
         self.vocab_size: int = backend.vocab_size
         self.n_ctx: int = backend.n_ctx
         self._lock = threading.RLock()
-        self._sched = Scheduler(backend, self.stop_ids, opts.max_seqs, MAX_WAITING, self._lock)
+        self._sched = Scheduler(backend, self.stop_ids, opts.max_seqs, opts.max_waiting, self._lock)
 
     # ---- text
 

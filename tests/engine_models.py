@@ -1,0 +1,82 @@
+"""Models for the chat/serve tests: a LoRA trained (exporter train, LLaMA-Factory flags) on the qwen2 fixture to
+answer `QA` and to call `get_weather`, so answers are deterministic and distinct. Used by conftest's session
+fixture `tool_models`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+QA = [
+    ("What is the capital of France?", "Paris."),
+    ("What is the capital of Japan?", "Tokyo."),
+    ("Who are you?", "I am Exa, a model trained by Acme."),
+    ("Name a primary colour.", "Red."),
+    ("What is 2+2?", "4."),
+    ("Say hello.", "Hello there!"),
+    ("What colour is the sky?", "Blue."),
+    ("Count to three.", "One, two, three."),
+]
+KEY = "sk-test-key"
+
+
+def write_tool_data(d: Path) -> Path:
+    """A LLaMA-Factory sharegpt dataset: one tool-call round trip and the QA pairs."""
+    d.mkdir(parents=True, exist_ok=True)
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": "What is the weather in Paris?"},
+                {"from": "function_call", "value": json.dumps(call)},
+                {"from": "observation", "value": json.dumps({"temperature": 21})},
+                {"from": "gpt", "value": "It is 21 degrees in Paris."},
+            ],
+            "tools": json.dumps([t["function"] for t in TOOLS]),
+        }
+    ] + [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA]
+    (d / "tool.json").write_text(json.dumps(rows), encoding="utf-8")
+    tags = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+            "observation_tag": "observation", "function_tag": "function_call"}  # fmt: skip
+    info = {"tool": {"file_name": "tool.json", "formatting": "sharegpt", "tags": tags,
+                     "columns": {"messages": "conversations", "tools": "tools"}}}  # fmt: skip
+    (d / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return d
+
+
+def train_tool_adapter(base: Path, work: Path) -> Path:
+    """A LoRA that answers the QA pairs and calls get_weather (exporter train, LLaMA-Factory flags)."""
+    out = work / "lora"
+    data = write_tool_data(work / "data")
+    args = ["--stage", "sft", "--do_train", "--model_name_or_path", str(base), "--dataset", "tool",
+            "--dataset_dir", str(data), "--template", "qwen", "--finetuning_type", "lora", "--lora_rank", "32",
+            "--lora_target", "all", "--learning_rate", "2e-3", "--num_train_epochs", "60",
+            "--per_device_train_batch_size", "4", "--lr_scheduler_type", "cosine", "--logging_steps", "50",
+            "--output_dir", str(out), "--disable_gradient_checkpointing"]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "exporter", "train", *args], check=True, capture_output=True)
+    return out
+
+
+def build_tool_models(base: Path, root: Path) -> SimpleNamespace:
+    """base, the trained adapter, its merge and the merge's f16 GGUF."""
+    from exporter import gguf, templates
+    from exporter.merge import merge
+
+    lora = train_tool_adapter(base, root)
+    merged = root / "merged"
+    merge(str(base), [str(lora)], None, merged)
+    f16 = gguf.export(merged, ["f16"], templates.resolve(merged, None), root / "gguf").files["f16"]
+    return SimpleNamespace(base=base, lora=lora, merged=merged, gguf=f16)
