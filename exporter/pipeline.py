@@ -221,7 +221,8 @@ def _verify(
     template: str,
     data_files: list[Path],
 ) -> None:
-    from exporter import verify, verify_report
+    from exporter import verify
+    from exporter.verify import report as verify_report
 
     v = dict(cfg.verify)
     thr = v.pop("ppl_threshold", None)
