@@ -139,6 +139,6 @@ def test_installed_package_ships_data() -> None:
     assert {"llama2.yaml", "llama3.yaml", "qwen.yaml", "qwen3.yaml", "gemma.yaml", "phi3.yaml"} <= set(families)
     assert importlib.resources.files("exporter.gotmpl").joinpath("main.go").read_text().startswith("//")
     assert importlib.resources.files("exporter.converters").joinpath("gguf_arch.py").is_file()
-    corpora = importlib.resources.files("exporter.verify").joinpath("corpora")
+    corpora = importlib.resources.files("exporter.verify.corpora")
     for name in ("tokenizer_texts.json", "conversations.json", "prompts.json", "held_out.txt"):
         assert corpora.joinpath(name).read_text(encoding="utf-8").strip(), name

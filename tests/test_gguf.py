@@ -343,9 +343,8 @@ def test_kquants_load_and_give_sane_logits(tiny_model, tmp_path):
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
 def test_header_reader_matches_gguf_py(family, converted, tmp_path):
     """Our fast header reader gives gguf-py's GGUFReader values: every key (scalars, strings, arrays) and tensor."""
-    from gguf import GGUFReader
-
     from exporter.converters import gguf_read
+    from gguf import GGUFReader
 
     path = _gguf(converted(family)[0], "q8_0")
     ref = GGUFReader(path)

@@ -14,7 +14,7 @@ from typing import Any
 
 
 def _read(name: str) -> str:
-    return importlib.resources.files("exporter.verify").joinpath("corpora", name).read_text(encoding="utf-8")
+    return importlib.resources.files("exporter.verify.corpora").joinpath(name).read_text(encoding="utf-8")
 
 
 def _json(name: str) -> Any:
