@@ -48,31 +48,39 @@ class GGUFHeader:
 
 
 class _Cursor:
-    """Little- or big-endian reads from a buffer; IndexError past its end."""
+    """Little- or big-endian reads from a buffer; IndexError or struct.error past its end."""
 
     def __init__(self, buf: Any, order: str) -> None:
         self.buf, self.pos, self.order = buf, 0, order
+        self._u64 = struct.Struct(order + "Q")
 
     def unpack(self, fmt: str) -> tuple[Any, ...]:
-        fmt = self.order + fmt
-        out = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
+        st = struct.Struct(self.order + fmt)
+        out = st.unpack_from(self.buf, self.pos)
+        self.pos += st.size
         return out
 
-    def string(self) -> str:
-        (n,) = self.unpack("Q")
-        if self.pos + n > len(self.buf):
-            raise IndexError("string past the end of the file")
-        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", "replace")
-        self.pos += n
-        return s
+    def strings(self, n: int) -> list[str]:
+        """`n` strings (u64 length + UTF-8 bytes each): the vocabulary, so a tight loop."""
+        buf, pos, u64, out = self.buf, self.pos, self._u64.unpack_from, []
+        for _ in range(n):
+            (k,) = u64(buf, pos)
+            end = pos + 8 + k
+            if end > len(buf):
+                raise IndexError("string past the end of the file")
+            out.append(buf[pos + 8 : end].decode("utf-8", "replace"))
+            pos = end
+        self.pos = pos
+        return out
 
     def value(self, vtype: GGUFValueType) -> Any:
         if vtype == GGUFValueType.STRING:
-            return self.string()
+            return self.strings(1)[0]
         if vtype == GGUFValueType.ARRAY:
             sub, n = self.unpack("IQ")
             sub = GGUFValueType(sub)
+            if sub == GGUFValueType.STRING:
+                return self.strings(n)
             if sub in _NUMPY:
                 dtype = np.dtype(_NUMPY[sub]).newbyteorder(self.order)
                 arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).copy()  # the map closes
@@ -111,12 +119,12 @@ def _parse(path: Path, buf: Any, with_tensors: bool) -> GGUFHeader:
     try:
         kv: dict[str, Any] = {}
         for _ in range(n_kv):
-            key = cur.string()
+            key = cur.strings(1)[0]
             (vtype,) = cur.unpack("I")
             kv[key] = cur.value(GGUFValueType(vtype))
         infos = []
         for _ in range(n_tensors if with_tensors else 0):
-            name = cur.string()
+            name = cur.strings(1)[0]
             (n_dims,) = cur.unpack("I")
             dims = cur.unpack(f"{n_dims}Q")
             ttype, offset = cur.unpack("IQ")
