@@ -139,6 +139,7 @@ def chat(opts: ChatOptions) -> None:
     interactive = opts.stdin.isatty()
     out = opts.stdout
     with load(opts.load) as engine:
+        engine.chat_format.require()
         history: list[dict[str, Any]] = []
         if interactive:
             out.write(f"{WELCOME}\n")

@@ -408,6 +408,7 @@ def run(opts: ServeOptions) -> None:
         raise UserError(f"--port {opts.port}: expected 1-65535")
     engine = load(opts.load)
     try:
+        engine.chat_format.require()
         app = create_app(engine, opts)
         sys.stdout.write(banner(opts, opts.model_name or engine.name, engine))
         sys.stdout.flush()

@@ -13,8 +13,9 @@ vLLM backends behind the same chat template, stops, sampler and continuous-batch
 
 API (stable; changes are additive):
 - `LoadOptions`, `Sampling` in; `Completion`, `Delta`, `TokenLogprob` out (api.py).
-- `load(opts) -> Engine`; `Engine.render / tokenize / encode_chat / decode` (the model's own Jinja, rendered by
-  transformers for HF dirs and GGUF files alike), `submit / stream / generate / chat`, `logits / next_logits`,
+- `load(opts) -> Engine`; `from_hf_model(model, tokenizer, opts) -> Engine` (a model already in memory);
+  `Engine.render / tokenize / encode_chat / decode` (the model's own Jinja, rendered by transformers for HF dirs
+  and GGUF files alike), `submit / stream / generate / chat`, `logits / next_logits`,
   `stop_ids` (end ids the model declares plus the template's end-of-turn token), `eos_ids`, `chat_format`
   (`ChatFormat`: template, tool format), `close`.
 - Errors: `UserError` for what cannot be loaded; `EngineError` (and `QueueFull`, `EngineClosed`) for a request.
@@ -32,7 +33,7 @@ from exporter.engine.api import (
     TokenLogprob,
 )
 from exporter.engine.chat_format import ChatFormat, normalize_messages, parse_tool_calls
-from exporter.engine.core import Engine, choose_backend, collect, load
+from exporter.engine.core import Engine, choose_backend, collect, from_hf_model, load
 
 __all__ = [
     "BACKENDS",
@@ -48,6 +49,7 @@ __all__ = [
     "TokenLogprob",
     "choose_backend",
     "collect",
+    "from_hf_model",
     "load",
     "normalize_messages",
     "parse_tool_calls",

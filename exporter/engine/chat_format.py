@@ -174,6 +174,14 @@ class ChatFormat:
 
     template: str
     special: dict[str, str]
+    where: str = "the model"
+
+    def require(self) -> None:
+        """UserError (at startup, for chat and serve) when there is no template to render conversations with."""
+        if not self.template:
+            from exporter.errors import UserError
+
+            raise UserError(f"{self.where} has no chat template; pass --template FAMILY (see `exporter template list`)")
 
     @property
     def tools(self) -> ToolFormat | None:
@@ -189,6 +197,8 @@ class ChatFormat:
         """The prompt text, exactly as `tokenizer.apply_chat_template(..., tokenize=False)` renders it."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
+        if not self.template:
+            raise EngineError(f"{self.where} has no chat template; pass --template FAMILY (exporter template list)")
         try:
             out, _ = render_jinja_template(
                 conversations=[messages],

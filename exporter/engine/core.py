@@ -224,11 +224,10 @@ def _template_override(name: str, special: dict[str, str]) -> str:
 
 
 def _chat_format(own: str | None, override: str | None, special: dict[str, str], where: str) -> ChatFormat:
+    """The model's own template, or the override; none at all is allowed (prompts as token ids still work)."""
     if override:
-        return ChatFormat(_template_override(override, special), special)
-    if not own:
-        raise UserError(f"{where} has no chat template; pass --template FAMILY (see `exporter template list`)")
-    return ChatFormat(own, special)
+        return ChatFormat(_template_override(override, special), special, where)
+    return ChatFormat(own or "", special, where)
 
 
 def _load_hf(opts: LoadOptions) -> Engine:
@@ -236,13 +235,30 @@ def _load_hf(opts: LoadOptions) -> Engine:
 
     model_dir, adapter = _model_and_adapter(opts)
     model, tok, device = hf.load_model(model_dir, adapter, opts)
-    backend = hf.HFBackend(model, tok, device)
+    eos = hf.eos_ids(model_dir, tok) | (hf.eos_ids(adapter, tok) if adapter else set())
+    return _hf_engine(model, tok, device, eos, (adapter or model_dir).resolve().name, opts, str(adapter or model_dir))
+
+
+def _hf_engine(model: Any, tok: Any, device: str, eos: set[int], name: str, opts: LoadOptions, where: str) -> Engine:
+    from exporter.engine import hf
+
     special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
     template = tok.chat_template if isinstance(tok.chat_template, str) else None
-    fmt = _chat_format(template, opts.template, special, str(adapter or model_dir))
-    eos = hf.eos_ids(model_dir, tok) | (hf.eos_ids(adapter, tok) if adapter else set())
-    name = (adapter or model_dir).resolve().name
-    return Engine(backend, "hf", name, fmt, eos, opts)
+    fmt = _chat_format(template, opts.template, special, where)
+    return Engine(hf.HFBackend(model, tok, device), "hf", name, fmt, eos, opts)
+
+
+def from_hf_model(model: Any, tokenizer: Any, opts: LoadOptions | None = None) -> Engine:
+    """An Engine on a transformers model (or PeftModel) already in memory, e.g. one that is also scored.
+    `opts.model` only names it; stops come from the tokenizer and the model's generation_config."""
+    opts = opts or LoadOptions(getattr(model, "name_or_path", "") or "model")
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    ids = {int(x) for x in ([eos] if isinstance(eos, int) else eos or [])}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    device = str(next(model.parameters()).device)
+    return _hf_engine(model, tokenizer, device, ids, Path(opts.model).name, opts, opts.model)
 
 
 def _load_gguf(opts: LoadOptions) -> Engine:

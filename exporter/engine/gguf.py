@@ -43,7 +43,7 @@ class GGUFBackend:
         mp = L.llama_model_default_params()
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
-            raise UserError(f"{path}: llama.cpp cannot load this GGUF file")
+            raise UserError(f"{path}: llama.cpp refused the file (see `exporter verify --gguf` for why)")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.vocab_size = int(L.llama_vocab_n_tokens(self.vocab))
         n_train = int(L.llama_model_n_ctx_train(self.model)) or DEFAULT_CTX
