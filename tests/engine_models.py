@@ -70,12 +70,38 @@ def train_tool_adapter(base: Path, work: Path) -> Path:
     return out
 
 
+def _training_hash(base: Path) -> str:
+    """What the trained adapter depends on: the base fixture, this file, and the installed training code."""
+    import hashlib
+
+    import exporter
+
+    pkg = Path(exporter.__file__).parent
+    h = hashlib.sha256(str(base.resolve()).encode())
+    for f in [Path(__file__), *sorted(pkg.glob("*.py")), *sorted((pkg / "families").glob("*.yaml"))]:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build_tool_models(base: Path, root: Path) -> SimpleNamespace:
-    """base, the trained adapter, its merge and the merge's f16 GGUF."""
+    """base, the trained adapter (cached next to the fixtures, keyed by `_training_hash`), its merge and f16 GGUF."""
+    import shutil
+    import tempfile
+
     from exporter import gguf, templates
     from exporter.merge import merge
 
-    lora = train_tool_adapter(base, root)
+    lora = base.parent / f"tool-lora-{_training_hash(base)}"
+    if not (lora / "adapter_config.json").is_file():
+        work = Path(tempfile.mkdtemp(dir=base.parent, prefix=".tool-lora-"))
+        try:
+            trained = train_tool_adapter(base, work)
+            trained.rename(lora)  # atomic: a half-trained adapter is never found
+        except OSError:
+            if not (lora / "adapter_config.json").is_file():  # lost a race only if another session won it
+                raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     merged = root / "merged"
     merge(str(base), [str(lora)], None, merged)
     f16 = gguf.export(merged, ["f16"], templates.resolve(merged, None), root / "gguf").files["f16"]
