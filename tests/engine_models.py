@@ -22,7 +22,7 @@ TOOLS = [
 ]
 QA = [
     ("What is the capital of France?", "Paris."),
-    ("What is the capital of Japan?", "Tokyo."),
+    ("Which planet do we live on?", "Earth."),
     ("Who are you?", "I am Exa, a model trained by Acme."),
     ("Name a primary colour.", "Red."),
     ("What is 2+2?", "4."),
@@ -57,29 +57,34 @@ def write_tool_data(d: Path) -> Path:
     return d
 
 
+TRAIN_ARGS = ["--stage", "sft", "--do_train", "--dataset", "tool", "--template", "qwen", "--finetuning_type", "lora",
+              "--lora_rank", "32", "--lora_target", "all", "--learning_rate", "2e-3", "--num_train_epochs", "60",
+              "--per_device_train_batch_size", "4", "--lr_scheduler_type", "cosine", "--logging_steps", "50",
+              "--disable_gradient_checkpointing"]  # fmt: skip
+TRAIN_MODULES = ("train.py", "examples.py", "lf_args.py", "checkpoint.py", "data.py", "templates.py", "hf_dir.py")
+
+
 def train_tool_adapter(base: Path, work: Path) -> Path:
     """A LoRA that answers the QA pairs and calls get_weather (exporter train, LLaMA-Factory flags)."""
     out = work / "lora"
     data = write_tool_data(work / "data")
-    args = ["--stage", "sft", "--do_train", "--model_name_or_path", str(base), "--dataset", "tool",
-            "--dataset_dir", str(data), "--template", "qwen", "--finetuning_type", "lora", "--lora_rank", "32",
-            "--lora_target", "all", "--learning_rate", "2e-3", "--num_train_epochs", "60",
-            "--per_device_train_batch_size", "4", "--lr_scheduler_type", "cosine", "--logging_steps", "50",
-            "--output_dir", str(out), "--disable_gradient_checkpointing"]  # fmt: skip
+    args = [*TRAIN_ARGS, "--model_name_or_path", str(base), "--dataset_dir", str(data), "--output_dir", str(out)]
     subprocess.run([sys.executable, "-m", "exporter", "train", *args], check=True, capture_output=True)
     return out
 
 
 def _training_hash(base: Path) -> str:
-    """What the trained adapter depends on: the base fixture, this file, and the installed training code."""
+    """What the trained adapter depends on: base fixture, data, arguments and the installed training code."""
     import hashlib
 
     import exporter
 
     pkg = Path(exporter.__file__).parent
     h = hashlib.sha256(str(base.resolve()).encode())
-    for f in [Path(__file__), *sorted(pkg.glob("*.py")), *sorted((pkg / "families").glob("*.yaml"))]:
-        h.update(f.read_bytes())
+    h.update(json.dumps([QA, TOOLS, TRAIN_ARGS]).encode())
+    for f in [*(pkg / m for m in TRAIN_MODULES), *sorted((pkg / "families").glob("*.yaml"))]:
+        if f.is_file():
+            h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -106,3 +111,22 @@ def build_tool_models(base: Path, root: Path) -> SimpleNamespace:
     merge(str(base), [str(lora)], None, merged)
     f16 = gguf.export(merged, ["f16"], templates.resolve(merged, None), root / "gguf").files["f16"]
     return SimpleNamespace(base=base, lora=lora, merged=merged, gguf=f16)
+
+
+def peft_answers(base: Path, lora: Path, max_new_tokens: int = 24) -> dict[str, str]:
+    """Greedy answers to `QA`'s questions of PEFT with the adapter attached (transformers generate, fp32)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lora)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, lora).eval()
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    out = {}
+    for q, _ in QA:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True,
+                                      return_tensors="pt")  # fmt: skip
+        g = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eot, pad_token_id=eot)
+        out[q] = tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_models import QA
+from engine_models import QA, peft_answers
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "24"]
 
@@ -46,7 +46,8 @@ def test_stdin_one_prompt_a_line_with_history_and_clear(tool_models, which: str)
     r = _chat(*model, *GREEDY, stdin="\n".join([questions[0], "clear", questions[1], "", questions[2], "exit",
                                                  "never read"]) + "\n")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [a for _, a in QA[:3]]
+    ref = peft_answers(m.base, m.lora)
+    assert r.stdout.splitlines() == [ref[q] for q in questions]
     assert r.stderr == ""  # no banners, warnings or progress bars
 
 
@@ -83,8 +84,8 @@ def test_pseudo_terminal_session(tool_models) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "exporter", "chat", str(tool_models.gguf), *GREEDY])
     try:
         assert "use `clear` to remove the history" in _read_until(fd, "User: ")
-        os.write(fd, f"{QA[0][0]}\r".encode())
-        assert f"Assistant: {QA[0][1]}" in _read_until(fd, "User: ")
+        os.write(fd, f"{QA[2][0]}\r".encode())
+        assert f"Assistant: {peft_answers(tool_models.base, tool_models.lora)[QA[2][0]]}" in _read_until(fd, "User: ")
         os.write(fd, b"clear\r")
         assert "History has been removed." in _read_until(fd, "User: ")
         os.write(fd, b"exit\r")
@@ -106,9 +107,9 @@ def test_llamafactory_inference_yaml(tool_models, tmp_path: Path) -> None:
         "default_system: null\n",
         encoding="utf-8",
     )
-    r = _chat(str(cfg), stdin=f"{QA[1][0]}\n")
+    r = _chat(str(cfg), stdin=f"{QA[2][0]}\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"{QA[1][1]}\n"
+    assert r.stdout == f"{peft_answers(tool_models.base, tool_models.lora)[QA[2][0]]}\n"
     assert "trust_remote_code" in r.stderr  # said once: it has no effect here
     cfg.write_text(f"model_name_or_path: {tool_models.base}\ntemprature: 0.1\n", encoding="utf-8")
     r = _chat(str(cfg), stdin="hi\n")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-from engine_models import KEY, QA, TOOLS
+from engine_models import KEY, QA, TOOLS, peft_answers
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -105,28 +105,12 @@ def gguf_server(models) -> Iterator[Server]:
     s.stop()
 
 
-def _reference(models) -> dict[str, str]:
-    """Greedy answers of PEFT (base + adapter attached), decoded: the reference for both servers."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(models.lora)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models.base, dtype=torch.float32),
-                                      models.lora).eval()  # fmt: skip
-    eot = tok.convert_tokens_to_ids("<|im_end|>")
-    out = {}
-    for q, _ in QA:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True,
-                                      return_tensors="pt")  # fmt: skip
-        g = model.generate(**ids, max_new_tokens=24, do_sample=False, eos_token_id=eot, pad_token_id=eot)
-        out[q] = tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(models) -> dict[str, str]:
-    return _reference(models)
+    """PEFT's greedy answers (the adapter attached to the base): what both servers must answer."""
+    ref = peft_answers(models.base, models.lora)
+    assert len(set(ref.values())) >= 5, ref  # the adapter learned distinct answers: mixed-up streams would show
+    return ref
 
 
 def _ask(client, q: str, **kw):
@@ -141,9 +125,10 @@ def test_answers_equal_reference_streaming_and_not(which: str, request, referenc
     assert "curl" in server.banner and "OpenAI(base_url=" in server.banner and server.base in server.banner
     c = server.client()
     assert [m.id for m in c.models.list().data] == ["tuned"]
-    for q, want in QA:
+    for q, _ in QA:
+        want = reference[q]
         r = _ask(c, q)
-        assert r.choices[0].message.content == reference[q] == want
+        assert r.choices[0].message.content == want
         assert r.choices[0].finish_reason == "stop"
         assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
         chunks = list(_ask(c, q, stream=True, stream_options={"include_usage": True}))
@@ -153,8 +138,10 @@ def test_answers_equal_reference_streaming_and_not(which: str, request, referenc
         assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     r = _ask(c, QA[0][0], max_completion_tokens=2)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
-    r = _ask(c, QA[2][0], stop=["trained"])
-    assert r.choices[0].message.content == "I am Exa, a model " and r.choices[0].finish_reason == "stop"
+    word = reference[QA[2][0]].split()[2]
+    r = _ask(c, QA[2][0], stop=[word])
+    want = reference[QA[2][0]]
+    assert r.choices[0].message.content == want[: want.index(word)] and r.choices[0].finish_reason == "stop"
     r = c.chat.completions.create(model="tuned", messages=[{"role": "user", "content": QA[0][0]}], n=3,
                                   temperature=1.0, seed=5, max_tokens=8)  # fmt: skip
     assert [ch.index for ch in r.choices] == [0, 1, 2]
@@ -216,7 +203,7 @@ def test_errors_have_openai_shape(hf_server: Server) -> None:
     assert h.value.code == 400 and "not valid JSON" in json.loads(h.value.read())["error"]["message"]
 
 
-def test_64_concurrent_streams_separate_and_correct(gguf_server: Server) -> None:
+def test_64_concurrent_streams_separate_and_correct(gguf_server: Server, reference) -> None:
     async def run() -> list[tuple[str, str, str | None]]:
         client = openai.AsyncOpenAI(base_url=gguf_server.base, api_key=KEY, max_retries=0, timeout=600)
 
@@ -238,8 +225,7 @@ def test_64_concurrent_streams_separate_and_correct(gguf_server: Server) -> None
             await client.close()
 
     results = asyncio.run(run())
-    want = dict(QA)
-    assert [(t, f) for q, t, f in results] == [(want[q], "stop") for q, _, _ in results]
+    assert [(t, f) for q, t, f in results] == [(reference[q], "stop") for q, _, _ in results]
 
 
 def test_aborted_stream_frees_its_slot_and_queue_limit(models) -> None:
