@@ -113,8 +113,8 @@ def build_tool_models(base: Path, root: Path) -> SimpleNamespace:
     return SimpleNamespace(base=base, lora=lora, merged=merged, gguf=f16)
 
 
-def peft_answers(base: Path, lora: Path, max_new_tokens: int = 24) -> dict[str, str]:
-    """Greedy answers to `QA`'s questions of PEFT with the adapter attached (transformers generate, fp32)."""
+def peft_greedy(base: Path, lora: Path, conversations: list[list[dict]], max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers of PEFT with the adapter attached (transformers generate, fp32) to each conversation."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,10 +123,16 @@ def peft_answers(base: Path, lora: Path, max_new_tokens: int = 24) -> dict[str, 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, lora).eval()
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    out = {}
-    for q, _ in QA:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True,
-                                      return_tensors="pt")  # fmt: skip
+    out = []
+    for conv in conversations:
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=True, return_tensors="pt")
         g = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eot, pad_token_id=eot)
-        out[q] = tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        out.append(tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return out
+
+
+def peft_answers(base: Path, lora: Path) -> dict[str, str]:
+    """PEFT's greedy answer to each of `QA`'s questions asked alone."""
+    questions = [q for q, _ in QA]
+    answers = peft_greedy(base, lora, [[{"role": "user", "content": q}] for q in questions])
+    return dict(zip(questions, answers, strict=True))

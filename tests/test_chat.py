@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_models import QA, peft_answers
+from engine_models import QA, peft_answers, peft_greedy
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "24"]
 
@@ -46,8 +46,10 @@ def test_stdin_one_prompt_a_line_with_history_and_clear(tool_models, which: str)
     r = _chat(*model, *GREEDY, stdin="\n".join([questions[0], "clear", questions[1], "", questions[2], "exit",
                                                  "never read"]) + "\n")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    ref = peft_answers(m.base, m.lora)
-    assert r.stdout.splitlines() == [ref[q] for q in questions]
+    q0, q1, q2 = ({"role": "user", "content": q} for q in questions)
+    a0, a1 = peft_greedy(m.base, m.lora, [[q0], [q1]])
+    (a2,) = peft_greedy(m.base, m.lora, [[q1, {"role": "assistant", "content": a1}, q2]])  # history kept after clear
+    assert r.stdout.splitlines() == [a0, a1, a2]
     assert r.stderr == ""  # no banners, warnings or progress bars
 
 

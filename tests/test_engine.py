@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import require_llama_cpp
+from conftest import require_llama_cpp, require_quant
 from export_edits import sharpen_attention
 
 from exporter.engine import EngineError, LoadOptions, Sampling, load, parse_tool_calls
@@ -304,3 +304,22 @@ def test_bad_paths_are_user_errors(tmp_path: Path) -> None:
         load(LoadOptions(str(tmp_path / "missing")))
     with pytest.raises(UserError, match="--backend"):
         load(LoadOptions(str(tmp_path), backend="onnx"))
+
+
+def test_quantized_dir_generates_like_transformers(models, tmp_path: Path) -> None:
+    """An `exporter quantize` output (bnb8, no calibration) on the hf backend == transformers loading that dir."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    require_quant()
+    q8 = tmp_path / "bnb8"
+    cmd = [sys.executable, "-m", "exporter", "quantize", str(models.hf), "--method", "bnb8", "--out", str(q8)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    with load(LoadOptions(str(q8))) as eng:
+        prompts = _ids(eng)[:3]
+        got = [c.token_ids for c in eng.generate(prompts, Sampling(max_new_tokens=N))]
+        ref_model = AutoModelForCausalLM.from_pretrained(q8).eval()
+        ref = [_hf_reference(ref_model, p, sorted(eng.stop_ids)) for p in prompts]
+    assert all(_agree(g, r, gaps) for g, (r, gaps) in zip(got, ref, strict=True))

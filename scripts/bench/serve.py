@@ -2,8 +2,8 @@
 
     python scripts/bench/serve.py [--gguf FILE] [--clients 1,8,64] [--max-tokens 64] [--threads 2] [--work DIR]
 
-Without --gguf it builds a random qwen2-style model (scripts/make_tiny_model.py with a `serve` size: hidden 768,
-12 layers, ~80M parameters) whose end-of-turn rows of lm_head are zeroed, so no answer ends before --max-tokens,
+Without --gguf it builds a random qwen2-style model (scripts/make_tiny_model.py with a `serve` size: --hidden 768,
+--layers 12 by default, ~80M parameters) whose end-of-turn rows of lm_head are zeroed, so no answer ends before --max-tokens,
 and exports it to GGUF f16 with `exporter gguf` (setup, not timed). Then, for each server in turn, as its own
 process on 127.0.0.1 with the same threads and context:
   ours: `exporter serve GGUF --max-seqs 64` (continuous batching: one llama_decode for every live request);
@@ -28,12 +28,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SIZE = dict(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, head_dim=64)
+def size(hidden: int, layers: int) -> dict[str, int]:
+    """A qwen2-style shape: head_dim 64, 4 KV heads, MLP 8/3 x hidden rounded up to 256 (K-quant rows)."""
+    return dict(hidden=hidden, intermediate=-(-hidden * 8 // 3 // 256) * 256, layers=layers, heads=hidden // 64,
+                kv_heads=4, head_dim=64)  # fmt: skip
 TOPICS = ["the sea", "a city at night", "mountains", "a library", "winter", "a train", "the moon", "gardens"]
 
 
-def build_model(work: Path) -> Path:
+def build_model(work: Path, hidden: int, layers: int) -> Path:
     """The random qwen2-style GGUF (built once into `work`)."""
+    work = work / f"h{hidden}-l{layers}"
     gguf = work / "gguf" / "serve-f16.gguf"
     if gguf.is_file():
         return gguf
@@ -41,7 +45,7 @@ def build_model(work: Path) -> Path:
     import make_tiny_model as maker
     from safetensors.torch import load_file, save_file
 
-    maker.SIZES["serve"] = SIZE
+    maker.SIZES["serve"] = size(hidden, layers)
     hf = work / "serve"
     if not (hf / "config.json").is_file():
         maker.make("qwen2", hf, size="serve", force=True)
@@ -161,8 +165,10 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=8192)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "exporter" / "bench-serve")
     ap.add_argument("--only", choices=["ours", "peer"], help="run one server (debugging)")
+    ap.add_argument("--hidden", type=int, default=768, help="hidden size of the built model")
+    ap.add_argument("--layers", type=int, default=12, help="layers of the built model")
     args = ap.parse_args()
-    gguf = args.gguf or build_model(args.work)
+    gguf = args.gguf or build_model(args.work, args.hidden, args.layers)
     levels = [int(x) for x in args.clients.split(",")]
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     name = gguf.stem
