@@ -2,9 +2,9 @@
 
     python scripts/bench/serve.py [--gguf FILE] [--clients 1,8,64] [--max-tokens 64] [--threads 2] [--work DIR]
 
-Without --gguf it builds a random qwen2-style model (scripts/make_tiny_model.py with a `serve` size: --hidden 768,
---layers 12 by default, ~80M parameters) whose end-of-turn rows of lm_head are zeroed, so no answer ends before --max-tokens,
-and exports it to GGUF f16 with `exporter gguf` (setup, not timed). Then, for each server in turn, as its own
+Without --gguf it builds a random qwen2-style model (scripts/make_tiny_model.py, --hidden 768 --layers 12 by
+default, ~80M parameters) whose end-of-turn rows of lm_head are zeroed, so no answer ends before --max-tokens, and
+exports it to GGUF f16 with `exporter gguf` (setup, not timed). Then, for each server in turn, as its own
 process on 127.0.0.1 with the same threads and context:
   ours: `exporter serve GGUF --max-seqs 64` (continuous batching: one llama_decode for every live request);
   peer: `python -m llama_cpp.server --model GGUF` (one request at a time);
@@ -28,10 +28,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 def size(hidden: int, layers: int) -> dict[str, int]:
     """A qwen2-style shape: head_dim 64, 4 KV heads, MLP 8/3 x hidden rounded up to 256 (K-quant rows)."""
     return dict(hidden=hidden, intermediate=-(-hidden * 8 // 3 // 256) * 256, layers=layers, heads=hidden // 64,
                 kv_heads=4, head_dim=64)  # fmt: skip
+
+
 TOPICS = ["the sea", "a city at night", "mountains", "a library", "winter", "a train", "the moon", "gardens"]
 
 
