@@ -319,7 +319,8 @@ def test_quantized_dir_generates_like_transformers(models, tmp_path: Path) -> No
     subprocess.run(cmd, check=True, capture_output=True)
     with load(LoadOptions(str(q8))) as eng:
         prompts = _ids(eng)[:3]
-        got = [c.token_ids for c in eng.generate(prompts, Sampling(max_new_tokens=N))]
+        # one at a time: LLM.int8 picks its outlier columns per batch, so a batch legitimately changes the numbers
+        got = [eng.generate([p], Sampling(max_new_tokens=N))[0].token_ids for p in prompts]
         ref_model = AutoModelForCausalLM.from_pretrained(q8).eval()
         ref = [_hf_reference(ref_model, p, sorted(eng.stop_ids)) for p in prompts]
     assert all(_agree(g, r, gaps) for g, (r, gaps) in zip(got, ref, strict=True))
