@@ -292,7 +292,7 @@ def _chat(
     backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
     dtype: str = typer.Option(None, "--dtype", help="hf: auto | fp32 | bf16 | fp16."),
     device: str = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1 ..."),
-    ctx: int = typer.Option(None, "--ctx", help="gguf/vllm: context size."),
+    ctx: int = typer.Option(None, "--ctx", help="gguf: context size (default 4096); vllm: max model length."),
     threads: int = typer.Option(None, "--threads", help="gguf: CPU threads."),
 ) -> None:
     """Chat in the terminal (history, `clear`, `exit`); reads one prompt a line when stdin is not a terminal."""
@@ -321,7 +321,7 @@ def _serve(
     backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
     dtype: str = typer.Option(None, "--dtype", help="hf: auto | fp32 | bf16 | fp16."),
     device: str = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1 ..."),
-    ctx: int = typer.Option(None, "--ctx", help="gguf: KV cells shared by all requests (default 4096)."),
+    ctx: int = typer.Option(None, "--ctx", help="gguf: tokens per request (default 4096); KV = ctx x max-seqs."),
     threads: int = typer.Option(None, "--threads", help="gguf: CPU threads."),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions with streaming and tools)."""

@@ -23,7 +23,7 @@ class LoadOptions:
     device: str | None = None  # hf: cpu, cuda, cuda:1 ... (default: cuda when available)
     max_seqs: int = 8  # sequences decoded together (continuous batching); 1 = one at a time
     max_waiting: int = 256  # requests queued behind them before submit() raises QueueFull
-    ctx: int | None = None  # gguf/vllm: KV cells shared by all sequences (default 4096, at most the training ctx)
+    ctx: int | None = None  # gguf: tokens each sequence holds (default 4096 or the training ctx if less); vllm: max len
     threads: int | None = None  # gguf: CPU threads (default: all cores)
     batch_tokens: int = 512  # gguf: tokens per llama_decode call (prompt chunks + one per decoding sequence)
     lora_scale: float = 1.0  # gguf: scale of the GGUF LoRA

@@ -130,16 +130,16 @@ class Engine:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """[len(ids), vocab] float32 logits at every position of one sequence (perplexity)."""
-        with self._lock:
-            return self.backend.logits(list(ids))
+        with self._sched.borrow_slot() as slot, self._lock:
+            return self.backend.logits(list(ids), slot)
 
     def next_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """[len(prompts), vocab] float32 logits after the last token of each prompt (multiple choice: compare the
         choice letters' columns). HF runs them as one left-padded batch."""
         if not prompts or any(not p for p in prompts):
             raise EngineError("next_logits needs non-empty prompts")
-        with self._lock:
-            return self.backend.next_logits([list(p) for p in prompts])
+        with self._sched.borrow_slot() as slot, self._lock:
+            return self.backend.next_logits([list(p) for p in prompts], slot)
 
     def close(self) -> None:
         self._sched.close()

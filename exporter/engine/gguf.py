@@ -1,9 +1,10 @@
 """The `gguf` backend: libllama through llama-cpp-python's low-level API, optionally with a GGUF LoRA.
 
-One context with a unified KV cache shared by up to `max_seqs` sequences (plus one for scoring); each step is one
-`llama_decode` whose batch holds one token per decoding sequence and chunks of new prompts, each tagged with its
-sequence id and position, with logits asked for only where a next token is needed. A released sequence's KV cells
-are removed at once (`llama_memory_seq_rm`).
+One context for `max_seqs` sequences, each with its own `ctx` KV cells (llama.cpp's split, non-unified cache: a
+token attends over its own sequence's cells only, so a step costs what its tokens cost, not the square of the
+number of sequences); each step is one `llama_decode` whose batch holds one token per decoding sequence and chunks
+of new prompts, each tagged with its sequence id and position, with logits asked for only where a next token is
+needed. A released sequence's KV cells are cleared at once (`llama_memory_seq_rm`).
 """
 
 from __future__ import annotations
@@ -47,23 +48,21 @@ class GGUFBackend:
         self.vocab = L.llama_model_get_vocab(self.model)
         self.vocab_size = int(L.llama_vocab_n_tokens(self.vocab))
         n_train = int(L.llama_model_n_ctx_train(self.model)) or DEFAULT_CTX
-        cells = opts.ctx or min(DEFAULT_CTX, n_train)
+        per_seq = opts.ctx or min(DEFAULT_CTX, n_train)
         self.batch_tokens = max(opts.batch_tokens, opts.max_seqs + 1)
-        self.score_seq = opts.max_seqs  # a sequence id of its own for scoring
         cp = L.llama_context_default_params()
-        cp.n_ctx = cells
+        cp.n_ctx = per_seq * opts.max_seqs
         cp.n_batch = cp.n_ubatch = self.batch_tokens
-        cp.n_seq_max = opts.max_seqs + 1
-        cp.kv_unified = True
+        cp.n_seq_max = opts.max_seqs
+        cp.kv_unified = False
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama-cpp-python's Llama (verify's reference)
         threads = opts.threads or os.cpu_count() or 1
         cp.n_threads = cp.n_threads_batch = threads
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
-            raise UserError(f"{path}: llama.cpp cannot create a context of {cells} cells for {opts.max_seqs} sequences")
-        self.kv_cells = int(L.llama_n_ctx(self.ctx))
-        self.n_ctx = min(self.kv_cells, n_train)
+            raise UserError(f"{path}: llama.cpp cannot create a context of {per_seq} x {opts.max_seqs} sequences")
+        self.n_ctx = min(int(L.llama_n_ctx_seq(self.ctx)), n_train)
         self.mem = L.llama_get_memory(self.ctx)
         self.lora = None
         if lora is not None:
@@ -170,7 +169,7 @@ class GGUFBackend:
             for seq, ids, _ in items:  # the KV cache is restored on failure: so are the positions
                 self.pos[seq] -= len(ids)
             what = "no room left in the KV cache" if rc == 1 else f"llama_decode returned {rc}"
-            raise EngineError(f"{what} ({n} tokens in the batch, {self.kv_cells} cells)")
+            raise EngineError(f"{what} ({n} tokens in the batch, {self.n_ctx} cells per sequence)")
         if not outs:
             return np.empty((0, self.vocab_size), dtype=np.float32)
         ptr = self.L.llama_get_logits(self.ctx)
@@ -184,11 +183,11 @@ class GGUFBackend:
         self.L.llama_memory_seq_rm(self.mem, seq, -1, -1)
         self.pos.pop(seq, None)
 
-    # ---- scoring (on a sequence id of its own, in chunks of the batch size)
+    # ---- scoring (on a free sequence slot lent by the scheduler, in chunks of the batch size)
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int], seq: int) -> np.ndarray:
         """[len(ids), vocab] float32 logits of one sequence."""
-        seq, out = self.score_seq, []
+        out = []
         self.release(seq)
         try:
             for i in range(0, len(ids), self.batch_tokens):
@@ -198,12 +197,12 @@ class GGUFBackend:
             self.release(seq)
         return np.concatenate(out)
 
-    def next_logits(self, prompts: list[list[int]]) -> np.ndarray:
-        """[len(prompts), vocab] logits after the last token of each prompt (each on the scoring sequence)."""
-        return np.stack([self._last(p) for p in prompts])
+    def next_logits(self, prompts: list[list[int]], seq: int) -> np.ndarray:
+        """[len(prompts), vocab] logits after the last token of each prompt (one after another on `seq`)."""
+        return np.stack([self._last(p, seq) for p in prompts])
 
-    def _last(self, ids: list[int]) -> np.ndarray:
-        seq, row = self.score_seq, None
+    def _last(self, ids: list[int], seq: int) -> np.ndarray:
+        row = None
         self.release(seq)
         try:
             for i in range(0, len(ids), self.batch_tokens):

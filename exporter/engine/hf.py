@@ -104,7 +104,6 @@ class HFBackend:
     """A transformers model + tokenizer behind the scheduler's `Backend` protocol, plus scoring."""
 
     chunked_prefill = False
-    kv_cells = None
     batch_tokens = None
 
     def __init__(self, model: Any, tok: Any, device: str) -> None:
@@ -229,13 +228,13 @@ class HFBackend:
 
     # ---- scoring
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int], seq: int | None = None) -> np.ndarray:
         """[len(ids), vocab] float32 logits of one sequence (one forward, no cache)."""
         import torch
 
         return self._forward(torch.tensor([ids]), None, None, None).logits[0].float().cpu().numpy()
 
-    def next_logits(self, prompts: list[list[int]]) -> np.ndarray:
+    def next_logits(self, prompts: list[list[int]], seq: int | None = None) -> np.ndarray:
         """[len(prompts), vocab] logits after the last token of each prompt (left-padded, one forward)."""
         ids, mask, pos = self._left_pad(prompts)
         return self._forward(ids, mask, pos, None).logits[:, -1].float().cpu().numpy()

@@ -10,8 +10,9 @@ sampler, and its events go to its own sink.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,7 +37,6 @@ class Backend(Protocol):
     """What the scheduler needs from a backend (see hf.py, gguf.py)."""
 
     n_ctx: int  # most tokens one sequence may hold
-    kv_cells: int | None  # KV cells shared by all sequences (None: as many as memory allows)
     batch_tokens: int | None  # most tokens in one step (None: no limit)
     chunked_prefill: bool  # may a prompt be fed over several steps
 
@@ -53,7 +53,6 @@ class _Seq:
     sampling: Sampling
     stops: frozenset[int]
     sink: Sink
-    need: int  # KV cells reserved: prompt + answer
     slot: int = -1
     fed: int = 0  # prompt tokens already in the KV cache
     out: list[int] = field(default_factory=list)
@@ -86,7 +85,6 @@ class Scheduler:
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._live: list[_Seq] = []
         self._free = list(range(max_seqs - 1, -1, -1))
-        self._reserved = 0
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -95,8 +93,6 @@ class Scheduler:
     def budget(self, prompt_len: int, max_new: int) -> int:
         """`max_new` cut to what the context holds after the prompt; EngineError when the prompt alone is too long."""
         room = self.backend.n_ctx
-        if self.backend.kv_cells is not None:
-            room = min(room, self.backend.kv_cells)
         if prompt_len >= room:
             raise EngineError(f"the prompt is {prompt_len} tokens; the context holds {room}")
         return min(max_new, room - prompt_len)
@@ -106,7 +102,7 @@ class Scheduler:
             raise EngineError("empty prompt")
         max_new = self.budget(len(prompt), sampling.max_new_tokens)
         stops = frozenset(sampling.stop_ids) | (frozenset() if sampling.ignore_eos else self.stop_ids)
-        seq = _Seq(list(prompt), sampling.replace(max_new_tokens=max_new), stops, sink, len(prompt) + max_new)
+        seq = _Seq(list(prompt), sampling.replace(max_new_tokens=max_new), stops, sink)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
@@ -118,6 +114,20 @@ class Scheduler:
                 self._thread.start()
             self._cond.notify()
         return Handle(seq, self._wake)
+
+    @contextlib.contextmanager
+    def borrow_slot(self) -> Iterator[int]:
+        """A free sequence slot for scoring outside the batch (EngineError when every slot is decoding)."""
+        with self._cond:
+            if not self._free:
+                raise EngineError("every sequence slot is busy generating; score when fewer requests run")
+            slot = self._free.pop()
+        try:
+            yield slot
+        finally:
+            with self._cond:
+                self._free.append(slot)
+                self._cond.notify()
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests."""
@@ -138,19 +148,15 @@ class Scheduler:
     # ---- worker side
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots while their KV reservation fits (first come, first served)."""
-        cells = self.backend.kv_cells
+        """Move waiting requests into free slots, first come, first served."""
         while self._waiting and self._free:
             seq = self._waiting[0]
             if seq.cancelled:
                 self._waiting.popleft()
                 seq.sink(Delta("", [], "cancelled"))
                 continue
-            if cells is not None and self._live and self._reserved + seq.need > cells:
-                return
             self._waiting.popleft()
             seq.slot = self._free.pop()
-            self._reserved += seq.need
             seq.sampler = Sampler(seq.sampling, seq.prompt)
             skip = seq.sampling.skip_special_tokens
             seq.text = TextStream(lambda ids, skip=skip: self.backend.decode(ids, skip), seq.sampling.stop)
@@ -158,7 +164,6 @@ class Scheduler:
 
     def _finish(self, seq: _Seq, reason: str | None, error: BaseException | None = None) -> None:
         self._live.remove(seq)
-        self._reserved -= seq.need
         try:
             with self.lock:
                 self.backend.release(seq.slot)

@@ -166,7 +166,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=0, help="requests per client (default: 4 at 1 client, else 1-2)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--ctx", type=int, default=8192)
+    ap.add_argument("--ctx", type=int, default=512, help="context per sequence (ours) = the peer's one context")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "exporter" / "bench-serve")
     ap.add_argument("--only", choices=["ours", "peer"], help="run one server (debugging)")
     ap.add_argument("--hidden", type=int, default=768, help="hidden size of the built model")
@@ -179,9 +179,10 @@ def main() -> int:
     t = str(args.threads)
     servers = {
         "ours": [sys.executable, "-m", "exporter", "serve", str(gguf), "--max-seqs", str(max(levels)), "--ctx",
-                 str(args.ctx), "--threads", t, "--model-name", name],
+                 str(args.ctx), "--threads", t, "--model-name", name],  # --ctx: tokens per sequence
         "peer": [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", str(args.ctx),
-                 "--n_threads", t, "--n_threads_batch", t, "--model_alias", name],
+                 "--n_threads", t, "--n_threads_batch", t, "--model_alias", name,
+                 "--interrupt_requests", "False"],  # its default aborts a running stream when another arrives
     }  # fmt: skip
     results: dict[str, dict[int, dict]] = {}
     rss: dict[str, float] = {}
