@@ -8,8 +8,6 @@ type and written with `pwrite` at its place in every file. Peak memory is a few 
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import threading
 from collections import deque
@@ -24,6 +22,7 @@ import numpy as np
 from exporter.converters import gguf_arch, gguf_quant, gguf_vocab
 
 from exporter import safetensors_file
+from exporter.config import read_json
 from exporter.errors import UserError
 
 T = gguf.GGMLQuantizationType
@@ -36,9 +35,6 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
 BLOCK_ELEMS = 1 << 18  # elements per block of rows (1 MiB as f32: the working set of a block stays in L2)
-
-logging.getLogger("gguf").setLevel(logging.ERROR)  # duplicate-key notices are expected when an arch overrides
-logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -71,7 +67,7 @@ class Source:
     def open(cls, model_dir: Path) -> Source:
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             parts = sorted(set(weight_map.values()))
         else:
             parts = sorted(p.name for p in model_dir.glob("*.safetensors"))

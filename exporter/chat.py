@@ -127,6 +127,15 @@ def resolve_options(
         raise UserError(f"bad option: {e}") from None
 
 
+def quantized_model(opts: LoadOptions) -> bool:
+    """Whether `opts.model` is an HF dir from `exporter quantize` (its loaders must stay importable)."""
+    cfg = Path(opts.model).expanduser() / "config.json"
+    try:
+        return cfg.is_file() and "quantization_config" in cfg.read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------------------------------------ the chat loop
 
 WELCOME = "Welcome to the CLI application, use `clear` to remove the history, use `exit` to exit the application."

@@ -10,7 +10,6 @@ needed. A released sequence's KV cells are cleared at once (`llama_memory_seq_rm
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,9 @@ def _llama() -> Any:
         import llama_cpp
     except ImportError:
         raise UserError("the gguf backend needs llama-cpp-python: pip install 'exporter[gguf]'") from None
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its log callback prints only errors then
+    from exporter.quiet import silence_llama_cpp
+
+    silence_llama_cpp()
     return llama_cpp
 
 

@@ -8,12 +8,7 @@ and all-padding columns trimmed. A batch of one runs without padding or mask, ex
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import json
-import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +37,9 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     return read_json(model_dir / "config.json")
 
 
-def quiet() -> None:
-    """No third-party chatter in normal runs: transformers' progress bars and infos, torchao's optional-kernel
-    warnings, torch's pytree deprecation notes."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if "gptqmodel" not in sys.modules and importlib.util.find_spec("gptqmodel") is not None:
-        # PEFT imports it when installed (the [quant] extra); it prints a banner and a GIL note on import
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            import gptqmodel  # noqa: F401
-
-
 def load_model(model_dir: Path, adapter: Path | None, opts: LoadOptions) -> tuple[Any, Any, str]:
     """(model in eval mode, tokenizer, device). The tokenizer comes from the adapter dir when it has one (the
     training template and any added tokens live there), else from the model dir."""
-    quiet()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,9 +59,7 @@ def load_model(model_dir: Path, adapter: Path | None, opts: LoadOptions) -> tupl
 
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tok))
-        with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5
-            warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, str(adapter))
+        model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval(), tok, device
 
 
