@@ -94,7 +94,7 @@ def build_tool_models(base: Path, root: Path) -> SimpleNamespace:
     import tempfile
 
     from exporter import gguf, templates
-    from exporter.merge import merge
+    from exporter.merge import MergeOptions, merge
 
     lora = base.parent / f"tool-lora-{_training_hash(base)}"
     if not (lora / "adapter_config.json").is_file():
@@ -108,7 +108,7 @@ def build_tool_models(base: Path, root: Path) -> SimpleNamespace:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     merged = root / "merged"
-    merge(str(base), [str(lora)], None, merged)
+    merge(MergeOptions(str(base), [str(lora)], str(merged)))
     f16 = gguf.export(merged, ["f16"], templates.resolve(merged, None), root / "gguf").files["f16"]
     return SimpleNamespace(base=base, lora=lora, merged=merged, gguf=f16)
 

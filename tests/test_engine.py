@@ -47,7 +47,7 @@ def models(tiny_model, tmp_path_factory) -> SimpleNamespace:
             if "lora_B" in n:
                 p.mul_(3.0)  # a random LoRA strong enough to change the answers
     peft.save_pretrained(root / "lora")
-    gguf.run(str(hf), "f16", root / "lora-gguf", None, None, False, root / "lora", None)
+    gguf.run(gguf.GGUFOptions(str(hf), out=str(root / "lora-gguf"), adapter=str(root / "lora")))
     lora_gguf = next((root / "lora-gguf").glob("*.gguf"))
     return SimpleNamespace(hf=hf, gguf=f16, lora=root / "lora", lora_gguf=lora_gguf)
 
