@@ -251,21 +251,26 @@ def test_aborted_stream_frees_its_slot_and_queue_limit(models) -> None:
         assert s.health() | {"status": "ok"} == {"status": "ok", "model": "tuned", "running": 0, "waiting": 0}
 
         async def flood() -> list[int]:
+            """One request running, then three at once: one waits (the queue holds one), two get 429."""
             client = openai.AsyncOpenAI(base_url=s.base, api_key="none", max_retries=0, timeout=120)
 
-            async def one() -> int:
+            async def one(max_tokens: int) -> int:
                 try:
-                    await client.chat.completions.create(**{**long, "max_tokens": 200})
+                    await client.chat.completions.create(**{**long, "max_tokens": max_tokens})
                     return 200
                 except openai.APIStatusError as e:
                     return e.status_code
 
             try:
-                return await asyncio.gather(*(one() for _ in range(4)))
+                running = asyncio.create_task(one(300))
+                while s.health()["running"] == 0:
+                    await asyncio.sleep(0.05)
+                rest = await asyncio.gather(*(one(4) for _ in range(3)))  # while the first one still runs
+                return [await running, *rest]
             finally:
                 await client.close()
 
         codes = asyncio.run(flood())
-        assert sorted(codes) == [200, 200, 429, 429], codes
+        assert codes[0] == 200 and sorted(codes[1:]) == [200, 429, 429], codes
     finally:
         s.stop()
