@@ -393,16 +393,16 @@ def _diff(a: str, b: str) -> str:
 
 
 def check_go(
-    go: str,
+    candidates: Sequence[tuple[str, str | None]],
     jinja: str,
     bos: str,
     eos: str,
-    default_system: str | None,
     shapes: dict[str, Messages] | None = None,
     extra: dict[str, Any] | None = None,
-) -> list[ShapeResult]:
-    """Render each shape through the Jinja (transformers, leading BOS dropped) and through `go` (real Go, fed as
-    Ollama feeds it, with the Modelfile SYSTEM `default_system`). Shapes the Jinja refuses are left out."""
+) -> list[list[ShapeResult]]:
+    """For each candidate (Go TEMPLATE, Modelfile SYSTEM): every shape rendered through the Jinja (transformers,
+    leading BOS dropped) and through the candidate (real Go, fed as Ollama feeds it). Shapes the Jinja refuses are
+    left out. GoUnavailable without a Go toolchain."""
     from exporter.gotemplate import ollama_data, render_go_results
 
     shapes = SHAPES if shapes is None else shapes
@@ -413,16 +413,21 @@ def check_go(
         except Exception:  # the Jinja refuses this shape (e.g. no system role): nothing to compare
             continue
         refs[name] = text[len(bos) :] if bos and text.startswith(bos) else text
-    items = [(go, ollama_data(shapes[name], system=default_system)) for name in refs]
+    items = [(go, ollama_data(shapes[name], system=system)) for go, system in candidates for name in refs]
+    rendered = iter(render_go_results(items))
     out = []
-    for name, (got, err) in zip(refs, render_go_results(items), strict=True):
-        if err:
-            out.append(ShapeResult(name, False, f"Go: {err}"))
-        elif got == refs[name]:
-            out.append(ShapeResult(name, True))
-        else:
-            ws = "".join(got.split()) == "".join(refs[name].split())
-            out.append(ShapeResult(name, False, _diff(refs[name], got), ws))
+    for _ in candidates:
+        results = []
+        for name in refs:
+            got, err = next(rendered)
+            if err:
+                results.append(ShapeResult(name, False, f"Go: {err}"))
+            elif got == refs[name]:
+                results.append(ShapeResult(name, True))
+            else:
+                ws = "".join(got.split()) == "".join(refs[name].split())
+                results.append(ShapeResult(name, False, _diff(refs[name], got), ws))
+        out.append(results)
     return out
 
 
@@ -443,17 +448,15 @@ def explain(res: ShapeResult, notes: Sequence[str]) -> str:
 @dataclasses.dataclass
 class Derived:
     """What an export needs from a Jinja: Go TEMPLATE, stops, default system, end-of-turn tokens, the layout, and
-    the shapes that render identically in Go or differ (with why)."""
+    notes on what the layout does not hold."""
 
     ollama: str
     stop: list[str]
     eot_tokens: list[str]
     default_system: str | None
     layout: Layout
-    same: list[str]
-    differ: list[str]  # one line per differing shape
     notes: list[str]
-    checked: bool  # False when Go is unavailable
+    extra: dict[str, Any]  # render variables the Jinja needs (an empty tools list for tool-use templates)
 
 
 def stops_for(lay: Layout, eos: str, eos_tokens: Sequence[str]) -> list[str]:
@@ -468,20 +471,14 @@ def stops_for(lay: Layout, eos: str, eos_tokens: Sequence[str]) -> list[str]:
 
 
 def derive(
-    jinja: str,
-    bos: str,
-    eos: str,
-    markers: Sequence[str] | None = None,
-    eos_tokens: Sequence[str] = (),
-    extra: dict[str, Any] | None = None,
+    jinja: str, bos: str, eos: str, markers: Sequence[str] | None = None, eos_tokens: Sequence[str] = ()
 ) -> Derived:
-    """Derive and check (see the module doc); DeriveError when the Jinja cannot be read as a chat layout."""
-    from exporter.gotemplate import GoUnavailable
-
+    """The layout, Go TEMPLATE and stops of `jinja`; DeriveError when it cannot be read as a chat layout."""
+    extra: dict[str, Any] = {}
     try:
-        lay, notes = derive_layout(jinja, bos, eos, markers, extra)
+        lay, notes = derive_layout(jinja, bos, eos, markers)
     except DeriveError:
-        if "tools" not in jinja or extra:
+        if "tools" not in jinja:
             raise
         extra = {"tools": []}  # tool-use templates that iterate `tools` unconditionally
         lay, notes = derive_layout(jinja, bos, eos, markers, extra)
@@ -495,22 +492,80 @@ def derive(
     if not lay.eot:
         notes.append("answers end with no special token; stops on the next user prefix")
     go = go_template(lay, notes)
-    notes = list(dict.fromkeys(notes))
-    same, differ, checked = [], [], True
+    return Derived(go, stops_for(lay, eos, eos_tokens), list(lay.eot), lay.default_system, lay,
+                   list(dict.fromkeys(notes)), extra)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a ChatTemplate for a Jinja that no family matches exactly
+
+
+def _pick(results: list[list[ShapeResult]], tie_ok: list[bool]) -> int:
+    """Index of the Go TEMPLATE to use: 0 (derived) unless a family renders every shape the derived one does and
+    more, or as many and its tool format is the Jinja's too (or the Jinja has none)."""
+    same = [{r.shape for r in res if r.same} for res in results]
+    best = 0
+    for k in range(1, len(results)):
+        if same[k] >= same[0] and same[k] and (len(same[k]) > len(same[0]) or tie_ok[k]):
+            if best == 0 or len(same[k]) > len(same[best]):
+                best = k
+    return best
+
+
+def chat_template(
+    jinja: str, bos: str, eos: str, markers: Sequence[str] | None = None, eos_tokens: Sequence[str] = (),
+    nearest: str = "",
+) -> Any:  # fmt: skip
+    """A `ChatTemplate` for `jinja` when no family matches it exactly: the Jinja itself is exported and trains
+    (`exporter.jinja_segments`); the Go TEMPLATE is the derived one, or a family's where that renders more shapes
+    like the Jinja in real Go. `notes` say which shapes differ and why; nothing here raises for a template."""
+    from exporter.errors import UserError
+    from exporter.gotemplate import GoUnavailable
+    from exporter.templates import ChatTemplate, list_templates, load_template, tool_probe
+
+    common = {"name": "derived", "jinja": jinja, "bos_token": bos or None, "eos_token": eos or None,
+              "tools": "tools" in jinja}  # fmt: skip
+    near = [nearest] if nearest else []
     try:
-        for res in check_go(go, jinja, bos, eos, lay.default_system, extra=extra):
-            (same if res.same else differ).append(res.shape if res.same else explain(res, notes))
+        d = derive(jinja, bos, eos, markers, eos_tokens)
+    except DeriveError as e:
+        stop = [s for s in dict.fromkeys([eos, *eos_tokens]) if s]
+        return ChatTemplate(**common, description="the model's own Jinja; no Ollama TEMPLATE", ollama="", stop=stop,
+                            eot_tokens=[], default_system=None, format={"kind": "jinja", "close": "",
+                            "after_answer": ""}, notes=(f"no Ollama TEMPLATE could be derived: {e}", *near))  # fmt: skip
+    names, gos, systems, stops, tie_ok = ["derived"], [d.ollama], [d.default_system], [d.stop], [False]
+    own_tools = tool_probe(jinja, bos, eos)
+    for name in list_templates():
+        try:
+            fam = load_template(name).for_tokenizer(bos or None, eos or None)
+        except UserError:  # a base format that needs an eos token this tokenizer lacks
+            continue
+        names.append(name), gos.append(fam.ollama), systems.append(fam.default_system), stops.append(fam.stop)
+        theirs = tool_probe(fam.jinja, bos, eos) if own_tools is not None else None
+        tie_ok.append(own_tools is None or "".join((theirs or "").split()) == "".join(own_tools.split()))
+    notes, same, differ, pick = [], [], [], 0
+    try:
+        results = check_go(list(zip(gos, systems, strict=True)), jinja, bos, eos, extra=d.extra)
     except GoUnavailable:
-        checked = False
-        notes.append("not checked in Go: the Go toolchain is not installed")
-    return Derived(
-        ollama=go,
-        stop=stops_for(lay, eos, eos_tokens),
-        eot_tokens=list(lay.eot),
-        default_system=lay.default_system,
-        layout=lay,
-        same=same,
-        differ=differ,
-        notes=notes,
-        checked=checked,
+        notes.append("the Go TEMPLATE is not checked: no Go toolchain")
+    else:
+        pick = _pick(results, tie_ok)
+        same = [r.shape for r in results[pick] if r.same]
+        differ = [explain(r, d.notes) for r in results[pick] if not r.same]
+    source = "derived from it" if pick == 0 else f"family {names[pick]!r}'s (renders more shapes like the Jinja)"
+    head = f"chat template: the model's own Jinja; Ollama TEMPLATE {source}"
+    if same:
+        head += f"; renders like the Jinja in Go on {len(same)} of {len(same) + len(differ)} shapes"
+    notes = [head, *(f"differs: {x}" for x in differ), *notes, *d.notes, *near]
+    fmt = {"kind": "jinja", "close": d.layout.close, "after_answer": d.layout.assistant[1], "extra": d.extra,
+           "go": names[pick], "same": same, "differ": differ}  # fmt: skip
+    return ChatTemplate(
+        **common,
+        description=f"the model's own Jinja (Go TEMPLATE: {names[pick]})",
+        ollama=gos[pick],
+        stop=list(dict.fromkeys([*d.stop, *stops[pick]])),
+        eot_tokens=d.eot_tokens,
+        default_system=systems[pick],
+        format=fmt,
+        notes=tuple(notes),
     )
