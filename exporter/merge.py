@@ -615,8 +615,15 @@ def merge(
         _copy_tokenizer(base_dir, ads, tmp)
         from exporter import templates
 
-        tpl = templates.resolve(tmp, template)
-        templates.write_into(tmp, tpl)
+        tpl = templates.resolve(tmp, template, need=False)
+        try:
+            templates.write_into(tmp, tpl)
+        except UserError as e:
+            if template not in (None, "auto"):  # the user asked for this template: it must fit the tokenizer
+                raise
+            _say(f"[yellow]warning[/]: {e}; generation_config.json eos_token_id left as it was")
+        for note in tpl.notes:
+            _say(f"[dim]{note}[/]")
         inputs: dict[str, Path | str] = {"base": base_dir}
         for i, ad in enumerate(ads):
             inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = ad.path

@@ -247,15 +247,21 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 
 
-def _finish_dir(tmp: Path, model_dir: Path, tpl: Any) -> None:
-    """Source tokenizer files verbatim (no re-save drift) + chat template + end-of-turn eos ids; no calibration text."""
+def _finish_dir(tmp: Path, model_dir: Path, tpl: Any, forced: bool) -> None:
+    """Source tokenizer files verbatim (no re-save drift) + chat template + end-of-turn eos ids; no calibration text.
+    A template problem stops the export only when `forced` (the user asked for that template)."""
     from exporter import templates
 
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         (tmp / name).unlink(missing_ok=True)  # the quantizer's re-saved copies
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, tmp / name)
-    templates.write_into(tmp, tpl)
+    try:
+        templates.write_into(tmp, tpl)
+    except UserError as e:  # an auto-detected template that does not fit never stops the export
+        if forced:
+            raise
+        _console.print(f"[yellow]warning[/]: {e}; generation_config.json eos_token_id left as it was")
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     qcfg = cfg.get("quantization_config")
@@ -286,7 +292,7 @@ def quantize(opts: QuantizeOptions) -> Path:
 
     from exporter import templates
 
-    tpl = templates.resolve(model_dir, opts.template)
+    tpl = templates.resolve(model_dir, opts.template, need=False)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     random.seed(opts.seed)
     import torch
@@ -320,7 +326,7 @@ def quantize(opts: QuantizeOptions) -> Path:
             settings["backend"] = _run_gptqmodel(model_dir, tmp, opts.method, bits, group, cal.blocks)
         else:
             settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg)
-        _finish_dir(tmp, model_dir, tpl)
+        _finish_dir(tmp, model_dir, tpl, forced=opts.template not in (None, "auto"))
         settings["seconds"] = round(time.perf_counter() - start, 2)
         manifest.write(tmp, "quantize", inputs=inputs, settings=settings)
     _console.print(f"[green]done[/]: {out} ({settings['seconds']} s)")

@@ -641,8 +641,14 @@ PROBES: list[tuple[list[dict[str, Any]], bool]] = [
 ]
 
 
-_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 _CALL = {"id": "call0A1b2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 TOOL_PROBE = [
     {"role": _U, "content": "Weather in Paris?"},
@@ -756,10 +762,6 @@ def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTempl
         tpl = load_template(name)
         diff = None
         score = 0.0
-        if tool_ref is not None:  # the model's tool format must be the family's too
-            ours = tool_probe(tpl.jinja, bos, eos) if tpl.tools else None
-            if ours != tool_ref:
-                diff = (len(PROBES), tool_ref, ours or "")
         for k, ref in refs:
             msgs, gen = PROBES[k]
             try:
@@ -769,6 +771,10 @@ def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTempl
             if ours != ref and diff is None:
                 diff = (k, ref, ours)
             score += difflib.SequenceMatcher(None, ref, ours, autojunk=False).ratio()
+        if tool_ref is not None and diff is None:  # the model's tool format must be the family's too
+            ours = tool_probe(tpl.jinja, bos, eos) if tpl.tools else None
+            if ours != tool_ref:
+                diff = (len(PROBES), tool_ref, ours or "")
         if diff is None:
             return tpl, ""
         if best is None or score > best[0]:
@@ -794,7 +800,8 @@ def detect_template_text(
     Jinja; else a template derived from `template` (`exporter.derive.chat_template`). Never raises for a template."""
     family, nearest = match_family(template, bos, eos)
     if family is not None:
-        return dataclasses.replace(family.for_tokenizer(bos or None, eos or None), jinja=template)
+        note = f"chat template: the model's own Jinja, which renders every probe exactly like family {family.name!r}"
+        return dataclasses.replace(family.for_tokenizer(bos or None, eos or None), jinja=template, notes=(note,))
     from exporter.derive import chat_template
 
     return chat_template(template, bos, eos, markers, eos_tokens or [], nearest)

@@ -771,6 +771,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
             name = TEMPLATE_ALIASES[name]
         tpl = templates.resolve(model_dir, name)
         check_template_tokens(tokenizer, tpl, str(model_dir))
+        for note in tpl.notes:
+            _say(note)
     if cfg.stage == "sft":
         examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
         if not examples:
