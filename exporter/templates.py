@@ -31,7 +31,9 @@ from typing import Any
 import yaml
 
 from exporter.config import read_json
+from exporter.diff import first_diff
 from exporter.errors import UserError
+from exporter.hf_dir import adds_bos
 
 FAMILIES_PACKAGE = "exporter.families"
 
@@ -151,29 +153,31 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
+def write_into(out_dir: Path | str, tpl: ChatTemplate, strict: bool = True) -> list[str]:
     """Make an exported HF dir use `tpl`: `tokenizer_config.json` + `chat_template.jinja` carry its Jinja (left
     untouched when they already hold it), and `generation_config.json` `eos_token_id` includes every end-of-turn
-    token id (ids from the tokenizer in out_dir)."""
+    token id (ids from the tokenizer in out_dir). An end-of-turn token the tokenizer lacks is a UserError when
+    `strict`, else left out and returned as a warning (a template nobody asked for never stops an export)."""
     from exporter.atomic import atomic_file
 
     out_dir = Path(out_dir)
     cfg_path = out_dir / "tokenizer_config.json"
     if not cfg_path.is_file():
         raise UserError(f"{out_dir}: no tokenizer_config.json; save the tokenizer there before writing the template")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = read_json(cfg_path)
     tpl = tpl.for_tokenizer(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
     try:
         current = model_chat_template(out_dir)[0]
     except UserError:
         current = None
-    ids = []
+    ids, warnings = [], []
     for token, tid in zip(tpl.eot_tokens, _token_ids(out_dir, tpl.eot_tokens), strict=True):
         if tid is None:
-            raise UserError(
-                f"template {tpl.name!r} ends assistant turns with {token!r}, but the tokenizer in {out_dir} has no "
-                f"such token; pick the family that matches this tokenizer with --template"
-            )
+            msg = f"template {tpl.name!r} ends assistant turns with {token!r}, but the tokenizer in {out_dir} has no "
+            if strict:
+                raise UserError(msg + "such token; pick the family that matches this tokenizer with --template")
+            warnings.append(msg + "such token; it is not added to generation_config.json eos_token_id")
+            continue
         ids.append(tid)
 
     if tpl.jinja and tpl.jinja != current:  # the model's own template stays byte for byte as it was saved
@@ -183,12 +187,14 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
             tmp.write_text(tpl.jinja, encoding="utf-8")
 
     gen_path = out_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    gen = read_json(gen_path, optional=True)
     eos = gen.get("eos_token_id")
     current = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     merged = current + [i for i in ids if i not in current]
-    gen["eos_token_id"] = merged[0] if len(merged) == 1 else merged
-    _write_json(gen_path, gen)
+    if merged:
+        gen["eos_token_id"] = merged[0] if len(merged) == 1 else merged
+        _write_json(gen_path, gen)
+    return warnings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,18 +513,6 @@ def render_text(tpl: ChatTemplate, messages: list[dict[str, Any]], **kw: Any) ->
     return "".join(t for t, _ in render_segments(tpl, messages, **kw))
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is None:
-        return False
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return (
-        bool(with_special)
-        and with_special[0] == bos_id
-        and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos_id]
-    )
-
-
 def _tokenize(tokenizer: Any, segments: list[Segment]) -> tuple[list[int], list[bool]]:
     """Token ids of the joined text (exactly `tokenizer(text, add_special_tokens=False)`) and a trained flag per
     token: a token is trained when at least half of its characters lie in trained segments (so "▁Hello" after a
@@ -592,7 +586,7 @@ def encode(
     )
     ids, flags = _tokenize(tokenizer, segments)
     bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is not None and (not ids or ids[0] != bos_id) and _adds_bos(tokenizer):
+    if bos_id is not None and (not ids or ids[0] != bos_id) and adds_bos(tokenizer):
         ids, flags = [bos_id] + ids, [False] + flags
     labels = [i if (f or train_on_prompt) else -100 for i, f in zip(ids, flags, strict=True)]
     if cutoff_len is not None:
@@ -738,11 +732,6 @@ def tool_probe(template: str, bos: str, eos: str) -> str | None:
         return None
 
 
-def _first_diff(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    return next((k for k in range(n) if a[k] != b[k]), n)
-
-
 def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTemplate | None, str]:
     """(the family whose Jinja renders every probe exactly as `template` does, or None; a line naming the nearest
     family and where it first differs)."""
@@ -781,7 +770,7 @@ def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTempl
             best = (score, name, *diff)
     assert best is not None
     _, name, k, ref, ours = best
-    at = _first_diff(ref, ours)
+    at = first_diff(ref, ours)
     return None, (
         f"nearest family is {name!r}, which first differs at char {at} of "
         f"{'the tool probe' if k == len(PROBES) else f'probe {k}'}: the model renders "
@@ -827,8 +816,7 @@ def resolve(model_dir: Path | str, override: str | None, need: bool = True) -> C
     """`override` (a family name; "auto" = none) when given, else `detect(model_dir)`; filled in with the model's
     BOS/EOS text (see `ChatTemplate.for_tokenizer`). Without any chat template in the model: a UserError when
     `need` (training), else `no_template` (merge, quantize and gguf go on)."""
-    cfg_path = Path(model_dir) / "tokenizer_config.json"
-    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+    cfg = read_json(Path(model_dir) / "tokenizer_config.json", optional=True)
     bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
     if override and override != "auto":
         return load_template(override).for_tokenizer(bos or None, eos or None)
