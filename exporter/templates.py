@@ -789,7 +789,8 @@ def detect_template_text(
     Jinja; else a template derived from `template` (`exporter.derive.chat_template`). Never raises for a template."""
     family, nearest = match_family(template, bos, eos)
     if family is not None:
-        note = f"chat template: the model's own Jinja, which renders every probe exactly like family {family.name!r}"
+        note = (f"chat template: the model's own Jinja, which renders every probe exactly like family {family.name!r}; "
+                f"Ollama TEMPLATE of family {family.name}")  # fmt: skip
         return dataclasses.replace(family.for_tokenizer(bos or None, eos or None), jinja=template, notes=(note,))
     from exporter.derive import chat_template
 

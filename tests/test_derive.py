@@ -67,7 +67,8 @@ def test_llama3_0_layout_and_go_template() -> None:
     user = [_u("Hi")]
     go = gotemplate.render_go(tpl.ollama, gotemplate.ollama_data(user))
     # Llama 3.0: no system header without a system message (3.1's always has one), BOS added by the tokenizer
-    assert go == "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    assert go == header.format("user") + "Hi<|eot_id|>" + header.format("assistant")
     for msgs in ([_s("Be brief."), _u("Hi"), _a("Hello."), _u("Again")], [_u("A"), _a("B"), _u("C")]):
         want = _jinja_text(LLAMA3_0, msgs, True, BOS, EOT).removeprefix(BOS)
         assert gotemplate.render_go(tpl.ollama, gotemplate.ollama_data(msgs)) == want
@@ -165,10 +166,11 @@ def add_markers(tok_dir: Path, markers: list[str]) -> list[str]:
 def template_markers(jinja: str, bos: str, eos: str) -> list[str]:
     """Token-like marks in what `jinja` renders for the check shapes (the special tokens such a model has)."""
     out: list[str] = []
-    for msgs in derive.SHAPES.values():
+    shapes = [(msgs, True) for msgs in derive.SHAPES.values()] + [(msgs, False) for msgs in CORPUS.values()]
+    for msgs, gen in shapes:
         for kw in ({}, {"tools": []}):
             try:
-                out += MARK.findall(_jinja_text(jinja, msgs, True, bos, eos, **kw))
+                out += MARK.findall(_jinja_text(jinja, msgs, gen, bos, eos, **kw))
                 break
             except Exception:  # the template refuses the shape (or needs a tools list)
                 continue
@@ -244,3 +246,103 @@ def test_training_follows_the_models_own_jinja(name: str, tiny_model, tmp_path: 
         assert tok.decode(trained_ids) == "".join(trained), case  # the labels are exactly those characters
         checked += 1
     assert checked >= 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every published template llama.cpp vendors: merge and gguf succeed, the GGUF holds the Jinja verbatim, and the
+# Modelfile TEMPLATE renders like the Jinja in real Go on the plain shapes, or says where it does not
+
+
+def _adapter(base: Path, out: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def _stated(header: list[str]) -> set[str]:
+    """Shapes the Modelfile header says differ ("# differs on a, b: why")."""
+    out: set[str] = set()
+    for line in header:
+        if line.startswith("# differs on "):
+            out |= {s.strip() for s in line[len("# differs on ") :].split(":")[0].split(",")}
+    return out
+
+
+@pytest.mark.slow
+def test_every_published_template_exports(tiny_model, tmp_path: Path, capsys) -> None:
+    from exporter.converters.modelfile import parse
+    from gguf import GGUFReader
+
+    from exporter import gguf, merge
+
+    require_go()
+    base = tiny_model("qwen2")
+    adapter = _adapter(base, tmp_path / "adapter")
+    rows, counts = [], {"templates": 0, "converted": 0, "verbatim": 0, "template": 0, "all plain shapes": 0}
+    counts |= {s: 0 for s in PLAIN}
+    for name, jinja in _published().items():
+        counts["templates"] += 1
+        model = with_template(base, jinja, tmp_path / name)
+        merged = merge.merge(model, [adapter], out=tmp_path / f"{name}-merged")
+        assert (merged / "chat_template.jinja").read_text(encoding="utf-8") == jinja, name  # carried byte for byte
+        out = gguf.run(merged, types="f16", out=tmp_path / f"{name}-gguf")
+        counts["converted"] += 1
+        path = out.files["f16"]
+        field = GGUFReader(path).fields["tokenizer.chat_template"]
+        assert field.contents() == jinja, name
+        counts["verbatim"] += 1
+        text = out.modelfiles["f16"].read_text(encoding="utf-8")
+        cmds = dict((c, v) for c, v in parse(text) if c != "parameter stop")
+        header = [ln for ln in text.splitlines() if ln.startswith("#")]
+        cfg = json.loads((merged / "tokenizer_config.json").read_text(encoding="utf-8"))
+        bos, eos = cfg.get("bos_token") or "", cfg.get("eos_token") or ""
+        cells = {}
+        if "template" not in cmds:
+            assert any("no Ollama TEMPLATE" in ln for ln in header), name  # stated, never silent
+            cells = dict.fromkeys(PLAIN, "-")
+        else:
+            counts["template"] += 1
+            refs, jobs = {}, []
+            for shape in PLAIN:
+                msgs = derive.SHAPES[shape]
+                try:
+                    refs[shape] = _jinja_text(jinja, msgs, True, bos, eos).removeprefix(bos) if bos else _jinja_text(
+                        jinja, msgs, True, bos, eos)  # fmt: skip
+                except Exception:
+                    try:  # tool-use templates need a tools list
+                        refs[shape] = _jinja_text(jinja, msgs, True, bos, eos, tools=[])
+                    except Exception:
+                        cells[shape] = "refused"
+                        continue
+                jobs.append((cmds["template"], gotemplate.ollama_data(msgs, system=cmds.get("system"))))
+            stated = _stated(header)
+            for shape, got in zip(refs, gotemplate.render_go_many(jobs), strict=True):
+                if got == refs[shape]:
+                    cells[shape] = "="
+                    counts[shape] += 1
+                else:
+                    assert shape in stated, f"{name}: {shape} differs in Go and the Modelfile does not say so"
+                    cells[shape] = "differs"
+            counts["all plain shapes"] += all(cells[s] in ("=", "refused") for s in PLAIN)
+        go = next((m.group(1) for ln in header if (m := re.search(r"Ollama TEMPLATE (derived|of family \w+)", ln))),
+                  "none")  # fmt: skip
+        rows.append((name, go, *(cells[s] for s in PLAIN)))
+        shutil.rmtree(tmp_path / f"{name}-gguf")
+        shutil.rmtree(merged)
+    with capsys.disabled():
+        width = max(len(r[0]) for r in rows)
+        print(f"\n{'template':{width}}  {'Ollama TEMPLATE':28}  " + "  ".join(f"{s:17}" for s in PLAIN))
+        for r in rows:
+            print(f"{r[0]:{width}}  {r[1][:28]:28}  " + "  ".join(f"{c:17}" for c in r[2:]))
+        print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    assert counts["templates"] >= 70 and counts["converted"] == counts["verbatim"] == counts["templates"]
+    assert counts["all plain shapes"] >= 60  # measured: see the README; a drop is a regression
