@@ -433,18 +433,18 @@ def explain(results: Sequence[ShapeResult], notes: Sequence[str]) -> list[str]:
     """One line per reason the differing shapes differ (shapes of a known reason grouped, with a first example)."""
     dates = [n for n in notes if "today's date" in n]
     groups: dict[str, list[ShapeResult]] = {}
+    lines = []
     for res in results:
         if res.same:
             continue
         if res.whitespace_only:
-            why = "the Jinja trims or adds whitespace around content; Go prints content as given"
+            groups.setdefault("the Jinja trims or adds whitespace around content; Go prints it as given", []).append(res)
         elif dates:
-            why = dates[0]
+            groups.setdefault(dates[0], []).append(res)
         else:
-            why = f"{res.shape} {res.detail}"
-        groups.setdefault(why, []).append(res)
-    return [f"differs on {', '.join(r.shape for r in rs)}: {why}" + (f" ({rs[0].detail})" if why != f"{rs[0].shape} "
-            f"{rs[0].detail}" else "") for why, rs in groups.items()]  # fmt: skip
+            lines.append(f"differs on {res.shape}: {res.detail}")
+    grouped = [f"differs on {', '.join(r.shape for r in rs)}: {why} ({rs[0].detail})" for why, rs in groups.items()]
+    return grouped + lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -560,6 +560,7 @@ def chat_template(
         differ = [r.shape for r in results[pick] if not r.same]
         notes = explain(results[pick], d.notes) + notes
         head += f"; renders like the Jinja in real Go on {len(same)} of {len(same) + len(differ)} shapes"
+        head += f" ({', '.join(same)})" if same else ""
     if pick:
         head = head.replace("derived from it", f"of family {names[pick]}")
     if own_tools is not None:

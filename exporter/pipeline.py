@@ -266,7 +266,8 @@ def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gg
                 console.print(f"  GGUF {a['file']}: {a['gguf']!r} ({same})")
     verdict = "[bold green]PASSED[/]" if doc["passed"] else "[bold red]FAILED[/]"
     s = doc["summary"]
-    console.print(f"verify {verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped -> {report}")
+    warned = f", {s['warn']} with stated differences" if s.get("warn") else ""
+    console.print(f"verify {verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped{warned} -> {report}")
     console.print(f"run dir: {run_dir.resolve()}  (ran: {', '.join(ran) or 'nothing'}; "
                   f"skipped: {', '.join(skipped) or 'nothing'})")  # fmt: skip
     for name in ("adapter", "merged", "gguf"):
