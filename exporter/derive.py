@@ -119,7 +119,8 @@ class Layout:
     gen: str  # generation prompt after the user suffix
     gen_no_think: str | None  # with enable_thinking=False, where that differs
     close: str  # what ends an answer up to and including its end-of-turn token
-    eot: list[str]  # end-of-turn tokens
+    eot: list[str]  # end-of-turn tokens: generation stops on them
+    closers: list[str]  # tokens that close an answer in the rendered text (eot, and gpt-oss's <|end|> in history)
     bos_rendered: bool
 
 
@@ -207,6 +208,11 @@ def derive_layout(
         notes.append("the first user turn starts differently from later ones")
     opening = {found[0][2] for text in (head, upre, apre, gen) if (found := marks.find(text))}
     eot, close = _end_of_turn(asuf, c, e, eos, marks, opening)
+    closers, starts = list(eot), {found[0][2] for text in (head, apre, gen) if (found := marks.find(text))}
+    for text in (c, e) if not marks.find(asuf) else ():  # no suffix token: what ends answers mid-chat and at the end
+        hits = marks.find(text)
+        if eot and hits and not text[: hits[0][0]].strip() and hits[0][2] not in closers + list(starts):
+            closers.append(hits[0][2])
     gen_no_think = None
     if "enable_thinking" in jinja:
         try:
@@ -224,6 +230,7 @@ def derive_layout(
         gen_no_think=gen_no_think,
         close=close,
         eot=eot,
+        closers=closers,
         bos_rendered=bos_rendered,
         **sys,
     )
@@ -234,23 +241,19 @@ def _end_of_turn(
     asuf: str, between: str, final: str, eos: str, marks: _Marks, opening: set[str]
 ) -> tuple[list[str], str]:
     """(end-of-turn tokens, closing text) of answers: the last token of the assistant suffix that does not also
-    open turns; else the token that starts the text after an answer (before the next turn, after the final one)."""
+    open turns; else the token that ends the final answer (gpt-oss: <|return|>, while <|end|> only separates
+    messages), else the one that starts the text after an answer (GLM: the next role token)."""
     found = [f for f in marks.find(asuf) if f[2] not in opening] or marks.find(asuf)
     if found:
         s, e, tok = found[-1]
         return [tok], asuf[:e]
-    eot, close = [], ""
-    for text in (between, final):
+    for text in (final, between):
         hits = marks.find(text)
         if hits and not text[: hits[0][0]].strip():
-            tok = hits[0][2]
-            if tok not in eot:
-                eot.append(tok)
-            if not close and text is between:
-                close = text[: hits[0][1]]
-    if not eot and eos and eos in between:
-        eot, close = [eos], between[: between.index(eos) + len(eos)]
-    return eot, close
+            return [hits[0][2]], between[: hits[0][1]] if text is between else ""
+    if eos and eos in between:
+        return [eos], between[: between.index(eos) + len(eos)]
+    return [], ""
 
 
 def _system_layout(r: Callable[..., str], head: str, upre: str, between: str, marks: _Marks) -> dict[str, Any]:
@@ -438,7 +441,9 @@ def explain(results: Sequence[ShapeResult], notes: Sequence[str]) -> list[str]:
         if res.same:
             continue
         if res.whitespace_only:
-            groups.setdefault("the Jinja trims or adds whitespace around content; Go prints it as given", []).append(res)
+            groups.setdefault("the Jinja trims or adds whitespace around content; Go prints it as given", []).append(
+                res
+            )
         elif dates:
             groups.setdefault(dates[0], []).append(res)
         else:
@@ -570,6 +575,7 @@ def chat_template(
     shown = "\n".join(notes)
     notes = [head, *notes, *(n for n in d.notes if n not in shown), *near]
     fmt = {"kind": "jinja", "close": d.layout.close, "after_answer": d.layout.assistant[1], "extra": d.extra,
+           "closers": d.layout.closers,
            "go": names[pick], "same": same, "differ": differ}  # fmt: skip
     return ChatTemplate(
         **common,

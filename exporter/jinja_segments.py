@@ -111,6 +111,7 @@ def _answer_spans(
     """Trained character spans of every answer, and text to append when the Jinja leaves the final answer open."""
     regions = _regions(tpl, messages, full, gen, bos, eos, kw)
     close, after = tpl.format.get("close", ""), tpl.format.get("after_answer", "")
+    closers = tpl.format.get("closers") or tpl.eot_tokens
     spans, extra = [], ""
     for k, m in enumerate(messages):
         if m.get("role") != "assistant":
@@ -125,13 +126,13 @@ def _answer_spans(
             except Exception:  # a template may refuse a prefix; the content start is then where the answer starts
                 prompt = None
             if prompt is not None:
-                s1 = _lcp(prompt, full, tpl.eot_tokens)
+                s1 = _lcp(prompt, full, closers)
                 if lo <= s1 <= (cs if cs is not None else hi):
                     start = s1
         if start is None:
             raise UserError(f"message {k}: cannot find this answer in the chat template's rendering")
         content_end = ce if ce is not None else start
-        end = _first_eot(full, content_end, hi, tpl.eot_tokens)
+        end = _first_eot(full, content_end, hi, closers)
         if end is None and k == len(messages) - 1 and not gen and content_end == len(full) and close:
             extra, end = close, len(full) + len(close)  # the Jinja leaves the final answer open: close it
         elif end is None:
@@ -154,7 +155,7 @@ def _generation_spans(tpl: Any, messages: list[dict[str, Any]], gen: bool, bos: 
         raise UserError(f"the model's chat template refuses this conversation: {type(e).__name__}: {e}") from None
     text, spans = out[0], []
     for s, e in indices[0]:
-        tok = next((t for t in tpl.eot_tokens if t and text.startswith(t, e)), "")
+        tok = next((t for t in tpl.format.get("closers") or tpl.eot_tokens if t and text.startswith(t, e)), "")
         spans.append((s, e + len(tok)))
     return text, spans
 
