@@ -388,3 +388,27 @@ def test_llama3_0_tutorial_flow(tiny_model, tmp_path: Path) -> None:
     eog = next(c for c in doc["checks"] if c["check"] == "stops" and c["target"] == path.name)
     assert eog["status"] == "pass" and "'<|eot_id|>'" in eog["detail"]
     assert json.loads((run / "adapter" / "exporter_manifest.json").read_text())["settings"]["template"] == "derived"
+
+
+def test_model_without_any_template(tiny_model, tmp_path: Path) -> None:
+    """No chat template at all: gguf and merge go on (no TEMPLATE, no tokenizer.chat_template, stated), calibration
+    reads the raw texts, training asks for --template."""
+    from transformers import AutoTokenizer
+
+    from exporter import calibration, gguf, merge
+    from exporter.errors import UserError
+    from exporter.templates import resolve
+
+    model = with_template(tiny_model("qwen2"), "", tmp_path / "m")
+    (model / "chat_template.jinja").unlink()
+    out = gguf.run(model, types="f16", out=tmp_path / "gguf")
+    text = out.modelfiles["f16"].read_text(encoding="utf-8")
+    assert "\nTEMPLATE" not in text and "# the model has no chat template" in text
+    assert "tokenizer.chat_template" not in GGUFReader(out.files["f16"]).fields
+    merged = merge.merge(model, [_adapter(tiny_model("qwen2"), tmp_path / "ad")], out=tmp_path / "merged")
+    assert not (merged / "chat_template.jinja").exists()
+    with pytest.raises(UserError, match="no chat_template.*--template"):
+        resolve(model, None)
+    tok = AutoTokenizer.from_pretrained(model)
+    cal = calibration.build(tok, resolve(model, None, need=False), None, None, samples=2, max_length=32, seed=0)
+    assert len(cal.blocks) == 2 and not cal.rejected
