@@ -412,3 +412,21 @@ def test_model_without_any_template(tiny_model, tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(model)
     cal = calibration.build(tok, resolve(model, None, need=False), None, None, samples=2, max_length=32, seed=0)
     assert len(cal.blocks) == 2 and not cal.rejected
+
+
+def test_a_template_with_its_own_encoder_encodes_itself() -> None:
+    """The protocol for formats that tokenize piece by piece (LLaMA-Factory's): `encode` defers to `encoder`."""
+    import dataclasses
+
+    from exporter.templates import load_template
+
+    calls = []
+
+    def encoder(tokenizer, messages, tools=None, train_on_prompt=False, cutoff_len=None):
+        calls.append((messages, tools, train_on_prompt, cutoff_len))
+        return [1, 2, 3], [-100, 2, 3]
+
+    tpl = dataclasses.replace(load_template("qwen"), encoder=encoder)
+    msgs = [_u("Hi"), _a("Hello")]
+    assert encode(None, tpl, msgs, train_on_prompt=True, cutoff_len=9) == ([1, 2, 3], [-100, 2, 3])
+    assert calls == [(msgs, None, True, 9)]
