@@ -221,7 +221,7 @@ def derive_layout(
             g = None
         if g and g[1].startswith(usuf) and g[1][len(usuf) :] != gen:
             gen_no_think = g[1][len(usuf) :]
-    sys = _system_layout(r, head, upre, c, marks)
+    sys = _system_layout(r, head, c)
     lay = Layout(
         head=head,
         user=(upre, usuf),
@@ -256,7 +256,7 @@ def _end_of_turn(
     return [], ""
 
 
-def _system_layout(r: Callable[..., str], head: str, upre: str, between: str, marks: _Marks) -> dict[str, Any]:
+def _system_layout(r: Callable[..., str], head: str, between: str) -> dict[str, Any]:
     """Where a system prompt goes (see `Layout`)."""
     none = {"sys_before": "", "sys_after": "", "empty_system_is_none": False, "default_system": None}
     try:

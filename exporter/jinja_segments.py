@@ -65,17 +65,16 @@ def _regions(
         content = messages[k]["content"]
         if messages[k].get("role") == "assistant" and "</think>" in content:
             content = content[content.rfind("</think>") + len("</think>") :]
-        nxt = literals[i + 1] if i + 1 < len(hits) else tail
+        last, verbatim = i + 1 == len(hits), pos + len(content)
+        nxt = tail if last else literals[i + 1]
         if full.startswith(content, pos) and (
-            full.startswith(nxt, pos + len(content))
-            if i + 1 < len(hits)
-            else full.endswith(nxt) and pos + len(content) + len(nxt) == len(full)
+            verbatim + len(nxt) == len(full) and full.endswith(nxt) if last else full.startswith(nxt, verbatim)
         ):
-            end = pos + len(content)  # fmt: skip
-        elif i + 1 < len(hits):
-            end = full.find(nxt, pos) if nxt else pos
-        else:
+            end = verbatim  # the content as given
+        elif last:  # the template reshaped it (trimmed ...): it spans up to the text that follows it
             end = len(full) - len(nxt) if full.endswith(nxt) else -1
+        else:
+            end = full.find(nxt, pos) if nxt else pos
         if end < pos:
             raise UserError(f"message {k}: cannot find its content in the chat template's rendering")
         if k in out and messages[k].get("role") == "assistant":
