@@ -294,9 +294,9 @@ def test_every_published_template_exports(tiny_model, tmp_path: Path, capsys) ->
     for name, jinja in _published().items():
         counts["templates"] += 1
         model = with_template(base, jinja, tmp_path / name)
-        merged = merge.merge(model, [adapter], out=tmp_path / f"{name}-merged")
+        merged = merge.merge(merge.MergeOptions(str(model), [str(adapter)], str(tmp_path / f"{name}-merged"))).out
         assert (merged / "chat_template.jinja").read_text(encoding="utf-8") == jinja, name  # carried byte for byte
-        out = gguf.run(merged, types="f16", out=tmp_path / f"{name}-gguf")
+        out = gguf.run(gguf.GGUFOptions(str(merged), ["f16"], str(tmp_path / f"{name}-gguf")))
         counts["converted"] += 1
         path = out.files["f16"]
         field = GGUFReader(path).fields["tokenizer.chat_template"]
@@ -401,11 +401,12 @@ def test_model_without_any_template(tiny_model, tmp_path: Path) -> None:
 
     model = with_template(tiny_model("qwen2"), "", tmp_path / "m")
     (model / "chat_template.jinja").unlink()
-    out = gguf.run(model, types="f16", out=tmp_path / "gguf")
+    out = gguf.run(gguf.GGUFOptions(str(model), ["f16"], str(tmp_path / "gguf")))
     text = out.modelfiles["f16"].read_text(encoding="utf-8")
     assert "\nTEMPLATE" not in text and "# the model has no chat template" in text
     assert "tokenizer.chat_template" not in GGUFReader(out.files["f16"]).fields
-    merged = merge.merge(model, [_adapter(tiny_model("qwen2"), tmp_path / "ad")], out=tmp_path / "merged")
+    adapter = _adapter(tiny_model("qwen2"), tmp_path / "ad")
+    merged = merge.merge(merge.MergeOptions(str(model), [str(adapter)], str(tmp_path / "merged"))).out
     assert not (merged / "chat_template.jinja").exists()
     with pytest.raises(UserError, match="no chat_template.*--template"):
         resolve(model, None)
