@@ -101,7 +101,7 @@ def parse_task(task: str) -> tuple[str, str]:
     """`mmlu_test` -> ("mmlu", "test"), as LF splits it; errors name what exists."""
     name, _, split = task.partition("_")
     if name not in LAYOUTS:
-        raise UserError(f"task {task!r}: unknown benchmark {name!r}; use one of mmlu_test, ceval_validation, cmmlu_test")
+        raise UserError(f"task {task!r}: unknown benchmark {name!r}; use mmlu_test, ceval_validation or cmmlu_test")
     if split not in LAYOUTS[name].files or split == "train":
         splits = [s for s in LAYOUTS[name].files if s != "train"]
         raise UserError(f"task {task!r}: {name} has splits {', '.join(splits)} (e.g. {name}_{splits[-1]})")

@@ -34,7 +34,7 @@ def _question(rng: random.Random, zh: bool, k: int) -> list[str]:
     words = WORDS_ZH if zh else WORDS_EN
     sep = "" if zh else " "
     q = sep.join(rng.choice(words) for _ in range(rng.randint(3, 9)))
-    q = (f"第{k}题：{q}，下列哪项正确？" if zh else f"Question {k}: which {q} is right?")
+    q = f"第{k}题：{q}，下列哪项正确？" if zh else f"Question {k}: which {q} is right?"
     opts = [sep.join(rng.choice(words) for _ in range(rng.randint(1, 4))) for _ in range(4)]
     if k % 5 == 1:
         opts[2] = '含"引号", 逗号' if zh else 'a "quoted", comma\nand a newline'  # CSV quoting survives
