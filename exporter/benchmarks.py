@@ -104,7 +104,7 @@ def parse_task(task: str) -> tuple[str, str]:
         raise UserError(f"task {task!r}: unknown benchmark {name!r}; use mmlu_test, ceval_validation or cmmlu_test")
     if split not in LAYOUTS[name].files or split == "train":
         splits = [s for s in LAYOUTS[name].files if s != "train"]
-        raise UserError(f"task {task!r}: {name} has splits {', '.join(splits)} (e.g. {name}_{splits[-1]})")
+        raise UserError(f"task {task!r}: {name} has the tasks {' and '.join(f'{name}_{s}' for s in splits)}")
     return name, split
 
 

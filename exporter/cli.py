@@ -149,6 +149,35 @@ def train_cmd(ctx: typer.Context) -> None:
     train.main(list(ctx.args))
 
 
+# ---- predict and eval: LLaMA-Factory's do_predict and llamafactory-cli eval (exporter/predict.py, evaluate.py) ----
+@app.command(
+    "predict",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Generate answers for a held-out set and score BLEU-4/ROUGE as LLaMA-Factory does: exporter predict "
+    "CONFIG.yaml \\[key=value ...] (LF's predict YAML), or --model_name_or_path M --eval_dataset a,b --output_dir OUT",
+)
+def predict_cmd(ctx: typer.Context) -> None:
+    from exporter import predict
+
+    if not ctx.args:
+        raise UserError("exporter predict: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
+    predict.main(list(ctx.args))
+
+
+@app.command(
+    "eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="MMLU / C-Eval / CMMLU accuracy as llamafactory-cli eval: exporter eval CONFIG.yaml \\[key=value ...] (LF's "
+    "eval YAML), or --model_name_or_path M --task mmlu_test --task_dir evaluation --save_dir OUT",
+)
+def eval_cmd(ctx: typer.Context) -> None:
+    from exporter import evaluate
+
+    if not ctx.args:
+        raise UserError("exporter eval: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
+    evaluate.main(list(ctx.args))
+
+
 # ---- merge ----
 @app.command("merge")
 def _merge(

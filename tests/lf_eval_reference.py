@@ -1,15 +1,17 @@
 """Run LLaMA-Factory 0.9.5's own `Evaluator` (llamafactory.eval.evaluator) on a local benchmark fixture.
 
 Runs under LF's reference venv ($EXPORTER_LF_PYTHON), called by tests/test_evaluate.py:
-    python lf_eval_reference.py MODEL_DIR TASK_DIR TASK LANG N_SHOT BATCH_SIZE SAVE_DIR TEMPLATE
+    python lf_eval_reference.py MODEL_DIR TASK_DIR TASK LANG N_SHOT BATCH_SIZE SAVE_DIR TEMPLATE INPUTS_JSON
 LF reads benchmarks through `datasets` loading scripts (evaluation/<task>/<task>.py in LF's repository), which
 `datasets` 4 no longer runs; `load_dataset` is replaced by what those scripts do (pandas `read_csv` with each
 benchmark's header and column rules, splits train=dev, validation=val, test=test). Everything else is LF's code:
 the eval template, the `fewshot` chat template, the unseeded support-set shuffles, the batching and the argmax.
+The token ids of every prompt LF scores are written to INPUTS_JSON, in LF's order.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -51,10 +53,19 @@ def load_dataset(path: str, name: str, **_: object) -> datasets.DatasetDict:
 
 
 def main() -> None:
-    model, task_dir, task, lang, n_shot, batch_size, save_dir, template = sys.argv[1:9]
+    model, task_dir, task, lang, n_shot, batch_size, save_dir, template, inputs_json = sys.argv[1:10]
     from llamafactory.eval import evaluator
 
     evaluator.load_dataset = load_dataset
+    seen: list[list[int]] = []
+    batch_inference = evaluator.Evaluator.batch_inference
+
+    def record(self, batch_input):  # type: ignore[no-untyped-def]
+        for ids, mask in zip(batch_input["input_ids"].tolist(), batch_input["attention_mask"].tolist()):
+            seen.append([i for i, m in zip(ids, mask) if m])
+        return batch_inference(self, batch_input)
+
+    evaluator.Evaluator.batch_inference = record
     args = {
         "model_name_or_path": model,
         "template": template,
@@ -66,6 +77,8 @@ def main() -> None:
         "save_dir": save_dir,
     }
     evaluator.Evaluator(args).eval()
+    with open(inputs_json, "w", encoding="utf-8") as f:
+        json.dump(seen, f)
 
 
 if __name__ == "__main__":
