@@ -174,8 +174,14 @@ def _write(save_dir: Path, result: EvalResult, opts: EvalOptions) -> None:
 def progress(what: str, unit: str) -> Any:
     """A rich progress bar on stderr with ETA (EXPORTER_NO_PROGRESS=1 turns it off)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.progress import TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),

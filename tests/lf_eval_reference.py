@@ -61,8 +61,8 @@ def main() -> None:
     batch_inference = evaluator.Evaluator.batch_inference
 
     def record(self, batch_input):  # type: ignore[no-untyped-def]
-        for ids, mask in zip(batch_input["input_ids"].tolist(), batch_input["attention_mask"].tolist()):
-            seen.append([i for i, m in zip(ids, mask) if m])
+        for ids, mask in zip(batch_input["input_ids"].tolist(), batch_input["attention_mask"].tolist(), strict=True):
+            seen.append([i for i, m in zip(ids, mask, strict=True) if m])
         return batch_inference(self, batch_input)
 
     evaluator.Evaluator.batch_inference = record
