@@ -23,10 +23,10 @@ from exporter.errors import UserError
 
 # keys of LF's eval YAML that change nothing here, and why (said once when given)
 NO_EFFECT = {
-    "finetuning_type": "finetuning_type: an adapter dir is attached as it is; a full fine-tune is a model dir",
-    "download_mode": "download_mode: benchmarks are read from task_dir, never downloaded",
-    "cache_dir": "cache_dir: benchmarks are read from task_dir, never cached",
-    "trust_remote_code": "trust_remote_code: exporter runs no code from model dirs",
+    "finetuning_type": "finetuning_type (an adapter is attached as it is)",
+    "download_mode": "download_mode (benchmarks are read from task_dir)",
+    "cache_dir": "cache_dir (benchmarks are read from task_dir)",
+    "trust_remote_code": "trust_remote_code (exporter runs no code from model dirs)",
 }
 
 
@@ -70,9 +70,10 @@ DTYPES = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp1
 
 
 def say_no_effect(table: dict[str, str], given: set[str]) -> None:
-    """One note per given key that has no effect here."""
-    for key in sorted(given & set(table)):
-        print(f"note: {table[key]}", file=sys.stderr)
+    """One note line naming the given keys that have no effect here, and why."""
+    keys = sorted(given & set(table))
+    if keys:
+        print(f"note: no effect here: {'; '.join(table[k] for k in keys)}", file=sys.stderr)
 
 
 def engine_options(opts: Any, max_seqs: int, template: str | None) -> Any:

@@ -26,14 +26,14 @@ RESULTS = "predict_results.json"
 
 # keys of LF's predict YAML that change nothing here, and why (said once when given)
 NO_EFFECT = {
-    "overwrite_cache": "overwrite_cache: exporter keeps no preprocessing cache; data are always re-read",
-    "preprocessing_num_workers": "preprocessing_num_workers: tokenization runs in this process",
-    "overwrite_output_dir": "overwrite_output_dir: predict writes its own files into output_dir and replaces them",
-    "ddp_timeout": "ddp_timeout: one process, no distributed group to time out",
-    "finetuning_type": "finetuning_type: an adapter dir is attached as it is; a full fine-tune is a model dir",
-    "trust_remote_code": "trust_remote_code: exporter runs no code from model dirs",
-    "report_to": "report_to: metrics go to predict_results.json",
-    "length_penalty": "length_penalty: only beam search uses it, and predict decodes one beam",
+    "overwrite_cache": "overwrite_cache (no preprocessing cache)",
+    "preprocessing_num_workers": "preprocessing_num_workers (tokenized in this process)",
+    "overwrite_output_dir": "overwrite_output_dir (predict replaces its own files in output_dir)",
+    "ddp_timeout": "ddp_timeout (one process)",
+    "finetuning_type": "finetuning_type (an adapter is attached as it is)",
+    "trust_remote_code": "trust_remote_code (exporter runs no code from model dirs)",
+    "report_to": "report_to (metrics go to predict_results.json)",
+    "length_penalty": "length_penalty (beam search only)",
 }
 
 
@@ -123,6 +123,14 @@ def sampling(opts: PredictOptions, max_new_tokens: int) -> Any:
     return Sampling(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed, **common)
 
 
+def _label(eng: Any, answer: str, suffix: str, ids: list[int], skip_special: bool) -> str:
+    """LF's label: the template's text for the answer with special tokens removed (ChatML: "answer\n"). The answer
+    itself is taken as written, so labels are the same text whatever backend's detokenizer the model has."""
+    if suffix.startswith(answer) and ids == eng.tokenize(suffix):
+        return answer + eng.decode(eng.tokenize(suffix[len(answer) :]), skip_special)
+    return eng.decode(ids, skip_special)
+
+
 def build_examples(eng: Any, samples: list[Any], cutoff_len: int) -> tuple[list[Example], int]:
     """(examples, how many were cut to cutoff_len): prompt ids and LF's label for each sample."""
     from exporter.train import _infer_seqlen
@@ -134,17 +142,19 @@ def build_examples(eng: Any, samples: list[Any], cutoff_len: int) -> tuple[list[
             raise UserError(f"{s.where}: the last turn must be the answer to predict")
         prompt_text = eng.render(chat[:-1], tools, add_generation_prompt=True)
         full_text = eng.render(chat, tools, add_generation_prompt=False)
-        # LF's label is the template's text for the answer (e.g. "answer<|im_end|>\n"); where the template renders
-        # the history differently once answered (thinking blocks), the answer alone
-        answer = full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else chat[-1]["content"]
-        prompt_ids, label_ids = eng.tokenize(prompt_text), eng.tokenize(answer)
+        # the label is what the template writes after the prompt (e.g. "answer<|im_end|>\n"); where the template
+        # renders the history differently once answered (thinking blocks), the answer alone
+        answer = chat[-1]["content"] or ""
+        suffix = full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else answer
+        prompt_ids, label_ids = eng.tokenize(prompt_text), eng.tokenize(suffix)
         src, tgt = _infer_seqlen(len(prompt_ids), len(label_ids), cutoff_len)
         if (src, tgt) != (len(prompt_ids), len(label_ids)):
             cut += 1
             prompt_ids, label_ids = prompt_ids[:src], label_ids[:tgt]
         if not prompt_ids:
             raise UserError(f"{s.where}: cutoff_len {cutoff_len} leaves no prompt token")
-        out.append(Example(prompt_ids, eng.decode(label_ids, True), eng.decode(label_ids, False), s.where))
+        label, raw = (_label(eng, answer, suffix, label_ids, skip) for skip in (True, False))
+        out.append(Example(prompt_ids, label, raw, s.where))
     return out, cut
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import _missing, require_llama_cpp
 from eval_fixture import SUBJECTS, write_task
+from sharp_model import sharpen
 
 from exporter import benchmarks, evaluate
 from exporter.errors import UserError
@@ -38,24 +39,8 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sharp_model(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny llama3 with every matrix x10: a random model whose answers differ from question to question
-    (the plain tiny model answers C everywhere, which would prove nothing)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = tiny_model("llama3")
-    out = tmp_path_factory.mktemp("sharp") / "llama3-sharp"
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    for name in ("generation_config.json", "chat_template.jinja"):
-        if (src / name).is_file() and not (out / name).is_file():
-            shutil.copy(src / name, out / name)
-    return out
+    """The tiny llama3 with answers that differ from question to question (the plain one answers C everywhere)."""
+    return sharpen(tiny_model("llama3"), tmp_path_factory.mktemp("sharp") / "llama3-sharp")
 
 
 # ---------------------------------------------------------------------------------------------- files and layouts
