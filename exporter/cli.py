@@ -250,6 +250,11 @@ def _verify(
         8, "--max-windows", min=1, help="Perplexity windows at most (llama.cpp's --chunks)."
     ),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Greedy tokens per chat prompt."),
+    eval_dir: Path = typer.Option(
+        None, "--eval", help="LF's evaluation/ dir (mmlu/, ceval/, cmmlu/): accuracy of merged vs each GGUF."
+    ),
+    eval_task: str = typer.Option(None, "--eval-task", help="mmlu_test, ceval_validation or cmmlu_test."),
+    eval_questions: int = typer.Option(5, "--eval-questions", min=1, help="Questions per subject for --eval."),
 ) -> None:
     """Prove an export is faithful: templates, stop tokens, tokenizer, perplexity and chat; exit 1 on a failure."""
     from exporter import verify
@@ -271,6 +276,9 @@ def _verify(
         ctx=ctx,
         max_windows=max_windows,
         max_new_tokens=max_new_tokens,
+        eval_dir=eval_dir,
+        eval_task=eval_task,
+        eval_questions=eval_questions,
     )
     verify_report.print_table(rep)
     if report is not None:

@@ -80,7 +80,7 @@ def engine_options(opts: Any, max_seqs: int, template: str | None) -> Any:
     """The engine's LoadOptions for LF's model keys (model_name_or_path, adapter_name_or_path, template,
     infer_backend, infer_dtype) plus exporter's `backend` (default: .gguf -> gguf, a dir -> hf)."""
     from exporter.engine import LoadOptions
-    from exporter.train import TEMPLATE_ALIASES
+    from exporter.lf_args import TEMPLATE_ALIASES
 
     backend = opts.backend or ("vllm" if opts.infer_backend == "vllm" else None)
     name = TEMPLATE_ALIASES.get(template, template) if template else None
@@ -99,7 +99,8 @@ def check(opts: EvalOptions) -> None:
 
 
 def build_prompts(opts: EvalOptions, subjects: list[benchmarks.Subject], encode: Any, chat_ids: Any) -> list[Any]:
-    """[(subject index, question, prompt ids)] in LF's order (subjects as in mapping.json, questions in file order).
+    """[(subject index, question, prompt ids)] in LF's order (subjects as in mapping.json, questions in file order;
+    the first `max_questions` of each subject when set).
 
     `template: fewshot` is LF's plain template: each message tokenized alone (no BOS, no special tokens), answers
     followed by a blank line, concatenated. Any other template renders the turns through the chat template."""
@@ -107,9 +108,10 @@ def build_prompts(opts: EvalOptions, subjects: list[benchmarks.Subject], encode:
     template = benchmarks.EVAL_TEMPLATES[opts.lang]
     out = []
     for k, sub in enumerate(subjects):
-        questions = sub.questions[: opts.max_questions] if opts.max_questions else sub.questions
-        for q in questions:
+        for n, q in enumerate(sub.questions):
             support = [sub.dev[i] for i in sampler.indices(len(sub.dev), opts.n_shot)]
+            if opts.max_questions is not None and n >= opts.max_questions:
+                continue  # drawn all the same: a slice's prompts are the full run's prompts
             messages = benchmarks.format_example(template, q, support, sub.name)[:-1]
             if opts.template == "fewshot":
                 ids = []
@@ -130,6 +132,21 @@ def choice_ids(encode: Any) -> list[int]:
             raise UserError(f"the tokenizer encodes choice {c!r} as no token")
         ids.append(enc[-1])
     return ids
+
+
+def answer(eng: Any, prompts: list[list[int]], letters: list[int], batch_size: int, advance: Any = None) -> list[str]:
+    """The choice letter whose token has the largest next-token logit after each prompt (LF's argmax; the first
+    letter wins a tie), in batches of `batch_size`, longest prompts first (the first batch shows the peak memory)."""
+    out = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        logits = eng.next_logits([prompts[i] for i in batch])[:, letters]
+        for i, row in zip(batch, logits, strict=True):
+            out[i] = benchmarks.CHOICES[int(row.argmax())]
+        if advance is not None:
+            advance(len(batch))
+    return out
 
 
 def summarize(subjects: list[benchmarks.Subject], prompts: list[Any], answers: list[str]) -> tuple[dict, dict, dict]:
@@ -201,19 +218,11 @@ def evaluate(opts: EvalOptions, given: set[str] | None = None) -> EvalResult:
     fewshot = opts.template == "fewshot"
     with load(engine_options(opts, max_seqs=opts.batch_size, template=None if fewshot else opts.template)) as eng:
         prompts = build_prompts(opts, subjects, eng.tokenize, lambda m: eng.encode_chat(m))
-        letters = choice_ids(eng.tokenize)
-        answers: list[str] = [""] * len(prompts)
         start = time.perf_counter()
-        # longest first, so the first batch shows the worst memory and the ETA errs on the safe side
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i][2]))
         with progress(f"eval {opts.task}", "questions") as bar:
             task = bar.add_task("eval", total=len(prompts))
-            for b in range(0, len(order), opts.batch_size):
-                batch = order[b : b + opts.batch_size]
-                logits = eng.next_logits([prompts[i][2] for i in batch])[:, letters]
-                for i, row in zip(batch, logits, strict=True):
-                    answers[i] = benchmarks.CHOICES[int(row.argmax())]
-                bar.advance(task, len(batch))
+            answers = answer(eng, [ids for _, _, ids in prompts], choice_ids(eng.tokenize), opts.batch_size,
+                             lambda n: bar.advance(task, n))  # fmt: skip
         runtime = time.perf_counter() - start
     categories, scores, given_answers = summarize(subjects, prompts, answers)
     save = Path(opts.save_dir) if opts.save_dir else None
@@ -228,7 +237,7 @@ def evaluate(opts: EvalOptions, given: set[str] | None = None) -> EvalResult:
 def main(argv: list[str]) -> EvalResult:
     """CLI entry: LLaMA-Factory style arguments (YAML + key=value, or --key value)."""
     from exporter import config as config_mod
-    from exporter.train import parse_args
+    from exporter.lf_args import parse_args
 
     raw, where = parse_args(argv)
     return evaluate(config_mod.build(EvalOptions, raw, where), set(raw))

@@ -133,7 +133,7 @@ def _label(eng: Any, answer: str, suffix: str, ids: list[int], skip_special: boo
 
 def build_examples(eng: Any, samples: list[Any], cutoff_len: int) -> tuple[list[Example], int]:
     """(examples, how many were cut to cutoff_len): prompt ids and LF's label for each sample."""
-    from exporter.train import _infer_seqlen
+    from exporter.examples import _infer_seqlen
 
     out, cut = [], 0
     for s in samples:
@@ -241,11 +241,46 @@ def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResul
     return PredictResult(result, preds, labels, out)
 
 
+def options(raw: dict[str, Any], where: str) -> tuple[PredictOptions, set[str]]:
+    """PredictOptions from LF keys; training-only keys (a training YAML reused for prediction) are said, not fatal."""
+    from exporter import config as config_mod
+    from exporter.lf_args import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(PredictOptions)}
+    train_only = sorted(k for k in raw if k not in fields and k in {f.name for f in dataclasses.fields(TrainConfig)})
+    if train_only:
+        print(f"note: no effect without do_train: {', '.join(train_only)}", file=sys.stderr)
+    kept = {k: v for k, v in raw.items() if k not in train_only}
+    return config_mod.build(PredictOptions, kept, where), set(kept)
+
+
+def split_train_args(raw: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """LF's `do_predict` in an `exporter train` config: (training keys or None, prediction keys or None).
+
+    Without do_train (LF's default) a do_predict config only predicts; with both, prediction runs on the freshly
+    trained output_dir (the adapter, or the full model)."""
+    if not raw.get("do_predict"):
+        if "eval_dataset" in raw:
+            raise UserError(f"{where}: eval_dataset is read by do_predict; evaluation during training uses val_size")
+        return raw, None
+    if not raw.get("do_train"):
+        return None, raw
+    fields = {f.name for f in dataclasses.fields(PredictOptions)}
+    from exporter.lf_args import TrainConfig
+
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} & fields
+    train = {k: v for k, v in raw.items() if k not in fields or k in shared}
+    pred = {k: v for k, v in raw.items() if k in fields}
+    if raw.get("finetuning_type", "lora") == "lora":
+        pred["adapter_name_or_path"] = raw.get("output_dir")
+    else:
+        pred["model_name_or_path"] = raw.get("output_dir")
+    return train, pred
+
+
 def main(argv: list[str]) -> PredictResult:
     """CLI entry: LLaMA-Factory style arguments (YAML + key=value, or --key value)."""
-    from exporter import config as config_mod
-    from exporter.train import parse_args
+    from exporter.lf_args import parse_args
 
     raw, where = parse_args(argv)
-    opts = config_mod.build(PredictOptions, raw, where)
-    return predict(opts, set(raw))
+    return predict(*options(raw, where))

@@ -24,7 +24,7 @@ from exporter import checkpoint
 from exporter.config import did_you_mean
 from exporter.errors import UserError
 from exporter.examples import IGNORE, Example, Prepared, collate, plan_epoch
-from exporter.lf_args import TrainConfig, check, config_from_args, say
+from exporter.lf_args import TrainConfig, check, config_from_dict, parse_args, say
 
 # ------------------------------------------------------------------ model, loss, optimizer
 
@@ -562,6 +562,14 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
 
 
 def main(argv: list[str]) -> Path:
-    """CLI entry: parse LLaMA-Factory style arguments and train."""
-    cfg, given = config_from_args(argv)
-    return train(cfg, given)
+    """CLI entry: parse LLaMA-Factory style arguments; train, then predict when do_predict is set (LF's do_predict
+    without do_train only predicts)."""
+    from exporter import predict
+
+    raw, where = parse_args(argv)
+    train_raw, predict_raw = predict.split_train_args(raw, where)
+    if train_raw is not None:
+        out = train(*config_from_dict(train_raw, where))
+    if predict_raw is not None:
+        out = predict.predict(*predict.options(predict_raw, where)).output_dir
+    return out

@@ -218,3 +218,45 @@ def test_same_prompts_and_answers_as_llamafactory(sharp_model: Path, task_dir: P
         assert (tmp_path / "ours" / name).read_text(encoding="utf-8") == (tmp_path / "lf" / name).read_text(
             encoding="utf-8"
         ), name
+
+
+@pytest.mark.llama
+def test_verify_eval_compares_merged_and_gguf(sharp_model: Path, tiny_model, task_dir: Path, tmp_path: Path) -> None:
+    """`exporter verify --eval`: the merged model's accuracy on the slice equals the plain transformers reference,
+    its f16 GGUF agrees on every answer; a GGUF of another model is judged by the stated allowance."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_llama_cpp()
+    for src, out in ((sharp_model, "sharp"), (tiny_model("llama3"), "plain")):
+        subprocess.run([sys.executable, "-m", "exporter", "gguf", str(src), "--type", "f16", "--out",
+                        str(tmp_path / out)], check=True, capture_output=True)  # fmt: skip
+    sharp_f16, plain_f16 = next((tmp_path / "sharp").glob("*.gguf")), next((tmp_path / "plain").glob("*.gguf"))
+    r = subprocess.run([sys.executable, "-m", "exporter", "verify", "--merged", str(sharp_model), "--gguf",
+                        str(sharp_f16), "--gguf", str(plain_f16), "--eval", str(task_dir), "--eval-questions", "3",
+                        "--prompts", "0", "--report", str(tmp_path / "report.json")],
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    rows = {c["target"]: c for c in json.loads((tmp_path / "report.json").read_text())["checks"]
+            if c["check"] == "accuracy"}  # fmt: skip
+    assert set(rows) == {"merged", sharp_f16.name, plain_f16.name}, r.stderr
+
+    tok = AutoTokenizer.from_pretrained(sharp_model)
+    model = AutoModelForCausalLM.from_pretrained(sharp_model, dtype=torch.float32).eval()
+    letters = [tok.encode(c, add_special_tokens=False)[-1] for c in "ABCD"]
+    prompts = _reference_prompts(task_dir, "mmlu_test", "en", lambda t: tok.encode(t, add_special_tokens=False))
+    truth = [q.answer for s in benchmarks.load_task(task_dir, "mmlu_test") for q in s.questions]
+    hits, seen = [], {}
+    for (key, ids), answer in zip(prompts, truth, strict=True):
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= 3:  # the slice: the first 3 questions of each subject (the support draws still run)
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1, letters]
+            hits.append("ABCD"[int(logits.argmax())] == answer)
+    assert rows["merged"]["metrics"]["accuracy"] == pytest.approx(100 * sum(hits) / len(hits))
+    assert rows["merged"]["metrics"]["questions"] == len(hits) == 9
+    f16 = rows[sharp_f16.name]
+    assert f16["status"] == "pass" and f16["metrics"]["agreement"] == 100.0
+    other = rows[plain_f16.name]["metrics"]
+    assert other["agreement"] < 100.0
+    expected = "pass" if other["accuracy"] >= other["ref_accuracy"] - other["allowed_drop"] else "fail"
+    assert rows[plain_f16.name]["status"] == expected

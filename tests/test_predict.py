@@ -190,3 +190,27 @@ def test_same_files_as_llamafactory(sharp_qwen: Path, tmp_path: Path) -> None:
     for key in ("predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l"):
         assert ours[key] == theirs[key], key
     assert set(ours) <= set(theirs)  # LF's names (LF adds predict_model_preparation_time)
+
+
+def test_train_with_do_predict(tiny_model, tmp_path: Path) -> None:
+    """`exporter train` with LF's do_predict: alone it only predicts (LF's do_train defaults to false); with
+    do_train it trains, then predicts with the new adapter into the same output_dir."""
+    model = tiny_model("llama3")
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text(LF_PREDICT_YAML.format(model=model, adapter="null", data=DATA, out=tmp_path / "only"))
+    r = _exporter("train", str(cfg), "max_samples=2", "max_new_tokens=4")
+    assert r.returncode == 0, r.stderr
+    assert len(_rows(tmp_path / "only")) == 4 and not (tmp_path / "only" / "adapter_model.safetensors").exists()
+
+    out = tmp_path / "both"
+    r = _exporter("train", "--stage", "sft", "--do_train", "--do_predict", "--model_name_or_path", str(model),
+                  "--dataset", "identity", "--eval_dataset", "identity", "--dataset_dir", str(DATA), "--template",
+                  "llama3", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                  "--max_samples", "3", "--max_new_tokens", "4", "--predict_with_generate")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (out / "adapter_model.safetensors").is_file() and len(_rows(out)) == 3
+    results = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
+    assert "train_loss" in results and "predict_bleu-4" in results
+    r = _exporter("train", "--model_name_or_path", str(model), "--dataset", "identity", "--eval_dataset", "identity",
+                  "--output_dir", str(tmp_path / "x"))  # fmt: skip
+    assert r.returncode == 2 and "eval_dataset is read by do_predict" in r.stderr

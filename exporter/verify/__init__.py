@@ -8,7 +8,8 @@ One public entry, `verify(...) -> Report`. The checks, one module each (each a r
 3. `tokenizer` HF ids == GGUF (llama.cpp) ids on a built-in multilingual corpus, rendered chats and the data texts;
 4. `numbers`   perplexity of adapter vs merged vs each GGUF/quantized dir on the SAME token ids, within a threshold
                per type;
-5. `chat`      greedy answers through the template: full-precision GGUFs match HF token for token.
+5. `chat`      greedy answers through the template: full-precision GGUFs match HF token for token;
+6. `accuracy`  (with `--eval`) MMLU/C-Eval/CMMLU accuracy of merged vs each GGUF on a small slice.
 `artifacts` reads the inputs, `corpus` holds the built-in texts (data files in `corpora/`).
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from exporter.converters.gguf_read import read_kv
 from exporter.errors import UserError
 from exporter.perplexity import windows
+from exporter.verify.accuracy import check_accuracy
 from exporter.verify.artifacts import (
     Artifacts,
     GGUFInfo,
@@ -92,6 +94,9 @@ def verify(
     ctx: int = 128,
     max_windows: int = 8,
     max_new_tokens: int = 24,
+    eval_dir: Path | None = None,
+    eval_task: str | None = None,
+    eval_questions: int = 5,
 ) -> Report:
     """Run every check that the given artifacts allow; a pipeline `run_dir` fills in whatever is not given."""
     t0 = time.perf_counter()
@@ -121,6 +126,13 @@ def verify(
     checks += check_tokenizer(tok, infos, texts, chat_texts)
     hf_model = load_hf(art.merged) if art.merged else None
     checks += check_numbers(art, tok, hf_model, infos, quantized_kinds, thresholds, ctx, max_windows)
+    if eval_dir is not None:
+        if art.merged is None:
+            checks.append(
+                Check("accuracy", "-", "skip", "--eval compares the merged model with the GGUFs: give --merged")
+            )
+        else:
+            checks += check_accuracy(Path(eval_dir), eval_task, art.merged, infos, eval_questions)
     prompt_list = (data_prompts + CHAT_PROMPTS)[:prompts]
     checks += check_chat(tok, hf_model, chat_source, infos, prompt_list, gen or list(eot.values()), max_new_tokens)
 

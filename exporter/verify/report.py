@@ -16,7 +16,7 @@
       "summary": {"pass": int, "fail": int, "skip": int},
       "checks": [
         {
-          "check": "template" | "stops" | "tokenizer" | "perplexity" | "chat",
+          "check": "template" | "stops" | "tokenizer" | "perplexity" | "chat" | "accuracy",
           "target": str,              # which artifact (a file name, "merged", "adapter", "Modelfile.q8_0" ...)
           "status": "pass" | "fail" | "skip",
           "detail": str,              # one line: the cause of a failure, the reason of a skip, or a summary
@@ -28,7 +28,8 @@
 
 Metrics per check: template {conversations, compared}; stops {eot_tokens, eot_ids, ...};
 tokenizer {texts, mismatches, pre}; perplexity {ppl, ref_ppl, rel_diff, threshold, type, kld, top1, tokens};
-chat {prompts, exact, first_divergence: [int|null per prompt], hf_tokens, gguf_tokens, answers}.
+chat {prompts, exact, first_divergence: [int|null per prompt], hf_tokens, gguf_tokens, answers};
+accuracy (with --eval) {accuracy, ref_accuracy, task, questions, n_shot; GGUFs: agreement, allowed_drop, type}.
 """
 
 from __future__ import annotations
