@@ -239,5 +239,5 @@ def main(argv: list[str]) -> EvalResult:
     from exporter import config as config_mod
     from exporter.lf_args import parse_args
 
-    raw, where = parse_args(argv)
+    raw, where = parse_args(argv, EvalOptions)
     return evaluate(config_mod.build(EvalOptions, raw, where), set(raw))

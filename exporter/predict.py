@@ -282,5 +282,5 @@ def main(argv: list[str]) -> PredictResult:
     """CLI entry: LLaMA-Factory style arguments (YAML + key=value, or --key value)."""
     from exporter.lf_args import parse_args
 
-    raw, where = parse_args(argv)
+    raw, where = parse_args(argv, PredictOptions)
     return predict(*options(raw, where))

@@ -18,16 +18,18 @@ TASKS = ("mmlu_test", "ceval_validation", "cmmlu_test")
 
 
 def pick_task(task_dir: Path, task: str | None) -> str:
-    """`task`, or the first of LF's three tasks whose mapping.json is in task_dir."""
-    if task:
-        return task
-    from exporter.benchmarks import parse_task
+    """`task`, or the first of LF's three tasks whose mapping.json is in task_dir; its files are read once here so
+    that a bad benchmark dir is a UserError before any model loads."""
+    from exporter.benchmarks import load_task, parse_task
     from exporter.errors import UserError
 
-    for t in TASKS:
-        if (task_dir / parse_task(t)[0] / "mapping.json").is_file():
-            return t
-    raise UserError(f"--eval {task_dir}: no mmlu/, ceval/ or cmmlu/ with a mapping.json (LF's evaluation/ layout)")
+    if not task:
+        found = [t for t in TASKS if (task_dir / parse_task(t)[0] / "mapping.json").is_file()]
+        if not found:
+            raise UserError(f"--eval {task_dir}: no mmlu/, ceval/ or cmmlu/ with a mapping.json (LF's evaluation/)")
+        task = found[0]
+    load_task(task_dir, task)
+    return task
 
 
 def check_accuracy(task_dir: Path, task: str | None, merged: Path, infos: list[GGUFInfo], per_subject: int) -> list:
@@ -35,7 +37,7 @@ def check_accuracy(task_dir: Path, task: str | None, merged: Path, infos: list[G
     from exporter import benchmarks, evaluate
     from exporter.engine import LoadOptions, load
 
-    task = pick_task(task_dir, task)
+    task = task or pick_task(task_dir, task)
     lang = "en" if task.startswith("mmlu") else "zh"
     opts = evaluate.EvalOptions(str(merged), task, template="fewshot", task_dir=str(task_dir), lang=lang,
                                 max_questions=per_subject)  # fmt: skip
