@@ -155,16 +155,14 @@ def test_hf_equals_plain_transformers(sharp_model: Path, task_dir: Path, tmp_pat
 
 @pytest.mark.llama
 def test_gguf_equals_llama_cpp(sharp_model: Path, task_dir: Path, tmp_path: Path) -> None:
-    """The GGUF backend against llama.cpp itself (llama-cpp-python's Llama, one prompt at a time), and f16 vs HF.
-    f16 only: quantized types run through ggml's AMX kernels on AMX CPUs, which crash in the llama.cpp that
-    llama-cpp-python 0.3.36 vendors when built with GGML_NATIVE (llama.cpp issue 20824)."""
+    """The GGUF backend against llama.cpp itself (llama-cpp-python's Llama, one prompt at a time), and f16 vs HF."""
     llama_cpp = require_llama_cpp()
-    subprocess.run([sys.executable, "-m", "exporter", "gguf", str(sharp_model), "--type", "f16",
+    subprocess.run([sys.executable, "-m", "exporter", "gguf", str(sharp_model), "--type", "f16,q8_0",
                     "--out", str(tmp_path / "gguf")], check=True, capture_output=True)  # fmt: skip
     task, lang = "mmlu_test", "en"
     _run_eval(sharp_model, task_dir, task, lang, tmp_path / "hf")
     hf = json.loads((tmp_path / "hf" / "results.json").read_text(encoding="utf-8"))
-    for kind in ("f16",):
+    for kind in ("f16", "q8_0"):
         path = next((tmp_path / "gguf").glob(f"*-{kind}.gguf"))
         llm = llama_cpp.Llama(str(path), n_ctx=2048, n_batch=2048, n_ubatch=2048, logits_all=True, verbose=False)
 
