@@ -84,7 +84,7 @@ def main() -> None:
                 "identity,alpaca_en_demo,alpaca_zh_demo", "--dataset_dir", str(ROOT / "data"), "--max_samples",
                 str(per_dataset), "--max_new_tokens", str(args.max_new), "--per_device_eval_batch_size",
                 str(args.batch), "--output_dir", str(out)]  # fmt: skip
-    env = {**os.environ, "EXPORTER_NO_PROGRESS": "1"}
+    env = {**os.environ, "EXPORTER_NO_PROGRESS": "1", "PYTHONSAFEPATH": "1"}  # the installed package, not ./exporter
     print(f"[bench] ours: exporter predict, batch {args.batch} ...", flush=True)
     ours = timed(ours_cmd, env)
     if ours[2] != 0:
