@@ -183,6 +183,36 @@ def train_cmd(ctx: typer.Context) -> None:
     train.main(argv)
 
 
+# ---- predict and eval: LLaMA-Factory's do_predict and llamafactory-cli eval (exporter/predict.py, evaluate.py) ----
+@app.command(
+    "predict",
+    context_settings=_LF_ARGS,
+    help="Generate answers for a held-out set and score BLEU-4/ROUGE as LLaMA-Factory does: exporter predict "
+    "CONFIG.yaml \\[key=value ...] (LF's predict YAML), or --model_name_or_path M --eval_dataset a,b --output_dir OUT",
+)
+def predict_cmd(ctx: typer.Context) -> None:
+    argv = _lf_args(ctx, "predict")
+    _setup()
+    from exporter import predict
+
+    predict.main(argv)
+
+
+@app.command(
+    "eval",
+    context_settings=_LF_ARGS,
+    help="MMLU / C-Eval / CMMLU accuracy as llamafactory-cli eval: exporter eval CONFIG.yaml \\[key=value ...] (LF's "
+    "eval YAML), or --model_name_or_path M --task mmlu_test --task_dir evaluation --save_dir OUT",
+)
+def eval_cmd(ctx: typer.Context) -> None:
+    argv = _lf_args(ctx, "eval")
+    _setup()
+    from exporter import evaluate
+
+    evaluate.main(argv)
+
+
+# ---- export: LLaMA-Factory's merge/export YAML (exporter/export.py) ----
 @app.command(
     "export",
     context_settings=_LF_ARGS,
@@ -280,6 +310,11 @@ def _verify(
         8, "--max-windows", min=1, help="Perplexity windows at most (llama.cpp's --chunks)."
     ),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Greedy tokens per chat prompt."),
+    eval_dir: Path = typer.Option(
+        None, "--eval", help="LF's evaluation/ dir (mmlu/, ceval/, cmmlu/): accuracy of merged vs each GGUF."
+    ),
+    eval_task: str = typer.Option(None, "--eval-task", help="mmlu_test, ceval_validation or cmmlu_test."),
+    eval_questions: int = typer.Option(5, "--eval-questions", min=1, help="Questions per subject for --eval."),
 ) -> None:
     """Prove an export is faithful: templates, stop tokens, tokenizer, perplexity and chat; exit 1 on a failure."""
     _setup(quantization=bool(quantized))
@@ -289,7 +324,8 @@ def _verify(
     opts = verify.VerifyOptions(
         base=base, adapter=adapter, merged=merged, ggufs=gguf, modelfiles=modelfile, quantized=quantized,
         run_dir=run_dir, template=template, ppl_threshold=verify.parse_thresholds(ppl_threshold), prompts=prompts,
-        text=text, data=data, ctx=ctx, max_windows=max_windows, max_new_tokens=max_new_tokens,
+        text=text, data=data, ctx=ctx, max_windows=max_windows, max_new_tokens=max_new_tokens, eval_dir=eval_dir,
+        eval_task=eval_task, eval_questions=eval_questions,
     )  # fmt: skip
     rep = verify.verify(opts)
     verify_report.print_table(rep)

@@ -29,7 +29,6 @@ UNSUPPORTED = {
     "quantization_method": "QLoRA (quantized base) training",
     "neat_packing": "packing without cross-attention",
     "mask_history": "training on the last turn only",
-    "eval_dataset": "a separate evaluation dataset (use val_size)",
     "deepspeed": "DeepSpeed",
     "fsdp": "FSDP",
     "use_unsloth": "Unsloth kernels",
@@ -46,8 +45,6 @@ UNSUPPORTED = {
     "rope_scaling": "RoPE scaling",
     "shift_attn": "shift short attention",
     "mix_strategy": "interleaved dataset mixing",
-    "do_predict": "generation on a test set",
-    "predict_with_generate": "generation on a test set",
     "enable_liger_kernel": "Liger kernels",
     "use_llama_pro": "LLaMA Pro",
     "group_by_length": "HF length grouping (exporter always batches by length within shuffled windows)",
@@ -160,7 +157,11 @@ def parse_args(argv: list[str], cls: type | None = None) -> tuple[dict[str, Any]
 
 def config_from_args(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     """The TrainConfig for a command line, and the keys the user set explicitly."""
-    data, where = parse_args(argv)
+    return config_from_dict(*parse_args(argv))
+
+
+def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set[str]]:
+    """The TrainConfig for parsed LF keys (`parse_args`), and the keys the user set explicitly."""
     for key in data:
         if key in UNSUPPORTED:
             raise UserError(f"{where}: {key}: {UNSUPPORTED[key]} is not supported yet")
