@@ -8,8 +8,8 @@
 `$EXPORTER_FIXTURES/<hash>/` (default `~/.cache/exporter/fixtures/<hash>/`), where the hash covers the script,
 the corpus, the template families and the transformers/tokenizers versions; a file lock makes parallel sessions
 safe and the build is renamed into place only when complete.
-`llama_src()`, `require_go()`, `require_llama_cpp()` skip a test when a reference is missing locally and fail it
-when `EXPORTER_REQUIRE_REFERENCES=1` (CI).
+`llama_src()`, `require_go()`, `require_llama_cpp()`, `lf_python()` skip a test when a reference is missing locally
+and fail it when `EXPORTER_REQUIRE_REFERENCES=1` (CI).
 """
 
 from __future__ import annotations
@@ -79,6 +79,15 @@ def require_llama_cpp() -> ModuleType:
         _missing("llama-cpp-python (`import llama_cpp`)")
         raise AssertionError("unreachable") from None
     return llama_cpp
+
+
+def lf_python() -> str:
+    """The Python of the LLaMA-Factory reference venv ($EXPORTER_LF_PYTHON, built by scripts/setup_lf.sh)."""
+    value = os.environ.get("EXPORTER_LF_PYTHON")
+    if value and Path(value).is_file():
+        return value
+    _missing(f"the LLaMA-Factory reference venv (EXPORTER_LF_PYTHON={value!r}; bash scripts/setup_lf.sh)")
+    raise AssertionError("unreachable")
 
 
 def require_quant() -> None:
