@@ -4,9 +4,9 @@ Each `templates/<family>.yaml` (installed as package `exporter.families`) define
 Ollama Go `TEMPLATE`, `PARAMETER stop` strings, the end-of-turn tokens, the default system prompt, the BOS/EOS text
 the Jinja renders, and a `format` block that drives the training renderer (`render_segments` / `encode`).
 
-BOS: HF Jinja templates of llama2/llama3/mistral/gemma render `bos_token` as text; Ollama and llama.cpp add BOS at
-tokenization instead, so the Go TEMPLATE never renders the leading BOS. The training renderer follows the Jinja
-(BOS as text, tokenized with `add_special_tokens=False`), so the ids carry exactly one BOS.
+BOS: HF Jinja templates of llama-2/llama-3.1/mistral-nemo/gemma-3 render `bos_token` as text; Ollama and llama.cpp
+add BOS at tokenization instead, so the Go TEMPLATE never renders the leading BOS. The training renderer follows the
+Jinja (BOS as text, tokenized with `add_special_tokens=False`), so the ids carry exactly one BOS.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ class ChatTemplate:
     format: dict[str, Any]
 
     def for_tokenizer(self, bos_token: str | None, eos_token: str | None) -> ChatTemplate:
-        """This family with the tokenizer's BOS/EOS text filled in: base-model formats (alpaca, vicuna, default)
-        end answers with whatever eos the tokenizer has, written `{eos_token}` in `eot_tokens` and `ollama`."""
+        """This family with the tokenizer's BOS/EOS text filled in: base-model formats (stanford-alpaca, vicuna-1.1,
+        human-assistant) end answers with whatever eos the tokenizer has, written `{eos_token}` in `eot_tokens` and
+        `ollama`."""
         eos = self.eos_token if self.eos_token is not None else eos_token
         bos = self.bos_token if self.bos_token is not None else bos_token
         if "{eos_token}" in self.ollama + "".join(self.eot_tokens) and not eos:
@@ -253,7 +254,7 @@ def _check_alternation(loop: list[dict[str, Any]]) -> None:
 
 
 def _render_qwen(r: _Renderer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
-    """ChatML families (qwen, qwen3) including tool calls, tool responses and Qwen3 thinking blocks."""
+    """ChatML families (qwen-2.5, qwen-3) including tool calls, tool responses and Qwen3 thinking blocks."""
     f, style = r.f, r.f.get("tool_style")
     has_sys = bool(messages) and messages[0].get("role") == "system"
     sys_text = _content(messages[0], 0) if has_sys else None
@@ -358,7 +359,7 @@ def _tool_calls_text(style: str, calls: list[dict[str, Any]], k: int) -> str:
 
 
 def _render_turns(r: _Renderer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
-    """Families made of fixed per-role patterns (llama2, llama3, mistral, gemma, phi3, base formats ...)."""
+    """Families made of fixed per-role patterns (llama-2, llama-3.1, mistral-nemo, gemma-3, phi-3, base formats ...)."""
     f = r.f
     mode = f["system"]
     style = f.get("tool_style")

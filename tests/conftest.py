@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 # exporter template family name of each fixture family
 TEMPLATE_OF = {
-    "llama2": "llama2",
-    "llama3": "llama3",
-    "mistral": "mistral",
-    "qwen2": "qwen",
-    "qwen3": "qwen3",
-    "gemma3": "gemma",
-    "phi3": "phi3",
+    "llama2": "llama-2",
+    "llama3": "llama-3.1",
+    "mistral": "mistral-nemo",
+    "qwen2": "qwen-2.5",
+    "qwen3": "qwen-3",
+    "gemma3": "gemma-3",
+    "phi3": "phi-3",
 }
 
 
