@@ -70,30 +70,42 @@ app.add_typer(template_app, name="template")
 
 @template_app.command("list")
 def _template_list() -> None:
-    """List the known chat-template families."""
+    """List the official families and the LLaMA-Factory names, and which LF names render a family's text."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    from exporter import lf_names, lf_templates
     from exporter.templates import list_templates, load_template
 
-    table = Table("family", "end of turn", "tools", "description")
+    same = lf_names.same_text_names()
+    table = Table("family", "end of turn", "tools", "same text as LF", "description", title="official families")
     for name in list_templates():
         tpl = load_template(name)
-        cells = (name, " ".join(tpl.eot_tokens), "yes" if tpl.tools else "", tpl.description)
+        cells = (name, " ".join(tpl.eot_tokens), "yes" if tpl.tools else "", " ".join(same[name]), tpl.description)
         table.add_row(*(Text(c) for c in cells))
-    Console(highlight=False).print(table)
+    lf_table = Table("LF name", "stop words", "kind", "Jinja", "same text as family", title="LLaMA-Factory 0.9.5 names")
+    for name in lf_templates.names():
+        t = lf_templates.load(name)
+        jinja = "generated" if t.replace_jinja_template else "model's (else generated)"
+        fams = " ".join(f for f, names in same.items() if name in names)
+        lf_table.add_row(*(Text(c) for c in (name, " ".join(t.stop_words), t.kind, jinja, fams)))
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(lf_table)
 
 
 @template_app.command("show")
 def _template_show(
-    family: str = typer.Argument(..., help="Family name (see `exporter template list`)."),
-    fmt: str = typer.Option("jinja", "--format", help="jinja (HF chat_template) or ollama (Modelfile lines)."),
+    family: str = typer.Argument(..., help="Family or LLaMA-Factory name (see `exporter template list`)."),
+    fmt: str = typer.Option("jinja", "--format", help="jinja, ollama (Modelfile lines) or slots (LF names)."),
+    bos_token: str = typer.Option(None, "--bos-token", help="BOS text an LF name's generated Jinja writes."),
+    eos_token: str = typer.Option(None, "--eos-token", help="EOS text an LF name's generated Jinja writes."),
 ) -> None:
-    """Print a family's HF Jinja chat_template or its Ollama Modelfile TEMPLATE/SYSTEM/stop lines."""
+    """Print a template's HF Jinja chat_template or its Ollama Modelfile TEMPLATE/SYSTEM/stop lines."""
     from exporter.templates import show_for_cli
 
-    typer.echo(show_for_cli(family, fmt))
+    typer.echo(show_for_cli(family, fmt, bos_token, eos_token))
 
 
 @template_app.command("detect")
@@ -106,7 +118,7 @@ def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir wit
 
 @template_app.command("render")
 def _template_render(
-    family: str = typer.Argument(..., help="Family name."),
+    family: str = typer.Argument(..., help="Family or LLaMA-Factory name."),
     conversation: str = typer.Argument(..., help='JSON file: [messages] or {"messages": [...], "tools": [...]}.'),
     fmt: str = typer.Option("train", "--format", help="train (trained parts in green), jinja or ollama."),
     generation_prompt: bool = typer.Option(

@@ -363,7 +363,8 @@ def pairs(
     return [(turns[i], turns[i + 1]) for i in range(0, len(turns), 2)]
 
 
-def _ids(tokenizer: Any, pieces: list[Slot]) -> list[int]:
+def piece_ids(tokenizer: Any, pieces: list[Slot]) -> list[int]:
+    """Each piece tokenized on its own, as LF's `_convert_elements_to_ids`."""
     ids: list[int] = []
     for p in pieces:
         if isinstance(p, str):
@@ -378,22 +379,9 @@ def _ids(tokenizer: Any, pieces: list[Slot]) -> list[int]:
     return ids
 
 
-def _text(pieces: list[Slot], bos: str | None, eos: str | None) -> str:
+def piece_text(pieces: list[Slot], bos: str | None, eos: str | None) -> str:
     special = {"bos_token": bos, "eos_token": eos}
     return "".join(p if isinstance(p, str) else p.get("token") or special[p["special"]] or "" for p in pieces)
-
-
-def render_text(
-    tpl: LFTemplate,
-    messages: list[dict[str, str]],
-    system: str | None = None,
-    tools: str | None = None,
-    bos: str | None = None,
-    eos: str | None = None,
-    opts: LFOptions = LFOptions(),
-) -> str:
-    """The text LF trains on (pieces joined; without the final eos of `efficient_eos` templates)."""
-    return "".join(_text(p, bos, eos) + _text(a, bos, eos) for p, a in pairs(tpl, messages, system, tools, opts))
 
 
 def _seqlen(source: int, target: int, cutoff: int) -> tuple[int, int]:
@@ -430,7 +418,7 @@ def encode(
                     f"message {i}: {found[0]} placeholder without a matching input; template {tpl.name!r} is a "
                     f"multimodal format (exporter trains text only)"
                 )
-    encoded = [(_ids(tokenizer, p), _ids(tokenizer, a)) for p, a in pairs(tpl, messages, system, tools, opts)]
+    encoded = [(piece_ids(tokenizer, p), piece_ids(tokenizer, a)) for p, a in pairs(tpl, messages, system, tools, opts)]
     eos_id = tokenizer.eos_token_id
     total = 1 if tpl.efficient_eos else 0
     if opts.mask_history:
@@ -504,8 +492,9 @@ def stop_token_ids(tpl: LFTemplate, tokenizer: Any) -> list[int]:
     return sorted({tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(tpl, tokenizer)})
 
 
-def _jinja_slots(slots: tuple[Slot, ...], tokenizer: Any, placeholder: str = "content") -> str:
-    """Slots as a Jinja string expression (LF's `_convert_slots_to_jinja`); bos/eos written as their text."""
+def _jinja_slots(slots: tuple[Slot, ...], special: dict[str, str | None], placeholder: str = "content") -> str:
+    """Slots as a Jinja string expression (LF's `_convert_slots_to_jinja`); bos/eos written as their text, left out
+    when the tokenizer has none."""
     items = []
     for slot in slots:
         if isinstance(slot, str):
@@ -517,20 +506,21 @@ def _jinja_slots(slots: tuple[Slot, ...], tokenizer: Any, placeholder: str = "co
                 if tail[0]:
                     items.append("'" + tail[0].replace("'", "\\'") + "'")
         elif "special" in slot:
-            text = getattr(tokenizer, slot["special"])
-            if getattr(tokenizer, slot["special"] + "_id") is not None:
-                items.append("'" + text + "'")
+            if special[slot["special"]] is not None:
+                items.append("'" + special[slot["special"]] + "'")
         else:
-            raise UserError(f"template {slot}: a token slot cannot be written as Jinja")
+            raise UserError(f"template slot {slot}: a token slot cannot be written as Jinja")
     return " + ".join(items)
 
 
-def jinja(tpl: LFTemplate, tokenizer: Any) -> str:
-    """The chat template LF writes into the tokenizer (`_get_jinja_template`) for a (fixed) tokenizer."""
-    prefix = _jinja_slots(tpl.prefix, tokenizer)
-    system = _jinja_slots(tpl.system, tokenizer, placeholder="system_message")
-    user = _jinja_slots(tpl.user, tokenizer)
-    assistant = _jinja_slots(tpl.assistant, tokenizer)
+def jinja(tpl: LFTemplate, bos: str | None, eos: str | None) -> str:
+    """The chat template LF generates from the slots (`_get_jinja_template`), for a (fixed) tokenizer whose bos/eos
+    texts are `bos`/`eos` (None: the tokenizer has none)."""
+    special = {"bos_token": bos, "eos_token": eos}
+    prefix = _jinja_slots(tpl.prefix, special)
+    system = _jinja_slots(tpl.system, special, placeholder="system_message")
+    user = _jinja_slots(tpl.user, special)
+    assistant = _jinja_slots(tpl.assistant, special)
     out = "{{ " + prefix + " }}" if prefix else ""
     if tpl.default_system:
         out += "{% set system_message = '" + tpl.default_system.replace("'", "\\'") + "' %}"
@@ -555,9 +545,15 @@ def jinja(tpl: LFTemplate, tokenizer: Any) -> str:
     )
 
 
+def special_texts(tokenizer: Any) -> tuple[str | None, str | None]:
+    """(bos, eos) texts of a tokenizer, None where it has no such token."""
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else None
+    return bos, tokenizer.eos_token if tokenizer.eos_token_id is not None else None
+
+
 def chat_template_for(tpl: LFTemplate, tokenizer: Any) -> str | None:
     """The chat template the trained adapter carries, decided as LF's `fix_jinja_template` does: the model's own
     when it has one and the template does not ask to replace it, else the Jinja generated from the slots."""
     if tokenizer.chat_template is None or tpl.replace_jinja_template:
-        return jinja(tpl, tokenizer)
+        return jinja(tpl, *special_texts(tokenizer))
     return tokenizer.chat_template

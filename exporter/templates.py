@@ -16,7 +16,13 @@ Go TEMPLATE, stops, end-of-turn tokens and default system from the Jinja itself 
 Protocol: anything train, verify and calibration encode with is a `ChatTemplate`: `jinja` (what is exported),
 `ollama` (Modelfile TEMPLATE, "" for none), `stop`, `eot_tokens`, `default_system`, and either a `format` the
 segment renderer knows (a family's layout; `{"kind": "jinja", ...}` the model's own Jinja; `{"kind": "none"}` no
-template) or an `encoder(tokenizer, messages, tools=, train_on_prompt=, cutoff_len=) -> (ids, labels)` of its own.
+template) or an `encoder(tokenizer, messages, tools=, train_on_prompt=, cutoff_len=) -> (ids, labels)` of its own;
+a template that changes the tokenizer (LLaMA-Factory's eos replacement and stop words) has a `tokenizer_fix`, applied
+by train before encoding and by `write_into` to every exported tokenizer.
+
+Names: a LLaMA-Factory template name (`exporter.lf_names`, LF's own formats and encoding) resolves first, then a
+family name; official families are named after the release they reproduce (`llama-3.1`, `qwen-2.5`), never an LF
+name.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class ChatTemplate:
     format: dict[str, Any]
     notes: tuple[str, ...] = ()  # what differs between the Jinja and the Go TEMPLATE, and why (derived templates)
     encoder: Callable[..., tuple[list[int], list[int]]] | None = None  # own token-level encoding (see module doc)
+    tokenizer_fix: Callable[[Any], None] | None = None  # changes a tokenizer needs before encoding and export
 
     @property
     def kind(self) -> str:
@@ -119,13 +126,16 @@ def _parse(name: str, text: str, where: str) -> ChatTemplate:
 
 
 def load_template(name: str) -> ChatTemplate:
-    """The family `name`; a UserError with a did-you-mean when there is no such family."""
+    """The family `name`; a UserError with a did-you-mean (families and LLaMA-Factory names) when there is none."""
+    from exporter import lf_templates
     from exporter.config import did_you_mean
 
     files = _family_files()
     if name not in files:
+        lf_names = lf_templates.names()
         raise UserError(
-            f"unknown chat template family {name!r}{did_you_mean(name, files)}; known: {', '.join(sorted(files))}"
+            f"unknown chat template {name!r}{did_you_mean(name, [*files, *lf_names])}; families: "
+            f"{', '.join(sorted(files))}; LLaMA-Factory names: {', '.join(lf_names)}"
         )
     return _parse(name, files[name].read_text(encoding="utf-8"), f"template family {name}")
 
@@ -152,6 +162,19 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _fix_saved_tokenizer(out_dir: Path, fix: Callable[[Any], None]) -> dict[str, Any] | None:
+    """Apply `fix` to the tokenizer saved in `out_dir`; save it back (and return its new config) when it changed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    before = (tok.eos_token, tok.pad_token, len(tok), tuple(tok.all_special_tokens))
+    fix(tok)
+    if before == (tok.eos_token, tok.pad_token, len(tok), tuple(tok.all_special_tokens)):
+        return None
+    tok.save_pretrained(str(out_dir))
+    return json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+
 def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
     """Make an exported HF dir use `tpl`: `tokenizer_config.json` + `chat_template.jinja` carry its Jinja (left
     untouched when they already hold it), and `generation_config.json` `eos_token_id` includes every end-of-turn
@@ -163,6 +186,8 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
     if not cfg_path.is_file():
         raise UserError(f"{out_dir}: no tokenizer_config.json; save the tokenizer there before writing the template")
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if tpl.tokenizer_fix is not None:
+        cfg = _fix_saved_tokenizer(out_dir, tpl.tokenizer_fix) or cfg
     tpl = tpl.for_tokenizer(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
     try:
         current = model_chat_template(out_dir)[0]
@@ -825,6 +850,10 @@ def resolve(model_dir: Path | str, override: str | None, need: bool = True) -> C
     cfg = read_json(cfg_path) if cfg_path.is_file() else {}
     bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
     if override and override != "auto":
+        from exporter import lf_names
+
+        if lf_names.is_lf_name(override):
+            return lf_names.resolve(model_dir, override)
         return load_template(override).for_tokenizer(bos or None, eos or None)
     try:
         return detect(model_dir)
@@ -866,9 +895,14 @@ def render_for_cli(
 ) -> list[Segment]:
     """Render a conversation file with one family: `train` (segments with the trained flag), `jinja` (transformers
     apply_chat_template of our Jinja) or `ollama` (real Go text/template; no leading BOS, which Ollama adds at
-    tokenization). The generation prompt defaults to on when the conversation does not end with an answer."""
-    tpl = load_template(family).for_tokenizer(bos_token, eos_token)
+    tokenization). The generation prompt defaults to on when the conversation does not end with an answer.
+    A LLaMA-Factory name renders LF's training text and LF's generated Jinja (`lf_names.render_for_cli`)."""
+    from exporter import lf_names
+
     messages, tools = read_conversation(conversation)
+    if lf_names.is_lf_name(family):
+        return lf_names.render_for_cli(family, messages, tools, fmt, bos_token, eos_token)
+    tpl = load_template(family).for_tokenizer(bos_token, eos_token)
     gen = messages[-1].get("role") != "assistant" if add_generation_prompt is None else add_generation_prompt
     if fmt == "train":
         return render_segments(tpl, messages, tools=tools, add_generation_prompt=gen)
@@ -894,8 +928,13 @@ def render_for_cli(
     raise UserError(f"unknown format {fmt!r}; use train, jinja or ollama")
 
 
-def show_for_cli(family: str, fmt: str = "jinja") -> str:
-    """The family's HF Jinja or Ollama TEMPLATE (with its PARAMETER stop lines and SYSTEM as Modelfile text)."""
+def show_for_cli(family: str, fmt: str = "jinja", bos_token: str | None = None, eos_token: str | None = None) -> str:
+    """The family's HF Jinja or Ollama TEMPLATE (with its PARAMETER stop lines and SYSTEM as Modelfile text); for a
+    LLaMA-Factory name also its slots (`lf_names.show_for_cli`)."""
+    from exporter import lf_names
+
+    if lf_names.is_lf_name(family):
+        return lf_names.show_for_cli(family, fmt, bos_token, eos_token)
     tpl = load_template(family)
     if fmt == "jinja":
         return tpl.jinja

@@ -677,6 +677,8 @@ def test_detect_every_family_detects_itself() -> None:
 
 def test_load_template_unknown_suggests() -> None:
     with pytest.raises(UserError, match="did you mean 'qwen-3'"):
+        load_template("qwen-3.0")
+    with pytest.raises(UserError, match="did you mean 'qwen3'.*LLaMA-Factory names: .*qwen3_nothink"):
         load_template("qwen_3")
 
 
