@@ -18,8 +18,6 @@ import yaml
 from exporter import config as config_mod
 from exporter.errors import UserError
 
-# LLaMA-Factory template names that exporter's families call differently
-TEMPLATE_ALIASES = {"phi": "phi3", "gemma2": "gemma", "gemma3": "gemma", "llama3_1": "llama3"}
 _SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                "inverse_sqrt")  # fmt: skip
 
@@ -28,7 +26,6 @@ UNSUPPORTED = {
     "quantization_bit": "QLoRA (quantized base) training",
     "quantization_method": "QLoRA (quantized base) training",
     "neat_packing": "packing without cross-attention",
-    "mask_history": "training on the last turn only",
     "eval_dataset": "a separate evaluation dataset (use val_size)",
     "deepspeed": "DeepSpeed",
     "fsdp": "FSDP",
@@ -82,6 +79,11 @@ class TrainConfig:
     max_samples: int | None = None
     val_size: float = 0.0
     train_on_prompt: bool = False
+    mask_history: bool = False  # these five: LLaMA-Factory template names only (exporter.lf_names)
+    enable_thinking: bool | None = True
+    preserve_thinking: bool = False
+    default_system: str | None = None
+    tool_format: str | None = None
     packing: bool | None = None
     preprocessing_num_workers: int | None = None
     overwrite_cache: bool = False

@@ -22,6 +22,8 @@ from exporter import lf_templates as lf
 from exporter.errors import UserError
 
 KIND = "llamafactory"
+NO_CUT = lf.LFOptions(cutoff_len=1 << 30)  # outside training nothing is cut
+_TRAIN_KEYS = ("mask_history", "enable_thinking", "preserve_thinking", "default_system", "tool_format")
 _fixed: dict[str, weakref.WeakSet] = {}  # tokenizers already through each template's fix_special_tokens
 
 
@@ -100,8 +102,6 @@ def encode(
     opts = dataclasses.replace(opts, train_on_prompt=train_on_prompt or opts.train_on_prompt)
     if cutoff_len is not None:
         opts = dataclasses.replace(opts, cutoff_len=cutoff_len)
-    elif opts.cutoff_len == lf.LFOptions.cutoff_len:  # no cut unless one is asked for
-        opts = dataclasses.replace(opts, cutoff_len=1 << 30)
     if len(msgs) % 2 == 0:
         return lf.encode(tokenizer, tpl, msgs, system, _tools_json(tools), opts)
     pieces = lf.pairs(tpl, [*msgs, {"role": "assistant", "content": ""}], system, _tools_json(tools), opts)
@@ -152,7 +152,7 @@ def _as_chat_template(tpl: lf.LFTemplate, jinja: str, bos: str | None, eos: str 
     )
 
 
-def resolve(model_dir: Path | str, name: str, opts: lf.LFOptions = lf.LFOptions()) -> Any:
+def resolve(model_dir: Path | str, name: str, opts: lf.LFOptions = NO_CUT) -> Any:
     """The LF template `name` for the model in `model_dir` (its tokenizer decides bos/eos and the Jinja kept)."""
     from transformers import AutoTokenizer
 
@@ -171,6 +171,33 @@ def resolve(model_dir: Path | str, name: str, opts: lf.LFOptions = lf.LFOptions(
         note = f"the model's own chat template is kept, as LLaMA-Factory keeps it for {name!r}"
     markers = templates.model_tokens(model_dir)[0]
     return _as_chat_template(tpl, jinja, *lf.special_texts(tok), lf.stop_tokens(tpl, tok), markers, note, opts)
+
+
+def sample_messages(sample: Any) -> list[dict[str, str]]:
+    """A dataset row as LF reads it (system first, function/observation turns as written), for LF's encoder."""
+    return ([{"role": "system", "content": sample.system}] if sample.system else []) + list(sample.messages)
+
+
+def cutoff(cfg: Any) -> int:
+    """LF's cutoff_len for a training config (LF keeps one position free when packing)."""
+    packing = cfg.packing if cfg.packing is not None else cfg.stage == "pt"
+    return cfg.cutoff_len - 1 if packing else cfg.cutoff_len
+
+
+def resolve_for_training(model_dir: Path, cfg: Any) -> Any:
+    """train's template: an LF name with LF's data arguments from the config, else `templates.resolve`; the LF-only
+    keys (mask_history, enable_thinking, preserve_thinking, default_system, tool_format) are an error there."""
+    from exporter import templates
+
+    if is_lf_name(cfg.template):
+        opts = lf.LFOptions(cutoff_len=cutoff(cfg), train_on_prompt=cfg.train_on_prompt,
+                            **{k: getattr(cfg, k) for k in _TRAIN_KEYS})  # fmt: skip
+        return resolve(model_dir, cfg.template, opts)
+    defaults = lf.LFOptions()
+    given = [k for k in _TRAIN_KEYS if getattr(cfg, k) != getattr(defaults, k)]
+    if given:
+        raise UserError(f"{', '.join(given)}: only with a LLaMA-Factory template name (template: {cfg.template!r})")
+    return templates.resolve(model_dir, cfg.template)
 
 
 def for_texts(name: str, bos: str | None, eos: str | None) -> Any:
