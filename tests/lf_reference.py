@@ -2,6 +2,10 @@
 
     $EXPORTER_LF_PYTHON tests/lf_reference.py < cases.json > results.json
 
+With {"train": {LF training arguments}} instead, it runs LF's whole data pipeline (`get_train_args`,
+`load_tokenizer`, `get_template_and_fix_tokenizer`, `get_dataset`) on that config and prints the training examples'
+`input_ids` and `labels`, the tokenizer's `chat_template` and `eos_token` and the stop ids.
+
 Input: {"groups": [{"template", "tokenizer" (an HF tokenizer dir), "cases": [{"prompt", "response", "system",
 "tools", "data_args" (DataArguments overrides: cutoff_len, train_on_prompt, mask_history, enable_thinking, ...)}]}]}.
 Output, per group: what `get_template_and_fix_tokenizer` made of the tokenizer with default arguments
@@ -35,9 +39,36 @@ def _processor(tpl: object) -> object | None:
     )
 
 
+def train_examples(args: dict) -> dict:
+    """LF's training examples for a training config, as `llamafactory-cli train` prepares them."""
+    import contextlib
+
+    os.environ["DISABLE_VERSION_CHECK"] = "1"
+    with contextlib.redirect_stdout(sys.stderr):  # LF prints an example to stdout
+        from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+        from llamafactory.hparams import get_train_args
+        from llamafactory.model import load_tokenizer
+
+        model_args, data_args, training_args, _, _ = get_train_args(args)
+        tokenizer = load_tokenizer(model_args)["tokenizer"]
+        tpl = get_template_and_fix_tokenizer(tokenizer, data_args)
+        ds = get_dataset(tpl, model_args, data_args, training_args, "sft", tokenizer)["train_dataset"]
+    return {
+        "examples": [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in ds],
+        "chat_template": tokenizer.chat_template,
+        "eos_token": tokenizer.eos_token,
+        "stop_ids": sorted(tpl.get_stop_token_ids(tokenizer)),
+    }
+
+
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
+    request = json.load(sys.stdin)
+    if "train" in request:
+        logging.disable(logging.WARNING)
+        json.dump(train_examples(request["train"]), sys.stdout, ensure_ascii=False)
+        return
     from llamafactory.data import template as lf_template
     from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
     from llamafactory.hparams import DataArguments
@@ -45,7 +76,7 @@ def main() -> None:
 
     logging.disable(logging.WARNING)
     out = []
-    for group in json.load(sys.stdin)["groups"]:
+    for group in request["groups"]:
         name = group["template"]
         # load_tokenizer's arguments (use_fast, split_special_tokens=False, padding_side="right")
         tokenizer = AutoTokenizer.from_pretrained(
