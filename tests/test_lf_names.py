@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,55 @@ def test_template_cli_knows_both_kinds(tmp_path) -> None:
     )
     rc, _, err = _cli("show", "qwen4")
     assert rc == 2 and "did you mean" in err
+
+
+# Meta-Llama-3-8B-Instruct's published chat template (the Llama 3.0 format of the LLaMA-Factory tutorials: no dated
+# system header, no forced system turn). The llama-cpp-python sdist ships only the 3.1+ templates, so it is here.
+LLAMA3_0_JINJA = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_tutorial_flow_llama3_0(tiny_model, tmp_path) -> None:
+    """LF's tutorial: a Llama-3.0-format model, `--template llama3` with LF's flags, merge without --template,
+    gguf, verify: it passes, and the Modelfile TEMPLATE renders conversations like the Llama 3.0 Jinja in real Go."""
+    from conftest import require_go, require_llama_cpp
+
+    from exporter.gotemplate import ollama_data, render_go
+    from exporter.templates import _render_jinja
+
+    require_go(), require_llama_cpp()
+    model = tmp_path / "llama3.0"
+    shutil.copytree(tiny_model("llama3"), model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = LLAMA3_0_JINJA
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (model / "chat_template.jinja").write_text(LLAMA3_0_JINJA)
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+
+    def run(*args: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, f"{args[0]}: {r.stdout[-2000:]}{r.stderr[-3000:]}"
+
+    adapter, merged, gguf = tmp_path / "lora", tmp_path / "merged", tmp_path / "gguf"
+    run("train", "--stage", "sft", "--do_train", "--model_name_or_path", str(model), "--dataset", "identity",
+        "--dataset_dir", str(ROOT / "data"), "--template", "llama3", "--finetuning_type", "lora", "--lora_target",
+        "all", "--output_dir", str(adapter), "--per_device_train_batch_size", "4", "--max_steps", "3",
+        "--learning_rate", "1e-3", "--identity_name", "Exa", "--identity_author", "Acme")  # fmt: skip
+    assert (adapter / "chat_template.jinja").read_text() == LLAMA3_0_JINJA  # LF keeps the model's own for llama3
+    run("merge", "--base", str(model), "--adapter", str(adapter), "--out", str(merged))
+    run("gguf", str(merged), "--type", "f16", "--out", str(gguf))
+    run("verify", "--merged", str(merged), "--gguf", str(gguf / "model-f16.gguf"), "--modelfile",
+        str(gguf / "Modelfile.f16"), "--prompts", "1", "--max-new-tokens", "4", "--ctx", "64", "--max-windows", "2",
+        "--report", str(tmp_path / "report.json"))  # fmt: skip
+    text = (gguf / "Modelfile.f16").read_text()
+    go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert "Cutting Knowledge Date" not in go
+    u, a = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    for conv in ([u], [{"role": "system", "content": "Be brief."}, u], [u, a, u]):
+        want = _render_jinja(LLAMA3_0_JINJA, conv, True, "<|begin_of_text|>", "<|eot_id|>")
+        assert render_go(go, ollama_data(conv)) == want.removeprefix("<|begin_of_text|>")

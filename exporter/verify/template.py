@@ -13,17 +13,20 @@ from exporter.verify.report import Check
 
 
 def training_template(name: str | None, art: Artifacts) -> tuple[Any, str | None]:
-    """(ChatTemplate or None, reason when None): --template wins, else detect on the training base, else merged."""
-    from exporter import templates
+    """(ChatTemplate or None, reason when None): --template wins (a LLaMA-Factory name for the model's tokenizer),
+    else detect on the training base, else merged."""
+    from exporter import lf_names, templates
 
+    dirs = [d for d in (art.base, art.adapter, art.merged) if d is not None and d.is_dir()]
+    if name and lf_names.is_lf_name(name) and dirs:
+        return templates.resolve(dirs[0], name), None
     if name:
         return templates.load_template(name), None
-    for d in (art.base, art.adapter, art.merged):
-        if d is not None and d.is_dir():
-            try:
-                return templates.resolve(d, None), None
-            except UserError as e:
-                return None, f"cannot tell the training template from {d}: {e} (pass --template FAMILY)"
+    for d in dirs:
+        try:
+            return templates.resolve(d, None), None
+        except UserError as e:
+            return None, f"cannot tell the training template from {d}: {e} (pass --template FAMILY)"
     return None, "no model dir to detect the template from (pass --template FAMILY)"
 
 
