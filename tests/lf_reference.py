@@ -2,9 +2,9 @@
 
     $EXPORTER_LF_PYTHON tests/lf_reference.py < cases.json > results.json
 
-With {"train": {LF training arguments}} instead, it runs LF's whole data pipeline (`get_train_args`,
-`load_tokenizer`, `get_template_and_fix_tokenizer`, `get_dataset`) on that config and prints the training examples'
-`input_ids` and `labels`, the tokenizer's `chat_template` and `eos_token` and the stop ids.
+With {"train": [LF training arguments, ...]} instead, it runs LF's whole data pipeline (`get_train_args`,
+`load_tokenizer`, `get_template_and_fix_tokenizer`, `get_dataset`) on each config and prints, per config, the
+training examples' `input_ids` and `labels`, the tokenizer's `chat_template` and `eos_token` and the stop ids.
 
 Input: {"groups": [{"template", "tokenizer" (an HF tokenizer dir), "cases": [{"prompt", "response", "system",
 "tools", "data_args" (DataArguments overrides: cutoff_len, train_on_prompt, mask_history, enable_thinking, ...)}]}]}.
@@ -67,7 +67,7 @@ def main() -> None:
     request = json.load(sys.stdin)
     if "train" in request:
         logging.disable(logging.WARNING)
-        json.dump(train_examples(request["train"]), sys.stdout, ensure_ascii=False)
+        json.dump([train_examples(args) for args in request["train"]], sys.stdout, ensure_ascii=False)
         return
     from llamafactory.data import template as lf_template
     from llamafactory.data.processor.supervised import SupervisedDatasetProcessor

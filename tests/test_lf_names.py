@@ -74,11 +74,14 @@ def _dataset(d: Path) -> Path:
     return d
 
 
-def _lf_train(args: dict[str, Any], tmp: Path) -> dict[str, Any]:
+def _lf_train(configs: list[dict[str, Any]], tmp: Path) -> list[dict[str, Any]]:
+    """LF's training examples for each config (one LF process: its imports take most of the time)."""
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / "hf-datasets"), "HF_HOME": str(tmp / "hf")}
+    base = {"stage": "sft", "do_train": True, "finetuning_type": "lora", "report_to": "none", "overwrite_cache": True}
+    configs = [{**base, "output_dir": str(tmp / f"lf-out-{k}"), **c} for k, c in enumerate(configs)]
     proc = subprocess.run(
         [lf_python(), str(ROOT / "tests" / "lf_reference.py")],
-        input=json.dumps({"train": args}),
+        input=json.dumps({"train": configs}),
         capture_output=True,
         text=True,
         env=env,
@@ -102,16 +105,27 @@ CASES = [
 ]
 
 
+def _args(name: str, model: Path, data: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"model_name_or_path": str(model), "dataset": "chat,inst", "dataset_dir": str(data), "template": name,
+            "cutoff_len": 1024, **extra}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lf_examples(tiny_model, tmp_path_factory) -> tuple[Path, list[dict[str, Any]]]:
+    tmp = tmp_path_factory.mktemp("lf-train")
+    data = _dataset(tmp / "data")
+    return data, _lf_train([_args(n, tiny_model(f), data, x) for n, f, x in CASES], tmp)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "fixture", "extra"), CASES, ids=[f"{c[0]}-{c[1]}-{len(c[2])}" for c in CASES])
-def test_train_examples_equal_llamafactory(name, fixture, extra, tiny_model, tmp_path) -> None:
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-{c[1]}-{len(c[2])}" for c in CASES])
+def test_train_examples_equal_llamafactory(case, lf_examples, tiny_model, tmp_path) -> None:
     from exporter import examples
 
-    model, data = tiny_model(fixture), _dataset(tmp_path / "data")
-    args = {"model_name_or_path": str(model), "dataset": "chat,inst", "dataset_dir": str(data), "template": name,
-            "cutoff_len": 1024, **extra}  # fmt: skip
-    ref = _lf_train({**args, "stage": "sft", "do_train": True, "finetuning_type": "lora", "report_to": "none",
-                     "output_dir": str(tmp_path / "lf-out"), "overwrite_cache": True}, tmp_path)  # fmt: skip
+    name, fixture, extra = CASES[case]
+    data, refs = lf_examples
+    ref, model = refs[case], tiny_model(fixture)
+    args = _args(name, model, data, extra)
     cfg = lf_args.TrainConfig(output_dir=str(tmp_path / "out"), **{**args, "dataset": ["chat", "inst"]})
     prep = examples.prepare(cfg, model)
     ours = [{"input_ids": e.input_ids, "labels": e.labels} for e in prep.train]
@@ -140,8 +154,7 @@ def test_adapter_carries_lf_jinja_and_stop_tokens(name, fixture, tiny_model, tmp
     args = {"model_name_or_path": str(model), "dataset_dir": str(data), "template": name}
     train.train(lf_args.TrainConfig(**args, output_dir=str(out), dataset=["chat", "inst"], max_steps=1,
                                     per_device_train_batch_size=2, logging_steps=1, save_steps=1000))  # fmt: skip
-    ref = _lf_train({**args, "dataset": "chat,inst", "stage": "sft", "do_train": True, "finetuning_type": "lora",
-                     "report_to": "none", "output_dir": str(tmp_path / "lf-out")}, tmp_path)  # fmt: skip
+    ref = _lf_train([{**args, "dataset": "chat,inst"}], tmp_path)[0]
     saved, own = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(model)
     assert saved.chat_template == ref["chat_template"]
     assert (saved.chat_template == own.chat_template) == (name == "phi")
