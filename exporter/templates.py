@@ -37,7 +37,9 @@ from typing import Any
 import yaml
 
 from exporter.config import read_json
+from exporter.diff import first_diff
 from exporter.errors import UserError
+from exporter.hf_dir import adds_bos
 
 FAMILIES_PACKAGE = "exporter.families"
 
@@ -185,7 +187,7 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
     cfg_path = out_dir / "tokenizer_config.json"
     if not cfg_path.is_file():
         raise UserError(f"{out_dir}: no tokenizer_config.json; save the tokenizer there before writing the template")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = read_json(cfg_path)
     if tpl.tokenizer_fix is not None:
         cfg = _fix_saved_tokenizer(out_dir, tpl.tokenizer_fix) or cfg
     tpl = tpl.for_tokenizer(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
@@ -209,7 +211,7 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
             tmp.write_text(tpl.jinja, encoding="utf-8")
 
     gen_path = out_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    gen = read_json(gen_path, optional=True)
     eos = gen.get("eos_token_id")
     current = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     merged = current + [i for i in ids if i not in current]
@@ -533,18 +535,6 @@ def render_text(tpl: ChatTemplate, messages: list[dict[str, Any]], **kw: Any) ->
     return "".join(t for t, _ in render_segments(tpl, messages, **kw))
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is None:
-        return False
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return (
-        bool(with_special)
-        and with_special[0] == bos_id
-        and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos_id]
-    )
-
-
 def _tokenize(tokenizer: Any, segments: list[Segment]) -> tuple[list[int], list[bool]]:
     """Token ids of the joined text (exactly `tokenizer(text, add_special_tokens=False)`) and a trained flag per
     token: a token is trained when at least half of its characters lie in trained segments (so "▁Hello" after a
@@ -618,7 +608,7 @@ def encode(
     )
     ids, flags = _tokenize(tokenizer, segments)
     bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is not None and (not ids or ids[0] != bos_id) and _adds_bos(tokenizer):
+    if bos_id is not None and (not ids or ids[0] != bos_id) and adds_bos(tokenizer):
         ids, flags = [bos_id] + ids, [False] + flags
     labels = [i if (f or train_on_prompt) else -100 for i, f in zip(ids, flags, strict=True)]
     if cutoff_len is not None:
@@ -758,11 +748,6 @@ def tool_probe(template: str, bos: str, eos: str) -> str | None:
         return None
 
 
-def _first_diff(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    return next((k for k in range(n) if a[k] != b[k]), n)
-
-
 def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTemplate | None, str]:
     """(the family whose Jinja renders every probe exactly as `template` does, or None; a line naming the nearest
     family and where it first differs)."""
@@ -801,7 +786,7 @@ def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTempl
             best = (score, name, *diff)
     assert best is not None
     _, name, k, ref, ours = best
-    at = _first_diff(ref, ours)
+    at = first_diff(ref, ours)
     return None, (
         f"nearest family is {name!r}, which first differs at char {at} of "
         f"{'the tool probe' if k == len(PROBES) else f'probe {k}'}: the model renders "
