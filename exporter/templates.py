@@ -174,7 +174,15 @@ def _fix_saved_tokenizer(out_dir: Path, fix: Callable[[Any], None]) -> dict[str,
     if before == (tok.eos_token, tok.pad_token, len(tok), tuple(tok.all_special_tokens)):
         return None
     tok.save_pretrained(str(out_dir))
-    return json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    stale = out_dir / "special_tokens_map.json"  # not rewritten by transformers 5, and it wins on load
+    if stale.is_file():
+        data = read_json(stale)
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = getattr(tok, key)
+            if key in data or value is not None:
+                data[key] = {**data[key], "content": value} if isinstance(data.get(key), dict) else value
+        _write_json(stale, data)
+    return read_json(out_dir / "tokenizer_config.json")
 
 
 def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
