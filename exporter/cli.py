@@ -110,10 +110,12 @@ def _template_show(
 
 @template_app.command("detect")
 def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir with a chat_template.")) -> None:
-    """Name the family whose template renders exactly like the model's own chat_template."""
+    """Name the family whose template renders exactly like the model's own chat_template, or say what is derived
+    from it: the shapes checked in Go and those that differ."""
     from exporter.templates import detect
 
-    typer.echo(detect(model_dir).name)
+    tpl = detect(model_dir)
+    typer.echo("\n".join([tpl.name, *tpl.notes]))
 
 
 @template_app.command("render")

@@ -304,9 +304,7 @@ def _go_text(text: str, notes: list[str] | None = None) -> str:
             out.append("{{ " + json.dumps(text[pos : m.start()], ensure_ascii=False) + " }}")
         out.append("{{ currentDate }}")
         if notes is not None and m.group(1) != _ISO_DATE:
-            notes.append(
-                f"the Jinja prints today's date as {m.group(1)!r}; Ollama's currentDate prints YYYY-MM-DD"
-            )
+            notes.append(f"the Jinja prints today's date as {m.group(1)!r}; Ollama's currentDate prints YYYY-MM-DD")
         pos = m.end()
     if pos < len(text):
         out.append("{{ " + json.dumps(text[pos:], ensure_ascii=False) + " }}")
@@ -431,14 +429,22 @@ def check_go(
     return out
 
 
-def explain(res: ShapeResult, notes: Sequence[str]) -> str:
-    """One line on why a shape differs, from what is known about the template."""
-    if res.whitespace_only:
-        return f"{res.shape}: the Jinja trims or adds whitespace around content, Go prints it as given ({res.detail})"
+def explain(results: Sequence[ShapeResult], notes: Sequence[str]) -> list[str]:
+    """One line per reason the differing shapes differ (shapes of a known reason grouped, with a first example)."""
     dates = [n for n in notes if "today's date" in n]
-    if dates:
-        return f"{res.shape}: {dates[0]} ({res.detail})"
-    return f"{res.shape}: {res.detail}"
+    groups: dict[str, list[ShapeResult]] = {}
+    for res in results:
+        if res.same:
+            continue
+        if res.whitespace_only:
+            why = "the Jinja trims or adds whitespace around content; Go prints content as given"
+        elif dates:
+            why = dates[0]
+        else:
+            why = f"{res.shape} {res.detail}"
+        groups.setdefault(why, []).append(res)
+    return [f"differs on {', '.join(r.shape for r in rs)}: {why}" + (f" ({rs[0].detail})" if why != f"{rs[0].shape} "
+            f"{rs[0].detail}" else "") for why, rs in groups.items()]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,8 +493,6 @@ def derive(
         notes.append("the Jinja refuses system messages; the Go TEMPLATE leaves them out")
     elif lay.sys_mode == "dropped":
         notes.append("the Jinja ignores system messages; so does the Go TEMPLATE")
-    if "tools" in jinja:
-        notes.append("tool definitions, calls and results are not translated: the Go TEMPLATE renders none")
     if not lay.eot:
         notes.append("answers end with no special token; stops on the next user prefix")
     go = go_template(lay, notes)
@@ -530,9 +534,10 @@ def chat_template(
         d = derive(jinja, bos, eos, markers, eos_tokens)
     except DeriveError as e:
         stop = [s for s in dict.fromkeys([eos, *eos_tokens]) if s]
+        fmt: dict[str, Any] = {"kind": "jinja", "close": "", "after_answer": ""}
+        note = f"no Ollama TEMPLATE could be derived: {e}"
         return ChatTemplate(**common, description="the model's own Jinja; no Ollama TEMPLATE", ollama="", stop=stop,
-                            eot_tokens=[], default_system=None, format={"kind": "jinja", "close": "",
-                            "after_answer": ""}, notes=(f"no Ollama TEMPLATE could be derived: {e}", *near))  # fmt: skip
+                            eot_tokens=[], default_system=None, format=fmt, notes=(note, *near))  # fmt: skip
     names, gos, systems, stops, tie_ok = ["derived"], [d.ollama], [d.default_system], [d.stop], [False]
     own_tools = tool_probe(jinja, bos, eos)
     for name in list_templates():
@@ -544,6 +549,7 @@ def chat_template(
         theirs = tool_probe(fam.jinja, bos, eos) if own_tools is not None else None
         tie_ok.append(own_tools is None or "".join((theirs or "").split()) == "".join(own_tools.split()))
     notes, same, differ, pick = [], [], [], 0
+    head = "chat template: the model's own Jinja; Ollama TEMPLATE derived from it"
     try:
         results = check_go(list(zip(gos, systems, strict=True)), jinja, bos, eos, extra=d.extra)
     except GoUnavailable:
@@ -551,12 +557,17 @@ def chat_template(
     else:
         pick = _pick(results, tie_ok)
         same = [r.shape for r in results[pick] if r.same]
-        differ = [explain(r, d.notes) for r in results[pick] if not r.same]
-    source = "derived from it" if pick == 0 else f"family {names[pick]!r}'s (renders more shapes like the Jinja)"
-    head = f"chat template: the model's own Jinja; Ollama TEMPLATE {source}"
-    if same:
-        head += f"; renders like the Jinja in Go on {len(same)} of {len(same) + len(differ)} shapes"
-    notes = [head, *(f"differs: {x}" for x in differ), *notes, *d.notes, *near]
+        differ = [r.shape for r in results[pick] if not r.same]
+        notes = explain(results[pick], d.notes) + notes
+        head += f"; renders like the Jinja in real Go on {len(same)} of {len(same) + len(differ)} shapes"
+    if pick:
+        head = head.replace("derived from it", f"of family {names[pick]}")
+    if own_tools is not None:
+        same_tools = f"tool calls: in family {names[pick]}'s format, the Jinja's up to whitespace"
+        no_tools = "tool definitions, calls and results are not translated: the Go TEMPLATE renders none"
+        notes.append(same_tools if pick and tie_ok[pick] else no_tools)
+    shown = "\n".join(notes)
+    notes = [head, *notes, *(n for n in d.notes if n not in shown), *near]
     fmt = {"kind": "jinja", "close": d.layout.close, "after_answer": d.layout.assistant[1], "extra": d.extra,
            "go": names[pick], "same": same, "differ": differ}  # fmt: skip
     return ChatTemplate(

@@ -237,6 +237,8 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
         if tpl.tokenizer_fix is not None:
             tpl.tokenizer_fix(tokenizer)
         check_template_tokens(tokenizer, tpl, str(model_dir))
+        for note in tpl.notes:
+            say(note)
     if cfg.stage == "sft":
         examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
         if not examples:

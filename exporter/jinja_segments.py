@@ -66,8 +66,11 @@ def _regions(
         if messages[k].get("role") == "assistant" and "</think>" in content:
             content = content[content.rfind("</think>") + len("</think>") :]
         nxt = literals[i + 1] if i + 1 < len(hits) else tail
-        if full.startswith(content, pos) and (full.startswith(nxt, pos + len(content)) if i + 1 < len(hits)
-                                              else full.endswith(nxt) and pos + len(content) + len(nxt) == len(full)):
+        if full.startswith(content, pos) and (
+            full.startswith(nxt, pos + len(content))
+            if i + 1 < len(hits)
+            else full.endswith(nxt) and pos + len(content) + len(nxt) == len(full)
+        ):
             end = pos + len(content)  # fmt: skip
         elif i + 1 < len(hits):
             end = full.find(nxt, pos) if nxt else pos

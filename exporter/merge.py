@@ -394,9 +394,14 @@ def merge(
         for py in base_dir.glob("*.py"):  # remote-code models need their modeling files
             shutil.copy2(py, tmp / py.name)
         _copy_tokenizer(base_dir, ads, tmp)
+        from rich.markup import escape  # template notes hold [INST]-like brackets
+
         from exporter import templates
 
-        tpl = templates.resolve(tmp, template)
+        forced = template not in (None, "auto")  # a template the user asked for must fit the tokenizer
+        tpl = templates.resolve(tmp, template, need=False)
+        for note in tpl.notes:
+            _say(f"[dim]{escape(note)}[/]")
         inputs: dict[str, Path | str] = {"base": base_dir}
         for i, ad in enumerate(ads):
             inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = ad.path
@@ -408,6 +413,8 @@ def merge(
             "untied_embeddings": bool(p.untied),
             "vocab_size": p.vocab_size,
         }
-        hf_dir.finish(tmp, tpl, base_dir, stage="merge", inputs=inputs, settings=settings)
+        for warning in hf_dir.finish(tmp, tpl, base_dir, stage="merge", inputs=inputs, settings=settings,
+                                     strict=forced):  # fmt: skip
+            _say(f"[yellow]warning[/]: {escape(warning)}")
     _say(f"merged {len(ads)} adapter(s) into {out} ({len(shards)} shard(s), template {tpl.name})")
     return out

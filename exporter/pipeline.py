@@ -183,25 +183,25 @@ def run(cfg: PipelineConfig) -> PipelineResult:
         stale = state.doc["stages"].get(stage, {}).get("hash") not in (None, hashes[stage])
         state.record(stage, None)
         if stage == "train":
-            _train(cfg, base, tpl.name, adapter, overwrite=stale)
+            _train(cfg, base, cfg.template, adapter, overwrite=stale)
         elif stage == "merge":
             from exporter import merge
 
-            merge.merge(base, [adapter], out=merged, template=tpl.name, force=True, **cfg.merge)
+            merge.merge(base, [adapter], out=merged, template=cfg.template, force=True, **cfg.merge)
         elif stage == "gguf":
             from exporter import gguf
 
             types = cfg.gguf.get("types", ["f16"])
             gguf.run(merged, types=types, out=gguf_dir, ollama_name=cfg.gguf.get("ollama_name"),
-                     template=tpl.name, force=True)  # fmt: skip
+                     template=cfg.template, force=True)  # fmt: skip
         else:
-            _verify(cfg, base, adapter, merged, gguf_dir, verify_dir, tpl.name, data_files)
+            _verify(cfg, base, adapter, merged, gguf_dir, verify_dir, cfg.template, data_files)
         state.record(stage, hashes[stage], time.perf_counter() - t0)
         ran.append(stage)
     return _summary(console, run_dir, ran, skipped, gguf_dir, verify_dir)
 
 
-def _train(cfg: PipelineConfig, base: Path, template: str, out: Path, overwrite: bool) -> None:
+def _train(cfg: PipelineConfig, base: Path, template: str | None, out: Path, overwrite: bool) -> None:
     from exporter import lf_args, train
 
     values = {**cfg.train, "model_name_or_path": str(base), "output_dir": str(out), "template": template}
@@ -218,7 +218,7 @@ def _verify(
     merged: Path,
     gguf_dir: Path,
     out: Path,
-    template: str,
+    template: str | None,
     data_files: list[Path],
 ) -> None:
     from exporter import verify

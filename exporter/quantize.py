@@ -273,7 +273,7 @@ def quantize(opts: QuantizeOptions) -> Path:
 
     from exporter import templates
 
-    tpl = templates.resolve(model_dir, opts.template)
+    tpl = templates.resolve(model_dir, opts.template, need=False)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     random.seed(opts.seed)
     import torch
@@ -309,6 +309,11 @@ def quantize(opts: QuantizeOptions) -> Path:
             settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg)
         _check_quantization_config(tmp)
         settings["seconds"] = round(time.perf_counter() - start, 2)
-        hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir, stage="quantize", inputs=inputs, settings=settings)
+        from rich.markup import escape
+
+        forced = opts.template not in (None, "auto")  # only a template the user asked for must fit the tokenizer
+        for warning in hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir, stage="quantize", inputs=inputs,
+                                     settings=settings, strict=forced):  # fmt: skip
+            _console.print(f"[yellow]warning[/]: {escape(warning)}")
     _console.print(f"[green]done[/]: {out} ({settings['seconds']} s)")
     return out

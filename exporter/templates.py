@@ -185,10 +185,11 @@ def _fix_saved_tokenizer(out_dir: Path, fix: Callable[[Any], None]) -> dict[str,
     return read_json(out_dir / "tokenizer_config.json")
 
 
-def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
+def write_into(out_dir: Path | str, tpl: ChatTemplate, strict: bool = True) -> list[str]:
     """Make an exported HF dir use `tpl`: `tokenizer_config.json` + `chat_template.jinja` carry its Jinja (left
     untouched when they already hold it), and `generation_config.json` `eos_token_id` includes every end-of-turn
-    token id (ids from the tokenizer in out_dir)."""
+    token id (ids from the tokenizer in out_dir). An end-of-turn token the tokenizer lacks is a UserError when
+    `strict`, else left out and returned as a warning (a template nobody asked for never stops an export)."""
     from exporter.atomic import atomic_file
 
     out_dir = Path(out_dir)
@@ -203,13 +204,14 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
         current = model_chat_template(out_dir)[0]
     except UserError:
         current = None
-    ids = []
+    ids, warnings = [], []
     for token, tid in zip(tpl.eot_tokens, _token_ids(out_dir, tpl.eot_tokens), strict=True):
         if tid is None:
-            raise UserError(
-                f"template {tpl.name!r} ends assistant turns with {token!r}, but the tokenizer in {out_dir} has no "
-                f"such token; pick the family that matches this tokenizer with --template"
-            )
+            msg = f"template {tpl.name!r} ends assistant turns with {token!r}, but the tokenizer in {out_dir} has no "
+            if strict:
+                raise UserError(msg + "such token; pick the family that matches this tokenizer with --template")
+            warnings.append(msg + "such token; it is not added to generation_config.json eos_token_id")
+            continue
         ids.append(tid)
 
     if tpl.jinja and tpl.jinja != current:  # the model's own template stays byte for byte as it was saved
@@ -223,8 +225,10 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
     eos = gen.get("eos_token_id")
     current = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     merged = current + [i for i in ids if i not in current]
-    gen["eos_token_id"] = merged[0] if len(merged) == 1 else merged
-    _write_json(gen_path, gen)
+    if merged:
+        gen["eos_token_id"] = merged[0] if len(merged) == 1 else merged
+        _write_json(gen_path, gen)
+    return warnings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -665,8 +669,14 @@ PROBES: list[tuple[list[dict[str, Any]], bool]] = [
 ]
 
 
-_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 _CALL = {"id": "call0A1b2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 TOOL_PROBE = [
     {"role": _U, "content": "Weather in Paris?"},
@@ -775,10 +785,6 @@ def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTempl
         tpl = load_template(name)
         diff = None
         score = 0.0
-        if tool_ref is not None:  # the model's tool format must be the family's too
-            ours = tool_probe(tpl.jinja, bos, eos) if tpl.tools else None
-            if ours != tool_ref:
-                diff = (len(PROBES), tool_ref, ours or "")
         for k, ref in refs:
             msgs, gen = PROBES[k]
             try:
@@ -788,6 +794,10 @@ def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTempl
             if ours != ref and diff is None:
                 diff = (k, ref, ours)
             score += difflib.SequenceMatcher(None, ref, ours, autojunk=False).ratio()
+        if tool_ref is not None and diff is None:  # the model's tool format must be the family's too
+            ours = tool_probe(tpl.jinja, bos, eos) if tpl.tools else None
+            if ours != tool_ref:
+                diff = (len(PROBES), tool_ref, ours or "")
         if diff is None:
             return tpl, ""
         if best is None or score > best[0]:
@@ -813,7 +823,9 @@ def detect_template_text(
     Jinja; else a template derived from `template` (`exporter.derive.chat_template`). Never raises for a template."""
     family, nearest = match_family(template, bos, eos)
     if family is not None:
-        return dataclasses.replace(family.for_tokenizer(bos or None, eos or None), jinja=template)
+        note = (f"chat template: the model's own Jinja, which renders every probe exactly like family {family.name!r}; "
+                f"Ollama TEMPLATE of family {family.name}")  # fmt: skip
+        return dataclasses.replace(family.for_tokenizer(bos or None, eos or None), jinja=template, notes=(note,))
     from exporter.derive import chat_template
 
     return chat_template(template, bos, eos, markers, eos_tokens or [], nearest)
@@ -839,8 +851,7 @@ def resolve(model_dir: Path | str, override: str | None, need: bool = True) -> C
     """`override` (a family name; "auto" = none) when given, else `detect(model_dir)`; filled in with the model's
     BOS/EOS text (see `ChatTemplate.for_tokenizer`). Without any chat template in the model: a UserError when
     `need` (training), else `no_template` (merge, quantize and gguf go on)."""
-    cfg_path = Path(model_dir) / "tokenizer_config.json"
-    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+    cfg = read_json(Path(model_dir) / "tokenizer_config.json", optional=True)
     bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
     if override and override != "auto":
         from exporter import lf_names
