@@ -135,13 +135,13 @@ def test_gguf_eos_is_an_ordinary_token(good, tmp_path: Path) -> None:
     word = next(i for i, (t, k) in enumerate(zip(info.tokens, info.token_types, strict=True))
                 if k == TokenType.NORMAL and t.isalpha() and len(t) > 3)  # fmt: skip
     bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={"tokenizer.ggml.eos_token_id": word})
-    rep = V.verify(merged=good.merged, ggufs=[bad], template="qwen", **FAST)
+    rep = V.verify(merged=good.merged, ggufs=[bad], template="qwen-2.5", **FAST)
     detail = _failed(rep)[("stops", bad.name)]
     name = f"{info.tokens[word]!r} ({word})"
     assert f"eos id is {name}, not an end-of-turn or eos token" in detail
     assert f"{name}, an ordinary text token, ends generation" in detail
     # the good file's EOG set is exactly the expected one (llama.cpp's own by-name picks reported, not failed)
-    good_stops = next(c for c in V.verify(merged=good.merged, ggufs=[good.f16], template="qwen", **FAST).checks
+    good_stops = next(c for c in V.verify(merged=good.merged, ggufs=[good.f16], template="qwen-2.5", **FAST).checks
                       if c.check == "stops" and c.target == good.f16.name)  # fmt: skip
     assert good_stops.status == "pass" and "exactly '<|im_end|>'" in good_stops.detail
 
