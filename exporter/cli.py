@@ -112,10 +112,13 @@ def _template_show(
 def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir with a chat_template.")) -> None:
     """Name the family whose template renders exactly like the model's own chat_template, or say what is derived
     from it: the shapes checked in Go and those that differ."""
+    from exporter import lf_names
     from exporter.templates import detect
 
     tpl = detect(model_dir)
-    typer.echo("\n".join([tpl.name, *tpl.notes]))
+    lf = lf_names.generated_by(tpl.jinja, tpl.bos_token, tpl.eos_token)
+    lf_note = [f"LLaMA-Factory's generated Jinja of: {', '.join(lf)} (train with that --template)"] if lf else []
+    typer.echo("\n".join([tpl.name, *tpl.notes, *lf_note]))
 
 
 @template_app.command("render")

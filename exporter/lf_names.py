@@ -257,6 +257,17 @@ def show_for_cli(name: str, fmt: str, bos: str | None, eos: str | None) -> str:
     raise UserError(f"unknown format {fmt!r}; use jinja, ollama or slots")
 
 
+def generated_by(jinja: str, bos: str | None, eos: str | None) -> list[str]:
+    """The LF names whose generated Jinja, for these bos/eos texts, is `jinja` byte for byte (a model that
+    LLaMA-Factory exported with that template)."""
+    out = []
+    for name in lf.names():
+        tpl = lf.load(name)
+        if jinja == lf.jinja(tpl, *_texts(tpl, bos or None, eos or None)):
+            out.append(name)
+    return out
+
+
 def same_text(family: Any, name: str) -> bool:
     """True when the family and the LF name render every probe conversation to the same text (their trained
     positions still differ: a family trains what its Jinja marks, LF trains its answer slots)."""

@@ -244,6 +244,12 @@ def test_template_cli_knows_both_kinds(tmp_path) -> None:
         rc == 0
         and out == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nYo<|im_end|>\n"
     )
+    model = tmp_path / "lf-exported"  # a model LLaMA-Factory exported with chatml carries chatml's generated Jinja
+    model.mkdir()
+    chatml = lf_templates.jinja(lf_templates.load("chatml"), None, "<|im_end|>")
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml, "eos_token": "<|im_end|>"}))
+    rc, out, _ = _cli("detect", str(model))
+    assert rc == 0 and "LLaMA-Factory's generated Jinja of: chatml" in out
     rc, _, err = _cli("show", "qwen4")
     assert rc == 2 and "did you mean" in err
 
