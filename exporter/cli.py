@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_state = {"debug": False}
+_state = {"debug": False, "verbose": False}
 
 
 def _version(value: bool) -> None:
@@ -30,9 +30,21 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show third-party libraries' banners, logs and warnings."),
 ) -> None:
     """LoRA fine-tuning to a running, verified Ollama model."""
     _state["debug"] = debug
+    _state["verbose"] = verbose
+
+
+def _setup(quantization: bool = False, transformers: bool = True) -> None:
+    """Before a command imports anything heavy: without `quantization`, GPT-QModel and torchao stay unimported;
+    known third-party noise stays out of the output unless --verbose (exporter/quiet.py)."""
+    from exporter import quiet
+
+    if not quantization:
+        quiet.without_quantization_libraries()
+    quiet.quiet(_state["verbose"], transformers=transformers)
 
 
 # ---- stage commands are registered below, one block each ----
@@ -46,7 +58,9 @@ def _quantize(
     out: str = typer.Option(..., "--out", help="Output dir (written atomically)."),
     bits: int | None = typer.Option(None, "--bits", help="4 or 8 (gptq); awq/bnb4: 4; bnb8: 8."),
     group_size: int | None = typer.Option(None, "--group-size", help="GPTQ/AWQ group size (default 128; -1: per row)."),
-    dataset: str | None = typer.Option(None, "--dataset", help="Calibration dataset name(s) from dataset_info.json."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="Calibration dataset name(s) from dataset_info.json, or a file of raw `text` rows."
+    ),
     dataset_dir: str | None = typer.Option(None, "--dataset-dir", help="Dir holding dataset_info.json (default data)."),
     template: str | None = typer.Option(None, "--template", help="Chat template family (default: detected)."),
     samples: int = typer.Option(128, "--samples", help="Calibration blocks (at most)."),
@@ -55,10 +69,15 @@ def _quantize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output dir."),
 ) -> None:
     """Quantize an HF model to GPTQ, AWQ or bitsandbytes nf4/int8, calibrated on your data through its chat template."""
+    _setup(quantization=True)
     from exporter.quantize import QuantizeOptions, quantize
 
-    quantize(QuantizeOptions(model, method, out, bits, group_size, dataset, dataset_dir, template, samples, max_length,
-                             seed, force))  # fmt: skip
+    quantize(
+        QuantizeOptions(
+            model=model, method=method, out=out, bits=bits, group_size=group_size, dataset=dataset,
+            dataset_dir=dataset_dir, template=template, samples=samples, max_length=max_length, seed=seed, force=force,
+        )
+    )  # fmt: skip
 
 
 # ---- template: chat-template families (exporter/templates.py) ----
@@ -71,6 +90,7 @@ app.add_typer(template_app, name="template")
 @template_app.command("list")
 def _template_list() -> None:
     """List the official families and the LLaMA-Factory names, and which LF names render a family's text."""
+    _setup(transformers=False)
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -103,6 +123,7 @@ def _template_show(
     eos_token: str = typer.Option(None, "--eos-token", help="EOS text an LF name's generated Jinja writes."),
 ) -> None:
     """Print a template's HF Jinja chat_template or its Ollama Modelfile TEMPLATE/SYSTEM/stop lines."""
+    _setup(transformers=False)
     from exporter.templates import show_for_cli
 
     typer.echo(show_for_cli(family, fmt, bos_token, eos_token))
@@ -112,6 +133,7 @@ def _template_show(
 def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir with a chat_template.")) -> None:
     """Name the family whose template renders exactly like the model's own chat_template, or say what is derived
     from it: the shapes checked in Go and those that differ."""
+    _setup()
     from exporter import lf_names
     from exporter.templates import detect
 
@@ -133,6 +155,7 @@ def _template_render(
     eos_token: str = typer.Option(None, "--eos-token", help="EOS text for families that take it from the tokenizer."),
 ) -> None:
     """Render a conversation with a family, as training text, HF Jinja or Ollama Go template."""
+    _setup()
     import sys
 
     from exporter.templates import render_for_cli
@@ -151,19 +174,44 @@ def _template_render(
     sys.stdout.flush()
 
 
-# ---- train: fine-tuning (exporter/train.py) ----
+# ---- train and export: LLaMA-Factory's arguments (CONFIG.yaml, key=value, --key value), parsed by lf_args.py ----
+_LF_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _lf_args(ctx: typer.Context, verb: str) -> list[str]:
+    if not ctx.args:
+        raise UserError(f"exporter {verb}: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
+    return list(ctx.args)
+
+
 @app.command(
     "train",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    context_settings=_LF_ARGS,
     help="Fine-tune (LoRA or full; stages sft, pt): exporter train CONFIG.yaml \\[key=value ...], or LLaMA-Factory "
     "flags: exporter train --stage sft --do_train --model_name_or_path M --dataset a,b --output_dir OUT ...",
 )
 def train_cmd(ctx: typer.Context) -> None:
+    argv = _lf_args(ctx, "train")
+    _setup()
     from exporter import train
 
-    if not ctx.args:
-        raise UserError("exporter train: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
-    train.main(list(ctx.args))
+    train.main(argv)
+
+
+@app.command(
+    "export",
+    context_settings=_LF_ARGS,
+    help="LLaMA-Factory's `llamafactory-cli export` config, unchanged: exporter export CONFIG.yaml \\[key=value ...]; "
+    "merges the adapters (merge) and, with export_quantization_bit, quantizes with GPTQ (quantize).",
+)
+def export_cmd(ctx: typer.Context) -> None:
+    from exporter import lf_args
+
+    cfg, given = lf_args.export_config_from_args(_lf_args(ctx, "export"))
+    _setup(quantization=cfg.export_quantization_bit is not None)
+    from exporter import export
+
+    export.export(cfg, given)
 
 
 # ---- merge ----
@@ -181,11 +229,15 @@ def _merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:
     """Merge LoRA adapters into a base model, streaming one tensor at a time (equals PEFT merge_and_unload)."""
-    from exporter.merge import merge
+    _setup()
+    from exporter.merge import MergeOptions, merge
 
     merge(
-        base, adapter, weight or None, out, dtype=dtype, max_shard_size=max_shard_size, force=force, template=template
-    )
+        MergeOptions(
+            base=base, adapters=adapter, out=str(out), weights=weight or None, dtype=dtype,
+            max_shard_size=max_shard_size, template=template, force=force,
+        )
+    )  # fmt: skip
 
 
 # ---- gguf: GGUF export + Ollama Modelfiles (exporter/gguf.py) ----
@@ -205,9 +257,14 @@ def _gguf(
     force: bool = typer.Option(False, "--force", help="Replace an existing output dir."),
 ) -> None:
     """Convert a model to GGUF files (several types in one pass) with one Ollama Modelfile each."""
+    _setup(transformers=False)
     from exporter import gguf
 
-    gguf.run(model, type_, out, ollama_name, template, force, adapter, base_gguf)
+    opts = gguf.GGUFOptions(
+        model=model, types=[type_], out=str(out) if out else None, ollama_name=ollama_name, template=template,
+        adapter=str(adapter) if adapter else None, base_gguf=base_gguf, force=force,
+    )  # fmt: skip
+    gguf.run(opts)
 
 
 # verify ------------------------------------------------------------------------------------------------------
@@ -240,26 +297,16 @@ def _verify(
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Greedy tokens per chat prompt."),
 ) -> None:
     """Prove an export is faithful: templates, stop tokens, tokenizer, perplexity and chat; exit 1 on a failure."""
+    _setup(quantization=bool(quantized))
     from exporter import verify
     from exporter.verify import report as verify_report
 
-    rep = verify.verify(
-        base=base,
-        adapter=adapter,
-        merged=merged,
-        ggufs=gguf,
-        modelfiles=modelfile,
-        quantized=quantized,
-        run_dir=run_dir,
-        template=template,
-        thresholds=verify.parse_thresholds(ppl_threshold),
-        prompts=prompts,
-        text=text,
-        data=data,
-        ctx=ctx,
-        max_windows=max_windows,
-        max_new_tokens=max_new_tokens,
-    )
+    opts = verify.VerifyOptions(
+        base=base, adapter=adapter, merged=merged, ggufs=gguf, modelfiles=modelfile, quantized=quantized,
+        run_dir=run_dir, template=template, ppl_threshold=verify.parse_thresholds(ppl_threshold), prompts=prompts,
+        text=text, data=data, ctx=ctx, max_windows=max_windows, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    rep = verify.verify(opts)
     verify_report.print_table(rep)
     if report is not None:
         verify_report.write_json(rep, report)
@@ -275,10 +322,93 @@ def _pipeline(
     overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.max_steps=5."),
 ) -> None:
     """train -> merge -> gguf -> verify into one run dir; finished stages are skipped; exit 1 if verify fails."""
+    _setup()
     from exporter import pipeline
 
     result = pipeline.run(pipeline.load_config(config_file, overrides or []))
     raise typer.Exit(0 if result.passed else 1)
+
+
+# ---- chat and serve: talk to a model (exporter/chat.py, exporter/serve.py on exporter/engine) ----
+def _engine_load_options(
+    adapter: str | None, template: str | None, backend: str | None, dtype: str | None, device: str | None,
+    max_seqs: int | None, ctx: int | None, threads: int | None,
+) -> dict:  # fmt: skip
+    return {"adapter": adapter, "template": template, "backend": backend, "dtype": dtype, "device": device,
+            "max_seqs": max_seqs, "ctx": ctx, "threads": threads}  # fmt: skip
+
+
+_MODEL_HELP = "HF dir, PEFT adapter dir, .gguf file, or a LLaMA-Factory inference YAML."
+_BACKEND_HELP = "hf | gguf | vllm (default: from the path)."
+
+
+@app.command("chat")
+def _chat(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    adapter: str = typer.Option(None, "--adapter", help="PEFT adapter dir (hf) or GGUF LoRA file (gguf)."),
+    template: str = typer.Option(
+        None, "--template", help="LLaMA-Factory or family name, or a .jinja file (default: the model's own)."
+    ),
+    system: str = typer.Option(None, "--system", help="System prompt."),
+    temperature: float = typer.Option(None, "--temperature", help="0 = greedy (default 0.95, as LLaMA-Factory)."),
+    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.7)."),
+    top_k: int = typer.Option(None, "--top-k", help="Top-k sampling, 0 = off (default 50)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Longest answer (default 1024)."),
+    repetition_penalty: float = typer.Option(None, "--repetition-penalty", help="HF's (default 1.0)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
+    backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
+    dtype: str = typer.Option(None, "--dtype", help="hf: auto | fp32 | bf16 | fp16."),
+    device: str = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1 ..."),
+    ctx: int = typer.Option(None, "--ctx", help="gguf: context size (default 4096); vllm: max model length."),
+    threads: int = typer.Option(None, "--threads", help="gguf: CPU threads."),
+) -> None:
+    """Chat in the terminal (history, `clear`, `exit`); reads one prompt a line when stdin is not a terminal."""
+    from exporter.chat import LF_SAMPLING, ChatOptions, chat, quantized_model, resolve_options
+
+    load_kw = _engine_load_options(adapter, template, backend, dtype, device, 1, ctx, threads)
+    samp_kw = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+               "repetition_penalty": repetition_penalty, "seed": seed}  # fmt: skip
+    load_opts, sampling, sys_prompt = resolve_options(model, load_kw, samp_kw, system, LF_SAMPLING)
+    _setup(quantization=quantized_model(load_opts))
+    chat(ChatOptions(load_opts, sampling, sys_prompt))
+
+
+@app.command("serve")
+def _serve(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    adapter: str = typer.Option(None, "--adapter", help="PEFT adapter dir (hf) or GGUF LoRA file (gguf)."),
+    template: str = typer.Option(
+        None, "--template", help="LLaMA-Factory or family name, or a .jinja file (default: the model's own)."
+    ),
+    system: str = typer.Option(None, "--system", help="Default system prompt (when a request has none)."),
+    host: str = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1; env API_HOST)."),
+    port: int = typer.Option(None, "--port", help="Port (default 8000; env API_PORT)."),
+    api_key: str = typer.Option(None, "--api-key", help="Require this Bearer key (env API_KEY)."),
+    model_name: str = typer.Option(None, "--model-name", help="Name in /v1/models (env API_MODEL_NAME)."),
+    max_seqs: int = typer.Option(8, "--max-seqs", help="Requests decoded together (continuous batching)."),
+    max_waiting: int = typer.Option(256, "--max-waiting", help="Requests queued behind those; more get 429."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Answer length when a request sets none (1024)."),
+    backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
+    dtype: str = typer.Option(None, "--dtype", help="hf: auto | fp32 | bf16 | fp16."),
+    device: str = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1 ..."),
+    ctx: int = typer.Option(None, "--ctx", help="gguf: tokens per request (default 4096); KV = ctx x max-seqs."),
+    threads: int = typer.Option(None, "--threads", help="gguf: CPU threads."),
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions with streaming and tools)."""
+    from exporter.chat import quantized_model, resolve_options
+    from exporter.engine import Sampling
+    from exporter.serve import ServeOptions, options_from_env, run
+
+    load_kw = _engine_load_options(adapter, template, backend, dtype, device, max_seqs, ctx, threads)
+    load_kw["max_waiting"] = max_waiting
+    defaults = Sampling(max_new_tokens=1024, temperature=1.0)  # OpenAI's defaults for what a request leaves out
+    load_opts, sampling, sys_prompt = resolve_options(model, load_kw, {"max_new_tokens": max_new_tokens}, system,
+                                                      defaults)  # fmt: skip
+    opts = options_from_env(ServeOptions(load_opts, default_system=sys_prompt, sampling=sampling))
+    opts.host, opts.port = host or opts.host, port or opts.port
+    opts.api_key, opts.model_name = api_key or opts.api_key, model_name or opts.model_name
+    _setup(quantization=quantized_model(load_opts))
+    run(opts)
 
 
 def main() -> None:

@@ -119,7 +119,8 @@ class Layout:
     gen: str  # generation prompt after the user suffix
     gen_no_think: str | None  # with enable_thinking=False, where that differs
     close: str  # what ends an answer up to and including its end-of-turn token
-    eot: list[str]  # end-of-turn tokens
+    eot: list[str]  # end-of-turn tokens: generation stops on them
+    closers: list[str]  # tokens that close an answer in the rendered text (eot, and gpt-oss's <|end|> in history)
     bos_rendered: bool
 
 
@@ -207,6 +208,11 @@ def derive_layout(
         notes.append("the first user turn starts differently from later ones")
     opening = {found[0][2] for text in (head, upre, apre, gen) if (found := marks.find(text))}
     eot, close = _end_of_turn(asuf, c, e, eos, marks, opening)
+    closers, starts = list(eot), {found[0][2] for text in (head, apre, gen) if (found := marks.find(text))}
+    for text in (c, e) if not marks.find(asuf) else ():  # no suffix token: what ends answers mid-chat and at the end
+        hits = marks.find(text)
+        if eot and hits and not text[: hits[0][0]].strip() and hits[0][2] not in closers + list(starts):
+            closers.append(hits[0][2])
     gen_no_think = None
     if "enable_thinking" in jinja:
         try:
@@ -215,7 +221,7 @@ def derive_layout(
             g = None
         if g and g[1].startswith(usuf) and g[1][len(usuf) :] != gen:
             gen_no_think = g[1][len(usuf) :]
-    sys = _system_layout(r, head, upre, c, marks)
+    sys = _system_layout(r, head, c)
     lay = Layout(
         head=head,
         user=(upre, usuf),
@@ -224,6 +230,7 @@ def derive_layout(
         gen_no_think=gen_no_think,
         close=close,
         eot=eot,
+        closers=closers,
         bos_rendered=bos_rendered,
         **sys,
     )
@@ -234,26 +241,22 @@ def _end_of_turn(
     asuf: str, between: str, final: str, eos: str, marks: _Marks, opening: set[str]
 ) -> tuple[list[str], str]:
     """(end-of-turn tokens, closing text) of answers: the last token of the assistant suffix that does not also
-    open turns; else the token that starts the text after an answer (before the next turn, after the final one)."""
+    open turns; else the token that ends the final answer (gpt-oss: <|return|>, while <|end|> only separates
+    messages), else the one that starts the text after an answer (GLM: the next role token)."""
     found = [f for f in marks.find(asuf) if f[2] not in opening] or marks.find(asuf)
     if found:
         s, e, tok = found[-1]
         return [tok], asuf[:e]
-    eot, close = [], ""
-    for text in (between, final):
+    for text in (final, between):
         hits = marks.find(text)
         if hits and not text[: hits[0][0]].strip():
-            tok = hits[0][2]
-            if tok not in eot:
-                eot.append(tok)
-            if not close and text is between:
-                close = text[: hits[0][1]]
-    if not eot and eos and eos in between:
-        eot, close = [eos], between[: between.index(eos) + len(eos)]
-    return eot, close
+            return [hits[0][2]], between[: hits[0][1]] if text is between else ""
+    if eos and eos in between:
+        return [eos], between[: between.index(eos) + len(eos)]
+    return [], ""
 
 
-def _system_layout(r: Callable[..., str], head: str, upre: str, between: str, marks: _Marks) -> dict[str, Any]:
+def _system_layout(r: Callable[..., str], head: str, between: str) -> dict[str, Any]:
     """Where a system prompt goes (see `Layout`)."""
     none = {"sys_before": "", "sys_after": "", "empty_system_is_none": False, "default_system": None}
     try:
@@ -433,18 +436,20 @@ def explain(results: Sequence[ShapeResult], notes: Sequence[str]) -> list[str]:
     """One line per reason the differing shapes differ (shapes of a known reason grouped, with a first example)."""
     dates = [n for n in notes if "today's date" in n]
     groups: dict[str, list[ShapeResult]] = {}
+    lines = []
     for res in results:
         if res.same:
             continue
         if res.whitespace_only:
-            why = "the Jinja trims or adds whitespace around content; Go prints content as given"
+            groups.setdefault("the Jinja trims or adds whitespace around content; Go prints it as given", []).append(
+                res
+            )
         elif dates:
-            why = dates[0]
+            groups.setdefault(dates[0], []).append(res)
         else:
-            why = f"{res.shape} {res.detail}"
-        groups.setdefault(why, []).append(res)
-    return [f"differs on {', '.join(r.shape for r in rs)}: {why}" + (f" ({rs[0].detail})" if why != f"{rs[0].shape} "
-            f"{rs[0].detail}" else "") for why, rs in groups.items()]  # fmt: skip
+            lines.append(f"differs on {res.shape}: {res.detail}")
+    grouped = [f"differs on {', '.join(r.shape for r in rs)}: {why} ({rs[0].detail})" for why, rs in groups.items()]
+    return grouped + lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -560,6 +565,7 @@ def chat_template(
         differ = [r.shape for r in results[pick] if not r.same]
         notes = explain(results[pick], d.notes) + notes
         head += f"; renders like the Jinja in real Go on {len(same)} of {len(same) + len(differ)} shapes"
+        head += f" ({', '.join(same)})" if same else ""
     if pick:
         head = head.replace("derived from it", f"of family {names[pick]}")
     if own_tools is not None:
@@ -569,6 +575,7 @@ def chat_template(
     shown = "\n".join(notes)
     notes = [head, *notes, *(n for n in d.notes if n not in shown), *near]
     fmt = {"kind": "jinja", "close": d.layout.close, "after_answer": d.layout.assistant[1], "extra": d.extra,
+           "closers": d.layout.closers,
            "go": names[pick], "same": same, "differ": differ}  # fmt: skip
     return ChatTemplate(
         **common,

@@ -65,17 +65,16 @@ def _regions(
         content = messages[k]["content"]
         if messages[k].get("role") == "assistant" and "</think>" in content:
             content = content[content.rfind("</think>") + len("</think>") :]
-        nxt = literals[i + 1] if i + 1 < len(hits) else tail
+        last, verbatim = i + 1 == len(hits), pos + len(content)
+        nxt = tail if last else literals[i + 1]
         if full.startswith(content, pos) and (
-            full.startswith(nxt, pos + len(content))
-            if i + 1 < len(hits)
-            else full.endswith(nxt) and pos + len(content) + len(nxt) == len(full)
+            verbatim + len(nxt) == len(full) and full.endswith(nxt) if last else full.startswith(nxt, verbatim)
         ):
-            end = pos + len(content)  # fmt: skip
-        elif i + 1 < len(hits):
-            end = full.find(nxt, pos) if nxt else pos
-        else:
+            end = verbatim  # the content as given
+        elif last:  # the template reshaped it (trimmed ...): it spans up to the text that follows it
             end = len(full) - len(nxt) if full.endswith(nxt) else -1
+        else:
+            end = full.find(nxt, pos) if nxt else pos
         if end < pos:
             raise UserError(f"message {k}: cannot find its content in the chat template's rendering")
         if k in out and messages[k].get("role") == "assistant":
@@ -111,6 +110,7 @@ def _answer_spans(
     """Trained character spans of every answer, and text to append when the Jinja leaves the final answer open."""
     regions = _regions(tpl, messages, full, gen, bos, eos, kw)
     close, after = tpl.format.get("close", ""), tpl.format.get("after_answer", "")
+    closers = tpl.format.get("closers") or tpl.eot_tokens
     spans, extra = [], ""
     for k, m in enumerate(messages):
         if m.get("role") != "assistant":
@@ -125,13 +125,13 @@ def _answer_spans(
             except Exception:  # a template may refuse a prefix; the content start is then where the answer starts
                 prompt = None
             if prompt is not None:
-                s1 = _lcp(prompt, full, tpl.eot_tokens)
+                s1 = _lcp(prompt, full, closers)
                 if lo <= s1 <= (cs if cs is not None else hi):
                     start = s1
         if start is None:
             raise UserError(f"message {k}: cannot find this answer in the chat template's rendering")
         content_end = ce if ce is not None else start
-        end = _first_eot(full, content_end, hi, tpl.eot_tokens)
+        end = _first_eot(full, content_end, hi, closers)
         if end is None and k == len(messages) - 1 and not gen and content_end == len(full) and close:
             extra, end = close, len(full) + len(close)  # the Jinja leaves the final answer open: close it
         elif end is None:
@@ -154,7 +154,7 @@ def _generation_spans(tpl: Any, messages: list[dict[str, Any]], gen: bool, bos: 
         raise UserError(f"the model's chat template refuses this conversation: {type(e).__name__}: {e}") from None
     text, spans = out[0], []
     for s, e in indices[0]:
-        tok = next((t for t in tpl.eot_tokens if t and text.startswith(t, e)), "")
+        tok = next((t for t in tpl.format.get("closers") or tpl.eot_tokens if t and text.startswith(t, e)), "")
         spans.append((s, e + len(tok)))
     return text, spans
 

@@ -633,39 +633,41 @@ def encode(
 # Detection by content: render probe conversations through the model's own chat_template and through each family.
 # ---------------------------------------------------------------------------------------------------------------
 
-_U = "user"
 PROBES: list[tuple[list[dict[str, Any]], bool]] = [
-    ([{"role": _U, "content": "Hello there"}], True),
-    ([{"role": "system", "content": "You are terse."}, {"role": _U, "content": "Hello there"}], True),
+    ([{"role": "user", "content": "Hello there"}], True),
+    ([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}], True),
     (
         [
-            {"role": _U, "content": "What is 2+2?"},
+            {"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "content": "4"},
-            {"role": _U, "content": "And 3+3?"},
+            {"role": "user", "content": "And 3+3?"},
         ],
         True,
     ),
     (
         [
             {"role": "system", "content": "You are terse."},
-            {"role": _U, "content": "What is 2+2?"},
+            {"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "content": "4"},
-            {"role": _U, "content": "And 3+3?"},
+            {"role": "user", "content": "And 3+3?"},
         ],
         True,
     ),
-    ([{"role": _U, "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], False),
+    ([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], False),
     # what verify compares too: whitespace kept or trimmed, unicode, empty content, multi-line answers
-    ([{"role": _U, "content": "  spaced  \n"}, {"role": "assistant", "content": " spaced answer "}], False),
+    ([{"role": "user", "content": "  spaced  \n"}, {"role": "assistant", "content": " spaced answer "}], False),
     (
         [
             {"role": "system", "content": "Réponds en français. 用中文也可以。"},
-            {"role": _U, "content": "¿Qué tal? 你好 🙂 — “quotes”"},
+            {"role": "user", "content": "¿Qué tal? 你好 🙂 — “quotes”"},
             {"role": "assistant", "content": "Très bien, 谢谢！🎉\n\nline\n\tindented"},
         ],
         False,
     ),
-    ([{"role": _U, "content": ""}, {"role": "assistant", "content": ""}, {"role": _U, "content": "Say it."}], True),
+    (
+        [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": "Say it."}],
+        True,
+    ),
 ]
 
 
@@ -679,7 +681,7 @@ _TOOL = {
 }
 _CALL = {"id": "call0A1b2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 TOOL_PROBE = [
-    {"role": _U, "content": "Weather in Paris?"},
+    {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": "", "tool_calls": [_CALL]},
     {"role": "tool", "tool_call_id": "call0A1b2", "name": "get_weather", "content": "21 C, sunny"},
     {"role": "assistant", "content": "It is 21 C and sunny."},

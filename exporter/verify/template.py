@@ -14,14 +14,14 @@ from typing import Any
 
 from exporter.diff import first_diff, text_diff
 from exporter.errors import UserError
-from exporter.verify.artifacts import Artifacts, GGUFInfo, Modelfile
+from exporter.verify.artifacts import GGUFInfo, Modelfile, VerifyOptions
 from exporter.verify.corpus import PROBE_CONVERSATIONS
 from exporter.verify.report import Check
 
 Probe = tuple[list[dict[str, str]], str, str]  # conversation, its full rendering, its prompt's (generation prompt)
 
 
-def training_template(name: str | None, art: Artifacts) -> tuple[Any, str | None]:
+def training_template(name: str | None, art: VerifyOptions) -> tuple[Any, str | None]:
     """(ChatTemplate or None, reason when None): --template wins (a LLaMA-Factory name for the model's tokenizer),
     else the training base's own (a family when one matches, else derived from its Jinja), else the adapter's or
     merged dir's."""
