@@ -80,11 +80,9 @@ def engine_options(opts: Any, max_seqs: int, template: str | None) -> Any:
     """The engine's LoadOptions for LF's model keys (model_name_or_path, adapter_name_or_path, template,
     infer_backend, infer_dtype) plus exporter's `backend` (default: .gguf -> gguf, a dir -> hf)."""
     from exporter.engine import LoadOptions
-    from exporter.lf_args import TEMPLATE_ALIASES
 
     backend = opts.backend or ("vllm" if opts.infer_backend == "vllm" else None)
-    name = TEMPLATE_ALIASES.get(template, template) if template else None
-    return LoadOptions(opts.model_name_or_path, adapter=opts.adapter_name_or_path, backend=backend, template=name,
+    return LoadOptions(opts.model_name_or_path, adapter=opts.adapter_name_or_path, backend=backend, template=template,
                        dtype=DTYPES[opts.infer_dtype], max_seqs=max_seqs)  # fmt: skip
 
 

@@ -63,6 +63,8 @@ import torch
 assert torch.version.cuda is None, f"a CUDA build of torch was installed ({torch.version.cuda}); pin torch==2.13.0"
 print(f"[setup] torch {torch.__version__} (CPU build)")
 PY
+# LLaMA-Factory itself, in a venv of its own: the reference of the template parity tests (EXPORTER_LF_PYTHON).
+bash scripts/setup_lf.sh
 echo "export PATH=\"$venv/bin:\$PATH\""
 echo "export EXPORTER_VENV=\"$venv\""
 echo "export EXPORTER_LLAMA_SRC=\"$ref\""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import _missing, require_llama_cpp
+from conftest import lf_python, require_llama_cpp
 from eval_fixture import SUBJECTS, write_task
 from sharp_model import sharpen
 
@@ -188,19 +188,12 @@ def test_gguf_equals_llama_cpp(sharp_model: Path, task_dir: Path, tmp_path: Path
 # ---------------------------------------------------------------------------------------------- LLaMA-Factory itself
 
 
-def _lf_python() -> str:
-    value = os.environ.get("EXPORTER_LF_PYTHON")
-    if not value or not Path(value).is_file():
-        _missing(f"LLaMA-Factory reference venv (EXPORTER_LF_PYTHON={value!r})")
-    return str(value)
-
-
 @pytest.mark.parametrize("task,lang", TASKS)
 def test_same_prompts_and_answers_as_llamafactory(sharp_model: Path, task_dir: Path, tmp_path: Path, task, lang):
     """LF 0.9.5's own Evaluator on the same files: identical prompt token ids, answers and results.log."""
     from transformers import AutoTokenizer
 
-    lf = _lf_python()
+    lf = lf_python()
     cmd = [lf, str(HERE / "lf_eval_reference.py"), str(sharp_model), str(task_dir), task, lang, "5", "4",
            str(tmp_path / "lf"), "fewshot", str(tmp_path / "lf_inputs.json")]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, _missing, require_llama_cpp
+from conftest import ROOT, lf_python, require_llama_cpp
 from sharp_model import sharpen
 from test_metrics import reference
 
@@ -170,9 +170,7 @@ def _metrics_libs(tmp_path: Path) -> Path:
 
 def test_same_files_as_llamafactory(sharp_qwen: Path, tmp_path: Path) -> None:
     """LF 0.9.5's own do_predict on the same YAML: identical prompts, predictions, labels and BLEU/ROUGE."""
-    lf = os.environ.get("EXPORTER_LF_PYTHON")
-    if not lf or not Path(lf).is_file():
-        _missing(f"LLaMA-Factory reference venv (EXPORTER_LF_PYTHON={lf!r})")
+    lf = lf_python()
     text = (f"model_name_or_path: {sharp_qwen}\nstage: sft\ndo_predict: true\nfinetuning_type: lora\n"
             f"eval_dataset: identity,alpaca_zh_demo\ndataset_dir: {DATA}\ntemplate: qwen\ncutoff_len: 1024\n"
             "max_samples: 3\noverwrite_cache: true\nper_device_eval_batch_size: 1\npredict_with_generate: true\n"
