@@ -17,8 +17,6 @@ LABELS: dict[str, tuple[str, str]] = {
     "template": ("Chat template", "对话模板"),
     # tabs
     "tab_train": ("Train", "训练"),
-    "tab_eval": ("Evaluate & Predict", "评估与预测"),
-    "tab_chat": ("Chat", "对话"),
     "tab_export": ("Export", "导出"),
     # train: data
     "stage": ("Stage", "训练阶段"),
@@ -26,7 +24,6 @@ LABELS: dict[str, tuple[str, str]] = {
     "dataset_dir": ("Data dir (holds dataset_info.json)", "数据目录（含 dataset_info.json）"),
     "dataset": ("Datasets", "数据集"),
     "data_preview_btn": ("Preview data", "预览数据"),
-    "data_preview": ("First rows through the template (trained parts marked)", "经模板渲染的前几行（训练部分已标出）"),
     # train: hyperparameters
     "learning_rate": ("Learning rate", "学习率"),
     "num_train_epochs": ("Epochs", "训练轮数"),
@@ -67,7 +64,6 @@ LABELS: dict[str, tuple[str, str]] = {
     "command": ("Command line", "命令行"),
     "yaml": ("YAML config", "YAML 配置"),
     "train_status": ("Status", "状态"),
-    "progress": ("Progress", "进度"),
     "loss_plot": ("Training loss", "训练损失"),
     # export
     "export_out": ("Export dir", "导出目录"),
@@ -81,11 +77,8 @@ LABELS: dict[str, tuple[str, str]] = {
     "verify_prompts": ("Chat prompts compared (verify)", "对比的对话提示数（验证）"),
     "export_btn": ("Export", "开始导出"),
     "export_stop_btn": ("Stop", "中断"),
-    "export_progress": ("Stages", "阶段"),
     "export_log": ("Log", "日志"),
-    "verify_summary": ("Verify", "验证"),
     "verify_table": ("Verify checks", "验证检查"),
-    "modelfiles": ("Modelfiles", "Modelfile"),
     "ollama_commands": ("Import into Ollama", "导入 Ollama"),
 }
 
