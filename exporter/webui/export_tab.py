@@ -312,8 +312,9 @@ def build(board: Any, demo: Any) -> None:
 
     run_btn.click(on_run, inputs, outputs, api_name="export_run")
     stop_btn.click(on_stop, [top["lang"]], [log], api_name="export_stop", concurrency_limit=None)
-    for src in (top["model"], top["adapter"]):
-        src.change(default_out, [top["model"], top["adapter"]], [c["export_out"]], api_visibility="private")
+    for src in (top["model"], top["adapter"]):  # on blur, as the Train tab's output dir
+        src.blur(default_out, [top["model"], top["adapter"]], [c["export_out"]], api_visibility="private",
+                 trigger_mode="always_last")  # fmt: skip
     c["quant_method"].change(_bits_choices, [c["quant_method"]], [c["quant_bits"]], api_visibility="private")
 
 

@@ -63,7 +63,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "stop_btn": ("Stop", "中断"),
     "command": ("Command line", "命令行"),
     "yaml": ("YAML config", "YAML 配置"),
-    "train_status": ("Status", "状态"),
+    "train_output": ("Output", "输出"),
     "loss_plot": ("Training loss", "训练损失"),
     # export
     "export_out": ("Export dir", "导出目录"),

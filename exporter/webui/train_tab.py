@@ -31,6 +31,8 @@ LF_DEFAULTS: dict[str, Any] = {
     "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "loraplus_lr_ratio": 0.0, "lora_target": "",
 }  # fmt: skip
 COMPUTE_TYPES = ("bf16", "fp16", "fp32")
+# the loss plot's series (a fixed color map also keeps Gradio 6.31 drawing lines into a plot that started empty)
+LOSS_COLORS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval_loss": "#ea580c"}
 PREVIEW_ROWS = 3
 _INTS = ("batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "warmup_steps", "seed",
          "lora_rank", "lora_alpha")  # fmt: skip
@@ -178,7 +180,9 @@ def parse(args: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     if not cfg.output_dir:
         raise UserError("output_dir: set the output dir")
     lf_args.check(cfg, given, "cuda" if torch.cuda.is_available() else "cpu")
-    return {k: _yaml_value(getattr(cfg, k)) for k in args}, cfg
+    typed = {k: _yaml_value(getattr(cfg, k)) for k in args}
+    # a whole number stays one (logging_steps: 5, not 5.0, though HF types it float)
+    return {k: args[k] if isinstance(args[k], int) and typed[k] == args[k] else typed[k] for k in args}, cfg
 
 
 def yaml_text(args: dict[str, Any]) -> str:
@@ -256,10 +260,13 @@ def loss_frame(log: list[dict[str, Any]]) -> Any:
     from exporter.train import smooth
 
     pts = [(r["current_steps"], r["loss"]) for r in log if r.get("loss") is not None]
+    evals = [(r["current_steps"], r["eval_loss"], "eval_loss") for r in log if r.get("eval_loss") is not None]
+    # a curve starts at its second point: Gradio 6.31 never draws the lines of a plot that was sent one point
+    pts, evals = (pts if len(pts) > 1 else []), (evals if len(evals) > 1 else [])
     rows = [(s, v, "loss") for s, v in pts]
-    rows += [(s, v, "smoothed") for (s, _), v in zip(pts, smooth([v for _, v in pts]), strict=True)]
-    rows += [(r["current_steps"], r["eval_loss"], "eval_loss") for r in log if r.get("eval_loss") is not None]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    rows += [(s, v, "smoothed") for (s, _), v in zip(pts, smooth([v for _, v in pts]), strict=True)] + evals
+    frame = pd.DataFrame(rows, columns=["step", "loss", "series"])
+    return frame.astype({"step": "int64", "loss": "float64", "series": "str"})  # typed even when empty
 
 
 def progress_html(log: list[dict[str, Any]], lang: str, running: bool) -> str:
@@ -361,7 +368,8 @@ def build(board: Any, demo: Any) -> None:
         with gr.Row():
             c["stage"] = add("stage", gr.Dropdown(list(stages()), value="sft", label=label("stage", L), scale=1))
             c["method"] = add("method", gr.Dropdown(methods(), value="lora", label=label("method", L), scale=1))
-            c["dataset_dir"] = add("dataset_dir", gr.Textbox("data", label=label("dataset_dir", L), scale=1))
+            c["dataset_dir"] = add("dataset_dir", gr.Textbox("data", label=label("dataset_dir", L), scale=1,
+                                                             elem_id="dataset_dir"))  # fmt: skip
             board.top["dataset_dir"] = c["dataset_dir"]  # the Export tab's calibration data come from here too
             c["dataset"] = add("dataset", gr.Dropdown(
                 list_datasets("data"), multiselect=True, allow_custom_value=True, label=label("dataset", L), scale=3,
@@ -404,11 +412,12 @@ def build(board: Any, demo: Any) -> None:
             with gr.Column(scale=3):
                 u["status"] = gr.Markdown(elem_id="train_status")
                 u["progress"] = gr.HTML(elem_id="train_progress")
-                u["output"] = add("train_status", gr.Textbox(label=label("train_status", L), lines=6, max_lines=6,
+                u["output"] = add("train_output", gr.Textbox(label=label("train_output", L), lines=6, max_lines=6,
                                                               autoscroll=True, elem_id="train_output"))  # fmt: skip
             with gr.Column(scale=2):
-                u["plot"] = add("loss_plot", gr.LinePlot(x="step", y="loss", color="series", height=300,
-                                                         label=label("loss_plot", L), elem_id="loss_plot"))  # fmt: skip
+                u["plot"] = add("loss_plot", gr.LinePlot(
+                    x="step", y="loss", color="series", color_map=LOSS_COLORS, height=300, label=label("loss_plot", L),
+                    elem_id="loss_plot"))  # fmt: skip
         with gr.Row():
             u["command"] = add("command", gr.Code(language="shell", label=label("command", L),
                                                   elem_id="train_command"))  # fmt: skip
@@ -422,10 +431,11 @@ def _extra(board: Any, c: dict[str, Any]) -> None:
     from exporter.webui.locales import label
 
     L, add, d = board.opts.lang, board.add, LF_DEFAULTS  # noqa: N806
-    with add("extra_tab", gr.Accordion(label("extra_tab", L), open=False)):
+    with add("extra_tab", gr.Accordion(label("extra_tab", L), open=False, elem_id="extra_tab")):
         with gr.Row():
             c["logging_steps"] = add("logging_steps", gr.Slider(1, 1000, d["logging_steps"], step=1,
-                                                                label=label("logging_steps", L)))  # fmt: skip
+                                                                label=label("logging_steps", L),
+                                                                elem_id="logging_steps"))  # fmt: skip
             c["save_steps"] = add("save_steps", gr.Slider(1, 5000, d["save_steps"], step=1,
                                                           label=label("save_steps", L)))  # fmt: skip
             c["warmup_steps"] = add("warmup_steps", gr.Slider(0, 5000, d["warmup_steps"], step=1,
@@ -525,7 +535,10 @@ def _wire(board: Any, demo: Any, c: dict[str, Any], ui: dict[str, Any]) -> None:
     ui["stop_btn"].click(on_stop, [top["lang"]], [ui["status"]], api_name="train_stop", concurrency_limit=None)
     demo.load(on_monitor, [top["lang"]], watched, api_name="train_monitor", concurrency_limit=None)
     c["dataset_dir"].change(lambda p: gr.update(choices=list_datasets(p)), [c["dataset_dir"]], [c["dataset"]],
-                            api_visibility="private")  # fmt: skip
+                            api_visibility="private", trigger_mode="always_last")  # fmt: skip
     c["stage"].change(lambda s: s == "pt", [c["stage"]], [c["packing"]], api_visibility="private")
-    for src in (top["model"], c["method"]):
-        src.change(default_output_dir, [top["model"], c["method"]], [c["output_dir"]], api_visibility="private")
+    # a new default output dir once the model path is typed (blur: not per keystroke, so a late update never
+    # overwrites an output dir typed just after) or the method changes
+    for event in (top["model"].blur, c["method"].change):
+        event(default_output_dir, [top["model"], c["method"]], [c["output_dir"]], api_visibility="private",
+              trigger_mode="always_last")  # fmt: skip
