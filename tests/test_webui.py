@@ -17,7 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 from typer.testing import CliRunner
-from webui_helpers import ANSWER, QUESTIONS, export_form, export_inputs, serve, train_form, train_inputs, write_data
+from webui_helpers import (
+    ANSWER,
+    QUESTIONS,
+    chat_sampling,
+    export_form,
+    export_inputs,
+    peft_greedy,
+    serve,
+    train_form,
+    train_inputs,
+    write_data,
+)
 
 from exporter import cli, lf_args
 from exporter.webui import WebUIOptions, build, export_tab, locales, train_tab
@@ -123,6 +134,61 @@ def test_stop_then_resume(client, model: Path, data_dir: Path, tmp_path: Path) -
     log = [json.loads(ln) for ln in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["current_steps"] for r in log] == list(range(1, 9))  # the log continues where the checkpoint was
     assert "step 8/8" in progress
+
+
+# ------------------------------------------------------------------ Chat
+
+
+def test_chat_streams_the_adapters_answer(client, trained, model: Path) -> None:
+    adapter, _ = trained
+    client.predict(api_name="/chat_clear")
+    status = client.predict("en", str(model), str(adapter), "auto", "", "auto", "auto", api_name="/chat_load")
+    assert status.startswith("**Loaded**") and str(adapter) in status and "hf" in status, status
+    system, q1, q2 = "You are Exa.", QUESTIONS[0], QUESTIONS[1]
+    job = client.submit("en", q1, system, *chat_sampling(16), api_name="/chat_submit")
+    box, query, _ = job.result()
+    conv = [{"role": "system", "content": system}, {"role": "user", "content": q1}]
+    a1 = peft_greedy(model, adapter, conv, 16)
+    assert a1 and query == ""
+    assert [(m["role"], m["content"][0]["text"]) for m in box] == [("user", q1), ("assistant", a1.strip())]
+    partials = [out[0][-1]["content"] for out in job.outputs()]
+    texts = [p[0]["text"] if p else "" for p in partials]
+    assert len(set(texts)) >= 3 and all(a1.strip().startswith(t) for t in texts)  # streamed, growing to the answer
+    # the second turn sees the first (the history the page holds is the exact text)
+    box, _, _ = client.predict("en", q2, system, *chat_sampling(16), api_name="/chat_submit")
+    a2 = peft_greedy(model, adapter, [*conv, {"role": "assistant", "content": a1}, {"role": "user", "content": q2}], 16)
+    assert box[-1]["content"][0]["text"] == a2.strip() and len(box) == 4
+    assert client.predict(api_name="/chat_clear") == []
+    box, _, _ = client.predict("en", q2, "", *chat_sampling(16), api_name="/chat_submit")
+    assert box[-1]["content"][0]["text"] == peft_greedy(model, adapter, [{"role": "user", "content": q2}], 16).strip()
+    assert client.predict("en", api_name="/chat_unload") == "No model loaded."
+
+
+def test_chat_errors_are_one_line(client, model: Path, tmp_path: Path) -> None:
+    client.predict("en", api_name="/chat_unload")
+    box, query, status = client.predict("en", "hi", "", *chat_sampling(), api_name="/chat_submit")
+    assert status == "No model loaded." and query == "hi"
+    status = client.predict("en", str(model), "", "auto", str(tmp_path / "nope.gguf"), "auto", "auto",
+                            api_name="/chat_load")  # fmt: skip
+    assert status.startswith(f"**Failed**: `error: model '{tmp_path / 'nope.gguf'}': no such directory"), status
+    status = client.predict("en", "", "", "auto", "", "auto", "auto", api_name="/chat_load")
+    assert "error: set the model path" in status
+
+
+@pytest.mark.slow
+def test_chat_with_a_gguf_and_a_merged_dir(client, tool_models) -> None:
+    """The merged dir and the f16 GGUF of an adapter trained to answer QA give PEFT's answers."""
+    from engine_models import QA, peft_answers
+
+    want = peft_answers(tool_models.base, tool_models.lora)
+    for path, kind in ((tool_models.gguf, "gguf"), (tool_models.merged, "hf")):
+        status = client.predict("en", "", "", "auto", str(path), "auto", "auto", api_name="/chat_load")
+        assert status.startswith("**Loaded**") and f"· {kind}" in status, status
+        for q, _ in QA[:3]:
+            client.predict(api_name="/chat_clear")
+            box, _, _ = client.predict("en", q, "", *chat_sampling(24), api_name="/chat_submit")
+            assert box[-1]["content"][0]["text"] == want[q].strip(), (kind, q)
+    client.predict("en", api_name="/chat_unload")
 
 
 # ------------------------------------------------------------------ Export

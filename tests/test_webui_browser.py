@@ -1,5 +1,6 @@
 """exporter webui in a real headless browser (Debian's Chromium through selenium): train a tiny model to the end and
-see the loss plot, export and see the verify table pass, switch to Chinese; every request the page makes stays on
+see the loss plot, chat with it and see the answer PEFT gives, export and see the verify table pass, switch to
+Chinese; every request the page makes stays on
 127.0.0.1. Screenshots are kept under the pytest tmp dir (the path is printed); with EXPORTER_WEBUI_SCREENSHOTS=DIR
 they are also written, shrunk, into DIR (how docs/webui-*.png are made)."""
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from webui_helpers import chromium, requested_urls, serve, write_data
+from webui_helpers import QUESTIONS, chromium, peft_greedy, requested_urls, serve, write_data
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +63,14 @@ def _choose(driver: Any, elem_id: str, option: str) -> None:
 
 
 def _tab(driver: Any, name: str) -> None:
-    _wait(driver, f"tab {name!r}", lambda d: next(
-        (b for b in d.find_elements("css selector", "button[role=tab]") if b.text.strip() == name), None), 20).click()
+    _wait(
+        driver,
+        f"tab {name!r}",
+        lambda d: next(
+            (b for b in d.find_elements("css selector", "button[role=tab]") if b.text.strip() == name), None
+        ),
+        20,
+    ).click()
 
 
 def _pixels(element: Any, series: str) -> int:
@@ -133,8 +140,20 @@ def test_train_export_and_language_in_a_browser(tiny_model, tmp_path_factory: py
         assert (out / "adapter_model.safetensors").is_file()
         _wait(d, "the loss curves drawn", lambda d: _pixels(_find(d, "#loss_plot"), "smoothed") > 200, 30)
         train_png = _screenshot(d, shots, "train")
-        # ---- Export: merge -> gguf -> verify, the verify table and the Ollama commands
+        # ---- Chat: the model + the adapter just trained, greedy: the chat box shows the answer PEFT gives
         _type(d, "adapter", str(out))
+        _tab(d, "Chat")
+        _find(d, "#chat_load").click()
+        _wait(d, "the model loaded", lambda d: "Loaded" in _text(d, "#chat_status"), 300)
+        _type(d, "temperature", "0")
+        _type(d, "max_new_tokens", "16")
+        _type(d, "chat_query", QUESTIONS[0])
+        _find(d, "#chat_send").click()
+        want = " ".join(peft_greedy(model, out, [{"role": "user", "content": QUESTIONS[0]}], 16).split())
+        _wait(d, f"the answer {want!r}", lambda d: " ".join(_text(d, "#chatbot .bot-row").split()) == want, 120)
+        assert " ".join(_text(d, "#chatbot .user-row").split()) == QUESTIONS[0]
+        chat_png = _screenshot(d, shots, "chat")
+        # ---- Export: merge -> gguf -> verify, the verify table and the Ollama commands
         _tab(d, "Export")
         _type(d, "export_out", str(work / "export"))
         _type(d, "ollama_name", "exa")
@@ -155,5 +174,5 @@ def test_train_export_and_language_in_a_browser(tiny_model, tmp_path_factory: py
     local = url.rstrip("/")
     outside = {u for u in urls if not u.startswith((local, local.replace("http", "ws"), "data:", "blob:", "chrome"))}
     assert not outside, f"the page requested outside the board: {sorted(outside)}"
-    for png in (train_png, export_png, zh_png):
+    for png in (train_png, chat_png, export_png, zh_png):
         assert png.stat().st_size > 10_000

@@ -73,7 +73,8 @@ def train_inputs(model: Path, form: dict[str, Any], adapter: str = "", template:
 
 def export_form(out: Path, **over: Any) -> dict[str, Any]:
     form = {"export_out": str(out), "merge_dtype": "auto", "quant_method": "none", "quant_bits": "4",
-            "quant_dataset": "", "gguf_types": ["f16"], "ollama_name": "exa", "verify": True, "verify_prompts": 1}  # fmt: skip
+            "quant_dataset": "", "gguf_types": ["f16"], "ollama_name": "exa", "verify": True,
+            "verify_prompts": 1}  # fmt: skip
     form.update(over)
     return form
 
@@ -81,6 +82,32 @@ def export_form(out: Path, **over: Any) -> dict[str, Any]:
 def export_inputs(model: Path, adapter: Path | str, data_dir: Path, form: dict[str, Any]) -> list[Any]:
     """The export_run endpoint's inputs: lang, model, adapter, template, dataset dir, then export_tab.FORM."""
     return ["en", str(model), str(adapter), "auto", str(data_dir), *(form[k] for k in export_tab.FORM)]
+
+
+def chat_sampling(max_new_tokens: int = 24) -> list[Any]:
+    """The Chat tab's sampling inputs (chat_tab.SAMPLING order): greedy."""
+    return [max_new_tokens, 0.0, 1.0, 0, 1.0]
+
+
+def peft_greedy(base: Path, adapter: Path | None, conversation: list[dict[str, str]], max_new_tokens: int) -> str:
+    """The reference answer: transformers' greedy `generate` (fp32) of the base with the PEFT adapter attached,
+    stopping at the model's end ids and the template's end-of-turn token, special tokens left out."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter or base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    stops = sorted({*([eos] if isinstance(eos, int) else eos or []), tok.convert_tokens_to_ids("<|eot_id|>")})
+    ids = tok.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    g = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                       pad_token_id=stops[0])  # fmt: skip
+    return tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 # ------------------------------------------------------------------ the browser

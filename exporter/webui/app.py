@@ -49,6 +49,7 @@ class Board:
         self.top: dict[str, Any] = {}  # lang, model, adapter, template components
         self.train_run: Any = None
         self.export_run: Any = None
+        self.chat: Any = None  # the Chat tab's loaded model (chat_tab.Loaded)
 
     def add(self, key: str, component: Any) -> Any:
         if key not in LABELS:
@@ -79,8 +80,15 @@ def _top_row(board: Board) -> None:
     with gr.Row():
         board.add("title", gr.Markdown(label("title", lang)))
         board.top["lang"] = board.add(
-            "lang", gr.Dropdown([(v, k) for k, v in LANGS.items()], value=lang, label=label("lang", lang), scale=0,
-                                min_width=120, elem_id="lang")  # fmt: skip
+            "lang",
+            gr.Dropdown(
+                [(v, k) for k, v in LANGS.items()],
+                value=lang,
+                label=label("lang", lang),
+                scale=0,
+                min_width=120,
+                elem_id="lang",
+            ),  # fmt: skip
         )
     with gr.Row():
         board.top["model"] = board.add(
@@ -90,8 +98,10 @@ def _top_row(board: Board) -> None:
             "adapter", gr.Textbox(label=label("adapter", lang), scale=3, elem_id="adapter", placeholder="saves/…")
         )
         board.top["template"] = board.add(
-            "template", gr.Dropdown(["auto", *list_templates()], value="auto", label=label("template", lang),
-                                    scale=1, elem_id="template")  # fmt: skip
+            "template",
+            gr.Dropdown(
+                ["auto", *list_templates()], value="auto", label=label("template", lang), scale=1, elem_id="template"
+            ),  # fmt: skip
         )
 
 
@@ -99,13 +109,14 @@ def build(opts: WebUIOptions) -> tuple[Any, Board]:
     """The Gradio Blocks of the board (not launched) and its state."""
     import gradio as gr
 
-    from exporter.webui import export_tab, train_tab
+    from exporter.webui import chat_tab, export_tab, train_tab
 
     board = Board(opts)
     with gr.Blocks(title="exporter", analytics_enabled=False) as demo:
         _top_row(board)
         with gr.Tabs():
             train_tab.build(board, demo)
+            chat_tab.build(board, demo)
             export_tab.build(board, demo)
         comps = [c for _, c in board.labelled]
         board.top["lang"].change(board.relabel, [board.top["lang"]], comps, api_visibility="private")

@@ -33,8 +33,8 @@ FLAGS: dict[str, dict[str, str]] = {
     "gguf": {"types": "--type", "out": "--out", "ollama_name": "--ollama-name", "template": "--template",
              "adapter": "--adapter", "base_gguf": "--base-gguf", "force": "--force"},
     "verify": {"base": "--base", "adapter": "--adapter", "merged": "--merged", "ggufs": "--gguf",
-               "modelfiles": "--modelfile", "quantized": "--quantized", "run_dir": "--run-dir", "template": "--template",
-               "prompts": "--prompts", "text": "--text", "data": "--data", "ctx": "--ctx",
+               "modelfiles": "--modelfile", "quantized": "--quantized", "run_dir": "--run-dir",
+               "template": "--template", "prompts": "--prompts", "text": "--text", "data": "--data", "ctx": "--ctx",
                "max_windows": "--max-windows", "max_new_tokens": "--max-new-tokens"},
 }  # fmt: skip
 

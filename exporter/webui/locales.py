@@ -10,13 +10,14 @@ LANGS = {"en": "English", "zh": "中文"}
 
 LABELS: dict[str, tuple[str, str]] = {
     # top row
-    "title": ("## exporter — train, evaluate, chat, export", "## exporter — 训练、评估、对话、导出"),
+    "title": ("## exporter — train, chat, export", "## exporter — 训练、对话、导出"),
     "lang": ("Language", "语言"),
     "model": ("Model path (HF dir)", "模型路径（HF 目录）"),
     "adapter": ("Adapter path (LoRA dir, optional)", "适配器路径（LoRA 目录，可选）"),
     "template": ("Chat template", "对话模板"),
     # tabs
     "tab_train": ("Train", "训练"),
+    "tab_chat": ("Chat", "对话"),
     "tab_export": ("Export", "导出"),
     # train: data
     "stage": ("Stage", "训练阶段"),
@@ -65,6 +66,26 @@ LABELS: dict[str, tuple[str, str]] = {
     "yaml": ("YAML config", "YAML 配置"),
     "train_output": ("Output", "输出"),
     "loss_plot": ("Training loss", "训练损失"),
+    # chat
+    "chat_path": (
+        "Chat with (a merged dir or .gguf file; empty: the model + adapter above)",
+        "对话模型（合并目录或 .gguf 文件；留空：上方的模型 + 适配器）",
+    ),
+    "chat_backend": ("Inference backend", "推理引擎"),
+    "chat_dtype": ("Inference dtype", "推理数据类型"),
+    "chat_load_btn": ("Load model", "加载模型"),
+    "chat_unload_btn": ("Unload model", "卸载模型"),
+    "chatbot": ("Chat", "对话"),
+    "query": ("Message", "输入"),
+    "send_btn": ("Submit", "提交"),
+    "chat_stop_btn": ("Stop", "停止"),
+    "clear_btn": ("Clear history", "清空历史"),
+    "system": ("System prompt", "系统提示词"),
+    "max_new_tokens": ("Maximum new tokens", "最大生成长度"),
+    "temperature": ("Temperature", "温度系数"),
+    "top_p": ("Top-p", "Top-p 采样值"),
+    "top_k": ("Top-k (0: off)", "Top-k（0：关闭）"),
+    "repetition_penalty": ("Repetition penalty", "重复惩罚"),
     # export
     "export_out": ("Export dir", "导出目录"),
     "merge_dtype": ("Merged dtype", "合并精度"),
@@ -95,8 +116,10 @@ WORDS: dict[str, tuple[str, str]] = {
     "skipped": ("skipped", "跳过"),
     "busy": ("A run is already in progress; stop it first.", "已有任务在运行，请先中断。"),
     "resume_from": ("Resume continues from", "继续训练将从此处开始："),
-    "no_checkpoint": ("No checkpoint saved yet (every save_steps); Start begins again.",
-                      "尚未保存检查点（每 save_steps 步保存一次）；开始将重新训练。"),
+    "no_checkpoint": (
+        "No checkpoint saved yet (every save_steps); Start begins again.",
+        "尚未保存检查点（每 save_steps 步保存一次）；开始将重新训练。",
+    ),
     "step": ("step", "步"),
     "elapsed": ("elapsed", "已用时"),
     "eta": ("ETA", "剩余"),
@@ -110,6 +133,8 @@ WORDS: dict[str, tuple[str, str]] = {
     "skipped_n": ("skipped", "跳过"),
     "saved_config": ("Config saved to", "配置已保存至"),
     "stopping": ("Stopping…", "正在中断…"),
+    "no_model": ("No model loaded.", "未加载模型。"),
+    "loaded": ("Loaded", "已加载"),
     "nothing_running": ("Nothing is running.", "没有正在运行的任务。"),
 }
 

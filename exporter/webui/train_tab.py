@@ -382,8 +382,8 @@ def build(board: Any, demo: Any) -> None:
         with gr.Row():
             c["cutoff_len"] = add("cutoff_len", gr.Slider(4, 131072, d["cutoff_len"], step=1,
                                                           label=label("cutoff_len", L)))  # fmt: skip
-            c["batch_size"] = add("batch_size", gr.Slider(1, 1024, d["batch_size"], step=1,
-                                                          label=label("batch_size", L), elem_id="batch_size"))  # fmt: skip
+            c["batch_size"] = add("batch_size", gr.Slider(
+                1, 1024, d["batch_size"], step=1, label=label("batch_size", L), elem_id="batch_size"))  # fmt: skip
             c["gradient_accumulation_steps"] = add("gradient_accumulation_steps", gr.Slider(
                 1, 1024, d["gradient_accumulation_steps"], step=1, label=label("gradient_accumulation_steps", L),
                 elem_id="gradient_accumulation_steps"))  # fmt: skip
@@ -466,8 +466,8 @@ def _lora(board: Any, c: dict[str, Any]) -> None:
                                                           label=label("lora_alpha", L)))  # fmt: skip
             c["lora_dropout"] = add("lora_dropout", gr.Slider(0, 1, d["lora_dropout"], step=0.01,
                                                               label=label("lora_dropout", L)))  # fmt: skip
-            c["loraplus_lr_ratio"] = add("loraplus_lr_ratio", gr.Slider(0, 64, d["loraplus_lr_ratio"], step=0.01,
-                                                                        label=label("loraplus_lr_ratio", L)))  # fmt: skip
+            c["loraplus_lr_ratio"] = add("loraplus_lr_ratio", gr.Slider(
+                0, 64, d["loraplus_lr_ratio"], step=0.01, label=label("loraplus_lr_ratio", L)))  # fmt: skip
         with gr.Row():
             c["lora_target"] = add("lora_target", gr.Textbox(d["lora_target"], label=label("lora_target", L), scale=3))
             c["use_rslora"] = add("use_rslora", gr.Checkbox(False, label=label("use_rslora", L)))
