@@ -17,10 +17,13 @@ if ! command -v go >/dev/null 2>&1; then
   log "installing golang-go (Debian)"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go) >&2
 fi
-# A headless browser for the webui tests (selenium drives Debian's chromium through chromium-driver).
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-  log "installing chromium and chromium-driver (Debian)"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >&2
+# A headless browser for the webui tests (selenium drives Debian's chromium through chromium-driver) and a CJK font
+# for the Chinese labels in its screenshots.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
+    || [ ! -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ]; then
+  log "installing chromium, chromium-driver and fonts-wqy-zenhei (Debian)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+    fonts-wqy-zenhei) >&2
 fi
 
 # llama-cpp-python is source-only: keep its sdist (also our test reference) and build the wheel once.

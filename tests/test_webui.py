@@ -4,6 +4,7 @@ stage gets equal what its CLI flags give; labels in both languages; bound to 127
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import re
@@ -31,6 +32,7 @@ from webui_helpers import (
 )
 
 from exporter import cli, lf_args
+from exporter.train import smooth
 from exporter.webui import WebUIOptions, build, export_tab, locales, train_tab
 
 
@@ -96,9 +98,15 @@ def test_train_to_the_end(trained, model: Path) -> None:
     log = [json.loads(ln) for ln in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["current_steps"] for r in log] == [1, 2, 3, 4]
     assert "step 4/4" in progress and 'value="4" max="4"' in progress
-    losses = [(row[0], row[1]) for row in plot["data"] if row[2] == "loss"]
-    assert losses == [(r["current_steps"], r["loss"]) for r in log]  # the plot is the trainer log
-    assert {row[2] for row in plot["data"]} == {"loss", "smoothed"}
+    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/png;base64,")
+    png = base64.b64decode(plot["plot"].split(",", 1)[1])
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    # the figure drawn is the trainer log and LLaMA-Factory's smoothed curve of it
+    fig = train_tab.loss_plot(log, out)
+    lines = {ln.get_label(): ln.get_xydata().tolist() for ln in fig.axes[0].get_lines()}
+    assert lines["loss original"] == [[r["current_steps"], r["loss"]] for r in log]
+    assert [y for _, y in lines["loss smoothed"]] == pytest.approx(smooth([r["loss"] for r in log]))
+    assert set(lines) == {"loss original", "loss smoothed"}  # no eval loss logged
     config = re.search(r"Config saved to `([^`]+)`", status).group(1)
     assert yaml.safe_load(Path(config).read_text())["model_name_or_path"] == str(model)
 
@@ -173,6 +181,24 @@ def test_chat_errors_are_one_line(client, model: Path, tmp_path: Path) -> None:
     assert status.startswith(f"**Failed**: `error: model '{tmp_path / 'nope.gguf'}': no such directory"), status
     status = client.predict("en", "", "", "auto", "", "auto", "auto", api_name="/chat_load")
     assert "error: set the model path" in status
+
+
+@pytest.mark.slow
+def test_chat_stop_keeps_the_answer_so_far(client, model: Path) -> None:
+    question = "Count to ten thousand."
+    full = peft_greedy(model, None, [{"role": "user", "content": question}], 400)  # 56 tokens, then end of turn
+    client.predict(api_name="/chat_clear")
+    client.predict("en", str(model), "", "auto", "", "auto", "auto", api_name="/chat_load")
+    job = client.submit("en", question, "", *chat_sampling(400), api_name="/chat_submit")
+    deadline = time.time() + 120
+    while len([o for o in job.outputs() if o[0][-1]["content"][0]["text"]]) < 2:  # two pieces of the answer shown
+        assert time.time() < deadline and not job.done(), job.outputs()
+        time.sleep(0.05)
+    job.cancel()  # what the Stop button does: cancel the running event
+    box, _, _ = client.predict("en", "and then?", "", *chat_sampling(1), api_name="/chat_submit")
+    kept = box[1]["content"][0]["text"]
+    assert [m["role"] for m in box] == ["user", "assistant", "user", "assistant"]
+    assert kept and full.strip().startswith(kept) and len(kept) < len(full.strip())  # cut short, kept in history
 
 
 @pytest.mark.slow

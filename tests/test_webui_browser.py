@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,10 @@ def _wait(driver: Any, what: str, check: Any, timeout: float) -> Any:
         if got:
             return got
         time.sleep(0.5)
-    texts = {i: _text(driver, f"#{i}") for i in ("train_status", "train_output", "export_progress", "export_log")}
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; page says {texts}")
+    ids = ("train_status", "train_output", "chat_status", "export_progress", "export_log")
+    texts = {i: _text(driver, f"#{i}") for i in ids}
+    shot = _full_page(driver, Path(tempfile.mkdtemp(prefix="webui-timeout-")) / "page.png")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; page says {texts}; screenshot {shot}")
 
 
 def _text(driver: Any, css: str) -> str:
@@ -73,29 +76,34 @@ def _tab(driver: Any, name: str) -> None:
     ).click()
 
 
-def _pixels(element: Any, series: str) -> int:
-    """How many pixels of the element show the color of a loss-plot series."""
+def _blue_pixels(element: Any) -> int:
+    """How many pixels of the element are blue (the loss curves, exporter.train.PLOT_COLORS["loss"], and their
+    legend; the rest of the figure is black, grey and white)."""
     import io
 
+    import numpy as np
     from PIL import Image
 
-    from exporter.webui.train_tab import LOSS_COLORS
+    rgb = np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(((b - r > 80) & (b > g)).sum())
 
-    want = tuple(int(LOSS_COLORS[series][i : i + 2], 16) for i in (1, 3, 5))
-    img = Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB")
-    return sum(1 for px in img.getdata() if all(abs(a - b) <= 24 for a, b in zip(px, want, strict=True)))
+
+def _full_page(driver: Any, path: Path) -> Path:
+    """The whole page as PNG (the window grown to the document's height, then back)."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1366, min(max(height, 800), 4000))
+    driver.execute_script("window.scrollTo(0, 0)")
+    time.sleep(0.5)
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1366, 1000)
+    return path
 
 
 def _screenshot(driver: Any, folder: Path, name: str) -> Path:
     """The whole page (the window grown to the document's height) as PNG; also shrunk into
     $EXPORTER_WEBUI_SCREENSHOTS when set."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1366, min(max(height, 800), 4000))
-    driver.execute_script("window.scrollTo(0, 0)")
-    time.sleep(0.5)
-    path = folder / f"webui-{name}.png"
-    driver.save_screenshot(str(path))
-    driver.set_window_size(1366, 1000)
+    path = _full_page(driver, folder / f"webui-{name}.png")
     docs = os.environ.get("EXPORTER_WEBUI_SCREENSHOTS")
     if docs:
         from PIL import Image
@@ -138,7 +146,7 @@ def test_train_export_and_language_in_a_browser(tiny_model, tmp_path_factory: py
         _wait(d, "training to finish", lambda d: "Finished" in _text(d, "#train_status"), 600)
         assert "step 8/8" in _text(d, "#train_progress")
         assert (out / "adapter_model.safetensors").is_file()
-        _wait(d, "the loss curves drawn", lambda d: _pixels(_find(d, "#loss_plot"), "smoothed") > 200, 30)
+        _wait(d, "the loss curves drawn", lambda d: _blue_pixels(_find(d, "#loss_plot")) > 250, 30)
         train_png = _screenshot(d, shots, "train")
         # ---- Chat: the model + the adapter just trained, greedy: the chat box shows the answer PEFT gives
         _type(d, "adapter", str(out))
@@ -155,6 +163,7 @@ def test_train_export_and_language_in_a_browser(tiny_model, tmp_path_factory: py
         chat_png = _screenshot(d, shots, "chat")
         # ---- Export: merge -> gguf -> verify, the verify table and the Ollama commands
         _tab(d, "Export")
+        assert [b.text for b in d.find_elements("css selector", "button[role=tab]")] == ["Train", "Chat", "Export"]
         _type(d, "export_out", str(work / "export"))
         _type(d, "ollama_name", "exa")
         _find(d, "#export_run").click()

@@ -94,11 +94,6 @@ def answer(loaded: Loaded, system: str, history: list[dict[str, str]], samp: Any
         yield text
 
 
-def display(history: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The chat box's messages: each turn's text shown as it is (Markdown off: what the model wrote)."""
-    return [{"role": m["role"], "content": m["content"]} for m in history]
-
-
 # ------------------------------------------------------------------ the tab
 
 
@@ -147,7 +142,7 @@ def build(board: Any, demo: Any) -> None:
                 c["top_k"] = add("top_k", gr.Slider(0, 200, s.top_k, step=1, label=label("top_k", L)))
                 c["repetition_penalty"] = add("repetition_penalty", gr.Slider(
                     1, 2, s.repetition_penalty, step=0.01, label=label("repetition_penalty", L)))  # fmt: skip
-    history = gr.State([])
+        history = gr.State([])  # inside the tab: a component directly under gr.Tabs doubles the next tab's button
     _wire(board, c, status, box, query, history, (load_btn, unload_btn, send_btn, stop_btn, clear_btn))
 
 
@@ -186,15 +181,16 @@ def _wire(board: Any, c: dict[str, Any], status: Any, box: Any, query: Any, hist
             return
         hist = [*hist, {"role": "user", "content": text}]
         samp = sampling(dict(zip(SAMPLING, samp, strict=True)))
-        # every update carries the answer so far in the history too: Stop keeps what was said
+        # every update carries the answer so far in the history too: Stop keeps what was said (the chat box shows the
+        # same messages; Markdown is off there, so it shows what the model wrote)
         turn = [*hist, {"role": "assistant", "content": ""}]
-        yield display(turn), turn, "", gr.skip()
+        yield turn, turn, "", gr.skip()
         try:
             for partial in answer(loaded, system, hist, samp):
                 turn = [*hist, {"role": "assistant", "content": partial}]
-                yield display(turn), turn, "", gr.skip()
+                yield turn, turn, "", gr.skip()
         except (EngineError, UserError) as e:  # this answer fails (prompt too long, bad values); the chat goes on
-            yield display(hist[:-1]), hist[:-1], text, f"**{word('failed', lang)}**: `error: {html.escape(str(e))}`"
+            yield hist[:-1], hist[:-1], text, f"**{word('failed', lang)}**: `error: {html.escape(str(e))}`"
 
     top_in = [top["lang"], top["model"], top["adapter"], top["template"]]
     load_btn.click(on_load, [*top_in, c["path"], c["backend"], c["dtype"]], [status], api_name="chat_load")

@@ -31,8 +31,6 @@ LF_DEFAULTS: dict[str, Any] = {
     "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "loraplus_lr_ratio": 0.0, "lora_target": "",
 }  # fmt: skip
 COMPUTE_TYPES = ("bf16", "fp16", "fp32")
-# the loss plot's series (a fixed color map also keeps Gradio 6.31 drawing lines into a plot that started empty)
-LOSS_COLORS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval_loss": "#ea580c"}
 PREVIEW_ROWS = 3
 _INTS = ("batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "warmup_steps", "seed",
          "lora_rank", "lora_alpha")  # fmt: skip
@@ -253,20 +251,12 @@ def read_log(out_dir: Path, since: float = 0.0) -> list[dict[str, Any]]:
     return recs
 
 
-def loss_frame(log: list[dict[str, Any]]) -> Any:
-    """Rows (step, value, series) for the loss plot: the logged loss, LLaMA-Factory's smoothed curve, eval loss."""
-    import pandas as pd
+def loss_plot(log: list[dict[str, Any]], out_dir: Path) -> Any:
+    """The live loss plot: loss and eval loss with LLaMA-Factory's smoothed curves (the figure training_loss.png is
+    drawn with; an image, as LLaMA-Factory's board shows it); None before the first logged loss."""
+    from exporter.train import loss_figure
 
-    from exporter.train import smooth
-
-    pts = [(r["current_steps"], r["loss"]) for r in log if r.get("loss") is not None]
-    evals = [(r["current_steps"], r["eval_loss"], "eval_loss") for r in log if r.get("eval_loss") is not None]
-    # a curve starts at its second point: Gradio 6.31 never draws the lines of a plot that was sent one point
-    pts, evals = (pts if len(pts) > 1 else []), (evals if len(evals) > 1 else [])
-    rows = [(s, v, "loss") for s, v in pts]
-    rows += [(s, v, "smoothed") for (s, _), v in zip(pts, smooth([v for _, v in pts]), strict=True)] + evals
-    frame = pd.DataFrame(rows, columns=["step", "loss", "series"])
-    return frame.astype({"step": "int64", "loss": "float64", "series": "str"})  # typed even when empty
+    return loss_figure(log, ("loss", "eval_loss"), out_dir.name)
 
 
 def progress_html(log: list[dict[str, Any]], lang: str, running: bool) -> str:
@@ -326,7 +316,7 @@ def watch(run: TrainRun, lang: str, every: float = 1.0) -> Iterator[tuple[str, s
         running = run.job.running()
         log = read_log(run.out_dir, since=run.job.started - 1)
         yield (status_md(run.job, run.out_dir, run.config, lang), progress_html(log, lang, running),
-               loss_frame(log), run.job.tail())  # fmt: skip
+               loss_plot(log, run.out_dir), run.job.tail())  # fmt: skip
         if not running:
             return
         time.sleep(every)
@@ -415,9 +405,7 @@ def build(board: Any, demo: Any) -> None:
                 u["output"] = add("train_output", gr.Textbox(label=label("train_output", L), lines=6, max_lines=6,
                                                               autoscroll=True, elem_id="train_output"))  # fmt: skip
             with gr.Column(scale=2):
-                u["plot"] = add("loss_plot", gr.LinePlot(
-                    x="step", y="loss", color="series", color_map=LOSS_COLORS, height=300, label=label("loss_plot", L),
-                    elem_id="loss_plot"))  # fmt: skip
+                u["plot"] = add("loss_plot", gr.Plot(label=label("loss_plot", L), elem_id="loss_plot"))
         with gr.Row():
             u["command"] = add("command", gr.Code(language="shell", label=label("command", L),
                                                   elem_id="train_command"))  # fmt: skip
@@ -505,7 +493,7 @@ def _wire(board: Any, demo: Any, c: dict[str, Any], ui: dict[str, Any]) -> None:
         try:
             board.train_run = start(args, board.runs_dir)
         except UserError as e:
-            yield (_failed(lang, e), "", loss_frame([]), "")
+            yield (_failed(lang, e), "", None, "")
             return
         yield from watch(board.train_run, lang)
 
