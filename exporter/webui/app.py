@@ -130,7 +130,12 @@ def launch(opts: WebUIOptions, block: bool = True) -> Any:
     demo, _ = build(opts)
     demo.queue(default_concurrency_limit=1)
     demo.launch(
-        server_name=opts.host, server_port=opts.port, share=opts.share, inbrowser=False, quiet=False,
-        prevent_thread_lock=not block, theme=gr.themes.Default(), css=CSS,
+        server_name=opts.host, server_port=opts.port, share=opts.share, inbrowser=False, quiet=True,
+        prevent_thread_lock=True, theme=gr.themes.Default(), css=CSS,
     )  # fmt: skip
+    # our one line instead of Gradio's banner (which also advertises share=True)
+    shared = f", public link {demo.share_url}" if demo.share_url else ""
+    print(f"exporter webui on {demo.local_url}{shared} (Ctrl-C stops it)", flush=True)
+    if block:
+        demo.block_thread()
     return demo
