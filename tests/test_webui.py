@@ -237,6 +237,13 @@ def test_export_merge_gguf_verify(client, trained, model: Path, data_dir: Path, 
     mf = (out / "gguf" / "Modelfile.f16").read_text()
     assert mf in modelfiles and "PARAMETER stop" in mf
     assert commands.splitlines() == [f"cd {out / 'gguf'}", "ollama create exa:f16 -f Modelfile.f16"]
+    # the Chat tab offers what the export wrote, and loads it
+    choices = [c[1] if isinstance(c, list) else c for c in client.predict(api_name="/chat_models")["choices"]]
+    ggufs = sorted(str(p) for p in (out / "gguf").glob("*.gguf"))
+    assert choices == ["", str(out / "merged"), *ggufs] and len(ggufs) == 1
+    status = client.predict("en", "", "", "auto", ggufs[0], "auto", "auto", api_name="/chat_load")
+    assert status.startswith(f"**Loaded** `{ggufs[0]}` · gguf"), status
+    client.predict("en", api_name="/chat_unload")
 
 
 def test_export_bad_input_is_one_line(client, model: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ class Board:
         self.train_run: Any = None
         self.export_run: Any = None
         self.chat: Any = None  # the Chat tab's loaded model (chat_tab.Loaded)
+        self.chat_targets: list[str] = []  # what the last export wrote, offered by the Chat tab
 
     def add(self, key: str, component: Any) -> Any:
         if key not in LABELS:

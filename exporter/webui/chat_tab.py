@@ -106,11 +106,11 @@ def build(board: Any, demo: Any) -> None:
 
     L, add, s = board.opts.lang, board.add, LF_SAMPLING  # noqa: N806
     c: dict[str, Any] = {}
-    with add("tab_chat", gr.Tab(label("tab_chat", L), id="chat")):
+    with add("tab_chat", gr.Tab(label("tab_chat", L), id="chat")) as tab:
         with gr.Row():
-            c["path"] = add("chat_path", gr.Textbox(
-                label=label("chat_path", L), scale=4, elem_id="chat_path",
-                placeholder="exports/…/merged, exports/…/gguf/…-f16.gguf"))  # fmt: skip
+            c["path"] = add("chat_path", gr.Dropdown(
+                [], value="", allow_custom_value=True, label=label("chat_path", L), scale=4,
+                elem_id="chat_path"))  # fmt: skip
             c["backend"] = add("chat_backend", gr.Dropdown(list(BACKENDS), value="auto",
                                                            label=label("chat_backend", L), scale=1))  # fmt: skip
             c["dtype"] = add("chat_dtype", gr.Dropdown(list(DTYPES), value="auto", label=label("chat_dtype", L),
@@ -143,6 +143,8 @@ def build(board: Any, demo: Any) -> None:
                 c["repetition_penalty"] = add("repetition_penalty", gr.Slider(
                     1, 2, s.repetition_penalty, step=0.01, label=label("repetition_penalty", L)))  # fmt: skip
         history = gr.State([])  # inside the tab: a component directly under gr.Tabs doubles the next tab's button
+    # on opening the tab: the last export's merged dir and GGUF files to pick from
+    tab.select(lambda: gr.update(choices=["", *board.chat_targets]), None, [c["path"]], api_name="chat_models")
     _wire(board, c, status, box, query, history, (load_btn, unload_btn, send_btn, stop_btn, clear_btn))
 
 

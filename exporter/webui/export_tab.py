@@ -125,6 +125,14 @@ def stage_options(stage: str, f: dict[str, Any]) -> Any:
     )  # fmt: skip
 
 
+def chat_targets(f: dict[str, Any]) -> list[str]:
+    """What the export wrote that the Chat tab can load: the merged dir, the quantized dir, each GGUF."""
+    out = Path(f["export_out"])
+    dirs = [out / "merged", out / f"quantized-{f['quant_method']}"]
+    ggufs = sorted((out / "gguf").glob("*.gguf")) if (out / "gguf").is_dir() else []
+    return [str(p) for p in dirs if (p / "config.json").is_file()] + [str(p) for p in ggufs]
+
+
 def report_path(f: dict[str, Any]) -> Path:
     return Path(f["export_out"]) / "report.json"
 
@@ -236,6 +244,7 @@ def run_chain(f: dict[str, Any], board: Any, lang: str) -> Iterator[tuple[Any, .
             error = run.job.error_line() if run.job and st.status == "fail" else word("stopped", lang)
             yield (progress_html(run, lang), f"{run.job.tail() if run.job else ''}\n\n{error}".strip(), *skip)
             return
+    board.chat_targets = chat_targets(f)  # the Chat tab offers them
     summary, table = verify_results(f, lang)
     modelfiles, commands = ollama_outputs(f)
     yield (progress_html(run, lang), run.job.tail() if run.job else "", summary, table, modelfiles, commands)

@@ -68,8 +68,8 @@ LABELS: dict[str, tuple[str, str]] = {
     "loss_plot": ("Training loss", "训练损失"),
     # chat
     "chat_path": (
-        "Chat with (a merged dir or .gguf file; empty: the model + adapter above)",
-        "对话模型（合并目录或 .gguf 文件；留空：上方的模型 + 适配器）",
+        "Chat with (a merged dir or .gguf file, e.g. from the last export; empty: the model + adapter above)",
+        "对话模型（合并目录或 .gguf 文件，如上次导出的结果；留空：上方的模型 + 适配器）",
     ),
     "chat_backend": ("Inference backend", "推理引擎"),
     "chat_dtype": ("Inference dtype", "推理数据类型"),
