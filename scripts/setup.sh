@@ -54,6 +54,8 @@ fi
 # The venv, keyed by the dependency files.
 vkey=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 venv="$CACHE/venv-$vkey"
+# setuptools reuses build/lib from an earlier build: a file since renamed or deleted would ship again (stale families)
+rm -rf build
 if [ ! -f "$venv/.complete" ]; then
   log "creating $venv"
   rm -rf "$venv"
