@@ -1,6 +1,6 @@
 """exporter webui in a real headless browser (Debian's Chromium through selenium): train a tiny model to the end and
-see the loss plot, chat with it and see the answer PEFT gives, export and see the verify table pass, switch to
-Chinese; every request the page makes stays on
+see the loss plot, chat with it and see the answer PEFT gives, export and see the verify table pass, predict on
+the export's data and see the scores table, switch to Chinese; every request the page makes stays on
 127.0.0.1. Screenshots are kept under the pytest tmp dir (the path is printed); with EXPORTER_WEBUI_SCREENSHOTS=DIR
 they are also written, shrunk, into DIR (how docs/webui-*.png are made)."""
 
@@ -188,7 +188,7 @@ def test_train_export_and_language_in_a_browser(tiny_model, tmp_path_factory: py
         eval_png = _screenshot(d, shots, "eval")
         # ---- Chinese labels
         _choose(d, "lang", "中文")
-        _wait(d, "Chinese labels", lambda d: _text(d, "#export_run") == "开始导出", 30)
+        _wait(d, "Chinese labels", lambda d: _text(d, "#eval_predict") == "开始预测", 30)
         _tab(d, "训练")
         zh_png = _screenshot(d, shots, "train-zh")
         urls = requested_urls(d)
