@@ -1,6 +1,6 @@
 """exporter webui in a real headless browser (Debian's Chromium through selenium): train a tiny model to the end and
-see the loss plot, chat with it and see the answer PEFT gives, export and see the verify table pass, predict on
-the export's data and see the scores table, switch to Chinese; every request the page makes stays on
+see the loss plot, chat with it and see the answer PEFT gives, export and see the verify table pass, predict with
+the trained adapter and see the scores table, switch to Chinese; every request the page makes stays on
 127.0.0.1. Screenshots are kept under the pytest tmp dir (the path is printed); with EXPORTER_WEBUI_SCREENSHOTS=DIR
 they are also written, shrunk, into DIR (how docs/webui-*.png are made)."""
 
