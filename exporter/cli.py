@@ -458,7 +458,7 @@ def _webui(
         Path("webui_runs"), "--runs-dir", help="Where the board saves the configs it runs and their logs."
     ),
 ) -> None:
-    """LLaMA-Factory-style web board: train, chat and export in a browser (needs exporter[webui])."""
+    """LLaMA-Factory-style web board: train, evaluate, chat and export in a browser (needs exporter[webui])."""
     import importlib.util
 
     if importlib.util.find_spec("gradio") is None:

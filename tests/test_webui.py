@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import io
 import json
+import os
 import re
 import shlex
 import socket
@@ -18,24 +19,28 @@ from pathlib import Path
 
 import pytest
 import yaml
+from eval_fixture import write_task
 from PIL import Image
 from typer.testing import CliRunner
 from webui_helpers import (
     ANSWER,
     QUESTIONS,
+    bench_form,
     chat_sampling,
+    eval_inputs,
     export_form,
     export_inputs,
     peft_greedy,
+    predict_form,
     serve,
     train_form,
     train_inputs,
     write_data,
 )
 
-from exporter import cli, lf_args
+from exporter import cli, config, evaluate, lf_args, predict
 from exporter.train import smooth
-from exporter.webui import WebUIOptions, build, export_tab, locales, train_tab
+from exporter.webui import WebUIOptions, build, eval_tab, export_tab, locales, train_tab
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +259,78 @@ def test_export_bad_input_is_one_line(client, model: Path, data_dir: Path, tmp_p
     assert re.findall(r'data-stage="(\w+)" data-status="(\w+)"', progress)[0] == ("merge", "fail")
     assert log.splitlines()[-1].startswith("error: adapter") and "Traceback" not in log
     assert not (out / "merged").exists()
+
+
+# ------------------------------------------------------------------ Evaluate & Predict
+
+
+def _cli(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "EXPORTER_NO_PROGRESS": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def test_predict_equals_the_cli(client, model: Path, data_dir: Path, tmp_path: Path) -> None:
+    paths, datasets = client.predict(str(data_dir), api_name="/eval_models")
+    assert [c[1] if isinstance(c, list) else c for c in datasets["choices"]] == ["identity"]
+    out, ref = tmp_path / "board", tmp_path / "cli"
+    status, log, table = client.predict(*eval_inputs(model, data_dir, predict_form(out), eval_tab.PREDICT_FORM),
+                                        api_name="/eval_predict")  # fmt: skip
+    assert 'data-status="finished"' in status, log
+    assert f"--output_dir {out}" in status and "--per_device_eval_batch_size 2" in status
+    # the reference: the same options typed on the command line
+    _cli("predict", "--model_name_or_path", str(model), "--eval_dataset", "identity", "--dataset_dir", str(data_dir),
+         "--max_samples", "3", "--cutoff_len", "256", "--per_device_eval_batch_size", "2", "--max_new_tokens", "8",
+         "--output_dir", str(ref))  # fmt: skip
+    rows = (out / "generated_predictions.jsonl").read_text(encoding="utf-8")
+    assert rows == (ref / "generated_predictions.jsonl").read_text(encoding="utf-8") and len(rows.splitlines()) == 3
+    got, want = (json.loads((d / "predict_results.json").read_text()) for d in (out, ref))
+    scores = [k for k in eval_tab.PREDICT_METRICS if "runtime" not in k and "per_second" not in k]
+    assert {k: got[k] for k in scores} == {k: want[k] for k in scores}
+    assert table["headers"] == ["metric", "score"]
+    assert table["data"] == [[k, got[k]] for k in eval_tab.PREDICT_METRICS]
+
+
+def test_eval_equals_the_cli(client, model: Path, data_dir: Path, tmp_path: Path) -> None:
+    task_dir = tmp_path / "evaluation"
+    write_task(task_dir, "mmlu")
+    save, ref = tmp_path / "board", tmp_path / "cli"
+    status, log, table = client.predict(
+        *eval_inputs(model, data_dir, bench_form(task_dir, save), eval_tab.EVAL_FORM), api_name="/eval_bench"
+    )
+    assert 'data-status="finished"' in status, log
+    _cli("eval", "--model_name_or_path", str(model), "--task", "mmlu_test", "--task_dir", str(task_dir),
+         "--template", "fewshot", "--n_shot", "1", "--batch_size", "2", "--max_questions", "2",
+         "--save_dir", str(ref))  # fmt: skip
+    for name in ("results.json", "results.log"):
+        assert (save / name).read_text(encoding="utf-8") == (ref / name).read_text(encoding="utf-8"), name
+    lines = (ref / "results.log").read_text(encoding="utf-8").splitlines()
+    assert table["data"] == [[n.strip(), float(a)] for n, a in (ln.rsplit(":", 1) for ln in lines)]
+    assert table["data"][0][0] == "Average" and len(table["data"]) == 4  # Average + the fixture's 3 categories
+
+
+def test_eval_bad_input_is_one_line(client, model: Path, data_dir: Path, tmp_path: Path) -> None:
+    save = tmp_path / "save"
+    form = bench_form(tmp_path / "no-such-dir", save)
+    status, log, table = client.predict(*eval_inputs(model, data_dir, form, eval_tab.EVAL_FORM),
+                                        api_name="/eval_bench")  # fmt: skip
+    assert 'data-status="failed"' in status
+    last = log.splitlines()[-1]
+    assert last.startswith("error:") and "no-such-dir" in last and "Traceback" not in log, log
+    assert not save.exists() and table["data"] in ([], [[None, None]], [["", ""]])
+
+
+def test_eval_tab_options_are_what_the_cli_parses(tmp_path: Path) -> None:
+    top = {"model": "m", "adapter": "a", "template": "qwen-2.5", "dataset_dir": "d", "path": ""}
+    opts = eval_tab.predict_options(top, predict_form(tmp_path / "o", dataset=["x", "y"], do_sample=True))
+    argv = eval_tab.to_argv("predict", opts)
+    assert predict.options(*lf_args.parse_args(argv[1:], predict.PredictOptions))[0] == opts
+    for tmpl in eval_tab.EVAL_TEMPLATES:
+        opts = eval_tab.eval_options(top | {"path": "x.gguf"}, bench_form(tmp_path / "t", tmp_path / "s",
+                                                                           eval_template=tmpl, lang="zh"))  # fmt: skip
+        assert opts.adapter_name_or_path is None and opts.template == ("fewshot" if tmpl == "fewshot" else "qwen-2.5")
+        raw, where = lf_args.parse_args(eval_tab.to_argv("eval", opts)[1:], evaluate.EvalOptions)
+        assert config.build(evaluate.EvalOptions, raw, where) == opts
 
 
 def _cli_options(monkeypatch: pytest.MonkeyPatch, target: str, argv: list[str]) -> object:

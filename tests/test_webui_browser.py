@@ -1,6 +1,6 @@
 """exporter webui in a real headless browser (Debian's Chromium through selenium): train a tiny model to the end and
-see the loss plot, chat with it and see the answer PEFT gives, export and see the verify table pass, switch to
-Chinese; every request the page makes stays on
+see the loss plot, chat with it and see the answer PEFT gives, export and see the verify table pass, predict with
+the trained adapter and see the scores table, switch to Chinese; every request the page makes stays on
 127.0.0.1. Screenshots are kept under the pytest tmp dir (the path is printed); with EXPORTER_WEBUI_SCREENSHOTS=DIR
 they are also written, shrunk, into DIR (how docs/webui-*.png are made)."""
 
@@ -163,7 +163,8 @@ def test_train_export_and_language_in_a_browser(tiny_model, tmp_path_factory: py
         chat_png = _screenshot(d, shots, "chat")
         # ---- Export: merge -> gguf -> verify, the verify table and the Ollama commands
         _tab(d, "Export")
-        assert [b.text for b in d.find_elements("css selector", "button[role=tab]")] == ["Train", "Chat", "Export"]
+        tabs = [b.text for b in d.find_elements("css selector", "button[role=tab]")]
+        assert tabs == ["Train", "Evaluate & Predict", "Chat", "Export"]
         _type(d, "export_out", str(work / "export"))
         _type(d, "ollama_name", "exa")
         _find(d, "#export_run").click()
@@ -174,14 +175,25 @@ def test_train_export_and_language_in_a_browser(tiny_model, tmp_path_factory: py
         assert "pass" in grid.text and "fail" not in grid.text
         assert "ollama create exa:f16 -f Modelfile.f16" in _text(d, "#ollama_commands")
         export_png = _screenshot(d, shots, "export")
+        # ---- Evaluate & Predict: predict 2 samples with the model + adapter, the scores table
+        _tab(d, "Evaluate & Predict")
+        _choose(d, "eval_dataset", "identity")
+        _type(d, "eval_max_samples", "2")
+        _type(d, "eval_max_new_tokens", "8")
+        _type(d, "eval_output_dir", str(work / "predict"))
+        _find(d, "#eval_predict").click()
+        _wait(d, "predict to finish", lambda d: "Finished" in _text(d, "#eval_status"), 300)
+        scores = json.loads((work / "predict" / "predict_results.json").read_text())
+        assert f"{scores['predict_bleu-4']}" in _find(d, "#eval_table [role=grid]").text
+        eval_png = _screenshot(d, shots, "eval")
         # ---- Chinese labels
         _choose(d, "lang", "中文")
-        _wait(d, "Chinese labels", lambda d: _text(d, "#export_run") == "开始导出", 30)
+        _wait(d, "Chinese labels", lambda d: _text(d, "#eval_predict") == "开始预测", 30)
         _tab(d, "训练")
         zh_png = _screenshot(d, shots, "train-zh")
         urls = requested_urls(d)
     local = url.rstrip("/")
     outside = {u for u in urls if not u.startswith((local, local.replace("http", "ws"), "data:", "blob:", "chrome"))}
     assert not outside, f"the page requested outside the board: {sorted(outside)}"
-    for png in (train_png, chat_png, export_png, zh_png):
+    for png in (train_png, eval_png, chat_png, export_png, zh_png):
         assert png.stat().st_size > 10_000

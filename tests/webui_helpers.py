@@ -162,3 +162,24 @@ def requested_urls(driver: Any) -> set[str]:
         if msg["method"] in ("Network.requestWillBeSent", "Network.webSocketCreated"):
             urls.add(msg["params"].get("request", {}).get("url") or msg["params"].get("url", ""))
     return urls
+
+
+def predict_form(out: Path, **over: Any) -> dict[str, Any]:
+    """Evaluate & Predict tab values for predict (eval_tab.PREDICT_FORM): 3 samples, greedy, short answers."""
+    form = {"dataset": ["identity"], "max_samples": "3", "cutoff_len": 256, "batch_size": 2, "max_new_tokens": 8,
+            "do_sample": False, "temperature": 0.95, "top_p": 0.7, "output_dir": str(out)}  # fmt: skip
+    form.update(over)
+    return form
+
+
+def bench_form(task_dir: Path, save: Path, **over: Any) -> dict[str, Any]:
+    """Evaluate & Predict tab values for eval (eval_tab.EVAL_FORM): LF's fewshot template, 2 questions a subject."""
+    form = {"task": "mmlu_test", "task_dir": str(task_dir), "eval_template": "fewshot", "n_shot": 1, "lang": "en",
+            "eval_batch_size": 2, "max_questions": 2, "save_dir": str(save)}  # fmt: skip
+    form.update(over)
+    return form
+
+
+def eval_inputs(model: Path, data_dir: Path, form: dict[str, Any], keys: tuple[str, ...], path: str = "") -> list:
+    """The eval_predict / eval_bench inputs: lang, model, adapter, template, dataset dir, path, then the form."""
+    return ["en", str(model), "", "auto", str(data_dir), path, *(form[k] for k in keys)]

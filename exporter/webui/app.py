@@ -49,6 +49,7 @@ class Board:
         self.top: dict[str, Any] = {}  # lang, model, adapter, template components
         self.train_run: Any = None
         self.export_run: Any = None
+        self.eval_run: Any = None  # the Evaluate & Predict tab's command (jobs.Job)
         self.chat: Any = None  # the Chat tab's loaded model (chat_tab.Loaded)
         self.chat_targets: list[str] = []  # what the last export wrote, offered by the Chat tab
 
@@ -110,13 +111,14 @@ def build(opts: WebUIOptions) -> tuple[Any, Board]:
     """The Gradio Blocks of the board (not launched) and its state."""
     import gradio as gr
 
-    from exporter.webui import chat_tab, export_tab, train_tab
+    from exporter.webui import chat_tab, eval_tab, export_tab, train_tab
 
     board = Board(opts)
     with gr.Blocks(title="exporter", analytics_enabled=False) as demo:
         _top_row(board)
         with gr.Tabs():
             train_tab.build(board, demo)
+            eval_tab.build(board, demo)
             chat_tab.build(board, demo)
             export_tab.build(board, demo)
         comps = [c for _, c in board.labelled]

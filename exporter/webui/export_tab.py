@@ -183,10 +183,8 @@ def _run_stage(run: ExportRun, st: StageState, f: dict[str, Any], runs_dir: Path
         argv += ["--report", str(report_path(f))]
     st.command, st.status = jobs.command_line(argv), "running"
     run.job = jobs.start(argv, runs_dir)
-    while run.job.running():
-        st.seconds = time.time() - run.job.started
+    for st.seconds in run.job.follow():
         yield progress_html(run, lang)
-        time.sleep(1.0)
     st.seconds = time.time() - run.job.started
     rc = run.job.returncode
     ok = rc == 0 or (st.name == "verify" and rc == 1 and report_path(f).is_file())  # 1: checks ran, some failed

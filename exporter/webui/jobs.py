@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,12 @@ class Job:
             except ProcessLookupError:
                 pass
             self.wait()
+
+    def follow(self, every: float = 1.0) -> Iterator[float]:
+        """Yield the seconds since start every `every` seconds while the command runs."""
+        while self.running():
+            yield time.time() - self.started
+            time.sleep(every)
 
     def output(self) -> str:
         try:

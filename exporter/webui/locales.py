@@ -10,13 +10,14 @@ LANGS = {"en": "English", "zh": "中文"}
 
 LABELS: dict[str, tuple[str, str]] = {
     # top row
-    "title": ("## exporter — train, chat, export", "## exporter — 训练、对话、导出"),
+    "title": ("## exporter — train, evaluate, chat, export", "## exporter — 训练、评估、对话、导出"),
     "lang": ("Language", "语言"),
     "model": ("Model path (HF dir)", "模型路径（HF 目录）"),
     "adapter": ("Adapter path (LoRA dir, optional)", "适配器路径（LoRA 目录，可选）"),
     "template": ("Chat template", "对话模板"),
     # tabs
     "tab_train": ("Train", "训练"),
+    "tab_eval": ("Evaluate & Predict", "评估与预测"),
     "tab_chat": ("Chat", "对话"),
     "tab_export": ("Export", "导出"),
     # train: data
@@ -86,6 +87,31 @@ LABELS: dict[str, tuple[str, str]] = {
     "top_p": ("Top-p", "Top-p 采样值"),
     "top_k": ("Top-k (0: off)", "Top-k（0：关闭）"),
     "repetition_penalty": ("Repetition penalty", "重复惩罚"),
+    # evaluate & predict
+    "eval_path": (
+        "Model (a merged dir or .gguf file, e.g. from the last export; empty: the model + adapter above)",
+        "模型（合并目录或 .gguf 文件，如上次导出的结果；留空：上方的模型 + 适配器）",
+    ),
+    "predict_box": (
+        "Predict (BLEU-4 / ROUGE on datasets of the data dir)",
+        "预测（数据目录中的数据集，BLEU-4 / ROUGE）",
+    ),
+    "eval_dataset": ("Datasets (from the Train tab's data dir)", "数据集（来自训练页的数据目录）"),
+    "do_sample": ("Sample (off: greedy)", "采样（关闭：贪心解码）"),
+    "predict_btn": ("Start predict", "开始预测"),
+    "bench_box": ("Evaluate (MMLU / C-Eval / CMMLU accuracy)", "评测（MMLU / C-Eval / CMMLU 准确率）"),
+    "eval_task": ("Benchmark", "评测任务"),
+    "task_dir": ("Benchmark dir (LF's evaluation/)", "评测数据目录（LF 的 evaluation/）"),
+    "eval_template": ("Prompt template", "提示模板"),
+    "eval_lang": ("Prompt language", "提示语言"),
+    "n_shot": ("Few-shot examples", "少样本示例数"),
+    "eval_batch_size": ("Batch size", "批处理大小"),
+    "max_questions": ("Questions per subject (0: all)", "每个科目的题数（0：全部）"),
+    "save_dir": ("Save dir (must not exist)", "保存目录（须不存在）"),
+    "bench_btn": ("Start evaluation", "开始评测"),
+    "eval_stop_btn": ("Stop", "中断"),
+    "eval_log": ("Log", "日志"),
+    "eval_table": ("Scores", "评估结果"),
     # export
     "export_out": ("Export dir", "导出目录"),
     "merge_dtype": ("Merged dtype", "合并精度"),
@@ -135,6 +161,8 @@ WORDS: dict[str, tuple[str, str]] = {
     "stopping": ("Stopping…", "正在中断…"),
     "no_model": ("No model loaded.", "未加载模型。"),
     "loaded": ("Loaded", "已加载"),
+    "metric": ("metric", "指标"),
+    "score": ("score", "分数"),
     "nothing_running": ("Nothing is running.", "没有正在运行的任务。"),
 }
 
