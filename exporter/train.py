@@ -515,18 +515,16 @@ def _parts(model: Any) -> tuple[Any, Any, float | None]:
     return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 
-def loss_sum(model: Any, batch: dict[str, Any], fast: bool) -> tuple[Any, int]:
-    """Summed next-token cross-entropy over trained positions, and their count.
+def trained_logits(model: Any, batch: dict[str, Any], fast: bool) -> tuple[Any, Any, Any]:
+    """Logits of the positions that predict a trained token, those tokens, and the row of each.
 
-    Fast path: run the decoder, then the output head only on positions that carry a label (no full-vocabulary
-    logits for prompt and padding tokens)."""
+    Fast path: run the decoder, then the output head only on those positions (no full-vocabulary logits for
+    prompt and padding tokens)."""
     import torch
-    import torch.nn.functional as F
 
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     target = labels[:, 1:]
     keep = target != IGNORE
-    n = int(keep.sum())
     if fast:
         decoder, head, cap = _parts(model)
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -535,7 +533,23 @@ def loss_sum(model: Any, batch: dict[str, Any], fast: bool) -> tuple[Any, int]:
             logits = torch.tanh(logits / cap) * cap
     else:
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-    return F.cross_entropy(logits.float(), target[keep], reduction="sum"), n
+    return logits, target[keep], keep.nonzero()[:, 0]
+
+
+def loss_sum(model: Any, batch: dict[str, Any], fast: bool) -> tuple[Any, int]:
+    """Summed next-token cross-entropy over trained positions, and their count."""
+    import torch.nn.functional as F
+
+    logits, target, _ = trained_logits(model, batch, fast)
+    return F.cross_entropy(logits.float(), target, reduction="sum"), int(target.numel())
+
+
+def completion_logps(model: Any, batch: dict[str, Any], fast: bool) -> tuple[Any, Any]:
+    """Summed log-probabilities of the trained tokens per row, and their count (preference stages)."""
+    from exporter import preference
+
+    logits, target, rows = trained_logits(model, batch, fast)
+    return preference.sequence_logps(preference.token_logps(logits, target), rows, batch["input_ids"].shape[0])
 
 
 def fast_path_ok(model: Any, batch: dict[str, Any]) -> bool:

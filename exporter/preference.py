@@ -1,0 +1,172 @@
+"""Preference losses as plain functions on sequence log-probabilities: DPO (`sigmoid`, `hinge`, `ipo`), the
+reference-free `orpo` and `simpo`, and KTO — LLaMA-Factory's `pref_loss` / `stage: kto` keys with TRL's formulas.
+
+Inputs are per-sequence sums of the completion's token log-probabilities (`sequence_logps`) and their token counts;
+every function returns per-sequence losses and the detached rewards TRL logs. The tests hold each one equal to TRL
+(`DPOTrainer`, `ORPOTrainer.odds_ratio_loss`, `CPOTrainer.cpo_loss` with `loss_type="simpo"`, `KTOTrainer`) on a
+fixed batch: loss, rewards and gradients.
+
+Where LLaMA-Factory and TRL name the same thing differently, LLaMA-Factory's keys win (they are what users write):
+`pref_ftx` adds `pref_ftx * (-mean log-prob per token of the chosen answer)` per pair, and ORPO's NLL term is that
+same per-sequence mean (TRL's ORPOTrainer averages over all chosen tokens of the batch instead; equal when the
+chosen answers have the same length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+DPO_LOSSES = ("sigmoid", "hinge", "ipo")  # with a reference model
+REFERENCE_FREE = ("orpo", "simpo")
+PREF_LOSSES = DPO_LOSSES + REFERENCE_FREE
+
+
+@dataclasses.dataclass
+class PrefOut:
+    """Per-sequence losses (differentiable) and the detached rewards of the chosen and rejected answers."""
+
+    losses: Any
+    chosen_rewards: Any
+    rejected_rewards: Any
+    kl: Any = None  # KTO's detached KL estimate
+
+
+def token_logps(logits: Any, targets: Any) -> Any:
+    """log p(target) per position from logits [N, V] (computed in fp32) and targets [N]."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logps(per_token: Any, rows: Any, n_rows: int) -> tuple[Any, Any]:
+    """(sum of log-probs, token count) per row, from the log-probs of the trained positions and their row index."""
+    import torch
+
+    sums = torch.zeros(n_rows, dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+    counts = torch.zeros(n_rows, dtype=per_token.dtype, device=per_token.device).index_add(
+        0, rows, torch.ones_like(per_token)
+    )
+    return sums, counts
+
+
+def dpo_loss(
+    chosen: Any,
+    rejected: Any,
+    ref_chosen: Any,
+    ref_rejected: Any,
+    beta: float,
+    loss_type: str = "sigmoid",
+    chosen_len: Any = None,
+    rejected_len: Any = None,
+) -> PrefOut:
+    """DPO against a reference on summed log-probs: `sigmoid` (the paper's), `hinge` (SLiC), `ipo` (squared, on
+    the per-token means of the log-ratios: lengths are needed). Rewards are beta * summed log-ratios (TRL)."""
+    import torch
+    import torch.nn.functional as F
+
+    chosen_ratio = chosen - ref_chosen
+    rejected_ratio = rejected - ref_rejected
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "ipo":
+        if chosen_len is None or rejected_len is None:
+            raise ValueError("ipo needs the completion lengths")
+        delta = chosen_ratio / chosen_len.clamp(min=1) - rejected_ratio / rejected_len.clamp(min=1)
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {', '.join(DPO_LOSSES)}")
+    return PrefOut(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def orpo_loss(chosen_avg: Any, rejected_avg: Any, beta: float) -> PrefOut:
+    """ORPO on per-token mean log-probs: NLL of the chosen answer + beta * -log sigmoid(log odds ratio)."""
+    import torch
+    import torch.nn.functional as F
+
+    chosen_avg, rejected_avg = chosen_avg.float(), rejected_avg.float()
+
+    def log1mexp(x: Any) -> Any:  # log(1 - exp(x)) for x < 0, stable at both ends
+        return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+    losses = -chosen_avg - beta * F.logsigmoid(log_odds)
+    return PrefOut(losses, beta * chosen_avg.detach(), beta * rejected_avg.detach())
+
+
+def simpo_loss(chosen_avg: Any, rejected_avg: Any, beta: float, gamma: float) -> PrefOut:
+    """SimPO on per-token mean log-probs: -log sigmoid(beta * (chosen - rejected) - gamma)."""
+    import torch.nn.functional as F
+
+    losses = -F.logsigmoid(beta * (chosen_avg - rejected_avg - gamma / beta))
+    return PrefOut(losses, beta * chosen_avg.detach(), beta * rejected_avg.detach())
+
+
+def kto_loss(
+    chosen: Any,
+    rejected: Any,
+    kl_logps: Any,
+    ref_chosen: Any,
+    ref_rejected: Any,
+    ref_kl_logps: Any,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    kl: Any = None,
+) -> PrefOut:
+    """KTO (paper eq. 7) on summed log-probs of desirable (`chosen`) and undesirable (`rejected`) answers.
+
+    The KL baseline is the mean policy-minus-reference log-ratio on mismatched prompt/answer pairs, detached and
+    clamped at 0; pass `kl` to use one already averaged over processes. `losses` holds the weighted desirable losses
+    followed by the undesirable ones (their mean is the loss)."""
+    import torch
+
+    if kl is None:
+        kl = (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    chosen_ratio = chosen - ref_chosen
+    rejected_ratio = rejected - ref_rejected
+    chosen_losses = 1 - torch.sigmoid(beta * (chosen_ratio - kl))
+    rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_ratio))
+    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses), 0)
+    return PrefOut(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), kl)
+
+
+def pair_loss(
+    loss_type: str,
+    beta: float,
+    chosen: Any,
+    rejected: Any,
+    chosen_len: Any,
+    rejected_len: Any,
+    ref_chosen: Any = None,
+    ref_rejected: Any = None,
+    ftx: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> PrefOut:
+    """One `pref_loss` on summed log-probs and lengths, plus LLaMA-Factory's `pref_ftx` SFT term."""
+    chosen_avg, rejected_avg = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
+    if loss_type == "orpo":
+        out = orpo_loss(chosen_avg, rejected_avg, beta)
+    elif loss_type == "simpo":
+        out = simpo_loss(chosen_avg, rejected_avg, beta, simpo_gamma)
+    else:
+        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, chosen_len, rejected_len)
+    if ftx > 0:
+        out.losses = out.losses - ftx * chosen_avg
+    return out
+
+
+def pair_metrics(out: PrefOut, chosen: Any, rejected: Any) -> dict[str, Any]:
+    """TRL's logged preference metrics (tensors: the caller averages them over log steps and processes)."""
+    c, r = out.chosen_rewards, out.rejected_rewards
+    return {
+        "rewards/chosen": c.mean(),
+        "rewards/rejected": r.mean(),
+        "rewards/accuracies": (c > r).float().mean(),
+        "rewards/margins": (c - r).mean(),
+        "logps/chosen": chosen.detach().mean(),
+        "logps/rejected": rejected.detach().mean(),
+    }
