@@ -551,7 +551,7 @@ def _check_stage(sp: DatasetSpec, stage: str, dataset_dir: Path) -> None:
     where = f"{Path(dataset_dir) / INFO_NAME}: dataset {sp.name!r}"
     if stage == "dpo" and not sp.ranking:
         raise UserError(
-            f"{where}: stage dpo needs a preference dataset: set \"ranking\": true and its chosen/rejected columns"
+            f'{where}: stage dpo needs a preference dataset: set "ranking": true and its chosen/rejected columns'
         )
     if stage != "dpo" and sp.ranking:
         raise UserError(f"{where} is a ranking (preference) dataset: it trains with stage: dpo, not {stage}")

@@ -15,7 +15,10 @@ chosen answers have the same length).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
+
+IGNORE = -100
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo")  # with a reference model
 REFERENCE_FREE = ("orpo", "simpo")
@@ -170,3 +173,99 @@ def pair_metrics(out: PrefOut, chosen: Any, rejected: Any) -> dict[str, Any]:
         "logps/chosen": chosen.detach().mean(),
         "logps/rejected": rejected.detach().mean(),
     }
+
+
+# ------------------------------------------------------------------ examples
+
+
+@dataclasses.dataclass
+class PairExample:
+    """A prompt with its chosen and rejected answers (labels only on the answer)."""
+
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+
+
+@dataclasses.dataclass
+class KTOExample:
+    """A prompt with one answer and whether it is desirable, plus the KL pair: the same prompt with the answer of
+    the previous example (TRL's and LLaMA-Factory's mismatched pairs)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    kl_ids: list[int]
+    kl_labels: list[int]
+    desirable: bool
+
+
+Encode = Callable[[list[dict[str, Any]], Any], tuple[list[int], list[int]]]
+
+
+def last_answer(labels: list[int]) -> int | None:
+    """Where the last trained run (the final answer and its end-of-turn token) starts; None without one."""
+    for i in range(len(labels) - 1, -1, -1):
+        if labels[i] != IGNORE and (i == 0 or labels[i - 1] == IGNORE):
+            return i
+    return None
+
+
+def cut_answer(ids: list[int], labels: list[int], start: int, width: int, cutoff: int) -> tuple[list[int], list[int]]:
+    """Prompt `ids[:start]` (untrained, earlier answers included) + the answer, cut to `cutoff` with
+    LLaMA-Factory's prompt/answer split for an answer budget of `width` tokens (the longer answer of a pair)."""
+    from exporter.train import _infer_seqlen
+
+    n_prompt, n_answer = _infer_seqlen(start, width, cutoff)
+    return ids[:n_prompt] + ids[start : start + n_answer], [IGNORE] * n_prompt + labels[start : start + n_answer]
+
+
+def _encoded(encode: Encode, messages: list[dict[str, Any]], sample: Any) -> tuple[list[int], list[int], int | None]:
+    from exporter.errors import UserError
+
+    try:
+        ids, labels = encode(messages, sample.tool_list())
+    except UserError as e:
+        raise UserError(f"{sample.where}: {e}") from None
+    return list(ids), list(labels), last_answer(list(labels))
+
+
+def encode_pairs(samples: list, encode: Encode, cutoff: int, drops: Any) -> list[PairExample]:
+    """Preference samples (data.Sample with `rejected`) -> PairExample; both answers get the same budget."""
+    out = []
+    for s in samples:
+        c_ids, c_labels, c_start = _encoded(encode, s.chat(), s)
+        r_ids, r_labels, r_start = _encoded(encode, s.chat(rejected=True), s)
+        if c_start is None or r_start is None:
+            drops.add("preference pairs with an answer that has no trained token", s.where)
+            continue
+        width = max(len(c_ids) - c_start, len(r_ids) - r_start)
+        chosen = cut_answer(c_ids, c_labels, c_start, width, cutoff)
+        rejected = cut_answer(r_ids, r_labels, r_start, width, cutoff)
+        if not _trained(chosen[1]) or not _trained(rejected[1]):
+            drops.add("preference pairs with no answer token left within cutoff_len", s.where)
+            continue
+        out.append(PairExample(*chosen, *rejected))
+    return out
+
+
+def encode_kto(samples: list, encode: Encode, cutoff: int, drops: Any) -> list[KTOExample]:
+    """KTO samples (data.Sample with `kto_tag`) -> KTOExample, each with its KL pair (previous sample's answer)."""
+    out = []
+    for k, s in enumerate(samples):
+        ids, labels, start = _encoded(encode, s.chat(), s)
+        kl_ids, kl_labels, kl_start = _encoded(encode, s.chat()[:-1] + samples[k - 1].chat()[-1:], s)
+        if start is None or kl_start is None:
+            drops.add("samples with an answer that has no trained token", s.where)
+            continue
+        main = cut_answer(ids, labels, start, len(ids) - start, cutoff)
+        kl = cut_answer(kl_ids, kl_labels, kl_start, len(kl_ids) - kl_start, cutoff)
+        if not _trained(main[1]) or not _trained(kl[1]):
+            drops.add("samples with no answer token left within cutoff_len", s.where)
+            continue
+        out.append(KTOExample(*main, *kl, bool(s.kto_tag)))
+    return out
+
+
+def _trained(labels: list[int]) -> bool:
+    return any(x != IGNORE for x in labels[1:])
