@@ -41,7 +41,10 @@ def prefdir(tmp_path: Path) -> Path:
         for i in range(3)
     ]
     kto = [  # LLaMA-Factory's kto_en_demo.json shape
-        {"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}], "label": i % 2 == 0}
+        {
+            "messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}],
+            "label": i % 2 == 0,
+        }
         for i in range(4)
     ] + [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]
     info = {
@@ -49,8 +52,10 @@ def prefdir(tmp_path: Path) -> Path:
                          "query": "input", "chosen": "chosen", "rejected": "rejected"}},
         "pairs_sharegpt": {"file_name": "s.json", "formatting": "sharegpt", "ranking": True,
                            "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
-        "kto": {"file_name": "k.json", "formatting": "sharegpt", "columns": {"messages": "messages", "kto_tag": "label"},
-                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}},
+        "kto": {"file_name": "k.json", "formatting": "sharegpt",
+                "columns": {"messages": "messages", "kto_tag": "label"},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant"}},
         "plain": {"file_name": "a.json", "columns": {"prompt": "instruction", "response": "chosen"}},
         "ranking_no_columns": {"file_name": "a.json", "ranking": True},
     }  # fmt: skip
