@@ -1,6 +1,7 @@
 """Training examples: samples -> token ids and labels through the chat template (only assistant turns and their
-end-of-turn token trained), LLaMA-Factory's turn-by-turn truncation, packing, the validation split, and the batches
-of an epoch (length-sorted within shuffled windows, right-padded).
+end-of-turn token trained), LLaMA-Factory's turn-by-turn truncation, packing (and neat packing: no attention across
+packed examples), the validation split, and the batches of an epoch (length-sorted within shuffled windows,
+right-padded). Preference stages get pairs (dpo) or tagged examples with KL pairs (kto) from `exporter.preference`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    segments: list[int] | None = None  # neat packing: lengths of the packed examples (positions restart in each)
 
 
 def _infer_seqlen(source: int, target: int, cutoff: int) -> tuple[int, int]:
@@ -136,8 +138,9 @@ def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) 
     return [Example(b, list(b)) for b in blocks]
 
 
-def pack_sft(examples: list[Example], cutoff: int) -> list[Example]:
-    """LLaMA-Factory's `packing` for SFT: whole examples concatenated into sequences of at most cutoff tokens."""
+def pack_sft(examples: list[Example], cutoff: int, neat: bool = False) -> list[Example]:
+    """LLaMA-Factory's `packing` for SFT: whole examples concatenated into sequences of at most cutoff tokens;
+    `neat` keeps each example's length so that positions restart and attention stays inside each example."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     bins: list[list[int]] = []
     room: list[int] = []
@@ -158,11 +161,11 @@ def pack_sft(examples: list[Example], cutoff: int) -> list[Example]:
         for i in sorted(b):
             ids += examples[i].input_ids
             labels += examples[i].labels
-        out.append(Example(ids, labels))
+        out.append(Example(ids, labels, [len(examples[i].input_ids) for i in sorted(b)] if neat else None))
     return out
 
 
-def split_val(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_val(examples: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
     """Shuffled split: val_size < 1 is a fraction (rounded up), >= 1 a count."""
     if val_size <= 0:
         return examples, []
@@ -188,22 +191,82 @@ def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, windo
     return batches
 
 
+def length(example: Any) -> int:
+    """Tokens an example puts in each row of its batch (a pair: its longer answer's row)."""
+    if isinstance(example, Example):
+        return len(example.input_ids)
+    if hasattr(example, "chosen_ids"):
+        return max(len(example.chosen_ids), len(example.rejected_ids))
+    return max(len(example.input_ids), len(example.kl_ids))
+
+
+def n_tokens(example: Any) -> int:
+    """Tokens an example feeds the model in a step (both rows of a pair; a KTO example and its KL pair)."""
+    if isinstance(example, Example):
+        return len(example.input_ids)
+    if hasattr(example, "chosen_ids"):
+        return len(example.chosen_ids) + len(example.rejected_ids)
+    return len(example.input_ids) + len(example.kl_ids)
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
-    """Right-pad to the batch's longest example; labels -100 on padding; no mask when nothing is padded."""
+    """Right-pad to the batch's longest example (labels -100 there; no mask when nothing is padded). Also, computed
+    here on the host so the device never waits: the flat positions that predict a trained token (`index`), those
+    tokens (`target`), their rows, and the counts. Neat-packed rows get restarting `position_ids` and no mask
+    (transformers then keeps attention inside each packed example; padding becomes a segment of its own)."""
     import torch
 
     longest = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    neat = any(e.segments for e in examples)
+    pos = torch.zeros((len(examples), longest), dtype=torch.long) if neat else None
     for r, e in enumerate(examples):
         n = len(e.input_ids)
         ids[r, :n] = torch.tensor(e.input_ids)
         labels[r, :n] = torch.tensor(e.labels)
         mask[r, :n] = 1
+        if pos is not None:
+            pos[r] = torch.cat([torch.arange(k) for k in [*(e.segments or [n]), longest - n] if k])
     padded = bool((mask == 0).any())
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask if padded else None,
-            "tokens": int(mask.sum())}  # fmt: skip
+    keep = labels[:, 1:] != IGNORE
+    rows, cols = keep.nonzero(as_tuple=True)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask if padded and not neat else None,
+            "position_ids": pos, "index": rows * longest + cols, "target": labels[:, 1:][keep], "rows": rows,
+            "tokens": int(mask.sum()), "n_trained": int(rows.numel())}  # fmt: skip
+
+
+def collate_pairs(pairs: list[Any], pad_id: int) -> dict[str, Any]:
+    """DPO: one batch of the chosen rows followed by the rejected rows."""
+    rows = [Example(p.chosen_ids, p.chosen_labels) for p in pairs]
+    rows += [Example(p.rejected_ids, p.rejected_labels) for p in pairs]
+    return collate(rows, pad_id)
+
+
+def collate_kto(examples: list[Any], pad_id: int) -> dict[str, Any]:
+    """KTO: the examples' batch, their KL pairs' batch (under "kl"), and which answers are desirable."""
+    import torch
+
+    batch = collate([Example(e.input_ids, e.labels) for e in examples], pad_id)
+    batch["kl"] = collate([Example(e.kl_ids, e.kl_labels) for e in examples], pad_id)
+    batch["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
+    batch["n_desirable"] = sum(e.desirable for e in examples)
+    return batch
+
+
+def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    """Tensors to `device`; on CUDA through pinned memory with non-blocking copies."""
+    pin = device != "cpu"
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = to_device(v, device)
+        elif hasattr(v, "to"):
+            out[k] = (v.pin_memory() if pin else v).to(device, non_blocking=pin)
+        else:
+            out[k] = v
+    return out
 
 
 @dataclasses.dataclass
@@ -212,8 +275,8 @@ class Prepared:
 
     tokenizer: Any
     tpl: Any  # ChatTemplate, or None for pretraining without a template
-    train: list[Example]
-    val: list[Example]
+    train: list[Any]  # Example; PairExample (dpo); KTOExample (kto)
+    val: list[Any]
     pad_id: int
     packing: bool
 
@@ -224,7 +287,7 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
 
     from exporter import data, templates
 
-    packing = cfg.packing if cfg.packing is not None else cfg.stage == "pt"
+    packing = cfg.neat_packing or (cfg.packing if cfg.packing is not None else cfg.stage == "pt")
     fill = {k: v for k, v in (("name", cfg.identity_name), ("author", cfg.identity_author)) if v}
     samples, drops = data.load(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill, cfg.seed)
     left = data.unfilled_placeholders(samples)
@@ -236,25 +299,44 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     except (OSError, ValueError) as e:
         raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     tpl = None
-    if cfg.stage == "sft" or cfg.template:
+    if cfg.stage != "pt" or cfg.template:
         name = cfg.template
         if name in TEMPLATE_ALIASES and name not in templates.list_templates():
             say(f"template {name!r} is LLaMA-Factory's name for exporter's {TEMPLATE_ALIASES[name]!r} family")
             name = TEMPLATE_ALIASES[name]
         tpl = templates.resolve(model_dir, name)
         check_template_tokens(tokenizer, tpl, str(model_dir))
-    if cfg.stage == "sft":
-        examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
-        if not examples:
-            raise UserError(f"no usable samples after tokenization: {drops.summary()}")
-    else:
+    examples: list[Any]
+    if cfg.stage == "pt":
         examples = tokenize_pt(samples, tokenizer, cfg, packing)
+    elif cfg.stage == "sft":
+        examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
+    else:
+        examples = _tokenize_preference(samples, tokenizer, tpl, cfg, drops)
+    if not examples:
+        raise UserError(f"no usable samples after tokenization: {drops.summary()}")
     if drops.counts:
         say(f"dropped {sum(drops.counts.values())} sample(s): {drops.summary()}")
     train_ex, val_ex = split_val(examples, cfg.val_size, cfg.seed)
     if cfg.stage == "sft" and packing:
-        train_ex = pack_sft(train_ex, cfg.cutoff_len)
+        train_ex = pack_sft(train_ex, cfg.cutoff_len, neat=cfg.neat_packing)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise UserError(f"model {model_dir}: tokenizer has neither a pad nor an eos token")
     return Prepared(tokenizer, tpl, train_ex, val_ex, pad_id, packing)
+
+
+def _tokenize_preference(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Any]:
+    """dpo: chosen/rejected pairs; kto: tagged examples with KL pairs (LF's warning when one kind is missing)."""
+    from exporter import preference, templates
+
+    def encode(messages: list[dict[str, Any]], tools: Any) -> tuple[list[int], list[int]]:
+        return templates.encode(tokenizer, tpl, messages, tools=tools, cutoff_len=None)
+
+    if cfg.stage == "dpo":
+        return preference.encode_pairs(samples, encode, cfg.cutoff_len, drops)
+    out = preference.encode_kto(samples, encode, cfg.cutoff_len, drops)
+    good = sum(e.desirable for e in out)
+    if out and (good == 0 or good == len(out)):
+        say(f"kto: all {len(out)} examples are {'desirable' if good else 'undesirable'}; KTO learns from both kinds")
+    return out

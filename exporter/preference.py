@@ -63,16 +63,19 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     chosen_len: Any = None,
     rejected_len: Any = None,
+    label_smoothing: float = 0.0,
 ) -> PrefOut:
-    """DPO against a reference on summed log-probs: `sigmoid` (the paper's), `hinge` (SLiC), `ipo` (squared, on
-    the per-token means of the log-ratios: lengths are needed). Rewards are beta * summed log-ratios (TRL)."""
+    """DPO against a reference on summed log-probs: `sigmoid` (the paper's; with `label_smoothing` the
+    conservative cDPO), `hinge` (SLiC), `ipo` (squared, on the per-token means of the log-ratios: lengths are
+    needed). Rewards are beta * summed log-ratios (TRL)."""
     import torch
     import torch.nn.functional as F
 
     chosen_ratio = chosen - ref_chosen
     rejected_ratio = rejected - ref_rejected
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+        z = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
     elif loss_type == "ipo":
@@ -148,6 +151,7 @@ def pair_loss(
     ref_rejected: Any = None,
     ftx: float = 0.0,
     simpo_gamma: float = 0.5,
+    label_smoothing: float = 0.0,
 ) -> PrefOut:
     """One `pref_loss` on summed log-probs and lengths, plus LLaMA-Factory's `pref_ftx` SFT term."""
     chosen_avg, rejected_avg = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
@@ -156,7 +160,9 @@ def pair_loss(
     elif loss_type == "simpo":
         out = simpo_loss(chosen_avg, rejected_avg, beta, simpo_gamma)
     else:
-        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, chosen_len, rejected_len)
+        out = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, chosen_len, rejected_len, label_smoothing
+        )
     if ftx > 0:
         out.losses = out.losses - ftx * chosen_avg
     return out
@@ -186,6 +192,7 @@ class PairExample:
     chosen_labels: list[int]
     rejected_ids: list[int]
     rejected_labels: list[int]
+    ref: tuple[float, float] | None = None  # the reference's summed log-probs (chosen, rejected), when precomputed
 
 
 @dataclasses.dataclass
@@ -198,6 +205,7 @@ class KTOExample:
     kl_ids: list[int]
     kl_labels: list[int]
     desirable: bool
+    ref: tuple[float, float] | None = None  # the reference's summed log-probs (answer, KL pair), when precomputed
 
 
 Encode = Callable[[list[dict[str, Any]], Any], tuple[list[int], list[int]]]
@@ -214,7 +222,7 @@ def last_answer(labels: list[int]) -> int | None:
 def cut_answer(ids: list[int], labels: list[int], start: int, width: int, cutoff: int) -> tuple[list[int], list[int]]:
     """Prompt `ids[:start]` (untrained, earlier answers included) + the answer, cut to `cutoff` with
     LLaMA-Factory's prompt/answer split for an answer budget of `width` tokens (the longer answer of a pair)."""
-    from exporter.train import _infer_seqlen
+    from exporter.examples import _infer_seqlen
 
     n_prompt, n_answer = _infer_seqlen(start, width, cutoff)
     return ids[:n_prompt] + ids[start : start + n_answer], [IGNORE] * n_prompt + labels[start : start + n_answer]

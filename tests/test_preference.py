@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from exporter import examples as E
 from exporter import preference as P
-from exporter import train as T
+from exporter import tuning
 
 trl = pytest.importorskip("trl", reason="trl (the preference-loss reference) is in the dev extra")
 
@@ -51,13 +52,16 @@ def _batch(n_pairs: int, length: int = 9, seed: int = 1) -> dict[str, torch.Tens
 
 
 def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return batch["input_ids"].masked_fill(batch["completion_mask"] == 0, T.IGNORE)
+    return batch["input_ids"].masked_fill(batch["completion_mask"] == 0, E.IGNORE)
 
 
 def _our_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our summed completion log-probs and lengths per row, through exporter's training forward."""
-    b = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": _labels(batch)}
-    return T.completion_logps(model, b, fast=True)
+    """Our summed completion log-probs and lengths per row, through exporter's collate and training forward."""
+    rows = []
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], _labels(batch), strict=True):
+        n = int(mask.sum())
+        rows.append(E.Example(ids[:n].tolist(), labels[:n].tolist()))
+    return tuning.completion_logps(tuning.scorer(model), E.collate(rows, pad_id=0))
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -115,7 +119,7 @@ def test_dpo_equals_trl(dpo_trainer, loss_type: str, ftx: float) -> None:
         labels = _labels(batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1))[..., 0]
-        keep = (labels[:, 1:] != T.IGNORE).float()
+        keep = (labels[:, 1:] != E.IGNORE).float()
         avg = (lp * keep).sum(-1) / keep.sum(-1)
         ref_loss = ref_loss + ftx * (-avg[:3]).mean()
     ref_loss.backward()
@@ -172,7 +176,7 @@ def test_reference_free_equal_trl(loss_type: str) -> None:
         ref_loss = losses.mean()
     (ref_grad,) = torch.autograd.grad(ref_loss, logits)
 
-    keep = labels[:, 1:] != T.IGNORE
+    keep = labels[:, 1:] != E.IGNORE
     rows = keep.nonzero()[:, 0]
     per_token = P.token_logps(logits[:, :-1][keep], labels[:, 1:][keep])
     sums, lens = P.sequence_logps(per_token, rows, 2 * n)
