@@ -522,6 +522,25 @@ def _write_configs(base: Path, out: Path, p: Plan, out_dtype: torch.dtype | None
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _qlora_check(base_dir: Path, ads: list[Adapter]) -> None:
+    """A QLoRA adapter merges into the original 16-bit base, never into dequantized 4/8-bit weights: refuse a
+    quantized base, and say so for adapters `exporter train` trained on a quantized base."""
+    qc = _read_json(base_dir / "config.json").get("quantization_config")
+    if qc:
+        raise UserError(
+            f"base {base_dir} is a quantized model ({qc.get('quant_method', 'quantized')}): merge into the original "
+            "16-bit base (a QLoRA adapter too: it was trained on a quantization of that base, not on these weights)"
+        )
+    for ad in ads:
+        trained = _read_json(ad.path / manifest.MANIFEST_NAME).get("settings", {})
+        if trained.get("quantization_bit"):
+            kind = f"{trained['quantization_bit']}-bit" + (
+                f" {trained.get('quantization_type')}" if trained["quantization_bit"] == 4 else ""
+            )
+            _say(f"note: adapter {ad.label} was trained with QLoRA on a {kind} quantization of its base; merging it "
+                 f"into the original 16-bit weights of {base_dir}, not into dequantized {kind} weights")  # fmt: skip
+
+
 def _say(msg: str) -> None:
     from rich.console import Console
 
@@ -565,6 +584,7 @@ def merge(
     for i, (a, w) in enumerate(zip(adapters, weights, strict=True)):
         path = hub.resolve(a, "adapter")
         ads.append(load_adapter(path, float(w), label=str(a) if len(adapters) == 1 else f"#{i + 1} {a}"))
+    _qlora_check(base_dir, ads)
     p = plan(base_dir, ads, out_dtype)
     for ad in ads:
         if p.vocab_size is not None and not any(a.has_tokenizer for a in ads):

@@ -173,7 +173,12 @@ def _scorer_class() -> type:
             self.model, self.fast = model, fast
 
         def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, index: Any) -> Any:
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+            inputs = {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "position_ids": position_ids,
+                "use_cache": False,
+            }  # a cache would also turn off transformers' packed-sequence masks
             if not self.fast:
                 return self.model(**inputs).logits.flatten(0, 1).index_select(0, index)
             decoder, head, cap = _parts(self.model)
