@@ -65,6 +65,9 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
         raise UserError(f"model {model_dir}: cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
     if not cfg.quantization_bit:
         model.to(device)
+    for m in model.modules():  # bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # forward, and its training path cannot use that layout
+            m.support_avx512bf16_for_cpu = False
     model.config.use_cache = False
     if not cfg.disable_gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):
