@@ -168,7 +168,7 @@ def full_state_dict(model: Any, score: Any, d: Dist, engine: str) -> dict[str, A
     return None
 
 
-def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> tuple[Any, Any]:
+def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any:
     """DeepSpeed's engine around the scorer, from the user's JSON with HF's "auto" values filled from the training
     keys (batch sizes, accumulation, clipping, bf16/fp16, bucket sizes from the hidden size)."""
     try:
@@ -203,8 +203,8 @@ def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> tup
     if left:
         raise UserError(f'deepspeed: {cfg.deepspeed}: cannot fill "auto" for {", ".join(left)}; give values')
     ds.setdefault("zero_force_ds_cpu_optimizer", False)  # our AdamW, also with offloading
-    engine, ds_opt, _, _ = deepspeed.initialize(model=score, optimizer=opt, config=ds)
-    return engine, ds_opt
+    engine, _, _, _ = deepspeed.initialize(model=score, optimizer=opt, config=ds)
+    return engine
 
 
 def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:

@@ -424,9 +424,9 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     engine = "deepspeed" if cfg.deepspeed else "fsdp" if cfg.fsdp and d.active else "ddp" if d.active else "single"
     if cfg.fsdp and not d.active:
         say("fsdp: one process, nothing to shard (run it under torchrun --nproc_per_node N)")
-    opt = None
-    if engine == "deepspeed":
-        wrapped, opt = distributed.deepspeed_engine(score, tuning.make_optimizer(model, cfg), cfg, d, model)
+    if engine == "deepspeed":  # the scheduler drives the param groups DeepSpeed's optimizer wraps
+        opt = tuning.make_optimizer(model, cfg)
+        wrapped = distributed.deepspeed_engine(score, opt, cfg, d, model)
     else:
         wrapped = distributed.wrap(score, model, cfg, d, device)
         opt = tuning.make_optimizer(model, cfg)  # after FSDP replaced the parameters with their shards

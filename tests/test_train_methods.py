@@ -258,14 +258,15 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_on_cpu(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: int) -> None:
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed not installed")
     ds = tmp_path / "ds_z2.json"  # LLaMA-Factory's examples/deepspeed/ds_z2_config.json keys
     ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
                               "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto"},
-                              "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))  # fmt: skip
+                              "zero_optimization": {"stage": zero, "reduce_bucket_size": "auto"}}))  # fmt: skip
     common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
                     logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
                     disable_gradient_checkpointing=True)  # fmt: skip
@@ -273,6 +274,10 @@ def test_deepspeed_zero2_on_cpu(tiny: Path, pdata: Path, tmp_path: Path) -> None
     _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two", deepspeed=ds), tmp_path)
     for ra, rb in zip(_log(one), _log(tmp_path / "two"), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+    from safetensors.torch import load_file  # the adapter gathered from the shards equals one process's
+
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 def test_deepspeed_missing_is_one_line(tiny: Path, pdata: Path, tmp_path: Path, monkeypatch) -> None:
