@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import UserError
-from exporter.lf_args import TEMPLATE_ALIASES, TrainConfig, say
+from exporter.hf_dir import adds_bos
+from exporter.lf_args import TrainConfig, family_name, say
 
 IGNORE = -100
 
@@ -86,13 +87,6 @@ def check_template_tokens(tokenizer: Any, tpl: Any, model: str) -> None:
             )
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer.encode("a")
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
 def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Example]:
     """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained."""
     from exporter import templates
@@ -116,7 +110,7 @@ def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drop
 def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) -> list[Example]:
     """Raw text + eos; packed into cutoff_len blocks (remainder dropped) or truncated one per sample."""
     eos = tokenizer.eos_token or ""
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     texts = [s.text + eos for s in samples]
     enc = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     if not packing:
@@ -300,11 +294,7 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
         raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     tpl = None
     if cfg.stage != "pt" or cfg.template:
-        name = cfg.template
-        if name in TEMPLATE_ALIASES and name not in templates.list_templates():
-            say(f"template {name!r} is LLaMA-Factory's name for exporter's {TEMPLATE_ALIASES[name]!r} family")
-            name = TEMPLATE_ALIASES[name]
-        tpl = templates.resolve(model_dir, name)
+        tpl = templates.resolve(model_dir, family_name(cfg.template))
         check_template_tokens(tokenizer, tpl, str(model_dir))
     examples: list[Any]
     if cfg.stage == "pt":

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ class QuantizeOptions:
     out: str
     bits: int | None = None
     group_size: int | None = None
-    dataset: str | None = None
+    dataset: str | None = None  # names from dataset_info.json, or a file of raw `text` rows (LLaMA-Factory's export)
     dataset_dir: str | None = None
     template: str | None = None
     samples: int = 128
@@ -241,33 +240,52 @@ def _run_bnb(model_dir: Path, tmp: Path, method: str, cfg: dict[str, Any]) -> st
     return device
 
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
-
-
-def _finish_dir(tmp: Path, model_dir: Path, tpl: Any) -> None:
-    """Source tokenizer files verbatim (no re-save drift) + chat template + end-of-turn eos ids; no calibration text."""
-    from exporter import templates
-
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        (tmp / name).unlink(missing_ok=True)  # the quantizer's re-saved copies
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, tmp / name)
-    templates.write_into(tmp, tpl)
+def _check_quantization_config(tmp: Path) -> None:
+    """The quantizer wrote a quantization_config, and no calibration text in it (transformers' GPTQConfig path
+    stores its dataset there)."""
     cfg_path = tmp / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = read_json(cfg_path)
     qcfg = cfg.get("quantization_config")
     if not isinstance(qcfg, dict):
         raise RuntimeError(f"the quantizer wrote no quantization_config into {cfg_path}")
-    if qcfg.pop("dataset", None) is not None:  # transformers' GPTQConfig path would store the calibration text here
+    if qcfg.pop("dataset", None) is not None:
         cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def quantize(opts: QuantizeOptions) -> Path:
-    """Quantize the HF model `opts.model` with `opts.method` into `opts.out`; returns the output dir."""
-    from exporter import atomic, hub, manifest
+@dataclasses.dataclass
+class QuantizeResult:
+    """What `quantize` wrote."""
+
+    out: Path
+    method: str
+    bits: int
+    group_size: int | None  # None for bitsandbytes
+    template: str
+    seconds: float
+
+
+def _calibrate(opts: QuantizeOptions, tokenizer: Any, tpl: Any) -> Any:
+    """Calibration blocks for GPTQ/AWQ from the dataset (or the built-in texts), with what was found said."""
+    from exporter import calibration
+
+    _console.print(f"[bold]calibration[/]: rendering through template {tpl.name!r}")
+    cal = calibration.build(tokenizer, tpl, opts.dataset, opts.dataset_dir, opts.samples, opts.max_length, opts.seed)
+    if len(cal.blocks) < opts.samples:
+        _console.print(
+            f"[yellow]calibration[/]: {cal.source} gives {len(cal.blocks)} blocks of up to {opts.max_length} "
+            f"tokens ({cal.tokens} tokens), fewer than --samples {opts.samples}; using all of them"
+        )
+    if cal.rejected:
+        _console.print(f"[yellow]calibration[/]: rows left out: {dict(cal.rejected)}")
+    return cal
+
+
+def quantize(opts: QuantizeOptions) -> QuantizeResult:
+    """Quantize the HF model `opts.model` with `opts.method` into `opts.out`."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from exporter import atomic, calibration, hf_dir, hub, templates
 
     bits, group = _check_options(opts)
     _require(opts.method)
@@ -282,37 +300,18 @@ def quantize(opts: QuantizeOptions) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.check_free_space(out.parent, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2)
 
-    from transformers import AutoTokenizer
-
-    from exporter import templates
-
     tpl = templates.resolve(model_dir, opts.template)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     random.seed(opts.seed)
-    import torch
-
     torch.manual_seed(opts.seed)
     settings: dict[str, Any] = {"method": opts.method, "bits": bits, "template": tpl.name, "seed": opts.seed}
     inputs: dict[str, Path | str] = {"model": model_dir}
-    cal = None
-    if group is not None:
-        from exporter import calibration
-
-        _console.print(f"[bold]calibration[/]: rendering through template {tpl.name!r}")
-        cal = calibration.build(
-            tokenizer, tpl, opts.dataset, opts.dataset_dir, opts.samples, opts.max_length, opts.seed
-        )
-        if len(cal.blocks) < opts.samples:
-            _console.print(
-                f"[yellow]calibration[/]: {cal.source} gives {len(cal.blocks)} blocks of up to {opts.max_length} "
-                f"tokens ({cal.tokens} tokens), fewer than --samples {opts.samples}; using all of them"
-            )
-        if cal.rejected:
-            _console.print(f"[yellow]calibration[/]: rows left out: {dict(cal.rejected)}")
+    cal = _calibrate(opts, tokenizer, tpl) if group is not None else None
+    if cal is not None:
         settings.update(group_size=group, samples=opts.samples, max_length=opts.max_length,
                         calibration=cal.describe())  # fmt: skip
         if opts.dataset:
-            inputs["dataset_dir"] = Path(opts.dataset_dir or "data") / "dataset_info.json"
+            inputs["dataset"] = calibration.dataset_source(opts.dataset, opts.dataset_dir)
     start = time.perf_counter()
     with atomic.atomic_dir(out, opts.force) as tmp:
         _console.print(f"[bold]quantize[/]: {opts.method} {bits}-bit {model_dir} -> {out}")
@@ -320,8 +319,8 @@ def quantize(opts: QuantizeOptions) -> Path:
             settings["backend"] = _run_gptqmodel(model_dir, tmp, opts.method, bits, group, cal.blocks)
         else:
             settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg)
-        _finish_dir(tmp, model_dir, tpl)
+        _check_quantization_config(tmp)
         settings["seconds"] = round(time.perf_counter() - start, 2)
-        manifest.write(tmp, "quantize", inputs=inputs, settings=settings)
+        hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir, stage="quantize", inputs=inputs, settings=settings)
     _console.print(f"[green]done[/]: {out} ({settings['seconds']} s)")
-    return out
+    return QuantizeResult(out, opts.method, bits, group, tpl.name, settings["seconds"])

@@ -159,7 +159,7 @@ class TrainerLog:
             self.file.close()
 
 
-def _progress(total: int, show: bool) -> Any:
+def _progress(show: bool) -> Any:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -198,6 +198,7 @@ class Run:
     device: str
     dist: Dist
     out: Path
+    model_dir: Path  # the base model: tokenizer and generation_config of every written dir come from it
     state: State
     engine: str = "single"  # single | ddp | fsdp | deepspeed
     run_tokens: int = 0  # tokens seen in this run (all ranks), for tokens/s
@@ -357,7 +358,7 @@ def _log_line(run: Run, lr: float) -> dict[str, Any]:
 def loop(run: Run, log: TrainerLog) -> None:
     """Steps until the total: log every `log_every`, evaluate as eval_strategy says, checkpoint every `save_every`."""
     st, cfg, sch = run.state, run.cfg, run.sch
-    with _progress(sch.total, run.dist.main) as progress:
+    with _progress(run.dist.main) as progress:
         task = progress.add_task("train", total=sch.total, completed=st.global_step, loss="-")
         while st.global_step < sch.total:
             group = _next_group(run)
@@ -389,7 +390,7 @@ def _checkpoint(run: Run) -> None:
     if run.dist.main:
         sharded = run.engine in ("fsdp", "deepspeed")
         checkpoint.save(run.model, None if sharded else run.opt, run.sched, dataclasses.asdict(run.state), run.out,
-                        run.cfg, run.prep.tokenizer, run.prep.tpl, state_dict=full)  # fmt: skip
+                        run.cfg, run.model_dir, run.prep.tpl, state_dict=full)  # fmt: skip
     distributed.barrier(run.dist)
 
 
@@ -437,7 +438,7 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     amp = (torch.bfloat16 if cfg.bf16 else torch.float16) if (cfg.bf16 or cfg.fp16) else None
     scaler = torch.amp.GradScaler("cuda") if cfg.fp16 and engine != "deepspeed" else None
     run = Run(cfg, prep, sch, model, wrapped, distributed.unwrapped(wrapped), opt, sched, scaler, amp, device, d, out,
-              State(fingerprint=fingerprint), engine)  # fmt: skip
+              model_dir, State(fingerprint=fingerprint), engine)  # fmt: skip
     if cfg.stage in ("dpo", "kto") and cfg.finetuning_type != "lora" and cfg.pref_loss not in ("orpo", "simpo"):
         say("reference log-probs: computed once with the initial model (no second copy in memory)")
         objective.reference_logps(run, prep.train)
@@ -479,19 +480,12 @@ def _results(run: Run, log: TrainerLog) -> dict[str, Any]:
     return results
 
 
-def _write_outputs(tmp: Path, run: Run, model_dir: Path, results: dict[str, Any], full: Any) -> None:
+def _write_outputs(tmp: Path, run: Run, results: dict[str, Any], full: Any) -> None:
     """Adapter (or model), tokenizer with the training template, generation_config, HF trainer_state, results, plots."""
-    import shutil
-
-    from exporter import templates
+    from exporter import hf_dir
 
     run.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
-    run.prep.tokenizer.save_pretrained(tmp)
-    gen = model_dir / "generation_config.json"
-    if gen.is_file() and not (tmp / "generation_config.json").exists():
-        shutil.copy(gen, tmp / "generation_config.json")
-    if run.prep.tpl is not None:
-        templates.write_into(tmp, run.prep.tpl)
+    hf_dir.finish(tmp, run.prep.tpl, run.model_dir, tokenizer_dir=run.model_dir)
     st, sch = run.state, run.sch
     renamed = {"lr": "learning_rate", "current_steps": "step"}
     skip = {"total_steps", "percentage", "elapsed_time", "remaining_time", "throughput", "total_tokens"}
@@ -506,11 +500,11 @@ def _write_outputs(tmp: Path, run: Run, model_dir: Path, results: dict[str, Any]
         plot(st.log_history, tmp, title=str(run.out))
 
 
-def _write_manifest(run: Run, model_dir: Path) -> None:
+def _write_manifest(run: Run) -> None:
     from exporter import data, manifest
 
     cfg = run.cfg
-    inputs: dict[str, Path | str] = {"model": str(model_dir)}
+    inputs: dict[str, Path | str] = {"model": str(run.model_dir)}
     if cfg.adapter_name_or_path:
         inputs["adapter"] = cfg.adapter_name_or_path
     info = data.read_info(Path(cfg.dataset_dir))
@@ -524,8 +518,19 @@ def _write_manifest(run: Run, model_dir: Path) -> None:
     manifest.write(run.out, "train", inputs=inputs, settings=settings)
 
 
-def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
-    """Train per `cfg`; returns output_dir holding the adapter (or full model), logs, plots and the manifest."""
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` wrote into output_dir (the adapter or full model, logs, plots, manifest) and its numbers."""
+
+    out: Path
+    steps: int
+    template: str | None
+    results: dict[str, Any]  # all_results.json
+
+
+def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
+    """Train per `cfg` (`given`: the keys the user set, for the notes on keys without effect here); under torchrun
+    every process calls it and rank 0 writes."""
     from exporter import distributed, examples, hub
 
     given = given if given is not None else set()
@@ -545,8 +550,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
             log.close()
         full = distributed.full_state_dict(run.model, run.plain, d, run.engine)
         if d.main:
-            checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, model_dir, results, full))
-            _write_manifest(run, model_dir)
+            checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))
+            _write_manifest(run)
             print(
                 f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
                 f"{results['train_tokens_per_second']:.0f} tokens/s"
@@ -557,10 +562,10 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
         distributed.barrier(d)
     finally:
         distributed.shutdown()
-    return out
+    return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
-def main(argv: list[str]) -> Path:
+def main(argv: list[str]) -> TrainResult:
     """CLI entry: parse LLaMA-Factory style arguments and train (under torchrun when LF's launcher rules say so)."""
     from exporter import distributed
 

@@ -86,11 +86,11 @@ def test_dpo_reward_accuracy_rises(tiny: Path, pdata: Path, tmp_path: Path, pref
     cfg = _cfg(tiny, pdata, tmp_path / "o", stage="dpo", dataset=["pairs"], pref_loss=pref_loss, max_steps=14,
                logging_steps=2, finetuning_type=finetuning_type, plot_loss=True,
                learning_rate=5e-3 if finetuning_type == "lora" else 1e-3)  # fmt: skip
-    out = T.train(cfg)
+    out = T.train(cfg).out
     log = _log(out)
     if pref_loss == "sigmoid":  # step 1: the policy is the reference, so the loss is -log sigmoid(0) = log 2
         first = T.train(_cfg(tiny, pdata, tmp_path / "first", stage="dpo", dataset=["pairs"], max_steps=1,
-                             finetuning_type=finetuning_type))  # fmt: skip
+                             finetuning_type=finetuning_type)).out  # fmt: skip
         assert _log(first)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
         assert _log(first)[0]["rewards/accuracies"] == 0.0  # equal rewards are not "chosen > rejected"
     assert log[-1]["rewards/accuracies"] > 0.5 and log[-1]["rewards/margins"] > 0
@@ -106,7 +106,7 @@ def test_dpo_reward_accuracy_rises(tiny: Path, pdata: Path, tmp_path: Path, pref
 def test_kto_margin_rises_with_eval(tiny: Path, pdata: Path, tmp_path: Path) -> None:
     cfg = _cfg(tiny, pdata, tmp_path / "o", stage="kto", dataset=["kto"], max_steps=12, logging_steps=3,
                val_size=4, eval_strategy="steps", eval_steps=12, kto_rejected_weight=1.2)  # fmt: skip
-    out = T.train(cfg)
+    out = T.train(cfg).out
     log = _log(out)
     train_lines = [r for r in log if "loss" in r]
     assert train_lines[-1]["rewards/margins"] > 0 and train_lines[-1]["rewards/chosen"] > 0
@@ -131,7 +131,7 @@ def test_qlora_trains_merges_into_16bit_base_and_verifies(tiny: Path, pdata: Pat
     from exporter import verify as V
 
     out = T.train(_cfg(tiny, pdata, tmp_path / "qlora", quantization_bit=4, max_steps=10, logging_steps=2,
-                       learning_rate=1e-2))  # fmt: skip
+                       learning_rate=1e-2)).out  # fmt: skip
     err = capsys.readouterr().err
     assert "QLoRA: base quantized to 4-bit by bitsandbytes at load (nf4, double quantization" in err
     losses = [r["loss"] for r in _log(out)]
@@ -143,26 +143,27 @@ def test_qlora_trains_merges_into_16bit_base_and_verifies(tiny: Path, pdata: Pat
     from transformers import AutoModelForCausalLM
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), out)
-    merged = merge.merge(tiny, [out], out=tmp_path / "merged")
+    merged = merge.merge(merge.MergeOptions(str(tiny), [str(out)], str(tmp_path / "merged"))).out
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "trained with QLoRA on a 4-bit nf4 quantization of its base; merging it into the original 16-bit" in err
     res = gguf.export(merged, ["f16"], templates.resolve(merged, "qwen"), tmp_path / "gguf")
-    rep = V.verify(base=tiny, adapter=out, merged=merged, ggufs=[res.files["f16"]], modelfiles=[res.modelfiles["f16"]],
-                   prompts=2, max_new_tokens=8, ctx=64, max_windows=3)  # fmt: skip
+    rep = V.verify(V.VerifyOptions(base=tiny, adapter=out, merged=merged, ggufs=[res.files["f16"]],
+                                   modelfiles=[res.modelfiles["f16"]], prompts=2, max_new_tokens=8, ctx=64,
+                                   max_windows=3))  # fmt: skip
     assert rep.passed, [(c.check, c.target, c.detail) for c in rep.failures]
     quantized = tmp_path / "q"  # merging into quantized weights is refused
     shutil.copytree(tiny, quantized)
     cfg = json.loads((quantized / "config.json").read_text())
     (quantized / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "bitsandbytes"}}))
     with pytest.raises(UserError, match="is a quantized model .bitsandbytes.: merge into the original 16-bit base"):
-        merge.merge(quantized, [out], out=tmp_path / "m2")
+        merge.merge(merge.MergeOptions(str(quantized), [str(out)], str(tmp_path / "m2")))
 
 
 def test_qlora_8bit_steps(tiny: Path, pdata: Path, tmp_path: Path) -> None:
     from conftest import require_quant
 
     require_quant()
-    out = T.train(_cfg(tiny, pdata, tmp_path / "q8", quantization_bit=8, max_steps=3))
+    out = T.train(_cfg(tiny, pdata, tmp_path / "q8", quantization_bit=8, max_steps=3)).out
     assert (out / "adapter_model.safetensors").is_file()
     assert all(math.isfinite(r["loss"]) for r in _log(out))
 
@@ -175,7 +176,7 @@ def test_freeze_trains_the_named_modules_of_the_last_layers(tiny: Path, pdata: P
 
     cfg = _cfg(tiny, pdata, tmp_path / "f", finetuning_type="freeze", freeze_trainable_layers=1,
                freeze_trainable_modules=["mlp"], freeze_extra_modules=["norm"], learning_rate=1e-3)  # fmt: skip
-    out = T.train(cfg)
+    out = T.train(cfg).out
     before = load_file(tiny / "model.safetensors")
     after = load_file(out / "model.safetensors")
     n_layers = json.loads((tiny / "config.json").read_text())["num_hidden_layers"]
@@ -230,7 +231,7 @@ def _flags(**kw) -> list[str]:
 
 def _one_process(flags: list[str]) -> Path:
     cfg, given = lf_args.config_from_args(flags)
-    return T.train(cfg, given)
+    return T.train(cfg, given).out
 
 
 @pytest.mark.slow
