@@ -144,8 +144,9 @@ def _template_render(
 @app.command(
     "train",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    help="Fine-tune (LoRA or full; stages sft, pt): exporter train CONFIG.yaml \\[key=value ...], or LLaMA-Factory "
-    "flags: exporter train --stage sft --do_train --model_name_or_path M --dataset a,b --output_dir OUT ...",
+    help="Fine-tune (LoRA, QLoRA, freeze or full; stages sft, pt, dpo, kto): exporter train CONFIG.yaml "
+    "\\[key=value ...], or LLaMA-Factory flags: exporter train --stage sft --do_train --model_name_or_path M "
+    "--dataset a,b --output_dir OUT ...; several processes: torchrun --nproc_per_node N -m exporter train ...",
 )
 def train_cmd(ctx: typer.Context) -> None:
     from exporter import train

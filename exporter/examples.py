@@ -7,6 +7,7 @@ right-padded). Preference stages get pairs (dpo) or tagged examples with KL pair
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from pathlib import Path
@@ -24,6 +25,11 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     segments: list[int] | None = None  # neat packing: lengths of the packed examples (positions restart in each)
+
+    @functools.cached_property
+    def n_trained(self) -> int:
+        """Positions with a next-token label (what the SFT loss averages over)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 def _infer_seqlen(source: int, target: int, cutoff: int) -> tuple[int, int]:
@@ -244,7 +250,8 @@ def collate_kto(examples: list[Any], pad_id: int) -> dict[str, Any]:
 
     batch = collate([Example(e.input_ids, e.labels) for e in examples], pad_id)
     batch["kl"] = collate([Example(e.kl_ids, e.kl_labels) for e in examples], pad_id)
-    batch["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
+    batch["desirable"] = torch.tensor([i for i, e in enumerate(examples) if e.desirable], dtype=torch.long)
+    batch["undesirable"] = torch.tensor([i for i, e in enumerate(examples) if not e.desirable], dtype=torch.long)
     batch["n_desirable"] = sum(e.desirable for e in examples)
     return batch
 

@@ -38,6 +38,7 @@ UNSUPPORTED = {
     "pref_bco_weight": "BCO-weighted DPO",
     "ld_alpha": "LD-DPO",
     "freeze_multi_modal_projector": "multimodal models",
+    "fsdp_config": "FSDP settings beyond the fsdp options (exporter shards each decoder layer, then the rest)",
     "use_unsloth": "Unsloth kernels",
     "use_galore": "GaLore",
     "use_badam": "BAdam",

@@ -27,7 +27,7 @@ def units(stage: str, batch_examples: list[Any]) -> int:
     """What the loss is averaged over: trained tokens (sft, pt) or examples (dpo, kto)."""
     if stage in ("dpo", "kto"):
         return len(batch_examples)
-    return sum(sum(1 for x in e.labels[1:] if x != ex.IGNORE) for e in batch_examples)
+    return sum(e.n_trained for e in batch_examples)
 
 
 def collate(stage: str, batch_examples: list[Any], pad_id: int) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def _kto(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
     from exporter import distributed
 
-    cfg, good = run.cfg, batch["desirable"]
+    cfg, good, bad = run.cfg, batch["desirable"], batch["undesirable"]  # index tensors: no device sync
     logps, lens = tuning.completion_logps(run.score, batch)
     with torch.no_grad():
         kl_logps = tuning.completion_logps(run.plain, batch["kl"])[0]
@@ -102,7 +102,7 @@ def _kto(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     ref_kl = _ref_logps(run, batch["kl"], batch.get("ref_kl"))
     kl = (kl_logps - ref_kl).mean().detach().reshape(1)  # TRL: the mean over every process, clamped at 0
     kl = (distributed.all_sum(run.dist, kl) / run.dist.world).clamp(min=0)[0]
-    out = preference.kto_loss(logps[good], logps[~good], kl_logps, ref[good], ref[~good], ref_kl, cfg.pref_beta,
+    out = preference.kto_loss(logps[good], logps[bad], kl_logps, ref[good], ref[bad], ref_kl, cfg.pref_beta,
                               cfg.kto_chosen_weight, cfg.kto_rejected_weight, kl=kl)  # fmt: skip
     loss = out.losses.nanmean()
     n_good = int(batch["n_desirable"])
@@ -110,7 +110,7 @@ def _kto(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         chosen_avg = logps[good] / lens[good].clamp(min=1)
         loss = loss + cfg.pref_ftx * (-chosen_avg).nanmean() / n_good * len(logps)
     metrics = {"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
-               "logps/chosen": logps[good].detach().sum(), "logps/rejected": logps[~good].detach().sum(),
+               "logps/chosen": logps[good].detach().sum(), "logps/rejected": logps[bad].detach().sum(),
                "kl": kl}  # fmt: skip
     return loss * len(logps), metrics
 

@@ -531,15 +531,19 @@ class TrainResult:
 def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     """Train per `cfg` (`given`: the keys the user set, for the notes on keys without effect here); under torchrun
     every process calls it and rank 0 writes."""
-    from exporter import distributed, examples, hub
+    from exporter import distributed, examples, hub, tuning
 
     given = given if given is not None else set()
+    tuning.quiet()
     d, device = distributed.init(cfg.ddp_timeout)
     try:
         check(cfg, given, device.split(":")[0])
         model_dir = hub.resolve(cfg.model_name_or_path, "model")
         out = Path(cfg.output_dir)
         prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
+        rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
+        if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
+            cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)
         resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))
         run = _start(cfg, prep, model_dir, out, resume, device, d)
         log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)

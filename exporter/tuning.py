@@ -14,6 +14,28 @@ from exporter.errors import UserError
 from exporter.lf_args import TrainConfig, say
 
 
+def quiet() -> None:
+    """A training run prints its own progress and notes only: third-party import banners (GPT-QModel, which PEFT
+    imports when installed), torchao/bitsandbytes kernel-loading logs, transformers' weight-loading bars and the
+    deprecation warnings our pinned versions emit are turned off for this process."""
+    import contextlib
+    import importlib.util
+    import io
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "DeepSpeed", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (".*is_gradient_checkpointing.* is deprecated", ".*gradient_checkpointing_enable.* is deprecated",
+                    "MatMul8bitLt: inputs will be cast", ".*torch.jit.script_method.* is deprecated"):  # fmt: skip
+        warnings.filterwarnings("ignore", message=pattern)
+    if importlib.util.find_spec("gptqmodel") is not None:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import gptqmodel  # noqa: F401  (its banner, printed once at import)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _attn_impl(cfg: TrainConfig) -> str:
     if cfg.flash_attn == "disabled":
         return "eager"
@@ -86,6 +108,36 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
         if p.requires_grad:
             p.data = p.data.float()
     return model
+
+
+def checkpointing_unneeded(cfg: TrainConfig, given: set[str], model_dir: Path, device: str, rows: int) -> bool:
+    """On CPU, LLaMA-Factory's default gradient checkpointing only costs time (about 30 %: every forward runs twice)
+    when the activations it saves fit easily in memory: True when `disable_gradient_checkpointing` was not set and
+    the activations of a micro-batch of `rows` tokens (estimated from the model's sizes) need under a quarter of
+    the memory available now."""
+    if device != "cpu" or cfg.disable_gradient_checkpointing or "disable_gradient_checkpointing" in given:
+        return False
+    from exporter.config import read_json
+
+    c = read_json(Path(model_dir) / "config.json", optional=True)
+    c = c.get("text_config", c)
+    hidden, layers = c.get("hidden_size"), c.get("num_hidden_layers")
+    if not hidden or not layers:
+        return False
+    inter = c.get("intermediate_size") or 4 * hidden
+    per_token = layers * (8 * hidden + 4 * inter) * 4 * 1.5  # saved fp32 tensors per layer, + autograd extras
+    need = rows * per_token
+    try:
+        import os
+
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return False
+    if need * 4 > avail:
+        return False
+    say(f"gradient checkpointing off on CPU: the activations need about {need / 2**30:.1f} GiB of the "
+        f"{avail / 2**30:.0f} GiB free (set disable_gradient_checkpointing: false to keep it)")  # fmt: skip
+    return True
 
 
 def _lora(model: Any, cfg: TrainConfig) -> Any:
