@@ -91,13 +91,13 @@ def _peft(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def dpo_trainer(tiny_model):
+def dpo_trainer(tiny_model, tmp_path_factory):
     _quiet()
     from datasets import Dataset
 
     model, tok, lora = _peft(tiny_model)
     args = trl.DPOConfig(
-        output_dir="/tmp/exporter-test-trl-dpo", beta=BETA, report_to="none", per_device_train_batch_size=2,
+        output_dir=str(tmp_path_factory.mktemp("trl-dpo")), beta=BETA, report_to="none", per_device_train_batch_size=2,
         use_cpu=True, gradient_checkpointing=False, bf16=False, disable_tqdm=True,
     )  # fmt: skip
     ds = Dataset.from_list([{"prompt": "hi", "chosen": "a", "rejected": "b"}] * 2)
@@ -192,14 +192,32 @@ def test_reference_free_equal_trl(loss_type: str) -> None:
     torch.testing.assert_close(out.rejected_rewards, r_rew)
 
 
+def test_cdpo_label_smoothing_equals_trl() -> None:
+    """dpo_label_smoothing (cDPO) is TRL's label-smoothed sigmoid (CPOTrainer's formula on the log-ratio margin)."""
+    _quiet()
+    from trl.experimental.cpo import CPOTrainer
+
+    torch.manual_seed(5)
+    c, r, rc, rr = (torch.randn(6, dtype=torch.float64) * 3 for _ in range(4))
+    c.requires_grad_(True)
+    stub = SimpleNamespace(beta=BETA, accelerator=SimpleNamespace(device=torch.device("cpu")), alpha=0.0,
+                           loss_type="sigmoid", simpo_gamma=0.0, label_smoothing=0.2)  # fmt: skip
+    ref, _, _ = CPOTrainer.cpo_loss(stub, c - rc, r - rr)
+    out = P.dpo_loss(c, r, rc, rr, BETA, "sigmoid", label_smoothing=0.2)
+    torch.testing.assert_close(out.losses, ref)
+    (g_ref,) = torch.autograd.grad(ref.sum(), c)
+    (g,) = torch.autograd.grad(out.losses.sum(), c)
+    torch.testing.assert_close(g, g_ref)
+
+
 @pytest.fixture(scope="module")
-def kto_trainer(tiny_model):
+def kto_trainer(tiny_model, tmp_path_factory):
     _quiet()
     from datasets import Dataset
 
     model, tok, lora = _peft(tiny_model)
     args = trl.KTOConfig(
-        output_dir="/tmp/exporter-test-trl-kto", beta=BETA, report_to="none", per_device_train_batch_size=2,
+        output_dir=str(tmp_path_factory.mktemp("trl-kto")), beta=BETA, report_to="none", per_device_train_batch_size=2,
         use_cpu=True, gradient_checkpointing=False, bf16=False, disable_tqdm=True, desirable_weight=1.0,
         undesirable_weight=1.5,
     )  # fmt: skip
