@@ -316,21 +316,25 @@ def evaluate(run: Run) -> dict[str, float]:
     cfg, pool, bs = run.cfg, run.prep.val, run.cfg.per_device_eval_batch_size * run.dist.world
     run.model.eval()
     keys = objective.PAIR_METRICS if cfg.stage == "dpo" else objective.KTO_METRICS if cfg.stage == "kto" else ()
-    tot = torch.zeros(2 + 2 * len(keys), device=run.device, dtype=torch.float64)
+    sums = torch.zeros(1 + len(keys), device=run.device, dtype=torch.float64)  # loss, metrics: on the device
+    counts = [0.0] * (1 + len(keys))  # units, metric counts: on the host
     with torch.no_grad(), torch.autocast(run.device.split(":")[0], dtype=run.amp, enabled=run.amp is not None):
         for items, weight in _micro_batches(run, [list(range(s, min(s + bs, len(pool)))) for s in
                                                   range(0, len(pool), bs)], pool):  # fmt: skip
             batch = run.batch(items)
             loss_units, metrics = objective.micro_loss(run, batch)
-            counts = objective.metric_counts(cfg.stage, batch, len(items))
-            row = [loss_units, objective.units(cfg.stage, items)]
-            row += [metrics.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys]
-            tot += weight * torch.stack([torch.as_tensor(x, device=run.device, dtype=torch.float64) for x in row])
+            zero = loss_units.new_zeros(())
+            sums += weight * torch.stack([loss_units, *(metrics.get(k, zero) for k in keys)]).double()
+            cnt = objective.metric_counts(cfg.stage, batch, len(items))
+            new = [objective.units(cfg.stage, items), *(cnt.get(k, 0) for k in keys)]
+            counts = [c + weight * n for c, n in zip(counts, new, strict=True)]
     run.model.train()
-    vals = all_sum(run.dist, tot).tolist()
-    out = {"eval_loss": round(vals[0] / max(vals[1], 1), 6)}
-    found = objective.finish_metrics(cfg.stage, dict(zip(keys, vals[2 : 2 + len(keys)], strict=True)),
-                                     dict(zip(keys, vals[2 + len(keys) :], strict=True)))  # fmt: skip
+    vals = all_sum(run.dist, torch.cat([sums, torch.tensor(counts, device=run.device, dtype=torch.float64)]))
+    vals = vals.tolist()
+    n = 1 + len(keys)
+    out = {"eval_loss": round(vals[0] / max(vals[n], 1), 6)}
+    found = objective.finish_metrics(cfg.stage, dict(zip(keys, vals[1:n], strict=True)),
+                                     dict(zip(keys, vals[n + 1 :], strict=True)))  # fmt: skip
     return out | {f"eval_{k}": v for k, v in found.items()}
 
 
