@@ -538,7 +538,6 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     from exporter import distributed, examples, hub, tuning
 
     given = given if given is not None else set()
-    tuning.quiet()
     d, device = distributed.init(cfg.ddp_timeout)
     try:
         check(cfg, given, device.split(":")[0])
@@ -573,11 +572,13 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
-def main(argv: list[str]) -> TrainResult:
-    """CLI entry: parse LLaMA-Factory style arguments and train (under torchrun when LF's launcher rules say so)."""
+def main(argv: list[str], cfg: TrainConfig | None = None, given: set[str] | None = None) -> TrainResult:
+    """CLI entry: LLaMA-Factory style arguments (`cfg`, `given` when already parsed from them); trains here, or
+    under torchrun when LF's launcher rules say so."""
     from exporter import distributed
 
-    cfg, given = config_from_args(argv)
+    if cfg is None:
+        cfg, given = config_from_args(argv)
     code = distributed.relaunch(argv)
     if code is not None:
         raise SystemExit(code)

@@ -5,35 +5,12 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from pathlib import Path
 from typing import Any
 
 from exporter.config import did_you_mean
 from exporter.errors import UserError
 from exporter.lf_args import TrainConfig, say
-
-
-def quiet() -> None:
-    """A training run prints its own progress and notes only: third-party import banners (GPT-QModel, which PEFT
-    imports when installed), torchao/bitsandbytes kernel-loading logs, transformers' weight-loading bars and the
-    deprecation warnings our pinned versions emit are turned off for this process."""
-    import contextlib
-    import importlib.util
-    import io
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "DeepSpeed", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for pattern in (".*is_gradient_checkpointing.* is deprecated", ".*gradient_checkpointing_enable.* is deprecated",
-                    "MatMul8bitLt: inputs will be cast", ".*torch.jit.script_method.* is deprecated"):  # fmt: skip
-        warnings.filterwarnings("ignore", message=pattern)
-    if importlib.util.find_spec("gptqmodel") is not None:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            import gptqmodel  # noqa: F401  (its banner, printed once at import)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def _attn_impl(cfg: TrainConfig) -> str:
@@ -77,12 +54,9 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
         detail = (detail if cfg.quantization_bit == 4 else "") + f"compute in {str(dtype).removeprefix('torch.')}"
         say(f"QLoRA: base quantized to {cfg.quantization_bit}-bit by bitsandbytes at load ({detail})")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bitsandbytes/transformers deprecation chatter
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=dtype, attn_implementation=_attn_impl(cfg), trust_remote_code=cfg.trust_remote_code,
-                **kw,
-            )  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=_attn_impl(cfg), trust_remote_code=cfg.trust_remote_code, **kw
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"model {model_dir}: cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
     if not cfg.quantization_bit:

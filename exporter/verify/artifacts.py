@@ -281,6 +281,9 @@ def load_llama(info: GGUFInfo, **kwargs: Any) -> Any:
     """The GGUF loaded by llama.cpp; GGUFLoadError (a failed check, not a crash) when it refuses it."""
     from llama_cpp import Llama
 
+    from exporter.quiet import silence_llama_cpp
+
+    silence_llama_cpp()
     try:
         return Llama(model_path=str(info.path), verbose=False, **kwargs)
     except Exception as e:
