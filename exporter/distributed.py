@@ -125,7 +125,7 @@ def wrap(score: Any, model: Any, cfg: Any, d: Dist, device: str) -> Any:
         score,
         device_ids=ids,
         find_unused_parameters=False,
-        broadcast_buffers=False,  # buffers: identical, no sync
+        forward_sync_buffers=False,  # buffers (rotary tables): identical on every rank
     )
 
 

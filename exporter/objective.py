@@ -17,7 +17,7 @@ from typing import Any
 from exporter import examples as ex
 from exporter import preference, tuning
 
-# metrics averaged per unit: key -> the count it is divided by
+# the metrics each stage logs (sums per micro-batch, averaged over the counts `metric_counts` gives)
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected")  # fmt: skip
 KTO_METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl")
@@ -135,28 +135,28 @@ def finish_metrics(stage: str, sums: dict[str, float], counts: dict[str, float])
 
 
 def reference_logps(run: Any, items: list[Any]) -> None:
-    """Freeze/full tuning of dpo/kto: the initial model's log-probs of every example, once, before training
-    (stored on the examples as `ref`; each rank computes its share and all ranks receive all)."""
+    """Freeze/full tuning of dpo/kto: the initial model's log-probs of every example, once, before training (stored
+    on the examples as `ref`). Each rank scores its rows of the same batches (equal forwards on every rank, as
+    sharded engines need) and a sum over the ranks gives everyone all of them."""
     import torch
 
-    d, bs, stage = run.dist, run.cfg.per_device_eval_batch_size, run.cfg.stage
-    mine = list(range(d.rank, len(items), d.world))
-    found: dict[int, tuple[float, float]] = {}
+    from exporter.distributed import all_sum, rows
+
+    d, bs, stage = run.dist, run.cfg.per_device_eval_batch_size * run.dist.world, run.cfg.stage
+    found = torch.zeros(len(items), 2, dtype=torch.float64, device=run.device)
     was = run.model.training
     run.model.eval()
     with torch.no_grad():
-        for s in range(0, len(mine), bs):
-            idx = mine[s : s + bs]
-            b = run.to_device(collate(stage, [items[i] for i in idx], run.prep.pad_id))
+        for s in range(0, len(items), bs):
+            idx = rows(d, list(range(s, min(s + bs, len(items)))))
+            b = run.to_device(collate(stage, [items[i] for i in idx or [s]], run.prep.pad_id))
             if stage == "dpo":
-                c, r = tuning.completion_logps(run.plain, b)[0].chunk(2)
+                pair = torch.stack(tuning.completion_logps(run.plain, b)[0].chunk(2), dim=1)
             else:
-                c, r = tuning.completion_logps(run.plain, b)[0], tuning.completion_logps(run.plain, b["kl"])[0]
-            found.update({i: (float(x), float(y)) for i, x, y in zip(idx, c.tolist(), r.tolist(), strict=True)})
+                pair = torch.stack([tuning.completion_logps(run.plain, b)[0],
+                                    tuning.completion_logps(run.plain, b["kl"])[0]], dim=1)  # fmt: skip
+            if idx:
+                found[idx] = pair.double()
     run.model.train(was)
-    if d.active:
-        parts: list[Any] = [None] * d.world
-        torch.distributed.all_gather_object(parts, found)
-        found = {k: v for p in parts for k, v in p.items()}
-    for i, e in enumerate(items):
-        e.ref = found[i]
+    for e, (a, b2) in zip(items, all_sum(d, found).tolist(), strict=True):
+        e.ref = (a, b2)
