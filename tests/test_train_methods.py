@@ -312,3 +312,17 @@ def test_force_torchrun_relaunches_with_lf_variables(monkeypatch, tmp_path: Path
                      "--master_port": "29501"}  # fmt: skip
     monkeypatch.setenv("LOCAL_RANK", "0")  # already under torchrun: train here
     assert distributed.relaunch(["cfg.yaml"]) is None
+
+
+def test_qlora_cli_prints_no_third_party_noise(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    """QLoRA keeps bitsandbytes importable (the quantization libraries' loggers turned down instead)."""
+    from conftest import require_quant
+    from test_quiet import NOISE
+
+    require_quant()
+    r = subprocess.run([sys.executable, "-m", "exporter", "train", *_flags(
+        model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", output_dir=tmp_path / "q",
+        max_steps=1, per_device_train_batch_size=2, quantization_bit=4)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "QLoRA: base quantized to 4-bit" in r.stderr
+    assert not [line for line in (r.stdout + r.stderr).splitlines() if NOISE.search(line)]
