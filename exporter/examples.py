@@ -303,6 +303,8 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     if cfg.stage != "pt" or cfg.template:
         tpl = templates.resolve(model_dir, family_name(cfg.template))
         check_template_tokens(tokenizer, tpl, str(model_dir))
+        for note in tpl.notes:
+            say(note)
     examples: list[Any]
     if cfg.stage == "pt":
         examples = tokenize_pt(samples, tokenizer, cfg, packing)
