@@ -328,6 +328,14 @@ def test_force_torchrun_relaunches_with_lf_variables(monkeypatch, tmp_path: Path
     flags = dict(zip(cmd[3:-4:2], cmd[4:-4:2], strict=True))
     assert flags == {"--nnodes": "2", "--node_rank": "1", "--nproc_per_node": "3", "--master_addr": "10.0.0.1",
                      "--master_port": "29501"}  # fmt: skip
+    for k in ("FORCE_TORCHRUN", "NPROC_PER_NODE"):  # LLaMA-Factory's automatic torchrun: one process per visible GPU
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(distributed, "_gpu_count", lambda: 2)
+    assert distributed.relaunch(["cfg.yaml"]) == 0 and seen["cmd"][seen["cmd"].index("--nproc_per_node") + 1] == "2"
+    monkeypatch.setattr(distributed, "_gpu_count", lambda: 1)
+    seen.clear()
+    assert distributed.relaunch(["cfg.yaml"]) is None and not seen
+    monkeypatch.setenv("FORCE_TORCHRUN", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")  # already under torchrun: train here
     assert distributed.relaunch(["cfg.yaml"]) is None
 
