@@ -15,7 +15,7 @@ from typing import Any
 
 from exporter.errors import UserError
 from exporter.hf_dir import adds_bos
-from exporter.lf_args import TrainConfig, family_name, say
+from exporter.lf_args import TrainConfig, say
 
 IGNORE = -100
 
@@ -95,17 +95,19 @@ def check_template_tokens(tokenizer: Any, tpl: Any, model: str) -> None:
 
 def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Example]:
     """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained."""
-    from exporter import templates
+    from exporter import lf_names, templates
 
+    lf = tpl.kind == lf_names.KIND  # LF's encoder takes the rows as LF reads them and truncates as LF does
     out = []
     for s in samples:
+        chat, tools = (lf_names.sample_messages(s), s.tools) if lf else (s.chat(), s.tool_list())
         try:
-            ids, labels = templates.encode(
-                tokenizer, tpl, s.chat(), tools=s.tool_list(), train_on_prompt=cfg.train_on_prompt, cutoff_len=None
-            )
+            ids, labels = templates.encode(tokenizer, tpl, chat, tools=tools, train_on_prompt=cfg.train_on_prompt,
+                                           cutoff_len=lf_names.cutoff(cfg) if lf else None)  # fmt: skip
         except UserError as e:
             raise UserError(f"{s.where}: {e}") from None
-        ids, labels = truncate(list(ids), list(labels), cfg.cutoff_len)
+        if not lf:
+            ids, labels = truncate(list(ids), list(labels), cfg.cutoff_len)
         if not any(x != IGNORE for x in labels[1:]):
             drops.add("samples with no trained token left within cutoff_len", s.where)
             continue
@@ -286,7 +288,7 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     """Datasets -> examples through the template; every data error surfaces here, before anything is written."""
     from transformers import AutoTokenizer
 
-    from exporter import data, templates
+    from exporter import data, lf_names
 
     packing = cfg.neat_packing or (cfg.packing if cfg.packing is not None else cfg.stage == "pt")
     fill = {k: v for k, v in (("name", cfg.identity_name), ("author", cfg.identity_author)) if v}
@@ -301,7 +303,9 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
         raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     tpl = None
     if cfg.stage != "pt" or cfg.template:
-        tpl = templates.resolve(model_dir, family_name(cfg.template))
+        tpl = lf_names.resolve_for_training(model_dir, cfg)  # an LF name first, then a family, else the model's
+        if tpl.tokenizer_fix is not None:
+            tpl.tokenizer_fix(tokenizer)
         check_template_tokens(tokenizer, tpl, str(model_dir))
         for note in tpl.notes:
             say(note)
@@ -327,14 +331,24 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
 
 def _tokenize_preference(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Any]:
     """dpo: chosen/rejected pairs; kto: tagged examples with KL pairs (LF's warning when one kind is missing)."""
-    from exporter import preference, templates
+    from exporter import lf_names, preference, templates
+
+    lf = tpl.kind == lf_names.KIND  # LF's encoder takes the rows as LF reads them; the answer budget cuts, not it
+
+    def lf_chat(s: Any, rejected: bool) -> tuple[list[dict[str, Any]], Any]:
+        messages = lf_names.sample_messages(s)
+        return (messages[:-1] + [s.rejected] if rejected else messages), s.tools
+
+    chat = lf_chat if lf else preference.hf_chat
 
     def encode(messages: list[dict[str, Any]], tools: Any) -> tuple[list[int], list[int]]:
-        return templates.encode(tokenizer, tpl, messages, tools=tools, cutoff_len=None)
+        return templates.encode(
+            tokenizer, tpl, messages, tools=tools, cutoff_len=lf_names.NO_CUT.cutoff_len if lf else None
+        )
 
     if cfg.stage == "dpo":
-        return preference.encode_pairs(samples, encode, cfg.cutoff_len, drops)
-    out = preference.encode_kto(samples, encode, cfg.cutoff_len, drops)
+        return preference.encode_pairs(samples, encode, cfg.cutoff_len, drops, chat)
+    out = preference.encode_kto(samples, encode, cfg.cutoff_len, drops, chat)
     good = sum(e.desirable for e in out)
     if out and (good == 0 or good == len(out)):
         say(f"kto: all {len(out)} examples are {'desirable' if good else 'undesirable'}; KTO learns from both kinds")

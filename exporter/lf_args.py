@@ -18,8 +18,6 @@ import yaml
 from exporter import config as config_mod
 from exporter.errors import UserError
 
-# LLaMA-Factory template names that exporter's families call differently
-TEMPLATE_ALIASES = {"phi": "phi3", "gemma2": "gemma", "gemma3": "gemma", "llama3_1": "llama3"}
 _QUANT_METHODS = ("bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4", "fp8")  # LF's names
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 _FSDP_WORDS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap", "no_shard")
@@ -29,8 +27,6 @@ _SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "consta
 
 # LLaMA-Factory / HF keys we know but cannot honour yet: an error, never silently ignored.
 UNSUPPORTED = {
-    "mask_history": "training on the last turn only",
-    "eval_dataset": "a separate evaluation dataset (use val_size)",
     "quantization_device_map": "placing a quantized model across devices",
     "ref_model": "a separate DPO/KTO reference model (the reference is the base model, adapter disabled)",
     "ref_model_adapters": "a separate DPO/KTO reference model",
@@ -52,8 +48,6 @@ UNSUPPORTED = {
     "rope_scaling": "RoPE scaling",
     "shift_attn": "shift short attention",
     "mix_strategy": "interleaved dataset mixing",
-    "do_predict": "generation on a test set",
-    "predict_with_generate": "generation on a test set",
     "enable_liger_kernel": "Liger kernels",
     "use_llama_pro": "LLaMA Pro",
     "group_by_length": "HF length grouping (exporter always batches by length within shuffled windows)",
@@ -102,6 +96,11 @@ class TrainConfig:
     max_samples: int | None = None
     val_size: float = 0.0
     train_on_prompt: bool = False
+    mask_history: bool = False  # these five: LLaMA-Factory template names only (exporter.lf_names)
+    enable_thinking: bool | None = True
+    preserve_thinking: bool = False
+    default_system: str | None = None
+    tool_format: str | None = None
     packing: bool | None = None
     neat_packing: bool = False
     preprocessing_num_workers: int | None = None
@@ -183,7 +182,11 @@ def parse_args(argv: list[str], cls: type | None = None) -> tuple[dict[str, Any]
 
 def config_from_args(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     """The TrainConfig for a command line, and the keys the user set explicitly."""
-    data, where = parse_args(argv)
+    return config_from_dict(*parse_args(argv))
+
+
+def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set[str]]:
+    """The TrainConfig for parsed LF keys (`parse_args`), and the keys the user set explicitly."""
     for key in data:
         if key in UNSUPPORTED:
             raise UserError(f"{where}: {key}: {UNSUPPORTED[key]} is not supported yet")
@@ -211,16 +214,6 @@ def say(msg: str) -> None:
 
     if os.environ.get("RANK", "0") == "0":
         print(f"note: {msg}", file=sys.stderr)
-
-
-def family_name(template: str | None) -> str | None:
-    """exporter's family for a LLaMA-Factory template name that exporter calls differently (said once)."""
-    from exporter import templates
-
-    if template in TEMPLATE_ALIASES and template not in templates.list_templates():
-        say(f"template {template!r} is LLaMA-Factory's name for exporter's {TEMPLATE_ALIASES[template]!r} family")
-        return TEMPLATE_ALIASES[template]
-    return template
 
 
 def check(cfg: TrainConfig, given: set[str], device: str) -> None:

@@ -208,7 +208,13 @@ class KTOExample:
     ref: tuple[float, float] | None = None  # the reference's summed log-probs (answer, KL pair), when precomputed
 
 
-Encode = Callable[[list[dict[str, Any]], Any], tuple[list[int], list[int]]]
+Encode = Callable[[list[dict[str, Any]], Any], tuple[list[int], list[int]]]  # (conversation, tools) -> ids, labels
+Chat = Callable[[Any, bool], tuple[list[dict[str, Any]], Any]]  # (sample, rejected) -> (conversation, tools)
+
+
+def hf_chat(sample: Any, rejected: bool) -> tuple[list[dict[str, Any]], Any]:
+    """A sample as HF-style messages ending with its chosen (or rejected) answer, and its parsed tools."""
+    return sample.chat(rejected=rejected), sample.tool_list()
 
 
 def last_answer(labels: list[int]) -> int | None:
@@ -222,28 +228,30 @@ def last_answer(labels: list[int]) -> int | None:
 def cut_answer(ids: list[int], labels: list[int], start: int, width: int, cutoff: int) -> tuple[list[int], list[int]]:
     """Prompt `ids[:start]` (untrained, earlier answers included) + the answer, cut to `cutoff` with
     LLaMA-Factory's prompt/answer split for an answer budget of `width` tokens (the longer answer of a pair)."""
-    from exporter.examples import _infer_seqlen
+    from exporter.lf_templates import seqlen
 
-    n_prompt, n_answer = _infer_seqlen(start, width, cutoff)
+    n_prompt, n_answer = seqlen(start, width, cutoff)
     return ids[:n_prompt] + ids[start : start + n_answer], [IGNORE] * n_prompt + labels[start : start + n_answer]
 
 
-def _encoded(encode: Encode, messages: list[dict[str, Any]], sample: Any) -> tuple[list[int], list[int], int | None]:
+def _encoded(
+    encode: Encode, messages: list[dict[str, Any]], tools: Any, sample: Any
+) -> tuple[list[int], list[int], int | None]:
     from exporter.errors import UserError
 
     try:
-        ids, labels = encode(messages, sample.tool_list())
+        ids, labels = encode(messages, tools)
     except UserError as e:
         raise UserError(f"{sample.where}: {e}") from None
     return list(ids), list(labels), last_answer(list(labels))
 
 
-def encode_pairs(samples: list, encode: Encode, cutoff: int, drops: Any) -> list[PairExample]:
+def encode_pairs(samples: list, encode: Encode, cutoff: int, drops: Any, chat: Chat = hf_chat) -> list[PairExample]:
     """Preference samples (data.Sample with `rejected`) -> PairExample; both answers get the same budget."""
     out = []
     for s in samples:
-        c_ids, c_labels, c_start = _encoded(encode, s.chat(), s)
-        r_ids, r_labels, r_start = _encoded(encode, s.chat(rejected=True), s)
+        c_ids, c_labels, c_start = _encoded(encode, *chat(s, False), s)
+        r_ids, r_labels, r_start = _encoded(encode, *chat(s, True), s)
         if c_start is None or r_start is None:
             drops.add("preference pairs with an answer that has no trained token", s.where)
             continue
@@ -257,18 +265,20 @@ def encode_pairs(samples: list, encode: Encode, cutoff: int, drops: Any) -> list
     return out
 
 
-def encode_kto(samples: list, encode: Encode, cutoff: int, drops: Any) -> list[KTOExample]:
+def encode_kto(samples: list, encode: Encode, cutoff: int, drops: Any, chat: Chat = hf_chat) -> list[KTOExample]:
     """KTO samples (data.Sample with `kto_tag`) -> KTOExample, each with its KL pair (previous sample's answer)."""
     out = []
     for k, s in enumerate(samples):
-        ids, labels, start = _encoded(encode, s.chat(), s)
-        kl_ids, kl_labels, kl_start = _encoded(encode, s.chat()[:-1] + samples[k - 1].chat()[-1:], s)
+        messages, tools = chat(s, False)
+        ids, labels, start = _encoded(encode, messages, tools, s)
+        kl = messages[:-1] + chat(samples[k - 1], False)[0][-1:]
+        kl_ids, kl_labels, kl_start = _encoded(encode, kl, tools, s)
         if start is None or kl_start is None:
             drops.add("samples with an answer that has no trained token", s.where)
             continue
         main = cut_answer(ids, labels, start, len(ids) - start, cutoff)
         kl = cut_answer(kl_ids, kl_labels, kl_start, len(kl_ids) - kl_start, cutoff)
-        if not _trained(main[1]) or not _trained(kl[1]):
+        if not _trained(main[1]):  # a KL pair may keep no answer token (LLaMA-Factory's cut): it adds zero
             drops.add("samples with no answer token left within cutoff_len", s.where)
             continue
         out.append(KTOExample(*main, *kl, bool(s.kto_tag)))

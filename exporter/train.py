@@ -25,7 +25,7 @@ from exporter import checkpoint, objective
 from exporter.distributed import Dist
 from exporter.errors import UserError
 from exporter.examples import Prepared, length, plan_epoch, to_device
-from exporter.lf_args import TrainConfig, check, config_from_args, say
+from exporter.lf_args import TrainConfig, check, config_from_dict, parse_args, say
 
 # ------------------------------------------------------------------ loss plot
 
@@ -572,14 +572,23 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
-def main(argv: list[str], cfg: TrainConfig | None = None, given: set[str] | None = None) -> TrainResult:
-    """CLI entry: LLaMA-Factory style arguments (`cfg`, `given` when already parsed from them); trains here, or
-    under torchrun when LF's launcher rules say so."""
-    from exporter import distributed
+def main(argv: list[str]) -> TrainResult | Any:
+    """CLI entry: parse LLaMA-Factory style arguments; train (here, or under torchrun when LF's launcher rules say
+    so), then predict when do_predict is set (LF's do_predict without do_train only predicts; under torchrun, rank 0
+    predicts). Returns the TrainResult, or the PredictResult when it predicted."""
+    import os
 
-    if cfg is None:
-        cfg, given = config_from_args(argv)
-    code = distributed.relaunch(argv)
-    if code is not None:
-        raise SystemExit(code)
-    return train(cfg, given)
+    from exporter import distributed, predict
+
+    raw, where = parse_args(argv)
+    train_raw, predict_raw = predict.split_train_args(raw, where)
+    result = None
+    if train_raw is not None:
+        cfg, given = config_from_dict(train_raw, where)
+        code = distributed.relaunch(argv)
+        if code is not None:
+            raise SystemExit(code)
+        result = train(cfg, given)
+    if predict_raw is not None and os.environ.get("RANK", "0") == "0":
+        return predict.predict(*predict.options(predict_raw, where))
+    return result

@@ -1,5 +1,6 @@
 """Preference data in LLaMA-Factory's formats (ranking alpaca/sharegpt, kto_tag) and their tokenization through the
-training template: labels only on the final answer, chosen and rejected sharing one prompt and one budget."""
+training template: labels only on the final answer, chosen and rejected sharing one prompt and one budget; with a
+LLaMA-Factory template name, the examples equal LLaMA-Factory's own data pipeline on the same config."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def _encoder(tiny_model):
 
     path = tiny_model("qwen2")
     tok = AutoTokenizer.from_pretrained(path)
-    tpl = templates.resolve(path, "qwen")
+    tpl = templates.resolve(path, "qwen-2.5")
 
     def encode(messages, tools):
         return templates.encode(tok, tpl, messages, tools=tools)
@@ -152,3 +153,64 @@ def test_kto_examples_carry_kl_pairs(tiny_model, prefdir: Path) -> None:
         assert answer(e.input_ids, e.labels) == f"A{k}<|im_end|>"
         assert answer(e.kl_ids, e.kl_labels) == f"A{(k - 1) % 4}<|im_end|>"  # previous sample's answer
         assert f"Q{k}" in tok.decode(e.kl_ids)
+
+
+# ------------------------------------------------------------------ against LLaMA-Factory's own data pipeline
+
+# (stage, LF template, fixture, cutoff_len): LF's pairwise and feedback processors, whole and cut
+LF_CASES = [("dpo", "qwen", "qwen2", 1024), ("dpo", "llama3", "llama3", 14), ("kto", "qwen", "qwen2", 1024),
+            ("kto", "llama3", "llama3", 9)]  # fmt: skip
+
+
+def test_preference_examples_equal_llamafactory(tiny_model, tmp_path: Path) -> None:
+    """stage dpo/kto examples equal what LLaMA-Factory's get_dataset makes of the same config (pairs: one prompt,
+    one answer budget; kto: the KL pair from the previous row), multi-turn sharegpt and alpaca with a system."""
+    from conftest import lf_python
+
+    lf_python()
+    from test_lf_names import _lf_train
+
+    from exporter import examples, lf_args
+
+    rows = [{"instruction": f"Add {i} and 1", "input": "x" * i, "system": "Be exact.", "chosen": f"{i + 1}",
+             "rejected": f"It is {i + 2}, I think.", "output": f"{i + 1}" * (i + 1), "tag": i % 3 != 0}
+            for i in range(4)]  # fmt: skip
+    multi = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
+                                {"from": "human", "value": f"Name {i}?"}],
+              "chosen": {"from": "gpt", "value": f"It is {i}."}, "rejected": {"from": "gpt", "value": "No idea."}}
+             for i in range(2)]  # fmt: skip
+    alpaca = {"prompt": "instruction", "query": "input", "system": "system"}
+    info = {
+        "pairs": {"file_name": "a.json", "ranking": True,
+                  "columns": alpaca | {"chosen": "chosen", "rejected": "rejected"}},
+        "multi": {"file_name": "m.json", "formatting": "sharegpt", "ranking": True,
+                  "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+        "kto": {"file_name": "a.json", "columns": alpaca | {"response": "output", "kto_tag": "tag"}},
+    }  # fmt: skip
+    d = _write(tmp_path / "data", info, {"a.json": rows, "m.json": multi})
+    datasets = {"dpo": ["multi", "pairs"], "kto": ["kto"]}
+    configs = [{"stage": stage, "model_name_or_path": str(tiny_model(fix)), "dataset": ",".join(datasets[stage]),
+                "dataset_dir": str(d), "template": name, "cutoff_len": cut}
+               for stage, name, fix, cut in LF_CASES]  # fmt: skip
+    refs = _lf_train(configs, tmp_path)
+    for (stage, name, fixture, cut), ref in zip(LF_CASES, refs, strict=True):
+        cfg = lf_args.TrainConfig(stage=stage, model_name_or_path=str(tiny_model(fixture)), dataset=datasets[stage],
+                                  dataset_dir=str(d), template=name, cutoff_len=cut,
+                                  output_dir=str(tmp_path / "o"))  # fmt: skip
+        prep = examples.prepare(cfg, Path(cfg.model_name_or_path))
+        if stage == "dpo":
+            ours = [{"chosen_input_ids": e.chosen_ids, "chosen_labels": e.chosen_labels,
+                     "rejected_input_ids": e.rejected_ids, "rejected_labels": e.rejected_labels}
+                    for e in prep.train]  # fmt: skip
+        else:
+            ours = [{"input_ids": e.input_ids, "labels": e.labels, "kl_input_ids": e.kl_ids, "kl_labels": e.kl_labels,
+                     "kto_tags": e.desirable} for e in prep.train]  # fmt: skip
+        # the stated difference (as for sft): an example cutoff_len leaves without an answer token is dropped (and
+        # said); LLaMA-Factory keeps it, and it trains nothing
+        trained = [k for k in ("labels", "chosen_labels", "rejected_labels") if k in ref["examples"][0]]
+        kept = [e for e in ref["examples"] if all(any(x != IGNORE for x in e[k][1:]) for k in trained)]
+        assert len(ours) == len(kept), (stage, name)
+        if cut < 1024:  # the cut bites
+            assert max(len(e[k]) for e in ours for k in e if k.endswith("input_ids")) == cut
+        for k, (a, b) in enumerate(zip(ours, kept, strict=True)):
+            assert a == b, (stage, name, cut, k)
