@@ -57,10 +57,12 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 def save(
-    model: Any, opt: Any, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig, model_dir: Path, tpl: Any
-) -> Path:
+    model: Any, opt: Any, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig, model_dir: Path, tpl: Any,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
     """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
-    trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir."""
+    trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir.
+    `state_dict`: the weights gathered from sharded ranks (FSDP/DeepSpeed); `opt` None: weights only."""
     import numpy as np
     import torch
 
@@ -68,9 +70,9 @@ def save(
 
     path = out_dir / f"checkpoint-{state['global_step']}"
     with atomic_dir(path, force=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir)
-        if not cfg.save_only_model:
+        if not cfg.save_only_model and opt is not None:
             torch.save(opt.state_dict(), tmp / "optimizer.pt")
             torch.save(sched.state_dict(), tmp / "scheduler.pt")
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}

@@ -187,12 +187,15 @@ def _lf_args(ctx: typer.Context, verb: str) -> list[str]:
 @app.command(
     "train",
     context_settings=_LF_ARGS,
-    help="Fine-tune (LoRA or full; stages sft, pt): exporter train CONFIG.yaml \\[key=value ...], or LLaMA-Factory "
-    "flags: exporter train --stage sft --do_train --model_name_or_path M --dataset a,b --output_dir OUT ...",
+    help="Fine-tune (LoRA, QLoRA, freeze or full; stages sft, pt, dpo, kto): exporter train CONFIG.yaml "
+    "\\[key=value ...], or LLaMA-Factory flags: exporter train --stage sft --do_train --model_name_or_path M "
+    "--dataset a,b --output_dir OUT ...; several processes: torchrun --nproc_per_node N -m exporter train ...",
 )
 def train_cmd(ctx: typer.Context) -> None:
+    from exporter import lf_args
+
     argv = _lf_args(ctx, "train")
-    _setup()
+    _setup(quantization=lf_args.parse_args(argv)[0].get("quantization_bit") is not None)  # QLoRA needs bitsandbytes
     from exporter import train
 
     train.main(argv)

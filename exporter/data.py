@@ -3,6 +3,10 @@
 Every row becomes a `Sample`: `messages` (roles user / assistant / observation / function, alternating
 user-side and assistant-side turns, ending with an assistant turn for SFT), an optional `system` and `tools`.
 `Sample.chat()` gives the HF-style message list that `exporter.templates.encode` consumes.
+Preference data (LLaMA-Factory's formats): a `ranking: true` dataset (stage dpo) gives samples whose last message
+is the chosen answer and `rejected` the other one (alpaca `chosen`/`rejected` text columns, sharegpt messages
+ending with the user turn plus `chosen`/`rejected` message objects); stage kto reads a `kto_tag` column (true:
+a desirable answer, false: an undesirable one) next to ordinary SFT rows.
 Rows that cannot be used are dropped and counted per reason; bad files and malformed rows are errors naming
 the file and row.
 """
@@ -24,8 +28,9 @@ INFO_NAME = "dataset_info.json"
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
 SHAREGPT_COLUMNS = {"messages": "conversations"}
-COMMON_COLUMNS = {"system": None, "tools": None}
-UNSUPPORTED_COLUMNS = ("images", "videos", "audios", "chosen", "rejected", "kto_tag")
+COMMON_COLUMNS = {"system": None, "tools": None, "chosen": None, "rejected": None, "kto_tag": None}
+UNSUPPORTED_COLUMNS = ("images", "videos", "audios")
+STAGES = ("sft", "pt", "dpo", "kto")
 TAGS = {
     "role_tag": "from",
     "content_tag": "value",
@@ -51,13 +56,21 @@ class Sample:
     system: str | None = None
     tools: str | None = None
     where: str = ""
+    rejected: dict[str, str] | None = None  # stage dpo: the rejected answer (the chosen one ends `messages`)
+    kto_tag: bool | None = None  # stage kto: whether the answer ending `messages` is desirable
 
-    def chat(self) -> list[dict[str, Any]]:
-        """HF-style messages: system first, observation -> `tool`, function call -> assistant `tool_calls`."""
+    def chat(self, rejected: bool = False) -> list[dict[str, Any]]:
+        """HF-style messages: system first, observation -> `tool`, function call -> assistant `tool_calls`;
+        `rejected=True` ends with the rejected answer instead of the chosen one."""
         out: list[dict[str, Any]] = []
         if self.system:
             out.append({"role": "system", "content": self.system})
-        for m in self.messages:
+        messages = self.messages
+        if rejected:
+            if self.rejected is None:
+                raise ValueError(f"{self.where}: not a preference pair")
+            messages = messages[:-1] + [self.rejected]
+        for m in messages:
             if m["role"] == "observation":
                 out.append({"role": "tool", "content": m["content"]})
             elif m["role"] == "function":
@@ -119,6 +132,7 @@ class DatasetSpec:
     folder: str | None = None
     revision: str | None = None
     num_samples: int | None = None
+    ranking: bool = False
 
 
 @dataclasses.dataclass
@@ -158,8 +172,6 @@ def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
     for key in entry:
         if key not in _ENTRY_KEYS:
             raise UserError(f"{where}: dataset {name!r}: unknown key {key!r}{did_you_mean(key, _ENTRY_KEYS)}")
-    if entry.get("ranking"):
-        raise UserError(f"{where}: dataset {name!r} is a ranking (preference) dataset; stages sft/pt need plain data")
     if "hf_hub_url" in entry:
         load_from, source = "hf_hub", str(entry["hf_hub_url"])
     elif "file_name" in entry:
@@ -206,13 +218,21 @@ def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
         for key in ("role_tag", "content_tag", "user_tag", "assistant_tag"):
             if not tags[key]:
                 tags[key] = TAGS[key]
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise UserError(f"{where}: dataset {name!r}: ranking must be true or false, got {ranking!r}")
+    if ranking and not (columns["chosen"] and columns["rejected"]):
+        raise UserError(
+            f"{where}: dataset {name!r} is a ranking dataset: name its answer columns, e.g. "
+            '"columns": {"chosen": "chosen", "rejected": "rejected"} (LLaMA-Factory\'s dpo_en_demo entry)'
+        )
     num = entry.get("num_samples")
     if num is not None and (not isinstance(num, int) or num <= 0):
         raise UserError(f"{where}: dataset {name!r}: num_samples must be a positive integer, got {num!r}")
     return DatasetSpec(
         name=name, load_from=load_from, source=source, formatting=formatting, columns=columns,
         explicit=frozenset(explicit), tags=tags, subset=entry.get("subset"), split=entry.get("split", "train"),
-        folder=entry.get("folder"), revision=entry.get("revision"), num_samples=num,
+        folder=entry.get("folder"), revision=entry.get("revision"), num_samples=num, ranking=ranking,
     )  # fmt: skip
 
 
@@ -346,7 +366,14 @@ def _alpaca(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops:
             if value:
                 query.append(value)
     messages.append({"role": "user", "content": "\n".join(query)})
-    if stage == "sft":
+    rejected = None
+    if stage == "dpo":
+        pair = _answers(sp, row, where, drops)
+        if pair is None:
+            return None
+        messages.append(pair[0])
+        rejected = pair[1]
+    elif stage in ("sft", "kto"):
         response = row.get(c["response"]) if c["response"] else None
         if not isinstance(response, (str, int, float)) or isinstance(response, bool):
             if response is None:
@@ -359,7 +386,53 @@ def _alpaca(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops:
         return None
     system = _text(row.get(c["system"]), c["system"], where) if c["system"] else ""
     tools = row.get(c["tools"]) if c["tools"] else None
-    return Sample(messages, system or None, tools or None, where)
+    return _finish(Sample(messages, system or None, tools or None, where, rejected), sp, row, stage, drops)
+
+
+def _answers(
+    sp: DatasetSpec, row: dict[str, Any], where: str, drops: Drops
+) -> tuple[dict[str, str], dict[str, str]] | None:
+    """The (chosen, rejected) answer messages of a ranking row: strings (alpaca) or message objects (sharegpt)."""
+    t = sp.tags
+    out = []
+    for key in ("chosen", "rejected"):
+        value = row.get(sp.columns[key])
+        if value is None:
+            drops.add("preference rows without both a chosen and a rejected answer", where)
+            return None
+        if isinstance(value, dict) and sp.formatting == "sharegpt":
+            if t["role_tag"] not in value or t["content_tag"] not in value:
+                raise UserError(
+                    f"{where}: malformed row: {sp.columns[key]} must be a message with {t['role_tag']!r} and "
+                    f"{t['content_tag']!r}, got {value!r}"
+                )
+            role = {t["assistant_tag"]: "assistant", t["function_tag"]: "function"}.get(value[t["role_tag"]])
+            if role is None:
+                drops.add(f"preference rows whose {key} answer is not an assistant turn", where)
+                return None
+            value = value[t["content_tag"]]
+        else:
+            role = "assistant"
+        out.append({"role": role, "content": _text(value, sp.columns[key], where, optional=False)})
+    return out[0], out[1]
+
+
+def _finish(sample: Sample, sp: DatasetSpec, row: dict[str, Any], stage: str, drops: Drops) -> Sample | None:
+    """Stage kto: attach the row's `kto_tag` (true/false; csv's "true"/"false" too) or drop a row without one."""
+    if stage != "kto":
+        return sample
+    value = row.get(sp.columns["kto_tag"])
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        value = value.strip().lower() in ("true", "1")
+    if value is None:
+        drops.add("rows without a kto_tag", sample.where)
+        return None
+    if not isinstance(value, bool):
+        raise UserError(
+            f"{sample.where}: malformed row: {sp.columns['kto_tag']} (kto_tag) must be true or false, got {value!r}"
+        )
+    sample.kto_tag = value
+    return sample
 
 
 def _sharegpt(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops: Drops) -> Sample | None:
@@ -406,14 +479,24 @@ def _sharegpt(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drop
     if not messages:
         drops.add("rows with no messages", where)
         return None
-    if stage == "sft" and len(messages) % 2:
+    if stage in ("sft", "kto") and len(messages) % 2:
         drops.add("rows not ending with an assistant turn", where)
         return None
+    rejected = None
+    if stage == "dpo":
+        if not len(messages) % 2:
+            drops.add("preference rows whose conversation does not end with a user turn", where)
+            return None
+        pair = _answers(sp, row, where, drops)
+        if pair is None:
+            return None
+        messages.append(pair[0])
+        rejected = pair[1]
     if stage == "pt" and not messages[0]["content"]:
         drops.add("rows with empty text", where)
         return None
     tools = row.get(c["tools"]) if c["tools"] else None
-    return Sample(messages, system or None, tools or None, where)
+    return _finish(Sample(messages, system or None, tools or None, where, rejected), sp, row, stage, drops)
 
 
 def _check_columns(sp: DatasetSpec, rows: list[tuple[str, Any]], stage: str) -> None:
@@ -426,8 +509,9 @@ def _check_columns(sp: DatasetSpec, rows: list[tuple[str, Any]], stage: str) -> 
             seen.update(row)
     needed = {k for k in sp.explicit if sp.columns.get(k)}
     needed |= {"messages"} if sp.formatting == "sharegpt" else {"prompt"}
-    if sp.formatting == "alpaca" and stage == "sft":
+    if sp.formatting == "alpaca" and stage in ("sft", "kto"):
         needed.add("response")
+    needed |= {"chosen", "rejected"} if stage == "dpo" else {"kto_tag"} if stage == "kto" else set()
     for key in sorted(needed):
         col = sp.columns.get(key)
         if col and col not in seen:
@@ -447,6 +531,10 @@ def convert(
         if not isinstance(row, dict):
             raise UserError(f"{where}: malformed row: expected an object, got {type(row).__name__}")
         row = {k: _fill(v, fill) for k, v in row.items()}
+        for key in ("chosen", "rejected"):  # sharegpt preference answers are message objects
+            col = sp.columns[key]
+            if col and isinstance(row.get(col), dict):
+                row[col] = {k: _fill(v, fill) for k, v in row[col].items()}
         if sp.formatting == "sharegpt" and isinstance(row.get(sp.columns["messages"]), list):
             row[sp.columns["messages"]] = [
                 {k: _fill(v, fill) for k, v in m.items()} if isinstance(m, dict) else m
@@ -458,13 +546,29 @@ def convert(
     return out
 
 
+def _check_stage(sp: DatasetSpec, stage: str, dataset_dir: Path) -> None:
+    """LLaMA-Factory's rule: ranking datasets for stage dpo only, and only they; stage kto needs a kto_tag column."""
+    where = f"{Path(dataset_dir) / INFO_NAME}: dataset {sp.name!r}"
+    if stage == "dpo" and not sp.ranking:
+        raise UserError(
+            f'{where}: stage dpo needs a preference dataset: set "ranking": true and its chosen/rejected columns'
+        )
+    if stage != "dpo" and sp.ranking:
+        raise UserError(f"{where} is a ranking (preference) dataset: it trains with stage: dpo, not {stage}")
+    if stage == "kto" and not sp.columns.get("kto_tag"):
+        raise UserError(
+            f'{where}: stage kto needs a kto_tag column: set "columns": {{"kto_tag": "label", ...}} (true marks a '
+            "desirable answer, false an undesirable one)"
+        )
+
+
 def unfilled_placeholders(samples: list[Sample]) -> set[str]:
     """`{{key}}` placeholders left in the samples (e.g. identity.json without identity_name)."""
     import re
 
     found: set[str] = set()
     for s in samples[:2000]:
-        for m in s.messages:
+        for m in s.messages + ([s.rejected] if s.rejected else []):
             found.update(re.findall(r"\{\{(\w+)\}\}", m["content"]))
     return found
 
@@ -478,8 +582,8 @@ def load(
     seed: int = 42,
 ) -> tuple[list[Sample], Drops]:
     """Load and convert the named datasets (concatenated in order). Errors if nothing usable is left."""
-    if stage not in ("sft", "pt"):
-        raise UserError(f"stage must be sft or pt, got {stage!r}")
+    if stage not in STAGES:
+        raise UserError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     if not names:
         raise UserError("no dataset given (set dataset: name1,name2 from dataset_info.json)")
     dataset_dir = Path(dataset_dir)
@@ -488,6 +592,7 @@ def load(
     samples: list[Sample] = []
     for name in names:
         sp = spec(name, info, dataset_dir)
+        _check_stage(sp, stage, dataset_dir)
         rows = read_rows(sp)
         if sp.num_samples is not None:  # LLaMA-Factory: random subset (or oversample) of that many rows
             rng = random.Random(seed)

@@ -1,11 +1,13 @@
 """Training examples: samples -> token ids and labels through the chat template (only assistant turns and their
-end-of-turn token trained), LLaMA-Factory's turn-by-turn truncation, packing, the validation split, and the batches
-of an epoch (length-sorted within shuffled windows, right-padded).
+end-of-turn token trained), LLaMA-Factory's turn-by-turn truncation, packing (and neat packing: no attention across
+packed examples), the validation split, and the batches of an epoch (length-sorted within shuffled windows,
+right-padded). Preference stages get pairs (dpo) or tagged examples with KL pairs (kto) from `exporter.preference`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from pathlib import Path
@@ -22,6 +24,12 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    segments: list[int] | None = None  # neat packing: lengths of the packed examples (positions restart in each)
+
+    @functools.cached_property
+    def n_trained(self) -> int:
+        """Positions with a next-token label (what the SFT loss averages over)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 def _infer_seqlen(source: int, target: int, cutoff: int) -> tuple[int, int]:
@@ -132,8 +140,9 @@ def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) 
     return [Example(b, list(b)) for b in blocks]
 
 
-def pack_sft(examples: list[Example], cutoff: int) -> list[Example]:
-    """LLaMA-Factory's `packing` for SFT: whole examples concatenated into sequences of at most cutoff tokens."""
+def pack_sft(examples: list[Example], cutoff: int, neat: bool = False) -> list[Example]:
+    """LLaMA-Factory's `packing` for SFT: whole examples concatenated into sequences of at most cutoff tokens;
+    `neat` keeps each example's length so that positions restart and attention stays inside each example."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     bins: list[list[int]] = []
     room: list[int] = []
@@ -154,11 +163,11 @@ def pack_sft(examples: list[Example], cutoff: int) -> list[Example]:
         for i in sorted(b):
             ids += examples[i].input_ids
             labels += examples[i].labels
-        out.append(Example(ids, labels))
+        out.append(Example(ids, labels, [len(examples[i].input_ids) for i in sorted(b)] if neat else None))
     return out
 
 
-def split_val(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_val(examples: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
     """Shuffled split: val_size < 1 is a fraction (rounded up), >= 1 a count."""
     if val_size <= 0:
         return examples, []
@@ -184,22 +193,83 @@ def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, windo
     return batches
 
 
+def length(example: Any) -> int:
+    """Tokens an example puts in each row of its batch (a pair: its longer answer's row)."""
+    if isinstance(example, Example):
+        return len(example.input_ids)
+    if hasattr(example, "chosen_ids"):
+        return max(len(example.chosen_ids), len(example.rejected_ids))
+    return max(len(example.input_ids), len(example.kl_ids))
+
+
+def n_tokens(example: Any) -> int:
+    """Tokens an example feeds the model in a step (both rows of a pair; a KTO example and its KL pair)."""
+    if isinstance(example, Example):
+        return len(example.input_ids)
+    if hasattr(example, "chosen_ids"):
+        return len(example.chosen_ids) + len(example.rejected_ids)
+    return len(example.input_ids) + len(example.kl_ids)
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
-    """Right-pad to the batch's longest example; labels -100 on padding; no mask when nothing is padded."""
+    """Right-pad to the batch's longest example (labels -100 there; no mask when nothing is padded). Also, computed
+    here on the host so the device never waits: the flat positions that predict a trained token (`index`), those
+    tokens (`target`), their rows, and the counts. Neat-packed rows get restarting `position_ids` and no mask
+    (transformers then keeps attention inside each packed example; padding becomes a segment of its own)."""
     import torch
 
     longest = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    neat = any(e.segments for e in examples)
+    pos = torch.zeros((len(examples), longest), dtype=torch.long) if neat else None
     for r, e in enumerate(examples):
         n = len(e.input_ids)
         ids[r, :n] = torch.tensor(e.input_ids)
         labels[r, :n] = torch.tensor(e.labels)
         mask[r, :n] = 1
+        if pos is not None:
+            pos[r] = torch.cat([torch.arange(k) for k in [*(e.segments or [n]), longest - n] if k])
     padded = bool((mask == 0).any())
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask if padded else None,
-            "tokens": int(mask.sum())}  # fmt: skip
+    keep = labels[:, 1:] != IGNORE
+    rows, cols = keep.nonzero(as_tuple=True)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask if padded and not neat else None,
+            "position_ids": pos, "index": rows * longest + cols, "target": labels[:, 1:][keep], "rows": rows,
+            "tokens": int(mask.sum()), "n_trained": int(rows.numel())}  # fmt: skip
+
+
+def collate_pairs(pairs: list[Any], pad_id: int) -> dict[str, Any]:
+    """DPO: one batch of the chosen rows followed by the rejected rows."""
+    rows = [Example(p.chosen_ids, p.chosen_labels) for p in pairs]
+    rows += [Example(p.rejected_ids, p.rejected_labels) for p in pairs]
+    return collate(rows, pad_id)
+
+
+def collate_kto(examples: list[Any], pad_id: int) -> dict[str, Any]:
+    """KTO: the examples' batch, their KL pairs' batch (under "kl"), and which answers are desirable."""
+    import torch
+
+    batch = collate([Example(e.input_ids, e.labels) for e in examples], pad_id)
+    batch["kl"] = collate([Example(e.kl_ids, e.kl_labels) for e in examples], pad_id)
+    batch["desirable"] = torch.tensor([i for i, e in enumerate(examples) if e.desirable], dtype=torch.long)
+    batch["undesirable"] = torch.tensor([i for i, e in enumerate(examples) if not e.desirable], dtype=torch.long)
+    batch["n_desirable"] = sum(e.desirable for e in examples)
+    return batch
+
+
+def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    """Tensors to `device`; on CUDA through pinned memory with non-blocking copies."""
+    pin = device != "cpu"
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = to_device(v, device)
+        elif hasattr(v, "to"):
+            out[k] = (v.pin_memory() if pin else v).to(device, non_blocking=pin)
+        else:
+            out[k] = v
+    return out
 
 
 @dataclasses.dataclass
@@ -208,8 +278,8 @@ class Prepared:
 
     tokenizer: Any
     tpl: Any  # ChatTemplate, or None for pretraining without a template
-    train: list[Example]
-    val: list[Example]
+    train: list[Any]  # Example; PairExample (dpo); KTOExample (kto)
+    val: list[Any]
     pad_id: int
     packing: bool
 
@@ -220,7 +290,7 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
 
     from exporter import data, lf_names
 
-    packing = cfg.packing if cfg.packing is not None else cfg.stage == "pt"
+    packing = cfg.neat_packing or (cfg.packing if cfg.packing is not None else cfg.stage == "pt")
     fill = {k: v for k, v in (("name", cfg.identity_name), ("author", cfg.identity_author)) if v}
     samples, drops = data.load(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill, cfg.seed)
     left = data.unfilled_placeholders(samples)
@@ -232,25 +302,54 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     except (OSError, ValueError) as e:
         raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     tpl = None
-    if cfg.stage == "sft" or cfg.template:
+    if cfg.stage != "pt" or cfg.template:
         tpl = lf_names.resolve_for_training(model_dir, cfg)  # an LF name first, then a family, else the model's
         if tpl.tokenizer_fix is not None:
             tpl.tokenizer_fix(tokenizer)
         check_template_tokens(tokenizer, tpl, str(model_dir))
         for note in tpl.notes:
             say(note)
-    if cfg.stage == "sft":
-        examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
-        if not examples:
-            raise UserError(f"no usable samples after tokenization: {drops.summary()}")
-    else:
+    examples: list[Any]
+    if cfg.stage == "pt":
         examples = tokenize_pt(samples, tokenizer, cfg, packing)
+    elif cfg.stage == "sft":
+        examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
+    else:
+        examples = _tokenize_preference(samples, tokenizer, tpl, cfg, drops)
+    if not examples:
+        raise UserError(f"no usable samples after tokenization: {drops.summary()}")
     if drops.counts:
         say(f"dropped {sum(drops.counts.values())} sample(s): {drops.summary()}")
     train_ex, val_ex = split_val(examples, cfg.val_size, cfg.seed)
     if cfg.stage == "sft" and packing:
-        train_ex = pack_sft(train_ex, cfg.cutoff_len)
+        train_ex = pack_sft(train_ex, cfg.cutoff_len, neat=cfg.neat_packing)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise UserError(f"model {model_dir}: tokenizer has neither a pad nor an eos token")
     return Prepared(tokenizer, tpl, train_ex, val_ex, pad_id, packing)
+
+
+def _tokenize_preference(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Any]:
+    """dpo: chosen/rejected pairs; kto: tagged examples with KL pairs (LF's warning when one kind is missing)."""
+    from exporter import lf_names, preference, templates
+
+    lf = tpl.kind == lf_names.KIND  # LF's encoder takes the rows as LF reads them; the answer budget cuts, not it
+
+    def lf_chat(s: Any, rejected: bool) -> tuple[list[dict[str, Any]], Any]:
+        messages = lf_names.sample_messages(s)
+        return (messages[:-1] + [s.rejected] if rejected else messages), s.tools
+
+    chat = lf_chat if lf else preference.hf_chat
+
+    def encode(messages: list[dict[str, Any]], tools: Any) -> tuple[list[int], list[int]]:
+        return templates.encode(
+            tokenizer, tpl, messages, tools=tools, cutoff_len=lf_names.NO_CUT.cutoff_len if lf else None
+        )
+
+    if cfg.stage == "dpo":
+        return preference.encode_pairs(samples, encode, cfg.cutoff_len, drops, chat)
+    out = preference.encode_kto(samples, encode, cfg.cutoff_len, drops, chat)
+    good = sum(e.desirable for e in out)
+    if out and (good == 0 or good == len(out)):
+        say(f"kto: all {len(out)} examples are {'desirable' if good else 'undesirable'}; KTO learns from both kinds")
+    return out

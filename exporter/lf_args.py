@@ -18,16 +18,23 @@ import yaml
 from exporter import config as config_mod
 from exporter.errors import UserError
 
+_QUANT_METHODS = ("bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4", "fp8")  # LF's names
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+_FSDP_WORDS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap", "no_shard")
+_FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
 _SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                "inverse_sqrt")  # fmt: skip
 
 # LLaMA-Factory / HF keys we know but cannot honour yet: an error, never silently ignored.
 UNSUPPORTED = {
-    "quantization_bit": "QLoRA (quantized base) training",
-    "quantization_method": "QLoRA (quantized base) training",
-    "neat_packing": "packing without cross-attention",
-    "deepspeed": "DeepSpeed",
-    "fsdp": "FSDP",
+    "quantization_device_map": "placing a quantized model across devices",
+    "ref_model": "a separate DPO/KTO reference model (the reference is the base model, adapter disabled)",
+    "ref_model_adapters": "a separate DPO/KTO reference model",
+    "ref_model_quantization_bit": "a separate DPO/KTO reference model",
+    "pref_bco_weight": "BCO-weighted DPO",
+    "ld_alpha": "LD-DPO",
+    "freeze_multi_modal_projector": "multimodal models",
+    "fsdp_config": "FSDP settings beyond the fsdp options (exporter shards each decoder layer, then the rest)",
     "use_unsloth": "Unsloth kernels",
     "use_galore": "GaLore",
     "use_badam": "BAdam",
@@ -35,7 +42,6 @@ UNSUPPORTED = {
     "pissa_init": "PiSSA initialisation",
     "additional_target": "extra trainable modules",
     "create_new_adapter": "stacking a new adapter on adapter_name_or_path",
-    "freeze_trainable_layers": "freeze tuning",
     "save_total_limit": "rotating checkpoints",
     "streaming": "dataset streaming",
     "tokenized_path": "cached tokenized datasets",
@@ -56,10 +62,10 @@ class TrainConfig:
     output_dir: str
     adapter_name_or_path: str | None = None
     trust_remote_code: bool = False
-    stage: Literal["sft", "pt"] = "sft"
+    stage: Literal["sft", "pt", "dpo", "kto"] = "sft"
     do_train: bool = True
     do_eval: bool = False
-    finetuning_type: Literal["lora", "full"] = "lora"
+    finetuning_type: Literal["lora", "freeze", "full"] = "lora"
     lora_rank: int = 8
     lora_alpha: int | None = None
     lora_dropout: float = 0.0
@@ -69,6 +75,20 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6
     disable_gradient_checkpointing: bool = False
+    freeze_trainable_layers: int = 2  # > 0: the last n decoder layers train, < 0: the first -n
+    freeze_trainable_modules: list[str] = dataclasses.field(default_factory=lambda: ["all"])
+    freeze_extra_modules: list[str] | None = None  # modules outside the layers that train too (e.g. embed_tokens)
+    quantization_bit: int | None = None  # QLoRA: 4 or 8 (bitsandbytes)
+    quantization_method: Literal[_QUANT_METHODS] = "bnb"  # type: ignore[valid-type]
+    quantization_type: Literal["nf4", "fp4"] = "nf4"
+    double_quantization: bool = True
+    pref_beta: float = 0.1
+    pref_ftx: float = 0.0
+    pref_loss: Literal[PREF_LOSSES] = "sigmoid"  # type: ignore[valid-type]
+    dpo_label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    kto_chosen_weight: float = 1.0
+    kto_rejected_weight: float = 1.0
     dataset: list[str] = dataclasses.field(default_factory=list)
     dataset_dir: str = "data"
     template: str | None = None
@@ -82,6 +102,7 @@ class TrainConfig:
     default_system: str | None = None
     tool_format: str | None = None
     packing: bool | None = None
+    neat_packing: bool = False
     preprocessing_num_workers: int | None = None
     overwrite_cache: bool = False
     overwrite_output_dir: bool = False
@@ -113,6 +134,8 @@ class TrainConfig:
     report_to: list[str] = dataclasses.field(default_factory=lambda: ["none"])
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = "auto"
     ddp_timeout: int = 1800
+    fsdp: list[str] = dataclasses.field(default_factory=list)  # HF's option words: full_shard, shard_grad_op, offload
+    deepspeed: str | None = None  # a DeepSpeed JSON config (LF's examples/deepspeed/ds_z*_config.json)
     dataloader_num_workers: int = 0
     include_num_input_tokens_seen: bool = False
     identity_name: str | None = None
@@ -169,8 +192,15 @@ def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set
             raise UserError(f"{where}: {key}: {UNSUPPORTED[key]} is not supported yet")
     if isinstance(data.get("lora_target"), str) and data["lora_target"].strip() == "all":
         data["lora_target"] = ["all"]
-    if isinstance(data.get("report_to"), str):
-        data["report_to"] = [data["report_to"]]
+    for key in ("eval_strategy", "save_strategy"):
+        if data.get(key) is False:  # YAML reads a bare `no` as false
+            data[key] = "no"
+    for key in ("report_to", "fsdp"):
+        if isinstance(data.get(key), str):  # HF takes space- (or comma-) separated words
+            data[key] = [w for w in data[key].replace(",", " ").split() if w]
+    if data.get("eval_steps") is not None and "eval_strategy" not in data and "evaluation_strategy" not in data:
+        data["eval_strategy"] = "steps"  # the tutorials' `--val_size 0.1 --eval_steps 50`
+        say(f"eval_steps={data['eval_steps']} without eval_strategy: evaluating every {data['eval_steps']} steps")
     cfg = config_mod.build(TrainConfig, data, where)
     return cfg, set(data)
 
@@ -179,8 +209,11 @@ def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set
 
 
 def say(msg: str) -> None:
-    """A note on stderr (a setting without effect here, a resumed run, dropped rows)."""
-    print(f"note: {msg}", file=sys.stderr)
+    """A note on stderr (a setting without effect here, a resumed run, dropped rows); rank 0 only under torchrun."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {msg}", file=sys.stderr)
 
 
 def check(cfg: TrainConfig, given: set[str], device: str) -> None:
@@ -216,7 +249,11 @@ def check(cfg: TrainConfig, given: set[str], device: str) -> None:
         raise UserError(f"report_to: {', '.join(bad)} is not supported yet (exporter logs to trainer_log.jsonl)")
     if "eval_steps" in given and cfg.eval_strategy != "steps":
         raise UserError(f"eval_steps is set but eval_strategy is {cfg.eval_strategy!r}; set eval_strategy: steps")
+    _check_methods(cfg, device)
     notes = {
+        **{k: f"{k} applies to finetuning_type: freeze (it is {cfg.finetuning_type})" for k in _FREEZE_KEYS},
+        "double_quantization": "double_quantization applies to quantization_bit: 4 only",
+        "quantization_type": "quantization_type applies to quantization_bit: 4 only",
         "flash_attn": f"flash_attn={cfg.flash_attn}: "
         + ("FlashAttention does not exist on CPU; using PyTorch SDPA attention" if device == "cpu"
            else "using PyTorch SDPA attention"),
@@ -226,9 +263,64 @@ def check(cfg: TrainConfig, given: set[str], device: str) -> None:
         "overwrite_cache": "overwrite_cache: exporter keeps no preprocessing cache; data are always re-read",
         "dataloader_num_workers": "dataloader_num_workers: batches are built in memory, no loader workers",
     }  # fmt: skip
+    skip = {
+        "flash_attn": cfg.flash_attn == "disabled",
+        "ddp_timeout": _distributed(),
+        **{k: cfg.finetuning_type == "freeze" for k in _FREEZE_KEYS},
+        "double_quantization": cfg.quantization_bit == 4,
+        "quantization_type": cfg.quantization_bit == 4,
+    }
     for key, msg in notes.items():
-        if key in given and not (key == "flash_attn" and cfg.flash_attn == "disabled"):
+        if key in given and not skip.get(key):
             say(msg)
+
+
+def _distributed() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _check_methods(cfg: TrainConfig, device: str) -> None:
+    """Preference stages, QLoRA, freeze tuning, packing and the distributed engines: what fits together."""
+    if cfg.pref_loss in ("orpo", "simpo") and cfg.stage != "dpo":
+        raise UserError(f"pref_loss: {cfg.pref_loss} is a loss of stage: dpo (stage is {cfg.stage})")
+    if cfg.pref_beta <= 0:
+        raise UserError(f"pref_beta must be positive, got {cfg.pref_beta}")
+    if cfg.dpo_label_smoothing and (cfg.pref_loss != "sigmoid" or not 0 <= cfg.dpo_label_smoothing < 0.5):
+        raise UserError("dpo_label_smoothing (cDPO) applies to pref_loss: sigmoid, with a value in [0, 0.5)")
+    if cfg.stage == "kto" and cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps < 2:
+        raise UserError("stage kto estimates its KL baseline over a batch: use a batch of at least 2 examples")
+    if cfg.quantization_bit is not None:
+        if cfg.quantization_method != "bnb":
+            raise UserError(
+                f"quantization_method: {cfg.quantization_method} is not supported for training; use bnb (bitsandbytes)"
+            )
+        if cfg.quantization_bit not in (4, 8):
+            raise UserError(f"quantization_bit must be 4 or 8 with bitsandbytes, got {cfg.quantization_bit}")
+        if cfg.finetuning_type != "lora":
+            raise UserError("quantization_bit (QLoRA) trains LoRA adapters on a quantized base: finetuning_type: lora")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("quantization_bit needs bitsandbytes: pip install 'exporter[quant]'")
+        if cfg.fsdp or cfg.deepspeed:
+            raise UserError("quantization_bit with fsdp/deepspeed is not supported; QLoRA runs with DDP (torchrun)")
+    if cfg.neat_packing and cfg.stage != "sft":
+        raise UserError("neat_packing packs SFT examples: stage: sft")
+    bad = [w for w in cfg.fsdp if w not in _FSDP_WORDS]
+    if bad:
+        raise UserError(f"fsdp: unknown option {bad[0]!r}{config_mod.did_you_mean(bad[0], _FSDP_WORDS)}")
+    if cfg.deepspeed and cfg.fsdp:
+        raise UserError("deepspeed and fsdp are both set; pick one")
+    if cfg.deepspeed:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(
+                f"deepspeed: {cfg.deepspeed}: the deepspeed package is not installed (pip install deepspeed); "
+                "without it, run torchrun (DDP) or set fsdp: full_shard (FSDP2)"
+            )
 
 
 # ------------------------------------------------------------------ export (merge / quantize) arguments

@@ -384,7 +384,7 @@ def piece_text(pieces: list[Slot], bos: str | None, eos: str | None) -> str:
     return "".join(p if isinstance(p, str) else p.get("token") or special[p["special"]] or "" for p in pieces)
 
 
-def _seqlen(source: int, target: int, cutoff: int) -> tuple[int, int]:
+def seqlen(source: int, target: int, cutoff: int) -> tuple[int, int]:
     """How much of a (prompt, answer) pair fits in `cutoff` tokens (LF's `infer_seqlen`)."""
     if target * 2 < cutoff:
         max_target = cutoff
@@ -428,7 +428,7 @@ def encode(
     for k, (source, target) in enumerate(encoded):
         if total >= opts.cutoff_len:
             break
-        ns, nt = _seqlen(len(source), len(target), opts.cutoff_len - total)
+        ns, nt = seqlen(len(source), len(target), opts.cutoff_len - total)
         source, target = source[:ns], target[:nt]
         total += ns + nt
         if opts.train_on_prompt:

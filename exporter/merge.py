@@ -303,6 +303,27 @@ def _write_configs(base: Path, out: Path, p: Plan, out_dtype: torch.dtype | None
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _qlora_check(base_dir: Path, ads: list[Adapter]) -> None:
+    """A QLoRA adapter merges into the original 16-bit base, never into dequantized 4/8-bit weights: refuse a
+    quantized base, and say so for adapters `exporter train` trained on a quantized base."""
+    from exporter import manifest
+
+    qc = read_json(base_dir / "config.json", optional=True).get("quantization_config")
+    if qc:
+        raise UserError(
+            f"base {base_dir} is a quantized model ({qc.get('quant_method', 'quantized')}): merge into the original "
+            "16-bit base (a QLoRA adapter too: it was trained on a quantization of that base, not on these weights)"
+        )
+    for ad in ads:
+        trained = read_json(ad.path / manifest.MANIFEST_NAME, optional=True).get("settings", {})
+        if trained.get("quantization_bit"):
+            kind = f"{trained['quantization_bit']}-bit" + (
+                f" {trained.get('quantization_type')}" if trained["quantization_bit"] == 4 else ""
+            )
+            _say(f"note: adapter {ad.label} was trained with QLoRA on a {kind} quantization of its base; merging it "
+                 f"into the original 16-bit weights of {base_dir}, not into dequantized {kind} weights")  # fmt: skip
+
+
 def _say(msg: str) -> None:
     from rich.console import Console
 
@@ -397,6 +418,7 @@ def merge(opts: MergeOptions) -> MergeResult:
     for i, (a, w) in enumerate(zip(opts.adapters, weights, strict=True)):
         path = hub.resolve(a, "adapter")
         ads.append(load_adapter(path, float(w), label=str(a) if len(opts.adapters) == 1 else f"#{i + 1} {a}"))
+    _qlora_check(base_dir, ads)
     p = plan(base_dir, ads, out_dtype)
     if p.vocab_size is not None and not any(a.has_tokenizer for a in ads):
         raise UserError(f"the adapters resize the vocabulary to {p.vocab_size} but no adapter dir has tokenizer files")

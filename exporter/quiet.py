@@ -24,11 +24,12 @@ import warnings
 QUANT_LIBRARIES = ("gptqmodel", "torchao", "bitsandbytes")
 # loggers of known noise: torchao's kernel loading, torch's pytree deprecations, GPT-QModel (LogBar), bitsandbytes'
 # optional kernels, gguf-py's SpecialVocab reading a tokenizer's post-processor (exporter writes add_bos/add_eos from
-# what the HF tokenizer does instead, converters/gguf_vocab.py)
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "logbar", "gptqmodel", "bitsandbytes", "gguf.vocab")
+# what the HF tokenizer does instead, converters/gguf_vocab.py), DeepSpeed's accelerator and engine notes (train)
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "logbar", "gptqmodel", "bitsandbytes", "gguf.vocab", "DeepSpeed")
 # (category, message regex) of known third-party warnings
 KNOWN_WARNINGS = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (UserWarning, r"MatMul8bitLt: inputs will be cast"),  # bitsandbytes' 8-bit QLoRA computing in fp32 on CPU
     # Gradio 6.31's queue (exporter webui) on pandas 3: its dataframe handling uses options pandas 4 drops
     (Warning, r"'future.no_silent_downcasting' is deprecated"),
     (Warning, r"The copy keyword is deprecated and will be removed"),

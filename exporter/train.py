@@ -1,10 +1,11 @@
-"""`exporter train`: LoRA (or full) SFT and pretraining with LLaMA-Factory's config keys, in a plain PyTorch loop.
+"""`exporter train`: LoRA / QLoRA, freeze or full tuning with LLaMA-Factory's config keys and stages (sft, pt, dpo,
+kto), in a plain PyTorch loop, on one process or several (`exporter.distributed`).
 
-The recipe, `train(cfg)`: check the config (`lf_args`), prepare the examples (`examples.prepare`: data -> template
--> token ids and labels), prepare the output dir and the point to resume from (`checkpoint`), load the model, plan
-the schedule, run the loop of `step()`s with logging, evaluation and checkpoints, then write the adapter (or full
-model), tokenizer, logs, plots and manifest. The rich progress bar goes to stderr (EXPORTER_NO_PROGRESS=1 turns it
-off, e.g. in benchmarks).
+The recipe, `train(cfg)`: check the config (`lf_args`), join the process group, prepare the examples
+(`examples.prepare`: data -> template -> token ids and labels), prepare the output dir and the point to resume from
+(`checkpoint`), load the model (`tuning`), plan the schedule, run the loop of `step()`s (the stage's loss:
+`objective`) with logging, evaluation and checkpoints, then write the adapter (or model), tokenizer, logs, plots and
+manifest. Only rank 0 writes. The rich progress bar goes to stderr (EXPORTER_NO_PROGRESS=1 turns it off).
 """
 
 from __future__ import annotations
@@ -20,152 +21,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from exporter import checkpoint
-from exporter.config import did_you_mean
+from exporter import checkpoint, objective
+from exporter.distributed import Dist
 from exporter.errors import UserError
-from exporter.examples import IGNORE, Example, Prepared, collate, plan_epoch
+from exporter.examples import Prepared, length, plan_epoch, to_device
 from exporter.lf_args import TrainConfig, check, config_from_dict, parse_args, say
-
-# ------------------------------------------------------------------ model, loss, optimizer
-
-
-def _attn_impl(cfg: TrainConfig) -> str:
-    if cfg.flash_attn == "disabled":
-        return "eager"
-    if cfg.flash_attn == "fa2":
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
-    """Base model (+ PEFT LoRA wrapper) ready for training on `device`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.float32
-    if cfg.finetuning_type == "lora" and cfg.bf16:
-        dtype = torch.bfloat16
-    elif cfg.finetuning_type == "lora" and cfg.fp16:
-        dtype = torch.float16
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation=_attn_impl(cfg),
-            trust_remote_code=cfg.trust_remote_code,
-        )  # fmt: skip
-    except (OSError, ValueError) as e:
-        raise UserError(f"model {model_dir}: cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
-    model.to(device)
-    model.config.use_cache = False
-    if not cfg.disable_gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.finetuning_type == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if cfg.adapter_name_or_path:
-        from exporter import hub
-
-        adapter = hub.resolve(cfg.adapter_name_or_path, "adapter")
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    else:
-        target: Any = "all-linear" if cfg.lora_target == ["all"] else _check_targets(model, cfg.lora_target)
-        lora = LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank * 2, lora_dropout=cfg.lora_dropout,
-            target_modules=target, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM",
-        )  # fmt: skip
-        model = get_peft_model(model, lora)
-    for p in model.parameters():  # trainable weights in fp32 (LLaMA-Factory's upcast)
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model
-
-
-def _check_targets(model: Any, targets: list[str]) -> list[str]:
-    import torch
-
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    for t in targets:
-        if t not in linear:
-            raise UserError(
-                f"lora_target {t!r}: no linear layer of that name in the model{did_you_mean(t, linear)} "
-                f"(have: {', '.join(linear)}; or use all)"
-            )
-    return targets
-
-
-def _parts(model: Any) -> tuple[Any, Any, float | None]:
-    """(decoder stack, output head, logit soft-cap) of a causal LM, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
-
-
-def loss_sum(model: Any, batch: dict[str, Any], fast: bool) -> tuple[Any, int]:
-    """Summed next-token cross-entropy over trained positions, and their count.
-
-    Fast path: run the decoder, then the output head only on positions that carry a label (no full-vocabulary
-    logits for prompt and padding tokens)."""
-    import torch
-    import torch.nn.functional as F
-
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    n = int(keep.sum())
-    if fast:
-        decoder, head, cap = _parts(model)
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-    else:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-    return F.cross_entropy(logits.float(), target[keep], reduction="sum"), n
-
-
-def fast_path_ok(model: Any, batch: dict[str, Any]) -> bool:
-    """Check once that the fast loss equals the model's own loss (guards against heads we do not know)."""
-    import torch
-
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ours, n = loss_sum(model, batch, fast=True)
-            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return bool(torch.allclose(ours / max(n, 1), ref.loss.float(), rtol=1e-3, atol=1e-4))
-    except Exception:
-        return False
-    finally:
-        model.train(was)
-
-
-def make_optimizer(model: Any, cfg: TrainConfig) -> Any:
-    """AdamW with HF's decay rule (no decay on biases and norms) and LoRA+ groups when asked."""
-    import torch
-
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = cfg.learning_rate
-        if cfg.loraplus_lr_ratio is not None:
-            if "lora_embedding_" in name:
-                lr = cfg.loraplus_lr_embedding
-            elif "lora_B" in name or p.ndim == 1:
-                lr = cfg.learning_rate * cfg.loraplus_lr_ratio
-        decay = 0.0 if (p.ndim < 2 or "norm" in name.lower()) else cfg.weight_decay
-        groups.setdefault((lr, decay), []).append(p)
-    params = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-    return torch.optim.AdamW(
-        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-        fused=True if cfg.optim == "adamw_torch_fused" else None,
-    )  # fmt: skip
-
 
 # ------------------------------------------------------------------ loss plot
 
@@ -182,7 +42,8 @@ def smooth(values: list[float]) -> list[float]:
     return out
 
 
-PLOT_COLORS = {"loss": "#1f77b4", "eval_loss": "#ff7f0e"}
+PLOT_COLORS = {"loss": "#1f77b4", "eval_loss": "#ff7f0e"}  # others (dpo/kto rewards) take the first
+PLOTTED = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
 
 def loss_figure(log: list[dict[str, Any]], keys: tuple[str, ...], title: str) -> Any:
@@ -202,8 +63,9 @@ def loss_figure(log: list[dict[str, Any]], keys: tuple[str, ...], title: str) ->
     for key, pts in series.items():
         steps, vals = zip(*pts, strict=True)
         name = "" if len(keys) == 1 else f"{key} "
-        ax.plot(steps, vals, color=PLOT_COLORS[key], alpha=0.4, label=f"{name}original")
-        ax.plot(steps, smooth(list(vals)), color=PLOT_COLORS[key], label=f"{name}smoothed")
+        color = PLOT_COLORS.get(key, PLOT_COLORS["loss"])
+        ax.plot(steps, vals, color=color, alpha=0.4, label=f"{name}original")
+        ax.plot(steps, smooth(list(vals)), color=color, label=f"{name}smoothed")
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(keys[0] if len(keys) == 1 else "loss")
@@ -212,14 +74,14 @@ def loss_figure(log: list[dict[str, Any]], keys: tuple[str, ...], title: str) ->
 
 
 def plot(log: list[dict[str, Any]], out_dir: Path, title: str | None = None) -> list[Path]:
-    """training_loss.png (and training_eval_loss.png) from the trainer log into `out_dir`; `title` names the run
-    (default: out_dir)."""
+    """training_loss.png (and training_eval_loss.png; for dpo/kto training_rewards_accuracies.png ... as
+    LLaMA-Factory names them) from the trainer log into `out_dir`; `title` names the run (default: out_dir)."""
     written = []
-    for key in ("loss", "eval_loss"):
+    for key in PLOTTED:
         fig = loss_figure(log, (key,), f"training {key} of {title or out_dir}")
         if fig is None:
             continue
-        path = out_dir / f"training_{key}.png"
+        path = out_dir / f"training_{key.replace('/', '_')}.png"
         fig.savefig(path, format="png", dpi=100)
         written.append(path)
     return written
@@ -244,9 +106,9 @@ def _steps(value: float, total: int) -> int:
     return max(1, math.ceil(value * total)) if 0 < value < 1 else int(value)
 
 
-def schedule(cfg: TrainConfig, n_train: int) -> Schedule:
+def schedule(cfg: TrainConfig, n_train: int, world: int = 1) -> Schedule:
     """Total optimizer steps (max_steps, else epochs x updates per epoch), warmup and the intervals."""
-    batches_per_epoch = math.ceil(n_train / cfg.per_device_train_batch_size)
+    batches_per_epoch = math.ceil(n_train / (cfg.per_device_train_batch_size * world))
     updates_per_epoch = max(math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps), 1)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * updates_per_epoch)
     warmup = _steps(cfg.warmup_steps, total) if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
@@ -268,6 +130,7 @@ class State:
     elapsed: float = 0.0
     fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)
     pending_losses: list[float] = dataclasses.field(default_factory=list)  # since the last log line
+    pending_metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # key -> [sum, count]
     loss_total: float = 0.0
     loss_steps: int = 0
 
@@ -279,12 +142,12 @@ class State:
 class TrainerLog:
     """trainer_log.jsonl with LLaMA-Factory's fields (steps, percentage, elapsed and remaining time), and the clock."""
 
-    def __init__(self, out: Path, state: State, sch: Schedule, with_tokens: bool) -> None:
+    def __init__(self, out: Path, state: State, sch: Schedule, with_tokens: bool, main: bool = True) -> None:
         self.state, self.sch, self.with_tokens = state, sch, with_tokens
-        if state.global_step:  # resumed: the log up to the checkpoint
+        if state.global_step and main:  # resumed: the log up to the checkpoint
             with open(out / checkpoint.TRAINER_LOG, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(rec) + "\n" for rec in state.log_history)
-        self.file = open(out / checkpoint.TRAINER_LOG, "a", encoding="utf-8")  # noqa: SIM115 (closed by close)
+        self.file = open(out / checkpoint.TRAINER_LOG, "a", encoding="utf-8") if main else None  # noqa: SIM115
         self.t0 = time.time() - state.elapsed  # the run's start, across resumes
         self.start, self.cpu_start, self.step_at_start = time.time(), time.process_time(), state.global_step
 
@@ -301,14 +164,16 @@ class TrainerLog:
             full["throughput"] = round(self.state.tokens_seen / max(elapsed, 1e-9), 2)
             full["total_tokens"] = self.state.tokens_seen
         self.state.log_history.append(full)
-        self.file.write(json.dumps(full) + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.write(json.dumps(full) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
-def _progress() -> Any:
+def _progress(show: bool) -> Any:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -322,7 +187,8 @@ def _progress() -> Any:
     return Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=False, disable=os.environ.get("EXPORTER_NO_PROGRESS") == "1",
+        console=Console(stderr=True), transient=False,
+        disable=not show or os.environ.get("EXPORTER_NO_PROGRESS") == "1",
     )  # fmt: skip
 
 
@@ -336,149 +202,279 @@ class Run:
     cfg: TrainConfig
     prep: Prepared
     sch: Schedule
-    model: Any
+    model: Any  # the HF/PEFT model: saved, and switched to the reference (adapter disabled) for dpo/kto
+    score: Any  # the Scorer the loss runs through: DDP/FSDP-wrapped or a DeepSpeed engine when distributed
+    plain: Any  # the same Scorer unwrapped, for forwards without gradients
     opt: Any
     sched: Any
     scaler: Any  # torch.amp.GradScaler for fp16, else None
     amp: Any  # autocast dtype or None
     device: str
-    fast: bool  # loss through the decoder + head on labelled positions only (see loss_sum)
+    dist: Dist
     out: Path
     model_dir: Path  # the base model: tokenizer and generation_config of every written dir come from it
     state: State
-    run_tokens: int = 0  # tokens seen in this process (for tokens/s)
+    engine: str = "single"  # single | ddp | fsdp | deepspeed
+    run_tokens: int = 0  # tokens seen in this run (all ranks), for tokens/s
+    losses: list[Any] = dataclasses.field(default_factory=list)  # device-side step losses since the last flush
+    sums: dict[str, Any] = dataclasses.field(default_factory=dict)  # device-side metric sums since the last flush
+    counts: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def batch(self, examples: list[Example]) -> dict[str, Any]:
-        return {
-            k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in collate(examples, self.prep.pad_id).items()
-        }
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return to_device(batch, self.device)
+
+    def batch(self, items: list[Any]) -> dict[str, Any]:
+        return self.to_device(objective.collate(self.cfg.stage, items, self.prep.pad_id))
 
 
-def step(run: Run, batches: list[dict[str, Any]]) -> tuple[float, float]:
-    """One optimizer update over `batches` (gradient accumulation, the loss normalised by all their trained tokens);
-    returns (loss, learning rate after the scheduler step, as HF logs it)."""
+def _micro_batches(run: Run, group: list[list[int]], pool: list[Any]) -> list[tuple[list[Any], float]]:
+    """This rank's examples of each global batch, with weight 1; a rank left without rows (a short last batch)
+    reruns the batch's first example with weight 0, so every rank runs the same forwards and collectives."""
+    from exporter.distributed import rows
+
+    out = []
+    for b in group:
+        mine = rows(run.dist, b)
+        out.append(([pool[i] for i in mine], 1.0) if mine else ([pool[b[0]]], 0.0))
+    return out
+
+
+def step(run: Run, group: list[list[int]]) -> float:
+    """One optimizer update over the global batches of `group` (gradient accumulation; the loss averaged over all
+    their units on every rank); returns the learning rate after the scheduler step, as HF logs it. The step's loss
+    and metrics stay on the device until the next flush (no per-step host sync)."""
+    import contextlib
+
     import torch
 
-    n_tok = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-    step_loss = 0.0
-    for b in batches:
-        with torch.autocast(run.device, dtype=run.amp, enabled=run.amp is not None):
-            ls, _ = loss_sum(run.model, b, run.fast)
-        loss = ls / max(n_tok, 1)
-        (run.scaler.scale(loss) if run.scaler else loss).backward()
-        step_loss += float(loss.detach())
-        run.state.tokens_seen += b["tokens"]
-        run.run_tokens += b["tokens"]
-    if run.scaler:
-        run.scaler.unscale_(run.opt)
-    if run.cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], run.cfg.max_grad_norm)
-    if run.scaler:
-        run.scaler.step(run.opt)
-        run.scaler.update()
-    else:
-        run.opt.step()
+    from exporter.examples import n_tokens
+
+    cfg, d, pool = run.cfg, run.dist, run.prep.train
+    n_units = sum(objective.units(cfg.stage, [pool[i] for i in b]) for b in group)
+    parts = _micro_batches(run, group, pool)
+    step_loss = torch.zeros((), device=run.device)
+    for k, (items, weight) in enumerate(parts):
+        last = k == len(parts) - 1
+        sync = contextlib.nullcontext()
+        if run.engine == "ddp" and not last:
+            sync = run.score.no_sync()
+        elif run.engine == "fsdp":
+            run.score.set_requires_gradient_sync(last)
+        batch = run.batch(items)
+        with sync:
+            with torch.autocast(run.device.split(":")[0], dtype=run.amp, enabled=run.amp is not None):
+                loss_units, metrics = objective.micro_loss(run, batch)
+            part = loss_units * (weight / max(n_units, 1))
+            scaled = part * d.world  # DDP/FSDP/DeepSpeed average gradients over the ranks
+            if run.engine == "deepspeed":
+                run.score.backward(scaled, scale_wrt_gas=False)
+                run.score.step()
+            else:
+                (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        step_loss += part.detach()
+        if weight:
+            for key, v in metrics.items():
+                run.sums[key] = run.sums.get(key, 0) + v.detach()
+            for key, c in objective.metric_counts(cfg.stage, batch, len(items)).items():
+                run.counts[key] = run.counts.get(key, 0) + c
+    tokens = sum(n_tokens(pool[i]) for b in group for i in b)
+    run.state.tokens_seen += tokens
+    run.run_tokens += tokens
+    run.losses.append(step_loss)
+    if run.engine != "deepspeed":  # the engine clips, steps and zeroes at the accumulation boundary itself
+        if run.scaler:
+            run.scaler.unscale_(run.opt)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        if run.scaler:
+            run.scaler.step(run.opt)
+            run.scaler.update()
+        else:
+            run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
     run.sched.step()
-    lr = run.sched.get_last_lr()[0]
-    run.opt.zero_grad(set_to_none=True)
-    return step_loss, lr
+    return run.sched.get_last_lr()[0]
 
 
-def evaluate(run: Run) -> float:
-    """Mean loss per trained token on the validation examples."""
+def flush(run: Run) -> None:
+    """Step losses and metric sums from the device (summed over the ranks) into the state: one host sync, at log
+    and checkpoint steps only."""
     import torch
 
+    from exporter.distributed import all_sum
+
+    keys = sorted(set(run.sums) | set(run.counts))
+    parts = [torch.stack(run.losses).float() if run.losses else torch.zeros(0, device=run.device)]
+    parts += [torch.as_tensor(run.sums.get(k, 0.0), device=run.device, dtype=torch.float32).reshape(1) for k in keys]
+    parts += [torch.tensor([float(run.counts.get(k, 0)) for k in keys], device=run.device)]
+    flat = all_sum(run.dist, torch.cat(parts)).tolist()
+    n = len(run.losses)
+    st = run.state
+    st.pending_losses += flat[:n]
+    st.loss_total += sum(flat[:n])
+    st.loss_steps += n
+    for i, k in enumerate(keys):
+        acc = st.pending_metrics.setdefault(k, [0.0, 0.0])
+        acc[0] += flat[n + i]
+        acc[1] += flat[n + len(keys) + i]
+    run.losses, run.sums, run.counts = [], {}, {}
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Loss on the validation examples (per trained token for sft/pt, per example for dpo/kto), and for dpo/kto
+    the reward metrics, as `eval_*` keys; every rank scores its rows of each batch."""
+    import torch
+
+    from exporter.distributed import all_sum
+
+    cfg, pool, bs = run.cfg, run.prep.val, run.cfg.per_device_eval_batch_size * run.dist.world
     run.model.eval()
-    tot, n, bs = 0.0, 0, run.cfg.per_device_eval_batch_size
-    with torch.no_grad(), torch.autocast(run.device, dtype=run.amp, enabled=run.amp is not None):
-        for s in range(0, len(run.prep.val), bs):
-            ls, k = loss_sum(run.model, run.batch(run.prep.val[s : s + bs]), run.fast)
-            tot, n = tot + float(ls), n + k
+    keys = objective.PAIR_METRICS if cfg.stage == "dpo" else objective.KTO_METRICS if cfg.stage == "kto" else ()
+    sums = torch.zeros(1 + len(keys), device=run.device, dtype=torch.float64)  # loss, metrics: on the device
+    counts = [0.0] * (1 + len(keys))  # units, metric counts: on the host
+    with torch.no_grad(), torch.autocast(run.device.split(":")[0], dtype=run.amp, enabled=run.amp is not None):
+        for items, weight in _micro_batches(run, [list(range(s, min(s + bs, len(pool)))) for s in
+                                                  range(0, len(pool), bs)], pool):  # fmt: skip
+            batch = run.batch(items)
+            loss_units, metrics = objective.micro_loss(run, batch)
+            zero = loss_units.new_zeros(())
+            sums += weight * torch.stack([loss_units, *(metrics.get(k, zero) for k in keys)]).double()
+            cnt = objective.metric_counts(cfg.stage, batch, len(items))
+            new = [objective.units(cfg.stage, items), *(cnt.get(k, 0) for k in keys)]
+            counts = [c + weight * n for c, n in zip(counts, new, strict=True)]
     run.model.train()
-    return tot / max(n, 1)
+    vals = all_sum(run.dist, torch.cat([sums, torch.tensor(counts, device=run.device, dtype=torch.float64)]))
+    vals = vals.tolist()
+    n = 1 + len(keys)
+    out = {"eval_loss": round(vals[0] / max(vals[n], 1), 6)}
+    found = objective.finish_metrics(cfg.stage, dict(zip(keys, vals[1:n], strict=True)),
+                                     dict(zip(keys, vals[n + 1 :], strict=True)))  # fmt: skip
+    return out | {f"eval_{k}": v for k, v in found.items()}
 
 
 def _next_group(run: Run) -> list[list[int]]:
-    """The batches of the next update; a new epoch's order when this one is used up."""
+    """The global batches of the next update; a new epoch's order when this one is used up."""
     st, cfg = run.state, run.cfg
     if st.order is None or st.batches_done >= len(st.order):
         if st.order is not None:
             st.epoch_index += 1
-        lengths = [len(e.input_ids) for e in run.prep.train]
-        st.order = plan_epoch(lengths, cfg.per_device_train_batch_size, cfg.seed, st.epoch_index)
+        lengths = [length(e) for e in run.prep.train]
+        st.order = plan_epoch(lengths, cfg.per_device_train_batch_size * run.dist.world, cfg.seed, st.epoch_index)
         st.batches_done = 0
     return st.order[st.batches_done : st.batches_done + cfg.gradient_accumulation_steps]
+
+
+def _log_line(run: Run, lr: float) -> dict[str, Any]:
+    st = run.state
+    rec: dict[str, Any] = {"loss": round(sum(st.pending_losses) / len(st.pending_losses), 6), "lr": lr}
+    sums = {k: v[0] for k, v in st.pending_metrics.items()}
+    rec |= objective.finish_metrics(run.cfg.stage, sums, {k: v[1] for k, v in st.pending_metrics.items()})
+    st.pending_losses, st.pending_metrics = [], {}
+    return rec
 
 
 def loop(run: Run, log: TrainerLog) -> None:
     """Steps until the total: log every `log_every`, evaluate as eval_strategy says, checkpoint every `save_every`."""
     st, cfg, sch = run.state, run.cfg, run.sch
-    with _progress() as progress:
+    with _progress(run.dist.main) as progress:
         task = progress.add_task("train", total=sch.total, completed=st.global_step, loss="-")
         while st.global_step < sch.total:
             group = _next_group(run)
-            step_loss, lr = step(run, [run.batch([run.prep.train[i] for i in b]) for b in group])
+            lr = step(run, group)
             st.batches_done += len(group)
             st.global_step += 1
             st.elapsed = time.time() - log.t0
-            st.pending_losses.append(step_loss)
-            st.loss_total += step_loss
-            st.loss_steps += 1
             n = st.global_step
-            progress.update(task, completed=n, loss=f"{step_loss:.4f}")
             if n % sch.log_every == 0 or n == sch.total:
-                log.write({"loss": round(sum(st.pending_losses) / len(st.pending_losses), 6), "lr": lr})
-                st.pending_losses = []
+                flush(run)
+                rec = _log_line(run, lr)
+                log.write(rec)
+                progress.update(task, loss=f"{rec['loss']:.4f}")
+            progress.update(task, completed=n)
             epoch_end = st.batches_done >= len(st.order or [])
             if run.prep.val and ((cfg.eval_strategy == "steps" and n % sch.eval_every == 0)
                                  or (cfg.eval_strategy == "epoch" and epoch_end)):  # fmt: skip
-                log.write({"eval_loss": round(evaluate(run), 6)})
+                log.write(evaluate(run))
             if n % sch.save_every == 0 and n < sch.total:
-                checkpoint.save(run.model, run.opt, run.sched, dataclasses.asdict(st), run.out, cfg, run.model_dir,
-                                run.prep.tpl)  # fmt: skip
+                _checkpoint(run)
+
+
+def _checkpoint(run: Run) -> None:
+    """checkpoint-N on rank 0 (FSDP/DeepSpeed: weights gathered from every rank, no optimizer state)."""
+    from exporter import distributed
+
+    flush(run)
+    full = distributed.full_state_dict(run.model, run.plain, run.dist, run.engine)
+    if run.dist.main:
+        sharded = run.engine in ("fsdp", "deepspeed")
+        checkpoint.save(run.model, None if sharded else run.opt, run.sched, dataclasses.asdict(run.state), run.out,
+                        run.cfg, run.model_dir, run.prep.tpl, state_dict=full)  # fmt: skip
+    distributed.barrier(run.dist)
 
 
 # ------------------------------------------------------------------ the run
 
 
-def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume: Path | None, device: str) -> Run:
-    """Seeded model, optimizer and scheduler; restored from `resume` when given."""
+def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume: Path | None, device: str,
+           d: Dist) -> Run:  # fmt: skip
+    """Seeded model, its scorer (wrapped for the distributed engine), optimizer and scheduler; the reference's
+    log-probs for freeze/full dpo/kto; restored from `resume` when given."""
     import numpy as np
     import torch
     from transformers import get_scheduler
 
+    from exporter import distributed, tuning
+
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg, model_dir, device)
+    model = tuning.load_model(cfg, model_dir, device)
     model.train()
-    sch = schedule(cfg, len(prep.train))
-    opt = make_optimizer(model, cfg)
+    if cfg.stage in ("dpo", "kto"):  # TRL and LLaMA-Factory train preferences without dropout
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    sch = schedule(cfg, len(prep.train), d.world)
+    score = tuning.scorer(model)
+    probe = to_device(objective.collate(cfg.stage, prep.train[: cfg.per_device_train_batch_size], prep.pad_id), device)
+    score.fast = tuning.fast_path_ok(model, probe)
+    if not score.fast:
+        say("computing the loss through the model's own forward (its output head is not a plain projection)")
+    engine = "deepspeed" if cfg.deepspeed else "fsdp" if cfg.fsdp and d.active else "ddp" if d.active else "single"
+    if cfg.fsdp and not d.active:
+        say("fsdp: one process, nothing to shard (run it under torchrun --nproc_per_node N)")
+    if engine == "deepspeed":  # the scheduler drives the param groups DeepSpeed's optimizer wraps
+        opt = tuning.make_optimizer(model, cfg)
+        wrapped = distributed.deepspeed_engine(score, opt, cfg, d, model)
+    else:
+        wrapped = distributed.wrap(score, model, cfg, d, device)
+        opt = tuning.make_optimizer(model, cfg)  # after FSDP replaced the parameters with their shards
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=sch.warmup, num_training_steps=sch.total)
-    fingerprint = {"examples": len(prep.train), "tokens": sum(len(e.input_ids) for e in prep.train),
+    fingerprint = {"examples": len(prep.train), "tokens": sum(length(e) for e in prep.train),
                    "batch_size": cfg.per_device_train_batch_size, "accum": cfg.gradient_accumulation_steps,
-                   "seed": cfg.seed, "total_steps": sch.total}  # fmt: skip
-    state = State(fingerprint=fingerprint)
+                   "seed": cfg.seed, "total_steps": sch.total, "world": d.world}  # fmt: skip
+    amp = (torch.bfloat16 if cfg.bf16 else torch.float16) if (cfg.bf16 or cfg.fp16) else None
+    scaler = torch.amp.GradScaler("cuda") if cfg.fp16 and engine != "deepspeed" else None
+    run = Run(cfg, prep, sch, model, wrapped, distributed.unwrapped(wrapped), opt, sched, scaler, amp, device, d, out,
+              model_dir, State(fingerprint=fingerprint), engine)  # fmt: skip
+    if cfg.stage in ("dpo", "kto") and cfg.finetuning_type != "lora" and cfg.pref_loss not in ("orpo", "simpo"):
+        say("reference log-probs: computed once with the initial model (no second copy in memory)")
+        objective.reference_logps(run, prep.train)
+        objective.reference_logps(run, prep.val)
     if resume is not None:
-        state = State.from_dict(checkpoint.load(resume, model, opt, sched, cfg))
-        if state.fingerprint != fingerprint:
+        if engine in ("fsdp", "deepspeed"):
+            raise UserError(f"resume_from_checkpoint {resume}: resuming a {engine} run is not supported yet")
+        run.state = State.from_dict(checkpoint.load(resume, model, opt, sched, cfg))
+        if run.state.fingerprint != fingerprint:
             raise UserError(
                 f"resume_from_checkpoint {resume}: saved for different data or batch settings "
-                f"({state.fingerprint} vs now {fingerprint})"
+                f"({run.state.fingerprint} vs now {fingerprint})"
             )
-    amp = (torch.bfloat16 if cfg.bf16 else torch.float16) if (cfg.bf16 or cfg.fp16) else None
-    scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
-    run = Run(cfg, prep, sch, model, opt, sched, scaler, amp, device, True, out, model_dir, state)
-    lengths = [len(e.input_ids) for e in prep.train]
-    probe = run.batch([prep.train[i] for i in plan_epoch(lengths, cfg.per_device_train_batch_size, cfg.seed, 0)[0]])
-    run.fast = fast_path_ok(model, probe)
-    if not run.fast:
-        say("computing the loss through the model's own forward (its output head is not a plain projection)")
     return run
 
 
 def _results(run: Run, log: TrainerLog) -> dict[str, Any]:
-    """all_results.json: LLaMA-Factory's train metrics (+ eval_loss when evaluating), and CPU time of the loop."""
+    """all_results.json: LLaMA-Factory's train metrics (+ eval metrics when evaluating), and CPU time of the loop."""
     st, cfg = run.state, run.cfg
     runtime, cpu_time = time.time() - log.start, time.process_time() - log.cpu_start
     results: dict[str, Any] = {
@@ -490,29 +486,28 @@ def _results(run: Run, log: TrainerLog) -> dict[str, Any]:
         ),
         "train_steps_per_second": round((st.global_step - log.step_at_start) / max(runtime, 1e-9), 3),
         "train_tokens_per_second": round(run.run_tokens / max(runtime, 1e-9), 2),
-        "train_cpu_seconds": round(cpu_time, 3),  # CPU time of the loop (all threads): load-independent cost
+        "train_cpu_seconds": round(cpu_time, 3),  # CPU time of the loop (this process): load-independent cost
     }
     if cfg.include_num_input_tokens_seen:
         results["num_input_tokens_seen"] = st.tokens_seen
     if run.prep.val and (cfg.do_eval or cfg.eval_strategy != "no"):
-        results["eval_loss"] = round(evaluate(run), 6)
+        found = evaluate(run)
+        results |= found
         if cfg.do_eval:
-            log.write({"eval_loss": results["eval_loss"]})
+            log.write(found)
     return results
 
 
-def _write_outputs(tmp: Path, run: Run, results: dict[str, Any]) -> None:
+def _write_outputs(tmp: Path, run: Run, results: dict[str, Any], full: Any) -> None:
     """Adapter (or model), tokenizer with the training template, generation_config, HF trainer_state, results, plots."""
     from exporter import hf_dir
 
-    run.model.save_pretrained(tmp, safe_serialization=True)
+    run.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
     hf_dir.finish(tmp, run.prep.tpl, run.model_dir, tokenizer_dir=run.model_dir)
     st, sch = run.state, run.sch
-    hf_log = [
-        {k: v for k, v in (("loss", r.get("loss")), ("eval_loss", r.get("eval_loss")), ("learning_rate", r.get("lr")),
-                           ("epoch", r["epoch"]), ("step", r["current_steps"])) if v is not None}
-        for r in st.log_history
-    ]  # fmt: skip
+    renamed = {"lr": "learning_rate", "current_steps": "step"}
+    skip = {"total_steps", "percentage", "elapsed_time", "remaining_time", "throughput", "total_tokens"}
+    hf_log = [{renamed.get(k, k): v for k, v in r.items() if k not in skip} for r in st.log_history]
     hf_state = {"global_step": st.global_step, "max_steps": sch.total, "epoch": results["epoch"],
                 "logging_steps": sch.log_every, "save_steps": sch.save_every, "log_history": hf_log}  # fmt: skip
     (tmp / checkpoint.STATE_NAME).write_text(json.dumps(hf_state, indent=2) + "\n", encoding="utf-8")
@@ -536,7 +531,8 @@ def _write_manifest(run: Run) -> None:
     settings = dataclasses.asdict(cfg) | {"template": run.prep.tpl.name if run.prep.tpl else None,
                                           "packing": run.prep.packing, "total_steps": run.sch.total,
                                           "train_examples": len(run.prep.train), "val_examples": len(run.prep.val),
-                                          "device": run.device}  # fmt: skip
+                                          "device": run.device, "processes": run.dist.world,
+                                          "engine": run.engine}  # fmt: skip
     manifest.write(run.out, "train", inputs=inputs, settings=settings)
 
 
@@ -551,43 +547,62 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
-    """Train per `cfg` (`given`: the keys the user set, for the notes on keys without effect here)."""
-    import torch
-
-    from exporter import examples, hub
+    """Train per `cfg` (`given`: the keys the user set, for the notes on keys without effect here); under torchrun
+    every process calls it and rank 0 writes."""
+    from exporter import distributed, examples, hub, tuning
 
     given = given if given is not None else set()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    check(cfg, given, device)
-    model_dir = hub.resolve(cfg.model_name_or_path, "model")
-    out = Path(cfg.output_dir)
-    prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
-    resume = checkpoint.prepare_output(cfg, out)
-    run = _start(cfg, prep, model_dir, out, resume, device)
-    log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen)
+    d, device = distributed.init(cfg.ddp_timeout)
     try:
-        loop(run, log)
-        results = _results(run, log)
+        check(cfg, given, device.split(":")[0])
+        model_dir = hub.resolve(cfg.model_name_or_path, "model")
+        out = Path(cfg.output_dir)
+        prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
+        rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
+        if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
+            cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)
+        resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))
+        run = _start(cfg, prep, model_dir, out, resume, device, d)
+        log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
+        try:
+            loop(run, log)
+            results = _results(run, log)
+        finally:
+            log.close()
+        full = distributed.full_state_dict(run.model, run.plain, d, run.engine)
+        if d.main:
+            checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))
+            _write_manifest(run)
+            print(
+                f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
+                f"{results['train_tokens_per_second']:.0f} tokens/s"
+                + (f" on {d.world} processes ({run.engine})" if d.active else "")
+                + f" -> {out}",
+                file=sys.stderr,
+            )
+        distributed.barrier(d)
     finally:
-        log.close()
-    checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results))
-    _write_manifest(run)
-    print(
-        f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
-        f"{results['train_tokens_per_second']:.0f} tokens/s -> {out}",
-        file=sys.stderr,
-    )
+        distributed.shutdown()
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
 def main(argv: list[str]) -> TrainResult | Any:
-    """CLI entry: parse LLaMA-Factory style arguments; train, then predict when do_predict is set (LF's do_predict
-    without do_train only predicts). Returns the TrainResult, or the PredictResult when it predicted."""
-    from exporter import predict
+    """CLI entry: parse LLaMA-Factory style arguments; train (here, or under torchrun when LF's launcher rules say
+    so), then predict when do_predict is set (LF's do_predict without do_train only predicts; under torchrun, rank 0
+    predicts). Returns the TrainResult, or the PredictResult when it predicted."""
+    import os
+
+    from exporter import distributed, predict
 
     raw, where = parse_args(argv)
     train_raw, predict_raw = predict.split_train_args(raw, where)
-    result = train(*config_from_dict(train_raw, where)) if train_raw is not None else None
-    if predict_raw is not None:
+    result = None
+    if train_raw is not None:
+        cfg, given = config_from_dict(train_raw, where)
+        code = distributed.relaunch(argv)
+        if code is not None:
+            raise SystemExit(code)
+        result = train(cfg, given)
+    if predict_raw is not None and os.environ.get("RANK", "0") == "0":
         return predict.predict(*predict.options(predict_raw, where))
     return result

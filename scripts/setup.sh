@@ -80,3 +80,5 @@ echo "export EXPORTER_VENV=\"$venv\""
 echo "export EXPORTER_LLAMA_SRC=\"$ref\""
 # gptqmodel compiles a small CPU kernel on first use (~40 s): keep it with the other caches.
 echo "export GPTQMODEL_TORCH_EXTENSIONS_DIR=\"$CACHE/gptqmodel-torch-ext\""
+# DeepSpeed on CPU JIT-compiles its shared-memory communication op on first use (~1-4 min on 2 cores): likewise.
+echo "export TORCH_EXTENSIONS_DIR=\"$CACHE/torch-ext\""

@@ -4,7 +4,8 @@
 
 With {"train": [LF training arguments, ...]} instead, it runs LF's whole data pipeline (`get_train_args`,
 `load_tokenizer`, `get_template_and_fix_tokenizer`, `get_dataset`) on each config and prints, per config, the
-training examples' `input_ids` and `labels`, the tokenizer's `chat_template` and `eos_token` and the stop ids.
+training examples' `input_ids` and `labels` (dpo: `chosen_`/`rejected_` ones; kto: with `kl_` ones and
+`kto_tags`), the tokenizer's `chat_template` and `eos_token` and the stop ids.
 
 Input: {"groups": [{"template", "tokenizer" (an HF tokenizer dir), "cases": [{"prompt", "response", "system",
 "tools", "data_args" (DataArguments overrides: cutoff_len, train_on_prompt, mask_history, enable_thinking, ...)}]}]}.
@@ -52,9 +53,11 @@ def train_examples(args: dict) -> dict:
         model_args, data_args, training_args, _, _ = get_train_args(args)
         tokenizer = load_tokenizer(model_args)["tokenizer"]
         tpl = get_template_and_fix_tokenizer(tokenizer, data_args)
-        ds = get_dataset(tpl, model_args, data_args, training_args, "sft", tokenizer)["train_dataset"]
+        stage = {"dpo": "rm", "kto": "kto"}.get(args.get("stage", "sft"), "sft")  # as LF's dpo/kto workflows ask
+        ds = get_dataset(tpl, model_args, data_args, training_args, stage, tokenizer)["train_dataset"]
+    keys = [k for k in ds.column_names if k.endswith(("input_ids", "labels")) or k == "kto_tags"]
     return {
-        "examples": [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in ds],
+        "examples": [{k: e[k] for k in keys} for e in ds],
         "chat_template": tokenizer.chat_template,
         "eos_token": tokenizer.eos_token,
         "stop_ids": sorted(tpl.get_stop_token_ids(tokenizer)),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter import checkpoint, cli, data, lf_args, templates
+from exporter import checkpoint, cli, data, lf_args, templates, tuning
 from exporter import examples as E
 from exporter import train as T
 from exporter.errors import UserError
@@ -119,16 +119,31 @@ def test_flag_style_equals_yaml(tmp_path: Path) -> None:
 def test_config_errors() -> None:
     with pytest.raises(UserError, match=r"unknown key 'lora_rnak' \(did you mean 'lora_rank'\?\)"):
         lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--lora_rnak", "8"])
-    with pytest.raises(UserError, match=r"quantization_bit: QLoRA .* not supported yet"):
-        lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--quantization_bit", "4"])
-    with pytest.raises(UserError, match=r"finetuning_type must be one of lora, full, got 'freeze'"):
-        lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--finetuning_type", "freeze"])
+    with pytest.raises(UserError, match=r"use_unsloth: Unsloth kernels is not supported yet"):
+        lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--use_unsloth", "true"])
+    with pytest.raises(UserError, match=r"finetuning_type must be one of lora, freeze, full, got 'oft'"):
+        lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--finetuning_type", "oft"])
+    base = "--model_name_or_path m --output_dir o --dataset a".split()
+    for extra, msg in [
+        ("--quantization_bit 3", "quantization_bit must be 4 or 8"),
+        ("--quantization_bit 4 --quantization_method gptq", "quantization_method: gptq is not supported for training"),
+        ("--quantization_bit 4 --finetuning_type full", r"QLoRA\) trains LoRA adapters on a quantized base"),
+        ("--pref_loss orpo", "pref_loss: orpo is a loss of stage: dpo"),
+        ("--stage kto --per_device_train_batch_size 1", "stage kto estimates its KL baseline over a batch"),
+        ("--neat_packing true --stage pt", "neat_packing packs SFT examples"),
+        ("--fsdp full_shrad", "fsdp: unknown option 'full_shrad' \\(did you mean 'full_shard'"),
+    ]:
+        cfg, given = lf_args.config_from_args(base + extra.split())
+        with pytest.raises(UserError, match=msg):
+            lf_args.check(cfg, given, "cpu")
     cfg, given = lf_args.config_from_args(
         ["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a", "--fp16"]
     )
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         lf_args.check(cfg, given, "cpu")
-    cfg, given = lf_args.config_from_args("--model_name_or_path m --output_dir o --dataset a --eval_steps 5".split())
+    cfg, given = lf_args.config_from_args(
+        "--model_name_or_path m --output_dir o --dataset a --eval_steps 5 --eval_strategy no".split()
+    )
     with pytest.raises(UserError, match="eval_steps is set but eval_strategy is 'no'"):
         lf_args.check(cfg, given, "cpu")
     cfg, given = lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--report_to", "wandb"])
@@ -145,6 +160,12 @@ def test_no_meaning_keys_said_once(capsys: pytest.CaptureFixture) -> None:
     err = capsys.readouterr().err
     for key in ("flash_attn=auto", "ddp_timeout", "report_to=none", "preprocessing_num_workers", "overwrite_cache"):
         assert err.count(key) == 1, key
+    # the first tutorial's command: --val_size 0.1 --eval_steps 50 without --eval_strategy
+    cfg, given = lf_args.config_from_args("--model_name_or_path m --output_dir o --dataset a --val_size 0.1 "
+                                          "--eval_steps 50".split())  # fmt: skip
+    lf_args.check(cfg, given, "cpu")
+    assert cfg.eval_strategy == "steps" and cfg.eval_steps == 50
+    assert capsys.readouterr().err.count("eval_steps=50 without eval_strategy: evaluating every 50 steps") == 1
 
 
 # ------------------------------------------------------------------ tokenization, truncation, batching
@@ -288,12 +309,12 @@ def test_fast_loss_equals_model_loss(tiny: Path, datadir: Path) -> None:
     cfg = _cfg(tiny, datadir, datadir / "unused", dataset=["count", "identity"])
     samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
     examples = E.tokenize_sft(samples, tok, templates.load_template("qwen-2.5"), cfg, drops)
-    model = T.load_model(cfg, tiny, "cpu")
+    model = tuning.load_model(cfg, tiny, "cpu")
     model.eval()
     batch = E.collate([examples[0], examples[-1], examples[3]], tok.pad_token_id)  # padded batch
     assert batch["attention_mask"] is not None
     with torch.no_grad():
-        ours, n = T.loss_sum(model, batch, fast=True)
+        ours, n = tuning.loss_sum(tuning.scorer(model), batch), batch["n_trained"]
         ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert n == int((batch["labels"][:, 1:] != E.IGNORE).sum())
     torch.testing.assert_close(ours / n, ref, rtol=1e-5, atol=1e-5)
@@ -428,7 +449,8 @@ def test_resume_matches_uninterrupted(
         (["--template", "llama-3.1"], "template 'llama-3.1' ends assistant turns with '<|eot_id|>', but the tokenizer"),
         (["--fp16"], "fp16 needs a CUDA GPU"),
         (["--max_steps", "many"], "max_steps must be an integer"),
-        (["--neat_packing"], "neat_packing: packing without cross-attention is not supported yet"),
+        (["--shift_attn"], "shift_attn: shift short attention is not supported yet"),
+        (["--stage", "dpo"], "stage dpo needs a preference dataset"),
     ],
 )
 def test_cli_bad_input_exit_2(
@@ -499,8 +521,8 @@ def test_lora_options_and_sft_packing(tiny: Path, datadir: Path, tmp_path: Path)
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["use_dora"] and adapter["use_rslora"] and adapter["r"] == 4 and adapter["lora_alpha"] == 8
     assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
-    model = T.load_model(cfg, tiny, "cpu")
-    lrs = {g["lr"]: len(g["params"]) for g in T.make_optimizer(model, cfg).param_groups}
+    model = tuning.load_model(cfg, tiny, "cpu")
+    lrs = {g["lr"]: len(g["params"]) for g in tuning.make_optimizer(model, cfg).param_groups}
     assert set(lrs) == {1e-3, 16e-3}  # LoRA+: B matrices (and DoRA magnitudes) at lr * ratio
     with pytest.raises(UserError, match=r"lora_target 'qproj': no linear layer .*did you mean 'q_proj'"):
-        T.load_model(dataclasses.replace(cfg, lora_target=["qproj"]), tiny, "cpu")
+        tuning.load_model(dataclasses.replace(cfg, lora_target=["qproj"]), tiny, "cpu")

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Benchmark `exporter train` against HF `Trainer` + PEFT configured with LLaMA-Factory's defaults.
+"""Benchmark `exporter train` against HF `Trainer` + PEFT with LLaMA-Factory's defaults and, when its venv is there
+(EXPORTER_LF_PYTHON, see scripts/setup_lf.sh), LLaMA-Factory 0.9.5 itself on the same YAML.
 
-    python scripts/bench/train.py [--steps 30] [--batch 8] [--rows 400] [--work DIR]
+    python scripts/bench/train.py [--steps 30] [--batch 8] [--rows 400] [--work DIR] [--bf16]
 
-Same ~37M-parameter Llama model (random init, vocab 32000), same tokenized SFT data (alpaca rows of varied length,
-tokenized once by exporter's template pipeline), same LoRA (r8, alpha 16, all linear layers), batch size, steps,
-optimizer and schedule; gradient checkpointing on for both (LLaMA-Factory's default); packing off.
-Each side runs in its own process; prints tokens/s (non-padding tokens per second of training-loop time),
-tokens per CPU-second of the loop (robust on a shared machine), wall time, peak RSS, the loss curves, and the
-ratios. Run with OMP_NUM_THREADS=1 on a busy machine (idle OpenMP threads spinning against other load distort both).
+Same ~37M-parameter Llama model (random init, vocab 32000), same SFT data (alpaca rows of varied length), same LoRA
+(r8, alpha 16, all linear layers), batch size, steps, optimizer and schedule; packing off; everything else at
+LLaMA-Factory's defaults (gradient checkpointing on: exporter turns it off on CPU when memory allows and says so).
+exporter and LLaMA-Factory read one YAML file; the HF Trainer peer trains on exporter's tokenized examples. Each runs
+in its own process, in one run; prints per side: tokens/s (non-padding tokens per second of the training loop;
+LLaMA-Factory reports its own count, padding included), process wall time and CPU seconds (user + system: robust
+when the machine is shared), peak RSS, the loss curves, and the ratios, with the load average before and after.
+Run with OMP_NUM_THREADS=1 on a busy machine (idle OpenMP threads spinning against other load distort every side).
 """
 
 from __future__ import annotations
@@ -77,12 +80,12 @@ COMMON = dict(
 )  # fmt: skip
 
 
-def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit code) of one child process."""
+def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int, float]:
+    """(wall seconds, peak RSS bytes, exit code, CPU seconds) of one child process."""
     t = time.time()
     p = subprocess.Popen(cmd, env=env)
     _, status, usage = os.wait4(p.pid, 0)
-    return time.time() - t, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)
+    return time.time() - t, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
 
 
 def peer(work: Path, steps: int, batch: int, bf16: bool = False) -> None:
@@ -144,13 +147,45 @@ def peer(work: Path, steps: int, batch: int, bf16: bool = False) -> None:
     (work / "peer.json").write_text(json.dumps(result))
 
 
+def lf_yaml(work: Path, model: Path, ddir: Path, steps: int, batch: int, bf16: bool, checkpointing: bool) -> Path:
+    """The one YAML both exporter and LLaMA-Factory train from (LLaMA-Factory's keys; output_dir set per side)."""
+    doc = {"model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+           "lora_target": "all", "dataset": "bench", "dataset_dir": str(ddir), "template": "llama3",
+           "per_device_train_batch_size": batch, "max_steps": steps, "logging_steps": 1, "save_steps": 10**9,
+           "overwrite_output_dir": True, "report_to": "none", "bf16": bf16, "include_num_input_tokens_seen": True,
+           **COMMON}  # fmt: skip
+    if checkpointing:  # said explicitly: exporter keeps gradient checkpointing on CPU too
+        doc["disable_gradient_checkpointing"] = False
+    path = work / "bench.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in doc.items()))
+    return path
+
+
+def side(name: str, wall: float, rss: int, cpu: float, out: Path) -> dict:
+    """One trainer's numbers from its process and its output dir (all_results.json, trainer_log.jsonl)."""
+    res = json.loads((out / "all_results.json").read_text())
+    log = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    tokens = res.get("train_tokens_per_second") or res["num_input_tokens_seen"] / res["train_runtime"]
+    return {"name": name, "tps": tokens, "wall": wall, "cpu": cpu, "rss": rss, "loop": res["train_runtime"],
+            "losses": [r["loss"] for r in log if "loss" in r]}  # fmt: skip
+
+
+def load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--work", type=Path, default=Path("/tmp/exporter-bench-train"))
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (for a GPU run)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on every side (for a GPU run)")
+    ap.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="write disable_gradient_checkpointing: false into the YAML (exporter then keeps it on CPU)",
+    )
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -160,64 +195,72 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from exporter import data, templates
-    from exporter.examples import tokenize_sft
-    from exporter.lf_args import TrainConfig
+    from exporter import data, lf_args, templates
+    from exporter import examples as E
 
     model = build_model(a.work)
     ddir = build_data(a.work, a.rows)
-    cfg = TrainConfig(
-        model_name_or_path=str(model), output_dir=str(a.work / "ours-out"), dataset=["bench"], dataset_dir=str(ddir),
-        template="llama3", per_device_train_batch_size=a.batch, max_steps=a.steps, logging_steps=1,
-        save_steps=10**9, overwrite_output_dir=True, bf16=a.bf16, **COMMON,
-    )  # fmt: skip
+    yml = lf_yaml(a.work, model, ddir, a.steps, a.batch, a.bf16, a.checkpointing)
+    cfg, _ = lf_args.config_from_args([str(yml), f"output_dir={a.work / 'ours-out'}"])
     tok = AutoTokenizer.from_pretrained(model)
     samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
-    tpl = templates.resolve(model, cfg.template)
-    examples = tokenize_sft(samples, tok, tpl, cfg, drops)
+    examples = E.tokenize_sft(samples, tok, templates.resolve(model, cfg.template), cfg, drops)
     (a.work / "examples.json").write_text(json.dumps([[e.input_ids, e.labels] for e in examples]))
     lens = [len(e.input_ids) for e in examples]
     print(f"data: {len(examples)} examples, {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f})")
+    print(f"load average before: {load()} ({os.cpu_count()} CPUs)")
 
-    yml = a.work / "ours.yaml"
-    yml.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in vars(cfg).items() if v is not None))
     env = dict(os.environ, EXPORTER_NO_PROGRESS="1")
-    ours_wall, ours_rss, rc = run_child([sys.executable, "-m", "exporter", "train", str(yml)], env)
+    sides = []
+    wall, rss, rc, cpu = run_child([sys.executable, "-m", "exporter", "train", str(yml),
+                                    f"output_dir={a.work / 'ours-out'}"], env)  # fmt: skip
     if rc:
         print("exporter train failed", file=sys.stderr)
         return 1
-    res = json.loads((a.work / "ours-out" / "all_results.json").read_text())
-    log = [json.loads(x) for x in (a.work / "ours-out" / "trainer_log.jsonl").read_text().splitlines()]
-    ours_losses = [r["loss"] for r in log if "loss" in r]
-    ours_tps = res["train_tokens_per_second"]
-
-    peer_wall, peer_rss, rc = run_child(
+    sides.append(side("exporter", wall, rss, cpu, a.work / "ours-out"))
+    wall, rss, rc, cpu = run_child(
         [sys.executable, __file__, "--peer", "--work", str(a.work), "--steps", str(a.steps), "--batch", str(a.batch)]
-        + (["--bf16"] if a.bf16 else []),
-        env,
-    )
+        + (["--bf16"] if a.bf16 else []), env,
+    )  # fmt: skip
     if rc:
         print("HF Trainer run failed", file=sys.stderr)
         return 1
     pr = json.loads((a.work / "peer.json").read_text())
-    peer_tps = pr["tokens"] / pr["seconds"]
-    ours_tokens = ours_tps * res["train_runtime"]
-    ours_cpu_tps, peer_cpu_tps = ours_tokens / res["train_cpu_seconds"], pr["tokens"] / pr["cpu_seconds"]
-
-    def mean(xs: list[float]) -> float:
-        return sum(xs) / len(xs)
-
-    k = max(1, len(ours_losses) // 3)
-    print(f"\n{'':24}{'exporter':>14}{'HF Trainer+PEFT':>18}{'ratio':>10}")
-    print(f"{'tokens/s (loop)':24}{ours_tps:>14.0f}{peer_tps:>18.0f}{ours_tps / peer_tps:>9.2f}x")
-    print(f"{'tokens per CPU-second':24}{ours_cpu_tps:>14.0f}{peer_cpu_tps:>18.0f}{ours_cpu_tps / peer_cpu_tps:>9.2f}x")
-    print(f"{'wall (process) s':24}{ours_wall:>14.1f}{peer_wall:>18.1f}{peer_wall / ours_wall:>9.2f}x")
-    print(f"{'peak RSS MiB':24}{ours_rss / 2**20:>14.0f}{peer_rss / 2**20:>18.0f}{ours_rss / peer_rss:>9.2f}")
-    print(f"{'loss first step':24}{ours_losses[0]:>14.4f}{pr['losses'][0]:>18.4f}")
-    print(f"{f'loss mean last {k} steps':24}{mean(ours_losses[-k:]):>14.4f}{mean(pr['losses'][-k:]):>18.4f}")
-    print("loss curve exporter:", " ".join(f"{x:.3f}" for x in ours_losses))
-    print("loss curve HF      :", " ".join(f"{x:.3f}" for x in pr["losses"]))
+    sides.append({"name": "HF Trainer+PEFT", "tps": pr["tokens"] / pr["seconds"], "wall": wall, "cpu": cpu,
+                  "rss": rss, "loop": pr["seconds"], "losses": pr["losses"]})  # fmt: skip
+    lf_python = os.environ.get("EXPORTER_LF_PYTHON")
+    if lf_python:
+        lf_out = a.work / "lf-out"
+        wall, rss, rc, cpu = run_child([lf_python, "-m", "llamafactory.cli", "train", str(yml),
+                                        f"output_dir={lf_out}"], env)  # fmt: skip
+        if rc:
+            print("LLaMA-Factory run failed", file=sys.stderr)
+            return 1
+        sides.append(side("LLaMA-Factory", wall, rss, cpu, lf_out))
+    else:
+        print("EXPORTER_LF_PYTHON is not set: no LLaMA-Factory column (bash scripts/setup_lf.sh prints it)")
+    print(f"load average after: {load()}")
+    report(sides)
     return 0
+
+
+def report(sides: list[dict]) -> None:
+    """The table: each side, then each peer's ratio to exporter (> 1: exporter is better)."""
+    ours = sides[0]
+    rows = [("tokens/s (loop)", "tps", "{:.0f}", True), ("wall (process) s", "wall", "{:.1f}", False),
+            ("CPU s (process)", "cpu", "{:.1f}", False), ("peak RSS MiB", "rss", "{:.0f}", False)]  # fmt: skip
+    print(f"\n{'':22}" + "".join(f"{s['name']:>18}" for s in sides) + "".join(
+        f"{'vs ' + s['name'][:12]:>18}" for s in sides[1:]))  # fmt: skip
+    for label, key, fmt, higher in rows:
+        vals = [s[key] / (2**20 if key == "rss" else 1) for s in sides]
+        ratios = [(ours[key] / s[key] if higher else s[key] / ours[key]) for s in sides[1:]]
+        print(f"{label:22}" + "".join(f"{fmt.format(v):>18}" for v in vals)
+              + "".join(f"{r:>17.2f}x" for r in ratios))  # fmt: skip
+    k = max(1, len(ours["losses"]) // 3)
+    print(f"{'loss first step':22}" + "".join(f"{s['losses'][0]:>18.4f}" for s in sides))
+    print(f"{f'loss mean last {k}':22}" + "".join(f"{sum(s['losses'][-k:]) / k:>18.4f}" for s in sides))
+    for s in sides:
+        print(f"loss curve {s['name']:16}: " + " ".join(f"{x:.3f}" for x in s["losses"]))
 
 
 if __name__ == "__main__":

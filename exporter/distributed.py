@@ -1,0 +1,254 @@
+"""Several training processes through torch.distributed: `torchrun --nproc_per_node N exporter train ...` (or
+LLaMA-Factory's launcher variables: FORCE_TORCHRUN=1, NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT,
+and an automatic torchrun when more than one GPU is visible).
+
+Existing engines only: DistributedDataParallel (default), FSDP2 (`fully_shard` per decoder layer, with `fsdp:`),
+DeepSpeed (`deepspeed:`, where it is installed and CUDA is present). Gloo on CPU, NCCL on GPUs. Every process reads
+and tokenizes the same data and plans the same global batches; each takes its own rows of every batch, so no
+example is seen twice and the loss equals one process with the same global batch. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from exporter.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """This process's place in the group (world 1, rank 0 when not distributed)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def from_env() -> Dist:
+    """The group torchrun describes in WORLD_SIZE / RANK / LOCAL_RANK."""
+    return Dist(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+                int(os.environ.get("LOCAL_RANK", "0")))  # fmt: skip
+
+
+def init(timeout_s: int) -> tuple[Dist, str]:
+    """Join the process group (gloo on CPU, NCCL on CUDA); returns this process's place and its device."""
+    import torch
+
+    d = from_env()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and d.active:
+        torch.cuda.set_device(d.local_rank)
+        device = f"cuda:{d.local_rank}"
+    if d.active and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return d, device
+
+
+def shutdown() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        import torch
+
+        torch.distributed.barrier()
+
+
+def share(d: Dist, value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable Python object of our own making, never user data)."""
+    if not d.active:
+        return value
+    import torch
+
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(d: Dist, t: Any) -> Any:
+    """Element-wise sum over the group (in place; returns the tensor)."""
+    if d.active:
+        import torch
+
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def rows(d: Dist, batch: list[int]) -> list[int]:
+    """This rank's rows of a global batch: every world-th example, so lengths stay balanced across ranks."""
+    return batch[d.rank :: d.world]
+
+
+def wrap(score: Any, model: Any, cfg: Any, d: Dist, device: str) -> Any:
+    """The scorer (see `tuning.scorer`) as DDP, or sharded with FSDP2 when `fsdp` is set; unchanged alone."""
+    import torch
+
+    if not d.active:
+        return score
+    if cfg.fsdp:
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        kw: dict[str, Any] = {"reshard_after_forward": "shard_grad_op" not in cfg.fsdp}
+        if "offload" in cfg.fsdp:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for layer in base.get_decoder().layers:
+            fully_shard(layer, **kw)
+        fully_shard(score, **kw)
+        return score
+    # frozen weights are identical on every rank (same files): skip broadcasting and bucketing them
+    frozen = [n for n, p in score.named_parameters() if not p.requires_grad]
+    score._ddp_params_and_buffers_to_ignore = frozen
+    ids = [int(device.split(":")[1])] if device.startswith("cuda") else None
+    return torch.nn.parallel.DistributedDataParallel(
+        score,
+        device_ids=ids,
+        find_unused_parameters=False,
+        forward_sync_buffers=False,  # buffers (rotary tables): identical on every rank
+    )
+
+
+def unwrapped(score: Any) -> Any:
+    """The scorer inside a DDP wrapper (for forwards without gradients and for saving)."""
+    return getattr(score, "module", score)
+
+
+def on_main(d: Dist, fn: Callable[[], Any]) -> Any:
+    """`fn()` on rank 0 (e.g. preparing the output dir), its result on every rank; its UserError on every rank."""
+    if not d.active:
+        return fn()
+    result: tuple[Any, str | None] = (None, None)
+    if d.main:
+        try:
+            result = (fn(), None)
+        except UserError as e:
+            result = (None, str(e))
+    value, error = share(d, result)
+    if error is not None:
+        raise UserError(error)
+    return value
+
+
+def full_state_dict(model: Any, score: Any, d: Dist, engine: str) -> dict[str, Any] | None:
+    """The whole model's weights on rank 0 when FSDP or DeepSpeed ZeRO-3 shards them (every rank takes part);
+    None when the model in memory is already whole."""
+    prefix = "model."  # the Scorer holds the model as `model`
+    if engine == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(score, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix(prefix): v for k, v in sd.items()} if d.main else None
+    if engine == "deepspeed" and getattr(score, "zero_optimization_partition_weights", lambda: False)():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if d.main else None
+        return sd
+    return None
+
+
+def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any:
+    """DeepSpeed's engine around the scorer, from the user's JSON with HF's "auto" values filled from the training
+    keys (batch sizes, accumulation, clipping, bf16/fp16, bucket sizes from the hidden size)."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError(f"deepspeed: {cfg.deepspeed}: the deepspeed package is not installed (pip install "
+                        "deepspeed), or use fsdp: full_shard") from None  # fmt: skip
+    from exporter.config import read_json
+
+    ds = read_json(cfg.deepspeed)
+    if not isinstance(ds, dict):
+        raise UserError(f"deepspeed: {cfg.deepspeed}: expected a JSON object (a DeepSpeed config)")
+    hidden = getattr(model.config, "hidden_size", 0) if hasattr(model, "config") else 0
+    auto = {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * d.world,
+        "gradient_clipping": cfg.max_grad_norm, "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "stage3_param_persistence_threshold": 10 * hidden,
+    }  # fmt: skip
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (auto[k] if v == "auto" and k in auto else fill(v)) for k, v in node.items()}
+        return node
+
+    ds = fill(ds)
+    for key, on in (("bf16", cfg.bf16), ("fp16", cfg.fp16)):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
+            ds[key]["enabled"] = on
+    left = [k for k, v in _walk(ds) if v == "auto"]
+    if left:
+        raise UserError(f'deepspeed: {cfg.deepspeed}: cannot fill "auto" for {", ".join(left)}; give values')
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)  # our AdamW, also with offloading
+    engine, _, _, _ = deepspeed.initialize(model=score, optimizer=opt, config=ds)
+    return engine
+
+
+def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [x for k, v in node.items() for x in _walk(v, f"{path}.{k}" if path else k)]
+    return [(path, node)]
+
+
+# ------------------------------------------------------------------ launcher
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relaunch(argv: list[str]) -> int | None:
+    """LLaMA-Factory's launcher rule: with FORCE_TORCHRUN=1, or more than one visible GPU, run this same command
+    under torchrun (NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT); returns its exit code, or None
+    when this process should train itself (already under torchrun, or one device)."""
+    if "LOCAL_RANK" in os.environ:
+        return None
+    force = os.environ.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "yes")
+    gpus = _gpu_count()
+    if not force and gpus <= 1:
+        return None
+    nproc = os.environ.get("NPROC_PER_NODE", str(max(gpus, 1)))
+    if not nproc.isdigit() or int(nproc) < 1:
+        raise UserError(f"NPROC_PER_NODE must be a positive number of processes, got {nproc!r}")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", os.environ.get("NNODES", "1"),
+        "--node_rank", os.environ.get("NODE_RANK", "0"), "--nproc_per_node", nproc,
+        "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        "--master_port", os.environ.get("MASTER_PORT", str(_free_port())), "-m", "exporter", "train", *argv,
+    ]  # fmt: skip
+    print(f"note: launching {nproc} training processes per node with torchrun", file=sys.stderr)
+    return subprocess.run(cmd, check=False).returncode
+
+
+def _gpu_count() -> int:
+    """Visible CUDA devices, without importing torch when there is no NVIDIA driver at all."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    import torch
+
+    return torch.cuda.device_count()

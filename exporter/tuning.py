@@ -1,0 +1,293 @@
+"""The model being trained: the base (dtype, attention, QLoRA's bitsandbytes quantization), which weights train
+(LoRA, freeze tuning, full), the forward that scores only the trained tokens, and the optimizer.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from exporter.config import did_you_mean
+from exporter.errors import UserError
+from exporter.lf_args import TrainConfig, say
+
+
+def _attn_impl(cfg: TrainConfig) -> str:
+    if cfg.flash_attn == "disabled":
+        return "eager"
+    if cfg.flash_attn == "fa2":
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def compute_dtype(cfg: TrainConfig) -> Any:
+    """The dtype the frozen base computes in (LLaMA-Factory's compute_dtype): bf16/fp16 when asked, else fp32."""
+    import torch
+
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+
+
+def quantization_config(cfg: TrainConfig) -> Any:
+    """bitsandbytes settings for QLoRA (LLaMA-Factory's: nf4/fp4, double quantization, the compute dtype)."""
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization_type, bnb_4bit_use_double_quant=cfg.double_quantization,
+        bnb_4bit_compute_dtype=compute_dtype(cfg), bnb_4bit_quant_storage=compute_dtype(cfg),
+    )  # fmt: skip
+
+
+def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
+    """Base model (quantized for QLoRA) with its trainable part set up: a PEFT LoRA wrapper, unfrozen layers
+    (freeze), or every weight (full); trainable weights in fp32 (LLaMA-Factory's upcast)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if cfg.finetuning_type == "full" else compute_dtype(cfg)
+    kw: dict[str, Any] = {}
+    if cfg.quantization_bit:
+        kw = {"quantization_config": quantization_config(cfg), "device_map": {"": device}}
+        detail = f"{cfg.quantization_type}{', double quantization' if cfg.double_quantization else ''}, "
+        detail = (detail if cfg.quantization_bit == 4 else "") + f"compute in {str(dtype).removeprefix('torch.')}"
+        say(f"QLoRA: base quantized to {cfg.quantization_bit}-bit by bitsandbytes at load ({detail})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=_attn_impl(cfg), trust_remote_code=cfg.trust_remote_code, **kw
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {model_dir}: cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
+    if not cfg.quantization_bit:
+        model.to(device)
+    for m in model.modules():  # bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # forward, and its training path cannot use that layout
+            m.support_avx512bf16_for_cpu = False
+    model.config.use_cache = False
+    if not cfg.disable_gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.finetuning_type == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if cfg.finetuning_type == "freeze":
+        _freeze(model, cfg)
+    else:
+        model = _lora(model, cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def checkpointing_unneeded(cfg: TrainConfig, given: set[str], model_dir: Path, device: str, rows: int) -> bool:
+    """On CPU, LLaMA-Factory's default gradient checkpointing only costs time (about 30 %: every forward runs twice)
+    when the activations it saves fit easily in memory: True when `disable_gradient_checkpointing` was not set and
+    the activations of a micro-batch of `rows` tokens (estimated from the model's sizes) need under a quarter of
+    the memory available now."""
+    if device != "cpu" or cfg.disable_gradient_checkpointing or "disable_gradient_checkpointing" in given:
+        return False
+    from exporter.config import read_json
+
+    c = read_json(Path(model_dir) / "config.json", optional=True)
+    c = c.get("text_config", c)
+    hidden, layers = c.get("hidden_size"), c.get("num_hidden_layers")
+    if not hidden or not layers:
+        return False
+    inter = c.get("intermediate_size") or 4 * hidden
+    per_token = layers * (8 * hidden + 4 * inter) * 4 * 3  # saved fp32 tensors per layer, x3 for autograd's extras
+    need = rows * per_token  # (measured on the bench model: RSS grows by about this much without checkpointing)
+    avail = _available_memory()
+    if avail is None or need * 4 > avail:
+        return False
+    say(f"gradient checkpointing off on CPU: the activations need about {need / 2**30:.1f} GiB of the "
+        f"{avail / 2**30:.0f} GiB free (set disable_gradient_checkpointing: false to keep it)")  # fmt: skip
+    return True
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if cfg.adapter_name_or_path:
+        from exporter import hub
+
+        adapter = hub.resolve(cfg.adapter_name_or_path, "adapter")
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    target: Any = "all-linear" if cfg.lora_target == ["all"] else _check_targets(model, cfg.lora_target)
+    lora = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank * 2, lora_dropout=cfg.lora_dropout,
+        target_modules=target, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    return get_peft_model(model, lora)
+
+
+def _check_targets(model: Any, targets: list[str]) -> list[str]:
+    import torch
+
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    for t in targets:
+        if t not in linear:
+            raise UserError(
+                f"lora_target {t!r}: no linear layer of that name in the model{did_you_mean(t, linear)} "
+                f"(have: {', '.join(linear)}; or use all)"
+            )
+    return targets
+
+
+def _freeze(model: Any, cfg: TrainConfig) -> None:
+    """LLaMA-Factory's freeze tuning: only `freeze_trainable_modules` ("all" or names inside a decoder layer, e.g.
+    mlp, self_attn) of the last `freeze_trainable_layers` layers (the first -n when negative) train, plus
+    `freeze_extra_modules` outside the layers (e.g. embed_tokens, norm, lm_head)."""
+    layers = model.get_decoder().layers
+    n, n_layers = cfg.freeze_trainable_layers, len(layers)
+    if n == 0:
+        raise UserError("freeze_trainable_layers must not be 0 (> 0: the last n layers train, < 0: the first -n)")
+    chosen = range(max(0, n_layers - n), n_layers) if n > 0 else range(min(-n, n_layers))
+    inside = sorted({name.split(".")[0] for name, _ in layers[0].named_parameters()})
+    for m in cfg.freeze_trainable_modules:
+        if m != "all" and m not in inside:
+            raise UserError(f"freeze_trainable_modules: no module {m!r} in a decoder layer{did_you_mean(m, inside)} "
+                            f"(have: {', '.join(inside)}, or all)")  # fmt: skip
+    in_layers = {id(p) for p in layers.parameters()}
+    outside = {name.rsplit(".", 2)[-2]: name for name, p in model.named_parameters() if id(p) not in in_layers}
+    for m in cfg.freeze_extra_modules or []:
+        if m not in outside:
+            raise UserError(f"freeze_extra_modules: no module {m!r} outside the decoder layers"
+                            f"{did_you_mean(m, outside)} (have: {', '.join(sorted(outside))})")  # fmt: skip
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i in chosen:
+        for name, p in layers[i].named_parameters():
+            if "all" in cfg.freeze_trainable_modules or name.split(".")[0] in cfg.freeze_trainable_modules:
+                p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        if id(p) not in in_layers and name.rsplit(".", 2)[-2] in (cfg.freeze_extra_modules or []):
+            p.requires_grad_(True)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"freeze tuning: layers {chosen.start}-{chosen.stop - 1} ({', '.join(cfg.freeze_trainable_modules)}) "
+        f"{'+ ' + ', '.join(cfg.freeze_extra_modules) + ' ' if cfg.freeze_extra_modules else ''}train: "
+        f"{n_train / 1e6:.2f}M parameters")  # fmt: skip
+
+
+# ------------------------------------------------------------------ the forward on trained positions
+
+
+def _parts(model: Any) -> tuple[Any, Any, float | None]:
+    """(decoder stack, output head, logit soft-cap) of a causal LM, PEFT-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+
+
+@functools.cache
+def _scorer_class() -> type:
+    import torch
+
+    class Scorer(torch.nn.Module):
+        """The model's logits at given flat positions (what DDP/FSDP wrap: one forward per batch).
+
+        Fast path: the decoder, then the output head only on those positions (no full-vocabulary logits for prompt
+        and padding tokens); otherwise the model's own forward."""
+
+        def __init__(self, model: Any, fast: bool) -> None:
+            super().__init__()
+            self.model, self.fast = model, fast
+
+        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, index: Any) -> Any:
+            inputs = {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "position_ids": position_ids,
+                "use_cache": False,
+            }  # a cache would also turn off transformers' packed-sequence masks
+            if not self.fast:
+                return self.model(**inputs).logits.flatten(0, 1).index_select(0, index)
+            decoder, head, cap = _parts(self.model)
+            logits = head(decoder(**inputs).last_hidden_state.flatten(0, 1).index_select(0, index))
+            return torch.tanh(logits / cap) * cap if cap else logits
+
+    return Scorer
+
+
+def scorer(model: Any, fast: bool = True) -> Any:
+    """A `Scorer` module around `model` (shares its weights)."""
+    return _scorer_class()(model, fast)
+
+
+def trained_logits(score: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Logits of the positions that predict a trained token, those tokens, and the row of each (`collate` computes
+    the positions on the host, so nothing here waits for the device)."""
+    logits = score(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["index"])
+    return logits, batch["target"], batch["rows"]
+
+
+def loss_sum(score: Any, batch: dict[str, Any]) -> Any:
+    """Summed next-token cross-entropy over the trained positions (their count is `batch["n_trained"]`)."""
+    import torch.nn.functional as F
+
+    logits, target, _ = trained_logits(score, batch)
+    return F.cross_entropy(logits.float(), target, reduction="sum")
+
+
+def completion_logps(score: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Summed log-probabilities of the trained tokens per row, and their count (preference stages)."""
+    from exporter import preference
+
+    logits, target, rows = trained_logits(score, batch)
+    return preference.sequence_logps(preference.token_logps(logits, target), rows, batch["input_ids"].shape[0])
+
+
+def fast_path_ok(model: Any, batch: dict[str, Any]) -> bool:
+    """Check once that the fast loss equals the model's own loss (guards against heads we do not know)."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours = loss_sum(scorer(model, fast=True), batch) / max(batch["n_trained"], 1)
+            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], labels=batch["labels"])  # fmt: skip
+        return bool(torch.allclose(ours, ref.loss.float(), rtol=1e-3, atol=1e-4))
+    except Exception:
+        return False
+    finally:
+        model.train(was)
+
+
+def make_optimizer(model: Any, cfg: TrainConfig) -> Any:
+    """AdamW with HF's decay rule (no decay on biases and norms) and LoRA+ groups when asked."""
+    import torch
+
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = cfg.learning_rate
+        if cfg.loraplus_lr_ratio is not None:
+            if "lora_embedding_" in name:
+                lr = cfg.loraplus_lr_embedding
+            elif "lora_B" in name or p.ndim == 1:
+                lr = cfg.learning_rate * cfg.loraplus_lr_ratio
+        decay = 0.0 if (p.ndim < 2 or "norm" in name.lower()) else cfg.weight_decay
+        groups.setdefault((lr, decay), []).append(p)
+    params = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    return torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+        fused=True if cfg.optim == "adamw_torch_fused" else None,
+    )  # fmt: skip

@@ -1,0 +1,354 @@
+"""exporter train beyond plain LoRA SFT: preference stages (dpo, kto), QLoRA through merge and verify, freeze tuning,
+neat packing, and several processes (torchrun: DDP, FSDP2; DeepSpeed where installed) against one process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter import examples as E
+from exporter import lf_args
+from exporter import train as T
+from exporter.errors import UserError
+
+WORDS = "apple river stone cloud green music table light quiet storm bread paper".split()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model) -> Path:
+    return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="module")
+def pdata(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pairwise set (chosen = the prompt's words repeated, rejected = other words), its KTO form, and SFT rows."""
+    d = tmp_path_factory.mktemp("pref")
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(32):
+        q = " ".join(rng.choice(WORDS) for _ in range(4))
+        other = " ".join(rng.choice(WORDS) for _ in range(4))
+        pairs.append({"instruction": f"Repeat: {q}", "input": "", "chosen": q, "rejected": other})
+    kto = [{"instruction": p["instruction"], "output": p["chosen"] if i % 2 == 0 else p["rejected"], "tag": i % 2 == 0}
+           for i, p in enumerate(pairs)]  # fmt: skip
+    sft = [{"instruction": p["instruction"], "output": p["chosen"]} for p in pairs]
+    for name, rows in (("pairs", pairs), ("kto", kto), ("sft", sft)):
+        (d / f"{name}.json").write_text(json.dumps(rows))
+    info = {
+        "pairs": {"file_name": "pairs.json", "ranking": True,
+                  "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+        "kto": {"file_name": "kto.json", "columns": {"prompt": "instruction", "response": "output", "kto_tag": "tag"}},
+        "sft": {"file_name": "sft.json"},
+    }  # fmt: skip
+    (d / "dataset_info.json").write_text(json.dumps(info))
+    return d
+
+
+def _cfg(model: Path, data: Path, out: Path, **kw) -> lf_args.TrainConfig:
+    base = dict(
+        model_name_or_path=str(model), output_dir=str(out), dataset=["sft"], dataset_dir=str(data), template="qwen",
+        per_device_train_batch_size=4, learning_rate=5e-3, max_steps=4, logging_steps=1, save_steps=1000,
+        disable_gradient_checkpointing=True,
+    )  # fmt: skip
+    base.update(kw)
+    return lf_args.TrainConfig(**base)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ preference stages
+
+
+@pytest.mark.parametrize(("pref_loss", "finetuning_type"), [("sigmoid", "lora"), ("simpo", "lora"),
+                                                           ("sigmoid", "freeze")])  # fmt: skip
+def test_dpo_reward_accuracy_rises(tiny: Path, pdata: Path, tmp_path: Path, pref_loss: str,
+                                   finetuning_type: str) -> None:  # fmt: skip
+    cfg = _cfg(tiny, pdata, tmp_path / "o", stage="dpo", dataset=["pairs"], pref_loss=pref_loss, max_steps=14,
+               logging_steps=2, finetuning_type=finetuning_type, plot_loss=True,
+               learning_rate=5e-3 if finetuning_type == "lora" else 1e-3)  # fmt: skip
+    out = T.train(cfg).out
+    log = _log(out)
+    if pref_loss == "sigmoid":  # step 1: the policy is the reference, so the loss is -log sigmoid(0) = log 2
+        first = T.train(_cfg(tiny, pdata, tmp_path / "first", stage="dpo", dataset=["pairs"], max_steps=1,
+                             finetuning_type=finetuning_type)).out  # fmt: skip
+        assert _log(first)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert _log(first)[0]["rewards/accuracies"] == 0.0  # equal rewards are not "chosen > rejected"
+    assert log[-1]["rewards/accuracies"] > 0.5 and log[-1]["rewards/margins"] > 0
+    assert log[-1]["loss"] < log[0]["loss"]
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert key in log[-1]
+    assert (out / "training_rewards_accuracies.png").is_file() and (out / "training_loss.png").is_file()
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert "rewards/accuracies" in state["log_history"][-1]  # where LLaMA-Factory's plots read it
+    assert (out / ("adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors")).is_file()
+
+
+def test_kto_margin_rises_with_eval(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny, pdata, tmp_path / "o", stage="kto", dataset=["kto"], max_steps=12, logging_steps=3,
+               val_size=4, eval_strategy="steps", eval_steps=12, kto_rejected_weight=1.2)  # fmt: skip
+    out = T.train(cfg).out
+    log = _log(out)
+    train_lines = [r for r in log if "loss" in r]
+    assert train_lines[-1]["rewards/margins"] > 0 and train_lines[-1]["rewards/chosen"] > 0
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"]
+    assert train_lines[0]["kl"] >= 0
+    ev = [r for r in log if "eval_loss" in r]
+    assert ev and {"eval_rewards/chosen", "eval_rewards/rejected", "eval_kl"} <= set(ev[-1])
+    assert "eval_loss" in json.loads((out / "all_results.json").read_text())
+
+
+# ------------------------------------------------------------------ QLoRA
+
+
+@pytest.mark.slow
+def test_qlora_trains_merges_into_16bit_base_and_verifies(tiny: Path, pdata: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    from conftest import require_llama_cpp, require_quant
+
+    require_quant()
+    require_llama_cpp()
+    from exporter import gguf, merge, templates
+    from exporter import verify as V
+
+    out = T.train(_cfg(tiny, pdata, tmp_path / "qlora", quantization_bit=4, max_steps=10, logging_steps=2,
+                       learning_rate=1e-2)).out  # fmt: skip
+    err = capsys.readouterr().err
+    assert "QLoRA: base quantized to 4-bit by bitsandbytes at load (nf4, double quantization" in err
+    losses = [r["loss"] for r in _log(out)]
+    assert losses[-1] < losses[0] - 1.0
+    manifest = json.loads((out / "exporter_manifest.json").read_text())
+    assert manifest["settings"]["quantization_bit"] == 4
+    # the adapter reloads like any other: PEFT on the 16-bit base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), out)
+    merged = merge.merge(merge.MergeOptions(str(tiny), [str(out)], str(tmp_path / "merged"))).out
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "trained with QLoRA on a 4-bit nf4 quantization of its base; merging it into the original 16-bit" in err
+    res = gguf.export(merged, ["f16"], templates.resolve(merged, "qwen"), tmp_path / "gguf")
+    rep = V.verify(V.VerifyOptions(base=tiny, adapter=out, merged=merged, ggufs=[res.files["f16"]],
+                                   modelfiles=[res.modelfiles["f16"]], prompts=2, max_new_tokens=8, ctx=64,
+                                   max_windows=3))  # fmt: skip
+    assert rep.passed, [(c.check, c.target, c.detail) for c in rep.failures]
+    quantized = tmp_path / "q"  # merging into quantized weights is refused
+    shutil.copytree(tiny, quantized)
+    cfg = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "bitsandbytes"}}))
+    with pytest.raises(UserError, match="is a quantized model .bitsandbytes.: merge into the original 16-bit base"):
+        merge.merge(merge.MergeOptions(str(quantized), [str(out)], str(tmp_path / "m2")))
+
+
+def test_qlora_8bit_steps(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    from conftest import require_quant
+
+    require_quant()
+    out = T.train(_cfg(tiny, pdata, tmp_path / "q8", quantization_bit=8, max_steps=3)).out
+    assert (out / "adapter_model.safetensors").is_file()
+    assert all(math.isfinite(r["loss"]) for r in _log(out))
+
+
+def test_qlora_keys_reach_bitsandbytes(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    """quantization_type, double_quantization and the compute dtype as bitsandbytes holds them on the loaded base."""
+    from conftest import require_quant
+
+    require_quant()
+    from exporter import tuning
+
+    for qtype, double, bf16 in (("fp4", False, True), ("nf4", True, False)):
+        cfg = _cfg(tiny, pdata, tmp_path, quantization_bit=4, quantization_type=qtype, double_quantization=double,
+                   bf16=bf16)  # fmt: skip
+        model = tuning.load_model(cfg, tiny, "cpu")
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        state = q_proj.base_layer.weight.quant_state
+        assert (state.quant_type, state.nested) == (qtype, double)
+        assert q_proj.base_layer.compute_dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert q_proj.lora_A["default"].weight.dtype == torch.float32  # trainable weights upcast, like LLaMA-Factory
+
+
+# ------------------------------------------------------------------ freeze tuning, neat packing
+
+
+def test_freeze_trains_the_named_modules_of_the_last_layers(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tiny, pdata, tmp_path / "f", finetuning_type="freeze", freeze_trainable_layers=1,
+               freeze_trainable_modules=["mlp"], freeze_extra_modules=["norm"], learning_rate=1e-3)  # fmt: skip
+    out = T.train(cfg).out
+    before = load_file(tiny / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    n_layers = json.loads((tiny / "config.json").read_text())["num_hidden_layers"]
+    changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+    expected = {k for k in before if k.startswith(f"model.layers.{n_layers - 1}.mlp.")} | {"model.norm.weight"}
+    assert changed == expected
+    with pytest.raises(UserError, match="freeze_trainable_modules: no module 'mpl' in a decoder layer"):
+        T.train(_cfg(tiny, pdata, tmp_path / "g", finetuning_type="freeze", freeze_trainable_modules=["mpl"]))
+
+
+def test_neat_packing_keeps_examples_apart(tiny: Path, pdata: Path) -> None:
+    """A neat-packed row scores each example as if it were alone (reference: transformers' forward per example)."""
+    from transformers import AutoModelForCausalLM
+
+    from exporter import tuning
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    rng = random.Random(1)
+    exs = [E.Example(ids := [rng.randrange(5, 300) for _ in range(n)], [-100] * 2 + ids[2:]) for n in (7, 5, 9, 4)]
+    packed = E.pack_sft(exs, cutoff=30, neat=True)
+    assert len(packed) == 1 and packed[0].segments == [7, 5, 9, 4]
+    batch = E.collate(packed + [E.Example(exs[0].input_ids, exs[0].labels)], pad_id=0)  # a padded second row
+    assert batch["attention_mask"] is None and batch["position_ids"][0].tolist()[:8] == [0, 1, 2, 3, 4, 5, 6, 0]
+    with torch.no_grad():
+        ours, n = tuning.completion_logps(tuning.scorer(model), batch)
+        ref = 0.0
+        for e in exs:
+            ids = torch.tensor([e.input_ids])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            ref += float(lp[torch.arange(1, len(e.input_ids)) - 1, ids[0, 1:]][1:].sum())
+    assert float(ours[0]) == pytest.approx(ref, rel=1e-5)
+    plain = E.collate(E.pack_sft(exs, cutoff=30), pad_id=0)  # plain packing attends across examples
+    with torch.no_grad():
+        crossed = tuning.completion_logps(tuning.scorer(model), plain)[0]
+    assert abs(float(crossed[0]) - ref) > 1e-3
+
+
+# ------------------------------------------------------------------ several processes
+
+
+def _torchrun(n: int, args: list[str], tmp_path: Path) -> None:
+    env = dict(os.environ, EXPORTER_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "exporter", "train", *args]  # fmt: skip
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def _flags(**kw) -> list[str]:
+    return [x for k, v in kw.items() for x in (f"--{k}", str(v))]
+
+
+def _one_process(flags: list[str]) -> Path:
+    cfg, given = lf_args.config_from_args(flags)
+    return T.train(cfg, given).out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "engine"), [("dpo", "ddp"), ("kto", "ddp"), ("sft", "fsdp")])
+def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage: str, engine: str) -> None:
+    """torchrun --nproc_per_node 2 (gloo) gives one process's loss curve for the same global batch, and one set of
+    outputs written by rank 0."""
+    data = {"sft": "sft", "dpo": "pairs", "kto": "kto"}[stage]
+    common = _flags(stage=stage, model_name_or_path=tiny, dataset=data, dataset_dir=pdata, template="qwen",
+                    max_steps=4, logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
+                    disable_gradient_checkpointing=True, max_samples=24)  # fmt: skip
+    one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
+    extra = ["--fsdp", "full_shard"] if engine == "fsdp" else []
+    _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two") + extra, tmp_path)
+    a, b = _log(one), _log(tmp_path / "two")
+    assert [r["current_steps"] for r in b] == [1, 2, 3, 4]  # one log, each step once
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+        for key in ("rewards/accuracies", "rewards/margins", "kl"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=1e-4), key
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in one.iterdir())
+    settings = json.loads((tmp_path / "two" / "exporter_manifest.json").read_text())["settings"]
+    assert settings["processes"] == 2 and settings["engine"] == engine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: int) -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    ds = tmp_path / "ds_z2.json"  # LLaMA-Factory's examples/deepspeed/ds_z2_config.json keys
+    ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                              "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto"},
+                              "zero_optimization": {"stage": zero, "reduce_bucket_size": "auto"}}))  # fmt: skip
+    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
+                    logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
+                    disable_gradient_checkpointing=True)  # fmt: skip
+    one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
+    _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two", deepspeed=ds), tmp_path)
+    for ra, rb in zip(_log(one), _log(tmp_path / "two"), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+    from safetensors.torch import load_file  # the adapter gathered from the shards equals one process's
+
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_deepspeed_missing_is_one_line(tiny: Path, pdata: Path, tmp_path: Path, monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    cfg, given = lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a",
+                                           "--deepspeed", "ds_z3_config.json"])  # fmt: skip
+    with pytest.raises(UserError, match=r"deepspeed: ds_z3_config.json: the deepspeed package is not installed"):
+        lf_args.check(cfg, given, "cpu")
+
+
+def test_force_torchrun_relaunches_with_lf_variables(monkeypatch, tmp_path: Path) -> None:
+    from exporter import distributed
+
+    seen = {}
+
+    def fake_run(cmd, check):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    for k, v in {"FORCE_TORCHRUN": "1", "NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "3",
+                 "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    assert distributed.relaunch(["cfg.yaml"]) == 0
+    cmd = seen["cmd"]
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-4:] == ["-m", "exporter", "train", "cfg.yaml"]
+    flags = dict(zip(cmd[3:-4:2], cmd[4:-4:2], strict=True))
+    assert flags == {"--nnodes": "2", "--node_rank": "1", "--nproc_per_node": "3", "--master_addr": "10.0.0.1",
+                     "--master_port": "29501"}  # fmt: skip
+    for k in ("FORCE_TORCHRUN", "NPROC_PER_NODE"):  # LLaMA-Factory's automatic torchrun: one process per visible GPU
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(distributed, "_gpu_count", lambda: 2)
+    assert distributed.relaunch(["cfg.yaml"]) == 0 and seen["cmd"][seen["cmd"].index("--nproc_per_node") + 1] == "2"
+    monkeypatch.setattr(distributed, "_gpu_count", lambda: 1)
+    seen.clear()
+    assert distributed.relaunch(["cfg.yaml"]) is None and not seen
+    monkeypatch.setenv("FORCE_TORCHRUN", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # already under torchrun: train here
+    assert distributed.relaunch(["cfg.yaml"]) is None
+
+
+def test_qlora_cli_prints_no_third_party_noise(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    """QLoRA keeps bitsandbytes importable (the quantization libraries' loggers turned down instead)."""
+    from conftest import require_quant
+    from test_quiet import NOISE
+
+    require_quant()
+    r = subprocess.run([sys.executable, "-m", "exporter", "train", *_flags(
+        model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", output_dir=tmp_path / "q",
+        max_steps=1, per_device_train_batch_size=2, quantization_bit=4)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "QLoRA: base quantized to 4-bit" in r.stderr
+    assert not [line for line in (r.stdout + r.stderr).splitlines() if NOISE.search(line)]
