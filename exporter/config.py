@@ -34,11 +34,28 @@ def parse_overrides(items: typing.Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def read_text(path: Path | str) -> str:
+    """A UTF-8 text file; other bytes are a UserError naming the file, byte offset and line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{path}: not UTF-8 text: byte {e.start} (line {line}) is {raw[e.start : e.start + 1]!r}; save the file "
+            "as UTF-8"
+        ) from None
+
+
 def read_json(path: Path | str) -> Any:
     """Parsed JSON of an existing file; malformed JSON is a UserError naming the file, line and column."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
@@ -49,7 +66,7 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if data is None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from exporter.config import did_you_mean, read_json
+from exporter.config import did_you_mean, read_json, read_text
 from exporter.errors import UserError
 
 INFO_NAME = "dataset_info.json"
@@ -147,6 +149,17 @@ def read_info(dataset_dir: Path) -> dict[str, Any]:
     return info
 
 
+def _inside(file_name: str, name: str, where: str) -> str:
+    """A `file_name` relative to dataset_dir that stays inside it (no absolute path, no `..` above it)."""
+    norm = os.path.normpath(file_name)
+    if os.path.isabs(file_name) or norm == ".." or norm.startswith(".." + os.sep):
+        raise UserError(
+            f"{where}: dataset {name!r}: file_name {file_name!r} points outside dataset_dir; give a path inside it "
+            "(copy or link the file there)"
+        )
+    return norm
+
+
 def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
     """The `DatasetSpec` for `name` from a parsed dataset_info.json (LLaMA-Factory's defaults and rules)."""
     where = f"{Path(dataset_dir) / INFO_NAME}"
@@ -163,7 +176,7 @@ def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
     if "hf_hub_url" in entry:
         load_from, source = "hf_hub", str(entry["hf_hub_url"])
     elif "file_name" in entry:
-        load_from, source = "file", str(Path(dataset_dir) / entry["file_name"])
+        load_from, source = "file", str(Path(dataset_dir) / _inside(str(entry["file_name"]), name, where))
     elif "script_url" in entry:
         raise UserError(f"{where}: dataset {name!r} uses script_url; loading scripts is not supported")
     elif "ms_hub_url" in entry or "om_hub_url" in entry:
@@ -236,7 +249,7 @@ def _files(path: Path, name: str) -> list[Path]:
 
 
 def _read_json(path: Path) -> list[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
@@ -258,9 +271,8 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, Any]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return [(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(reader)]
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    return [(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(reader)]
 
 
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:
