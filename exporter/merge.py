@@ -195,12 +195,27 @@ def _whole(src: Source) -> torch.Tensor:
     return src.rows(0, src.shape[0] if src.shape else 1).to(torch.float32)
 
 
+def check_lora_numbers(cfg: dict, cfg_path: Path) -> None:
+    """`r` / `rank_pattern` positive integers, `lora_alpha` / `alpha_pattern` finite numbers (PEFT's types)."""
+    ranks = [("r", cfg.get("r", 8))] + [(f"rank_pattern.{k}", v) for k, v in (cfg.get("rank_pattern") or {}).items()]
+    for key, v in ranks:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise UserError(f"{cfg_path}: {key} is {v!r}; expected a positive integer (the LoRA rank)")
+    alphas = [("lora_alpha", cfg.get("lora_alpha", 8))]
+    alphas += [(f"alpha_pattern.{k}", v) for k, v in (cfg.get("alpha_pattern") or {}).items()]
+    for key, v in alphas:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"{cfg_path}: {key} is {v!r}; expected a finite number (the LoRA scale's numerator)")
+
+
 def load_adapter(path: Path, weight: float, label: str) -> Adapter:
     """Read adapter_config.json and the adapter's tensors; every key is classified or rejected."""
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         raise UserError(f"adapter {path}: missing adapter_config.json (is this a PEFT adapter directory?)")
     cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object (PEFT's adapter config)")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for key in _UNSUPPORTED:
@@ -208,6 +223,7 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
             raise UserError(f"{cfg_path}: {key} is set; merging such adapters is not supported")
     if cfg.get("bias", "none") != "none":
         raise UserError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (only bias='none')")
+    check_lora_numbers(cfg, cfg_path)
     file, sources, _ = _adapter_tensors(path)
     ad = Adapter(path, label, weight, cfg)
     ad.has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
@@ -528,6 +544,19 @@ def _say(msg: str) -> None:
     Console(stderr=True).print(msg, highlight=False)
 
 
+def parse_options(dtype: str | None, max_shard_size: str | int) -> tuple[torch.dtype | None, int]:
+    """(output dtype or None for the base's, shard size in bytes) from --dtype and --max-shard-size."""
+    out_dtype = None
+    if dtype is not None:
+        if str(dtype).lower() not in OUT_DTYPES:
+            raise UserError(f"--dtype {dtype!r}: expected one of bf16, fp16, fp32")
+        out_dtype = OUT_DTYPES[str(dtype).lower()]
+    shard_bytes = parse_size(max_shard_size)
+    if shard_bytes <= 0:
+        raise UserError(f"--max-shard-size {max_shard_size!r}: must be positive")
+    return out_dtype, shard_bytes
+
+
 def merge(
     base: str | Path,
     adapters: list[str | Path],
@@ -551,19 +580,14 @@ def merge(
     for w in weights:
         if not math.isfinite(w):
             raise UserError(f"--weight {w}: must be a finite number")
-    out_dtype = None
-    if dtype is not None:
-        if dtype.lower() not in OUT_DTYPES:
-            raise UserError(f"--dtype {dtype!r}: expected one of bf16, fp16, fp32")
-        out_dtype = OUT_DTYPES[dtype.lower()]
-    shard_bytes = parse_size(max_shard_size)
-    if shard_bytes <= 0:
-        raise UserError(f"--max-shard-size {max_shard_size!r}: must be positive")
+    out_dtype, shard_bytes = parse_options(dtype, max_shard_size)
 
     base_dir = hub.resolve(base, "base model")
+    paths = [hub.resolve(a, "adapter") for a in adapters]
+    inputs = [base_dir, *paths]
+    atomic.check_target(out, force, inputs)
     ads = []
-    for i, (a, w) in enumerate(zip(adapters, weights, strict=True)):
-        path = hub.resolve(a, "adapter")
+    for i, (a, w, path) in enumerate(zip(adapters, weights, paths, strict=True)):
         ads.append(load_adapter(path, float(w), label=str(a) if len(adapters) == 1 else f"#{i + 1} {a}"))
     p = plan(base_dir, ads, out_dtype)
     for ad in ads:
@@ -585,7 +609,7 @@ def merge(
         _say(f"note: vocabulary resized to {p.vocab_size} by the adapter; tokenizer taken from the adapter dir")
 
     jobs = {j.name: j for j in p.jobs}
-    with atomic.atomic_dir(out, force) as tmp:
+    with atomic.atomic_dir(out, force, inputs, need=total) as tmp:
         with Progress(
             TextColumn("[bold]merge[/] {task.fields[tensor]}"),
             BarColumn(),
@@ -617,9 +641,9 @@ def merge(
 
         tpl = templates.resolve(tmp, template)
         templates.write_into(tmp, tpl)
-        inputs: dict[str, Path | str] = {"base": base_dir}
+        described: dict[str, Path | str] = {"base": base_dir}
         for i, ad in enumerate(ads):
-            inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = ad.path
+            described["adapter" if i == 0 else f"adapter_{i + 1}"] = ad.path
         settings = {
             "weights": weights,
             "dtype": dtype,
@@ -628,6 +652,6 @@ def merge(
             "untied_embeddings": bool(p.untied),
             "vocab_size": p.vocab_size,
         }
-        manifest.write(tmp, "merge", inputs=inputs, settings=settings)
+        manifest.write(tmp, "merge", inputs=described, settings=settings)
     _say(f"merged {len(ads)} adapter(s) into {out} ({len(shards)} shard(s), template {tpl.name})")
     return out
