@@ -6,7 +6,6 @@ written as an equivalent alpha. Llama-family q/k LoRA B rows get the same RoPE p
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,7 +15,10 @@ import torch
 from exporter.converters import gguf_arch
 from safetensors.torch import load_file
 
+from exporter.config import read_json
 from exporter.errors import UserError
+from exporter.merge import check_lora_numbers
+from exporter.safetensors_file import read_header
 
 LORA_KINDS = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}
 
@@ -26,7 +28,9 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise UserError(f"{adapter_dir}: no adapter_config.json; expected a PEFT LoRA adapter directory")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object (PEFT's adapter config)")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters convert to GGUF LoRA")
     if cfg.get("use_dora"):
@@ -38,10 +42,16 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     if cfg.get("fan_in_fan_out"):
         raise UserError(f"{cfg_path}: fan_in_fan_out (Conv1D) LoRA is not used by the supported architectures")
+    check_lora_numbers(cfg, cfg_path)
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"{adapter_dir}: no adapter_model.safetensors")
-    return cfg, load_file(str(weights))
+    read_header(weights)  # a truncated or corrupt file is a UserError naming it
+    tensors = load_file(str(weights))
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{weights}: tensor {name} holds non-finite values (inf/nan); a GGUF must not carry them")
+    return cfg, tensors
 
 
 def _alpha(cfg: dict, rank: int) -> float:
@@ -68,11 +78,19 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_path: Path, kind: str = 
                 f"{adapter_dir}: tensor {name!r} is not a LoRA A/B matrix (embedding LoRA or extra weights); "
                 "merge the adapter and convert the merged model instead"
             )
+    base_shapes = {name: e.shape for f in sorted(base_dir.glob("*.safetensors")) for name, e in read_header(f).items()}
     shapes = {}
     for base, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise UserError(f"{adapter_dir}: {base} has LoRA {sorted(ab)} only; both A and B are needed")
         shapes[base] = (ab["B"].shape[0], ab["A"].shape[1])
+        want = base_shapes.get(base)
+        if want is None or tuple(want) != shapes[base] or ab["A"].shape[0] != ab["B"].shape[1]:
+            have = f"is {list(want)} in the base" if want is not None else "is absent from the base"
+            raise UserError(
+                f"adapter {adapter_dir} is for another base: its LoRA for {base} needs {list(shapes[base])} "
+                f"(rank {ab['A'].shape[0]}), and the tensor {have} {base_dir}"
+            )
     tied = bool(hp.get("tie_word_embeddings"))
     if tied and "lm_head.weight" in shapes:
         raise UserError(f"{adapter_dir}: LoRA on lm_head of a tied-embedding model; merge it (the merge unties)")
@@ -98,6 +116,11 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_path: Path, kind: str = 
         if spec.row_index is not None:
             b = b[spec.row_index]
         for suffix, data in ((".lora_a", a), (".lora_b", b)):
+            if kind == "f16" and data.size and float(np.abs(data).max()) >= 65520.0:
+                raise UserError(
+                    f"{adapter_dir}: LoRA {base} has values up to {float(np.abs(data).max()):g}, which overflow f16; "
+                    "use --type f32"
+                )
             w.add_tensor(spec.name + suffix, gguf.quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
         out[spec.name] = rank
     w.write_header_to_file(path=out_path)

@@ -8,6 +8,8 @@ fresh large arrays are fresh pages the kernel must fault in and zero, which cost
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import numpy as np
 
@@ -100,6 +102,24 @@ def q8_0(x: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
     out.view(np.uint16)[:, 0] = d.astype(np.float16).view(np.uint16)
     np.copyto(out[:, 2:].view(np.int8), v, casting="unsafe")  # float -> int8 truncates toward zero
     return out.reshape(*x.shape[:-1], x.shape[-1] // 32 * 34)
+
+
+# sign-free bit masks and the float view of those bits, per stored dtype
+_MAGNITUDE = {"BF16": (np.uint16, 0x7FFF), "F16": (np.uint16, 0x7FFF), "F32": (np.uint32, 0x7FFFFFFF)}
+# for each output type, the |value| from which a value (or a block's f16 scale: amax/127, amax/8) rounds to inf
+OVERFLOW = {T.F16: 65520.0, T.Q8_0: 65520.0 * 127, T.Q4_0: 65520.0 * 8, T.BF16: 3.3961e38, T.F32: math.inf}
+
+
+def max_abs(raw: np.ndarray, dtype: str, scratch: Scratch | None = None) -> float:
+    """Largest |value| of a block in its stored dtype ("BF16" as uint16 bits, "F16", "F32"): nan or inf when the
+    block holds one. Two integer passes (clear the sign bit, max): NaN's bit patterns sort above inf's."""
+    utype, mask = _MAGNITUDE[dtype]
+    bits = raw.view(utype)
+    mag = np.bitwise_and(bits, utype(mask), out=_take(scratch, "magnitude", bits.shape, utype))
+    top = np.array(mag.max(initial=0), dtype=utype)
+    if dtype == "BF16":
+        return float((top.astype(np.uint32) << 16).view(np.float32))
+    return float(top.view(np.float16 if dtype == "F16" else np.float32))
 
 
 def encode(x: np.ndarray, qtype: T, scratch: Scratch | None = None) -> np.ndarray:

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 
 from exporter import __version__
 from exporter.atomic import atomic_dir, check_free_space, check_target
-from exporter.config import did_you_mean
+from exporter.config import did_you_mean, read_text
 from exporter.errors import UserError
 
 NUMPY_KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -103,20 +103,21 @@ def export(
     from exporter.converters import gguf_convert, gguf_kquant
     from exporter.converters.modelfile import ModelfileSpec, render
 
-    check_target(out, force)
+    check_target(out, force, [model_dir])
     _, _, src = gguf_convert.plan(model_dir)  # unsupported architecture / missing weights fail before any write
     src.close()
     params = sum(math.prod(shape) for shape in src.shapes.values())
     stem = _safe_name(model_dir.name)
     name = ollama_name or stem.lower()
-    check_free_space(out.parent, int(params * sum(_BYTES_PER_PARAM[k] for k in kinds)))
+    need = int(params * sum(_BYTES_PER_PARAM[k] for k in kinds))
+    check_free_space(out.parent, need)
     kquants = [k for k in kinds if k in KQUANT_KINDS]
     numpy_kinds = [k for k in kinds if k in NUMPY_KINDS]
     temp_f16 = bool(kquants) and "f16" not in numpy_kinds
     if temp_f16:
         numpy_kinds.append("f16")
     result = GGUFResult(out)
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, [model_dir], need) as tmp:
         paths = {k: tmp / f"{stem}-{k}.gguf" for k in numpy_kinds}
         if temp_f16:
             paths["f16"] = tmp / f".{stem}-f16.for-kquant.gguf"
@@ -184,12 +185,12 @@ def export_adapter(
     if len(kinds) != 1 or kinds[0] not in LORA_KINDS:
         raise UserError(f"with --adapter, --type is one of {', '.join(LORA_KINDS)} (the LoRA matrices' type)")
     kind = kinds[0]
-    check_target(out, force)
+    check_target(out, force, [adapter_dir, base_dir])
     stem = _safe_name(adapter_dir.name)
     name = ollama_name or stem.lower()
     base_from = base_gguf or str(base_dir.resolve())
     result = GGUFResult(out)
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, [adapter_dir, base_dir]) as tmp:
         path = tmp / f"{stem}-lora-{kind}.gguf"
         ranks = convert_lora(adapter_dir, base_dir, path, kind)
         header = modelfile_header(kind, f"{adapter_dir} on {base_dir}", tpl, name, path.name)
@@ -239,7 +240,7 @@ def run(
     if adapter is not None:
         adapter_dir = hub.resolve(adapter, "adapter")
         has_template = (adapter_dir / "chat_template.jinja").is_file() or "chat_template" in (
-            (adapter_dir / "tokenizer_config.json").read_text(encoding="utf-8")
+            read_text(adapter_dir / "tokenizer_config.json")
             if (adapter_dir / "tokenizer_config.json").is_file()
             else ""
         )

@@ -104,20 +104,18 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
 
 def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     """`(out_features, in_features)` of every 2-D weight inside the decoder layers, from the safetensors headers."""
-    from safetensors import safe_open
+    from exporter.safetensors_file import read_header
 
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{model_dir}: no *.safetensors weights (convert .bin checkpoints with save_pretrained)")
     shapes: dict[str, tuple[int, int]] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                if not name.endswith(".weight") or not re.search(r"\.layers\.\d+\.", name):
-                    continue
-                shape = sf.get_slice(name).get_shape()
-                if len(shape) == 2:
-                    shapes[name[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+        for name, entry in read_header(f).items():
+            if not name.endswith(".weight") or not re.search(r"\.layers\.\d+\.", name):
+                continue
+            if len(entry.shape) == 2:
+                shapes[name[: -len(".weight")]] = (int(entry.shape[0]), int(entry.shape[1]))
     if not shapes:
         raise UserError(f"{model_dir}: found no linear layers under '*.layers.N.*' to quantize")
     return shapes
@@ -273,7 +271,7 @@ def quantize(opts: QuantizeOptions) -> Path:
     _require(opts.method)
     model_dir = hub.resolve(opts.model, "model")
     out = Path(opts.out)
-    atomic.check_target(out, opts.force)
+    atomic.check_target(out, opts.force, [model_dir])
     cfg = _read_config(model_dir)
     shapes = linear_shapes(model_dir)
     _check_architecture(cfg, opts.method, model_dir)
@@ -281,6 +279,9 @@ def quantize(opts: QuantizeOptions) -> Path:
         check_shapes(shapes, opts.method, group)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.check_free_space(out.parent, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2)
+    from exporter.converters.gguf_convert import check_finite
+
+    check_finite(model_dir)  # quantizers would carry inf/nan into the output without a word
 
     from transformers import AutoTokenizer
 
@@ -314,7 +315,7 @@ def quantize(opts: QuantizeOptions) -> Path:
         if opts.dataset:
             inputs["dataset_dir"] = Path(opts.dataset_dir or "data") / "dataset_info.json"
     start = time.perf_counter()
-    with atomic.atomic_dir(out, opts.force) as tmp:
+    with atomic.atomic_dir(out, opts.force, [model_dir]) as tmp:
         _console.print(f"[bold]quantize[/]: {opts.method} {bits}-bit {model_dir} -> {out}")
         if cal is not None:
             settings["backend"] = _run_gptqmodel(model_dir, tmp, opts.method, bits, group, cal.blocks)
