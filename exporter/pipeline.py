@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exporter import config
-from exporter.atomic import atomic_dir, atomic_file
+from exporter import config, manifest
+from exporter.atomic import atomic_dir, atomic_file, claim
 from exporter.errors import UserError
 
 STAGES = ("train", "merge", "gguf", "verify")
@@ -96,21 +96,52 @@ def _fingerprint(path: Path) -> list[Any]:
             for p in files]  # fmt: skip
 
 
-def _data_files(train_cfg: dict[str, Any]) -> list[Path]:
-    """The dataset files the train stage reads (from dataset_info.json), for hashing and for verify."""
-    ddir = Path(train_cfg.get("dataset_dir", "data"))
-    names = train_cfg.get("dataset") or []
-    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    info_path = ddir / "dataset_info.json"
-    if not info_path.is_file():
-        return []
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    out = []
-    for n in names:
-        f = info.get(n, {}).get("file_name")
-        if f and (ddir / f).exists():
-            out.append(ddir / f)
-    return out
+def _data_files(tcfg: Any) -> list[Path]:
+    """The local dataset files the train stage reads (from dataset_info.json), for hashing and for verify."""
+    from exporter import data
+
+    info = data.read_info(Path(tcfg.dataset_dir))
+    specs = [data.spec(n, info, Path(tcfg.dataset_dir)) for n in tcfg.dataset]
+    return [Path(sp.source) for sp in specs if sp.load_from == "file" and Path(sp.source).exists()]
+
+
+def _train_values(cfg: PipelineConfig, base: Path, template: str, out: Path) -> dict[str, Any]:
+    return {**cfg.train, "model_name_or_path": str(base), "output_dir": str(out), "template": template}
+
+
+def check(cfg: PipelineConfig, base: Path, template: str, run_dir: Path) -> Any:
+    """Every stage's settings, checked before the first stage runs (a typo in gguf.types fails now, not after
+    training); returns the train stage's config."""
+    import torch
+
+    from exporter import gguf, merge, train, verify
+
+    values = _train_values(cfg, base, template, run_dir / "adapter")
+    tcfg = config.build(train.TrainConfig, values, where=f"{cfg.run_dir}: train")
+    train.check(tcfg, set(values), "cuda" if torch.cuda.is_available() else "cpu")
+    merge.parse_options(cfg.merge.get("dtype"), cfg.merge.get("max_shard_size", "2GB"))
+    gguf.parse_types(cfg.gguf.get("types", ["f16"]))
+    if not isinstance(cfg.gguf.get("ollama_name", ""), str):
+        raise UserError(f"gguf.ollama_name must be a string, got {cfg.gguf['ollama_name']!r}")
+    thr = cfg.verify.get("ppl_threshold")
+    verify.parse_thresholds(",".join(f"{k}={v}" for k, v in thr.items()) if isinstance(thr, dict) else thr)
+    for key, least in (("prompts", 0), ("ctx", 8), ("max_windows", 1), ("max_new_tokens", 1)):
+        v = cfg.verify.get(key, least)
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise UserError(f"verify.{key} must be an integer >= {least}, got {v!r}")
+    if "text" in cfg.verify and not Path(str(cfg.verify["text"])).is_file():
+        raise UserError(f"verify.text {cfg.verify['text']}: no such file")
+    return tcfg
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A run dir is ours: absent, empty, or holding the pipeline's state file."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir {run_dir} is a file")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / STATE).is_file():
+        raise UserError(
+            f"run_dir {run_dir} is not empty and holds no {STATE}: not a pipeline run dir; choose a new or empty one"
+        )
 
 
 class _State:
@@ -148,54 +179,59 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     run_dir = Path(cfg.run_dir)
     base = hub.resolve(cfg.base, "base model")
     tpl = templates.resolve(base, cfg.template)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = check(cfg, base, tpl.name, run_dir)
+    data_files = _data_files(tcfg)
+    _check_run_dir(run_dir)
+    with claim(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _run(cfg, console, run_dir, base, tpl.name, data_files)
+
+
+def _run(cfg: PipelineConfig, console: Any, run_dir: Path, base: Path, template: str,
+         data_files: list[Path]) -> PipelineResult:  # fmt: skip
     state = _State(run_dir)
-    data_files = _data_files(cfg.train)
-    state.doc.update({"base": str(base.resolve()), "template": tpl.name,
+    state.doc.update({"base": str(base.resolve()), "template": template,
                       "data": [str(p.resolve()) for p in data_files]})  # fmt: skip
     adapter, merged, gguf_dir, verify_dir = (run_dir / n for n in ("adapter", "merged", "gguf", "verify"))
 
-    h_train = _hash("train", str(base.resolve()), _fingerprint(base), tpl.name, cfg.train,
+    h_train = _hash("train", str(base.resolve()), _fingerprint(base), template, cfg.train,
                     [_fingerprint(p) for p in data_files])  # fmt: skip
     h_merge = _hash("merge", h_train, cfg.merge)
     h_gguf = _hash("gguf", h_merge, cfg.gguf)
     h_verify = _hash(
         "verify", h_gguf, cfg.verify, _fingerprint(Path(cfg.verify["text"])) if "text" in cfg.verify else 0
     )
-    outputs = {
-        "train": adapter / "adapter_model.safetensors",
-        "merge": merged / "config.json",
-        "gguf": gguf_dir / "exporter_manifest.json",
-        "verify": verify_dir / "report.json",
-    }
+    outputs = {"train": adapter, "merge": merged, "gguf": gguf_dir, "verify": verify_dir}
     hashes = {"train": h_train, "merge": h_merge, "gguf": h_gguf, "verify": h_verify}
     ran, skipped = [], []
     invalid = False
     for stage in STAGES:
-        finished = outputs[stage].is_file() and state.done(stage, hashes[stage]) and not invalid
-        if finished:
-            skipped.append(stage)
-            console.print(f"[dim]{stage}: finished earlier (config hash {hashes[stage]}), skipped[/]")
-            continue
+        if state.done(stage, hashes[stage]) and not invalid:
+            problem = manifest.changed(outputs[stage])  # what is reused must be what the stage wrote
+            if problem is None:
+                skipped.append(stage)
+                console.print(f"[dim]{stage}: finished earlier (config hash {hashes[stage]}), skipped[/]")
+                continue
+            console.print(f"[yellow]{stage}[/]: {problem}; running {stage} again")
         invalid = True  # every later stage runs again too
         console.rule(f"[bold]{stage}")
         t0 = time.perf_counter()
-        stale = state.doc["stages"].get(stage, {}).get("hash") not in (None, hashes[stage])
+        finished_before = state.doc["stages"].get(stage, {}).get("hash") is not None  # other settings or changed
         state.record(stage, None)
         if stage == "train":
-            _train(cfg, base, tpl.name, adapter, overwrite=stale)
+            _train(cfg, base, template, adapter, overwrite=finished_before)
         elif stage == "merge":
             from exporter import merge
 
-            merge.merge(base, [adapter], out=merged, template=tpl.name, force=True, **cfg.merge)
+            merge.merge(base, [adapter], out=merged, template=template, force=True, **cfg.merge)
         elif stage == "gguf":
             from exporter import gguf
 
             types = cfg.gguf.get("types", ["f16"])
             gguf.run(merged, types=types, out=gguf_dir, ollama_name=cfg.gguf.get("ollama_name"),
-                     template=tpl.name, force=True)  # fmt: skip
+                     template=template, force=True)  # fmt: skip
         else:
-            _verify(cfg, base, adapter, merged, gguf_dir, verify_dir, tpl.name, data_files)
+            _verify(cfg, base, adapter, merged, gguf_dir, verify_dir, template, data_files)
         state.record(stage, hashes[stage], time.perf_counter() - t0)
         ran.append(stage)
     return _summary(console, run_dir, ran, skipped, gguf_dir, verify_dir)
@@ -204,7 +240,7 @@ def run(cfg: PipelineConfig) -> PipelineResult:
 def _train(cfg: PipelineConfig, base: Path, template: str, out: Path, overwrite: bool) -> None:
     from exporter import train
 
-    values = {**cfg.train, "model_name_or_path": str(base), "output_dir": str(out), "template": template}
+    values = _train_values(cfg, base, template, out)
     if overwrite or (out / "adapter_model.safetensors").exists():
         values["overwrite_output_dir"] = True  # settings changed (or a finished run of other settings): start over
     tcfg = config.build(train.TrainConfig, values, where="train")
@@ -242,6 +278,7 @@ def _verify(
     with atomic_dir(out, force=True) as tmp:
         verify_report.write_json(rep, tmp / "report.json")
         verify_report.write_junit(rep, tmp / "junit.xml")
+        manifest.write(tmp, "verify", inputs={}, settings=cfg.verify)  # what was checked is in report.json
 
 
 def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_dir: Path,
