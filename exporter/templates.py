@@ -426,6 +426,21 @@ def _train_next(segments: list[Segment], tokens: list[str]) -> list[Segment]:
     return out
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_roles(messages: list[dict[str, Any]]) -> None:
+    """The one rule for roles in every rendering (training, Jinja, Ollama): a message is an object whose role is
+    one of ROLES; any other role is an error naming the message, never dropped by one rendering and kept by another."""
+    if not messages:
+        raise UserError("conversation has no messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise UserError(f"message {i}: expected an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise UserError(f"message {i}: role {m['role']!r} is not one of {', '.join(ROLES)}")
+
+
 def render_segments(
     tpl: ChatTemplate,
     messages: list[dict[str, Any]],
@@ -440,11 +455,7 @@ def render_segments(
     The joined text equals the family's Jinja rendered by transformers' `apply_chat_template` with the same
     arguments. `bos_token`/`eos_token` default to the family's own (pass the tokenizer's to match its Jinja).
     """
-    if not messages:
-        raise UserError("conversation has no messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise UserError(f"message {i}: expected an object with 'role' and 'content'")
+    check_roles(messages)
     if tools and not tpl.tools:
         raise UserError(f"template family {tpl.name!r} has no tool format; drop 'tools' or pick a tool-capable family")
     bos = tpl.bos_token if bos_token is None else bos_token
@@ -737,6 +748,7 @@ def render_for_cli(
     tokenization). The generation prompt defaults to on when the conversation does not end with an answer."""
     tpl = load_template(family).for_tokenizer(bos_token, eos_token)
     messages, tools = read_conversation(conversation)
+    check_roles(messages)
     gen = messages[-1].get("role") != "assistant" if add_generation_prompt is None else add_generation_prompt
     if fmt == "train":
         return render_segments(tpl, messages, tools=tools, add_generation_prompt=gen)
