@@ -110,13 +110,11 @@ def os_error(e: BaseException) -> OSError | None:
     return None
 
 
-def _parent_writable(out: Path) -> None:
+def _make_parent(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {out.parent}: {err.strerror}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write into {out.parent}: permission denied")
 
 
 def _remove_stale(out: Path, only_dead: bool) -> None:
@@ -157,7 +155,7 @@ def _command() -> str:
 def claim(out: Path | str) -> Iterator[None]:
     """Be the only writer of `out` while the block runs (re-entrant in one process); clean up killed runs' temps."""
     out = Path(out)
-    _parent_writable(out)
+    _make_parent(out)
     key = _key(out)
     if key in _held:
         _held[key] += 1
@@ -258,9 +256,12 @@ def atomic_file(out: Path | str, force: bool = True) -> Iterator[Path]:
         raise UserError(f"{out} is a directory; expected a file path")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    _parent_writable(out)
+    _make_parent(out)
     _remove_stale(out, only_dead=True)
-    fd, name = tempfile.mkstemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+    except OSError as err:
+        raise UserError(f"cannot write into {out.parent}: {err.strerror}") from None
     os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp = Path(name)

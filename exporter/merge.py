@@ -505,10 +505,10 @@ def _copy_tokenizer(base: Path, adapters: list[Adapter], out: Path) -> Path:
     if not any(n in names for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise UserError(f"{src}: no tokenizer files (tokenizer.json / tokenizer.model / tokenizer_config.json)")
     for n in dict.fromkeys(names):
-        shutil.copy2(src / n, out / n)
+        shutil.copyfile(src / n, out / n)
     for a in adapters:
         if a.path != src and not a.has_tokenizer and (a.path / "chat_template.jinja").is_file():
-            shutil.copy2(a.path / "chat_template.jinja", out / "chat_template.jinja")
+            shutil.copyfile(a.path / "chat_template.jinja", out / "chat_template.jinja")
     return src
 
 
@@ -571,7 +571,6 @@ def merge(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     out = Path(out)
-    atomic.check_target(out, force)
     if not adapters:
         raise UserError("give at least one --adapter")
     weights = list(weights) if weights else [1.0] * len(adapters)
@@ -635,7 +634,7 @@ def merge(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         _write_configs(base_dir, tmp, p, out_dtype)
         for py in base_dir.glob("*.py"):  # remote-code models need their modeling files
-            shutil.copy2(py, tmp / py.name)
+            shutil.copyfile(py, tmp / py.name)
         _copy_tokenizer(base_dir, ads, tmp)
         from exporter import templates
 

@@ -1,0 +1,575 @@
+"""Hostile inputs and faults, command by command: each case asserts the exit code, the one line naming the culprit,
+and what is (not) left on disk. Nothing runs code from a checkpoint, no user file is lost, nothing non-finite is
+written, a killed run leaves nothing that the next run does not name and remove.
+
+Most cases run the CLI in this process (`_cli`, exit code from SystemExit, stderr from capsys); kills, concurrent
+writers and disk-full run real child processes. Disk full: a 1 MiB tmpfs when this process may mount one (root,
+as in CI), else ENOSPC injected at the write layer (`os.write`) in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, require_llama_cpp, require_quant
+from safetensors.torch import load_file, save_file
+
+from exporter import atomic, cli, pipeline
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """Run `exporter ARGS` in this process: (exit code, stderr)."""
+    old = sys.argv
+    sys.argv = ["exporter", *map(str, args)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+def _one_error(err: str, pattern: str) -> str:
+    """stderr holds exactly one `error:` line, it matches `pattern`, and there is no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def _refused(capsys: pytest.CaptureFixture, pattern: str, *args: str) -> str:
+    code, err = _cli(capsys, *args)
+    assert code == 2, err
+    return _one_error(err, pattern)
+
+
+def _leftovers(where: Path) -> list[str]:
+    """Temporary dirs/files and lock files of ours under `where`."""
+    return sorted(p.name for p in where.rglob("*") if re.search(r"\.(tmp|old)-|\.exporter-lock$", p.name))
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _poke(model: Path, tensor: str, value: float, row: int = 0) -> None:
+    """Set one value of a tensor in a copied model/adapter dir."""
+    for f in model.glob("*.safetensors"):
+        sd = load_file(f)
+        key = next((k for k in sd if tensor in k), None)
+        if key is not None:
+            sd[key][row].view(-1)[0] = value
+            save_file(sd, f, metadata={"format": "pt"})
+            return
+    raise AssertionError(f"no tensor {tensor} in {model}")
+
+
+def _adapter(base: Path, out: Path, **lora) -> Path:
+    """A small PEFT LoRA adapter (random non-zero B) saved by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora.setdefault("target_modules", ["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **lora))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model) -> Path:
+    return tiny_model("llama3")
+
+
+@pytest.fixture(scope="module")
+def lora(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _adapter(llama, tmp_path_factory.mktemp("lora") / "ad")
+
+
+# A child process that runs the CLI with one function wrapped: on its first call it writes FLAG and waits until GO
+# exists (or forever), so the test can kill it, or run a second writer, at a known point in the middle of a write.
+_PAUSED = textwrap.dedent(
+    """
+    import importlib, os, sys, time
+    module, attr, flag, go = sys.argv[1:5]
+    mod = importlib.import_module(module)
+    owner, name = (getattr(mod, attr.split(".")[0]), attr.split(".")[1]) if "." in attr else (mod, attr)
+    orig = getattr(owner, name)
+    def paused(*a, **k):
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            while not os.path.exists(go):
+                time.sleep(0.02)
+        return orig(*a, **k)
+    setattr(owner, name, paused)
+    from exporter import cli
+    sys.argv = ["exporter", *sys.argv[5:]]
+    cli.main()
+    """
+)
+
+
+@contextlib.contextmanager
+def _paused(tmp: Path, target: str, *args: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A child `exporter ARGS` stopped inside `module:attr` (mid-write); yields (process, go-file)."""
+    module, attr = target.split(":")
+    flag, go = tmp / "paused.flag", tmp / "paused.go"
+    flag.unlink(missing_ok=True)
+    go.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", _PAUSED, module, attr, str(flag), str(go), *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not flag.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the child ended before pausing: {proc.communicate()}")
+            assert time.time() < deadline, "the child never reached the pause point"
+            time.sleep(0.05)
+        yield proc, go
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _sub(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter", *map(str, args)], capture_output=True, text=True)
+
+
+# ------------------------------------------------------------------------------------------- atomic outputs, locks
+
+
+def test_outputs_follow_the_umask(llama: Path, lora: Path, tmp_path: Path) -> None:
+    """Exported dirs are 0755 and files 0644 under umask 022 (0750/0640 under 027), never tempfile's 0700/0600."""
+    for umask, dmode, fmode in ((0o022, 0o755, 0o644), (0o027, 0o750, 0o640)):
+        out = tmp_path / f"m{umask:o}"
+        r = subprocess.run(
+            [sys.executable, "-c", f"import os, sys; os.umask({umask}); from exporter import cli; "
+             f"sys.argv = ['exporter', 'merge', '--base', {str(llama)!r}, '--adapter', {str(lora)!r}, "
+             f"'--out', {str(out)!r}]; cli.main()"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert stat.S_IMODE(out.stat().st_mode) == dmode
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+        assert set(modes.values()) == {fmode}, modes
+
+
+def test_second_writer_exits_2_naming_the_holder(llama: Path, lora: Path, tmp_path: Path) -> None:
+    """Two merges into one --out: the one that finds the other mid-write exits 2 naming its pid and command; the
+    first still finishes."""
+    out = tmp_path / "merged"
+    args = ("merge", "--base", llama, "--adapter", lora, "--out", out)
+    with _paused(tmp_path, "exporter.shards:ShardWriter.write", *args) as (first, go):
+        second = _sub(*args, "--force")
+        assert second.returncode == 2, second.stderr
+        line = _one_error(second.stderr, rf"{re.escape(str(out))} is being written by another exporter run")
+        assert f"pid {first.pid}: " in line and "merge --base" in line
+        go.touch()
+        assert first.wait(120) == 0, first.communicate()
+    assert (out / "config.json").is_file() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("stage", "target"),
+    [("merge", "exporter.shards:ShardWriter.write"), ("gguf", "exporter.converters.gguf_convert:_pwrite")],
+)
+def test_kill_9_mid_write_then_rerun(stage: str, target: str, llama: Path, lora: Path, tmp_path: Path) -> None:
+    """SIGKILL in the middle of writing leaves only a temp dir; the next run names and removes it and succeeds."""
+    out = tmp_path / "out"
+    args = ("merge", "--base", llama, "--adapter", lora) if stage == "merge" else ("gguf", llama, "-t", "f16,q8_0")
+    with _paused(tmp_path, target, *args, "--out", out) as (proc, _):
+        temps = [p for p in tmp_path.iterdir() if p.name.startswith("out.tmp-")]
+        assert temps and not out.exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    r = _sub(*args, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert f"removed {temps[0]}" in r.stderr and "left behind by an interrupted run" in r.stderr
+    assert out.is_dir() and (out / atomic.MARKER).is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]).returncode == 0
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A dir whose disk fills after ~1 MiB: a real tmpfs when possible, else the merge's shard writer failing with
+    ENOSPC after 1 MiB. The free-space check before writing is bypassed, as when another process fills the disk
+    meanwhile."""
+    where = tmp_path / "small"
+    mounted = _mount_tmpfs(where, "1m")
+    monkeypatch.setattr(atomic, "check_free_space", lambda *a: None)
+    if not mounted:
+        from exporter import shards
+
+        real_write = shards.ShardWriter.write
+
+        def write(self: shards.ShardWriter, chunk: torch.Tensor) -> None:
+            if self.written > 2**20:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_write(self, chunk)
+
+        monkeypatch.setattr(shards.ShardWriter, "write", write)
+    try:
+        yield where
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(where)])
+
+
+def test_disk_full_mid_write(full_disk: Path, llama: Path, lora: Path, capsys) -> None:
+    out = full_disk / "merged"
+    _refused(capsys, rf"disk full under {re.escape(str(full_disk))} while writing {re.escape(str(out))}.*needed",
+             "merge", "--base", llama, "--adapter", lora, "--out", out)  # fmt: skip
+    assert list(full_disk.iterdir()) == []
+
+
+def test_not_enough_space_before_writing(tmp_path: Path, llama: Path, lora: Path, capsys) -> None:
+    where = tmp_path / "small"
+    if not _mount_tmpfs(where, "256k"):
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        out = where / "merged"
+        _refused(capsys, r"not enough free disk under .*need about", "merge", "--base", llama, "--adapter", lora,
+                 "--out", out)  # fmt: skip
+        assert list(where.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(where)])
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[None]:
+    """`path` read-only: a read-only bind mount as root (root ignores mode bits), chmod 0555 otherwise."""
+    path.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        ok = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)]).returncode == 0
+        if not ok:
+            pytest.skip("cannot make a read-only mount here")
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", str(path)])
+    else:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+
+
+def test_read_only_output_dir(tmp_path: Path, llama: Path, lora: Path, capsys) -> None:
+    ro = tmp_path / "ro"
+    with _read_only(ro):
+        _refused(capsys, rf"cannot write into {re.escape(str(ro))}: (Read-only file system|permission denied)",
+                 "merge", "--base", llama, "--adapter", lora, "--out", ro / "merged")  # fmt: skip
+        _refused(capsys, rf"cannot write into {re.escape(str(ro))}", "gguf", llama, "--out", ro / "g")
+        assert list(ro.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------- merge
+
+
+def test_merge_force_never_replaces_an_input(llama: Path, tmp_path: Path, capsys) -> None:
+    base = _copy(llama, tmp_path / "base")
+    ad = _adapter(base, tmp_path / "work" / "ad")
+    before = {"base": _tree(base), "ad": _tree(ad)}
+    for out in (base, ad, tmp_path / "work", base / "sub"):
+        _refused(capsys, rf"output {re.escape(str(out))} overlaps the input", "merge", "--base", base, "--adapter",
+                 ad, "--out", out, "--force")  # fmt: skip
+    assert {"base": _tree(base), "ad": _tree(ad)} == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_merge_force_never_replaces_a_user_dir(llama: Path, lora: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    _refused(capsys, r"not an exporter output .*not replacing it", "merge", "--base", llama, "--adapter", lora,
+             "--out", out, "--force")  # fmt: skip
+    assert (out / "notes.txt").read_text() == "keep me" and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        ({"r": 0}, r"adapter_config\.json: r is 0; expected a positive integer"),
+        ({"lora_alpha": "sixteen"}, r"adapter_config\.json: lora_alpha is 'sixteen'; expected a finite number"),
+        ({"rank_pattern": {"q_proj": -2}}, r"rank_pattern\.q_proj is -2"),
+    ],
+)
+def test_bad_adapter_numbers(change: dict, pattern: str, llama: Path, lora: Path, tmp_path: Path, capsys) -> None:
+    ad = _copy(lora, tmp_path / "ad")
+    _edit_json(ad / "adapter_config.json", **change)
+    for args in (("merge", "--base", llama, "--adapter", ad), ("gguf", llama, "--adapter", ad)):
+        _refused(capsys, pattern, *args, "--out", tmp_path / "out")
+        assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_non_utf8_adapter_config(llama: Path, lora: Path, tmp_path: Path, capsys) -> None:
+    ad = _copy(lora, tmp_path / "ad")
+    raw = (ad / "adapter_config.json").read_bytes()
+    (ad / "adapter_config.json").write_bytes(raw[:10] + b"\xff\xfe" + raw[10:])
+    _refused(capsys, r"adapter_config\.json: not UTF-8 text: byte 10 \(line 2\)", "merge", "--base", llama,
+             "--adapter", ad, "--out", tmp_path / "out")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------ gguf
+
+
+@pytest.mark.parametrize(
+    ("value", "types", "pattern"),
+    [
+        (float("nan"), "f16", r"non-finite values \(inf/nan\) in rows 0-"),
+        (float("inf"), "q8_0", r"non-finite values \(inf/nan\) in rows 0-"),
+        (1e5, "f16", r"\|value\| up to 99840 in rows 0-\d+ overflows F16 .*use --type bf16 or f32"),
+    ],
+)
+def test_gguf_refuses_non_finite(value, types, pattern, llama: Path, tmp_path: Path, capsys) -> None:
+    model = _copy(llama, tmp_path / "model")
+    _poke(model, "layers.1.mlp.down_proj.weight", value)
+    out = tmp_path / "g"
+    line = _refused(capsys, pattern, "gguf", model, "-t", types, "--out", out)
+    assert "model.layers.1.mlp.down_proj.weight" in line and "model.safetensors" in line
+    assert not out.exists() and _leftovers(tmp_path) == []
+    # bf16 holds 1e5: the same model converts to bf16
+    if value == 1e5:
+        code, err = _cli(capsys, "gguf", model, "-t", "bf16", "--out", out)
+        assert code == 0, err
+
+
+def test_gguf_adapter_refuses_non_finite_and_another_base(llama: Path, lora: Path, tmp_path: Path, capsys) -> None:
+    ad = _copy(lora, tmp_path / "ad")
+    _poke(ad, "layers.0.self_attn.v_proj.lora_B", float("nan"))
+    _refused(capsys, r"adapter_model\.safetensors: tensor .*v_proj\.lora_B\.weight holds non-finite values",
+             "gguf", llama, "--adapter", ad, "--out", tmp_path / "out")  # fmt: skip
+    other = _copy(lora, tmp_path / "other")  # trained on a narrower model: A has 64 input columns
+    sd = load_file(other / "adapter_model.safetensors")
+    key = next(k for k in sd if "layers.0.self_attn.q_proj.lora_A" in k)
+    sd[key] = sd[key][:, :64].contiguous()
+    save_file(sd, other / "adapter_model.safetensors")
+    _refused(capsys, r"is for another base: its LoRA for model\.layers\.0\.self_attn\.q_proj\.weight needs "
+             r"\[256, 64\] \(rank 4\), and the tensor is \[256, 256\] in the base", "gguf", llama, "--adapter",
+             other, "--out", tmp_path / "out")  # fmt: skip
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def _tiny(family: str) -> Path:
+    from conftest import build_fixture
+
+    return build_fixture(family)
+
+
+def test_gguf_config_that_does_not_match_the_weights(llama: Path, tmp_path: Path, capsys) -> None:
+    model = _copy(llama, tmp_path / "model")
+    _edit_json(model / "config.json", num_attention_heads=8)  # weights have 4 heads of 64
+    _refused(capsys, r"config\.json does not match the weights: tensor model\.layers\.0\.self_attn\.(q|o)_proj\."
+             r"weight is \[256, 256\], the config .* needs \[(512, 256|256, 512)\]", "gguf", model, "--out",
+             tmp_path / "g")  # fmt: skip
+    _edit_json(model / "config.json", num_attention_heads=4, num_hidden_layers=3)
+    _refused(capsys, r"num_hidden_layers=3 but the weights have no tensors for layer\(s\) 2", "gguf", model,
+             "--out", tmp_path / "g")  # fmt: skip
+    _edit_json(model / "config.json", num_hidden_layers="two")
+    _refused(capsys, r"config\.json: num_hidden_layers is 'two'; expected a positive integer", "gguf", model,
+             "--out", tmp_path / "g")  # fmt: skip
+    assert not (tmp_path / "g").exists() and _leftovers(tmp_path) == []
+
+
+def test_gguf_kquant_files_load(llama: Path, tmp_path: Path, capsys) -> None:
+    """The check does not refuse what is fine: a clean model still converts to every direct type."""
+    code, err = _cli(capsys, "gguf", llama, "-t", "f32,f16,bf16,q8_0,q4_0", "--out", tmp_path / "g")
+    assert code == 0, err
+
+
+# -------------------------------------------------------------------------------------------------------- quantize
+
+
+def test_quantize_refuses_non_finite_and_corrupt(llama: Path, tmp_path: Path, capsys) -> None:
+    require_quant()
+    model = _copy(llama, tmp_path / "model")
+    _poke(model, "layers.0.mlp.up_proj.weight", float("-inf"), row=5)
+    _refused(capsys, r"model\.safetensors: tensor model\.layers\.0\.mlp\.up_proj\.weight: non-finite values "
+             r"\(inf/nan\) in rows 0-", "quantize", model, "--method", "bnb4", "--out", tmp_path / "q")  # fmt: skip
+    shard = model / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    _refused(capsys, r"model\.safetensors: truncated safetensors file", "quantize", model, "--method", "bnb4",
+             "--out", tmp_path / "q")  # fmt: skip
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    _refused(capsys, r"model\.safetensors: corrupt safetensors file", "quantize", model, "--method", "gptq",
+             "--out", tmp_path / "q")  # fmt: skip
+    assert not (tmp_path / "q").exists() and _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ data and templates
+
+
+def test_non_utf8_conversation_and_unknown_roles(tmp_path: Path, capsys) -> None:
+    conv = tmp_path / "conv.json"
+    conv.write_bytes(b'[{"role": "user", "content": "caf\xe9"}]')
+    _refused(capsys, r"conv\.json: not UTF-8 text: byte 33 \(line 1\) is b'\\xe9'", "template", "render", "qwen",
+             conv)  # fmt: skip
+    conv.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "narrator", "content": "..."},
+                                {"role": "assistant", "content": "yo"}]))  # fmt: skip
+    for family in ("qwen", "llama3", "gemma"):  # dropped by some renderings and kept by others, before
+        for fmt in ("train", "jinja", "ollama"):
+            _refused(capsys, r"message 1: role 'narrator' is not one of system, user, assistant, tool", "template",
+                     "render", family, conv, "--format", fmt)  # fmt: skip
+
+
+def _data(tmp: Path, files: dict[str, bytes], info: dict) -> Path:
+    d = tmp / "data"
+    d.mkdir()
+    for name, raw in files.items():
+        (d / name).write_bytes(raw)
+    (d / "dataset_info.json").write_text(json.dumps(info))
+    return d
+
+
+def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model_name_or_path", str(model), "--dataset_dir", str(data), "--dataset", "d",
+            "--output_dir", str(out), "--template", "llama3", "--max_steps", "1", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "pattern"),
+    [
+        ("d.json", b'[{"instruction": "caf\xe9", "output": "x"}]', r"d\.json: not UTF-8 text: byte 21 \(line 1\)"),
+        ("d.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "\x80"}\n', r"byte 53 \(line 2\)"),
+        ("d.csv", b"instruction,output\nok,fine\nbad\xc3,x\n", r"d\.csv: not UTF-8 text: byte 30 \(line 3\)"),
+    ],
+)
+def test_non_utf8_data(name: str, raw: bytes, pattern: str, llama: Path, tmp_path: Path, capsys) -> None:
+    d = _data(tmp_path, {name: raw}, {"d": {"file_name": name}})
+    _refused(capsys, pattern, *_train_args(llama, d, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("file_name", ["../secret.json", "/etc/passwd.json", "sub/../../x.json"])
+def test_dataset_file_outside_dataset_dir(file_name: str, llama: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "secret.json").write_text('[{"instruction": "a", "output": "b"}]')
+    d = _data(tmp_path, {}, {"d": {"file_name": file_name}})
+    _refused(capsys, rf"dataset 'd': file_name {re.escape(repr(file_name))} points outside dataset_dir",
+             *_train_args(llama, d, tmp_path / "out"))  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+# -------------------------------------------------------------------------------------------------------- pipeline
+
+
+def _pipeline_yaml(tmp: Path, base: Path, run_dir: Path, **stages: dict) -> Path:
+    import yaml
+
+    cfg = {
+        "base": str(base),
+        "run_dir": str(run_dir),
+        "template": "qwen",
+        "train": {
+            "dataset": "identity",
+            "dataset_dir": str(ROOT / "data" / "demo"),
+            "identity_name": "Exa",
+            "identity_author": "Acme",
+            "max_steps": 1,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "save_steps": 1000,
+            "cutoff_len": 64,
+            "max_samples": 4,
+        },  # fmt: skip
+        "gguf": {"types": ["f16"]},
+        "verify": {"prompts": 1, "max_new_tokens": 2, "ctx": 32, "max_windows": 1},
+    }
+    for k, v in stages.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    path = tmp / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("stages", "pattern"),
+    [
+        ({"gguf": {"types": ["f16", "q9"]}}, r"--type 'q9' is not a GGUF type"),
+        ({"merge": {"dtype": "int3"}}, r"--dtype 'int3': expected one of bf16, fp16, fp32"),
+        ({"verify": {"ppl_threshold": "q8_0=lots"}}, r"--ppl-threshold: 'q8_0=lots' is not TYPE=FRACTION"),
+        ({"verify": {"ctx": 2}}, r"verify\.ctx must be an integer >= 8, got 2"),
+        ({"train": {"learning_rate": "fast"}}, r"learning_rate must be a number"),
+    ],
+)
+def test_pipeline_checks_every_stage_first(stages: dict, pattern: str, tmp_path: Path, capsys) -> None:
+    base = _tiny("qwen2")
+    run_dir = tmp_path / "run"
+    _refused(capsys, pattern, "pipeline", _pipeline_yaml(tmp_path, base, run_dir, **stages))
+    assert not run_dir.exists()  # nothing ran: no train, no merge
+
+
+def test_pipeline_refuses_a_run_dir_that_is_not_ours(tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "home"
+    run_dir.mkdir()
+    (run_dir / "thesis.tex").write_text("years of work")
+    _refused(capsys, r"run_dir .*home is not empty and holds no pipeline\.json", "pipeline",
+             _pipeline_yaml(tmp_path, _tiny("qwen2"), run_dir))  # fmt: skip
+    assert sorted(p.name for p in run_dir.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.slow
+def test_pipeline_never_reuses_a_changed_artifact(tmp_path: Path, capsys) -> None:
+    """A truncated merged model (or a changed GGUF) is not skipped over: its stage and the later ones run again, and
+    verify's PASSED is about the files on disk."""
+    require_llama_cpp()
+    run_dir = tmp_path / "run"
+    path = _pipeline_yaml(tmp_path, _tiny("qwen2"), run_dir)
+    first = pipeline.run(pipeline.load_config(path, []))
+    assert first.ran == ["train", "merge", "gguf", "verify"] and first.passed
+    shard = run_dir / "merged" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    capsys.readouterr()
+    again = pipeline.run(pipeline.load_config(path, []))
+    assert again.skipped == ["train"] and again.ran == ["merge", "gguf", "verify"] and again.passed
+    assert "merged/model.safetensors is" in capsys.readouterr().out.replace("\n", "")
+    gguf_file = next((run_dir / "gguf").glob("*.gguf"))
+    with open(gguf_file, "r+b") as f:  # same size, other bytes
+        f.seek(gguf_file.stat().st_size - 10)
+        f.write(b"\x00" * 10)
+    third = pipeline.run(pipeline.load_config(path, []))
+    assert third.skipped == ["train", "merge"] and third.ran == ["gguf", "verify"] and third.passed
+    assert _leftovers(tmp_path) == []
