@@ -127,7 +127,7 @@ def check_finite(model_dir: Path) -> None:
             step = _block_rows(shape) if len(shape) >= 2 else 1
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                amax = gguf_quant.max_abs(src.raw(name, r0, r1, scratch), src.entries[name][0], scratch)
+                amax = gguf_quant.max_abs(src.raw(name, r0, r1, scratch), src.entries[name][0])
                 if not math.isfinite(amax):
                     where = f"{src.files[name]}: tensor {name}"
                     raise UserError(f"{where}: non-finite values (inf/nan) in rows {r0}-{r1 - 1}")
@@ -266,7 +266,7 @@ def _convert_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, ou
             lo = int(want.min())
             raw = src.raw(spec.source, lo, int(want.max()) + 1, scratch)[want - lo]
         x = None
-    amax = gguf_quant.max_abs(x, "F32", scratch) if raw is None else gguf_quant.max_abs(raw, dtype, scratch)
+    amax = gguf_quant.max_abs(x, "F32") if raw is None else gguf_quant.max_abs(raw, dtype)
     _check_block(src, spec, r0, r1, amax + abs(spec.add), outs)
     written = 0
     for out in outs:

@@ -78,6 +78,8 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_path: Path, kind: str = 
                 f"{adapter_dir}: tensor {name!r} is not a LoRA A/B matrix (embedding LoRA or extra weights); "
                 "merge the adapter and convert the merged model instead"
             )
+    if not pairs:
+        raise UserError(f"{adapter_dir}: adapter_model.safetensors holds no LoRA tensors")
     base_shapes = {name: e.shape for f in sorted(base_dir.glob("*.safetensors")) for name, e in read_header(f).items()}
     shapes = {}
     for base, ab in pairs.items():
@@ -101,6 +103,11 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_path: Path, kind: str = 
     if rank_pattern or alpha_pattern or len(ranks) > 1:
         raise UserError(f"{adapter_dir}: per-module ranks/alphas; a GGUF LoRA has one alpha for all tensors")
     (rank,) = ranks
+    if rank != cfg.get("r", 8):
+        raise UserError(
+            f"{adapter_dir}: the LoRA matrices have rank {rank} but adapter_config.json says r={cfg.get('r', 8)}; "
+            "the scale alpha/r would be wrong"
+        )
     w = gguf.GGUFWriter(path=None, arch=arch.name)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")

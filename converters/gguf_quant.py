@@ -104,22 +104,26 @@ def q8_0(x: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
     return out.reshape(*x.shape[:-1], x.shape[-1] // 32 * 34)
 
 
-# sign-free bit masks and the float view of those bits, per stored dtype
-_MAGNITUDE = {"BF16": (np.uint16, 0x7FFF), "F16": (np.uint16, 0x7FFF), "F32": (np.uint32, 0x7FFFFFFF)}
+# signed and unsigned integer views of each stored dtype, and the float type of its bits
+_VIEWS = {"BF16": (np.int16, np.uint16, np.float32), "F16": (np.int16, np.uint16, np.float16),
+          "F32": (np.int32, np.uint32, np.float32)}  # fmt: skip
 # for each output type, the |value| from which a value (or a block's f16 scale: amax/127, amax/8) rounds to inf
 OVERFLOW = {T.F16: 65520.0, T.Q8_0: 65520.0 * 127, T.Q4_0: 65520.0 * 8, T.BF16: 3.3961e38, T.F32: math.inf}
 
 
-def max_abs(raw: np.ndarray, dtype: str, scratch: Scratch | None = None) -> float:
+def max_abs(raw: np.ndarray, dtype: str) -> float:
     """Largest |value| of a block in its stored dtype ("BF16" as uint16 bits, "F16", "F32"): nan or inf when the
-    block holds one. Two integer passes (clear the sign bit, max): NaN's bit patterns sort above inf's."""
-    utype, mask = _MAGNITUDE[dtype]
-    bits = raw.view(utype)
-    mag = np.bitwise_and(bits, utype(mask), out=_take(scratch, "magnitude", bits.shape, utype))
-    top = np.array(mag.max(initial=0), dtype=utype)
+    block holds one. Two read-only integer max passes and no temporaries: a float's bits, read as a signed integer,
+    grow with the magnitude of positive values, and read as unsigned, with that of negative ones (sign bit set);
+    NaN's bit patterns sort above inf's."""
+    if raw.size == 0:
+        return 0.0
+    signed, unsigned, ftype = _VIEWS[dtype]
+    sign = 1 << (8 * np.dtype(unsigned).itemsize - 1)
+    top = max(int(raw.view(signed).max()), int(raw.view(unsigned).max()) - sign, 0)
     if dtype == "BF16":
-        return float((top.astype(np.uint32) << 16).view(np.float32))
-    return float(top.view(np.float16 if dtype == "F16" else np.float32))
+        return float(np.array(top << 16, dtype=np.uint32).view(np.float32))
+    return float(np.array(top, dtype=unsigned).view(ftype))
 
 
 def encode(x: np.ndarray, qtype: T, scratch: Scratch | None = None) -> np.ndarray:

@@ -79,6 +79,27 @@ class Sample:
         tools = tools if isinstance(tools, list) else [tools]
         return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
+    def capped(self, max_chars: int) -> Sample:
+        """This sample with every text cut to `max_chars` characters and the turns that start after `max_chars`
+        characters of conversation dropped, so a huge row costs bounded time and memory to tokenize.
+
+        With `max_chars` >= cutoff_len x the longest token (in characters) plus a margin, what is cut lies beyond
+        the first cutoff_len tokens of its text, and a dropped turn starts after the cutoff budget is spent: a row
+        shorter than that is returned unchanged (same ids), a longer one keeps LLaMA-Factory's prompt/answer cut."""
+        kept: list[dict[str, str]] = []
+        seen = 0
+        for i, m in enumerate(self.messages):
+            if i % 2 == 0 and seen >= max_chars:
+                break  # a whole turn after the budget: LLaMA-Factory's loop stops before it
+            kept.append({**m, "content": m["content"][:max_chars]})
+            seen += len(m["content"])
+        system = self.system[:max_chars] if self.system else self.system
+        if len(kept) == len(self.messages) and system == self.system and all(
+            len(m["content"]) <= max_chars for m in self.messages
+        ):
+            return self
+        return dataclasses.replace(self, messages=kept, system=system)
+
     @property
     def text(self) -> str:
         """Raw text for stage pt: the first message's content (LLaMA-Factory's rule)."""

@@ -378,6 +378,28 @@ def test_gguf_refuses_non_finite(value, types, pattern, llama: Path, tmp_path: P
         assert code == 0, err
 
 
+def test_block_max_abs_is_exact() -> None:
+    """The converter's per-block check (two integer max passes) equals numpy's |x|.max() and sees every inf/nan."""
+    import numpy as np
+    from exporter.converters.gguf_quant import max_abs
+
+    rng = np.random.default_rng(1)
+    for dtype, np_type in (("F32", np.float32), ("F16", np.float16), ("BF16", np.float32)):
+        for sign in (1, -1, 0):
+            x = (rng.standard_normal(4096) * 10 ** rng.uniform(-3, 3)).astype(np_type)
+            x = np.abs(x) * sign if sign else x
+            raw = (x.view(np.uint32) >> 16).astype(np.uint16) if dtype == "BF16" else x
+            ref = np.abs((raw.astype(np.uint32) << 16).view(np.float32)) if dtype == "BF16" else np.abs(x)
+            assert max_abs(raw, dtype) == float(ref.max())
+            for bad in (np.nan, np.inf, -np.inf, -np.nan):
+                poisoned = raw.copy()
+                b = np.array([bad], dtype=np_type)
+                poisoned[rng.integers(4096)] = (
+                    (b.view(np.uint32) >> 16).astype(np.uint16)[0] if dtype == "BF16" else b[0]
+                )
+                assert not np.isfinite(max_abs(poisoned, dtype))
+
+
 def test_gguf_adapter_refuses_non_finite_and_another_base(llama: Path, lora: Path, tmp_path: Path, capsys) -> None:
     ad = _copy(lora, tmp_path / "ad")
     _poke(ad, "layers.0.self_attn.v_proj.lora_B", float("nan"))
