@@ -238,12 +238,12 @@ def _run(cfg: PipelineConfig, console: Any, run_dir: Path, base: Path, template:
 
 
 def _train(cfg: PipelineConfig, base: Path, template: str, out: Path, overwrite: bool) -> None:
-    from exporter import train
+    from exporter import lf_args, train
 
     values = _train_values(cfg, base, template, out)
     if overwrite or (out / "adapter_model.safetensors").exists():
         values["overwrite_output_dir"] = True  # settings changed (or a finished run of other settings): start over
-    tcfg = config.build(train.TrainConfig, values, where="train")
+    tcfg = config.build(lf_args.TrainConfig, values, where="train")
     train.train(tcfg, given=set(values))
 
 
@@ -257,7 +257,8 @@ def _verify(
     template: str,
     data_files: list[Path],
 ) -> None:
-    from exporter import verify, verify_report
+    from exporter import verify
+    from exporter.verify import report as verify_report
 
     v = dict(cfg.verify)
     thr = v.pop("ppl_threshold", None)
