@@ -94,8 +94,10 @@ class Sample:
             kept.append({**m, "content": m["content"][:max_chars]})
             seen += len(m["content"])
         system = self.system[:max_chars] if self.system else self.system
-        if len(kept) == len(self.messages) and system == self.system and all(
-            len(m["content"]) <= max_chars for m in self.messages
+        if (
+            len(kept) == len(self.messages)
+            and system == self.system
+            and all(len(m["content"]) <= max_chars for m in self.messages)
         ):
             return self
         return dataclasses.replace(self, messages=kept, system=system)

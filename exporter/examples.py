@@ -91,12 +91,22 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def max_chars(tokenizer: Any, cutoff_len: int) -> int:
+    """Characters of one text that surely hold more than cutoff_len tokens (cutoff_len x the longest token of the
+    vocabulary, plus a margin): cutting a text there cannot change its first cutoff_len tokens."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return cutoff_len * max(longest, 1) + 4096
+
+
 def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Example]:
-    """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained."""
+    """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained. Texts
+    longer than `max_chars` are cut before tokenizing (bounded time and memory for a huge row)."""
     from exporter import templates
 
     out = []
+    limit = max_chars(tokenizer, cfg.cutoff_len)
     for s in samples:
+        s = s.capped(limit)
         try:
             ids, labels = templates.encode(
                 tokenizer, tpl, s.chat(), tools=s.tool_list(), train_on_prompt=cfg.train_on_prompt, cutoff_len=None
@@ -115,7 +125,8 @@ def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) 
     """Raw text + eos; packed into cutoff_len blocks (remainder dropped) or truncated one per sample."""
     eos = tokenizer.eos_token or ""
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
-    texts = [s.text + eos for s in samples]
+    limit = None if packing else max_chars(tokenizer, cfg.cutoff_len)  # packing trains on every token
+    texts = [s.text[:limit] + eos for s in samples]
     enc = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     if not packing:
         out = []

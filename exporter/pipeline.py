@@ -114,11 +114,11 @@ def check(cfg: PipelineConfig, base: Path, template: str, run_dir: Path) -> Any:
     training); returns the train stage's config."""
     import torch
 
-    from exporter import gguf, merge, train, verify
+    from exporter import gguf, lf_args, merge, verify
 
     values = _train_values(cfg, base, template, run_dir / "adapter")
-    tcfg = config.build(train.TrainConfig, values, where=f"{cfg.run_dir}: train")
-    train.check(tcfg, set(values), "cuda" if torch.cuda.is_available() else "cpu")
+    tcfg = config.build(lf_args.TrainConfig, values, where=f"{cfg.run_dir}: train")
+    lf_args.check(tcfg, set(values), "cuda" if torch.cuda.is_available() else "cpu")
     merge.parse_options(cfg.merge.get("dtype"), cfg.merge.get("max_shard_size", "2GB"))
     gguf.parse_types(cfg.gguf.get("types", ["f16"]))
     if not isinstance(cfg.gguf.get("ollama_name", ""), str):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter import checkpoint
+from exporter.atomic import claim
 from exporter.config import did_you_mean
 from exporter.errors import UserError
 from exporter.examples import IGNORE, Example, Prepared, collate, plan_epoch
@@ -234,6 +235,11 @@ def schedule(cfg: TrainConfig, n_train: int) -> Schedule:
     batches_per_epoch = math.ceil(n_train / cfg.per_device_train_batch_size)
     updates_per_epoch = max(math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps), 1)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * updates_per_epoch)
+    if total < 1:
+        raise UserError(
+            f"num_train_epochs={cfg.num_train_epochs:g} x {updates_per_epoch} update(s) per epoch plans 0 training "
+            "steps; set num_train_epochs > 0 or max_steps"
+        )
     warmup = _steps(cfg.warmup_steps, total) if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
     eval_every = _steps(cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps, total)
     return Schedule(total, warmup, updates_per_epoch, _steps(cfg.logging_steps, total), _steps(cfg.save_steps, total),
@@ -268,7 +274,7 @@ class TrainerLog:
         self.state, self.sch, self.with_tokens = state, sch, with_tokens
         if state.global_step:  # resumed: the log up to the checkpoint
             with open(out / checkpoint.TRAINER_LOG, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(rec) + "\n" for rec in state.log_history)
+                f.writelines(json.dumps(rec, allow_nan=False) + "\n" for rec in state.log_history)
         self.file = open(out / checkpoint.TRAINER_LOG, "a", encoding="utf-8")  # noqa: SIM115 (closed by close)
         self.t0 = time.time() - state.elapsed  # the run's start, across resumes
         self.start, self.cpu_start, self.step_at_start = time.time(), time.process_time(), state.global_step
@@ -286,7 +292,7 @@ class TrainerLog:
             full["throughput"] = round(self.state.tokens_seen / max(elapsed, 1e-9), 2)
             full["total_tokens"] = self.state.tokens_seen
         self.state.log_history.append(full)
-        self.file.write(json.dumps(full) + "\n")
+        self.file.write(json.dumps(full, allow_nan=False) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -338,6 +344,28 @@ class Run:
         }
 
 
+class Diverged(UserError):
+    """A non-finite loss, gradient or weight: training stops at that step; nothing of it is written."""
+
+    def __init__(self, run: Run, what: str, at: int) -> None:
+        last = checkpoint.latest(run.out)
+        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written before it"
+        super().__init__(
+            f"training diverged at step {at} of {run.sch.total}: {what} "
+            f"(learning_rate={run.cfg.learning_rate:g}); nothing was written for it and {kept}; lower the "
+            "learning rate (or warm up longer) and run again"
+        )
+
+
+def _check_weights(run: Run) -> None:
+    """Before anything is written: every trainable weight finite (a finite loss can still step into inf)."""
+    import torch
+
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise Diverged(run, "the weights became non-finite (inf/nan)", run.state.global_step)
+
+
 def step(run: Run, batches: list[dict[str, Any]]) -> tuple[float, float]:
     """One optimizer update over `batches` (gradient accumulation, the loss normalised by all their trained tokens);
     returns (loss, learning rate after the scheduler step, as HF logs it)."""
@@ -355,8 +383,15 @@ def step(run: Run, batches: list[dict[str, Any]]) -> tuple[float, float]:
         run.run_tokens += b["tokens"]
     if run.scaler:
         run.scaler.unscale_(run.opt)
+    params = [p for p in run.model.parameters() if p.requires_grad]
     if run.cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], run.cfg.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not math.isfinite(step_loss):
+        raise Diverged(run, f"the loss is {step_loss}", run.state.global_step + 1)
+    if run.scaler is None and not math.isfinite(float(norm)):  # fp16's scaler skips such steps itself
+        raise Diverged(run, f"the gradient norm is {float(norm)}", run.state.global_step + 1)
     if run.scaler:
         run.scaler.step(run.opt)
         run.scaler.update()
@@ -379,6 +414,8 @@ def evaluate(run: Run) -> float:
             ls, k = loss_sum(run.model, run.batch(run.prep.val[s : s + bs]), run.fast)
             tot, n = tot + float(ls), n + k
     run.model.train()
+    if not math.isfinite(tot):
+        raise Diverged(run, f"the evaluation loss is {tot}", run.state.global_step)
     return tot / max(n, 1)
 
 
@@ -418,6 +455,7 @@ def loop(run: Run, log: TrainerLog) -> None:
                                  or (cfg.eval_strategy == "epoch" and epoch_end)):  # fmt: skip
                 log.write({"eval_loss": round(evaluate(run), 6)})
             if n % sch.save_every == 0 and n < sch.total:
+                _check_weights(run)
                 checkpoint.save(run.model, run.opt, run.sched, dataclasses.asdict(st), run.out, cfg,
                                 run.prep.tokenizer, run.prep.tpl)  # fmt: skip
 
@@ -495,7 +533,7 @@ def _write_outputs(tmp: Path, run: Run, model_dir: Path, results: dict[str, Any]
     run.prep.tokenizer.save_pretrained(tmp)
     gen = model_dir / "generation_config.json"
     if gen.is_file() and not (tmp / "generation_config.json").exists():
-        shutil.copy(gen, tmp / "generation_config.json")
+        shutil.copyfile(gen, tmp / "generation_config.json")
     if run.prep.tpl is not None:
         templates.write_into(tmp, run.prep.tpl)
     st, sch = run.state, run.sch
@@ -543,16 +581,18 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
     model_dir = hub.resolve(cfg.model_name_or_path, "model")
     out = Path(cfg.output_dir)
     prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
-    resume = checkpoint.prepare_output(cfg, out)
-    run = _start(cfg, prep, model_dir, out, resume, device)
-    log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen)
-    try:
-        loop(run, log)
-        results = _results(run, log)
-    finally:
-        log.close()
-    checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, model_dir, results))
-    _write_manifest(run, model_dir)
+    with claim(out):  # one run per output_dir
+        resume = checkpoint.prepare_output(cfg, out)
+        run = _start(cfg, prep, model_dir, out, resume, device)
+        log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen)
+        try:
+            loop(run, log)
+            results = _results(run, log)
+        finally:
+            log.close()
+        _check_weights(run)
+        checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, model_dir, results))
+        _write_manifest(run, model_dir)
     print(
         f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
         f"{results['train_tokens_per_second']:.0f} tokens/s -> {out}",
