@@ -91,20 +91,27 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def max_chars(tokenizer: Any, cutoff_len: int) -> int:
-    """Characters of one text that surely hold more than cutoff_len tokens (cutoff_len x the longest token of the
-    vocabulary, plus a margin): cutting a text there cannot change its first cutoff_len tokens."""
+def max_chars(tokenizer: Any, cutoff_len: int, floor: int = 2**16) -> int:
+    """Where a text is cut before tokenizing: past `floor` characters and past cutoff_len x the vocabulary's longest
+    token (plus a margin), so the cut cannot change the text's first cutoff_len tokens.
+
+    A message longer than that is a row LLaMA-Factory would tokenize whole (a 50 MB row: minutes and tens of GB);
+    exporter keeps what cutoff_len keeps of it, with one difference: when a turn's prompt and answer are both longer
+    than half the budget, LF splits the budget by their full lengths, exporter by the cut ones (fewer answer tokens
+    kept). Rows with no such message are tokenized exactly as LF does."""
     longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
-    return cutoff_len * max(longest, 1) + 4096
+    return max(cutoff_len * max(longest, 1) + 4096, floor)
 
 
-def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Example]:
+def tokenize_sft(
+    samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any, limit: int | None = None
+) -> list[Example]:
     """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained. Texts
-    longer than `max_chars` are cut before tokenizing (bounded time and memory for a huge row)."""
+    longer than `limit` (default `max_chars`) are cut before tokenizing (bounded time and memory for a huge row)."""
     from exporter import templates
 
     out = []
-    limit = max_chars(tokenizer, cfg.cutoff_len)
+    limit = limit or max_chars(tokenizer, cfg.cutoff_len)
     for s in samples:
         s = s.capped(limit)
         try:

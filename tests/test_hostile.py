@@ -30,6 +30,7 @@ from conftest import ROOT, require_llama_cpp, require_quant
 from safetensors.torch import load_file, save_file
 
 from exporter import atomic, cli, pipeline
+from exporter.errors import UserError
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
@@ -595,3 +596,191 @@ def test_pipeline_never_reuses_a_changed_artifact(tmp_path: Path, capsys) -> Non
     third = pipeline.run(pipeline.load_config(path, []))
     assert third.skipped == ["train", "merge"] and third.ran == ["gguf", "verify"] and third.passed
     assert _leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+
+
+@pytest.fixture(scope="module")
+def qwen() -> Path:
+    return _tiny("qwen2")
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("rows")
+    data = [{"instruction": f"Question {i}?", "output": f"Answer number {i}."} for i in range(8)]
+    (d / "d.json").write_text(json.dumps(data))
+    (d / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json"}}))
+    return d
+
+
+def _train(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model_name_or_path", str(model), "--dataset_dir", str(data), "--dataset", "d",
+            "--output_dir", str(out), "--template", "qwen", "--per_device_train_batch_size", "2",
+            "--logging_steps", "1", *extra]  # fmt: skip
+
+
+def _strict_lines(path: Path) -> list[dict]:
+    """Every line of a JSONL file as strict JSON (NaN/Infinity, which json.loads accepts, are errors)."""
+
+    def bad(c: str) -> None:
+        raise AssertionError(f"{path}: {c} is not JSON")
+
+    return [json.loads(line, parse_constant=bad) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("extra", "pattern"),
+    [
+        (["--num_train_epochs", "0"], r"num_train_epochs must be positive \(or set max_steps > 0\).* got 0\.0"),
+        (["--num_train_epochs", "-1"], r"num_train_epochs must be positive .* got -1\.0"),
+        (["--max_steps", "2", "--learning_rate", "-1e-4"], r"learning_rate must be a positive number, got -0\.0001"),
+        (["--max_steps", "2", "--learning_rate", "nan"], r"learning_rate must be a finite number, got nan"),
+        (["--max_steps", "2", "--lora_rank", "0"], r"lora_rank must be a positive integer, got 0"),
+        (["--max_steps", "2", "--lora_alpha", "sixteen"], r"lora_alpha must be an integer, got 'sixteen'"),
+        (["--max_steps", "2", "--save_steps", "0"], r"save_steps must be positive"),
+        (["--max_steps", "2", "--lora_dropout", "1.5"], r"lora_dropout must be in \[0, 1\), got 1\.5"),
+    ],
+)
+def test_train_numbers_that_train_nothing(extra, pattern, qwen: Path, rows: Path, tmp_path: Path, capsys) -> None:
+    _refused(capsys, pattern, *_train(qwen, rows, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(qwen, rows, tmp_path, capsys) -> None:
+    """learning_rate=1e30: exit 2 naming the step; no adapter written; the checkpoint before it is kept; the log is
+    strict JSON; gguf --adapter has nothing to export."""
+    out = tmp_path / "out"
+    args = _train(qwen, rows, out, "--max_steps", "4", "--save_steps", "1", "--learning_rate", "1e30")
+    line = _refused(capsys, r"training diverged at step (\d+) of 4: the (loss|gradient norm|weights)", *args)
+    at = int(re.search(r"step (\d+) of", line).group(1))
+    assert at >= 2 and f"the last good checkpoint, {out / f'checkpoint-{at - 1}'}, is kept" in line
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "all_results.json").exists()
+    for ckpt in out.glob("checkpoint-*"):  # only finite states were saved
+        assert int(ckpt.name.split("-")[1]) < at
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "adapter_model.safetensors").values())
+    assert [r["current_steps"] for r in _strict_lines(out / "trainer_log.jsonl")] == list(range(1, at))
+    assert _leftovers(out) == []
+
+
+def _pickle_bomb(path: Path, marker: Path) -> None:
+    """A .pt file whose unpickling would run `touch marker` (as a malicious shared checkpoint would)."""
+
+    class Bomb:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state": Bomb(), "param_groups": []}, path)
+
+
+def test_resume_never_unpickles(qwen: Path, rows: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = _train(qwen, rows, out, "--max_steps", "4", "--save_steps", "2")
+    code, err = _cli(capsys, *args)
+    assert code == 0, err
+    ckpt = out / "checkpoint-2"
+    assert {"optimizer.safetensors", "scheduler.json", "rng_state.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    assert not list(ckpt.glob("*.pt*"))
+    marker = tmp_path / "PWNED"
+    # a payload planted beside a checkpoint of ours is never opened; resuming works
+    _pickle_bomb(ckpt / "optimizer.pt", marker)
+    code, err = _cli(capsys, *args, "--overwrite_output_dir", "false", "--resume_from_checkpoint", str(ckpt),
+                     "--output_dir", str(tmp_path / "again"))  # fmt: skip
+    assert code == 0, err
+    # an older-format checkpoint whose optimizer.pt carries code: refused by name, the code never runs
+    old = _copy(ckpt, tmp_path / "old" / "checkpoint-2")
+    for name in ("optimizer.safetensors", "scheduler.json", "rng_state.safetensors", "exporter_manifest.json"):
+        (old / name).unlink()
+    _refused(capsys, rf"{re.escape(str(old / 'optimizer.pt'))}: refusing to load it: .*never runs code",
+             *args, "--resume_from_checkpoint", str(old), "--output_dir", str(tmp_path / "third"))  # fmt: skip
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_changed_checkpoint(qwen: Path, rows: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    kill_at_3 = _train(qwen, rows, out, "--max_steps", "4", "--save_steps", "2")
+    from exporter import train as T
+
+    real = T.step
+
+    def crash(run, batches):
+        if run.state.global_step == 2:
+            raise UserError("simulated crash at step 3")
+        return real(run, batches)
+
+    T.step = crash
+    try:
+        code, _ = _cli(capsys, *kill_at_3)
+    finally:
+        T.step = real
+    assert code == 2 and (out / "checkpoint-2").is_dir() and not (out / "adapter_model.safetensors").exists()
+    weights = out / "checkpoint-2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    _refused(capsys, rf"resume_from_checkpoint {re.escape(str(out / 'checkpoint-2'))}: .*adapter_model\.safetensors "
+             r"is \d+ bytes, the manifest says \d+", *kill_at_3)  # fmt: skip
+
+
+def test_output_dir_that_is_not_ours(qwen: Path, rows: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    before = _tree(out)
+    for extra in ([], ["--overwrite_output_dir"]):
+        _refused(capsys, r"output_dir .*home is not empty and is not an exporter training output",
+                 *_train(qwen, rows, out, "--max_steps", "1", *extra))  # fmt: skip
+        assert _tree(out) == before
+
+
+def test_overwrite_clears_only_our_outputs(qwen: Path, rows: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = _train(qwen, rows, out, "--max_steps", "2", "--save_steps", "1")
+    assert _cli(capsys, *args)[0] == 0
+    (out / "notes.md").write_text("mine")
+    (out / ".final.tmp-999-x").mkdir()  # a killed run's staging dir
+    code, err = _cli(capsys, *args, "--overwrite_output_dir")
+    assert code == 0, err
+    assert "kept notes.md" in err and "removed " in err and (out / "notes.md").read_text() == "mine"
+    assert (out / "adapter_model.safetensors").is_file() and _leftovers(out) == []
+
+
+def test_huge_row_is_cut_before_tokenizing_without_changing_ids(qwen: Path) -> None:
+    """A 50 MB row costs bounded time and memory; rows below the cut, and what cutoff_len keeps of rows above it,
+    tokenize to exactly the ids of the uncut text (LLaMA-Factory's cut: prompt run, then answer run)."""
+    from transformers import AutoTokenizer
+
+    from exporter import examples, templates
+    from exporter.data import Drops, Sample
+    from exporter.lf_args import TrainConfig
+
+    tok = AutoTokenizer.from_pretrained(qwen)
+    tpl = templates.load_template("qwen")
+    cfg = TrainConfig(model_name_or_path=str(qwen), output_dir="x", cutoff_len=64)
+    limit = examples.max_chars(tok, cfg.cutoff_len, floor=0)  # the cut without its floor: cheap to compare
+    words = " ".join(f"w{i % 97}ord" for i in range(40_000))
+    assert len(words) > 2 * limit
+
+    def conv(*turns: str) -> Sample:
+        roles = ("user", "assistant")
+        return Sample([{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)], system="Be brief.")
+
+    def uncut(s: Sample) -> list[int]:
+        ids, labels = templates.encode(tok, tpl, s.chat(), cutoff_len=None)
+        return examples.truncate(list(ids), list(labels), cfg.cutoff_len)[0]
+
+    cases = [
+        conv("short", "fine"),
+        conv(words[: limit - 10], "ok"),  # just below the cut: untouched
+        conv(words, "the answer"),  # a huge prompt: its start and the whole answer
+        conv("q", words),  # a huge answer
+        conv(words, "a", "again", "b"),  # a huge first turn: the later turns are past the budget
+        conv("q", "a", words, words),  # both huge, in a later turn
+    ]
+    assert cases[0].capped(limit) is cases[0] and cases[1].capped(limit) is cases[1]
+    got = examples.tokenize_sft(cases, tok, tpl, cfg, Drops(), limit=limit)
+    assert [e.input_ids for e in got] == [uncut(s) for s in cases]
+    huge = conv("x" * 50_000_000, "the answer")
+    t = time.perf_counter()
+    (ex,) = examples.tokenize_sft([huge], tok, tpl, cfg, Drops())
+    assert time.perf_counter() - t < 15 and len(ex.input_ids) == 64
+    assert ex.input_ids == uncut(conv("x" * 2**18, "the answer"))
