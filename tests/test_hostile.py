@@ -36,7 +36,7 @@ from exporter.errors import UserError
 
 
 def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """Run `exporter ARGS` in this process: (exit code, stderr)."""
+    """Run `exporter ARGS` in this process: (exit code, stderr); with capfd, stderr includes what C code wrote."""
     old = sys.argv
     sys.argv = ["exporter", *map(str, args)]
     try:
@@ -574,7 +574,6 @@ def test_pipeline_refuses_a_run_dir_that_is_not_ours(tmp_path: Path, capsys) -> 
     assert sorted(p.name for p in run_dir.iterdir()) == ["thesis.tex"]
 
 
-@pytest.mark.slow
 def test_pipeline_never_reuses_a_changed_artifact(tmp_path: Path, capsys) -> None:
     """A truncated merged model (or a changed GGUF) is not skipped over: its stage and the later ones run again, and
     verify's PASSED is about the files on disk."""
@@ -784,3 +783,27 @@ def test_huge_row_is_cut_before_tokenizing_without_changing_ids(qwen: Path) -> N
     (ex,) = examples.tokenize_sft([huge], tok, tpl, cfg, Drops())
     assert time.perf_counter() - t < 15 and len(ex.input_ids) == 64
     assert ex.input_ids == uncut(conv("x" * 2**18, "the answer"))
+
+
+# ---------------------------------------------------------------------------------------------------------- verify
+
+
+def test_verify_bad_inputs_and_no_false_llama_cpp_warning(llama: Path, tmp_path: Path, capfd) -> None:
+    require_llama_cpp()
+    g = tmp_path / "g"
+    code, err = _cli(capfd, "gguf", llama, "-t", "f16", "--out", g)
+    assert code == 0, err
+    gguf_file = next(g.glob("*.gguf"))
+    common = ("--gguf", gguf_file, "--prompts", "1", "--max-new-tokens", "2", "--ctx", "32", "--max-windows", "1")
+    code, err = _cli(capfd, "verify", "--merged", llama, *common)
+    assert code == 0, err
+    assert "n_ctx_train (0)" not in err and "n_ctx_train" not in err  # vocab-only loads create no context
+    text = tmp_path / "held_out.txt"
+    text.write_bytes(b"plain text, then a Latin-1 byte: caf" + b"\xe9\n")
+    _refused(capfd, r"held_out\.txt: not UTF-8 text: byte 36 \(line 1\)", "verify", "--merged", llama, "--text",
+             text, *common)  # fmt: skip
+    bad = _copy(llama, tmp_path / "bad")
+    shard = bad / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    _refused(capfd, r"bad/model\.safetensors: truncated safetensors file: tensor .* ends at byte \d+, file has \d+",
+             "verify", "--merged", bad, *common)  # fmt: skip

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from exporter.config import read_text
 from exporter.errors import UserError
 from exporter.perplexity import load_model, windows
 from exporter.verify.artifacts import Artifacts, GGUFInfo, GGUFLoadError, load_llama
@@ -208,7 +209,7 @@ def check_numbers(
     """Reference (merged, else adapter) perplexity, then every other model's on the same windows."""
     if hf_model is None and art.adapter is None:
         return [Check("perplexity", "-", "skip", "no HF model (--merged or --adapter) to compare with")]
-    text = art.text.read_text(encoding="utf-8") if art.text else HELD_OUT_TEXT
+    text = read_text(art.text) if art.text else HELD_OUT_TEXT
     ids = tok(text, add_special_tokens=False)["input_ids"]  # tokenized ONCE: every model sees these ids
     probe = tok("a", add_special_tokens=True)["input_ids"]
     bos = tok.bos_token_id if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else None

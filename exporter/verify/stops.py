@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import UserError
-from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, Modelfile, gen_eos, load_llama
+from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, Modelfile, Vocab, gen_eos
 from exporter.verify.report import Check
 
 
@@ -53,14 +53,11 @@ def _check_gguf(eot: dict[str, int], g: GGUFInfo) -> Check:
             problems.append(f"{t} ({i}) has token type {TokenType(g.token_types[i]).name}, expected CONTROL")
     if not problems:
         try:
-            import llama_cpp
-
-            llm = load_llama(g, vocab_only=True)
-            vocab = llama_cpp.llama_model_get_vocab(llm.model)
-            not_eog = [t for t, i in eot.items() if not llama_cpp.llama_vocab_is_eog(vocab, i)]
+            vocab = Vocab(g)
+            not_eog = [t for t, i in eot.items() if not vocab.is_eog(i)]
             if not_eog:
                 problems.append(f"llama.cpp does not treat {', '.join(not_eog)} as end-of-generation")
-            llm.close()
+            vocab.close()
         except GGUFLoadError as e:
             problems.append(str(e))
     detail = "; ".join(problems) or f"{', '.join(eot)} end generation (metadata and llama.cpp)"
