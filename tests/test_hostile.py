@@ -235,23 +235,31 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
 
 @pytest.fixture
 def full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A dir whose disk fills after ~1 MiB: a real tmpfs when possible, else the merge's shard writer failing with
-    ENOSPC after 1 MiB. The free-space check before writing is bypassed, as when another process fills the disk
-    meanwhile."""
+    """A dir whose disk fills after ~1 MiB: a real tmpfs when possible, else the merge's shard writer and the GGUF
+    converter's pwrite failing with ENOSPC after 1 MiB. The free-space check before writing is bypassed, as when
+    another process fills the disk meanwhile."""
+    from exporter.converters import gguf_convert
+
+    from exporter import gguf, shards
+
     where = tmp_path / "small"
     mounted = _mount_tmpfs(where, "1m")
     monkeypatch.setattr(atomic, "check_free_space", lambda *a: None)
+    monkeypatch.setattr(gguf, "check_free_space", lambda *a: None)
     if not mounted:
-        from exporter import shards
+        written = {"n": 0}
 
-        real_write = shards.ShardWriter.write
+        def full(real):
+            def write(*a, **k):
+                written["n"] += 2**19
+                if written["n"] > 2**20:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real(*a, **k)
 
-        def write(self: shards.ShardWriter, chunk: torch.Tensor) -> None:
-            if self.written > 2**20:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_write(self, chunk)
+            return write
 
-        monkeypatch.setattr(shards.ShardWriter, "write", write)
+        monkeypatch.setattr(shards.ShardWriter, "write", full(shards.ShardWriter.write))
+        monkeypatch.setattr(gguf_convert, "_pwrite", full(gguf_convert._pwrite))
     try:
         yield where
     finally:
@@ -259,10 +267,13 @@ def full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
             subprocess.run(["umount", str(where)])
 
 
-def test_disk_full_mid_write(full_disk: Path, llama: Path, lora: Path, capsys) -> None:
-    out = full_disk / "merged"
-    _refused(capsys, rf"disk full under {re.escape(str(full_disk))} while writing {re.escape(str(out))}.*needed",
-             "merge", "--base", llama, "--adapter", lora, "--out", out)  # fmt: skip
+@pytest.mark.parametrize("stage", ["merge", "gguf"])
+def test_disk_full_mid_write(stage: str, full_disk: Path, llama: Path, lora: Path, capsys) -> None:
+    out = full_disk / "out"
+    args = ("merge", "--base", llama, "--adapter", lora) if stage == "merge" else ("gguf", llama, "-t", "f32")
+    pattern = rf"disk full under {re.escape(str(full_disk))} while writing {re.escape(str(out))} .*needed"
+    line = _refused(capsys, pattern, *args, "--out", out)
+    assert "the partial output was removed" in line
     assert list(full_disk.iterdir()) == []
 
 
