@@ -50,6 +50,10 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
+def _discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 def _key(out: Path) -> Path:
     return out.parent.resolve() / out.name
 
@@ -131,7 +135,7 @@ def _remove_stale(out: Path, only_dead: bool) -> None:
         if only_dead and (not pid.isdigit() or _alive(int(pid))):
             continue
         size = _size(p)
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        _discard(p)
         print(f"note: removed {p} ({_gib(size)}), left behind by an interrupted run", file=sys.stderr)
 
 
@@ -213,13 +217,31 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _disk_full(out: Path, tmp: Path, need: int | None, err: OSError) -> UserError:
     written = _size(tmp)
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    _discard(tmp)
     free = shutil.disk_usage(out.parent).free
     total = f"about {_gib(need)} needed in all" if need else f"more than the {_gib(written)} written so far needed"
     return UserError(
         f"disk full under {out.parent} while writing {out} ({err.strerror}): {_gib(written)} written, {total}, "
         f"{_gib(free)} free now; the partial output was removed"
     )
+
+
+@contextmanager
+def _committed(tmp: Path, out: Path, need: int | None) -> Iterator[Path]:
+    """Yield `tmp`; then fsync it and rename it to `out`, or on any error remove it (a full disk, a read-only or
+    forbidden path as one line)."""
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _replace(tmp, out)
+    except BaseException as e:
+        err = os_error(e)
+        if err is not None and err.errno in _FULL:
+            raise _disk_full(out, tmp, need, err) from None
+        _discard(tmp)
+        if err is not None:
+            raise UserError(f"cannot write {err.filename or out}: {err.strerror}") from None
+        raise
 
 
 @contextmanager
@@ -234,18 +256,8 @@ def atomic_dir(
         check_target(out, force, inputs)
         tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_UMASK)
-        try:
-            yield tmp
-            _fsync_tree(tmp)
-            _replace(tmp, out)
-        except BaseException as e:
-            err = os_error(e)
-            if err is not None and err.errno in _FULL:
-                raise _disk_full(out, tmp, need, err) from None
-            shutil.rmtree(tmp, ignore_errors=True)
-            if err is not None:
-                raise UserError(f"cannot write {err.filename or out}: {err.strerror}") from None
-            raise
+        with _committed(tmp, out, need) as t:
+            yield t
 
 
 @contextmanager
@@ -264,16 +276,5 @@ def atomic_file(out: Path | str, force: bool = True) -> Iterator[Path]:
         raise UserError(f"cannot write into {out.parent}: {err.strerror}") from None
     os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        _replace(tmp, out)
-    except BaseException as e:
-        err = os_error(e)
-        if err is not None and err.errno in _FULL:
-            raise _disk_full(out, tmp, None, err) from None
-        tmp.unlink(missing_ok=True)
-        if err is not None:
-            raise UserError(f"cannot write {err.filename or out}: {err.strerror}") from None
-        raise
+    with _committed(Path(name), out, None) as t:
+        yield t
