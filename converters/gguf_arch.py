@@ -8,7 +8,6 @@ qkv and gate_up projections (llama.cpp splits them at load time).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from exporter.config import read_json
 from exporter.errors import UserError
 
 
@@ -103,10 +103,7 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
-    try:
-        hp = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    hp = read_json(path)
     if not isinstance(hp, dict):
         raise UserError(f"{path}: expected a JSON object")
     if isinstance(hp.get("text_config"), dict):

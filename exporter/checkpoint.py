@@ -94,20 +94,18 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 def save(
-    model: Any, opt: Any, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig, tokenizer: Any, tpl: Any
+    model: Any, opt: Any, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig, model_dir: Path, tpl: Any
 ) -> Path:
     """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
     trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir.
     Nothing in it can carry code: tensors in safetensors, everything else JSON; its manifest lists every file's
     sha256, checked before a resume reuses it."""
+    from exporter import hf_dir
+
     path = out_dir / f"checkpoint-{state['global_step']}"
     with atomic_dir(path, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if tpl is not None:
-            from exporter import templates
-
-            templates.write_into(tmp, tpl)
+        hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir)
         if not cfg.save_only_model:
             _save_optimizer(opt.state_dict(), tmp / OPTIMIZER)
             (tmp / SCHEDULER).write_text(json.dumps(sched.state_dict(), indent=1) + "\n", encoding="utf-8")

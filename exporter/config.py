@@ -51,9 +51,12 @@ def read_text(path: Path | str) -> str:
         ) from None
 
 
-def read_json(path: Path | str) -> Any:
-    """Parsed JSON of an existing file; malformed JSON is a UserError naming the file, line and column."""
+def read_json(path: Path | str, optional: bool = False) -> Any:
+    """Parsed JSON of a file; malformed JSON is a UserError naming the file, line and column. `optional`: a missing
+    file reads as {}."""
     path = Path(path)
+    if optional and not path.is_file():
+        return {}
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import UserError
+from exporter.hf_dir import adds_bos
 from exporter.lf_args import TEMPLATE_ALIASES, TrainConfig, say
 
 IGNORE = -100
@@ -84,13 +85,6 @@ def check_template_tokens(tokenizer: Any, tpl: Any, model: str) -> None:
             )
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer.encode("a")
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
 def max_chars(tokenizer: Any, cutoff_len: int, floor: int = 2**16) -> int:
     """Where a text is cut before tokenizing: past `floor` characters and past cutoff_len x the vocabulary's longest
     token (plus a margin), so the cut cannot change the text's first cutoff_len tokens.
@@ -131,7 +125,7 @@ def tokenize_sft(
 def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) -> list[Example]:
     """Raw text + eos; packed into cutoff_len blocks (remainder dropped) or truncated one per sample."""
     eos = tokenizer.eos_token or ""
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     limit = None if packing else max_chars(tokenizer, cfg.cutoff_len)  # packing trains on every token
     texts = [s.text[:limit] + eos for s in samples]
     enc = [tokenizer.encode(t, add_special_tokens=False) for t in texts]

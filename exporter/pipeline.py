@@ -150,9 +150,9 @@ class _State:
         self.doc: dict[str, Any] = {"stages": {}}
         if self.path.is_file():
             try:
-                self.doc = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise UserError(f"{self.path}: not valid JSON; delete it to start the run over") from None
+                self.doc = config.read_json(self.path)
+            except UserError as e:
+                raise UserError(f"{e}; delete it to start the run over") from None
 
     def done(self, stage: str, h: str) -> bool:
         return self.doc["stages"].get(stage, {}).get("hash") == h
@@ -285,7 +285,7 @@ def _verify(
 def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_dir: Path,
              verify_dir: Path) -> PipelineResult:  # fmt: skip
     report = verify_dir / "report.json"
-    doc = json.loads(report.read_text(encoding="utf-8"))
+    doc = config.read_json(report)
     commands = [f"ollama create {_ollama_name(mf)} -f {mf.resolve()}" for mf in sorted(gguf_dir.glob("Modelfile*"))]
     answers: list[dict[str, Any]] = []
     for c in doc["checks"]:
