@@ -1,7 +1,8 @@
 """Safe outputs: one writer per output path, written into `<out>.tmp-*`, fsynced and renamed when complete.
 
-- `claim(out)` holds `<parent>/.<name>.lock` for the whole run: a second run writing the same path exits 2 naming
-  the holder's pid and command; under the lock, temporary dirs of killed runs for that path are named and removed.
+- `claim(out)` holds `<parent>/.<name>.exporter-lock` for the whole run: a second run writing the same path exits 2
+  naming the holder's pid and command; under the lock, temporary dirs of killed runs for that path are named and
+  removed.
 - `check_target(out, force, inputs)` never lets an output replace or mix into what is not ours: it must be absent,
   an empty dir, or (with force) an exporter output (it holds `exporter_manifest.json`), and never an input.
 - `atomic_dir` / `atomic_file` write beside the target and rename; a crash or error leaves nothing final-looking,
@@ -22,8 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from exporter.errors import UserError
+from exporter.manifest import MANIFEST_NAME as MARKER  # every output dir we write holds one
 
-MARKER = "exporter_manifest.json"  # every output dir we write holds one (manifest.MANIFEST_NAME)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _held: dict[Path, int] = {}  # claimed output path -> nesting depth in this process

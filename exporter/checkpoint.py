@@ -238,9 +238,16 @@ def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig) -> dict
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         model.load_state_dict(loaded.state_dict())
     if new:
-        opt.load_state_dict(_load_optimizer(path / OPTIMIZER))
-        sched.load_state_dict(read_json(path / SCHEDULER))
-        _load_rng(path / RNG)
+        from safetensors import SafetensorError
+
+        try:
+            opt.load_state_dict(_load_optimizer(path / OPTIMIZER))
+            sched.load_state_dict(read_json(path / SCHEDULER))
+            _load_rng(path / RNG)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f"resume_from_checkpoint {path}: its optimizer/scheduler/RNG state is unreadable ({e})"
+            ) from None
         return state
     opt.load_state_dict(_legacy(path / "optimizer.pt"))
     sched.load_state_dict(_legacy(path / "scheduler.pt"))

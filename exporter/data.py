@@ -83,9 +83,9 @@ class Sample:
         """This sample with every text cut to `max_chars` characters and the turns that start after `max_chars`
         characters of conversation dropped, so a huge row costs bounded time and memory to tokenize.
 
-        With `max_chars` >= cutoff_len x the longest token (in characters) plus a margin, what is cut lies beyond
-        the first cutoff_len tokens of its text, and a dropped turn starts after the cutoff budget is spent: a row
-        shorter than that is returned unchanged (same ids), a longer one keeps LLaMA-Factory's prompt/answer cut."""
+        With `max_chars` >= cutoff_len x the longest token (in characters) plus a margin (`examples.max_chars`),
+        what is cut lies beyond the first cutoff_len tokens of its text and a dropped turn starts after the cutoff
+        budget is spent: a row with no longer text is returned as it is."""
         kept: list[dict[str, str]] = []
         seen = 0
         for i, m in enumerate(self.messages):

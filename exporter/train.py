@@ -235,11 +235,6 @@ def schedule(cfg: TrainConfig, n_train: int) -> Schedule:
     batches_per_epoch = math.ceil(n_train / cfg.per_device_train_batch_size)
     updates_per_epoch = max(math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps), 1)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * updates_per_epoch)
-    if total < 1:
-        raise UserError(
-            f"num_train_epochs={cfg.num_train_epochs:g} x {updates_per_epoch} update(s) per epoch plans 0 training "
-            "steps; set num_train_epochs > 0 or max_steps"
-        )
     warmup = _steps(cfg.warmup_steps, total) if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
     eval_every = _steps(cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps, total)
     return Schedule(total, warmup, updates_per_epoch, _steps(cfg.logging_steps, total), _steps(cfg.save_steps, total),

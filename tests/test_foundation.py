@@ -60,7 +60,7 @@ def test_atomic_dir_success_and_failure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with atomic.atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("x")
-        (tmp / atomic.MARKER).write_text("{}")  # an exporter output: --force may replace it
+        (tmp / manifest.MANIFEST_NAME).write_text("{}")  # an exporter output: --force may replace it
         assert not out.exists()
     assert (out / "a.txt").read_text() == "x"
     with pytest.raises(UserError, match="already exists"):

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from exporter import atomic, cli, pipeline
 from exporter.errors import UserError
+from exporter.manifest import MANIFEST_NAME
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
@@ -222,7 +223,7 @@ def test_kill_9_mid_write_then_rerun(stage: str, target: str, llama: Path, lora:
     r = _sub(*args, "--out", out)
     assert r.returncode == 0, r.stderr
     assert f"removed {temps[0]}" in r.stderr and "left behind by an interrupted run" in r.stderr
-    assert out.is_dir() and (out / atomic.MARKER).is_file()
+    assert out.is_dir() and (out / MANIFEST_NAME).is_file()
     assert _leftovers(tmp_path) == []
 
 
@@ -449,7 +450,7 @@ def test_gguf_config_that_does_not_match_the_weights(llama: Path, tmp_path: Path
     assert not (tmp_path / "g").exists() and _leftovers(tmp_path) == []
 
 
-def test_gguf_kquant_files_load(llama: Path, tmp_path: Path, capsys) -> None:
+def test_gguf_clean_model_still_converts(llama: Path, tmp_path: Path, capsys) -> None:
     """The check does not refuse what is fine: a clean model still converts to every direct type."""
     code, err = _cli(capsys, "gguf", llama, "-t", "f32,f16,bf16,q8_0,q4_0", "--out", tmp_path / "g")
     assert code == 0, err
@@ -659,8 +660,8 @@ def test_train_numbers_that_train_nothing(extra, pattern, qwen: Path, rows: Path
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(qwen, rows, tmp_path, capsys) -> None:
-    """learning_rate=1e30: exit 2 naming the step; no adapter written; the checkpoint before it is kept; the log is
-    strict JSON; gguf --adapter has nothing to export."""
+    """learning_rate=1e30: exit 2 naming the step; no adapter written (so nothing for gguf --adapter to export); the
+    checkpoint before it is kept and finite; the log is strict JSON."""
     out = tmp_path / "out"
     args = _train(qwen, rows, out, "--max_steps", "4", "--save_steps", "1", "--learning_rate", "1e30")
     line = _refused(capsys, r"training diverged at step (\d+) of 4: the (loss|gradient norm|weights)", *args)
