@@ -46,7 +46,9 @@ def _quantize(
     out: str = typer.Option(..., "--out", help="Output dir (written atomically)."),
     bits: int | None = typer.Option(None, "--bits", help="4 or 8 (gptq); awq/bnb4: 4; bnb8: 8."),
     group_size: int | None = typer.Option(None, "--group-size", help="GPTQ/AWQ group size (default 128; -1: per row)."),
-    dataset: str | None = typer.Option(None, "--dataset", help="Calibration dataset name(s) from dataset_info.json."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="Calibration dataset name(s) from dataset_info.json, or a file of raw `text` rows."
+    ),
     dataset_dir: str | None = typer.Option(None, "--dataset-dir", help="Dir holding dataset_info.json (default data)."),
     template: str | None = typer.Option(None, "--template", help="Chat template family (default: detected)."),
     samples: int = typer.Option(128, "--samples", help="Calibration blocks (at most)."),
@@ -57,8 +59,12 @@ def _quantize(
     """Quantize an HF model to GPTQ, AWQ or bitsandbytes nf4/int8, calibrated on your data through its chat template."""
     from exporter.quantize import QuantizeOptions, quantize
 
-    quantize(QuantizeOptions(model, method, out, bits, group_size, dataset, dataset_dir, template, samples, max_length,
-                             seed, force))  # fmt: skip
+    quantize(
+        QuantizeOptions(
+            model=model, method=method, out=out, bits=bits, group_size=group_size, dataset=dataset,
+            dataset_dir=dataset_dir, template=template, samples=samples, max_length=max_length, seed=seed, force=force,
+        )
+    )  # fmt: skip
 
 
 # ---- template: chat-template families (exporter/templates.py) ----
@@ -149,6 +155,23 @@ def train_cmd(ctx: typer.Context) -> None:
     train.main(list(ctx.args))
 
 
+# ---- export: LLaMA-Factory's merge/export YAML (exporter/export.py) ----
+@app.command(
+    "export",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="LLaMA-Factory's `llamafactory-cli export` config, unchanged: exporter export CONFIG.yaml \\[key=value ...]; "
+    "merges the adapters (merge) and, with export_quantization_bit, quantizes with GPTQ (quantize).",
+)
+def export_cmd(ctx: typer.Context) -> None:
+    if not ctx.args:
+        raise UserError("exporter export: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
+    from exporter import export, lf_args
+
+    cfg, given = lf_args.export_config_from_args(list(ctx.args))
+
+    export.export(cfg, given)
+
+
 # ---- merge ----
 @app.command("merge")
 def _merge(
@@ -164,11 +187,14 @@ def _merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:
     """Merge LoRA adapters into a base model, streaming one tensor at a time (equals PEFT merge_and_unload)."""
-    from exporter.merge import merge
+    from exporter.merge import MergeOptions, merge
 
     merge(
-        base, adapter, weight or None, out, dtype=dtype, max_shard_size=max_shard_size, force=force, template=template
-    )
+        MergeOptions(
+            base=base, adapters=adapter, out=str(out), weights=weight or None, dtype=dtype,
+            max_shard_size=max_shard_size, template=template, force=force,
+        )
+    )  # fmt: skip
 
 
 # ---- gguf: GGUF export + Ollama Modelfiles (exporter/gguf.py) ----
@@ -190,7 +216,11 @@ def _gguf(
     """Convert a model to GGUF files (several types in one pass) with one Ollama Modelfile each."""
     from exporter import gguf
 
-    gguf.run(model, type_, out, ollama_name, template, force, adapter, base_gguf)
+    opts = gguf.GGUFOptions(
+        model=model, types=[type_], out=str(out) if out else None, ollama_name=ollama_name, template=template,
+        adapter=str(adapter) if adapter else None, base_gguf=base_gguf, force=force,
+    )  # fmt: skip
+    gguf.run(opts)
 
 
 # verify ------------------------------------------------------------------------------------------------------
@@ -226,23 +256,12 @@ def _verify(
     from exporter import verify
     from exporter.verify import report as verify_report
 
-    rep = verify.verify(
-        base=base,
-        adapter=adapter,
-        merged=merged,
-        ggufs=gguf,
-        modelfiles=modelfile,
-        quantized=quantized,
-        run_dir=run_dir,
-        template=template,
-        thresholds=verify.parse_thresholds(ppl_threshold),
-        prompts=prompts,
-        text=text,
-        data=data,
-        ctx=ctx,
-        max_windows=max_windows,
-        max_new_tokens=max_new_tokens,
-    )
+    opts = verify.VerifyOptions(
+        base=base, adapter=adapter, merged=merged, ggufs=gguf, modelfiles=modelfile, quantized=quantized,
+        run_dir=run_dir, template=template, ppl_threshold=verify.parse_thresholds(ppl_threshold), prompts=prompts,
+        text=text, data=data, ctx=ctx, max_windows=max_windows, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    rep = verify.verify(opts)
     verify_report.print_table(rep)
     if report is not None:
         verify_report.write_json(rep, report)

@@ -6,12 +6,16 @@
     train: {dataset: identity, dataset_dir: data/demo, max_steps: 60, ...}   # `exporter train` keys
     merge: {dtype: bfloat16}      # `exporter merge` options
     gguf: {types: [f16, q8_0, q4_k_m], ollama_name: my-model}
-    verify: {prompts: 4, ppl_threshold: "q4_k_m=0.05"}                        # `exporter verify` options
+    verify: {prompts: 4, ppl_threshold: {q4_k_m: 0.05}}                       # `exporter verify` options
 
-`key=value` overrides use dotted keys (`train.max_steps=5`, `gguf.types=f16`). A stage is finished when its output
-is complete (each stage writes atomically, or for train: the final adapter file) and `pipeline.json` records the
-same config hash for it; a finished stage is skipped on a rerun. The hash of a stage covers its own settings and
-the hash of the stage before, so a change re-runs that stage and everything after it.
+Each block is the options of that stage (`TrainConfig`, `MergeOptions`, `GGUFOptions`, `VerifyOptions`) less the
+keys the pipeline sets itself (model, input and output paths, template). `key=value` overrides use dotted keys
+(`train.max_steps=5`, `gguf.types=f16`). A stage is finished when its output is complete (each stage writes
+atomically) and `pipeline.json` records the same config hash for it; a finished stage is skipped on a rerun only
+while its files still match its manifest's sha256 (a changed or truncated file reruns it). The hash of a stage
+covers its own settings and the hash of the stage before, so a change re-runs that stage and everything after it.
+Every stage's settings are checked (keys, types and values) before the first stage runs; one pipeline at a time
+writes a run dir, which must be new, empty, or hold `pipeline.json`.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ from exporter.errors import UserError
 
 STAGES = ("train", "merge", "gguf", "verify")
 STATE = "pipeline.json"
-_RUN_SET = {"model_name_or_path", "output_dir"}  # train keys the pipeline sets itself
-_VERIFY_KEYS = {"prompts", "ctx", "max_windows", "max_new_tokens", "ppl_threshold", "text"}
-_MERGE_KEYS = {"dtype", "max_shard_size"}
-_GGUF_KEYS = {"types", "ollama_name"}
+# keys of each stage's options that the pipeline sets itself (from base, run_dir, template and the stage before)
+_SET_BY_PIPELINE = {
+    "train": {"model_name_or_path", "output_dir", "template"},
+    "merge": {"base", "adapters", "out", "template", "force"},
+    "gguf": {"model", "out", "template", "adapter", "base_gguf", "force"},
+    "verify": {"base", "adapter", "merged", "ggufs", "modelfiles", "quantized", "run_dir", "template", "data"},
+}
 
 
 @dataclasses.dataclass
@@ -73,14 +80,83 @@ def load_config(path: Path | str, overrides: list[str]) -> PipelineConfig:
                 raise UserError(f"override {key}: {p} is not a mapping in {path}")
         node[parts[-1]] = value
     cfg = config.build(PipelineConfig, data, where=str(path))
-    for name, allowed in (("verify", _VERIFY_KEYS), ("merge", _MERGE_KEYS), ("gguf", _GGUF_KEYS)):
-        for key in getattr(cfg, name):
-            if key not in allowed:
-                raise UserError(f"{path}: {name}.{key} is not a {name} setting{config.did_you_mean(key, allowed)}")
-    for key in cfg.train:
-        if key in _RUN_SET:
-            raise UserError(f"{path}: train.{key} is set by the pipeline (base / run_dir); remove it")
+    check(stage_options(cfg, Path(cfg.base), where=str(path)))  # every block's keys, types, values before any runs
     return cfg
+
+
+@dataclasses.dataclass
+class StageOptions:
+    """The options each stage runs with, built from the pipeline config."""
+
+    train: Any  # lf_args.TrainConfig
+    train_given: set[str]
+    merge: Any  # merge.MergeOptions
+    gguf: Any  # gguf.GGUFOptions
+    verify: Any  # verify.VerifyOptions (ggufs/modelfiles filled in when verify runs)
+
+
+def _build(cls: type, name: str, block: dict[str, Any], fixed: dict[str, Any], where: str) -> Any:
+    for key in block:
+        if key in _SET_BY_PIPELINE[name]:
+            raise UserError(f"{where}: {name}.{key} is set by the pipeline (base / run_dir / template); remove it")
+    return config.build(cls, {**block, **fixed}, where=f"{where}: {name}")
+
+
+def stage_options(cfg: PipelineConfig, base: Path, where: str = "pipeline") -> StageOptions:
+    """Each stage's options: the user's block plus what the pipeline sets (paths in run_dir, the template)."""
+    from exporter import gguf, lf_args, merge, verify
+
+    run_dir, tpl = Path(cfg.run_dir), cfg.template
+    adapter, merged = run_dir / "adapter", run_dir / "merged"
+    fixed = {"model_name_or_path": str(base), "output_dir": str(adapter), "template": tpl}
+    train_opts = _build(lf_args.TrainConfig, "train", cfg.train, fixed, where)
+    data_files = _data_files(train_opts)
+    merge_opts = _build(merge.MergeOptions, "merge", cfg.merge,
+                        {"base": str(base), "adapters": [str(adapter)], "out": str(merged), "template": tpl,
+                         "force": True}, where)  # fmt: skip
+    gguf_opts = _build(
+        gguf.GGUFOptions,
+        "gguf",
+        cfg.gguf,
+        {"model": str(merged), "out": str(run_dir / "gguf"), "template": tpl, "force": True},
+        where,
+    )
+    block = dict(cfg.verify)
+    if isinstance(block.get("ppl_threshold"), str):
+        block["ppl_threshold"] = verify.parse_thresholds(block["ppl_threshold"])
+    verify_opts = _build(verify.VerifyOptions, "verify", block,
+                         {"base": base, "adapter": adapter, "merged": merged, "template": tpl,
+                          "data": data_files}, where)  # fmt: skip
+    return StageOptions(train_opts, set(cfg.train) | {"model_name_or_path", "output_dir", "template"}, merge_opts,
+                        gguf_opts, verify_opts)  # fmt: skip
+
+
+def check(opts: StageOptions) -> None:
+    """The values of every stage's options (a `gguf.types: q9` or a negative learning rate fails now, not after
+    training)."""
+    import torch
+
+    from exporter import gguf, lf_args, merge
+
+    lf_args.check(opts.train, opts.train_given, "cuda" if torch.cuda.is_available() else "cpu", notes=False)
+    merge.check_options(opts.merge)
+    gguf.parse_types(opts.gguf.types)
+    v = opts.verify
+    for key, least in (("prompts", 0), ("ctx", 8), ("max_windows", 1), ("max_new_tokens", 1)):
+        if getattr(v, key) < least:
+            raise UserError(f"verify.{key} must be at least {least}, got {getattr(v, key)}")
+    if v.text is not None and not Path(v.text).is_file():
+        raise UserError(f"verify.text {v.text}: no such file")
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A run dir is ours: absent, empty, or holding the pipeline's state file."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir {run_dir} is a file")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / STATE).is_file():
+        raise UserError(
+            f"run_dir {run_dir} is not empty and holds no {STATE}: not a pipeline run dir; choose a new or empty one"
+        )
 
 
 def _hash(*parts: Any) -> str:
@@ -97,51 +173,13 @@ def _fingerprint(path: Path) -> list[Any]:
 
 
 def _data_files(tcfg: Any) -> list[Path]:
-    """The local dataset files the train stage reads (from dataset_info.json), for hashing and for verify."""
+    """The local dataset files the train stage reads (from dataset_info.json, inside dataset_dir), for hashing and
+    for verify."""
     from exporter import data
 
     info = data.read_info(Path(tcfg.dataset_dir))
     specs = [data.spec(n, info, Path(tcfg.dataset_dir)) for n in tcfg.dataset]
     return [Path(sp.source) for sp in specs if sp.load_from == "file" and Path(sp.source).exists()]
-
-
-def _train_values(cfg: PipelineConfig, base: Path, template: str, out: Path) -> dict[str, Any]:
-    return {**cfg.train, "model_name_or_path": str(base), "output_dir": str(out), "template": template}
-
-
-def check(cfg: PipelineConfig, base: Path, template: str, run_dir: Path) -> Any:
-    """Every stage's settings, checked before the first stage runs (a typo in gguf.types fails now, not after
-    training); returns the train stage's config."""
-    import torch
-
-    from exporter import gguf, lf_args, merge, verify
-
-    values = _train_values(cfg, base, template, run_dir / "adapter")
-    tcfg = config.build(lf_args.TrainConfig, values, where=f"{cfg.run_dir}: train")
-    lf_args.check(tcfg, set(values), "cuda" if torch.cuda.is_available() else "cpu")
-    merge.parse_options(cfg.merge.get("dtype"), cfg.merge.get("max_shard_size", "2GB"))
-    gguf.parse_types(cfg.gguf.get("types", ["f16"]))
-    if not isinstance(cfg.gguf.get("ollama_name", ""), str):
-        raise UserError(f"gguf.ollama_name must be a string, got {cfg.gguf['ollama_name']!r}")
-    thr = cfg.verify.get("ppl_threshold")
-    verify.parse_thresholds(",".join(f"{k}={v}" for k, v in thr.items()) if isinstance(thr, dict) else thr)
-    for key, least in (("prompts", 0), ("ctx", 8), ("max_windows", 1), ("max_new_tokens", 1)):
-        v = cfg.verify.get(key, least)
-        if isinstance(v, bool) or not isinstance(v, int) or v < least:
-            raise UserError(f"verify.{key} must be an integer >= {least}, got {v!r}")
-    if "text" in cfg.verify and not Path(str(cfg.verify["text"])).is_file():
-        raise UserError(f"verify.text {cfg.verify['text']}: no such file")
-    return tcfg
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    """A run dir is ours: absent, empty, or holding the pipeline's state file."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run_dir {run_dir} is a file")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / STATE).is_file():
-        raise UserError(
-            f"run_dir {run_dir} is not empty and holds no {STATE}: not a pipeline run dir; choose a new or empty one"
-        )
 
 
 class _State:
@@ -179,28 +217,27 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     run_dir = Path(cfg.run_dir)
     base = hub.resolve(cfg.base, "base model")
     tpl = templates.resolve(base, cfg.template)
-    tcfg = check(cfg, base, tpl.name, run_dir)
-    data_files = _data_files(tcfg)
+    cfg = dataclasses.replace(cfg, template=tpl.name)
+    opts = stage_options(cfg, base)
+    check(opts)
     _check_run_dir(run_dir)
     with claim(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-        return _run(cfg, console, run_dir, base, tpl.name, data_files)
+        return _run(cfg, opts, console, run_dir, base)
 
 
-def _run(cfg: PipelineConfig, console: Any, run_dir: Path, base: Path, template: str,
-         data_files: list[Path]) -> PipelineResult:  # fmt: skip
+def _run(cfg: PipelineConfig, opts: StageOptions, console: Any, run_dir: Path, base: Path) -> PipelineResult:
     state = _State(run_dir)
-    state.doc.update({"base": str(base.resolve()), "template": template,
+    data_files = opts.verify.data
+    state.doc.update({"base": str(base.resolve()), "template": cfg.template,
                       "data": [str(p.resolve()) for p in data_files]})  # fmt: skip
     adapter, merged, gguf_dir, verify_dir = (run_dir / n for n in ("adapter", "merged", "gguf", "verify"))
 
-    h_train = _hash("train", str(base.resolve()), _fingerprint(base), template, cfg.train,
+    h_train = _hash("train", str(base.resolve()), _fingerprint(base), cfg.template, cfg.train,
                     [_fingerprint(p) for p in data_files])  # fmt: skip
     h_merge = _hash("merge", h_train, cfg.merge)
     h_gguf = _hash("gguf", h_merge, cfg.gguf)
-    h_verify = _hash(
-        "verify", h_gguf, cfg.verify, _fingerprint(Path(cfg.verify["text"])) if "text" in cfg.verify else 0
-    )
+    h_verify = _hash("verify", h_gguf, cfg.verify, _fingerprint(opts.verify.text) if opts.verify.text else 0)
     outputs = {"train": adapter, "merge": merged, "gguf": gguf_dir, "verify": verify_dir}
     hashes = {"train": h_train, "merge": h_merge, "gguf": h_gguf, "verify": h_verify}
     ran, skipped = [], []
@@ -218,75 +255,48 @@ def _run(cfg: PipelineConfig, console: Any, run_dir: Path, base: Path, template:
         t0 = time.perf_counter()
         finished_before = state.doc["stages"].get(stage, {}).get("hash") is not None  # other settings or changed
         state.record(stage, None)
-        if stage == "train":
-            _train(cfg, base, template, adapter, overwrite=finished_before)
-        elif stage == "merge":
-            from exporter import merge
-
-            merge.merge(base, [adapter], out=merged, template=template, force=True, **cfg.merge)
-        elif stage == "gguf":
-            from exporter import gguf
-
-            types = cfg.gguf.get("types", ["f16"])
-            gguf.run(merged, types=types, out=gguf_dir, ollama_name=cfg.gguf.get("ollama_name"),
-                     template=template, force=True)  # fmt: skip
-        else:
-            _verify(cfg, base, adapter, merged, gguf_dir, verify_dir, template, data_files)
+        _run_stage(stage, opts, overwrite=finished_before, verify_dir=verify_dir)
         state.record(stage, hashes[stage], time.perf_counter() - t0)
         ran.append(stage)
-    return _summary(console, run_dir, ran, skipped, gguf_dir, verify_dir)
+    return _summary(console, run_dir, ran, skipped, opts.gguf, verify_dir)
 
 
-def _train(cfg: PipelineConfig, base: Path, template: str, out: Path, overwrite: bool) -> None:
-    from exporter import lf_args, train
-
-    values = _train_values(cfg, base, template, out)
-    if overwrite or (out / "adapter_model.safetensors").exists():
-        values["overwrite_output_dir"] = True  # settings changed (or a finished run of other settings): start over
-    tcfg = config.build(lf_args.TrainConfig, values, where="train")
-    train.train(tcfg, given=set(values))
-
-
-def _verify(
-    cfg: PipelineConfig,
-    base: Path,
-    adapter: Path,
-    merged: Path,
-    gguf_dir: Path,
-    out: Path,
-    template: str,
-    data_files: list[Path],
-) -> None:
-    from exporter import verify
+def _run_stage(stage: str, opts: StageOptions, overwrite: bool, verify_dir: Path) -> None:
+    """One stage with its options; train starts over when it finished before (other settings, or its files changed)
+    or a finished run is there."""
+    from exporter import gguf, merge, train, verify
     from exporter.verify import report as verify_report
 
-    v = dict(cfg.verify)
-    thr = v.pop("ppl_threshold", None)
-    if isinstance(thr, dict):
-        thr = ",".join(f"{k}={val}" for k, val in thr.items())
-    rep = verify.verify(
-        base=base,
-        adapter=adapter,
-        merged=merged,
-        ggufs=sorted(gguf_dir.glob("*.gguf")),
-        modelfiles=sorted(gguf_dir.glob("Modelfile*")),
-        template=template,
-        thresholds=verify.parse_thresholds(thr),
-        data=data_files or None,
-        **v,
-    )
-    verify_report.print_table(rep)
-    with atomic_dir(out, force=True) as tmp:
-        verify_report.write_json(rep, tmp / "report.json")
-        verify_report.write_junit(rep, tmp / "junit.xml")
-        manifest.write(tmp, "verify", inputs={}, settings=cfg.verify)  # what was checked is in report.json
+    if stage == "train":
+        tcfg = opts.train
+        if overwrite or (Path(tcfg.output_dir) / "adapter_model.safetensors").exists():
+            tcfg = dataclasses.replace(tcfg, overwrite_output_dir=True)
+        train.train(tcfg, given=opts.train_given | ({"overwrite_output_dir"} if tcfg.overwrite_output_dir else set()))
+    elif stage == "merge":
+        merge.merge(opts.merge)
+    elif stage == "gguf":
+        gguf.run(opts.gguf)
+    else:
+        gguf_dir = Path(opts.gguf.out)
+        vopts = dataclasses.replace(opts.verify, ggufs=sorted(gguf_dir.glob("*.gguf")),
+                                    modelfiles=sorted(gguf_dir.glob("Modelfile*")))  # fmt: skip
+        rep = verify.verify(vopts)
+        verify_report.print_table(rep)
+        with atomic_dir(verify_dir, force=True) as tmp:
+            verify_report.write_json(rep, tmp / "report.json")
+            verify_report.write_junit(rep, tmp / "junit.xml")
+            manifest.write(tmp, "verify", inputs={}, settings={"passed": rep.passed})  # what was checked: report.json
 
 
-def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_dir: Path,
+def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_opts: Any,
              verify_dir: Path) -> PipelineResult:  # fmt: skip
+    from exporter import gguf
+
     report = verify_dir / "report.json"
     doc = config.read_json(report)
-    commands = [f"ollama create {_ollama_name(mf)} -f {mf.resolve()}" for mf in sorted(gguf_dir.glob("Modelfile*"))]
+    names = gguf.ollama_names(Path(gguf_opts.model), gguf.parse_types(gguf_opts.types), gguf_opts.ollama_name)
+    gguf_dir = Path(gguf_opts.out)
+    commands = [f"ollama create {name} -f {(gguf_dir / f'Modelfile.{kind}').resolve()}" for kind, name in names.items()]
     answers: list[dict[str, Any]] = []
     for c in doc["checks"]:
         if c["check"] == "chat" and c["metrics"].get("answers"):
@@ -312,12 +322,3 @@ def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gg
     for cmd in commands:
         console.print(f"  {cmd}", soft_wrap=True)
     return PipelineResult(run_dir, ran, skipped, bool(doc["passed"]), report, commands, answers)
-
-
-def _ollama_name(modelfile: Path) -> str:
-    for line in modelfile.read_text(encoding="utf-8").splitlines():
-        if "ollama create" in line:  # the gguf stage writes the intended name into a header comment
-            parts = line.split("ollama create", 1)[1].split()
-            if parts:
-                return parts[0]
-    return f"{modelfile.parent.parent.name}:{modelfile.name.removeprefix('Modelfile.')}"
