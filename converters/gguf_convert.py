@@ -206,17 +206,23 @@ class _Out:
 def _write_head(w: gguf.GGUFWriter, rec: Written, specs: list[gguf_arch.TensorSpec], types: dict[str, T]) -> _Out:
     """Header, metadata and tensor infos through GGUFWriter; returns the file opened for the tensor data."""
     path = rec.path
-    w.write_header_to_file(path=path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
+    try:
+        w.write_header_to_file(path=path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+    finally:
+        w.close()  # also when a write failed (a full disk): no file left open
     pos = gguf.GGUFWriter.ggml_pad(path.stat().st_size, w.data_alignment)  # data starts aligned after the infos
     offsets = {}
     for spec in specs:  # the order the infos were added in, which is the order of their offsets
         offsets[spec.name] = pos
         pos += gguf.GGUFWriter.ggml_pad(_nbytes(spec.shape, types[spec.name]), w.data_alignment)
     fd = os.open(path, os.O_WRONLY)
-    os.posix_fallocate(fd, 0, pos)  # the final size, its blocks allocated up front (faster writes); padding reads 0
+    try:
+        os.posix_fallocate(fd, 0, pos)  # the final size, its blocks allocated up front (faster writes); padding reads 0
+    except OSError:
+        os.close(fd)
+        raise
     return _Out(rec, fd, types, offsets)
 
 

@@ -265,7 +265,14 @@ def full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
         yield where
     finally:
         if mounted:
-            subprocess.run(["umount", str(where)])
+            _umount(where)
+
+
+def _umount(where: Path) -> None:
+    """Unmount a test tmpfs; busy means this process left a file open there (a leaked descriptor): a failure."""
+    if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(where)])
+        raise AssertionError(f"{where} was still in use after the command: a file descriptor leaked")
 
 
 @pytest.mark.parametrize("stage", ["merge", "gguf"])
@@ -288,7 +295,7 @@ def test_not_enough_space_before_writing(tmp_path: Path, llama: Path, lora: Path
                  "--out", out)  # fmt: skip
         assert list(where.iterdir()) == []
     finally:
-        subprocess.run(["umount", str(where)])
+        _umount(where)
 
 
 @contextlib.contextmanager
