@@ -25,11 +25,17 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter import config, manifest
 from exporter.atomic import atomic_dir, atomic_file, claim
 from exporter.errors import UserError
+
+if TYPE_CHECKING:
+    from exporter.gguf import GGUFOptions
+    from exporter.lf_args import TrainConfig
+    from exporter.merge import MergeOptions
+    from exporter.verify import VerifyOptions
 
 STAGES = ("train", "merge", "gguf", "verify")
 STATE = "pipeline.json"
@@ -88,11 +94,11 @@ def load_config(path: Path | str, overrides: list[str]) -> PipelineConfig:
 class StageOptions:
     """The options each stage runs with, built from the pipeline config."""
 
-    train: Any  # lf_args.TrainConfig
-    train_given: set[str]
-    merge: Any  # merge.MergeOptions
-    gguf: Any  # gguf.GGUFOptions
-    verify: Any  # verify.VerifyOptions (ggufs/modelfiles filled in when verify runs)
+    train: TrainConfig
+    train_given: set[str]  # the train keys set (for train's notes on keys without effect)
+    merge: MergeOptions
+    gguf: GGUFOptions
+    verify: VerifyOptions  # ggufs/modelfiles are filled in when verify runs
 
 
 def _build(cls: type, name: str, block: dict[str, Any], fixed: dict[str, Any], where: str) -> Any:
@@ -288,7 +294,7 @@ def _run_stage(stage: str, opts: StageOptions, overwrite: bool, verify_dir: Path
             manifest.write(tmp, "verify", inputs={}, settings={"passed": rep.passed})  # what was checked: report.json
 
 
-def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_opts: Any,
+def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_opts: GGUFOptions,
              verify_dir: Path) -> PipelineResult:  # fmt: skip
     from exporter import gguf
 

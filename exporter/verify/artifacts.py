@@ -289,11 +289,11 @@ class Vocab:
     makes llama.cpp warn about a training context of 0, which the file does not have)."""
 
     def __init__(self, info: GGUFInfo) -> None:
-        import logging
-
         import llama_cpp
 
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # what Llama(verbose=False) sets
+        from exporter.quiet import silence_llama_cpp
+
+        silence_llama_cpp()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         self.model = llama_cpp.llama_model_load_from_file(str(info.path).encode(), params)
@@ -333,6 +333,9 @@ def load_llama(info: GGUFInfo, **kwargs: Any) -> Any:
     """The GGUF loaded by llama.cpp; GGUFLoadError (a failed check, not a crash) when it refuses it."""
     from llama_cpp import Llama
 
+    from exporter.quiet import silence_llama_cpp
+
+    silence_llama_cpp()
     try:
         return Llama(model_path=str(info.path), verbose=False, **kwargs)
     except Exception as e:
