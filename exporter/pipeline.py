@@ -223,23 +223,23 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     run_dir = Path(cfg.run_dir)
     base = hub.resolve(cfg.base, "base model")
     tpl = templates.resolve(base, cfg.template)
-    cfg = dataclasses.replace(cfg, template=tpl.name)
-    opts = stage_options(cfg, base)
+    opts = stage_options(cfg, base)  # no template given: every stage keeps the model's own (resolved the same way)
     check(opts)
     _check_run_dir(run_dir)
     with claim(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-        return _run(cfg, opts, console, run_dir, base)
+        return _run(cfg, opts, console, run_dir, base, tpl.name)
 
 
-def _run(cfg: PipelineConfig, opts: StageOptions, console: Any, run_dir: Path, base: Path) -> PipelineResult:
+def _run(cfg: PipelineConfig, opts: StageOptions, console: Any, run_dir: Path, base: Path,
+         template: str) -> PipelineResult:  # fmt: skip
     state = _State(run_dir)
     data_files = opts.verify.data
-    state.doc.update({"base": str(base.resolve()), "template": cfg.template,
+    state.doc.update({"base": str(base.resolve()), "template": template,
                       "data": [str(p.resolve()) for p in data_files]})  # fmt: skip
     adapter, merged, gguf_dir, verify_dir = (run_dir / n for n in ("adapter", "merged", "gguf", "verify"))
 
-    h_train = _hash("train", str(base.resolve()), _fingerprint(base), cfg.template, cfg.train,
+    h_train = _hash("train", str(base.resolve()), _fingerprint(base), template, cfg.train,
                     [_fingerprint(p) for p in data_files])  # fmt: skip
     h_merge = _hash("merge", h_train, cfg.merge)
     h_gguf = _hash("gguf", h_merge, cfg.gguf)
@@ -319,7 +319,8 @@ def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gg
                 console.print(f"  GGUF {a['file']}: {a['gguf']!r} ({same})")
     verdict = "[bold green]PASSED[/]" if doc["passed"] else "[bold red]FAILED[/]"
     s = doc["summary"]
-    console.print(f"verify {verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped -> {report}")
+    warned = f", {s['warn']} with stated differences" if s.get("warn") else ""
+    console.print(f"verify {verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped{warned} -> {report}")
     console.print(f"run dir: {run_dir.resolve()}  (ran: {', '.join(ran) or 'nothing'}; "
                   f"skipped: {', '.join(skipped) or 'nothing'})")  # fmt: skip
     for name in ("adapter", "merged", "gguf"):

@@ -301,7 +301,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
 
     check_finite(model_dir)  # quantizers would carry inf/nan into the output without a word
 
-    tpl = templates.resolve(model_dir, opts.template)
+    tpl = templates.resolve(model_dir, opts.template, need=False)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     random.seed(opts.seed)
     torch.manual_seed(opts.seed)
@@ -322,6 +322,11 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
             settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg)
         _check_quantization_config(tmp)
         settings["seconds"] = round(time.perf_counter() - start, 2)
-        hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir, stage="quantize", inputs=inputs, settings=settings)
+        from rich.markup import escape
+
+        forced = opts.template not in (None, "auto")  # only a template the user asked for must fit the tokenizer
+        for warning in hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir, stage="quantize", inputs=inputs,
+                                     settings=settings, strict=forced):  # fmt: skip
+            _console.print(f"[yellow]warning[/]: {escape(warning)}")
     _console.print(f"[green]done[/]: {out} ({settings['seconds']} s)")
     return QuantizeResult(out, opts.method, bits, group, tpl.name, settings["seconds"])
