@@ -142,12 +142,13 @@ def check(opts: StageOptions) -> None:
     training)."""
     import torch
 
-    from exporter import gguf, lf_args, merge
+    from exporter import gguf, lf_args, merge, verify
 
     lf_args.check(opts.train, opts.train_given, "cuda" if torch.cuda.is_available() else "cpu", notes=False)
     merge.check_options(opts.merge)
     gguf.parse_types(opts.gguf.types)
     v = opts.verify
+    verify.check_thresholds(v.ppl_threshold)
     for key, least in (("prompts", 0), ("ctx", 8), ("max_windows", 1), ("max_new_tokens", 1)):
         if getattr(v, key) < least:
             raise UserError(f"verify.{key} must be at least {least}, got {getattr(v, key)}")

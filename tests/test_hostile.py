@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -578,6 +579,7 @@ def _pipeline_yaml(tmp: Path, base: Path, run_dir: Path, **stages: dict) -> Path
         ({"merge": {"dtype": "int3"}}, r"--dtype 'int3': expected one of bf16, fp16, fp32"),
         ({"verify": {"ppl_threshold": "q8_0=lots"}}, r"--ppl-threshold: 'q8_0=lots' is not TYPE=FRACTION"),
         ({"verify": {"ctx": 2}}, r"verify\.ctx must be at least 8, got 2"),
+        ({"verify": {"ppl_threshold": {"q8_0": float("nan")}}}, r"--ppl-threshold q8_0=nan: expected a finite"),
         ({"train": {"learning_rate": "fast"}}, r"learning_rate must be a number"),
     ],
 )
@@ -684,6 +686,26 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(qwen, rows
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / "adapter_model.safetensors").values())
     assert [r["current_steps"] for r in _strict_lines(out / "trainer_log.jsonl")] == list(range(1, at))
     assert _leftovers(out) == []
+
+
+def test_non_finite_evaluation_loss_stops(qwen, rows, tmp_path, capsys, monkeypatch) -> None:
+    """A finite training loss but an inf/nan evaluation loss (injected into the validation batches' loss) is a
+    stop with exit 2 naming the step, not a NaN in the results."""
+    from exporter import train as T
+
+    real = T.loss_sum
+
+    def nan_when_evaluating(model, batch, fast):
+        ls, k = real(model, batch, fast)
+        return (ls * float("nan"), k) if not model.training else (ls, k)
+
+    monkeypatch.setattr(T, "loss_sum", nan_when_evaluating)
+    out = tmp_path / "out"
+    args = _train(qwen, rows, out, "--max_steps", "2", "--val_size", "0.25", "--eval_strategy", "steps",
+                  "--eval_steps", "1")  # fmt: skip
+    _refused(capsys, r"training diverged at step 1 of 2: the evaluation loss is nan", *args)
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "all_results.json").exists()
+    assert [r["current_steps"] for r in _strict_lines(out / "trainer_log.jsonl")] == [1]
 
 
 def _pickle_bomb(path: Path, marker: Path) -> None:
@@ -831,3 +853,44 @@ def test_verify_bad_inputs_and_no_false_llama_cpp_warning(llama: Path, tmp_path:
     shard.write_bytes(shard.read_bytes()[:-4096])
     _refused(capfd, r"bad/model\.safetensors: truncated safetensors file: tensor .* ends at byte \d+, file has \d+",
              "verify", "--merged", bad, *common)  # fmt: skip
+
+
+def test_verify_non_finite_numbers_never_pass(llama: Path, tmp_path: Path, capsys) -> None:
+    """A model whose logits are NaN has no perplexity to compare with: verify fails (exit 1), never a PASS, and
+    report.json stays strict JSON; a NaN, inf or negative threshold is refused up front (exit 2)."""
+    bad = _copy(llama, tmp_path / "nan")
+    _poke(bad, "layers.0.mlp.down_proj.weight", float("nan"))
+    report = tmp_path / "report.json"
+    code, err = _cli(capsys, "verify", "--merged", bad, "--prompts", "0", "--ctx", "32", "--max-windows", "1",
+                     "--report", report)  # fmt: skip
+    assert code == 1, err
+    doc = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"report.json holds {c}: not JSON"))
+    (ref,) = [c for c in doc["checks"] if c["check"] == "perplexity"]
+    assert ref["status"] == "fail" and "non-finite" in ref["detail"] and ref["metrics"]["ppl"] == "nan"
+    for spec in ("q8_0=nan", "f16=inf", "f16=-0.1"):
+        _refused(capsys, rf"--ppl-threshold .*{re.escape(spec.split('=')[1])}.*expected a finite fraction >= 0",
+                 "verify", "--merged", llama, "--ppl-threshold", spec)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- chat, serve
+
+
+def test_chat_and_serve_bad_inputs(llama: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Bad weights, a non-UTF-8 tokenizer file, broken YAML or sampling values out of range: one line, exit 2, before
+    any prompt is read (not a loader's traceback, not an error after every answer)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    trunc = _copy(llama, tmp_path / "trunc")
+    shard = trunc / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    badtok = _copy(llama, tmp_path / "badtok")
+    raw = (badtok / "tokenizer_config.json").read_bytes()
+    (badtok / "tokenizer_config.json").write_bytes(raw[:5] + b"\xff" + raw[5:])
+    broken = tmp_path / "infer.yaml"
+    broken.write_text(f"model_name_or_path: [{llama}\n")
+    for cmd in ("chat", "serve"):
+        _refused(capsys, r"trunc/model\.safetensors: truncated safetensors file", cmd, trunc)
+        _refused(capsys, r"badtok/tokenizer_config\.json: not UTF-8 text: byte 5", cmd, badtok)
+        _refused(capsys, r"infer\.yaml: not valid YAML at line 2, column 1: expected ',' or ']'", cmd, broken)
+        _refused(capsys, r"max_new_tokens must be >= 1, got 0", cmd, llama, "--max-new-tokens", "0")
+    _refused(capsys, r"temperature must be >= 0, got -1\.0", "chat", llama, "--temperature", "-1")
+    _refused(capsys, r"top_p must be in \(0, 1\], got 1\.5", "chat", llama, "--top-p", "1.5")

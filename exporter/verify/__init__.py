@@ -38,6 +38,7 @@ from exporter.verify.corpus import CHAT_PROMPTS, HELD_OUT_TEXT, PROBE_CONVERSATI
 from exporter.verify.numbers import (
     DEFAULT_THRESHOLDS,
     check_numbers,
+    check_thresholds,
     load_hf,
     parse_thresholds,
     score,
@@ -60,6 +61,7 @@ __all__ = [
     "Report",
     "VerifyOptions",
     "discover",
+    "check_thresholds",
     "parse_modelfile",
     "parse_thresholds",
     "quantized_kind",
@@ -86,7 +88,7 @@ def verify(opts: VerifyOptions) -> Report:
     t0 = time.perf_counter()
     art = collect(opts)
     check_inputs(art)
-    thresholds = {**DEFAULT_THRESHOLDS, **{k.lower(): float(v) for k, v in art.ppl_threshold.items()}}
+    thresholds = {**DEFAULT_THRESHOLDS, **check_thresholds(art.ppl_threshold)}
     quantized_kinds = [quantized_kind(q) for q in art.quantized]  # bad dirs fail before any model is loaded
     infos = [read_gguf(p) for p in art.ggufs]
     mfs = [parse_modelfile(p) for p in art.modelfiles]

@@ -107,11 +107,11 @@ def check_inputs(art: VerifyOptions) -> None:
             raise UserError(f"{p}: no such file")
     if art.text:
         read_text(art.text)  # not UTF-8: one line naming the byte, before any model is loaded
-    from exporter.safetensors_file import read_header
+    from exporter.hf_dir import check_readable
 
     for d in (art.base, art.adapter, art.merged, *art.quantized):
-        for f in sorted(Path(d).glob("*.safetensors")) if d is not None else ():
-            read_header(f)  # truncated or corrupt weights: one line naming the file, not a loader's traceback
+        if d is not None and Path(d).is_dir():
+            check_readable(Path(d))  # truncated weights, non-UTF-8 files: one line naming the file, not a traceback
     if art.quantized and art.merged is None:
         raise UserError("--quantized needs --merged: quantized dirs are scored against the unquantized model")
     if art.merged is None and art.adapter is None and not art.ggufs and not art.modelfiles:
