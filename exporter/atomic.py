@@ -94,10 +94,7 @@ def check_free_space(where: Path, needed_bytes: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed_bytes * 1.05:
-        raise UserError(
-            f"not enough free disk under {probe}: need about {needed_bytes / 2**30:.2f} GiB, "
-            f"{free / 2**30:.2f} GiB free"
-        )
+        raise UserError(f"not enough free disk under {probe}: need about {_gib(needed_bytes)}, {_gib(free)} free")
 
 
 def os_error(e: BaseException) -> OSError | None:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -665,6 +666,7 @@ def _strict_lines(path: Path) -> list[dict]:
         (["--max_steps", "2", "--lora_alpha", "sixteen"], r"lora_alpha must be an integer, got 'sixteen'"),
         (["--max_steps", "2", "--save_steps", "0"], r"save_steps must be positive"),
         (["--max_steps", "2", "--lora_dropout", "1.5"], r"lora_dropout must be in \[0, 1\), got 1\.5"),
+        (["--max_steps", "2", "--max_samples", "-1"], r"max_samples must be a positive number of rows .* got -1"),
     ],
 )
 def test_train_numbers_that_train_nothing(extra, pattern, qwen: Path, rows: Path, tmp_path: Path, capsys) -> None:
@@ -894,3 +896,7 @@ def test_chat_and_serve_bad_inputs(llama: Path, tmp_path: Path, capsys, monkeypa
         _refused(capsys, r"max_new_tokens must be >= 1, got 0", cmd, llama, "--max-new-tokens", "0")
     _refused(capsys, r"temperature must be >= 0, got -1\.0", "chat", llama, "--temperature", "-1")
     _refused(capsys, r"top_p must be in \(0, 1\], got 1\.5", "chat", llama, "--top-p", "1.5")
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use: one line before the model loads
+        port = taken.getsockname()[1]
+        _refused(capsys, rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use", "serve", trunc, "--port",
+                 str(port))  # fmt: skip
