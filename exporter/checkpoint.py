@@ -209,6 +209,28 @@ def latest(out_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _check_lora_shapes(path: Path, model: Any) -> None:
+    """The checkpoint's LoRA tensors are this run's, name for name and shape for shape (PEFT would skip a missing
+    one silently and fail on a shape with a traceback)."""
+    from peft import get_peft_model_state_dict
+
+    from exporter.safetensors_file import read_header
+
+    want = {k: list(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    have = {k: list(e.shape) for k, e in read_header(path / "adapter_model.safetensors").items()}
+    for k in sorted(want.keys() | have.keys()):
+        if want.get(k) != have.get(k):
+            what = (
+                "missing from the checkpoint" if k not in have
+                else "not part of this run's LoRA" if k not in want
+                else f"{have[k]} in the checkpoint and {want[k]} in this run"
+            )  # fmt: skip
+            raise UserError(
+                f"resume_from_checkpoint {path}: tensor {k} is {what}: the checkpoint was saved with other LoRA "
+                "settings (lora_rank, lora_target); resume with those, or start over"
+            )
+
+
 def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from checkpoint-N; returns its trainer state. Its files must
     match its manifest; older checkpoints' .pt/.pth files load only with torch's weights_only=True."""
@@ -231,12 +253,17 @@ def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig) -> dict
     if cfg.finetuning_type == "lora":
         from peft import set_peft_model_state_dict
 
+        _check_lora_shapes(path, model)
         set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     else:
         from transformers import AutoModelForCausalLM
 
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-        model.load_state_dict(loaded.state_dict())
+        try:
+            model.load_state_dict(loaded.state_dict())
+        except RuntimeError as e:
+            first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+            raise UserError(f"resume_from_checkpoint {path}: its weights do not fit this model ({first})") from None
     if new:
         from safetensors import SafetensorError
 

@@ -767,6 +767,20 @@ def test_resume_refuses_a_changed_checkpoint(qwen: Path, rows: Path, tmp_path: P
              r"is \d+ bytes, the manifest says \d+", *kill_at_3)  # fmt: skip
 
 
+def test_resume_refuses_a_checkpoint_of_other_lora_settings(qwen: Path, rows: Path, tmp_path: Path, capsys) -> None:
+    """A checkpoint saved with another lora_rank or lora_target is refused naming a tensor (was: a size-mismatch
+    traceback, or PEFT skipping the missing tensors silently)."""
+    first = _train(qwen, rows, tmp_path / "first", "--max_steps", "2", "--save_steps", "1")
+    assert _cli(capsys, *first)[0] == 0
+    ckpt = tmp_path / "first" / "checkpoint-1"
+    for extra, what in ((["--lora_rank", "4"], r"\[8, \d+\] in the checkpoint and \[4, \d+\] in this run"),
+                        (["--lora_target", "q_proj"], r"not part of this run's LoRA")):  # fmt: skip
+        out = tmp_path / f"again{len(extra[1])}"
+        args = _train(qwen, rows, out, "--max_steps", "3", "--resume_from_checkpoint", str(ckpt), *extra)
+        _refused(capsys, rf"{re.escape(str(ckpt))}: tensor \S+ is {what}: .*other LoRA settings", *args)
+        assert not (out / "adapter_model.safetensors").exists()
+
+
 def test_output_dir_that_is_not_ours(qwen: Path, rows: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "home"
     out.mkdir()
