@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from exporter import __version__
 from exporter.atomic import atomic_dir, check_free_space, check_target
 from exporter.config import did_you_mean, read_json
 from exporter.errors import UserError
+from exporter.hf_dir import check_readable
 
 NUMPY_KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 KQUANT_KINDS = ("q4_k_m", "q5_k_m", "q6_k")
@@ -92,6 +94,18 @@ def _progress() -> Progress:
 
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
+
+
+_OLLAMA_NAME = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,79}/){0,2}[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")
+
+
+def check_ollama_name(name: str | None) -> None:
+    """An `ollama create` name Ollama accepts (its parts: letters, digits, `_ . -`; up to 80 each); the tag is ours."""
+    if name is not None and not _OLLAMA_NAME.fullmatch(name):
+        raise UserError(
+            f"--ollama-name {name!r}: expected [namespace/]name of letters, digits, '_', '.', '-' (up to 80 each, "
+            "starting with a letter, digit or '_'); the :tag is added per type"
+        )
 
 
 def ollama_names(model_dir: Path, kinds: list[str], ollama_name: str | None = None) -> dict[str, str]:
@@ -250,10 +264,14 @@ def run(opts: GGUFOptions) -> GGUFResult:
     from exporter.converters.gguf_arch import arch_for, load_hparams
 
     kinds = parse_types(opts.types)
+    check_ollama_name(opts.ollama_name)
     model_dir = hub.resolve(opts.model, "model")
     arch_for(load_hparams(model_dir), model_dir)  # an unsupported architecture is the first thing to report
+    check_readable(model_dir)  # truncated weights, non-UTF-8 tokenizer files: one line, not the converter's traceback
     if opts.adapter is not None:
         adapter_dir = hub.resolve(opts.adapter, "adapter")
+        if adapter_dir.is_dir():
+            check_readable(adapter_dir)
         has_template = (adapter_dir / "chat_template.jinja").is_file() or "chat_template" in read_json(
             adapter_dir / "tokenizer_config.json", optional=True
         )

@@ -147,6 +147,7 @@ def check(opts: StageOptions) -> None:
     lf_args.check(opts.train, opts.train_given, "cuda" if torch.cuda.is_available() else "cpu", notes=False)
     merge.check_options(opts.merge)
     gguf.parse_types(opts.gguf.types)
+    gguf.check_ollama_name(opts.gguf.ollama_name)
     v = opts.verify
     verify.check_thresholds(v.ppl_threshold)
     for key, least in (("prompts", 0), ("ctx", 8), ("max_windows", 1), ("max_new_tokens", 1)):

@@ -194,7 +194,9 @@ def _run_gptqmodel(model_dir: Path, tmp: Path, method: str, bits: int, group: in
     gm = _import_gptqmodel()
     cuda = torch.cuda.is_available()
     if method == "gptq":
-        qc = gm.QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True)
+        # one group per row (-1): gptqmodel's group-aware activation order needs groups, so it is off there
+        extra = {"act_group_aware": False} if group == -1 else {}
+        qc = gm.QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True, **extra)
         backend = gm.BACKEND.AUTO
     else:
         qc = gm.AWQConfig(bits=bits, group_size=group)

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from exporter.config import read_json
+from exporter.config import read_json, read_text
 from exporter.diff import first_diff
 from exporter.errors import UserError
 from exporter.hf_dir import adds_bos
@@ -683,7 +683,7 @@ def model_chat_template(model_dir: Path | str) -> tuple[str, str, str]:
     template = None
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
+        template = read_text(jinja_file)
     else:
         ct = cfg.get("chat_template")
         if isinstance(ct, list):

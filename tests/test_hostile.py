@@ -488,7 +488,32 @@ def test_quantize_refuses_non_finite_and_corrupt(llama: Path, tmp_path: Path, ca
     assert not (tmp_path / "q").exists() and _leftovers(tmp_path) == []
 
 
+def test_quantize_gptq_one_group_per_row(llama: Path, tmp_path: Path, capsys) -> None:
+    """--group-size -1, which the group-size error suggests, quantizes (was: gptqmodel's ValueError traceback)."""
+    require_quant()
+    code, err = _cli(capsys, "quantize", llama, "--method", "gptq", "--group-size", "-1", "--out", tmp_path / "q",
+                     "--samples", "8", "--max-length", "64")  # fmt: skip
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["group_size"] == -1 and cfg["bits"] == 4
+
+
 # ------------------------------------------------------------------------------------------ data and templates
+
+
+def test_non_utf8_chat_template_and_bad_ollama_name(llama: Path, tmp_path: Path, capsys) -> None:
+    """A chat_template.jinja that is not UTF-8 is one line in every command that reads it (was: gguf-py's
+    traceback); an --ollama-name Ollama would refuse is refused before converting."""
+    model = _copy(llama, tmp_path / "model")
+    (model / "chat_template.jinja").write_bytes(b"{% for m in messages %}{{ m.content }}\xff{% endfor %}")
+    pattern = r"model/chat_template\.jinja: not UTF-8 text: byte 38 \(line 1\)"
+    _refused(capsys, pattern, "gguf", model, "-t", "f16", "--out", tmp_path / "g")
+    _refused(capsys, pattern, "template", "detect", model)
+    _refused(capsys, pattern, "chat", model)
+    for name in ("Bad Name!", "a:b", "x" * 81, "-lead"):
+        _refused(capsys, rf"--ollama-name {re.escape(repr(name))}: expected \[namespace/\]name", "gguf", llama,
+                 "--ollama-name", name, "--out", tmp_path / "g")  # fmt: skip
+    assert not (tmp_path / "g").exists() and _leftovers(tmp_path) == []
 
 
 def test_non_utf8_conversation_and_unknown_roles(tmp_path: Path, capsys) -> None:
@@ -580,6 +605,7 @@ def _pipeline_yaml(tmp: Path, base: Path, run_dir: Path, **stages: dict) -> Path
         ({"merge": {"dtype": "int3"}}, r"--dtype 'int3': expected one of bf16, fp16, fp32"),
         ({"verify": {"ppl_threshold": "q8_0=lots"}}, r"--ppl-threshold: 'q8_0=lots' is not TYPE=FRACTION"),
         ({"verify": {"ctx": 2}}, r"verify\.ctx must be at least 8, got 2"),
+        ({"gguf": {"ollama_name": "my model"}}, r"--ollama-name 'my model': expected"),
         ({"verify": {"ppl_threshold": {"q8_0": float("nan")}}}, r"--ppl-threshold q8_0=nan: expected a finite"),
         ({"train": {"learning_rate": "fast"}}, r"learning_rate must be a number"),
     ],

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.config import read_json
+from exporter.config import read_json, read_text
 from exporter.engine.api import BACKENDS, Completion, Delta, EngineError, LoadOptions, Sampling
 from exporter.engine.chat_format import ChatFormat
 from exporter.engine.sampling import check_sampling
@@ -219,7 +219,7 @@ def _template_override(name: str, special: dict[str, str]) -> str:
     """A family name or a .jinja file -> Jinja."""
     p = Path(name).expanduser()
     if p.is_file():
-        return p.read_text(encoding="utf-8")
+        return read_text(p)
     from exporter import templates
 
     tpl = templates.load_template(name).for_tokenizer(special.get("bos_token"), special.get("eos_token"))

@@ -221,9 +221,7 @@ def parse_modelfile(path: Path) -> Modelfile:
     from exporter.converters.modelfile import parse
 
     try:
-        commands = parse(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"Modelfile {path}: cannot read it ({e})") from None
+        commands = parse(read_text(path))  # not UTF-8: one line naming the byte and line
     except ValueError as e:
         raise UserError(f"Modelfile {path}: {e}") from None
     last = {cmd: value for cmd, value in commands}
