@@ -133,7 +133,7 @@ class Family:
 SPECS: dict[str, Family] = {
     "llama2": Family(
         "llama2",
-        "llama2",
+        "llama-2",
         "LlamaForCausalLM",
         "LlamaTokenizer",
         "spm",
@@ -148,7 +148,7 @@ SPECS: dict[str, Family] = {
     ),
     "llama3": Family(
         "llama3",
-        "llama3",
+        "llama-3.1",
         "LlamaForCausalLM",
         "PreTrainedTokenizerFast",
         "bpe",
@@ -162,7 +162,7 @@ SPECS: dict[str, Family] = {
     ),
     "mistral": Family(
         "mistral",
-        "mistral",
+        "mistral-nemo",
         "MistralForCausalLM",
         "LlamaTokenizer",
         "spm",
@@ -176,7 +176,7 @@ SPECS: dict[str, Family] = {
     ),
     "qwen2": Family(
         "qwen2",
-        "qwen",
+        "qwen-2.5",
         "Qwen2ForCausalLM",
         "Qwen2Tokenizer",
         "bpe",
@@ -190,7 +190,7 @@ SPECS: dict[str, Family] = {
     ),
     "qwen3": Family(
         "qwen3",
-        "qwen3",
+        "qwen-3",
         "Qwen3ForCausalLM",
         "Qwen2Tokenizer",
         "bpe",
@@ -204,7 +204,7 @@ SPECS: dict[str, Family] = {
     ),
     "gemma3": Family(
         "gemma3",
-        "gemma",
+        "gemma-3",
         "Gemma3ForCausalLM",
         "GemmaTokenizer",
         "spm",
@@ -222,7 +222,7 @@ SPECS: dict[str, Family] = {
     ),
     "phi3": Family(
         "phi3",
-        "phi3",
+        "phi-3",
         "Phi3ForCausalLM",
         "LlamaTokenizer",
         "spm",

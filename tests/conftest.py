@@ -8,8 +8,8 @@
 `$EXPORTER_FIXTURES/<hash>/` (default `~/.cache/exporter/fixtures/<hash>/`), where the hash covers the script,
 the corpus, the template families and the transformers/tokenizers versions; a file lock makes parallel sessions
 safe and the build is renamed into place only when complete.
-`llama_src()`, `require_go()`, `require_llama_cpp()` skip a test when a reference is missing locally and fail it
-when `EXPORTER_REQUIRE_REFERENCES=1` (CI).
+`llama_src()`, `require_go()`, `require_llama_cpp()`, `lf_python()` skip a test when a reference is missing locally
+and fail it when `EXPORTER_REQUIRE_REFERENCES=1` (CI).
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 # exporter template family name of each fixture family
 TEMPLATE_OF = {
-    "llama2": "llama2",
-    "llama3": "llama3",
-    "mistral": "mistral",
-    "qwen2": "qwen",
-    "qwen3": "qwen3",
-    "gemma3": "gemma",
-    "phi3": "phi3",
+    "llama2": "llama-2",
+    "llama3": "llama-3.1",
+    "mistral": "mistral-nemo",
+    "qwen2": "qwen-2.5",
+    "qwen3": "qwen-3",
+    "gemma3": "gemma-3",
+    "phi3": "phi-3",
 }
 
 
@@ -79,6 +79,15 @@ def require_llama_cpp() -> ModuleType:
         _missing("llama-cpp-python (`import llama_cpp`)")
         raise AssertionError("unreachable") from None
     return llama_cpp
+
+
+def lf_python() -> str:
+    """The Python of the LLaMA-Factory reference venv ($EXPORTER_LF_PYTHON, built by scripts/setup_lf.sh)."""
+    value = os.environ.get("EXPORTER_LF_PYTHON")
+    if value and Path(value).is_file():
+        return value
+    _missing(f"the LLaMA-Factory reference venv (EXPORTER_LF_PYTHON={value!r}; bash scripts/setup_lf.sh)")
+    raise AssertionError("unreachable")
 
 
 def require_quant() -> None:

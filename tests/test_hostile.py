@@ -519,11 +519,11 @@ def test_non_utf8_chat_template_and_bad_ollama_name(llama: Path, tmp_path: Path,
 def test_non_utf8_conversation_and_unknown_roles(tmp_path: Path, capsys) -> None:
     conv = tmp_path / "conv.json"
     conv.write_bytes(b'[{"role": "user", "content": "caf\xe9"}]')
-    _refused(capsys, r"conv\.json: not UTF-8 text: byte 33 \(line 1\) is b'\\xe9'", "template", "render", "qwen",
+    _refused(capsys, r"conv\.json: not UTF-8 text: byte 33 \(line 1\) is b'\\xe9'", "template", "render", "qwen-2.5",
              conv)  # fmt: skip
     conv.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "narrator", "content": "..."},
                                 {"role": "assistant", "content": "yo"}]))  # fmt: skip
-    for family in ("qwen", "llama3", "gemma"):  # dropped by some renderings and kept by others, before
+    for family in ("qwen-2.5", "llama-3.1", "gemma-3", "qwen"):  # dropped by some renderings, kept by others, before
         for fmt in ("train", "jinja", "ollama"):
             _refused(capsys, r"message 1: role 'narrator' is not one of system, user, assistant, tool", "template",
                      "render", family, conv, "--format", fmt)  # fmt: skip
@@ -540,7 +540,7 @@ def _data(tmp: Path, files: dict[str, bytes], info: dict) -> Path:
 
 def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model_name_or_path", str(model), "--dataset_dir", str(data), "--dataset", "d",
-            "--output_dir", str(out), "--template", "llama3", "--max_steps", "1", *extra]  # fmt: skip
+            "--output_dir", str(out), "--template", "llama-3.1", "--max_steps", "1", *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -575,7 +575,7 @@ def _pipeline_yaml(tmp: Path, base: Path, run_dir: Path, **stages: dict) -> Path
     cfg = {
         "base": str(base),
         "run_dir": str(run_dir),
-        "template": "qwen",
+        "template": "qwen-2.5",
         "train": {
             "dataset": "identity",
             "dataset_dir": str(ROOT / "data" / "demo"),
@@ -668,7 +668,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _train(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model_name_or_path", str(model), "--dataset_dir", str(data), "--dataset", "d",
-            "--output_dir", str(out), "--template", "qwen", "--per_device_train_batch_size", "2",
+            "--output_dir", str(out), "--template", "qwen-2.5", "--per_device_train_batch_size", "2",
             "--logging_steps", "1", *extra]  # fmt: skip
 
 
@@ -840,7 +840,7 @@ def test_huge_row_is_cut_before_tokenizing_without_changing_ids(qwen: Path) -> N
     from exporter.lf_args import TrainConfig
 
     tok = AutoTokenizer.from_pretrained(qwen)
-    tpl = templates.load_template("qwen")
+    tpl = templates.load_template("qwen-2.5")
     cfg = TrainConfig(model_name_or_path=str(qwen), output_dir="x", cutoff_len=64)
     limit = examples.max_chars(tok, cfg.cutoff_len, floor=0)  # the cut without its floor: cheap to compare
     words = " ".join(f"w{i % 97}ord" for i in range(40_000))
