@@ -940,3 +940,18 @@ def test_chat_and_serve_bad_inputs(llama: Path, tmp_path: Path, capsys, monkeypa
         port = taken.getsockname()[1]
         _refused(capsys, rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use", "serve", trunc, "--port",
                  str(port))  # fmt: skip
+
+
+def test_eval_of_a_model_with_non_finite_logits_fails(llama: Path, tmp_path: Path, capsys) -> None:
+    """NaN logits give no accuracy (argmax would answer "A" everywhere and report a number): exit 2, nothing saved."""
+    from eval_fixture import write_task
+
+    bad = _copy(llama, tmp_path / "nan")
+    _poke(bad, "layers.0.mlp.down_proj.weight", float("nan"))
+    write_task(tmp_path / "evaluation", "mmlu")
+    out = tmp_path / "scores"
+    args = ("eval", "--model_name_or_path", bad, "--task", "mmlu_test", "--task_dir", tmp_path / "evaluation",
+            "--lang", "en", "--n_shot", "0", "--template", "fewshot", "--save_dir", out)  # fmt: skip
+    _refused(capsys, r"nan: the answer letters' logits are not finite \(nan, nan, nan, nan\) for question \d+: the "
+             r"model's weights are broken", *args)  # fmt: skip
+    assert not out.exists() and _leftovers(tmp_path) == []
