@@ -101,11 +101,19 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
     hp = read_json(path)
-    if "text_config" in hp:
+    if not isinstance(hp, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    if isinstance(hp.get("text_config"), dict):
         hp = {**hp, **hp["text_config"], "model_type": hp["text_config"].get("model_type", hp.get("model_type"))}
     model_type = hp.get("model_type")
     if model_type == "gemma3":
         model_type = "gemma3_text"
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                "num_key_value_heads", "head_dim"):  # fmt: skip
+        v = hp.get(key)
+        needed = key in ("hidden_size", "num_attention_heads", "num_hidden_layers") and model_type in _DEFAULTS
+        if (v is not None or needed) and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise UserError(f"{path}: {key} is {v!r}; expected a positive integer")
     for key, value in _DEFAULTS.get(model_type, {}).items():
         hp.setdefault(key, value)
     if hp.get("num_key_value_heads") is None and hp.get("num_attention_heads"):
@@ -350,3 +358,50 @@ def plan_tensors(
 def extra_tensors(arch: Arch, hp: dict[str, Any], w: gguf.GGUFWriter) -> list[TensorSpec]:
     """Generated tensors (rope factors), which may also add metadata to `w`."""
     return [TensorSpec(n, d.shape, None, data=d) for n, d in arch.extra(hp, w)]
+
+
+def check_geometry(arch: Arch, hp: dict[str, Any], shapes: dict[str, tuple[int, ...]], model_dir: Path) -> None:
+    """Every weight's shape must follow config.json's sizes, as llama.cpp checks when it loads the file (a GGUF
+    whose head count disagrees with its tensors cannot be loaded)."""
+    hidden, n_head = hp["hidden_size"], hp["num_attention_heads"]
+    n_kv = hp.get("num_key_value_heads") or n_head
+    hd, ff = _head_dim(hp), hp.get("intermediate_size")
+    fused_up = 2 * ff if (ff and arch.gguf_arch == gguf.MODEL_ARCH.PHI3) else ff
+    expect = {  # GGUF tensor kind -> (rows, cols) of the HF weight; None: not fixed by the config
+        "attn_q": (n_head * hd, hidden),
+        "attn_k": (n_kv * hd, hidden),
+        "attn_v": (n_kv * hd, hidden),
+        "attn_qkv": ((n_head + 2 * n_kv) * hd, hidden),
+        "attn_output": (hidden, n_head * hd),
+        "ffn_gate": (ff, hidden),
+        "ffn_up": (fused_up, hidden),
+        "ffn_down": (hidden, ff),
+        "token_embd": (None, hidden),
+        "output": (None, hidden),
+    }
+    keys = "hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size"
+    tmap = gguf.get_tensor_name_map(arch.gguf_arch, hp["num_hidden_layers"])
+    layers: set[int] = set()
+    for name, shape in shapes.items():
+        mapped = tmap.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            continue  # plan_tensors names it
+        parts = mapped[1].split(".")
+        if parts[0] == "blk":
+            layers.add(int(parts[1]))
+        want = expect.get(parts[-2]) if name.endswith(".weight") and len(shape) == 2 else None
+        if want is None:
+            continue
+        if any(w is not None and w != have for w, have in zip(want, shape, strict=True)):
+            shown = [w if w is not None else "any" for w in want]
+            raise UserError(
+                f"{model_dir / 'config.json'} does not match the weights: tensor {name} is {list(shape)}, "
+                f"the config ({keys} = {hidden}, {n_head}, {n_kv}, {hd}, {ff}) needs {shown}; llama.cpp could not load "
+                "such a GGUF"
+            )
+    missing = sorted(set(range(hp["num_hidden_layers"])) - layers)
+    if missing:
+        raise UserError(
+            f"{model_dir / 'config.json'} says num_hidden_layers={hp['num_hidden_layers']} but the weights have no "
+            f"tensors for layer(s) {', '.join(map(str, missing[:8]))}"
+        )

@@ -8,6 +8,7 @@ type and written with `pwrite` at its place in every file. Peak memory is a few 
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import deque
@@ -111,6 +112,25 @@ class Source:
         return out.reshape((stop - start, *shape[1:]) if len(shape) >= 2 else shape)
 
 
+def check_finite(model_dir: Path) -> None:
+    """Refuse a model whose weights hold inf/nan: one read of every tensor, block by block (for quantizers that
+    would carry them into their output)."""
+    src = Source.open(model_dir)
+    scratch = gguf_quant.Scratch()
+    try:
+        for name, shape in src.shapes.items():
+            rows = shape[0] if len(shape) >= 2 else 1
+            step = _block_rows(shape) if len(shape) >= 2 else 1
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                amax = gguf_quant.max_abs(src.raw(name, r0, r1, scratch), src.entries[name][0])
+                if not math.isfinite(amax):
+                    where = f"{src.files[name]}: tensor {name}"
+                    raise UserError(f"{where}: non-finite values (inf/nan) in rows {r0}-{r1 - 1}")
+    finally:
+        src.close()
+
+
 def _to_f32(raw: np.ndarray, dtype: str, scratch: gguf_quant.Scratch) -> np.ndarray:
     """A block as float32 in `scratch` (an f32 block read into scratch is already that)."""
     if dtype == "BF16":
@@ -160,7 +180,13 @@ def plan(model_dir: Path) -> tuple[gguf_arch.Arch, dict[str, Any], Source]:
     """Architecture, config and the opened weights; UserError for anything unsupported."""
     hp = gguf_arch.load_hparams(model_dir)
     arch = gguf_arch.arch_for(hp, model_dir)
-    return arch, hp, Source.open(model_dir)
+    src = Source.open(model_dir)
+    try:
+        gguf_arch.check_geometry(arch, hp, src.shapes, model_dir)
+    except UserError:
+        src.close()
+        raise
+    return arch, hp, src
 
 
 @dataclass
@@ -176,17 +202,23 @@ class _Out:
 def _write_head(w: gguf.GGUFWriter, rec: Written, specs: list[gguf_arch.TensorSpec], types: dict[str, T]) -> _Out:
     """Header, metadata and tensor infos through GGUFWriter; returns the file opened for the tensor data."""
     path = rec.path
-    w.write_header_to_file(path=path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
+    try:
+        w.write_header_to_file(path=path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+    finally:
+        w.close()  # also when a write failed (a full disk): no file left open
     pos = gguf.GGUFWriter.ggml_pad(path.stat().st_size, w.data_alignment)  # data starts aligned after the infos
     offsets = {}
     for spec in specs:  # the order the infos were added in, which is the order of their offsets
         offsets[spec.name] = pos
         pos += gguf.GGUFWriter.ggml_pad(_nbytes(spec.shape, types[spec.name]), w.data_alignment)
     fd = os.open(path, os.O_WRONLY)
-    os.posix_fallocate(fd, 0, pos)  # the final size, its blocks allocated up front (faster writes); padding reads 0
+    try:
+        os.posix_fallocate(fd, 0, pos)  # the final size, its blocks allocated up front (faster writes); padding reads 0
+    except OSError:
+        os.close(fd)
+        raise
     return _Out(rec, fd, types, offsets)
 
 
@@ -198,6 +230,21 @@ def _pwrite(fd: int, data: np.ndarray, offset: int) -> None:
 
 
 _scratch = threading.local()
+
+
+def _check_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, amax: float, outs: list[_Out]) -> None:
+    """Nothing non-finite goes into a GGUF: no inf/nan in the weights, and no value (or block scale) that overflows
+    the type it is written as."""
+    if math.isfinite(amax) and all(amax < gguf_quant.OVERFLOW[o.types[spec.name]] for o in outs):
+        return
+    where = f"{src.files[spec.source]}: tensor {spec.source}" if spec.source else f"generated tensor {spec.name}"
+    rows = f"rows {r0}-{r1 - 1}" if len(spec.shape) >= 2 else "its values"
+    if not math.isfinite(amax):
+        raise UserError(f"{where}: non-finite values (inf/nan) in {rows}; a GGUF must not carry them")
+    qtype = next(o.types[spec.name] for o in outs if amax >= gguf_quant.OVERFLOW[o.types[spec.name]])
+    raise UserError(
+        f"{where}: |value| up to {amax:g} in {rows} overflows {qtype.name} (float16 range); use --type bf16 or f32"
+    )
 
 
 def _convert_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, outs: list[_Out]) -> int:
@@ -221,6 +268,8 @@ def _convert_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, ou
             lo = int(want.min())
             raw = src.raw(spec.source, lo, int(want.max()) + 1, scratch)[want - lo]
         x = None
+    amax = gguf_quant.max_abs(x, "F32") if raw is None else gguf_quant.max_abs(raw, dtype)
+    _check_block(src, spec, r0, r1, amax + abs(spec.add), outs)
     written = 0
     for out in outs:
         qtype = out.types[spec.name]

@@ -16,6 +16,7 @@ from exporter.converters import gguf_arch
 
 from exporter.adapter import LoraPart, load_adapter
 from exporter.errors import UserError
+from exporter.safetensors_file import read_header
 
 LORA_KINDS = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}
 
@@ -40,6 +41,12 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraPart], int]:
             f"{adapter_dir}: {', '.join(odd)} have embedding LoRA or lora bias, which a GGUF LoRA cannot hold; "
             "merge the adapter and convert the merged model instead"
         )
+    for m, p in ad.lora.items():
+        for ab, t in (("lora_A", p.A), ("lora_B", p.B)):
+            if not bool(torch.isfinite(t).all()):
+                raise UserError(
+                    f"{adapter_dir}: {m}.{ab} holds non-finite values (inf/nan); a GGUF must not carry them"
+                )
     ranks = {int(p.A.shape[0]) for p in ad.lora.values()}
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or len(ranks) > 1:
         raise UserError(f"{adapter_dir}: per-module ranks/alphas; a GGUF LoRA has one alpha for all tensors")
@@ -59,6 +66,14 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_path: Path, kind: str = 
     hp = gguf_arch.load_hparams(base_dir)
     arch = gguf_arch.arch_for(hp, base_dir)
     shapes = {base: (p.B.shape[0], p.A.shape[1]) for base, p in parts.items()}
+    base_shapes = {n: e.shape for f in sorted(base_dir.glob("*.safetensors")) for n, e in read_header(f).items()}
+    for base, shape in shapes.items():
+        if tuple(base_shapes.get(base, ())) != shape:
+            have = f"is {list(base_shapes[base])} in" if base in base_shapes else "is absent from"
+            raise UserError(
+                f"adapter {adapter_dir} is for another base: its LoRA for {base} needs {list(shape)} (rank {rank}), "
+                f"and the tensor {have} the base {base_dir}"
+            )
     tied = bool(hp.get("tie_word_embeddings"))
     if tied and "lm_head.weight" in shapes:
         raise UserError(f"{adapter_dir}: LoRA on lm_head of a tied-embedding model; merge it (the merge unties)")
@@ -78,6 +93,11 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_path: Path, kind: str = 
         if spec.row_index is not None:
             b = b[spec.row_index]
         for suffix, data in ((".lora_a", a), (".lora_b", b)):
+            if kind == "f16" and data.size and float(np.abs(data).max()) >= 65520.0:
+                raise UserError(
+                    f"{adapter_dir}: LoRA {base} has values up to {float(np.abs(data).max()):g}, which overflow f16; "
+                    "use --type f32"
+                )
             w.add_tensor(spec.name + suffix, gguf.quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
         out[spec.name] = rank
     w.write_header_to_file(path=out_path)

@@ -8,6 +8,8 @@ fresh large arrays are fresh pages the kernel must fault in and zero, which cost
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import numpy as np
 
@@ -100,6 +102,28 @@ def q8_0(x: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
     out.view(np.uint16)[:, 0] = d.astype(np.float16).view(np.uint16)
     np.copyto(out[:, 2:].view(np.int8), v, casting="unsafe")  # float -> int8 truncates toward zero
     return out.reshape(*x.shape[:-1], x.shape[-1] // 32 * 34)
+
+
+# signed and unsigned integer views of each stored dtype, and the float type of its bits
+_VIEWS = {"BF16": (np.int16, np.uint16, np.float32), "F16": (np.int16, np.uint16, np.float16),
+          "F32": (np.int32, np.uint32, np.float32)}  # fmt: skip
+# for each output type, the |value| from which a value (or a block's f16 scale: amax/127, amax/8) rounds to inf
+OVERFLOW = {T.F16: 65520.0, T.Q8_0: 65520.0 * 127, T.Q4_0: 65520.0 * 8, T.BF16: 3.3961e38, T.F32: math.inf}
+
+
+def max_abs(raw: np.ndarray, dtype: str) -> float:
+    """Largest |value| of a block in its stored dtype ("BF16" as uint16 bits, "F16", "F32"): nan or inf when the
+    block holds one. Two read-only integer max passes and no temporaries: a float's bits, read as a signed integer,
+    grow with the magnitude of positive values, and read as unsigned, with that of negative ones (sign bit set);
+    NaN's bit patterns sort above inf's."""
+    if raw.size == 0:
+        return 0.0
+    signed, unsigned, ftype = _VIEWS[dtype]
+    sign = 1 << (8 * np.dtype(unsigned).itemsize - 1)
+    top = max(int(raw.view(signed).max()), int(raw.view(unsigned).max()) - sign, 0)
+    if dtype == "BF16":
+        return float(np.array(top << 16, dtype=np.uint32).view(np.float32))
+    return float(np.array(top, dtype=unsigned).view(ftype))
 
 
 def encode(x: np.ndarray, qtype: T, scratch: Scratch | None = None) -> np.ndarray:

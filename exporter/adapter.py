@@ -144,12 +144,27 @@ def _whole(src: Source) -> torch.Tensor:
     return src.rows(0, src.shape[0] if src.shape else 1).to(torch.float32)
 
 
+def check_lora_numbers(cfg: dict, cfg_path: Path) -> None:
+    """`r` / `rank_pattern` positive integers, `lora_alpha` / `alpha_pattern` finite numbers (PEFT's types)."""
+    ranks = [("r", cfg.get("r", 8))] + [(f"rank_pattern.{k}", v) for k, v in (cfg.get("rank_pattern") or {}).items()]
+    for key, v in ranks:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise UserError(f"{cfg_path}: {key} is {v!r}; expected a positive integer (the LoRA rank)")
+    alphas = [("lora_alpha", cfg.get("lora_alpha", 8))]
+    alphas += [(f"alpha_pattern.{k}", v) for k, v in (cfg.get("alpha_pattern") or {}).items()]
+    for key, v in alphas:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"{cfg_path}: {key} is {v!r}; expected a finite number (the LoRA scale's numerator)")
+
+
 def load_adapter(path: Path, weight: float, label: str) -> Adapter:
     """Read adapter_config.json and the adapter's tensors; every key is classified or rejected."""
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         raise UserError(f"adapter {path}: missing adapter_config.json (is this a PEFT adapter directory?)")
     cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object (PEFT's adapter config)")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for key in _UNSUPPORTED:
@@ -157,6 +172,7 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
             raise UserError(f"{cfg_path}: {key} is set; merging such adapters is not supported")
     if cfg.get("bias", "none") != "none":
         raise UserError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (only bias='none')")
+    check_lora_numbers(cfg, cfg_path)
     file, sources, _ = _adapter_tensors(path)
     ad = Adapter(path, label, weight, cfg)
     ad.has_tokenizer = has_tokenizer(path)

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from exporter.config import did_you_mean, read_yaml
 from exporter.engine import EngineError, LoadOptions, Sampling
+from exporter.engine.sampling import check_sampling
 from exporter.errors import UserError
 
 # LLaMA-Factory's generation defaults (its GeneratingArguments), used by `chat` as `llamafactory-cli chat` does.
@@ -122,9 +123,13 @@ def resolve_options(
     load.update({k: v for k, v in cli_load.items() if v is not None})
     samp.update({k: v for k, v in cli_sampling.items() if v is not None})
     try:
-        return LoadOptions(**load), defaults.replace(**samp), system
+        sampling = defaults.replace(**samp)
+        check_sampling(sampling)  # a bad value is one line now, not an error per answer
+        return LoadOptions(**load), sampling, system
     except TypeError as e:
         raise UserError(f"bad option: {e}") from None
+    except EngineError as e:
+        raise UserError(str(e)) from None
 
 
 def quantized_model(opts: LoadOptions) -> bool:

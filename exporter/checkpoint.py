@@ -13,28 +13,65 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from exporter import manifest
 from exporter.atomic import atomic_dir
 from exporter.config import read_json
 from exporter.errors import UserError
 from exporter.lf_args import TrainConfig, say
+from exporter.manifest import MANIFEST_NAME
 
 TRAINER_LOG = "trainer_log.jsonl"
 STATE_NAME = "trainer_state.json"
+OPTIMIZER, SCHEDULER, RNG = "optimizer.safetensors", "scheduler.json", "rng_state.safetensors"
+
+
+_FINAL_NAMES = ("adapter_model.safetensors", "model.safetensors", "all_results.json")
+_TEMPS = (".final", "*.tmp-*", "*.old-*", ".*.exporter-lock")  # a killed run's; never a live one's (out is claimed)
+
+
+def _ours(out: Path) -> set[str]:
+    """Top-level names in `out` that a training run wrote: the manifest's outputs, checkpoints, log, temporaries."""
+    names = {MANIFEST_NAME, TRAINER_LOG}
+    names |= {p.name for pattern in ("checkpoint-*", *_TEMPS) for p in out.glob(pattern)}
+    try:
+        doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        names |= {Path(str(r["path"])).parts[0] for r in doc.get("outputs", []) if r.get("path")}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return names
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
-    """Check/clean output_dir; return the checkpoint to resume from (explicit, latest, or LLaMA-Factory's auto)."""
-    finished = ("adapter_model.safetensors", "model.safetensors", "all_results.json")
+    """Check/clean output_dir (call with it claimed); return the checkpoint to resume from (explicit, latest, or
+    LLaMA-Factory's auto). output_dir must be new, empty, or one of ours (it holds exporter_manifest.json, written
+    when a run starts); overwrite_output_dir removes only what a run wrote and keeps anything else."""
     if cfg.resume_from_checkpoint not in (None, False) and cfg.overwrite_output_dir:
         raise UserError("resume_from_checkpoint and overwrite_output_dir contradict each other; pick one")
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file")
-    if out.is_dir() and cfg.overwrite_output_dir and any(out.iterdir()):
-        ours = any((out / n).exists() for n in (TRAINER_LOG, "exporter_manifest.json", *finished))
-        if not ours and not list(out.glob("checkpoint-*")):
-            raise UserError(f"output_dir {out} is not empty and does not look like a training output; not deleting it")
-        shutil.rmtree(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise UserError(
+            f"output_dir {out} is not empty and is not an exporter training output (no {MANIFEST_NAME}); "
+            "choose a new or empty dir (nothing in it was changed)"
+        )
     out.mkdir(parents=True, exist_ok=True)
+    for pattern in _TEMPS:  # left by killed runs; the output dir is claimed, so no live run writes them
+        for p in out.glob(pattern):
+            _remove(p)
+            say(f"removed {p}, left behind by an interrupted run")
+    if cfg.overwrite_output_dir and any(out.iterdir()):
+        ours = _ours(out)
+        kept = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        for p in out.iterdir():
+            if p.name in ours:
+                _remove(p)
+        if kept:
+            say(f"overwrite_output_dir: kept {', '.join(kept)} in {out} (not written by exporter train)")
+    manifest.mark(out, "train")  # ours from now on, incomplete until the run's manifest replaces it
     if cfg.resume_from_checkpoint is True:
         ckpt = latest(out)
         if ckpt is None:
@@ -46,7 +83,7 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
             raise UserError(f"resume_from_checkpoint {ckpt}: no such directory")
         return ckpt
     ckpt = latest(out)
-    if any((out / n).exists() for n in finished):
+    if any((out / n).exists() for n in _FINAL_NAMES):
         raise UserError(f"output_dir {out} already holds a finished run; set overwrite_output_dir: true")
     if ckpt is not None:  # LLaMA-Factory resumes automatically from the last checkpoint
         say(f"resuming from {ckpt} (found in output_dir; set overwrite_output_dir: true to start over)")
@@ -62,10 +99,9 @@ def save(
 ) -> Path:  # fmt: skip
     """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
     trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir.
-    `state_dict`: the weights gathered from sharded ranks (FSDP/DeepSpeed); `opt` None: weights only."""
-    import numpy as np
-    import torch
-
+    Nothing in it can carry code: tensors in safetensors, everything else JSON; its manifest lists every file's
+    sha256, checked before a resume reuses it. `state_dict`: the weights gathered from sharded ranks (FSDP/DeepSpeed);
+    `opt` None: weights only."""
     from exporter import hf_dir
 
     path = out_dir / f"checkpoint-{state['global_step']}"
@@ -73,14 +109,97 @@ def save(
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir)
         if not cfg.save_only_model and opt is not None:
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            torch.save(sched.state_dict(), tmp / "scheduler.pt")
-            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save(rng, tmp / "rng_state.pth")
+            _save_optimizer(opt.state_dict(), tmp / OPTIMIZER)
+            (tmp / SCHEDULER).write_text(json.dumps(sched.state_dict(), indent=1) + "\n", encoding="utf-8")
+            _save_rng(tmp / RNG)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        manifest.write(tmp, "checkpoint", inputs={}, settings={"global_step": state["global_step"]})
     return path
+
+
+def _save_optimizer(sd: dict[str, Any], path: Path) -> None:
+    """Optimizer state: its tensors in safetensors (`<param index>.<key>`), the rest as JSON in the metadata."""
+    from safetensors.torch import save_file
+
+    tensors, other = {}, {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if hasattr(value, "detach"):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                other[f"{idx}.{key}"] = value
+    meta = {"param_groups": json.dumps(sd["param_groups"]), "other": json.dumps(other)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _load_optimizer(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    flat.update(json.loads(meta.get("other", "{}")))
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in flat.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = json.loads(meta["param_groups"])
+    for g in groups:  # JSON has no tuples; AdamW's betas are one
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def _save_rng(path: Path) -> None:
+    """Python, numpy and torch RNG states: torch's byte tensors in safetensors, the others as JSON metadata."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    meta = {
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([name, keys.tolist(), pos, has_gauss, gauss]),
+    }
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _load_rng(path: Path) -> None:
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    version, internal, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _legacy(path: Path) -> Any:
+    """A `.pt`/`.pth` state from an older checkpoint, loaded only the way that cannot run code."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, AttributeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{path}: refusing to load it: it needs more than plain tensors to unpickle ({first[:160]}), and exporter "
+            "never runs code from a checkpoint; resume from a checkpoint written by this version, or start over "
+            "(overwrite_output_dir: true)"
+        ) from None
 
 
 def latest(out_dir: Path) -> Path | None:
@@ -92,8 +211,31 @@ def latest(out_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _check_lora_shapes(path: Path, model: Any) -> None:
+    """The checkpoint's LoRA tensors are this run's, name for name and shape for shape (PEFT would skip a missing
+    one silently and fail on a shape with a traceback)."""
+    from peft import get_peft_model_state_dict
+
+    from exporter.safetensors_file import read_header
+
+    want = {k: list(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    have = {k: list(e.shape) for k, e in read_header(path / "adapter_model.safetensors").items()}
+    for k in sorted(want.keys() | have.keys()):
+        if want.get(k) != have.get(k):
+            what = (
+                "missing from the checkpoint" if k not in have
+                else "not part of this run's LoRA" if k not in want
+                else f"{have[k]} in the checkpoint and {want[k]} in this run"
+            )  # fmt: skip
+            raise UserError(
+                f"resume_from_checkpoint {path}: tensor {k} is {what}: the checkpoint was saved with other LoRA "
+                "settings (lora_rank, lora_target); resume with those, or start over"
+            )
+
+
 def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from checkpoint-N; returns its trainer state."""
+    """Restore weights, optimizer, scheduler and RNG from checkpoint-N; returns its trainer state. Its files must
+    match its manifest; older checkpoints' .pt/.pth files load only with torch's weights_only=True."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
@@ -101,21 +243,44 @@ def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig) -> dict
     state_file = path / STATE_NAME
     if not state_file.is_file():
         raise UserError(f"resume_from_checkpoint {path}: not a checkpoint ({STATE_NAME} missing)")
-    if not (path / "optimizer.pt").is_file():
+    if (path / MANIFEST_NAME).is_file() and (problem := manifest.changed(path)) is not None:
+        raise UserError(
+            f"resume_from_checkpoint {path}: {problem}; resume from another checkpoint or start over "
+            "(overwrite_output_dir: true)"
+        )
+    new, old = (path / OPTIMIZER).is_file(), (path / "optimizer.pt").is_file()
+    if not new and not old:
         raise UserError(f"resume_from_checkpoint {path}: saved with save_only_model, no optimizer state to resume")
     state = read_json(state_file)
     if cfg.finetuning_type == "lora":
         from peft import set_peft_model_state_dict
 
+        _check_lora_shapes(path, model)
         set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     else:
         from transformers import AutoModelForCausalLM
 
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng_state.pth", weights_only=False)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        try:
+            model.load_state_dict(loaded.state_dict())
+        except RuntimeError as e:
+            first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+            raise UserError(f"resume_from_checkpoint {path}: its weights do not fit this model ({first})") from None
+    if new:
+        from safetensors import SafetensorError
+
+        try:
+            opt.load_state_dict(_load_optimizer(path / OPTIMIZER))
+            sched.load_state_dict(read_json(path / SCHEDULER))
+            _load_rng(path / RNG)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f"resume_from_checkpoint {path}: its optimizer/scheduler/RNG state is unreadable ({e})"
+            ) from None
+        return state
+    opt.load_state_dict(_legacy(path / "optimizer.pt"))
+    sched.load_state_dict(_legacy(path / "scheduler.pt"))
+    rng = _legacy(path / "rng_state.pth")
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["cpu"])

@@ -475,13 +475,22 @@ def _webui(
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors (and a full disk, a read-only or forbidden path) become one line on stderr
+    and exit code 2."""
+    from exporter.atomic import os_error
+
     try:
         app()
     except UserError as e:
         if _state["debug"]:
             raise
         typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except Exception as e:
+        err = os_error(e)
+        if err is None or _state["debug"]:
+            raise
+        typer.echo(f"error: {err.filename or 'writing an output'}: {err.strerror}", err=True)
         sys.exit(2)
 
 

@@ -34,6 +34,23 @@ def parse_overrides(items: typing.Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def read_text(path: Path | str) -> str:
+    """A UTF-8 text file; other bytes are a UserError naming the file, byte offset and line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{path}: not UTF-8 text: byte {e.start} (line {line}) is {raw[e.start : e.start + 1]!r}; save the file "
+            "as UTF-8"
+        ) from None
+
+
 def read_json(path: Path | str, optional: bool = False) -> Any:
     """Parsed JSON of a file; malformed JSON is a UserError naming the file, line and column. `optional`: a missing
     file reads as {}."""
@@ -41,11 +58,9 @@ def read_json(path: Path | str, optional: bool = False) -> Any:
     if optional and not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected JSON") from None
 
 
 def read_yaml(path: Path | str) -> dict[str, Any]:
@@ -54,9 +69,12 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise UserError(f"{path}: not valid YAML{where}: {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

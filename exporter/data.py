@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from exporter.config import did_you_mean, read_json
+from exporter.config import did_you_mean, read_json, read_text
 from exporter.errors import UserError
 
 INFO_NAME = "dataset_info.json"
@@ -89,6 +91,29 @@ class Sample:
             raise UserError(f"{self.where}: tools is not valid JSON ({e})") from None
         tools = tools if isinstance(tools, list) else [tools]
         return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+    def capped(self, max_chars: int) -> Sample:
+        """This sample with every text cut to `max_chars` characters and the turns that start after `max_chars`
+        characters of conversation dropped, so a huge row costs bounded time and memory to tokenize.
+
+        With `max_chars` >= cutoff_len x the longest token (in characters) plus a margin (`examples.max_chars`),
+        what is cut lies beyond the first cutoff_len tokens of its text and a dropped turn starts after the cutoff
+        budget is spent: a row with no longer text is returned as it is."""
+        kept: list[dict[str, str]] = []
+        seen = 0
+        for i, m in enumerate(self.messages):
+            if i % 2 == 0 and seen >= max_chars:
+                break  # a whole turn after the budget: LLaMA-Factory's loop stops before it
+            kept.append({**m, "content": m["content"][:max_chars]})
+            seen += len(m["content"])
+        system = self.system[:max_chars] if self.system else self.system
+        if (
+            len(kept) == len(self.messages)
+            and system == self.system
+            and all(len(m["content"]) <= max_chars for m in self.messages)
+        ):
+            return self
+        return dataclasses.replace(self, messages=kept, system=system)
 
     @property
     def text(self) -> str:
@@ -161,6 +186,17 @@ def read_info(dataset_dir: Path) -> dict[str, Any]:
     return info
 
 
+def _inside(file_name: str, name: str, where: str) -> str:
+    """A `file_name` relative to dataset_dir that stays inside it (no absolute path, no `..` above it)."""
+    norm = os.path.normpath(file_name)
+    if os.path.isabs(file_name) or norm == ".." or norm.startswith(".." + os.sep):
+        raise UserError(
+            f"{where}: dataset {name!r}: file_name {file_name!r} points outside dataset_dir; give a path inside it "
+            "(copy or link the file there)"
+        )
+    return norm
+
+
 def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
     """The `DatasetSpec` for `name` from a parsed dataset_info.json (LLaMA-Factory's defaults and rules)."""
     where = f"{Path(dataset_dir) / INFO_NAME}"
@@ -175,7 +211,7 @@ def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
     if "hf_hub_url" in entry:
         load_from, source = "hf_hub", str(entry["hf_hub_url"])
     elif "file_name" in entry:
-        load_from, source = "file", str(Path(dataset_dir) / entry["file_name"])
+        load_from, source = "file", str(Path(dataset_dir) / _inside(str(entry["file_name"]), name, where))
     elif "script_url" in entry:
         raise UserError(f"{where}: dataset {name!r} uses script_url; loading scripts is not supported")
     elif "ms_hub_url" in entry or "om_hub_url" in entry:
@@ -256,7 +292,7 @@ def _files(path: Path, name: str) -> list[Path]:
 
 
 def _read_json(path: Path) -> list[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
@@ -278,9 +314,8 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, Any]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return [(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(reader)]
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    return [(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(reader)]
 
 
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -141,6 +142,12 @@ def answer(eng: Any, prompts: list[list[int]], letters: list[int], batch_size: i
         batch = order[b : b + batch_size]
         logits = eng.next_logits([prompts[i] for i in batch])[:, letters]
         for i, row in zip(batch, logits, strict=True):
+            if not all(math.isfinite(float(x)) for x in row):  # argmax of NaN is "A": a score of garbage
+                shown = ", ".join(f"{float(x):g}" for x in row)
+                raise UserError(
+                    f"{eng.name}: the answer letters' logits are not finite ({shown}) for question {i + 1}: the "
+                    "model's weights are broken; no accuracy is reported"
+                )
             out[i] = benchmarks.CHOICES[int(row.argmax())]
         if advance is not None:
             advance(len(batch))

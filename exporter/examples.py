@@ -93,13 +93,30 @@ def check_template_tokens(tokenizer: Any, tpl: Any, model: str) -> None:
             )
 
 
-def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Example]:
-    """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained."""
+def max_chars(tokenizer: Any, cutoff_len: int, floor: int = 2**16) -> int:
+    """Where a text is cut before tokenizing: past `floor` characters and past cutoff_len x the vocabulary's longest
+    token (plus a margin), so the cut cannot change the text's first cutoff_len tokens.
+
+    A message longer than that is a row LLaMA-Factory would tokenize whole (a 50 MB row: minutes and tens of GB);
+    exporter keeps what cutoff_len keeps of it, with one difference: when a turn's prompt and answer are both longer
+    than half the budget, LF splits the budget by their full lengths, exporter by the cut ones (fewer answer tokens
+    kept). Rows with no such message are tokenized exactly as LF does."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max(cutoff_len * max(longest, 1) + 4096, floor)
+
+
+def tokenize_sft(
+    samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any, limit: int | None = None
+) -> list[Example]:
+    """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained. Texts
+    longer than `limit` (default `max_chars`) are cut before tokenizing (bounded time and memory for a huge row)."""
     from exporter import lf_names, templates
 
     lf = tpl.kind == lf_names.KIND  # LF's encoder takes the rows as LF reads them and truncates as LF does
     out = []
+    limit = limit or max_chars(tokenizer, cfg.cutoff_len)
     for s in samples:
+        s = s.capped(limit)
         chat, tools = (lf_names.sample_messages(s), s.tools) if lf else (s.chat(), s.tool_list())
         try:
             ids, labels = templates.encode(tokenizer, tpl, chat, tools=tools, train_on_prompt=cfg.train_on_prompt,
@@ -119,7 +136,8 @@ def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) 
     """Raw text + eos; packed into cutoff_len blocks (remainder dropped) or truncated one per sample."""
     eos = tokenizer.eos_token or ""
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    texts = [s.text + eos for s in samples]
+    limit = None if packing else max_chars(tokenizer, cfg.cutoff_len)  # packing trains on every token
+    texts = [s.text[:limit] + eos for s in samples]
     enc = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     if not packing:
         out = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from exporter import __version__
 from exporter.atomic import atomic_dir, check_free_space, check_target
 from exporter.config import did_you_mean, read_json
 from exporter.errors import UserError
+from exporter.hf_dir import check_readable
 
 NUMPY_KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 KQUANT_KINDS = ("q4_k_m", "q5_k_m", "q6_k")
@@ -94,6 +96,18 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
 
 
+_OLLAMA_NAME = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,79}/){0,2}[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")
+
+
+def check_ollama_name(name: str | None) -> None:
+    """An `ollama create` name Ollama accepts (its parts: letters, digits, `_ . -`; up to 80 each); the tag is ours."""
+    if name is not None and not _OLLAMA_NAME.fullmatch(name):
+        raise UserError(
+            f"--ollama-name {name!r}: expected [namespace/]name of letters, digits, '_', '.', '-' (up to 80 each, "
+            "starting with a letter, digit or '_'); the :tag is added per type"
+        )
+
+
 def ollama_names(model_dir: Path, kinds: list[str], ollama_name: str | None = None) -> dict[str, str]:
     """The `ollama create` name of each type's model: `<name>:<type>`, the name defaulting to the dir's."""
     name = ollama_name or _safe_name(model_dir.name).lower()
@@ -125,20 +139,21 @@ def export(
     from exporter.converters import gguf_convert, gguf_kquant
     from exporter.converters.modelfile import ModelfileSpec, render
 
-    check_target(out, force)
+    check_target(out, force, [model_dir])
     _, _, src = gguf_convert.plan(model_dir)  # unsupported architecture / missing weights fail before any write
     src.close()
     params = sum(math.prod(shape) for shape in src.shapes.values())
     stem = _safe_name(model_dir.name)
     names = ollama_names(model_dir, kinds, ollama_name)
-    check_free_space(out.parent, int(params * sum(_BYTES_PER_PARAM[k] for k in kinds)))
+    need = int(params * sum(_BYTES_PER_PARAM[k] for k in kinds))
+    check_free_space(out.parent, need)
     kquants = [k for k in kinds if k in KQUANT_KINDS]
     numpy_kinds = [k for k in kinds if k in NUMPY_KINDS]
     temp_f16 = bool(kquants) and "f16" not in numpy_kinds
     if temp_f16:
         numpy_kinds.append("f16")
     result = GGUFResult(out)
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, [model_dir], need) as tmp:
         paths = {k: tmp / f"{stem}-{k}.gguf" for k in numpy_kinds}
         if temp_f16:
             paths["f16"] = tmp / f".{stem}-f16.for-kquant.gguf"
@@ -207,12 +222,12 @@ def export_adapter(
     if len(kinds) != 1 or kinds[0] not in LORA_KINDS:
         raise UserError(f"with --adapter, --type is one of {', '.join(LORA_KINDS)} (the LoRA matrices' type)")
     kind = kinds[0]
-    check_target(out, force)
+    check_target(out, force, [adapter_dir, base_dir])
     stem = _safe_name(adapter_dir.name)
     name = ollama_name or stem.lower()
     base_from = base_gguf or str(base_dir.resolve())
     result = GGUFResult(out)
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, [adapter_dir, base_dir]) as tmp:
         path = tmp / f"{stem}-lora-{kind}.gguf"
         ranks = convert_lora(adapter_dir, base_dir, path, kind)
         header = modelfile_header(kind, f"{adapter_dir} on {base_dir}", tpl, name, path.name)
@@ -249,10 +264,14 @@ def run(opts: GGUFOptions) -> GGUFResult:
     from exporter.converters.gguf_arch import arch_for, load_hparams
 
     kinds = parse_types(opts.types)
+    check_ollama_name(opts.ollama_name)
     model_dir = hub.resolve(opts.model, "model")
     arch_for(load_hparams(model_dir), model_dir)  # an unsupported architecture is the first thing to report
+    check_readable(model_dir)  # truncated weights, non-UTF-8 tokenizer files: one line, not the converter's traceback
     if opts.adapter is not None:
         adapter_dir = hub.resolve(opts.adapter, "adapter")
+        if adapter_dir.is_dir():
+            check_readable(adapter_dir)
         has_template = (adapter_dir / "chat_template.jinja").is_file() or "chat_template" in read_json(
             adapter_dir / "tokenizer_config.json", optional=True
         )

@@ -30,12 +30,29 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# Files a loader reads as text (JSON must parse): checked before loading, so their faults are one line.
+_CHECKED_FILES = ("config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
+                  *(f for f in TOKENIZER_FILES if f.endswith((".json", ".txt", ".jinja"))))  # fmt: skip
 _CORE = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # one of these makes a dir a tokenizer source
 
 
 def has_tokenizer(model_dir: Path) -> bool:
     """Whether `model_dir` carries a tokenizer of its own (an adapter dir from training does)."""
     return any((model_dir / f).is_file() for f in _CORE)
+
+
+def check_readable(model_dir: Path) -> None:
+    """Every weights header and text file of an HF model or adapter dir parses: a truncated or corrupt safetensors
+    file, or a JSON / Jinja / merges file that is not UTF-8 (or not JSON), is one line naming it, before a loader
+    would raise its own traceback."""
+    from exporter.config import read_text
+    from exporter.safetensors_file import read_header
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        read_header(f)
+    for name in _CHECKED_FILES:
+        if (model_dir / name).is_file():
+            (read_json if name.endswith(".json") else read_text)(model_dir / name)
 
 
 def tokenizer_files(model_dir: Path) -> list[str]:

@@ -216,8 +216,40 @@ def say(msg: str) -> None:
         print(f"note: {msg}", file=sys.stderr)
 
 
-def check(cfg: TrainConfig, given: set[str], device: str) -> None:
-    """Reject settings we cannot honour; say once which given keys have no effect on this machine."""
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Numbers that would train nothing, train on garbage, or crash later: each named with what is expected."""
+    import math
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise UserError(f"{key} must be {expected}, got {getattr(cfg, key)!r}")
+
+    floats = ("learning_rate", "num_train_epochs", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+              "max_grad_norm", "warmup_ratio", "warmup_steps", "lora_dropout", "logging_steps",
+              "save_steps")  # fmt: skip
+    for key in floats:
+        need(math.isfinite(getattr(cfg, key)), key, "a finite number")
+    need(cfg.learning_rate > 0, "learning_rate", "a positive number")
+    need(cfg.max_steps > 0 or cfg.num_train_epochs > 0, "num_train_epochs",
+         "positive (or set max_steps > 0): otherwise the run plans 0 training steps")  # fmt: skip
+    need(cfg.weight_decay >= 0, "weight_decay", ">= 0")
+    need(0 <= cfg.adam_beta1 < 1, "adam_beta1", "in [0, 1)")
+    need(0 <= cfg.adam_beta2 < 1, "adam_beta2", "in [0, 1)")
+    need(cfg.adam_epsilon > 0, "adam_epsilon", "positive")
+    need(0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]")
+    need(cfg.warmup_steps >= 0, "warmup_steps", ">= 0")
+    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "in [0, 1)")
+    for key in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(cfg, key)
+        need(value is None or value > 0, key, "positive (a step count, or a fraction of the run when < 1)")
+    if cfg.finetuning_type == "lora" and not cfg.adapter_name_or_path:
+        need(cfg.lora_rank >= 1, "lora_rank", "a positive integer")
+        need(cfg.lora_alpha is None or cfg.lora_alpha > 0, "lora_alpha", "positive")
+
+
+def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) -> None:
+    """Reject settings we cannot honour; say once which given keys have no effect on this machine (unless `notes` is
+    false: the pipeline checks a train block before training checks it again)."""
     if not cfg.do_train:
         raise UserError("do_train is false: exporter train only trains (do_eval runs alongside training)")
     if not cfg.dataset:
@@ -230,6 +262,9 @@ def check(cfg: TrainConfig, given: set[str], device: str) -> None:
         raise UserError("flash_attn: fa2 needs a CUDA GPU with flash-attn installed; use auto or sdpa on CPU")
     if cfg.cutoff_len < 2:
         raise UserError(f"cutoff_len must be at least 2, got {cfg.cutoff_len}")
+    if cfg.max_samples is not None and cfg.max_samples < 1:  # rows[:-1] would silently drop the last row
+        raise UserError(f"max_samples must be a positive number of rows per dataset (or unset for all), got "
+                        f"{cfg.max_samples}")  # fmt: skip
     if cfg.val_size < 0 or (cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size)):
         raise UserError(f"val_size must be a fraction in [0, 1) or a whole number of samples, got {cfg.val_size}")
     if cfg.eval_strategy != "no" and cfg.val_size == 0:
@@ -242,15 +277,18 @@ def check(cfg: TrainConfig, given: set[str], device: str) -> None:
         raise UserError("adapter_name_or_path: continuing from several adapters at once is not supported yet")
     if cfg.loraplus_lr_ratio is not None and cfg.finetuning_type != "lora":
         raise UserError("loraplus_lr_ratio only applies to finetuning_type: lora")
-    if cfg.per_device_train_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
-        raise UserError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+    if cfg.per_device_train_batch_size < 1 or cfg.gradient_accumulation_steps < 1 or cfg.per_device_eval_batch_size < 1:
+        raise UserError(
+            "per_device_train_batch_size, per_device_eval_batch_size and gradient_accumulation_steps must be >= 1"
+        )
+    _check_numbers(cfg)
     bad = [r for r in cfg.report_to if r not in ("none",)]
     if bad:
         raise UserError(f"report_to: {', '.join(bad)} is not supported yet (exporter logs to trainer_log.jsonl)")
     if "eval_steps" in given and cfg.eval_strategy != "steps":
         raise UserError(f"eval_steps is set but eval_strategy is {cfg.eval_strategy!r}; set eval_strategy: steps")
     _check_methods(cfg, device)
-    notes = {
+    said = {
         **{k: f"{k} applies to finetuning_type: freeze (it is {cfg.finetuning_type})" for k in _FREEZE_KEYS},
         "double_quantization": "double_quantization applies to quantization_bit: 4 only",
         "quantization_type": "quantization_type applies to quantization_bit: 4 only",
@@ -270,8 +308,8 @@ def check(cfg: TrainConfig, given: set[str], device: str) -> None:
         "double_quantization": cfg.quantization_bit == 4,
         "quantization_type": cfg.quantization_bit == 4,
     }
-    for key, msg in notes.items():
-        if key in given and not skip.get(key):
+    for key, msg in said.items():
+        if notes and key in given and not skip.get(key):
             say(msg)
 
 

@@ -75,3 +75,40 @@ def write(
     path = Path(out_dir) / MANIFEST_NAME
     path.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     return path
+
+
+def mark(out_dir: Path, stage: str) -> Path:
+    """An incomplete manifest: `out_dir` is ours (an exporter output) while `stage` is still writing into it."""
+    doc = {"stage": stage, "complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "command": sys.argv, "outputs": []}  # fmt: skip
+    path = Path(out_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def changed(out_dir: Path) -> str | None:
+    """Why the outputs of `out_dir` no longer match its manifest (missing, other size, other sha256), or None."""
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST_NAME
+    if not path.is_file():
+        return f"{out_dir} has no {MANIFEST_NAME}"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("complete") is False:
+            return f"{out_dir} is incomplete (the {doc.get('stage')} run writing it did not finish)"
+        rows = doc["outputs"]
+        expected = {str(r["path"]): (int(r["bytes"]), str(r["sha256"])) for r in rows}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{path} is not a readable manifest"
+    files = {name: out_dir / name for name in expected}
+    for name, p in files.items():
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != expected[name][0]:
+            return f"{p} is {p.stat().st_size} bytes, the manifest says {expected[name][0]}"
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        digests = dict(zip(files, pool.map(sha256_file, files.values()), strict=True))
+    for name, digest in digests.items():
+        if digest != expected[name][1]:
+            return f"{files[name]} changed since it was written (sha256 differs from {path.name})"
+    return None

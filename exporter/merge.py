@@ -280,7 +280,7 @@ def _copy_tokenizer(base: Path, adapters: list[Adapter], out: Path) -> None:
     hf_dir.copy_tokenizer(src, out)
     for a in adapters:
         if a.path != src and not a.has_tokenizer and (a.path / "chat_template.jinja").is_file():
-            shutil.copy2(a.path / "chat_template.jinja", out / "chat_template.jinja")
+            shutil.copyfile(a.path / "chat_template.jinja", out / "chat_template.jinja")
 
 
 def _write_configs(base: Path, out: Path, p: Plan, out_dtype: torch.dtype | None) -> None:
@@ -355,7 +355,7 @@ class MergeResult:
     vocab_size: int | None  # when an adapter resized the vocabulary
 
 
-def _check_options(o: MergeOptions) -> tuple[list[float], torch.dtype | None, int]:
+def check_options(o: MergeOptions) -> tuple[list[float], torch.dtype | None, int]:
     """Validated (weights, output dtype, shard bytes)."""
     if not o.adapters:
         raise UserError("give at least one --adapter")
@@ -367,9 +367,9 @@ def _check_options(o: MergeOptions) -> tuple[list[float], torch.dtype | None, in
             raise UserError(f"--weight {w}: must be a finite number")
     out_dtype = None
     if o.dtype is not None:
-        if o.dtype.lower() not in OUT_DTYPES:
+        if str(o.dtype).lower() not in OUT_DTYPES:
             raise UserError(f"--dtype {o.dtype!r}: expected one of bf16, fp16, fp32")
-        out_dtype = OUT_DTYPES[o.dtype.lower()]
+        out_dtype = OUT_DTYPES[str(o.dtype).lower()]
     shard_bytes = parse_size(o.max_shard_size)
     if shard_bytes <= 0:
         raise UserError(f"--max-shard-size {o.max_shard_size!r}: must be positive")
@@ -411,12 +411,12 @@ def merge(opts: MergeOptions) -> MergeResult:
     from exporter import templates
 
     out = Path(opts.out)
-    atomic.check_target(out, opts.force)
-    weights, out_dtype, shard_bytes = _check_options(opts)
+    weights, out_dtype, shard_bytes = check_options(opts)
     base_dir = hub.resolve(opts.base, "base model")
+    paths = [hub.resolve(a, "adapter") for a in opts.adapters]
+    atomic.check_target(out, opts.force, [base_dir, *paths])  # never an --out that is, holds or lies in an input
     ads = []
-    for i, (a, w) in enumerate(zip(opts.adapters, weights, strict=True)):
-        path = hub.resolve(a, "adapter")
+    for i, (a, w, path) in enumerate(zip(opts.adapters, weights, paths, strict=True)):
         ads.append(load_adapter(path, float(w), label=str(a) if len(opts.adapters) == 1 else f"#{i + 1} {a}"))
     _qlora_check(base_dir, ads)
     p = plan(base_dir, ads, out_dtype)
@@ -431,11 +431,11 @@ def merge(opts: MergeOptions) -> MergeResult:
         )
     if p.vocab_size is not None:
         _say(f"note: vocabulary resized to {p.vocab_size} by the adapter; tokenizer taken from the adapter dir")
-    with atomic.atomic_dir(out, opts.force) as tmp:
+    with atomic.atomic_dir(out, opts.force, [base_dir, *paths], need=total) as tmp:
         n_shards = _write_shards(tmp, p, shard_bytes)
         _write_configs(base_dir, tmp, p, out_dtype)
         for py in base_dir.glob("*.py"):  # remote-code models need their modeling files
-            shutil.copy2(py, tmp / py.name)
+            shutil.copyfile(py, tmp / py.name)
         _copy_tokenizer(base_dir, ads, tmp)
         from rich.markup import escape  # template notes hold [INST]-like brackets
 

@@ -11,9 +11,11 @@
 Each block is the options of that stage (`TrainConfig`, `MergeOptions`, `GGUFOptions`, `VerifyOptions`) less the
 keys the pipeline sets itself (model, input and output paths, template). `key=value` overrides use dotted keys
 (`train.max_steps=5`, `gguf.types=f16`). A stage is finished when its output is complete (each stage writes
-atomically, or for train: the final adapter file) and `pipeline.json` records the same config hash for it; a
-finished stage is skipped on a rerun. The hash of a stage covers its own settings and the hash of the stage before,
-so a change re-runs that stage and everything after it.
+atomically) and `pipeline.json` records the same config hash for it; a finished stage is skipped on a rerun only
+while its files still match its manifest's sha256 (a changed or truncated file reruns it). The hash of a stage
+covers its own settings and the hash of the stage before, so a change re-runs that stage and everything after it.
+Every stage's settings are checked (keys, types and values) before the first stage runs; one pipeline at a time
+writes a run dir, which must be new, empty, or hold `pipeline.json`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter import config
-from exporter.atomic import atomic_dir, atomic_file
+from exporter import config, manifest
+from exporter.atomic import atomic_dir, atomic_file, claim
 from exporter.errors import UserError
 
 if TYPE_CHECKING:
@@ -84,7 +86,7 @@ def load_config(path: Path | str, overrides: list[str]) -> PipelineConfig:
                 raise UserError(f"override {key}: {p} is not a mapping in {path}")
         node[parts[-1]] = value
     cfg = config.build(PipelineConfig, data, where=str(path))
-    stage_options(cfg, Path(cfg.base), where=str(path))  # every block's keys and types, before anything runs
+    check(stage_options(cfg, Path(cfg.base), where=str(path)))  # every block's keys, types, values before any runs
     return cfg
 
 
@@ -114,6 +116,7 @@ def stage_options(cfg: PipelineConfig, base: Path, where: str = "pipeline") -> S
     adapter, merged = run_dir / "adapter", run_dir / "merged"
     fixed = {"model_name_or_path": str(base), "output_dir": str(adapter), "template": tpl}
     train_opts = _build(lf_args.TrainConfig, "train", cfg.train, fixed, where)
+    data_files = _data_files(train_opts)
     merge_opts = _build(merge.MergeOptions, "merge", cfg.merge,
                         {"base": str(base), "adapters": [str(adapter)], "out": str(merged), "template": tpl,
                          "force": True}, where)  # fmt: skip
@@ -129,9 +132,39 @@ def stage_options(cfg: PipelineConfig, base: Path, where: str = "pipeline") -> S
         block["ppl_threshold"] = verify.parse_thresholds(block["ppl_threshold"])
     verify_opts = _build(verify.VerifyOptions, "verify", block,
                          {"base": base, "adapter": adapter, "merged": merged, "template": tpl,
-                          "data": _data_files(cfg.train)}, where)  # fmt: skip
+                          "data": data_files}, where)  # fmt: skip
     return StageOptions(train_opts, set(cfg.train) | {"model_name_or_path", "output_dir", "template"}, merge_opts,
                         gguf_opts, verify_opts)  # fmt: skip
+
+
+def check(opts: StageOptions) -> None:
+    """The values of every stage's options (a `gguf.types: q9` or a negative learning rate fails now, not after
+    training)."""
+    import torch
+
+    from exporter import gguf, lf_args, merge, verify
+
+    lf_args.check(opts.train, opts.train_given, "cuda" if torch.cuda.is_available() else "cpu", notes=False)
+    merge.check_options(opts.merge)
+    gguf.parse_types(opts.gguf.types)
+    gguf.check_ollama_name(opts.gguf.ollama_name)
+    v = opts.verify
+    verify.check_thresholds(v.ppl_threshold)
+    for key, least in (("prompts", 0), ("ctx", 8), ("max_windows", 1), ("max_new_tokens", 1)):
+        if getattr(v, key) < least:
+            raise UserError(f"verify.{key} must be at least {least}, got {getattr(v, key)}")
+    if v.text is not None and not Path(v.text).is_file():
+        raise UserError(f"verify.text {v.text}: no such file")
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A run dir is ours: absent, empty, or holding the pipeline's state file."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir {run_dir} is a file")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / STATE).is_file():
+        raise UserError(
+            f"run_dir {run_dir} is not empty and holds no {STATE}: not a pipeline run dir; choose a new or empty one"
+        )
 
 
 def _hash(*parts: Any) -> str:
@@ -147,21 +180,14 @@ def _fingerprint(path: Path) -> list[Any]:
             for p in files]  # fmt: skip
 
 
-def _data_files(train_cfg: dict[str, Any]) -> list[Path]:
-    """The dataset files the train stage reads (from dataset_info.json), for hashing and for verify."""
-    ddir = Path(train_cfg.get("dataset_dir", "data"))
-    names = train_cfg.get("dataset") or []
-    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    info_path = ddir / "dataset_info.json"
-    if not info_path.is_file():
-        return []
-    info = config.read_json(info_path)
-    out = []
-    for n in names:
-        f = info.get(n, {}).get("file_name")
-        if f and (ddir / f).exists():
-            out.append(ddir / f)
-    return out
+def _data_files(tcfg: Any) -> list[Path]:
+    """The local dataset files the train stage reads (from dataset_info.json, inside dataset_dir), for hashing and
+    for verify."""
+    from exporter import data
+
+    info = data.read_info(Path(tcfg.dataset_dir))
+    specs = [data.spec(n, info, Path(tcfg.dataset_dir)) for n in tcfg.dataset]
+    return [Path(sp.source) for sp in specs if sp.load_from == "file" and Path(sp.source).exists()]
 
 
 class _State:
@@ -199,47 +225,53 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     run_dir = Path(cfg.run_dir)
     base = hub.resolve(cfg.base, "base model")
     tpl = templates.resolve(base, cfg.template)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = _State(run_dir)
-    data_files = _data_files(cfg.train)
-    state.doc.update({"base": str(base.resolve()), "template": tpl.name,
-                      "data": [str(p.resolve()) for p in data_files]})  # fmt: skip
     opts = stage_options(cfg, base)  # no template given: every stage keeps the model's own (resolved the same way)
+    check(opts)
+    _check_run_dir(run_dir)
+    with claim(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _run(cfg, opts, console, run_dir, base, tpl.name)
+
+
+def _run(cfg: PipelineConfig, opts: StageOptions, console: Any, run_dir: Path, base: Path,
+         template: str) -> PipelineResult:  # fmt: skip
+    state = _State(run_dir)
+    data_files = opts.verify.data
+    state.doc.update({"base": str(base.resolve()), "template": template,
+                      "data": [str(p.resolve()) for p in data_files]})  # fmt: skip
     adapter, merged, gguf_dir, verify_dir = (run_dir / n for n in ("adapter", "merged", "gguf", "verify"))
 
-    h_train = _hash("train", str(base.resolve()), _fingerprint(base), tpl.name, cfg.train,
+    h_train = _hash("train", str(base.resolve()), _fingerprint(base), template, cfg.train,
                     [_fingerprint(p) for p in data_files])  # fmt: skip
     h_merge = _hash("merge", h_train, cfg.merge)
     h_gguf = _hash("gguf", h_merge, cfg.gguf)
     h_verify = _hash("verify", h_gguf, cfg.verify, _fingerprint(opts.verify.text) if opts.verify.text else 0)
-    outputs = {
-        "train": adapter / "adapter_model.safetensors",
-        "merge": merged / "config.json",
-        "gguf": gguf_dir / "exporter_manifest.json",
-        "verify": verify_dir / "report.json",
-    }
+    outputs = {"train": adapter, "merge": merged, "gguf": gguf_dir, "verify": verify_dir}
     hashes = {"train": h_train, "merge": h_merge, "gguf": h_gguf, "verify": h_verify}
     ran, skipped = [], []
     invalid = False
     for stage in STAGES:
-        finished = outputs[stage].is_file() and state.done(stage, hashes[stage]) and not invalid
-        if finished:
-            skipped.append(stage)
-            console.print(f"[dim]{stage}: finished earlier (config hash {hashes[stage]}), skipped[/]")
-            continue
+        if state.done(stage, hashes[stage]) and not invalid:
+            problem = manifest.changed(outputs[stage])  # what is reused must be what the stage wrote
+            if problem is None:
+                skipped.append(stage)
+                console.print(f"[dim]{stage}: finished earlier (config hash {hashes[stage]}), skipped[/]")
+                continue
+            console.print(f"[yellow]{stage}[/]: {problem}; running {stage} again")
         invalid = True  # every later stage runs again too
         console.rule(f"[bold]{stage}")
         t0 = time.perf_counter()
-        stale = state.doc["stages"].get(stage, {}).get("hash") not in (None, hashes[stage])
+        finished_before = state.doc["stages"].get(stage, {}).get("hash") is not None  # other settings or changed
         state.record(stage, None)
-        _run_stage(stage, opts, overwrite=stale, verify_dir=verify_dir)
+        _run_stage(stage, opts, overwrite=finished_before, verify_dir=verify_dir)
         state.record(stage, hashes[stage], time.perf_counter() - t0)
         ran.append(stage)
     return _summary(console, run_dir, ran, skipped, opts.gguf, verify_dir)
 
 
 def _run_stage(stage: str, opts: StageOptions, overwrite: bool, verify_dir: Path) -> None:
-    """One stage with its options; train starts over when its settings changed or a finished run is there."""
+    """One stage with its options; train starts over when it finished before (other settings, or its files changed)
+    or a finished run is there."""
     from exporter import gguf, merge, train, verify
     from exporter.verify import report as verify_report
 
@@ -261,6 +293,7 @@ def _run_stage(stage: str, opts: StageOptions, overwrite: bool, verify_dir: Path
         with atomic_dir(verify_dir, force=True) as tmp:
             verify_report.write_json(rep, tmp / "report.json")
             verify_report.write_junit(rep, tmp / "junit.xml")
+            manifest.write(tmp, "verify", inputs={}, settings={"passed": rep.passed})  # what was checked: report.json
 
 
 def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_opts: GGUFOptions,

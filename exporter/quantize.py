@@ -103,20 +103,18 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
 
 def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     """`(out_features, in_features)` of every 2-D weight inside the decoder layers, from the safetensors headers."""
-    from safetensors import safe_open
+    from exporter.safetensors_file import read_header
 
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{model_dir}: no *.safetensors weights (convert .bin checkpoints with save_pretrained)")
     shapes: dict[str, tuple[int, int]] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                if not name.endswith(".weight") or not re.search(r"\.layers\.\d+\.", name):
-                    continue
-                shape = sf.get_slice(name).get_shape()
-                if len(shape) == 2:
-                    shapes[name[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+        for name, entry in read_header(f).items():
+            if not name.endswith(".weight") or not re.search(r"\.layers\.\d+\.", name):
+                continue
+            if len(entry.shape) == 2:
+                shapes[name[: -len(".weight")]] = (int(entry.shape[0]), int(entry.shape[1]))
     if not shapes:
         raise UserError(f"{model_dir}: found no linear layers under '*.layers.N.*' to quantize")
     return shapes
@@ -196,7 +194,9 @@ def _run_gptqmodel(model_dir: Path, tmp: Path, method: str, bits: int, group: in
     gm = _import_gptqmodel()
     cuda = torch.cuda.is_available()
     if method == "gptq":
-        qc = gm.QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True)
+        # one group per row (-1): gptqmodel's group-aware activation order needs groups, so it is off there
+        extra = {"act_group_aware": False} if group == -1 else {}
+        qc = gm.QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True, **extra)
         backend = gm.BACKEND.AUTO
     else:
         qc = gm.AWQConfig(bits=bits, group_size=group)
@@ -291,7 +291,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
     _require(opts.method)
     model_dir = hub.resolve(opts.model, "model")
     out = Path(opts.out)
-    atomic.check_target(out, opts.force)
+    atomic.check_target(out, opts.force, [model_dir])
     cfg = _read_config(model_dir)
     shapes = linear_shapes(model_dir)
     _check_architecture(cfg, opts.method, model_dir)
@@ -299,6 +299,9 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
         check_shapes(shapes, opts.method, group)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.check_free_space(out.parent, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2)
+    from exporter.converters.gguf_convert import check_finite
+
+    check_finite(model_dir)  # quantizers would carry inf/nan into the output without a word
 
     tpl = templates.resolve(model_dir, opts.template, need=False)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -313,7 +316,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
         if opts.dataset:
             inputs["dataset"] = calibration.dataset_source(opts.dataset, opts.dataset_dir)
     start = time.perf_counter()
-    with atomic.atomic_dir(out, opts.force) as tmp:
+    with atomic.atomic_dir(out, opts.force, [model_dir]) as tmp:
         _console.print(f"[bold]quantize[/]: {opts.method} {bits}-bit {model_dir} -> {out}")
         if cal is not None:
             settings["backend"] = _run_gptqmodel(model_dir, tmp, opts.method, bits, group, cal.blocks)

@@ -406,12 +406,26 @@ def run(opts: ServeOptions) -> None:
         raise UserError("exporter serve needs FastAPI and uvicorn: pip install 'exporter[serve]'") from None
     if not 0 < opts.port < 65536:
         raise UserError(f"--port {opts.port}: expected 1-65535")
-    engine = load(opts.load)
+    sock = _listen(opts.host, opts.port)  # first: a busy port is one line, not a banner and then uvicorn's error
     try:
-        engine.chat_format.require()
-        app = create_app(engine, opts)
-        sys.stdout.write(banner(opts, opts.model_name or engine.name, engine))
-        sys.stdout.flush()
-        uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning", access_log=False)
+        engine = load(opts.load)
+        try:
+            engine.chat_format.require()
+            app = create_app(engine, opts)
+            sys.stdout.write(banner(opts, opts.model_name or engine.name, engine))
+            sys.stdout.flush()
+            uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        sock.close()
+
+
+def _listen(host: str, port: int) -> Any:
+    """A listening socket on host:port; UserError naming the address when it is taken or not ours to bind."""
+    import socket
+
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server? use --port)") from None

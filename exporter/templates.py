@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from exporter.config import read_json
+from exporter.config import read_json, read_text
 from exporter.diff import first_diff
 from exporter.errors import UserError
 from exporter.hf_dir import adds_bos
@@ -489,6 +489,21 @@ def _train_next(segments: list[Segment], tokens: list[str]) -> list[Segment]:
     return out
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_roles(messages: list[dict[str, Any]]) -> None:
+    """The one rule for roles in every rendering (training, Jinja, Ollama): a message is an object whose role is
+    one of ROLES; any other role is an error naming the message, never dropped by one rendering and kept by another."""
+    if not messages:
+        raise UserError("conversation has no messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise UserError(f"message {i}: expected an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise UserError(f"message {i}: role {m['role']!r} is not one of {', '.join(ROLES)}")
+
+
 def render_segments(
     tpl: ChatTemplate,
     messages: list[dict[str, Any]],
@@ -503,11 +518,7 @@ def render_segments(
     The joined text equals the family's Jinja rendered by transformers' `apply_chat_template` with the same
     arguments. `bos_token`/`eos_token` default to the family's own (pass the tokenizer's to match its Jinja).
     """
-    if not messages:
-        raise UserError("conversation has no messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise UserError(f"message {i}: expected an object with 'role' and 'content'")
+    check_roles(messages)
     if tools and not tpl.tools:
         raise UserError(f"template family {tpl.name!r} has no tool format; drop 'tools' or pick a tool-capable family")
     bos = tpl.bos_token if bos_token is None else bos_token
@@ -706,7 +717,7 @@ def model_chat_template(model_dir: Path | str) -> tuple[str, str, str]:
     template = None
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
+        template = read_text(jinja_file)
     else:
         ct = cfg.get("chat_template")
         if isinstance(ct, list):
@@ -906,6 +917,7 @@ def render_for_cli(
     from exporter import lf_names
 
     messages, tools = read_conversation(conversation)
+    check_roles(messages)
     if lf_names.is_lf_name(family):
         return lf_names.render_for_cli(family, messages, tools, fmt, bos_token, eos_token)
     tpl = load_template(family).for_tokenizer(bos_token, eos_token)

@@ -10,6 +10,7 @@ manifest. Only rank 0 writes. The rich progress bar goes to stderr (EXPORTER_NO_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter import checkpoint, objective
+from exporter.atomic import claim
 from exporter.distributed import Dist
 from exporter.errors import UserError
 from exporter.examples import Prepared, length, plan_epoch, to_device
@@ -146,7 +148,7 @@ class TrainerLog:
         self.state, self.sch, self.with_tokens = state, sch, with_tokens
         if state.global_step and main:  # resumed: the log up to the checkpoint
             with open(out / checkpoint.TRAINER_LOG, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(rec) + "\n" for rec in state.log_history)
+                f.writelines(json.dumps(rec, allow_nan=False) + "\n" for rec in state.log_history)
         self.file = open(out / checkpoint.TRAINER_LOG, "a", encoding="utf-8") if main else None  # noqa: SIM115
         self.t0 = time.time() - state.elapsed  # the run's start, across resumes
         self.start, self.cpu_start, self.step_at_start = time.time(), time.process_time(), state.global_step
@@ -165,7 +167,7 @@ class TrainerLog:
             full["total_tokens"] = self.state.tokens_seen
         self.state.log_history.append(full)
         if self.file:
-            self.file.write(json.dumps(full) + "\n")
+            self.file.write(json.dumps(full, allow_nan=False) + "\n")
             self.file.flush()
 
     def close(self) -> None:
@@ -225,6 +227,29 @@ class Run:
 
     def batch(self, items: list[Any]) -> dict[str, Any]:
         return self.to_device(objective.collate(self.cfg.stage, items, self.prep.pad_id))
+
+
+class Diverged(UserError):
+    """A non-finite loss, gradient or weight: training stops at that step; nothing of it is written."""
+
+    def __init__(self, run: Run, what: str, at: int) -> None:
+        last = checkpoint.latest(run.out)
+        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written before it"
+        super().__init__(
+            f"training diverged at step {at} of {run.sch.total}: {what} "
+            f"(learning_rate={run.cfg.learning_rate:g}); nothing was written for it and {kept}; lower the "
+            "learning rate (or warm up longer) and run again"
+        )
+
+
+def _check_weights(run: Run, full: dict[str, Any] | None = None) -> None:
+    """Before anything is written: every trainable weight finite (a finite loss can still step into inf); `full`:
+    the weights gathered from sharded ranks, when there are."""
+    import torch
+
+    params = list(full.values()) if full else [p for p in run.model.parameters() if p.requires_grad]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise Diverged(run, "the weights became non-finite (inf/nan)", run.state.global_step)
 
 
 def _micro_batches(run: Run, group: list[list[int]], pool: list[Any]) -> list[tuple[list[Any], float]]:
@@ -298,7 +323,7 @@ def step(run: Run, group: list[list[int]]) -> float:
 
 def flush(run: Run) -> None:
     """Step losses and metric sums from the device (summed over the ranks) into the state: one host sync, at log
-    and checkpoint steps only."""
+    and checkpoint steps only; a non-finite step loss is a Diverged naming its step."""
     import torch
 
     from exporter.distributed import all_sum
@@ -310,6 +335,9 @@ def flush(run: Run) -> None:
     flat = all_sum(run.dist, torch.cat(parts)).tolist()
     n = len(run.losses)
     st = run.state
+    for i, loss in enumerate(flat[:n]):  # a non-finite step stops the run before it is logged or saved
+        if not math.isfinite(loss):
+            raise Diverged(run, f"the loss is {loss}", st.global_step - n + 1 + i)
     st.pending_losses += flat[:n]
     st.loss_total += sum(flat[:n])
     st.loss_steps += n
@@ -346,6 +374,8 @@ def evaluate(run: Run) -> dict[str, float]:
     vals = all_sum(run.dist, torch.cat([sums, torch.tensor(counts, device=run.device, dtype=torch.float64)]))
     vals = vals.tolist()
     n = 1 + len(keys)
+    if not math.isfinite(vals[0]):
+        raise Diverged(run, f"the evaluation loss is {vals[0]}", run.state.global_step)
     out = {"eval_loss": round(vals[0] / max(vals[n], 1), 6)}
     found = objective.finish_metrics(cfg.stage, dict(zip(keys, vals[1:n], strict=True)),
                                      dict(zip(keys, vals[n + 1 :], strict=True)))  # fmt: skip
@@ -406,6 +436,7 @@ def _checkpoint(run: Run) -> None:
     flush(run)
     full = distributed.full_state_dict(run.model, run.plain, run.dist, run.engine)
     if run.dist.main:
+        _check_weights(run, full)
         sharded = run.engine in ("fsdp", "deepspeed")
         checkpoint.save(run.model, None if sharded else run.opt, run.sched, dataclasses.asdict(run.state), run.out,
                         run.cfg, run.model_dir, run.prep.tpl, state_dict=full)  # fmt: skip
@@ -561,26 +592,28 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
         rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
         if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
             cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)
-        resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))
-        run = _start(cfg, prep, model_dir, out, resume, device, d)
-        log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
-        try:
-            loop(run, log)
-            results = _results(run, log)
-        finally:
-            log.close()
-        full = distributed.full_state_dict(run.model, run.plain, d, run.engine)
-        if d.main:
-            checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))
-            _write_manifest(run)
-            print(
-                f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
-                f"{results['train_tokens_per_second']:.0f} tokens/s"
-                + (f" on {d.world} processes ({run.engine})" if d.active else "")
-                + f" -> {out}",
-                file=sys.stderr,
-            )
-        distributed.barrier(d)
+        with claim(out) if d.main else contextlib.nullcontext():  # one run per output_dir
+            resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))
+            run = _start(cfg, prep, model_dir, out, resume, device, d)
+            log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
+            try:
+                loop(run, log)
+                results = _results(run, log)
+            finally:
+                log.close()
+            full = distributed.full_state_dict(run.model, run.plain, d, run.engine)
+            if d.main:
+                _check_weights(run, full)
+                checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))
+                _write_manifest(run)
+                print(
+                    f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
+                    f"{results['train_tokens_per_second']:.0f} tokens/s"
+                    + (f" on {d.world} processes ({run.engine})" if d.active else "")
+                    + f" -> {out}",
+                    file=sys.stderr,
+                )
+            distributed.barrier(d)
     finally:
         distributed.shutdown()
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)

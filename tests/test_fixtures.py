@@ -222,6 +222,7 @@ def test_cli_bad_input(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, script, "nope", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr
     (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "notes.txt").write_text("x")  # an empty dir would be used; one with files is refused
     r = subprocess.run([sys.executable, script, "qwen2", str(tmp_path / "y")], capture_output=True, text=True)
     assert r.returncode == 2 and "already exists" in r.stderr
     assert not list(tmp_path.glob("*.tmp-*"))

@@ -60,6 +60,7 @@ def test_atomic_dir_success_and_failure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with atomic.atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("x")
+        (tmp / manifest.MANIFEST_NAME).write_text("{}")  # an exporter output: --force may replace it
         assert not out.exists()
     assert (out / "a.txt").read_text() == "x"
     with pytest.raises(UserError, match="already exists"):
@@ -74,6 +75,9 @@ def test_atomic_dir_success_and_failure(tmp_path: Path) -> None:
     with atomic.atomic_dir(out, force=True) as tmp:
         (tmp / "c.txt").write_text("z")
     assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
+    with pytest.raises(UserError, match="not an exporter output"):  # no marker: never replaced
+        with atomic.atomic_dir(out, force=True):
+            pass
 
 
 def test_atomic_file(tmp_path: Path) -> None:

@@ -392,8 +392,12 @@ def test_refuses_existing_out(tiny_model, tmp_path):
     (out / "keep").write_text("x")
     r = _cli("--base", str(base), "--adapter", str(ad), "--out", str(out))
     assert r.returncode == 2 and "already exists" in r.stderr and (out / "keep").exists()
-    merge(MergeOptions(base=base, adapters=[ad], out=out, force=True))
-    assert not (out / "keep").exists() and (out / "config.json").exists()
+    r = _cli("--base", str(base), "--adapter", str(ad), "--out", str(out), "--force")  # not ours: never replaced
+    assert r.returncode == 2 and "not an exporter output" in r.stderr and (out / "keep").exists()
+    (out / "keep").unlink()
+    merge(MergeOptions(base=base, adapters=[ad], out=out))  # an empty dir is fine
+    merge(MergeOptions(base=base, adapters=[ad], out=out, force=True))  # our own output is replaced with --force
+    assert (out / "config.json").exists()
 
 
 def test_weight_scales_lora_and_interpolates_saved_modules(tiny_model, tmp_path):

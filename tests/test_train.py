@@ -337,9 +337,10 @@ def test_sft_alpaca_outputs_and_adapter_changes_logits(tiny: Path, datadir: Path
             "exporter_manifest.json", "checkpoint-2"} <= names  # fmt: skip
     assert not any(n.startswith(".final") for n in names)
     assert {
-        "optimizer.pt",
-        "scheduler.pt",
-        "rng_state.pth",
+        "optimizer.safetensors",  # no pickle: tensors in safetensors, the rest JSON
+        "scheduler.json",
+        "rng_state.safetensors",
+        "exporter_manifest.json",
         "trainer_state.json",
         "adapter_model.safetensors",
         "tokenizer_config.json",

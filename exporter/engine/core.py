@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -11,11 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from exporter.config import read_json, read_text
 from exporter.engine.api import BACKENDS, Completion, Delta, EngineError, LoadOptions, Sampling
 from exporter.engine.chat_format import ChatFormat
 from exporter.engine.sampling import check_sampling
 from exporter.engine.scheduler import Handle, Scheduler, Sink
 from exporter.errors import UserError
+from exporter.hf_dir import check_readable
 
 
 class Engine:
@@ -203,12 +204,14 @@ def _model_and_adapter(opts: LoadOptions) -> tuple[Path, Path | None]:
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"adapter {adapter}: no adapter_config.json (expected a PEFT LoRA dir)")
         if model == adapter:
-            base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+            base = read_json(adapter / "adapter_config.json")
             if not base.get("base_model_name_or_path"):
                 raise UserError(f"{adapter}/adapter_config.json has no base_model_name_or_path; pass the base model")
             model = hub.resolve(base["base_model_name_or_path"], "base model of the adapter")
     if not (model / "config.json").is_file():
         raise UserError(f"model {model}: no config.json (expected an HF model dir)")
+    for d in (model, adapter) if adapter is not None else (model,):
+        check_readable(d)
     return model, adapter
 
 
@@ -217,7 +220,7 @@ def _template_override(name: str, own: str | None, special: dict[str, str]) -> s
     it), a family name or a .jinja file -> Jinja."""
     p = Path(name).expanduser()
     if p.is_file():
-        return p.read_text(encoding="utf-8")
+        return read_text(p)
     from exporter import lf_names, lf_templates, templates
 
     bos, eos = special.get("bos_token"), special.get("eos_token")

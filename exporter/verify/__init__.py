@@ -40,6 +40,7 @@ from exporter.verify.corpus import CHAT_PROMPTS, HELD_OUT_TEXT, PROBE_CONVERSATI
 from exporter.verify.numbers import (
     DEFAULT_THRESHOLDS,
     check_numbers,
+    check_thresholds,
     load_hf,
     parse_thresholds,
     score,
@@ -61,6 +62,7 @@ __all__ = [
     "Modelfile",
     "Report",
     "VerifyOptions",
+    "check_thresholds",
     "discover",
     "parse_modelfile",
     "parse_thresholds",
@@ -90,7 +92,7 @@ def verify(opts: VerifyOptions) -> Report:
     check_inputs(art)
     if art.eval_dir is not None:  # a bad benchmark dir fails before any model is loaded
         art.eval_task = pick_task(art.eval_dir, art.eval_task)
-    thresholds = {**DEFAULT_THRESHOLDS, **{k.lower(): float(v) for k, v in art.ppl_threshold.items()}}
+    thresholds = {**DEFAULT_THRESHOLDS, **check_thresholds(art.ppl_threshold)}
     quantized_kinds = [quantized_kind(q) for q in art.quantized]  # bad dirs fail before any model is loaded
     infos = [read_gguf(p) for p in art.ggufs]
     mfs = [parse_modelfile(p) for p in art.modelfiles]

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from exporter.config import read_json
+from exporter.config import read_json, read_text
 from exporter.errors import UserError
 
 
@@ -108,6 +108,13 @@ def check_inputs(art: VerifyOptions) -> None:
     for p in art.ggufs + art.modelfiles + art.data + ([art.text] if art.text else []):
         if not Path(p).exists():
             raise UserError(f"{p}: no such file")
+    if art.text:
+        read_text(art.text)  # not UTF-8: one line naming the byte, before any model is loaded
+    from exporter.hf_dir import check_readable
+
+    for d in (art.base, art.adapter, art.merged, *art.quantized):
+        if d is not None and Path(d).is_dir():
+            check_readable(Path(d))  # truncated weights, non-UTF-8 files: one line naming the file, not a traceback
     if art.quantized and art.merged is None:
         raise UserError("--quantized needs --merged: quantized dirs are scored against the unquantized model")
     if art.merged is None and art.adapter is None and not art.ggufs and not art.modelfiles:
@@ -146,7 +153,7 @@ def data_texts(path: Path, limit: int = 200) -> tuple[list[str], list[str]]:
 
     for f in files:
         try:
-            raw = f.read_text(encoding="utf-8")
+            raw = read_text(f)
             records = (
                 [json.loads(line) for line in raw.splitlines() if line.strip()]
                 if f.suffix == ".jsonl"
@@ -171,7 +178,7 @@ def exported_templates(model_dir: Path) -> dict[str, str]:
             out[f"{model_dir.name}/tokenizer_config.json"] = v
     jf = model_dir / "chat_template.jinja"
     if jf.is_file():
-        out[f"{model_dir.name}/chat_template.jinja"] = jf.read_text(encoding="utf-8")
+        out[f"{model_dir.name}/chat_template.jinja"] = read_text(jf)
     if not out:
         out[f"{model_dir.name}/tokenizer_config.json"] = ""
     return out
@@ -217,9 +224,7 @@ def parse_modelfile(path: Path) -> Modelfile:
     from exporter.converters.modelfile import parse
 
     try:
-        commands = parse(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"Modelfile {path}: cannot read it ({e})") from None
+        commands = parse(read_text(path))  # not UTF-8: one line naming the byte and line
     except ValueError as e:
         raise UserError(f"Modelfile {path}: {e}") from None
     last = {cmd: value for cmd, value in commands}
@@ -280,6 +285,56 @@ def read_gguf(path: Path) -> GGUFInfo:
 
 class GGUFLoadError(Exception):
     """llama.cpp refused the file."""
+
+
+class Vocab:
+    """A GGUF's vocabulary as llama.cpp loads it, without weights or a context (a context over a vocab-only load
+    makes llama.cpp warn about a training context of 0, which the file does not have)."""
+
+    def __init__(self, info: GGUFInfo) -> None:
+        import llama_cpp
+
+        from exporter.quiet import silence_llama_cpp
+
+        silence_llama_cpp()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self.model = llama_cpp.llama_model_load_from_file(str(info.path).encode(), params)
+        if not self.model:
+            raise GGUFLoadError(
+                f"llama.cpp cannot load the vocabulary of {info.path.name} (arch {info.arch!r}, "
+                f"tokenizer.ggml.pre={info.pre!r})"
+            )
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        import llama_cpp
+
+        n_max = len(text) + 8
+        for _ in range(2):
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, text, len(text), buf, n_max, add_bos, special)
+            if n >= 0:
+                return list(buf[:n])
+            n_max = -n
+        raise GGUFLoadError("llama_tokenize kept asking for a larger buffer")
+
+    def n_tokens(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
 
 
 def load_llama(info: GGUFInfo, **kwargs: Any) -> Any:

@@ -6,12 +6,14 @@ KL divergence and top-1 agreement against the reference are reported beside it."
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from exporter.config import read_text
 from exporter.errors import UserError
 from exporter.hf_dir import adds_bos
 from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, VerifyOptions, load_llama
@@ -71,9 +73,22 @@ def parse_thresholds(spec: str | None) -> dict[str, float]:
         try:
             if not sep:
                 raise ValueError
-            out[key.strip().lower()] = float(value)
+            fraction = float(value)
         except ValueError:
             raise UserError(f"--ppl-threshold: {item!r} is not TYPE=FRACTION (e.g. q8_0=0.005)") from None
+        out[key.strip().lower()] = fraction
+    return check_thresholds(out)
+
+
+def check_thresholds(thresholds: dict[str, Any]) -> dict[str, float]:
+    """Thresholds as lower-case type -> float; each a finite number >= 0 (a NaN one would fail every file, an inf
+    one pass any)."""
+    out: dict[str, float] = {}
+    for key, value in thresholds.items():
+        fraction = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        if fraction is None or not math.isfinite(fraction) or fraction < 0:
+            raise UserError(f"--ppl-threshold {key}={value!r}: expected a finite fraction >= 0 (e.g. 0.005)")
+        out[str(key).lower()] = float(fraction)
     return out
 
 
@@ -207,6 +222,9 @@ def _judge(c: _Candidate, s: Scored, ref: Scored, ref_name: str, thr: float | No
     """Pass when the relative perplexity difference to the reference is within the type's threshold."""
     rel = abs(s.ppl - ref.ppl) / ref.ppl
     metrics = {"ppl": s.ppl, "rel_diff": rel, "threshold": thr, "type": c.kind, "kld": s.kld, "top1": s.top1, **base}
+    if not math.isfinite(s.ppl):
+        detail = f"perplexity is {s.ppl} (non-finite logits or a target token with probability 0)"
+        return Check("perplexity", c.target, "fail", detail, metrics)
     if thr is None:
         detail = f"no threshold for type {c.kind!r}; pass --ppl-threshold {c.kind}=FRACTION"
         return Check("perplexity", c.target, "fail", detail, metrics)
@@ -231,7 +249,7 @@ def check_numbers(
     """Reference (merged, else adapter) perplexity, then every other model's on the same windows."""
     if hf_model is None and art.adapter is None:
         return [Check("perplexity", "-", "skip", "no HF model (--merged or --adapter) to compare with")]
-    text = art.text.read_text(encoding="utf-8") if art.text else HELD_OUT_TEXT
+    text = read_text(art.text) if art.text else HELD_OUT_TEXT
     ids = tok(text, add_special_tokens=False)["input_ids"]  # tokenized ONCE: every model sees these ids
     wins = windows(ids, ctx, tok.bos_token_id if adds_bos(tok) else None, max_windows)
     if not wins:
@@ -242,8 +260,11 @@ def check_numbers(
         ref_model = hf_model if hf_model is not None else _load_adapter(art.base, art.adapter)
         ref = score(hf_logits(ref_model), wins, None, True, step)
         base = {"ref": ref_name, "ref_ppl": ref.ppl, "tokens": ref.tokens, "windows": len(wins), "ctx": ctx}
-        detail = f"reference ppl {ref.ppl:.4f} on {ref.tokens} tokens"
-        checks = [Check("perplexity", ref_name, "pass", detail, {"ppl": ref.ppl, **base})]
+        ok = math.isfinite(ref.ppl)
+        detail = f"reference ppl {ref.ppl:.4f} on {ref.tokens} tokens" + (
+            "" if ok else ": non-finite, so nothing can be compared with it (non-finite logits or weights?)"
+        )
+        checks = [Check("perplexity", ref_name, "pass" if ok else "fail", detail, {"ppl": ref.ppl, **base})]
         for c in others:
             try:
                 m = c.load()

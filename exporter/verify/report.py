@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -96,10 +97,22 @@ class Report:
         }
 
 
+def _strict(x: Any) -> Any:
+    """`x` with non-finite floats as the strings "nan", "inf", "-inf" (JSON has no NaN; a bare NaN is invalid)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_strict(v) for v in x]
+    return x
+
+
 def write_json(report: Report, path: Path) -> None:
-    """Write `report.json` atomically."""
+    """Write `report.json` atomically, strict JSON (non-finite numbers as strings)."""
+    doc = _strict(report.to_json())
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False, default=str) + "\n", "utf-8")
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str, allow_nan=False) + "\n", "utf-8")
 
 
 def write_junit(report: Report, path: Path) -> None:
@@ -113,9 +126,8 @@ def write_junit(report: Report, path: Path) -> None:
     for c in report.checks:
         lines.append(f"  <testcase classname={quoteattr('verify.' + c.check)} name={quoteattr(c.target)}>")
         if c.status == "fail":
-            lines.append(
-                f"    <failure message={quoteattr(c.detail)}>{escape(json.dumps(c.metrics, default=str))}</failure>"
-            )
+            metrics = escape(json.dumps(_strict(c.metrics), default=str))
+            lines.append(f"    <failure message={quoteattr(c.detail)}>{metrics}</failure>")
         elif c.status == "skip":
             lines.append(f"    <skipped message={quoteattr(c.detail)}/>")
         elif c.status == "warn":

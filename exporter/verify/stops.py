@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import UserError
-from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, Modelfile, gen_eos, load_llama
+from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, Modelfile, Vocab, gen_eos
 from exporter.verify.report import Check
 
 
@@ -68,15 +68,13 @@ def _special_ids(g: GGUFInfo, tok: Any, expected: dict[int, str]) -> list[str]:
 def _eog_set(g: GGUFInfo, expected: dict[int, str]) -> tuple[list[str], list[str]]:
     """(problems, notes) from the set of ids llama.cpp treats as end-of-generation: an expected one missing, or an
     ordinary token among them, is a problem; a control token llama.cpp adds by its name is a note."""
-    import llama_cpp
     from gguf import TokenType
 
-    llm = load_llama(g, vocab_only=True)
+    vocab = Vocab(g)
     try:
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        eog = {i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+        eog = {i for i in range(vocab.n_tokens()) if vocab.is_eog(i)}
     finally:
-        llm.close()
+        vocab.close()
     problems = [f"llama.cpp does not treat {_name(g, i)} as end-of-generation" for i in expected if i not in eog]
     notes = []
     for i in sorted(eog - set(expected)):

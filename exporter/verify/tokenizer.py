@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.diff import first_diff
-from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, load_llama
+from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, Vocab
 from exporter.verify.corpus import TOKENIZER_CORPUS
 from exporter.verify.report import Check
 
 
 def _check_one(tok: Any, g: GGUFInfo, plain: list[str], chat_texts: list[str]) -> Check:
     try:
-        llm = load_llama(g, vocab_only=True)
+        llm = Vocab(g)
     except GGUFLoadError as e:
         return Check("tokenizer", g.path.name, "fail", str(e), {"pre": g.pre})
     mismatches: list[dict[str, Any]] = []
