@@ -1,7 +1,7 @@
 """Calibration token blocks for GPTQ/AWQ: the user's own data rendered through the chat template, packed.
 
 Rows come from a dataset registered in a LLaMA-Factory `dataset_info.json` (or the built-in multilingual text set),
-are rendered and tokenized exactly as in training (`exporter.templates.encode`), shuffled with a seed, joined with
+are rendered and tokenized exactly as in training (`exporter.render.encode`), shuffled with a seed, joined with
 EOS and cut into `max_length` blocks: short conversations are packed together, long ones span blocks; nothing is
 silently dropped. Rows that cannot be used are counted per reason and reported.
 """
@@ -97,7 +97,7 @@ def _encoded(
 ) -> Iterator[list[int]]:
     """Token ids of each conversation, rendered through the chat template (a model without one: its messages' text
     joined by blank lines); failures are counted, not raised."""
-    from exporter import templates
+    from exporter import render
 
     for messages, sample in convs:
         try:
@@ -106,7 +106,7 @@ def _encoded(
                 text = "\n\n".join(str(m.get("content") or "") for m in messages)
                 ids = tokenizer(text, add_special_tokens=True)["input_ids"]
             else:
-                ids, _ = templates.encode(tokenizer, tpl, messages, tools=tools)
+                ids, _ = render.encode(tokenizer, tpl, messages, tools=tools)
         except UserError as e:
             rejected[f"template {tpl.name!r} cannot render it: {str(e)[:120]}"] += 1
             continue

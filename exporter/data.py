@@ -2,7 +2,7 @@
 
 Every row becomes a `Sample`: `messages` (roles user / assistant / observation / function, alternating
 user-side and assistant-side turns, ending with an assistant turn for SFT), an optional `system` and `tools`.
-`Sample.chat()` gives the HF-style message list that `exporter.templates.encode` consumes.
+`Sample.chat()` gives the HF-style message list that `exporter.render.encode` consumes.
 Preference data (LLaMA-Factory's formats): a `ranking: true` dataset (stage dpo) gives samples whose last message
 is the chosen answer and `rejected` the other one (alpaca `chosen`/`rejected` text columns, sharegpt messages
 ending with the user turn plus `chosen`/`rejected` message objects); stage kto reads a `kto_tag` column (true:

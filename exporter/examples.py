@@ -110,7 +110,7 @@ def tokenize_sft(
 ) -> list[Example]:
     """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained. Texts
     longer than `limit` (default `max_chars`) are cut before tokenizing (bounded time and memory for a huge row)."""
-    from exporter import lf_names, templates
+    from exporter import lf_names, render
 
     lf = tpl.kind == lf_names.KIND  # LF's encoder takes the rows as LF reads them and truncates as LF does
     out = []
@@ -119,7 +119,7 @@ def tokenize_sft(
         s = s.capped(limit)
         chat, tools = (lf_names.sample_messages(s), s.tools) if lf else (s.chat(), s.tool_list())
         try:
-            ids, labels = templates.encode(tokenizer, tpl, chat, tools=tools, train_on_prompt=cfg.train_on_prompt,
+            ids, labels = render.encode(tokenizer, tpl, chat, tools=tools, train_on_prompt=cfg.train_on_prompt,
                                            cutoff_len=lf_names.cutoff(cfg) if lf else None)  # fmt: skip
         except UserError as e:
             raise UserError(f"{s.where}: {e}") from None
@@ -349,7 +349,7 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
 
 def _tokenize_preference(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Any]:
     """dpo: chosen/rejected pairs; kto: tagged examples with KL pairs (LF's warning when one kind is missing)."""
-    from exporter import lf_names, preference, templates
+    from exporter import lf_names, preference, render
 
     lf = tpl.kind == lf_names.KIND  # LF's encoder takes the rows as LF reads them; the answer budget cuts, not it
 
@@ -360,7 +360,7 @@ def _tokenize_preference(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConf
     chat = lf_chat if lf else preference.hf_chat
 
     def encode(messages: list[dict[str, Any]], tools: Any) -> tuple[list[int], list[int]]:
-        return templates.encode(
+        return render.encode(
             tokenizer, tpl, messages, tools=tools, cutoff_len=lf_names.NO_CUT.cutoff_len if lf else None
         )
 

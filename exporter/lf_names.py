@@ -271,7 +271,8 @@ def generated_by(jinja: str, bos: str | None, eos: str | None) -> list[str]:
 def same_text(family: Any, name: str) -> bool:
     """True when the family and the LF name render every probe conversation to the same text (their trained
     positions still differ: a family trains what its Jinja marks, LF trains its answer slots)."""
-    from exporter.templates import PROBES, render_text
+    from exporter.render import render_text
+    from exporter.templates import PROBES
 
     tpl = lf.load(name)
     bos, eos = _texts(tpl, family.bos_token or "<s>", family.eos_token or "</s>")

@@ -17,7 +17,8 @@ from conftest import ROOT, llama_src, require_go, require_llama_cpp
 from gguf import GGUFReader
 
 from exporter import derive, gotemplate
-from exporter.templates import detect_template_text, encode, render_segments
+from exporter.render import encode, render_segments
+from exporter.templates import detect_template_text
 
 # Meta-Llama-3-8B-Instruct's chat_template as published in its tokenizer_config.json (Llama 3.0 format: no system
 # header unless a system message is given, no dates, content trimmed). Not in llama.cpp's vendored templates.

@@ -835,7 +835,7 @@ def test_huge_row_is_cut_before_tokenizing_without_changing_ids(qwen: Path) -> N
     tokenize to exactly the ids of the uncut text (LLaMA-Factory's cut: prompt run, then answer run)."""
     from transformers import AutoTokenizer
 
-    from exporter import examples, templates
+    from exporter import examples, render, templates
     from exporter.data import Drops, Sample
     from exporter.lf_args import TrainConfig
 
@@ -851,7 +851,7 @@ def test_huge_row_is_cut_before_tokenizing_without_changing_ids(qwen: Path) -> N
         return Sample([{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)], system="Be brief.")
 
     def uncut(s: Sample) -> list[int]:
-        ids, labels = templates.encode(tok, tpl, s.chat(), cutoff_len=None)
+        ids, labels = render.encode(tok, tpl, s.chat(), cutoff_len=None)
         return examples.truncate(list(ids), list(labels), cfg.cutoff_len)[0]
 
     cases = [

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, lf_python
 
-from exporter import lf_args, lf_names, lf_templates, templates
+from exporter import lf_args, lf_names, lf_templates, render, templates
 from exporter.errors import UserError
 
 TOOLS = [
@@ -214,8 +214,8 @@ def test_encoder_takes_hf_messages_like_lf_rows(tiny_model) -> None:
     ]
     lf = lf_templates.load("qwen")
     want = lf_templates.encode(tok, lf, rows, "Be brief.", json.dumps(TOOLS), lf_names.NO_CUT)
-    assert templates.encode(tok, tpl, hf, tools=TOOLS) == want
-    prompt_ids, prompt_labels = templates.encode(tok, tpl, hf[:2])
+    assert render.encode(tok, tpl, hf, tools=TOOLS) == want
+    prompt_ids, prompt_labels = render.encode(tok, tpl, hf[:2])
     assert set(prompt_labels) == {-100}
     assert tok.decode(prompt_ids).endswith("<|im_start|>assistant\n")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter import data, preference, templates
+from exporter import data, preference, render, templates
 from exporter.errors import UserError
 
 IGNORE = -100
@@ -107,7 +107,7 @@ def _encoder(tiny_model):
     tpl = templates.resolve(path, "qwen-2.5")
 
     def encode(messages, tools):
-        return templates.encode(tok, tpl, messages, tools=tools)
+        return render.encode(tok, tpl, messages, tools=tools)
 
     return tok, encode
 

@@ -22,15 +22,13 @@ import pytest
 from conftest import FAMILIES, ROOT, TEMPLATE_OF, fixtures_root, llama_src, require_go
 
 from exporter.errors import UserError
+from exporter.render import encode, render_segments, render_text
 from exporter.templates import (
     ChatTemplate,
     detect,
     detect_template_text,
-    encode,
     list_templates,
     load_template,
-    render_segments,
-    render_text,
     resolve,
     write_into,
 )

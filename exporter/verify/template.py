@@ -53,12 +53,12 @@ def _check_training(tpl: Any, tok: Any, probes: list[Probe]) -> Check:
     """Training renderer vs the template's Jinja, as token ids (a leading BOS and trailing whitespace after the final
     end-of-turn token are not part of what the model learns to emit; the end-of-turn text training appends to an
     answer the Jinja leaves open is)."""
-    from exporter import templates
+    from exporter import render
 
     bos, n, bad = tok.bos_token_id, len(probes), None
     close = tpl.format.get("close", "") if tpl.kind == "jinja" else ""
     for conv, text, _ in probes:
-        ids = list(templates.encode(tok, tpl, conv)[0])
+        ids = list(render.encode(tok, tpl, conv)[0])
         want = tok(text, add_special_tokens=False)["input_ids"]
         a, b = _strip_bos(ids, bos), _strip_bos(want, bos)
         if a == b or (len(a) < len(b) and b[: len(a)] == a and not tok.decode(b[len(a) :]).strip()):
