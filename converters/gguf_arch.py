@@ -48,6 +48,9 @@ class Arch:
     params: Callable[[dict[str, Any], gguf.GGUFWriter], None] = lambda hp, w: None
     extra: Callable[[dict[str, Any], gguf.GGUFWriter], list[tuple[str, np.ndarray]]] = lambda hp, w: []
     skip: tuple[str, ...] = field(default=(".rotary_emb.inv_freq",))
+    # llama.cpp gives added tokens their rstrip attribute (HF's AddedToken.rstrip) only for models whose
+    # general.name contains one of these; a fine-tune saved as "out/merged" would tokenize "<|user|>\nHi" unlike HF
+    rstrip_names: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -306,9 +309,23 @@ ARCHS: dict[str, Arch] = {
     "qwen2": Arch(gguf.MODEL_ARCH.QWEN2, ("Qwen2ForCausalLM",), params=_common_params),
     "qwen3": Arch(gguf.MODEL_ARCH.QWEN3, ("Qwen3ForCausalLM",), params=_common_params),
     "gemma3": Arch(gguf.MODEL_ARCH.GEMMA3, ("Gemma3ForCausalLM",), norm_add=1.0, params=_gemma3_params),
-    "phi3": Arch(gguf.MODEL_ARCH.PHI3, ("Phi3ForCausalLM",), params=_phi3_params, extra=_phi3_rope_factors),
+    "phi3": Arch(
+        gguf.MODEL_ARCH.PHI3,
+        ("Phi3ForCausalLM",),
+        params=_phi3_params,
+        extra=_phi3_rope_factors,
+        rstrip_names=("phi3", "phi-3"),
+    ),
 }
 SUPPORTED = sorted(hf for a in ARCHS.values() for hf in a.hf_archs)
+
+
+def model_name(arch: Arch, name: str, rstrip: bool) -> str:
+    """`general.name` as written: with the architecture's name added where llama.cpp needs it to strip whitespace
+    after added tokens as the HF tokenizer does."""
+    if rstrip and arch.rstrip_names and not any(n in name.lower() for n in arch.rstrip_names):
+        return f"{name} ({arch.rstrip_names[-1]})"
+    return name
 
 
 def arch_for(hp: dict[str, Any], where: Path) -> Arch:

@@ -149,11 +149,10 @@ def _nbytes(shape: tuple[int, ...], qtype: T) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
-def _metadata(w: gguf.GGUFWriter, model_dir: Path, name: str | None) -> None:
+def _metadata(w: gguf.GGUFWriter, model_dir: Path, name: str | None, arch: gguf_arch.Arch, rstrip: bool) -> None:
     total, shared, expert, n_expert = w.get_total_parameter_count()
     meta = gguf.Metadata.load(None, model_dir, name, total)
-    if meta.name is None:
-        meta.name = model_dir.name
+    meta.name = gguf_arch.model_name(arch, meta.name or model_dir.name, rstrip)
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, n_expert)
     w.add_type(gguf.GGUFType.MODEL)
@@ -281,7 +280,7 @@ def convert(
                     rec.fallbacks.append(f"{spec.name}: {why}")
                 nbytes = _nbytes(spec.shape, qtype)
                 w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-            _metadata(w, model_dir, model_name)
+            _metadata(w, model_dir, model_name, arch, vocab.rstrip)
             arch.params(hp, w)
             w.add_file_type(FILE_TYPES[kind])
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -58,6 +58,7 @@ class Vocab:
     add_eos: bool | None = None
     add_space_prefix: bool | None = None
     add_other: dict[str, bool] = field(default_factory=dict)  # add_sep_token etc. as the tokenizer files say
+    rstrip: bool = False  # some added token eats the whitespace on its right (Phi-3)
     notes: list[str] = field(default_factory=list)
 
     def token_id(self, text: str) -> int | None:
@@ -286,6 +287,7 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens:
         if ours is not None and ours != hf_value:
             vocab.notes.append(f"add_{kind}_token: tokenizer files say {ours}, HF tokenizer behaviour says {hf_value}")
 
+    vocab.rstrip = any(a.get("rstrip") for a in tj.get("added_tokens", []))
     _set_eog(vocab, eot_tokens, model_dir)
     return vocab
 

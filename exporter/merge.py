@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from exporter import atomic, hub, manifest
+from exporter import atomic, hub, manifest, spm
 from exporter.config import read_json
 from exporter.errors import UserError
 from exporter.shards import (
@@ -613,6 +613,7 @@ def merge(
         for py in base_dir.glob("*.py"):  # remote-code models need their modeling files
             shutil.copy2(py, tmp / py.name)
         _copy_tokenizer(base_dir, ads, tmp)
+        spm.fix_dir(tmp)
         from exporter import templates
 
         tpl = templates.resolve(tmp, template)

@@ -249,12 +249,13 @@ TOKENIZER_FILES = (
 
 def _finish_dir(tmp: Path, model_dir: Path, tpl: Any) -> None:
     """Source tokenizer files verbatim (no re-save drift) + chat template + end-of-turn eos ids; no calibration text."""
-    from exporter import templates
+    from exporter import spm, templates
 
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         (tmp / name).unlink(missing_ok=True)  # the quantizer's re-saved copies
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, tmp / name)
+    spm.fix_dir(tmp)
     templates.write_into(tmp, tpl)
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -282,12 +283,10 @@ def quantize(opts: QuantizeOptions) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.check_free_space(out.parent, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2)
 
-    from transformers import AutoTokenizer
-
-    from exporter import templates
+    from exporter import spm, templates
 
     tpl = templates.resolve(model_dir, opts.template)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = spm.load_tokenizer(model_dir)
     random.seed(opts.seed)
     import torch
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from exporter import config as config_mod
+from exporter import spm
 from exporter.errors import UserError
 
 IGNORE = -100
@@ -599,6 +600,7 @@ def save_checkpoint(
     with atomic_dir(path, force=True) as tmp:
         _save_weights(model, tmp, cfg)
         tokenizer.save_pretrained(tmp)
+        spm.fix_dir(tmp)
         if tpl is not None:
             from exporter import templates
 
@@ -741,7 +743,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
     `_stop_after` (tests only) interrupts the run after that step, as a crash would."""
     import numpy as np
     import torch
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
 
     from exporter import data, hub, manifest, templates
 
@@ -760,7 +762,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
         _say(f"placeholders {', '.join('{{' + k + '}}' for k in sorted(left))} left in the data "
              "(set identity_name / identity_author to fill them)")  # fmt: skip
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = spm.load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     tpl = None
@@ -963,6 +965,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, _stop_after: int | No
     try:
         model.save_pretrained(stage_dir, safe_serialization=True)
         tokenizer.save_pretrained(stage_dir)
+        spm.fix_dir(stage_dir)
         gen = model_dir / "generation_config.json"
         if gen.is_file() and not (stage_dir / "generation_config.json").exists():
             shutil.copy(gen, stage_dir / "generation_config.json")

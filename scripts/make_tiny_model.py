@@ -124,7 +124,7 @@ class Family:
     tie: bool = False
     vocab_multiple: int = 1  # pad the embedding rows to a multiple of this (Qwen/Phi-3 pad theirs)
     spm_dummy_prefix: bool = True
-    rstrip_added: bool = False  # Phi-3's added tokens eat whitespace on their right
+    rstrip: tuple[str, ...] = ()  # added tokens that eat the whitespace on their right (Phi-3's)
     real_vocab: str = ""  # ggml-vocab-<name>.gguf
     trained_size: int = 1600
     config_eos_list: bool = False  # config.json eos_token_id is the generation list (else the tokenizer's eos)
@@ -235,7 +235,7 @@ SPECS: dict[str, Family] = {
         add_bos=True,
         gen_eos=("<|end|>", "<|assistant|>", "<|endoftext|>"),
         vocab_multiple=64,
-        rstrip_added=True,
+        rstrip=("</s>", *(t for t in _PHI3_ADDED if t != "<|endoftext|>")),
         real_vocab="phi-3",
     ),
 }
@@ -324,7 +324,8 @@ def _spm_tokenizer(fam: Family, work: Path):
         kwargs.pop("pad_token", None)
     tok = cls.from_pretrained(str(work), **kwargs)
     # control pieces (ids 0..) are special added tokens, as in the hub's tokenizer.json files
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in fam.spm_head], special_tokens=True)
+    head = [AddedToken(t, special=True, normalized=False, rstrip=t in fam.rstrip) for t in fam.spm_head]
+    tok.add_tokens(head, special_tokens=True)
     if fam.name == "phi3":
         # transformers loads Phi-3 with the generic backend, which keeps tokenizer.json as written; the hub's
         # Phi-3 tokenizer.json prepends "▁" with a normalizer (like sentencepiece and llama.cpp), not Metaspace.
@@ -335,10 +336,7 @@ def _spm_tokenizer(fam: Family, work: Path):
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
     if fam.added:  # Phi-3: every added token but <|endoftext|> eats the whitespace on its right
-        rstrip = fam.rstrip_added
-        tok.add_tokens(
-            [AddedToken(t, special=s, rstrip=rstrip and t != "<|endoftext|>", normalized=False) for t, s in fam.added]
-        )
+        tok.add_tokens([AddedToken(t, special=s, rstrip=t in fam.rstrip, normalized=False) for t, s in fam.added])
         tok.eos_token = fam.eos
         tok.pad_token = fam.pad
     return tok
@@ -458,9 +456,11 @@ def _real_vocab_tokenizer(fam: Family, work: Path):
         )
     backend, _ = convert_gguf_tokenizer(arch, tdict)
     data = json.loads(backend.to_str())
-    if any(a["id"] >= len(tokens) for a in data["added_tokens"]):  # class defaults (GPT-2's <|endoftext|>)
-        data["added_tokens"] = [a for a in data["added_tokens"] if a["id"] < len(tokens)]
-        backend = Tokenizer.from_str(json.dumps(data))
+    # class defaults (GPT-2's <|endoftext|>) out; Phi-3's whitespace-eating tokens as the family has them
+    data["added_tokens"] = [
+        {**a, "rstrip": a["content"] in fam.rstrip} for a in data["added_tokens"] if a["id"] < len(tokens)
+    ]
+    backend = Tokenizer.from_str(json.dumps(data))
     cls = getattr(transformers, fam.tokenizer_class)
     kwargs = {"tokenizer_object": backend, "bos_token": fam.bos, "eos_token": fam.eos, "add_bos_token": fam.add_bos}
     kwargs["unk_token"] = fam.unk  # None for byte-level BPE (else a default <|endoftext|> gets added)
