@@ -97,8 +97,8 @@ class Source:
         self._fds.clear()
 
     def raw(self, name: str, start: int, stop: int, scratch: gguf_quant.Scratch | None = None) -> np.ndarray:
-        """Rows [start, stop) of a tensor (all of a 0/1-D tensor) in its stored dtype (bf16 as uint16 bits), read
-        into `scratch`'s buffer when given."""
+        """Rows [start, stop) of a tensor seen as a matrix of its last axis (all of a 0/1-D tensor) in its stored
+        dtype (bf16 as uint16 bits), read into `scratch`'s buffer when given."""
         dtype, offset = self.entries[name]
         np_type = _DTYPES[dtype]
         size = np.dtype(np_type).itemsize
@@ -106,13 +106,13 @@ class Source:
         if len(shape) < 2:
             start, stop, row = 0, 1, int(np.prod(shape, dtype=np.int64))
         else:
-            row = int(np.prod(shape[1:], dtype=np.int64))
+            row = shape[-1]
         count = (stop - start) * row
         buf = scratch.take("read", (count * size,), np.uint8) if scratch is not None else bytearray(count * size)
         path = self.files[name]
         safetensors_file.pread_exact(self._fds[path], buf, offset + start * row * size, path, name)
         out = np.frombuffer(buf, dtype=np_type, count=count)
-        return out.reshape((stop - start, *shape[1:]) if len(shape) >= 2 else shape)
+        return out.reshape((stop - start, row) if len(shape) >= 2 else shape)
 
 
 def _to_f32(raw: np.ndarray, dtype: str, scratch: gguf_quant.Scratch) -> np.ndarray:
@@ -126,9 +126,14 @@ def _to_f32(raw: np.ndarray, dtype: str, scratch: gguf_quant.Scratch) -> np.ndar
     return out
 
 
-def _block_rows(shape: tuple[int, ...]) -> int:
-    """Rows per block of a 2-D (or higher) tensor."""
-    return max(1, BLOCK_ELEMS // int(np.prod(shape[1:])))
+def _blocks(spec: gguf_arch.TensorSpec) -> list[tuple[int, int]]:
+    """Row ranges a tensor is converted in: blocks of about BLOCK_ELEMS, never across two stacked sources."""
+    if len(spec.shape) < 2:
+        return [(0, 1)]
+    n_rows = spec.rows
+    step = max(1, BLOCK_ELEMS // spec.shape[-1])
+    per = n_rows // len(spec.stack) if spec.stack else n_rows
+    return [(r0, min(s0 + per, r0 + step)) for s0 in range(0, n_rows, per) for r0 in range(s0, s0 + per, step)]
 
 
 def choose_type(spec: gguf_arch.TensorSpec, kind: str, output_like: bool) -> tuple[T, str | None]:
@@ -136,6 +141,8 @@ def choose_type(spec: gguf_arch.TensorSpec, kind: str, output_like: bool) -> tup
     want = NUMPY_TYPES[kind]
     if len(spec.shape) <= 1 or spec.name.endswith("_norm.weight") or not spec.name.endswith(".weight"):
         return T.F32, None  # 1-D, norms and biases stay f32 in every llama.cpp file
+    if spec.name.endswith(".ffn_gate_inp.weight"):
+        return T.F32, None  # MoE routers stay f32 in every llama.cpp file
     if kind == "q4_0" and output_like:
         return T.Q8_0, "output projection kept at q8_0 (llama.cpp keeps it at 6+ bits)"
     block, _ = gguf.GGML_QUANT_SIZES[want]
@@ -212,17 +219,17 @@ def _convert_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, ou
     if spec.data is not None:
         x = (spec.data if len(spec.shape) < 2 else spec.data[r0:r1]).astype(np.float32)
     else:
-        assert spec.source is not None
-        dtype = src.entries[spec.source][0]
+        name, first = spec.part(r0)  # stacked experts: this block's expert and its first row
+        dtype = src.entries[name][0]
         idx = spec.row_index
         if len(spec.shape) < 2:
-            raw = src.raw(spec.source, 0, 1, scratch)
+            raw = src.raw(name, 0, 1, scratch)
         elif idx is None:
-            raw = src.raw(spec.source, r0, r1, scratch)
+            raw = src.raw(name, r0 - first, r1 - first, scratch)
         else:  # permuted rows: read the span they come from, then gather
             want = idx[r0:r1]
             lo = int(want.min())
-            raw = src.raw(spec.source, lo, int(want.max()) + 1, scratch)[want - lo]
+            raw = src.raw(name, lo, int(want.max()) + 1, scratch)[want - lo]
         x = None
     written = 0
     for out in outs:
@@ -237,7 +244,7 @@ def _convert_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, ou
                 if spec.add:
                     x += np.float32(spec.add)
             data = gguf_quant.encode(x, qtype, scratch)
-        row_bytes = _nbytes(spec.shape, qtype) // (spec.shape[0] if len(spec.shape) >= 2 else 1)
+        row_bytes = _nbytes(spec.shape, qtype) // spec.rows
         _pwrite(out.fd, data, out.offsets[spec.name] + r0 * row_bytes)
         written += data.nbytes
     return written
@@ -259,7 +266,7 @@ def convert(
     if not outputs:
         raise UserError("no GGUF output type requested")
     arch, hp, src = plan(model_dir)
-    vocab = gguf_vocab.build_vocab(model_dir, hp, arch.name, eot_tokens)
+    vocab = gguf_vocab.build_vocab(model_dir, hp, arch, eot_tokens)
     n_vocab_real = len(vocab.tokens) if arch.gguf_arch == gguf.MODEL_ARCH.GEMMA3 else None
     specs = gguf_arch.plan_tensors(arch, hp, src.shapes, n_vocab_real)
     has_output = any(s.name == "output.weight" for s in specs)
@@ -300,10 +307,8 @@ def convert(
 
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             for spec in specs_all:
-                n_rows = spec.shape[0] if len(spec.shape) >= 2 else 1
-                step = n_rows if len(spec.shape) < 2 else _block_rows(spec.shape)
-                for r0 in range(0, n_rows, step):
-                    pending.append(pool.submit(_convert_block, src, spec, r0, min(n_rows, r0 + step), outs))
+                for r0, r1 in _blocks(spec):
+                    pending.append(pool.submit(_convert_block, src, spec, r0, r1, outs))
                     if len(pending) >= 2 * n_threads:  # bounded: memory stays at a few blocks
                         finish(pending.popleft())
             while pending:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+from exporter.converters import gguf_arch
 
 from exporter.errors import UserError
 
@@ -31,6 +32,12 @@ _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_TEKKEN_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+_DIGITS = r"\p{N}"  # a Digits(individual_digits) pre-tokenizer step: every digit alone (StarCoder, Granite)
 
 # The string llama.cpp hashes the tokenization of (kept for the diagnostic hash in error messages).
 CHECK_TEXT = (
@@ -83,6 +90,8 @@ def _split_regexes(pre: dict | None) -> list[str]:
         return [pat.get("Regex") or pat.get("String") or ""]
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return [_GPT2_REGEX]
+    if pre.get("type") == "Digits":
+        return [_DIGITS if pre.get("individual_digits") else r"\p{N}+"]
     return []
 
 
@@ -97,9 +106,13 @@ def bpe_pre_name(tokenizer_json: dict, where: Path) -> str:
         return "qwen2"
     if regexes == [_GPT2_REGEX] and not ignore_merges:
         return "gpt-2"
+    if regexes == [_TEKKEN_REGEX] and ignore_merges:  # llama.cpp's "tekken" always ignores merges
+        return "tekken"
+    if regexes == [_DIGITS, _GPT2_REGEX] and not ignore_merges:
+        return "starcoder"
     raise UserError(
         f"{where}: byte-level BPE pre-tokenizer {regexes!r} (ignore_merges={ignore_merges}) is not one llama.cpp "
-        "implements for the supported families (Llama 3, Qwen2, GPT-2 regexes)"
+        "implements for the supported families (Llama 3, Qwen2, GPT-2, tekken, StarCoder regexes)"
     )
 
 
@@ -116,9 +129,10 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any) -> Vocab:
+def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any, pre_names: dict[str, str]) -> Vocab:
     tj = _read_json(model_dir / "tokenizer.json")
     pre = bpe_pre_name(tj, model_dir / "tokenizer.json")
+    pre = pre_names.get(pre, pre)
     reverse = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     if max(reverse) >= vocab_size:
         raise UserError(f"{model_dir}: tokenizer has id {max(reverse)} but config vocab_size is {vocab_size}")
@@ -244,10 +258,11 @@ def _hf_adds(model_dir: Path, tokenizer: Any, special_ids: dict[str, int]) -> tu
     return add_bos, add_eos
 
 
-def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens: list[str]) -> Vocab:
+def build_vocab(model_dir: Path, hp: dict[str, Any], arch: gguf_arch.Arch, eot_tokens: list[str]) -> Vocab:
     """Read the model's tokenizer into a Vocab, with every end-of-turn token of the template made an EOG id."""
     from tokenizers import Tokenizer
 
+    arch_name = arch.name
     tj = _read_json(model_dir / "tokenizer.json")
     try:
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")) if tj else None
@@ -257,15 +272,15 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens:
     if vocab_size is None and tokenizer is not None:
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     has_spm_model = (model_dir / "tokenizer.model").is_file()
-    if has_spm_model and arch_name in ("llama", "gemma3", "phi3", "qwen2", "qwen3"):
+    if has_spm_model and arch_name in ("llama", "gemma2", "gemma3", "phi3", "qwen2", "qwen3"):
         vocab = _spm_model_vocab(model_dir, vocab_size, fixed_added_types=arch_name == "phi3")
     elif tj and _is_spm_json(tj):
         vocab = _spm_json_vocab(model_dir, tj)
     elif tj:
-        vocab = _bpe_vocab(model_dir, vocab_size, tokenizer)
+        vocab = _bpe_vocab(model_dir, vocab_size, tokenizer, arch.pre_names)
     else:
         raise UserError(f"{model_dir}: no tokenizer.json or tokenizer.model; cannot export the vocabulary")
-    if vocab.model == "llama" and arch_name == "gemma3":
+    if vocab.model == "llama" and arch_name in ("gemma2", "gemma3"):
         vocab.add_space_prefix = False
     elif vocab.model == "llama" and arch_name == "llama":
         prefix = _read_json(model_dir / "tokenizer_config.json").get("add_prefix_space")
@@ -280,6 +295,9 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens:
             raise UserError(f"{model_dir / 'tokenizer.json'}: byte-level BPE without merges")
         vocab.merges = special.merges
     vocab.special_ids = dict(special.special_token_ids)
+    for kind, text in arch.special_tokens.items():  # e.g. GLM-4's bos/unk, as llama.cpp's converter sets them
+        if (tid := vocab.token_id(text)) is not None:
+            vocab.special_ids[kind] = tid
     vocab.add_bos, vocab.add_eos = _hf_adds(model_dir, tokenizer, vocab.special_ids)
     vocab.add_other = {k: v for k, v in special.add_special_token.items() if k not in ("bos", "eos")}
     for kind, hf_value in (("bos", vocab.add_bos), ("eos", vocab.add_eos)):

@@ -34,8 +34,11 @@ import pytest
 os.environ["PYTHONSAFEPATH"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
-# exporter template family name of each fixture family
+DENSE = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+MORE = ("qwen3_moe", "mixtral", "gemma2", "mistral_nemo", "glm4", "granite", "olmo2", "smollm3")
+FAMILIES = DENSE + MORE
+# exporter template family name of each fixture family (granite and olmo2 have no family of their own yet: the
+# plain base-model format; smollm3 speaks ChatML with thinking tags)
 TEMPLATE_OF = {
     "llama2": "llama2",
     "llama3": "llama3",
@@ -44,6 +47,14 @@ TEMPLATE_OF = {
     "qwen3": "qwen3",
     "gemma3": "gemma",
     "phi3": "phi3",
+    "qwen3_moe": "qwen3",
+    "mixtral": "mistral",
+    "gemma2": "gemma",
+    "mistral_nemo": "mistral",
+    "glm4": "glm4",
+    "granite": "default",
+    "olmo2": "default",
+    "smollm3": "qwen3",
 }
 
 
@@ -139,7 +150,7 @@ def build_fixture(family: str, real_vocab: bool = False) -> Path:
     """Build (once per cache dir) and return the fixture dir of `family`."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    if real_vocab:
+    if real_vocab or load_maker().SPECS[family].real_template:  # real vocabularies and published templates
         os.environ["EXPORTER_LLAMA_SRC"] = str(llama_src())
     root = fixtures_root()
     out = root / (f"{family}-real" if real_vocab else family)
