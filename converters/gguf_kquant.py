@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import gguf
+from exporter.converters import gguf_read
 
 from exporter.errors import UserError
 
@@ -60,9 +60,8 @@ def quantize(f16_path: Path, out_path: Path, kind: str, nthread: int | None = No
 def type_report(path: Path, kind: str) -> list[str]:
     """Tensors of a K-quant file whose type is not the nominal one (1-D and norm tensors are f32 everywhere)."""
     notes = []
-    for t in gguf.GGUFReader(path).tensors:
-        tname = t.tensor_type.name
-        if len(t.shape) < 2 or tname == _NOMINAL[kind]:
+    for t in gguf_read.read(path, tensors=True).tensors:
+        if len(t.shape) < 2 or t.type.name == _NOMINAL[kind]:
             continue
-        notes.append(f"{t.name}: {tname}")
+        notes.append(f"{t.name}: {t.type.name}")
     return notes

@@ -223,7 +223,8 @@ def _verify(
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Greedy tokens per chat prompt."),
 ) -> None:
     """Prove an export is faithful: templates, stop tokens, tokenizer, perplexity and chat; exit 1 on a failure."""
-    from exporter import verify, verify_report
+    from exporter import verify
+    from exporter.verify import report as verify_report
 
     rep = verify.verify(
         base=base,

@@ -202,12 +202,12 @@ def run(cfg: PipelineConfig) -> PipelineResult:
 
 
 def _train(cfg: PipelineConfig, base: Path, template: str, out: Path, overwrite: bool) -> None:
-    from exporter import train
+    from exporter import lf_args, train
 
     values = {**cfg.train, "model_name_or_path": str(base), "output_dir": str(out), "template": template}
     if overwrite or (out / "adapter_model.safetensors").exists():
         values["overwrite_output_dir"] = True  # settings changed (or a finished run of other settings): start over
-    tcfg = config.build(train.TrainConfig, values, where="train")
+    tcfg = config.build(lf_args.TrainConfig, values, where="train")
     train.train(tcfg, given=set(values))
 
 
@@ -221,7 +221,8 @@ def _verify(
     template: str,
     data_files: list[Path],
 ) -> None:
-    from exporter import verify, verify_report
+    from exporter import verify
+    from exporter.verify import report as verify_report
 
     v = dict(cfg.verify)
     thr = v.pop("ppl_threshold", None)

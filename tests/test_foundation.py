@@ -131,11 +131,14 @@ def test_cli_version_and_help() -> None:
 
 
 def test_installed_package_ships_data() -> None:
-    """`pip install .` (non-editable, as CI installs it) must carry the template families, the Go renderer source
-    and the converters under the `exporter` import name."""
+    """`pip install .` (non-editable, as CI installs it) must carry the template families, the Go renderer source,
+    verify's built-in corpora and the converters under the `exporter` import name."""
     import importlib.resources
 
     families = [p.name for p in importlib.resources.files("exporter.families").iterdir() if p.name.endswith(".yaml")]
     assert {"llama2.yaml", "llama3.yaml", "qwen.yaml", "qwen3.yaml", "gemma.yaml", "phi3.yaml"} <= set(families)
     assert importlib.resources.files("exporter.gotmpl").joinpath("main.go").read_text().startswith("//")
     assert importlib.resources.files("exporter.converters").joinpath("gguf_arch.py").is_file()
+    corpora = importlib.resources.files("exporter.verify.corpora")
+    for name in ("tokenizer_texts.json", "conversations.json", "prompts.json", "held_out.txt"):
+        assert corpora.joinpath(name).read_text(encoding="utf-8").strip(), name

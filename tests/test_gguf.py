@@ -335,6 +335,30 @@ def test_kquants_load_and_give_sane_logits(tiny_model, tmp_path):
     assert any(n.startswith(f"{t}: ") for t in types for n in res.fallbacks["q4_k_m"])  # llama.cpp's mix is reported
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_header_reader_matches_gguf_py(family, converted, tmp_path):
+    """Our fast header reader gives gguf-py's GGUFReader values: every key (scalars, strings, arrays) and tensor."""
+    from exporter.converters import gguf_read
+    from gguf import GGUFReader
+
+    path = _gguf(converted(family)[0], "q8_0")
+    ref = GGUFReader(path)
+    ours = gguf_read.read(path, tensors=True)
+    want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    got = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ours.kv.items()}
+    assert got == want
+    assert [(t.name, t.shape, t.type, t.offset + ref.data_offset, t.n_bytes) for t in ours.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), t.tensor_type, t.data_offset, t.n_bytes) for t in ref.tensors
+    ]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:4000])
+    with pytest.raises(UserError, match="truncated GGUF header"):
+        gguf_read.read(cut)
+    cut.write_bytes(b"GGML" + path.read_bytes()[4:100])
+    with pytest.raises(UserError, match="not a GGUF file"):
+        gguf_read.read(cut)
+
+
 def test_modelfile_parses_and_template_renders_like_jinja(converted):
     """Each Modelfile reads back (Ollama's rules) to our FROM/TEMPLATE/stops/SYSTEM; Go render == Jinja render."""
     from exporter.converters.modelfile import parse

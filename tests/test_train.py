@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter import cli, data, templates
+from exporter import checkpoint, cli, data, lf_args, templates
+from exporter import examples as E
 from exporter import train as T
 from exporter.errors import UserError
 
@@ -73,18 +74,18 @@ def datadir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _cfg(model: Path, datadir: Path, out: Path, **kw) -> T.TrainConfig:
+def _cfg(model: Path, datadir: Path, out: Path, **kw) -> lf_args.TrainConfig:
     base = dict(
         model_name_or_path=str(model), output_dir=str(out), dataset=["identity"], dataset_dir=str(datadir),
         template="qwen", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=4, logging_steps=1,
         save_steps=1000, identity_name="Exa", identity_author="Acme",
     )  # fmt: skip
     base.update(kw)
-    return T.TrainConfig(**base)
+    return lf_args.TrainConfig(**base)
 
 
 def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / T.TRAINER_LOG).read_text().splitlines()]
+    return [json.loads(line) for line in (out / checkpoint.TRAINER_LOG).read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ config
@@ -105,40 +106,42 @@ def test_flag_style_equals_yaml(tmp_path: Path) -> None:
         "--plot_loss --per_device_train_batch_size 1 --gradient-accumulation-steps 8 --learning_rate 1e-4 "
         "--num_train_epochs 3.0 --lr_scheduler_type cosine --warmup_ratio 0.1 --bf16 True --val_size 0.1"
     ).split()
-    from_yaml, _ = T.config_from_args([str(yml)])
-    from_flags, given = T.config_from_args(flags)
+    from_yaml, _ = lf_args.config_from_args([str(yml)])
+    from_flags, given = lf_args.config_from_args(flags)
     assert from_yaml == from_flags
     assert from_flags.lora_target == ["q_proj", "v_proj"] and from_flags.bf16 and from_flags.plot_loss
     assert from_flags.learning_rate == 1e-4 and from_flags.dataset == ["identity", "alpaca_en_demo"]
-    over, _ = T.config_from_args([str(yml), "lora_rank=16", "lora_target=all"])
+    over, _ = lf_args.config_from_args([str(yml), "lora_rank=16", "lora_target=all"])
     assert dataclasses.replace(from_yaml, lora_rank=16, lora_target=["all"]) == over
     assert {"do_train", "plot_loss", "bf16"} <= given
 
 
 def test_config_errors() -> None:
     with pytest.raises(UserError, match=r"unknown key 'lora_rnak' \(did you mean 'lora_rank'\?\)"):
-        T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--lora_rnak", "8"])
+        lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--lora_rnak", "8"])
     with pytest.raises(UserError, match=r"quantization_bit: QLoRA .* not supported yet"):
-        T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--quantization_bit", "4"])
+        lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--quantization_bit", "4"])
     with pytest.raises(UserError, match=r"finetuning_type must be one of lora, full, got 'freeze'"):
-        T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--finetuning_type", "freeze"])
-    cfg, given = T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a", "--fp16"])
+        lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--finetuning_type", "freeze"])
+    cfg, given = lf_args.config_from_args(
+        ["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a", "--fp16"]
+    )
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        T.check(cfg, given, "cpu")
-    cfg, given = T.config_from_args("--model_name_or_path m --output_dir o --dataset a --eval_steps 5".split())
+        lf_args.check(cfg, given, "cpu")
+    cfg, given = lf_args.config_from_args("--model_name_or_path m --output_dir o --dataset a --eval_steps 5".split())
     with pytest.raises(UserError, match="eval_steps is set but eval_strategy is 'no'"):
-        T.check(cfg, given, "cpu")
-    cfg, given = T.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--report_to", "wandb"])
+        lf_args.check(cfg, given, "cpu")
+    cfg, given = lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--report_to", "wandb"])
     with pytest.raises(UserError, match="report_to: wandb is not supported yet"):
-        T.check(dataclasses.replace(cfg, dataset=["a"]), given, "cpu")
+        lf_args.check(dataclasses.replace(cfg, dataset=["a"]), given, "cpu")
 
 
 def test_no_meaning_keys_said_once(capsys: pytest.CaptureFixture) -> None:
-    cfg, given = T.config_from_args(
+    cfg, given = lf_args.config_from_args(
         "--model_name_or_path m --output_dir o --dataset a --flash_attn auto --ddp_timeout 180000000 "
         "--report_to none --preprocessing_num_workers 16 --overwrite_cache".split()
     )
-    T.check(cfg, given, "cpu")
+    lf_args.check(cfg, given, "cpu")
     err = capsys.readouterr().err
     for key in ("flash_attn=auto", "ddp_timeout", "report_to=none", "preprocessing_num_workers", "overwrite_cache"):
         assert err.count(key) == 1, key
@@ -186,7 +189,7 @@ def _expected_labels(tokenizer, messages: list[dict], eot: str) -> tuple[list[in
 
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
-        tok if any(s <= first_char(a, b) and last_char(a, b) <= e for s, e in spans) else T.IGNORE
+        tok if any(s <= first_char(a, b) and last_char(a, b) <= e for s, e in spans) else E.IGNORE
         for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
     ]
     return enc["input_ids"], labels
@@ -212,11 +215,11 @@ def test_labels_masked_exactly_on_non_assistant_tokens(tiny_model, tmp_path: Pat
     info = {"c": {"file_name": "c.json", "formatting": "sharegpt", "columns": {"messages": "conversations",
                                                                                "system": "system"}}}  # fmt: skip
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
-    cfg = T.TrainConfig(model_name_or_path=str(model), output_dir=str(tmp_path / "o"), dataset=["c"],
+    cfg = lf_args.TrainConfig(model_name_or_path=str(model), output_dir=str(tmp_path / "o"), dataset=["c"],
                         dataset_dir=str(tmp_path), cutoff_len=512)  # fmt: skip
     samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
-    examples = T.tokenize_sft(samples, tok, templates.resolve(model, None), cfg, drops)
-    batch = T.collate(examples, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    examples = E.tokenize_sft(samples, tok, templates.resolve(model, None), cfg, drops)
+    batch = E.collate(examples, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     checked = 0
     for row, s in enumerate(samples):
         want = _expected_labels(tok, s.chat(), EOT[family])
@@ -226,31 +229,31 @@ def test_labels_masked_exactly_on_non_assistant_tokens(tiny_model, tmp_path: Pat
         got_ids = batch["input_ids"][row].tolist()
         got_labels = batch["labels"][row].tolist()
         if got_ids[0] == tok.bos_token_id and want_ids[0] != tok.bos_token_id:  # tokenizer-added BOS, never trained
-            assert tok.encode("a")[0] == tok.bos_token_id and got_labels[0] == T.IGNORE
+            assert tok.encode("a")[0] == tok.bos_token_id and got_labels[0] == E.IGNORE
             got_ids, got_labels = got_ids[1:], got_labels[1:]
         n = len(want_ids)
         assert got_ids[:n] == want_ids
         assert got_labels[:n] == want_labels  # token by token
-        assert all(x == T.IGNORE for x in got_labels[n:])  # padding
-        assert sum(x != T.IGNORE for x in want_labels) > 0
+        assert all(x == E.IGNORE for x in got_labels[n:])  # padding
+        assert sum(x != E.IGNORE for x in want_labels) > 0
         checked += 1
     assert checked >= 2
 
 
 def test_truncate_keeps_labels() -> None:
-    P, R = T.IGNORE, 7
+    P, R = E.IGNORE, 7
     ids = list(range(100))
     labels = [P] * 90 + [R] * 10  # long prompt, short answer
-    out_ids, out_labels = T.truncate(ids, labels, 32)
+    out_ids, out_labels = E.truncate(ids, labels, 32)
     assert len(out_ids) == 32 and out_labels.count(R) == 10 and out_ids[:22] == list(range(22))
     labels = [P] * 10 + [R] * 90  # short prompt, long answer
-    out_ids, out_labels = T.truncate(ids, labels, 32)
+    out_ids, out_labels = E.truncate(ids, labels, 32)
     assert len(out_ids) == 32 and out_labels.count(P) == 10 and out_labels.count(R) == 22
     labels = [P] * 40 + [R] * 40 + [P] * 10 + [R] * 10  # two turns: the first one keeps labels
-    out_ids, out_labels = T.truncate(ids, labels, 20)
+    out_ids, out_labels = E.truncate(ids, labels, 20)
     assert len(out_ids) == 20 and out_labels.count(R) == 10
-    assert T.truncate(ids[:10], labels[:10], 20) == (ids[:10], labels[:10])
-    out_ids, out_labels = T.truncate(ids, [P] * 99 + [R], 2)  # tiny budget, huge prompt: the label survives
+    assert E.truncate(ids[:10], labels[:10], 20) == (ids[:10], labels[:10])
+    out_ids, out_labels = E.truncate(ids, [P] * 99 + [R], 2)  # tiny budget, huge prompt: the label survives
     assert out_ids == [0, 99] and out_labels == [P, R]
 
 
@@ -259,9 +262,9 @@ def test_plan_epoch_covers_all_and_pads_less() -> None:
 
     rng = random.Random(0)
     lengths = [rng.randint(5, 500) for _ in range(1000)]
-    batches = T.plan_epoch(lengths, 8, seed=1, epoch=0)
+    batches = E.plan_epoch(lengths, 8, seed=1, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(1000))
-    assert batches == T.plan_epoch(lengths, 8, seed=1, epoch=0) and batches != T.plan_epoch(lengths, 8, 1, 1)
+    assert batches == E.plan_epoch(lengths, 8, seed=1, epoch=0) and batches != E.plan_epoch(lengths, 8, 1, 1)
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     perm = list(range(1000))
     rng.shuffle(perm)
@@ -270,8 +273,8 @@ def test_plan_epoch_covers_all_and_pads_less() -> None:
 
 
 def test_pack_sft_bins() -> None:
-    exs = [T.Example(list(range(n)), [1] * n) for n in (5, 9, 3, 7, 2, 8)]
-    packed = T.pack_sft(exs, 10)
+    exs = [E.Example(list(range(n)), [1] * n) for n in (5, 9, 3, 7, 2, 8)]
+    packed = E.pack_sft(exs, 10)
     assert all(len(p.input_ids) <= 10 for p in packed)
     assert sorted(len(e.input_ids) for e in exs) != [] and sum(len(p.input_ids) for p in packed) == 34
     assert len(packed) == 4
@@ -284,15 +287,15 @@ def test_fast_loss_equals_model_loss(tiny: Path, datadir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny)
     cfg = _cfg(tiny, datadir, datadir / "unused", dataset=["count", "identity"])
     samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
-    examples = T.tokenize_sft(samples, tok, templates.load_template("qwen"), cfg, drops)
+    examples = E.tokenize_sft(samples, tok, templates.load_template("qwen"), cfg, drops)
     model = T.load_model(cfg, tiny, "cpu")
     model.eval()
-    batch = T.collate([examples[0], examples[-1], examples[3]], tok.pad_token_id)  # padded batch
+    batch = E.collate([examples[0], examples[-1], examples[3]], tok.pad_token_id)  # padded batch
     assert batch["attention_mask"] is not None
     with torch.no_grad():
         ours, n = T.loss_sum(model, batch, fast=True)
         ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    assert n == int((batch["labels"][:, 1:] != T.IGNORE).sum())
+    assert n == int((batch["labels"][:, 1:] != E.IGNORE).sum())
     torch.testing.assert_close(ours / n, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -311,7 +314,7 @@ def test_sft_alpaca_outputs_and_adapter_changes_logits(tiny: Path, datadir: Path
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "chat_template.jinja",
             "trainer_log.jsonl", "training_loss.png", "training_eval_loss.png", "all_results.json",
             "exporter_manifest.json", "checkpoint-2"} <= names  # fmt: skip
-    assert not any(n.startswith(".final-tmp") for n in names)
+    assert not any(n.startswith(".final") for n in names)
     assert {
         "optimizer.pt",
         "scheduler.pt",
@@ -359,6 +362,13 @@ def test_sharegpt_full_finetune(tiny: Path, datadir: Path, tmp_path: Path) -> No
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
+def test_do_eval_after_training(tiny: Path, datadir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    T.train(_cfg(tiny, datadir, out, val_size=0.25, do_eval=True, max_steps=2))
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_loss"] > 0 and _log(out)[-1] == {**_log(out)[-1], "eval_loss": results["eval_loss"]}
+
+
 def test_pt_stage_packing(tiny: Path, datadir: Path, tmp_path: Path) -> None:
     out = tmp_path / "pt"
     cfg = _cfg(tiny, datadir, out, stage="pt", dataset=["text"], template=None, cutoff_len=32, max_steps=3, bf16=True)
@@ -370,20 +380,32 @@ def test_pt_stage_packing(tiny: Path, datadir: Path, tmp_path: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(tiny)
     samples, _ = data.load(["text"], datadir, stage="pt")
-    blocks = T.tokenize_pt(samples, tok, cfg, packing=True)
+    blocks = E.tokenize_pt(samples, tok, cfg, packing=True)
     flat = [t for s in samples for t in tok.encode(s.text + tok.eos_token, add_special_tokens=False)]
     assert all(len(b.input_ids) == 32 for b in blocks) and len(blocks) == len(flat) // 32
     assert [t for b in blocks for t in b.input_ids] == flat[: len(blocks) * 32]
 
 
 @pytest.mark.parametrize("logging_steps", [1, 3])  # every step; and a log line whose window spans the resume
-def test_resume_matches_uninterrupted(tiny: Path, datadir: Path, tmp_path: Path, logging_steps: int) -> None:
+def test_resume_matches_uninterrupted(
+    tiny: Path, datadir: Path, tmp_path: Path, logging_steps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kw = dict(dataset=["identity", "count"], max_steps=6, save_steps=2, per_device_train_batch_size=2,
               logging_steps=logging_steps,
               gradient_accumulation_steps=2, lora_dropout=0.1, lr_scheduler_type="cosine")  # fmt: skip
     T.train(_cfg(tiny, datadir, tmp_path / "a", **kw))
-    with pytest.raises(KeyboardInterrupt):
-        T.train(_cfg(tiny, datadir, tmp_path / "b", **kw), _stop_after=3)
+    real_step, steps = T.step, []
+
+    def crash_in_step_4(run, batches):  # as a kill during the 4th update would
+        steps.append(1)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+        return real_step(run, batches)
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "step", crash_in_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(_cfg(tiny, datadir, tmp_path / "b", **kw))
     assert not (tmp_path / "b" / "adapter_model.safetensors").exists() and (tmp_path / "b" / "checkpoint-2").is_dir()
     T.train(_cfg(tiny, datadir, tmp_path / "b", resume_from_checkpoint=True, **kw))
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")

@@ -19,8 +19,8 @@ from conftest import FAMILIES, TEMPLATE_OF, require_go, require_llama_cpp, requi
 from export_edits import rewrite_gguf, sharpen_attention
 
 from exporter import verify as V
-from exporter import verify_report
 from exporter.errors import UserError
+from exporter.verify import report as verify_report
 
 FAST = {"prompts": 2, "max_new_tokens": 8, "ctx": 64, "max_windows": 3}
 

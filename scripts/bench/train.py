@@ -161,11 +161,12 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from exporter import data, templates
-    from exporter import train as T
+    from exporter.examples import tokenize_sft
+    from exporter.lf_args import TrainConfig
 
     model = build_model(a.work)
     ddir = build_data(a.work, a.rows)
-    cfg = T.TrainConfig(
+    cfg = TrainConfig(
         model_name_or_path=str(model), output_dir=str(a.work / "ours-out"), dataset=["bench"], dataset_dir=str(ddir),
         template="llama3", per_device_train_batch_size=a.batch, max_steps=a.steps, logging_steps=1,
         save_steps=10**9, overwrite_output_dir=True, bf16=a.bf16, **COMMON,
@@ -173,7 +174,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(model)
     samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
     tpl = templates.resolve(model, cfg.template)
-    examples = T.tokenize_sft(samples, tok, tpl, cfg, drops)
+    examples = tokenize_sft(samples, tok, tpl, cfg, drops)
     (a.work / "examples.json").write_text(json.dumps([[e.input_ids, e.labels] for e in examples]))
     lens = [len(e.input_ids) for e in examples]
     print(f"data: {len(examples)} examples, {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f})")

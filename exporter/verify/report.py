@@ -36,6 +36,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape, quoteattr
@@ -138,3 +140,15 @@ def print_table(report: Report) -> None:
     s = report.summary()
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
     console.print(f"{verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped in {report.seconds:.1f} s")
+
+
+@contextmanager
+def progress(total: int, label: str) -> Iterator[Callable[[], None]]:
+    """A transient progress bar with ETA; yields the function that advances it by one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+    ) as p:
+        task = p.add_task(label, total=total)
+        yield lambda: p.advance(task)

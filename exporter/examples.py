@@ -1,0 +1,258 @@
+"""Training examples: samples -> token ids and labels through the chat template (only assistant turns and their
+end-of-turn token trained), LLaMA-Factory's turn-by-turn truncation, packing, the validation split, and the batches
+of an epoch (length-sorted within shuffled windows, right-padded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import UserError
+from exporter.lf_args import TEMPLATE_ALIASES, TrainConfig, say
+
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _infer_seqlen(source: int, target: int, cutoff: int) -> tuple[int, int]:
+    """LLaMA-Factory's budget split between a prompt part and its response part."""
+    if target * 2 < cutoff:
+        max_target = cutoff
+    elif source * 2 < cutoff:
+        max_target = cutoff - source
+    else:
+        max_target = max(int(cutoff * (target / (source + target))), 1)  # never zero: keep a label
+    new_target = min(max_target, target)
+    new_source = min(max(cutoff - new_target, 0), source)
+    return new_source, new_target
+
+
+def truncate(ids: list[int], labels: list[int], cutoff: int) -> tuple[list[int], list[int]]:
+    """Cut to `cutoff` tokens turn by turn (prompt run, then trained run), keeping labels in the first turn."""
+    if len(ids) <= cutoff:
+        return ids, labels
+    runs: list[tuple[int, int, bool]] = []  # (start, end, trained)
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
+            runs.append((start, i, labels[start] != IGNORE))
+            start = i
+    pairs: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    k = 0
+    while k < len(runs):
+        s, e, trained = runs[k]
+        if trained:
+            pairs.append(((s, s), (s, e)))
+            k += 1
+        elif k + 1 < len(runs):
+            pairs.append(((s, e), runs[k + 1][:2]))
+            k += 2
+        else:
+            pairs.append(((s, e), (e, e)))
+            k += 1
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    budget = cutoff
+    for (ss, se), (ts, te) in pairs:
+        if budget <= 0:
+            break
+        ns, nt = _infer_seqlen(se - ss, te - ts, budget)
+        out_ids += ids[ss : ss + ns] + ids[ts : ts + nt]
+        out_labels += labels[ss : ss + ns] + labels[ts : ts + nt]
+        budget -= ns + nt
+    return out_ids, out_labels
+
+
+def check_template_tokens(tokenizer: Any, tpl: Any, model: str) -> None:
+    """Every end-of-turn token of the template must be one token of the model's vocabulary."""
+    for tok in tpl.eot_tokens:
+        ids = tokenizer.encode(tok, add_special_tokens=False)
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if len(ids) != 1 or tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+            raise UserError(
+                f"template {tpl.name!r} ends assistant turns with {tok!r}, but the tokenizer of {model} has no such "
+                f"token (it splits into {len(ids)} pieces); pick the template of this model's family"
+            )
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer.encode("a")
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Example]:
+    """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained."""
+    from exporter import templates
+
+    out = []
+    for s in samples:
+        try:
+            ids, labels = templates.encode(
+                tokenizer, tpl, s.chat(), tools=s.tool_list(), train_on_prompt=cfg.train_on_prompt, cutoff_len=None
+            )
+        except UserError as e:
+            raise UserError(f"{s.where}: {e}") from None
+        ids, labels = truncate(list(ids), list(labels), cfg.cutoff_len)
+        if not any(x != IGNORE for x in labels[1:]):
+            drops.add("samples with no trained token left within cutoff_len", s.where)
+            continue
+        out.append(Example(ids, labels))
+    return out
+
+
+def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) -> list[Example]:
+    """Raw text + eos; packed into cutoff_len blocks (remainder dropped) or truncated one per sample."""
+    eos = tokenizer.eos_token or ""
+    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    texts = [s.text + eos for s in samples]
+    enc = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    if not packing:
+        out = []
+        for ids in enc:
+            ids = ([bos] + ids if bos is not None else ids)[: cfg.cutoff_len]
+            out.append(Example(ids, list(ids)))
+        return out
+    flat = [t for ids in enc for t in ids]
+    n = (len(flat) // cfg.cutoff_len) * cfg.cutoff_len
+    if n == 0:
+        raise UserError(
+            f"packing: the whole dataset is {len(flat)} tokens, shorter than one block of cutoff_len={cfg.cutoff_len}"
+        )
+    blocks = [flat[i : i + cfg.cutoff_len] for i in range(0, n, cfg.cutoff_len)]
+    if bos is not None:
+        for b in blocks:
+            b[0] = bos
+    return [Example(b, list(b)) for b in blocks]
+
+
+def pack_sft(examples: list[Example], cutoff: int) -> list[Example]:
+    """LLaMA-Factory's `packing` for SFT: whole examples concatenated into sequences of at most cutoff tokens."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:  # first-fit decreasing
+        n = len(examples[i].input_ids)
+        for b, r in enumerate(room):
+            if n <= r:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(cutoff - n)
+    out = []
+    for b in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        for i in sorted(b):
+            ids += examples[i].input_ids
+            labels += examples[i].labels
+        out.append(Example(ids, labels))
+    return out
+
+
+def split_val(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Shuffled split: val_size < 1 is a fraction (rounded up), >= 1 a count."""
+    if val_size <= 0:
+        return examples, []
+    n_val = int(val_size) if val_size >= 1 else math.ceil(val_size * len(examples))
+    if n_val >= len(examples):
+        raise UserError(f"val_size={val_size} leaves no training samples out of {len(examples)}")
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    return [examples[i] for i in idx[n_val:]], [examples[i] for i in idx[:n_val]]
+
+
+def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 64) -> list[list[int]]:
+    """Batches for one epoch: shuffle, sort by length inside windows of `window` batches, shuffle the batches."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    perm = list(range(len(lengths)))
+    rng.shuffle(perm)
+    size = batch_size * window
+    batches: list[list[int]] = []
+    for s in range(0, len(perm), size):
+        chunk = sorted(perm[s : s + size], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the batch's longest example; labels -100 on padding; no mask when nothing is padded."""
+    import torch
+
+    longest = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        mask[r, :n] = 1
+    padded = bool((mask == 0).any())
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask if padded else None,
+            "tokens": int(mask.sum())}  # fmt: skip
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything the loop needs from the data: the tokenizer, the template, and the examples split and packed."""
+
+    tokenizer: Any
+    tpl: Any  # ChatTemplate, or None for pretraining without a template
+    train: list[Example]
+    val: list[Example]
+    pad_id: int
+    packing: bool
+
+
+def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
+    """Datasets -> examples through the template; every data error surfaces here, before anything is written."""
+    from exporter import data, spm, templates
+
+    packing = cfg.packing if cfg.packing is not None else cfg.stage == "pt"
+    fill = {k: v for k, v in (("name", cfg.identity_name), ("author", cfg.identity_author)) if v}
+    samples, drops = data.load(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill, cfg.seed)
+    left = data.unfilled_placeholders(samples)
+    if left:
+        say(f"placeholders {', '.join('{{' + k + '}}' for k in sorted(left))} left in the data "
+            "(set identity_name / identity_author to fill them)")  # fmt: skip
+    try:
+        tokenizer = spm.load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    tpl = None
+    if cfg.stage == "sft" or cfg.template:
+        name = cfg.template
+        if name in TEMPLATE_ALIASES and name not in templates.list_templates():
+            say(f"template {name!r} is LLaMA-Factory's name for exporter's {TEMPLATE_ALIASES[name]!r} family")
+            name = TEMPLATE_ALIASES[name]
+        tpl = templates.resolve(model_dir, name)
+        check_template_tokens(tokenizer, tpl, str(model_dir))
+    if cfg.stage == "sft":
+        examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
+        if not examples:
+            raise UserError(f"no usable samples after tokenization: {drops.summary()}")
+    else:
+        examples = tokenize_pt(samples, tokenizer, cfg, packing)
+    if drops.counts:
+        say(f"dropped {sum(drops.counts.values())} sample(s): {drops.summary()}")
+    train_ex, val_ex = split_val(examples, cfg.val_size, cfg.seed)
+    if cfg.stage == "sft" and packing:
+        train_ex = pack_sft(train_ex, cfg.cutoff_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise UserError(f"model {model_dir}: tokenizer has neither a pad nor an eos token")
+    return Prepared(tokenizer, tpl, train_ex, val_ex, pad_id, packing)

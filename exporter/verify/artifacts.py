@@ -1,0 +1,288 @@
+"""What verify looks at: the artifacts given or found in a run dir, read into what the checks need.
+
+GGUF metadata comes from the fast header reader (`converters/gguf_read.py`), Modelfiles from the one Ollama-rules
+parser (`converters/modelfile.py`); every bad input is a UserError before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from exporter.config import read_json
+from exporter.errors import UserError
+
+
+@dataclasses.dataclass
+class Artifacts:
+    """What verify looks at; any may be missing (checks that need it are not run)."""
+
+    base: Path | None = None
+    adapter: Path | None = None
+    merged: Path | None = None
+    ggufs: list[Path] = dataclasses.field(default_factory=list)
+    modelfiles: list[Path] = dataclasses.field(default_factory=list)
+    quantized: list[Path] = dataclasses.field(default_factory=list)
+    data: list[Path] = dataclasses.field(default_factory=list)
+    text: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Paths as strings, for the report."""
+        return {
+            k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+            for k, v in dataclasses.asdict(self).items()
+        }
+
+
+def discover(run_dir: Path) -> Artifacts:
+    """Artifacts of a pipeline run dir: adapter/, merged/, gguf/*.gguf, Modelfiles, and the recorded base/data."""
+    if not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir}: not a directory")
+    art = Artifacts()
+    state = run_dir / "pipeline.json"
+    if state.is_file():
+        doc = read_json(state)
+        art.base = Path(doc["base"]) if doc.get("base") else None
+        art.data = [Path(p) for p in doc.get("data") or []]
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and ".tmp-" not in p.name):
+        if (d / "adapter_config.json").is_file() and art.adapter is None:
+            art.adapter = d
+        elif d.name != "base" and (d / "config.json").is_file() and any(d.glob("*.safetensors")) and not art.merged:
+            art.merged = d
+    art.ggufs = sorted(p for p in run_dir.rglob("*.gguf") if ".tmp-" not in str(p))
+    art.modelfiles = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name.startswith("Modelfile"))
+    return art
+
+
+def collect(
+    base: Path | None,
+    adapter: Path | None,
+    merged: Path | None,
+    ggufs: Sequence[Path],
+    modelfiles: Sequence[Path],
+    quantized: Sequence[Path],
+    run_dir: Path | None,
+    text: Path | None,
+    data: Path | Sequence[Path] | None,
+) -> Artifacts:
+    """The artifacts given, filled in from a pipeline `run_dir`; the base of an adapter from its config."""
+    art = discover(Path(run_dir)) if run_dir is not None else Artifacts()
+    art.base = Path(base) if base else art.base
+    art.adapter = Path(adapter) if adapter else art.adapter
+    art.merged = Path(merged) if merged else art.merged
+    art.ggufs = [Path(p) for p in ggufs] or art.ggufs
+    art.modelfiles = [Path(p) for p in modelfiles] or art.modelfiles
+    art.quantized = [Path(p) for p in quantized] or art.quantized
+    art.text = Path(text) if text else None
+    if data:
+        art.data = [Path(data)] if isinstance(data, (str, Path)) else [Path(p) for p in data]
+    if art.adapter is not None and art.base is None and (art.adapter / "adapter_config.json").is_file():
+        cfg = read_json(art.adapter / "adapter_config.json")
+        if cfg.get("base_model_name_or_path"):
+            from exporter import hub
+
+            art.base = hub.resolve(cfg["base_model_name_or_path"], "base model of the adapter")
+    return art
+
+
+def check_inputs(art: Artifacts) -> None:
+    """Every given path exists and is the kind of thing its flag names; there is something to verify."""
+    for name in ("base", "adapter", "merged"):
+        p = getattr(art, name)
+        if p is not None and not Path(p).is_dir():
+            raise UserError(f"--{name} {p}: not a directory")
+    for q in art.quantized:
+        if not (Path(q) / "config.json").is_file():
+            raise UserError(f"--quantized {q}: no config.json (expected an `exporter quantize` output dir)")
+    if art.merged is not None and not (art.merged / "config.json").is_file():
+        raise UserError(f"--merged {art.merged}: no config.json (expected an exported HF model dir)")
+    if art.adapter is not None and not (art.adapter / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {art.adapter}: no adapter_config.json (expected a PEFT adapter dir)")
+    for p in art.ggufs + art.modelfiles + art.data + ([art.text] if art.text else []):
+        if not Path(p).exists():
+            raise UserError(f"{p}: no such file")
+    if art.quantized and art.merged is None:
+        raise UserError("--quantized needs --merged: quantized dirs are scored against the unquantized model")
+    if art.merged is None and art.adapter is None and not art.ggufs and not art.modelfiles:
+        raise UserError("nothing to verify: give --merged, --adapter, --gguf, --modelfile or --run-dir")
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def data_texts(path: Path, limit: int = 200) -> tuple[list[str], list[str]]:
+    """(texts, user prompts) from a JSON/JSONL data file or dir (every string value; user turns as prompts)."""
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.name != "dataset_info.json")
+    )
+    texts: list[str] = []
+    prompts: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, str):
+            if x.strip():
+                texts.append(x)
+        elif isinstance(x, dict):
+            role = x.get("role", x.get("from"))
+            content = x.get("content", x.get("value"))
+            if role in ("user", "human") and isinstance(content, str):
+                prompts.append(content)
+            if isinstance(x.get("instruction"), str):
+                prompts.append((x["instruction"] + ("\n" + x["input"] if x.get("input") else "")).strip())
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    for f in files:
+        try:
+            raw = f.read_text(encoding="utf-8")
+            records = (
+                [json.loads(line) for line in raw.splitlines() if line.strip()]
+                if f.suffix == ".jsonl"
+                else [json.loads(raw)]
+            )
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"data {f}: not readable JSON ({e})") from None
+        walk(records)
+    return list(dict.fromkeys(texts))[:limit], list(dict.fromkeys(prompts))
+
+
+# ----------------------------------------------------------------------------------------------------- HF dirs
+
+
+def exported_templates(model_dir: Path) -> dict[str, str]:
+    """The chat templates an exported HF dir carries, by where they are ('' when it has none)."""
+    out: dict[str, str] = {}
+    cfg = model_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        v = read_json(cfg).get("chat_template")
+        if isinstance(v, str):
+            out[f"{model_dir.name}/tokenizer_config.json"] = v
+    jf = model_dir / "chat_template.jinja"
+    if jf.is_file():
+        out[f"{model_dir.name}/chat_template.jinja"] = jf.read_text(encoding="utf-8")
+    if not out:
+        out[f"{model_dir.name}/tokenizer_config.json"] = ""
+    return out
+
+
+def gen_eos(model_dir: Path | None) -> list[int] | None:
+    """`eos_token_id` of a dir's generation_config.json as a list (None without the file)."""
+    if model_dir is None or not (model_dir / "generation_config.json").is_file():
+        return None
+    v = read_json(model_dir / "generation_config.json").get("eos_token_id")
+    return [] if v is None else ([int(v)] if isinstance(v, int) else [int(x) for x in v])
+
+
+def quantized_kind(model_dir: Path) -> str:
+    """`gptq4`, `gptq8`, `awq4`, `bnb4` or `bnb8` from a quantized HF dir's `quantization_config`."""
+    q = read_json(model_dir / "config.json").get("quantization_config")
+    if not isinstance(q, dict):
+        raise UserError(f"--quantized {model_dir}: config.json has no quantization_config (not a quantized model)")
+    method = str(q.get("quant_method", "")).lower()
+    if method == "bitsandbytes":
+        return "bnb4" if q.get("load_in_4bit") or q.get("_load_in_4bit") else "bnb8"
+    if method in ("gptq", "awq"):
+        return f"{method}{int(q.get('bits', 4))}"
+    raise UserError(f"--quantized {model_dir}: quant_method {method!r} is not one of gptq, awq, bitsandbytes")
+
+
+# ----------------------------------------------------------------------------------------------------- Modelfile
+
+
+@dataclasses.dataclass
+class Modelfile:
+    """The parts of an Ollama Modelfile that verify checks."""
+
+    path: Path
+    from_: str
+    template: str | None
+    system: str | None
+    stops: list[str]
+
+
+def parse_modelfile(path: Path) -> Modelfile:
+    """FROM / TEMPLATE / SYSTEM / PARAMETER stop of an Ollama Modelfile, read with Ollama's parsing rules."""
+    from exporter.converters.modelfile import parse
+
+    try:
+        commands = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"Modelfile {path}: cannot read it ({e})") from None
+    except ValueError as e:
+        raise UserError(f"Modelfile {path}: {e}") from None
+    last = {cmd: value for cmd, value in commands}
+    stops = [value for cmd, value in commands if cmd == "parameter stop"]
+    return Modelfile(path, last["model"], last.get("template"), last.get("system"), stops)
+
+
+# ----------------------------------------------------------------------------------------------------- GGUF
+
+
+@dataclasses.dataclass
+class GGUFInfo:
+    """Metadata of one GGUF that the checks need."""
+
+    path: Path
+    arch: str
+    file_type: str
+    chat_template: str | None
+    pre: str | None
+    eog_ids: dict[str, int]  # key name -> id, for eos/eot/eom
+    eos_ids: list[int]  # tokenizer.ggml.eos_token_ids when present
+    tokens: list[str]
+    token_types: list[int]
+
+
+def read_gguf(path: Path) -> GGUFInfo:
+    """Read the metadata verify needs; UserError when the file is not a GGUF."""
+    from gguf import LlamaFileType
+
+    from exporter.converters.gguf_read import read_kv
+
+    kv = read_kv(path)
+    try:
+        ftype = LlamaFileType(int(kv.get("general.file_type"))).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        ftype = ftype.lower()
+    except (TypeError, ValueError):
+        ftype = "unknown"
+    eog = {
+        n: int(kv[f"tokenizer.ggml.{n}_token_id"])
+        for n in ("eos", "eot", "eom")
+        if f"tokenizer.ggml.{n}_token_id" in kv
+    }
+    eos_ids = kv.get("tokenizer.ggml.eos_token_ids")
+    return GGUFInfo(
+        path=path,
+        arch=str(kv.get("general.architecture")),
+        file_type=ftype,
+        chat_template=kv.get("tokenizer.chat_template"),
+        pre=kv.get("tokenizer.ggml.pre"),
+        eog_ids=eog,
+        eos_ids=[int(x) for x in eos_ids] if eos_ids is not None else [],
+        tokens=list(kv.get("tokenizer.ggml.tokens") or []),
+        token_types=[int(x) for x in kv.get("tokenizer.ggml.token_type", [])],
+    )
+
+
+class GGUFLoadError(Exception):
+    """llama.cpp refused the file."""
+
+
+def load_llama(info: GGUFInfo, **kwargs: Any) -> Any:
+    """The GGUF loaded by llama.cpp; GGUFLoadError (a failed check, not a crash) when it refuses it."""
+    from llama_cpp import Llama
+
+    try:
+        return Llama(model_path=str(info.path), verbose=False, **kwargs)
+    except Exception as e:
+        raise GGUFLoadError(
+            f"llama.cpp cannot load {info.path.name} ({e}; arch {info.arch!r}, tokenizer.ggml.pre={info.pre!r})"
+        ) from None

@@ -1,0 +1,136 @@
+"""Check 5, chat: greedy answers to N prompts through the template, HF vs each GGUF. Full-precision GGUFs must match
+HF token for token including where they stop; quantized files report where they first diverge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from exporter.diff import first_diff
+from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, load_llama
+from exporter.verify.report import Check, progress
+from exporter.verify.template import render
+
+FULL_PRECISION = ("f32", "f16", "bf16")
+# Greedy divergence on a near-tie (HF top-2 logit gap below this) is rounding, not an export error.
+TIE_MARGIN = 1e-3
+
+
+def _hf_greedy(model: Any, prompt: list[int], stop: list[int], max_new: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens (ending with the stop token when reached) and the top-2 logit gap at each step."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    out, gaps, past = [], [], None
+    with torch.no_grad():
+        for _ in range(max_new):
+            res = model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            logits = res.logits[0, -1].float()
+            top = torch.topk(logits, 2).values
+            t = int(logits.argmax())
+            out.append(t)
+            gaps.append(float(top[0] - top[1]))
+            if t in stop:
+                break
+            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    return out, gaps
+
+
+def _gguf_greedy(llm: Any, prompt: list[int], max_new: int) -> list[int]:
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    llm.reset()
+    llm.eval(prompt)
+    out: list[int] = []
+    for _ in range(max_new):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(t)
+        if llama_cpp.llama_vocab_is_eog(vocab, t):
+            break
+        llm.eval([t])
+    return out
+
+
+def _judge(
+    tok: Any, g: GGUFInfo, prompts: list[str], ref: list[tuple[list[int], list[float]]], outs: list[list[int]],
+    stop: list[int],
+) -> Check:  # fmt: skip
+    """Compare one GGUF's answers with HF's: exact for full precision (near-ties excused), reported otherwise."""
+    firsts: list[int | None] = []
+    ties: set[int] = set()  # prompts whose first divergence is at a near-tie of HF's logits
+    for k, (got, (want, gaps)) in enumerate(zip(outs, ref, strict=True)):
+        if got == want:
+            firsts.append(None)
+            continue
+        i = first_diff(got, want)
+        firsts.append(i)
+        if i < len(want) and i < len(got) and gaps[i] < TIE_MARGIN:
+            ties.add(k)  # HF itself had a near-tie there: either token is a faithful greedy pick
+    answers = [
+        {"prompt": p, "hf": tok.decode(r[0], skip_special_tokens=True),
+         "gguf": tok.decode(o, skip_special_tokens=True), "first_divergence": f}
+        for p, r, o, f in zip(prompts, ref, outs, firsts, strict=True)
+    ]  # fmt: skip
+    metrics = {"prompts": len(prompts), "exact": firsts.count(None), "first_divergence": firsts,
+               "hf_tokens": [r[0] for r in ref], "gguf_tokens": outs, "answers": answers,
+               "near_ties": len(ties)}  # fmt: skip
+    exact = f"{firsts.count(None)}/{len(prompts)}"
+    if g.file_type not in FULL_PRECISION:
+        div = ", ".join("=" if f is None else str(f) for f in firsts)
+        return Check("chat", g.path.name, "pass", f"{exact} token-exact; first divergence per prompt: {div}", metrics)
+    real = [k for k, f in enumerate(firsts) if f is not None and k not in ties]
+    if not real:
+        extra = f" ({len(ties)} near-tie)" if ties else ""
+        return Check("chat", g.path.name, "pass", f"{exact} answers token-exact incl. stop{extra}", metrics)
+    k = real[0]
+    w, o, f = ref[k][0], outs[k], firsts[k]
+    detail = (
+        f"prompt {prompts[k]!r}: GGUF diverges from HF at token {f}: "
+        f"HF {tok.decode(w[f : f + 4])!r}{' (stop)' if f == len(w) - 1 and w[-1] in stop else ''}"
+        f" vs GGUF {tok.decode(o[f : f + 4])!r}" + (" (GGUF did not stop)" if len(o) > len(w) else "")
+    )
+    return Check("chat", g.path.name, "fail", detail, metrics)
+
+
+def check_chat(
+    tok: Any,
+    hf_model: Any,
+    jinja: str | None,
+    infos: list[GGUFInfo],
+    prompts: list[str],
+    stop: list[int],
+    max_new: int,
+) -> list[Check]:
+    """Greedy answers of HF, then of each GGUF to the same prompt ids."""
+    if not infos or not prompts:
+        return []
+    if hf_model is None:
+        return [Check("chat", "-", "skip", "needs --merged (the HF model to compare the GGUF answers with)")]
+    if not jinja:
+        return [Check("chat", "-", "fail", "no chat template to render the prompts with")]
+    prompt_ids = [
+        tok(render(tok, jinja, [{"role": "user", "content": p}], True), add_special_tokens=False)["input_ids"]
+        for p in prompts
+    ]
+    checks: list[Check] = []
+    with progress(len(prompts) * (1 + len(infos)), "chat") as step:
+        ref = []
+        for ids in prompt_ids:
+            ref.append(_hf_greedy(hf_model, ids, stop, max_new))
+            step()
+        for g in infos:
+            try:
+                llm = load_llama(g, n_ctx=max(len(p) for p in prompt_ids) + max_new + 8, logits_all=True)
+            except GGUFLoadError as e:
+                checks.append(Check("chat", g.path.name, "fail", str(e)))
+                continue
+            outs = []
+            for ids in prompt_ids:
+                outs.append(_gguf_greedy(llm, ids, max_new))
+                step()
+            llm.close()
+            checks.append(_judge(tok, g, prompts, ref, outs, stop))
+    return checks
