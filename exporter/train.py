@@ -73,10 +73,11 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
         adapter = hub.resolve(cfg.adapter_name_or_path, "adapter")
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     else:
-        target: Any = "all-linear" if cfg.lora_target == ["all"] else _check_targets(model, cfg.lora_target)
+        target, params = _targets(model, cfg)
         lora = LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank * 2, lora_dropout=cfg.lora_dropout,
-            target_modules=target, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+            target_modules=target, target_parameters=params or None, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+            task_type="CAUSAL_LM",
         )  # fmt: skip
         model = get_peft_model(model, lora)
     for p in model.parameters():  # trainable weights in fp32 (LLaMA-Factory's upcast)
@@ -85,17 +86,48 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
     return model
 
 
-def _check_targets(model: Any, targets: list[str]) -> list[str]:
+def _expert_params(model: Any) -> list[str]:
+    """MoE experts as transformers 5 holds them: 3-D parameters (experts, out, in) of `...experts` modules, named as
+    PEFT's `target_parameters` matches them ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")."""
+    out = set()
+    for name, p in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        if p.dim() == 3 and module.endswith(".experts"):
+            out.add(".".join(module.split(".")[-2:]) + "." + leaf)
+    return sorted(out)
+
+
+def _targets(model: Any, cfg: TrainConfig) -> tuple[Any, list[str]]:
+    """`lora_target` as PEFT's (target_modules, target_parameters): `all` is every linear layer plus every MoE expert
+    parameter (all-linear alone would leave an MoE's experts, most of its weights, untrained); names are linear layers
+    or expert parameters (`gate_up_proj`, `down_proj`, or `experts` for both)."""
     import torch
 
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    for t in targets:
-        if t not in linear:
-            raise UserError(
-                f"lora_target {t!r}: no linear layer of that name in the model{did_you_mean(t, linear)} "
-                f"(have: {', '.join(linear)}; or use all)"
-            )
-    return targets
+    experts = _expert_params(model)
+    if cfg.lora_target == ["all"]:
+        target, params = "all-linear", experts
+    else:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        leaves = {e.rsplit(".", 1)[-1]: e for e in experts}
+        target, params = [], []
+        for t in cfg.lora_target:
+            if t in linear:
+                target.append(t)
+            elif t in leaves or (t == "experts" and experts):
+                params += [leaves[t]] if t in leaves else experts
+            else:
+                have = linear + sorted(leaves) + (["experts"] if experts else [])
+                raise UserError(
+                    f"lora_target {t!r}: no linear layer or expert parameter of that name in the model"
+                    f"{did_you_mean(t, have)} (have: {', '.join(have)}; or use all)"
+                )
+        params = sorted(set(params))
+    if params and (cfg.lora_dropout or cfg.use_dora):
+        raise UserError(
+            f"LoRA on MoE expert weights ({', '.join(params)}) works without lora_dropout and DoRA only (PEFT's "
+            "parameter LoRA); set lora_dropout: 0 and use_dora: false, or leave the experts out of lora_target"
+        )
+    return target or None, params
 
 
 def _parts(model: Any) -> tuple[Any, Any, float | None]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAMILIES, ROOT, TEMPLATE_OF, llama_src, require_go, require_llama_cpp
+from conftest import FAMILIES, MORE, ROOT, TEMPLATE_OF, llama_src, require_go, require_llama_cpp
 
 from exporter.errors import UserError
 
@@ -357,6 +357,33 @@ def test_header_reader_matches_gguf_py(family, converted, tmp_path):
     cut.write_bytes(b"GGML" + path.read_bytes()[4:100])
     with pytest.raises(UserError, match="not a GGUF file"):
         gguf_read.read(cut)
+
+
+@pytest.mark.parametrize("family", MORE)
+def test_kquants_of_every_new_architecture(family, tiny_model, converted, tmp_path):
+    """q4_k_m through libllama for each new architecture (3-D expert tensors, head_dim != hidden/heads, fused
+    gate_up, ...): it loads, its logits track the f32 file's, and every tensor not at Q4_K is reported."""
+    from gguf import GGUFReader
+
+    from exporter.gguf import export
+
+    model = tiny_model(family)
+    out, tpl = converted(family)
+    res = export(model, ["q4_k_m"], tpl, tmp_path / "out")
+    ids = _probe_ids(model)[0]
+    ref = _llama(_gguf(out, "f32"), n_ctx=64, logits_all=True, n_threads=2)
+    ref.eval(ids)
+    q = _llama(res.files["q4_k_m"], n_ctx=64, logits_all=True, n_threads=2)
+    q.eval(ids)
+    a, b = (np.array(m.scores[: len(ids)], dtype=np.float32).ravel() for m in (ref, q))
+    assert float(np.corrcoef(a, b)[0, 1]) > 0.9, f"{family}: q4_k_m logits drift from f32"
+    types = {t.name: t.tensor_type.name for t in GGUFReader(res.files["q4_k_m"]).tensors if len(t.shape) >= 2}
+    k_types = {n for n, t in types.items() if t in ("Q4_K", "Q5_K", "Q6_K")}
+    assert any("attn_q.weight" in n for n in k_types), f"{family}: attention not K-quantized: {types}"
+    if family in ("qwen3_moe", "mixtral"):
+        assert all(types[n] in ("Q4_K", "Q5_K", "Q6_K") for n in types if "_exps." in n), types
+    reported = {n.split(":")[0] for n in res.fallbacks["q4_k_m"]}
+    assert reported == {n for n, t in types.items() if t != "Q4_K"}, f"{family}: fallback report incomplete"
 
 
 def test_modelfile_parses_and_template_renders_like_jinja(converted):
