@@ -10,7 +10,6 @@ represent (another NoPE layer pattern, another Gemma 2 query scale) is refused r
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from exporter.config import read_json
 from exporter.errors import UserError
 
 
@@ -171,10 +171,7 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
-    try:
-        hp = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    hp = read_json(path)
     if "text_config" in hp:
         hp = {**hp, **hp["text_config"], "model_type": hp["text_config"].get("model_type", hp.get("model_type"))}
     model_type = hp.get("model_type")

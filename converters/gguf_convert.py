@@ -8,7 +8,6 @@ type and written with `pwrite` at its place in every file. Peak memory is a few 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,6 +23,7 @@ import numpy as np
 from exporter.converters import gguf_arch, gguf_quant, gguf_vocab
 
 from exporter import safetensors_file
+from exporter.config import read_json
 from exporter.errors import UserError
 
 T = gguf.GGMLQuantizationType
@@ -71,7 +71,7 @@ class Source:
     def open(cls, model_dir: Path) -> Source:
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             parts = sorted(set(weight_map.values()))
         else:
             parts = sorted(p.name for p in model_dir.glob("*.safetensors"))

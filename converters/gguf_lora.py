@@ -6,7 +6,6 @@ written as an equivalent alpha. Llama-family q/k LoRA B rows get the same RoPE p
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,34 +13,37 @@ import gguf
 import numpy as np
 import torch
 from exporter.converters import gguf_arch
-from safetensors.torch import load_file
 
+from exporter.adapter import LoraPart, load_adapter
 from exporter.errors import UserError
 
 LORA_KINDS = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}
 
 
-def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """adapter_config.json and the adapter weights; UserError for what a GGUF LoRA cannot hold."""
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{adapter_dir}: no adapter_config.json; expected a PEFT LoRA adapter directory")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters convert to GGUF LoRA")
-    if cfg.get("use_dora"):
-        raise UserError(f"{cfg_path}: DoRA adapters have a magnitude vector llama.cpp cannot apply; merge first")
-    if cfg.get("modules_to_save"):
+def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraPart], int]:
+    """The adapter's config, LoRA parts by base weight name and its one rank; UserError for what a GGUF LoRA cannot
+    hold (llama.cpp applies plain `B @ A` with one alpha per file)."""
+    ad = load_adapter(adapter_dir, 1.0, str(adapter_dir))
+    cfg, where = ad.config, adapter_dir / "adapter_config.json"
+    if cfg.get("use_dora") or any(p.magnitude is not None for p in ad.lora.values()):
+        raise UserError(f"{where}: DoRA adapters have a magnitude vector llama.cpp cannot apply; merge first")
+    if ad.full:
         raise UserError(
-            f"{cfg_path}: modules_to_save {cfg['modules_to_save']} are full weights, not LoRA; merge the adapter "
+            f"{where}: {', '.join(sorted(ad.full))} are full weights (modules_to_save), not LoRA; merge the adapter "
             "(exporter merge) and convert the merged model instead"
         )
-    if cfg.get("fan_in_fan_out"):
-        raise UserError(f"{cfg_path}: fan_in_fan_out (Conv1D) LoRA is not used by the supported architectures")
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{adapter_dir}: no adapter_model.safetensors")
-    return cfg, load_file(str(weights))
+    if any(p.fan_in_fan_out for p in ad.lora.values()):
+        raise UserError(f"{where}: fan_in_fan_out (Conv1D) LoRA is not used by the supported architectures")
+    odd = sorted(m for m, p in ad.lora.items() if p.embedding or p.bias is not None)
+    if odd:
+        raise UserError(
+            f"{adapter_dir}: {', '.join(odd)} have embedding LoRA or lora bias, which a GGUF LoRA cannot hold; "
+            "merge the adapter and convert the merged model instead"
+        )
+    ranks = {int(p.A.shape[0]) for p in ad.lora.values()}
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or len(ranks) > 1:
+        raise UserError(f"{adapter_dir}: per-module ranks/alphas; a GGUF LoRA has one alpha for all tensors")
+    return cfg, {f"{m}.weight": p for m, p in ad.lora.items()}, ranks.pop()
 
 
 def _alpha(cfg: dict, rank: int) -> float:
@@ -53,36 +55,14 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_path: Path, kind: str = 
     """Write the GGUF LoRA of `adapter_dir` for base model `base_dir`; returns {gguf tensor name: rank}."""
     if kind not in LORA_KINDS:
         raise UserError(f"GGUF LoRA type {kind!r}: use one of {', '.join(LORA_KINDS)}")
-    cfg, tensors = read_adapter(adapter_dir)
+    cfg, parts, rank = read_adapter(adapter_dir)
     hp = gguf_arch.load_hparams(base_dir)
     arch = gguf_arch.arch_for(hp, base_dir)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        base = name.removeprefix("base_model.model.")
-        for part, key in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
-            if base.endswith(part):
-                pairs.setdefault(base[: -len(part)] + ".weight", {})[key] = t
-                break
-        else:
-            raise UserError(
-                f"{adapter_dir}: tensor {name!r} is not a LoRA A/B matrix (embedding LoRA or extra weights); "
-                "merge the adapter and convert the merged model instead"
-            )
-    shapes = {}
-    for base, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise UserError(f"{adapter_dir}: {base} has LoRA {sorted(ab)} only; both A and B are needed")
-        shapes[base] = (ab["B"].shape[0], ab["A"].shape[1])
+    shapes = {base: (p.B.shape[0], p.A.shape[1]) for base, p in parts.items()}
     tied = bool(hp.get("tie_word_embeddings"))
     if tied and "lm_head.weight" in shapes:
         raise UserError(f"{adapter_dir}: LoRA on lm_head of a tied-embedding model; merge it (the merge unties)")
     specs = {s.source: s for s in gguf_arch.plan_tensors(arch, hp, shapes, None)}
-    ranks = {int(ab["A"].shape[0]) for ab in pairs.values()}
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    if rank_pattern or alpha_pattern or len(ranks) > 1:
-        raise UserError(f"{adapter_dir}: per-module ranks/alphas; a GGUF LoRA has one alpha for all tensors")
-    (rank,) = ranks
     w = gguf.GGUFWriter(path=None, arch=arch.name)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -91,10 +71,10 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_path: Path, kind: str = 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     qtype = LORA_KINDS[kind]
     out: dict[str, int] = {}
-    for base, ab in sorted(pairs.items()):
+    for base, part in sorted(parts.items()):
         spec = specs[base]
-        a = ab["A"].to(torch.float32).numpy()
-        b = ab["B"].to(torch.float32).numpy()
+        a = part.A.to(torch.float32).numpy()
+        b = part.B.to(torch.float32).numpy()
         if spec.row_index is not None:
             b = b[spec.row_index]
         for suffix, data in ((".lora_a", a), (".lora_b", b)):

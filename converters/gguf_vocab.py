@@ -10,7 +10,6 @@ name) compared with the regex each llama.cpp pre-tokenizer implements. Tests che
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import Any
 import gguf
 from exporter.converters import gguf_arch
 
+from exporter.config import read_json
 from exporter.errors import UserError
+from exporter.hf_dir import adds_special
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,8 @@ def _looks_special(text: str) -> bool:
     )
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any, pre_names: dict[str, str]) -> Vocab:
-    tj = _read_json(model_dir / "tokenizer.json")
+    tj = read_json(model_dir / "tokenizer.json", optional=True)
     pre = bpe_pre_name(tj, model_dir / "tokenizer.json")
     pre = pre_names.get(pre, pre)
     reverse = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
@@ -182,14 +179,14 @@ def _spm_model_vocab(model_dir: Path, vocab_size: int | None, fixed_added_types:
             types[i] = gguf.TokenType.BYTE
         else:
             types[i] = gguf.TokenType.NORMAL
-    for text, i in _read_json(model_dir / "added_tokens.json").items():
+    for text, i in read_json(model_dir / "added_tokens.json", optional=True).items():
         if i < vocab_size:
             tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, gguf.TokenType.USER_DEFINED
-    overlays = [
-        (int(i), d) for i, d in _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {}).items()
-    ]
+    decoder = read_json(model_dir / "tokenizer_config.json", optional=True).get("added_tokens_decoder", {})
+    overlays = [(int(i), d) for i, d in decoder.items()]
     if fixed_added_types:  # Phi-3: tokenizer.json's added tokens too, and only the `special` flag decides
-        overlays += [(int(d["id"]), d) for d in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])]
+        added = read_json(model_dir / "tokenizer.json", optional=True).get("added_tokens", [])
+        overlays += [(int(d["id"]), d) for d in added]
     for i, d in overlays:
         if i >= vocab_size:
             continue
@@ -245,17 +242,13 @@ def _hf_adds(model_dir: Path, tokenizer: Any, special_ids: dict[str, int]) -> tu
     add_eos_token in tokenizer_config.json replace tokenizer.json's post-processor (an unset one counts as false);
     otherwise that post-processor decides.
     """
-    config = _read_json(model_dir / "tokenizer_config.json")
+    config = read_json(model_dir / "tokenizer_config.json", optional=True)
     bos, eos = special_ids.get("bos"), special_ids.get("eos")
     if "add_bos_token" in config or "add_eos_token" in config or tokenizer is None:
         add_bos = bool(config.get("add_bos_token")) and bos is not None
         add_eos = bool(config.get("add_eos_token")) and eos is not None
         return add_bos, add_eos
-    ids = tokenizer.encode("Hello world", add_special_tokens=True).ids
-    bare = tokenizer.encode("Hello world", add_special_tokens=False).ids
-    add_bos = bos is not None and len(ids) > len(bare) and ids[0] == bos
-    add_eos = eos is not None and len(ids) > len(bare) and ids[-1] == eos
-    return add_bos, add_eos
+    return adds_special(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids, bos, eos)
 
 
 def build_vocab(model_dir: Path, hp: dict[str, Any], arch: gguf_arch.Arch, eot_tokens: list[str]) -> Vocab:
@@ -263,7 +256,7 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch: gguf_arch.Arch, eot_t
     from tokenizers import Tokenizer
 
     arch_name = arch.name
-    tj = _read_json(model_dir / "tokenizer.json")
+    tj = read_json(model_dir / "tokenizer.json", optional=True)
     try:
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")) if tj else None
     except Exception as e:  # the Rust library raises its own exception types
@@ -283,7 +276,7 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch: gguf_arch.Arch, eot_t
     if vocab.model == "llama" and arch_name in ("gemma2", "gemma3"):
         vocab.add_space_prefix = False
     elif vocab.model == "llama" and arch_name == "llama":
-        prefix = _read_json(model_dir / "tokenizer_config.json").get("add_prefix_space")
+        prefix = read_json(model_dir / "tokenizer_config.json", optional=True).get("add_prefix_space")
         if prefix is not None:
             vocab.add_space_prefix = bool(prefix)
 

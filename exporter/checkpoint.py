@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exporter import spm
 from exporter.atomic import atomic_dir
+from exporter.config import read_json
 from exporter.errors import UserError
 from exporter.lf_args import TrainConfig, say
 
@@ -57,22 +57,19 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 def save(
-    model: Any, opt: Any, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig, tokenizer: Any, tpl: Any
+    model: Any, opt: Any, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig, model_dir: Path, tpl: Any
 ) -> Path:
     """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
     trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir."""
     import numpy as np
     import torch
 
+    from exporter import hf_dir
+
     path = out_dir / f"checkpoint-{state['global_step']}"
     with atomic_dir(path, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        spm.fix_dir(tmp)
-        if tpl is not None:
-            from exporter import templates
-
-            templates.write_into(tmp, tpl)
+        hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir)
         if not cfg.save_only_model:
             torch.save(opt.state_dict(), tmp / "optimizer.pt")
             torch.save(sched.state_dict(), tmp / "scheduler.pt")
@@ -104,7 +101,7 @@ def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig) -> dict
         raise UserError(f"resume_from_checkpoint {path}: not a checkpoint ({STATE_NAME} missing)")
     if not (path / "optimizer.pt").is_file():
         raise UserError(f"resume_from_checkpoint {path}: saved with save_only_model, no optimizer state to resume")
-    state = json.loads(state_file.read_text(encoding="utf-8"))
+    state = read_json(state_file)
     if cfg.finetuning_type == "lora":
         from peft import set_peft_model_state_dict
 

@@ -34,13 +34,18 @@ def parse_overrides(items: typing.Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def read_json(path: Path | str) -> Any:
-    """Parsed JSON of an existing file; malformed JSON is a UserError naming the file, line and column."""
+def read_json(path: Path | str, optional: bool = False) -> Any:
+    """Parsed JSON of a file; malformed JSON is a UserError naming the file, line and column. `optional`: a missing
+    file reads as {}."""
     path = Path(path)
+    if optional and not path.is_file():
+        return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected JSON") from None
 
 
 def read_yaml(path: Path | str) -> dict[str, Any]:

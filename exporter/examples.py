@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import UserError
+from exporter.hf_dir import adds_bos
 from exporter.lf_args import TEMPLATE_ALIASES, TrainConfig, say
 
 IGNORE = -100
@@ -84,13 +85,6 @@ def check_template_tokens(tokenizer: Any, tpl: Any, model: str) -> None:
             )
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer.encode("a")
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
 def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Example]:
     """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained."""
     from exporter import templates
@@ -114,7 +108,7 @@ def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drop
 def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) -> list[Example]:
     """Raw text + eos; packed into cutoff_len blocks (remainder dropped) or truncated one per sample."""
     eos = tokenizer.eos_token or ""
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     texts = [s.text + eos for s in samples]
     enc = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     if not packing:

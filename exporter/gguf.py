@@ -13,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 
 from exporter import __version__
 from exporter.atomic import atomic_dir, check_free_space, check_target
-from exporter.config import did_you_mean
+from exporter.config import did_you_mean, read_json
 from exporter.errors import UserError
 
 NUMPY_KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -238,10 +238,8 @@ def run(
     arch_for(load_hparams(model_dir), model_dir)  # an unsupported architecture is the first thing to report
     if adapter is not None:
         adapter_dir = hub.resolve(adapter, "adapter")
-        has_template = (adapter_dir / "chat_template.jinja").is_file() or "chat_template" in (
-            (adapter_dir / "tokenizer_config.json").read_text(encoding="utf-8")
-            if (adapter_dir / "tokenizer_config.json").is_file()
-            else ""
+        has_template = (adapter_dir / "chat_template.jinja").is_file() or "chat_template" in read_json(
+            adapter_dir / "tokenizer_config.json", optional=True
         )
         tpl = templates.resolve(adapter_dir if has_template else model_dir, template)
         out = Path(out) if out is not None else adapter_dir.parent / f"{adapter_dir.name}-gguf"

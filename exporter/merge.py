@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from exporter import atomic, hub, manifest, spm
+from exporter import atomic, hf_dir, hub
+from exporter.adapter import Adapter, LoraPart, Source, load_adapter
 from exporter.config import read_json
 from exporter.errors import UserError
 from exporter.shards import (
@@ -49,212 +49,8 @@ OUT_DTYPES = {
 _CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_ELEMS = 4 * 2**20  # rows are processed in blocks of about this many elements (16 MiB in float32)
-_PREFIXES = ("base_model.model.",)
-_UNSUPPORTED = (
-    "alora_invocation_tokens",
-    "arrow_config",
-    "use_bdlora",
-    "velora_config",
-    "monteclora_config",
-    "kasa_config",
-    "use_qalora",
-    "layer_replication",
-    "target_parameters",
-    "trainable_token_indices",
-)
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-    "tokenizer.tiktoken",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 _EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 _HEAD = "lm_head.weight"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# adapters
-
-
-@dataclass
-class Source:
-    """A whole tensor an adapter carries (modules_to_save, a saved resized embedding): read lazily by rows."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    rows: Callable[[int, int], torch.Tensor]
-
-
-def _pow2(x: float) -> bool:
-    m, _ = math.frexp(x)
-    return x > 0 and m == 0.5
-
-
-@dataclass
-class LoraPart:
-    """One adapted module of one adapter, with everything needed to compute its delta."""
-
-    module: str
-    A: torch.Tensor  # linear: (r, in); embedding: lora_embedding_A (r, vocab)
-    B: torch.Tensor  # linear: (out, r); embedding: lora_embedding_B (hidden, r)
-    scale: float
-    embedding: bool = False
-    fan_in_fan_out: bool = False
-    magnitude: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-
-    def whole(self) -> bool:
-        """DoRA norms over columns of the stored matrix need every row at once."""
-        return self.magnitude is not None and (self.embedding or self.fan_in_fan_out)
-
-    def delta(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0:r1 of the delta in the stored layout, PEFT's `transpose(B @ A, fifo) * scale`."""
-        if self.embedding or self.fan_in_fan_out:
-            return (self.B @ self.A[:, r0:r1]).T.mul_(self.scale)
-        return (self.B[r0:r1] @ self.A).mul_(self.scale)
-
-    def apply(self, cur: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        """`cur` (float32 rows r0:r1, updated in place when possible) with this module's change applied."""
-        if self.magnitude is None and not (self.embedding or self.fan_in_fan_out) and _pow2(self.scale):
-            # one fused pass; scaling by a power of two is exact, so this rounds exactly like PEFT's
-            # `W + (B @ A) * scale` (the common alpha = r or 2r); other scales take the three-pass path below
-            return cur.addmm_(self.B[r0:r1], self.A, alpha=self.scale)
-        merged = cur.add_(self.delta(r0, r1))
-        if self.magnitude is None:
-            return merged
-        if self.embedding or self.fan_in_fan_out:  # norm per column of the stored matrix
-            norm = torch.linalg.norm(merged.T, dim=1)
-            return (self.magnitude / norm).view(1, -1) * merged
-        norm = torch.linalg.norm(merged, dim=1)
-        return (self.magnitude[r0:r1] / norm).view(-1, 1) * merged
-
-
-@dataclass
-class Adapter:
-    path: Path
-    label: str
-    weight: float
-    config: dict
-    lora: dict[str, LoraPart] = field(default_factory=dict)  # module path -> part
-    full: dict[str, Source] = field(default_factory=dict)  # tensor name (model-relative) -> whole tensor
-    has_tokenizer: bool = False
-
-
-def _strip(key: str) -> str:
-    for p in _PREFIXES:
-        if key.startswith(p):
-            return key[len(p) :]
-    return key
-
-
-_LORA_AB = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.(?P<p>weight|bias)$")
-_LORA_EMB = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
-_LORA_MAG = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
-_SAVED = re.compile(r"^(?P<mod>.+)\.modules_to_save\.(?:default\.)?(?P<p>.+)$")
-_ORIGINAL = re.compile(r"^.+\.original_module\..+$")
-_BASE_LAYER = re.compile(r"^(?P<mod>.+)\.base_layer\.(?P<p>weight|bias)$")
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup (`get_pattern_key`): first key matching the module's name tail."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return patterns[key]
-    return default
-
-
-def _adapter_tensors(path: Path) -> tuple[Path, dict[str, Source], dict[str, torch.Tensor]]:
-    """Open adapter weights: small tensors loaded, every tensor available as a lazy Source."""
-    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
-    sources: dict[str, Source] = {}
-    if st.exists():
-        infos = read_header(st)
-        for name, info in infos.items():
-            sources[name] = Source(info.shape, info.dtype, lambda r0, r1, i=info: read_rows(i, r0, r1))
-        return st, sources, {}
-    if binf.exists():
-        try:
-            sd = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise UserError(f"{binf}: cannot load adapter weights ({type(e).__name__}: {e})") from None
-        for name, t in sd.items():
-            sources[name] = Source(tuple(t.shape), t.dtype, lambda r0, r1, t=t: t[r0:r1] if t.dim() else t)
-        return binf, sources, sd
-    raise UserError(f"adapter {path}: no adapter_model.safetensors or adapter_model.bin")
-
-
-def _whole(src: Source) -> torch.Tensor:
-    return src.rows(0, src.shape[0] if src.shape else 1).to(torch.float32)
-
-
-def load_adapter(path: Path, weight: float, label: str) -> Adapter:
-    """Read adapter_config.json and the adapter's tensors; every key is classified or rejected."""
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"adapter {path}: missing adapter_config.json (is this a PEFT adapter directory?)")
-    cfg = read_json(cfg_path)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    for key in _UNSUPPORTED:
-        if cfg.get(key):
-            raise UserError(f"{cfg_path}: {key} is set; merging such adapters is not supported")
-    if cfg.get("bias", "none") != "none":
-        raise UserError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (only bias='none')")
-    file, sources, _ = _adapter_tensors(path)
-    ad = Adapter(path, label, weight, cfg)
-    ad.has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-
-    parts: dict[str, dict[str, Source]] = {}
-    for raw, src in sources.items():
-        key = _strip(raw)
-        if m := _LORA_AB.match(key):
-            parts.setdefault(m["mod"], {})[f"{m['ab']}.{m['p']}"] = src
-        elif m := _LORA_EMB.match(key):
-            parts.setdefault(m["mod"], {})[f"emb{m['ab']}"] = src
-        elif m := _LORA_MAG.match(key):
-            parts.setdefault(m["mod"], {})["mag"] = src
-        elif m := _SAVED.match(key):
-            ad.full.setdefault(f"{m['mod']}.{m['p']}", src)  # PEFT may also save it under its plain name
-        elif _ORIGINAL.match(key):
-            continue  # the base's own copy of a saved module
-        elif m := _BASE_LAYER.match(key):
-            ad.full[f"{m['mod']}.{m['p']}"] = src
-        elif "lora_" in key or "trainable_tokens" in key:
-            raise UserError(f"{file}: tensor {raw} is of a kind this merge does not know")
-        else:
-            ad.full.setdefault(key, src)
-
-    r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    for mod, p in parts.items():
-        r = _pattern_value(rank_pat, mod, r_default)
-        alpha = _pattern_value(alpha_pat, mod, alpha_default)
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        embedding = "embA" in p
-        a, b = (p.get("embA"), p.get("embB")) if embedding else (p.get("A.weight"), p.get("B.weight"))
-        if a is None or b is None:
-            raise UserError(f"{file}: module {mod} has only one of its two LoRA matrices")
-        A, B = _whole(a), _whole(b)
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
-            raise UserError(
-                f"{file}: module {mod}: LoRA matrices A {list(A.shape)} and B {list(B.shape)} do not have rank "
-                f"r={r} from adapter_config.json"
-            )
-        mag = _whole(p["mag"]).reshape(-1) if "mag" in p else None
-        bias = _whole(p["B.bias"]) if "B.bias" in p else None
-        fifo = bool(cfg.get("fan_in_fan_out")) and not embedding
-        ad.lora[mod] = LoraPart(mod, A, B, scale * weight, embedding, fifo, mag, bias)
-    if not ad.lora and not ad.full:
-        raise UserError(f"{file}: the adapter holds no tensors")
-    return ad
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,8 +61,8 @@ def _base_tensors(base: Path) -> dict[str, TensorInfo]:
     index = base / "model.safetensors.index.json"
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
+            files = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError) as e:
             raise UserError(f"{index}: not a valid safetensors index ({e})") from None
     elif (base / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -315,10 +111,6 @@ class Plan:
     tied: bool
 
 
-def _read_json(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
-
-
 def _tie_flag(config: dict) -> bool:
     """tie_word_embeddings as transformers would read it (class default when the key is absent)."""
     for cfg in (config, config.get("text_config") or {}):
@@ -339,7 +131,7 @@ def _tie_flag(config: dict) -> bool:
 def plan(base_dir: Path, adapters: list[Adapter], out_dtype: torch.dtype | None) -> Plan:
     """Decide every output tensor and the ordered changes to it; all shape checks happen here, before writing."""
     base = _base_tensors(base_dir)
-    config = _read_json(base_dir / "config.json")
+    config = read_json(base_dir / "config.json", optional=True)
     embed = next((n for n in base if n.endswith(_EMBED_SUFFIXES)), None)
     tied = embed is not None and _tie_flag(config)
 
@@ -481,23 +273,18 @@ def _run_job(job: Job, writer: ShardWriter, advance: Callable[[int], None]) -> N
         advance((r1 - r0) * row_elems * itemsize(job.out_dtype))
 
 
-def _copy_tokenizer(base: Path, adapters: list[Adapter], out: Path) -> Path:
-    """Copy tokenizer files: the last adapter that carries a tokenizer wins over the base (training writes its
-    template there); a lone chat_template.jinja in an adapter dir overrides too. Returns the winning dir."""
+def _copy_tokenizer(base: Path, adapters: list[Adapter], out: Path) -> None:
+    """Tokenizer files verbatim: the last adapter that carries a tokenizer wins over the base (training writes its
+    template there); a lone chat_template.jinja in an adapter dir overrides too."""
     src = next((a.path for a in reversed(adapters) if a.has_tokenizer), base)
-    names = [f for f in _TOKENIZER_FILES if (src / f).is_file()] + [p.name for p in src.glob("*.tiktoken")]
-    if not any(n in names for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise UserError(f"{src}: no tokenizer files (tokenizer.json / tokenizer.model / tokenizer_config.json)")
-    for n in dict.fromkeys(names):
-        shutil.copy2(src / n, out / n)
+    hf_dir.copy_tokenizer(src, out)
     for a in adapters:
         if a.path != src and not a.has_tokenizer and (a.path / "chat_template.jinja").is_file():
             shutil.copy2(a.path / "chat_template.jinja", out / "chat_template.jinja")
-    return src
 
 
 def _write_configs(base: Path, out: Path, p: Plan, out_dtype: torch.dtype | None) -> None:
-    config = _read_json(base / "config.json")
+    config = read_json(base / "config.json", optional=True)
     if not config:
         raise UserError(f"base {base}: missing config.json")
     subs = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
@@ -514,12 +301,6 @@ def _write_configs(base: Path, out: Path, p: Plan, out_dtype: torch.dtype | None
         for k in keys:
             config[k] = _CONFIG_DTYPE[out_dtype]
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    gen = _read_json(base / "generation_config.json")
-    if not gen:
-        text = config.get("text_config") or {}
-        gen = {k: config.get(k, text.get(k)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        gen = {k: v for k, v in gen.items() if v is not None}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _say(msg: str) -> None:
@@ -613,11 +394,9 @@ def merge(
         for py in base_dir.glob("*.py"):  # remote-code models need their modeling files
             shutil.copy2(py, tmp / py.name)
         _copy_tokenizer(base_dir, ads, tmp)
-        spm.fix_dir(tmp)
         from exporter import templates
 
         tpl = templates.resolve(tmp, template)
-        templates.write_into(tmp, tpl)
         inputs: dict[str, Path | str] = {"base": base_dir}
         for i, ad in enumerate(ads):
             inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = ad.path
@@ -629,6 +408,6 @@ def merge(
             "untied_embeddings": bool(p.untied),
             "vocab_size": p.vocab_size,
         }
-        manifest.write(tmp, "merge", inputs=inputs, settings=settings)
+        hf_dir.finish(tmp, tpl, base_dir, stage="merge", inputs=inputs, settings=settings)
     _say(f"merged {len(ads)} adapter(s) into {out} ({len(shards)} shard(s), template {tpl.name})")
     return out

@@ -14,14 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import UserError
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == bos
+from exporter.hf_dir import adds_bos
 
 
 def windows(ids: Sequence[int], ctx: int, bos: int | None, max_windows: int) -> list[list[int]]:
@@ -73,5 +66,5 @@ def perplexity_hf(model_dir: Path | str, token_ids: Sequence[int], n_ctx: int = 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    bos = tok.bos_token_id if _adds_bos(tok) else None
+    bos = tok.bos_token_id if adds_bos(tok) else None
     return perplexity_model(load_model(model_dir), token_ids, n_ctx=n_ctx, bos_id=bos)

@@ -104,7 +104,7 @@ def _data_files(train_cfg: dict[str, Any]) -> list[Path]:
     info_path = ddir / "dataset_info.json"
     if not info_path.is_file():
         return []
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info = config.read_json(info_path)
     out = []
     for n in names:
         f = info.get(n, {}).get("file_name")
@@ -119,9 +119,9 @@ class _State:
         self.doc: dict[str, Any] = {"stages": {}}
         if self.path.is_file():
             try:
-                self.doc = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise UserError(f"{self.path}: not valid JSON; delete it to start the run over") from None
+                self.doc = config.read_json(self.path)
+            except UserError as e:
+                raise UserError(f"{e}; delete it to start the run over") from None
 
     def done(self, stage: str, h: str) -> bool:
         return self.doc["stages"].get(stage, {}).get("hash") == h
@@ -248,7 +248,7 @@ def _verify(
 def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_dir: Path,
              verify_dir: Path) -> PipelineResult:  # fmt: skip
     report = verify_dir / "report.json"
-    doc = json.loads(report.read_text(encoding="utf-8"))
+    doc = config.read_json(report)
     commands = [f"ollama create {_ollama_name(mf)} -f {mf.resolve()}" for mf in sorted(gguf_dir.glob("Modelfile*"))]
     answers: list[dict[str, Any]] = []
     for c in doc["checks"]:

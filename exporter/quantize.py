@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -241,34 +240,21 @@ def _run_bnb(model_dir: Path, tmp: Path, method: str, cfg: dict[str, Any]) -> st
     return device
 
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
-
-
-def _finish_dir(tmp: Path, model_dir: Path, tpl: Any) -> None:
-    """Source tokenizer files verbatim (no re-save drift) + chat template + end-of-turn eos ids; no calibration text."""
-    from exporter import spm, templates
-
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        (tmp / name).unlink(missing_ok=True)  # the quantizer's re-saved copies
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, tmp / name)
-    spm.fix_dir(tmp)
-    templates.write_into(tmp, tpl)
+def _check_quantization_config(tmp: Path) -> None:
+    """The quantizer wrote a quantization_config, and no calibration text in it (transformers' GPTQConfig path
+    stores its dataset there)."""
     cfg_path = tmp / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = read_json(cfg_path)
     qcfg = cfg.get("quantization_config")
     if not isinstance(qcfg, dict):
         raise RuntimeError(f"the quantizer wrote no quantization_config into {cfg_path}")
-    if qcfg.pop("dataset", None) is not None:  # transformers' GPTQConfig path would store the calibration text here
+    if qcfg.pop("dataset", None) is not None:
         cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def quantize(opts: QuantizeOptions) -> Path:
     """Quantize the HF model `opts.model` with `opts.method` into `opts.out`; returns the output dir."""
-    from exporter import atomic, hub, manifest
+    from exporter import atomic, hf_dir, hub
 
     bits, group = _check_options(opts)
     _require(opts.method)
@@ -319,8 +305,8 @@ def quantize(opts: QuantizeOptions) -> Path:
             settings["backend"] = _run_gptqmodel(model_dir, tmp, opts.method, bits, group, cal.blocks)
         else:
             settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg)
-        _finish_dir(tmp, model_dir, tpl)
+        _check_quantization_config(tmp)
         settings["seconds"] = round(time.perf_counter() - start, 2)
-        manifest.write(tmp, "quantize", inputs=inputs, settings=settings)
+        hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir, stage="quantize", inputs=inputs, settings=settings)
     _console.print(f"[green]done[/]: {out} ({settings['seconds']} s)")
     return out

@@ -20,7 +20,9 @@ from typing import Any
 import yaml
 
 from exporter.config import read_json
+from exporter.diff import first_diff
 from exporter.errors import UserError
+from exporter.hf_dir import adds_bos
 
 FAMILIES_PACKAGE = "exporter.families"
 
@@ -143,7 +145,7 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
     cfg_path = out_dir / "tokenizer_config.json"
     if not cfg_path.is_file():
         raise UserError(f"{out_dir}: no tokenizer_config.json; save the tokenizer there before writing the template")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = read_json(cfg_path)
     tpl = tpl.for_tokenizer(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
     ids = []
     for token, tid in zip(tpl.eot_tokens, _token_ids(out_dir, tpl.eot_tokens), strict=True):
@@ -160,7 +162,7 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
         tmp.write_text(tpl.jinja, encoding="utf-8")
 
     gen_path = out_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    gen = read_json(gen_path, optional=True)
     eos = gen.get("eos_token_id")
     current = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     merged = current + [i for i in ids if i not in current]
@@ -477,18 +479,6 @@ def render_text(tpl: ChatTemplate, messages: list[dict[str, Any]], **kw: Any) ->
     return "".join(t for t, _ in render_segments(tpl, messages, **kw))
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is None:
-        return False
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return (
-        bool(with_special)
-        and with_special[0] == bos_id
-        and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos_id]
-    )
-
-
 def _tokenize(tokenizer: Any, segments: list[Segment]) -> tuple[list[int], list[bool]]:
     """Token ids of the joined text (exactly `tokenizer(text, add_special_tokens=False)`) and a trained flag per
     token: a token is trained when at least half of its characters lie in trained segments (so "▁Hello" after a
@@ -559,7 +549,7 @@ def encode(
     )
     ids, flags = _tokenize(tokenizer, segments)
     bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is not None and (not ids or ids[0] != bos_id) and _adds_bos(tokenizer):
+    if bos_id is not None and (not ids or ids[0] != bos_id) and adds_bos(tokenizer):
         ids, flags = [bos_id] + ids, [False] + flags
     labels = [i if (f or train_on_prompt) else -100 for i, f in zip(ids, flags, strict=True)]
     if cutoff_len is not None:
@@ -638,11 +628,6 @@ def _render_jinja(template: str, messages: list[dict[str, Any]], gen: bool, bos:
     return out[0]
 
 
-def _first_diff(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    return next((k for k in range(n) if a[k] != b[k]), n)
-
-
 def detect_template_text(template: str, bos: str = "", eos: str = "", where: str = "model") -> ChatTemplate:
     """The family whose Jinja renders every probe exactly as `template` does; UserError naming the nearest one."""
     import difflib
@@ -675,7 +660,7 @@ def detect_template_text(template: str, bos: str = "", eos: str = "", where: str
             best = (score, name, *diff)
     assert best is not None
     _, name, k, ref, ours = best
-    at = _first_diff(ref, ours)
+    at = first_diff(ref, ours)
     raise UserError(
         f"{where}: chat_template matches no known family; nearest is {name!r}, which first differs at char {at} of "
         f"probe {k}: model renders {ref[at : at + 40]!r}, {name} renders {ours[at : at + 40]!r}; "
@@ -697,7 +682,7 @@ def resolve(model_dir: Path | str, override: str | None) -> ChatTemplate:
         _, bos, eos = model_chat_template(model_dir)
     except UserError:  # no chat_template saved: read the special tokens alone
         cfg_path = Path(model_dir) / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        cfg = read_json(cfg_path, optional=True)
         bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
     return tpl.for_tokenizer(bos or None, eos or None)
 

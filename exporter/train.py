@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from exporter import checkpoint, spm
+from exporter import checkpoint
 from exporter.config import did_you_mean
 from exporter.errors import UserError
 from exporter.examples import IGNORE, Example, Prepared, collate, plan_epoch
@@ -361,6 +361,7 @@ class Run:
     device: str
     fast: bool  # loss through the decoder + head on labelled positions only (see loss_sum)
     out: Path
+    model_dir: Path  # the base model: tokenizer and generation_config of every written dir come from it
     state: State
     run_tokens: int = 0  # tokens seen in this process (for tokens/s)
 
@@ -450,8 +451,8 @@ def loop(run: Run, log: TrainerLog) -> None:
                                  or (cfg.eval_strategy == "epoch" and epoch_end)):  # fmt: skip
                 log.write({"eval_loss": round(evaluate(run), 6)})
             if n % sch.save_every == 0 and n < sch.total:
-                checkpoint.save(run.model, run.opt, run.sched, dataclasses.asdict(st), run.out, cfg,
-                                run.prep.tokenizer, run.prep.tpl)  # fmt: skip
+                checkpoint.save(run.model, run.opt, run.sched, dataclasses.asdict(st), run.out, cfg, run.model_dir,
+                                run.prep.tpl)  # fmt: skip
 
 
 # ------------------------------------------------------------------ the run
@@ -484,7 +485,7 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
             )
     amp = (torch.bfloat16 if cfg.bf16 else torch.float16) if (cfg.bf16 or cfg.fp16) else None
     scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
-    run = Run(cfg, prep, sch, model, opt, sched, scaler, amp, device, True, out, state)
+    run = Run(cfg, prep, sch, model, opt, sched, scaler, amp, device, True, out, model_dir, state)
     lengths = [len(e.input_ids) for e in prep.train]
     probe = run.batch([prep.train[i] for i in plan_epoch(lengths, cfg.per_device_train_batch_size, cfg.seed, 0)[0]])
     run.fast = fast_path_ok(model, probe)
@@ -517,20 +518,12 @@ def _results(run: Run, log: TrainerLog) -> dict[str, Any]:
     return results
 
 
-def _write_outputs(tmp: Path, run: Run, model_dir: Path, results: dict[str, Any]) -> None:
+def _write_outputs(tmp: Path, run: Run, results: dict[str, Any]) -> None:
     """Adapter (or model), tokenizer with the training template, generation_config, HF trainer_state, results, plots."""
-    import shutil
-
-    from exporter import templates
+    from exporter import hf_dir
 
     run.model.save_pretrained(tmp, safe_serialization=True)
-    run.prep.tokenizer.save_pretrained(tmp)
-    spm.fix_dir(tmp)
-    gen = model_dir / "generation_config.json"
-    if gen.is_file() and not (tmp / "generation_config.json").exists():
-        shutil.copy(gen, tmp / "generation_config.json")
-    if run.prep.tpl is not None:
-        templates.write_into(tmp, run.prep.tpl)
+    hf_dir.finish(tmp, run.prep.tpl, run.model_dir, tokenizer_dir=run.model_dir)
     st, sch = run.state, run.sch
     hf_log = [
         {k: v for k, v in (("loss", r.get("loss")), ("eval_loss", r.get("eval_loss")), ("learning_rate", r.get("lr")),
@@ -547,11 +540,11 @@ def _write_outputs(tmp: Path, run: Run, model_dir: Path, results: dict[str, Any]
         plot(st.log_history, tmp, title=str(run.out))
 
 
-def _write_manifest(run: Run, model_dir: Path) -> None:
+def _write_manifest(run: Run) -> None:
     from exporter import data, manifest
 
     cfg = run.cfg
-    inputs: dict[str, Path | str] = {"model": str(model_dir)}
+    inputs: dict[str, Path | str] = {"model": str(run.model_dir)}
     if cfg.adapter_name_or_path:
         inputs["adapter"] = cfg.adapter_name_or_path
     info = data.read_info(Path(cfg.dataset_dir))
@@ -584,8 +577,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
         results = _results(run, log)
     finally:
         log.close()
-    checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, model_dir, results))
-    _write_manifest(run, model_dir)
+    checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results))
+    _write_manifest(run)
     print(
         f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
         f"{results['train_tokens_per_second']:.0f} tokens/s -> {out}",

@@ -28,9 +28,11 @@ ref="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION"
 if [ ! -d "$ref/vendor/llama.cpp/models" ]; then
   tar xzf "$sdist" -C "$CACHE/sdist"
 fi
-CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF"
-wkey=$(printf '%s|%s|%s|%s|%s' "$LLAMA_VERSION" "$CMAKE_ARGS" "$("$PY" -c 'import sys;print(sys.version_info[:2])')" \
-  "$(uname -m)" "$(grep -m1 -o 'model name.*' /proc/cpuinfo || true)" | sha256sum | cut -c1-16)
+# Portable x86-64 build (AVX2/FMA/F16C, llama.cpp's defaults with GGML_NATIVE=OFF): a native build on a Xeon with
+# AMX compiles llama.cpp's AMX kernels, and those crash (SIGSEGV in llama_decode) on q8_0/K-quant files here.
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF"
+wkey=$(printf '%s|%s|%s|%s' "$LLAMA_VERSION" "$CMAKE_ARGS" "$("$PY" -c 'import sys;print(sys.version_info[:2])')" \
+  "$(uname -m)" | sha256sum | cut -c1-16)
 wdir="$CACHE/wheels/$wkey"
 if ! ls "$wdir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   log "building the llama-cpp-python wheel (one time, ~11 min on 2 cores)"

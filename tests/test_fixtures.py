@@ -177,6 +177,25 @@ def test_add_bos_like_real_family(tiny_model, family: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_adds_bos_everywhere_says_what_transformers_does(tiny_model, family: str) -> None:
+    """The one "does this tokenizer add BOS" (hf_dir.adds_bos) and the GGUF converter's reading of the files without
+    transformers (gguf_vocab) both say what transformers' encode does, on every family."""
+    from exporter.converters import gguf_arch, gguf_vocab
+
+    from exporter import hf_dir
+
+    path = tiny_model(family)
+    tok = _tok(path)
+    with_special, plain = tok(MIXED)["input_ids"], tok(MIXED, add_special_tokens=False)["input_ids"]
+    prepends = with_special[:1] == [tok.bos_token_id] and with_special[1:] == plain
+    assert prepends == REAL_ADD_BOS[family] and (prepends or with_special == plain)
+    assert hf_dir.adds_bos(tok) is prepends
+    hp = gguf_arch.load_hparams(path)
+    vocab = gguf_vocab.build_vocab(path, hp, gguf_arch.arch_for(hp, path).name, [])
+    assert vocab.add_bos is prepends and vocab.add_eos is False
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_special_tokens_single_ids(tiny_model, family: str) -> None:
     path = tiny_model(family)
     tok = _tok(path)

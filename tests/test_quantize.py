@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import FAMILIES, TEMPLATE_OF, require_quant
 
-from exporter import calibration, perplexity, templates
+from exporter import calibration, hf_dir, perplexity, templates
 from exporter.errors import UserError
 from exporter.quantize import QuantizeOptions, check_shapes, linear_shapes, quantize
 
@@ -159,7 +159,7 @@ def test_dataset_calibration_is_the_chat_template_rendering(tiny_model, tmp_path
         msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
         text = tok.apply_chat_template(msgs, chat_template=tpl.jinja, tokenize=False)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        if tok.bos_token_id is not None and ids[0] != tok.bos_token_id and perplexity._adds_bos(tok):
+        if tok.bos_token_id is not None and ids[0] != tok.bos_token_id and hf_dir.adds_bos(tok):
             ids = [tok.bos_token_id] + ids
         ended = {tok.eos_token_id, *tok.convert_tokens_to_ids(list(tpl.eot_tokens))} & set(ids[-2:])
         stream += ids + ([] if ended else [tok.eos_token_id])

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import UserError
+from exporter.hf_dir import adds_bos
 from exporter.perplexity import load_model, windows
 from exporter.verify.artifacts import Artifacts, GGUFInfo, GGUFLoadError, load_llama
 from exporter.verify.corpus import HELD_OUT_TEXT
@@ -210,9 +211,7 @@ def check_numbers(
         return [Check("perplexity", "-", "skip", "no HF model (--merged or --adapter) to compare with")]
     text = art.text.read_text(encoding="utf-8") if art.text else HELD_OUT_TEXT
     ids = tok(text, add_special_tokens=False)["input_ids"]  # tokenized ONCE: every model sees these ids
-    probe = tok("a", add_special_tokens=True)["input_ids"]
-    bos = tok.bos_token_id if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else None
-    wins = windows(ids, ctx, bos, max_windows)
+    wins = windows(ids, ctx, tok.bos_token_id if adds_bos(tok) else None, max_windows)
     if not wins:
         raise UserError(f"held-out text has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
     others = _candidates(art, hf_model is not None, infos, quantized_kinds, ctx)

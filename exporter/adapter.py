@@ -1,0 +1,206 @@
+"""A PEFT LoRA adapter read for merging or conversion: its config checked, every tensor classified (LoRA A/B,
+embedding LoRA, DoRA magnitude, lora bias, whole saved modules) or rejected, with each module's scale from PEFT's
+formulas (alpha/r, rsLoRA alpha/sqrt(r), `rank_pattern`/`alpha_pattern`). Big tensors stay on disk, read by rows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from exporter.config import read_json
+from exporter.errors import UserError
+from exporter.hf_dir import has_tokenizer
+from exporter.shards import read_header, read_rows
+
+_PREFIXES = ("base_model.model.",)
+_UNSUPPORTED = (
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_bdlora",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "use_qalora",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+)
+
+
+@dataclass
+class Source:
+    """A whole tensor an adapter carries (modules_to_save, a saved resized embedding): read lazily by rows."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rows: Callable[[int, int], torch.Tensor]
+
+
+def _pow2(x: float) -> bool:
+    m, _ = math.frexp(x)
+    return x > 0 and m == 0.5
+
+
+@dataclass
+class LoraPart:
+    """One adapted module of one adapter, with everything needed to compute its delta."""
+
+    module: str
+    A: torch.Tensor  # linear: (r, in); embedding: lora_embedding_A (r, vocab)
+    B: torch.Tensor  # linear: (out, r); embedding: lora_embedding_B (hidden, r)
+    scale: float
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def whole(self) -> bool:
+        """DoRA norms over columns of the stored matrix need every row at once."""
+        return self.magnitude is not None and (self.embedding or self.fan_in_fan_out)
+
+    def delta(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of the delta in the stored layout, PEFT's `transpose(B @ A, fifo) * scale`."""
+        if self.embedding or self.fan_in_fan_out:
+            return (self.B @ self.A[:, r0:r1]).T.mul_(self.scale)
+        return (self.B[r0:r1] @ self.A).mul_(self.scale)
+
+    def apply(self, cur: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """`cur` (float32 rows r0:r1, updated in place when possible) with this module's change applied."""
+        if self.magnitude is None and not (self.embedding or self.fan_in_fan_out) and _pow2(self.scale):
+            # one fused pass; scaling by a power of two is exact, so this rounds exactly like PEFT's
+            # `W + (B @ A) * scale` (the common alpha = r or 2r); other scales take the three-pass path below
+            return cur.addmm_(self.B[r0:r1], self.A, alpha=self.scale)
+        merged = cur.add_(self.delta(r0, r1))
+        if self.magnitude is None:
+            return merged
+        if self.embedding or self.fan_in_fan_out:  # norm per column of the stored matrix
+            norm = torch.linalg.norm(merged.T, dim=1)
+            return (self.magnitude / norm).view(1, -1) * merged
+        norm = torch.linalg.norm(merged, dim=1)
+        return (self.magnitude[r0:r1] / norm).view(-1, 1) * merged
+
+
+@dataclass
+class Adapter:
+    path: Path
+    label: str
+    weight: float
+    config: dict
+    lora: dict[str, LoraPart] = field(default_factory=dict)  # module path -> part
+    full: dict[str, Source] = field(default_factory=dict)  # tensor name (model-relative) -> whole tensor
+    has_tokenizer: bool = False
+
+
+def _strip(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            return key[len(p) :]
+    return key
+
+
+_LORA_AB = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.(?P<p>weight|bias)$")
+_LORA_EMB = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+_LORA_MAG = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+_SAVED = re.compile(r"^(?P<mod>.+)\.modules_to_save\.(?:default\.)?(?P<p>.+)$")
+_ORIGINAL = re.compile(r"^.+\.original_module\..+$")
+_BASE_LAYER = re.compile(r"^(?P<mod>.+)\.base_layer\.(?P<p>weight|bias)$")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup (`get_pattern_key`): first key matching the module's name tail."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def _adapter_tensors(path: Path) -> tuple[Path, dict[str, Source], dict[str, torch.Tensor]]:
+    """Open adapter weights: small tensors loaded, every tensor available as a lazy Source."""
+    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    sources: dict[str, Source] = {}
+    if st.exists():
+        infos = read_header(st)
+        for name, info in infos.items():
+            sources[name] = Source(info.shape, info.dtype, lambda r0, r1, i=info: read_rows(i, r0, r1))
+        return st, sources, {}
+    if binf.exists():
+        try:
+            sd = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise UserError(f"{binf}: cannot load adapter weights ({type(e).__name__}: {e})") from None
+        for name, t in sd.items():
+            sources[name] = Source(tuple(t.shape), t.dtype, lambda r0, r1, t=t: t[r0:r1] if t.dim() else t)
+        return binf, sources, sd
+    raise UserError(f"adapter {path}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def _whole(src: Source) -> torch.Tensor:
+    return src.rows(0, src.shape[0] if src.shape else 1).to(torch.float32)
+
+
+def load_adapter(path: Path, weight: float, label: str) -> Adapter:
+    """Read adapter_config.json and the adapter's tensors; every key is classified or rejected."""
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"adapter {path}: missing adapter_config.json (is this a PEFT adapter directory?)")
+    cfg = read_json(cfg_path)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for key in _UNSUPPORTED:
+        if cfg.get(key):
+            raise UserError(f"{cfg_path}: {key} is set; merging such adapters is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise UserError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (only bias='none')")
+    file, sources, _ = _adapter_tensors(path)
+    ad = Adapter(path, label, weight, cfg)
+    ad.has_tokenizer = has_tokenizer(path)
+
+    parts: dict[str, dict[str, Source]] = {}
+    for raw, src in sources.items():
+        key = _strip(raw)
+        if m := _LORA_AB.match(key):
+            parts.setdefault(m["mod"], {})[f"{m['ab']}.{m['p']}"] = src
+        elif m := _LORA_EMB.match(key):
+            parts.setdefault(m["mod"], {})[f"emb{m['ab']}"] = src
+        elif m := _LORA_MAG.match(key):
+            parts.setdefault(m["mod"], {})["mag"] = src
+        elif m := _SAVED.match(key):
+            ad.full.setdefault(f"{m['mod']}.{m['p']}", src)  # PEFT may also save it under its plain name
+        elif _ORIGINAL.match(key):
+            continue  # the base's own copy of a saved module
+        elif m := _BASE_LAYER.match(key):
+            ad.full[f"{m['mod']}.{m['p']}"] = src
+        elif "lora_" in key or "trainable_tokens" in key:
+            raise UserError(f"{file}: tensor {raw} is of a kind this merge does not know")
+        else:
+            ad.full.setdefault(key, src)
+
+    r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    for mod, p in parts.items():
+        r = _pattern_value(rank_pat, mod, r_default)
+        alpha = _pattern_value(alpha_pat, mod, alpha_default)
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        embedding = "embA" in p
+        a, b = (p.get("embA"), p.get("embB")) if embedding else (p.get("A.weight"), p.get("B.weight"))
+        if a is None or b is None:
+            raise UserError(f"{file}: module {mod} has only one of its two LoRA matrices")
+        A, B = _whole(a), _whole(b)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise UserError(
+                f"{file}: module {mod}: LoRA matrices A {list(A.shape)} and B {list(B.shape)} do not have rank "
+                f"r={r} from adapter_config.json"
+            )
+        mag = _whole(p["mag"]).reshape(-1) if "mag" in p else None
+        bias = _whole(p["B.bias"]) if "B.bias" in p else None
+        fifo = bool(cfg.get("fan_in_fan_out")) and not embedding
+        ad.lora[mod] = LoraPart(mod, A, B, scale * weight, embedding, fifo, mag, bias)
+    if not ad.lora and not ad.full:
+        raise UserError(f"{file}: the adapter holds no tensors")
+    return ad
