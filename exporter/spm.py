@@ -71,6 +71,9 @@ def fix_dir(out_dir: Path | str) -> bool:
     out_dir = Path(out_dir)
     if not (out_dir / "tokenizer.json").is_file():
         return False
+    model = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return False  # not SentencePiece-style (byte-level BPE, Unigram, WordPiece): nothing to restore
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
     if not getattr(tokenizer, "is_fast", False) or not fix_tokenizer(tokenizer):
         return False

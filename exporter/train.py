@@ -79,7 +79,10 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
             target_modules=target, target_parameters=params or None, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
             task_type="CAUSAL_LM",
         )  # fmt: skip
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:  # PEFT's target checks (e.g. gate_proj without up_proj on fused experts)
+            raise UserError(f"lora_target {cfg.lora_target}: {e}") from None
     for p in model.parameters():  # trainable weights in fp32 (LLaMA-Factory's upcast)
         if p.requires_grad:
             p.data = p.data.float()
@@ -97,10 +100,16 @@ def _expert_params(model: Any) -> list[str]:
     return sorted(out)
 
 
+# transformers 4 names of MoE experts and routers (linear layers there) that PEFT maps onto transformers 5's fused
+# expert parameters and router modules itself (peft.utils.transformers_weight_conversion)
+_V4_MOE_NAMES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate")
+
+
 def _targets(model: Any, cfg: TrainConfig) -> tuple[Any, list[str]]:
     """`lora_target` as PEFT's (target_modules, target_parameters): `all` is every linear layer plus every MoE expert
-    parameter (all-linear alone would leave an MoE's experts, most of its weights, untrained); names are linear layers
-    or expert parameters (`gate_up_proj`, `down_proj`, or `experts` for both)."""
+    parameter (all-linear alone would leave the experts of MoE types PEFT does not convert untrained); names are
+    linear layers, expert parameters (`gate_up_proj`, `down_proj`, `experts` for both) or, on an MoE model, the
+    transformers 4 expert/router names LLaMA-Factory configs use (PEFT converts those)."""
     import torch
 
     experts = _expert_params(model)
@@ -109,22 +118,24 @@ def _targets(model: Any, cfg: TrainConfig) -> tuple[Any, list[str]]:
     else:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         leaves = {e.rsplit(".", 1)[-1]: e for e in experts}
+        v4 = _V4_MOE_NAMES if experts else ()
         target, params = [], []
         for t in cfg.lora_target:
-            if t in linear:
+            if t in linear or t in v4:
                 target.append(t)
             elif t in leaves or (t == "experts" and experts):
                 params += [leaves[t]] if t in leaves else experts
             else:
-                have = linear + sorted(leaves) + (["experts"] if experts else [])
+                have = sorted({*linear, *leaves, *v4}) + (["experts"] if experts else [])
                 raise UserError(
                     f"lora_target {t!r}: no linear layer or expert parameter of that name in the model"
                     f"{did_you_mean(t, have)} (have: {', '.join(have)}; or use all)"
                 )
         params = sorted(set(params))
-    if params and (cfg.lora_dropout or cfg.use_dora):
+    touches_experts = bool(params) or (experts and any(t in _V4_MOE_NAMES for t in target if isinstance(target, list)))
+    if touches_experts and (cfg.lora_dropout or cfg.use_dora):
         raise UserError(
-            f"LoRA on MoE expert weights ({', '.join(params)}) works without lora_dropout and DoRA only (PEFT's "
+            f"LoRA on MoE expert weights ({', '.join(experts)}) works without lora_dropout and DoRA only (PEFT's "
             "parameter LoRA); set lora_dropout: 0 and use_dora: false, or leave the experts out of lora_target"
         )
     return target or None, params

@@ -579,6 +579,23 @@ def test_sharded_input_gives_the_same_file(tiny_model, converted, tmp_path):
     assert got == want
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fused_expert_checkpoint_gives_the_same_file(family, tiny_model, converted, tmp_path):
+    """A checkpoint keeping transformers 5's fused experts (gate_up split into gate and up, down as it is) converts
+    to the same tensors as the released per-expert layout."""
+    from gguf import GGUFReader
+    from test_merge import fused_checkpoint
+
+    from exporter.gguf import export
+
+    out, tpl = converted(family)
+    fused = fused_checkpoint(tiny_model(family), tmp_path / "fused")
+    res = export(fused, ["f16"], tpl, tmp_path / "out")
+    got = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(res.files["f16"]).tensors}
+    want = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(_gguf(out, "f16")).tensors}
+    assert got.keys() == want.keys() and got == want
+
+
 @pytest.mark.parametrize("family", ["llama2", "llama3", "qwen3"])  # f16, bf16, bf16 weights
 def test_blocks_and_threads_do_not_change_the_file(family, tiny_model, converted, tmp_path, monkeypatch):
     """Blocks of rows are converted by a pool of threads and written where they belong: with blocks of 1-3 rows
