@@ -78,7 +78,8 @@ def check_template_tokens(tokenizer: Any, tpl: Any, model: str) -> None:
     for tok in tpl.eot_tokens:
         ids = tokenizer.encode(tok, add_special_tokens=False)
         tid = tokenizer.convert_tokens_to_ids(tok)
-        if len(ids) != 1 or tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+        unk = tokenizer.unk_token_id if tok != tokenizer.unk_token else None  # Granite's unk is its eos
+        if len(ids) != 1 or tid is None or (unk is not None and tid == unk):
             raise UserError(
                 f"template {tpl.name!r} ends assistant turns with {tok!r}, but the tokenizer of {model} has no such "
                 f"token (it splits into {len(ids)} pieces); pick the template of this model's family"

@@ -29,12 +29,10 @@ from exporter.lf_args import TrainConfig, check, config_from_args, say
 # ------------------------------------------------------------------ model, loss, optimizer
 
 
-def _attn_impl(cfg: TrainConfig) -> str:
-    if cfg.flash_attn == "disabled":
-        return "eager"
-    if cfg.flash_attn == "fa2":
-        return "flash_attention_2"
-    return "sdpa"
+def _attn_impl(cfg: TrainConfig) -> str | None:
+    """transformers' attn_implementation; `auto` leaves it to transformers (SDPA where the model supports it, eager
+    otherwise: Gemma 2's soft-capping has no SDPA path), as LLaMA-Factory does."""
+    return {"disabled": "eager", "fa2": "flash_attention_2", "sdpa": "sdpa"}.get(cfg.flash_attn)
 
 
 def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:

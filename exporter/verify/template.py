@@ -16,14 +16,16 @@ def training_template(name: str | None, art: Artifacts) -> tuple[Any, str | None
     """(ChatTemplate or None, reason when None): --template wins, else detect on the training base, else merged."""
     from exporter import templates
 
-    if name:
-        return templates.load_template(name), None
     for d in (art.base, art.adapter, art.merged):
         if d is not None and d.is_dir():
-            try:
-                return templates.resolve(d, None), None
+            try:  # with the dir's bos/eos filled in (base-model formats end answers with the tokenizer's eos)
+                return templates.resolve(d, name), None
             except UserError as e:
+                if name:
+                    raise
                 return None, f"cannot tell the training template from {d}: {e} (pass --template FAMILY)"
+    if name:
+        return templates.load_template(name), None
     return None, "no model dir to detect the template from (pass --template FAMILY)"
 
 
