@@ -49,10 +49,6 @@ class TensorSpec:
         per = self.rows // len(self.stack)
         return self.stack[r0 // per], (r0 // per) * per
 
-    @property
-    def is_weight_matrix(self) -> bool:
-        return len(self.shape) >= 2 and self.name.endswith(".weight") and not self.name.endswith("_norm.weight")
-
 
 @dataclass(frozen=True)
 class Arch:
@@ -159,6 +155,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
         "sliding_window": 4096,
         "head_dim": 256,
+        "num_attention_heads": 8,
         "num_key_value_heads": 4,
         "rope_theta": 1_000_000.0,
         "rope_local_base_freq": 10_000.0,
@@ -370,14 +367,7 @@ def _llama3_rope_factors(hp: dict[str, Any], w: gguf.GGUFWriter) -> list[tuple[s
 
 
 def _gemma3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
-    _common_params(hp, w)
-    # Gemma3 defaults that older configs leave out (llama.cpp fills the same ones)
-    w.add_context_length(hp.get("max_position_embeddings", 131072))
-    w.add_head_count(hp.get("num_attention_heads", 8))
-    w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
-    w.add_key_length(hp.get("head_dim", 256))
-    w.add_value_length(hp.get("head_dim", 256))
-    w.add_rope_freq_base(rope_params(hp).get("rope_theta", 1_000_000.0))
+    _common_params(hp, w)  # with Gemma3's defaults for what older configs leave out (_DEFAULTS)
     if hp.get("attn_logit_softcapping") is not None:
         raise UserError("Gemma3 config has attn_logit_softcapping, which Gemma3 does not use; is this Gemma2?")
     if hp.get("final_logit_softcapping"):
@@ -388,7 +378,6 @@ def _gemma3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
             # which layers slide: without this llama.cpp assumes Gemma3's 5-local-1-global cycle from layer 0,
             # wrong for any config whose layer_types differ from that cycle (llama.cpp's converter drops it)
             w.add_sliding_window_pattern([t == "sliding_attention" for t in hp["layer_types"]])
-    w.add_head_count_kv(hp.get("num_key_value_heads", 4))
 
 
 def _phi3_rope_parts(hp: dict[str, Any]) -> tuple[dict[str, Any], int]:

@@ -8,7 +8,6 @@ type and written with `pwrite` at its place in every file. Peak memory is a few 
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections import deque
@@ -36,9 +35,6 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
 BLOCK_ELEMS = 1 << 18  # elements per block of rows (1 MiB as f32: the working set of a block stays in L2)
-
-logging.getLogger("gguf").setLevel(logging.ERROR)  # duplicate-key notices are expected when an arch overrides
-logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
 
 
 @dataclass

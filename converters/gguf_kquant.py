@@ -12,6 +12,7 @@ from pathlib import Path
 from exporter.converters import gguf_read
 
 from exporter.errors import UserError
+from exporter.quiet import silence_llama_cpp
 
 KQUANT_TYPES = {
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -28,19 +29,8 @@ def _llama_cpp():
         raise UserError(
             "K-quants need llama-cpp-python (pip install 'exporter[gguf]', i.e. llama-cpp-python==0.3.36)"
         ) from e
-    _quiet(llama_cpp)
+    silence_llama_cpp()  # its per-tensor log lines: our progress bar and report say what matters
     return llama_cpp
-
-
-_LOG_CB = None
-
-
-def _quiet(lc) -> None:
-    """Route libllama's per-tensor log lines to nowhere (our progress bar and report say what matters)."""
-    global _LOG_CB
-    if _LOG_CB is None:
-        _LOG_CB = lc.llama_log_callback(lambda level, text, user_data: None)
-        lc.llama_log_set(_LOG_CB, None)
 
 
 def quantize(f16_path: Path, out_path: Path, kind: str, nthread: int | None = None) -> list[str]:

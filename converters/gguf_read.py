@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from exporter.errors import UserError
 
@@ -30,12 +30,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     type: GGMLQuantizationType
     offset: int  # relative to the start of the data section
-
-    @property
-    def n_bytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.type]
-        n = int(np.prod(self.shape, dtype=np.int64))
-        return n // block * size
 
 
 @dataclass

@@ -9,7 +9,6 @@ name) compared with the regex each llama.cpp pre-tokenizer implements. Tests che
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +39,6 @@ _TEKKEN_REGEX = (
 )
 _DIGITS = r"\p{N}"  # a Digits(individual_digits) pre-tokenizer step: every digit alone (StarCoder, Granite)
 
-# The string llama.cpp hashes the tokenization of (kept for the diagnostic hash in error messages).
-CHECK_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
-    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
-    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? "
-    "'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
-)
-
 SPM_USER_SPACE = "\u2581"
 
 
@@ -74,11 +65,6 @@ class Vocab:
             if (t.decode("utf-8", "replace") if isinstance(t, bytes) else t) == text:
                 return i
         return None
-
-
-def check_hash(tokenizer: Any) -> str:
-    """sha256 of str(ids) of CHECK_TEXT — the key llama.cpp's converter looks pre-tokenizers up by."""
-    return hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
 
 
 def _split_regexes(pre: dict | None) -> list[str]:

@@ -72,6 +72,26 @@ def _dataset_conversations(
     return [(s.chat(), s) for s in samples]
 
 
+def _text_file_sequences(path: Path, tokenizer: Any, rejected: Counter) -> tuple[list[list[int]], int]:
+    """Raw `text` rows of a JSON/JSONL/CSV/Parquet file (LLaMA-Factory's export_quantization_dataset, e.g. its
+    c4_demo.jsonl), tokenized as plain text with the tokenizer's own special tokens; (sequences, rows read)."""
+    from exporter import data
+
+    info = {path.name: {"file_name": path.name, "columns": {"prompt": "text"}}}
+    sp = data.spec(path.name, info, path.parent)
+    drops = data.Drops()
+    samples = data.convert(sp, data.read_rows(sp), "pt", {}, drops)
+    for reason, n in drops.counts.items():
+        rejected[f"dataset: {reason}"] += n
+    return [tokenizer(s.text)["input_ids"] for s in samples], len(samples) + sum(drops.counts.values())
+
+
+def dataset_source(dataset: str, dataset_dir: Path | str | None) -> Path:
+    """The file calibration reads for `dataset`: the text file itself, else the dataset_info.json naming it."""
+    path = Path(dataset)
+    return path if path.is_file() else Path(dataset_dir or "data") / "dataset_info.json"
+
+
 def _encoded(
     convs: list[tuple[list[dict[str, Any]], Any]], tokenizer: Any, tpl: Any, rejected: Counter
 ) -> Iterator[list[int]]:
@@ -125,12 +145,21 @@ def build(
     max_length: int,
     seed: int,
 ) -> Calibration:
-    """Calibration blocks of `max_length` tokens (at most `samples` of them) from `dataset` or the built-in texts."""
+    """Calibration blocks of `max_length` tokens (at most `samples` of them) from `dataset` (dataset_info.json names,
+    or a file of raw `text` rows) or the built-in texts."""
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
     if max_length < 16:
         raise UserError(f"--max-length must be at least 16 tokens, got {max_length}")
     rejected: Counter = Counter()
+    eos = tokenizer.eos_token_id
+    if dataset and Path(dataset).is_file():
+        seqs, rows_total = _text_file_sequences(Path(dataset), tokenizer, rejected)
+        order = list(range(len(seqs)))
+        random.Random(seed).shuffle(order)
+        blocks, used = pack(iter([seqs[i] for i in order]), eos, max_length, samples)
+        cal = Calibration(blocks, f"text file {dataset}", rows_used=used, rows_total=rows_total, rejected=rejected)
+        return _enough(cal, samples, max_length)
     if dataset:
         names = [n.strip() for n in dataset.split(",") if n.strip()]
         ddir = Path(dataset_dir) if dataset_dir else Path("data")
@@ -144,16 +173,20 @@ def build(
     rows_total = len(convs) + sum(rejected.values())  # rows exporter.data dropped count too
     order = list(range(len(convs)))
     random.Random(seed).shuffle(order)
-    eos = tokenizer.eos_token_id
     enders = frozenset(i for i in tokenizer.convert_tokens_to_ids(list(tpl.eot_tokens)) if i is not None)
     seqs = _encoded([convs[i] for i in order], tokenizer, tpl, rejected)
     blocks, used = pack(seqs, eos, max_length, samples, enders)
     cal = Calibration(blocks, source, rows_used=used, rows_total=rows_total, rejected=rejected)
+    return _enough(cal, samples, max_length)
+
+
+def _enough(cal: Calibration, samples: int, max_length: int) -> Calibration:
+    """`cal`, or a UserError saying what was found and why rows were left out when it is too little."""
     need_blocks = min(samples, MIN_BLOCKS)
     if cal.tokens < need_blocks * max_length:
-        why = "; ".join(f"{n} rows: {r}" for r, n in rejected.most_common()) or "no rows were rejected"
+        why = "; ".join(f"{n} rows: {r}" for r, n in cal.rejected.most_common()) or "no rows were rejected"
         raise UserError(
-            f"calibration set too small: {source} gives {cal.tokens} tokens from {cal.rows_used} usable rows "
+            f"calibration set too small: {cal.source} gives {cal.tokens} tokens from {cal.rows_used} usable rows "
             f"(of {cal.rows_total}), need at least {need_blocks * max_length} ({need_blocks} blocks of --max-length "
             f"{max_length}); rejected: {why}. Add rows, lower --max-length, or omit --dataset for the built-in set"
         )

@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_state = {"debug": False}
+_state = {"debug": False, "verbose": False}
 
 
 def _version(value: bool) -> None:
@@ -30,9 +30,21 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show third-party libraries' banners, logs and warnings."),
 ) -> None:
     """LoRA fine-tuning to a running, verified Ollama model."""
     _state["debug"] = debug
+    _state["verbose"] = verbose
+
+
+def _setup(quantization: bool = False, transformers: bool = True) -> None:
+    """Before a command imports anything heavy: without `quantization`, GPT-QModel and torchao stay unimported;
+    known third-party noise stays out of the output unless --verbose (exporter/quiet.py)."""
+    from exporter import quiet
+
+    if not quantization:
+        quiet.without_quantization_libraries()
+    quiet.quiet(_state["verbose"], transformers=transformers)
 
 
 # ---- stage commands are registered below, one block each ----
@@ -46,7 +58,9 @@ def _quantize(
     out: str = typer.Option(..., "--out", help="Output dir (written atomically)."),
     bits: int | None = typer.Option(None, "--bits", help="4 or 8 (gptq); awq/bnb4: 4; bnb8: 8."),
     group_size: int | None = typer.Option(None, "--group-size", help="GPTQ/AWQ group size (default 128; -1: per row)."),
-    dataset: str | None = typer.Option(None, "--dataset", help="Calibration dataset name(s) from dataset_info.json."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="Calibration dataset name(s) from dataset_info.json, or a file of raw `text` rows."
+    ),
     dataset_dir: str | None = typer.Option(None, "--dataset-dir", help="Dir holding dataset_info.json (default data)."),
     template: str | None = typer.Option(None, "--template", help="Chat template family (default: detected)."),
     samples: int = typer.Option(128, "--samples", help="Calibration blocks (at most)."),
@@ -55,10 +69,15 @@ def _quantize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output dir."),
 ) -> None:
     """Quantize an HF model to GPTQ, AWQ or bitsandbytes nf4/int8, calibrated on your data through its chat template."""
+    _setup(quantization=True)
     from exporter.quantize import QuantizeOptions, quantize
 
-    quantize(QuantizeOptions(model, method, out, bits, group_size, dataset, dataset_dir, template, samples, max_length,
-                             seed, force))  # fmt: skip
+    quantize(
+        QuantizeOptions(
+            model=model, method=method, out=out, bits=bits, group_size=group_size, dataset=dataset,
+            dataset_dir=dataset_dir, template=template, samples=samples, max_length=max_length, seed=seed, force=force,
+        )
+    )  # fmt: skip
 
 
 # ---- template: chat-template families (exporter/templates.py) ----
@@ -71,6 +90,7 @@ app.add_typer(template_app, name="template")
 @template_app.command("list")
 def _template_list() -> None:
     """List the known chat-template families."""
+    _setup(transformers=False)
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -91,6 +111,7 @@ def _template_show(
     fmt: str = typer.Option("jinja", "--format", help="jinja (HF chat_template) or ollama (Modelfile lines)."),
 ) -> None:
     """Print a family's HF Jinja chat_template or its Ollama Modelfile TEMPLATE/SYSTEM/stop lines."""
+    _setup(transformers=False)
     from exporter.templates import show_for_cli
 
     typer.echo(show_for_cli(family, fmt))
@@ -99,6 +120,7 @@ def _template_show(
 @template_app.command("detect")
 def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir with a chat_template.")) -> None:
     """Name the family whose template renders exactly like the model's own chat_template."""
+    _setup()
     from exporter.templates import detect
 
     typer.echo(detect(model_dir).name)
@@ -116,6 +138,7 @@ def _template_render(
     eos_token: str = typer.Option(None, "--eos-token", help="EOS text for families that take it from the tokenizer."),
 ) -> None:
     """Render a conversation with a family, as training text, HF Jinja or Ollama Go template."""
+    _setup()
     import sys
 
     from exporter.templates import render_for_cli
@@ -134,19 +157,44 @@ def _template_render(
     sys.stdout.flush()
 
 
-# ---- train: fine-tuning (exporter/train.py) ----
+# ---- train and export: LLaMA-Factory's arguments (CONFIG.yaml, key=value, --key value), parsed by lf_args.py ----
+_LF_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _lf_args(ctx: typer.Context, verb: str) -> list[str]:
+    if not ctx.args:
+        raise UserError(f"exporter {verb}: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
+    return list(ctx.args)
+
+
 @app.command(
     "train",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    context_settings=_LF_ARGS,
     help="Fine-tune (LoRA or full; stages sft, pt): exporter train CONFIG.yaml \\[key=value ...], or LLaMA-Factory "
     "flags: exporter train --stage sft --do_train --model_name_or_path M --dataset a,b --output_dir OUT ...",
 )
 def train_cmd(ctx: typer.Context) -> None:
+    argv = _lf_args(ctx, "train")
+    _setup()
     from exporter import train
 
-    if not ctx.args:
-        raise UserError("exporter train: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
-    train.main(list(ctx.args))
+    train.main(argv)
+
+
+@app.command(
+    "export",
+    context_settings=_LF_ARGS,
+    help="LLaMA-Factory's `llamafactory-cli export` config, unchanged: exporter export CONFIG.yaml \\[key=value ...]; "
+    "merges the adapters (merge) and, with export_quantization_bit, quantizes with GPTQ (quantize).",
+)
+def export_cmd(ctx: typer.Context) -> None:
+    from exporter import lf_args
+
+    cfg, given = lf_args.export_config_from_args(_lf_args(ctx, "export"))
+    _setup(quantization=cfg.export_quantization_bit is not None)
+    from exporter import export
+
+    export.export(cfg, given)
 
 
 # ---- merge ----
@@ -164,11 +212,15 @@ def _merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:
     """Merge LoRA adapters into a base model, streaming one tensor at a time (equals PEFT merge_and_unload)."""
-    from exporter.merge import merge
+    _setup()
+    from exporter.merge import MergeOptions, merge
 
     merge(
-        base, adapter, weight or None, out, dtype=dtype, max_shard_size=max_shard_size, force=force, template=template
-    )
+        MergeOptions(
+            base=base, adapters=adapter, out=str(out), weights=weight or None, dtype=dtype,
+            max_shard_size=max_shard_size, template=template, force=force,
+        )
+    )  # fmt: skip
 
 
 # ---- gguf: GGUF export + Ollama Modelfiles (exporter/gguf.py) ----
@@ -188,9 +240,14 @@ def _gguf(
     force: bool = typer.Option(False, "--force", help="Replace an existing output dir."),
 ) -> None:
     """Convert a model to GGUF files (several types in one pass) with one Ollama Modelfile each."""
+    _setup(transformers=False)
     from exporter import gguf
 
-    gguf.run(model, type_, out, ollama_name, template, force, adapter, base_gguf)
+    opts = gguf.GGUFOptions(
+        model=model, types=[type_], out=str(out) if out else None, ollama_name=ollama_name, template=template,
+        adapter=str(adapter) if adapter else None, base_gguf=base_gguf, force=force,
+    )  # fmt: skip
+    gguf.run(opts)
 
 
 # verify ------------------------------------------------------------------------------------------------------
@@ -223,26 +280,16 @@ def _verify(
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Greedy tokens per chat prompt."),
 ) -> None:
     """Prove an export is faithful: templates, stop tokens, tokenizer, perplexity and chat; exit 1 on a failure."""
+    _setup(quantization=bool(quantized))
     from exporter import verify
     from exporter.verify import report as verify_report
 
-    rep = verify.verify(
-        base=base,
-        adapter=adapter,
-        merged=merged,
-        ggufs=gguf,
-        modelfiles=modelfile,
-        quantized=quantized,
-        run_dir=run_dir,
-        template=template,
-        thresholds=verify.parse_thresholds(ppl_threshold),
-        prompts=prompts,
-        text=text,
-        data=data,
-        ctx=ctx,
-        max_windows=max_windows,
-        max_new_tokens=max_new_tokens,
-    )
+    opts = verify.VerifyOptions(
+        base=base, adapter=adapter, merged=merged, ggufs=gguf, modelfiles=modelfile, quantized=quantized,
+        run_dir=run_dir, template=template, ppl_threshold=verify.parse_thresholds(ppl_threshold), prompts=prompts,
+        text=text, data=data, ctx=ctx, max_windows=max_windows, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    rep = verify.verify(opts)
     verify_report.print_table(rep)
     if report is not None:
         verify_report.write_json(rep, report)
@@ -258,6 +305,7 @@ def _pipeline(
     overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.max_steps=5."),
 ) -> None:
     """train -> merge -> gguf -> verify into one run dir; finished stages are skipped; exit 1 if verify fails."""
+    _setup()
     from exporter import pipeline
 
     result = pipeline.run(pipeline.load_config(config_file, overrides or []))

@@ -13,7 +13,7 @@ from typing import Any
 
 from exporter.errors import UserError
 from exporter.hf_dir import adds_bos
-from exporter.lf_args import TEMPLATE_ALIASES, TrainConfig, say
+from exporter.lf_args import TrainConfig, family_name, say
 
 IGNORE = -100
 
@@ -230,11 +230,7 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
         raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     tpl = None
     if cfg.stage == "sft" or cfg.template:
-        name = cfg.template
-        if name in TEMPLATE_ALIASES and name not in templates.list_templates():
-            say(f"template {name!r} is LLaMA-Factory's name for exporter's {TEMPLATE_ALIASES[name]!r} family")
-            name = TEMPLATE_ALIASES[name]
-        tpl = templates.resolve(model_dir, name)
+        tpl = templates.resolve(model_dir, family_name(cfg.template))
         check_template_tokens(tokenizer, tpl, str(model_dir))
     if cfg.stage == "sft":
         examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)

@@ -34,12 +34,27 @@ console = Console(stderr=True)
 
 
 @dataclass
+class GGUFOptions:
+    """What `exporter gguf` takes (CLI flags and the pipeline's `gguf:` block)."""
+
+    model: str  # HF model dir or hub id; with `adapter`: the base model
+    types: list[str] = field(default_factory=lambda: ["f16"])
+    out: str | None = None  # default: <model>-gguf (or <adapter>-gguf) beside it
+    ollama_name: str | None = None  # default: the model dir's name
+    template: str | None = None  # chat-template family (default: detected)
+    adapter: str | None = None  # a PEFT LoRA adapter: write a GGUF LoRA + Modelfile with ADAPTER
+    base_gguf: str | None = None  # with `adapter`: FROM of the Modelfile
+    force: bool = False
+
+
+@dataclass
 class GGUFResult:
     """What `run` wrote."""
 
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)  # kind -> gguf
     modelfiles: dict[str, Path] = field(default_factory=dict)  # kind -> Modelfile
+    names: dict[str, str] = field(default_factory=dict)  # kind -> Ollama model name for `ollama create`
     fallbacks: dict[str, list[str]] = field(default_factory=dict)  # kind -> per-tensor notes
     commands: list[str] = field(default_factory=list)
 
@@ -79,6 +94,12 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
 
 
+def ollama_names(model_dir: Path, kinds: list[str], ollama_name: str | None = None) -> dict[str, str]:
+    """The `ollama create` name of each type's model: `<name>:<type>`, the name defaulting to the dir's."""
+    name = ollama_name or _safe_name(model_dir.name).lower()
+    return {kind: f"{name}:{kind}" for kind in kinds}
+
+
 def modelfile_header(kind: str, source: str, tpl: Any, ollama_name: str, gguf_name: str) -> list[str]:
     """Provenance comment lines for a Modelfile."""
     return [
@@ -108,7 +129,7 @@ def export(
     src.close()
     params = sum(math.prod(shape) for shape in src.shapes.values())
     stem = _safe_name(model_dir.name)
-    name = ollama_name or stem.lower()
+    names = ollama_names(model_dir, kinds, ollama_name)
     check_free_space(out.parent, int(params * sum(_BYTES_PER_PARAM[k] for k in kinds)))
     kquants = [k for k in kinds if k in KQUANT_KINDS]
     numpy_kinds = [k for k in kinds if k in NUMPY_KINDS]
@@ -150,18 +171,19 @@ def export(
                     template=tpl.ollama,
                     stops=list(tpl.stop),
                     system=tpl.default_system,
-                    header=modelfile_header(kind, source_label or str(model_dir), tpl, f"{name}:{kind}", gguf_name),
+                    header=modelfile_header(kind, source_label or str(model_dir), tpl, names[kind], gguf_name),
                 )
             )
             mf.write_text(text, encoding="utf-8")
             result.files[kind] = out / gguf_name
             result.modelfiles[kind] = out / mf.name
-            result.commands.append(f"ollama create {name}:{kind} -f {out / mf.name}")
+            result.names[kind] = names[kind]
+            result.commands.append(f"ollama create {names[kind]} -f {out / mf.name}")
         manifest.write(
             tmp,
             "gguf",
             inputs={"model": source_label or model_dir},
-            settings={"types": kinds, "template": tpl.name, "ollama_name": name, "fallbacks": result.fallbacks},
+            settings={"types": kinds, "template": tpl.name, "ollama_names": names, "fallbacks": result.fallbacks},
         )
     return result
 
@@ -215,40 +237,31 @@ def export_adapter(
         )
     result.files[kind] = out / path.name
     result.modelfiles[kind] = out / "Modelfile"
+    result.names[kind] = name
     result.commands.append(f"ollama create {name} -f {out / 'Modelfile'}")
     return result
 
 
-def run(
-    model: str | Path,
-    types: str | Sequence[str] = "f16",
-    out: Path | None = None,
-    ollama_name: str | None = None,
-    template: str | None = None,
-    force: bool = False,
-    adapter: Path | None = None,
-    base_gguf: str | None = None,
-) -> GGUFResult:
+def run(opts: GGUFOptions) -> GGUFResult:
     """The `exporter gguf` stage: convert a model (or, with `adapter`, a LoRA adapter) and print how to import it."""
     from exporter import hub, templates
     from exporter.converters.gguf_arch import arch_for, load_hparams
 
-    kinds = parse_types(types)
-    model_dir = hub.resolve(model, "model")
+    kinds = parse_types(opts.types)
+    model_dir = hub.resolve(opts.model, "model")
     arch_for(load_hparams(model_dir), model_dir)  # an unsupported architecture is the first thing to report
-    if adapter is not None:
-        adapter_dir = hub.resolve(adapter, "adapter")
+    if opts.adapter is not None:
+        adapter_dir = hub.resolve(opts.adapter, "adapter")
         has_template = (adapter_dir / "chat_template.jinja").is_file() or "chat_template" in read_json(
             adapter_dir / "tokenizer_config.json", optional=True
         )
-        tpl = templates.resolve(adapter_dir if has_template else model_dir, template)
-        out = Path(out) if out is not None else adapter_dir.parent / f"{adapter_dir.name}-gguf"
-        result = export_adapter(adapter_dir, model_dir, kinds, tpl, out, ollama_name, force, base_gguf)
-        _report(result)
-        return result
-    tpl = templates.resolve(model_dir, template)
-    out = Path(out) if out is not None else model_dir.parent / f"{model_dir.name}-gguf"
-    result = export(model_dir, kinds, tpl, out, ollama_name, force, source_label=str(model))
+        tpl = templates.resolve(adapter_dir if has_template else model_dir, opts.template)
+        out = Path(opts.out) if opts.out is not None else adapter_dir.parent / f"{adapter_dir.name}-gguf"
+        result = export_adapter(adapter_dir, model_dir, kinds, tpl, out, opts.ollama_name, opts.force, opts.base_gguf)
+    else:
+        tpl = templates.resolve(model_dir, opts.template)
+        out = Path(opts.out) if opts.out is not None else model_dir.parent / f"{model_dir.name}-gguf"
+        result = export(model_dir, kinds, tpl, out, opts.ollama_name, opts.force, source_label=str(opts.model))
     _report(result)
     return result
 

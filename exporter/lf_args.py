@@ -123,15 +123,16 @@ class TrainConfig:
 # ------------------------------------------------------------------ command line
 
 
-def parse_args(argv: list[str]) -> tuple[dict[str, Any], str]:
-    """`[CONFIG.yaml] [key=value ...] [--key value | --key=value | --flag ...]` -> (raw dict, where)."""
+def parse_args(argv: list[str], cls: type | None = None) -> tuple[dict[str, Any], str]:
+    """`[CONFIG.yaml] [key=value ...] [--key value | --key=value | --flag ...]` -> (raw dict, where); `cls` (default
+    TrainConfig) tells which keys are booleans, so a bare `--flag` means true."""
     data: dict[str, Any] = {}
     where = "command line"
     args = list(argv)
     if args and not args[0].startswith("-") and "=" not in args[0]:
         where = args.pop(0)
         data.update(config_mod.read_yaml(where))
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(cls or TrainConfig)
     i = 0
     while i < len(args):
         arg = args[i]
@@ -177,6 +178,16 @@ def config_from_args(argv: list[str]) -> tuple[TrainConfig, set[str]]:
 def say(msg: str) -> None:
     """A note on stderr (a setting without effect here, a resumed run, dropped rows)."""
     print(f"note: {msg}", file=sys.stderr)
+
+
+def family_name(template: str | None) -> str | None:
+    """exporter's family for a LLaMA-Factory template name that exporter calls differently (said once)."""
+    from exporter import templates
+
+    if template in TEMPLATE_ALIASES and template not in templates.list_templates():
+        say(f"template {template!r} is LLaMA-Factory's name for exporter's {TEMPLATE_ALIASES[template]!r} family")
+        return TEMPLATE_ALIASES[template]
+    return template
 
 
 def check(cfg: TrainConfig, given: set[str], device: str) -> None:
@@ -225,3 +236,53 @@ def check(cfg: TrainConfig, given: set[str], device: str) -> None:
     for key, msg in notes.items():
         if key in given and not (key == "flash_attn" and cfg.flash_attn == "disabled"):
             say(msg)
+
+
+# ------------------------------------------------------------------ export (merge / quantize) arguments
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """LLaMA-Factory's `llamafactory-cli export` keys (same names, defaults and meaning)."""
+
+    model_name_or_path: str
+    export_dir: str
+    adapter_name_or_path: str | None = None  # comma-separated: merged in order
+    template: str | None = None
+    finetuning_type: Literal["lora", "full", "freeze"] = "lora"
+    trust_remote_code: bool = False
+    infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    export_size: int = 5  # GB per shard
+    export_device: Literal["cpu", "auto"] = "cpu"
+    export_legacy_format: bool = False
+    export_quantization_bit: int | None = None
+    export_quantization_dataset: str | None = None
+    export_quantization_nsamples: int = 128
+    export_quantization_maxlen: int = 1024
+
+
+# export keys LLaMA-Factory has that exporter does not do
+EXPORT_UNSUPPORTED = {
+    "export_hub_model_id": "pushing the export to the Hugging Face hub",
+    "quantization_bit": "merging into a quantized base (LLaMA-Factory refuses it too: merge, then quantize)",
+    "quantization_method": "merging into a quantized base (LLaMA-Factory refuses it too: merge, then quantize)",
+}
+
+
+def export_config_from_args(argv: list[str]) -> tuple[ExportConfig, set[str]]:
+    """The ExportConfig for `exporter export CONFIG.yaml [key=value ...]` (or `--key value` flags)."""
+    data, where = parse_args(argv, ExportConfig)
+    for key in data:
+        if key in EXPORT_UNSUPPORTED:
+            raise UserError(f"{where}: {key}: {EXPORT_UNSUPPORTED[key]} is not supported")
+    cfg = config_mod.build(ExportConfig, data, where)
+    if cfg.export_legacy_format:
+        raise UserError(
+            f"{where}: export_legacy_format: true asks for pickled .bin weights; exporter writes safetensors only "
+            "(pickle can run code when loaded): set it to false"
+        )
+    if cfg.export_quantization_bit is not None and not cfg.export_quantization_dataset:
+        raise UserError(f"{where}: export_quantization_bit needs export_quantization_dataset (as in LLaMA-Factory)")
+    if cfg.export_size < 1:
+        raise UserError(f"{where}: export_size must be at least 1 (GB per shard), got {cfg.export_size}")
+    return cfg, set(data)

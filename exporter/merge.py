@@ -349,53 +349,98 @@ def _say(msg: str) -> None:
     Console(stderr=True).print(msg, highlight=False)
 
 
-def merge(
-    base: str | Path,
-    adapters: list[str | Path],
-    weights: list[float] | None = None,
-    out: str | Path = "merged",
-    dtype: str | None = None,
-    max_shard_size: str | int = "2GB",
-    force: bool = False,
-    template: str | None = None,
-) -> Path:
-    """Merge `adapters` (applied in order, each scaled by its weight) into `base`; write an HF dir at `out`."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+@dataclass
+class MergeOptions:
+    """What `exporter merge` takes (CLI flags, the pipeline's `merge:` block, LLaMA-Factory's export YAML)."""
 
-    out = Path(out)
-    atomic.check_target(out, force)
-    if not adapters:
+    base: str  # local HF dir or hub id
+    adapters: list[str]  # applied in order
+    out: str
+    weights: list[float] | None = None  # one per adapter (default 1)
+    dtype: str | None = None  # bf16 | fp16 | fp32 (default: the base's)
+    max_shard_size: str = "2GB"
+    template: str | None = None  # chat-template family to write (default: detected)
+    force: bool = False
+
+
+@dataclass
+class MergeResult:
+    """What `merge` wrote."""
+
+    out: Path
+    shards: int
+    template: str
+    untied: list[str]  # adapters that changed a tied embedding/lm_head (both are written)
+    vocab_size: int | None  # when an adapter resized the vocabulary
+
+
+def _check_options(o: MergeOptions) -> tuple[list[float], torch.dtype | None, int]:
+    """Validated (weights, output dtype, shard bytes)."""
+    if not o.adapters:
         raise UserError("give at least one --adapter")
-    weights = list(weights) if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise UserError(f"{len(weights)} --weight values for {len(adapters)} adapters; give one per adapter or none")
+    weights = list(o.weights) if o.weights else [1.0] * len(o.adapters)
+    if len(weights) != len(o.adapters):
+        raise UserError(f"{len(weights)} --weight values for {len(o.adapters)} adapters; give one per adapter or none")
     for w in weights:
         if not math.isfinite(w):
             raise UserError(f"--weight {w}: must be a finite number")
     out_dtype = None
-    if dtype is not None:
-        if dtype.lower() not in OUT_DTYPES:
-            raise UserError(f"--dtype {dtype!r}: expected one of bf16, fp16, fp32")
-        out_dtype = OUT_DTYPES[dtype.lower()]
-    shard_bytes = parse_size(max_shard_size)
+    if o.dtype is not None:
+        if o.dtype.lower() not in OUT_DTYPES:
+            raise UserError(f"--dtype {o.dtype!r}: expected one of bf16, fp16, fp32")
+        out_dtype = OUT_DTYPES[o.dtype.lower()]
+    shard_bytes = parse_size(o.max_shard_size)
     if shard_bytes <= 0:
-        raise UserError(f"--max-shard-size {max_shard_size!r}: must be positive")
+        raise UserError(f"--max-shard-size {o.max_shard_size!r}: must be positive")
+    return weights, out_dtype, shard_bytes
 
-    base_dir = hub.resolve(base, "base model")
-    ads = []
-    for i, (a, w) in enumerate(zip(adapters, weights, strict=True)):
-        path = hub.resolve(a, "adapter")
-        ads.append(load_adapter(path, float(w), label=str(a) if len(adapters) == 1 else f"#{i + 1} {a}"))
-    p = plan(base_dir, ads, out_dtype)
-    for ad in ads:
-        if p.vocab_size is not None and not any(a.has_tokenizer for a in ads):
-            raise UserError(
-                f"adapter {ad.label} resizes the vocabulary to {p.vocab_size} but no adapter dir has tokenizer files"
-            )
+
+def _write_shards(tmp: Path, p: Plan, shard_bytes: int) -> int:
+    """Every planned tensor streamed into safetensors shards (+ index when several); returns the shard count."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
     planned = [PlannedTensor(j.name, j.out_dtype, j.shape) for j in p.jobs]
     shards = plan_shards(planned, shard_bytes)
     names = shard_names(len(shards))
     total = sum(t.nbytes for t in planned)
+    jobs = {j.name: j for j in p.jobs}
+    columns = (TextColumn("[bold]merge[/] {task.fields[tensor]}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("merge", total=total, tensor="")
+        weight_map: dict[str, str] = {}
+        for shard, fname in zip(shards, names, strict=True):
+            writer = ShardWriter(tmp / fname, shard)
+            try:
+                for t in shard:
+                    bar.update(task, tensor=t.name)
+                    _run_job(jobs[t.name], writer, lambda n: bar.advance(task, n))
+                    weight_map[t.name] = fname
+            except BaseException:
+                writer.f.close()
+                raise
+            writer.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return len(shards)
+
+
+def merge(opts: MergeOptions) -> MergeResult:
+    """Merge the adapters (applied in order, each scaled by its weight) into the base; write an HF dir at `out`."""
+    from exporter import templates
+
+    out = Path(opts.out)
+    atomic.check_target(out, opts.force)
+    weights, out_dtype, shard_bytes = _check_options(opts)
+    base_dir = hub.resolve(opts.base, "base model")
+    ads = []
+    for i, (a, w) in enumerate(zip(opts.adapters, weights, strict=True)):
+        path = hub.resolve(a, "adapter")
+        ads.append(load_adapter(path, float(w), label=str(a) if len(opts.adapters) == 1 else f"#{i + 1} {a}"))
+    p = plan(base_dir, ads, out_dtype)
+    if p.vocab_size is not None and not any(a.has_tokenizer for a in ads):
+        raise UserError(f"the adapters resize the vocabulary to {p.vocab_size} but no adapter dir has tokenizer files")
+    total = sum(PlannedTensor(j.name, j.out_dtype, j.shape).nbytes for j in p.jobs)
     atomic.check_free_space(out.parent if out.parent != Path("") else Path("."), total + 50 * 2**20)
     if p.untied:
         _say(
@@ -404,50 +449,18 @@ def merge(
         )
     if p.vocab_size is not None:
         _say(f"note: vocabulary resized to {p.vocab_size} by the adapter; tokenizer taken from the adapter dir")
-
-    jobs = {j.name: j for j in p.jobs}
-    with atomic.atomic_dir(out, force) as tmp:
-        with Progress(
-            TextColumn("[bold]merge[/] {task.fields[tensor]}"),
-            BarColumn(),
-            DownloadColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        ) as bar:
-            task = bar.add_task("merge", total=total, tensor="")
-            weight_map: dict[str, str] = {}
-            for shard, fname in zip(shards, names, strict=True):
-                writer = ShardWriter(tmp / fname, shard)
-                try:
-                    for t in shard:
-                        bar.update(task, tensor=t.name)
-                        _run_job(jobs[t.name], writer, lambda n: bar.advance(task, n))
-                        weight_map[t.name] = fname
-                except BaseException:
-                    writer.f.close()
-                    raise
-                writer.close()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    with atomic.atomic_dir(out, opts.force) as tmp:
+        n_shards = _write_shards(tmp, p, shard_bytes)
         _write_configs(base_dir, tmp, p, out_dtype)
         for py in base_dir.glob("*.py"):  # remote-code models need their modeling files
             shutil.copy2(py, tmp / py.name)
         _copy_tokenizer(base_dir, ads, tmp)
-        from exporter import templates
-
-        tpl = templates.resolve(tmp, template)
+        tpl = templates.resolve(tmp, opts.template)
         inputs: dict[str, Path | str] = {"base": base_dir}
         for i, ad in enumerate(ads):
             inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = ad.path
-        settings = {
-            "weights": weights,
-            "dtype": dtype,
-            "max_shard_size": str(max_shard_size),
-            "template": tpl.name,
-            "untied_embeddings": bool(p.untied),
-            "vocab_size": p.vocab_size,
-        }
+        settings = {"weights": weights, "dtype": opts.dtype, "max_shard_size": str(opts.max_shard_size),
+                    "template": tpl.name, "untied_embeddings": bool(p.untied), "vocab_size": p.vocab_size}  # fmt: skip
         hf_dir.finish(tmp, tpl, base_dir, stage="merge", inputs=inputs, settings=settings)
-    _say(f"merged {len(ads)} adapter(s) into {out} ({len(shards)} shard(s), template {tpl.name})")
-    return out
+    _say(f"merged {len(ads)} adapter(s) into {out} ({n_shards} shard(s), template {tpl.name})")
+    return MergeResult(out, n_shards, tpl.name, p.untied, p.vocab_size)

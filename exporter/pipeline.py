@@ -6,12 +6,14 @@
     train: {dataset: identity, dataset_dir: data/demo, max_steps: 60, ...}   # `exporter train` keys
     merge: {dtype: bfloat16}      # `exporter merge` options
     gguf: {types: [f16, q8_0, q4_k_m], ollama_name: my-model}
-    verify: {prompts: 4, ppl_threshold: "q4_k_m=0.05"}                        # `exporter verify` options
+    verify: {prompts: 4, ppl_threshold: {q4_k_m: 0.05}}                       # `exporter verify` options
 
-`key=value` overrides use dotted keys (`train.max_steps=5`, `gguf.types=f16`). A stage is finished when its output
-is complete (each stage writes atomically, or for train: the final adapter file) and `pipeline.json` records the
-same config hash for it; a finished stage is skipped on a rerun. The hash of a stage covers its own settings and
-the hash of the stage before, so a change re-runs that stage and everything after it.
+Each block is the options of that stage (`TrainConfig`, `MergeOptions`, `GGUFOptions`, `VerifyOptions`) less the
+keys the pipeline sets itself (model, input and output paths, template). `key=value` overrides use dotted keys
+(`train.max_steps=5`, `gguf.types=f16`). A stage is finished when its output is complete (each stage writes
+atomically, or for train: the final adapter file) and `pipeline.json` records the same config hash for it; a
+finished stage is skipped on a rerun. The hash of a stage covers its own settings and the hash of the stage before,
+so a change re-runs that stage and everything after it.
 """
 
 from __future__ import annotations
@@ -21,18 +23,27 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter import config
 from exporter.atomic import atomic_dir, atomic_file
 from exporter.errors import UserError
 
+if TYPE_CHECKING:
+    from exporter.gguf import GGUFOptions
+    from exporter.lf_args import TrainConfig
+    from exporter.merge import MergeOptions
+    from exporter.verify import VerifyOptions
+
 STAGES = ("train", "merge", "gguf", "verify")
 STATE = "pipeline.json"
-_RUN_SET = {"model_name_or_path", "output_dir"}  # train keys the pipeline sets itself
-_VERIFY_KEYS = {"prompts", "ctx", "max_windows", "max_new_tokens", "ppl_threshold", "text"}
-_MERGE_KEYS = {"dtype", "max_shard_size"}
-_GGUF_KEYS = {"types", "ollama_name"}
+# keys of each stage's options that the pipeline sets itself (from base, run_dir, template and the stage before)
+_SET_BY_PIPELINE = {
+    "train": {"model_name_or_path", "output_dir", "template"},
+    "merge": {"base", "adapters", "out", "template", "force"},
+    "gguf": {"model", "out", "template", "adapter", "base_gguf", "force"},
+    "verify": {"base", "adapter", "merged", "ggufs", "modelfiles", "quantized", "run_dir", "template", "data"},
+}
 
 
 @dataclasses.dataclass
@@ -73,14 +84,54 @@ def load_config(path: Path | str, overrides: list[str]) -> PipelineConfig:
                 raise UserError(f"override {key}: {p} is not a mapping in {path}")
         node[parts[-1]] = value
     cfg = config.build(PipelineConfig, data, where=str(path))
-    for name, allowed in (("verify", _VERIFY_KEYS), ("merge", _MERGE_KEYS), ("gguf", _GGUF_KEYS)):
-        for key in getattr(cfg, name):
-            if key not in allowed:
-                raise UserError(f"{path}: {name}.{key} is not a {name} setting{config.did_you_mean(key, allowed)}")
-    for key in cfg.train:
-        if key in _RUN_SET:
-            raise UserError(f"{path}: train.{key} is set by the pipeline (base / run_dir); remove it")
+    stage_options(cfg, Path(cfg.base), where=str(path))  # every block's keys and types, before anything runs
     return cfg
+
+
+@dataclasses.dataclass
+class StageOptions:
+    """The options each stage runs with, built from the pipeline config."""
+
+    train: TrainConfig
+    train_given: set[str]  # the train keys set (for train's notes on keys without effect)
+    merge: MergeOptions
+    gguf: GGUFOptions
+    verify: VerifyOptions  # ggufs/modelfiles are filled in when verify runs
+
+
+def _build(cls: type, name: str, block: dict[str, Any], fixed: dict[str, Any], where: str) -> Any:
+    for key in block:
+        if key in _SET_BY_PIPELINE[name]:
+            raise UserError(f"{where}: {name}.{key} is set by the pipeline (base / run_dir / template); remove it")
+    return config.build(cls, {**block, **fixed}, where=f"{where}: {name}")
+
+
+def stage_options(cfg: PipelineConfig, base: Path, where: str = "pipeline") -> StageOptions:
+    """Each stage's options: the user's block plus what the pipeline sets (paths in run_dir, the template)."""
+    from exporter import gguf, lf_args, merge, verify
+
+    run_dir, tpl = Path(cfg.run_dir), cfg.template
+    adapter, merged = run_dir / "adapter", run_dir / "merged"
+    fixed = {"model_name_or_path": str(base), "output_dir": str(adapter), "template": tpl}
+    train_opts = _build(lf_args.TrainConfig, "train", cfg.train, fixed, where)
+    merge_opts = _build(merge.MergeOptions, "merge", cfg.merge,
+                        {"base": str(base), "adapters": [str(adapter)], "out": str(merged), "template": tpl,
+                         "force": True}, where)  # fmt: skip
+    gguf_opts = _build(
+        gguf.GGUFOptions,
+        "gguf",
+        cfg.gguf,
+        {"model": str(merged), "out": str(run_dir / "gguf"), "template": tpl, "force": True},
+        where,
+    )
+    block = dict(cfg.verify)
+    if isinstance(block.get("ppl_threshold"), str):
+        block["ppl_threshold"] = verify.parse_thresholds(block["ppl_threshold"])
+    verify_opts = _build(verify.VerifyOptions, "verify", block,
+                         {"base": base, "adapter": adapter, "merged": merged, "template": tpl,
+                          "data": _data_files(cfg.train)}, where)  # fmt: skip
+    return StageOptions(train_opts, set(cfg.train) | {"model_name_or_path", "output_dir", "template"}, merge_opts,
+                        gguf_opts, verify_opts)  # fmt: skip
 
 
 def _hash(*parts: Any) -> str:
@@ -153,15 +204,15 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     data_files = _data_files(cfg.train)
     state.doc.update({"base": str(base.resolve()), "template": tpl.name,
                       "data": [str(p.resolve()) for p in data_files]})  # fmt: skip
+    cfg = dataclasses.replace(cfg, template=tpl.name)
+    opts = stage_options(cfg, base)
     adapter, merged, gguf_dir, verify_dir = (run_dir / n for n in ("adapter", "merged", "gguf", "verify"))
 
     h_train = _hash("train", str(base.resolve()), _fingerprint(base), tpl.name, cfg.train,
                     [_fingerprint(p) for p in data_files])  # fmt: skip
     h_merge = _hash("merge", h_train, cfg.merge)
     h_gguf = _hash("gguf", h_merge, cfg.gguf)
-    h_verify = _hash(
-        "verify", h_gguf, cfg.verify, _fingerprint(Path(cfg.verify["text"])) if "text" in cfg.verify else 0
-    )
+    h_verify = _hash("verify", h_gguf, cfg.verify, _fingerprint(opts.verify.text) if opts.verify.text else 0)
     outputs = {
         "train": adapter / "adapter_model.safetensors",
         "merge": merged / "config.json",
@@ -182,74 +233,46 @@ def run(cfg: PipelineConfig) -> PipelineResult:
         t0 = time.perf_counter()
         stale = state.doc["stages"].get(stage, {}).get("hash") not in (None, hashes[stage])
         state.record(stage, None)
-        if stage == "train":
-            _train(cfg, base, tpl.name, adapter, overwrite=stale)
-        elif stage == "merge":
-            from exporter import merge
-
-            merge.merge(base, [adapter], out=merged, template=tpl.name, force=True, **cfg.merge)
-        elif stage == "gguf":
-            from exporter import gguf
-
-            types = cfg.gguf.get("types", ["f16"])
-            gguf.run(merged, types=types, out=gguf_dir, ollama_name=cfg.gguf.get("ollama_name"),
-                     template=tpl.name, force=True)  # fmt: skip
-        else:
-            _verify(cfg, base, adapter, merged, gguf_dir, verify_dir, tpl.name, data_files)
+        _run_stage(stage, opts, overwrite=stale, verify_dir=verify_dir)
         state.record(stage, hashes[stage], time.perf_counter() - t0)
         ran.append(stage)
-    return _summary(console, run_dir, ran, skipped, gguf_dir, verify_dir)
+    return _summary(console, run_dir, ran, skipped, opts.gguf, verify_dir)
 
 
-def _train(cfg: PipelineConfig, base: Path, template: str, out: Path, overwrite: bool) -> None:
-    from exporter import lf_args, train
-
-    values = {**cfg.train, "model_name_or_path": str(base), "output_dir": str(out), "template": template}
-    if overwrite or (out / "adapter_model.safetensors").exists():
-        values["overwrite_output_dir"] = True  # settings changed (or a finished run of other settings): start over
-    tcfg = config.build(lf_args.TrainConfig, values, where="train")
-    train.train(tcfg, given=set(values))
-
-
-def _verify(
-    cfg: PipelineConfig,
-    base: Path,
-    adapter: Path,
-    merged: Path,
-    gguf_dir: Path,
-    out: Path,
-    template: str,
-    data_files: list[Path],
-) -> None:
-    from exporter import verify
+def _run_stage(stage: str, opts: StageOptions, overwrite: bool, verify_dir: Path) -> None:
+    """One stage with its options; train starts over when its settings changed or a finished run is there."""
+    from exporter import gguf, merge, train, verify
     from exporter.verify import report as verify_report
 
-    v = dict(cfg.verify)
-    thr = v.pop("ppl_threshold", None)
-    if isinstance(thr, dict):
-        thr = ",".join(f"{k}={val}" for k, val in thr.items())
-    rep = verify.verify(
-        base=base,
-        adapter=adapter,
-        merged=merged,
-        ggufs=sorted(gguf_dir.glob("*.gguf")),
-        modelfiles=sorted(gguf_dir.glob("Modelfile*")),
-        template=template,
-        thresholds=verify.parse_thresholds(thr),
-        data=data_files or None,
-        **v,
-    )
-    verify_report.print_table(rep)
-    with atomic_dir(out, force=True) as tmp:
-        verify_report.write_json(rep, tmp / "report.json")
-        verify_report.write_junit(rep, tmp / "junit.xml")
+    if stage == "train":
+        tcfg = opts.train
+        if overwrite or (Path(tcfg.output_dir) / "adapter_model.safetensors").exists():
+            tcfg = dataclasses.replace(tcfg, overwrite_output_dir=True)
+        train.train(tcfg, given=opts.train_given | ({"overwrite_output_dir"} if tcfg.overwrite_output_dir else set()))
+    elif stage == "merge":
+        merge.merge(opts.merge)
+    elif stage == "gguf":
+        gguf.run(opts.gguf)
+    else:
+        gguf_dir = Path(opts.gguf.out)
+        vopts = dataclasses.replace(opts.verify, ggufs=sorted(gguf_dir.glob("*.gguf")),
+                                    modelfiles=sorted(gguf_dir.glob("Modelfile*")))  # fmt: skip
+        rep = verify.verify(vopts)
+        verify_report.print_table(rep)
+        with atomic_dir(verify_dir, force=True) as tmp:
+            verify_report.write_json(rep, tmp / "report.json")
+            verify_report.write_junit(rep, tmp / "junit.xml")
 
 
-def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_dir: Path,
+def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_opts: GGUFOptions,
              verify_dir: Path) -> PipelineResult:  # fmt: skip
+    from exporter import gguf
+
     report = verify_dir / "report.json"
     doc = config.read_json(report)
-    commands = [f"ollama create {_ollama_name(mf)} -f {mf.resolve()}" for mf in sorted(gguf_dir.glob("Modelfile*"))]
+    names = gguf.ollama_names(Path(gguf_opts.model), gguf.parse_types(gguf_opts.types), gguf_opts.ollama_name)
+    gguf_dir = Path(gguf_opts.out)
+    commands = [f"ollama create {name} -f {(gguf_dir / f'Modelfile.{kind}').resolve()}" for kind, name in names.items()]
     answers: list[dict[str, Any]] = []
     for c in doc["checks"]:
         if c["check"] == "chat" and c["metrics"].get("answers"):
@@ -275,12 +298,3 @@ def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gg
     for cmd in commands:
         console.print(f"  {cmd}", soft_wrap=True)
     return PipelineResult(run_dir, ran, skipped, bool(doc["passed"]), report, commands, answers)
-
-
-def _ollama_name(modelfile: Path) -> str:
-    for line in modelfile.read_text(encoding="utf-8").splitlines():
-        if "ollama create" in line:  # the gguf stage writes the intended name into a header comment
-            parts = line.split("ollama create", 1)[1].split()
-            if parts:
-                return parts[0]
-    return f"{modelfile.parent.parent.name}:{modelfile.name.removeprefix('Modelfile.')}"

@@ -49,7 +49,7 @@ class QuantizeOptions:
     out: str
     bits: int | None = None
     group_size: int | None = None
-    dataset: str | None = None
+    dataset: str | None = None  # names from dataset_info.json, or a file of raw `text` rows (LLaMA-Factory's export)
     dataset_dir: str | None = None
     template: str | None = None
     samples: int = 128
@@ -252,9 +252,39 @@ def _check_quantization_config(tmp: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def quantize(opts: QuantizeOptions) -> Path:
-    """Quantize the HF model `opts.model` with `opts.method` into `opts.out`; returns the output dir."""
-    from exporter import atomic, hf_dir, hub
+@dataclasses.dataclass
+class QuantizeResult:
+    """What `quantize` wrote."""
+
+    out: Path
+    method: str
+    bits: int
+    group_size: int | None  # None for bitsandbytes
+    template: str
+    seconds: float
+
+
+def _calibrate(opts: QuantizeOptions, tokenizer: Any, tpl: Any) -> Any:
+    """Calibration blocks for GPTQ/AWQ from the dataset (or the built-in texts), with what was found said."""
+    from exporter import calibration
+
+    _console.print(f"[bold]calibration[/]: rendering through template {tpl.name!r}")
+    cal = calibration.build(tokenizer, tpl, opts.dataset, opts.dataset_dir, opts.samples, opts.max_length, opts.seed)
+    if len(cal.blocks) < opts.samples:
+        _console.print(
+            f"[yellow]calibration[/]: {cal.source} gives {len(cal.blocks)} blocks of up to {opts.max_length} "
+            f"tokens ({cal.tokens} tokens), fewer than --samples {opts.samples}; using all of them"
+        )
+    if cal.rejected:
+        _console.print(f"[yellow]calibration[/]: rows left out: {dict(cal.rejected)}")
+    return cal
+
+
+def quantize(opts: QuantizeOptions) -> QuantizeResult:
+    """Quantize the HF model `opts.model` with `opts.method` into `opts.out`."""
+    import torch
+
+    from exporter import atomic, calibration, hf_dir, hub, spm, templates
 
     bits, group = _check_options(opts)
     _require(opts.method)
@@ -269,35 +299,18 @@ def quantize(opts: QuantizeOptions) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.check_free_space(out.parent, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2)
 
-    from exporter import spm, templates
-
     tpl = templates.resolve(model_dir, opts.template)
     tokenizer = spm.load_tokenizer(model_dir)
     random.seed(opts.seed)
-    import torch
-
     torch.manual_seed(opts.seed)
     settings: dict[str, Any] = {"method": opts.method, "bits": bits, "template": tpl.name, "seed": opts.seed}
     inputs: dict[str, Path | str] = {"model": model_dir}
-    cal = None
-    if group is not None:
-        from exporter import calibration
-
-        _console.print(f"[bold]calibration[/]: rendering through template {tpl.name!r}")
-        cal = calibration.build(
-            tokenizer, tpl, opts.dataset, opts.dataset_dir, opts.samples, opts.max_length, opts.seed
-        )
-        if len(cal.blocks) < opts.samples:
-            _console.print(
-                f"[yellow]calibration[/]: {cal.source} gives {len(cal.blocks)} blocks of up to {opts.max_length} "
-                f"tokens ({cal.tokens} tokens), fewer than --samples {opts.samples}; using all of them"
-            )
-        if cal.rejected:
-            _console.print(f"[yellow]calibration[/]: rows left out: {dict(cal.rejected)}")
+    cal = _calibrate(opts, tokenizer, tpl) if group is not None else None
+    if cal is not None:
         settings.update(group_size=group, samples=opts.samples, max_length=opts.max_length,
                         calibration=cal.describe())  # fmt: skip
         if opts.dataset:
-            inputs["dataset_dir"] = Path(opts.dataset_dir or "data") / "dataset_info.json"
+            inputs["dataset"] = calibration.dataset_source(opts.dataset, opts.dataset_dir)
     start = time.perf_counter()
     with atomic.atomic_dir(out, opts.force) as tmp:
         _console.print(f"[bold]quantize[/]: {opts.method} {bits}-bit {model_dir} -> {out}")
@@ -309,4 +322,4 @@ def quantize(opts: QuantizeOptions) -> Path:
         settings["seconds"] = round(time.perf_counter() - start, 2)
         hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir, stage="quantize", inputs=inputs, settings=settings)
     _console.print(f"[green]done[/]: {out} ({settings['seconds']} s)")
-    return out
+    return QuantizeResult(out, opts.method, bits, group, tpl.name, settings["seconds"])

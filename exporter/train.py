@@ -334,7 +334,7 @@ class TrainerLog:
         self.file.close()
 
 
-def _progress(total: int) -> Any:
+def _progress() -> Any:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -439,7 +439,7 @@ def _next_group(run: Run) -> list[list[int]]:
 def loop(run: Run, log: TrainerLog) -> None:
     """Steps until the total: log every `log_every`, evaluate as eval_strategy says, checkpoint every `save_every`."""
     st, cfg, sch = run.state, run.cfg, run.sch
-    with _progress(sch.total) as progress:
+    with _progress() as progress:
         task = progress.add_task("train", total=sch.total, completed=st.global_step, loss="-")
         while st.global_step < sch.total:
             group = _next_group(run)
@@ -566,8 +566,18 @@ def _write_manifest(run: Run) -> None:
     manifest.write(run.out, "train", inputs=inputs, settings=settings)
 
 
-def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
-    """Train per `cfg`; returns output_dir holding the adapter (or full model), logs, plots and the manifest."""
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` wrote into output_dir (the adapter or full model, logs, plots, manifest) and its numbers."""
+
+    out: Path
+    steps: int
+    template: str | None
+    results: dict[str, Any]  # all_results.json
+
+
+def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
+    """Train per `cfg` (`given`: the keys the user set, for the notes on keys without effect here)."""
     import torch
 
     from exporter import examples, hub
@@ -593,10 +603,10 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> Path:
         f"{results['train_tokens_per_second']:.0f} tokens/s -> {out}",
         file=sys.stderr,
     )
-    return out
+    return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
-def main(argv: list[str]) -> Path:
+def main(argv: list[str]) -> TrainResult:
     """CLI entry: parse LLaMA-Factory style arguments and train."""
     cfg, given = config_from_args(argv)
     return train(cfg, given)

@@ -3,8 +3,8 @@
 Usage: python _quant_reload.py SPEC.json RESULT.json, where SPEC is
 `{"n_ctx": 128, "cases": [{"key": ..., "source": dir, "quantized": dir, "text": held-out text}, ...]}`.
 For each case it writes the quantized model's class and quantized-module count, whether its logits are finite,
-the relative L2 distance of its logits to the source's, and both perplexities (exporter.perplexity, llama.cpp's
-chunked method) on the same token ids.
+the relative L2 distance of its logits to the source's, and both perplexities (verify's, llama.cpp's chunked method)
+on the same token ids.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exporter.perplexity import load_model, perplexity_hf
+from exporter.hf_dir import adds_bos
+from exporter.verify.numbers import hf_logits, load_model, score, windows
+
+
+def perplexity_hf(model_dir: str, ids: list[int], n_ctx: int) -> float:
+    """Perplexity of the HF model in `model_dir` on `ids` with verify's method (BOS as its tokenizer adds it)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    wins = windows(ids, n_ctx, tok.bos_token_id if adds_bos(tok) else None, len(ids) // n_ctx)
+    return score(hf_logits(load_model(model_dir)), wins, None, False, lambda: None).ppl
 
 
 def _quantized_modules(model: torch.nn.Module) -> int:

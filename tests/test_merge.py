@@ -18,7 +18,7 @@ import torch
 from conftest import MORE, TEMPLATE_OF
 from safetensors import safe_open
 
-from exporter.merge import merge
+from exporter.merge import MergeOptions, merge
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MANT = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
@@ -177,7 +177,11 @@ def _run_case(base, tmp_path, variants, dtype_name, weights=None, vocab=None, sh
     weights = weights or [1.0] * len(adapters)
     out = tmp_path / "merged"
     kwargs = {"max_shard_size": shard} if shard else {}
-    merge(base, adapters, weights, out, dtype=dtype_name, template=template, **kwargs)
+    merge(
+        MergeOptions(
+            base=base, adapters=adapters, weights=weights, out=out, dtype=dtype_name, template=template, **kwargs
+        )
+    )
     ours = _ours(out)
     peft_sd, peft32_sd, ref_sd = (
         _saved(_peft_models(base, adapters, weights, dt, vocab), set(ours), tmp_path / str(dt).replace("torch.", ""))
@@ -286,7 +290,7 @@ def test_tied_embeddings_untie(tiny_model, tmp_path, family, variant, capfd):
     assert AutoConfig.from_pretrained(base).get_text_config().tie_word_embeddings
     ad = _make_adapter(base, tmp_path / "ad", seed=3, **variant)
     out = tmp_path / "merged"
-    merge(base, [ad], None, out, dtype="fp32")
+    merge(MergeOptions(base=base, adapters=[ad], out=out, dtype="fp32"))
     assert "tie_word_embeddings" in capfd.readouterr().err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
@@ -352,7 +356,7 @@ def test_output_files_and_template(tiny_model, tmp_path):
     base_tok = AutoTokenizer.from_pretrained(base)
     base_tok.save_pretrained(ad)  # training writes its tokenizer and template next to the adapter
     out = tmp_path / "merged"
-    merge(base, [ad], None, out)
+    merge(MergeOptions(base=base, adapters=[ad], out=out))
     tpl = templates.resolve(ad, None)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == tpl.jinja
@@ -447,7 +451,7 @@ def test_refuses_existing_out(tiny_model, tmp_path):
     (out / "keep").write_text("x")
     r = _cli("--base", str(base), "--adapter", str(ad), "--out", str(out))
     assert r.returncode == 2 and "already exists" in r.stderr and (out / "keep").exists()
-    merge(base, [ad], None, out, force=True)
+    merge(MergeOptions(base=base, adapters=[ad], out=out, force=True))
     assert not (out / "keep").exists() and (out / "config.json").exists()
 
 
@@ -458,7 +462,7 @@ def test_weight_scales_lora_and_interpolates_saved_modules(tiny_model, tmp_path)
     base = tiny_model("mistral")
     ad = _make_adapter(base, tmp_path / "ad", seed=11, target_modules=["q_proj"], modules_to_save=["norm"])
     out = tmp_path / "merged"
-    merge(base, [ad], [0.25], out, dtype="fp32")
+    merge(MergeOptions(base=base, adapters=[ad], weights=[0.25], out=out, dtype="fp32"))
     ours = _ours(out)
     lora = {k: v for k, v in ours.items() if "norm" not in k}
     peft32 = _peft_models(base, [ad], [0.25], torch.float32).state_dict()
@@ -483,6 +487,6 @@ def test_bin_adapter_same_as_safetensors(tiny_model, tmp_path):
     binad = shutil.copytree(st, tmp_path / "bin")
     torch.save(load_file(binad / "adapter_model.safetensors"), binad / "adapter_model.bin")
     (binad / "adapter_model.safetensors").unlink()
-    merge(base, [st], None, tmp_path / "a")
-    merge(base, [binad], None, tmp_path / "b")
+    merge(MergeOptions(base=base, adapters=[st], out=tmp_path / "a"))
+    merge(MergeOptions(base=base, adapters=[binad], out=tmp_path / "b"))
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import FAMILIES, TEMPLATE_OF, require_quant
 
-from exporter import calibration, hf_dir, perplexity, templates
+from exporter import calibration, hf_dir, templates
 from exporter.errors import UserError
 from exporter.quantize import QuantizeOptions, check_shapes, linear_shapes, quantize
 
@@ -210,7 +210,7 @@ def test_too_small_calibration_says_what_was_found_and_rejected(tiny_model, tmp_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# perplexity_hf: llama.cpp's chunked method; reference = transformers' own loss on the scored half.
+# verify's perplexity (llama.cpp's chunked method), used on quantized dirs; reference = transformers' own loss.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -218,11 +218,14 @@ def test_perplexity_matches_transformers_loss_on_second_halves(tiny_model) -> No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from exporter.verify import numbers
+
     src = tiny_model("llama3")
     tok = AutoTokenizer.from_pretrained(str(src))
     ids = tok(HELD_OUT)["input_ids"][: 3 * 64 + 17]
-    ppl = perplexity.perplexity_hf(src, ids, n_ctx=64)
     model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    wins = numbers.windows(ids, 64, tok.bos_token_id if hf_dir.adds_bos(tok) else None, 10)
+    ppl = numbers.score(numbers.hf_logits(model), wins, None, False, lambda: None).ppl
     losses = []
     for c in range(3):  # the 17-token tail is not a full chunk and is not scored
         chunk = torch.tensor([ids[c * 64 : (c + 1) * 64]])
@@ -231,9 +234,7 @@ def test_perplexity_matches_transformers_loss_on_second_halves(tiny_model) -> No
         labels[0, :33] = -100  # HF shifts labels: positions 32..62 predict tokens 33..63
         with torch.no_grad():
             losses.append(model(chunk, labels=labels).loss.item())
-    assert ppl == pytest.approx(math.exp(sum(losses) / 3), rel=1e-4)
-    with pytest.raises(UserError, match="need at least 64 tokens"):
-        perplexity.perplexity_hf(src, ids[:63], n_ctx=64)
+    assert len(wins) == 3 and ppl == pytest.approx(math.exp(sum(losses) / 3), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

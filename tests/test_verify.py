@@ -55,11 +55,13 @@ def _failed(report: verify_report.Report) -> dict[tuple[str, str], str]:
 
 def test_good_export_passes(good, tmp_path: Path) -> None:
     rep = V.verify(
-        merged=good.merged,
-        ggufs=[good.f16, good.q8],
-        modelfiles=[good.mf16, good.mq8],
-        template="qwen",
-        **FAST,
+        V.VerifyOptions(
+            merged=good.merged,
+            ggufs=[good.f16, good.q8],
+            modelfiles=[good.mf16, good.mq8],
+            template="qwen",
+            **FAST,
+        )
     )
     assert rep.passed, _failed(rep)
     kinds = {c.check for c in rep.checks if c.status == "pass"}
@@ -98,7 +100,7 @@ def test_go_template_differs(good, tmp_path: Path) -> None:
     text = good.mf16.read_text()
     assert "<|im_start|>assistant\n" in text
     mf.write_text(text.replace("<|im_start|>assistant\n", "<|im_start|>assistant \n"))
-    rep = V.verify(merged=good.merged, ggufs=[good.f16], modelfiles=[mf], template="qwen", **FAST)
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[good.f16], modelfiles=[mf], template="qwen", **FAST))
     _only_failures(rep, {"template"}, mf.name, "TEMPLATE (Go)", "differ at char")
 
 
@@ -107,7 +109,7 @@ def test_missing_stop_line(good, tmp_path: Path) -> None:
     lines = good.mf16.read_text().splitlines(keepends=True)
     mf.write_text("".join(ln for ln in lines if ln.strip() != 'PARAMETER stop "<|im_end|>"'))
     assert mf.read_text() != good.mf16.read_text()
-    rep = V.verify(merged=good.merged, ggufs=[good.f16], modelfiles=[mf], template="qwen", **FAST)
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[good.f16], modelfiles=[mf], template="qwen", **FAST))
     _only_failures(rep, {"stops"}, mf.name, "no PARAMETER stop for <|im_end|>")
 
 
@@ -123,7 +125,7 @@ def test_gguf_without_eog_id(good, tmp_path: Path) -> None:
         kv={"tokenizer.ggml.eos_token_id": other},
         drop=tuple(k for k in declared if k != "tokenizer.ggml.eos_token_id"),
     )
-    rep = V.verify(merged=good.merged, ggufs=[bad], template="qwen", **FAST)
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
     _only_failures(rep, {"stops", "chat"}, bad.name, "<|im_end|>", "not declared end-of-generation")
 
 
@@ -137,7 +139,7 @@ def test_one_tensor_perturbed(good, tmp_path: Path) -> None:
         return (a.astype(np.float32) + rng.normal(0, float(np.abs(a).std()) * 2, a.shape)).astype(a.dtype)
 
     bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, tensor=perturb)
-    rep = V.verify(merged=good.merged, ggufs=[bad], template="qwen", **FAST)
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
     text = _only_failures(rep, {"perplexity", "chat"}, bad.name)
     assert ("perplexity", bad.name) in _failed(rep), text
 
@@ -146,14 +148,14 @@ def test_wrong_rope_theta(good, tmp_path: Path) -> None:
     key = "qwen2.rope.freq_base"
     assert V.read_kv(good.f16)[key] == pytest.approx(1_000_000.0)
     bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={key: 10_000.0})
-    rep = V.verify(merged=good.merged, ggufs=[bad], template="qwen", **FAST)
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
     _only_failures(rep, {"perplexity", "chat"}, bad.name, "ppl")
     assert ("perplexity", bad.name) in _failed(rep)
 
 
 def test_wrong_pre_tokenizer(good, tmp_path: Path) -> None:
     bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={"tokenizer.ggml.pre": "gpt-2"})
-    rep = V.verify(merged=good.merged, ggufs=[bad], template="qwen", **FAST)
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
     _only_failures(rep, {"tokenizer", "chat"}, bad.name, "tokenize differently", "tokenizer.ggml.pre='gpt-2'")
 
 
@@ -166,7 +168,7 @@ def test_exported_chat_template_differs_from_training(good, tmp_path: Path) -> N
     assert "<|im_start|>assistant\\n" in cfg["chat_template"]
     cfg["chat_template"] = cfg["chat_template"].replace("<|im_start|>assistant\\n", "<|im_start|>assistant:\\n")
     (merged / "tokenizer_config.json").write_text(json.dumps(cfg))
-    rep = V.verify(merged=merged, template="qwen", **FAST)
+    rep = V.verify(V.VerifyOptions(merged=merged, template="qwen", **FAST))
     _only_failures(rep, {"template"}, "merged/tokenizer_config.json", "training template qwen", "differ at char")
 
 
@@ -182,7 +184,7 @@ def test_bad_input_exits_2(good, tmp_path: Path, monkeypatch, capsys) -> None:
     assert e.value.code == 2
     assert "not a GGUF file" in capsys.readouterr().err
     with pytest.raises(UserError, match="nothing to verify"):
-        V.verify()
+        V.verify(V.VerifyOptions())
     with pytest.raises(UserError, match="TYPE=FRACTION"):
         V.parse_thresholds("q8_0:0.1")
 
@@ -237,8 +239,7 @@ def test_parse_modelfile_and_thresholds(tmp_path: Path) -> None:
     p = V.parse_modelfile(mf)
     assert (p.from_, p.template, p.system) == ("./m.gguf", "{{ .System }}\n{{ .Prompt }}", "be brief")
     assert p.stops == ["<|im_end|>", "<|endoftext|>"]
-    t = V.parse_thresholds("f16=0.002, q4_k_m=0.1")
-    assert t["f16"] == 0.002 and t["q4_k_m"] == 0.1 and t["q8_0"] == V.DEFAULT_THRESHOLDS["q8_0"]
+    assert V.parse_thresholds("f16=0.002, q4_k_m=0.1") == {"f16": 0.002, "q4_k_m": 0.1}
 
 
 def test_chunked_windows_match_llama_cpp_convention() -> None:
@@ -264,7 +265,9 @@ def test_good_export_of_every_family_passes(family: str, tiny_model, tmp_path: P
     spm.fix_dir(merged)  # as merge writes it
     res = gguf.export(merged, ["f16"], tpl, tmp_path / "gguf")
     rep = V.verify(
-        merged=merged, ggufs=[res.files["f16"]], modelfiles=[res.modelfiles["f16"]], template=tpl.name, **FAST
+        V.VerifyOptions(
+            merged=merged, ggufs=[res.files["f16"]], modelfiles=[res.modelfiles["f16"]], template=tpl.name, **FAST
+        )
     )
     assert rep.passed, _failed(rep)
 
@@ -284,15 +287,15 @@ def test_quantized_dirs_scored_against_merged(tiny_model, tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr[-2000:]
     assert V.quantized_kind(q8) == "bnb8"
     fast = {**FAST, "prompts": 0}
-    rep = V.verify(merged=merged, quantized=[q8], template="qwen", **fast)
+    rep = V.verify(V.VerifyOptions(merged=merged, quantized=[q8], template="qwen", **fast))
     (check,) = [c for c in rep.checks if c.check == "perplexity" and c.target == "bnb8"]
     assert check.status == "pass" and check.metrics["type"] == "bnb8" and check.metrics["threshold"] == 0.01
     assert 0 < check.metrics["rel_diff"] <= 0.01  # int8 moves perplexity, a little
     strict = V.verify(
-        merged=merged, quantized=[q8], template="qwen", thresholds={**V.DEFAULT_THRESHOLDS, "bnb8": 0.0}, **fast
+        V.VerifyOptions(merged=merged, quantized=[q8], template="qwen", ppl_threshold={"bnb8": 0.0}, **fast)
     )
     assert not strict.passed and [c.target for c in strict.checks if c.status == "fail"] == ["bnb8"]
     with pytest.raises(UserError, match="--quantized needs --merged"):
-        V.verify(quantized=[q8], ggufs=[], modelfiles=[], adapter=None, template="qwen")
+        V.verify(V.VerifyOptions(quantized=[q8], ggufs=[], modelfiles=[], adapter=None, template="qwen"))
     with pytest.raises(UserError, match="no quantization_config"):
-        V.verify(merged=merged, quantized=[merged], template="qwen", **fast)
+        V.verify(V.VerifyOptions(merged=merged, quantized=[merged], template="qwen", **fast))

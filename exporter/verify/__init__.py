@@ -1,7 +1,7 @@
 """exporter verify: prove an export is faithful — templates, stop tokens, tokenizer, numbers and chat, compared
 across the training renderer, the adapter (PEFT), the merged HF dir, every GGUF (llama.cpp) and every Modelfile.
 
-One public entry, `verify(...) -> Report`. The checks, one module each (each a row in the report, see `report`):
+One public entry, `verify(VerifyOptions) -> Report`. The checks, one module each (rows of the report, see `report`):
 1. `template`  training renderer == exported HF Jinja == GGUF `tokenizer.chat_template` == Modelfile TEMPLATE;
 2. `stops`     every end-of-turn token is EOG in each GGUF, a `PARAMETER stop` in each Modelfile, and in
                `generation_config.json` `eos_token_id`;
@@ -9,22 +9,20 @@ One public entry, `verify(...) -> Report`. The checks, one module each (each a r
 4. `numbers`   perplexity of adapter vs merged vs each GGUF/quantized dir on the SAME token ids, within a threshold
                per type;
 5. `chat`      greedy answers through the template: full-precision GGUFs match HF token for token.
-`artifacts` reads the inputs, `corpus` holds the built-in texts (data files in `corpora/`).
+`artifacts` holds the options and reads the inputs, `corpus` the built-in texts (data files in `corpora/`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from pathlib import Path
 
 from exporter.converters.gguf_read import read_kv
 from exporter.errors import UserError
-from exporter.perplexity import windows
 from exporter.verify.artifacts import (
-    Artifacts,
     GGUFInfo,
     Modelfile,
+    VerifyOptions,
+    artifacts_json,
     check_inputs,
     collect,
     data_texts,
@@ -37,7 +35,14 @@ from exporter.verify.artifacts import (
 )
 from exporter.verify.chat import check_chat
 from exporter.verify.corpus import CHAT_PROMPTS, HELD_OUT_TEXT, PROBE_CONVERSATIONS, TOKENIZER_CORPUS
-from exporter.verify.numbers import DEFAULT_THRESHOLDS, check_numbers, load_hf, parse_thresholds, score
+from exporter.verify.numbers import (
+    DEFAULT_THRESHOLDS,
+    check_numbers,
+    load_hf,
+    parse_thresholds,
+    score,
+    windows,
+)
 from exporter.verify.report import Check, Report
 from exporter.verify.stops import check_stops, eot_ids
 from exporter.verify.template import check_template, render, training_template
@@ -49,11 +54,11 @@ __all__ = [
     "HELD_OUT_TEXT",
     "PROBE_CONVERSATIONS",
     "TOKENIZER_CORPUS",
-    "Artifacts",
     "Check",
     "GGUFInfo",
     "Modelfile",
     "Report",
+    "VerifyOptions",
     "discover",
     "parse_modelfile",
     "parse_thresholds",
@@ -66,7 +71,7 @@ __all__ = [
 ]
 
 
-def _data(art: Artifacts) -> tuple[list[str], list[str]]:
+def _data(art: VerifyOptions) -> tuple[list[str], list[str]]:
     """Texts (at most 200) and user prompts of the training data files."""
     texts: list[str] = []
     prompts: list[str] = []
@@ -76,28 +81,12 @@ def _data(art: Artifacts) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(texts))[:200], list(dict.fromkeys(prompts))
 
 
-def verify(
-    base: Path | None = None,
-    adapter: Path | None = None,
-    merged: Path | None = None,
-    ggufs: Sequence[Path] = (),
-    modelfiles: Sequence[Path] = (),
-    quantized: Sequence[Path] = (),
-    run_dir: Path | None = None,
-    template: str | None = None,
-    thresholds: dict[str, float] | None = None,
-    prompts: int = 4,
-    text: Path | None = None,
-    data: Path | Sequence[Path] | None = None,
-    ctx: int = 128,
-    max_windows: int = 8,
-    max_new_tokens: int = 24,
-) -> Report:
+def verify(opts: VerifyOptions) -> Report:
     """Run every check that the given artifacts allow; a pipeline `run_dir` fills in whatever is not given."""
     t0 = time.perf_counter()
-    art = collect(base, adapter, merged, ggufs, modelfiles, quantized, run_dir, text, data)
+    art = collect(opts)
     check_inputs(art)
-    thresholds = dict(thresholds or DEFAULT_THRESHOLDS)
+    thresholds = {**DEFAULT_THRESHOLDS, **{k.lower(): float(v) for k, v in art.ppl_threshold.items()}}
     quantized_kinds = [quantized_kind(q) for q in art.quantized]  # bad dirs fail before any model is loaded
     infos = [read_gguf(p) for p in art.ggufs]
     mfs = [parse_modelfile(p) for p in art.modelfiles]
@@ -110,7 +99,7 @@ def verify(
         raise UserError("verify needs an HF tokenizer: give --merged (or --adapter/--base) with the GGUF files")
     tok = AutoTokenizer.from_pretrained(tok_dir)
 
-    tpl, reason = training_template(template, art)
+    tpl, reason = training_template(art.template, art)
     exported = exported_templates(art.merged) if art.merged else {}
     checks = check_template(tpl, reason, tok, exported, infos, mfs)
     gen = gen_eos(art.merged) or []
@@ -120,11 +109,11 @@ def verify(
     chat_texts = [render(tok, chat_source, c, False) for c in PROBE_CONVERSATIONS] if chat_source else []
     checks += check_tokenizer(tok, infos, texts, chat_texts)
     hf_model = load_hf(art.merged) if art.merged else None
-    checks += check_numbers(art, tok, hf_model, infos, quantized_kinds, thresholds, ctx, max_windows)
-    prompt_list = (data_prompts + CHAT_PROMPTS)[:prompts]
-    checks += check_chat(tok, hf_model, chat_source, infos, prompt_list, gen or list(eot.values()), max_new_tokens)
+    checks += check_numbers(art, tok, hf_model, infos, quantized_kinds, thresholds, art.ctx, art.max_windows)
+    prompt_list = (data_prompts + CHAT_PROMPTS)[: art.prompts]
+    checks += check_chat(tok, hf_model, chat_source, infos, prompt_list, gen or list(eot.values()), art.max_new_tokens)
 
     from exporter import manifest
 
-    artifacts = {**art.to_json(), "template": tpl.name if tpl is not None else None}
+    artifacts = {**artifacts_json(art), "template": tpl.name if tpl is not None else None}
     return Report(checks, artifacts, thresholds, time.perf_counter() - t0, manifest.versions())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,9 @@ from exporter.errors import UserError
 
 
 @dataclasses.dataclass
-class Artifacts:
-    """What verify looks at; any may be missing (checks that need it are not run)."""
+class VerifyOptions:
+    """What `exporter verify` takes (CLI flags and the pipeline's `verify:` block): the artifacts to look at (any
+    may be missing: the checks that need it are not run) and the check settings."""
 
     base: Path | None = None
     adapter: Path | None = None
@@ -26,22 +26,35 @@ class Artifacts:
     ggufs: list[Path] = dataclasses.field(default_factory=list)
     modelfiles: list[Path] = dataclasses.field(default_factory=list)
     quantized: list[Path] = dataclasses.field(default_factory=list)
-    data: list[Path] = dataclasses.field(default_factory=list)
-    text: Path | None = None
+    data: list[Path] = dataclasses.field(default_factory=list)  # training data: its texts and prompts are checked
+    text: Path | None = None  # held-out text for perplexity (default: built-in)
+    run_dir: Path | None = None  # a pipeline run dir: fills in what is not given
+    template: str | None = None  # the training chat-template family (default: detected)
+    ppl_threshold: dict[str, float] = dataclasses.field(default_factory=dict)  # per type, over DEFAULT_THRESHOLDS
+    prompts: int = 4
+    ctx: int = 128
+    max_windows: int = 8
+    max_new_tokens: int = 24
 
-    def to_json(self) -> dict[str, Any]:
-        """Paths as strings, for the report."""
-        return {
-            k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-            for k, v in dataclasses.asdict(self).items()
-        }
+
+# the artifacts among the options, as the report lists them
+ARTIFACTS = ("base", "adapter", "merged", "ggufs", "modelfiles", "quantized", "data", "text")
 
 
-def discover(run_dir: Path) -> Artifacts:
+def artifacts_json(opts: VerifyOptions) -> dict[str, Any]:
+    """The artifacts, paths as strings, for the report."""
+    out: dict[str, Any] = {}
+    for k in ARTIFACTS:
+        v = getattr(opts, k)
+        out[k] = str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v
+    return out
+
+
+def discover(run_dir: Path) -> VerifyOptions:
     """Artifacts of a pipeline run dir: adapter/, merged/, gguf/*.gguf, Modelfiles, and the recorded base/data."""
     if not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir}: not a directory")
-    art = Artifacts()
+    art = VerifyOptions()
     state = run_dir / "pipeline.json"
     if state.is_file():
         doc = read_json(state)
@@ -57,28 +70,16 @@ def discover(run_dir: Path) -> Artifacts:
     return art
 
 
-def collect(
-    base: Path | None,
-    adapter: Path | None,
-    merged: Path | None,
-    ggufs: Sequence[Path],
-    modelfiles: Sequence[Path],
-    quantized: Sequence[Path],
-    run_dir: Path | None,
-    text: Path | None,
-    data: Path | Sequence[Path] | None,
-) -> Artifacts:
-    """The artifacts given, filled in from a pipeline `run_dir`; the base of an adapter from its config."""
-    art = discover(Path(run_dir)) if run_dir is not None else Artifacts()
-    art.base = Path(base) if base else art.base
-    art.adapter = Path(adapter) if adapter else art.adapter
-    art.merged = Path(merged) if merged else art.merged
-    art.ggufs = [Path(p) for p in ggufs] or art.ggufs
-    art.modelfiles = [Path(p) for p in modelfiles] or art.modelfiles
-    art.quantized = [Path(p) for p in quantized] or art.quantized
-    art.text = Path(text) if text else None
-    if data:
-        art.data = [Path(data)] if isinstance(data, (str, Path)) else [Path(p) for p in data]
+def collect(opts: VerifyOptions) -> VerifyOptions:
+    """The options with paths as Paths, what is not given filled in from a pipeline `run_dir`, and the base of an
+    adapter from its config."""
+    found = discover(Path(opts.run_dir)) if opts.run_dir is not None else VerifyOptions()
+    art = dataclasses.replace(opts)
+    for name in ("base", "adapter", "merged", "text"):
+        value = getattr(opts, name) or (getattr(found, name) if name != "text" else None)
+        setattr(art, name, Path(value) if value else None)
+    for name in ("ggufs", "modelfiles", "quantized", "data"):
+        setattr(art, name, [Path(p) for p in getattr(opts, name)] or getattr(found, name))
     if art.adapter is not None and art.base is None and (art.adapter / "adapter_config.json").is_file():
         cfg = read_json(art.adapter / "adapter_config.json")
         if cfg.get("base_model_name_or_path"):
@@ -88,7 +89,7 @@ def collect(
     return art
 
 
-def check_inputs(art: Artifacts) -> None:
+def check_inputs(art: VerifyOptions) -> None:
     """Every given path exists and is the kind of thing its flag names; there is something to verify."""
     for name in ("base", "adapter", "merged"):
         p = getattr(art, name)
@@ -280,6 +281,9 @@ def load_llama(info: GGUFInfo, **kwargs: Any) -> Any:
     """The GGUF loaded by llama.cpp; GGUFLoadError (a failed check, not a crash) when it refuses it."""
     from llama_cpp import Llama
 
+    from exporter.quiet import silence_llama_cpp
+
+    silence_llama_cpp()
     try:
         return Llama(model_path=str(info.path), verbose=False, **kwargs)
     except Exception as e:

@@ -6,7 +6,7 @@ KL divergence and top-1 agreement against the reference are reported beside it."
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,7 @@ import numpy as np
 
 from exporter.errors import UserError
 from exporter.hf_dir import adds_bos
-from exporter.perplexity import load_model, windows
-from exporter.verify.artifacts import Artifacts, GGUFInfo, GGUFLoadError, load_llama
+from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, VerifyOptions, load_llama
 from exporter.verify.corpus import HELD_OUT_TEXT
 from exporter.verify.report import Check, progress
 
@@ -50,9 +49,21 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
 LogitsFn = Callable[[list[int]], np.ndarray]
 
 
+def windows(ids: Sequence[int], ctx: int, bos: int | None, max_windows: int) -> list[list[int]]:
+    """llama.cpp's perplexity chunks: consecutive windows of `ctx` tokens (a shorter tail is not used), the first
+    token of each replaced by BOS when the tokenizer adds one."""
+    out = []
+    for k in range(min(len(ids) // ctx, max_windows)):
+        w = list(ids[k * ctx : (k + 1) * ctx])
+        if bos is not None:
+            w[0] = bos
+        out.append(w)
+    return out
+
+
 def parse_thresholds(spec: str | None) -> dict[str, float]:
-    """`"f16=0.001,q8_0=0.005"` on top of the defaults (values are relative: 0.001 = 0.1%)."""
-    out = dict(DEFAULT_THRESHOLDS)
+    """`"f16=0.001,q8_0=0.005"` -> {"f16": 0.001, "q8_0": 0.005} (relative: 0.001 = 0.1%), to set over the defaults."""
+    out: dict[str, float] = {}
     for item in (spec or "").split(","):
         if not item.strip():
             continue
@@ -132,6 +143,15 @@ def _gguf_logits(llm: Any) -> LogitsFn:
     return fn
 
 
+def load_model(model_dir: Path | str) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` as saved (quantized dirs included), on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"device_map": "cuda"} if torch.cuda.is_available() else {}
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).eval()
+
+
 def load_hf(model_dir: Path) -> Any:
     """An HF causal LM in float32, eval mode (the reference)."""
     import torch
@@ -169,7 +189,9 @@ class _Candidate:
     is_hf: bool
 
 
-def _candidates(art: Artifacts, has_hf: bool, infos: list[GGUFInfo], kinds: list[str], ctx: int) -> list[_Candidate]:
+def _candidates(
+    art: VerifyOptions, has_hf: bool, infos: list[GGUFInfo], kinds: list[str], ctx: int
+) -> list[_Candidate]:
     out: list[_Candidate] = []
     if has_hf and art.adapter is not None:
         out.append(_Candidate("adapter", "adapter", lambda: _load_adapter(art.base, art.adapter), True))
@@ -197,7 +219,7 @@ def _judge(c: _Candidate, s: Scored, ref: Scored, ref_name: str, thr: float | No
 
 
 def check_numbers(
-    art: Artifacts,
+    art: VerifyOptions,
     tok: Any,
     hf_model: Any,
     infos: list[GGUFInfo],

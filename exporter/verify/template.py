@@ -7,12 +7,12 @@ from typing import Any
 
 from exporter.diff import first_diff, text_diff
 from exporter.errors import UserError
-from exporter.verify.artifacts import Artifacts, GGUFInfo, Modelfile
+from exporter.verify.artifacts import GGUFInfo, Modelfile, VerifyOptions
 from exporter.verify.corpus import PROBE_CONVERSATIONS
 from exporter.verify.report import Check
 
 
-def training_template(name: str | None, art: Artifacts) -> tuple[Any, str | None]:
+def training_template(name: str | None, art: VerifyOptions) -> tuple[Any, str | None]:
     """(ChatTemplate or None, reason when None): --template wins, else detect on the training base, else merged."""
     from exporter import templates
 

@@ -83,7 +83,10 @@ def main() -> None:
     gdir = work / "gguf"
     if not (gdir / "exporter_manifest.json").is_file():
         print(f"[bench] exporting GGUF {', '.join(TYPES)} into {gdir}", flush=True)
-        code = f"from exporter import gguf; gguf.run({str(model)!r}, types={TYPES!r}, out={str(gdir)!r}, force=True)"
+        code = (
+            "from exporter import gguf; "
+            f"gguf.run(gguf.GGUFOptions(model={str(model)!r}, types={TYPES!r}, out={str(gdir)!r}, force=True))"
+        )
         subprocess.run([sys.executable, "-c", code], check=True)
     ggufs = [next(gdir.glob(f"*-{t}.gguf")) for t in TYPES]
     modelfiles = [gdir / f"Modelfile.{t}" for t in TYPES]

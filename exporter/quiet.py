@@ -1,0 +1,72 @@
+"""Normal runs print no third-party banners or warnings; `exporter --verbose` shows everything.
+
+The known noise and where it comes from:
+- transformers probes torchao at `import transformers.modeling_utils` and peft probes GPT-QModel whenever it wraps a
+  layer, importing them when installed (the [quant] extra installs both). torchao's import logs "Failed to load
+  .../_C_mxfp8...so" for its CUDA kernels and registers enums with torch's pytree, which logs a deprecation warning
+  per enum; GPT-QModel's import logs a banner; peft imports bitsandbytes, which logs that optional CPU kernels are
+  missing. Commands that neither quantize nor load a quantized model mark these libraries absent
+  (`without_quantization_libraries`), so nothing imports them.
+- Where they are needed (quantize, verify --quantized), their loggers are turned down to errors instead.
+- peft calls transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every LoRA training run);
+  transformers draws a "Loading weights" bar for every model it loads; llama.cpp logs context warnings to stderr;
+  gguf-py's SpecialVocab warns about post-processor templates it cannot map to its flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+# imported by transformers' and peft's availability probes whenever installed; needed only to quantize or to load
+# a quantized model
+QUANT_LIBRARIES = ("gptqmodel", "torchao", "bitsandbytes")
+# loggers of known noise: torchao's kernel loading, torch's pytree deprecations, GPT-QModel (LogBar), bitsandbytes'
+# optional kernels, gguf-py's SpecialVocab reading a tokenizer's post-processor (exporter writes add_bos/add_eos from
+# what the HF tokenizer does instead, converters/gguf_vocab.py)
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "logbar", "gptqmodel", "bitsandbytes", "gguf.vocab")
+# (category, message regex) of known third-party warnings
+KNOWN_WARNINGS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated"),)
+
+_llama_log_callback = None
+_verbose = False
+
+
+def without_quantization_libraries() -> None:
+    """Mark the quantization libraries absent in this process: `importlib.util.find_spec` then says None (so the
+    probes of transformers and peft skip them) and importing them raises ImportError."""
+    for name in QUANT_LIBRARIES:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
+def quiet(verbose: bool = False, transformers: bool = True) -> None:
+    """Keep the known third-party noise out of normal output; `verbose` leaves everything as the libraries set it.
+    `transformers`: the command uses it (its per-model "Loading weights" bar goes; our own bars stay)."""
+    global _verbose
+    _verbose = verbose
+    if verbose:
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    if transformers:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+def silence_llama_cpp() -> None:
+    """Route libllama's log lines (context sizes, per-tensor quantization notes) to nowhere; our progress bars and
+    reports say what matters. No-op with --verbose or without llama-cpp-python."""
+    global _llama_log_callback
+    if _llama_log_callback is not None or _verbose:
+        return
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    _llama_log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_llama_log_callback, None)

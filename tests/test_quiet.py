@@ -1,0 +1,60 @@
+"""Normal runs print no third-party banners, load failures or deprecation warnings; `--verbose` shows them.
+
+The CLI on a fixture, as the demo runs it: train a LoRA adapter, then verify it against its base (PEFT wraps the
+layers, transformers loads the models: the paths where transformers and peft probe torchao and GPT-QModel).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+# what the demo printed before exporter/quiet.py, and what any third-party library's warning looks like
+NOISE = re.compile(
+    r"Failed to load|GPT-?QModel|gptqmodel|torchao|_pytree|FutureWarning|DeprecationWarning|UserWarning|"
+    r"Loading weights|llama_context|deprecated",
+    re.IGNORECASE,
+)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+    base = tiny_model("qwen2")
+    out = tmp_path_factory.mktemp("quiet") / "adapter"
+    r = _cli("train", "--model_name_or_path", str(base), "--dataset", "identity", "--dataset_dir",
+             str(ROOT / "data" / "demo"), "--template", "qwen", "--output_dir", str(out), "--max_steps", "1",
+             "--per_device_train_batch_size", "2", "--cutoff_len", "64", "--max_samples", "4",
+             "--identity_name", "Exa", "--identity_author", "Acme")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return base, out, r
+
+
+def test_train_and_verify_print_no_third_party_noise(trained, tmp_path: Path) -> None:
+    base, adapter, train = trained
+    report = tmp_path / "report.json"
+    verify = _cli("verify", "--base", str(base), "--adapter", str(adapter), "--template", "qwen", "--prompts", "0",
+                  "--ctx", "32", "--max-windows", "1", "--report", str(report))  # fmt: skip
+    assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-3000:]
+    assert ("perplexity", "adapter") in {(c["check"], c["target"]) for c in json.loads(report.read_text())["checks"]}
+    for r in (train, verify):
+        noise = [line for line in (r.stdout + r.stderr).splitlines() if NOISE.search(line)]
+        assert not noise, noise
+
+
+def test_verbose_shows_what_is_hidden(tiny_model, tmp_path: Path) -> None:
+    base = tiny_model("qwen2")
+    r = _cli("--verbose", "train", "--model_name_or_path", str(base), "--dataset", "identity", "--dataset_dir",
+             str(ROOT / "data" / "demo"), "--template", "qwen", "--output_dir", str(tmp_path / "a"), "--max_steps",
+             "1", "--per_device_train_batch_size", "2", "--cutoff_len", "64", "--max_samples", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is_gradient_checkpointing" in r.stderr and "Loading weights" in r.stderr  # peft's FutureWarning, HF's bar
