@@ -191,7 +191,7 @@ def test_adds_bos_everywhere_says_what_transformers_does(tiny_model, family: str
     assert prepends == REAL_ADD_BOS[family] and (prepends or with_special == plain)
     assert hf_dir.adds_bos(tok) is prepends
     hp = gguf_arch.load_hparams(path)
-    vocab = gguf_vocab.build_vocab(path, hp, gguf_arch.arch_for(hp, path).name, [])
+    vocab = gguf_vocab.build_vocab(path, hp, gguf_arch.arch_for(hp, path), [])
     assert vocab.add_bos is prepends and vocab.add_eos is False
 
 

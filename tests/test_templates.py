@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import FAMILIES, ROOT, TEMPLATE_OF, fixtures_root, llama_src, require_go
+from conftest import DENSE, FAMILIES, ROOT, TEMPLATE_OF, fixtures_root, llama_src, require_go
 
 from exporter.errors import UserError
 from exporter.templates import (
@@ -35,7 +35,7 @@ from exporter.templates import (
 )
 
 ALL = list_templates()
-FIXTURE_OF = {v: k for k, v in TEMPLATE_OF.items()}  # template family -> fixture family
+FIXTURE_OF = {TEMPLATE_OF[f]: f for f in DENSE}  # template family -> fixture family carrying its Jinja
 
 TOOLS = [
     {
@@ -605,7 +605,11 @@ def test_known_differences_from_published_are_real() -> None:
 # detection by content
 
 
-@pytest.mark.parametrize("fixture", FAMILIES)
+# published templates no family of ours matches yet (GLM-4.6's thinking format, Granite 3.3, SmolLM3): derived ones
+UNMATCHED = ("glm4", "granite", "smollm3")
+
+
+@pytest.mark.parametrize("fixture", [f for f in FAMILIES if f not in UNMATCHED])
 def test_detect_fixture_models(fixture: str, tiny_model) -> None:
     assert detect(tiny_model(fixture)).name == TEMPLATE_OF[fixture]
 
