@@ -323,7 +323,6 @@ SPECS: dict[str, Family] = {
         pad="<|endoftext|>",
         gen_eos=("<|im_end|>", "<|endoftext|>"),
         vocab_multiple=128,
-        real_vocab="qwen2",
         real_template="Qwen-Qwen3-0.6B.jinja",
     ),
     "mixtral": Family(
@@ -427,7 +426,6 @@ SPECS: dict[str, Family] = {
         pad="<|end_of_text|>",
         gen_eos=("<|im_end|>",),
         tie=True,
-        real_vocab="llama-bpe",
         bpe_style="llama3",
         real_template="HuggingFaceTB-SmolLM3-3B.jinja",
         layers=4,
