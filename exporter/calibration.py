@@ -95,13 +95,18 @@ def dataset_source(dataset: str, dataset_dir: Path | str | None) -> Path:
 def _encoded(
     convs: list[tuple[list[dict[str, Any]], Any]], tokenizer: Any, tpl: Any, rejected: Counter
 ) -> Iterator[list[int]]:
-    """Token ids of each conversation, rendered through the chat template; failures are counted, not raised."""
+    """Token ids of each conversation, rendered through the chat template (a model without one: its messages' text
+    joined by blank lines); failures are counted, not raised."""
     from exporter import templates
 
     for messages, sample in convs:
         try:
             tools = sample.tool_list() if sample is not None else None
-            ids, _ = templates.encode(tokenizer, tpl, messages, tools=tools)
+            if tpl.kind == "none":
+                text = "\n\n".join(str(m.get("content") or "") for m in messages)
+                ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+            else:
+                ids, _ = templates.encode(tokenizer, tpl, messages, tools=tools)
         except UserError as e:
             rejected[f"template {tpl.name!r} cannot render it: {str(e)[:120]}"] += 1
             continue

@@ -119,11 +119,13 @@ def _template_show(
 
 @template_app.command("detect")
 def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir with a chat_template.")) -> None:
-    """Name the family whose template renders exactly like the model's own chat_template."""
+    """Name the family whose template renders exactly like the model's own chat_template, or say what is derived
+    from it: the shapes checked in Go and those that differ."""
     _setup()
     from exporter.templates import detect
 
-    typer.echo(detect(model_dir).name)
+    tpl = detect(model_dir)
+    typer.echo("\n".join([tpl.name, *tpl.notes]))
 
 
 @template_app.command("render")
@@ -310,6 +312,84 @@ def _pipeline(
 
     result = pipeline.run(pipeline.load_config(config_file, overrides or []))
     raise typer.Exit(0 if result.passed else 1)
+
+
+# ---- chat and serve: talk to a model (exporter/chat.py, exporter/serve.py on exporter/engine) ----
+def _engine_load_options(
+    adapter: str | None, template: str | None, backend: str | None, dtype: str | None, device: str | None,
+    max_seqs: int | None, ctx: int | None, threads: int | None,
+) -> dict:  # fmt: skip
+    return {"adapter": adapter, "template": template, "backend": backend, "dtype": dtype, "device": device,
+            "max_seqs": max_seqs, "ctx": ctx, "threads": threads}  # fmt: skip
+
+
+_MODEL_HELP = "HF dir, PEFT adapter dir, .gguf file, or a LLaMA-Factory inference YAML."
+_BACKEND_HELP = "hf | gguf | vllm (default: from the path)."
+
+
+@app.command("chat")
+def _chat(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    adapter: str = typer.Option(None, "--adapter", help="PEFT adapter dir (hf) or GGUF LoRA file (gguf)."),
+    template: str = typer.Option(None, "--template", help="Chat template family (default: the model's own)."),
+    system: str = typer.Option(None, "--system", help="System prompt."),
+    temperature: float = typer.Option(None, "--temperature", help="0 = greedy (default 0.95, as LLaMA-Factory)."),
+    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.7)."),
+    top_k: int = typer.Option(None, "--top-k", help="Top-k sampling, 0 = off (default 50)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Longest answer (default 1024)."),
+    repetition_penalty: float = typer.Option(None, "--repetition-penalty", help="HF's (default 1.0)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
+    backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
+    dtype: str = typer.Option(None, "--dtype", help="hf: auto | fp32 | bf16 | fp16."),
+    device: str = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1 ..."),
+    ctx: int = typer.Option(None, "--ctx", help="gguf: context size (default 4096); vllm: max model length."),
+    threads: int = typer.Option(None, "--threads", help="gguf: CPU threads."),
+) -> None:
+    """Chat in the terminal (history, `clear`, `exit`); reads one prompt a line when stdin is not a terminal."""
+    from exporter.chat import LF_SAMPLING, ChatOptions, chat, quantized_model, resolve_options
+
+    load_kw = _engine_load_options(adapter, template, backend, dtype, device, 1, ctx, threads)
+    samp_kw = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+               "repetition_penalty": repetition_penalty, "seed": seed}  # fmt: skip
+    load_opts, sampling, sys_prompt = resolve_options(model, load_kw, samp_kw, system, LF_SAMPLING)
+    _setup(quantization=quantized_model(load_opts))
+    chat(ChatOptions(load_opts, sampling, sys_prompt))
+
+
+@app.command("serve")
+def _serve(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    adapter: str = typer.Option(None, "--adapter", help="PEFT adapter dir (hf) or GGUF LoRA file (gguf)."),
+    template: str = typer.Option(None, "--template", help="Chat template family (default: the model's own)."),
+    system: str = typer.Option(None, "--system", help="Default system prompt (when a request has none)."),
+    host: str = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1; env API_HOST)."),
+    port: int = typer.Option(None, "--port", help="Port (default 8000; env API_PORT)."),
+    api_key: str = typer.Option(None, "--api-key", help="Require this Bearer key (env API_KEY)."),
+    model_name: str = typer.Option(None, "--model-name", help="Name in /v1/models (env API_MODEL_NAME)."),
+    max_seqs: int = typer.Option(8, "--max-seqs", help="Requests decoded together (continuous batching)."),
+    max_waiting: int = typer.Option(256, "--max-waiting", help="Requests queued behind those; more get 429."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Answer length when a request sets none (1024)."),
+    backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
+    dtype: str = typer.Option(None, "--dtype", help="hf: auto | fp32 | bf16 | fp16."),
+    device: str = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1 ..."),
+    ctx: int = typer.Option(None, "--ctx", help="gguf: tokens per request (default 4096); KV = ctx x max-seqs."),
+    threads: int = typer.Option(None, "--threads", help="gguf: CPU threads."),
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions with streaming and tools)."""
+    from exporter.chat import quantized_model, resolve_options
+    from exporter.engine import Sampling
+    from exporter.serve import ServeOptions, options_from_env, run
+
+    load_kw = _engine_load_options(adapter, template, backend, dtype, device, max_seqs, ctx, threads)
+    load_kw["max_waiting"] = max_waiting
+    defaults = Sampling(max_new_tokens=1024, temperature=1.0)  # OpenAI's defaults for what a request leaves out
+    load_opts, sampling, sys_prompt = resolve_options(model, load_kw, {"max_new_tokens": max_new_tokens}, system,
+                                                      defaults)  # fmt: skip
+    opts = options_from_env(ServeOptions(load_opts, default_system=sys_prompt, sampling=sampling))
+    opts.host, opts.port = host or opts.host, port or opts.port
+    opts.api_key, opts.model_name = api_key or opts.api_key, model_name or opts.model_name
+    _setup(quantization=quantized_model(load_opts))
+    run(opts)
 
 
 def main() -> None:

@@ -232,6 +232,8 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     if cfg.stage == "sft" or cfg.template:
         tpl = templates.resolve(model_dir, family_name(cfg.template))
         check_template_tokens(tokenizer, tpl, str(model_dir))
+        for note in tpl.notes:
+            say(note)
     if cfg.stage == "sft":
         examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
         if not examples:

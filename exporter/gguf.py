@@ -101,11 +101,12 @@ def ollama_names(model_dir: Path, kinds: list[str], ollama_name: str | None = No
 
 
 def modelfile_header(kind: str, source: str, tpl: Any, ollama_name: str, gguf_name: str) -> list[str]:
-    """Provenance comment lines for a Modelfile."""
+    """Provenance comment lines for a Modelfile, with what is known to differ between its TEMPLATE and the Jinja."""
     return [
         f"Ollama Modelfile for {gguf_name}, written by exporter {__version__}",
         f"source model: {source}",
-        f"GGUF type: {kind}; chat template family: {tpl.name}",
+        f"GGUF type: {kind}; chat template: {tpl.name}",
+        *(n.replace("\n", "\\n") for n in tpl.notes),
         f"create with: ollama create {ollama_name} -f Modelfile.{kind}",
     ]
 
@@ -146,7 +147,7 @@ def export(
             written, vocab = gguf_convert.convert(
                 model_dir,
                 paths,
-                tpl.jinja,
+                tpl.jinja or None,
                 list(tpl.eot_tokens),
                 progress=lambda done, total: prog.update(task, completed=done, total=total),
             )
@@ -168,7 +169,7 @@ def export(
             text = render(
                 ModelfileSpec(
                     from_=f"./{gguf_name}",
-                    template=tpl.ollama,
+                    template=tpl.ollama or None,
                     stops=list(tpl.stop),
                     system=tpl.default_system,
                     header=modelfile_header(kind, source_label or str(model_dir), tpl, names[kind], gguf_name),
@@ -222,7 +223,7 @@ def export_adapter(
             ModelfileSpec(
                 from_=base_from,
                 adapter=f"./{path.name}",
-                template=tpl.ollama,
+                template=tpl.ollama or None,
                 stops=list(tpl.stop),
                 system=tpl.default_system,
                 header=header,
@@ -255,15 +256,24 @@ def run(opts: GGUFOptions) -> GGUFResult:
         has_template = (adapter_dir / "chat_template.jinja").is_file() or "chat_template" in read_json(
             adapter_dir / "tokenizer_config.json", optional=True
         )
-        tpl = templates.resolve(adapter_dir if has_template else model_dir, opts.template)
+        tpl = templates.resolve(adapter_dir if has_template else model_dir, opts.template, need=False)
+        _say_template(tpl)
         out = Path(opts.out) if opts.out is not None else adapter_dir.parent / f"{adapter_dir.name}-gguf"
         result = export_adapter(adapter_dir, model_dir, kinds, tpl, out, opts.ollama_name, opts.force, opts.base_gguf)
     else:
-        tpl = templates.resolve(model_dir, opts.template)
+        tpl = templates.resolve(model_dir, opts.template, need=False)
+        _say_template(tpl)
         out = Path(opts.out) if opts.out is not None else model_dir.parent / f"{model_dir.name}-gguf"
         result = export(model_dir, kinds, tpl, out, opts.ollama_name, opts.force, source_label=str(opts.model))
     _report(result)
     return result
+
+
+def _say_template(tpl: Any) -> None:
+    """What the export does with the chat template, and what differs in Ollama (stdout: a person reads it)."""
+    print(f"chat template: {tpl.name}")
+    for note in tpl.notes:
+        print(f"  {note}")
 
 
 def _report(result: GGUFResult) -> None:

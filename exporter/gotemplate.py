@@ -3,7 +3,7 @@
 A small Go program ships as package data (`exporter/gotmpl/main.go`); it is compiled once with the local `go`
 toolchain into a cache dir keyed by the source hash, then fed JSON on stdin: the template plus the variables
 Ollama's template package passes to a chat template (`.System`, `.Messages`, `.Tools`, `.Prompt`, `.Response`,
-`.Think`, `.IsThinkSet`), with Ollama's `json` function and `missingkey=zero`.
+`.Think`, `.IsThinkSet`), with Ollama's functions (`json`, `currentDate`, `yesterdayDate`) and `missingkey=zero`.
 """
 
 from __future__ import annotations
@@ -60,10 +60,12 @@ def go_binary() -> Path:
     return exe
 
 
-def render_go(template: str, data: dict[str, Any]) -> str:
-    """Render Ollama Go `template` with `data` (see `ollama_data`) through real Go text/template."""
+def render_go(template: str, data: dict[str, Any], now: str | None = None) -> str:
+    """Render Ollama Go `template` with `data` (see `ollama_data`) through real Go text/template; `now`
+    (YYYY-MM-DD) fixes what `currentDate` returns (default: today, as in Ollama)."""
     exe = go_binary()
-    payload = json.dumps({"template": template, "data": data}, ensure_ascii=False).encode("utf-8")
+    item = {"template": template, "data": data} | ({"now": now} if now else {})
+    payload = json.dumps(item, ensure_ascii=False).encode("utf-8")
     r = subprocess.run([str(exe)], input=payload, capture_output=True)
     if r.returncode != 0:
         raise UserError(f"Go template error: {r.stderr.decode('utf-8', 'replace').strip()}")
@@ -140,17 +142,24 @@ def ollama_data(
     }
 
 
-def render_go_many(items: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """Render many (template, data) pairs in one Go process; a failing item raises UserError naming its index."""
+def render_go_results(items: list[tuple[str, dict[str, Any]]], now: str | None = None) -> list[tuple[str, str]]:
+    """Render many (template, data) pairs in one Go process: (output, error text or "") per item."""
     if not items:
         return []
     exe = go_binary()
-    payload = json.dumps([{"template": t, "data": d} for t, d in items], ensure_ascii=False).encode("utf-8")
-    r = subprocess.run([str(exe)], input=payload, capture_output=True)
+    extra = {"now": now} if now else {}
+    payload = json.dumps([{"template": t, "data": d} | extra for t, d in items], ensure_ascii=False)
+    r = subprocess.run([str(exe)], input=payload.encode("utf-8"), capture_output=True)
     if r.returncode != 0:
         raise UserError(f"Go template renderer failed: {r.stderr.decode('utf-8', 'replace').strip()}")
-    results = json.loads(r.stdout.decode("utf-8"))
-    for k, res in enumerate(results):
-        if res.get("err"):
-            raise UserError(f"Go template error (item {k}): {res['err']}")
-    return [res["out"] for res in results]
+    return [(res["out"], res.get("err") or "") for res in json.loads(r.stdout.decode("utf-8"))]
+
+
+def render_go_many(items: list[tuple[str, dict[str, Any]]], now: str | None = None) -> list[str]:
+    """Render many (template, data) pairs in one Go process; a failing item raises UserError naming its index."""
+    out = []
+    for k, (text, err) in enumerate(render_go_results(items, now)):
+        if err:
+            raise UserError(f"Go template error (item {k}): {err}")
+        out.append(text)
+    return out

@@ -80,18 +80,20 @@ def finish(
     stage: str | None = None,
     inputs: dict[str, Path | str] | None = None,
     settings: dict[str, Any] | None = None,
-) -> None:
+    strict: bool = True,
+) -> list[str]:
     """Complete an exported dir whose weights are written: tokenizer from `tokenizer_dir` (None: already in place),
-    generation_config from `model_dir`, the chat template `tpl` (None: none to write), and the manifest of `stage`."""
+    generation_config from `model_dir`, the chat template `tpl` (None: none to write), and the manifest of `stage`.
+    Returns the template problems `templates.write_into` let pass (`strict=False`: a template nobody asked for)."""
     from exporter import manifest, templates
 
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out)
     write_generation_config(model_dir, out)
-    if tpl is not None:
-        templates.write_into(out, tpl)
+    warnings = templates.write_into(out, tpl, strict=strict) if tpl is not None else []
     if stage is not None:
         manifest.write(out, stage, inputs=inputs or {}, settings=settings)
+    return warnings
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -455,12 +455,19 @@ def merge(opts: MergeOptions) -> MergeResult:
         for py in base_dir.glob("*.py"):  # remote-code models need their modeling files
             shutil.copy2(py, tmp / py.name)
         _copy_tokenizer(base_dir, ads, tmp)
-        tpl = templates.resolve(tmp, opts.template)
+        from rich.markup import escape  # template notes hold [INST]-like brackets
+
+        forced = opts.template not in (None, "auto")  # a template the user asked for must fit the tokenizer
+        tpl = templates.resolve(tmp, opts.template, need=False)
+        for note in tpl.notes:
+            _say(f"[dim]{escape(note)}[/]")
         inputs: dict[str, Path | str] = {"base": base_dir}
         for i, ad in enumerate(ads):
             inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = ad.path
         settings = {"weights": weights, "dtype": opts.dtype, "max_shard_size": str(opts.max_shard_size),
                     "template": tpl.name, "untied_embeddings": bool(p.untied), "vocab_size": p.vocab_size}  # fmt: skip
-        hf_dir.finish(tmp, tpl, base_dir, stage="merge", inputs=inputs, settings=settings)
+        for warning in hf_dir.finish(tmp, tpl, base_dir, stage="merge", inputs=inputs, settings=settings,
+                                     strict=forced):  # fmt: skip
+            _say(f"[yellow]warning[/]: {escape(warning)}")
     _say(f"merged {len(ads)} adapter(s) into {out} ({n_shards} shard(s), template {tpl.name})")
     return MergeResult(out, n_shards, tpl.name, p.untied, p.vocab_size)

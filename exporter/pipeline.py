@@ -204,8 +204,7 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     data_files = _data_files(cfg.train)
     state.doc.update({"base": str(base.resolve()), "template": tpl.name,
                       "data": [str(p.resolve()) for p in data_files]})  # fmt: skip
-    cfg = dataclasses.replace(cfg, template=tpl.name)
-    opts = stage_options(cfg, base)
+    opts = stage_options(cfg, base)  # no template given: every stage keeps the model's own (resolved the same way)
     adapter, merged, gguf_dir, verify_dir = (run_dir / n for n in ("adapter", "merged", "gguf", "verify"))
 
     h_train = _hash("train", str(base.resolve()), _fingerprint(base), tpl.name, cfg.train,
@@ -289,7 +288,8 @@ def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gg
                 console.print(f"  GGUF {a['file']}: {a['gguf']!r} ({same})")
     verdict = "[bold green]PASSED[/]" if doc["passed"] else "[bold red]FAILED[/]"
     s = doc["summary"]
-    console.print(f"verify {verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped -> {report}")
+    warned = f", {s['warn']} with stated differences" if s.get("warn") else ""
+    console.print(f"verify {verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped{warned} -> {report}")
     console.print(f"run dir: {run_dir.resolve()}  (ran: {', '.join(ran) or 'nothing'}; "
                   f"skipped: {', '.join(skipped) or 'nothing'})")  # fmt: skip
     for name in ("adapter", "merged", "gguf"):

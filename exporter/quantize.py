@@ -299,7 +299,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.check_free_space(out.parent, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2)
 
-    tpl = templates.resolve(model_dir, opts.template)
+    tpl = templates.resolve(model_dir, opts.template, need=False)
     tokenizer = spm.load_tokenizer(model_dir)
     random.seed(opts.seed)
     torch.manual_seed(opts.seed)
@@ -320,6 +320,11 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
             settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg)
         _check_quantization_config(tmp)
         settings["seconds"] = round(time.perf_counter() - start, 2)
-        hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir, stage="quantize", inputs=inputs, settings=settings)
+        from rich.markup import escape
+
+        forced = opts.template not in (None, "auto")  # only a template the user asked for must fit the tokenizer
+        for warning in hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir, stage="quantize", inputs=inputs,
+                                     settings=settings, strict=forced):  # fmt: skip
+            _console.print(f"[yellow]warning[/]: {escape(warning)}")
     _console.print(f"[green]done[/]: {out} ({settings['seconds']} s)")
     return QuantizeResult(out, opts.method, bits, group, tpl.name, settings["seconds"])

@@ -7,6 +7,16 @@ the Jinja renders, and a `format` block that drives the training renderer (`rend
 BOS: HF Jinja templates of llama2/llama3/mistral/gemma render `bos_token` as text; Ollama and llama.cpp add BOS at
 tokenization instead, so the Go TEMPLATE never renders the leading BOS. The training renderer follows the Jinja
 (BOS as text, tokenized with `add_special_tokens=False`), so the ids carry exactly one BOS.
+
+The model's own template is the truth: `resolve(model_dir, None)` keeps the model's Jinja (exported byte for byte)
+and names the family whose Jinja renders every probe exactly like it; when none does, `exporter.derive` derives the
+Go TEMPLATE, stops, end-of-turn tokens and default system from the Jinja itself and training follows the Jinja
+(`exporter.jinja_segments`). A template problem never raises there; it becomes `notes`.
+
+Protocol: anything train, verify and calibration encode with is a `ChatTemplate`: `jinja` (what is exported),
+`ollama` (Modelfile TEMPLATE, "" for none), `stop`, `eot_tokens`, `default_system`, and either a `format` the
+segment renderer knows (a family's layout; `{"kind": "jinja", ...}` the model's own Jinja; `{"kind": "none"}` no
+template) or an `encoder(tokenizer, messages, tools=, train_on_prompt=, cutoff_len=) -> (ids, labels)` of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +53,13 @@ class ChatTemplate:
     eos_token: str | None
     tools: bool
     format: dict[str, Any]
+    notes: tuple[str, ...] = ()  # what differs between the Jinja and the Go TEMPLATE, and why (derived templates)
+    encoder: Callable[..., tuple[list[int], list[int]]] | None = None  # own token-level encoding (see module doc)
+
+    @property
+    def kind(self) -> str:
+        """family (a layout of ours), jinja (the model's own Jinja trains) or none (no template at all)."""
+        return str(self.format.get("kind", "family"))
 
     def for_tokenizer(self, bos_token: str | None, eos_token: str | None) -> ChatTemplate:
         """This family with the tokenizer's BOS/EOS text filled in: base-model formats (alpaca, vicuna, default)
@@ -135,10 +153,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
-    """Make an exported HF dir use `tpl`: `tokenizer_config.json` + `chat_template.jinja` carry its Jinja, and
-    `generation_config.json` `eos_token_id` includes every end-of-turn token id (ids from the tokenizer in out_dir).
-    """
+def write_into(out_dir: Path | str, tpl: ChatTemplate, strict: bool = True) -> list[str]:
+    """Make an exported HF dir use `tpl`: `tokenizer_config.json` + `chat_template.jinja` carry its Jinja (left
+    untouched when they already hold it), and `generation_config.json` `eos_token_id` includes every end-of-turn
+    token id (ids from the tokenizer in out_dir). An end-of-turn token the tokenizer lacks is a UserError when
+    `strict`, else left out and returned as a warning (a template nobody asked for never stops an export)."""
     from exporter.atomic import atomic_file
 
     out_dir = Path(out_dir)
@@ -147,27 +166,35 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate) -> None:
         raise UserError(f"{out_dir}: no tokenizer_config.json; save the tokenizer there before writing the template")
     cfg = read_json(cfg_path)
     tpl = tpl.for_tokenizer(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
-    ids = []
+    try:
+        current = model_chat_template(out_dir)[0]
+    except UserError:
+        current = None
+    ids, warnings = [], []
     for token, tid in zip(tpl.eot_tokens, _token_ids(out_dir, tpl.eot_tokens), strict=True):
         if tid is None:
-            raise UserError(
-                f"template {tpl.name!r} ends assistant turns with {token!r}, but the tokenizer in {out_dir} has no "
-                f"such token; pick the family that matches this tokenizer with --template"
-            )
+            msg = f"template {tpl.name!r} ends assistant turns with {token!r}, but the tokenizer in {out_dir} has no "
+            if strict:
+                raise UserError(msg + "such token; pick the family that matches this tokenizer with --template")
+            warnings.append(msg + "such token; it is not added to generation_config.json eos_token_id")
+            continue
         ids.append(tid)
 
-    cfg["chat_template"] = tpl.jinja
-    _write_json(cfg_path, cfg)
-    with atomic_file(out_dir / "chat_template.jinja") as tmp:
-        tmp.write_text(tpl.jinja, encoding="utf-8")
+    if tpl.jinja and tpl.jinja != current:  # the model's own template stays byte for byte as it was saved
+        cfg["chat_template"] = tpl.jinja
+        _write_json(cfg_path, cfg)
+        with atomic_file(out_dir / "chat_template.jinja") as tmp:
+            tmp.write_text(tpl.jinja, encoding="utf-8")
 
     gen_path = out_dir / "generation_config.json"
     gen = read_json(gen_path, optional=True)
     eos = gen.get("eos_token_id")
     current = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     merged = current + [i for i in ids if i not in current]
-    gen["eos_token_id"] = merged[0] if len(merged) == 1 else merged
-    _write_json(gen_path, gen)
+    if merged:
+        gen["eos_token_id"] = merged[0] if len(merged) == 1 else merged
+        _write_json(gen_path, gen)
+    return warnings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -451,6 +478,13 @@ def render_segments(
         raise UserError(f"template family {tpl.name!r} has no tool format; drop 'tools' or pick a tool-capable family")
     bos = tpl.bos_token if bos_token is None else bos_token
     eos = tpl.eos_token if eos_token is None else eos_token
+    if tpl.kind == "none":
+        raise UserError("the model has no chat template; pass --template NAME to train it in a chat format")
+    if tpl.kind == "jinja":
+        from exporter import jinja_segments
+
+        return jinja_segments.segments(tpl, messages, tools, add_generation_prompt, enable_thinking, bos or "",
+                                       eos or "")  # fmt: skip
     r = _Renderer(tpl, bos or "", eos or "")
     if tpl.format.get("tool_style") in ("qwen", "qwen3"):
         _render_qwen(r, messages, tools)
@@ -543,7 +577,10 @@ def encode(
     Ids are the tokenizer's ids of the training text (== `apply_chat_template` text of our Jinja), tokenized with
     `add_special_tokens=False`, so a BOS the Jinja renders appears once; when the tokenizer itself adds BOS and the
     template renders none, one BOS is prepended (llama.cpp/Ollama add it at tokenization too). Never two.
+    A template with its own `encoder` encodes itself.
     """
+    if tpl.encoder is not None:
+        return tpl.encoder(tokenizer, messages, tools=tools, train_on_prompt=train_on_prompt, cutoff_len=cutoff_len)
     segments = render_segments(
         tpl, messages, tools=tools, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or ""
     )
@@ -583,7 +620,38 @@ PROBES: list[tuple[list[dict[str, Any]], bool]] = [
         True,
     ),
     ([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], False),
+    # what verify compares too: whitespace kept or trimmed, unicode, empty content, multi-line answers
+    ([{"role": "user", "content": "  spaced  \n"}, {"role": "assistant", "content": " spaced answer "}], False),
+    (
+        [
+            {"role": "system", "content": "Réponds en français. 用中文也可以。"},
+            {"role": "user", "content": "¿Qué tal? 你好 🙂 — “quotes”"},
+            {"role": "assistant", "content": "Très bien, 谢谢！🎉\n\nline\n\tindented"},
+        ],
+        False,
+    ),
+    (
+        [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": "Say it."}],
+        True,
+    ),
 ]
+
+
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+_CALL = {"id": "call0A1b2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL_PROBE = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [_CALL]},
+    {"role": "tool", "tool_call_id": "call0A1b2", "name": "get_weather", "content": "21 C, sunny"},
+    {"role": "assistant", "content": "It is 21 C and sunny."},
+]  # fmt: skip
 
 
 def _token_text(value: Any) -> str:
@@ -619,17 +687,56 @@ def model_chat_template(model_dir: Path | str) -> tuple[str, str, str]:
     return template, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
 
 
-def _render_jinja(template: str, messages: list[dict[str, Any]], gen: bool, bos: str, eos: str) -> str:
+def model_tokens(model_dir: Path | str) -> tuple[list[str], list[str]]:
+    """(added tokens of the tokenizer, the tokens of generation_config.json `eos_token_id`) of an HF dir."""
+    model_dir = Path(model_dir)
+    markers: list[str] = []
+    vocab: dict[int, str] = {}
+    tj = model_dir / "tokenizer.json"
+    if tj.is_file():
+        data = read_json(tj)
+        for t in data.get("added_tokens") or []:
+            if isinstance(t, dict) and isinstance(t.get("content"), str):
+                markers.append(t["content"])
+                vocab[int(t.get("id", -1))] = t["content"]
+        model_vocab = (data.get("model") or {}).get("vocab")
+        if isinstance(model_vocab, dict):
+            vocab.update({v: k for k, v in model_vocab.items() if isinstance(v, int)})
+    cfg = model_dir / "tokenizer_config.json"
+    decoder = read_json(cfg).get("added_tokens_decoder") if cfg.is_file() else None
+    for tid, t in (decoder or {}).items():
+        if isinstance(t, dict) and isinstance(t.get("content"), str):
+            markers.append(t["content"])
+            vocab.setdefault(int(tid), t["content"])
+    gen = model_dir / "generation_config.json"
+    ids = read_json(gen).get("eos_token_id") if gen.is_file() else None
+    ids = [ids] if isinstance(ids, int) else [i for i in ids or [] if isinstance(i, int)]
+    return list(dict.fromkeys(markers)), [vocab[i] for i in ids if i in vocab]
+
+
+def _render_jinja(
+    template: str, messages: list[dict[str, Any]], gen: bool, bos: str, eos: str, tools: list | None = None
+) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    out, _ = render_jinja_template(
-        conversations=[messages], chat_template=template, add_generation_prompt=gen, bos_token=bos, eos_token=eos
-    )
+    out, _ = render_jinja_template(conversations=[messages], chat_template=template, add_generation_prompt=gen,
+                                   bos_token=bos, eos_token=eos, tools=tools)  # fmt: skip
     return out[0]
 
 
-def detect_template_text(template: str, bos: str = "", eos: str = "", where: str = "model") -> ChatTemplate:
-    """The family whose Jinja renders every probe exactly as `template` does; UserError naming the nearest one."""
+def tool_probe(template: str, bos: str, eos: str) -> str | None:
+    """The template's rendering of a tool call and its result, or None when it has no tool format."""
+    if "tools" not in template:
+        return None
+    try:
+        return _render_jinja(template, TOOL_PROBE, False, bos, eos, [_TOOL])
+    except Exception:  # no tool format after all
+        return None
+
+
+def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTemplate | None, str]:
+    """(the family whose Jinja renders every probe exactly as `template` does, or None; a line naming the nearest
+    family and where it first differs)."""
     import difflib
 
     refs: list[tuple[int, str]] = []
@@ -639,7 +746,8 @@ def detect_template_text(template: str, bos: str = "", eos: str = "", where: str
         except Exception:  # the model's template may refuse a probe (e.g. no system role): compare the others
             continue
     if not refs:
-        raise UserError(f"{where}: its chat_template fails on every probe conversation; pass --template")
+        return None, "its chat_template fails on every probe conversation"
+    tool_ref = tool_probe(template, bos, eos)
     best: tuple[float, str, int, str, str] | None = None
     for name in list_templates():
         tpl = load_template(name)
@@ -654,37 +762,73 @@ def detect_template_text(template: str, bos: str = "", eos: str = "", where: str
             if ours != ref and diff is None:
                 diff = (k, ref, ours)
             score += difflib.SequenceMatcher(None, ref, ours, autojunk=False).ratio()
+        if tool_ref is not None and diff is None:  # the model's tool format must be the family's too
+            ours = tool_probe(tpl.jinja, bos, eos) if tpl.tools else None
+            if ours != tool_ref:
+                diff = (len(PROBES), tool_ref, ours or "")
         if diff is None:
-            return tpl
+            return tpl, ""
         if best is None or score > best[0]:
             best = (score, name, *diff)
     assert best is not None
     _, name, k, ref, ours = best
     at = first_diff(ref, ours)
-    raise UserError(
-        f"{where}: chat_template matches no known family; nearest is {name!r}, which first differs at char {at} of "
-        f"probe {k}: model renders {ref[at : at + 40]!r}, {name} renders {ours[at : at + 40]!r}; "
-        f"pass --template FAMILY to force one"
+    return None, (
+        f"nearest family is {name!r}, which first differs at char {at} of "
+        f"{'the tool probe' if k == len(PROBES) else f'probe {k}'}: the model renders "
+        f"{ref[at : at + 40]!r}, {name} renders {ours[at : at + 40]!r}"
     )
 
 
+def detect_template_text(
+    template: str,
+    bos: str = "",
+    eos: str = "",
+    markers: list[str] | None = None,
+    eos_tokens: list[str] | None = None,
+) -> ChatTemplate:
+    """The family whose Jinja renders every probe exactly as `template` does, carrying `template` itself as its
+    Jinja; else a template derived from `template` (`exporter.derive.chat_template`). Never raises for a template."""
+    family, nearest = match_family(template, bos, eos)
+    if family is not None:
+        note = (f"chat template: the model's own Jinja, which renders every probe exactly like family {family.name!r}; "
+                f"Ollama TEMPLATE of family {family.name}")  # fmt: skip
+        return dataclasses.replace(family.for_tokenizer(bos or None, eos or None), jinja=template, notes=(note,))
+    from exporter.derive import chat_template
+
+    return chat_template(template, bos, eos, markers, eos_tokens or [], nearest)
+
+
 def detect(model_dir: Path | str) -> ChatTemplate:
-    """The family of the chat_template saved in `model_dir`, decided by rendered content, never by name."""
+    """The template of the chat_template saved in `model_dir`: a family when one matches by rendered content (never
+    by name), else derived from it. UserError only when there is no chat_template at all."""
     template, bos, eos = model_chat_template(model_dir)
-    return detect_template_text(template, bos, eos, where=str(model_dir))
+    markers, eos_tokens = model_tokens(model_dir)
+    return detect_template_text(template, bos, eos, markers + [t for t in (bos, eos) if t], eos_tokens)
 
 
-def resolve(model_dir: Path | str, override: str | None) -> ChatTemplate:
-    """`override` (a family name) when given, else `detect(model_dir)`; filled in with the model's BOS/EOS text
-    (see `ChatTemplate.for_tokenizer`)."""
-    tpl = load_template(override) if override else detect(model_dir)
+def no_template(bos: str, eos: str) -> ChatTemplate:
+    """What a model without any chat template exports with: no Jinja, no Ollama TEMPLATE, eos as the stop."""
+    note = "the model has no chat template: none is exported, and the Modelfile has no TEMPLATE"
+    return ChatTemplate(name="none", description="no chat template", jinja="", ollama="", stop=[eos] if eos else [],
+                        eot_tokens=[], default_system=None, bos_token=bos or None, eos_token=eos or None,
+                        tools=False, format={"kind": "none"}, notes=(note,))  # fmt: skip
+
+
+def resolve(model_dir: Path | str, override: str | None, need: bool = True) -> ChatTemplate:
+    """`override` (a family name; "auto" = none) when given, else `detect(model_dir)`; filled in with the model's
+    BOS/EOS text (see `ChatTemplate.for_tokenizer`). Without any chat template in the model: a UserError when
+    `need` (training), else `no_template` (merge, quantize and gguf go on)."""
+    cfg = read_json(Path(model_dir) / "tokenizer_config.json", optional=True)
+    bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+    if override and override != "auto":
+        return load_template(override).for_tokenizer(bos or None, eos or None)
     try:
-        _, bos, eos = model_chat_template(model_dir)
-    except UserError:  # no chat_template saved: read the special tokens alone
-        cfg_path = Path(model_dir) / "tokenizer_config.json"
-        cfg = read_json(cfg_path, optional=True)
-        bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
-    return tpl.for_tokenizer(bos or None, eos or None)
+        return detect(model_dir)
+    except UserError:
+        if need:
+            raise
+        return no_template(bos, eos)
 
 
 # ---------------------------------------------------------------------------------------------------------------

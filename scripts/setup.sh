@@ -52,7 +52,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$PY" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   "$venv/bin/pip" install -q torch==2.13.0 >&2
-  "$venv/bin/pip" install -q --find-links "$wdir" ".[gguf,quant,parquet,dev]" >&2
+  "$venv/bin/pip" install -q --find-links "$wdir" ".[gguf,quant,parquet,serve,bench,dev]" >&2
   touch "$venv/.complete"   # written last: a half-built venv is rebuilt, never used
 else
   # The dependencies are cached; the project itself is reinstalled (non-editable) on every run.

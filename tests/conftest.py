@@ -24,7 +24,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -166,3 +166,12 @@ def build_fixture(family: str, real_vocab: bool = False) -> Path:
 def tiny_model() -> Callable[..., Path]:
     """Factory: `tiny_model("qwen2")` / `tiny_model("llama3", real_vocab=True)` -> cached HF model dir (read-only)."""
     return build_fixture
+
+
+@pytest.fixture(scope="session")
+def tool_models(tiny_model, tmp_path_factory) -> SimpleNamespace:
+    """qwen2 base + a LoRA trained to answer `engine_models.QA` and call a tool, its merge, f16 GGUF (chat, serve)."""
+    require_llama_cpp()
+    from engine_models import build_tool_models
+
+    return build_tool_models(tiny_model("qwen2"), tmp_path_factory.mktemp("tool-models"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 from functools import cache
 from pathlib import Path
@@ -614,59 +615,74 @@ def test_detect_fixture_models(fixture: str, tiny_model) -> None:
     assert detect(tiny_model(fixture)).name == TEMPLATE_OF[fixture]
 
 
+# published template -> (detected name, whose Go TEMPLATE, bos, eos): a family only where every probe (whitespace,
+# unicode, tool calls included) renders exactly alike; else derived, with a family's Go TEMPLATE where that renders
+# at least as many shapes like the Jinja in Go and has the same tool format up to JSON spacing
 DETECTS = {
-    "Qwen-Qwen2.5-7B-Instruct": ("qwen", "", "<|im_end|>"),
-    "Qwen-Qwen3-0.6B": ("qwen3", "", "<|im_end|>"),
-    "meta-llama-Llama-3.1-8B-Instruct": ("llama3", "<|begin_of_text|>", "<|eot_id|>"),
-    "meta-llama-Llama-3.3-70B-Instruct": ("llama3", "<|begin_of_text|>", "<|eot_id|>"),
-    "google-gemma-2-2b-it": ("gemma", "<bos>", "<eos>"),
-    "microsoft-Phi-3.5-mini-instruct": ("phi3", "<s>", "<|endoftext|>"),
-    "mistralai-Mistral-Nemo-Instruct-2407": ("mistral", "<s>", "</s>"),
+    "Qwen-Qwen2.5-7B-Instruct": ("derived", "qwen", "", "<|im_end|>"),  # tool JSON spacing
+    "Qwen-Qwen3-0.6B": ("derived", "qwen3", "", "<|im_end|>"),  # tool JSON spacing
+    "meta-llama-Llama-3.1-8B-Instruct": ("derived", "derived", "<|begin_of_text|>", "<|eot_id|>"),  # trims
+    "meta-llama-Llama-3.3-70B-Instruct": ("derived", "derived", "<|begin_of_text|>", "<|eot_id|>"),
+    "google-gemma-2-2b-it": ("derived", "gemma", "<bos>", "<eos>"),  # trims, refuses system messages
+    "microsoft-Phi-3.5-mini-instruct": ("phi3", None, "<s>", "<|endoftext|>"),
+    "mistralai-Mistral-Nemo-Instruct-2407": ("derived", "mistral", "<s>", "</s>"),  # tool JSON spacing
 }
 
 
 @pytest.mark.parametrize("published", sorted(DETECTS))
 def test_detect_published_templates(published: str, tmp_path: Path) -> None:
-    family, bos, eos = DETECTS[published]
+    name, go, bos, eos = DETECTS[published]
     cfg = {"chat_template": _published(published), "bos_token": bos, "eos_token": eos}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
-    assert detect(tmp_path).name == family
-    assert resolve(tmp_path, None).name == family
+    tpl = detect(tmp_path)
+    assert (tpl.name, tpl.format.get("go")) == (name, go)
+    assert tpl.jinja == _published(published)  # the model's own Jinja, whatever renders the Go side
+    if go not in (None, "derived"):
+        assert tpl.ollama == load_template(go).for_tokenizer(bos or None, eos or None).ollama
+    assert resolve(tmp_path, None).name == name
     assert resolve(tmp_path, "yi").name == "yi"  # the override wins
 
 
 @pytest.mark.parametrize(
-    ("published", "bos", "eos", "nearest"),
+    ("published", "bos", "eos", "nearest", "differs"),
     [
-        ("openai-gpt-oss-120b", "<|startoftext|>", "<|return|>", None),
-        ("meta-llama-Llama-3.2-3B-Instruct", "<|begin_of_text|>", "<|eot_id|>", "llama3"),  # today's date
-        ("Qwen-QwQ-32B", "", "<|im_end|>", None),
+        ("openai-gpt-oss-120b", "<|startoftext|>", "<|return|>", None, []),
+        ("meta-llama-Llama-3.2-3B-Instruct", "<|begin_of_text|>", "<|eot_id|>", "llama3", ["user"]),  # today's date
+        ("Qwen-QwQ-32B", "", "<|im_end|>", None, []),
     ],
 )
-def test_detect_unknown_published_template_errors(published: str, bos: str, eos: str, nearest, tmp_path) -> None:
+def test_detect_unknown_published_template_derives(published, bos, eos, nearest, differs, tmp_path) -> None:
     (tmp_path / "chat_template.jinja").write_text(_published(published), encoding="utf-8")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}))
-    with pytest.raises(UserError, match=r"matches no known family; nearest is '(\w+)'.*differs at char \d+") as e:
-        detect(tmp_path)
+    tpl = detect(tmp_path)
+    assert tpl.name == "derived" and tpl.jinja == _published(published) and tpl.ollama
+    assert any(re.match(r"nearest family is '(\w+)'.*differs at char \d+", n) for n in tpl.notes)
     if nearest:
-        assert f"nearest is {nearest!r}" in str(e.value)
+        assert any(f"nearest family is {nearest!r}" in n for n in tpl.notes)
+    assert set(differs) <= set(tpl.format["differ"])
+    if "user" in differs:  # Llama 3.2 prints today's date as "01 Dec 2026"; Ollama's currentDate is YYYY-MM-DD
+        assert "{{ currentDate }}" in tpl.ollama and any("'%d %b %Y'" in n for n in tpl.notes)
 
 
 def test_detect_near_miss_names_nearest_and_diff() -> None:
     chatml_other_default = load_template("qwen").jinja.replace(
         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "You are a helpful assistant."
     )
-    with pytest.raises(UserError) as e:
-        detect_template_text(chatml_other_default, "", "<|im_end|>")
-    msg = str(e.value)
-    assert "nearest is 'qwen'" in msg and "differs at char 27 of probe 0" in msg and "--template" in msg
+    tpl = detect_template_text(chatml_other_default, "", "<|im_end|>")
+    msg = "\n".join(tpl.notes)
+    assert tpl.name == "derived" and tpl.default_system == "You are a helpful assistant."
+    assert "nearest family is 'qwen'" in msg and "differs at char 27 of probe 0" in msg
     assert "model renders 'a helpful assistant.<|im_end|>" in msg and "qwen renders 'Qwen, created by" in msg
 
 
 def test_detect_without_template(tmp_path: Path) -> None:
-    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
     with pytest.raises(UserError, match="no chat_template"):
         detect(tmp_path)
+    with pytest.raises(UserError, match="no chat_template"):
+        resolve(tmp_path, None)  # training needs a template
+    none = resolve(tmp_path, None, need=False)  # merge, quantize and gguf go on without one
+    assert (none.name, none.jinja, none.ollama, none.stop) == ("none", "", "", ["</s>"])
 
 
 def test_detect_every_family_detects_itself() -> None:
@@ -759,7 +775,7 @@ def test_cli(tiny_model, tmp_path: Path) -> None:
     rc, out, _ = _cli("render", "qwen", str(conv), "--format", "jinja")
     assert rc == 0 and out == hf_render("qwen", CORPUS["system_one_turn"])
     rc, out, _ = _cli("detect", str(tiny_model("gemma3")))
-    assert rc == 0 and out.strip() == "gemma"
+    assert rc == 0 and out.splitlines()[0] == "gemma" and "renders every probe exactly like family 'gemma'" in out
     if shutil.which("go"):
         rc, out, _ = _cli("render", "qwen", str(conv), "--format", "ollama")
         assert rc == 0 and out == hf_render("qwen", CORPUS["system_one_turn"], continue_final_message=True)

@@ -129,6 +129,49 @@ def test_gguf_without_eog_id(good, tmp_path: Path) -> None:
     _only_failures(rep, {"stops", "chat"}, bad.name, "<|im_end|>", "not declared end-of-generation")
 
 
+def test_gguf_eos_is_an_ordinary_token(good, tmp_path: Path) -> None:
+    """Generation would stop at an ordinary text token: the stops check fails and names it (and the eos id)."""
+    from gguf import TokenType
+
+    info = V.read_gguf(good.f16)
+    word = next(i for i, (t, k) in enumerate(zip(info.tokens, info.token_types, strict=True))
+                if k == TokenType.NORMAL and t.isalpha() and len(t) > 3)  # fmt: skip
+    bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={"tokenizer.ggml.eos_token_id": word})
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
+    detail = _failed(rep)[("stops", bad.name)]
+    name = f"{info.tokens[word]!r} ({word})"
+    assert f"eos id is {name}, not an end-of-turn or eos token" in detail
+    assert f"{name}, an ordinary text token, ends generation" in detail
+    # the good file's EOG set is exactly the expected one (llama.cpp's own by-name picks reported, not failed)
+    good_rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[good.f16], template="qwen", **FAST))
+    good_stops = next(c for c in good_rep.checks
+                      if c.check == "stops" and c.target == good.f16.name)  # fmt: skip
+    assert good_stops.status == "pass" and "exactly '<|im_end|>'" in good_stops.detail
+
+
+def test_gguf_bos_changed(tiny_model, tmp_path: Path) -> None:
+    """A GGUF whose bos id is another token than the HF tokenizer's fails the stops check, naming both."""
+    from transformers import AutoTokenizer
+
+    from exporter import gguf, templates
+    from exporter.verify.stops import check_stops, eot_ids
+
+    model = tiny_model("llama3")
+    tpl = templates.resolve(model, None)
+    res = gguf.export(model, ["f16"], tpl, tmp_path / "gguf")
+    tok = AutoTokenizer.from_pretrained(model)
+    other = tok.convert_tokens_to_ids("<|reserved_special_token_0|>")
+    bad = rewrite_gguf(res.files["f16"], tmp_path / "bad.gguf", kv={"tokenizer.ggml.bos_token_id": other})
+    eot = eot_ids(tok, tpl, [])
+    (good_check,) = check_stops(eot, None, [V.read_gguf(res.files["f16"])], [], tok, [])
+    (bad_check,) = check_stops(eot, None, [V.read_gguf(bad)], [], tok, [])
+    assert good_check.status == "pass", good_check.detail
+    assert bad_check.status == "fail"
+    assert f"bos id is '<|reserved_special_token_0|>' ({other}), the HF tokenizer's is '<|begin_of_text|>'" in (
+        bad_check.detail
+    )
+
+
 def test_one_tensor_perturbed(good, tmp_path: Path) -> None:
     name = "blk.0.attn_v.weight"
 

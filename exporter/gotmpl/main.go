@@ -4,7 +4,7 @@
 // passes to Execute for chat templates: System, Messages (Role, Content, Thinking, ToolCalls, ToolName,
 // ToolCallID), Tools, Prompt, Response, Suffix, Think, IsThinkSet. Tool-call arguments keep their key order and
 // print as compact JSON (Ollama's ToolCallFunctionArguments.String). The template is parsed with
-// Option("missingkey=zero") and the "json" function, as in Ollama. The rendered text goes to stdout.
+// Option("missingkey=zero") and Ollama's functions (json, currentDate, yesterdayDate). The rendered text goes to stdout.
 package main
 
 import (
@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"text/template"
+	"time"
 )
 
 // orderedArgs keeps tool-call arguments in the order they were given.
@@ -167,6 +168,7 @@ func (f ToolFunction) String() string               { b, _ := f.MarshalJSON(); r
 
 type Input struct {
 	Template string `json:"template"`
+	Now      string `json:"now,omitempty"` // YYYY-MM-DD for currentDate (tests); empty: today, as Ollama does
 	Data     struct {
 		System     string    `json:"System"`
 		Messages   []Message `json:"Messages"`
@@ -179,16 +181,30 @@ type Input struct {
 	} `json:"data"`
 }
 
-var funcs = template.FuncMap{
-	"json": func(v any) string {
-		b, _ := json.Marshal(v)
-		return string(b)
-	},
+// funcs are Ollama's template functions: json, currentDate and yesterdayDate (YYYY-MM-DD, the format argument is
+// ignored as in Ollama). toTypeScriptType is not provided: it needs Ollama's tool-property types.
+func funcs(now time.Time) template.FuncMap {
+	return template.FuncMap{
+		"json": func(v any) string {
+			b, _ := json.Marshal(v)
+			return string(b)
+		},
+		"currentDate":   func(args ...string) string { return now.Format("2006-01-02") },
+		"yesterdayDate": func(args ...string) string { return now.AddDate(0, 0, -1).Format("2006-01-02") },
+	}
 }
 
 // render parses and executes one template; errors carry the stage that failed.
 func render(input Input) (string, error) {
-	tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs).Parse(input.Template)
+	now := time.Now()
+	if input.Now != "" {
+		t, err := time.Parse("2006-01-02", input.Now)
+		if err != nil {
+			return "", fmt.Errorf("bad now %q: %w", input.Now, err)
+		}
+		now = t
+	}
+	tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs(now)).Parse(input.Template)
 	if err != nil {
 		return "", fmt.Errorf("template parse error: %w", err)
 	}

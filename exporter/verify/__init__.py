@@ -104,7 +104,7 @@ def verify(opts: VerifyOptions) -> Report:
     checks = check_template(tpl, reason, tok, exported, infos, mfs)
     gen = gen_eos(art.merged) or []
     eot = eot_ids(tok, tpl, gen)
-    checks += check_stops(eot, art.merged, infos, mfs)
+    checks += check_stops(eot, art.merged, infos, mfs, tok, gen)
     chat_source = tpl.jinja if tpl is not None else tok.chat_template
     chat_texts = [render(tok, chat_source, c, False) for c in PROBE_CONVERSATIONS] if chat_source else []
     checks += check_tokenizer(tok, infos, texts, chat_texts)

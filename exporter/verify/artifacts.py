@@ -237,6 +237,7 @@ class GGUFInfo:
     chat_template: str | None
     pre: str | None
     eog_ids: dict[str, int]  # key name -> id, for eos/eot/eom
+    bos_id: int | None
     eos_ids: list[int]  # tokenizer.ggml.eos_token_ids when present
     tokens: list[str]
     token_types: list[int]
@@ -267,6 +268,7 @@ def read_gguf(path: Path) -> GGUFInfo:
         chat_template=kv.get("tokenizer.chat_template"),
         pre=kv.get("tokenizer.ggml.pre"),
         eog_ids=eog,
+        bos_id=int(kv["tokenizer.ggml.bos_token_id"]) if "tokenizer.ggml.bos_token_id" in kv else None,
         eos_ids=[int(x) for x in eos_ids] if eos_ids is not None else [],
         tokens=list(kv.get("tokenizer.ggml.tokens") or []),
         token_types=[int(x) for x in kv.get("tokenizer.ggml.token_type", [])],

@@ -3,12 +3,13 @@ HF token for token including where they stop; quantized files report where they 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from exporter.diff import first_diff
-from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, load_llama
+from exporter.engine import LoadOptions, Sampling, from_hf_model, load
+from exporter.errors import UserError
+from exporter.verify.artifacts import GGUFInfo
 from exporter.verify.report import Check, progress
 from exporter.verify.template import render
 
@@ -19,41 +20,12 @@ FULL_PRECISION = ("f32", "f16", "bf16")
 TIE_MARGIN = 1e-2
 
 
-def _hf_greedy(model: Any, prompt: list[int], stop: list[int], max_new: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens (ending with the stop token when reached) and the top-2 logit gap at each step."""
-    import torch
-
-    ids = torch.tensor([prompt])
-    out, gaps, past = [], [], None
-    with torch.no_grad():
-        for _ in range(max_new):
-            res = model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            logits = res.logits[0, -1].float()
-            top = torch.topk(logits, 2).values
-            t = int(logits.argmax())
-            out.append(t)
-            gaps.append(float(top[0] - top[1]))
-            if t in stop:
-                break
-            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
-    return out, gaps
-
-
-def _gguf_greedy(llm: Any, prompt: list[int], max_new: int) -> list[int]:
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    llm.reset()
-    llm.eval(prompt)
-    out: list[int] = []
-    for _ in range(max_new):
-        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(t)
-        if llama_cpp.llama_vocab_is_eog(vocab, t):
-            break
-        llm.eval([t])
-    return out
+def _greedy(engine: Any, prompt: list[int], stop: Sequence[int], max_new: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens through the engine (what `exporter serve`/`chat` run), ending with the stop token when one is
+    reached, and the top-2 log-prob gap at each step (= the logit gap)."""
+    s = Sampling(max_new_tokens=max_new, ignore_eos=True, stop_ids=tuple(stop), logprobs=2)
+    c = engine.generate([prompt], s)[0]
+    return c.token_ids, [lp.top[0][1] - lp.top[1][1] for lp in c.logprobs or []]
 
 
 def _judge(
@@ -118,21 +90,24 @@ def check_chat(
         for p in prompts
     ]
     checks: list[Check] = []
+    ctx = max(len(p) for p in prompt_ids) + max_new + 8
     with progress(len(prompts) * (1 + len(infos)), "chat") as step:
         ref = []
-        for ids in prompt_ids:
-            ref.append(_hf_greedy(hf_model, ids, stop, max_new))
-            step()
+        with from_hf_model(hf_model, tok, LoadOptions("merged", max_seqs=1)) as hf:
+            for ids in prompt_ids:
+                ref.append(_greedy(hf, ids, stop, max_new))
+                step()
         for g in infos:
             try:
-                llm = load_llama(g, n_ctx=max(len(p) for p in prompt_ids) + max_new + 8, logits_all=True)
-            except GGUFLoadError as e:
-                checks.append(Check("chat", g.path.name, "fail", str(e)))
+                llm = load(LoadOptions(str(g.path), max_seqs=1, ctx=ctx))
+            except UserError as e:
+                detail = f"llama.cpp cannot load {g.path.name} ({e}; arch {g.arch!r}, tokenizer.ggml.pre={g.pre!r})"
+                checks.append(Check("chat", g.path.name, "fail", detail))
                 continue
-            outs = []
-            for ids in prompt_ids:
-                outs.append(_gguf_greedy(llm, ids, max_new))
-                step()
-            llm.close()
+            with llm:
+                outs = []
+                for ids in prompt_ids:
+                    outs.append(_greedy(llm, ids, sorted(llm.eos_ids), max_new)[0])
+                    step()
             checks.append(_judge(tok, g, prompts, ref, outs, stop))
     return checks

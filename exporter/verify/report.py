@@ -13,12 +13,13 @@
         "template": str|null          # chat-template family the export was trained with
       },
       "thresholds": {"f16": 0.001, "q8_0": 0.005, ...},   # max relative perplexity difference per type
-      "summary": {"pass": int, "fail": int, "skip": int},
+      "summary": {"pass": int, "fail": int, "skip": int, "warn": int},
       "checks": [
         {
           "check": "template" | "stops" | "tokenizer" | "perplexity" | "chat",
           "target": str,              # which artifact (a file name, "merged", "adapter", "Modelfile.q8_0" ...)
-          "status": "pass" | "fail" | "skip",
+          "status": "pass" | "fail" | "skip" | "warn",   # warn: a difference the export states (a Modelfile
+                                                        # TEMPLATE cannot trim like the Jinja ...); not a fail
           "detail": str,              # one line: the cause of a failure, the reason of a skip, or a summary
           "metrics": {...}            # check-specific numbers, see below
         }, ...
@@ -44,7 +45,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from exporter.atomic import atomic_file
 
-Status = Literal["pass", "fail", "skip"]
+Status = Literal["pass", "fail", "skip", "warn"]
 SCHEMA = "exporter.verify/1"
 
 
@@ -78,7 +79,7 @@ class Report:
         return [c for c in self.checks if c.status == "fail"]
 
     def summary(self) -> dict[str, int]:
-        return {s: sum(c.status == s for c in self.checks) for s in ("pass", "fail", "skip")}
+        return {s: sum(c.status == s for c in self.checks) for s in ("pass", "fail", "skip", "warn")}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -116,6 +117,8 @@ def write_junit(report: Report, path: Path) -> None:
             )
         elif c.status == "skip":
             lines.append(f"    <skipped message={quoteattr(c.detail)}/>")
+        elif c.status == "warn":
+            lines.append(f"    <system-out>{escape('warning: ' + c.detail)}</system-out>")
         lines.append("  </testcase>")
     lines.append("</testsuite>")
     with atomic_file(path) as tmp:
@@ -125,21 +128,25 @@ def write_junit(report: Report, path: Path) -> None:
 def print_table(report: Report) -> None:
     """The rich table of all checks, failures in red, then one verdict line."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    colors = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+    colors = {"pass": "green", "fail": "bold red", "skip": "yellow", "warn": "magenta"}
     table = Table(title="exporter verify", show_lines=False)
     table.add_column("check")
     table.add_column("target")
     table.add_column("status")
     table.add_column("detail", overflow="fold")
     for c in report.checks:
-        table.add_row(c.check, c.target, f"[{colors[c.status]}]{c.status.upper()}[/]", c.detail)
+        table.add_row(escape(c.check), escape(c.target), f"[{colors[c.status]}]{c.status.upper()}[/]", escape(c.detail))
     console = Console()
     console.print(table)
     s = report.summary()
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
-    console.print(f"{verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped in {report.seconds:.1f} s")
+    warned = f", {s['warn']} with stated differences" if s["warn"] else ""
+    console.print(
+        f"{verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped{warned} in {report.seconds:.1f} s"
+    )
 
 
 @contextmanager

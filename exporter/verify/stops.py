@@ -1,5 +1,8 @@
 """Check 2, stops: every end-of-turn token is EOG in each GGUF (declared in its metadata, CONTROL typed, and EOG for
-llama.cpp), a `PARAMETER stop` in each Modelfile, and in `generation_config.json` `eos_token_id`."""
+llama.cpp), a `PARAMETER stop` in each Modelfile, and in `generation_config.json` `eos_token_id`. And nothing else
+ends generation: each GGUF's bos/eos/eot/eom ids are the HF tokenizer's and the template's, and every token
+llama.cpp treats as end-of-generation is one of those, or a special token llama.cpp picks by its name (FIM pad,
+<|endoftext|> ..., reported), never an ordinary text token."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from exporter.verify.report import Check
 
 def eot_ids(tok: Any, tpl: Any, gen_eos_ids: list[int]) -> dict[str, int]:
     """The end-of-turn tokens and their ids: the template's, else generation_config's eos ids."""
-    if tpl is not None:
+    if tpl is not None and tpl.eot_tokens:
         out = {}
         for t in tpl.eot_tokens:
             i = tok.convert_tokens_to_ids(t)
@@ -22,6 +25,16 @@ def eot_ids(tok: Any, tpl: Any, gen_eos_ids: list[int]) -> dict[str, int]:
             out[t] = int(i)
         return out
     return {tok.convert_ids_to_tokens(i): i for i in gen_eos_ids}
+
+
+def expected_eog(tok: Any, eot: dict[str, int], gen_eos_ids: list[int]) -> dict[int, str]:
+    """Ids that may end generation: the end-of-turn tokens, the tokenizer's eos, generation_config's eos ids."""
+    out = {i: t for t, i in eot.items()}
+    if tok.eos_token_id is not None:
+        out.setdefault(int(tok.eos_token_id), tok.eos_token)
+    for i in gen_eos_ids:
+        out.setdefault(int(i), tok.convert_ids_to_tokens(int(i)))
+    return out
 
 
 def _check_generation_config(eot: dict[str, int], merged: Path) -> Check:
@@ -36,11 +49,50 @@ def _check_generation_config(eot: dict[str, int], merged: Path) -> Check:
     return Check("stops", "generation_config.json", "fail" if missing else "pass", detail, metrics)
 
 
-def _check_gguf(eot: dict[str, int], g: GGUFInfo) -> Check:
+def _name(g: GGUFInfo, i: int) -> str:
+    return f"{g.tokens[i]!r} ({i})" if 0 <= i < len(g.tokens) else f"id {i} (out of the vocabulary)"
+
+
+def _special_ids(g: GGUFInfo, tok: Any, expected: dict[int, str]) -> list[str]:
+    """The GGUF's bos id is the HF tokenizer's; its eos/eot/eom ids are expected end-of-generation tokens."""
+    problems = []
+    if tok.bos_token_id is not None and g.bos_id is not None and g.bos_id != tok.bos_token_id:
+        problems.append(f"bos id is {_name(g, g.bos_id)}, the HF tokenizer's is {tok.bos_token!r} ({tok.bos_token_id})")
+    for key, i in g.eog_ids.items():
+        if i not in expected:
+            want = ", ".join(f"{t!r} ({j})" for j, t in expected.items())
+            problems.append(f"{key} id is {_name(g, i)}, not an end-of-turn or eos token of the model ({want})")
+    return problems
+
+
+def _eog_set(g: GGUFInfo, expected: dict[int, str]) -> tuple[list[str], list[str]]:
+    """(problems, notes) from the set of ids llama.cpp treats as end-of-generation: an expected one missing, or an
+    ordinary token among them, is a problem; a control token llama.cpp adds by its name is a note."""
+    import llama_cpp
+    from gguf import TokenType
+
+    llm = load_llama(g, vocab_only=True)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        eog = {i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    finally:
+        llm.close()
+    problems = [f"llama.cpp does not treat {_name(g, i)} as end-of-generation" for i in expected if i not in eog]
+    notes = []
+    for i in sorted(eog - set(expected)):
+        kind = TokenType(g.token_types[i]) if g.token_types and i < len(g.token_types) else TokenType.NORMAL
+        if kind == TokenType.NORMAL:
+            problems.append(f"{_name(g, i)}, an ordinary text token, ends generation")
+        else:
+            notes.append(f"llama.cpp also ends generation on {kind.name.lower()} token {_name(g, i)} (by its name)")
+    return problems, notes
+
+
+def _check_gguf(eot: dict[str, int], g: GGUFInfo, tok: Any, expected: dict[int, str]) -> Check:
     from gguf import TokenType
 
     declared = set(g.eog_ids.values()) | set(g.eos_ids)
-    problems = []
+    problems, notes = [], []
     for t, i in eot.items():
         if i >= len(g.tokens) or g.tokens[i] != t:
             problems.append(f"token {i} is {g.tokens[i] if i < len(g.tokens) else None!r}, not {t!r}")
@@ -51,20 +103,16 @@ def _check_gguf(eot: dict[str, int], g: GGUFInfo) -> Check:
             )
         if g.token_types and g.token_types[i] != TokenType.CONTROL:
             problems.append(f"{t} ({i}) has token type {TokenType(g.token_types[i]).name}, expected CONTROL")
-    if not problems:
-        try:
-            import llama_cpp
-
-            llm = load_llama(g, vocab_only=True)
-            vocab = llama_cpp.llama_model_get_vocab(llm.model)
-            not_eog = [t for t, i in eot.items() if not llama_cpp.llama_vocab_is_eog(vocab, i)]
-            if not_eog:
-                problems.append(f"llama.cpp does not treat {', '.join(not_eog)} as end-of-generation")
-            llm.close()
-        except GGUFLoadError as e:
-            problems.append(str(e))
-    detail = "; ".join(problems) or f"{', '.join(eot)} end generation (metadata and llama.cpp)"
-    return Check("stops", g.path.name, "fail" if problems else "pass", detail, {"eot_ids": eot, "metadata": g.eog_ids})
+    problems += _special_ids(g, tok, expected)
+    try:
+        more, notes = _eog_set(g, expected)
+        problems += more
+    except GGUFLoadError as e:
+        problems.append(str(e))
+    names = ", ".join(f"{t!r}" for t in expected.values())
+    detail = "; ".join(problems) or "; ".join([f"exactly {names} end generation (metadata and llama.cpp)", *notes])
+    metrics = {"eot_ids": eot, "metadata": g.eog_ids, "expected_eog": expected}
+    return Check("stops", g.path.name, "fail" if problems else "pass", detail, metrics)
 
 
 def _check_modelfile(eot: dict[str, int], mf: Modelfile) -> Check:
@@ -78,10 +126,17 @@ def _check_modelfile(eot: dict[str, int], mf: Modelfile) -> Check:
 
 
 def check_stops(
-    eot: dict[str, int], merged: Path | None, ggufs: list[GGUFInfo], modelfiles: list[Modelfile]
+    eot: dict[str, int],
+    merged: Path | None,
+    ggufs: list[GGUFInfo],
+    modelfiles: list[Modelfile],
+    tok: Any,
+    gen_eos_ids: list[int],
 ) -> list[Check]:
-    """Every end-of-turn token: in generation_config eos_token_id, EOG in each GGUF, a stop in each Modelfile."""
+    """Every end-of-turn token: in generation_config eos_token_id, EOG in each GGUF, a stop in each Modelfile; and no
+    other token ends generation in a GGUF."""
+    expected = expected_eog(tok, eot, gen_eos_ids)
     checks = [_check_generation_config(eot, merged)] if merged is not None else []
-    checks += [_check_gguf(eot, g) for g in ggufs]
+    checks += [_check_gguf(eot, g, tok, expected) for g in ggufs]
     checks += [_check_modelfile(eot, mf) for mf in modelfiles]
     return checks

@@ -1,0 +1,195 @@
+"""`exporter chat`: a terminal chat on the engine, like `llamafactory-cli chat` (streamed answers, history,
+`clear`, `exit`); with stdin not a terminal it reads one prompt a line and prints one answer each (scriptable).
+
+Also here: LLaMA-Factory's inference YAML (`model_name_or_path`, `adapter_name_or_path`, `template`,
+`infer_backend`, `default_system`, generation keys), read unchanged by `chat` and `serve`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from exporter.config import did_you_mean, read_yaml
+from exporter.engine import EngineError, LoadOptions, Sampling
+from exporter.errors import UserError
+
+# LLaMA-Factory's generation defaults (its GeneratingArguments), used by `chat` as `llamafactory-cli chat` does.
+LF_SAMPLING = Sampling(max_new_tokens=1024, temperature=0.95, top_p=0.7, top_k=50)
+LF_BACKENDS = {"huggingface": "hf", "hf": "hf", "vllm": "vllm"}
+# Inference keys with no effect here, said once: exporter never runs a model's remote code, and the rest only
+# choose how transformers loads what we load anyway.
+LF_NO_EFFECT = {
+    "trust_remote_code": "exporter never runs code shipped with a model",
+    "use_fast_tokenizer": "the fast tokenizer is always used",
+    "flash_attn": "attention is transformers' default (sdpa)",
+    "finetuning_type": "an adapter_name_or_path is attached as a LoRA",
+    "stage": "inference only",
+}
+LF_KEYS = {
+    "model_name_or_path", "adapter_name_or_path", "template", "infer_backend", "default_system", "infer_dtype",
+    "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "do_sample", "skip_special_tokens",
+    "num_beams", "length_penalty", "vllm_maxlen",
+}  # fmt: skip
+_DTYPES = {"auto": "auto", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+@dataclass
+class ChatOptions:
+    """What `exporter chat` runs: the model, sampling, a default system prompt, the input and output streams."""
+
+    load: LoadOptions
+    sampling: Sampling = LF_SAMPLING
+    system: str | None = None
+    stdin: TextIO = field(default_factory=lambda: sys.stdin)
+    stdout: TextIO = field(default_factory=lambda: sys.stdout)
+
+
+@dataclass
+class InferConfig:
+    """An inference YAML as engine options: what to load, how to sample, the default system prompt."""
+
+    load: dict[str, Any]
+    sampling: dict[str, Any]
+    system: str | None
+    notes: list[str]
+
+
+def read_infer_yaml(path: Path | str) -> InferConfig:
+    """LLaMA-Factory's inference YAML; an unknown key is an error with a did-you-mean, never ignored."""
+    data = read_yaml(path)
+    where = str(path)
+    load: dict[str, Any] = {}
+    samp: dict[str, Any] = {}
+    notes = []
+    for key in data:
+        if key in LF_NO_EFFECT:
+            notes.append(f"{where}: {key}: {LF_NO_EFFECT[key]}")
+        elif key not in LF_KEYS:
+            raise UserError(f"{where}: unknown inference key {key!r}{did_you_mean(key, LF_KEYS | set(LF_NO_EFFECT))}")
+    if "model_name_or_path" not in data:
+        raise UserError(f"{where}: model_name_or_path is required")
+    load["model"] = str(data["model_name_or_path"])
+    adapters = data.get("adapter_name_or_path")
+    if adapters:
+        names = [a.strip() for a in str(adapters).split(",") if a.strip()]
+        if len(names) > 1:
+            raise UserError(f"{where}: adapter_name_or_path: one adapter at a time (merge several with exporter merge)")
+        load["adapter"] = names[0]
+    if data.get("template"):
+        load["template"] = str(data["template"])
+    backend = str(data.get("infer_backend") or "huggingface")
+    if backend not in LF_BACKENDS:
+        raise UserError(f"{where}: infer_backend {backend!r}: expected huggingface or vllm")
+    if not str(load["model"]).endswith(".gguf"):
+        load["backend"] = LF_BACKENDS[backend]
+    dtype = str(data.get("infer_dtype") or "auto")
+    if dtype not in _DTYPES:
+        raise UserError(f"{where}: infer_dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+    load["dtype"] = _DTYPES[dtype]
+    if data.get("vllm_maxlen"):
+        load["ctx"] = int(data["vllm_maxlen"])
+    if int(data.get("num_beams") or 1) != 1:
+        raise UserError(f"{where}: num_beams {data['num_beams']}: beam search is not supported (use 1)")
+    if data.get("length_penalty") not in (None, 1, 1.0):
+        raise UserError(f"{where}: length_penalty applies to beam search only, which is not supported")
+    for key in ("temperature", "top_p", "repetition_penalty"):
+        if data.get(key) is not None:
+            samp[key] = float(data[key])
+    for key, to in (("top_k", "top_k"), ("max_new_tokens", "max_new_tokens")):
+        if data.get(key) is not None:
+            samp[to] = int(data[key])
+    if data.get("skip_special_tokens") is not None:
+        samp["skip_special_tokens"] = bool(data["skip_special_tokens"])
+    if data.get("do_sample") is False:
+        samp["temperature"] = 0.0
+    return InferConfig(load, samp, data.get("default_system"), notes)
+
+
+def resolve_options(
+    model: str, cli_load: dict[str, Any], cli_sampling: dict[str, Any], system: str | None, defaults: Sampling
+) -> tuple[LoadOptions, Sampling, str | None]:
+    """MODEL (a model path or an inference YAML) + command-line values (which win) -> engine options."""
+    load: dict[str, Any] = {"model": model}
+    samp: dict[str, Any] = {}
+    if model.endswith((".yaml", ".yml")) and Path(model).is_file():
+        cfg = read_infer_yaml(model)
+        for note in cfg.notes:
+            print(f"note: {note}", file=sys.stderr)
+        load, samp, system = cfg.load, cfg.sampling, system or cfg.system
+    load.update({k: v for k, v in cli_load.items() if v is not None})
+    samp.update({k: v for k, v in cli_sampling.items() if v is not None})
+    try:
+        return LoadOptions(**load), defaults.replace(**samp), system
+    except TypeError as e:
+        raise UserError(f"bad option: {e}") from None
+
+
+def quantized_model(opts: LoadOptions) -> bool:
+    """Whether `opts.model` is an HF dir from `exporter quantize` (its loaders must stay importable)."""
+    cfg = Path(opts.model).expanduser() / "config.json"
+    try:
+        return cfg.is_file() and "quantization_config" in cfg.read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ the chat loop
+
+WELCOME = "Welcome to the CLI application, use `clear` to remove the history, use `exit` to exit the application."
+
+
+def chat(opts: ChatOptions) -> None:
+    """Run the chat until `exit` or end of input."""
+    from exporter.engine import load
+
+    interactive = opts.stdin.isatty()
+    out = opts.stdout
+    with load(opts.load) as engine:
+        engine.chat_format.require()
+        history: list[dict[str, Any]] = []
+        if interactive:
+            out.write(f"{WELCOME}\n")
+        while True:
+            if interactive:
+                out.write("\nUser: ")
+                out.flush()
+            try:
+                line = opts.stdin.readline()
+            except KeyboardInterrupt:
+                break
+            if not line:
+                break
+            query = line.rstrip("\n").strip()
+            if query == "exit":
+                break
+            if query == "clear":
+                history = []
+                if interactive:
+                    out.write("History has been removed.\n")
+                continue
+            if not query:
+                continue
+            history.append({"role": "user", "content": query})
+            messages = ([{"role": "system", "content": opts.system}] if opts.system else []) + history
+            if interactive:
+                out.write("Assistant: ")
+            answer = []
+            try:
+                for d in engine.stream(engine.encode_chat(messages), opts.sampling):
+                    out.write(d.text)
+                    out.flush()
+                    answer.append(d.text)
+            except EngineError as e:
+                history.pop()
+                out.write(f"\n[error: {e}]\n")
+                continue
+            except KeyboardInterrupt:  # Ctrl-C stops this answer (its slot is freed), not the chat
+                history.pop()
+                out.write("\n[interrupted]\n")
+                continue
+            out.write("\n")
+            out.flush()
+            history.append({"role": "assistant", "content": "".join(answer)})

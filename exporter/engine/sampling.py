@@ -1,0 +1,141 @@
+"""Picking the next token from logits, and turning tokens into text as they come (stop strings included).
+
+One implementation for every backend, so greedy means the same argmax everywhere and a seed the same draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from exporter.engine.api import EngineError, Sampling, TokenLogprob
+
+
+def check_sampling(s: Sampling) -> None:
+    """EngineError naming the first out-of-range value."""
+    if s.max_new_tokens < 1:
+        raise EngineError(f"max_new_tokens must be >= 1, got {s.max_new_tokens}")
+    if not s.temperature >= 0:
+        raise EngineError(f"temperature must be >= 0, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise EngineError(f"top_p must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise EngineError(f"top_k must be >= 0, got {s.top_k}")
+    if not s.repetition_penalty > 0:
+        raise EngineError(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
+    if s.logprobs is not None and not 0 <= s.logprobs <= 20:
+        raise EngineError(f"logprobs must be between 0 and 20, got {s.logprobs}")
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log_softmax over the last axis, in float64."""
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _top_p_cut(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest set of most likely tokens whose mass reaches top_p (exact, without a full sort)."""
+    n = probs.shape[0]
+    k = min(64, n)
+    while True:
+        idx = np.argpartition(-probs, k - 1)[:k] if k < n else np.arange(n)
+        idx = idx[np.argsort(-probs[idx], kind="stable")]
+        csum = np.cumsum(probs[idx])
+        if csum[-1] >= top_p or k >= n:
+            return idx[: int(np.searchsorted(csum, top_p)) + 1]
+        k = min(n, k * 4)
+
+
+class Sampler:
+    """Per-request token picker: repetition penalty, then greedy, or temperature -> top-k -> top-p -> draw."""
+
+    def __init__(self, s: Sampling, prompt: Sequence[int]) -> None:
+        self.s = s
+        self.rng = np.random.default_rng(s.seed)
+        self.seen: set[int] = set(prompt) if s.repetition_penalty != 1.0 else set()
+
+    def __call__(self, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
+        s = self.s
+        raw = logits
+        if self.seen:
+            logits = logits.astype(np.float32, copy=True)
+            ids = np.fromiter(self.seen, dtype=np.int64)
+            ids = ids[ids < logits.shape[0]]
+            v = logits[ids]
+            logits[ids] = np.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
+        if s.greedy:
+            token = int(np.argmax(logits))
+        else:
+            x = logits.astype(np.float64) / s.temperature
+            cand = np.argpartition(-x, s.top_k - 1)[: s.top_k] if 0 < s.top_k < x.shape[0] else np.arange(x.shape[0])
+            p = np.exp(x[cand] - x[cand].max())
+            p /= p.sum()
+            if s.top_p < 1.0:
+                keep = _top_p_cut(p, s.top_p)
+                cand, p = cand[keep], p[keep] / p[keep].sum()
+            token = int(cand[min(int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum())), len(p) - 1)])
+        if self.seen or s.repetition_penalty != 1.0:
+            self.seen.add(token)
+        return token, (token_logprob(raw, token, s.logprobs) if s.logprobs is not None else None)
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """The chosen token's log-prob and the k best (ties in id order), from raw logits."""
+    lp = log_softmax(logits)
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        idx = np.argpartition(-lp, k - 1)[:k]
+        idx = idx[np.lexsort((idx, -lp[idx]))]
+        top = [(int(i), float(lp[i])) for i in idx]
+    return TokenLogprob(token, float(lp[token]), top)
+
+
+class TextStream:
+    """Tokens in, text out: only whole characters (a token may end mid UTF-8 sequence), and never text that may
+    be the start of a stop string. `decode` turns a list of token ids into text."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()) -> None:
+        self.decode = decode
+        self.stops = [s for s in stops if s]
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text already emitted (the context for the next token)
+        self.read = 0
+        self.held = ""  # decoded, not yet emitted: could be the start of a stop string
+        self.text = ""  # emitted so far
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(new text, hit a stop string) after one more token."""
+        self.ids.append(token)
+        before = self.decode(self.ids[self.prefix : self.read])
+        after = self.decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return "", False
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._emit(self.held + after[len(before) :])
+
+    def finish(self) -> str:
+        """Whatever is held back at the end of the answer (text that turned out not to be a stop string)."""
+        tail = self.decode(self.ids[self.prefix :])[len(self.decode(self.ids[self.prefix : self.read])) :]
+        out, self.held = self.held + tail, ""
+        self.text += out
+        return out
+
+    def _emit(self, pending: str) -> tuple[str, bool]:
+        hits = [(pending.find(s), s) for s in self.stops if s in pending]
+        if hits:
+            at = min(hits)[0]
+            self.held = ""
+            self.text += pending[:at]
+            return pending[:at], True
+        keep = 0
+        for s in self.stops:  # the longest tail of `pending` that starts some stop string
+            for n in range(min(len(s) - 1, len(pending)), keep, -1):
+                if s.startswith(pending[-n:]):
+                    keep = n
+                    break
+        out = pending[: len(pending) - keep]
+        self.held = pending[len(pending) - keep :]
+        self.text += out
+        return out, False

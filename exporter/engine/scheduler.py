@@ -1,0 +1,244 @@
+"""Continuous batching: one worker thread owns the model and decodes every live sequence in one forward per step.
+
+Each step feeds one token per decoding sequence plus prompt tokens of newly admitted ones (in chunks where the
+backend allows), picks each sequence's next token with its own `Sampler`, and hands the new text to that request's
+sink. Requests wait in a bounded queue; a finished or cancelled sequence frees its slot (and KV cells) at once, and
+the next waiting one takes it in the same step. Outputs never mix: each sequence has its own KV cache rows and
+sampler, and its events go to its own sink.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from exporter.engine.api import Delta, EngineClosed, EngineError, QueueFull, Sampling
+from exporter.engine.sampling import Sampler, TextStream
+
+Sink = Callable[[Delta | BaseException], None]
+
+
+@dataclass
+class Feed:
+    """Tokens to append to sequence `seq`; `want`: return the logits after the last of them."""
+
+    seq: int
+    ids: list[int]
+    want: bool = True
+
+
+class Backend(Protocol):
+    """What the scheduler needs from a backend (see hf.py, gguf.py)."""
+
+    n_ctx: int  # most tokens one sequence may hold
+    batch_tokens: int | None  # most tokens in one step (None: no limit)
+    chunked_prefill: bool  # may a prompt be fed over several steps
+
+    def step(self, feeds: list[Feed]) -> list[np.ndarray]: ...  # one logits row per feed with want, in order
+
+    def release(self, seq: int) -> None: ...
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str: ...
+
+
+@dataclass(eq=False)
+class _Seq:
+    prompt: list[int]
+    sampling: Sampling
+    stops: frozenset[int]
+    sink: Sink
+    slot: int = -1
+    fed: int = 0  # prompt tokens already in the KV cache
+    out: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    sampler: Sampler | None = None
+    text: TextStream | None = None
+
+
+class Handle:
+    """A submitted request; `cancel()` frees its slot at the next step (a client that went away)."""
+
+    def __init__(self, seq: _Seq, wake: Callable[[], None]) -> None:
+        self._seq, self._wake = seq, wake
+
+    def cancel(self) -> None:
+        self._seq.cancelled = True
+        self._wake()
+
+
+class Scheduler:
+    """Owns `backend` from its worker thread; `submit` is thread-safe. `lock` serializes other uses of the model
+    (scoring) with the steps."""
+
+    def __init__(
+        self, backend: Backend, stop_ids: frozenset[int], max_seqs: int, max_waiting: int, lock: threading.RLock
+    ) -> None:
+        self.backend, self.stop_ids, self.max_seqs, self.max_waiting = backend, stop_ids, max_seqs, max_waiting
+        self.lock = lock
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._live: list[_Seq] = []
+        self._free = list(range(max_seqs - 1, -1, -1))
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # ---- client side
+
+    def budget(self, prompt_len: int, max_new: int) -> int:
+        """`max_new` cut to what the context holds after the prompt; EngineError when the prompt alone is too long."""
+        room = self.backend.n_ctx
+        if prompt_len >= room:
+            raise EngineError(f"the prompt is {prompt_len} tokens; the context holds {room}")
+        return min(max_new, room - prompt_len)
+
+    def submit(self, prompt: Sequence[int], sampling: Sampling, sink: Sink, bounded: bool = True) -> Handle:
+        if not prompt:
+            raise EngineError("empty prompt")
+        max_new = self.budget(len(prompt), sampling.max_new_tokens)
+        stops = frozenset(sampling.stop_ids) | (frozenset() if sampling.ignore_eos else self.stop_ids)
+        seq = _Seq(list(prompt), sampling.replace(max_new_tokens=max_new), stops, sink)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if bounded and len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again later")
+            self._waiting.append(seq)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return Handle(seq, self._wake)
+
+    @contextlib.contextmanager
+    def borrow_slot(self) -> Iterator[int]:
+        """A free sequence slot for scoring outside the batch (EngineError when every slot is decoding)."""
+        with self._cond:
+            if not self._free:
+                raise EngineError("every sequence slot is busy generating; score when fewer requests run")
+            slot = self._free.pop()
+        try:
+            yield slot
+        finally:
+            with self._cond:
+                self._free.append(slot)
+                self._cond.notify()
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        with self._cond:
+            return len(self._live), len(self._waiting)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # ---- worker side
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots, first come, first served."""
+        while self._waiting and self._free:
+            seq = self._waiting[0]
+            if seq.cancelled:
+                self._waiting.popleft()
+                seq.sink(Delta("", [], "cancelled"))
+                continue
+            self._waiting.popleft()
+            seq.slot = self._free.pop()
+            seq.sampler = Sampler(seq.sampling, seq.prompt)
+            skip = seq.sampling.skip_special_tokens
+            seq.text = TextStream(lambda ids, skip=skip: self.backend.decode(ids, skip), seq.sampling.stop)
+            self._live.append(seq)
+
+    def _finish(self, seq: _Seq, reason: str | None, error: BaseException | None = None) -> None:
+        self._live.remove(seq)
+        try:
+            with self.lock:
+                self.backend.release(seq.slot)
+        finally:
+            self._free.append(seq.slot)
+            if error is not None:
+                seq.sink(error)
+            elif reason is not None:
+                tail = seq.text.finish() if reason != "cancelled" and seq.text is not None else ""
+                seq.sink(Delta(tail, [], reason))
+
+    def _feeds(self) -> list[tuple[_Seq, Feed, int]]:
+        """(sequence, feed, prompt tokens in it) for this step: one token per decoding sequence, then prompt tokens
+        of new ones (oldest first) in what is left of the step's token budget."""
+        room = self.backend.batch_tokens or 1 << 30
+        feeds = []
+        for seq in self._live:
+            if seq.fed == len(seq.prompt):
+                feeds.append((seq, Feed(seq.slot, [seq.out[-1]]), 0))
+                room -= 1
+        for seq in self._live:
+            left = len(seq.prompt) - seq.fed
+            if left == 0:
+                continue
+            n = min(left, room) if self.backend.chunked_prefill else left
+            if n <= 0 or (n > room and feeds):
+                continue
+            feeds.append((seq, Feed(seq.slot, seq.prompt[seq.fed : seq.fed + n], want=n == left), n))
+            room -= n
+        return feeds
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._live:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                for seq in [s for s in self._live if s.cancelled]:
+                    self._finish(seq, "cancelled")
+                self._admit()
+                feeds = self._feeds()
+            if not feeds:
+                continue
+            try:
+                with self.lock:
+                    rows = self.backend.step([f for _, f, _ in feeds])
+            except Exception as e:  # a failed forward fails the requests in it, not the server
+                with self._cond:
+                    for seq in {s for s, _, _ in feeds}:
+                        self._finish(seq, None, EngineError(f"generation failed: {type(e).__name__}: {e}"))
+                continue
+            with self._cond:
+                it = iter(rows)
+                for seq, feed, n_prompt in feeds:
+                    seq.fed += n_prompt
+                    if feed.want:
+                        self._advance(seq, next(it))
+        with self._cond:  # closed: fail what is left
+            for seq in list(self._live):
+                self._finish(seq, None, EngineClosed("the engine was closed"))
+            while self._waiting:
+                self._waiting.popleft().sink(EngineClosed("the engine was closed"))
+
+    def _advance(self, seq: _Seq, logits: np.ndarray) -> None:
+        assert seq.sampler is not None and seq.text is not None
+        token, lp = seq.sampler(logits)
+        seq.out.append(token)
+        if token in seq.stops:
+            seq.sink(Delta("", [token], None, [lp] if lp else None))
+            self._finish(seq, "stop")
+            return
+        text, hit = seq.text.push(token)
+        seq.sink(Delta(text, [token], None, [lp] if lp else None))
+        if hit:
+            self._finish(seq, "stop")
+        elif len(seq.out) >= seq.sampling.max_new_tokens:
+            self._finish(seq, "length")

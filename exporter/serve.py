@@ -1,0 +1,417 @@
+"""`exporter serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) on the engine.
+
+GET /v1/models, POST /v1/chat/completions (JSON or SSE streaming; tools with parsed tool_calls where the chat
+template has a tool format; stop, max_tokens / max_completion_tokens, temperature, top_p, seed, n, logprobs;
+usage; finish_reason stop / length / tool_calls). Errors have OpenAI's shape: 401 bad key, 400 malformed or
+unsupported parameter (named), 404 unknown model, 429 queue full, 503 engine closed. Requests run concurrently on
+the engine's continuous batching; a client that goes away frees its slot at the next step.
+"""
+
+import asyncio
+import json
+import os
+import secrets
+import shlex
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.engine import (
+    Completion,
+    Delta,
+    Engine,
+    EngineClosed,
+    EngineError,
+    LoadOptions,
+    QueueFull,
+    Sampling,
+    collect,
+    normalize_messages,
+    parse_tool_calls,
+)
+from exporter.errors import UserError
+
+# Parameters of POST /v1/chat/completions: the ones we honour, and the ones accepted only at their neutral value.
+SUPPORTED = {
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "seed", "n", "stop", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "user",
+    "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos",
+}  # fmt: skip
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "response_format": {"type": "text"}}
+MAX_N = 16
+
+
+@dataclass
+class ServeOptions:
+    """What `exporter serve` runs: the model, where to listen, the key, the served name and request defaults."""
+
+    load: LoadOptions
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_name: str | None = None
+    default_system: str | None = None
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_new_tokens=1024))
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _number(body: dict[str, Any], key: str, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise ApiError(400, f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {v!r}", param=key)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ApiError(400, f"'{key}' must be between {lo} and {hi}, got {v}", param=key)
+    return v
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat request: prompt ids, sampling, n, streaming and tool settings."""
+
+    prompt: list[int]
+    sampling: Sampling
+    n: int
+    stream: bool
+    include_usage: bool
+    tools: bool
+    logprobs: bool
+
+
+def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> ChatRequest:
+    """Check every parameter (400 naming the first bad one) and render the prompt."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for key in body:
+        if key in NEUTRAL:
+            if body[key] not in (NEUTRAL[key], None, {}) and not (key == "logit_bias" and body[key] == {}):
+                raise ApiError(400, f"unsupported parameter: '{key}' (only {NEUTRAL[key]!r} is supported)", param=key)
+        elif key not in SUPPORTED:
+            raise ApiError(400, f"unsupported parameter: '{key}'", param=key, code="unsupported_parameter")
+    if body.get("model") is not None and body.get("model") != name:
+        raise ApiError(404, f"The model '{body.get('model')}' does not exist; this server serves '{name}'",
+                       param="model", code="model_not_found")  # fmt: skip
+    if "messages" not in body:
+        raise ApiError(400, "'messages' is required", param="messages")
+    try:
+        messages = normalize_messages(body["messages"])
+    except EngineError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    if opts.default_system and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": opts.default_system})
+    tools = body.get("tools") or None
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type") == "function" for t in tools):
+            raise ApiError(400, "'tools' must be a list of {'type': 'function', 'function': {...}}", param="tools")
+        if engine.chat_format.tools is None:
+            raise ApiError(400, f"the chat template of '{name}' has no tool-call format", param="tools")
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise ApiError(400, "unsupported tool_choice: only 'auto' and 'none' (no constrained decoding)",
+                       param="tool_choice")  # fmt: skip
+    if choice == "none":
+        tools = None
+    d = opts.sampling
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+    max_new = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
+    top_logprobs = _number(body, "top_logprobs", int, 0, 20)
+    want_lp = bool(body.get("logprobs"))
+    if top_logprobs is not None and not want_lp:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    temperature = _number(body, "temperature", float, 0, 2)
+    sampling = d.replace(
+        max_new_tokens=max_new or d.max_new_tokens,
+        temperature=d.temperature if temperature is None else float(temperature),
+        top_p=_number(body, "top_p", float, 0, 1) if body.get("top_p") is not None else d.top_p,
+        top_k=_number(body, "top_k", int, 0) if body.get("top_k") is not None else d.top_k,
+        repetition_penalty=_number(body, "repetition_penalty", float, 0) or d.repetition_penalty,
+        seed=_number(body, "seed", int),
+        stop=tuple(stop),
+        logprobs=(top_logprobs or 0) if want_lp else None,
+        skip_special_tokens=bool(body.get("skip_special_tokens", tools is None)),
+        ignore_eos=bool(body.get("ignore_eos", False)),
+    )
+    if sampling.top_p == 0:
+        raise ApiError(400, "'top_p' must be greater than 0", param="top_p")
+    n = _number(body, "n", int, 1, MAX_N) or 1
+    try:
+        prompt = engine.encode_chat(messages, tools)
+    except EngineError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    so = body.get("stream_options") or {}
+    return ChatRequest(prompt, sampling, n, bool(body.get("stream")), bool(so.get("include_usage")), tools is not None,
+                       want_lp)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ responses
+
+
+def _logprobs(engine: Engine, lps: list[Any] | None) -> dict[str, Any] | None:
+    if lps is None:
+        return None
+
+    def entry(token: int, lp: float) -> dict[str, Any]:
+        text = engine.decode([token], skip_special=False)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps]}
+
+
+def _message(engine: Engine, c: Completion, tools: bool) -> tuple[dict[str, Any], str]:
+    content, calls = parse_tool_calls(engine.chat_format.tools, c.text) if tools else (c.text, [])
+    if calls:
+        return {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": content}, c.finish_reason
+
+
+def _chunk(rid: str, created: int, name: str, choices: list[dict[str, Any]], usage: Any = None) -> str:
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _choice(i: int, delta: dict[str, Any], reason: str | None = None, lp: Any = None) -> dict[str, Any]:
+    return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
+
+
+def _usage(prompt: int, completions: list[int]) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": sum(completions), "total_tokens": prompt + sum(completions)}
+
+
+class _Run:
+    """n engine requests of one HTTP request, their deltas on one asyncio queue: (choice index, Delta | error)."""
+
+    def __init__(self, engine: Engine, req: ChatRequest) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Delta | BaseException]] = asyncio.Queue()
+        self.handles = []
+        try:
+            for i in range(req.n):
+                s = req.sampling if req.sampling.seed is None else req.sampling.replace(seed=req.sampling.seed + i)
+
+                def sink(d: Delta | BaseException, i: int = i) -> None:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, d))
+
+                self.handles.append(engine.submit(req.prompt, s, sink))
+        except BaseException:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+
+def create_app(engine: Engine, opts: ServeOptions) -> Any:
+    """The FastAPI app serving `engine`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    name = opts.model_name or engine.name
+    app = FastAPI(title="exporter serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _: Exception) -> JSONResponse:
+        return JSONResponse(ApiError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
+
+    @app.exception_handler(405)
+    async def _not_allowed(request: Request, _: Exception) -> JSONResponse:
+        e = ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+        return JSONResponse(e.body(), status_code=405)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if opts.api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {opts.api_key}".encode()):
+                e = ApiError(401, "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer)",
+                             type_="authentication_error", code="invalid_api_key")  # fmt: skip
+                return JSONResponse(e.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def _health() -> dict[str, Any]:
+        running, waiting = engine.load()
+        return {"status": "ok", "model": name, "running": running, "waiting": waiting}
+
+    @app.get("/v1/models")
+    async def _models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "exporter"}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def _model(model_id: str) -> dict[str, Any]:
+        if model_id != name:
+            raise ApiError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return {"id": name, "object": "model", "created": created, "owned_by": "exporter"}
+
+    @app.post("/v1/chat/completions")
+    async def _chat(request: Request) -> Any:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        req = parse_request(body, engine, opts, name)
+        try:
+            run = _Run(engine, req)
+        except QueueFull as e:
+            raise ApiError(429, str(e), type_="rate_limit_error", code="queue_full") from None
+        except EngineClosed as e:
+            raise ApiError(503, str(e), type_="server_error", code="unavailable") from None
+        except EngineError as e:
+            raise ApiError(400, str(e)) from None
+        rid = f"chatcmpl-{secrets.token_hex(12)}"
+        if req.stream:
+            return StreamingResponse(_stream(engine, req, run, rid, name), media_type="text/event-stream")
+        return JSONResponse(await _complete(engine, req, run, rid, name, request))
+
+    return app
+
+
+async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: str, request: Any) -> dict:
+    parts: list[list[Delta]] = [[] for _ in range(req.n)]
+    done = 0
+    try:
+        while done < req.n:
+            try:
+                i, d = await asyncio.wait_for(run.queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError from None
+                continue
+            if isinstance(d, BaseException):
+                raise ApiError(500, str(d), type_="server_error")
+            parts[i].append(d)
+            done += d.finish_reason is not None
+    finally:
+        run.cancel()
+    choices, counts = [], []
+    for i, p in enumerate(parts):
+        c = collect(p, len(req.prompt))
+        msg, reason = _message(engine, c, req.tools)
+        choices.append({"index": i, "message": msg, "logprobs": _logprobs(engine, c.logprobs), "finish_reason": reason})
+        counts.append(c.completion_tokens)
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": choices,
+        "usage": _usage(len(req.prompt), counts),
+    }
+
+
+async def _stream(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: str) -> AsyncIterator[str]:
+    """SSE chunks; with tools the text is held until the end (a tool call is only known once complete)."""
+    created = int(time.time())
+    held: list[list[Delta]] = [[] for _ in range(req.n)]
+    counts = [0] * req.n
+    done = 0
+    try:
+        yield _chunk(rid, created, name, [_choice(i, {"role": "assistant", "content": ""}) for i in range(req.n)])
+        while done < req.n:
+            i, d = await run.queue.get()
+            if isinstance(d, BaseException):
+                err = ApiError(500, str(d), type_="server_error").body()
+                yield f"data: {json.dumps(err)}\n\n"
+                return
+            counts[i] += len(d.token_ids)
+            if req.tools:
+                held[i].append(d)
+                if d.finish_reason is None:
+                    continue
+                msg, reason = _message(engine, collect(held[i], len(req.prompt)), True)
+                delta = {k: v for k, v in msg.items() if k != "role"}
+                if "tool_calls" in delta:
+                    delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(delta["tool_calls"])]
+                yield _chunk(rid, created, name, [_choice(i, delta, reason)])
+                done += 1
+                continue
+            if d.text or d.logprobs:
+                lp = _logprobs(engine, d.logprobs) if req.logprobs else None
+                yield _chunk(rid, created, name, [_choice(i, {"content": d.text}, None, lp)])
+            if d.finish_reason is not None:
+                done += 1
+                yield _chunk(rid, created, name, [_choice(i, {}, d.finish_reason)])
+        if req.include_usage:
+            yield _chunk(rid, created, name, [], _usage(len(req.prompt), counts))
+        yield "data: [DONE]\n\n"
+    finally:
+        run.cancel()  # a client that went away (the task is cancelled) frees its slots
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def banner(opts: ServeOptions, name: str, engine: Engine) -> str:
+    """The startup text: URL, a curl and an openai example, ready to paste."""
+    host = opts.host if opts.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    base = f"http://{host}:{opts.port}/v1"
+    key = opts.api_key or "none"
+    payload = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello!"}]})
+    auth = f" -H {shlex.quote('Authorization: Bearer ' + opts.api_key)}" if opts.api_key else ""
+    running = f"{engine.kind} backend, {engine.options.max_seqs} sequences at a time"
+    return (
+        f"exporter serve: {name} ({running}) at {base}\n\n"
+        f"  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+        f"    -d {shlex.quote(payload)}\n\n"
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{key}'); "
+        f"print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hello!'}}])"
+        f'.choices[0].message.content)"\n'
+    )
+
+
+def options_from_env(opts: ServeOptions) -> ServeOptions:
+    """LLaMA-Factory's API_HOST / API_PORT / API_KEY / API_MODEL_NAME fill what the command line left unset."""
+    env = os.environ
+    if env.get("API_PORT"):
+        try:
+            opts.port = int(env["API_PORT"])
+        except ValueError:
+            raise UserError(f"API_PORT={env['API_PORT']!r}: expected a port number") from None
+    opts.host = env.get("API_HOST") or opts.host
+    opts.api_key = opts.api_key or env.get("API_KEY") or None
+    opts.model_name = opts.model_name or env.get("API_MODEL_NAME") or None
+    return opts
+
+
+def run(opts: ServeOptions) -> None:
+    """Load the model, print the banner, serve until interrupted."""
+    from exporter.engine import load
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("exporter serve needs FastAPI and uvicorn: pip install 'exporter[serve]'") from None
+    if not 0 < opts.port < 65536:
+        raise UserError(f"--port {opts.port}: expected 1-65535")
+    engine = load(opts.load)
+    try:
+        engine.chat_format.require()
+        app = create_app(engine, opts)
+        sys.stdout.write(banner(opts, opts.model_name or engine.name, engine))
+        sys.stdout.flush()
+        uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning", access_log=False)
+    finally:
+        engine.close()

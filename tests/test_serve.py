@@ -1,0 +1,276 @@
+"""`exporter serve` on 127.0.0.1, driven by the real `openai` client: a fixture GGUF and a base + trained adapter.
+
+The adapter is trained here (exporter train, a few seconds) on a tool-call conversation and short Q&A pairs, so
+answers are deterministic and distinct; references are PEFT (HF) and llama-cpp-python (GGUF) greedy decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+from engine_models import KEY, QA, TOOLS, peft_answers
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.slow  # trains an adapter and starts servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`exporter serve ...` as a child process on a free 127.0.0.1 port."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}/v1"
+        cmd = [sys.executable, "-m", "exporter", "serve", *args, "--port", str(self.port)]
+        self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})  # fmt: skip
+        self.banner = ""
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{self.port}/health")
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            self.stop()
+            raise AssertionError("server did not start in 240 s")
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.banner = self.proc.stdout.read() or ""
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+            return json.loads(r.read())
+
+    def client(self, key: str = KEY, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base, api_key=key, max_retries=0, **kw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def models(tool_models, tmp_path_factory) -> SimpleNamespace:
+    """tool_models plus an f16 GGUF of a sharpened random model (long, varied answers)."""
+    from export_edits import sharpen_attention
+
+    from exporter import gguf, templates
+
+    sharp = tmp_path_factory.mktemp("serve") / "sharp"
+    shutil.copytree(tool_models.base, sharp)
+    sharpen_attention(sharp)
+    sharp_gguf = gguf.export(sharp, ["f16"], templates.resolve(sharp, None), sharp.parent / "gguf").files["f16"]
+    return SimpleNamespace(**vars(tool_models), sharp_gguf=sharp_gguf)
+
+
+@pytest.fixture(scope="module")
+def hf_server(models) -> Iterator[Server]:
+    s = Server(str(models.base), "--adapter", str(models.lora), "--api-key", KEY, "--model-name", "tuned")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def gguf_server(models) -> Iterator[Server]:
+    s = Server(str(models.gguf), "--max-seqs", "16", "--ctx", "8192", env={"API_KEY": KEY, "API_MODEL_NAME": "tuned"})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(models) -> dict[str, str]:
+    """PEFT's greedy answers (the adapter attached to the base): what both servers must answer."""
+    ref = peft_answers(models.base, models.lora)
+    assert len(set(ref.values())) >= 5, ref  # the adapter learned distinct answers: mixed-up streams would show
+    return ref
+
+
+def _ask(client, q: str, **kw):
+    return client.chat.completions.create(
+        model="tuned", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24, **kw
+    )
+
+
+@pytest.mark.parametrize("which", ["hf_server", "gguf_server"])
+def test_answers_equal_reference_streaming_and_not(which: str, request, reference) -> None:
+    server: Server = request.getfixturevalue(which)
+    assert "curl" in server.banner and "OpenAI(base_url=" in server.banner and server.base in server.banner
+    c = server.client()
+    assert [m.id for m in c.models.list().data] == ["tuned"]
+    for q, _ in QA:
+        want = reference[q]
+        r = _ask(c, q)
+        assert r.choices[0].message.content == want
+        assert r.choices[0].finish_reason == "stop"
+        assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        chunks = list(_ask(c, q, stream=True, stream_options={"include_usage": True}))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == want
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+        assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    r = _ask(c, QA[0][0], max_completion_tokens=2)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
+    word = reference[QA[2][0]].split()[2]
+    r = _ask(c, QA[2][0], stop=[word])
+    want = reference[QA[2][0]]
+    assert r.choices[0].message.content == want[: want.index(word)] and r.choices[0].finish_reason == "stop"
+    r = c.chat.completions.create(model="tuned", messages=[{"role": "user", "content": QA[0][0]}], n=3,
+                                  temperature=1.0, seed=5, max_tokens=8)  # fmt: skip
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    again = c.chat.completions.create(model="tuned", messages=[{"role": "user", "content": QA[0][0]}], n=3,
+                                      temperature=1.0, seed=5, max_tokens=8)  # fmt: skip
+    assert [ch.message.content for ch in r.choices] == [ch.message.content for ch in again.choices]
+
+
+@pytest.mark.parametrize("which", ["hf_server", "gguf_server"])
+def test_tool_call_round_trip(which: str, request) -> None:
+    c = request.getfixturevalue(which).client()
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = c.chat.completions.create(model="tuned", messages=msgs, tools=TOOLS, temperature=0, max_tokens=40)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    msgs += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21})},
+    ]
+    r = c.chat.completions.create(model="tuned", messages=msgs, tools=TOOLS, temperature=0, max_tokens=40)
+    assert r.choices[0].message.content == "It is 21 degrees in Paris." and r.choices[0].finish_reason == "stop"
+    chunks = list(c.chat.completions.create(model="tuned", messages=msgs[:1], tools=TOOLS, temperature=0,
+                                            max_tokens=40, stream=True))  # fmt: skip
+    calls = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+    assert [tc.function.name for tc in calls] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_errors_have_openai_shape(hf_server: Server) -> None:
+    with pytest.raises(openai.AuthenticationError) as e:
+        hf_server.client(key="wrong").models.list()
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    req = urllib.request.Request(f"{hf_server.base}/models")
+    with pytest.raises(urllib.error.HTTPError) as h:
+        urllib.request.urlopen(req, timeout=5)
+    assert h.value.code == 401 and json.loads(h.value.read())["error"]["type"] == "authentication_error"
+    c = hf_server.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found"
+    cases = [
+        ({"messages": [{"role": "user", "content": "hi"}], "extra_body": {"logit_bias_x": 1}}, "logit_bias_x"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": TOOLS}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, "n"),
+    ]
+    for kw, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="tuned", **kw)
+        assert e.value.body["param"] == param, e.value.body
+    bad = urllib.request.Request(f"{hf_server.base}/chat/completions", data=b"{not json",
+                                 headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as h:
+        urllib.request.urlopen(bad, timeout=5)
+    assert h.value.code == 400 and "not valid JSON" in json.loads(h.value.read())["error"]["message"]
+
+
+def test_64_concurrent_streams_separate_and_correct(gguf_server: Server, reference) -> None:
+    async def run() -> list[tuple[str, str, str | None]]:
+        client = openai.AsyncOpenAI(base_url=gguf_server.base, api_key=KEY, max_retries=0, timeout=600)
+
+        async def one(k: int) -> tuple[str, str, str | None]:
+            q = QA[k % len(QA)][0]
+            stream = await client.chat.completions.create(
+                model="tuned", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24, stream=True
+            )
+            text, finish = "", None
+            async for ch in stream:
+                if ch.choices:
+                    text += ch.choices[0].delta.content or ""
+                    finish = ch.choices[0].finish_reason or finish
+            return q, text, finish
+
+        try:
+            return await asyncio.gather(*(one(k) for k in range(64)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert [(t, f) for q, t, f in results] == [(reference[q], "stop") for q, _, _ in results]
+
+
+def test_aborted_stream_frees_its_slot_and_queue_limit(models) -> None:
+    """With one slot: a client that drops a long stream must not hold up the next request; a full queue is 429."""
+    s = Server(str(models.sharp_gguf), "--max-seqs", "1", "--max-waiting", "1", "--model-name", "tuned")
+    try:
+        c = s.client(key="none", timeout=60)
+        long = dict(model="tuned", messages=[{"role": "user", "content": "hi"}], max_tokens=3000, temperature=0,
+                    extra_body={"ignore_eos": True})  # fmt: skip
+        stream = c.chat.completions.create(**long, stream=True)
+        got = 0
+        for ch in stream:
+            got += bool(ch.choices and ch.choices[0].delta.content)
+            if got >= 2:
+                break
+        stream.close()
+        t0 = time.time()
+        r = c.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "hey"}], max_tokens=4)
+        assert r.choices[0].finish_reason in ("stop", "length") and time.time() - t0 < 30
+        deadline = time.time() + 10
+        while s.health()["running"] and time.time() < deadline:
+            time.sleep(0.2)
+        assert s.health() | {"status": "ok"} == {"status": "ok", "model": "tuned", "running": 0, "waiting": 0}
+
+        async def flood() -> list[int]:
+            """One request running, then three at once: one waits (the queue holds one), two get 429."""
+            client = openai.AsyncOpenAI(base_url=s.base, api_key="none", max_retries=0, timeout=120)
+
+            async def one(max_tokens: int) -> int:
+                try:
+                    await client.chat.completions.create(**{**long, "max_tokens": max_tokens})
+                    return 200
+                except openai.APIStatusError as e:
+                    return e.status_code
+
+            try:
+                running = asyncio.create_task(one(300))
+                while s.health()["running"] == 0:
+                    await asyncio.sleep(0.05)
+                rest = await asyncio.gather(*(one(4) for _ in range(3)))  # while the first one still runs
+                return [await running, *rest]
+            finally:
+                await client.close()
+
+        codes = asyncio.run(flood())
+        assert codes[0] == 200 and sorted(codes[1:]) == [200, 429, 429], codes
+    finally:
+        s.stop()
