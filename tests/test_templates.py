@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import DENSE, FAMILIES, ROOT, TEMPLATE_OF, fixtures_root, llama_src, require_go
+from conftest import DENSE, FAMILIES, ROOT, TEMPLATE_OF, fixtures_root, llama_src, load_maker, require_go
 
 from exporter.errors import UserError
 from exporter.templates import (
@@ -606,13 +606,15 @@ def test_known_differences_from_published_are_real() -> None:
 # detection by content
 
 
-# published templates no family of ours matches yet (GLM-4.6's thinking format, Granite 3.3, SmolLM3): derived ones
-UNMATCHED = ("glm4", "granite", "smollm3")
-
-
-@pytest.mark.parametrize("fixture", [f for f in FAMILIES if f not in UNMATCHED])
+@pytest.mark.parametrize("fixture", FAMILIES)
 def test_detect_fixture_models(fixture: str, tiny_model) -> None:
-    assert detect(tiny_model(fixture)).name == TEMPLATE_OF[fixture]
+    """A fixture carrying one of our families' Jinja detects as that family; one carrying its model's published
+    Jinja (Qwen3, Gemma 2, Mistral Nemo, GLM-4.6, Granite 3.3, SmolLM3) as derived from it, kept verbatim."""
+    model = tiny_model(fixture)
+    tpl = detect(model)
+    published = load_maker().SPECS[fixture].real_template
+    assert tpl.name == ("derived" if published else TEMPLATE_OF[fixture])
+    assert tpl.jinja == (model / "chat_template.jinja").read_text(encoding="utf-8") and tpl.ollama
 
 
 # published template -> (detected name, whose Go TEMPLATE, bos, eos): a family only where every probe (whitespace,
