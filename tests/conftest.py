@@ -58,6 +58,12 @@ TEMPLATE_OF = {
 }
 
 
+def detected_template(family: str) -> str:
+    """What template detection names a fixture's own: its family, or "derived" where it carries its model's published
+    Jinja (no family renders every probe like it)."""
+    return "derived" if load_maker().SPECS[family].real_template else TEMPLATE_OF[family]
+
+
 def _missing(what: str) -> None:
     if os.environ.get("EXPORTER_REQUIRE_REFERENCES") == "1":
         pytest.fail(f"{what} is required here (EXPORTER_REQUIRE_REFERENCES=1) but missing")

@@ -1,7 +1,8 @@
-"""Each newer architecture through the whole chain with `exporter pipeline`: LoRA training (MoE experts included),
-merge, GGUF, and verify's checks (template, stops, tokenizer ids HF == llama.cpp, perplexity on the same ids, greedy
-answers HF == llama.cpp token for token). Stage by stage references are in test_merge.py (PEFT), test_gguf.py
-(llama.cpp's converter and runtime) and test_spm.py (tokenizers)."""
+"""Each newer architecture through the whole chain with `exporter pipeline` and the model's own chat template (the
+published one, derived, for Qwen3-MoE, Gemma 2, Mistral Nemo, GLM-4.6, Granite 3.3 and SmolLM3): LoRA training (MoE
+experts included), merge, GGUF, and verify's checks (template, stops, tokenizer ids HF == llama.cpp, perplexity on the
+same ids, greedy answers HF == llama.cpp token for token). Stage by stage references are in test_merge.py (PEFT),
+test_gguf.py (llama.cpp's converter and runtime) and test_spm.py (tokenizers)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import MORE, ROOT, TEMPLATE_OF, require_llama_cpp
+from conftest import MORE, ROOT, require_llama_cpp
 from safetensors import safe_open
 
 from exporter import pipeline
@@ -34,7 +35,6 @@ def test_chain(family, tiny_model, tmp_path: Path) -> None:
     cfg = {
         "base": str(base),
         "run_dir": str(tmp_path / "run"),
-        "template": TEMPLATE_OF[family],
         "train": {
             "dataset": "identity",
             "dataset_dir": str(ROOT / "data" / "demo"),

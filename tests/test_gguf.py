@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAMILIES, MORE, ROOT, TEMPLATE_OF, llama_src, require_go, require_llama_cpp
+from conftest import FAMILIES, MORE, ROOT, TEMPLATE_OF, detected_template, llama_src, require_go, require_llama_cpp
 
 from exporter.errors import UserError
 
@@ -69,7 +69,7 @@ def converted(tiny_model, tmp_path_factory):
         if key not in _CACHE:
             model = tiny_model(family, real_vocab=real_vocab)
             tpl = templates.resolve(model, None)  # the model's own template, written verbatim
-            assert tpl.name == TEMPLATE_OF[family]
+            assert tpl.name == detected_template(family)
             out = tmp_path_factory.mktemp(f"gguf-{family}") / "out"
             export(model, list(kinds), tpl, out)
             _CACHE[key] = (out, tpl)
@@ -401,6 +401,8 @@ def test_modelfile_parses_and_template_renders_like_jinja(converted):
     from transformers import AutoTokenizer
 
     from exporter.gotemplate import ollama_data, render_go_many
+    from exporter.verify import template as verify_template
+    from exporter.verify.artifacts import parse_modelfile
 
     require_go()
     convs = [
@@ -412,7 +414,7 @@ def test_modelfile_parses_and_template_renders_like_jinja(converted):
             {"role": "user", "content": "Und 3+3? 谢谢 🦙"},
         ],
     ]
-    jobs, expected, where = [], [], []
+    jobs, expected, where, stated = [], [], [], {}
     for family in FAMILIES:
         out, tpl = converted(family)
         tok = AutoTokenizer.from_pretrained(_src_of(out))
@@ -425,6 +427,8 @@ def test_modelfile_parses_and_template_renders_like_jinja(converted):
             assert set(tpl.eot_tokens) <= set(stops) | {tok.eos_token}, f"{family}: an end-of-turn token is no stop"
             assert d.get("system") == tpl.default_system
             assert not any(c.startswith("parameter") and c != "parameter stop" for c, _ in cmds)  # no num_ctx etc.
+        # a TEMPLATE derived from a published Jinja may differ where its header says so (Granite's date format)
+        stated[family] = verify_template._stated(parse_modelfile(out / "Modelfile.f16"))[1:]
         for conv in convs:
             try:
                 ref = tok.apply_chat_template(conv, chat_template=tpl.jinja, tokenize=False, add_generation_prompt=True)
@@ -436,7 +440,8 @@ def test_modelfile_parses_and_template_renders_like_jinja(converted):
             expected.append(ref)
             where.append(family)
     for family, got, want in zip(where, render_go_many(jobs), expected, strict=True):
-        assert got == want, f"{family}: Go render differs\nGo:    {got!r}\nJinja: {want!r}"
+        ok = got == want or verify_template._explained(got, want, *stated[family])
+        assert ok, f"{family}: Go render differs\nGo:    {got!r}\nJinja: {want!r}"
 
 
 def _src_of(out: Path) -> Path:

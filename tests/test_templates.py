@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import DENSE, FAMILIES, ROOT, TEMPLATE_OF, fixtures_root, llama_src, load_maker, require_go
+from conftest import DENSE, FAMILIES, ROOT, TEMPLATE_OF, detected_template, fixtures_root, llama_src, require_go
 
 from exporter.errors import UserError
 from exporter.templates import (
@@ -612,8 +612,7 @@ def test_detect_fixture_models(fixture: str, tiny_model) -> None:
     Jinja (Qwen3, Gemma 2, Mistral Nemo, GLM-4.6, Granite 3.3, SmolLM3) as derived from it, kept verbatim."""
     model = tiny_model(fixture)
     tpl = detect(model)
-    published = load_maker().SPECS[fixture].real_template
-    assert tpl.name == ("derived" if published else TEMPLATE_OF[fixture])
+    assert tpl.name == detected_template(fixture)
     assert tpl.jinja == (model / "chat_template.jinja").read_text(encoding="utf-8") and tpl.ollama
 
 
