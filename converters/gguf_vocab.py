@@ -289,8 +289,17 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch: gguf_arch.Arch, eot_t
     return vocab
 
 
+def _generation_eos(model_dir: Path, n_tokens: int) -> list[int]:
+    """The ids generation_config.json's `eos_token_id` stops on (GLM-4's <|observation|>, Phi-3's <|assistant|>)."""
+    ids = read_json(model_dir / "generation_config.json", optional=True).get("eos_token_id")
+    ids = ids if isinstance(ids, list) else [ids]
+    return [i for i in ids if isinstance(i, int) and 0 <= i < n_tokens]
+
+
 def _set_eog(vocab: Vocab, eot_tokens: list[str], model_dir: Path) -> None:
-    """Make each end-of-turn token an EOG id: eos already is; the first other one is eot, the next eom."""
+    """Make each end-of-turn token an EOG id: eos already is; the first other one is eot, the next eom. Then the
+    ids generation_config stops on, where a slot is left (a template's own Jinja may not say that a turn can end
+    with, e.g., GLM-4's <|observation|>); one that does not fit is noted."""
     eos = vocab.special_ids.get("eos")
     extra: list[int] = []
     for text in eot_tokens:
@@ -316,6 +325,15 @@ def _set_eog(vocab: Vocab, eot_tokens: list[str], model_dir: Path) -> None:
                 f"{model_dir}: the template ends turns with more tokens than GGUF can mark as end-of-generation "
                 f"(eos, eot, eom): {eot_tokens}"
             )
+    for tid in _generation_eos(model_dir, len(vocab.tokens)):
+        free = [k for k in ("eos", "eot", "eom") if vocab.special_ids.get(k) is None and (k == "eos" or k in slots)]
+        if tid in (vocab.special_ids.get(k) for k in ("eos", "eot", "eom")):
+            continue
+        if not free or vocab.toktypes[tid] not in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
+            why = "no eos/eot/eom slot left" if free == [] else "an ordinary token"
+            vocab.notes.append(f"generation_config eos id {tid} ({vocab.tokens[tid]!r}) not made EOG: {why}")
+            continue
+        vocab.special_ids[free[0]] = tid
 
 
 def write_vocab(w: gguf.GGUFWriter, vocab: Vocab, chat_template: str | None) -> None:

@@ -44,6 +44,18 @@ def render(tok: Any, jinja: str, messages: list[dict[str, str]], gen: bool) -> s
     return tok.apply_chat_template(messages, chat_template=jinja, tokenize=False, add_generation_prompt=gen)
 
 
+def render_each(tok: Any, jinja: str, conversations: list[list[dict[str, str]]]) -> list[str]:
+    """Each whole conversation through `jinja`, leaving out those the model's own Jinja refuses (e.g. a system
+    message for Gemma 2)."""
+    out = []
+    for conv in conversations:
+        try:
+            out.append(render(tok, jinja, conv, False))
+        except Exception:  # jinja2's TemplateError from raise_exception, or whatever else the model's Jinja raises
+            continue
+    return out
+
+
 def _strip_bos(ids: list[int], bos: int | None) -> list[int]:
     return ids[1:] if ids and bos is not None and ids[0] == bos else ids
 
