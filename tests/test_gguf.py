@@ -245,7 +245,9 @@ def test_tokenization_matches_hf(family, tiny_model, converted):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_end_of_turn_tokens_are_eog(family, converted):
-    """Every token the template ends a turn with stops llama.cpp's generation (Ollama stops on EOG too)."""
+    """Every token the template ends a turn with, and every eos id of generation_config.json (what HF's generate stops
+    on, e.g. GLM-4's <|observation|>, which its published Jinja does not end a turn with), stops llama.cpp's
+    generation (Ollama stops on EOG too)."""
     llama_cpp = require_llama_cpp()
     out, tpl = converted(family)
     llm = _llama(_gguf(out, "f16"), vocab_only=True)
@@ -254,6 +256,9 @@ def test_end_of_turn_tokens_are_eog(family, converted):
         ids = llm.tokenize(text.encode(), add_bos=False, special=True)
         assert len(ids) == 1, f"{family}: {text!r} is not one token: {ids}"
         assert llama_cpp.llama_vocab_is_eog(vocab, ids[0]), f"{family}: {text!r} ({ids[0]}) is not end-of-generation"
+    gen = json.loads((_src_of(out) / "generation_config.json").read_text())["eos_token_id"]
+    for i in gen if isinstance(gen, list) else [gen]:
+        assert llama_cpp.llama_vocab_is_eog(vocab, i), f"{family}: generation_config eos id {i} is not EOG"
 
 
 def _hf_model(model: Path):
