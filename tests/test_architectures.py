@@ -71,3 +71,52 @@ def test_chain(family, tiny_model, tmp_path: Path) -> None:
     if family in ("qwen3_moe", "mixtral"):  # `lora_target: all` trains the experts, and merge folds them in
         assert adapter.experts, "no LoRA on the experts"
         assert any(".experts.1." in k for k in changed), "expert LoRA did not reach the merged weights"
+
+
+EXPERTS = {"down_proj", "gate_up_proj"}  # transformers 5's fused expert parameters
+
+
+@pytest.mark.parametrize(
+    ("lora_target", "modules", "params"),
+    [
+        # all-linear, which PEFT expands; PEFT adds the router (mlp.gate.weight) to the expert parameters
+        ("all", {"q_proj", "k_proj", "v_proj", "o_proj"}, EXPERTS | {"weight"}),
+        ("q_proj,experts", {"q_proj"}, EXPERTS),
+        ("v_proj,gate_up_proj", {"v_proj"}, {"gate_up_proj"}),
+        ("q_proj,gate_proj,up_proj,down_proj", {"q_proj"}, EXPERTS),  # LLaMA-Factory's names, which PEFT converts
+    ],
+)
+def test_lora_target_on_moe_experts(lora_target, modules, params, tiny_model) -> None:
+    """`lora_target` on an MoE model, as PEFT receives it: `all` adds the fused expert parameters all-linear does not
+    reach; expert names select them; transformers 4 names (LLaMA-Factory configs) go to PEFT, which converts them;
+    PEFT then really trains expert LoRA weights."""
+    from exporter import lf_args, train
+
+    base = tiny_model("qwen3_moe")
+    cfg, _ = lf_args.config_from_args(
+        ["--model_name_or_path", str(base), "--output_dir", "o", "--lora_target", lora_target, "--lora_rank", "4"]
+    )
+    model = train.load_model(cfg, base, "cpu")
+    peft_cfg = model.peft_config["default"]
+    assert set(peft_cfg.target_modules) == modules
+    assert {p.rsplit(".", 1)[-1] for p in peft_cfg.target_parameters} == params
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "experts" in n and "lora_" in n]
+    assert trained, f"lora_target {lora_target}: no trainable LoRA weights on the experts"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora_target", "experts", "--lora_dropout", "0.1"], "works without lora_dropout and DoRA only"),
+        (["--lora_target", "all", "--use_dora", "true"], "works without lora_dropout and DoRA only"),
+        (["--lora_target", "expert"], "no linear layer or expert parameter of that name.*did you mean 'experts'"),
+    ],
+)
+def test_lora_target_on_moe_experts_refused(flags, message, tiny_model) -> None:
+    from exporter import lf_args, train
+    from exporter.errors import UserError
+
+    base = tiny_model("qwen3_moe")
+    cfg, _ = lf_args.config_from_args(["--model_name_or_path", str(base), "--output_dir", "o", *flags])
+    with pytest.raises(UserError, match=message):
+        train.load_model(cfg, base, "cpu")
