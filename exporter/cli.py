@@ -89,32 +89,44 @@ app.add_typer(template_app, name="template")
 
 @template_app.command("list")
 def _template_list() -> None:
-    """List the known chat-template families."""
+    """List the official families and the LLaMA-Factory names, and which LF names render a family's text."""
     _setup(transformers=False)
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    from exporter import lf_names, lf_templates
     from exporter.templates import list_templates, load_template
 
-    table = Table("family", "end of turn", "tools", "description")
+    same = lf_names.same_text_names()
+    table = Table("family", "end of turn", "tools", "same text as LF", "description", title="official families")
     for name in list_templates():
         tpl = load_template(name)
-        cells = (name, " ".join(tpl.eot_tokens), "yes" if tpl.tools else "", tpl.description)
+        cells = (name, " ".join(tpl.eot_tokens), "yes" if tpl.tools else "", " ".join(same[name]), tpl.description)
         table.add_row(*(Text(c) for c in cells))
-    Console(highlight=False).print(table)
+    lf_table = Table("LF name", "stop words", "kind", "Jinja", "same text as family", title="LLaMA-Factory 0.9.5 names")
+    for name in lf_templates.names():
+        t = lf_templates.load(name)
+        jinja = "generated" if t.replace_jinja_template else "model's (else generated)"
+        fams = " ".join(f for f, names in same.items() if name in names)
+        lf_table.add_row(*(Text(c) for c in (name, " ".join(t.stop_words), t.kind, jinja, fams)))
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(lf_table)
 
 
 @template_app.command("show")
 def _template_show(
-    family: str = typer.Argument(..., help="Family name (see `exporter template list`)."),
-    fmt: str = typer.Option("jinja", "--format", help="jinja (HF chat_template) or ollama (Modelfile lines)."),
+    family: str = typer.Argument(..., help="Family or LLaMA-Factory name (see `exporter template list`)."),
+    fmt: str = typer.Option("jinja", "--format", help="jinja, ollama (Modelfile lines) or slots (LF names)."),
+    bos_token: str = typer.Option(None, "--bos-token", help="BOS text an LF name's generated Jinja writes."),
+    eos_token: str = typer.Option(None, "--eos-token", help="EOS text an LF name's generated Jinja writes."),
 ) -> None:
-    """Print a family's HF Jinja chat_template or its Ollama Modelfile TEMPLATE/SYSTEM/stop lines."""
+    """Print a template's HF Jinja chat_template or its Ollama Modelfile TEMPLATE/SYSTEM/stop lines."""
     _setup(transformers=False)
     from exporter.templates import show_for_cli
 
-    typer.echo(show_for_cli(family, fmt))
+    typer.echo(show_for_cli(family, fmt, bos_token, eos_token))
 
 
 @template_app.command("detect")
@@ -122,15 +134,18 @@ def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir wit
     """Name the family whose template renders exactly like the model's own chat_template, or say what is derived
     from it: the shapes checked in Go and those that differ."""
     _setup()
+    from exporter import lf_names
     from exporter.templates import detect
 
     tpl = detect(model_dir)
-    typer.echo("\n".join([tpl.name, *tpl.notes]))
+    lf = lf_names.generated_by(tpl.jinja, tpl.bos_token, tpl.eos_token)
+    lf_note = [f"LLaMA-Factory's generated Jinja of: {', '.join(lf)} (train with that --template)"] if lf else []
+    typer.echo("\n".join([tpl.name, *tpl.notes, *lf_note]))
 
 
 @template_app.command("render")
 def _template_render(
-    family: str = typer.Argument(..., help="Family name."),
+    family: str = typer.Argument(..., help="Family or LLaMA-Factory name."),
     conversation: str = typer.Argument(..., help='JSON file: [messages] or {"messages": [...], "tools": [...]}.'),
     fmt: str = typer.Option("train", "--format", help="train (trained parts in green), jinja or ollama."),
     generation_prompt: bool = typer.Option(
@@ -183,6 +198,36 @@ def train_cmd(ctx: typer.Context) -> None:
     train.main(argv)
 
 
+# ---- predict and eval: LLaMA-Factory's do_predict and llamafactory-cli eval (exporter/predict.py, evaluate.py) ----
+@app.command(
+    "predict",
+    context_settings=_LF_ARGS,
+    help="Generate answers for a held-out set and score BLEU-4/ROUGE as LLaMA-Factory does: exporter predict "
+    "CONFIG.yaml \\[key=value ...] (LF's predict YAML), or --model_name_or_path M --eval_dataset a,b --output_dir OUT",
+)
+def predict_cmd(ctx: typer.Context) -> None:
+    argv = _lf_args(ctx, "predict")
+    _setup()
+    from exporter import predict
+
+    predict.main(argv)
+
+
+@app.command(
+    "eval",
+    context_settings=_LF_ARGS,
+    help="MMLU / C-Eval / CMMLU accuracy as llamafactory-cli eval: exporter eval CONFIG.yaml \\[key=value ...] (LF's "
+    "eval YAML), or --model_name_or_path M --task mmlu_test --task_dir evaluation --save_dir OUT",
+)
+def eval_cmd(ctx: typer.Context) -> None:
+    argv = _lf_args(ctx, "eval")
+    _setup()
+    from exporter import evaluate
+
+    evaluate.main(argv)
+
+
+# ---- export: LLaMA-Factory's merge/export YAML (exporter/export.py) ----
 @app.command(
     "export",
     context_settings=_LF_ARGS,
@@ -280,6 +325,11 @@ def _verify(
         8, "--max-windows", min=1, help="Perplexity windows at most (llama.cpp's --chunks)."
     ),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Greedy tokens per chat prompt."),
+    eval_dir: Path = typer.Option(
+        None, "--eval", help="LF's evaluation/ dir (mmlu/, ceval/, cmmlu/): accuracy of merged vs each GGUF."
+    ),
+    eval_task: str = typer.Option(None, "--eval-task", help="mmlu_test, ceval_validation or cmmlu_test."),
+    eval_questions: int = typer.Option(5, "--eval-questions", min=1, help="Questions per subject for --eval."),
 ) -> None:
     """Prove an export is faithful: templates, stop tokens, tokenizer, perplexity and chat; exit 1 on a failure."""
     _setup(quantization=bool(quantized))
@@ -289,7 +339,8 @@ def _verify(
     opts = verify.VerifyOptions(
         base=base, adapter=adapter, merged=merged, ggufs=gguf, modelfiles=modelfile, quantized=quantized,
         run_dir=run_dir, template=template, ppl_threshold=verify.parse_thresholds(ppl_threshold), prompts=prompts,
-        text=text, data=data, ctx=ctx, max_windows=max_windows, max_new_tokens=max_new_tokens,
+        text=text, data=data, ctx=ctx, max_windows=max_windows, max_new_tokens=max_new_tokens, eval_dir=eval_dir,
+        eval_task=eval_task, eval_questions=eval_questions,
     )  # fmt: skip
     rep = verify.verify(opts)
     verify_report.print_table(rep)
@@ -331,7 +382,9 @@ _BACKEND_HELP = "hf | gguf | vllm (default: from the path)."
 def _chat(
     model: str = typer.Argument(..., help=_MODEL_HELP),
     adapter: str = typer.Option(None, "--adapter", help="PEFT adapter dir (hf) or GGUF LoRA file (gguf)."),
-    template: str = typer.Option(None, "--template", help="Chat template family (default: the model's own)."),
+    template: str = typer.Option(
+        None, "--template", help="LLaMA-Factory or family name, or a .jinja file (default: the model's own)."
+    ),
     system: str = typer.Option(None, "--system", help="System prompt."),
     temperature: float = typer.Option(None, "--temperature", help="0 = greedy (default 0.95, as LLaMA-Factory)."),
     top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.7)."),
@@ -360,7 +413,9 @@ def _chat(
 def _serve(
     model: str = typer.Argument(..., help=_MODEL_HELP),
     adapter: str = typer.Option(None, "--adapter", help="PEFT adapter dir (hf) or GGUF LoRA file (gguf)."),
-    template: str = typer.Option(None, "--template", help="Chat template family (default: the model's own)."),
+    template: str = typer.Option(
+        None, "--template", help="LLaMA-Factory or family name, or a .jinja file (default: the model's own)."
+    ),
     system: str = typer.Option(None, "--system", help="Default system prompt (when a request has none)."),
     host: str = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1; env API_HOST)."),
     port: int = typer.Option(None, "--port", help="Port (default 8000; env API_PORT)."),

@@ -13,7 +13,7 @@ from typing import Any
 
 from exporter.errors import UserError
 from exporter.hf_dir import adds_bos
-from exporter.lf_args import TrainConfig, family_name, say
+from exporter.lf_args import TrainConfig, say
 
 IGNORE = -100
 
@@ -88,17 +88,19 @@ def check_template_tokens(tokenizer: Any, tpl: Any, model: str) -> None:
 
 def tokenize_sft(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConfig, drops: Any) -> list[Example]:
     """Samples -> (input_ids, labels) through the template; only assistant turns (+ end-of-turn) trained."""
-    from exporter import templates
+    from exporter import lf_names, templates
 
+    lf = tpl.kind == lf_names.KIND  # LF's encoder takes the rows as LF reads them and truncates as LF does
     out = []
     for s in samples:
+        chat, tools = (lf_names.sample_messages(s), s.tools) if lf else (s.chat(), s.tool_list())
         try:
-            ids, labels = templates.encode(
-                tokenizer, tpl, s.chat(), tools=s.tool_list(), train_on_prompt=cfg.train_on_prompt, cutoff_len=None
-            )
+            ids, labels = templates.encode(tokenizer, tpl, chat, tools=tools, train_on_prompt=cfg.train_on_prompt,
+                                           cutoff_len=lf_names.cutoff(cfg) if lf else None)  # fmt: skip
         except UserError as e:
             raise UserError(f"{s.where}: {e}") from None
-        ids, labels = truncate(list(ids), list(labels), cfg.cutoff_len)
+        if not lf:
+            ids, labels = truncate(list(ids), list(labels), cfg.cutoff_len)
         if not any(x != IGNORE for x in labels[1:]):
             drops.add("samples with no trained token left within cutoff_len", s.where)
             continue
@@ -215,7 +217,7 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     """Datasets -> examples through the template; every data error surfaces here, before anything is written."""
-    from exporter import data, spm, templates
+    from exporter import data, lf_names, spm
 
     packing = cfg.packing if cfg.packing is not None else cfg.stage == "pt"
     fill = {k: v for k, v in (("name", cfg.identity_name), ("author", cfg.identity_author)) if v}
@@ -230,7 +232,9 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
         raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     tpl = None
     if cfg.stage == "sft" or cfg.template:
-        tpl = templates.resolve(model_dir, family_name(cfg.template))
+        tpl = lf_names.resolve_for_training(model_dir, cfg)  # an LF name first, then a family, else the model's
+        if tpl.tokenizer_fix is not None:
+            tpl.tokenizer_fix(tokenizer)
         check_template_tokens(tokenizer, tpl, str(model_dir))
         for note in tpl.notes:
             say(note)

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from exporter.errors import UserError
-from exporter.lf_args import ExportConfig, family_name, say
+from exporter.lf_args import ExportConfig, say
 from exporter.merge import MergeOptions, MergeResult, merge
 from exporter.quantize import QuantizeOptions, QuantizeResult, quantize
 
@@ -64,21 +64,20 @@ def export(cfg: ExportConfig, given: set[str] | None = None) -> ExportResult:
     if adapters and cfg.finetuning_type != "lora":
         raise UserError(f"adapter_name_or_path with finetuning_type {cfg.finetuning_type}: only LoRA adapters merge")
     _notes(cfg, given)
-    template = family_name(cfg.template)
     merged = quantized = None
     merge_out = out.with_name(f".{out.name}.merged-{os.getpid()}") if quantizing else out
     try:
         if adapters:
             opts = MergeOptions(base=cfg.model_name_or_path, adapters=adapters, out=str(merge_out),
                                 dtype=_merge_dtype(cfg, cfg.model_name_or_path),
-                                max_shard_size=f"{cfg.export_size}GB", template=template)  # fmt: skip
+                                max_shard_size=f"{cfg.export_size}GB", template=cfg.template)  # fmt: skip
             merged = merge(opts)
         if quantizing:
             source = merge_out if adapters else cfg.model_name_or_path
             qopts = QuantizeOptions(model=str(source), method="gptq", out=str(out), bits=cfg.export_quantization_bit,
                                     dataset=cfg.export_quantization_dataset,
                                     samples=cfg.export_quantization_nsamples,
-                                    max_length=cfg.export_quantization_maxlen, template=template)  # fmt: skip
+                                    max_length=cfg.export_quantization_maxlen, template=cfg.template)  # fmt: skip
             quantized = quantize(qopts)
     finally:
         if quantizing and merge_out.exists():

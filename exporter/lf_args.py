@@ -18,8 +18,6 @@ import yaml
 from exporter import config as config_mod
 from exporter.errors import UserError
 
-# LLaMA-Factory template names that exporter's families call differently
-TEMPLATE_ALIASES = {"phi": "phi3", "gemma2": "gemma", "gemma3": "gemma", "llama3_1": "llama3"}
 _SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                "inverse_sqrt")  # fmt: skip
 
@@ -28,8 +26,6 @@ UNSUPPORTED = {
     "quantization_bit": "QLoRA (quantized base) training",
     "quantization_method": "QLoRA (quantized base) training",
     "neat_packing": "packing without cross-attention",
-    "mask_history": "training on the last turn only",
-    "eval_dataset": "a separate evaluation dataset (use val_size)",
     "deepspeed": "DeepSpeed",
     "fsdp": "FSDP",
     "use_unsloth": "Unsloth kernels",
@@ -46,8 +42,6 @@ UNSUPPORTED = {
     "rope_scaling": "RoPE scaling",
     "shift_attn": "shift short attention",
     "mix_strategy": "interleaved dataset mixing",
-    "do_predict": "generation on a test set",
-    "predict_with_generate": "generation on a test set",
     "enable_liger_kernel": "Liger kernels",
     "use_llama_pro": "LLaMA Pro",
     "group_by_length": "HF length grouping (exporter always batches by length within shuffled windows)",
@@ -82,6 +76,11 @@ class TrainConfig:
     max_samples: int | None = None
     val_size: float = 0.0
     train_on_prompt: bool = False
+    mask_history: bool = False  # these five: LLaMA-Factory template names only (exporter.lf_names)
+    enable_thinking: bool | None = True
+    preserve_thinking: bool = False
+    default_system: str | None = None
+    tool_format: str | None = None
     packing: bool | None = None
     preprocessing_num_workers: int | None = None
     overwrite_cache: bool = False
@@ -160,7 +159,11 @@ def parse_args(argv: list[str], cls: type | None = None) -> tuple[dict[str, Any]
 
 def config_from_args(argv: list[str]) -> tuple[TrainConfig, set[str]]:
     """The TrainConfig for a command line, and the keys the user set explicitly."""
-    data, where = parse_args(argv)
+    return config_from_dict(*parse_args(argv))
+
+
+def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set[str]]:
+    """The TrainConfig for parsed LF keys (`parse_args`), and the keys the user set explicitly."""
     for key in data:
         if key in UNSUPPORTED:
             raise UserError(f"{where}: {key}: {UNSUPPORTED[key]} is not supported yet")
@@ -178,16 +181,6 @@ def config_from_args(argv: list[str]) -> tuple[TrainConfig, set[str]]:
 def say(msg: str) -> None:
     """A note on stderr (a setting without effect here, a resumed run, dropped rows)."""
     print(f"note: {msg}", file=sys.stderr)
-
-
-def family_name(template: str | None) -> str | None:
-    """exporter's family for a LLaMA-Factory template name that exporter calls differently (said once)."""
-    from exporter import templates
-
-    if template in TEMPLATE_ALIASES and template not in templates.list_templates():
-        say(f"template {template!r} is LLaMA-Factory's name for exporter's {TEMPLATE_ALIASES[template]!r} family")
-        return TEMPLATE_ALIASES[template]
-    return template
 
 
 def check(cfg: TrainConfig, given: set[str], device: str) -> None:

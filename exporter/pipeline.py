@@ -2,7 +2,7 @@
 
     base: path/or/hub-id          # the model to fine-tune
     run_dir: runs/my-run          # every stage writes below it: adapter/ merged/ gguf/ verify/ pipeline.json
-    template: qwen                # chat-template family (default: detected from the base model)
+    template: qwen-2.5            # chat-template family (default: detected from the base model)
     train: {dataset: identity, dataset_dir: data/demo, max_steps: 60, ...}   # `exporter train` keys
     merge: {dtype: bfloat16}      # `exporter merge` options
     gguf: {types: [f16, q8_0, q4_k_m], ollama_name: my-model}

@@ -4,9 +4,9 @@ Each `templates/<family>.yaml` (installed as package `exporter.families`) define
 Ollama Go `TEMPLATE`, `PARAMETER stop` strings, the end-of-turn tokens, the default system prompt, the BOS/EOS text
 the Jinja renders, and a `format` block that drives the training renderer (`render_segments` / `encode`).
 
-BOS: HF Jinja templates of llama2/llama3/mistral/gemma render `bos_token` as text; Ollama and llama.cpp add BOS at
-tokenization instead, so the Go TEMPLATE never renders the leading BOS. The training renderer follows the Jinja
-(BOS as text, tokenized with `add_special_tokens=False`), so the ids carry exactly one BOS.
+BOS: HF Jinja templates of llama-2/llama-3.1/mistral-nemo/gemma-3 render `bos_token` as text; Ollama and llama.cpp
+add BOS at tokenization instead, so the Go TEMPLATE never renders the leading BOS. The training renderer follows the
+Jinja (BOS as text, tokenized with `add_special_tokens=False`), so the ids carry exactly one BOS.
 
 The model's own template is the truth: `resolve(model_dir, None)` keeps the model's Jinja (exported byte for byte)
 and names the family whose Jinja renders every probe exactly like it; when none does, `exporter.derive` derives the
@@ -16,7 +16,13 @@ Go TEMPLATE, stops, end-of-turn tokens and default system from the Jinja itself 
 Protocol: anything train, verify and calibration encode with is a `ChatTemplate`: `jinja` (what is exported),
 `ollama` (Modelfile TEMPLATE, "" for none), `stop`, `eot_tokens`, `default_system`, and either a `format` the
 segment renderer knows (a family's layout; `{"kind": "jinja", ...}` the model's own Jinja; `{"kind": "none"}` no
-template) or an `encoder(tokenizer, messages, tools=, train_on_prompt=, cutoff_len=) -> (ids, labels)` of its own.
+template) or an `encoder(tokenizer, messages, tools=, train_on_prompt=, cutoff_len=) -> (ids, labels)` of its own;
+a template that changes the tokenizer (LLaMA-Factory's eos replacement and stop words) has a `tokenizer_fix`, applied
+by train before encoding and by `write_into` to every exported tokenizer.
+
+Names: a LLaMA-Factory template name (`exporter.lf_names`, LF's own formats and encoding) resolves first, then a
+family name; official families are named after the release they reproduce (`llama-3.1`, `qwen-2.5`), never an LF
+name.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class ChatTemplate:
     format: dict[str, Any]
     notes: tuple[str, ...] = ()  # what differs between the Jinja and the Go TEMPLATE, and why (derived templates)
     encoder: Callable[..., tuple[list[int], list[int]]] | None = None  # own token-level encoding (see module doc)
+    tokenizer_fix: Callable[[Any], None] | None = None  # changes a tokenizer needs before encoding and export
 
     @property
     def kind(self) -> str:
@@ -62,8 +69,9 @@ class ChatTemplate:
         return str(self.format.get("kind", "family"))
 
     def for_tokenizer(self, bos_token: str | None, eos_token: str | None) -> ChatTemplate:
-        """This family with the tokenizer's BOS/EOS text filled in: base-model formats (alpaca, vicuna, default)
-        end answers with whatever eos the tokenizer has, written `{eos_token}` in `eot_tokens` and `ollama`."""
+        """This family with the tokenizer's BOS/EOS text filled in: base-model formats (stanford-alpaca, vicuna-1.1,
+        human-assistant) end answers with whatever eos the tokenizer has, written `{eos_token}` in `eot_tokens` and
+        `ollama`."""
         eos = self.eos_token if self.eos_token is not None else eos_token
         bos = self.bos_token if self.bos_token is not None else bos_token
         if "{eos_token}" in self.ollama + "".join(self.eot_tokens) and not eos:
@@ -120,13 +128,16 @@ def _parse(name: str, text: str, where: str) -> ChatTemplate:
 
 
 def load_template(name: str) -> ChatTemplate:
-    """The family `name`; a UserError with a did-you-mean when there is no such family."""
+    """The family `name`; a UserError with a did-you-mean (families and LLaMA-Factory names) when there is none."""
+    from exporter import lf_templates
     from exporter.config import did_you_mean
 
     files = _family_files()
     if name not in files:
+        lf_names = lf_templates.names()
         raise UserError(
-            f"unknown chat template family {name!r}{did_you_mean(name, files)}; known: {', '.join(sorted(files))}"
+            f"unknown chat template {name!r}{did_you_mean(name, [*files, *lf_names])}; families: "
+            f"{', '.join(sorted(files))}; LLaMA-Factory names: {', '.join(lf_names)}"
         )
     return _parse(name, files[name].read_text(encoding="utf-8"), f"template family {name}")
 
@@ -153,6 +164,27 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _fix_saved_tokenizer(out_dir: Path, fix: Callable[[Any], None]) -> dict[str, Any] | None:
+    """Apply `fix` to the tokenizer saved in `out_dir`; save it back (and return its new config) when it changed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    before = (tok.eos_token, tok.pad_token, len(tok), tuple(tok.all_special_tokens))
+    fix(tok)
+    if before == (tok.eos_token, tok.pad_token, len(tok), tuple(tok.all_special_tokens)):
+        return None
+    tok.save_pretrained(str(out_dir))
+    stale = out_dir / "special_tokens_map.json"  # not rewritten by transformers 5, and it wins on load
+    if stale.is_file():
+        data = read_json(stale)
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = getattr(tok, key)
+            if key in data or value is not None:
+                data[key] = {**data[key], "content": value} if isinstance(data.get(key), dict) else value
+        _write_json(stale, data)
+    return read_json(out_dir / "tokenizer_config.json")
+
+
 def write_into(out_dir: Path | str, tpl: ChatTemplate, strict: bool = True) -> list[str]:
     """Make an exported HF dir use `tpl`: `tokenizer_config.json` + `chat_template.jinja` carry its Jinja (left
     untouched when they already hold it), and `generation_config.json` `eos_token_id` includes every end-of-turn
@@ -165,6 +197,8 @@ def write_into(out_dir: Path | str, tpl: ChatTemplate, strict: bool = True) -> l
     if not cfg_path.is_file():
         raise UserError(f"{out_dir}: no tokenizer_config.json; save the tokenizer there before writing the template")
     cfg = read_json(cfg_path)
+    if tpl.tokenizer_fix is not None:
+        cfg = _fix_saved_tokenizer(out_dir, tpl.tokenizer_fix) or cfg
     tpl = tpl.for_tokenizer(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
     try:
         current = model_chat_template(out_dir)[0]
@@ -282,7 +316,7 @@ def _check_alternation(loop: list[dict[str, Any]]) -> None:
 
 
 def _render_qwen(r: _Renderer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
-    """ChatML families (qwen, qwen3) including tool calls, tool responses and Qwen3 thinking blocks."""
+    """ChatML families (qwen-2.5, qwen-3) including tool calls, tool responses and Qwen3 thinking blocks."""
     f, style = r.f, r.f.get("tool_style")
     has_sys = bool(messages) and messages[0].get("role") == "system"
     sys_text = _content(messages[0], 0) if has_sys else None
@@ -387,7 +421,7 @@ def _tool_calls_text(style: str, calls: list[dict[str, Any]], k: int) -> str:
 
 
 def _render_turns(r: _Renderer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
-    """Families made of fixed per-role patterns (llama2, llama3, mistral, gemma, phi3, base formats ...)."""
+    """Families made of fixed per-role patterns (llama-2, llama-3.1, mistral-nemo, gemma-3, phi-3, base formats ...)."""
     f = r.f
     mode = f["system"]
     style = f.get("tool_style")
@@ -822,6 +856,10 @@ def resolve(model_dir: Path | str, override: str | None, need: bool = True) -> C
     cfg = read_json(Path(model_dir) / "tokenizer_config.json", optional=True)
     bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
     if override and override != "auto":
+        from exporter import lf_names
+
+        if lf_names.is_lf_name(override):
+            return lf_names.resolve(model_dir, override)
         return load_template(override).for_tokenizer(bos or None, eos or None)
     try:
         return detect(model_dir)
@@ -863,9 +901,14 @@ def render_for_cli(
 ) -> list[Segment]:
     """Render a conversation file with one family: `train` (segments with the trained flag), `jinja` (transformers
     apply_chat_template of our Jinja) or `ollama` (real Go text/template; no leading BOS, which Ollama adds at
-    tokenization). The generation prompt defaults to on when the conversation does not end with an answer."""
-    tpl = load_template(family).for_tokenizer(bos_token, eos_token)
+    tokenization). The generation prompt defaults to on when the conversation does not end with an answer.
+    A LLaMA-Factory name renders LF's training text and LF's generated Jinja (`lf_names.render_for_cli`)."""
+    from exporter import lf_names
+
     messages, tools = read_conversation(conversation)
+    if lf_names.is_lf_name(family):
+        return lf_names.render_for_cli(family, messages, tools, fmt, bos_token, eos_token)
+    tpl = load_template(family).for_tokenizer(bos_token, eos_token)
     gen = messages[-1].get("role") != "assistant" if add_generation_prompt is None else add_generation_prompt
     if fmt == "train":
         return render_segments(tpl, messages, tools=tools, add_generation_prompt=gen)
@@ -891,8 +934,13 @@ def render_for_cli(
     raise UserError(f"unknown format {fmt!r}; use train, jinja or ollama")
 
 
-def show_for_cli(family: str, fmt: str = "jinja") -> str:
-    """The family's HF Jinja or Ollama TEMPLATE (with its PARAMETER stop lines and SYSTEM as Modelfile text)."""
+def show_for_cli(family: str, fmt: str = "jinja", bos_token: str | None = None, eos_token: str | None = None) -> str:
+    """The family's HF Jinja or Ollama TEMPLATE (with its PARAMETER stop lines and SYSTEM as Modelfile text); for a
+    LLaMA-Factory name also its slots (`lf_names.show_for_cli`)."""
+    from exporter import lf_names
+
+    if lf_names.is_lf_name(family):
+        return lf_names.show_for_cli(family, fmt, bos_token, eos_token)
     tpl = load_template(family)
     if fmt == "jinja":
         return tpl.jinja

@@ -24,7 +24,7 @@ from exporter import checkpoint
 from exporter.config import did_you_mean
 from exporter.errors import UserError
 from exporter.examples import IGNORE, Example, Prepared, collate, plan_epoch
-from exporter.lf_args import TrainConfig, check, config_from_args, say
+from exporter.lf_args import TrainConfig, check, config_from_dict, parse_args, say
 
 # ------------------------------------------------------------------ model, loss, optimizer
 
@@ -606,7 +606,14 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
-def main(argv: list[str]) -> TrainResult:
-    """CLI entry: parse LLaMA-Factory style arguments and train."""
-    cfg, given = config_from_args(argv)
-    return train(cfg, given)
+def main(argv: list[str]) -> TrainResult | Any:
+    """CLI entry: parse LLaMA-Factory style arguments; train, then predict when do_predict is set (LF's do_predict
+    without do_train only predicts). Returns the TrainResult, or the PredictResult when it predicted."""
+    from exporter import predict
+
+    raw, where = parse_args(argv)
+    train_raw, predict_raw = predict.split_train_args(raw, where)
+    result = train(*config_from_dict(train_raw, where)) if train_raw is not None else None
+    if predict_raw is not None:
+        return predict.predict(*predict.options(predict_raw, where))
+    return result

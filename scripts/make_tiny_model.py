@@ -206,7 +206,7 @@ class Family:
 SPECS: dict[str, Family] = {
     "llama2": Family(
         "llama2",
-        "llama2",
+        "llama-2",
         "LlamaForCausalLM",
         "LlamaTokenizer",
         "spm",
@@ -221,7 +221,7 @@ SPECS: dict[str, Family] = {
     ),
     "llama3": Family(
         "llama3",
-        "llama3",
+        "llama-3.1",
         "LlamaForCausalLM",
         "PreTrainedTokenizerFast",
         "bpe",
@@ -236,7 +236,7 @@ SPECS: dict[str, Family] = {
     ),
     "mistral": Family(
         "mistral",
-        "mistral",
+        "mistral-nemo",
         "MistralForCausalLM",
         "LlamaTokenizer",
         "spm",
@@ -250,7 +250,7 @@ SPECS: dict[str, Family] = {
     ),
     "qwen2": Family(
         "qwen2",
-        "qwen",
+        "qwen-2.5",
         "Qwen2ForCausalLM",
         "Qwen2Tokenizer",
         "bpe",
@@ -264,7 +264,7 @@ SPECS: dict[str, Family] = {
     ),
     "qwen3": Family(
         "qwen3",
-        "qwen3",
+        "qwen-3",
         "Qwen3ForCausalLM",
         "Qwen2Tokenizer",
         "bpe",
@@ -278,7 +278,7 @@ SPECS: dict[str, Family] = {
     ),
     "gemma3": Family(
         "gemma3",
-        "gemma",
+        "gemma-3",
         "Gemma3ForCausalLM",
         "GemmaTokenizer",
         "spm",
@@ -296,7 +296,7 @@ SPECS: dict[str, Family] = {
     ),
     "phi3": Family(
         "phi3",
-        "phi3",
+        "phi-3",
         "Phi3ForCausalLM",
         "LlamaTokenizer",
         "spm",
@@ -314,7 +314,7 @@ SPECS: dict[str, Family] = {
     ),
     "qwen3_moe": Family(
         "qwen3_moe",
-        "qwen3",
+        "qwen-3",
         "Qwen3MoeForCausalLM",
         "Qwen2Tokenizer",
         "bpe",
@@ -327,7 +327,7 @@ SPECS: dict[str, Family] = {
     ),
     "mixtral": Family(
         "mixtral",
-        "mistral",
+        "mistral-nemo",
         "MixtralForCausalLM",
         "LlamaTokenizer",
         "spm",
@@ -341,7 +341,7 @@ SPECS: dict[str, Family] = {
     ),
     "gemma2": Family(
         "gemma2",
-        "gemma",
+        "gemma-3",
         "Gemma2ForCausalLM",
         "GemmaTokenizer",
         "spm",
@@ -358,7 +358,7 @@ SPECS: dict[str, Family] = {
     ),
     "mistral_nemo": Family(
         "mistral_nemo",
-        "mistral",
+        "mistral-nemo",
         "MistralForCausalLM",
         "PreTrainedTokenizerFast",
         "bpe",
@@ -373,7 +373,7 @@ SPECS: dict[str, Family] = {
     ),
     "glm4": Family(
         "glm4",
-        "glm4",
+        "glm-4",
         "Glm4ForCausalLM",
         "PreTrainedTokenizerFast",
         "bpe",
@@ -387,7 +387,7 @@ SPECS: dict[str, Family] = {
     ),
     "granite": Family(
         "granite",
-        "default",
+        "human-assistant",
         "GraniteForCausalLM",
         "PreTrainedTokenizerFast",
         "bpe",
@@ -404,7 +404,7 @@ SPECS: dict[str, Family] = {
     ),
     "olmo2": Family(
         "olmo2",
-        "default",
+        "human-assistant",
         "Olmo2ForCausalLM",
         "PreTrainedTokenizerFast",
         "bpe",
@@ -416,7 +416,7 @@ SPECS: dict[str, Family] = {
     ),
     "smollm3": Family(
         "smollm3",
-        "qwen3",
+        "qwen-3",
         "SmolLM3ForCausalLM",
         "PreTrainedTokenizerFast",
         "bpe",

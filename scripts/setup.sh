@@ -52,7 +52,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$PY" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   "$venv/bin/pip" install -q torch==2.13.0 >&2
-  "$venv/bin/pip" install -q --find-links "$wdir" ".[gguf,quant,parquet,serve,bench,dev]" >&2
+  "$venv/bin/pip" install -q --find-links "$wdir" ".[gguf,quant,parquet,eval,serve,bench,dev]" >&2
   touch "$venv/.complete"   # written last: a half-built venv is rebuilt, never used
 else
   # The dependencies are cached; the project itself is reinstalled (non-editable) on every run.
@@ -63,6 +63,8 @@ import torch
 assert torch.version.cuda is None, f"a CUDA build of torch was installed ({torch.version.cuda}); pin torch==2.13.0"
 print(f"[setup] torch {torch.__version__} (CPU build)")
 PY
+# LLaMA-Factory itself, in a venv of its own: the reference of the template parity tests (EXPORTER_LF_PYTHON).
+bash scripts/setup_lf.sh
 echo "export PATH=\"$venv/bin:\$PATH\""
 echo "export EXPORTER_VENV=\"$venv\""
 echo "export EXPORTER_LLAMA_SRC=\"$ref\""

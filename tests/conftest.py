@@ -8,8 +8,8 @@
 `$EXPORTER_FIXTURES/<hash>/` (default `~/.cache/exporter/fixtures/<hash>/`), where the hash covers the script,
 the corpus, the template families and the transformers/tokenizers versions; a file lock makes parallel sessions
 safe and the build is renamed into place only when complete.
-`llama_src()`, `require_go()`, `require_llama_cpp()` skip a test when a reference is missing locally and fail it
-when `EXPORTER_REQUIRE_REFERENCES=1` (CI).
+`llama_src()`, `require_go()`, `require_llama_cpp()`, `lf_python()` skip a test when a reference is missing locally
+and fail it when `EXPORTER_REQUIRE_REFERENCES=1` (CI).
 """
 
 from __future__ import annotations
@@ -37,24 +37,24 @@ ROOT = Path(__file__).resolve().parent.parent
 DENSE = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 MORE = ("qwen3_moe", "mixtral", "gemma2", "mistral_nemo", "glm4", "granite", "olmo2", "smollm3")
 FAMILIES = DENSE + MORE
-# exporter template family name of each fixture family (granite and olmo2 have no family of their own yet: the
+# exporter template family of each fixture family (granite and olmo2 have no family of their own yet: the
 # plain base-model format; smollm3 speaks ChatML with thinking tags)
 TEMPLATE_OF = {
-    "llama2": "llama2",
-    "llama3": "llama3",
-    "mistral": "mistral",
-    "qwen2": "qwen",
-    "qwen3": "qwen3",
-    "gemma3": "gemma",
-    "phi3": "phi3",
-    "qwen3_moe": "qwen3",
-    "mixtral": "mistral",
-    "gemma2": "gemma",
-    "mistral_nemo": "mistral",
-    "glm4": "glm4",
-    "granite": "default",
-    "olmo2": "default",
-    "smollm3": "qwen3",
+    "llama2": "llama-2",
+    "llama3": "llama-3.1",
+    "mistral": "mistral-nemo",
+    "qwen2": "qwen-2.5",
+    "qwen3": "qwen-3",
+    "gemma3": "gemma-3",
+    "phi3": "phi-3",
+    "qwen3_moe": "qwen-3",
+    "mixtral": "mistral-nemo",
+    "gemma2": "gemma-3",
+    "mistral_nemo": "mistral-nemo",
+    "glm4": "glm-4",
+    "granite": "human-assistant",
+    "olmo2": "human-assistant",
+    "smollm3": "qwen-3",
 }
 
 
@@ -96,6 +96,15 @@ def require_llama_cpp() -> ModuleType:
         _missing("llama-cpp-python (`import llama_cpp`)")
         raise AssertionError("unreachable") from None
     return llama_cpp
+
+
+def lf_python() -> str:
+    """The Python of the LLaMA-Factory reference venv ($EXPORTER_LF_PYTHON, built by scripts/setup_lf.sh)."""
+    value = os.environ.get("EXPORTER_LF_PYTHON")
+    if value and Path(value).is_file():
+        return value
+    _missing(f"the LLaMA-Factory reference venv (EXPORTER_LF_PYTHON={value!r}; bash scripts/setup_lf.sh)")
+    raise AssertionError("unreachable")
 
 
 def require_quant() -> None:

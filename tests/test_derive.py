@@ -427,7 +427,7 @@ def test_a_template_with_its_own_encoder_encodes_itself() -> None:
         calls.append((messages, tools, train_on_prompt, cutoff_len))
         return [1, 2, 3], [-100, 2, 3]
 
-    tpl = dataclasses.replace(load_template("qwen"), encoder=encoder)
+    tpl = dataclasses.replace(load_template("qwen-2.5"), encoder=encoder)
     msgs = [_u("Hi"), _a("Hello")]
     assert encode(None, tpl, msgs, train_on_prompt=True, cutoff_len=9) == ([1, 2, 3], [-100, 2, 3])
     assert calls == [(msgs, None, True, 9)]

@@ -255,7 +255,23 @@ def test_text_stream_whole_characters_and_held_stop_prefix() -> None:
     assert ts.push(6) == ("<<x", False)
 
 
-@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral"])
+def test_template_override_takes_llamafactory_names() -> None:
+    """--template NAME: an LF name means the Jinja LF leaves in the tokenizer (the model's own unless the LF template
+    replaces it), a family its own Jinja."""
+    from exporter import lf_names, templates
+    from exporter.engine.core import _template_override
+
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
+    own = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert _template_override("qwen", own, special) == own  # LF keeps the model's template for qwen
+    generated = lf_names.for_texts("chatml", "<s>", "</s>").jinja  # chatml sets replace_jinja_template
+    assert _template_override("chatml", own, special) == generated != own
+    assert _template_override("qwen", None, special) == lf_names.for_texts("qwen", "<s>", "</s>").jinja
+    family = templates.load_template("qwen-2.5").for_tokenizer("<s>", "</s>").jinja
+    assert _template_override("qwen-2.5", own, special) == family
+
+
+@pytest.mark.parametrize("family", ["qwen-2.5", "llama-3.1", "mistral-nemo"])
 def test_tool_calls_round_trip_through_each_family_template(family: str) -> None:
     """The family's own Jinja writes an assistant tool call; the engine parses it back to the same call."""
     from exporter import templates

@@ -131,12 +131,16 @@ def test_cli_version_and_help() -> None:
 
 
 def test_installed_package_ships_data() -> None:
-    """`pip install .` (non-editable, as CI installs it) must carry the template families, the Go renderer source,
-    verify's built-in corpora and the converters under the `exporter` import name."""
+    """`pip install .` (non-editable, as CI installs it) must carry the template families and LLaMA-Factory's table,
+    the Go renderer source, verify's built-in corpora and the converters under the `exporter` import name."""
     import importlib.resources
 
     families = [p.name for p in importlib.resources.files("exporter.families").iterdir() if p.name.endswith(".yaml")]
-    assert {"llama2.yaml", "llama3.yaml", "qwen.yaml", "qwen3.yaml", "gemma.yaml", "phi3.yaml"} <= set(families)
+    assert {"llama-2.yaml", "llama-3.1.yaml", "qwen-2.5.yaml", "qwen-3.yaml", "gemma-3.yaml", "phi-3.yaml"} <= set(
+        families
+    )
+    lf = importlib.resources.files("exporter.families").joinpath("llamafactory/templates.yaml")  # LF's table
+    assert "qwen3_5_nothink:" in lf.read_text(encoding="utf-8")
     assert importlib.resources.files("exporter.gotmpl").joinpath("main.go").read_text().startswith("//")
     assert importlib.resources.files("exporter.converters").joinpath("gguf_arch.py").is_file()
     corpora = importlib.resources.files("exporter.verify.corpora")

@@ -550,7 +550,7 @@ def test_cli_writes_files_and_prints_ollama_commands(tiny_model, tmp_path):
     model = tiny_model("qwen3")
     out = tmp_path / "g"
     cmd = [sys.executable, "-m", "exporter", "gguf", str(model), "--type", "q8_0,f16", "--out", str(out)]
-    r = subprocess.run([*cmd, "--template", "qwen3", "--ollama-name", "tiny"], capture_output=True, text=True, env=env)
+    r = subprocess.run([*cmd, "--template", "qwen-3", "--ollama-name", "tiny"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"ollama create tiny:q8_0 -f {out / 'Modelfile.q8_0'}" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -562,7 +562,7 @@ def test_cli_writes_files_and_prints_ollama_commands(tiny_model, tmp_path):
             f"{model.name}-q8_0.gguf",
         ]
     )
-    r = subprocess.run([*cmd, "--template", "qwen3"], capture_output=True, text=True, env=env)
+    r = subprocess.run([*cmd, "--template", "qwen-3"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
 
     bad = Path(shutil.copytree(model, tmp_path / "bad"))
@@ -570,7 +570,7 @@ def test_cli_writes_files_and_prints_ollama_commands(tiny_model, tmp_path):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (bad / "config.json").write_text(json.dumps(cfg))
     r = subprocess.run(
-        [sys.executable, "-m", "exporter", "gguf", str(bad), "--template", "qwen3"],
+        [sys.executable, "-m", "exporter", "gguf", str(bad), "--template", "qwen-3"],
         capture_output=True,
         text=True,
         env=env,

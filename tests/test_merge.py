@@ -339,7 +339,7 @@ def test_fan_in_fan_out_conv1d(tiny_model, tmp_path, dora):
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
             shutil.copy2(f, base / f.name)
     v = dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=dora)
-    _run_case(base, tmp_path, [v], "fp32", template="qwen")
+    _run_case(base, tmp_path, [v], "fp32", template="qwen-2.5")
 
 
 def test_output_files_and_template(tiny_model, tmp_path):

@@ -18,7 +18,7 @@ def _config(tmp_path: Path, base: Path, **verify) -> Path:
     cfg = {
         "base": str(base),
         "run_dir": str(tmp_path / "run"),
-        "template": "qwen",
+        "template": "qwen-2.5",
         "train": {
             "dataset": "identity",
             "dataset_dir": str(ROOT / "data" / "demo"),

@@ -3,9 +3,9 @@ Ollama TEMPLATE (through real Go text/template) render every conversation of a c
 published templates shipped with llama.cpp render it the same where we claim to match them; detection and the
 token-level encoder agree with the tokenizer.
 
-BOS: HF Jinja renders BOS as text where the family's published template does (llama2/llama3/mistral/gemma/
-deepseek, base formats); Ollama/llama.cpp add BOS at tokenization, so the Go render is compared with the Jinja
-render minus that leading BOS text.
+BOS: HF Jinja renders BOS as text where the family's published template does (llama-2/llama-3.1/
+mistral-nemo/gemma-3/deepseek-v3, base formats); Ollama/llama.cpp add BOS at tokenization, so the Go render is compared
+with the Jinja render minus that leading BOS text.
 """
 
 from __future__ import annotations
@@ -142,10 +142,10 @@ TOOL_CORPUS: dict[str, list[dict]] = {
 }
 # what each tool-capable family can express: llama3 takes one call per answer, mistral needs 9-char ids (we have)
 TOOL_CASES = {
-    "qwen": ["tool_single", "tool_after_chat", "tool_parallel"],
-    "qwen3": ["tool_single", "tool_after_chat", "tool_parallel"],
-    "llama3": ["tool_single", "tool_after_chat"],
-    "mistral": ["tool_single", "tool_after_chat", "tool_parallel"],
+    "qwen-2.5": ["tool_single", "tool_after_chat", "tool_parallel"],
+    "qwen-3": ["tool_single", "tool_after_chat", "tool_parallel"],
+    "llama-3.1": ["tool_single", "tool_after_chat"],
+    "mistral-nemo": ["tool_single", "tool_after_chat", "tool_parallel"],
 }
 REASONING = [  # qwen3: explicit reasoning_content and inline <think> blocks
     {"role": "user", "content": "2+2?"},
@@ -164,7 +164,7 @@ def cases(family: str) -> list[tuple[str, list[dict], list[dict] | None]]:
     """(case name, messages, tools) of the corpus that `family` can express."""
     out = [(name, conv, None) for name, conv in CORPUS.items()]
     out += [(name, TOOL_CORPUS[name], TOOLS) for name in TOOL_CASES.get(family, [])]
-    if family == "qwen3":
+    if family == "qwen-3":
         out.append(("reasoning", REASONING, None))
     return out
 
@@ -217,7 +217,7 @@ def hf_render(family: str, conv: list[dict], tools=None, **kw) -> str:
 def _strip_bos(family: str, text: str) -> str:
     tpl = tpl_for(family)
     bos = tpl.bos_token or ""
-    if tpl.format.get("bos") or family == "llama2":
+    if tpl.format.get("bos") or family == "llama-2":
         assert text.startswith(bos), f"{family}: the Jinja render does not start with BOS {bos!r}"
         return text[len(bos) :]
     return text
@@ -246,7 +246,7 @@ def test_training_text_equals_apply_chat_template(family: str) -> None:
     assert checked >= 40
 
 
-@pytest.mark.parametrize("family", ["qwen3"])
+@pytest.mark.parametrize("family", ["qwen-3"])
 def test_qwen3_enable_thinking_false(family: str) -> None:
     tpl = tpl_for(family)
     conv = CORPUS["system_one_turn"][:2]
@@ -257,7 +257,7 @@ def test_qwen3_enable_thinking_false(family: str) -> None:
 
 def test_gemma_and_llama2_reject_non_alternating() -> None:
     conv = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    for family in ("gemma", "llama2"):
+    for family in ("gemma-3", "llama-2"):
         with pytest.raises(UserError, match="alternate"):
             render_text(load_template(family), conv)
 
@@ -301,11 +301,11 @@ def test_go_qwen3_think_flag() -> None:
     require_go()
     from exporter.gotemplate import ollama_data, render_go
 
-    tpl = tpl_for("qwen3")
+    tpl = tpl_for("qwen-3")
     conv = CORPUS["one_turn"][:1]
-    ref = hf_render("qwen3", conv, add_generation_prompt=True, enable_thinking=False)
+    ref = hf_render("qwen-3", conv, add_generation_prompt=True, enable_thinking=False)
     assert render_go(tpl.ollama, ollama_data(conv, think=False)) == ref
-    assert render_go(tpl.ollama, ollama_data(conv, think=True)) == hf_render("qwen3", conv, add_generation_prompt=True)
+    assert render_go(tpl.ollama, ollama_data(conv, think=True)) == hf_render("qwen-3", conv, add_generation_prompt=True)
 
 
 def test_go_default_system_from_modelfile() -> None:
@@ -313,9 +313,9 @@ def test_go_default_system_from_modelfile() -> None:
     require_go()
     from exporter.gotemplate import ollama_data, render_go
 
-    tpl = tpl_for("qwen")
+    tpl = tpl_for("qwen-2.5")
     conv = CORPUS["one_turn"][:1]
-    ref = hf_render("qwen", conv, add_generation_prompt=True)
+    ref = hf_render("qwen-2.5", conv, add_generation_prompt=True)
     assert "You are Qwen, created by Alibaba Cloud. You are a helpful assistant." in ref
     assert render_go(tpl.ollama, ollama_data(conv)) == ref
     assert render_go(tpl.ollama, ollama_data(conv, system=tpl.default_system)) == ref
@@ -350,25 +350,25 @@ def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
 def _expected_answers(family: str, conv: list[dict], tok) -> list[str]:
     """Trained text of each answer, written from the conversation (not from our renderer)."""
     eot = {
-        "qwen": "<|im_end|>",
-        "qwen3": "<|im_end|>",
-        "yi": "<|im_end|>",
-        "llama3": "<|eot_id|>",
-        "gemma": "<end_of_turn>",
-        "phi3": "<|end|>",
-        "deepseek": "<｜end▁of▁sentence｜>",
+        "qwen-2.5": "<|im_end|>",
+        "qwen-3": "<|im_end|>",
+        "yi-1.5": "<|im_end|>",
+        "llama-3.1": "<|eot_id|>",
+        "gemma-3": "<end_of_turn>",
+        "phi-3": "<|end|>",
+        "deepseek-v3": "<｜end▁of▁sentence｜>",
     }.get(family, tok.eos_token)
     answers = [m for m in conv if m["role"] == "assistant"]
     out = []
     for k, m in enumerate(answers):
         content = m["content"]
-        if family == "qwen3" and k == len(answers) - 1:
+        if family == "qwen-3" and k == len(answers) - 1:
             content = "<think>\n\n</think>\n\n" + content
-        if family in ("llama2", "vicuna", "default"):
+        if family in ("llama-2", "vicuna-1.1", "human-assistant"):
             content = " " + content
-        if family == "llama2":
+        if family == "llama-2":
             content += " "
-        if family == "glm4":  # answers end when the model emits the next role token; the last one with eos
+        if family == "glm-4":  # answers end when the model emits the next role token; the last one with eos
             eot = "<|user|>" if k < len(answers) - 1 else tok.eos_token
         out.append(content + eot)
     # phi3's published template closes a finished conversation with eos after <|end|>: context, not a target
@@ -393,16 +393,16 @@ def test_encode_matches_tokenizer_and_masks_answers(family: str) -> None:
             assert ids[1] != tok.bos_token_id, f"{family}/{name}: double BOS"
         runs = [tok.decode(r) for r in _runs(ids, labels)]
         want = _expected_answers(family, conv, tok)
-        if family == "phi3" and len(runs) == len(want) - 1:  # <|end|> swallowed the newline before eos (rstrip)
+        if family == "phi-3" and len(runs) == len(want) - 1:  # <|end|> swallowed the newline before eos (rstrip)
             want = want[:-2] + [want[-2] + want[-1]]
         # empty answers merge with nothing: compare the non-empty trained texts, whitespace-exact for byte-level
         # tokenizers and modulo SentencePiece's leading-space marker otherwise
-        norm = (lambda s: s) if family in ("qwen", "qwen3", "llama3") else (lambda s: "".join(s.split()))
+        norm = (lambda s: s) if family in ("qwen-2.5", "qwen-3", "llama-3.1") else (lambda s: "".join(s.split()))
         assert [norm(r) for r in runs] == [norm(w) for w in want if norm(w)], f"{family}/{name}"
 
 
 def test_encode_train_on_prompt_and_cutoff() -> None:
-    tok, tpl = family_tokenizer("qwen"), tpl_for("qwen")
+    tok, tpl = family_tokenizer("qwen-2.5"), tpl_for("qwen-2.5")
     conv = CORPUS["long"]
     ids, labels = encode(tok, tpl, conv)
     ids_all, labels_all = encode(tok, tpl, conv, train_on_prompt=True)
@@ -422,7 +422,7 @@ def test_encode_train_on_prompt_and_cutoff() -> None:
 
 
 def test_encode_cutoff_keeps_bos() -> None:
-    tok, tpl = family_tokenizer("llama3"), tpl_for("llama3")
+    tok, tpl = family_tokenizer("llama-3.1"), tpl_for("llama-3.1")
     conv = CORPUS["long"]
     ids, labels = encode(tok, tpl, conv)
     cut_ids, cut_labels = encode(tok, tpl, conv, cutoff_len=16)
@@ -434,7 +434,7 @@ def test_encode_bos_exactly_once() -> None:
     """Template renders BOS text (llama3) -> one BOS; template renders none but the tokenizer adds one (phi3, like
     llama.cpp at inference) -> one BOS prepended; no BOS anywhere (qwen) -> none."""
     conv = CORPUS["one_turn"]
-    for family, want in (("llama3", 1), ("gemma", 1), ("mistral", 1), ("phi3", 1), ("qwen", 0)):
+    for family, want in (("llama-3.1", 1), ("gemma-3", 1), ("mistral-nemo", 1), ("phi-3", 1), ("qwen-2.5", 0)):
         tok = family_tokenizer(family)
         ids, labels = encode(tok, tpl_for(family), conv)
         bos = tok.bos_token_id
@@ -447,12 +447,12 @@ def test_encode_bos_exactly_once() -> None:
 # real vocabularies (llama.cpp's ggml-vocab-*.gguf rebuilt by transformers; cached after the first conversion)
 
 REAL_VOCAB = {
-    "llama2": "llama-spm",
-    "mistral": "llama-spm",
-    "phi3": "phi-3",
-    "qwen": "qwen2",
-    "qwen3": "qwen2",
-    "llama3": "llama-bpe",
+    "llama-2": "llama-spm",
+    "mistral-nemo": "llama-spm",
+    "phi-3": "phi-3",
+    "qwen-2.5": "qwen2",
+    "qwen-3": "qwen2",
+    "llama-3.1": "llama-bpe",
     # gemma: transformers 5.23 cannot rebuild a tokenizer from ggml-vocab-gemma-4.gguf (config validation error)
 }
 
@@ -492,7 +492,7 @@ def test_encode_real_vocabulary(family: str) -> None:
         ids, labels = encode(tok, tpl, conv)
         assert ids == _expected_ids(tok, text), f"{family}/{name}"
         answers = sum(m["role"] == "assistant" for m in conv)
-        assert len(_runs(ids, labels)) in (answers, answers + (family == "phi3")), f"{family}/{name}"
+        assert len(_runs(ids, labels)) in (answers, answers + (family == "phi-3")), f"{family}/{name}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,20 +515,20 @@ def _no_system(conv: list[dict]) -> bool:
 
 # (family, published template, which prefixes must render identically: why ours differs elsewhere)
 PUBLISHED = [
-    ("qwen", "Qwen-Qwen2.5-7B-Instruct", lambda c, gen: True),
-    ("qwen3", "Qwen-Qwen3-0.6B", lambda c, gen: True),
+    ("qwen-2.5", "Qwen-Qwen2.5-7B-Instruct", lambda c, gen: True),
+    ("qwen-3", "Qwen-Qwen3-0.6B", lambda c, gen: True),
     # Llama 3.x and Gemma trim content; Ollama cannot trim, so ours keeps whitespace as given
-    ("llama3", "meta-llama-Llama-3.1-8B-Instruct", lambda c, gen: _no_padding(c)),
-    ("llama3", "meta-llama-Llama-3.3-70B-Instruct", lambda c, gen: _no_padding(c)),
+    ("llama-3.1", "meta-llama-Llama-3.1-8B-Instruct", lambda c, gen: _no_padding(c)),
+    ("llama-3.1", "meta-llama-Llama-3.3-70B-Instruct", lambda c, gen: _no_padding(c)),
     # Gemma 2 rejects system messages; ours folds them into the first user turn (Gemma 3)
-    ("gemma", "google-gemma-2-2b-it", lambda c, gen: _no_padding(c) and _no_system(c)),
-    ("phi3", "microsoft-Phi-3.5-mini-instruct", lambda c, gen: True),
+    ("gemma-3", "google-gemma-2-2b-it", lambda c, gen: _no_padding(c) and _no_system(c)),
+    ("phi-3", "microsoft-Phi-3.5-mini-instruct", lambda c, gen: True),
     # Nemo puts the system prompt into the final message only when it is a user message; ours always uses the last
     # user message, so a training conversation keeps its system prompt
-    ("mistral", "mistralai-Mistral-Nemo-Instruct-2407", lambda c, gen: _no_system(c) or c[-1]["role"] == "user"),
+    ("mistral-nemo", "mistralai-Mistral-Nemo-Instruct-2407", lambda c, gen: _no_system(c) or c[-1]["role"] == "user"),
     # R1 distills force "<think>\n" into the generation prompt; complete conversations match
-    ("deepseek", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", lambda c, gen: not gen),
-    ("deepseek", "deepseek-ai-DeepSeek-R1-Distill-Llama-8B", lambda c, gen: not gen),
+    ("deepseek-v3", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", lambda c, gen: not gen),
+    ("deepseek-v3", "deepseek-ai-DeepSeek-R1-Distill-Llama-8B", lambda c, gen: not gen),
 ]
 
 
@@ -540,7 +540,7 @@ def test_matches_published_template(family: str, published: str, claim) -> None:
     tpl = tpl_for(family)
     compared = 0
     for name, conv, tools in cases(family):
-        if tools or (family in ("gemma",) and not _alternating(conv)):
+        if tools or (family in ("gemma-3",) and not _alternating(conv)):
             continue  # tool JSON: ours is compact (Ollama's `json`), published ones use Python's spaced dumps
         for n in range(1, len(conv) + 1):
             prefix = conv[:n]
@@ -558,9 +558,9 @@ def test_matches_published_template(family: str, published: str, claim) -> None:
 
 
 TOOL_PUBLISHED = [
-    ("qwen", "Qwen-Qwen2.5-7B-Instruct", ["tool_single", "tool_after_chat", "tool_parallel"]),
-    ("qwen3", "Qwen-Qwen3-0.6B", ["tool_single", "tool_after_chat", "tool_parallel"]),
-    ("mistral", "mistralai-Mistral-Nemo-Instruct-2407", ["tool_after_chat", "tool_parallel"]),
+    ("qwen-2.5", "Qwen-Qwen2.5-7B-Instruct", ["tool_single", "tool_after_chat", "tool_parallel"]),
+    ("qwen-3", "Qwen-Qwen3-0.6B", ["tool_single", "tool_after_chat", "tool_parallel"]),
+    ("mistral-nemo", "mistralai-Mistral-Nemo-Instruct-2407", ["tool_after_chat", "tool_parallel"]),
 ]
 
 
@@ -596,9 +596,9 @@ def test_known_differences_from_published_are_real() -> None:
         b = render_jinja_template(conversations=[conv], chat_template=tpl.jinja, **kw)[0][0]
         return a, b
 
-    a, b = both("llama3", "meta-llama-Llama-3.1-8B-Instruct", CORPUS["padded_whitespace"], False)
+    a, b = both("llama-3.1", "meta-llama-Llama-3.1-8B-Instruct", CORPUS["padded_whitespace"], False)
     assert a != b and "  leading" in b and "  leading" not in a
-    a, b = both("mistral", "mistralai-Mistral-Nemo-Instruct-2407", CORPUS["system_one_turn"], False)
+    a, b = both("mistral-nemo", "mistralai-Mistral-Nemo-Instruct-2407", CORPUS["system_one_turn"], False)
     assert SYS["content"] not in a and SYS["content"] in b
 
 
@@ -620,13 +620,13 @@ def test_detect_fixture_models(fixture: str, tiny_model) -> None:
 # unicode, tool calls included) renders exactly alike; else derived, with a family's Go TEMPLATE where that renders
 # at least as many shapes like the Jinja in Go and has the same tool format up to JSON spacing
 DETECTS = {
-    "Qwen-Qwen2.5-7B-Instruct": ("derived", "qwen", "", "<|im_end|>"),  # tool JSON spacing
-    "Qwen-Qwen3-0.6B": ("derived", "qwen3", "", "<|im_end|>"),  # tool JSON spacing
+    "Qwen-Qwen2.5-7B-Instruct": ("derived", "qwen-2.5", "", "<|im_end|>"),  # tool JSON spacing
+    "Qwen-Qwen3-0.6B": ("derived", "qwen-3", "", "<|im_end|>"),  # tool JSON spacing
     "meta-llama-Llama-3.1-8B-Instruct": ("derived", "derived", "<|begin_of_text|>", "<|eot_id|>"),  # trims
     "meta-llama-Llama-3.3-70B-Instruct": ("derived", "derived", "<|begin_of_text|>", "<|eot_id|>"),
-    "google-gemma-2-2b-it": ("derived", "gemma", "<bos>", "<eos>"),  # trims, refuses system messages
-    "microsoft-Phi-3.5-mini-instruct": ("phi3", None, "<s>", "<|endoftext|>"),
-    "mistralai-Mistral-Nemo-Instruct-2407": ("derived", "mistral", "<s>", "</s>"),  # tool JSON spacing
+    "google-gemma-2-2b-it": ("derived", "gemma-3", "<bos>", "<eos>"),  # trims, refuses system messages
+    "microsoft-Phi-3.5-mini-instruct": ("phi-3", None, "<s>", "<|endoftext|>"),
+    "mistralai-Mistral-Nemo-Instruct-2407": ("derived", "mistral-nemo", "<s>", "</s>"),  # tool JSON spacing
 }
 
 
@@ -641,14 +641,14 @@ def test_detect_published_templates(published: str, tmp_path: Path) -> None:
     if go not in (None, "derived"):
         assert tpl.ollama == load_template(go).for_tokenizer(bos or None, eos or None).ollama
     assert resolve(tmp_path, None).name == name
-    assert resolve(tmp_path, "yi").name == "yi"  # the override wins
+    assert resolve(tmp_path, "yi-1.5").name == "yi-1.5"  # the override wins
 
 
 @pytest.mark.parametrize(
     ("published", "bos", "eos", "nearest", "differs"),
     [
         ("openai-gpt-oss-120b", "<|startoftext|>", "<|return|>", None, []),
-        ("meta-llama-Llama-3.2-3B-Instruct", "<|begin_of_text|>", "<|eot_id|>", "llama3", ["user"]),  # today's date
+        ("meta-llama-Llama-3.2-3B-Instruct", "<|begin_of_text|>", "<|eot_id|>", "llama-3.1", ["user"]),  # today's date
         ("Qwen-QwQ-32B", "", "<|im_end|>", None, []),
     ],
 )
@@ -657,7 +657,7 @@ def test_detect_unknown_published_template_derives(published, bos, eos, nearest,
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}))
     tpl = detect(tmp_path)
     assert tpl.name == "derived" and tpl.jinja == _published(published) and tpl.ollama
-    assert any(re.match(r"nearest family is '(\w+)'.*differs at char \d+", n) for n in tpl.notes)
+    assert any(re.match(r"nearest family is '([\w.-]+)'.*differs at char \d+", n) for n in tpl.notes)
     if nearest:
         assert any(f"nearest family is {nearest!r}" in n for n in tpl.notes)
     assert set(differs) <= set(tpl.format["differ"])
@@ -666,14 +666,14 @@ def test_detect_unknown_published_template_derives(published, bos, eos, nearest,
 
 
 def test_detect_near_miss_names_nearest_and_diff() -> None:
-    chatml_other_default = load_template("qwen").jinja.replace(
+    chatml_other_default = load_template("qwen-2.5").jinja.replace(
         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "You are a helpful assistant."
     )
     tpl = detect_template_text(chatml_other_default, "", "<|im_end|>")
     msg = "\n".join(tpl.notes)
     assert tpl.name == "derived" and tpl.default_system == "You are a helpful assistant."
-    assert "nearest family is 'qwen'" in msg and "differs at char 27 of probe 0" in msg
-    assert "model renders 'a helpful assistant.<|im_end|>" in msg and "qwen renders 'Qwen, created by" in msg
+    assert "nearest family is 'qwen-2.5'" in msg and "differs at char 27 of probe 0" in msg
+    assert "model renders 'a helpful assistant.<|im_end|>" in msg and "qwen-2.5 renders 'Qwen, created by" in msg
 
 
 def test_detect_without_template(tmp_path: Path) -> None:
@@ -697,7 +697,9 @@ def test_detect_every_family_detects_itself() -> None:
 
 
 def test_load_template_unknown_suggests() -> None:
-    with pytest.raises(UserError, match="did you mean 'qwen3'"):
+    with pytest.raises(UserError, match="did you mean 'qwen-3'"):
+        load_template("qwen-3.0")
+    with pytest.raises(UserError, match="did you mean 'qwen3'.*LLaMA-Factory names: .*qwen3_nothink"):
         load_template("qwen_3")
 
 
@@ -727,26 +729,26 @@ def test_write_into(tiny_model, tmp_path: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(cfg))
     (out / "chat_template.jinja").write_text("{{ messages }}")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 5, "do_sample": False}))
-    write_into(out, load_template("qwen"))
+    write_into(out, load_template("qwen-2.5"))
     tok = AutoTokenizer.from_pretrained(str(out))
-    assert tok.chat_template == load_template("qwen").jinja
-    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == load_template("qwen").jinja
+    assert tok.chat_template == load_template("qwen-2.5").jinja
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == load_template("qwen-2.5").jinja
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [5, tok.convert_tokens_to_ids("<|im_end|>")] and gen["do_sample"] is False
     # a family whose end-of-turn token the tokenizer lacks: error, nothing changed
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(UserError, match="<end_of_turn>"):
-        write_into(out, load_template("gemma"))
+        write_into(out, load_template("gemma-3"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_write_into_base_format_uses_tokenizer_eos(tiny_model, tmp_path: Path) -> None:
     out = Path(shutil.copytree(tiny_model("llama2"), tmp_path / "m"))
     (out / "generation_config.json").unlink(missing_ok=True)
-    write_into(out, load_template("alpaca"))
+    write_into(out, load_template("stanford-alpaca"))
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2  # </s>
-    assert resolve(out, None).name == "alpaca"
+    assert resolve(out, None).name == "stanford-alpaca"
     assert resolve(out, None).eot_tokens == ["</s>"]
 
 
@@ -767,19 +769,19 @@ def test_cli(tiny_model, tmp_path: Path) -> None:
     conv.write_text(json.dumps({"messages": CORPUS["system_one_turn"]}, ensure_ascii=False), encoding="utf-8")
     rc, out, _ = _cli("list")
     assert rc == 0 and all(f in out for f in ALL)
-    rc, out, _ = _cli("show", "llama3")
-    assert rc == 0 and out.rstrip("\n") == load_template("llama3").jinja
-    rc, out, _ = _cli("show", "qwen", "--format", "ollama")
+    rc, out, _ = _cli("show", "llama-3.1")
+    assert rc == 0 and out.rstrip("\n") == load_template("llama-3.1").jinja
+    rc, out, _ = _cli("show", "qwen-2.5", "--format", "ollama")
     assert rc == 0 and 'PARAMETER stop "<|im_end|>"' in out and out.startswith('TEMPLATE """')
-    rc, out, _ = _cli("render", "qwen", str(conv))
-    assert rc == 0 and out == hf_render("qwen", CORPUS["system_one_turn"])
-    rc, out, _ = _cli("render", "qwen", str(conv), "--format", "jinja")
-    assert rc == 0 and out == hf_render("qwen", CORPUS["system_one_turn"])
+    rc, out, _ = _cli("render", "qwen-2.5", str(conv))
+    assert rc == 0 and out == hf_render("qwen-2.5", CORPUS["system_one_turn"])
+    rc, out, _ = _cli("render", "qwen-2.5", str(conv), "--format", "jinja")
+    assert rc == 0 and out == hf_render("qwen-2.5", CORPUS["system_one_turn"])
     rc, out, _ = _cli("detect", str(tiny_model("gemma3")))
-    assert rc == 0 and out.splitlines()[0] == "gemma" and "renders every probe exactly like family 'gemma'" in out
+    assert rc == 0 and out.splitlines()[0] == "gemma-3" and "renders every probe exactly like family 'gemma-3'" in out
     if shutil.which("go"):
-        rc, out, _ = _cli("render", "qwen", str(conv), "--format", "ollama")
-        assert rc == 0 and out == hf_render("qwen", CORPUS["system_one_turn"], continue_final_message=True)
-    for bad in (("show", "qwen4"), ("render", "qwen", str(tmp_path / "missing.json")), ("detect", str(tmp_path))):
+        rc, out, _ = _cli("render", "qwen-2.5", str(conv), "--format", "ollama")
+        assert rc == 0 and out == hf_render("qwen-2.5", CORPUS["system_one_turn"], continue_final_message=True)
+    for bad in (("show", "qwen4"), ("render", "qwen-2.5", str(tmp_path / "missing.json")), ("detect", str(tmp_path))):
         rc, _, err = _cli(*bad)
         assert rc == 2 and err.startswith("error: ") and "Traceback" not in err, bad

@@ -77,7 +77,7 @@ def datadir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _cfg(model: Path, datadir: Path, out: Path, **kw) -> lf_args.TrainConfig:
     base = dict(
         model_name_or_path=str(model), output_dir=str(out), dataset=["identity"], dataset_dir=str(datadir),
-        template="qwen", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=4, logging_steps=1,
+        template="qwen-2.5", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=4, logging_steps=1,
         save_steps=1000, identity_name="Exa", identity_author="Acme",
     )  # fmt: skip
     base.update(kw)
@@ -287,7 +287,7 @@ def test_fast_loss_equals_model_loss(tiny: Path, datadir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny)
     cfg = _cfg(tiny, datadir, datadir / "unused", dataset=["count", "identity"])
     samples, drops = data.load(cfg.dataset, cfg.dataset_dir)
-    examples = E.tokenize_sft(samples, tok, templates.load_template("qwen"), cfg, drops)
+    examples = E.tokenize_sft(samples, tok, templates.load_template("qwen-2.5"), cfg, drops)
     model = T.load_model(cfg, tiny, "cpu")
     model.eval()
     batch = E.collate([examples[0], examples[-1], examples[3]], tok.pad_token_id)  # padded batch
@@ -337,9 +337,9 @@ def test_sft_alpaca_outputs_and_adapter_changes_logits(tiny: Path, datadir: Path
     results = json.loads((out / "all_results.json").read_text())
     assert {"train_loss", "eval_loss", "epoch", "train_runtime", "num_input_tokens_seen"} <= set(results)
     manifest = json.loads((out / "exporter_manifest.json").read_text())
-    assert manifest["stage"] == "train" and manifest["settings"]["template"] == "qwen"
+    assert manifest["stage"] == "train" and manifest["settings"]["template"] == "qwen-2.5"
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok.chat_template == templates.load_template("qwen").jinja
+    assert tok.chat_template == templates.load_template("qwen-2.5").jinja
 
     base = AutoModelForCausalLM.from_pretrained(tiny)
     ids = tok.apply_chat_template([{"role": "user", "content": "who are you"}], add_generation_prompt=True,
@@ -425,7 +425,7 @@ def test_resume_matches_uninterrupted(
     [
         (["--lora_rnak", "8"], "unknown key 'lora_rnak' (did you mean 'lora_rank'?)"),
         (["--dataset", "nope"], "dataset 'nope' is not defined"),
-        (["--template", "llama3"], "template 'llama3' ends assistant turns with '<|eot_id|>', but the tokenizer"),
+        (["--template", "llama-3.1"], "template 'llama-3.1' ends assistant turns with '<|eot_id|>', but the tokenizer"),
         (["--fp16"], "fp16 needs a CUDA GPU"),
         (["--max_steps", "many"], "max_steps must be an integer"),
         (["--neat_packing"], "neat_packing: packing without cross-attention is not supported yet"),
@@ -436,7 +436,7 @@ def test_cli_bad_input_exit_2(
     args: list[str], message: str,
 ) -> None:  # fmt: skip
     base = ["--stage", "sft", "--do_train", "--model_name_or_path", str(tiny), "--dataset_dir", str(datadir),
-            "--output_dir", str(tmp_path / "o"), "--template", "qwen", "--dataset", "identity"]  # fmt: skip
+            "--output_dir", str(tmp_path / "o"), "--template", "qwen-2.5", "--dataset", "identity"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["exporter", "train", *base, *args])
     with pytest.raises(SystemExit) as e:
         cli.main()

@@ -35,7 +35,7 @@ def good(tiny_model, tmp_path_factory) -> SimpleNamespace:
     merged = root / "merged"
     shutil.copytree(tiny_model("qwen2"), merged)
     sharpen_attention(merged)
-    tpl = templates.resolve(merged, "qwen")
+    tpl = templates.resolve(merged, "qwen-2.5")
     templates.write_into(merged, tpl)
     res = gguf.export(merged, ["f16", "q8_0"], tpl, root / "gguf")
     return SimpleNamespace(
@@ -59,7 +59,7 @@ def test_good_export_passes(good, tmp_path: Path) -> None:
             merged=good.merged,
             ggufs=[good.f16, good.q8],
             modelfiles=[good.mf16, good.mq8],
-            template="qwen",
+            template="qwen-2.5",
             **FAST,
         )
     )
@@ -76,7 +76,7 @@ def test_good_export_passes(good, tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "report.json").read_text())
     assert doc["schema"] == "exporter.verify/1" and doc["passed"] is True
     assert doc["summary"]["fail"] == 0 and len(doc["checks"]) == len(rep.checks)
-    assert doc["artifacts"]["template"] == "qwen"
+    assert doc["artifacts"]["template"] == "qwen-2.5"
     xml = (tmp_path / "junit.xml").read_text()
     assert "<failure" not in xml and f'tests="{len(rep.checks)}"' in xml
 
@@ -100,7 +100,7 @@ def test_go_template_differs(good, tmp_path: Path) -> None:
     text = good.mf16.read_text()
     assert "<|im_start|>assistant\n" in text
     mf.write_text(text.replace("<|im_start|>assistant\n", "<|im_start|>assistant \n"))
-    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[good.f16], modelfiles=[mf], template="qwen", **FAST))
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[good.f16], modelfiles=[mf], template="qwen-2.5", **FAST))
     _only_failures(rep, {"template"}, mf.name, "TEMPLATE (Go)", "differ at char")
 
 
@@ -109,7 +109,7 @@ def test_missing_stop_line(good, tmp_path: Path) -> None:
     lines = good.mf16.read_text().splitlines(keepends=True)
     mf.write_text("".join(ln for ln in lines if ln.strip() != 'PARAMETER stop "<|im_end|>"'))
     assert mf.read_text() != good.mf16.read_text()
-    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[good.f16], modelfiles=[mf], template="qwen", **FAST))
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[good.f16], modelfiles=[mf], template="qwen-2.5", **FAST))
     _only_failures(rep, {"stops"}, mf.name, "no PARAMETER stop for <|im_end|>")
 
 
@@ -125,7 +125,7 @@ def test_gguf_without_eog_id(good, tmp_path: Path) -> None:
         kv={"tokenizer.ggml.eos_token_id": other},
         drop=tuple(k for k in declared if k != "tokenizer.ggml.eos_token_id"),
     )
-    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen-2.5", **FAST))
     _only_failures(rep, {"stops", "chat"}, bad.name, "<|im_end|>", "not declared end-of-generation")
 
 
@@ -137,13 +137,13 @@ def test_gguf_eos_is_an_ordinary_token(good, tmp_path: Path) -> None:
     word = next(i for i, (t, k) in enumerate(zip(info.tokens, info.token_types, strict=True))
                 if k == TokenType.NORMAL and t.isalpha() and len(t) > 3)  # fmt: skip
     bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={"tokenizer.ggml.eos_token_id": word})
-    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen-2.5", **FAST))
     detail = _failed(rep)[("stops", bad.name)]
     name = f"{info.tokens[word]!r} ({word})"
     assert f"eos id is {name}, not an end-of-turn or eos token" in detail
     assert f"{name}, an ordinary text token, ends generation" in detail
     # the good file's EOG set is exactly the expected one (llama.cpp's own by-name picks reported, not failed)
-    good_rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[good.f16], template="qwen", **FAST))
+    good_rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[good.f16], template="qwen-2.5", **FAST))
     good_stops = next(c for c in good_rep.checks
                       if c.check == "stops" and c.target == good.f16.name)  # fmt: skip
     assert good_stops.status == "pass" and "exactly '<|im_end|>'" in good_stops.detail
@@ -182,7 +182,7 @@ def test_one_tensor_perturbed(good, tmp_path: Path) -> None:
         return (a.astype(np.float32) + rng.normal(0, float(np.abs(a).std()) * 2, a.shape)).astype(a.dtype)
 
     bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, tensor=perturb)
-    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen-2.5", **FAST))
     text = _only_failures(rep, {"perplexity", "chat"}, bad.name)
     assert ("perplexity", bad.name) in _failed(rep), text
 
@@ -191,14 +191,14 @@ def test_wrong_rope_theta(good, tmp_path: Path) -> None:
     key = "qwen2.rope.freq_base"
     assert V.read_kv(good.f16)[key] == pytest.approx(1_000_000.0)
     bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={key: 10_000.0})
-    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen-2.5", **FAST))
     _only_failures(rep, {"perplexity", "chat"}, bad.name, "ppl")
     assert ("perplexity", bad.name) in _failed(rep)
 
 
 def test_wrong_pre_tokenizer(good, tmp_path: Path) -> None:
     bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={"tokenizer.ggml.pre": "gpt-2"})
-    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen", **FAST))
+    rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen-2.5", **FAST))
     _only_failures(rep, {"tokenizer", "chat"}, bad.name, "tokenize differently", "tokenizer.ggml.pre='gpt-2'")
 
 
@@ -211,8 +211,8 @@ def test_exported_chat_template_differs_from_training(good, tmp_path: Path) -> N
     assert "<|im_start|>assistant\\n" in cfg["chat_template"]
     cfg["chat_template"] = cfg["chat_template"].replace("<|im_start|>assistant\\n", "<|im_start|>assistant:\\n")
     (merged / "tokenizer_config.json").write_text(json.dumps(cfg))
-    rep = V.verify(V.VerifyOptions(merged=merged, template="qwen", **FAST))
-    _only_failures(rep, {"template"}, "merged/tokenizer_config.json", "training template qwen", "differ at char")
+    rep = V.verify(V.VerifyOptions(merged=merged, template="qwen-2.5", **FAST))
+    _only_failures(rep, {"template"}, "merged/tokenizer_config.json", "training template qwen-2.5", "differ at char")
 
 
 def test_bad_input_exits_2(good, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -246,7 +246,7 @@ def test_cli_exit_codes_and_files(good, tmp_path: Path, monkeypatch) -> None:
             "--gguf",
             str(gguf_file),
             "--template",
-            "qwen",
+            "qwen-2.5",
             "--report",
             str(out / "report.json"),
             "--junit",
@@ -330,15 +330,15 @@ def test_quantized_dirs_scored_against_merged(tiny_model, tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr[-2000:]
     assert V.quantized_kind(q8) == "bnb8"
     fast = {**FAST, "prompts": 0}
-    rep = V.verify(V.VerifyOptions(merged=merged, quantized=[q8], template="qwen", **fast))
+    rep = V.verify(V.VerifyOptions(merged=merged, quantized=[q8], template="qwen-2.5", **fast))
     (check,) = [c for c in rep.checks if c.check == "perplexity" and c.target == "bnb8"]
     assert check.status == "pass" and check.metrics["type"] == "bnb8" and check.metrics["threshold"] == 0.01
     assert 0 < check.metrics["rel_diff"] <= 0.01  # int8 moves perplexity, a little
     strict = V.verify(
-        V.VerifyOptions(merged=merged, quantized=[q8], template="qwen", ppl_threshold={"bnb8": 0.0}, **fast)
+        V.VerifyOptions(merged=merged, quantized=[q8], template="qwen-2.5", ppl_threshold={"bnb8": 0.0}, **fast)
     )
     assert not strict.passed and [c.target for c in strict.checks if c.status == "fail"] == ["bnb8"]
     with pytest.raises(UserError, match="--quantized needs --merged"):
-        V.verify(V.VerifyOptions(quantized=[q8], ggufs=[], modelfiles=[], adapter=None, template="qwen"))
+        V.verify(V.VerifyOptions(quantized=[q8], ggufs=[], modelfiles=[], adapter=None, template="qwen-2.5"))
     with pytest.raises(UserError, match="no quantization_config"):
-        V.verify(V.VerifyOptions(merged=merged, quantized=[merged], template="qwen", **fast))
+        V.verify(V.VerifyOptions(merged=merged, quantized=[merged], template="qwen-2.5", **fast))

@@ -18,7 +18,7 @@ class LoadOptions:
     model: str
     adapter: str | None = None
     backend: str | None = None
-    template: str | None = None  # a template family name: its Jinja replaces the model's own
+    template: str | None = None  # a LLaMA-Factory or family name (or .jinja file): the Jinja it means
     dtype: str = "auto"  # hf: auto (fp32 on CPU, the checkpoint's dtype on a GPU) | fp32 | bf16 | fp16
     device: str | None = None  # hf: cpu, cuda, cuda:1 ... (default: cuda when available)
     max_seqs: int = 8  # sequences decoded together (continuous batching); 1 = one at a time

@@ -212,21 +212,26 @@ def _model_and_adapter(opts: LoadOptions) -> tuple[Path, Path | None]:
     return model, adapter
 
 
-def _template_override(name: str, special: dict[str, str]) -> str:
-    """A family name or a .jinja file -> Jinja."""
+def _template_override(name: str, own: str | None, special: dict[str, str]) -> str:
+    """A LLaMA-Factory name (the Jinja LF leaves in the tokenizer: the model's own unless the LF template replaces
+    it), a family name or a .jinja file -> Jinja."""
     p = Path(name).expanduser()
     if p.is_file():
         return p.read_text(encoding="utf-8")
-    from exporter import templates
+    from exporter import lf_names, lf_templates, templates
 
-    tpl = templates.load_template(name).for_tokenizer(special.get("bos_token"), special.get("eos_token"))
-    return tpl.jinja
+    bos, eos = special.get("bos_token"), special.get("eos_token")
+    if lf_names.is_lf_name(name):
+        if own and not lf_templates.load(name).replace_jinja_template:
+            return own
+        return lf_names.for_texts(name, bos, eos).jinja
+    return templates.load_template(name).for_tokenizer(bos, eos).jinja
 
 
 def _chat_format(own: str | None, override: str | None, special: dict[str, str], where: str) -> ChatFormat:
     """The model's own template, or the override; none at all is allowed (prompts as token ids still work)."""
     if override:
-        return ChatFormat(_template_override(override, special), special, where)
+        return ChatFormat(_template_override(override, own, special), special, where)
     return ChatFormat(own or "", special, where)
 
 

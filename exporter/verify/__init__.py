@@ -8,7 +8,8 @@ One public entry, `verify(VerifyOptions) -> Report`. The checks, one module each
 3. `tokenizer` HF ids == GGUF (llama.cpp) ids on a built-in multilingual corpus, rendered chats and the data texts;
 4. `numbers`   perplexity of adapter vs merged vs each GGUF/quantized dir on the SAME token ids, within a threshold
                per type;
-5. `chat`      greedy answers through the template: full-precision GGUFs match HF token for token.
+5. `chat`      greedy answers through the template: full-precision GGUFs match HF token for token;
+6. `accuracy`  (with `eval_dir`) MMLU/C-Eval/CMMLU accuracy of merged vs each GGUF on a small slice.
 `artifacts` holds the options and reads the inputs, `corpus` the built-in texts (data files in `corpora/`).
 """
 
@@ -18,6 +19,7 @@ import time
 
 from exporter.converters.gguf_read import read_kv
 from exporter.errors import UserError
+from exporter.verify.accuracy import check_accuracy, pick_task
 from exporter.verify.artifacts import (
     GGUFInfo,
     Modelfile,
@@ -86,6 +88,8 @@ def verify(opts: VerifyOptions) -> Report:
     t0 = time.perf_counter()
     art = collect(opts)
     check_inputs(art)
+    if art.eval_dir is not None:  # a bad benchmark dir fails before any model is loaded
+        art.eval_task = pick_task(art.eval_dir, art.eval_task)
     thresholds = {**DEFAULT_THRESHOLDS, **{k.lower(): float(v) for k, v in art.ppl_threshold.items()}}
     quantized_kinds = [quantized_kind(q) for q in art.quantized]  # bad dirs fail before any model is loaded
     infos = [read_gguf(p) for p in art.ggufs]
@@ -110,6 +114,11 @@ def verify(opts: VerifyOptions) -> Report:
     checks += check_tokenizer(tok, infos, texts, chat_texts)
     hf_model = load_hf(art.merged) if art.merged else None
     checks += check_numbers(art, tok, hf_model, infos, quantized_kinds, thresholds, art.ctx, art.max_windows)
+    if art.eval_dir is not None:
+        if art.merged is None:
+            checks.append(Check("accuracy", "-", "skip", "eval_dir compares merged and the GGUFs: give merged"))
+        else:
+            checks += check_accuracy(art.eval_dir, art.eval_task, art.merged, infos, art.eval_questions)
     prompt_list = (data_prompts + CHAT_PROMPTS)[: art.prompts]
     checks += check_chat(tok, hf_model, chat_source, infos, prompt_list, gen or list(eot.values()), art.max_new_tokens)
 

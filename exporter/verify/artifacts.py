@@ -35,6 +35,9 @@ class VerifyOptions:
     ctx: int = 128
     max_windows: int = 8
     max_new_tokens: int = 24
+    eval_dir: Path | None = None  # LF's evaluation/ dir: accuracy of merged vs each GGUF on a slice (`accuracy`)
+    eval_task: str | None = None  # mmlu_test | ceval_validation | cmmlu_test (default: the first in eval_dir)
+    eval_questions: int = 5  # questions per subject
 
 
 # the artifacts among the options, as the report lists them

@@ -16,7 +16,7 @@
       "summary": {"pass": int, "fail": int, "skip": int, "warn": int},
       "checks": [
         {
-          "check": "template" | "stops" | "tokenizer" | "perplexity" | "chat",
+          "check": "template" | "stops" | "tokenizer" | "perplexity" | "chat" | "accuracy",
           "target": str,              # which artifact (a file name, "merged", "adapter", "Modelfile.q8_0" ...)
           "status": "pass" | "fail" | "skip" | "warn",   # warn: a difference the export states (a Modelfile
                                                         # TEMPLATE cannot trim like the Jinja ...); not a fail
@@ -29,7 +29,8 @@
 
 Metrics per check: template {conversations, compared}; stops {eot_tokens, eot_ids, ...};
 tokenizer {texts, mismatches, pre}; perplexity {ppl, ref_ppl, rel_diff, threshold, type, kld, top1, tokens};
-chat {prompts, exact, first_divergence: [int|null per prompt], hf_tokens, gguf_tokens, answers}.
+chat {prompts, exact, first_divergence: [int|null per prompt], hf_tokens, gguf_tokens, answers};
+accuracy (with --eval) {accuracy, ref_accuracy, task, questions, n_shot; GGUFs: agreement, allowed_drop, type}.
 """
 
 from __future__ import annotations

@@ -22,20 +22,21 @@ Probe = tuple[list[dict[str, str]], str, str]  # conversation, its full renderin
 
 
 def training_template(name: str | None, art: VerifyOptions) -> tuple[Any, str | None]:
-    """(ChatTemplate or None, reason when None): --template wins, else the training base's own (a family when one
-    matches, else derived from its Jinja), else the adapter's or merged dir's."""
+    """(ChatTemplate or None, reason when None): --template wins (a LLaMA-Factory name for the model's tokenizer),
+    else the training base's own (a family when one matches, else derived from its Jinja), else the adapter's or
+    merged dir's."""
     from exporter import templates
 
-    for d in (art.base, art.adapter, art.merged):
-        if d is not None and d.is_dir():
-            try:  # with the dir's bos/eos filled in (base-model formats end answers with the tokenizer's eos)
-                return templates.resolve(d, name), None
-            except UserError as e:
-                if name and name != "auto":
-                    raise
-                return None, f"cannot tell the training template from {d}: {e} (pass --template FAMILY)"
+    dirs = [d for d in (art.base, art.adapter, art.merged) if d is not None and d.is_dir()]
+    if name and name != "auto" and dirs:  # with the dir's bos/eos filled in (base-model formats end with its eos)
+        return templates.resolve(dirs[0], name), None
     if name and name != "auto":
         return templates.load_template(name), None
+    for d in dirs:
+        try:
+            return templates.resolve(d, None), None
+        except UserError as e:
+            return None, f"cannot tell the training template from {d}: {e} (pass --template FAMILY)"
     return None, "no model dir to detect the template from (pass --template FAMILY)"
 
 

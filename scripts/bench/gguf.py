@@ -93,7 +93,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="HF model dir (default: build the bench Llama)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "exporter-bench-gguf")
-    ap.add_argument("--template", default="llama2", help="template family of the model (default llama2)")
+    ap.add_argument("--template", default="llama-2", help="template family of the model (default llama-2)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each command; the median is reported (default 3)")
     args = ap.parse_args()
     src = os.environ.get("EXPORTER_LLAMA_SRC")

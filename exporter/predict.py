@@ -1,0 +1,286 @@
+"""`exporter predict`: batched generation over a held-out set with LLaMA-Factory's BLEU-4 / ROUGE scores.
+
+Recipe (LF's `do_predict` + `predict_with_generate`, its YAML keys unchanged): load `eval_dataset` from
+`dataset_info.json` -> for each sample, the prompt is every turn before the last answer rendered through the
+model's chat template with the generation prompt, the label is what the template writes for that answer (LF's
+`label` field: special tokens removed), both cut to `cutoff_len` as LF cuts them -> generate through the inference
+engine (HF, HF + adapter, GGUF or vLLM; continuous batching of `per_device_eval_batch_size` sequences; greedy unless
+`do_sample`) with a progress bar -> `generated_predictions.jsonl` (`prompt`, `predict`, `label`) and
+`predict_results.json` (`predict_bleu-4`, `predict_rouge-1/2/l`, runtime, samples/s; `exporter.metrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from exporter.errors import UserError
+
+PREDICTIONS = "generated_predictions.jsonl"
+RESULTS = "predict_results.json"
+
+# keys of LF's predict YAML that change nothing here, and why (said once when given)
+NO_EFFECT = {
+    "overwrite_cache": "overwrite_cache (no preprocessing cache)",
+    "preprocessing_num_workers": "preprocessing_num_workers (tokenized in this process)",
+    "overwrite_output_dir": "overwrite_output_dir (predict replaces its own files in output_dir)",
+    "ddp_timeout": "ddp_timeout (one process)",
+    "finetuning_type": "finetuning_type (an adapter is attached as it is)",
+    "trust_remote_code": "trust_remote_code (exporter runs no code from model dirs)",
+    "report_to": "report_to (metrics go to predict_results.json)",
+    "length_penalty": "length_penalty (beam search only)",
+}
+
+
+@dataclasses.dataclass
+class PredictOptions:
+    """LLaMA-Factory's predict keys (same names and meaning). Different on purpose: `do_sample` defaults to false
+    (greedy, so runs are reproducible; LF samples by default) and `backend` picks hf/gguf/vllm from the path."""
+
+    model_name_or_path: str
+    output_dir: str
+    eval_dataset: list[str] = dataclasses.field(default_factory=list)
+    adapter_name_or_path: str | None = None
+    template: str | None = None
+    dataset_dir: str = "data"
+    cutoff_len: int = 2048
+    max_samples: int | None = None
+    per_device_eval_batch_size: int = 8
+    predict_with_generate: bool = True
+    do_predict: bool = True
+    stage: Literal["sft"] = "sft"
+    do_sample: bool = False
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 50
+    num_beams: int = 1
+    max_new_tokens: int = 1024
+    max_length: int | None = None
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    seed: int = 42
+    infer_backend: Literal["huggingface", "vllm"] = "huggingface"
+    infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    backend: Literal["hf", "gguf", "vllm"] | None = None
+    identity_name: str | None = None
+    identity_author: str | None = None
+    overwrite_cache: bool = False
+    preprocessing_num_workers: int | None = None
+    overwrite_output_dir: bool = False
+    ddp_timeout: int = 1800
+    finetuning_type: Literal["lora", "full", "freeze"] = "lora"
+    trust_remote_code: bool = False
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["none"])
+
+
+@dataclasses.dataclass
+class Example:
+    prompt_ids: list[int]
+    label: str  # LF's label text (special tokens removed)
+    label_raw: str  # the same with special tokens (skip_special_tokens: false)
+    where: str
+
+
+@dataclasses.dataclass
+class PredictResult:
+    metrics: dict[str, float]
+    predictions: list[str]
+    labels: list[str]
+    output_dir: Path
+
+
+def check(opts: PredictOptions) -> None:
+    """Reject what LF's predict keys ask for that we cannot honour."""
+    if not opts.eval_dataset:
+        raise UserError("eval_dataset: name one or more datasets of dataset_info.json (eval_dataset: a,b)")
+    if not opts.predict_with_generate:
+        raise UserError("predict_with_generate: false scores token accuracy without generating; exporter predict "
+                        "generates (set predict_with_generate: true)")  # fmt: skip
+    if not opts.do_predict:
+        raise UserError("do_predict is false: nothing to do")
+    if opts.num_beams != 1:
+        raise UserError(f"num_beams: {opts.num_beams}: beam search is not supported; use 1 (greedy or sampling)")
+    if opts.per_device_eval_batch_size < 1 or opts.cutoff_len < 2:
+        raise UserError("per_device_eval_batch_size must be >= 1 and cutoff_len >= 2")
+    if opts.max_new_tokens < 1 and opts.max_length is None:
+        raise UserError("max_new_tokens must be >= 1 (or set max_length)")
+
+
+def sampling(opts: PredictOptions, max_new_tokens: int) -> Any:
+    """The engine's Sampling for LF's generation keys (greedy unless do_sample)."""
+    from exporter.engine import Sampling
+
+    common = {"max_new_tokens": max_new_tokens, "repetition_penalty": opts.repetition_penalty,
+              "skip_special_tokens": opts.skip_special_tokens}  # fmt: skip
+    if not opts.do_sample:
+        return Sampling(temperature=0.0, **common)
+    return Sampling(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed, **common)
+
+
+def _label(eng: Any, answer: str, suffix: str, ids: list[int], skip_special: bool) -> str:
+    """LF's label: the template's text for the answer with special tokens removed (ChatML: "answer\n"). The answer
+    itself is taken as written, so labels are the same text whatever backend's detokenizer the model has."""
+    if suffix.startswith(answer) and ids == eng.tokenize(suffix):
+        return answer + eng.decode(eng.tokenize(suffix[len(answer) :]), skip_special)
+    return eng.decode(ids, skip_special)
+
+
+def build_examples(eng: Any, samples: list[Any], cutoff_len: int) -> tuple[list[Example], int]:
+    """(examples, how many were cut to cutoff_len): prompt ids and LF's label for each sample."""
+    from exporter.examples import _infer_seqlen
+
+    out, cut = [], 0
+    for s in samples:
+        chat, tools = s.chat(), s.tool_list()
+        if chat[-1]["role"] != "assistant":
+            raise UserError(f"{s.where}: the last turn must be the answer to predict")
+        prompt_text = eng.render(chat[:-1], tools, add_generation_prompt=True)
+        full_text = eng.render(chat, tools, add_generation_prompt=False)
+        # the label is what the template writes after the prompt (e.g. "answer<|im_end|>\n"); where the template
+        # renders the history differently once answered (thinking blocks), the answer alone
+        answer = chat[-1]["content"] or ""
+        suffix = full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else answer
+        prompt_ids, label_ids = eng.tokenize(prompt_text), eng.tokenize(suffix)
+        src, tgt = _infer_seqlen(len(prompt_ids), len(label_ids), cutoff_len)
+        if (src, tgt) != (len(prompt_ids), len(label_ids)):
+            cut += 1
+            prompt_ids, label_ids = prompt_ids[:src], label_ids[:tgt]
+        if not prompt_ids:
+            raise UserError(f"{s.where}: cutoff_len {cutoff_len} leaves no prompt token")
+        label, raw = (_label(eng, answer, suffix, label_ids, skip) for skip in (True, False))
+        out.append(Example(prompt_ids, label, raw, s.where))
+    return out, cut
+
+
+def _max_new(opts: PredictOptions, ex: Example) -> int:
+    """LF's rule: max_new_tokens when > 0, else max_length (prompt + answer) minus the prompt."""
+    if opts.max_new_tokens > 0 or opts.max_length is None:
+        return max(opts.max_new_tokens, 1)
+    left = opts.max_length - len(ex.prompt_ids)
+    if left < 1:
+        raise UserError(f"{ex.where}: the prompt has {len(ex.prompt_ids)} tokens, max_length is {opts.max_length}")
+    return left
+
+
+def _answer_ids(c: Any, stop_ids: frozenset[int]) -> list[int]:
+    ids = list(c.token_ids)
+    return ids[:-1] if ids and c.finish_reason == "stop" and ids[-1] in stop_ids else ids
+
+
+def _speed(n: int, batches: int, runtime: float) -> dict[str, float]:
+    """HF Trainer's speed metrics (same names, same rounding)."""
+    return {"predict_runtime": round(runtime, 4), "predict_samples_per_second": round(n / runtime, 3),
+            "predict_steps_per_second": round(batches / runtime, 3)}  # fmt: skip
+
+
+def _write_outputs(out: Path, examples: list[Example], eng: Any, preds: list[str], metrics: dict) -> None:
+    from exporter.atomic import atomic_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / PREDICTIONS) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for ex, pred in zip(examples, preds, strict=True):
+            row = {"prompt": eng.decode(ex.prompt_ids, False), "predict": pred, "label": ex.label}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with atomic_file(out / RESULTS) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+    combined = out / "all_results.json"  # HF's save_metrics(combined=True): train and predict results together
+    merged = json.loads(combined.read_text(encoding="utf-8")) if combined.is_file() else {}
+    with atomic_file(combined) as tmp:
+        tmp.write_text(json.dumps(merged | metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResult:
+    """Generate an answer for every sample of `eval_dataset`, score them as LF does, write LF's files."""
+    from exporter import data, metrics
+    from exporter.engine import load
+    from exporter.evaluate import engine_options, progress, say_no_effect
+
+    check(opts)
+    say_no_effect(NO_EFFECT, given or set())
+    metrics._libraries()  # fail on a missing [eval] extra before the model loads
+    fill = {k: v for k, v in (("name", opts.identity_name), ("author", opts.identity_author)) if v}
+    samples, drops = data.load(opts.eval_dataset, opts.dataset_dir, "sft", opts.max_samples, fill, opts.seed)
+    if drops.counts:
+        print(f"note: dropped {sum(drops.counts.values())} sample(s): {drops.summary()}", file=sys.stderr)
+    out = Path(opts.output_dir)
+    with load(engine_options(opts, opts.per_device_eval_batch_size, opts.template)) as eng:
+        examples, cut = build_examples(eng, samples, opts.cutoff_len)
+        if cut:
+            print(f"note: {cut} sample(s) cut to cutoff_len={opts.cutoff_len} as LLaMA-Factory cuts them",
+                  file=sys.stderr)  # fmt: skip
+        start = time.perf_counter()
+        with progress("predict", "samples") as bar:
+            task = bar.add_task("predict", total=len(examples))
+            done = eng.generate(
+                [e.prompt_ids for e in examples], [sampling(opts, _max_new(opts, e)) for e in examples],
+                progress=lambda i, c: bar.advance(task),
+            )  # fmt: skip
+        answers = [_answer_ids(c, eng.stop_ids) for c in done]
+        preds = [eng.decode(a, True) for a in answers]
+        labels = [e.label for e in examples]
+        scores = metrics.similarity(preds, labels)  # LF scores the texts without special tokens
+        runtime = time.perf_counter() - start
+        result = {f"predict_{k}": v for k, v in scores.items()}
+        batches = math.ceil(len(examples) / opts.per_device_eval_batch_size)
+        result |= _speed(len(examples), batches, runtime)
+        if opts.skip_special_tokens:
+            _write_outputs(out, examples, eng, preds, result)
+        else:
+            raw = [dataclasses.replace(e, label=e.label_raw) for e in examples]
+            _write_outputs(out, raw, eng, [eng.decode(a, False) for a in answers], result)
+    print("***** predict metrics *****")
+    for k in sorted(result):
+        print(f"  {k:<28} = {result[k]}")
+    print(f"wrote {out / PREDICTIONS} and {out / RESULTS}", file=sys.stderr)
+    return PredictResult(result, preds, labels, out)
+
+
+def options(raw: dict[str, Any], where: str) -> tuple[PredictOptions, set[str]]:
+    """PredictOptions from LF keys; training-only keys (a training YAML reused for prediction) are said, not fatal."""
+    from exporter import config as config_mod
+    from exporter.lf_args import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(PredictOptions)}
+    train_only = sorted(k for k in raw if k not in fields and k in {f.name for f in dataclasses.fields(TrainConfig)})
+    if train_only:
+        print(f"note: no effect without do_train: {', '.join(train_only)}", file=sys.stderr)
+    kept = {k: v for k, v in raw.items() if k not in train_only}
+    return config_mod.build(PredictOptions, kept, where), set(kept)
+
+
+def split_train_args(raw: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """LF's `do_predict` in an `exporter train` config: (training keys or None, prediction keys or None).
+
+    Without do_train (LF's default) a do_predict config only predicts; with both, prediction runs on the freshly
+    trained output_dir (the adapter, or the full model)."""
+    if not raw.get("do_predict"):
+        if "eval_dataset" in raw:
+            raise UserError(f"{where}: eval_dataset is read by do_predict; evaluation during training uses val_size")
+        return raw, None
+    if not raw.get("do_train"):
+        return None, raw
+    fields = {f.name for f in dataclasses.fields(PredictOptions)}
+    from exporter.lf_args import TrainConfig
+
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} & fields
+    train = {k: v for k, v in raw.items() if k not in fields or k in shared}
+    pred = {k: v for k, v in raw.items() if k in fields}
+    if raw.get("finetuning_type", "lora") == "lora":
+        pred["adapter_name_or_path"] = raw.get("output_dir")
+    else:
+        pred["model_name_or_path"] = raw.get("output_dir")
+    return train, pred
+
+
+def main(argv: list[str]) -> PredictResult:
+    """CLI entry: LLaMA-Factory style arguments (YAML + key=value, or --key value)."""
+    from exporter.lf_args import parse_args
+
+    raw, where = parse_args(argv, PredictOptions)
+    return predict(*options(raw, where))

@@ -1,0 +1,214 @@
+"""exporter predict: LLaMA-Factory's do_predict files and BLEU/ROUGE, against jieba + rouge-chinese + nltk computed
+here on the written predictions, against LF's own run when its reference venv is there ($EXPORTER_LF_PYTHON), on
+HF, HF + adapter and GGUF models; LF's predict YAML unchanged apart from model path and dataset dir."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, lf_python, require_llama_cpp
+from sharp_model import sharpen
+from test_metrics import reference
+
+HERE = Path(__file__).resolve().parent
+DATA = ROOT / "data"
+DATASETS = "identity,alpaca_zh_demo,alpaca_en_demo"
+# LLaMA-Factory's examples/train_lora/llama3_lora_predict.yaml, verbatim but for the model, adapter and output paths
+LF_PREDICT_YAML = """\
+### model
+model_name_or_path: {model}
+adapter_name_or_path: {adapter}
+
+### method
+stage: sft
+do_predict: true
+finetuning_type: lora
+
+### dataset
+eval_dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 50
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataset_dir: {data}
+
+### output
+output_dir: {out}
+overwrite_output_dir: true
+
+### eval
+per_device_eval_batch_size: 1
+predict_with_generate: true
+ddp_timeout: 180000000
+"""
+
+
+@pytest.fixture(scope="module")
+def sharp_qwen(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny qwen2 with varied greedy answers; its only eos is the tokenizer's (<|im_end|>), as LF stops."""
+    return sharpen(tiny_model("qwen2"), tmp_path_factory.mktemp("sharp") / "qwen2-sharp", eos_only=True)
+
+
+def _exporter(*args: str, cwd: Path | None = None, progress: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EXPORTER_NO_PROGRESS": "" if progress else "1"}
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=900)  # fmt: skip
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _predict(model: Path, out: Path, *extra: str, progress: bool = False) -> subprocess.CompletedProcess:
+    r = _exporter("predict", "--model_name_or_path", str(model), "--eval_dataset", DATASETS, "--dataset_dir",
+                  str(DATA), "--max_samples", "3", "--max_new_tokens", "12", "--output_dir", str(out), *extra,
+                  progress=progress)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr
+    return r
+
+
+def test_files_and_metrics_equal_reference_libraries(sharp_qwen: Path, tmp_path: Path) -> None:
+    r = _predict(sharp_qwen, tmp_path / "b4", "--per_device_eval_batch_size", "4", progress=True)
+    assert "ETA" in r.stderr  # progress with ETA
+    rows = _rows(tmp_path / "b4")
+    assert len(rows) == 9 and all(set(x) == {"prompt", "predict", "label"} for x in rows)
+    assert len({x["predict"] for x in rows}) > 3, "the fixture model must give varied answers"
+    # LF's label: the answer as the template writes it, special tokens removed (ChatML: a newline follows)
+    assert rows[0]["label"].startswith("Hello! I am {{name}}") and rows[0]["label"].endswith("\n")
+    assert rows[0]["prompt"].startswith("<|im_start|>system\n") and rows[0]["prompt"].endswith("assistant\n")
+    assert any("\u4e00" <= ch <= "\u9fff" for x in rows for ch in x["label"])  # Chinese rows are in
+    per = [reference(x["predict"], x["label"]) for x in rows]
+    results = json.loads((tmp_path / "b4" / "predict_results.json").read_text(encoding="utf-8"))
+    for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
+        assert results[f"predict_{key}"] == float(np.mean([s[key] for s in per])), key
+    assert results["predict_runtime"] > 0 and results["predict_samples_per_second"] > 0
+    assert results["predict_steps_per_second"] > 0
+    both = json.loads((tmp_path / "b4" / "all_results.json").read_text(encoding="utf-8"))
+    assert both == results
+    # batching changes nothing: one sample at a time (LF's per_device_eval_batch_size: 1) gives the same file
+    _predict(sharp_qwen, tmp_path / "b1", "--per_device_eval_batch_size", "1")
+    assert _rows(tmp_path / "b1") == rows
+
+
+def test_bad_input_is_one_line(sharp_qwen: Path, tmp_path: Path) -> None:
+    r = _exporter("predict", "--model_name_or_path", str(sharp_qwen), "--output_dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "eval_dataset" in r.stderr and "Traceback" not in r.stderr
+    r = _exporter("predict", "--model_name_or_path", str(sharp_qwen), "--eval_dataset", "identity", "--dataset_dir",
+                  str(DATA), "--output_dir", str(tmp_path / "o"), "--predict_with_generate", "false")  # fmt: skip
+    assert r.returncode == 2 and "predict_with_generate" in r.stderr
+    r = _exporter("predict", "--model_name_or_path", str(sharp_qwen), "--eval_dataset", "identity", "--output_dir",
+                  str(tmp_path / "o"), "--max_new_token", "4")  # fmt: skip
+    assert r.returncode == 2 and "did you mean 'max_new_tokens'" in r.stderr
+    r = _exporter("predict", "--model_name_or_path", str(sharp_qwen), "--eval_dataset", "nope", "--dataset_dir",
+                  str(DATA), "--output_dir", str(tmp_path / "o"))  # fmt: skip
+    assert r.returncode == 2 and "nope" in r.stderr
+    assert not (tmp_path / "o" / "generated_predictions.jsonl").exists()
+
+
+def test_lf_predict_yaml_runs_unchanged_with_adapter(tiny_model, tmp_path: Path) -> None:
+    """LF's example YAML, base + LoRA adapter attached; the adapter changes the answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = sharpen(tiny_model("llama3"), tmp_path / "base")
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))  # fmt: skip
+    model.save_pretrained(tmp_path / "lora")
+    cfg = tmp_path / "llama3_lora_predict.yaml"
+    cfg.write_text(LF_PREDICT_YAML.format(model=base, adapter=tmp_path / "lora", data=DATA, out=tmp_path / "pred"))
+    r = _exporter("predict", str(cfg), "max_samples=2", "max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    assert "predict_bleu-4" in r.stdout
+    rows = _rows(tmp_path / "pred")
+    assert len(rows) == 4 and rows[0]["prompt"].startswith("<|begin_of_text|><|start_header_id|>")
+    r = _exporter("predict", str(cfg), "max_samples=2", "max_new_tokens=8", "adapter_name_or_path=",
+                  f"output_dir={tmp_path / 'base-pred'}")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [x["predict"] for x in _rows(tmp_path / "base-pred")] != [x["predict"] for x in rows]
+
+
+@pytest.mark.llama
+def test_gguf_predictions_equal_hf(tiny_model, tmp_path: Path) -> None:
+    require_llama_cpp()
+    model = sharpen(tiny_model("llama3"), tmp_path / "m")
+    subprocess.run([sys.executable, "-m", "exporter", "gguf", str(model), "--type", "f16", "--out",
+                    str(tmp_path / "gguf")], check=True, capture_output=True)  # fmt: skip
+    _predict(model, tmp_path / "hf")
+    _predict(next((tmp_path / "gguf").glob("*-f16.gguf")), tmp_path / "f16")
+    hf, f16 = _rows(tmp_path / "hf"), _rows(tmp_path / "f16")
+    assert [x["label"] for x in f16] == [x["label"] for x in hf]
+    assert [x["predict"] for x in f16] == [x["predict"] for x in hf]
+
+
+# ---------------------------------------------------------------------------------------------- LLaMA-Factory itself
+
+
+def _metrics_libs(tmp_path: Path) -> Path:
+    """jieba, rouge-chinese, nltk (and what nltk imports) from this venv, for LF's venv that lacks its metrics extra."""
+    libs = tmp_path / "metrics-libs"
+    libs.mkdir()
+    for mod in ("jieba", "rouge_chinese", "nltk", "regex", "click", "joblib", "six"):
+        spec = importlib.util.find_spec(mod)
+        assert spec is not None and spec.origin is not None
+        path = Path(spec.origin).parent if spec.submodule_search_locations else Path(spec.origin)
+        (libs / path.name).symlink_to(path)
+        for dist in path.parent.glob(f"{mod}-*.dist-info"):
+            (libs / dist.name).symlink_to(dist)
+    return libs
+
+
+def test_same_files_as_llamafactory(sharp_qwen: Path, tmp_path: Path) -> None:
+    """LF 0.9.5's own do_predict on the same YAML: identical prompts, predictions, labels and BLEU/ROUGE."""
+    lf = lf_python()
+    text = (f"model_name_or_path: {sharp_qwen}\nstage: sft\ndo_predict: true\nfinetuning_type: lora\n"
+            f"eval_dataset: identity,alpaca_zh_demo\ndataset_dir: {DATA}\ntemplate: qwen\ncutoff_len: 1024\n"
+            "max_samples: 3\noverwrite_cache: true\nper_device_eval_batch_size: 1\npredict_with_generate: true\n"
+            "do_sample: false\nmax_new_tokens: 12\nreport_to: none\n")  # fmt: skip
+    (tmp_path / "lf.yaml").write_text(text + f"output_dir: {tmp_path / 'lf'}\n")
+    (tmp_path / "ours.yaml").write_text(text + f"output_dir: {tmp_path / 'ours'}\n")
+    cmd = [lf, str(HERE / "lf_predict_reference.py"), str(tmp_path / "lf.yaml"), str(_metrics_libs(tmp_path))]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _exporter("predict", str(tmp_path / "ours.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert _rows(tmp_path / "ours") == _rows(tmp_path / "lf")
+    theirs = json.loads((tmp_path / "lf" / "predict_results.json").read_text(encoding="utf-8"))
+    ours = json.loads((tmp_path / "ours" / "predict_results.json").read_text(encoding="utf-8"))
+    for key in ("predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l"):
+        assert ours[key] == theirs[key], key
+    assert set(ours) <= set(theirs)  # LF's names (LF adds predict_model_preparation_time)
+
+
+def test_train_with_do_predict(tiny_model, tmp_path: Path) -> None:
+    """`exporter train` with LF's do_predict: alone it only predicts (LF's do_train defaults to false); with
+    do_train it trains, then predicts with the new adapter into the same output_dir."""
+    model = tiny_model("llama3")
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text(LF_PREDICT_YAML.format(model=model, adapter="null", data=DATA, out=tmp_path / "only"))
+    r = _exporter("train", str(cfg), "max_samples=2", "max_new_tokens=4")
+    assert r.returncode == 0, r.stderr
+    assert len(_rows(tmp_path / "only")) == 4 and not (tmp_path / "only" / "adapter_model.safetensors").exists()
+
+    out = tmp_path / "both"
+    r = _exporter("train", "--stage", "sft", "--do_train", "--do_predict", "--model_name_or_path", str(model),
+                  "--dataset", "identity", "--eval_dataset", "identity", "--dataset_dir", str(DATA), "--template",
+                  "llama3", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                  "--max_samples", "3", "--max_new_tokens", "4", "--predict_with_generate")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (out / "adapter_model.safetensors").is_file() and len(_rows(out)) == 3
+    results = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
+    assert "train_loss" in results and "predict_bleu-4" in results
+    r = _exporter("train", "--model_name_or_path", str(model), "--dataset", "identity", "--eval_dataset", "identity",
+                  "--output_dir", str(tmp_path / "x"))  # fmt: skip
+    assert r.returncode == 2 and "eval_dataset is read by do_predict" in r.stderr
