@@ -447,6 +447,30 @@ def _serve(
     run(opts)
 
 
+# webui: the board in a browser (exporter/webui/) ----------------------------------------------------------------
+@app.command("webui")
+def _webui(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 opens it to the network)."),
+    port: int = typer.Option(7860, "--port", help="Port."),
+    share: bool = typer.Option(False, "--share", help="Also make a public Gradio share link (off unless asked)."),
+    lang: str = typer.Option("en", "--lang", help="Labels: en or zh (switchable in the page)."),
+    runs_dir: Path = typer.Option(
+        Path("webui_runs"), "--runs-dir", help="Where the board saves the configs it runs and their logs."
+    ),
+) -> None:
+    """LLaMA-Factory-style web board: train, chat and export in a browser (needs exporter[webui])."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("exporter webui needs Gradio: pip install 'exporter[webui]'")
+    if lang not in ("en", "zh"):
+        raise UserError(f"--lang {lang!r}: expected en or zh")
+    _setup(quantization=True)  # the Chat tab may load an `exporter quantize` output
+    from exporter.webui import WebUIOptions, launch
+
+    launch(WebUIOptions(host=host, port=port, share=share, lang=lang, runs_dir=str(runs_dir)))
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:

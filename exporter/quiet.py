@@ -27,7 +27,12 @@ QUANT_LIBRARIES = ("gptqmodel", "torchao", "bitsandbytes")
 # what the HF tokenizer does instead, converters/gguf_vocab.py)
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "logbar", "gptqmodel", "bitsandbytes", "gguf.vocab")
 # (category, message regex) of known third-party warnings
-KNOWN_WARNINGS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated"),)
+KNOWN_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # Gradio 6.31's queue (exporter webui) on pandas 3: its dataframe handling uses options pandas 4 drops
+    (Warning, r"'future.no_silent_downcasting' is deprecated"),
+    (Warning, r"The copy keyword is deprecated and will be removed"),
+)
 
 _llama_log_callback = None
 _verbose = False

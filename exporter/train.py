@@ -223,30 +223,45 @@ def smooth(values: list[float]) -> list[float]:
     return out
 
 
-def plot(log: list[dict[str, Any]], out_dir: Path, title: str | None = None) -> list[Path]:
-    """training_loss.png (and training_eval_loss.png) from the trainer log into `out_dir`, with Agg; `title` names
-    the run (default: out_dir)."""
+PLOT_COLORS = {"loss": "#1f77b4", "eval_loss": "#ff7f0e"}
+
+
+def loss_figure(log: list[dict[str, Any]], keys: tuple[str, ...], title: str) -> Any:
+    """A matplotlib figure (Agg) of each key's logged values (faint) and LLaMA-Factory's smoothed curve; None when
+    the log has none of them. Shared by training_loss.png and the web board's live plot."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
+    series = {k: [(r["current_steps"], r[k]) for r in log if r.get(k) is not None] for k in keys}
+    series = {k: pts for k, pts in series.items() if pts}
+    if not series:
+        return None
+    fig = Figure()
+    ax = fig.add_subplot()
+    for key, pts in series.items():
+        steps, vals = zip(*pts, strict=True)
+        name = "" if len(keys) == 1 else f"{key} "
+        ax.plot(steps, vals, color=PLOT_COLORS[key], alpha=0.4, label=f"{name}original")
+        ax.plot(steps, smooth(list(vals)), color=PLOT_COLORS[key], label=f"{name}smoothed")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(keys[0] if len(keys) == 1 else "loss")
+    ax.legend()
+    return fig
+
+
+def plot(log: list[dict[str, Any]], out_dir: Path, title: str | None = None) -> list[Path]:
+    """training_loss.png (and training_eval_loss.png) from the trainer log into `out_dir`; `title` names the run
+    (default: out_dir)."""
     written = []
     for key in ("loss", "eval_loss"):
-        pts = [(r["current_steps"], r[key]) for r in log if r.get(key) is not None]
-        if not pts:
+        fig = loss_figure(log, (key,), f"training {key} of {title or out_dir}")
+        if fig is None:
             continue
-        steps, vals = zip(*pts, strict=True)
-        fig = plt.figure()
-        plt.plot(steps, vals, color="#1f77b4", alpha=0.4, label="original")
-        plt.plot(steps, smooth(list(vals)), color="#1f77b4", label="smoothed")
-        plt.title(f"training {key} of {title or out_dir}")
-        plt.xlabel("step")
-        plt.ylabel(key)
-        plt.legend()
         path = out_dir / f"training_{key}.png"
         fig.savefig(path, format="png", dpi=100)
-        plt.close(fig)
         written.append(path)
     return written
 

@@ -17,6 +17,14 @@ if ! command -v go >/dev/null 2>&1; then
   log "installing golang-go (Debian)"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go) >&2
 fi
+# A headless browser for the webui tests (selenium drives Debian's chromium through chromium-driver) and a CJK font
+# for the Chinese labels in its screenshots.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
+    || [ ! -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ]; then
+  log "installing chromium, chromium-driver and fonts-wqy-zenhei (Debian)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+    fonts-wqy-zenhei) >&2
+fi
 
 # llama-cpp-python is source-only: keep its sdist (also our test reference) and build the wheel once.
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
@@ -52,7 +60,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$PY" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   "$venv/bin/pip" install -q torch==2.13.0 >&2
-  "$venv/bin/pip" install -q --find-links "$wdir" ".[gguf,quant,parquet,eval,serve,bench,dev]" >&2
+  "$venv/bin/pip" install -q --find-links "$wdir" ".[gguf,quant,parquet,eval,serve,bench,webui,dev]" >&2
   touch "$venv/.complete"   # written last: a half-built venv is rebuilt, never used
 else
   # The dependencies are cached; the project itself is reinstalled (non-editable) on every run.
