@@ -1,14 +1,17 @@
 """Per-architecture GGUF mapping: HF config -> GGUF metadata, HF tensors -> GGUF tensor names, shapes and transforms.
 
 Details follow what llama.cpp's runtime expects for each architecture (learned from llama.cpp's converter, written
-here independently): Llama-family q/k rows are permuted for llama.cpp's RoPE layout, Gemma3 RMSNorm weights are
-stored with the +1 the HF module adds at run time, tied embeddings have no `output.weight`, Phi3 keeps its fused
-qkv and gate_up projections (llama.cpp splits them at load time).
+here independently): Llama-family q/k rows are permuted for llama.cpp's RoPE layout, Gemma RMSNorm weights are
+stored with the +1 the HF module adds at run time, tied embeddings have no `output.weight`, Phi3 and GLM-4 keep
+their fused projections (llama.cpp splits them at load time), MoE experts become one 3-D tensor per projection
+(stacked from one tensor per expert, or split from transformers 5's fused gate_up), and what llama.cpp cannot
+represent (another NoPE layer pattern, another Gemma 2 query scale) is refused rather than converted wrong.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,20 @@ class TensorSpec:
     row_index: np.ndarray | None = None  # output row r comes from source row row_index[r] (permutation / truncation)
     add: float = 0.0  # constant added after conversion to f32 (Gemma norm +1)
     data: np.ndarray | None = None  # generated tensors (rope factors)
+    stack: tuple[str, ...] = ()  # one source per expert, stacked on a new first axis (source is stack[0])
+
+    @property
+    def rows(self) -> int:
+        """Rows of the tensor seen as a matrix of its last axis (how every block of it is read and encoded)."""
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) >= 2 else 1
+
+    def part(self, r0: int) -> tuple[str, int]:
+        """The source of output row r0 and the row offset into it (stacked experts come from several tensors)."""
+        assert self.source is not None
+        if not self.stack:
+            return self.source, 0
+        per = self.rows // len(self.stack)
+        return self.stack[r0 // per], (r0 // per) * per
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,11 @@ class Arch:
     params: Callable[[dict[str, Any], gguf.GGUFWriter], None] = lambda hp, w: None
     extra: Callable[[dict[str, Any], gguf.GGUFWriter], list[tuple[str, np.ndarray]]] = lambda hp, w: []
     skip: tuple[str, ...] = field(default=(".rotary_emb.inv_freq",))
+    pre_names: dict[str, str] = field(default_factory=dict)  # llama.cpp's name for the same pre-tokenizer here
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos/unk/... ids llama.cpp's converter sets
+    # llama.cpp gives added tokens their rstrip attribute (HF's AddedToken.rstrip) only for models whose
+    # general.name contains one of these; a fine-tune saved as "out/merged" would tokenize "<|user|>\nHi" unlike HF
+    rstrip_names: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -80,6 +102,52 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
         "original_max_position_embeddings": 4096,
+    },
+    "qwen3_moe": {
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "num_key_value_heads": 4,
+        "num_local_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+    },
+    "mixtral": {
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "rope_theta": 1_000_000.0,
+    },
+    "gemma2": {
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+    },
+    "glm4": {
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1.5625e-07,
+        "tie_word_embeddings": False,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+    },
+    "granite": {
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        **dict.fromkeys(("attention_multiplier", "embedding_multiplier", "residual_multiplier", "logits_scaling"), 1.0),
+    },
+    "olmo2": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "smollm3": {
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "num_key_value_heads": 4,
+        "rope_theta": 2_000_000.0,
     },
     "gemma3_text": {
         "max_position_embeddings": 131072,
@@ -192,6 +260,10 @@ def _common_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
         w.add_rope_freq_base_swa(swa_theta)
     if hp.get("rms_norm_eps") is not None:
         w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    if (n_expert := hp.get("num_local_experts", hp.get("num_experts"))) is not None:
+        w.add_expert_count(n_expert)
+    if hp.get("num_experts_per_tok") is not None:
+        w.add_expert_used_count(hp["num_experts_per_tok"])
     if hp.get("head_dim") is not None:
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
@@ -201,6 +273,81 @@ def _llama_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     _common_params(hp, w)
     w.add_vocab_size(hp["vocab_size"])
     w.add_rope_dimension_count(_head_dim(hp))
+
+
+def _qwen3moe_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    _common_params(hp, w)
+    if hp.get("mlp_only_layers") or hp.get("decoder_sparse_step", 1) != 1:
+        raise UserError("Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported")
+    w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
+
+
+def _gemma2_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """Gemma 2: no RoPE keys (llama.cpp's 10000 is Gemma 2's), soft-capping, sliding window every other layer."""
+    n_layer, n_head, hidden = hp["num_hidden_layers"], hp["num_attention_heads"], hp["hidden_size"]
+    head_dim = hp.get("head_dim", 256)
+    # llama.cpp scales queries by 1/sqrt(hidden/heads) for the 46-layer 27B, by 1/sqrt(head_dim) otherwise
+    scalar = hp.get("query_pre_attn_scalar", 256)
+    want = hidden // n_head if n_layer == 46 else head_dim
+    if scalar != want:
+        raise UserError(f"Gemma 2 config: query_pre_attn_scalar {scalar}, but llama.cpp scales queries by {want}")
+    if rope_params(hp).get("rope_theta", 10000.0) != 10000.0:
+        raise UserError("Gemma 2 config: rope_theta is not 10000, the only value llama.cpp uses for Gemma 2")
+    w.add_context_length(hp.get("max_position_embeddings", 8192))
+    w.add_embedding_length(hidden)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(hp.get("num_key_value_heads") or n_head)
+    w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_attn_logit_softcapping(hp.get("attn_logit_softcapping", 50.0))
+    w.add_final_logit_softcapping(hp.get("final_logit_softcapping", 30.0))
+    w.add_sliding_window(hp.get("sliding_window", 4096))
+    types = hp.get("layer_types") or []
+    if types and types != ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)]:
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])  # not llama.cpp's default cycle
+
+
+def _glm4_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    _common_params(hp, w)
+    factor = rope_params(hp).get("partial_rotary_factor", hp.get("partial_rotary_factor", 0.5))
+    w.add_rope_dimension_count(int(_head_dim(hp) * factor))
+
+
+def _granite_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """Granite: Llama plus four multipliers; llama.cpp derives head_dim from hidden / heads."""
+    hp = {k: v for k, v in hp.items() if k != "head_dim"}
+    _llama_params(hp, w)
+    for key, add in (
+        ("attention_multiplier", w.add_attention_scale),
+        ("embedding_multiplier", w.add_embedding_scale),
+        ("residual_multiplier", w.add_residual_scale),
+        ("logits_scaling", w.add_logit_scale),
+    ):
+        if hp.get(key):
+            add(hp[key])
+
+
+def _olmo2_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    _common_params(hp, w)
+    if "sliding_window" in hp:  # OLMo 3
+        w.add_sliding_window(hp["sliding_window"])
+        types = hp.get("layer_types") or ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention"
+                                          for i in range(hp["num_hidden_layers"])]  # fmt: skip
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def _smollm3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """SmolLM3: Llama with RoPE left out of every 4th layer, a pattern llama.cpp fixes in code."""
+    n_layer = hp["num_hidden_layers"]
+    nope = hp.get("no_rope_layers") or [int((i + 1) % hp.get("no_rope_layer_interval", 4) != 0) for i in range(n_layer)]
+    if list(nope) != [int((i + 1) % 4 != 0) for i in range(n_layer)]:
+        raise UserError(
+            f"SmolLM3 config: no_rope_layers {list(nope)}; llama.cpp leaves RoPE out of every 4th layer only"
+        )
+    _llama_params(hp, w)
 
 
 def _llama3_rope_factors(hp: dict[str, Any], w: gguf.GGUFWriter) -> list[tuple[str, np.ndarray]]:
@@ -292,7 +439,7 @@ def _phi3_rope_factors(hp: dict[str, Any], w: gguf.GGUFWriter) -> list[tuple[str
 ARCHS: dict[str, Arch] = {
     "llama": Arch(
         gguf.MODEL_ARCH.LLAMA,
-        ("LlamaForCausalLM", "MistralForCausalLM"),
+        ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"),
         permute_qk=True,
         params=_llama_params,
         extra=_llama3_rope_factors,
@@ -300,9 +447,36 @@ ARCHS: dict[str, Arch] = {
     "qwen2": Arch(gguf.MODEL_ARCH.QWEN2, ("Qwen2ForCausalLM",), params=_common_params),
     "qwen3": Arch(gguf.MODEL_ARCH.QWEN3, ("Qwen3ForCausalLM",), params=_common_params),
     "gemma3": Arch(gguf.MODEL_ARCH.GEMMA3, ("Gemma3ForCausalLM",), norm_add=1.0, params=_gemma3_params),
-    "phi3": Arch(gguf.MODEL_ARCH.PHI3, ("Phi3ForCausalLM",), params=_phi3_params, extra=_phi3_rope_factors),
+    "phi3": Arch(
+        gguf.MODEL_ARCH.PHI3,
+        ("Phi3ForCausalLM",),
+        params=_phi3_params,
+        extra=_phi3_rope_factors,
+        rstrip_names=("phi3", "phi-3"),
+    ),
+    "qwen3moe": Arch(gguf.MODEL_ARCH.QWEN3MOE, ("Qwen3MoeForCausalLM",), params=_qwen3moe_params),
+    "gemma2": Arch(gguf.MODEL_ARCH.GEMMA2, ("Gemma2ForCausalLM",), norm_add=1.0, params=_gemma2_params),
+    "glm4": Arch(
+        gguf.MODEL_ARCH.GLM4,
+        ("Glm4ForCausalLM",),
+        params=_glm4_params,
+        pre_names={"llama-bpe": "glm4"},  # the same regex; llama.cpp also drops GLM's BOS under this name
+        special_tokens={"bos": "<|endoftext|>", "unk": "<|endoftext|>"},
+    ),
+    "granite": Arch(gguf.MODEL_ARCH.GRANITE, ("GraniteForCausalLM",), permute_qk=True, params=_granite_params),
+    # OLMo 2's cl100k-style regex without ignore_merges: llama.cpp calls it "dbrx" (and "smaug-bpe": same code)
+    "olmo2": Arch(gguf.MODEL_ARCH.OLMO2, ("Olmo2ForCausalLM",), params=_olmo2_params, pre_names={"smaug-bpe": "dbrx"}),
+    "smollm3": Arch(gguf.MODEL_ARCH.SMOLLM3, ("SmolLM3ForCausalLM",), permute_qk=True, params=_smollm3_params),
 }
 SUPPORTED = sorted(hf for a in ARCHS.values() for hf in a.hf_archs)
+
+
+def model_name(arch: Arch, name: str, rstrip: bool) -> str:
+    """`general.name` as written: with the architecture's name added where llama.cpp needs it to strip whitespace
+    after added tokens as the HF tokenizer does."""
+    if rstrip and arch.rstrip_names and not any(n in name.lower() for n in arch.rstrip_names):
+        return f"{name} ({arch.rstrip_names[-1]})"
+    return name
 
 
 def arch_for(hp: dict[str, Any], where: Path) -> Arch:
@@ -325,6 +499,47 @@ def _permute_rows(n_rows: int, n_head: int) -> np.ndarray:
     return idx
 
 
+_EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<e>\d+)\.(?P<leaf>[^.]+)\.weight$")
+
+
+def _stack_experts(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Names and shapes with one tensor per expert (`...experts.E.w1.weight`, as checkpoints ship them) grouped into
+    one stacked tensor per projection (`...experts.w1.weight`, what llama.cpp's names map from): name -> (shape,
+    per-expert sources in expert order); other tensors -> (shape, ())."""
+    out: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+    groups: dict[str, dict[int, str]] = {}
+    for name, shape in shapes.items():
+        m = _EXPERT.match(name)
+        if m is None:
+            out[name] = (shape, ())
+            continue
+        key = f"{m['head']}.{m['leaf']}.weight"
+        groups.setdefault(key, {})[int(m["e"])] = name
+        out.setdefault(key, ((), ()))
+    for key, by_id in groups.items():
+        names = tuple(by_id[e] for e in sorted(by_id))
+        if sorted(by_id) != list(range(len(names))) or len({shapes[n] for n in names}) != 1:
+            raise UserError(f"experts of {key.removesuffix('.weight')}: expected experts 0..{len(names) - 1} of one "
+                            f"shape, got {', '.join(f'{n} {list(shapes[n])}' for n in names[:4])}")  # fmt: skip
+        out[key] = ((len(names), *shapes[names[0]]), names)
+    return out
+
+
+def _fused_experts(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], np.ndarray | None]]:
+    """transformers 5's fused expert parameters saved as they are: gate_up (E, 2*ff, hidden) becomes gate and up
+    (rows of each expert's first and second half), down (E, hidden, ff) maps as it is. (HF name, shape, rows)."""
+    head, _, leaf = name.rpartition(".")
+    if leaf == "down_proj":
+        return [(f"{name}.weight", shape, None)]
+    n, ff2, hidden = shape
+    ff = ff2 // 2
+    rows = np.arange(n * ff2).reshape(n, 2, ff)
+    return [
+        (f"{head}.gate_proj.weight", (n, ff, hidden), rows[:, 0].reshape(-1)),
+        (f"{head}.up_proj.weight", (n, ff, hidden), rows[:, 1].reshape(-1)),
+    ]
+
+
 def plan_tensors(
     arch: Arch, hp: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_vocab_real: int | None
 ) -> list[TensorSpec]:
@@ -334,24 +549,26 @@ def plan_tensors(
     n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
     specs: list[TensorSpec] = []
     tied = bool(hp.get("tie_word_embeddings"))
-    for name, shape in shapes.items():
+    for name, (shape, stack) in _stack_experts(shapes).items():
         if name.endswith(arch.skip):
             continue
         if tied and name == "lm_head.weight":
             continue  # a tied head is the embedding; llama.cpp reuses token_embd
-        mapped = tmap.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
-        if mapped is None:
-            raise UserError(f"tensor {name!r} {list(shape)} has no GGUF name for architecture {arch.name}")
-        ttype, new = mapped
-        rows = None
-        if arch.permute_qk and ttype in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
-            rows = _permute_rows(shape[0], n_head if ttype == gguf.MODEL_TENSOR.ATTN_Q else n_kv)
-        if ttype == gguf.MODEL_TENSOR.TOKEN_EMBD and arch.gguf_arch == gguf.MODEL_ARCH.GEMMA3 and n_vocab_real:
-            if n_vocab_real < shape[0]:  # Gemma pads the embedding past the tokenizer; llama.cpp wants them equal
-                rows = np.arange(n_vocab_real)
-                shape = (n_vocab_real, *shape[1:])
-        add = arch.norm_add if new.endswith("norm.weight") else 0.0
-        specs.append(TensorSpec(new, tuple(shape), name, rows, add))
+        fused = name.endswith((".experts.gate_up_proj", ".experts.down_proj")) and len(shape) == 3
+        for hf, out_shape, rows in _fused_experts(name, shape) if fused else [(name, shape, None)]:
+            mapped = tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias"))
+            if mapped is None:
+                raise UserError(f"tensor {name!r} {list(shape)} has no GGUF name for architecture {arch.name}")
+            ttype, new = mapped
+            if arch.permute_qk and ttype in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+                rows = _permute_rows(out_shape[0], n_head if ttype == gguf.MODEL_TENSOR.ATTN_Q else n_kv)
+            if ttype == gguf.MODEL_TENSOR.TOKEN_EMBD and arch.gguf_arch == gguf.MODEL_ARCH.GEMMA3 and n_vocab_real:
+                if n_vocab_real < out_shape[0]:  # Gemma pads the embedding past the tokenizer; llama.cpp wants equal
+                    rows = np.arange(n_vocab_real)
+                    out_shape = (n_vocab_real, *out_shape[1:])
+            add = arch.norm_add if new.endswith("norm.weight") else 0.0
+            source = stack[0] if stack else name
+            specs.append(TensorSpec(new, tuple(out_shape), source, rows, add, stack=stack))
     return specs
 
 

@@ -94,8 +94,8 @@ class Source:
         self._fds.clear()
 
     def raw(self, name: str, start: int, stop: int, scratch: gguf_quant.Scratch | None = None) -> np.ndarray:
-        """Rows [start, stop) of a tensor (all of a 0/1-D tensor) in its stored dtype (bf16 as uint16 bits), read
-        into `scratch`'s buffer when given."""
+        """Rows [start, stop) of a tensor seen as a matrix of its last axis (all of a 0/1-D tensor) in its stored
+        dtype (bf16 as uint16 bits), read into `scratch`'s buffer when given."""
         dtype, offset = self.entries[name]
         np_type = _DTYPES[dtype]
         size = np.dtype(np_type).itemsize
@@ -103,13 +103,13 @@ class Source:
         if len(shape) < 2:
             start, stop, row = 0, 1, int(np.prod(shape, dtype=np.int64))
         else:
-            row = int(np.prod(shape[1:], dtype=np.int64))
+            row = shape[-1]
         count = (stop - start) * row
         buf = scratch.take("read", (count * size,), np.uint8) if scratch is not None else bytearray(count * size)
         path = self.files[name]
         safetensors_file.pread_exact(self._fds[path], buf, offset + start * row * size, path, name)
         out = np.frombuffer(buf, dtype=np_type, count=count)
-        return out.reshape((stop - start, *shape[1:]) if len(shape) >= 2 else shape)
+        return out.reshape((stop - start, row) if len(shape) >= 2 else shape)
 
 
 def check_finite(model_dir: Path) -> None:
@@ -119,8 +119,8 @@ def check_finite(model_dir: Path) -> None:
     scratch = gguf_quant.Scratch()
     try:
         for name, shape in src.shapes.items():
-            rows = shape[0] if len(shape) >= 2 else 1
-            step = _block_rows(shape) if len(shape) >= 2 else 1
+            rows = int(np.prod(shape[:-1])) if len(shape) >= 2 else 1  # `raw` rows: the last dim's vectors
+            step = max(1, BLOCK_ELEMS // shape[-1]) if len(shape) >= 2 else 1
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
                 amax = gguf_quant.max_abs(src.raw(name, r0, r1, scratch), src.entries[name][0])
@@ -142,9 +142,14 @@ def _to_f32(raw: np.ndarray, dtype: str, scratch: gguf_quant.Scratch) -> np.ndar
     return out
 
 
-def _block_rows(shape: tuple[int, ...]) -> int:
-    """Rows per block of a 2-D (or higher) tensor."""
-    return max(1, BLOCK_ELEMS // int(np.prod(shape[1:])))
+def _blocks(spec: gguf_arch.TensorSpec) -> list[tuple[int, int]]:
+    """Row ranges a tensor is converted in: blocks of about BLOCK_ELEMS, never across two stacked sources."""
+    if len(spec.shape) < 2:
+        return [(0, 1)]
+    n_rows = spec.rows
+    step = max(1, BLOCK_ELEMS // spec.shape[-1])
+    per = n_rows // len(spec.stack) if spec.stack else n_rows
+    return [(r0, min(s0 + per, r0 + step)) for s0 in range(0, n_rows, per) for r0 in range(s0, s0 + per, step)]
 
 
 def choose_type(spec: gguf_arch.TensorSpec, kind: str, output_like: bool) -> tuple[T, str | None]:
@@ -152,6 +157,8 @@ def choose_type(spec: gguf_arch.TensorSpec, kind: str, output_like: bool) -> tup
     want = NUMPY_TYPES[kind]
     if len(spec.shape) <= 1 or spec.name.endswith("_norm.weight") or not spec.name.endswith(".weight"):
         return T.F32, None  # 1-D, norms and biases stay f32 in every llama.cpp file
+    if spec.name.endswith(".ffn_gate_inp.weight"):
+        return T.F32, None  # MoE routers stay f32 in every llama.cpp file
     if kind == "q4_0" and output_like:
         return T.Q8_0, "output projection kept at q8_0 (llama.cpp keeps it at 6+ bits)"
     block, _ = gguf.GGML_QUANT_SIZES[want]
@@ -165,11 +172,10 @@ def _nbytes(shape: tuple[int, ...], qtype: T) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
-def _metadata(w: gguf.GGUFWriter, model_dir: Path, name: str | None) -> None:
+def _metadata(w: gguf.GGUFWriter, model_dir: Path, name: str | None, arch: gguf_arch.Arch, rstrip: bool) -> None:
     total, shared, expert, n_expert = w.get_total_parameter_count()
     meta = gguf.Metadata.load(None, model_dir, name, total)
-    if meta.name is None:
-        meta.name = model_dir.name
+    meta.name = gguf_arch.model_name(arch, meta.name or model_dir.name, rstrip)
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, n_expert)
     w.add_type(gguf.GGUFType.MODEL)
@@ -256,17 +262,17 @@ def _convert_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, ou
     if spec.data is not None:
         x = (spec.data if len(spec.shape) < 2 else spec.data[r0:r1]).astype(np.float32)
     else:
-        assert spec.source is not None
-        dtype = src.entries[spec.source][0]
+        name, first = spec.part(r0)  # stacked experts: this block's expert and its first row
+        dtype = src.entries[name][0]
         idx = spec.row_index
         if len(spec.shape) < 2:
-            raw = src.raw(spec.source, 0, 1, scratch)
+            raw = src.raw(name, 0, 1, scratch)
         elif idx is None:
-            raw = src.raw(spec.source, r0, r1, scratch)
+            raw = src.raw(name, r0 - first, r1 - first, scratch)
         else:  # permuted rows: read the span they come from, then gather
             want = idx[r0:r1]
             lo = int(want.min())
-            raw = src.raw(spec.source, lo, int(want.max()) + 1, scratch)[want - lo]
+            raw = src.raw(name, lo, int(want.max()) + 1, scratch)[want - lo]
         x = None
     amax = gguf_quant.max_abs(x, "F32") if raw is None else gguf_quant.max_abs(raw, dtype)
     _check_block(src, spec, r0, r1, amax + abs(spec.add), outs)
@@ -283,7 +289,7 @@ def _convert_block(src: Source, spec: gguf_arch.TensorSpec, r0: int, r1: int, ou
                 if spec.add:
                     x += np.float32(spec.add)
             data = gguf_quant.encode(x, qtype, scratch)
-        row_bytes = _nbytes(spec.shape, qtype) // (spec.shape[0] if len(spec.shape) >= 2 else 1)
+        row_bytes = _nbytes(spec.shape, qtype) // spec.rows
         _pwrite(out.fd, data, out.offsets[spec.name] + r0 * row_bytes)
         written += data.nbytes
     return written
@@ -305,7 +311,7 @@ def convert(
     if not outputs:
         raise UserError("no GGUF output type requested")
     arch, hp, src = plan(model_dir)
-    vocab = gguf_vocab.build_vocab(model_dir, hp, arch.name, eot_tokens)
+    vocab = gguf_vocab.build_vocab(model_dir, hp, arch, eot_tokens)
     n_vocab_real = len(vocab.tokens) if arch.gguf_arch == gguf.MODEL_ARCH.GEMMA3 else None
     specs = gguf_arch.plan_tensors(arch, hp, src.shapes, n_vocab_real)
     has_output = any(s.name == "output.weight" for s in specs)
@@ -326,7 +332,7 @@ def convert(
                     rec.fallbacks.append(f"{spec.name}: {why}")
                 nbytes = _nbytes(spec.shape, qtype)
                 w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-            _metadata(w, model_dir, model_name)
+            _metadata(w, model_dir, model_name, arch, vocab.rstrip)
             arch.params(hp, w)
             w.add_file_type(FILE_TYPES[kind])
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -346,10 +352,8 @@ def convert(
 
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             for spec in specs_all:
-                n_rows = spec.shape[0] if len(spec.shape) >= 2 else 1
-                step = n_rows if len(spec.shape) < 2 else _block_rows(spec.shape)
-                for r0 in range(0, n_rows, step):
-                    pending.append(pool.submit(_convert_block, src, spec, r0, min(n_rows, r0 + step), outs))
+                for r0, r1 in _blocks(spec):
+                    pending.append(pool.submit(_convert_block, src, spec, r0, r1, outs))
                     if len(pending) >= 2 * n_threads:  # bounded: memory stays at a few blocks
                         finish(pending.popleft())
             while pending:

@@ -33,6 +33,11 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraPart], int]:
             f"{where}: {', '.join(sorted(ad.full))} are full weights (modules_to_save), not LoRA; merge the adapter "
             "(exporter merge) and convert the merged model instead"
         )
+    if ad.experts:
+        raise UserError(
+            f"{where}: LoRA on MoE experts ({', '.join(sorted(ad.experts))}) is not written as a GGUF LoRA; merge the "
+            "adapter (exporter merge) and convert the merged model instead"
+        )
     if any(p.fan_in_fan_out for p in ad.lora.values()):
         raise UserError(f"{where}: fan_in_fan_out (Conv1D) LoRA is not used by the supported architectures")
     odd = sorted(m for m, p in ad.lora.items() if p.embedding or p.bias is not None)

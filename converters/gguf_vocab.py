@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+from exporter.converters import gguf_arch
 
 from exporter.config import read_json
 from exporter.errors import UserError
@@ -31,6 +32,12 @@ _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_TEKKEN_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+_DIGITS = r"\p{N}"  # a Digits(individual_digits) pre-tokenizer step: every digit alone (StarCoder, Granite)
 
 SPM_USER_SPACE = "\u2581"
 
@@ -50,6 +57,7 @@ class Vocab:
     add_eos: bool | None = None
     add_space_prefix: bool | None = None
     add_other: dict[str, bool] = field(default_factory=dict)  # add_sep_token etc. as the tokenizer files say
+    rstrip: bool = False  # some added token eats the whitespace on its right (Phi-3)
     notes: list[str] = field(default_factory=list)
 
     def token_id(self, text: str) -> int | None:
@@ -69,6 +77,8 @@ def _split_regexes(pre: dict | None) -> list[str]:
         return [pat.get("Regex") or pat.get("String") or ""]
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return [_GPT2_REGEX]
+    if pre.get("type") == "Digits":
+        return [_DIGITS if pre.get("individual_digits") else r"\p{N}+"]
     return []
 
 
@@ -83,9 +93,13 @@ def bpe_pre_name(tokenizer_json: dict, where: Path) -> str:
         return "qwen2"
     if regexes == [_GPT2_REGEX] and not ignore_merges:
         return "gpt-2"
+    if regexes == [_TEKKEN_REGEX] and ignore_merges:  # llama.cpp's "tekken" always ignores merges
+        return "tekken"
+    if regexes == [_DIGITS, _GPT2_REGEX] and not ignore_merges:
+        return "starcoder"
     raise UserError(
         f"{where}: byte-level BPE pre-tokenizer {regexes!r} (ignore_merges={ignore_merges}) is not one llama.cpp "
-        "implements for the supported families (Llama 3, Qwen2, GPT-2 regexes)"
+        "implements for the supported families (Llama 3, Qwen2, GPT-2, tekken, StarCoder regexes)"
     )
 
 
@@ -98,9 +112,10 @@ def _looks_special(text: str) -> bool:
     )
 
 
-def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any) -> Vocab:
+def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any, pre_names: dict[str, str]) -> Vocab:
     tj = read_json(model_dir / "tokenizer.json", optional=True)
     pre = bpe_pre_name(tj, model_dir / "tokenizer.json")
+    pre = pre_names.get(pre, pre)
     reverse = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     if max(reverse) >= vocab_size:
         raise UserError(f"{model_dir}: tokenizer has id {max(reverse)} but config vocab_size is {vocab_size}")
@@ -222,10 +237,11 @@ def _hf_adds(model_dir: Path, tokenizer: Any, special_ids: dict[str, int]) -> tu
     return adds_special(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids, bos, eos)
 
 
-def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens: list[str]) -> Vocab:
+def build_vocab(model_dir: Path, hp: dict[str, Any], arch: gguf_arch.Arch, eot_tokens: list[str]) -> Vocab:
     """Read the model's tokenizer into a Vocab, with every end-of-turn token of the template made an EOG id."""
     from tokenizers import Tokenizer
 
+    arch_name = arch.name
     tj = read_json(model_dir / "tokenizer.json", optional=True)
     try:
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")) if tj else None
@@ -235,15 +251,15 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens:
     if vocab_size is None and tokenizer is not None:
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     has_spm_model = (model_dir / "tokenizer.model").is_file()
-    if has_spm_model and arch_name in ("llama", "gemma3", "phi3", "qwen2", "qwen3"):
+    if has_spm_model and arch_name in ("llama", "gemma2", "gemma3", "phi3", "qwen2", "qwen3"):
         vocab = _spm_model_vocab(model_dir, vocab_size, fixed_added_types=arch_name == "phi3")
     elif tj and _is_spm_json(tj):
         vocab = _spm_json_vocab(model_dir, tj)
     elif tj:
-        vocab = _bpe_vocab(model_dir, vocab_size, tokenizer)
+        vocab = _bpe_vocab(model_dir, vocab_size, tokenizer, arch.pre_names)
     else:
         raise UserError(f"{model_dir}: no tokenizer.json or tokenizer.model; cannot export the vocabulary")
-    if vocab.model == "llama" and arch_name == "gemma3":
+    if vocab.model == "llama" and arch_name in ("gemma2", "gemma3"):
         vocab.add_space_prefix = False
     elif vocab.model == "llama" and arch_name == "llama":
         prefix = read_json(model_dir / "tokenizer_config.json", optional=True).get("add_prefix_space")
@@ -258,6 +274,9 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens:
             raise UserError(f"{model_dir / 'tokenizer.json'}: byte-level BPE without merges")
         vocab.merges = special.merges
     vocab.special_ids = dict(special.special_token_ids)
+    for kind, text in arch.special_tokens.items():  # e.g. GLM-4's bos/unk, as llama.cpp's converter sets them
+        if (tid := vocab.token_id(text)) is not None:
+            vocab.special_ids[kind] = tid
     vocab.add_bos, vocab.add_eos = _hf_adds(model_dir, tokenizer, vocab.special_ids)
     vocab.add_other = {k: v for k, v in special.add_special_token.items() if k not in ("bos", "eos")}
     for kind, hf_value in (("bos", vocab.add_bos), ("eos", vocab.add_eos)):
@@ -265,12 +284,22 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch_name: str, eot_tokens:
         if ours is not None and ours != hf_value:
             vocab.notes.append(f"add_{kind}_token: tokenizer files say {ours}, HF tokenizer behaviour says {hf_value}")
 
+    vocab.rstrip = any(a.get("rstrip") for a in tj.get("added_tokens", []))
     _set_eog(vocab, eot_tokens, model_dir)
     return vocab
 
 
+def _generation_eos(model_dir: Path, n_tokens: int) -> list[int]:
+    """The ids generation_config.json's `eos_token_id` stops on (GLM-4's <|observation|>, Phi-3's <|assistant|>)."""
+    ids = read_json(model_dir / "generation_config.json", optional=True).get("eos_token_id")
+    ids = ids if isinstance(ids, list) else [ids]
+    return [i for i in ids if isinstance(i, int) and 0 <= i < n_tokens]
+
+
 def _set_eog(vocab: Vocab, eot_tokens: list[str], model_dir: Path) -> None:
-    """Make each end-of-turn token an EOG id: eos already is; the first other one is eot, the next eom."""
+    """Make each end-of-turn token an EOG id: eos already is; the first other one is eot, the next eom. Then the
+    ids generation_config stops on, where a slot is left (a template's own Jinja may not say that a turn can end
+    with, e.g., GLM-4's <|observation|>); one that does not fit is noted."""
     eos = vocab.special_ids.get("eos")
     extra: list[int] = []
     for text in eot_tokens:
@@ -296,6 +325,15 @@ def _set_eog(vocab: Vocab, eot_tokens: list[str], model_dir: Path) -> None:
                 f"{model_dir}: the template ends turns with more tokens than GGUF can mark as end-of-generation "
                 f"(eos, eot, eom): {eot_tokens}"
             )
+    for tid in _generation_eos(model_dir, len(vocab.tokens)):
+        free = [k for k in ("eos", "eot", "eom") if vocab.special_ids.get(k) is None and (k == "eos" or k in slots)]
+        if tid in (vocab.special_ids.get(k) for k in ("eos", "eot", "eom")):
+            continue
+        if not free or vocab.toktypes[tid] not in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
+            why = "no eos/eot/eom slot left" if free == [] else "an ordinary token"
+            vocab.notes.append(f"generation_config eos id {tid} ({vocab.tokens[tid]!r}) not made EOG: {why}")
+            continue
+        vocab.special_ids[free[0]] = tid
 
 
 def write_vocab(w: gguf.GGUFWriter, vocab: Vocab, chat_template: str | None) -> None:

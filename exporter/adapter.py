@@ -1,6 +1,7 @@
 """A PEFT LoRA adapter read for merging or conversion: its config checked, every tensor classified (LoRA A/B,
-embedding LoRA, DoRA magnitude, lora bias, whole saved modules) or rejected, with each module's scale from PEFT's
-formulas (alpha/r, rsLoRA alpha/sqrt(r), `rank_pattern`/`alpha_pattern`). Big tensors stay on disk, read by rows.
+embedding LoRA, DoRA magnitude, lora bias, parameter LoRA on MoE experts, whole saved modules) or rejected, with each
+module's scale from PEFT's formulas (alpha/r, rsLoRA alpha/sqrt(r), `rank_pattern`/`alpha_pattern`). Big tensors
+stay on disk, read by rows.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ _UNSUPPORTED = (
     "kasa_config",
     "use_qalora",
     "layer_replication",
-    "target_parameters",
     "trainable_token_indices",
 )
+# transformers 5 holds an MoE layer's experts as 3-D parameters of its `experts` module, defined in this order. PEFT's
+# `target_parameters` wraps each targeted one in a ParamWrapper, nesting them in that order: the first-defined is
+# innermost, so its keys carry the most ".base_layer" (`experts.base_layer.lora_A` is gate_up when both are targeted)
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -87,6 +91,36 @@ class LoraPart:
 
 
 @dataclass
+class ExpertLora:
+    """PEFT parameter LoRA on one fused expert tensor (experts, out, in): expert e changes by B_e @ A_e * scale, with
+    A_e rows e*r..(e+1)*r of A (experts*r, in) and B_e columns e, e+experts, ... of B (out, experts*r), as PEFT's
+    `ParamWrapper.get_delta_weight` reshapes them."""
+
+    module: str  # the experts module, e.g. model.layers.0.mlp.experts
+    param: str  # one of EXPERT_PARAMS
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    experts: int
+
+    def part(self, e: int, r0: int, r1: int) -> LoraPart:
+        """Rows r0:r1 of expert e's change as an ordinary LoRA of a 2-D tensor."""
+        r = self.A.shape[0] // self.experts
+        b = self.B[r0:r1, e :: self.experts].contiguous()
+        return LoraPart(f"{self.module}.{e}.{self.param}", self.A[e * r : (e + 1) * r], b, self.scale)
+
+    def whole(self) -> bool:
+        return False
+
+    def apply(self, cur: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Experts r0:r1 of the fused tensor (float32, shape (r1-r0, out, in)), changed in place."""
+        out = self.B.shape[0]
+        for i, e in enumerate(range(r0, r1)):
+            cur[i] = self.part(e, 0, out).apply(cur[i], 0, out)
+        return cur
+
+
+@dataclass
 class Adapter:
     path: Path
     label: str
@@ -94,6 +128,7 @@ class Adapter:
     config: dict
     lora: dict[str, LoraPart] = field(default_factory=dict)  # module path -> part
     full: dict[str, Source] = field(default_factory=dict)  # tensor name (model-relative) -> whole tensor
+    experts: dict[str, ExpertLora] = field(default_factory=dict)  # "<experts module>.<param>" -> parameter LoRA
     has_tokenizer: bool = False
 
 
@@ -200,9 +235,14 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
     r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     for mod, p in parts.items():
-        r = _pattern_value(rank_pat, mod, r_default)
-        alpha = _pattern_value(alpha_pat, mod, alpha_default)
+        bare, param = _wrapped_param(mod, cfg.get("target_parameters") or [], file)
+        name = f"{bare}.{param}" if param else mod  # PEFT matches patterns against the adapted parameter's path
+        r = _pattern_value(rank_pat, name, r_default)
+        alpha = _pattern_value(alpha_pat, name, alpha_default)
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        if param is not None:
+            ad.experts[f"{bare}.{param}"] = _expert_lora(bare, param, p, r, scale * weight, file)
+            continue
         embedding = "embA" in p
         a, b = (p.get("embA"), p.get("embB")) if embedding else (p.get("A.weight"), p.get("B.weight"))
         if a is None or b is None:
@@ -217,6 +257,41 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
         bias = _whole(p["B.bias"]) if "B.bias" in p else None
         fifo = bool(cfg.get("fan_in_fan_out")) and not embedding
         ad.lora[mod] = LoraPart(mod, A, B, scale * weight, embedding, fifo, mag, bias)
-    if not ad.lora and not ad.full:
+    if not ad.lora and not ad.full and not ad.experts:
         raise UserError(f"{file}: the adapter holds no tensors")
     return ad
+
+
+def _wrapped_param(mod: str, targets: list[str], file: Path) -> tuple[str, str | None]:
+    """(module, parameter) of a LoRA module path: the parameter a PEFT ParamWrapper adapts (by its nesting depth)
+    when `target_parameters` names parameters of that module, else (mod, None) for an ordinary module LoRA."""
+    bare, depth = mod, 0
+    while bare.endswith(".base_layer"):
+        bare, depth = bare.removesuffix(".base_layer"), depth + 1
+    experts = bare.endswith(".experts")  # the module transformers 5 keeps an MoE layer's fused experts in
+    hit = [
+        p
+        for p in EXPERT_PARAMS
+        if experts and any(f"{bare}.{p}" == t or f"{bare}.{p}".endswith("." + t) for t in targets)
+    ]
+    if not hit:
+        if depth:
+            raise UserError(f"{file}: LoRA on {mod}: target_parameters {targets} other than MoE experts "
+                            f"({', '.join(EXPERT_PARAMS)}) are not supported")  # fmt: skip
+        return mod, None  # a module LoRA (a 2-D `weight` parameter LoRA is one too: PEFT's delta is B @ A)
+    if depth >= len(hit):
+        raise UserError(f"{file}: LoRA on {mod} nests deeper than the {len(hit)} targeted parameter(s) {hit}")
+    return bare, hit[len(hit) - 1 - depth]
+
+
+def _expert_lora(module: str, param: str, p: dict[str, Source], r: int, scale: float, file: Path) -> ExpertLora:
+    if set(p) != {"A.weight", "B.weight"}:
+        raise UserError(f"{file}: parameter LoRA on {module}.{param} must have lora_A and lora_B weights only")
+    A, B = _whole(p["A.weight"]), _whole(p["B.weight"])
+    n = A.shape[0] // r if A.dim() == 2 else 0
+    if n == 0 or A.shape[0] != n * r or B.dim() != 2 or B.shape[1] != n * r:
+        raise UserError(
+            f"{file}: parameter LoRA on {module}.{param}: A {list(A.shape)} and B {list(B.shape)} are not "
+            f"(experts*r, in) and (out, experts*r) for r={r}"
+        )
+    return ExpertLora(module, param, A, B, scale, n)

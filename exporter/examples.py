@@ -86,7 +86,8 @@ def check_template_tokens(tokenizer: Any, tpl: Any, model: str) -> None:
     for tok in tpl.eot_tokens:
         ids = tokenizer.encode(tok, add_special_tokens=False)
         tid = tokenizer.convert_tokens_to_ids(tok)
-        if len(ids) != 1 or tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+        unk = tokenizer.unk_token_id if tok != tokenizer.unk_token else None  # Granite's unk is its eos
+        if len(ids) != 1 or tid is None or (unk is not None and tid == unk):
             raise UserError(
                 f"template {tpl.name!r} ends assistant turns with {tok!r}, but the tokenizer of {model} has no such "
                 f"token (it splits into {len(ids)} pieces); pick the template of this model's family"
@@ -304,9 +305,7 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     """Datasets -> examples through the template; every data error surfaces here, before anything is written."""
-    from transformers import AutoTokenizer
-
-    from exporter import data, lf_names
+    from exporter import data, lf_names, spm
 
     packing = cfg.neat_packing or (cfg.packing if cfg.packing is not None else cfg.stage == "pt")
     fill = {k: v for k, v in (("name", cfg.identity_name), ("author", cfg.identity_author)) if v}
@@ -316,7 +315,7 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
         say(f"placeholders {', '.join('{{' + k + '}}' for k in sorted(left))} left in the data "
             "(set identity_name / identity_author to fill them)")  # fmt: skip
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = spm.load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     tpl = None

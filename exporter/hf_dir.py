@@ -62,7 +62,10 @@ def tokenizer_files(model_dir: Path) -> list[str]:
 
 
 def copy_tokenizer(src: Path, out: Path) -> None:
-    """Replace the tokenizer files in `out` (a library's re-saved copies) with `src`'s, byte for byte."""
+    """Replace the tokenizer files in `out` (a library's re-saved copies) with `src`'s, byte for byte, then give a
+    SentencePiece tokenizer back the "▁" prefix transformers 5 drops (`spm.fix_dir`: the ids llama.cpp will use)."""
+    from exporter import spm
+
     names = tokenizer_files(src)
     if not any(n in names for n in _CORE):
         raise UserError(f"{src}: no tokenizer files (tokenizer.json / tokenizer.model / tokenizer_config.json)")
@@ -70,6 +73,7 @@ def copy_tokenizer(src: Path, out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for name in names:
         shutil.copyfile(src / name, out / name)
+    spm.fix_dir(out)
 
 
 def write_generation_config(model_dir: Path, out: Path) -> None:

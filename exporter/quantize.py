@@ -283,9 +283,8 @@ def _calibrate(opts: QuantizeOptions, tokenizer: Any, tpl: Any) -> Any:
 def quantize(opts: QuantizeOptions) -> QuantizeResult:
     """Quantize the HF model `opts.model` with `opts.method` into `opts.out`."""
     import torch
-    from transformers import AutoTokenizer
 
-    from exporter import atomic, calibration, hf_dir, hub, templates
+    from exporter import atomic, calibration, hf_dir, hub, spm, templates
 
     bits, group = _check_options(opts)
     _require(opts.method)
@@ -304,7 +303,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
     check_finite(model_dir)  # quantizers would carry inf/nan into the output without a word
 
     tpl = templates.resolve(model_dir, opts.template, need=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = spm.load_tokenizer(model_dir)
     random.seed(opts.seed)
     torch.manual_seed(opts.seed)
     settings: dict[str, Any] = {"method": opts.method, "bits": bits, "template": tpl.name, "seed": opts.seed}

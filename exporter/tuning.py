@@ -13,12 +13,10 @@ from exporter.errors import UserError
 from exporter.lf_args import TrainConfig, say
 
 
-def _attn_impl(cfg: TrainConfig) -> str:
-    if cfg.flash_attn == "disabled":
-        return "eager"
-    if cfg.flash_attn == "fa2":
-        return "flash_attention_2"
-    return "sdpa"
+def _attn_impl(cfg: TrainConfig) -> str | None:
+    """transformers' attn_implementation; `auto` leaves it to transformers (SDPA where the model supports it, eager
+    otherwise: Gemma 2's soft-capping has no SDPA path), as LLaMA-Factory does."""
+    return {"disabled": "eager", "fa2": "flash_attention_2", "sdpa": "sdpa"}.get(cfg.flash_attn)
 
 
 def compute_dtype(cfg: TrainConfig) -> Any:
@@ -129,25 +127,68 @@ def _lora(model: Any, cfg: TrainConfig) -> Any:
 
         adapter = hub.resolve(cfg.adapter_name_or_path, "adapter")
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    target: Any = "all-linear" if cfg.lora_target == ["all"] else _check_targets(model, cfg.lora_target)
+    target, params = _targets(model, cfg)
     lora = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank * 2, lora_dropout=cfg.lora_dropout,
-        target_modules=target, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+        target_modules=target, target_parameters=params or None, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        task_type="CAUSAL_LM",
     )  # fmt: skip
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # PEFT's target checks (e.g. gate_proj without up_proj on fused experts)
+        raise UserError(f"lora_target {cfg.lora_target}: {e}") from None
 
 
-def _check_targets(model: Any, targets: list[str]) -> list[str]:
+def _expert_params(model: Any) -> list[str]:
+    """MoE experts as transformers 5 holds them: 3-D parameters (experts, out, in) of `...experts` modules, named as
+    PEFT's `target_parameters` matches them ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")."""
+    out = set()
+    for name, p in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        if p.dim() == 3 and module.endswith(".experts"):
+            out.add(".".join(module.split(".")[-2:]) + "." + leaf)
+    return sorted(out)
+
+
+# transformers 4 names of MoE experts and routers (linear layers there) that PEFT maps onto transformers 5's fused
+# expert parameters and router modules itself (peft.utils.transformers_weight_conversion)
+_V4_MOE_NAMES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate")
+
+
+def _targets(model: Any, cfg: TrainConfig) -> tuple[Any, list[str]]:
+    """`lora_target` as PEFT's (target_modules, target_parameters): `all` is every linear layer plus every MoE expert
+    parameter (all-linear alone would leave the experts of MoE types PEFT does not convert untrained); names are
+    linear layers, expert parameters (`gate_up_proj`, `down_proj`, `experts` for both) or, on an MoE model, the
+    transformers 4 expert/router names LLaMA-Factory configs use (PEFT converts those)."""
     import torch
 
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    for t in targets:
-        if t not in linear:
-            raise UserError(
-                f"lora_target {t!r}: no linear layer of that name in the model{did_you_mean(t, linear)} "
-                f"(have: {', '.join(linear)}; or use all)"
-            )
-    return targets
+    experts = _expert_params(model)
+    if cfg.lora_target == ["all"]:
+        target, params = "all-linear", experts
+    else:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        leaves = {e.rsplit(".", 1)[-1]: e for e in experts}
+        v4 = _V4_MOE_NAMES if experts else ()
+        target, params = [], []
+        for t in cfg.lora_target:
+            if t in linear or t in v4:
+                target.append(t)
+            elif t in leaves or (t == "experts" and experts):
+                params += [leaves[t]] if t in leaves else experts
+            else:
+                have = sorted({*linear, *leaves, *v4}) + (["experts"] if experts else [])
+                raise UserError(
+                    f"lora_target {t!r}: no linear layer or expert parameter of that name in the model"
+                    f"{did_you_mean(t, have)} (have: {', '.join(have)}; or use all)"
+                )
+        params = sorted(set(params))
+    touches_experts = bool(params) or (experts and any(t in _V4_MOE_NAMES for t in target if isinstance(target, list)))
+    if touches_experts and (cfg.lora_dropout or cfg.use_dora):
+        raise UserError(
+            f"LoRA on MoE expert weights ({', '.join(experts)}) works without lora_dropout and DoRA only (PEFT's "
+            "parameter LoRA); set lora_dropout: 0 and use_dora: false, or leave the experts out of lora_target"
+        )
+    return target or None, params
 
 
 def _freeze(model: Any, cfg: TrainConfig) -> None:

@@ -30,7 +30,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = ROOT / "data" / "corpus"
-FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+FAMILIES = (
+    "llama2",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3",
+    "phi3",
+    "qwen3_moe",
+    "mixtral",
+    "gemma2",
+    "mistral_nemo",
+    "glm4",
+    "granite",
+    "olmo2",
+    "smollm3",
+)
 
 # Llama 3 / Qwen2 pre-tokenizer regexes, as published in those models' tokenizer.json files.
 LLAMA3_REGEX = (
@@ -40,6 +56,20 @@ LLAMA3_REGEX = (
 QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Mistral's tekken (Nemo, Small 3) as its tokenizer.json has it
+TEKKEN_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+# byte-level BPE styles: (split regex, or None for GPT-2's ByteLevel regex after single digits; NFC; ignore_merges)
+BPE_STYLES: dict[str, tuple[str | None, bool, bool]] = {
+    "llama3": (LLAMA3_REGEX, False, False),  # also OLMo 2 (cl100k)
+    "qwen2": (QWEN2_REGEX, True, False),
+    "tekken": (TEKKEN_REGEX, False, True),
+    "glm4": (LLAMA3_REGEX, False, True),
+    "starcoder": (None, False, False),  # Granite
+}
 
 _QWEN25_ADDED = [  # (content, special) in Qwen2.5's order; <tool_call> tags are added but not special
     ("<|endoftext|>", True),
@@ -92,6 +122,46 @@ _PHI3_ADDED = [  # appended after the SentencePiece vocab, as in Phi-3 (ids 3200
     "<|placeholder6|>",
     "<|user|>",
 ]
+_NEMO_HEAD = [  # tekken's control tokens at ids 0.. (Nemo has 1000 of them, <SPECIAL_n> up to 999)
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "<pad>",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+] + [f"<SPECIAL_{i}>" for i in range(14, 20)]
+_GLM4_ADDED = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+]
+_GRANITE_HEAD = ["<|end_of_text|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>"]
+_GRANITE_ADDED = ["<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>"]
+_SMOLLM3_ADDED = [  # at Llama 3's reserved ids 128000.. (SmolLM3 reuses Llama 3's vocabulary)
+    ("<|begin_of_text|>", True),
+    ("<|end_of_text|>", True),
+    ("<think>", False),
+    ("</think>", False),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+]
 _MISTRAL_CONTROL = [
     "[INST]",
     "[/INST]",
@@ -112,7 +182,7 @@ class Family:
     arch: str  # HF architecture class
     tokenizer_class: str
     kind: str  # "spm" (SentencePiece BPE, byte fallback) or "bpe" (byte-level BPE)
-    spm_head: tuple[str, ...] = ()  # pieces at ids 0.. of the SentencePiece model (control/unk)
+    spm_head: tuple[str, ...] = ()  # pieces at ids 0.. (SentencePiece control/unk, or BPE special tokens)
     added: tuple[tuple[str, bool], ...] = ()  # tokens appended after the trained vocab: (content, special)
     bos: str | None = None
     eos: str = ""
@@ -124,10 +194,13 @@ class Family:
     tie: bool = False
     vocab_multiple: int = 1  # pad the embedding rows to a multiple of this (Qwen/Phi-3 pad theirs)
     spm_dummy_prefix: bool = True
-    rstrip_added: bool = False  # Phi-3's added tokens eat whitespace on their right
+    rstrip: tuple[str, ...] = ()  # added tokens that eat the whitespace on their right (Phi-3's)
     real_vocab: str = ""  # ggml-vocab-<name>.gguf
     trained_size: int = 1600
     config_eos_list: bool = False  # config.json eos_token_id is the generation list (else the tokenizer's eos)
+    bpe_style: str = "qwen2"  # key of BPE_STYLES
+    real_template: str = ""  # published Jinja in the llama.cpp sdist's models/templates (else exporter's family)
+    layers: int | None = None  # tiny-size layer count when the family needs more than two (SmolLM3's NoPE layer)
 
 
 SPECS: dict[str, Family] = {
@@ -159,6 +232,7 @@ SPECS: dict[str, Family] = {
         gen_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
         config_eos_list=True,
         real_vocab="llama-bpe",
+        bpe_style="llama3",
     ),
     "mistral": Family(
         "mistral",
@@ -235,8 +309,126 @@ SPECS: dict[str, Family] = {
         add_bos=True,
         gen_eos=("<|end|>", "<|assistant|>", "<|endoftext|>"),
         vocab_multiple=64,
-        rstrip_added=True,
+        rstrip=("</s>", *(t for t in _PHI3_ADDED if t != "<|endoftext|>")),
         real_vocab="phi-3",
+    ),
+    "qwen3_moe": Family(
+        "qwen3_moe",
+        "qwen-3",
+        "Qwen3MoeForCausalLM",
+        "Qwen2Tokenizer",
+        "bpe",
+        added=tuple(_QWEN25_ADDED + _QWEN3_EXTRA),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        gen_eos=("<|im_end|>", "<|endoftext|>"),
+        vocab_multiple=128,
+        real_template="Qwen-Qwen3-0.6B.jinja",
+    ),
+    "mixtral": Family(
+        "mixtral",
+        "mistral-nemo",
+        "MixtralForCausalLM",
+        "LlamaTokenizer",
+        "spm",
+        spm_head=("<unk>", "<s>", "</s>", *_MISTRAL_CONTROL),
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        add_bos=True,
+        gen_eos=("</s>",),
+        real_vocab="llama-spm",
+    ),
+    "gemma2": Family(
+        "gemma2",
+        "gemma-3",
+        "Gemma2ForCausalLM",
+        "GemmaTokenizer",
+        "spm",
+        spm_head=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        add_bos=True,
+        gen_eos=("<eos>", "<end_of_turn>"),
+        tie=True,
+        spm_dummy_prefix=False,
+        real_template="google-gemma-2-2b-it.jinja",
+    ),
+    "mistral_nemo": Family(
+        "mistral_nemo",
+        "mistral-nemo",
+        "MistralForCausalLM",
+        "PreTrainedTokenizerFast",
+        "bpe",
+        spm_head=tuple(_NEMO_HEAD),
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        add_bos=True,
+        gen_eos=("</s>",),
+        bpe_style="tekken",
+        real_template="mistralai-Mistral-Nemo-Instruct-2407.jinja",
+    ),
+    "glm4": Family(
+        "glm4",
+        "glm-4",
+        "Glm4ForCausalLM",
+        "PreTrainedTokenizerFast",
+        "bpe",
+        added=tuple((t, True) for t in _GLM4_ADDED),
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        gen_eos=("<|endoftext|>", "<|user|>", "<|observation|>"),
+        config_eos_list=True,
+        bpe_style="glm4",
+        real_template="GLM-4.6.jinja",
+    ),
+    "granite": Family(
+        "granite",
+        "human-assistant",
+        "GraniteForCausalLM",
+        "PreTrainedTokenizerFast",
+        "bpe",
+        spm_head=tuple(_GRANITE_HEAD),
+        added=tuple((t, True) for t in _GRANITE_ADDED),
+        bos="<|end_of_text|>",
+        eos="<|end_of_text|>",
+        pad="<|end_of_text|>",
+        unk="<|end_of_text|>",
+        gen_eos=("<|end_of_text|>",),
+        tie=True,
+        bpe_style="starcoder",
+        real_template="ibm-granite-granite-3.3-2B-Instruct.jinja",
+    ),
+    "olmo2": Family(
+        "olmo2",
+        "human-assistant",
+        "Olmo2ForCausalLM",
+        "PreTrainedTokenizerFast",
+        "bpe",
+        added=(("<|endoftext|>", True), ("<|pad|>", True)),
+        eos="<|endoftext|>",
+        pad="<|pad|>",
+        gen_eos=("<|endoftext|>",),
+        bpe_style="llama3",
+    ),
+    "smollm3": Family(
+        "smollm3",
+        "qwen-3",
+        "SmolLM3ForCausalLM",
+        "PreTrainedTokenizerFast",
+        "bpe",
+        added=tuple(_SMOLLM3_ADDED),
+        bos="<|begin_of_text|>",
+        eos="<|im_end|>",
+        pad="<|end_of_text|>",
+        gen_eos=("<|im_end|>",),
+        tie=True,
+        bpe_style="llama3",
+        real_template="HuggingFaceTB-SmolLM3-3B.jinja",
+        layers=4,
     ),
 }
 
@@ -257,10 +449,21 @@ def corpus_text() -> str:
 
 
 def chat_template(name: str) -> str:
-    """The family's HF chat template, from exporter's template families."""
+    """The HF chat template of one of exporter's template families."""
     from exporter.templates import load_template
 
     return load_template(name).jinja
+
+
+def family_template(fam: Family) -> str:
+    """The fixture's chat template: the model's published Jinja from the llama.cpp sdist where the family has one,
+    else exporter's family of that name."""
+    if not fam.real_template:
+        return chat_template(fam.template)
+    path = llama_src() / "vendor" / "llama.cpp" / "models" / "templates" / fam.real_template
+    if not path.is_file():
+        raise FileNotFoundError(f"{fam.name}: published template {path} not found")
+    return path.read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,14 +520,15 @@ def _spm_tokenizer(fam: Family, work: Path):
         kwargs["legacy"] = False  # as the hub's Llama 2 / Mistral / Phi-3 tokenizer_config.json say
     if fam.pad:
         kwargs["pad_token"] = fam.pad
-    if fam.name == "gemma3":
+    if fam.tokenizer_class == "GemmaTokenizer":
         kwargs["extra_special_tokens"] = []
     if fam.added:  # Phi-3: eos/pad live in the added tokens; convert first, then add them.
         kwargs["eos_token"] = "</s>"
         kwargs.pop("pad_token", None)
     tok = cls.from_pretrained(str(work), **kwargs)
     # control pieces (ids 0..) are special added tokens, as in the hub's tokenizer.json files
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in fam.spm_head], special_tokens=True)
+    head = [AddedToken(t, special=True, normalized=False, rstrip=t in fam.rstrip) for t in fam.spm_head]
+    tok.add_tokens(head, special_tokens=True)
     if fam.name == "phi3":
         # transformers loads Phi-3 with the generic backend, which keeps tokenizer.json as written; the hub's
         # Phi-3 tokenizer.json prepends "▁" with a normalizer (like sentencepiece and llama.cpp), not Metaspace.
@@ -335,35 +539,39 @@ def _spm_tokenizer(fam: Family, work: Path):
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
     if fam.added:  # Phi-3: every added token but <|endoftext|> eats the whitespace on its right
-        rstrip = fam.rstrip_added
-        tok.add_tokens(
-            [AddedToken(t, special=s, rstrip=rstrip and t != "<|endoftext|>", normalized=False) for t, s in fam.added]
-        )
+        tok.add_tokens([AddedToken(t, special=s, rstrip=t in fam.rstrip, normalized=False) for t, s in fam.added])
         tok.eos_token = fam.eos
         tok.pad_token = fam.pad
     return tok
 
 
 def _bpe_tokenizer(fam: Family):
-    """A byte-level BPE tokenizer trained with the family's pre-tokenizer regex, special tokens appended."""
+    """A byte-level BPE tokenizer trained with the family's pre-tokenizer, special tokens at ids 0.. (`spm_head`,
+    as tekken and StarCoder have them) and appended (`added`)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import BpeTrainer
 
-    regex = LLAMA3_REGEX if fam.name == "llama3" else QWEN2_REGEX
+    regex, nfc, _ = BPE_STYLES[fam.bpe_style]
     tk = Tokenizer(models.BPE(byte_fallback=False, fuse_unk=False))
-    if fam.name != "llama3":
+    if nfc:
         tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
+    if regex is None:  # StarCoder: single digits, then GPT-2's regex
+        steps = [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    else:
+        steps = [
             pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
-    )
+    tk.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tk.decoder = decoders.ByteLevel()
     trainer = BpeTrainer(
         vocab_size=fam.trained_size,
         min_frequency=2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in fam.spm_head],
         show_progress=False,
     )
     lines = corpus_text().splitlines(keepends=True)
@@ -379,19 +587,15 @@ def _reorder_added(tk, fam: Family, processors):
     from tokenizers import Tokenizer
 
     data = json.loads(tk.to_str())
-    base = len(data["model"]["vocab"])
+    vocab = data["model"]["vocab"]
+    base = len(vocab)
+    data["model"]["ignore_merges"] = BPE_STYLES[fam.bpe_style][2]
+    tokens = [(vocab[t], t, True) for t in fam.spm_head] + [(base + i, t, s) for i, (t, s) in enumerate(fam.added)]
     data["added_tokens"] = [
-        {
-            "id": base + i,
-            "content": t,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": s,
-        }
-        for i, (t, s) in enumerate(fam.added)
-    ]
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": s}
+        for i, t, s in tokens
+    ]  # fmt: skip
     tk = Tokenizer.from_str(json.dumps(data))
     if fam.add_bos:
         bos_id = tk.token_to_id(fam.bos)
@@ -417,7 +621,9 @@ def _wrap_bpe(fam: Family, tk):
     kwargs = {"tokenizer_object": tk, "eos_token": fam.eos, "bos_token": fam.bos, "add_bos_token": fam.add_bos}
     if fam.pad:
         kwargs["pad_token"] = fam.pad
-    if fam.name.startswith("qwen"):
+    if fam.unk:
+        kwargs["unk_token"] = fam.unk
+    if fam.tokenizer_class == "Qwen2Tokenizer":
         kwargs.update(unk_token=None, errors="replace", split_special_tokens=False)
     return cls(**kwargs)
 
@@ -440,27 +646,28 @@ def _real_vocab_tokenizer(fam: Family, work: Path):
     arch, tdict, _ = get_gguf_tokenizer(str(gguf))
     tokens, types = list(tdict["tokens"]), list(tdict["token_type"])
     renames: dict[int, tuple[str, int]] = {}
-    if fam.name == "gemma3":
+    if fam.real_vocab == "gemma-4":
         renames = {105: ("<start_of_turn>", 3), 106: ("<end_of_turn>", 3)}
-    elif fam.name == "llama3" or fam.name.startswith("qwen"):
-        # the vocabulary file predates Llama 3.1 / Qwen2.5 / Qwen3: name their tokens at their real ids
-        base = 128000 if fam.name == "llama3" else 151643
+    elif fam.real_vocab in ("llama-bpe", "qwen2"):
+        # the vocabulary file predates Llama 3.1 / Qwen2.5 / Qwen3 / SmolLM3: name their tokens at their real ids
+        base = 128000 if fam.real_vocab == "llama-bpe" else 151643
         renames = {base + i: (t, 3 if special else 4) for i, (t, special) in enumerate(fam.added)}
     for i, (t, ty) in renames.items():
         if tokens[i] != t:
-            if fam.name != "gemma3" and not (tokens[i].startswith("[PAD") or "reserved" in tokens[i]):
+            if fam.real_vocab != "gemma-4" and not (tokens[i].startswith("[PAD") or "reserved" in tokens[i]):
                 raise ValueError(f"real vocabulary {gguf.name}: id {i} is {tokens[i]!r}, expected a free slot")
             tokens[i], types[i] = t, ty
     tdict = {**tdict, "tokens": tokens, "token_type": types}
     if fam.kind == "spm":
-        _write_spm_model(
-            tdict, work / "tokenizer.model", 32000 if fam.name != "gemma3" else len(tokens), fam.name == "gemma3"
-        )
+        gemma = fam.real_vocab == "gemma-4"
+        _write_spm_model(tdict, work / "tokenizer.model", len(tokens) if gemma else 32000, gemma)
     backend, _ = convert_gguf_tokenizer(arch, tdict)
     data = json.loads(backend.to_str())
-    if any(a["id"] >= len(tokens) for a in data["added_tokens"]):  # class defaults (GPT-2's <|endoftext|>)
-        data["added_tokens"] = [a for a in data["added_tokens"] if a["id"] < len(tokens)]
-        backend = Tokenizer.from_str(json.dumps(data))
+    # class defaults (GPT-2's <|endoftext|>) out; Phi-3's whitespace-eating tokens as the family has them
+    data["added_tokens"] = [
+        {**a, "rstrip": a["content"] in fam.rstrip} for a in data["added_tokens"] if a["id"] < len(tokens)
+    ]
+    backend = Tokenizer.from_str(json.dumps(data))
     cls = getattr(transformers, fam.tokenizer_class)
     kwargs = {"tokenizer_object": backend, "bos_token": fam.bos, "eos_token": fam.eos, "add_bos_token": fam.add_bos}
     kwargs["unk_token"] = fam.unk  # None for byte-level BPE (else a default <|endoftext|> gets added)
@@ -468,7 +675,7 @@ def _real_vocab_tokenizer(fam: Family, work: Path):
         kwargs["pad_token"] = fam.pad
     if fam.tokenizer_class == "LlamaTokenizer":
         kwargs["legacy"] = False
-    if fam.name.startswith("qwen"):
+    if fam.tokenizer_class == "Qwen2Tokenizer":
         kwargs.update(unk_token=None, errors="replace", split_special_tokens=False)
     tok = cls(**kwargs)
     missing = [t for t in (*fam.spm_head, *(t for t, _ in fam.added)) if t not in tok.get_vocab()]
@@ -624,9 +831,53 @@ def _config(fam: Family, size: str, vocab_size: int, ids: dict[str, int | None])
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         )
         mt = "phi3"
-    else:  # pragma: no cover - FAMILIES is closed
-        raise ValueError(n)
+    else:
+        mt, extra = _config_more(fam, s, common)
     return AutoConfig.for_model(mt, **common, **extra)
+
+
+def _rope(theta: float, **more) -> dict:
+    return {"rope_type": "default", "rope_theta": theta, **more}
+
+
+def _config_more(fam: Family, s: dict, common: dict) -> tuple[str, dict]:
+    """model_type and extra config of the MoE and newer families (`common` is adjusted where a family differs)."""
+    n = fam.name
+    moe_ff = s["intermediate"] // 2  # a multiple of 256 at both sizes, like the dense one
+    if fam.layers and s["layers"] == 2:
+        common["num_hidden_layers"] = fam.layers
+    if n == "qwen3_moe":
+        experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=moe_ff, norm_topk_prob=True)
+        extra = dict(max_position_embeddings=40960, rms_norm_eps=1e-6, rope_parameters=_rope(1e6), **experts)
+        return "qwen3_moe", dict(extra, attention_bias=False, use_sliding_window=False, decoder_sparse_step=1)
+    if n == "mixtral":
+        extra = dict(max_position_embeddings=32768, rms_norm_eps=1e-5, rope_parameters=_rope(1e6))
+        return "mixtral", dict(extra, sliding_window=None, num_local_experts=4, num_experts_per_tok=2)
+    if n == "gemma2":
+        extra = dict(max_position_embeddings=8192, rms_norm_eps=1e-6, rope_parameters=_rope(10000.0))
+        extra.update(query_pre_attn_scalar=s["head_dim"], sliding_window=4096, hidden_activation="gelu_pytorch_tanh")
+        return "gemma2", dict(extra, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    if n == "mistral_nemo":  # head_dim given explicitly and != hidden_size / heads, as in Nemo (5120 / 32 vs 128)
+        common["head_dim"] = 2 * s["head_dim"]
+        extra = dict(max_position_embeddings=1024000, rms_norm_eps=1e-5, rope_parameters=_rope(1e6))
+        return "mistral", dict(extra, sliding_window=None)
+    if n == "glm4":  # GLM-4-0414: partial rotary, q/k/v biases, fused gate_up, sandwich norms
+        extra = dict(max_position_embeddings=32768, rms_norm_eps=1e-5, attention_bias=True)
+        return "glm4", dict(extra, rope_parameters=_rope(10000.0, partial_rotary_factor=0.5))
+    if n == "granite":  # Granite 3.x multipliers (granite-3.3-2b's values)
+        common.pop("head_dim")
+        extra = dict(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=_rope(1e7))
+        mult = dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22)
+        return "granite", dict(extra, **mult, logits_scaling=8.0, attention_bias=False, mlp_bias=False)
+    if n == "olmo2":
+        common.pop("head_dim")
+        extra = dict(max_position_embeddings=4096, rms_norm_eps=1e-6, rope_parameters=_rope(500000.0))
+        return "olmo2", dict(extra, attention_bias=False)
+    if n == "smollm3":  # every 4th layer without RoPE (NoPE), as SmolLM3-3B
+        common.pop("head_dim")
+        extra = dict(max_position_embeddings=65536, rms_norm_eps=1e-6, rope_parameters=_rope(5e6))
+        return "smollm3", dict(extra, no_rope_layer_interval=4, use_sliding_window=False, attention_bias=False)
+    raise ValueError(n)  # pragma: no cover - FAMILIES is closed
 
 
 def _tensor(name: str, shape: tuple[int, ...], seed: int, fam: Family, dtype):
@@ -636,7 +887,7 @@ def _tensor(name: str, shape: tuple[int, ...], seed: int, fam: Family, dtype):
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF)
     leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
     if len(shape) == 1 and "norm" in name:  # RMSNorm scales: 1 + noise (Gemma stores the offset from 1)
-        w = torch.randn(shape, generator=g) * 0.05 + (0.0 if fam.name == "gemma3" else 1.0)
+        w = torch.randn(shape, generator=g) * 0.05 + (0.0 if fam.name.startswith("gemma") else 1.0)
     elif name.endswith(".bias"):
         w = torch.randn(shape, generator=g) * 0.02
     elif leaf in ("embed_tokens", "lm_head"):
@@ -656,7 +907,41 @@ def _tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    return shapes
+    return _per_expert(shapes, config.model_type)
+
+
+# transformers 5 holds an MoE layer's experts fused, gate_up (E, 2*ff, hidden) and down (E, hidden, ff); released
+# checkpoints (and save_pretrained) keep one tensor per expert: (gate, up, down) names and the router's rename
+_EXPERTS = {
+    "qwen3_moe": ("mlp.experts.{}.gate_proj", "mlp.experts.{}.up_proj", "mlp.experts.{}.down_proj", None),
+    "mixtral": (
+        "block_sparse_moe.experts.{}.w1",
+        "block_sparse_moe.experts.{}.w3",
+        "block_sparse_moe.experts.{}.w2",
+        ("mlp.gate.", "block_sparse_moe.gate."),
+    ),
+}
+
+
+def _per_expert(shapes: dict[str, tuple[int, ...]], model_type: str) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names and shapes: fused expert tensors split into one tensor per expert, as released."""
+    if model_type not in _EXPERTS:
+        return shapes
+    gate, up, down, router = _EXPERTS[model_type]
+    out = {}
+    for name, shape in shapes.items():
+        layer, _, leaf = name.rpartition(".mlp.experts.")
+        if leaf == "gate_up_proj":
+            n, ff2, hidden = shape
+            for e in range(n):
+                out[f"{layer}.{gate.format(e)}.weight"] = (ff2 // 2, hidden)
+                out[f"{layer}.{up.format(e)}.weight"] = (ff2 // 2, hidden)
+        elif leaf == "down_proj":
+            for e in range(shape[0]):
+                out[f"{layer}.{down.format(e)}.weight"] = shape[1:]
+        else:
+            out[name.replace(*router) if router else name] = shape
+    return out
 
 
 def _write_weights(out: Path, config, fam: Family, seed: int, shards: int, progress) -> int:
@@ -755,7 +1040,7 @@ def make(
     fam = SPECS[family] if dtype is None else dataclasses.replace(SPECS[family], dtype=dtype)
     from exporter.atomic import atomic_dir
 
-    template = chat_template(fam.template)
+    template = family_template(fam)
     with atomic_dir(out, force) as tmp:
         work = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=tmp))
         tok = build_tokenizer(fam, work, real_vocab)
@@ -771,10 +1056,11 @@ def make(
             "eos": tok.convert_tokens_to_ids(fam.eos),
             "pad": tok.convert_tokens_to_ids(fam.pad) if fam.pad else None,
         }
-        if fam.name.startswith("qwen"):  # Qwen's config.json names <|endoftext|> as bos
+        if fam.tokenizer_class == "Qwen2Tokenizer":  # Qwen's config.json names <|endoftext|> as bos
             ids["bos"] = tok.convert_tokens_to_ids("<|endoftext|>")
         gen_eos = tok.convert_tokens_to_ids(list(fam.gen_eos))
-        if None in gen_eos or (tok.unk_token_id is not None and tok.unk_token_id in gen_eos):
+        unk_is_eos = fam.unk is not None and fam.unk in fam.gen_eos  # Granite: one token for all four
+        if None in gen_eos or (tok.unk_token_id is not None and tok.unk_token_id in gen_eos and not unk_is_eos):
             raise ValueError(f"{family}: the tokenizer lacks one of {fam.gen_eos}")
         vocab_size = -(-len(tok) // fam.vocab_multiple) * fam.vocab_multiple
         config = _config(fam, size, vocab_size, ids)

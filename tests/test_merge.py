@@ -24,6 +24,7 @@ _MANT = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 _MIN_EXP = {torch.bfloat16: -126, torch.float16: -14, torch.float32: -126}
 # max |logit difference| / max |logit| allowed between the merged model and PEFT-with-adapter, per dtype
 _LOGIT_TOL = {torch.bfloat16: 0.03, torch.float16: 0.004, torch.float32: 1e-4}
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
 
 
@@ -117,6 +118,27 @@ def _ours(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _saved(model, names: set[str], where: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors under the checkpoint's `names`: transformers 5 fuses MoE experts in memory and
+    save_pretrained writes them back one per expert, as released checkpoints (and our merge of them) have them."""
+    sd = model.state_dict()
+    if names <= set(sd):
+        return sd
+    model.save_pretrained(where)
+    return _ours(where)
+
+
+def fused_checkpoint(model: Path, out: Path) -> Path:
+    """`model` saved as transformers 5 holds it, experts fused (save_original_format=False), tokenizer alongside."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(model).save_pretrained(out, save_original_format=False)
+    for f in model.iterdir():
+        if not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    return out
+
+
 def _check_tensors(ours, peft32_sd, peft_sd, ref_sd, dtype):
     """Every tensor: dtype and shape; within 1 ulp of PEFT's float32 merge rounded to `dtype`; no farther from the
     float64 merge than PEFT's own merge in `dtype` (which rounds twice: the delta, then the sum)."""
@@ -160,9 +182,10 @@ def _run_case(base, tmp_path, variants, dtype_name, weights=None, vocab=None, sh
         )
     )
     ours = _ours(out)
-    peft_sd = _peft_models(base, adapters, weights, dtype, vocab).state_dict()
-    peft32_sd = _peft_models(base, adapters, weights, torch.float32, vocab).state_dict()
-    ref_sd = _peft_models(base, adapters, weights, torch.float64, vocab).state_dict()
+    peft_sd, peft32_sd, ref_sd = (
+        _saved(_peft_models(base, adapters, weights, dt, vocab), set(ours), tmp_path / str(dt).replace("torch.", ""))
+        for dt in (dtype, torch.float32, torch.float64)
+    )
     assert set(ours) <= set(peft_sd), set(ours) - set(peft_sd)
     _check_tensors(ours, peft32_sd, peft_sd, ref_sd, dtype)
     _check_logits(out, base, adapters, weights, dtype, vocab)
@@ -191,6 +214,29 @@ CASES = [
         "fp32",
         [0.5, 1.5],
     ),
+    # MoE experts: PEFT parameter LoRA on transformers 5's fused 3-D experts; the checkpoints keep one tensor per
+    # expert (Qwen3-MoE gate_proj/up_proj/down_proj, Mixtral w1/w3/w2 under block_sparse_moe)
+    ("qwen3_moe", [dict(target_modules="all-linear", target_parameters=EXPERTS)], "bf16", None),
+    (  # two adapters (PEFT wants the same parameters targeted by both), one parameter: no ParamWrapper nesting
+        "mixtral",
+        [
+            dict(target_modules=["q_proj", "o_proj"], target_parameters=["mlp.experts.down_proj"], use_rslora=True),
+            dict(target_modules=["v_proj"], target_parameters=["mlp.experts.down_proj"], r=4, lora_alpha=16),
+        ],
+        "fp16",
+        [1.0, 0.5],
+    ),
+    ("gemma2", [dict(target_modules="all-linear", use_dora=True)], "bf16", None),
+    ("mistral_nemo", [dict(target_modules="all-linear")], "fp16", None),  # head_dim != hidden / heads
+    (  # fused gate_up; lora_bias on the q/k/v biases
+        "glm4",
+        [dict(target_modules="all-linear"), dict(target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)],
+        "bf16",
+        None,
+    ),
+    ("granite", [dict(target_modules="all-linear", modules_to_save=["lm_head"])], "bf16", None),  # tied: unties
+    ("olmo2", [dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"])], "bf16", None),
+    ("smollm3", [dict(target_modules="all-linear")], "bf16", None),
 ]
 
 
@@ -198,11 +244,21 @@ CASES = [
     "family,variants,dtype,weights", CASES, ids=[c[0] + ("-bias" if c[1][0].get("lora_bias") else "") for c in CASES]
 )
 def test_merge_equals_peft(tiny_model, tmp_path, family, variants, dtype, weights):
-    out = _run_case(tiny_model(family), tmp_path, variants, dtype, weights)
+    out = _run_case(tiny_model(family), tmp_path, variants, dtype, weights)  # the model's own template, derived or not
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == str(DT[dtype]).removeprefix("torch.")
     manifest = json.loads((out / "exporter_manifest.json").read_text())
     assert manifest["stage"] == "merge" and manifest["outputs"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fused_expert_checkpoint_equals_peft(family, tiny_model, tmp_path):
+    """A checkpoint that keeps transformers 5's fused experts (3-D gate_up_proj / down_proj): the experts' LoRA lands
+    on the fused tensors themselves, equal to PEFT's merge."""
+    base = fused_checkpoint(tiny_model(family), tmp_path / "fused")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in _ours(base)
+    variant = dict(target_modules=["q_proj"], target_parameters=EXPERTS)
+    _run_case(base, tmp_path, [variant], "fp32")  # fp32: bf16 may flip a routing choice
 
 
 def test_dora_on_embeddings_and_sharding(tiny_model, tmp_path):

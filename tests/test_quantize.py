@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAMILIES, TEMPLATE_OF, require_quant
+from conftest import DENSE, TEMPLATE_OF, require_quant
 
 from exporter import calibration, hf_dir, templates
 from exporter.errors import UserError
@@ -270,7 +270,7 @@ def quantized(tiny_model, tmp_path_factory) -> dict:
     require_quant()
     root = tmp_path_factory.mktemp("quantized")
     dirs, jobs = {}, []
-    for fam in FAMILIES:
+    for fam in DENSE:
         src = tiny_model(fam)
         for m in METHODS:
             if (fam, m) in BROKEN_CASES:
@@ -310,7 +310,7 @@ def quantized(tiny_model, tmp_path_factory) -> dict:
             f"{x['ppl_quantized']:8.2f} {rel:+8.4f}"
         )
     print("\n".join(report))
-    return {"dirs": dirs, "results": results, "sources": {f: tiny_model(f) for f in FAMILIES}}
+    return {"dirs": dirs, "results": results, "sources": {f: tiny_model(f) for f in DENSE}}
 
 
 def _tensor_bytes(path: Path, prefixes: list[str]) -> int:
@@ -329,7 +329,7 @@ def _tensor_bytes(path: Path, prefixes: list[str]) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", DENSE)
 def test_quantized_reloads_close_to_source(quantized, family: str, method: str, tmp_path: Path) -> None:
     if (family, method) in BROKEN_CASES:
         with pytest.raises(UserError, match=rf"--method {method} cannot quantize model_type '{family}': gptqmodel"):

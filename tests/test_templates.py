@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import FAMILIES, ROOT, TEMPLATE_OF, fixtures_root, llama_src, require_go
+from conftest import DENSE, FAMILIES, ROOT, TEMPLATE_OF, detected_template, fixtures_root, llama_src, require_go
 
 from exporter.errors import UserError
 from exporter.render import encode, render_segments, render_text
@@ -34,7 +34,7 @@ from exporter.templates import (
 )
 
 ALL = list_templates()
-FIXTURE_OF = {v: k for k, v in TEMPLATE_OF.items()}  # template family -> fixture family
+FIXTURE_OF = {TEMPLATE_OF[f]: f for f in DENSE}  # template family -> fixture family carrying its Jinja
 
 TOOLS = [
     {
@@ -606,7 +606,12 @@ def test_known_differences_from_published_are_real() -> None:
 
 @pytest.mark.parametrize("fixture", FAMILIES)
 def test_detect_fixture_models(fixture: str, tiny_model) -> None:
-    assert detect(tiny_model(fixture)).name == TEMPLATE_OF[fixture]
+    """A fixture carrying one of our families' Jinja detects as that family; one carrying its model's published
+    Jinja (Qwen3, Gemma 2, Mistral Nemo, GLM-4.6, Granite 3.3, SmolLM3) as derived from it, kept verbatim."""
+    model = tiny_model(fixture)
+    tpl = detect(model)
+    assert tpl.name == detected_template(fixture)
+    assert tpl.jinja == (model / "chat_template.jinja").read_text(encoding="utf-8") and tpl.ollama
 
 
 # published template -> (detected name, whose Go TEMPLATE, bos, eos): a family only where every probe (whitespace,

@@ -294,28 +294,18 @@ def test_chunked_windows_match_llama_cpp_convention() -> None:
     assert s.tokens == 2 * (8 - 8 // 2 - 1) and s.ppl == pytest.approx(40.0)
 
 
-# Families whose good export verify currently rejects, for causes outside verify (each found by verify itself).
-_SPM_DRIFT = (
-    "transformers 5.23's SentencePiece (Metaspace, prepend_scheme=first) adds no '▁' to text that starts with spaces"
-    " or follows a control token; SentencePiece and llama.cpp do, and llama.cpp has no switch for HF's behaviour"
-)
-_KNOWN = {"llama2": _SPM_DRIFT, "mistral": _SPM_DRIFT, "phi3": _SPM_DRIFT}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "family",
-    [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=_KNOWN[f])) if f in _KNOWN else f for f in FAMILIES],
-)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_good_export_of_every_family_passes(family: str, tiny_model, tmp_path: Path) -> None:
     require_llama_cpp()
-    from exporter import gguf, templates
+    from exporter import gguf, spm, templates
 
     merged = tmp_path / "merged"
     shutil.copytree(tiny_model(family), merged)
     sharpen_attention(merged)
     tpl = templates.resolve(merged, TEMPLATE_OF[family])
     templates.write_into(merged, tpl)
+    spm.fix_dir(merged)  # as merge writes it
     res = gguf.export(merged, ["f16"], tpl, tmp_path / "gguf")
     rep = V.verify(
         V.VerifyOptions(

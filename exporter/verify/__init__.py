@@ -48,7 +48,7 @@ from exporter.verify.numbers import (
 )
 from exporter.verify.report import Check, Report
 from exporter.verify.stops import check_stops, eot_ids
-from exporter.verify.template import check_template, render, training_template
+from exporter.verify.template import check_template, render_each, training_template
 from exporter.verify.tokenizer import check_tokenizer
 
 __all__ = [
@@ -112,7 +112,7 @@ def verify(opts: VerifyOptions) -> Report:
     eot = eot_ids(tok, tpl, gen)
     checks += check_stops(eot, art.merged, infos, mfs, tok, gen)
     chat_source = tpl.jinja if tpl is not None else tok.chat_template
-    chat_texts = [render(tok, chat_source, c, False) for c in PROBE_CONVERSATIONS] if chat_source else []
+    chat_texts = render_each(tok, chat_source, PROBE_CONVERSATIONS) if chat_source else []
     checks += check_tokenizer(tok, infos, texts, chat_texts)
     hf_model = load_hf(art.merged) if art.merged else None
     checks += check_numbers(art, tok, hf_model, infos, quantized_kinds, thresholds, art.ctx, art.max_windows)

@@ -14,8 +14,10 @@ from exporter.verify.report import Check, progress
 from exporter.verify.template import render
 
 FULL_PRECISION = ("f32", "f16", "bf16")
-# Greedy divergence on a near-tie (HF top-2 logit gap below this) is rounding, not an export error.
-TIE_MARGIN = 1e-3
+# Greedy divergence on a near-tie (HF top-2 logit gap below this) is rounding, not an export error: f16 weights and
+# llama.cpp's f16 activations move logits of size ~10 by a few 1e-3 (the tolerance tests/test_gguf.py's greedy test
+# uses too; Phi-3's fixture diverges on a 1.6e-3 gap)
+TIE_MARGIN = 1e-2
 
 
 def _greedy(engine: Any, prompt: list[int], stop: Sequence[int], max_new: int) -> tuple[list[int], list[float]]:

@@ -20,7 +20,7 @@ def eot_ids(tok: Any, tpl: Any, gen_eos_ids: list[int]) -> dict[str, int]:
         out = {}
         for t in tpl.eot_tokens:
             i = tok.convert_tokens_to_ids(t)
-            if i is None or i == tok.unk_token_id:
+            if i is None or (i == tok.unk_token_id and t != tok.unk_token):  # Granite's unk is its eos
                 raise UserError(f"end-of-turn token {t!r} of template {tpl.name} is not in the tokenizer")
             out[t] = int(i)
         return out

@@ -25,10 +25,10 @@ def training_template(name: str | None, art: VerifyOptions) -> tuple[Any, str | 
     """(ChatTemplate or None, reason when None): --template wins (a LLaMA-Factory name for the model's tokenizer),
     else the training base's own (a family when one matches, else derived from its Jinja), else the adapter's or
     merged dir's."""
-    from exporter import lf_names, templates
+    from exporter import templates
 
     dirs = [d for d in (art.base, art.adapter, art.merged) if d is not None and d.is_dir()]
-    if name and lf_names.is_lf_name(name) and dirs:
+    if name and name != "auto" and dirs:  # with the dir's bos/eos filled in (base-model formats end with its eos)
         return templates.resolve(dirs[0], name), None
     if name and name != "auto":
         return templates.load_template(name), None
@@ -43,6 +43,18 @@ def training_template(name: str | None, art: VerifyOptions) -> tuple[Any, str | 
 def render(tok: Any, jinja: str, messages: list[dict[str, str]], gen: bool) -> str:
     """`messages` through `jinja` with transformers' apply_chat_template (the reference renderer)."""
     return tok.apply_chat_template(messages, chat_template=jinja, tokenize=False, add_generation_prompt=gen)
+
+
+def render_each(tok: Any, jinja: str, conversations: list[list[dict[str, str]]]) -> list[str]:
+    """Each whole conversation through `jinja`, leaving out those the model's own Jinja refuses (e.g. a system
+    message for Gemma 2)."""
+    out = []
+    for conv in conversations:
+        try:
+            out.append(render(tok, jinja, conv, False))
+        except Exception:  # jinja2's TemplateError from raise_exception, or whatever else the model's Jinja raises
+            continue
+    return out
 
 
 def _strip_bos(ids: list[int], bos: int | None) -> list[int]:
