@@ -111,7 +111,7 @@ def test_real_vocabulary_parity(family, tiny_model, tmp_path_factory, tmp_path):
 def test_training_ids_equal_llama_cpp(family, tiny_model, tmp_path_factory):
     """The ids training computes for a conversation (tokenizer as `exporter train` loads it, our renderer) are what
     llama.cpp makes of the same rendered text, for the trained-vocabulary fixture too."""
-    from exporter import gguf, spm, templates
+    from exporter import gguf, render, spm, templates
 
     model = tiny_model(family)
     tpl = templates.resolve(model, TEMPLATE_OF[family])
@@ -129,7 +129,7 @@ def test_training_ids_equal_llama_cpp(family, tiny_model, tmp_path_factory):
         ],
     ]
     for conv in convs:
-        ids, _ = templates.encode(tok, tpl, conv)
-        text = templates.render_text(tpl, conv, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+        ids, _ = render.encode(tok, tpl, conv)
+        text = render.render_text(tpl, conv, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
         want = llm.tokenize(text.encode(), add_bos=not text.startswith(tok.bos_token or "\0"), special=True)
         assert ids == want, f"{family}: {text!r}"
