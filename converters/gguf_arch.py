@@ -583,7 +583,6 @@ def check_geometry(arch: Arch, hp: dict[str, Any], shapes: dict[str, tuple[int, 
     hidden, n_head = hp["hidden_size"], hp["num_attention_heads"]
     n_kv = hp.get("num_key_value_heads") or n_head
     hd, ff = _head_dim(hp), hp.get("intermediate_size")
-    fused_up = 2 * ff if (ff and arch.gguf_arch == gguf.MODEL_ARCH.PHI3) else ff
     expect = {  # GGUF tensor kind -> (rows, cols) of the HF weight; None: not fixed by the config
         "attn_q": (n_head * hd, hidden),
         "attn_k": (n_kv * hd, hidden),
@@ -591,7 +590,8 @@ def check_geometry(arch: Arch, hp: dict[str, Any], shapes: dict[str, tuple[int, 
         "attn_qkv": ((n_head + 2 * n_kv) * hd, hidden),
         "attn_output": (hidden, n_head * hd),
         "ffn_gate": (ff, hidden),
-        "ffn_up": (fused_up, hidden),
+        "ffn_up": (ff, hidden),
+        "ffn_gate_up": (2 * ff if ff else None, hidden),  # one fused tensor (Phi-3, GLM-4: gate_up_proj)
         "ffn_down": (hidden, ff),
         "token_embd": (None, hidden),
         "output": (None, hidden),
@@ -606,7 +606,8 @@ def check_geometry(arch: Arch, hp: dict[str, Any], shapes: dict[str, tuple[int, 
         parts = mapped[1].split(".")
         if parts[0] == "blk":
             layers.add(int(parts[1]))
-        want = expect.get(parts[-2]) if name.endswith(".weight") and len(shape) == 2 else None
+        kind = "ffn_gate_up" if "gate_up" in name else parts[-2]
+        want = expect.get(kind) if name.endswith(".weight") and len(shape) == 2 else None
         if want is None:
             continue
         if any(w is not None and w != have for w, have in zip(want, shape, strict=True)):

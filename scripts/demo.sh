@@ -6,13 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${EXPORTER_VENV:-}" ] || eval "$(bash scripts/setup.sh)"
 RUN=${RUN:-runs/demo}
+BASE=${BASE:-$RUN-base}   # beside the run dir: a pipeline run dir holds only what the pipeline writes
 start=$(date +%s)
-if [ ! -f "$RUN/base/config.json" ]; then
-  echo "[demo] building the tiny base model into $RUN/base"
-  "$EXPORTER_VENV/bin/python" scripts/make_tiny_model.py llama3 "$RUN/base"
+if [ ! -f "$BASE/config.json" ]; then
+  echo "[demo] building the tiny base model into $BASE"
+  "$EXPORTER_VENV/bin/python" scripts/make_tiny_model.py llama3 "$BASE"
 fi
 set +e
-"$EXPORTER_VENV/bin/exporter" pipeline data/demo.yaml "base=$RUN/base" "run_dir=$RUN" "$@"
+"$EXPORTER_VENV/bin/exporter" pipeline data/demo.yaml "base=$BASE" "run_dir=$RUN" "$@"
 rc=$?
 set -e
 echo "[demo] finished in $(( $(date +%s) - start )) s (exit $rc)"

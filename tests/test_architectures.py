@@ -90,13 +90,13 @@ def test_lora_target_on_moe_experts(lora_target, modules, params, tiny_model) ->
     """`lora_target` on an MoE model, as PEFT receives it: `all` adds the fused expert parameters all-linear does not
     reach; expert names select them; transformers 4 names (LLaMA-Factory configs) go to PEFT, which converts them;
     PEFT then really trains expert LoRA weights."""
-    from exporter import lf_args, train
+    from exporter import lf_args, tuning
 
     base = tiny_model("qwen3_moe")
     cfg, _ = lf_args.config_from_args(
         ["--model_name_or_path", str(base), "--output_dir", "o", "--lora_target", lora_target, "--lora_rank", "4"]
     )
-    model = train.load_model(cfg, base, "cpu")
+    model = tuning.load_model(cfg, base, "cpu")
     peft_cfg = model.peft_config["default"]
     assert set(peft_cfg.target_modules) == modules
     assert {p.rsplit(".", 1)[-1] for p in peft_cfg.target_parameters} == params
@@ -113,10 +113,10 @@ def test_lora_target_on_moe_experts(lora_target, modules, params, tiny_model) ->
     ],
 )
 def test_lora_target_on_moe_experts_refused(flags, message, tiny_model) -> None:
-    from exporter import lf_args, train
+    from exporter import lf_args, tuning
     from exporter.errors import UserError
 
     base = tiny_model("qwen3_moe")
     cfg, _ = lf_args.config_from_args(["--model_name_or_path", str(base), "--output_dir", "o", *flags])
     with pytest.raises(UserError, match=message):
-        train.load_model(cfg, base, "cpu")
+        tuning.load_model(cfg, base, "cpu")

@@ -117,8 +117,18 @@ def lf_examples(tiny_model, tmp_path_factory) -> tuple[Path, list[dict[str, Any]
     return data, _lf_train([_args(n, tiny_model(f), data, x) for n, f, x in CASES], tmp)
 
 
+# One deliberate difference: with a SentencePiece tokenizer, transformers 5 (and so LF) writes no '▁' before text
+# that follows a control token such as [INST]; exporter trains with the '▁' that llama.cpp and sentencepiece give,
+# the ids the exported model sees when served (exporter/spm.py). The mistral case has such text.
+_SPM_DRIFT = pytest.mark.xfail(strict=True, reason="exporter trains with llama.cpp's SentencePiece '▁' (spm.py)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-{c[1]}-{len(c[2])}" for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(i, marks=_SPM_DRIFT if c[0] == "mistral" else ()) for i, c in enumerate(CASES)],
+    ids=[f"{c[0]}-{c[1]}-{len(c[2])}" for c in CASES],
+)
 def test_train_examples_equal_llamafactory(case, lf_examples, tiny_model, tmp_path) -> None:
     from exporter import examples
 

@@ -154,6 +154,7 @@ def test_gguf_bos_changed(tiny_model, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from exporter import gguf, templates
+    from exporter.verify.artifacts import gen_eos
     from exporter.verify.stops import check_stops, eot_ids
 
     model = tiny_model("llama3")
@@ -163,8 +164,9 @@ def test_gguf_bos_changed(tiny_model, tmp_path: Path) -> None:
     other = tok.convert_tokens_to_ids("<|reserved_special_token_0|>")
     bad = rewrite_gguf(res.files["f16"], tmp_path / "bad.gguf", kv={"tokenizer.ggml.bos_token_id": other})
     eot = eot_ids(tok, tpl, [])
-    (good_check,) = check_stops(eot, None, [V.read_gguf(res.files["f16"])], [], tok, [])
-    (bad_check,) = check_stops(eot, None, [V.read_gguf(bad)], [], tok, [])
+    stops = gen_eos(model) or []  # generation_config's eos ids are EOG in the GGUF too
+    (good_check,) = check_stops(eot, None, [V.read_gguf(res.files["f16"])], [], tok, stops)
+    (bad_check,) = check_stops(eot, None, [V.read_gguf(bad)], [], tok, stops)
     assert good_check.status == "pass", good_check.detail
     assert bad_check.status == "fail"
     assert f"bos id is '<|reserved_special_token_0|>' ({other}), the HF tokenizer's is '<|begin_of_text|>'" in (
