@@ -58,8 +58,14 @@ def _type(driver: Any, elem_id: str, value: str) -> None:
 
 
 def _choose(driver: Any, elem_id: str, option: str) -> None:
-    """Pick `option` in a Gradio dropdown (single or multiselect)."""
-    _find(driver, f"#{elem_id} input").click()
+    """Pick `option` in a Gradio dropdown (single or multiselect); while Gradio refreshes its choices (after the
+    data dir changed) a pending spinner covers it, so the click is retried until it lands."""
+
+    def click(d: Any) -> bool:
+        _find(d, f"#{elem_id} input").click()
+        return True
+
+    _wait(driver, f"#{elem_id} to take a click", click, 20)
     _wait(driver, f"option {option!r} of #{elem_id}",
           lambda d: next((li for li in d.find_elements("css selector", "li[role=option]")
                           if li.get_attribute("aria-label") == option), None), 20).click()  # fmt: skip
