@@ -263,5 +263,3 @@ def _wire(board: Any, c: dict[str, Any], buttons: tuple, outputs: list[Any]) -> 
     predict_btn.click(on_predict, [*head, *(c[k] for k in PREDICT_FORM)], outputs, api_name="eval_predict")
     bench_btn.click(on_bench, [*head, *(c[k] for k in EVAL_FORM)], outputs, api_name="eval_bench")
     stop_btn.click(on_stop, [top["lang"]], [outputs[1]], api_name="eval_stop", concurrency_limit=None)
-    top["dataset_dir"].change(lambda d: gr.update(choices=_datasets(d)), [top["dataset_dir"]], [c["dataset"]],
-                              api_visibility="private", trigger_mode="always_last")  # fmt: skip
