@@ -544,6 +544,7 @@ def chat_template(
         return ChatTemplate(**common, description="the model's own Jinja; no Ollama TEMPLATE", ollama="", stop=stop,
                             eot_tokens=[], default_system=None, format=fmt, notes=(note, *near))  # fmt: skip
     names, gos, systems, stops, tie_ok = ["derived"], [d.ollama], [d.default_system], [d.stop], [False]
+    fam_notes: list[tuple[str, ...]] = [()]
     own_tools = tool_probe(jinja, bos, eos)
     for name in list_templates():
         try:
@@ -551,6 +552,7 @@ def chat_template(
         except UserError:  # a base format that needs an eos token this tokenizer lacks
             continue
         names.append(name), gos.append(fam.ollama), systems.append(fam.default_system), stops.append(fam.stop)
+        fam_notes.append(fam.notes)
         theirs = tool_probe(fam.jinja, bos, eos) if own_tools is not None else None
         tie_ok.append(own_tools is None or "".join((theirs or "").split()) == "".join(own_tools.split()))
     notes, same, differ, pick = [], [], [], 0
@@ -572,6 +574,7 @@ def chat_template(
         same_tools = f"tool calls: in family {names[pick]}'s format, the Jinja's up to whitespace"
         no_tools = "tool definitions, calls and results are not translated: the Go TEMPLATE renders none"
         notes.append(same_tools if pick and tie_ok[pick] else no_tools)
+        notes += fam_notes[pick] if pick and tie_ok[pick] else ()
     shown = "\n".join(notes)
     notes = [head, *notes, *(n for n in d.notes if n not in shown), *near]
     fmt = {"kind": "jinja", "close": d.layout.close, "after_answer": d.layout.assistant[1], "extra": d.extra,

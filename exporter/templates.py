@@ -92,7 +92,7 @@ class ChatTemplate:
 
 
 _REQUIRED = ("name", "description", "jinja", "ollama", "stop", "eot_tokens", "format")
-_OPTIONAL = {"default_system": None, "bos_token": None, "eos_token": None, "tools": False}
+_OPTIONAL = {"default_system": None, "bos_token": None, "eos_token": None, "tools": False, "notes": ()}
 
 
 def _family_files() -> dict[str, Any]:
@@ -123,6 +123,7 @@ def _parse(name: str, text: str, where: str) -> ChatTemplate:
     values = {**_OPTIONAL, **data}
     values["stop"] = [str(s) for s in values["stop"]]
     values["eot_tokens"] = [str(s) for s in values["eot_tokens"]]
+    values["notes"] = tuple(str(n) for n in values["notes"] or ())
     return ChatTemplate(**values)
 
 
@@ -386,6 +387,8 @@ def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTempl
     best: tuple[float, str, int, str, str] | None = None
     for name in list_templates():
         tpl = load_template(name)
+        if tpl.kind == "jinja":  # a published Jinja with a hand-written Go TEMPLATE: derive picks it by rendering
+            continue
         diff = None
         score = 0.0
         for k, ref in refs:
