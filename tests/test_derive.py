@@ -291,7 +291,7 @@ def test_every_published_template_exports(tiny_model, tmp_path: Path, capsys) ->
     base = tiny_model("qwen2")
     adapter = _adapter(base, tmp_path / "adapter")
     rows, counts = [], {"templates": 0, "converted": 0, "verbatim": 0, "template": 0, "all plain shapes": 0}
-    counts |= {s: 0 for s in PLAIN}
+    counts |= {s: 0 for s in PLAIN} | {"tool calls": 0}
     for name, jinja in _published().items():
         counts["templates"] += 1
         model = with_template(base, jinja, tmp_path / name)
@@ -336,19 +336,25 @@ def test_every_published_template_exports(tiny_model, tmp_path: Path, capsys) ->
                     assert shape in stated, f"{name}: {shape} differs in Go and the Modelfile does not say so"
                     cells[shape] = "differs"
             counts["all plain shapes"] += all(cells[s] in ("=", "refused") for s in PLAIN)
-        go = next((m.group(1) for ln in header if (m := re.search(r"Ollama TEMPLATE (derived|of family \w+)", ln))),
+        go = next((m.group(1) for ln in header if (m := re.search(r"Ollama TEMPLATE (derived|of family [\w.-]+)", ln))),
                   "none")  # fmt: skip
-        rows.append((name, go, *(cells[s] for s in PLAIN)))
+        # tool definitions, calls and results: translated in a family's format (its notes say what differs) or not
+        tools = next((m.group(1) for ln in header if (m := re.search(r"tool calls: in family ([\w.-]+)'s", ln))),
+                     "no" if any("are not translated" in ln for ln in header) else "-")  # fmt: skip
+        counts["tool calls"] += tools not in ("no", "-")
+        rows.append((name, go, *(cells[s] for s in PLAIN), tools))
         shutil.rmtree(tmp_path / f"{name}-gguf")
         shutil.rmtree(merged)
     with capsys.disabled():
         width = max(len(r[0]) for r in rows)
-        print(f"\n{'template':{width}}  {'Ollama TEMPLATE':28}  " + "  ".join(f"{s:17}" for s in PLAIN))
+        print(f"\n{'template':{width}}  {'Ollama TEMPLATE':28}  " + "  ".join(f"{s:17}" for s in (*PLAIN, "tool calls")))
         for r in rows:
             print(f"{r[0]:{width}}  {r[1][:28]:28}  " + "  ".join(f"{c:17}" for c in r[2:]))
         print(", ".join(f"{k}: {v}" for k, v in counts.items()))
     assert counts["templates"] >= 70 and counts["converted"] == counts["verbatim"] == counts["templates"]
     assert counts["all plain shapes"] >= 60  # measured: see the README; a drop is a regression
+    tools = {r[0]: r[-1] for r in rows}
+    assert (tools["GLM-4.6"], tools["ibm-granite-granite-3.3-2B-Instruct"]) == ("glm-4.6", "granite-3")
 
 
 @pytest.mark.slow
