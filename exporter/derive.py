@@ -574,7 +574,7 @@ def chat_template(
         same_tools = f"tool calls: in family {names[pick]}'s format, the Jinja's up to whitespace"
         no_tools = "tool definitions, calls and results are not translated: the Go TEMPLATE renders none"
         notes.append(same_tools if pick and tie_ok[pick] else no_tools)
-        notes += fam_notes[pick] if pick and tie_ok[pick] else ()
+    notes += fam_notes[pick] if pick and tie_ok[pick] else ()  # what the family's Go TEMPLATE prints otherwise
     shown = "\n".join(notes)
     notes = [head, *notes, *(n for n in d.notes if n not in shown), *near]
     fmt = {"kind": "jinja", "close": d.layout.close, "after_answer": d.layout.assistant[1], "extra": d.extra,

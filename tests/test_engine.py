@@ -322,6 +322,31 @@ def test_glm_and_granite_tool_calls_parse_into_openai_calls() -> None:
     assert parse_tool_calls(glm.tools, "Just text.") == ("Just text.", [])
 
 
+def test_arg_key_tool_calls_round_trip_through_published_templates() -> None:
+    """Every published template that writes GLM-style `<arg_key>` calls (GLM-4.6/4.7, Spark, Ling, Laguna): a call
+    rendered by its own Jinja parses back to the same call."""
+    import json
+
+    from conftest import llama_src
+
+    root = llama_src() / "vendor" / "llama.cpp" / "models" / "templates"
+    published = {p.stem: p.read_text(encoding="utf-8") for p in sorted(root.glob("*.jinja"))}
+    args = {"city": "Paris", "days": 2, "metric": True}
+    call = {"id": "c1", "type": "function", "function": {"name": "forecast", "arguments": args}}
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    checked = []
+    for name, jinja in published.items():
+        fmt = ChatFormat(jinja, {"bos_token": "", "eos_token": "</s>"})
+        if fmt.tools is None or fmt.tools.name != "glm":
+            continue
+        head = fmt.render(conv[:1], add_generation_prompt=True)
+        _, calls = parse_tool_calls(fmt.tools, fmt.render(conv, add_generation_prompt=False)[len(head) :])
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+            ("forecast", args)], name  # fmt: skip
+        checked.append(name)
+    assert "GLM-4.6" in checked and len(checked) >= 5, checked
+
+
 def test_vllm_missing_is_one_clear_error(models, monkeypatch) -> None:
     import builtins
 
