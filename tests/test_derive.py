@@ -109,6 +109,19 @@ def test_system_placement(name: str, mode: str) -> None:
         assert lay.gen.endswith("<think>\n</think>") or lay.gen.endswith("<think>\n")
 
 
+def test_glm_46_tool_turns_train_and_stop_on_observation() -> None:
+    """GLM-4.6 (derived, Go TEMPLATE of family glm-4.6): an answer that calls a tool ends with <|observation|>, which
+    is trained, an end-of-turn token and a stop, as <|user|> is for plain answers."""
+    from exporter.templates import _TOOL, TOOL_PROBE
+
+    tpl = detect_template_text(_published()["GLM-4.6"], "", "<|endoftext|>")
+    assert tpl.name == "derived" and tpl.format["go"] == "glm-4.6"
+    assert {"<|user|>", "<|observation|>"} <= set(tpl.eot_tokens) & set(tpl.stop)
+    trained = [t for t, tr in render_segments(tpl, TOOL_PROBE, tools=[_TOOL], eos_token="<|endoftext|>") if tr]
+    assert trained == ["\n<think></think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+                       "</tool_call><|observation|>", "\n<think></think>\nIt is 21 C and sunny.<|user|>"]  # fmt: skip
+
+
 def test_template_that_fails_everywhere_is_stated_not_raised() -> None:
     tpl = detect_template_text("{{ raise_exception('no') }}", "", "</s>")
     assert tpl.name == "derived" and tpl.ollama == "" and tpl.stop == ["</s>"]
