@@ -577,10 +577,11 @@ def chat_template(
     own = fams[pick] if pick and tie_ok[pick] else None
     notes += own.notes if own else ()  # what the family's Go TEMPLATE prints otherwise
     # a family carrying this very Jinja (kind jinja) knows its tool turns: answers that end in a call close with
-    # the token before the tool results (GLM's <|observation|>), trained and stopped on like the others
+    # the token before the tool results (GLM's <|observation|>), trained, and an end-of-turn token where the
+    # tokenizer has it
     mine = own.format if own and own.kind == "jinja" else {}
     closers = list(dict.fromkeys([*d.layout.closers, *mine.get("closers", ())]))
-    eot = list(dict.fromkeys([*d.eot_tokens, *(own.eot_tokens if mine else ())]))
+    eot = list(dict.fromkeys([*d.eot_tokens, *(t for t in (own.eot_tokens if mine else ()) if t in (markers or ()))]))
     shown = "\n".join(notes)
     notes = [head, *notes, *(n for n in d.notes if n not in shown), *near]
     fmt = {"kind": "jinja", "close": d.layout.close, "after_answer": d.layout.assistant[1], "extra": d.extra,

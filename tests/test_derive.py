@@ -114,9 +114,12 @@ def test_glm_46_tool_turns_train_and_stop_on_observation() -> None:
     is trained, an end-of-turn token and a stop, as <|user|> is for plain answers."""
     from exporter.templates import _TOOL, TOOL_PROBE
 
-    tpl = detect_template_text(_published()["GLM-4.6"], "", "<|endoftext|>")
+    jinja, markers = _published()["GLM-4.6"], ["<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>"]
+    tpl = detect_template_text(jinja, "", "<|endoftext|>", markers)
     assert tpl.name == "derived" and tpl.format["go"] == "glm-4.6"
     assert {"<|user|>", "<|observation|>"} <= set(tpl.eot_tokens) & set(tpl.stop)
+    lacking = detect_template_text(jinja, "", "<|endoftext|>", markers[:2])  # a tokenizer without <|observation|>
+    assert "<|observation|>" not in lacking.eot_tokens and "<|observation|>" in lacking.stop
     trained = [t for t, tr in render_segments(tpl, TOOL_PROBE, tools=[_TOOL], eos_token="<|endoftext|>") if tr]
     assert trained == ["\n<think></think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
                        "</tool_call><|observation|>", "\n<think></think>\nIt is 21 C and sunny.<|user|>"]  # fmt: skip

@@ -719,7 +719,8 @@ def test_detect_every_family_detects_itself() -> None:
         got = detect_template_text(tpl.jinja, tpl.bos_token or "", tpl.eos_token or "")
         if tpl.kind == "jinja":  # a published Jinja: derived from, with this family's Go TEMPLATE picked by rendering
             assert (got.name, got.format["go"], got.ollama) == ("derived", family, tpl.ollama), got.notes
-            assert all(n in got.notes for n in tpl.notes) and any("tool calls: in family" in n for n in got.notes)
+            assert all(n in got.notes for n in tpl.notes)
+            assert any(f"tool calls: in family {family}'s format" in n for n in got.notes) == tpl.tools
         else:
             assert got.name == family
 
