@@ -121,8 +121,8 @@ def test_glm_46_tool_turns_train_and_stop_on_observation() -> None:
     lacking = detect_template_text(jinja, "", "<|endoftext|>", markers[:2])  # a tokenizer without <|observation|>
     assert "<|observation|>" not in lacking.eot_tokens and "<|observation|>" in lacking.stop
     trained = [t for t, tr in render_segments(tpl, TOOL_PROBE, tools=[_TOOL], eos_token="<|endoftext|>") if tr]
-    assert trained == ["\n<think></think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
-                       "</tool_call><|observation|>", "\n<think></think>\nIt is 21 C and sunny.<|user|>"]  # fmt: skip
+    call = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>"
+    assert trained == [f"\n<think></think>\n{call}<|observation|>", "\n<think></think>\nIt is 21 C and sunny.<|user|>"]
 
 
 def test_template_that_fails_everywhere_is_stated_not_raised() -> None:
@@ -363,7 +363,8 @@ def test_every_published_template_exports(tiny_model, tmp_path: Path, capsys) ->
         shutil.rmtree(merged)
     with capsys.disabled():
         width = max(len(r[0]) for r in rows)
-        print(f"\n{'template':{width}}  {'Ollama TEMPLATE':28}  " + "  ".join(f"{s:17}" for s in (*PLAIN, "tool calls")))
+        columns = (*PLAIN, "tool calls")
+        print(f"\n{'template':{width}}  {'Ollama TEMPLATE':28}  " + "  ".join(f"{s:17}" for s in columns))
         for r in rows:
             print(f"{r[0]:{width}}  {r[1][:28]:28}  " + "  ".join(f"{c:17}" for c in r[2:]))
         print(", ".join(f"{k}: {v}" for k, v in counts.items()))

@@ -73,8 +73,10 @@ def test_tool_calls_and_tools_print_as_ollama_does() -> None:
 def test_tool_call_arguments_range_like_ollama() -> None:
     """Templates range over a call's arguments (a map in Ollama's templates: sorted keys, values as decoded JSON)."""
     call = {"function": {"name": "f", "arguments": {"z": "s", "a": 2, "m": [1, "x"]}}}
-    tpl = ('{{ range .Messages }}{{ range .ToolCalls }}{{ range $k, $v := .Function.Arguments }}{{ $k }}='
-           '{{ if eq (printf "%T" $v) "string" }}{{ $v }}{{ else }}{{ json $v }}{{ end }};{{ end }}{{ end }}{{ end }}')
+    tpl = (
+        "{{ range .Messages }}{{ range .ToolCalls }}{{ range $k, $v := .Function.Arguments }}{{ $k }}="
+        '{{ if eq (printf "%T" $v) "string" }}{{ $v }}{{ else }}{{ json $v }}{{ end }};{{ end }}{{ end }}{{ end }}'
+    )
     out = render_go(tpl, ollama_data([{"role": "assistant", "content": "", "tool_calls": [call]}]))
     assert out == 'a=2;m=[1,"x"];z=s;'
 

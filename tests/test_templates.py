@@ -166,6 +166,8 @@ def _go_expected(family: str, text: str, tools: list[dict] | None) -> str:
         if tools:
             text = text.replace(json.dumps(tools, indent=4), compact(tools))
     return text
+
+
 REASONING = [  # qwen3: explicit reasoning_content and inline <think> blocks
     {"role": "user", "content": "2+2?"},
     {"role": "assistant", "content": "4", "reasoning_content": "Add two and two."},
