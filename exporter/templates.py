@@ -11,7 +11,9 @@ Jinja (BOS as text, tokenized with `add_special_tokens=False`), so the ids carry
 The model's own template is the truth: `resolve(model_dir, None)` keeps the model's Jinja (exported byte for byte)
 and names the family whose Jinja renders every probe exactly like it; when none does, `exporter.derive` derives the
 Go TEMPLATE, stops, end-of-turn tokens and default system from the Jinja itself and training follows the Jinja
-(`exporter.jinja_segments`). A template problem never raises there; it becomes `notes`.
+(`exporter.jinja_segments`). A template problem never raises there; it becomes `notes`. A family whose `format` is
+`{kind: jinja}` carries a published Jinja as it is with a hand-written Go TEMPLATE (tools included) and `notes` on what
+Go prints otherwise: detection never names it; derive picks its TEMPLATE by rendering.
 
 Protocol: anything train, verify and calibration encode with is a `ChatTemplate`: `jinja` (what is exported),
 `ollama` (Modelfile TEMPLATE, "" for none), `stop`, `eot_tokens`, `default_system`, and either a `format` the
