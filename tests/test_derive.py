@@ -154,6 +154,7 @@ TRAIN_TEMPLATES = [
     "Apertus-8B-Instruct",  # leaves the final answer open
     "GLM-4.6",  # answers end with the next role token
     "ibm-granite-granite-3.3-2B-Instruct",
+    "HuggingFaceTB-SmolLM3-3B",  # metadata system header, reasoning modes
 ]
 
 
