@@ -36,7 +36,35 @@ from exporter.templates import (
 ALL = list_templates()
 FIXTURE_OF = {TEMPLATE_OF[f]: f for f in DENSE}  # template family -> fixture family carrying its Jinja
 
+# tool definitions as callers write them (OpenAI style: `properties` before `required`, parameter names unsorted)
 TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "unit": {"type": "string", "enum": ["c", "f"], "description": "c or f"},
+                    "city": {"type": "string", "description": "City name"},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Local time",
+            "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
+        },
+    },
+]
+# ... and as Ollama's TEMPLATE sees them (api/types.go Tool structs, template/template.go templateTool): struct field
+# order, parameter names sorted; what the tool families' notes state ("tool definitions: Ollama decodes them ...")
+TOOLS_AS_OLLAMA = [
     {
         "type": "function",
         "function": {
@@ -52,14 +80,7 @@ TOOLS = [
             },
         },
     },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_time",
-            "description": "Local time",
-            "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
-        },
-    },
+    TOOLS[1],
 ]
 
 SYS = {"role": "system", "content": "You are a helpful assistant. 请简洁回答。"}
@@ -157,6 +178,16 @@ def _go_expected(family: str, text: str, tools: list[dict] | None) -> str:
     import datetime
 
     compact = lambda x: json.dumps(x, ensure_ascii=False, separators=(",", ":"))  # noqa: E731
+    if tools and any(n.startswith("tool definitions: Ollama decodes") for n in tpl_for(family).notes):
+        assert tools == TOOLS
+        spaced = lambda x: json.dumps(x, ensure_ascii=False)  # noqa: E731
+        indented = lambda x: json.dumps(x, ensure_ascii=False, indent=4)  # noqa: E731
+        params = lambda ts: [t["function"]["parameters"] for t in ts]  # noqa: E731
+        pairs = [(TOOLS, TOOLS_AS_OLLAMA), *zip(TOOLS, TOOLS_AS_OLLAMA), *zip(params(TOOLS), params(TOOLS_AS_OLLAMA))]
+        for dump in (compact, spaced, indented):
+            for given, seen in pairs:
+                text = text.replace(dump(given), dump(seen))
+        tools = TOOLS_AS_OLLAMA
     if family == "glm-4.6":
         for tool in tools or []:
             text = text.replace(json.dumps(tool, ensure_ascii=False), compact(tool))
