@@ -54,9 +54,8 @@ def test_tool_calls_and_tools_print_as_ollama_does() -> None:
         {"role": "assistant", "tool_calls": [{"id": "x1", "function": {"name": "f", "arguments": args}}]},
         {"role": "tool", "content": "r", "tool_call_id": "x1", "name": "f"},
     ]
-    tools = [
-        {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}}
-    ]
+    params = {"type": "object", "properties": {}}
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": params}}]
     tpl = (
         "{{ range .Messages }}{{ range $i, $c := .ToolCalls }}{{ $i }}:{{ .ID }}:{{ .Function.Name }}:"
         '{{ .Function.Arguments }}{{ end }}{{ if eq .Role "tool" }}<{{ .ToolCallID }}|{{ .ToolName }}>{{ end }}'
@@ -123,7 +122,8 @@ def test_tools_print_in_ollamas_struct_order() -> None:
     tpl = (
         "{{ .Tools }}|{{ json .Tools }}|{{ range .Tools }}{{ . }};{{ end }}|"
         "{{ range .Tools }}{{ json .Function.Parameters }};{{ end }}|"
-        "{{ range .Tools }}{{ range $k, $v := .Function.Parameters.Properties }}{{ $k }}={{ $v.Type }},{{ end }};{{ end }}"
+        "{{ range .Tools }}{{ range $k, $v := .Function.Parameters.Properties }}{{ $k }}={{ $v.Type }},{{ end }};"
+        "{{ end }}"
     )
     out = render_go(tpl, ollama_data([{"role": "user", "content": "q"}], CALLER_TOOLS))
     listed = f"[{OLLAMA_WEATHER},{OLLAMA_PING}]"

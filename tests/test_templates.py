@@ -183,7 +183,11 @@ def _go_expected(family: str, text: str, tools: list[dict] | None) -> str:
         spaced = lambda x: json.dumps(x, ensure_ascii=False)  # noqa: E731
         indented = lambda x: json.dumps(x, ensure_ascii=False, indent=4)  # noqa: E731
         params = lambda ts: [t["function"]["parameters"] for t in ts]  # noqa: E731
-        pairs = [(TOOLS, TOOLS_AS_OLLAMA), *zip(TOOLS, TOOLS_AS_OLLAMA), *zip(params(TOOLS), params(TOOLS_AS_OLLAMA))]
+        pairs = [
+            (TOOLS, TOOLS_AS_OLLAMA),
+            *zip(TOOLS, TOOLS_AS_OLLAMA, strict=True),
+            *zip(params(TOOLS), params(TOOLS_AS_OLLAMA), strict=True),
+        ]
         for dump in (compact, spaced, indented):
             for given, seen in pairs:
                 text = text.replace(dump(given), dump(seen))
