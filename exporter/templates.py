@@ -433,7 +433,8 @@ def detect_template_text(
     if family is not None:
         note = (f"chat template: the model's own Jinja, which renders every probe exactly like family {family.name!r}; "
                 f"Ollama TEMPLATE of family {family.name}")  # fmt: skip
-        return dataclasses.replace(family.for_tokenizer(bos or None, eos or None), jinja=template, notes=(note,))
+        return dataclasses.replace(family.for_tokenizer(bos or None, eos or None), jinja=template,
+                                   notes=(note, *family.notes))  # fmt: skip
     from exporter.derive import chat_template
 
     return chat_template(template, bos, eos, markers, eos_tokens or [], nearest)

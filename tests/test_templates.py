@@ -760,6 +760,7 @@ def test_detect_every_family_detects_itself() -> None:
             assert any(f"tool calls: in family {family}'s format" in n for n in got.notes) == tpl.tools
         else:
             assert got.name == family
+            assert all(n in got.notes for n in tpl.notes)  # what its Go TEMPLATE prints otherwise (tool order)
 
 
 # ---------------------------------------------------------------------------------------------------------------
