@@ -199,7 +199,8 @@ def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResul
     """Generate an answer for every sample of `eval_dataset`, score them as LF does, write LF's files."""
     from exporter import data, metrics
     from exporter.engine import load
-    from exporter.evaluate import engine_options, progress, say_no_effect
+    from exporter.evaluate import engine_options, say_no_effect
+    from exporter.progress import progress
 
     check(opts)
     say_no_effect(NO_EFFECT, given or set())
@@ -215,11 +216,10 @@ def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResul
             print(f"note: {cut} sample(s) cut to cutoff_len={opts.cutoff_len} as LLaMA-Factory cuts them",
                   file=sys.stderr)  # fmt: skip
         start = time.perf_counter()
-        with progress("predict", "samples") as bar:
-            task = bar.add_task("predict", total=len(examples))
+        with progress("predict", "samples", len(examples)) as advance:
             done = eng.generate(
                 [e.prompt_ids for e in examples], [sampling(opts, _max_new(opts, e)) for e in examples],
-                progress=lambda i, c: bar.advance(task),
+                progress=lambda i, c: advance(),
             )  # fmt: skip
         answers = [_answer_ids(c, eng.stop_ids) for c in done]
         preds = [eng.decode(a, True) for a in answers]

@@ -9,8 +9,9 @@ from typing import Any
 from exporter.diff import first_diff
 from exporter.engine import LoadOptions, Sampling, from_hf_model, load
 from exporter.errors import UserError
+from exporter.progress import progress
 from exporter.verify.artifacts import GGUFInfo
-from exporter.verify.report import Check, progress
+from exporter.verify.report import Check
 from exporter.verify.template import render
 
 FULL_PRECISION = ("f32", "f16", "bf16")
@@ -91,7 +92,7 @@ def check_chat(
     ]
     checks: list[Check] = []
     ctx = max(len(p) for p in prompt_ids) + max_new + 8
-    with progress(len(prompts) * (1 + len(infos)), "chat") as step:
+    with progress("chat", "", len(prompts) * (1 + len(infos)), transient=True) as step:
         ref = []
         with from_hf_model(hf_model, tok, LoadOptions("merged", max_seqs=1)) as hf:
             for ids in prompt_ids:
