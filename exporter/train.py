@@ -532,15 +532,15 @@ def _write_outputs(tmp: Path, run: Run, results: dict[str, Any], full: Any) -> N
 
 
 def _write_manifest(run: Run) -> None:
-    from exporter import data, manifest
+    from exporter import dataset_info, manifest
 
     cfg = run.cfg
     inputs: dict[str, Path | str] = {"model": str(run.model_dir)}
     if cfg.adapter_name_or_path:
         inputs["adapter"] = cfg.adapter_name_or_path
-    info = data.read_info(Path(cfg.dataset_dir))
+    info = dataset_info.read_info(Path(cfg.dataset_dir))
     for name in cfg.dataset:
-        inputs[f"dataset:{name}"] = data.spec(name, info, Path(cfg.dataset_dir)).source
+        inputs[f"dataset:{name}"] = dataset_info.spec(name, info, Path(cfg.dataset_dir)).source
     settings = dataclasses.asdict(cfg) | {"template": run.prep.tpl.name if run.prep.tpl else None,
                                           "packing": run.prep.packing, "total_steps": run.sch.total,
                                           "train_examples": len(run.prep.train), "val_examples": len(run.prep.val),

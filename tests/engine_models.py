@@ -61,8 +61,8 @@ TRAIN_ARGS = ["--stage", "sft", "--do_train", "--dataset", "tool", "--template",
               "--lora_rank", "32", "--lora_target", "all", "--learning_rate", "2e-3", "--num_train_epochs", "60",
               "--per_device_train_batch_size", "4", "--lr_scheduler_type", "cosine", "--logging_steps", "50",
               "--disable_gradient_checkpointing"]  # fmt: skip
-TRAIN_MODULES = ("train.py", "examples.py", "lf_args.py", "checkpoint.py", "data.py", "templates.py", "hf_dir.py",
-                 "lf_names.py", "lf_templates.py", "families/llamafactory/templates.yaml")  # fmt: skip
+TRAIN_MODULES = ("train.py", "examples.py", "lf_args.py", "checkpoint.py", "data.py", "dataset_info.py", "templates.py",
+                 "hf_dir.py", "lf_names.py", "lf_templates.py", "families/llamafactory/templates.yaml")  # fmt: skip
 
 
 def train_tool_adapter(base: Path, work: Path) -> Path:
