@@ -198,7 +198,7 @@ def _write_outputs(out: Path, examples: list[Example], eng: Any, preds: list[str
 def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResult:
     """Generate an answer for every sample of `eval_dataset`, score them as LF does, write LF's files."""
     from exporter import data, metrics
-    from exporter.engine import load
+    from exporter.engine import EngineError, load
     from exporter.evaluate import engine_options, say_no_effect
     from exporter.progress import progress
 
@@ -217,10 +217,14 @@ def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResul
                   file=sys.stderr)  # fmt: skip
         start = time.perf_counter()
         with progress("predict", "samples", len(examples)) as advance:
-            done = eng.generate(
-                [e.prompt_ids for e in examples], [sampling(opts, _max_new(opts, e)) for e in examples],
-                progress=lambda i, c: advance(),
-            )  # fmt: skip
+            try:
+                done = eng.generate(
+                    [e.prompt_ids for e in examples], [sampling(opts, _max_new(opts, e)) for e in examples],
+                    progress=lambda i, c: advance(),
+                )  # fmt: skip
+            except EngineError as e:  # NaN logits, a failed forward: one line naming the sample, nothing written
+                where = examples[e.index].where if e.index is not None else opts.eval_dataset
+                raise UserError(f"{where}: {e}") from None
         answers = [_answer_ids(c, eng.stop_ids) for c in done]
         preds = [eng.decode(a, True) for a in answers]
         labels = [e.label for e in examples]

@@ -874,6 +874,23 @@ def test_verify_non_finite_numbers_never_pass(llama: Path, tmp_path: Path, capsy
                  "verify", "--merged", llama, "--ppl-threshold", spec)  # fmt: skip
 
 
+def test_verify_chat_check_of_nan_logits_fails_naming_the_prompt(llama: Path, tmp_path: Path, capsys) -> None:
+    """The chat check on a merged model whose logits are NaN stops at the first answer token and fails naming the
+    prompt (not an answer of garbage tokens compared with the GGUF's)."""
+    require_llama_cpp()
+    code, err = _cli(capsys, "gguf", llama, "-t", "f16", "--out", tmp_path / "g")
+    assert code == 0, err
+    bad = _copy(llama, tmp_path / "nan")
+    _poke(bad, "layers.0.mlp.down_proj.weight", float("nan"))
+    report = tmp_path / "report.json"
+    code, err = _cli(capsys, "verify", "--merged", bad, "--gguf", next((tmp_path / "g").glob("*.gguf")), "--prompts",
+                     "1", "--max-new-tokens", "2", "--ctx", "32", "--max-windows", "1", "--report", report)  # fmt: skip
+    assert code == 1 and "Traceback" not in err, err
+    (chat,) = [c for c in json.loads(report.read_text())["checks"] if c["check"] == "chat"]
+    assert chat["status"] == "fail" and chat["target"] == "merged", chat
+    assert chat["detail"].startswith("prompt 1: the model's logits are not finite (nan) at answer token 1:"), chat
+
+
 # ---------------------------------------------------------------------------------------------------- chat, serve
 
 
