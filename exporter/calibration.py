@@ -75,12 +75,12 @@ def _dataset_conversations(
 def _text_file_sequences(path: Path, tokenizer: Any, rejected: Counter) -> tuple[list[list[int]], int]:
     """Raw `text` rows of a JSON/JSONL/CSV/Parquet file (LLaMA-Factory's export_quantization_dataset, e.g. its
     c4_demo.jsonl), tokenized as plain text with the tokenizer's own special tokens; (sequences, rows read)."""
-    from exporter import data
+    from exporter import data, dataset_info
 
     info = {path.name: {"file_name": path.name, "columns": {"prompt": "text"}}}
-    sp = data.spec(path.name, info, path.parent)
+    sp = dataset_info.spec(path.name, info, path.parent)
     drops = data.Drops()
-    samples = data.convert(sp, data.read_rows(sp), "pt", {}, drops)
+    samples = data.convert(sp, dataset_info.read_rows(sp), "pt", {}, drops)
     for reason, n in drops.counts.items():
         rejected[f"dataset: {reason}"] += n
     return [tokenizer(s.text)["input_ids"] for s in samples], len(samples) + sum(drops.counts.values())

@@ -187,9 +187,9 @@ def chat(opts: ChatOptions) -> None:
                     out.write(d.text)
                     out.flush()
                     answer.append(d.text)
-            except EngineError as e:
+            except EngineError as e:  # e.g. NaN logits: this answer stops, the chat goes on
                 history.pop()
-                out.write(f"\n[error: {e}]\n")
+                out.write(("\n" if any(answer) else "") + f"[error: {e}]\n")
                 continue
             except KeyboardInterrupt:  # Ctrl-C stops this answer (its slot is freed), not the chat
                 history.pop()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Literal
 
 from exporter import benchmarks
 from exporter.errors import UserError
+from exporter.progress import progress
 
 # keys of LF's eval YAML that change nothing here, and why (said once when given)
 NO_EFFECT = {
@@ -194,25 +194,6 @@ def _write(save_dir: Path, result: EvalResult, opts: EvalOptions) -> None:
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def progress(what: str, unit: str) -> Any:
-    """A rich progress bar on stderr with ETA (EXPORTER_NO_PROGRESS=1 turns it off)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=False, disable=os.environ.get("EXPORTER_NO_PROGRESS") == "1",
-    )  # fmt: skip
-
-
 def evaluate(opts: EvalOptions, given: set[str] | None = None) -> EvalResult:
     """Score `opts.task` on the model; write LF's results.json/results.log (+ scores.json) into save_dir."""
     from exporter.engine import load
@@ -224,10 +205,8 @@ def evaluate(opts: EvalOptions, given: set[str] | None = None) -> EvalResult:
     with load(engine_options(opts, max_seqs=opts.batch_size, template=None if fewshot else opts.template)) as eng:
         prompts = build_prompts(opts, subjects, eng.tokenize, lambda m: eng.encode_chat(m))
         start = time.perf_counter()
-        with progress(f"eval {opts.task}", "questions") as bar:
-            task = bar.add_task("eval", total=len(prompts))
-            answers = answer(eng, [ids for _, _, ids in prompts], choice_ids(eng.tokenize), opts.batch_size,
-                             lambda n: bar.advance(task, n))  # fmt: skip
+        with progress(f"eval {opts.task}", "questions", len(prompts)) as advance:
+            answers = answer(eng, [ids for _, _, ids in prompts], choice_ids(eng.tokenize), opts.batch_size, advance)
         runtime = time.perf_counter() - start
     categories, scores, given_answers = summarize(subjects, prompts, answers)
     save = Path(opts.save_dir) if opts.save_dir else None

@@ -183,10 +183,10 @@ def _fingerprint(path: Path) -> list[Any]:
 def _data_files(tcfg: Any) -> list[Path]:
     """The local dataset files the train stage reads (from dataset_info.json, inside dataset_dir), for hashing and
     for verify."""
-    from exporter import data
+    from exporter import dataset_info
 
-    info = data.read_info(Path(tcfg.dataset_dir))
-    specs = [data.spec(n, info, Path(tcfg.dataset_dir)) for n in tcfg.dataset]
+    info = dataset_info.read_info(Path(tcfg.dataset_dir))
+    specs = [dataset_info.spec(n, info, Path(tcfg.dataset_dir)) for n in tcfg.dataset]
     return [Path(sp.source) for sp in specs if sp.load_from == "file" and Path(sp.source).exists()]
 
 

@@ -198,8 +198,9 @@ def _write_outputs(out: Path, examples: list[Example], eng: Any, preds: list[str
 def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResult:
     """Generate an answer for every sample of `eval_dataset`, score them as LF does, write LF's files."""
     from exporter import data, metrics
-    from exporter.engine import load
-    from exporter.evaluate import engine_options, progress, say_no_effect
+    from exporter.engine import EngineError, load
+    from exporter.evaluate import engine_options, say_no_effect
+    from exporter.progress import progress
 
     check(opts)
     say_no_effect(NO_EFFECT, given or set())
@@ -215,12 +216,15 @@ def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResul
             print(f"note: {cut} sample(s) cut to cutoff_len={opts.cutoff_len} as LLaMA-Factory cuts them",
                   file=sys.stderr)  # fmt: skip
         start = time.perf_counter()
-        with progress("predict", "samples") as bar:
-            task = bar.add_task("predict", total=len(examples))
-            done = eng.generate(
-                [e.prompt_ids for e in examples], [sampling(opts, _max_new(opts, e)) for e in examples],
-                progress=lambda i, c: bar.advance(task),
-            )  # fmt: skip
+        with progress("predict", "samples", len(examples)) as advance:
+            try:
+                done = eng.generate(
+                    [e.prompt_ids for e in examples], [sampling(opts, _max_new(opts, e)) for e in examples],
+                    progress=lambda i, c: advance(),
+                )  # fmt: skip
+            except EngineError as e:  # NaN logits, a failed forward: one line naming the sample, nothing written
+                where = examples[e.index].where if e.index is not None else opts.eval_dataset
+                raise UserError(f"{where}: {e}") from None
         answers = [_answer_ids(c, eng.stop_ids) for c in done]
         preds = [eng.decode(a, True) for a in answers]
         labels = [e.label for e in examples]

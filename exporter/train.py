@@ -28,6 +28,7 @@ from exporter.distributed import Dist
 from exporter.errors import UserError
 from exporter.examples import Prepared, length, plan_epoch, to_device
 from exporter.lf_args import TrainConfig, check, config_from_dict, parse_args, say
+from exporter.progress import progress
 
 # ------------------------------------------------------------------ loss plot
 
@@ -173,25 +174,6 @@ class TrainerLog:
     def close(self) -> None:
         if self.file:
             self.file.close()
-
-
-def _progress(show: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=False,
-        disable=not show or os.environ.get("EXPORTER_NO_PROGRESS") == "1",
-    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ the loop
@@ -406,8 +388,8 @@ def _log_line(run: Run, lr: float) -> dict[str, Any]:
 def loop(run: Run, log: TrainerLog) -> None:
     """Steps until the total: log every `log_every`, evaluate as eval_strategy says, checkpoint every `save_every`."""
     st, cfg, sch = run.state, run.cfg, run.sch
-    with _progress(run.dist.main) as progress:
-        task = progress.add_task("train", total=sch.total, completed=st.global_step, loss="-")
+    with progress("train", "loss {task.fields[loss]}", sch.total, done=st.global_step, show=run.dist.main,
+                  loss="-") as advance:  # fmt: skip
         while st.global_step < sch.total:
             group = _next_group(run)
             lr = step(run, group)
@@ -419,8 +401,8 @@ def loop(run: Run, log: TrainerLog) -> None:
                 flush(run)
                 rec = _log_line(run, lr)
                 log.write(rec)
-                progress.update(task, loss=f"{rec['loss']:.4f}")
-            progress.update(task, completed=n)
+                advance(0, loss=f"{rec['loss']:.4f}")
+            advance()
             epoch_end = st.batches_done >= len(st.order or [])
             if run.prep.val and ((cfg.eval_strategy == "steps" and n % sch.eval_every == 0)
                                  or (cfg.eval_strategy == "epoch" and epoch_end)):  # fmt: skip
@@ -550,15 +532,15 @@ def _write_outputs(tmp: Path, run: Run, results: dict[str, Any], full: Any) -> N
 
 
 def _write_manifest(run: Run) -> None:
-    from exporter import data, manifest
+    from exporter import dataset_info, manifest
 
     cfg = run.cfg
     inputs: dict[str, Path | str] = {"model": str(run.model_dir)}
     if cfg.adapter_name_or_path:
         inputs["adapter"] = cfg.adapter_name_or_path
-    info = data.read_info(Path(cfg.dataset_dir))
+    info = dataset_info.read_info(Path(cfg.dataset_dir))
     for name in cfg.dataset:
-        inputs[f"dataset:{name}"] = data.spec(name, info, Path(cfg.dataset_dir)).source
+        inputs[f"dataset:{name}"] = dataset_info.spec(name, info, Path(cfg.dataset_dir)).source
     settings = dataclasses.asdict(cfg) | {"template": run.prep.tpl.name if run.prep.tpl else None,
                                           "packing": run.prep.packing, "total_steps": run.sch.total,
                                           "train_examples": len(run.prep.train), "val_examples": len(run.prep.val),
@@ -623,7 +605,6 @@ def main(argv: list[str]) -> TrainResult | Any:
     """CLI entry: parse LLaMA-Factory style arguments; train (here, or under torchrun when LF's launcher rules say
     so), then predict when do_predict is set (LF's do_predict without do_train only predicts; under torchrun, rank 0
     predicts). Returns the TrainResult, or the PredictResult when it predicted."""
-    import os
 
     from exporter import distributed, predict
 

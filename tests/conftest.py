@@ -184,6 +184,75 @@ def tiny_model() -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny(tiny_model) -> Path:
+    """The qwen2 fixture, the default model of the training tests."""
+    return tiny_model("qwen2")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models train fastest on one thread (and do not fight other processes for cores); a module asks for it
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_lora(base: Path, out: Path, dtype: object = None, **config: object) -> Path:
+    """A PEFT LoRA adapter on `base` (LoraConfig(**config)) with random non-zero B (seed 0), saved by PEFT into
+    `out`; `dtype` loads the base in that torch dtype."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, **kw), LoraConfig(**config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def pipeline_yaml(tmp: Path, base: Path, run_dir: Path, template: str | None = "qwen-2.5", **stages: dict) -> Path:
+    """`tmp/p.yaml`: the shortest pipeline run on the demo identity set (1 step, f16, a small verify); `stages`
+    update the stage sections key by key; `template=None` leaves the model's own."""
+    import yaml
+
+    cfg: dict = {
+        "base": str(base),
+        "run_dir": str(run_dir),
+        "template": template,
+        "train": {
+            "dataset": "identity",
+            "dataset_dir": str(ROOT / "data" / "demo"),
+            "identity_name": "Exa",
+            "identity_author": "Acme",
+            "max_steps": 1,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "save_steps": 1000,
+            "cutoff_len": 64,
+            "max_samples": 4,
+        },
+        "gguf": {"types": ["f16"]},
+        "verify": {"prompts": 1, "max_new_tokens": 2, "ctx": 32, "max_windows": 1},
+    }
+    if template is None:
+        del cfg["template"]
+    for k, v in stages.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    path = tmp / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tool_models(tiny_model, tmp_path_factory) -> SimpleNamespace:
     """qwen2 base + a LoRA trained to answer `engine_models.QA` and call a tool, its merge, f16 GGUF (chat, serve)."""
     require_llama_cpp()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 TOOLS = [
     {
@@ -61,8 +62,8 @@ TRAIN_ARGS = ["--stage", "sft", "--do_train", "--dataset", "tool", "--template",
               "--lora_rank", "32", "--lora_target", "all", "--learning_rate", "2e-3", "--num_train_epochs", "60",
               "--per_device_train_batch_size", "4", "--lr_scheduler_type", "cosine", "--logging_steps", "50",
               "--disable_gradient_checkpointing"]  # fmt: skip
-TRAIN_MODULES = ("train.py", "examples.py", "lf_args.py", "checkpoint.py", "data.py", "templates.py", "hf_dir.py",
-                 "lf_names.py", "lf_templates.py", "families/llamafactory/templates.yaml")  # fmt: skip
+TRAIN_MODULES = ("train.py", "examples.py", "lf_args.py", "checkpoint.py", "data.py", "dataset_info.py", "templates.py",
+                 "hf_dir.py", "lf_names.py", "lf_templates.py", "families/llamafactory/templates.yaml")  # fmt: skip
 
 
 def train_tool_adapter(base: Path, work: Path) -> Path:
@@ -137,3 +138,55 @@ def peft_answers(base: Path, lora: Path) -> dict[str, str]:
     questions = [q for q, _ in QA]
     answers = peft_greedy(base, lora, [[{"role": "user", "content": q}] for q in questions])
     return dict(zip(questions, answers, strict=True))
+
+
+POISONED = "Tell me about quokkas, wombats and zebras."  # the prompt whose logits turn NaN in `nan_token_model`
+CLEAN = ["What is 2+2?", "Say hello."]
+
+
+def nan_token_model(base: Path, out: Path, max_new_tokens: int = 32) -> list[int]:
+    """Copy `base` (untied embeddings: the llama3 fixture) to `out` with NaN embedding rows for the tokens only the
+    `POISONED` prompt holds: its logits are NaN, while the `CLEAN` prompts and their greedy answers (up to
+    `max_new_tokens`) never touch those rows. Returns the poisoned token ids."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(base, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not model.config.tie_word_embeddings, "a tied embedding would make these tokens' logits NaN everywhere"
+
+    def prompt(q: str) -> Any:
+        return tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       return_dict=True, return_tensors="pt")  # fmt: skip
+
+    used: set[int] = set()
+    for q in CLEAN:
+        g = model.generate(**prompt(q), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        used |= set(g[0].tolist())
+    bad = sorted(set(prompt(POISONED)["input_ids"][0].tolist()) - used)
+    assert bad, "the poisoned prompt shares every token with the clean ones"
+    for f in out.glob("*.safetensors"):
+        sd = load_file(f)
+        if "model.embed_tokens.weight" in sd:
+            sd["model.embed_tokens.weight"][bad] = float("nan")
+            save_file(sd, f, metadata={"format": "pt"})
+            return bad
+    raise AssertionError(f"no model.embed_tokens.weight in {out}")
+
+
+def nan_gguf_rows(path: Path, rows: list[int], tensor: str = "token_embd.weight") -> None:
+    """Write NaN into `rows` of an F16/F32 tensor of a GGUF file in place (our converter refuses NaN weights, and
+    llama.cpp loads them without a look)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path, "r+")
+    (t,) = [t for t in reader.tensors if t.name == tensor]
+    assert t.data.dtype in (np.float16, np.float32), f"{tensor} is {t.tensor_type.name}, not F16/F32"
+    t.data[rows] = np.nan
+    reader.data.flush()
+    del reader

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import MORE, ROOT, require_llama_cpp
+from conftest import MORE, pipeline_yaml, require_llama_cpp
 from safetensors import safe_open
 
 from exporter import pipeline
@@ -32,31 +31,12 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 def test_chain(family, tiny_model, tmp_path: Path) -> None:
     require_llama_cpp()
     base = tiny_model(family)
-    cfg = {
-        "base": str(base),
-        "run_dir": str(tmp_path / "run"),
-        "train": {
-            "dataset": "identity",
-            "dataset_dir": str(ROOT / "data" / "demo"),
-            "identity_name": "Exa",
-            "identity_author": "Acme",
-            "lora_target": "all",
-            "lora_rank": 8,
-            "max_steps": 2,
-            "per_device_train_batch_size": 2,
-            "learning_rate": 5e-3,
-            "logging_steps": 1,
-            "save_steps": 1000,
-            "cutoff_len": 64,
-            "max_samples": 8,
-        },  # fmt: skip
-        "gguf": {"types": ["f16"], "ollama_name": "t"},
-        # a random model's perplexity runs to 1e8: its answers sit far out in the tails, where the bf16 rounding of
-        # the merged weights moves log-probabilities more than on a real model (KL stays ~1e-9, top-1 100%)
-        "verify": {"prompts": 2, "max_new_tokens": 8, "ctx": 64, "max_windows": 2, "ppl_threshold": {"adapter": 0.01}},
-    }
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    train = {"lora_target": "all", "lora_rank": 8, "max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1,
+             "max_samples": 8}  # fmt: skip
+    # a random model's perplexity runs to 1e8: its answers sit far out in the tails, where the bf16 rounding of
+    # the merged weights moves log-probabilities more than on a real model (KL stays ~1e-9, top-1 100%)
+    verify = {"prompts": 2, "max_new_tokens": 8, "ctx": 64, "max_windows": 2, "ppl_threshold": {"adapter": 0.01}}
+    path = pipeline_yaml(tmp_path, base, tmp_path / "run", None, train=train, gguf={"ollama_name": "t"}, verify=verify)
     res = pipeline.run(pipeline.load_config(path, []))
     checks = json.loads(res.report.read_text())["checks"]
     assert res.passed, [c for c in checks if c["status"] != "pass"]

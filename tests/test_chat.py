@@ -119,3 +119,21 @@ def test_llamafactory_inference_yaml(tool_models, tmp_path: Path) -> None:
     cfg.write_text(f"model_name_or_path: {tool_models.base}\ninfer_backend: sglang\n", encoding="utf-8")
     r = _chat(str(cfg), stdin="hi\n")
     assert r.returncode == 2 and "infer_backend 'sglang'" in r.stderr
+
+
+def test_nan_logits_are_one_line_and_the_chat_goes_on(tiny_model, tmp_path: Path) -> None:
+    """A question that makes the model's logits NaN: one `[error: ...]` line in its answer's place, then the next
+    question is answered as it is alone (the failed turn is not kept in the history)."""
+    from engine_models import CLEAN, POISONED, nan_token_model
+
+    model = tmp_path / "nan"
+    nan_token_model(tiny_model("llama3"), model)
+    alone = _chat(str(model), *GREEDY, stdin=f"{CLEAN[0]}\n")
+    r = _chat(str(model), *GREEDY, stdin=f"{POISONED}\n{CLEAN[0]}\n")
+    assert r.returncode == 0 and alone.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "[error: the model's logits are not finite (nan) at answer token 1: its weights are broken; this answer "
+        "stops here]",
+        *alone.stdout.splitlines(),
+    ]
+    assert r.stderr == ""

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, llama_src, require_go, require_llama_cpp
+from conftest import llama_src, pipeline_yaml, random_lora, require_go, require_llama_cpp
 from gguf import GGUFReader
 
 from exporter import derive, gotemplate
@@ -273,21 +273,6 @@ def test_training_follows_the_models_own_jinja(name: str, tiny_model, tmp_path: 
 # Modelfile TEMPLATE renders like the Jinja in real Go on the plain shapes, or says where it does not
 
 
-def _adapter(base: Path, out: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(out)
-    return out
-
-
 def _stated(header: list[str]) -> set[str]:
     """Shapes the Modelfile header says differ ("# differs on a, b: why")."""
     out: set[str] = set()
@@ -306,7 +291,7 @@ def test_every_published_template_exports(tiny_model, tmp_path: Path, capsys) ->
 
     require_go()
     base = tiny_model("qwen2")
-    adapter = _adapter(base, tmp_path / "adapter")
+    adapter = random_lora(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
     rows, counts = [], {"templates": 0, "converted": 0, "verbatim": 0, "template": 0, "all plain shapes": 0}
     counts |= {s: 0 for s in PLAIN} | {"tool calls": 0}
     for name, jinja in _published().items():
@@ -387,17 +372,10 @@ def test_llama3_0_tutorial_flow(tiny_model, tmp_path: Path) -> None:
     require_llama_cpp()
     require_go()
     base = with_template(tiny_model("llama3"), LLAMA3_0, tmp_path / "base")
-    cfg = {
-        "base": str(base),
-        "run_dir": str(tmp_path / "run"),  # no `template`: the model's own
-        "train": {"dataset": "identity", "dataset_dir": str(ROOT / "data" / "demo"), "identity_name": "Exa",
-                  "identity_author": "Acme", "max_steps": 2, "per_device_train_batch_size": 2,
-                  "learning_rate": 1e-3, "cutoff_len": 64, "max_samples": 8, "save_steps": 1000},
-        "gguf": {"types": ["f16"], "ollama_name": "t"},
-        "verify": {"prompts": 1, "max_new_tokens": 4, "ctx": 64, "max_windows": 2},
-    }  # fmt: skip
-    (tmp_path / "p.yaml").write_text(json.dumps(cfg))  # YAML is a superset of JSON
-    res = pipeline.run(pipeline.load_config(tmp_path / "p.yaml", []))
+    verify = {"max_new_tokens": 4, "ctx": 64, "max_windows": 2}
+    path = pipeline_yaml(tmp_path, base, tmp_path / "run", None, train={"max_steps": 2, "max_samples": 8},
+                         gguf={"ollama_name": "t"}, verify=verify)  # fmt: skip
+    res = pipeline.run(pipeline.load_config(path, []))  # no `template`: the model's own
     run = tmp_path / "run"
     doc = json.loads(res.report.read_text())
     assert res.passed, [c for c in doc["checks"] if c["status"] == "fail"]
@@ -430,7 +408,7 @@ def test_model_without_any_template(tiny_model, tmp_path: Path) -> None:
     text = out.modelfiles["f16"].read_text(encoding="utf-8")
     assert "\nTEMPLATE" not in text and "# the model has no chat template" in text
     assert "tokenizer.chat_template" not in GGUFReader(out.files["f16"]).fields
-    adapter = _adapter(tiny_model("qwen2"), tmp_path / "ad")
+    adapter = random_lora(tiny_model("qwen2"), tmp_path / "ad", r=4, target_modules=["q_proj"])
     merged = merge.merge(merge.MergeOptions(str(model), [str(adapter)], str(tmp_path / "merged"))).out
     assert not (merged / "chat_template.jinja").exists()
     with pytest.raises(UserError, match="no chat_template.*--template"):

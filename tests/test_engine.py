@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import require_llama_cpp, require_quant
+from engine_models import CLEAN, POISONED, nan_gguf_rows, nan_token_model
 from export_edits import sharpen_attention
 
-from exporter.engine import EngineError, LoadOptions, Sampling, load, parse_tool_calls
+from exporter.engine import EngineError, LoadOptions, NonFiniteLogits, Sampling, load, parse_tool_calls
 from exporter.engine.chat_format import ChatFormat, tool_format
 from exporter.engine.sampling import Sampler, TextStream
 
@@ -235,6 +236,82 @@ def test_sampler_matches_softmax_and_greedy() -> None:
     assert Sampler(Sampling(), [])(logits)[0] == 0
     tok, lp = Sampler(Sampling(logprobs=2), [])(logits)
     assert lp is not None and lp.top[0][0] == 0 and abs(lp.logprob - np.log(0.5)) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=0.8, top_k=5, top_p=0.9, seed=1),
+                                      Sampling(repetition_penalty=1.3), Sampling(temperature=1.0)])  # fmt: skip
+def test_sampler_refuses_non_finite_logits(bad: float, sampling: Sampling) -> None:
+    """One NaN/+inf anywhere in the row, or a row of -inf, stops the answer (top-k sampling included, where a NaN
+    would otherwise fall out of the candidates); -inf on some tokens is a mask, not an error."""
+    row = np.random.default_rng(0).normal(size=50).astype(np.float32)
+    sampler = Sampler(sampling, [1, 2])
+    sampler(row)
+    masked = row.copy()
+    masked[:10] = -np.inf
+    sampler(masked)
+    for at in (0, 17, 49):
+        broken = row.copy()
+        broken[at] = bad
+        with pytest.raises(NonFiniteLogits, match=r"logits are not finite \((nan|inf)\) at answer token \d+"):
+            Sampler(sampling, [1, 2])(broken)
+    with pytest.raises(NonFiniteLogits, match=r"\(-inf\) at answer token 1:"):
+        Sampler(sampling, [1, 2])(np.full(50, -np.inf, dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def nan_model(tiny_model, tmp_path_factory) -> SimpleNamespace:
+    """The llama3 fixture, and its copy with NaN embedding rows for the tokens only `POISONED` holds."""
+    root = tmp_path_factory.mktemp("nan")
+    bad = nan_token_model(tiny_model("llama3"), root / "hf")
+    return SimpleNamespace(root=root, clean=tiny_model("llama3"), hf=root / "hf", bad=bad)
+
+
+def _nan_run(eng) -> tuple[list, list]:
+    """Each prompt submitted at once (clean, poisoned, clean): what each request's sink received."""
+    import queue
+
+    prompts = [eng.encode_chat([{"role": "user", "content": q}]) for q in (CLEAN[0], POISONED, CLEAN[1])]
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    for i, p in enumerate(prompts):
+        eng.submit(p, Sampling(max_new_tokens=16), lambda d, i=i: q.put((i, d)))
+    got: list[list] = [[], [], []]
+    while not all(g and (isinstance(g[-1], Exception) or g[-1].finish_reason) for g in got):
+        i, d = q.get(timeout=120)
+        got[i].append(d)
+    return prompts, got
+
+
+@pytest.mark.parametrize("max_seqs", [1, 4])
+@pytest.mark.parametrize("backend", ["hf", "gguf"])
+def test_non_finite_logits_fail_that_request_only(nan_model, backend: str, max_seqs: int) -> None:
+    """A prompt that makes the logits NaN fails with NonFiniteLogits (generate: `.index` names it); the requests
+    batched with it or after it on its slot finish with the answers they give alone. GGUF: llama.cpp runs the NaN
+    rows poked into the file (our converter refuses NaN weights)."""
+    if backend == "gguf":
+        require_llama_cpp()
+        from exporter import gguf, templates
+
+        path = nan_model.root / "nan.gguf"
+        if not path.exists():
+            tpl = templates.resolve(nan_model.clean, None)
+            files = gguf.export(nan_model.clean, ["f16"], tpl, nan_model.root / "gguf").files
+            files["f16"].rename(path)
+            nan_gguf_rows(path, nan_model.bad)
+        model = str(path)
+    else:
+        model = str(nan_model.hf)
+    with load(LoadOptions(model, max_seqs=max_seqs)) as eng:
+        prompts, got = _nan_run(eng)
+        assert isinstance(got[1][-1], NonFiniteLogits) and "at answer token 1:" in str(got[1][-1])
+        for i in (0, 2):
+            assert got[i][-1].finish_reason in ("stop", "length")
+            alone = eng.generate([prompts[i]], Sampling(max_new_tokens=16))[0].token_ids
+            assert [t for d in got[i] for t in d.token_ids] == alone
+        with pytest.raises(NonFiniteLogits) as e:
+            eng.generate(prompts, Sampling(max_new_tokens=16))
+        assert e.value.index == 1
+        assert eng.generate([prompts[0]], Sampling(max_new_tokens=4))[0].token_ids  # the engine still serves
 
 
 def test_text_stream_whole_characters_and_held_stop_prefix() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_quant
+from conftest import random_lora, require_quant
 from safetensors import safe_open
 
 from exporter.merge import MergeOptions, merge
@@ -56,20 +56,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True)
 
 
-def _adapter(base: Path, out: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, lora_alpha=16))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(out)
-    return out
-
-
 def _tensors(model_dir: Path) -> dict[str, bytes]:
     out = {}
     for f in sorted(model_dir.glob("*.safetensors")):
@@ -85,7 +71,7 @@ def lf_merge(tiny_model, tmp_path_factory) -> tuple[Path, Path, Path]:
     """(base, adapter, the export dir written from LF's merge example YAML)."""
     root = tmp_path_factory.mktemp("export")
     base = tiny_model("qwen2")
-    adapter = _adapter(base, root / "adapter")
+    adapter = random_lora(base, root / "adapter", r=8, lora_alpha=16)
     cfg = root / "llama3_lora_sft.yaml"
     cfg.write_text(LF_MERGE.format(base=base, adapter=adapter, out=root / "merged"))
     r = _cli("export", str(cfg))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, require_llama_cpp, require_quant
+from conftest import pipeline_yaml, random_lora, require_llama_cpp, require_quant
 from safetensors.torch import load_file, save_file
 
 from exporter import atomic, cli, pipeline, quiet
@@ -98,19 +98,8 @@ def _poke(model: Path, tensor: str, value: float, row: int = 0) -> None:
 
 def _adapter(base: Path, out: Path, **lora) -> Path:
     """A small PEFT LoRA adapter (random non-zero B) saved by PEFT."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     lora.setdefault("target_modules", ["q_proj", "v_proj"])
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **lora))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(out)
-    return out
+    return random_lora(base, out, torch.float32, r=4, lora_alpha=8, **lora)
 
 
 def _edit_json(path: Path, **changes: object) -> None:
@@ -569,35 +558,6 @@ def test_dataset_file_outside_dataset_dir(file_name: str, llama: Path, tmp_path:
 # -------------------------------------------------------------------------------------------------------- pipeline
 
 
-def _pipeline_yaml(tmp: Path, base: Path, run_dir: Path, **stages: dict) -> Path:
-    import yaml
-
-    cfg = {
-        "base": str(base),
-        "run_dir": str(run_dir),
-        "template": "qwen-2.5",
-        "train": {
-            "dataset": "identity",
-            "dataset_dir": str(ROOT / "data" / "demo"),
-            "identity_name": "Exa",
-            "identity_author": "Acme",
-            "max_steps": 1,
-            "per_device_train_batch_size": 2,
-            "learning_rate": 1e-3,
-            "save_steps": 1000,
-            "cutoff_len": 64,
-            "max_samples": 4,
-        },  # fmt: skip
-        "gguf": {"types": ["f16"]},
-        "verify": {"prompts": 1, "max_new_tokens": 2, "ctx": 32, "max_windows": 1},
-    }
-    for k, v in stages.items():
-        cfg[k] = {**cfg.get(k, {}), **v}
-    path = tmp / "p.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.mark.parametrize(
     ("stages", "pattern"),
     [
@@ -613,7 +573,7 @@ def _pipeline_yaml(tmp: Path, base: Path, run_dir: Path, **stages: dict) -> Path
 def test_pipeline_checks_every_stage_first(stages: dict, pattern: str, tmp_path: Path, capsys) -> None:
     base = _tiny("qwen2")
     run_dir = tmp_path / "run"
-    _refused(capsys, pattern, "pipeline", _pipeline_yaml(tmp_path, base, run_dir, **stages))
+    _refused(capsys, pattern, "pipeline", pipeline_yaml(tmp_path, base, run_dir, **stages))
     assert not run_dir.exists()  # nothing ran: no train, no merge
 
 
@@ -622,7 +582,7 @@ def test_pipeline_refuses_a_run_dir_that_is_not_ours(tmp_path: Path, capsys) -> 
     run_dir.mkdir()
     (run_dir / "thesis.tex").write_text("years of work")
     _refused(capsys, r"run_dir .*home is not empty and holds no pipeline\.json", "pipeline",
-             _pipeline_yaml(tmp_path, _tiny("qwen2"), run_dir))  # fmt: skip
+             pipeline_yaml(tmp_path, _tiny("qwen2"), run_dir))  # fmt: skip
     assert sorted(p.name for p in run_dir.iterdir()) == ["thesis.tex"]
 
 
@@ -631,7 +591,7 @@ def test_pipeline_never_reuses_a_changed_artifact(tmp_path: Path, capsys) -> Non
     verify's PASSED is about the files on disk."""
     require_llama_cpp()
     run_dir = tmp_path / "run"
-    path = _pipeline_yaml(tmp_path, _tiny("qwen2"), run_dir)
+    path = pipeline_yaml(tmp_path, _tiny("qwen2"), run_dir)
     first = pipeline.run(pipeline.load_config(path, []))
     assert first.ran == ["train", "merge", "gguf", "verify"] and first.passed
     shard = run_dir / "merged" / "model.safetensors"
@@ -912,6 +872,23 @@ def test_verify_non_finite_numbers_never_pass(llama: Path, tmp_path: Path, capsy
     for spec in ("q8_0=nan", "f16=inf", "f16=-0.1"):
         _refused(capsys, rf"--ppl-threshold .*{re.escape(spec.split('=')[1])}.*expected a finite fraction >= 0",
                  "verify", "--merged", llama, "--ppl-threshold", spec)  # fmt: skip
+
+
+def test_verify_chat_check_of_nan_logits_fails_naming_the_prompt(llama: Path, tmp_path: Path, capsys) -> None:
+    """The chat check on a merged model whose logits are NaN stops at the first answer token and fails naming the
+    prompt (not an answer of garbage tokens compared with the GGUF's)."""
+    require_llama_cpp()
+    code, err = _cli(capsys, "gguf", llama, "-t", "f16", "--out", tmp_path / "g")
+    assert code == 0, err
+    bad = _copy(llama, tmp_path / "nan")
+    _poke(bad, "layers.0.mlp.down_proj.weight", float("nan"))
+    report = tmp_path / "report.json"
+    code, err = _cli(capsys, "verify", "--merged", bad, "--gguf", next((tmp_path / "g").glob("*.gguf")), "--prompts",
+                     "1", "--max-new-tokens", "2", "--ctx", "32", "--max-windows", "1", "--report", report)  # fmt: skip
+    assert code == 1 and "Traceback" not in err, err
+    (chat,) = [c for c in json.loads(report.read_text())["checks"] if c["check"] == "chat"]
+    assert chat["status"] == "fail" and chat["target"] == "merged", chat
+    assert chat["detail"].startswith("prompt 1: the model's logits are not finite (nan) at answer token 1:"), chat
 
 
 # ---------------------------------------------------------------------------------------------------- chat, serve

@@ -7,37 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import ROOT, require_llama_cpp
+from conftest import pipeline_yaml, require_llama_cpp
 
 from exporter import pipeline, verify
 from exporter.errors import UserError
 
 
-def _config(tmp_path: Path, base: Path, **verify) -> Path:
-    cfg = {
-        "base": str(base),
-        "run_dir": str(tmp_path / "run"),
-        "template": "qwen-2.5",
-        "train": {
-            "dataset": "identity",
-            "dataset_dir": str(ROOT / "data" / "demo"),
-            "identity_name": "Exa",
-            "identity_author": "Acme",
-            "max_steps": 2,
-            "per_device_train_batch_size": 2,
-            "learning_rate": 1e-3,
-            "logging_steps": 1,
-            "save_steps": 1000,
-            "cutoff_len": 64,
-            "max_samples": 8,
-        },  # fmt: skip
-        "gguf": {"types": ["f16"], "ollama_name": "t"},
-        "verify": {"prompts": 1, "max_new_tokens": 4, "ctx": 64, "max_windows": 2, **verify},
-    }
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _config(tmp_path: Path, base: Path) -> Path:
+    train = {"max_steps": 2, "logging_steps": 1, "max_samples": 8}
+    verify = {"max_new_tokens": 4, "ctx": 64, "max_windows": 2}
+    return pipeline_yaml(tmp_path, base, tmp_path / "run", train=train, gguf={"ollama_name": "t"}, verify=verify)
 
 
 @pytest.mark.slow

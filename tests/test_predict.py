@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, lf_python, require_llama_cpp
+from engine_models import CLEAN, POISONED, nan_token_model
 from sharp_model import sharpen
 from test_metrics import reference
 
@@ -149,6 +151,28 @@ def test_gguf_predictions_equal_hf(tiny_model, tmp_path: Path) -> None:
     hf, f16 = _rows(tmp_path / "hf"), _rows(tmp_path / "f16")
     assert [x["label"] for x in f16] == [x["label"] for x in hf]
     assert [x["predict"] for x in f16] == [x["predict"] for x in hf]
+
+
+def test_nan_logits_stop_with_the_row_named(tiny_model, tmp_path: Path) -> None:
+    """A sample whose prompt makes the model's logits NaN: exit 2, one line naming its dataset row, no traceback, no
+    predictions written (not a file of garbage answers)."""
+    model = tmp_path / "nan"
+    nan_token_model(tiny_model("llama3"), model)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"instruction": q, "output": "ok"} for q in (CLEAN[0], POISONED, CLEAN[1])]
+    (data / "rows.json").write_text(json.dumps(rows), encoding="utf-8")
+    (data / "dataset_info.json").write_text(json.dumps({"rows": {"file_name": "rows.json"}}), encoding="utf-8")
+    for batch in ("1", "3"):
+        out = tmp_path / f"out{batch}"
+        r = _exporter("predict", "--model_name_or_path", str(model), "--eval_dataset", "rows", "--dataset_dir",
+                      str(data), "--max_new_tokens", "8", "--per_device_eval_batch_size", batch, "--output_dir",
+                      str(out))  # fmt: skip
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        (line,) = r.stderr.splitlines()
+        assert re.fullmatch(r"error: .*/rows\.json row 2: the model's logits are not finite \(nan\) at answer "
+                            r"token 1: its weights are broken; this answer stops here", line), line  # fmt: skip
+        assert not (out / "generated_predictions.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------- LLaMA-Factory itself

@@ -19,14 +19,7 @@ from exporter import tuning
 trl = pytest.importorskip("trl", reason="trl (the preference-loss reference) is in the dev extra")
 
 BETA = 0.25
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _quiet() -> None:

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from engine_models import KEY, QA, TOOLS, peft_answers
@@ -272,5 +273,53 @@ def test_aborted_stream_frees_its_slot_and_queue_limit(models) -> None:
 
         codes = asyncio.run(flood())
         assert codes[0] == 200 and sorted(codes[1:]) == [200, 429, 429], codes
+    finally:
+        s.stop()
+
+
+def test_nan_logits_fail_that_request_only(tiny_model, tmp_path) -> None:
+    """A request whose prompt makes the logits NaN gets an OpenAI-shaped 500 naming the cause (streaming: an error
+    event, no [DONE]); the requests decoded beside it answer as they do alone, and the server goes on."""
+    from engine_models import CLEAN, POISONED, nan_token_model
+
+    nan_token_model(tiny_model("llama3"), tmp_path / "nan")
+    s = Server(str(tmp_path / "nan"), "--max-seqs", "4", "--model-name", "nan")
+    try:
+        c = s.client(key="none", timeout=120)
+
+        def ask(q: str, **kw):
+            return c.chat.completions.create(model="nan", messages=[{"role": "user", "content": q}], temperature=0,
+                                             max_tokens=12, **kw)  # fmt: skip
+
+        alone = [ask(q).choices[0].message.content for q in CLEAN]
+
+        async def together() -> list:
+            client = openai.AsyncOpenAI(base_url=s.base, api_key="none", max_retries=0, timeout=120)
+
+            async def one(q: str) -> Any:
+                try:
+                    r = await client.chat.completions.create(model="nan", messages=[{"role": "user", "content": q}],
+                                                             temperature=0, max_tokens=12)  # fmt: skip
+                    return r.choices[0].message.content
+                except openai.APIStatusError as e:
+                    return e
+
+            try:
+                return await asyncio.gather(*(one(q) for q in (CLEAN[0], POISONED, CLEAN[1])))
+            finally:
+                await client.close()
+
+        a, err, b = asyncio.run(together())
+        assert [a, b] == alone
+        assert isinstance(err, openai.InternalServerError) and err.body["type"] == "server_error", err
+        assert "logits are not finite (nan) at answer token 1" in err.body["message"]
+        req = urllib.request.Request(f"{s.base}/chat/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"messages": [{"role": "user", "content": POISONED}],
+                                                      "stream": True}).encode())  # fmt: skip
+        with urllib.request.urlopen(req, timeout=120) as r:
+            events = [ln[6:] for ln in r.read().decode().splitlines() if ln.startswith("data: ")]
+        assert "[DONE]" not in events and "logits are not finite" in json.loads(events[-1])["error"]["message"]
+        assert ask(CLEAN[0]).choices[0].message.content == alone[0]
+        assert s.health()["running"] == 0
     finally:
         s.stop()

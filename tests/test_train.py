@@ -17,6 +17,8 @@ from exporter import examples as E
 from exporter import train as T
 from exporter.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
+
 IDENTITY_QUESTIONS = [
     "hi", "hello", "Who are you?", "What is your name?", "Tell me about yourself.", "who are you",
     "Introduce yourself.", "Are you ChatGPT?", "What are you?", "Who made you?", "Who created you?",
@@ -29,20 +31,6 @@ IDENTITY_ANSWERS = [
     "I am {{name}}, an AI assistant created by {{author}}. What can I do for you?",
     "Hello! I'm {{name}}, developed by {{author}}. How can I assist you today?",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_model) -> Path:
-    return tiny_model("qwen2")
 
 
 @pytest.fixture(scope="session")

@@ -21,20 +21,9 @@ from exporter import lf_args
 from exporter import train as T
 from exporter.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
+
 WORDS = "apple river stone cloud green music table light quiet storm bread paper".split()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model) -> Path:
-    return tiny_model("qwen2")
 
 
 @pytest.fixture(scope="module")

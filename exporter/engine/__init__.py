@@ -18,7 +18,8 @@ API (stable; changes are additive):
   and GGUF files alike), `submit / stream / generate / chat`, `logits / next_logits`,
   `stop_ids` (end ids the model declares plus the template's end-of-turn token), `eos_ids`, `chat_format`
   (`ChatFormat`: template, tool format), `close`.
-- Errors: `UserError` for what cannot be loaded; `EngineError` (and `QueueFull`, `EngineClosed`) for a request.
+- Errors: `UserError` for what cannot be loaded; `EngineError` (and `QueueFull`, `EngineClosed`, `NonFiniteLogits`)
+  for a request.
 """
 
 from exporter.engine.api import (
@@ -28,6 +29,7 @@ from exporter.engine.api import (
     EngineClosed,
     EngineError,
     LoadOptions,
+    NonFiniteLogits,
     QueueFull,
     Sampling,
     TokenLogprob,
@@ -44,6 +46,7 @@ __all__ = [
     "EngineClosed",
     "EngineError",
     "LoadOptions",
+    "NonFiniteLogits",
     "QueueFull",
     "Sampling",
     "TokenLogprob",

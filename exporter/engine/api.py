@@ -93,6 +93,12 @@ class Completion:
 class EngineError(Exception):
     """A request the engine cannot serve (prompt longer than the context, bad sampling values ...)."""
 
+    index: int | None = None  # Engine.generate: which of its prompts failed (0-based)
+
+
+class NonFiniteLogits(EngineError):
+    """The model gave NaN/inf logits for a request (broken weights): that request fails, the others go on."""
+
 
 class QueueFull(EngineError):
     """The bounded queue of waiting requests is full (a server answers 429)."""

@@ -87,7 +87,7 @@ class Engine:
         progress: Callable[[int, Completion], None] | None = None,
     ) -> list[Completion]:
         """Answers for many prompts, batched (up to `max_seqs` at a time; continuous batching). `progress(i, c)` is
-        called as each finishes, from the caller's thread."""
+        called as each finishes, from the caller's thread. A failed prompt raises its EngineError (`.index` = i)."""
         samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
         if len(samplings) != len(prompts):
             raise EngineError(f"{len(prompts)} prompts but {len(samplings)} sampling settings")
@@ -104,6 +104,8 @@ class Engine:
             for _ in range(len(prompts)):
                 while True:
                     i, d = q.get()
+                    if isinstance(d, EngineError):
+                        d.index = i
                     if isinstance(d, BaseException):
                         raise d
                     parts[i].append(d)

@@ -180,9 +180,18 @@ class GGUFBackend:
         rows = self._decode([(f.seq, f.ids, [False] * (len(f.ids) - 1) + [f.want]) for f in feeds])
         return list(rows)
 
-    def release(self, seq: int) -> None:
+    def release(self, seq: int, broken: bool = False) -> None:
+        """Free `seq`'s KV cells. `broken`: they may hold NaN/inf (a request stopped on non-finite logits). llama.cpp
+        keeps a freed cell's values and masks them with -inf, and NaN - inf is NaN: the next request on this slot would
+        read NaN, so they are first overwritten with finite ones (a run of token 0 as long as the sequence was)."""
+        n = self.pos.get(seq, 0)
         self.L.llama_memory_seq_rm(self.mem, seq, -1, -1)
         self.pos.pop(seq, None)
+        if broken and n:
+            for i in range(0, n, self.batch_tokens):
+                k = min(self.batch_tokens, n - i)
+                self._decode([(seq, [0] * k, [False] * k)])
+            self.release(seq)
 
     # ---- scoring (on a free sequence slot lent by the scheduler, in chunks of the batch size)
 

@@ -183,7 +183,8 @@ class HFBackend:
         self.rows += slots
         self.pos += lengths
 
-    def release(self, seq: int) -> None:
+    def release(self, seq: int, broken: bool = False) -> None:
+        """Drop `seq`'s rows from the batch (nothing of it stays behind, `broken` or not)."""
         if seq not in self.rows:
             return
         r = self.rows.index(seq)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from exporter.engine.api import EngineError, Sampling, TokenLogprob
+from exporter.engine.api import EngineError, NonFiniteLogits, Sampling, TokenLogprob
 
 
 def check_sampling(s: Sampling) -> None:
@@ -55,9 +55,13 @@ class Sampler:
         self.s = s
         self.rng = np.random.default_rng(s.seed)
         self.seen: set[int] = set(prompt) if s.repetition_penalty != 1.0 else set()
+        self.n = 0  # tokens picked so far
 
     def __call__(self, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
+        """The next token (and its log-probs when asked). NonFiniteLogits when the row holds a NaN or +inf, or is
+        all -inf: the check costs one element, since argmax and max return a NaN where there is one."""
         s = self.s
+        self.n += 1
         raw = logits
         if self.seen:
             logits = logits.astype(np.float32, copy=True)
@@ -67,10 +71,13 @@ class Sampler:
             logits[ids] = np.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
         if s.greedy:
             token = int(np.argmax(logits))
+            _finite(logits[token], self.n)
         else:
             x = logits.astype(np.float64) / s.temperature
+            top = x.max()  # also the top-k candidates' max
+            _finite(top, self.n)
             cand = np.argpartition(-x, s.top_k - 1)[: s.top_k] if 0 < s.top_k < x.shape[0] else np.arange(x.shape[0])
-            p = np.exp(x[cand] - x[cand].max())
+            p = np.exp(x[cand] - top)
             p /= p.sum()
             if s.top_p < 1.0:
                 keep = _top_p_cut(p, s.top_p)
@@ -79,6 +86,12 @@ class Sampler:
         if self.seen or s.repetition_penalty != 1.0:
             self.seen.add(token)
         return token, (token_logprob(raw, token, s.logprobs) if s.logprobs is not None else None)
+
+
+def _finite(top: float, n: int) -> None:
+    if not np.isfinite(top):
+        raise NonFiniteLogits(f"the model's logits are not finite ({float(top)}) at answer token {n}: its weights are "
+                              "broken; this answer stops here")  # fmt: skip
 
 
 def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:

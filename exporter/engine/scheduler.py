@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from exporter.engine.api import Delta, EngineClosed, EngineError, QueueFull, Sampling
+from exporter.engine.api import Delta, EngineClosed, EngineError, NonFiniteLogits, QueueFull, Sampling
 from exporter.engine.sampling import Sampler, TextStream
 
 Sink = Callable[[Delta | BaseException], None]
@@ -42,7 +42,7 @@ class Backend(Protocol):
 
     def step(self, feeds: list[Feed]) -> list[np.ndarray]: ...  # one logits row per feed with want, in order
 
-    def release(self, seq: int) -> None: ...
+    def release(self, seq: int, broken: bool = False) -> None: ...  # broken: its cache may hold NaN/inf
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str: ...
 
@@ -166,7 +166,7 @@ class Scheduler:
         self._live.remove(seq)
         try:
             with self.lock:
-                self.backend.release(seq.slot)
+                self.backend.release(seq.slot, isinstance(error, NonFiniteLogits))
         finally:
             self._free.append(seq.slot)
             if error is not None:
@@ -230,7 +230,11 @@ class Scheduler:
 
     def _advance(self, seq: _Seq, logits: np.ndarray) -> None:
         assert seq.sampler is not None and seq.text is not None
-        token, lp = seq.sampler(logits)
+        try:
+            token, lp = seq.sampler(logits)
+        except NonFiniteLogits as e:  # this request fails; the others in the batch go on
+            self._finish(seq, None, e)
+            return
         seq.out.append(token)
         if token in seq.stops:
             seq.sink(Delta("", [token], None, [lp] if lp else None))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from exporter.progress import progress
 from exporter.verify.artifacts import GGUFInfo
-from exporter.verify.report import Check, progress
+from exporter.verify.report import Check
 
 # percentage points of accuracy a GGUF type may lose against the merged model
 DROP_ALLOWED = {"f32": 0.0, "f16": 1.0, "bf16": 1.0, "q8_0": 2.0}
@@ -46,12 +47,7 @@ def check_accuracy(task_dir: Path, task: str | None, merged: Path, infos: list[G
         prompts = evaluate.build_prompts(opts, subjects, eng.tokenize, None)
         letters = evaluate.choice_ids(eng.tokenize)
         ids, truth = [p for _, _, p in prompts], [q.answer for _, q, _ in prompts]
-        with progress(len(ids) * (1 + len(infos)), f"accuracy {task}") as step:
-
-            def advance(n: int) -> None:
-                for _ in range(n):
-                    step()
-
+        with progress(f"accuracy {task}", "", len(ids) * (1 + len(infos)), transient=True) as advance:
             ref = evaluate.answer(eng, ids, letters, opts.batch_size, advance)
             ref_acc = 100 * sum(a == t for a, t in zip(ref, truth, strict=True)) / len(truth)
             base = {"task": task, "questions": len(truth), "n_shot": opts.n_shot, "ref_accuracy": ref_acc}

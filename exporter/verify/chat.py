@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from exporter.diff import first_diff
-from exporter.engine import LoadOptions, Sampling, from_hf_model, load
+from exporter.engine import LoadOptions, NonFiniteLogits, Sampling, from_hf_model, load
 from exporter.errors import UserError
+from exporter.progress import progress
 from exporter.verify.artifacts import GGUFInfo
-from exporter.verify.report import Check, progress
+from exporter.verify.report import Check
 from exporter.verify.template import render
 
 FULL_PRECISION = ("f32", "f16", "bf16")
@@ -91,11 +92,14 @@ def check_chat(
     ]
     checks: list[Check] = []
     ctx = max(len(p) for p in prompt_ids) + max_new + 8
-    with progress(len(prompts) * (1 + len(infos)), "chat") as step:
+    with progress("chat", "", len(prompts) * (1 + len(infos)), transient=True) as step:
         ref = []
         with from_hf_model(hf_model, tok, LoadOptions("merged", max_seqs=1)) as hf:
-            for ids in prompt_ids:
-                ref.append(_greedy(hf, ids, stop, max_new))
+            for k, ids in enumerate(prompt_ids):
+                try:
+                    ref.append(_greedy(hf, ids, stop, max_new))
+                except NonFiniteLogits as e:  # no reference answers to compare with
+                    return [Check("chat", "merged", "fail", f"prompt {k + 1}: {e}")]
                 step()
         for g in infos:
             try:
@@ -105,9 +109,13 @@ def check_chat(
                 checks.append(Check("chat", g.path.name, "fail", detail))
                 continue
             with llm:
-                outs = []
-                for ids in prompt_ids:
-                    outs.append(_greedy(llm, ids, sorted(llm.eos_ids), max_new)[0])
-                    step()
+                try:
+                    outs = []
+                    for ids in prompt_ids:
+                        outs.append(_greedy(llm, ids, sorted(llm.eos_ids), max_new)[0])
+                        step()
+                except NonFiniteLogits as e:
+                    checks.append(Check("chat", g.path.name, "fail", f"prompt {len(outs) + 1}: {e}"))
+                    continue
             checks.append(_judge(tok, g, prompts, ref, outs, stop))
     return checks

@@ -16,9 +16,10 @@ import numpy as np
 from exporter.config import read_text
 from exporter.errors import UserError
 from exporter.hf_dir import adds_bos
+from exporter.progress import progress
 from exporter.verify.artifacts import GGUFInfo, GGUFLoadError, VerifyOptions, load_llama
 from exporter.verify.corpus import HELD_OUT_TEXT
-from exporter.verify.report import Check, progress
+from exporter.verify.report import Check
 
 # Max relative perplexity difference to the merged HF model, per artifact type (GGUF file type or "adapter").
 DEFAULT_THRESHOLDS: dict[str, float] = {
@@ -255,7 +256,7 @@ def check_numbers(
     if not wins:
         raise UserError(f"held-out text has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
     others = _candidates(art, hf_model is not None, infos, quantized_kinds, ctx)
-    with progress((1 + len(others)) * len(wins), "perplexity") as step:
+    with progress("perplexity", "", (1 + len(others)) * len(wins), transient=True) as step:
         ref_name = "merged" if hf_model is not None else "adapter"
         ref_model = hf_model if hf_model is not None else _load_adapter(art.base, art.adapter)
         ref = score(hf_logits(ref_model), wins, None, True, step)

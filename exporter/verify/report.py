@@ -39,8 +39,6 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape, quoteattr
@@ -160,15 +158,3 @@ def print_table(report: Report) -> None:
     console.print(
         f"{verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped{warned} in {report.seconds:.1f} s"
     )
-
-
-@contextmanager
-def progress(total: int, label: str) -> Iterator[Callable[[], None]]:
-    """A transient progress bar with ETA; yields the function that advances it by one."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
-    ) as p:
-        task = p.add_task(label, total=total)
-        yield lambda: p.advance(task)

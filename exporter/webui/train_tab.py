@@ -86,10 +86,10 @@ def default_compute_type() -> str:
 
 def list_datasets(dataset_dir: str) -> list[str]:
     """Dataset names registered in `dataset_dir`/dataset_info.json ([] when there is none or it is unreadable)."""
-    from exporter import data
+    from exporter import dataset_info
 
     try:
-        return sorted(data.read_info(Path(dataset_dir or "data")))
+        return sorted(dataset_info.read_info(Path(dataset_dir or "data")))
     except UserError:
         return []
 

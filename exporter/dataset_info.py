@@ -1,0 +1,242 @@
+"""LLaMA-Factory's `dataset_info.json`: its entries (`spec`, with LF's defaults) and the rows of the files or hub
+datasets they name (`read_rows`: json, jsonl, csv, parquet, a folder of them, or the Hugging Face hub), each row
+tagged with the file and row it came from. Turning rows into conversations is `exporter.data`'s part.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from exporter.config import did_you_mean, read_json, read_text
+from exporter.errors import UserError
+
+INFO_NAME = "dataset_info.json"
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
+SHAREGPT_COLUMNS = {"messages": "conversations"}
+COMMON_COLUMNS = {"system": None, "tools": None, "chosen": None, "rejected": None, "kto_tag": None}
+UNSUPPORTED_COLUMNS = ("images", "videos", "audios")
+TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+# entry keys that change nothing for a local, text-only, single-split load
+_IGNORED_ENTRY_KEYS = {"ms_hub_url", "om_hub_url", "file_sha1", "description"}
+_ENTRY_KEYS = {
+    "file_name", "hf_hub_url", "script_url", "formatting", "ranking", "subset", "split", "folder",
+    "num_samples", "revision", "columns", "tags", *_IGNORED_ENTRY_KEYS,
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One `dataset_info.json` entry with LLaMA-Factory's defaults applied."""
+
+    name: str
+    load_from: str  # "file" or "hf_hub"
+    source: str  # local path or hub id
+    formatting: str = "alpaca"
+    columns: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    explicit: frozenset[str] = frozenset()  # columns named in dataset_info.json (must exist in the data)
+    tags: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    revision: str | None = None
+    num_samples: int | None = None
+    ranking: bool = False
+
+
+def read_info(dataset_dir: Path) -> dict[str, Any]:
+    """The parsed `dataset_info.json` of `dataset_dir`."""
+    path = Path(dataset_dir) / INFO_NAME
+    if not path.is_file():
+        raise UserError(f"dataset_dir {dataset_dir}: no {INFO_NAME} (expected LLaMA-Factory's dataset registry)")
+    info = read_json(path)
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected an object mapping dataset names to entries")
+    return info
+
+
+def _inside(file_name: str, name: str, where: str) -> str:
+    """A `file_name` relative to dataset_dir that stays inside it (no absolute path, no `..` above it)."""
+    norm = os.path.normpath(file_name)
+    if os.path.isabs(file_name) or norm == ".." or norm.startswith(".." + os.sep):
+        raise UserError(
+            f"{where}: dataset {name!r}: file_name {file_name!r} points outside dataset_dir; give a path inside it "
+            "(copy or link the file there)"
+        )
+    return norm
+
+
+def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
+    """The `DatasetSpec` for `name` from a parsed dataset_info.json (LLaMA-Factory's defaults and rules)."""
+    where = f"{Path(dataset_dir) / INFO_NAME}"
+    if name not in info:
+        raise UserError(f"dataset {name!r} is not defined in {where}{did_you_mean(name, info)}")
+    entry = info[name]
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: entry {name!r} must be an object")
+    for key in entry:
+        if key not in _ENTRY_KEYS:
+            raise UserError(f"{where}: dataset {name!r}: unknown key {key!r}{did_you_mean(key, _ENTRY_KEYS)}")
+    if "hf_hub_url" in entry:
+        load_from, source = "hf_hub", str(entry["hf_hub_url"])
+    elif "file_name" in entry:
+        load_from, source = "file", str(Path(dataset_dir) / _inside(str(entry["file_name"]), name, where))
+    elif "script_url" in entry:
+        raise UserError(f"{where}: dataset {name!r} uses script_url; loading scripts is not supported")
+    elif "ms_hub_url" in entry or "om_hub_url" in entry:
+        raise UserError(
+            f"{where}: dataset {name!r} only has a ModelScope/Modelers hub url; give file_name or hf_hub_url"
+        )
+    else:
+        raise UserError(f"{where}: dataset {name!r} needs file_name or hf_hub_url")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise UserError(f"{where}: dataset {name!r}: formatting must be alpaca or sharegpt, got {formatting!r}")
+    own = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+    columns: dict[str, str | None] = {**COMMON_COLUMNS, **own}
+    explicit: set[str] = set()
+    if "columns" in entry:
+        given = entry["columns"]
+        if not isinstance(given, dict):
+            raise UserError(f"{where}: dataset {name!r}: columns must be an object")
+        allowed = set(columns)
+        for key in given:
+            if key in UNSUPPORTED_COLUMNS:
+                raise UserError(f"{where}: dataset {name!r}: column {key!r} (multimodal/preference) is not supported")
+            if key not in allowed:
+                raise UserError(
+                    f"{where}: dataset {name!r}: unknown column key {key!r} for {formatting} formatting"
+                    f"{did_you_mean(key, allowed)}"
+                )
+        # LLaMA-Factory: once `columns` is given, every column not named in it is unset
+        columns = {k: given.get(k) for k in columns}
+        explicit = {k for k, v in given.items() if v}
+    tags = dict(TAGS)
+    if formatting == "sharegpt" and "tags" in entry:
+        given = entry["tags"]
+        if not isinstance(given, dict):
+            raise UserError(f"{where}: dataset {name!r}: tags must be an object")
+        for key in given:
+            if key not in TAGS:
+                raise UserError(f"{where}: dataset {name!r}: unknown tag {key!r}{did_you_mean(key, TAGS)}")
+        tags = {k: given.get(k) for k in TAGS}  # same rule as columns
+        for key in ("role_tag", "content_tag", "user_tag", "assistant_tag"):
+            if not tags[key]:
+                tags[key] = TAGS[key]
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise UserError(f"{where}: dataset {name!r}: ranking must be true or false, got {ranking!r}")
+    if ranking and not (columns["chosen"] and columns["rejected"]):
+        raise UserError(
+            f"{where}: dataset {name!r} is a ranking dataset: name its answer columns, e.g. "
+            '"columns": {"chosen": "chosen", "rejected": "rejected"} (LLaMA-Factory\'s dpo_en_demo entry)'
+        )
+    num = entry.get("num_samples")
+    if num is not None and (not isinstance(num, int) or num <= 0):
+        raise UserError(f"{where}: dataset {name!r}: num_samples must be a positive integer, got {num!r}")
+    return DatasetSpec(
+        name=name, load_from=load_from, source=source, formatting=formatting, columns=columns,
+        explicit=frozenset(explicit), tags=tags, subset=entry.get("subset"), split=entry.get("split", "train"),
+        folder=entry.get("folder"), revision=entry.get("revision"), num_samples=num, ranking=ranking,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+def _files(path: Path, name: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_TYPES)
+        if not files:
+            raise UserError(f"dataset {name!r}: directory {path} holds no .json/.jsonl/.csv/.parquet files")
+        kinds = {FILE_TYPES[p.suffix.lower()] for p in files}
+        if len(kinds) > 1:
+            raise UserError(f"dataset {name!r}: directory {path} mixes file types ({', '.join(sorted(kinds))})")
+        return files
+    if not path.is_file():
+        raise UserError(f"dataset {name!r}: file {path} not found")
+    if path.suffix.lower() not in FILE_TYPES:
+        raise UserError(f"dataset {name!r}: {path}: unsupported file type (expected .json, .jsonl, .csv or .parquet)")
+    return [path]
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    text = read_text(path)
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
+    if path.suffix.lower() == ".json" and stripped.startswith("{") and "\n" not in stripped.strip():
+        return [(f"{path} row 1", json.loads(text))]
+    out = []  # JSON lines (also accepted for .json, as `datasets` does)
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path} line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
+def _read_csv(path: Path) -> list[tuple[str, Any]]:
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    return [(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(reader)]
+
+
+def _read_parquet(path: Path) -> list[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs the pyarrow package (pip install pyarrow)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+    return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
+
+
+def _read_hub(sp: DatasetSpec) -> list[tuple[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"dataset {sp.name!r} comes from the hub ({sp.source}); install the `datasets` package, or download it "
+            "and point file_name at the local file"
+        ) from None
+    try:
+        ds = datasets.load_dataset(sp.source, name=sp.subset, data_dir=sp.folder, split=sp.split, revision=sp.revision)
+    except Exception as e:  # offline, missing repo, bad split: one clear line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"dataset {sp.name!r}: loading {sp.source!r} from the Hugging Face hub failed ({first})"
+        ) from None
+    return [(f"{sp.source} row {i + 1}", r) for i, r in enumerate(ds)]
+
+
+def read_rows(sp: DatasetSpec) -> list[tuple[str, Any]]:
+    """All rows of a dataset as (where, row) pairs."""
+    if sp.load_from == "hf_hub":
+        return _read_hub(sp)
+    rows: list[tuple[str, Any]] = []
+    for f in _files(Path(sp.source), sp.name):
+        kind = FILE_TYPES[f.suffix.lower()]
+        rows += _read_json(f) if kind == "json" else _read_csv(f) if kind == "csv" else _read_parquet(f)
+    return rows
