@@ -430,16 +430,18 @@ def loop(run: Run, log: TrainerLog) -> None:
 
 
 def _checkpoint(run: Run) -> None:
-    """checkpoint-N on rank 0 (FSDP/DeepSpeed: weights gathered from every rank, no optimizer state)."""
+    """checkpoint-N on rank 0, with the weights and optimizer state gathered from every rank (DeepSpeed: weights)."""
     from exporter import distributed
 
     flush(run)
     full = distributed.full_state_dict(run.model, run.plain, run.dist, run.engine)
+    optim = None if run.cfg.save_only_model else distributed.full_optimizer_state(run.plain, run.opt, run.dist,
+                                                                                  run.engine)  # fmt: skip
+    rngs = distributed.gather(run.dist, checkpoint.rng_state())
     if run.dist.main:
         _check_weights(run, full)
-        sharded = run.engine in ("fsdp", "deepspeed")
-        checkpoint.save(run.model, None if sharded else run.opt, run.sched, dataclasses.asdict(run.state), run.out,
-                        run.cfg, run.model_dir, run.prep.tpl, state_dict=full)  # fmt: skip
+        checkpoint.save(run.model, optim, run.sched, dataclasses.asdict(run.state), run.out, run.cfg, run.model_dir,
+                        run.prep.tpl, state_dict=full, rngs=rngs)  # fmt: skip
     distributed.barrier(run.dist)
 
 
@@ -493,14 +495,13 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
         objective.reference_logps(run, prep.train)
         objective.reference_logps(run, prep.val)
     if resume is not None:
-        if engine in ("fsdp", "deepspeed"):
-            raise UserError(f"resume_from_checkpoint {resume}: resuming a {engine} run is not supported yet")
-        run.state = State.from_dict(checkpoint.load(resume, model, opt, sched, cfg))
-        if run.state.fingerprint != fingerprint:
-            raise UserError(
-                f"resume_from_checkpoint {resume}: saved for different data or batch settings "
-                f"({run.state.fingerprint} vs now {fingerprint})"
-            )
+        if engine == "deepspeed":  # its partitioned optimizer state is not gathered into our checkpoint format
+            raise UserError(f"resume_from_checkpoint {resume}: resuming a deepspeed run is not supported (its "
+                            "checkpoints hold the gathered weights only); use fsdp: full_shard to resume")  # fmt: skip
+        if engine == "single":
+            run.state = State.from_dict(checkpoint.load(resume, model, opt, sched, cfg, fingerprint))
+        else:
+            run.state = State.from_dict(distributed.restore(resume, cfg, run))
     return run
 
 
