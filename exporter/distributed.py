@@ -56,16 +56,36 @@ def init(timeout_s: int) -> tuple[Dist, str]:
         torch.cuda.set_device(d.local_rank)
         device = f"cuda:{d.local_rank}"
     if d.active and not torch.distributed.is_initialized():
+        # before the group exists: torch.distributed.nn's `group=group.WORLD` defaults, evaluated at its import,
+        # would otherwise hold the group until the interpreter exits (see shutdown)
+        import torch.distributed.nn  # noqa: F401
+
         backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return d, device
 
 
 def shutdown() -> None:
+    """Leave the process group so that it is really gone, its gloo threads joined, while the interpreter is whole.
+    Call it once the run's objects are released. `destroy_process_group` only unregisters the group: it lives on
+    while anything holds it, and with FSDP2 DTensor's caches hold it (cached plans and sharding decisions keep the
+    device mesh, the mesh keeps the group). A group alive at interpreter exit keeps gloo's threads running into
+    finalization, where a rank can abort ("terminate called without an active exception") after a finished run."""
+    import gc
+
     import torch
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from torch.distributed.tensor import _collective_utils, _redistribute, _sharding_prop, debug
+
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+    _redistribute.clear_redistribute_planner_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    _sharding_prop.ShardingPropagator._propagate_tensor_meta_cached.cache_clear()
+    debug._clear_sharding_prop_cache()
+    gc.collect()  # FSDP's module states and hooks form reference cycles
+    torch.distributed.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:

@@ -581,42 +581,52 @@ class TrainResult:
 def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     """Train per `cfg` (`given`: the keys the user set, for the notes on keys without effect here); under torchrun
     every process calls it and rank 0 writes."""
-    from exporter import distributed, examples, hub, tuning
+    import traceback
 
-    given = given if given is not None else set()
+    from exporter import distributed
+
     d, device = distributed.init(cfg.ddp_timeout)
     try:
-        check(cfg, given, device.split(":")[0])
-        model_dir = hub.resolve(cfg.model_name_or_path, "model")
-        out = Path(cfg.output_dir)
-        prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
-        rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
-        if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
-            cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)
-        with claim(out) if d.main else contextlib.nullcontext():  # one run per output_dir
-            resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))
-            run = _start(cfg, prep, model_dir, out, resume, device, d)
-            log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
-            try:
-                loop(run, log)
-                results = _results(run, log)
-            finally:
-                log.close()
-            full = distributed.full_state_dict(run.model, run.plain, d, run.engine)
-            if d.main:
-                _check_weights(run, full)
-                checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))
-                _write_manifest(run)
-                print(
-                    f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
-                    f"{results['train_tokens_per_second']:.0f} tokens/s"
-                    + (f" on {d.world} processes ({run.engine})" if d.active else "")
-                    + f" -> {out}",
-                    file=sys.stderr,
-                )
-            distributed.barrier(d)
+        return _train(cfg, given if given is not None else set(), d, device)
+    except BaseException as e:  # the run's objects in its frames hold the process group; shutdown needs them gone
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResult:
+    from exporter import distributed, examples, hub, tuning
+
+    check(cfg, given, device.split(":")[0])
+    model_dir = hub.resolve(cfg.model_name_or_path, "model")
+    out = Path(cfg.output_dir)
+    prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
+    rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
+    if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
+        cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)
+    with claim(out) if d.main else contextlib.nullcontext():  # one run per output_dir
+        resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))
+        run = _start(cfg, prep, model_dir, out, resume, device, d)
+        log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
+        try:
+            loop(run, log)
+            results = _results(run, log)
+        finally:
+            log.close()
+        full = distributed.full_state_dict(run.model, run.plain, d, run.engine)
+        if d.main:
+            _check_weights(run, full)
+            checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))
+            _write_manifest(run)
+            print(
+                f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
+                f"{results['train_tokens_per_second']:.0f} tokens/s"
+                + (f" on {d.world} processes ({run.engine})" if d.active else "")
+                + f" -> {out}",
+                file=sys.stderr,
+            )
+        distributed.barrier(d)
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
