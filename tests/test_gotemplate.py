@@ -61,13 +61,24 @@ def test_tool_calls_and_tools_print_as_ollama_does() -> None:
         "{{ end }}|{{ range .Tools }}{{ . }}{{ end }}|{{ json .Tools }}|{{ range .Tools }}{{ .Function.Name }}{{ end }}"
     )
     out = render_go(tpl, ollama_data(msgs, tools))
-    # compact JSON in the caller's key order (Ollama keeps argument order), non-ASCII kept
-    compact_args = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+    # compact JSON with sorted keys (Ollama hands templates the arguments as a map, #13636), non-ASCII kept
+    compact_args = json.dumps(args, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     compact_tools = json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
     assert out == f"0:x1:f:{compact_args}<x1|f>|{compact_tools[1:-1]}|{compact_tools}|f"
     # arguments given as a JSON string (OpenAI style) are parsed like Ollama's API does
     msgs[1]["tool_calls"][0]["function"]["arguments"] = json.dumps(args)
     assert render_go(tpl, ollama_data(msgs, tools)) == out
+
+
+def test_tool_call_arguments_range_like_ollama() -> None:
+    """Templates range over a call's arguments (a map in Ollama's templates: sorted keys, values as decoded JSON)."""
+    call = {"function": {"name": "f", "arguments": {"z": "s", "a": 2, "m": [1, "x"]}}}
+    tpl = (
+        "{{ range .Messages }}{{ range .ToolCalls }}{{ range $k, $v := .Function.Arguments }}{{ $k }}="
+        '{{ if eq (printf "%T" $v) "string" }}{{ $v }}{{ else }}{{ json $v }}{{ end }};{{ end }}{{ end }}{{ end }}'
+    )
+    out = render_go(tpl, ollama_data([{"role": "assistant", "content": "", "tool_calls": [call]}]))
+    assert out == 'a=2;m=[1,"x"];z=s;'
 
 
 def test_go_json_escapes_html_like_ollama() -> None:

@@ -2,8 +2,9 @@
 //
 // Input (stdin, JSON): {"template": "...", "data": {...}}. The data mirrors what Ollama's template package
 // passes to Execute for chat templates: System, Messages (Role, Content, Thinking, ToolCalls, ToolName,
-// ToolCallID), Tools, Prompt, Response, Suffix, Think, IsThinkSet. Tool-call arguments keep their key order and
-// print as compact JSON (Ollama's ToolCallFunctionArguments.String). The template is parsed with
+// ToolCallID), Tools, Prompt, Response, Suffix, Think, IsThinkSet. Tool-call arguments are a plain map, as Ollama
+// hands them to templates since #13636 (templateArgs): a template can range over them (keys in sorted order), and
+// they print as compact JSON with sorted keys. The template is parsed with
 // Option("missingkey=zero") and Ollama's functions (json, currentDate, yesterdayDate). The rendered text goes to stdout.
 package main
 
@@ -17,7 +18,7 @@ import (
 	"time"
 )
 
-// orderedArgs keeps tool-call arguments in the order they were given.
+// orderedArgs keeps the keys of a JSON object in the order they were given (tool definitions print that way).
 type orderedArgs struct {
 	keys []string
 	vals map[string]json.RawMessage
@@ -104,16 +105,22 @@ func marshalOrdered(raw json.RawMessage) ([]byte, error) {
 	return json.Marshal(v)
 }
 
-// String prints the arguments as Ollama does: compact JSON.
-func (a orderedArgs) String() string {
-	b, _ := a.MarshalJSON()
+// templateArgs are a tool call's arguments as Ollama's templates see them: a map (rangeable, sorted keys) that
+// prints as compact JSON.
+type templateArgs map[string]any
+
+func (a templateArgs) String() string {
+	if a == nil {
+		return "{}"
+	}
+	b, _ := json.Marshal(map[string]any(a))
 	return string(b)
 }
 
 type ToolCallFunction struct {
-	Index     int         `json:"index"`
-	Name      string      `json:"name"`
-	Arguments orderedArgs `json:"arguments"`
+	Index     int          `json:"index"`
+	Name      string       `json:"name"`
+	Arguments templateArgs `json:"arguments"`
 }
 
 type ToolCall struct {
