@@ -254,15 +254,14 @@ class Saved:
 
     state: dict[str, Any]  # trainer_state.json
     weights: dict[str, Any]  # the adapter's tensors as saved, or the whole model's
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
+    optimizer: dict[str, Any] | None  # None: an older checkpoint's .pt/.pth files (`load` reads them the safe way)
+    scheduler: dict[str, Any] | None
     rng: list[tuple[dict[str, Any], dict[str, str]]]  # per rank
 
 
-def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) -> Saved | None:
+def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) -> Saved:
     """Check and read checkpoint-N for `model` (its LoRA tensors must be this run's) and a run of this
-    `fingerprint` (data, batch settings, processes); None for an older checkpoint whose optimizer/scheduler/RNG are
-    .pt/.pth files (`load` reads those the safe way)."""
+    `fingerprint` (data, batch settings, processes)."""
     from safetensors import SafetensorError
 
     state_file = path / STATE_NAME
@@ -276,6 +275,7 @@ def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) 
     new, old = (path / OPTIMIZER).is_file(), (path / "optimizer.pt").is_file()
     if not new and not old:
         raise UserError(f"resume_from_checkpoint {path}: saved with save_only_model, no optimizer state to resume")
+    weights = _weights(path, cfg, model)
     state = read_json(state_file)
     if state.get("fingerprint") != fingerprint:
         raise UserError(
@@ -283,8 +283,7 @@ def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) 
             f"({state.get('fingerprint')} vs now {fingerprint})"
         )
     if not new:
-        return None
-    weights = _weights(path, cfg, model)
+        return Saved(state, weights, None, None, [])
     world = fingerprint.get("world", 1)
     try:
         rng = [_read_rng(path / rng_name(r)) for r in range(world) if r == 0 or (path / rng_name(r)).is_file()]
@@ -335,18 +334,17 @@ def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig, fingerp
     import torch
 
     saved = read(path, cfg, model, fingerprint)
-    weights = saved.weights if saved else _weights(path, cfg, model)
     if cfg.finetuning_type == "lora":
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, weights)
+        set_peft_model_state_dict(model, saved.weights)
     else:
         try:
-            model.load_state_dict(weights)
+            model.load_state_dict(saved.weights)
         except RuntimeError as e:
             first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
             raise UserError(f"resume_from_checkpoint {path}: its weights do not fit this model ({first})") from None
-    if saved is not None:
+    if saved.optimizer is not None:
         try:
             opt.load_state_dict(saved.optimizer)
             sched.load_state_dict(saved.scheduler)
@@ -362,7 +360,7 @@ def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig, fingerp
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return read_json(path / STATE_NAME)
+    return saved.state
 
 
 def write_final(out: Path, write: Callable[[Path], None]) -> None:

@@ -232,7 +232,8 @@ def restore(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
 
     def read() -> Any:
         saved = checkpoint.read(path, cfg, model, run.state.fingerprint)
-        if saved is None or any(isinstance(p, int) for g in saved.optimizer["param_groups"] for p in g["params"]):
+        groups = saved.optimizer["param_groups"] if saved.optimizer else []
+        if saved.optimizer is None or any(isinstance(p, int) for g in groups for p in g["params"]):
             raise UserError(f"resume_from_checkpoint {path}: written by an older version of exporter for "
                             f"{d.world} processes; resume it with that version or start over")  # fmt: skip
         return dataclasses.replace(saved, weights=checkpoint.by_model_key(path, model, saved.weights, cfg))
