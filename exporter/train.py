@@ -537,6 +537,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResult:
+    """The run (see the module's recipe); what it built is released when it returns, before `train` leaves the
+    process group."""
     from exporter import distributed, examples, hub, tuning
 
     check(cfg, given, device.split(":")[0])
