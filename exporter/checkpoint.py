@@ -4,6 +4,7 @@ run resumes from, and the final outputs written beside them atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -94,31 +95,36 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 def save(
-    model: Any, opt: Any, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig, model_dir: Path, tpl: Any,
-    state_dict: dict[str, Any] | None = None,
+    model: Any, optim: dict[str, Any] | None, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig,
+    model_dir: Path, tpl: Any, state_dict: dict[str, Any] | None = None, rngs: list[Any] | None = None,
 ) -> Path:  # fmt: skip
     """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
     trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir.
     Nothing in it can carry code: tensors in safetensors, everything else JSON; its manifest lists every file's
     sha256, checked before a resume reuses it. `state_dict`: the weights gathered from sharded ranks (FSDP/DeepSpeed);
-    `opt` None: weights only."""
+    `optim`: the optimizer's state dict (gathered to rank 0 under FSDP), None: weights only; `rngs`: every rank's
+    `rng_state()` (default: this process's)."""
     from exporter import hf_dir
 
     path = out_dir / f"checkpoint-{state['global_step']}"
     with atomic_dir(path, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir)
-        if not cfg.save_only_model and opt is not None:
-            _save_optimizer(opt.state_dict(), tmp / OPTIMIZER)
+        if not cfg.save_only_model and optim is not None:
+            from safetensors.torch import save_file
+
+            _save_optimizer(optim, tmp / OPTIMIZER)
             (tmp / SCHEDULER).write_text(json.dumps(sched.state_dict(), indent=1) + "\n", encoding="utf-8")
-            _save_rng(tmp / RNG)
+            for rank, (tensors, meta) in enumerate(rngs or [rng_state()]):
+                save_file(tensors, str(tmp / rng_name(rank)), metadata=meta)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         manifest.write(tmp, "checkpoint", inputs={}, settings={"global_step": state["global_step"]})
     return path
 
 
 def _save_optimizer(sd: dict[str, Any], path: Path) -> None:
-    """Optimizer state: its tensors in safetensors (`<param index>.<key>`), the rest as JSON in the metadata."""
+    """Optimizer state: its tensors in safetensors (`<param>.<key>`: the parameter's index, or its name in a state
+    gathered from several ranks), the rest as JSON in the metadata."""
     from safetensors.torch import save_file
 
     tensors, other = {}, {}
@@ -139,22 +145,27 @@ def _load_optimizer(path: Path) -> dict[str, Any]:
         meta = f.metadata() or {}
         flat = {k: f.get_tensor(k) for k in f.keys()}
     flat.update(json.loads(meta.get("other", "{}")))
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in flat.items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
     groups = json.loads(meta["param_groups"])
+    named = any(isinstance(p, str) for g in groups for p in g.get("params", []))
+    state: dict[int | str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        param, key = name.rsplit(".", 1)  # optimizer keys (exp_avg, step) have no dot; parameter names do
+        state.setdefault(param if named else int(param), {})[key] = value
     for g in groups:  # JSON has no tuples; AdamW's betas are one
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
     return {"state": state, "param_groups": groups}
 
 
-def _save_rng(path: Path) -> None:
-    """Python, numpy and torch RNG states: torch's byte tensors in safetensors, the others as JSON metadata."""
+def rng_name(rank: int) -> str:
+    """Rank 0's RNG file keeps the single-process name; every other rank has its own, as HF's Trainer does."""
+    return RNG if rank == 0 else f"rng_state_{rank}.safetensors"
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, str]]:
+    """This process's Python, numpy and torch RNG states: torch's byte tensors, the others as JSON strings."""
     import numpy as np
     import torch
-    from safetensors.torch import save_file
 
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors = {"cpu": torch.get_rng_state()}
@@ -164,17 +175,21 @@ def _save_rng(path: Path) -> None:
         "python": json.dumps(random.getstate()),
         "numpy": json.dumps([name, keys.tolist(), pos, has_gauss, gauss]),
     }
-    save_file(tensors, str(path), metadata=meta)
+    return tensors, meta
 
 
-def _load_rng(path: Path) -> None:
-    import numpy as np
-    import torch
+def _read_rng(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def set_rng(tensors: dict[str, Any], meta: dict[str, str]) -> None:
+    """Restore what `rng_state()` returned."""
+    import numpy as np
+    import torch
+
     version, internal, gauss = json.loads(meta["python"])
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
@@ -233,12 +248,21 @@ def _check_lora_shapes(path: Path, model: Any) -> None:
             )
 
 
-def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from checkpoint-N; returns its trainer state. Its files must
-    match its manifest; older checkpoints' .pt/.pth files load only with torch's weights_only=True."""
-    import numpy as np
-    import torch
-    from safetensors.torch import load_file
+@dataclasses.dataclass
+class Saved:
+    """A checkpoint's contents, checked against its manifest and parsed; nothing applied yet."""
+
+    state: dict[str, Any]  # trainer_state.json
+    weights: dict[str, Any]  # the adapter's tensors as saved, or the whole model's
+    optimizer: dict[str, Any] | None  # None: an older checkpoint's .pt/.pth files (`load` reads them the safe way)
+    scheduler: dict[str, Any] | None
+    rng: list[tuple[dict[str, Any], dict[str, str]]]  # per rank
+
+
+def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) -> Saved:
+    """Check and read checkpoint-N for `model` (its LoRA tensors must be this run's) and a run of this
+    `fingerprint` (data, batch settings, processes)."""
+    from safetensors import SafetensorError
 
     state_file = path / STATE_NAME
     if not state_file.is_file():
@@ -251,33 +275,83 @@ def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig) -> dict
     new, old = (path / OPTIMIZER).is_file(), (path / "optimizer.pt").is_file()
     if not new and not old:
         raise UserError(f"resume_from_checkpoint {path}: saved with save_only_model, no optimizer state to resume")
+    weights = _weights(path, cfg, model)
     state = read_json(state_file)
+    if state.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"resume_from_checkpoint {path}: saved for different data or batch settings "
+            f"({state.get('fingerprint')} vs now {fingerprint})"
+        )
+    if not new:
+        return Saved(state, weights, None, None, [])
+    world = fingerprint.get("world", 1)
+    try:
+        rng = [_read_rng(path / rng_name(r)) for r in range(world) if r == 0 or (path / rng_name(r)).is_file()]
+        if len(rng) < world:  # written before each rank had its own: every rank takes rank 0's, as it did then
+            say(f"{path}: one RNG state for {world} processes (an older checkpoint); every process resumes from it")
+            rng = rng[:1] * world
+        return Saved(state, weights, _load_optimizer(path / OPTIMIZER), read_json(path / SCHEDULER), rng)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> UserError:
+    return UserError(f"resume_from_checkpoint {path}: its optimizer/scheduler/RNG state is unreadable ({e})")
+
+
+def _weights(path: Path, cfg: TrainConfig, model: Any) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    if cfg.finetuning_type == "lora":
+        _check_lora_shapes(path, model)
+        return load_file(path / "adapter_model.safetensors")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).state_dict()
+
+
+def by_model_key(path: Path, model: Any, weights: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """`Saved.weights` under the names `model.state_dict()` gives them (an adapter's file drops PEFT's adapter name:
+    the names are mapped back the way PEFT maps them when saving); a whole model's must fit this one's shapes."""
+    own = model.state_dict()
+    if cfg.finetuning_type == "lora":
+        from peft import get_peft_model_state_dict
+
+        name_of = {id(v): k for k, v in own.items()}
+        saved_as = get_peft_model_state_dict(model, state_dict=own)  # the same tensors, under the file's names
+        return {name_of[id(v)]: weights[k] for k, v in saved_as.items()}
+    for k in sorted(own.keys() | weights.keys()):
+        if k not in own or k not in weights or list(own[k].shape) != list(weights[k].shape):
+            raise UserError(f"resume_from_checkpoint {path}: its weights do not fit this model (tensor {k})")
+    return weights
+
+
+def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from checkpoint-N in one process (see `read`); returns its
+    trainer state. Older checkpoints' .pt/.pth files load only with torch's weights_only=True."""
+    import numpy as np
+    import torch
+
+    saved = read(path, cfg, model, fingerprint)
     if cfg.finetuning_type == "lora":
         from peft import set_peft_model_state_dict
 
-        _check_lora_shapes(path, model)
-        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, saved.weights)
     else:
-        from transformers import AutoModelForCausalLM
-
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         try:
-            model.load_state_dict(loaded.state_dict())
+            model.load_state_dict(saved.weights)
         except RuntimeError as e:
             first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
             raise UserError(f"resume_from_checkpoint {path}: its weights do not fit this model ({first})") from None
-    if new:
-        from safetensors import SafetensorError
-
+    if saved.optimizer is not None:
         try:
-            opt.load_state_dict(_load_optimizer(path / OPTIMIZER))
-            sched.load_state_dict(read_json(path / SCHEDULER))
-            _load_rng(path / RNG)
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(
-                f"resume_from_checkpoint {path}: its optimizer/scheduler/RNG state is unreadable ({e})"
-            ) from None
-        return state
+            opt.load_state_dict(saved.optimizer)
+            sched.load_state_dict(saved.scheduler)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise _unreadable(path, e) from None
+        set_rng(*saved.rng[0])
+        return saved.state
     opt.load_state_dict(_legacy(path / "optimizer.pt"))
     sched.load_state_dict(_legacy(path / "scheduler.pt"))
     rng = _legacy(path / "rng_state.pth")
@@ -286,7 +360,7 @@ def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig) -> dict
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
+    return saved.state
 
 
 def write_final(out: Path, write: Callable[[Path], None]) -> None:

@@ -56,16 +56,36 @@ def init(timeout_s: int) -> tuple[Dist, str]:
         torch.cuda.set_device(d.local_rank)
         device = f"cuda:{d.local_rank}"
     if d.active and not torch.distributed.is_initialized():
+        # before the group exists: torch.distributed.nn's `group=group.WORLD` defaults, evaluated at its import,
+        # would otherwise hold the group until the interpreter exits (see shutdown)
+        import torch.distributed.nn  # noqa: F401
+
         backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return d, device
 
 
 def shutdown() -> None:
+    """Leave the process group so that it is really gone, its gloo threads joined, while the interpreter is whole.
+    Call it once the run's objects are released. `destroy_process_group` only unregisters the group: it lives on
+    while anything holds it, and with FSDP2 DTensor's caches hold it (cached plans and sharding decisions keep the
+    device mesh, the mesh keeps the group). A group alive at interpreter exit keeps gloo's threads running into
+    finalization, where a rank can abort ("terminate called without an active exception") after a finished run."""
+    import gc
+
     import torch
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from torch.distributed.tensor import _collective_utils, _redistribute, _sharding_prop, debug
+
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+    _redistribute.clear_redistribute_planner_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    _sharding_prop.ShardingPropagator._propagate_tensor_meta_cached.cache_clear()
+    debug._clear_sharding_prop_cache()
+    gc.collect()  # FSDP's module states and hooks form reference cycles
+    torch.distributed.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:
@@ -84,6 +104,17 @@ def share(d: Dist, value: Any) -> Any:
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(d: Dist, value: Any) -> list[Any] | None:
+    """Every rank's `value` (a picklable object of our own making) as a list on rank 0, None on the others."""
+    if not d.active:
+        return [value]
+    import torch
+
+    out = [None] * d.world if d.main else None
+    torch.distributed.gather_object(value, out, dst=0)
+    return out
 
 
 def all_sum(d: Dist, t: Any) -> Any:
@@ -134,17 +165,21 @@ def unwrapped(score: Any) -> Any:
     return getattr(score, "module", score)
 
 
-def on_main(d: Dist, fn: Callable[[], Any]) -> Any:
-    """`fn()` on rank 0 (e.g. preparing the output dir), its result on every rank; its UserError on every rank."""
+def on_main(d: Dist, fn: Callable[[], Any], everywhere: bool = True) -> Any:
+    """`fn()` on rank 0 (e.g. preparing the output dir), its result on every rank (`everywhere` False: on rank 0
+    only, None on the others); its UserError on every rank."""
     if not d.active:
         return fn()
-    result: tuple[Any, str | None] = (None, None)
+    value, error = None, None
     if d.main:
         try:
-            result = (fn(), None)
+            value = fn()
         except UserError as e:
-            result = (None, str(e))
-    value, error = share(d, result)
+            error = str(e)
+    if everywhere:
+        value, error = share(d, (value, error))
+    else:
+        error = share(d, error)
     if error is not None:
         raise UserError(error)
     return value
@@ -166,6 +201,52 @@ def full_state_dict(model: Any, score: Any, d: Dist, engine: str) -> dict[str, A
             sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if d.main else None
         return sd
     return None
+
+
+def full_optimizer_state(score: Any, opt: Any, d: Dist, engine: str) -> dict[str, Any] | None:
+    """The optimizer's whole state on rank 0, for a checkpoint: under DDP/FSDP gathered by torch (keyed by parameter
+    name; every rank takes part); None elsewhere and for DeepSpeed (its partitioned state is not saved)."""
+    if engine == "single":
+        return opt.state_dict()
+    if engine == "deepspeed":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(score, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if d.main else None
+
+
+def restore(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
+    """Resume a DDP/FSDP run from checkpoint-N: rank 0 checks and reads the files (`checkpoint.read`: safetensors and
+    JSON only), torch's loaders broadcast the weights and optimizer state from it into every rank's shards, and
+    each rank takes its own RNG state. Returns the trainer state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from exporter import checkpoint
+
+    d, model = run.dist, run.model
+
+    def read() -> Any:
+        saved = checkpoint.read(path, cfg, model, run.state.fingerprint)
+        groups = saved.optimizer["param_groups"] if saved.optimizer else []
+        if saved.optimizer is None or any(isinstance(p, int) for g in groups for p in g["params"]):
+            raise UserError(f"resume_from_checkpoint {path}: written by an older version of exporter for "
+                            f"{d.world} processes; resume it with that version or start over")  # fmt: skip
+        return dataclasses.replace(saved, weights=checkpoint.by_model_key(path, model, saved.weights, cfg))
+
+    saved = on_main(d, read, everywhere=False)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    weights = {f"model.{k}": v for k, v in saved.weights.items()} if d.main else {}  # the Scorer holds it as `model`
+    set_model_state_dict(run.plain, weights, options=opts)
+    set_optimizer_state_dict(run.plain, run.opt, saved.optimizer if d.main else {}, options=opts)
+    state, sched, rng = share(d, (saved.state, saved.scheduler, saved.rng) if d.main else None)
+    run.sched.load_state_dict(sched)
+    checkpoint.set_rng(*rng[d.rank])
+    return state
 
 
 def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any:

@@ -28,67 +28,8 @@ from exporter.distributed import Dist
 from exporter.errors import UserError
 from exporter.examples import Prepared, length, plan_epoch, to_device
 from exporter.lf_args import TrainConfig, check, config_from_dict, parse_args, say
+from exporter.loss_plot import plot
 from exporter.progress import progress
-
-# ------------------------------------------------------------------ loss plot
-
-
-def smooth(values: list[float]) -> list[float]:
-    """TensorBoard-style EMA with LLaMA-Factory's length-dependent weight."""
-    if not values:
-        return []
-    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
-    out, last = [], values[0]
-    for v in values:
-        last = last * weight + (1 - weight) * v
-        out.append(last)
-    return out
-
-
-PLOT_COLORS = {"loss": "#1f77b4", "eval_loss": "#ff7f0e"}  # others (dpo/kto rewards) take the first
-PLOTTED = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-
-
-def loss_figure(log: list[dict[str, Any]], keys: tuple[str, ...], title: str) -> Any:
-    """A matplotlib figure (Agg) of each key's logged values (faint) and LLaMA-Factory's smoothed curve; None when
-    the log has none of them. Shared by training_loss.png and the web board's live plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    series = {k: [(r["current_steps"], r[k]) for r in log if r.get(k) is not None] for k in keys}
-    series = {k: pts for k, pts in series.items() if pts}
-    if not series:
-        return None
-    fig = Figure()
-    ax = fig.add_subplot()
-    for key, pts in series.items():
-        steps, vals = zip(*pts, strict=True)
-        name = "" if len(keys) == 1 else f"{key} "
-        color = PLOT_COLORS.get(key, PLOT_COLORS["loss"])
-        ax.plot(steps, vals, color=color, alpha=0.4, label=f"{name}original")
-        ax.plot(steps, smooth(list(vals)), color=color, label=f"{name}smoothed")
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel(keys[0] if len(keys) == 1 else "loss")
-    ax.legend()
-    return fig
-
-
-def plot(log: list[dict[str, Any]], out_dir: Path, title: str | None = None) -> list[Path]:
-    """training_loss.png (and training_eval_loss.png; for dpo/kto training_rewards_accuracies.png ... as
-    LLaMA-Factory names them) from the trainer log into `out_dir`; `title` names the run (default: out_dir)."""
-    written = []
-    for key in PLOTTED:
-        fig = loss_figure(log, (key,), f"training {key} of {title or out_dir}")
-        if fig is None:
-            continue
-        path = out_dir / f"training_{key.replace('/', '_')}.png"
-        fig.savefig(path, format="png", dpi=100)
-        written.append(path)
-    return written
-
 
 # ------------------------------------------------------------------ schedule, state, log
 
@@ -412,16 +353,18 @@ def loop(run: Run, log: TrainerLog) -> None:
 
 
 def _checkpoint(run: Run) -> None:
-    """checkpoint-N on rank 0 (FSDP/DeepSpeed: weights gathered from every rank, no optimizer state)."""
+    """checkpoint-N on rank 0, with the weights and optimizer state gathered from every rank (DeepSpeed: weights)."""
     from exporter import distributed
 
     flush(run)
     full = distributed.full_state_dict(run.model, run.plain, run.dist, run.engine)
+    optim = None if run.cfg.save_only_model else distributed.full_optimizer_state(run.plain, run.opt, run.dist,
+                                                                                  run.engine)  # fmt: skip
+    rngs = distributed.gather(run.dist, checkpoint.rng_state())
     if run.dist.main:
         _check_weights(run, full)
-        sharded = run.engine in ("fsdp", "deepspeed")
-        checkpoint.save(run.model, None if sharded else run.opt, run.sched, dataclasses.asdict(run.state), run.out,
-                        run.cfg, run.model_dir, run.prep.tpl, state_dict=full)  # fmt: skip
+        checkpoint.save(run.model, optim, run.sched, dataclasses.asdict(run.state), run.out, run.cfg, run.model_dir,
+                        run.prep.tpl, state_dict=full, rngs=rngs)  # fmt: skip
     distributed.barrier(run.dist)
 
 
@@ -475,14 +418,13 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
         objective.reference_logps(run, prep.train)
         objective.reference_logps(run, prep.val)
     if resume is not None:
-        if engine in ("fsdp", "deepspeed"):
-            raise UserError(f"resume_from_checkpoint {resume}: resuming a {engine} run is not supported yet")
-        run.state = State.from_dict(checkpoint.load(resume, model, opt, sched, cfg))
-        if run.state.fingerprint != fingerprint:
-            raise UserError(
-                f"resume_from_checkpoint {resume}: saved for different data or batch settings "
-                f"({run.state.fingerprint} vs now {fingerprint})"
-            )
+        if engine == "deepspeed":  # its partitioned optimizer state is not gathered into our checkpoint format
+            raise UserError(f"resume_from_checkpoint {resume}: resuming a deepspeed run is not supported (its "
+                            "checkpoints hold the gathered weights only); use fsdp: full_shard to resume")  # fmt: skip
+        if engine == "single":
+            run.state = State.from_dict(checkpoint.load(resume, model, opt, sched, cfg, fingerprint))
+        else:
+            run.state = State.from_dict(distributed.restore(resume, cfg, run))
     return run
 
 
@@ -562,42 +504,54 @@ class TrainResult:
 def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     """Train per `cfg` (`given`: the keys the user set, for the notes on keys without effect here); under torchrun
     every process calls it and rank 0 writes."""
-    from exporter import distributed, examples, hub, tuning
+    import traceback
 
-    given = given if given is not None else set()
+    from exporter import distributed
+
     d, device = distributed.init(cfg.ddp_timeout)
     try:
-        check(cfg, given, device.split(":")[0])
-        model_dir = hub.resolve(cfg.model_name_or_path, "model")
-        out = Path(cfg.output_dir)
-        prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
-        rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
-        if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
-            cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)
-        with claim(out) if d.main else contextlib.nullcontext():  # one run per output_dir
-            resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))
-            run = _start(cfg, prep, model_dir, out, resume, device, d)
-            log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
-            try:
-                loop(run, log)
-                results = _results(run, log)
-            finally:
-                log.close()
-            full = distributed.full_state_dict(run.model, run.plain, d, run.engine)
-            if d.main:
-                _check_weights(run, full)
-                checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))
-                _write_manifest(run)
-                print(
-                    f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
-                    f"{results['train_tokens_per_second']:.0f} tokens/s"
-                    + (f" on {d.world} processes ({run.engine})" if d.active else "")
-                    + f" -> {out}",
-                    file=sys.stderr,
-                )
-            distributed.barrier(d)
+        return _train(cfg, given if given is not None else set(), d, device)
+    except BaseException as e:  # the run's objects in its frames hold the process group; shutdown needs them gone
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResult:
+    """The run (see the module's recipe); what it built is released when it returns, before `train` leaves the
+    process group."""
+    from exporter import distributed, examples, hub, tuning
+
+    check(cfg, given, device.split(":")[0])
+    model_dir = hub.resolve(cfg.model_name_or_path, "model")
+    out = Path(cfg.output_dir)
+    prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
+    rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
+    if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
+        cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)
+    with claim(out) if d.main else contextlib.nullcontext():  # one run per output_dir
+        resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))
+        run = _start(cfg, prep, model_dir, out, resume, device, d)
+        log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
+        try:
+            loop(run, log)
+            results = _results(run, log)
+        finally:
+            log.close()
+        full = distributed.full_state_dict(run.model, run.plain, d, run.engine)
+        if d.main:
+            _check_weights(run, full)
+            checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))
+            _write_manifest(run)
+            print(
+                f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
+                f"{results['train_tokens_per_second']:.0f} tokens/s"
+                + (f" on {d.world} processes ({run.engine})" if d.active else "")
+                + f" -> {out}",
+                file=sys.stderr,
+            )
+        distributed.barrier(d)
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 

@@ -39,7 +39,7 @@ from webui_helpers import (
 )
 
 from exporter import cli, config, evaluate, lf_args, predict
-from exporter.train import smooth
+from exporter.loss_plot import smooth
 from exporter.webui import WebUIOptions, build, eval_tab, export_tab, locales, train_tab
 
 

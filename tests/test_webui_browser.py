@@ -83,7 +83,7 @@ def _tab(driver: Any, name: str) -> None:
 
 
 def _blue_pixels(element: Any) -> int:
-    """How many pixels of the element are blue (the loss curves, exporter.train.PLOT_COLORS["loss"], and their
+    """How many pixels of the element are blue (the loss curves, exporter.loss_plot.PLOT_COLORS["loss"], and their
     legend; the rest of the figure is black, grey and white)."""
     import io
 

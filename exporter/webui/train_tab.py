@@ -254,7 +254,7 @@ def read_log(out_dir: Path, since: float = 0.0) -> list[dict[str, Any]]:
 def loss_plot(log: list[dict[str, Any]], out_dir: Path) -> Any:
     """The live loss plot: loss and eval loss with LLaMA-Factory's smoothed curves (the figure training_loss.png is
     drawn with; an image, as LLaMA-Factory's board shows it); None before the first logged loss."""
-    from exporter.train import loss_figure
+    from exporter.loss_plot import loss_figure
 
     return loss_figure(log, ("loss", "eval_loss"), out_dir.name)
 
