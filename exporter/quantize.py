@@ -36,9 +36,11 @@ BROKEN = {
     "then fails while packing (KeyError 'q_zeros')",
     ("gptq", "phi3"): "gptqmodel 7.6.0 writes a corrupt g_idx for Phi-3's fused gate_up_proj, so the output fails "
     "to load (IndexError in its TorchAtenLinear kernel)",
-    ("gptq", "glm4"): "gptqmodel 7.6.0 writes a corrupt g_idx for GLM-4's fused gate_up_proj, so the output fails "
-    "to load (IndexError in its TorchAtenLinear kernel)",
-    ("awq", "glm4"): "gptqmodel 7.6.0's AWQ output of GLM-4 (fused gate_up_proj) computes NaN logits once reloaded",
+    **dict.fromkeys(
+        (("gptq", "glm4"), ("awq", "glm4")),
+        "gptqmodel 7.6.0 saves GLM-4's fused gate_up_proj as separate gate_proj/up_proj layers, which transformers' "
+        "GLM-4 does not have: reloaded, gate_up_proj is missing (GPTQ fails with an IndexError, AWQ computes NaN)",
+    ),
 }
 # why no method quantizes an MoE checkpoint (one with `.experts.` tensors) into a dir transformers reloads intact
 MOE_BROKEN = {

@@ -250,8 +250,8 @@ PPL_REL = {"gptq": 0.10, "awq": 0.10, "bnb4": 0.10, "bnb8": 0.01}  # the issue's
 PPL_REL_WIDER = {("gemma2", "bnb4"): 0.15, ("gemma2", "awq"): 0.15, ("olmo2", "awq"): 0.25, ("smollm3", "awq"): 0.35}
 
 
-# gptqmodel 7.6.0 fails there, and no method quantizes MoE experts into a dir transformers reloads intact; we say so
-# up front (tested)
+# gptqmodel 7.6.0 fails there (Phi-3, GLM-4), and no method quantizes MoE experts into a dir transformers reloads
+# intact; we say so up front (tested)
 BROKEN_CASES = {("phi3", "awq"), ("phi3", "gptq"), ("glm4", "awq"), ("glm4", "gptq")}
 BROKEN_CASES |= {(f, m) for f in ("qwen3_moe", "mixtral") for m in METHODS}
 
