@@ -544,6 +544,7 @@ def chat_template(
         return ChatTemplate(**common, description="the model's own Jinja; no Ollama TEMPLATE", ollama="", stop=stop,
                             eot_tokens=[], default_system=None, format=fmt, notes=(note, *near))  # fmt: skip
     names, gos, systems, stops, tie_ok = ["derived"], [d.ollama], [d.default_system], [d.stop], [False]
+    fams: list[Any] = [None]
     own_tools = tool_probe(jinja, bos, eos)
     for name in list_templates():
         try:
@@ -551,6 +552,7 @@ def chat_template(
         except UserError:  # a base format that needs an eos token this tokenizer lacks
             continue
         names.append(name), gos.append(fam.ollama), systems.append(fam.default_system), stops.append(fam.stop)
+        fams.append(fam)
         theirs = tool_probe(fam.jinja, bos, eos) if own_tools is not None else None
         tie_ok.append(own_tools is None or "".join((theirs or "").split()) == "".join(own_tools.split()))
     notes, same, differ, pick = [], [], [], 0
@@ -572,17 +574,25 @@ def chat_template(
         same_tools = f"tool calls: in family {names[pick]}'s format, the Jinja's up to whitespace"
         no_tools = "tool definitions, calls and results are not translated: the Go TEMPLATE renders none"
         notes.append(same_tools if pick and tie_ok[pick] else no_tools)
+    own = fams[pick] if pick and tie_ok[pick] else None
+    notes += own.notes if own else ()  # what the family's Go TEMPLATE prints otherwise
+    # a family carrying this very Jinja (kind jinja) knows its tool turns: answers that end in a call close with
+    # the token before the tool results (GLM's <|observation|>), trained, and an end-of-turn token where the
+    # tokenizer has it
+    mine = own.format if own and own.kind == "jinja" else {}
+    closers = list(dict.fromkeys([*d.layout.closers, *mine.get("closers", ())]))
+    eot = list(dict.fromkeys([*d.eot_tokens, *(t for t in (own.eot_tokens if mine else ()) if t in (markers or ()))]))
     shown = "\n".join(notes)
     notes = [head, *notes, *(n for n in d.notes if n not in shown), *near]
     fmt = {"kind": "jinja", "close": d.layout.close, "after_answer": d.layout.assistant[1], "extra": d.extra,
-           "closers": d.layout.closers,
+           "closers": closers,
            "go": names[pick], "same": same, "differ": differ}  # fmt: skip
     return ChatTemplate(
         **common,
         description=f"the model's own Jinja (Go TEMPLATE: {names[pick]})",
         ollama=gos[pick],
         stop=list(dict.fromkeys([*d.stop, *stops[pick]])),
-        eot_tokens=d.eot_tokens,
+        eot_tokens=eot,
         default_system=systems[pick],
         format=fmt,
         notes=tuple(notes),

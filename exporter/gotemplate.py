@@ -4,6 +4,8 @@ A small Go program ships as package data (`exporter/gotmpl/main.go`); it is comp
 toolchain into a cache dir keyed by the source hash, then fed JSON on stdin: the template plus the variables
 Ollama's template package passes to a chat template (`.System`, `.Messages`, `.Tools`, `.Prompt`, `.Response`,
 `.Think`, `.IsThinkSet`), with Ollama's functions (`json`, `currentDate`, `yesterdayDate`) and `missingkey=zero`.
+As in Ollama, the Go side decodes tool definitions into structs shaped like its `api.Tool`: a TEMPLATE prints them
+in that struct's field order, with parameter names sorted and unknown keys dropped, whatever order the caller used.
 """
 
 from __future__ import annotations

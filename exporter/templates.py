@@ -11,7 +11,9 @@ Jinja (BOS as text, tokenized with `add_special_tokens=False`), so the ids carry
 The model's own template is the truth: `resolve(model_dir, None)` keeps the model's Jinja (exported byte for byte)
 and names the family whose Jinja renders every probe exactly like it; when none does, `exporter.derive` derives the
 Go TEMPLATE, stops, end-of-turn tokens and default system from the Jinja itself and training follows the Jinja
-(`exporter.jinja_segments`). A template problem never raises there; it becomes `notes`.
+(`exporter.jinja_segments`). A template problem never raises there; it becomes `notes`. A family whose `format` is
+`{kind: jinja}` carries a published Jinja as it is with a hand-written Go TEMPLATE (tools included) and `notes` on what
+Go prints otherwise: detection never names it; derive picks its TEMPLATE by rendering.
 
 Protocol: anything train, verify and calibration encode with is a `ChatTemplate`: `jinja` (what is exported),
 `ollama` (Modelfile TEMPLATE, "" for none), `stop`, `eot_tokens`, `default_system`, and either a `format` the
@@ -92,7 +94,7 @@ class ChatTemplate:
 
 
 _REQUIRED = ("name", "description", "jinja", "ollama", "stop", "eot_tokens", "format")
-_OPTIONAL = {"default_system": None, "bos_token": None, "eos_token": None, "tools": False}
+_OPTIONAL = {"default_system": None, "bos_token": None, "eos_token": None, "tools": False, "notes": ()}
 
 
 def _family_files() -> dict[str, Any]:
@@ -123,6 +125,7 @@ def _parse(name: str, text: str, where: str) -> ChatTemplate:
     values = {**_OPTIONAL, **data}
     values["stop"] = [str(s) for s in values["stop"]]
     values["eot_tokens"] = [str(s) for s in values["eot_tokens"]]
+    values["notes"] = tuple(str(n) for n in values["notes"] or ())
     return ChatTemplate(**values)
 
 
@@ -386,6 +389,8 @@ def match_family(template: str, bos: str = "", eos: str = "") -> tuple[ChatTempl
     best: tuple[float, str, int, str, str] | None = None
     for name in list_templates():
         tpl = load_template(name)
+        if tpl.kind == "jinja":  # a published Jinja with a hand-written Go TEMPLATE: derive picks it by rendering
+            continue
         diff = None
         score = 0.0
         for k, ref in refs:

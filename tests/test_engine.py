@@ -293,6 +293,60 @@ def test_tool_calls_round_trip_through_each_family_template(family: str) -> None
     assert parse_tool_calls(fmt.tools, "Just text.") == ("Just text.", [])
 
 
+def test_glm_and_granite_tool_calls_parse_into_openai_calls() -> None:
+    """GLM-4.6 (`<tool_call>name<arg_key>..`, written back by its own Jinja) and Granite 3.x (`<|tool_call|>[...]`,
+    what the model answers; its Jinja writes no calls back) parse into OpenAI tool_calls."""
+    import json
+
+    from exporter import templates
+
+    glm = ChatFormat(templates.load_template("glm-4.6").jinja, {"bos_token": "", "eos_token": "<|endoftext|>"})
+    assert glm.tools is not None and glm.tools.name == "glm"
+    args2 = {"city": "北京", "days": 3, "metric": True, "at": {"lat": 39.9, "lon": [116, "E"]}}
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+             {"type": "function", "function": {"name": "forecast", "arguments": args2}}]  # fmt: skip
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Checking.", "tool_calls": calls}]
+    head = glm.render(conv[:1], add_generation_prompt=True)
+    answer = glm.render(conv, add_generation_prompt=False)[len(head) :]
+    assert "<arg_key>days</arg_key>\n<arg_value>3</arg_value>" in answer
+    content, parsed = parse_tool_calls(glm.tools, answer)
+    assert content.endswith("Checking.")
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed] == [
+        ("get_weather", {"city": "Paris"}), ("forecast", args2)]  # fmt: skip
+    granite = ChatFormat(templates.load_template("granite-3").jinja, {"bos_token": "", "eos_token": "<|end_of_text|>"})
+    assert granite.tools is not None and granite.tools.name == "granite"
+    out = '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]'
+    content, parsed = parse_tool_calls(granite.tools, out)
+    assert content == "" and [c["function"]["name"] for c in parsed] == ["get_weather", "now"]
+    assert parse_tool_calls(granite.tools, "<|tool_call|>[not json") == ("<|tool_call|>[not json", [])
+    assert parse_tool_calls(glm.tools, "Just text.") == ("Just text.", [])
+
+
+def test_arg_key_tool_calls_round_trip_through_published_templates() -> None:
+    """Every published template that writes GLM-style `<arg_key>` calls (GLM-4.6/4.7, Spark, Ling, Laguna): a call
+    rendered by its own Jinja parses back to the same call."""
+    import json
+
+    from conftest import llama_src
+
+    root = llama_src() / "vendor" / "llama.cpp" / "models" / "templates"
+    published = {p.stem: p.read_text(encoding="utf-8") for p in sorted(root.glob("*.jinja"))}
+    args = {"city": "Paris", "days": 2, "metric": True}
+    call = {"id": "c1", "type": "function", "function": {"name": "forecast", "arguments": args}}
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    checked = []
+    for name, jinja in published.items():
+        fmt = ChatFormat(jinja, {"bos_token": "", "eos_token": "</s>"})
+        if fmt.tools is None or fmt.tools.name != "glm":
+            continue
+        head = fmt.render(conv[:1], add_generation_prompt=True)
+        _, calls = parse_tool_calls(fmt.tools, fmt.render(conv, add_generation_prompt=False)[len(head) :])
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+            ("forecast", args)], name  # fmt: skip
+        checked.append(name)
+    assert "GLM-4.6" in checked and len(checked) >= 5, checked
+
+
 def test_vllm_missing_is_one_clear_error(models, monkeypatch) -> None:
     import builtins
 

@@ -54,20 +54,93 @@ def test_tool_calls_and_tools_print_as_ollama_does() -> None:
         {"role": "assistant", "tool_calls": [{"id": "x1", "function": {"name": "f", "arguments": args}}]},
         {"role": "tool", "content": "r", "tool_call_id": "x1", "name": "f"},
     ]
-    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]
+    params = {"type": "object", "properties": {}}
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": params}}]
     tpl = (
         "{{ range .Messages }}{{ range $i, $c := .ToolCalls }}{{ $i }}:{{ .ID }}:{{ .Function.Name }}:"
         '{{ .Function.Arguments }}{{ end }}{{ if eq .Role "tool" }}<{{ .ToolCallID }}|{{ .ToolName }}>{{ end }}'
         "{{ end }}|{{ range .Tools }}{{ . }}{{ end }}|{{ json .Tools }}|{{ range .Tools }}{{ .Function.Name }}{{ end }}"
     )
     out = render_go(tpl, ollama_data(msgs, tools))
-    # compact JSON in the caller's key order (Ollama keeps argument order), non-ASCII kept
-    compact_args = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+    # compact JSON with sorted keys (Ollama hands templates the arguments as a map, #13636), non-ASCII kept
+    compact_args = json.dumps(args, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     compact_tools = json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
     assert out == f"0:x1:f:{compact_args}<x1|f>|{compact_tools[1:-1]}|{compact_tools}|f"
     # arguments given as a JSON string (OpenAI style) are parsed like Ollama's API does
     msgs[1]["tool_calls"][0]["function"]["arguments"] = json.dumps(args)
     assert render_go(tpl, ollama_data(msgs, tools)) == out
+
+
+# A tool as callers write it (OpenAI style: `properties` before `required`, parameter names unsorted, keys Ollama
+# does not know: `strict`, `default`, `additionalProperties`, `minLength`) and what Ollama's TEMPLATE sees, written by
+# hand from Ollama's api/types.go (Tool, ToolFunction, ToolFunctionParameters, ToolProperty, PropertyType,
+# ToolPropertiesMap) and template/template.go (templateTool, templateToolFunction, templateToolFunctionParameters,
+# templateProperties): struct field order (type, items; name, description; type, $defs, items, required,
+# properties; a property's anyOf, type, items, description, enum, properties, required), omitempty fields left out
+# (but the template copy's `description` always printed), unknown keys dropped, the parameters' names sorted (a Go
+# map), a nested property's names in the caller's order (an ordered map), a one-element type list as a string,
+# free-form `items` as a decoded map (sorted keys), HTML characters escaped.
+CALLER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather <now>",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "unit": {"enum": ["c", "f"], "description": "unit", "type": "string", "default": "c"},
+                    "city": {"description": "City", "type": ["string", "null"]},
+                    "opts": {"required": ["z"], "type": "object", "properties": {"z": {"type": "integer"}, "a": {}}},
+                    "tags": {"type": ["array"], "items": {"type": "string", "minLength": 1}},
+                },
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "ping"}},
+]
+OLLAMA_PARAMS = (
+    '{"type":"object","required":["city"],"properties":{'
+    '"city":{"type":["string","null"],"description":"City"},'
+    '"opts":{"type":"object","properties":{"z":{"type":"integer"},"a":{}},"required":["z"]},'
+    '"tags":{"type":"array","items":{"minLength":1,"type":"string"}},'
+    '"unit":{"type":"string","description":"unit","enum":["c","f"]}}}'
+)
+OLLAMA_WEATHER = (
+    '{"type":"function","function":{"name":"get_weather","description":"Weather \\u003cnow\\u003e",'
+    f'"parameters":{OLLAMA_PARAMS}}}}}'
+)
+OLLAMA_PING_PARAMS = '{"type":"","properties":null}'
+OLLAMA_PING = f'{{"type":"function","function":{{"name":"ping","description":"","parameters":{OLLAMA_PING_PARAMS}}}}}'
+
+
+def test_tools_print_in_ollamas_struct_order() -> None:
+    """.Tools, each tool, `json` of them and a function's parameters print what Ollama's structs print."""
+    tpl = (
+        "{{ .Tools }}|{{ json .Tools }}|{{ range .Tools }}{{ . }};{{ end }}|"
+        "{{ range .Tools }}{{ json .Function.Parameters }};{{ end }}|"
+        "{{ range .Tools }}{{ range $k, $v := .Function.Parameters.Properties }}{{ $k }}={{ $v.Type }},{{ end }};"
+        "{{ end }}"
+    )
+    out = render_go(tpl, ollama_data([{"role": "user", "content": "q"}], CALLER_TOOLS))
+    listed = f"[{OLLAMA_WEATHER},{OLLAMA_PING}]"
+    each = f"{OLLAMA_WEATHER};{OLLAMA_PING};"
+    names = "city=[string null],opts=object,tags=array,unit=string,;;"
+    assert out == f"{listed}|{listed}|{each}|{OLLAMA_PARAMS};{OLLAMA_PING_PARAMS};|{names}"
+
+
+def test_tool_call_arguments_range_like_ollama() -> None:
+    """Templates range over a call's arguments (a map in Ollama's templates: sorted keys, values as decoded JSON)."""
+    call = {"function": {"name": "f", "arguments": {"z": "s", "a": 2, "m": [1, "x"]}}}
+    tpl = (
+        "{{ range .Messages }}{{ range .ToolCalls }}{{ range $k, $v := .Function.Arguments }}{{ $k }}="
+        '{{ if eq (printf "%T" $v) "string" }}{{ $v }}{{ else }}{{ json $v }}{{ end }};{{ end }}{{ end }}{{ end }}'
+    )
+    out = render_go(tpl, ollama_data([{"role": "assistant", "content": "", "tool_calls": [call]}]))
+    assert out == 'a=2;m=[1,"x"];z=s;'
 
 
 def test_go_json_escapes_html_like_ollama() -> None:

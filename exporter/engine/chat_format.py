@@ -62,6 +62,32 @@ def _parse_hermes(text: str) -> list[dict[str, Any]] | None:
     return calls
 
 
+def _parse_glm(text: str) -> list[dict[str, Any]] | None:
+    """GLM-4.5/4.6: `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value>...</tool_call>`; a value is JSON where
+    it parses as JSON (the template writes non-strings with tojson), else the string itself."""
+    bodies = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S)
+    if not bodies:
+        return None
+    calls = []
+    for body in bodies:
+        name = body.split("<arg_key>", 1)[0].strip()
+        args: dict[str, Any] = {}
+        for key, value in re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", body, flags=re.S):
+            try:
+                args[key.strip()] = json.loads(value)
+            except ValueError:
+                args[key.strip()] = value
+        calls.append(_call(name, args))
+    return calls
+
+
+def _parse_granite(text: str) -> list[dict[str, Any]] | None:
+    """Granite 3.x: `<|tool_call|>` then a JSON list of {"name", "arguments"} objects."""
+    body = text.split("<|tool_call|>", 1)[1].strip() if "<|tool_call|>" in text else ""
+    items = [x for v in _json_objects(body) for x in (v if isinstance(v, list) else [v])]
+    return [_call(o.get("name"), o.get("arguments", {})) for o in items] or None
+
+
 def _parse_mistral(text: str) -> list[dict[str, Any]] | None:
     if "[TOOL_CALLS]" not in text:
         return None
@@ -81,6 +107,8 @@ def _parse_llama3(text: str) -> list[dict[str, Any]] | None:
 
 
 TOOL_FORMATS = (  # first marker found in the template wins
+    ToolFormat("glm", "<arg_key>", "<tool_call>", _parse_glm),  # GLM-4.5 / 4.6 (before hermes: also <tool_call>)
+    ToolFormat("granite", "<|tool_call|>", "<|tool_call|>", _parse_granite),  # Granite 3.x
     ToolFormat("hermes", "<tool_call>", "<tool_call>", _parse_hermes),  # Qwen 2.5 / 3, Hermes, many others
     ToolFormat("mistral", "[TOOL_CALLS]", "[TOOL_CALLS]", _parse_mistral),
     ToolFormat("llama3", '"parameters": ', "{", _parse_llama3),  # Llama 3.1+: one JSON object per answer

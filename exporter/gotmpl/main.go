@@ -1,10 +1,13 @@
 // Command gotmpl renders an Ollama Modelfile TEMPLATE with Go's text/template, the engine Ollama uses.
 //
 // Input (stdin, JSON): {"template": "...", "data": {...}}. The data mirrors what Ollama's template package
-// passes to Execute for chat templates: System, Messages (Role, Content, Thinking, ToolCalls, ToolName,
-// ToolCallID), Tools, Prompt, Response, Suffix, Think, IsThinkSet. Tool-call arguments keep their key order and
-// print as compact JSON (Ollama's ToolCallFunctionArguments.String). The template is parsed with
-// Option("missingkey=zero") and Ollama's functions (json, currentDate, yesterdayDate). The rendered text goes to stdout.
+// (template/template.go, Execute) passes to a chat template: System, Messages (pointers to structs with Role,
+// Content, Thinking, Images, ToolCalls, ToolName, ToolCallID; no JSON tags), Tools, Prompt, Response, Suffix,
+// Think, IsThinkSet. Tool-call arguments are a plain map, as Ollama hands them to templates since #13636
+// (templateArgs): a template can range over them (keys in sorted order), and they print as compact JSON with
+// sorted keys. Tool definitions are decoded into structs shaped like Ollama's api.Tool, so they print in its field
+// order (see Tool below), not the caller's. The template is parsed with Option("missingkey=zero") and Ollama's
+// functions (json, currentDate, yesterdayDate). The rendered text goes to stdout.
 package main
 
 import (
@@ -17,17 +20,138 @@ import (
 	"time"
 )
 
-// orderedArgs keeps tool-call arguments in the order they were given.
-type orderedArgs struct {
-	keys []string
-	vals map[string]json.RawMessage
+// templateArgs are a tool call's arguments as Ollama's templates see them: a map (rangeable, sorted keys) that
+// prints as compact JSON.
+type templateArgs map[string]any
+
+func (a templateArgs) String() string {
+	if a == nil {
+		return "{}"
+	}
+	b, _ := json.Marshal(map[string]any(a))
+	return string(b)
 }
 
-func (a *orderedArgs) UnmarshalJSON(b []byte) error {
-	a.vals = map[string]json.RawMessage{}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	if _, err := dec.Token(); err != nil {
+// Input side: a message as the chat request carries it (Ollama's api.Message JSON).
+type toolCallIn struct {
+	ID       string `json:"id"`
+	Function struct {
+		Index     int          `json:"index"`
+		Name      string       `json:"name"`
+		Arguments templateArgs `json:"arguments"`
+	} `json:"function"`
+}
+
+type messageIn struct {
+	Role       string       `json:"role"`
+	Content    string       `json:"content"`
+	Thinking   string       `json:"thinking"`
+	ToolCalls  []toolCallIn `json:"tool_calls"`
+	ToolName   string       `json:"tool_name"`
+	ToolCallID string       `json:"tool_call_id"`
+}
+
+// Template side: what Ollama's template package (template/template.go, templateMessage and templateToolCall) puts
+// in .Messages: pointers to structs without JSON tags, so `json` prints Go field names.
+type ToolCallFunction struct {
+	Index     int
+	Name      string
+	Arguments templateArgs
+}
+
+type ToolCall struct {
+	ID       string
+	Function ToolCallFunction
+}
+
+type Message struct {
+	Role       string
+	Content    string
+	Thinking   string
+	Images     [][]byte
+	ToolCalls  []ToolCall
+	ToolName   string
+	ToolCallID string
+}
+
+func templateMessages(in []messageIn) []*Message {
+	if in == nil {
+		return nil
+	}
+	out := make([]*Message, len(in))
+	for i, m := range in {
+		var calls []ToolCall
+		for _, c := range m.ToolCalls {
+			calls = append(calls, ToolCall{ID: c.ID, Function: ToolCallFunction(c.Function)})
+		}
+		out[i] = &Message{Role: m.Role, Content: m.Content, Thinking: m.Thinking, ToolCalls: calls,
+			ToolName: m.ToolName, ToolCallID: m.ToolCallID}
+	}
+	return out
+}
+
+// Tool definitions. Ollama decodes the request's tools into its api.Tool structs (api/types.go) and hands a
+// TEMPLATE a copy whose parameter properties are a plain map (template/template.go, templateTool). So what a
+// TEMPLATE prints is the structs' JSON: fields in struct order, keys Ollama does not know dropped, the parameters'
+// property names in sorted order (map), a nested property's own properties in the caller's order (Ollama keeps
+// those in an insertion-ordered map), and free-form values (items, $defs, enum) as decoded JSON (maps: sorted).
+
+// propertyType is a JSON Schema type: a string or a list of them; one prints as a string.
+type propertyType []string
+
+func (p *propertyType) UnmarshalJSON(b []byte) error {
+	var one string
+	if err := json.Unmarshal(b, &one); err == nil {
+		*p = propertyType{one}
+		return nil
+	}
+	var many []string
+	if err := json.Unmarshal(b, &many); err != nil {
 		return err
+	}
+	*p = many
+	return nil
+}
+
+func (p propertyType) MarshalJSON() ([]byte, error) {
+	if len(p) == 1 {
+		return json.Marshal(p[0])
+	}
+	return json.Marshal([]string(p))
+}
+
+func (p propertyType) String() string {
+	switch len(p) {
+	case 0:
+		return ""
+	case 1:
+		return p[0]
+	}
+	return fmt.Sprintf("%v", []string(p))
+}
+
+// ToolProperty is one parameter's schema, with the fields (and JSON names, order, omitempty) of Ollama's.
+type ToolProperty struct {
+	AnyOf       []ToolProperty `json:"anyOf,omitempty"`
+	Type        propertyType   `json:"type,omitempty"`
+	Items       any            `json:"items,omitempty"`
+	Description string         `json:"description,omitempty"`
+	Enum        []any          `json:"enum,omitempty"`
+	Properties  *orderedProps  `json:"properties,omitempty"`
+	Required    []string       `json:"required,omitempty"`
+}
+
+// orderedProps are nested properties, kept and printed in the order they were given.
+type orderedProps struct {
+	keys []string
+	vals map[string]ToolProperty
+}
+
+func (o *orderedProps) UnmarshalJSON(b []byte) error {
+	o.keys, o.vals = nil, map[string]ToolProperty{}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return fmt.Errorf("properties must be a JSON object")
 	}
 	for dec.More() {
 		tok, err := dec.Token()
@@ -35,154 +159,95 @@ func (a *orderedArgs) UnmarshalJSON(b []byte) error {
 			return err
 		}
 		key := tok.(string)
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
+		var p ToolProperty
+		if err := dec.Decode(&p); err != nil {
 			return err
 		}
-		if _, seen := a.vals[key]; !seen {
-			a.keys = append(a.keys, key)
+		if _, seen := o.vals[key]; !seen {
+			o.keys = append(o.keys, key)
 		}
-		a.vals[key] = raw
+		o.vals[key] = p
 	}
-	return nil
+	_, err := dec.Token()
+	return err
 }
 
-func (a orderedArgs) MarshalJSON() ([]byte, error) {
+func (o orderedProps) MarshalJSON() ([]byte, error) {
 	var buf bytes.Buffer
 	buf.WriteByte('{')
-	for i, k := range a.keys {
+	for i, k := range o.keys {
 		if i > 0 {
 			buf.WriteByte(',')
 		}
 		kb, _ := json.Marshal(k)
-		buf.Write(kb)
-		buf.WriteByte(':')
-		vb, err := marshalOrdered(a.vals[k])
+		vb, err := json.Marshal(o.vals[k])
 		if err != nil {
 			return nil, err
 		}
+		buf.Write(kb)
+		buf.WriteByte(':')
 		buf.Write(vb)
 	}
 	buf.WriteByte('}')
 	return buf.Bytes(), nil
 }
 
-// marshalOrdered re-encodes a raw JSON value compactly, keeping object key order and Go's HTML escaping.
-func marshalOrdered(raw json.RawMessage) ([]byte, error) {
-	trimmed := bytes.TrimSpace(raw)
-	if len(trimmed) > 0 && trimmed[0] == '{' {
-		var o orderedArgs
-		if err := o.UnmarshalJSON(trimmed); err != nil {
-			return nil, err
-		}
-		return o.MarshalJSON()
-	}
-	if len(trimmed) > 0 && trimmed[0] == '[' {
-		var items []json.RawMessage
-		if err := json.Unmarshal(trimmed, &items); err != nil {
-			return nil, err
-		}
-		var buf bytes.Buffer
-		buf.WriteByte('[')
-		for i, it := range items {
-			if i > 0 {
-				buf.WriteByte(',')
-			}
-			b, err := marshalOrdered(it)
-			if err != nil {
-				return nil, err
-			}
-			buf.Write(b)
-		}
-		buf.WriteByte(']')
-		return buf.Bytes(), nil
-	}
-	var v any
-	if err := json.Unmarshal(trimmed, &v); err != nil {
-		return nil, err
-	}
-	return json.Marshal(v)
-}
+// templateProperties are a function's parameters as a TEMPLATE ranges over them (sorted names).
+type templateProperties map[string]ToolProperty
 
-// String prints the arguments as Ollama does: compact JSON.
-func (a orderedArgs) String() string {
-	b, _ := a.MarshalJSON()
+func (p templateProperties) String() string {
+	if p == nil {
+		return "{}"
+	}
+	b, _ := json.Marshal(map[string]ToolProperty(p))
 	return string(b)
 }
 
-type ToolCallFunction struct {
-	Index     int         `json:"index"`
-	Name      string      `json:"name"`
-	Arguments orderedArgs `json:"arguments"`
+type ToolFunctionParameters struct {
+	Type       string             `json:"type"`
+	Defs       any                `json:"$defs,omitempty"`
+	Items      any                `json:"items,omitempty"`
+	Required   []string           `json:"required,omitempty"`
+	Properties templateProperties `json:"properties"`
 }
 
-type ToolCall struct {
-	ID       string           `json:"id,omitempty"`
-	Function ToolCallFunction `json:"function"`
+// ToolFunction prints "description" even when empty: the template copy has no omitempty there (the API's has).
+type ToolFunction struct {
+	Name        string                 `json:"name"`
+	Description string                 `json:"description"`
+	Parameters  ToolFunctionParameters `json:"parameters"`
 }
 
-type Message struct {
-	Role       string     `json:"role"`
-	Content    string     `json:"content"`
-	Thinking   string     `json:"thinking,omitempty"`
-	ToolCalls  []ToolCall `json:"tool_calls,omitempty"`
-	ToolName   string     `json:"tool_name,omitempty"`
-	ToolCallID string     `json:"tool_call_id,omitempty"`
-}
-
-// Tool keeps the raw JSON of one tool and prints it compactly (Ollama's Tool.String).
 type Tool struct {
 	Type     string       `json:"type"`
+	Items    any          `json:"items,omitempty"`
 	Function ToolFunction `json:"function"`
-	raw      json.RawMessage
 }
 
-type ToolFunction struct {
-	Name        string          `json:"name"`
-	Description string          `json:"description"`
-	Parameters  json.RawMessage `json:"parameters"`
-	raw         json.RawMessage
-}
+func (t Tool) String() string { b, _ := json.Marshal(t); return string(b) }
 
-func (t *Tool) UnmarshalJSON(b []byte) error {
-	type alias Tool
-	var a alias
-	if err := json.Unmarshal(b, &a); err != nil {
-		return err
-	}
-	*t = Tool(a)
-	t.raw = append(json.RawMessage(nil), b...)
-	var parts struct {
-		Function json.RawMessage `json:"function"`
-	}
-	if err := json.Unmarshal(b, &parts); err == nil {
-		t.Function.raw = parts.Function
-	}
-	return nil
-}
+// Tools is .Tools: a list that prints as compact JSON.
+type Tools []Tool
 
-func (t Tool) MarshalJSON() ([]byte, error)         { return marshalOrdered(t.raw) }
-func (t Tool) String() string                       { b, _ := t.MarshalJSON(); return string(b) }
-func (f ToolFunction) MarshalJSON() ([]byte, error) { return marshalOrdered(f.raw) }
-func (f ToolFunction) String() string               { b, _ := f.MarshalJSON(); return string(b) }
+func (t Tools) String() string { b, _ := json.Marshal(t); return string(b) }
 
 type Input struct {
 	Template string `json:"template"`
 	Now      string `json:"now,omitempty"` // YYYY-MM-DD for currentDate (tests); empty: today, as Ollama does
 	Data     struct {
-		System     string    `json:"System"`
-		Messages   []Message `json:"Messages"`
-		Tools      []Tool    `json:"Tools"`
-		Prompt     string    `json:"Prompt"`
-		Response   string    `json:"Response"`
-		Suffix     string    `json:"Suffix"`
-		Think      bool      `json:"Think"`
-		IsThinkSet bool      `json:"IsThinkSet"`
+		System     string      `json:"System"`
+		Messages   []messageIn `json:"Messages"`
+		Tools      Tools       `json:"Tools"`
+		Prompt     string      `json:"Prompt"`
+		Response   string      `json:"Response"`
+		Suffix     string      `json:"Suffix"`
+		Think      bool        `json:"Think"`
+		IsThinkSet bool        `json:"IsThinkSet"`
 	} `json:"data"`
 }
 
 // funcs are Ollama's template functions: json, currentDate and yesterdayDate (YYYY-MM-DD, the format argument is
-// ignored as in Ollama). toTypeScriptType is not provided: it needs Ollama's tool-property types.
+// ignored as in Ollama). toTypeScriptType is not provided (no family TEMPLATE uses it).
 func funcs(now time.Time) template.FuncMap {
 	return template.FuncMap{
 		"json": func(v any) string {
@@ -209,13 +274,13 @@ func render(input Input) (string, error) {
 		return "", fmt.Errorf("template parse error: %w", err)
 	}
 	d := input.Data
-	var tools any
-	if len(d.Tools) > 0 {
-		tools = d.Tools
+	tools := d.Tools
+	if len(tools) == 0 {
+		tools = nil // a request without tools: Ollama passes a nil list (false, prints as null)
 	}
 	data := map[string]any{
 		"System":     d.System,
-		"Messages":   d.Messages,
+		"Messages":   templateMessages(d.Messages),
 		"Tools":      tools,
 		"Prompt":     d.Prompt,
 		"Response":   d.Response,
