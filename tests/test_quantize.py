@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAMILIES, TEMPLATE_OF, detected_template, require_quant
+from conftest import FAMILIES, TEMPLATE_OF, require_quant
 
 from exporter import calibration, hf_dir, templates
 from exporter.errors import UserError
@@ -374,7 +374,6 @@ def test_quantized_reloads_close_to_source(quantized, family: str, method: str, 
     # the directory is complete: the source's chat template byte for byte, end-of-turn eos, quantization config without
     # calibration text, manifest
     tpl = templates.resolve(src, None)
-    assert tpl.name == detected_template(family)
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert tok_cfg["chat_template"] == tpl.jinja
     assert (out / "chat_template.jinja").read_bytes() == (src / "chat_template.jinja").read_bytes()
