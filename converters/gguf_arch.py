@@ -11,7 +11,6 @@ represent (another NoPE layer pattern, another Gemma 2 query scale) is refused r
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import gguf
 import numpy as np
+from exporter.converters.gguf_experts import fused_experts, is_fused, stack_experts
 
 from exporter.config import read_json
 from exporter.errors import UserError
@@ -499,47 +499,6 @@ def _permute_rows(n_rows: int, n_head: int) -> np.ndarray:
     return idx
 
 
-_EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<e>\d+)\.(?P<leaf>[^.]+)\.weight$")
-
-
-def _stack_experts(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """Names and shapes with one tensor per expert (`...experts.E.w1.weight`, as checkpoints ship them) grouped into
-    one stacked tensor per projection (`...experts.w1.weight`, what llama.cpp's names map from): name -> (shape,
-    per-expert sources in expert order); other tensors -> (shape, ())."""
-    out: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
-    groups: dict[str, dict[int, str]] = {}
-    for name, shape in shapes.items():
-        m = _EXPERT.match(name)
-        if m is None:
-            out[name] = (shape, ())
-            continue
-        key = f"{m['head']}.{m['leaf']}.weight"
-        groups.setdefault(key, {})[int(m["e"])] = name
-        out.setdefault(key, ((), ()))
-    for key, by_id in groups.items():
-        names = tuple(by_id[e] for e in sorted(by_id))
-        if sorted(by_id) != list(range(len(names))) or len({shapes[n] for n in names}) != 1:
-            raise UserError(f"experts of {key.removesuffix('.weight')}: expected experts 0..{len(names) - 1} of one "
-                            f"shape, got {', '.join(f'{n} {list(shapes[n])}' for n in names[:4])}")  # fmt: skip
-        out[key] = ((len(names), *shapes[names[0]]), names)
-    return out
-
-
-def _fused_experts(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], np.ndarray | None]]:
-    """transformers 5's fused expert parameters saved as they are: gate_up (E, 2*ff, hidden) becomes gate and up
-    (rows of each expert's first and second half), down (E, hidden, ff) maps as it is. (HF name, shape, rows)."""
-    head, _, leaf = name.rpartition(".")
-    if leaf == "down_proj":
-        return [(f"{name}.weight", shape, None)]
-    n, ff2, hidden = shape
-    ff = ff2 // 2
-    rows = np.arange(n * ff2).reshape(n, 2, ff)
-    return [
-        (f"{head}.gate_proj.weight", (n, ff, hidden), rows[:, 0].reshape(-1)),
-        (f"{head}.up_proj.weight", (n, ff, hidden), rows[:, 1].reshape(-1)),
-    ]
-
-
 def plan_tensors(
     arch: Arch, hp: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_vocab_real: int | None
 ) -> list[TensorSpec]:
@@ -549,13 +508,12 @@ def plan_tensors(
     n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
     specs: list[TensorSpec] = []
     tied = bool(hp.get("tie_word_embeddings"))
-    for name, (shape, stack) in _stack_experts(shapes).items():
+    for name, (shape, stack) in stack_experts(shapes).items():
         if name.endswith(arch.skip):
             continue
         if tied and name == "lm_head.weight":
             continue  # a tied head is the embedding; llama.cpp reuses token_embd
-        fused = name.endswith((".experts.gate_up_proj", ".experts.down_proj")) and len(shape) == 3
-        for hf, out_shape, rows in _fused_experts(name, shape) if fused else [(name, shape, None)]:
+        for hf, out_shape, rows in fused_experts(name, shape) if is_fused(name, shape) else [(name, shape, None)]:
             mapped = tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias"))
             if mapped is None:
                 raise UserError(f"tensor {name!r} {list(shape)} has no GGUF name for architecture {arch.name}")

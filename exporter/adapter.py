@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,10 @@ _UNSUPPORTED = (
 # `target_parameters` wraps each targeted one in a ParamWrapper, nesting them in that order: the first-defined is
 # innermost, so its keys carry the most ".base_layer" (`experts.base_layer.lora_A` is gate_up when both are targeted)
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+# transformers 5 module names -> the released checkpoints' names for the same tensors
+_CHECKPOINT_RENAMES = ((".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.experts.", ".block_sparse_moe.experts."))
+# a fused expert parameter -> the per-expert checkpoint tensors stacked on its out axis (each: its possible names)
+_EXPERT_PARTS = {"gate_up_proj": (("gate_proj", "w1"), ("up_proj", "w3")), "down_proj": (("down_proj", "w2"),)}
 
 
 @dataclass
@@ -295,3 +299,45 @@ def _expert_lora(module: str, param: str, p: dict[str, Source], r: int, scale: f
             f"(experts*r, in) and (out, experts*r) for r={r}"
         )
     return ExpertLora(module, param, A, B, scale, n)
+
+
+def match_tensor(name: str, names: Mapping) -> str | None:
+    """The base tensor an adapter name refers to: exact, else the one unique name sharing its dotted tail; names that
+    transformers 5 spells differently from released checkpoints (Mixtral's MoE block) are tried both ways."""
+    for cand in (name, *(name.replace(a, b) for a, b in _CHECKPOINT_RENAMES if a in name)):
+        if cand in names:
+            return cand
+        hits = [n for n in names if n.endswith("." + cand) or cand.endswith("." + n)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def expert_targets(
+    ex: ExpertLora, shapes: Mapping[str, tuple[int, ...]], label: str, base_dir: Path
+) -> list[tuple[str, int | None, int, int]]:
+    """The base tensors a parameter LoRA on fused experts changes, as (name, expert, row0, row1): the fused
+    (experts, out, in) tensor when the checkpoint keeps it so (expert None, all rows), else each expert's own tensors
+    (gate and up: the first and second half of gate_up's rows). UserError when the base has no such tensors."""
+    n, out, inp = ex.experts, ex.B.shape[0], ex.A.shape[1]
+    where = f"{label}: parameter LoRA on {ex.module}.{ex.param} ({n} experts, {out}x{inp})"
+    fused = match_tensor(f"{ex.module}.{ex.param}", shapes)
+    if fused is not None:
+        if tuple(shapes[fused]) != (n, out, inp):
+            raise UserError(f"{where} does not fit {fused} {list(shapes[fused])} of {base_dir}")
+        return [(fused, None, 0, out)]
+    hits: list[tuple[str, int | None, int, int]] = []
+    for e in range(n):
+        row = 0
+        for names in _EXPERT_PARTS[ex.param]:
+            hit = next((h for leaf in names if (h := match_tensor(f"{ex.module}.{e}.{leaf}.weight", shapes))), None)
+            if hit is None:
+                raise UserError(f"{where}: expert {e}'s {' or '.join(names)} is absent from the base model {base_dir}")
+            rows, cols = shapes[hit] if len(shapes[hit]) == 2 else (0, 0)
+            if cols != inp or row + rows > out:
+                raise UserError(f"{where} does not fit {hit} {list(shapes[hit])} of {base_dir}")
+            hits.append((hit, e, row, row + rows))
+            row += rows
+        if row != out:
+            raise UserError(f"{where}: expert {e}'s tensors in {base_dir} have {row} rows, the LoRA changes {out}")
+    return hits

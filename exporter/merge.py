@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from exporter import atomic, hf_dir, hub
-from exporter.adapter import Adapter, ExpertLora, LoraPart, Source, load_adapter
+from exporter.adapter import Adapter, ExpertLora, LoraPart, Source, expert_targets, load_adapter, match_tensor
 from exporter.config import read_json
 from exporter.errors import UserError
 from exporter.shards import (
@@ -76,24 +76,6 @@ def _base_tensors(base: Path) -> dict[str, TensorInfo]:
         infos = read_header(path)
         out.update(sorted(infos.items(), key=lambda kv: kv[1].start))
     return out
-
-
-def _match(name: str, names: dict) -> str | None:
-    """The base tensor an adapter name refers to: exact, else the one unique name sharing its dotted tail; names that
-    transformers 5 spells differently from released checkpoints (Mixtral's MoE block) are tried both ways."""
-    for cand in (name, *(name.replace(a, b) for a, b in _CHECKPOINT_RENAMES if a in name)):
-        if cand in names:
-            return cand
-        hits = [n for n in names if n.endswith("." + cand) or cand.endswith("." + n)]
-        if len(hits) == 1:
-            return hits[0]
-    return None
-
-
-# transformers 5 module names -> the released checkpoints' names for the same tensors
-_CHECKPOINT_RENAMES = ((".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.experts.", ".block_sparse_moe.experts."))
-# a fused expert parameter -> the per-expert checkpoint tensors stacked on its out axis (each: its possible names)
-_EXPERT_PARTS = {"gate_up_proj": (("gate_proj", "w1"), ("up_proj", "w3")), "down_proj": (("down_proj", "w2"),)}
 
 
 @dataclass
@@ -155,7 +137,7 @@ def plan(base_dir: Path, adapters: list[Adapter], out_dtype: torch.dtype | None)
         jobs[_HEAD] = Job(_HEAD, info, info.shape, jobs[embed].out_dtype)
 
     def target(name: str, ad: Adapter, what: str) -> Job:
-        hit = _match(name, jobs)
+        hit = match_tensor(name, jobs)
         if hit is None:
             raise UserError(f"adapter {ad.label}: {what} {name} is absent from the base model {base_dir}")
         return jobs[hit]
@@ -229,30 +211,11 @@ def plan(base_dir: Path, adapters: list[Adapter], out_dtype: torch.dtype | None)
 
 
 def _expert_ops(ad: Adapter, ex: ExpertLora, jobs: dict[str, Job], base_dir: Path) -> list[tuple[Job, Op]]:
-    """Where a parameter LoRA on fused experts lands: the fused (experts, out, in) tensor when the checkpoint keeps
-    it so, else each expert's own tensors (gate and up: the first and second half of gate_up's rows)."""
-    n, out, inp = ex.experts, ex.B.shape[0], ex.A.shape[1]
-    where = f"adapter {ad.label}: parameter LoRA on {ex.module}.{ex.param} ({n} experts, {out}x{inp})"
-    fused = _match(f"{ex.module}.{ex.param}", jobs)
-    if fused is not None:
-        if jobs[fused].shape != (n, out, inp):
-            raise UserError(f"{where} does not fit {fused} {list(jobs[fused].shape)} of {base_dir}")
-        return [(jobs[fused], Op(ad, lora=ex))]
-    ops = []
-    for e in range(n):
-        row = 0
-        for names in _EXPERT_PARTS[ex.param]:
-            hit = next((h for leaf in names if (h := _match(f"{ex.module}.{e}.{leaf}.weight", jobs))), None)
-            if hit is None:
-                raise UserError(f"{where}: expert {e}'s {' or '.join(names)} is absent from the base model {base_dir}")
-            rows, cols = jobs[hit].shape if len(jobs[hit].shape) == 2 else (0, 0)
-            if cols != inp or row + rows > out:
-                raise UserError(f"{where} does not fit {hit} {list(jobs[hit].shape)} of {base_dir}")
-            ops.append((jobs[hit], Op(ad, lora=ex.part(e, row, row + rows))))
-            row += rows
-        if row != out:
-            raise UserError(f"{where}: expert {e}'s tensors in {base_dir} have {row} rows, the LoRA changes {out}")
-    return ops
+    """Where a parameter LoRA on fused experts lands (`adapter.expert_targets`): the whole LoRA on a fused tensor,
+    rows of one expert's change on each per-expert tensor."""
+    shapes = {n: j.shape for n, j in jobs.items()}
+    hits = expert_targets(ex, shapes, f"adapter {ad.label}", base_dir)
+    return [(jobs[n], Op(ad, lora=ex if e is None else ex.part(e, r0, r1))) for n, e, r0, r1 in hits]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,20 @@ BROKEN = {
     "then fails while packing (KeyError 'q_zeros')",
     ("gptq", "phi3"): "gptqmodel 7.6.0 writes a corrupt g_idx for Phi-3's fused gate_up_proj, so the output fails "
     "to load (IndexError in its TorchAtenLinear kernel)",
+    **dict.fromkeys(
+        (("gptq", "glm4"), ("awq", "glm4")),
+        "gptqmodel 7.6.0 saves GLM-4's fused gate_up_proj as separate gate_proj/up_proj layers, which transformers' "
+        "GLM-4 does not have: reloaded, gate_up_proj is missing (GPTQ fails with an IndexError, AWQ computes NaN)",
+    ),
 }
+# why no method quantizes an MoE checkpoint (one with `.experts.` tensors) into a dir transformers reloads intact
+MOE_BROKEN = {
+    "gptq": "gptqmodel 7.6.0 saves one quantized layer per expert, which transformers 5's fused 3-D experts do not "
+    "load (the experts would come back newly initialized)",
+    "bnb4": "bitsandbytes quantizes linear layers only and transformers 5 holds MoE experts as fused 3-D "
+    "parameters, so the experts (most of the weights) would stay 16-bit",
+}
+MOE_BROKEN |= {"awq": MOE_BROKEN["gptq"], "bnb8": MOE_BROKEN["bnb4"]}
 _console = Console(stderr=True)
 
 
@@ -140,21 +153,32 @@ def check_shapes(shapes: dict[str, tuple[int, int]], method: str, group: int) ->
             )
 
 
+def _has_experts(model_dir: Path) -> bool:
+    from exporter.safetensors_file import read_header
+
+    return any(".experts." in n for f in sorted(model_dir.glob("*.safetensors")) for n in read_header(f))
+
+
 def _check_architecture(cfg: dict[str, Any], method: str, model_dir: Path) -> None:
     model_type = cfg.get("model_type")
     if not model_type:
         raise UserError(f"{model_dir / 'config.json'}: no model_type")
+    if _has_experts(model_dir):
+        raise UserError(
+            f"--method {method} cannot quantize model_type {model_type!r} (MoE experts): {MOE_BROKEN[method]}; "
+            "no method here quantizes MoE experts, `exporter gguf --type q4_k_m` does"
+        )
+    if (method, model_type) in BROKEN:
+        raise UserError(
+            f"--method {method} cannot quantize model_type {model_type!r}: {BROKEN[method, model_type]}; "
+            f"use {' or '.join(m for m in METHODS if (m, model_type) not in BROKEN)}"
+        )
     if method.startswith("bnb"):
         from transformers import CONFIG_MAPPING
 
         if model_type not in CONFIG_MAPPING:
             raise UserError(f"model_type {model_type!r} ({model_dir}) is not known to this transformers version")
         return
-    if (method, model_type) in BROKEN:
-        raise UserError(
-            f"--method {method} cannot quantize model_type {model_type!r}: {BROKEN[method, model_type]}; "
-            f"use {' or '.join(m for m in METHODS if (m, model_type) not in BROKEN)}"
-        )
     from gptqmodel.models.auto import MODEL_MAP
 
     if model_type not in MODEL_MAP:

@@ -493,25 +493,38 @@ def test_bad_type_and_existing_output_are_user_errors(tmp_path):
     assert parse_types("F16, q8_0,f16") == ["f16", "q8_0"]
 
 
+MOE_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # PEFT's parameter LoRA on fused experts
+
+
 @pytest.mark.parametrize(
-    ("family", "targets"),
+    ("family", "targets", "params"),
     [
-        ("llama3", ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
-        ("phi3", ["qkv_proj", "o_proj", "gate_up_proj"]),
+        ("llama3", ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], None),
+        ("phi3", ["qkv_proj", "o_proj", "gate_up_proj"], None),
+        ("qwen3_moe", ["q_proj", "k_proj", "o_proj"], MOE_PARAMS),
+        ("mixtral", ["q_proj", "v_proj"], [*MOE_PARAMS, "mlp.gate.weight"]),  # and the router (block_sparse_moe.gate)
     ],
 )
-def test_gguf_lora_matches_peft_merge(family, targets, tiny_model, converted, tmp_path):
-    """Base f32 GGUF + our GGUF LoRA in llama.cpp == PEFT merge_and_unload in transformers (rsLoRA included)."""
+def test_gguf_lora_matches_peft_merge(family, targets, params, tiny_model, converted, tmp_path):
+    """Base f32 GGUF + our GGUF LoRA in llama.cpp == PEFT merge_and_unload in transformers (rsLoRA included).
+    MoE experts become 3-D LoRA pairs llama.cpp applies per routed expert (Mixtral's router LoRA goes to its checkpoint
+    name), the same from a per-expert or a fused-expert base; there the reference is PEFT's merge run by llama.cpp
+    (its f32 GGUF): on these random tiny models a near-tie in routing can pick another expert in transformers than
+    in llama.cpp for the merged model itself (Mixtral, 'The quick brown fox': 0.96, with or without the LoRA file)."""
+    import shutil
+
     import torch
+    from gguf import GGUFReader
     from peft import LoraConfig, get_peft_model
 
-    from exporter.gguf import export_adapter
+    from exporter.gguf import export, export_adapter
 
     model = tiny_model(family)
     out, tpl = converted(family)
     hf = _hf_model(model)
     torch.manual_seed(0)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, use_rslora=True)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, target_parameters=params, init_lora_weights=False,
+                     use_rslora=True)  # fmt: skip
     peft_model = get_peft_model(hf, cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -524,12 +537,37 @@ def test_gguf_lora_matches_peft_merge(family, targets, tiny_model, converted, tm
     res = export_adapter(adapter, model, ["f32"], tpl, tmp_path / "lora-gguf")
     mf = (tmp_path / "lora-gguf" / "Modelfile").read_text(encoding="utf-8")
     assert f"ADAPTER ./{res.files['f32'].name}" in mf and f"FROM {model.resolve()}" in mf
+    if params:
+        lora = {t.name: t for t in GGUFReader(res.files["f32"]).tensors}
+        n_expert = json.loads((model / "config.json").read_text())["num_local_experts"]
+        for kind in ("gate", "up", "down"):  # ggml's ne: A {in, r, experts}, B {r, out, experts}
+            a, b = lora[f"blk.1.ffn_{kind}_exps.weight.lora_a"], lora[f"blk.1.ffn_{kind}_exps.weight.lora_b"]
+            assert a.shape[1:].tolist() == [8, n_expert] and b.shape[0] == 8 and b.shape[2] == n_expert
+        assert ("blk.0.ffn_gate_inp.weight.lora_a" in lora) == ("mlp.gate.weight" in params)
+        from test_merge import fused_checkpoint
+
+        fused = fused_checkpoint(model, tmp_path / "fused")  # transformers 5's layout: gate_up split by rows here
+        again = export_adapter(adapter, fused, ["f32"], tpl, tmp_path / "lora-gguf-fused")
+        got = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(again.files["f32"]).tensors}
+        assert got == {n: np.asarray(t.data).tobytes() for n, t in lora.items()}
+
+        merged.save_pretrained(tmp_path / "merged")  # one tensor per expert again, as the base is
+        for f in model.iterdir():
+            if not (tmp_path / "merged" / f.name).exists():
+                shutil.copy(f, tmp_path / "merged" / f.name)
+        ref = _llama(export(tmp_path / "merged", ["f32"], tpl, tmp_path / "mg").files["f32"], n_ctx=64, logits_all=True,
+                     n_threads=2)  # fmt: skip
 
     base = _llama(_gguf(out, "f32"), n_ctx=64, logits_all=True, n_threads=2)
     llm = _llama(_gguf(out, "f32"), n_ctx=64, logits_all=True, n_threads=2, lora_path=str(res.files["f32"]))
     for ids in _probe_ids(model):
-        with torch.no_grad():
-            want = merged(torch.tensor([ids])).logits[0].numpy()
+        if params:
+            ref.reset()
+            ref.eval(ids)
+            want = np.array(ref.scores[: len(ids)], dtype=np.float32)
+        else:
+            with torch.no_grad():
+                want = merged(torch.tensor([ids])).logits[0].numpy()
         llm.reset()
         llm.eval(ids)
         got = np.array(llm.scores[: len(ids)], dtype=np.float32)
