@@ -31,6 +31,7 @@ from exporter.engine import (
     normalize_messages,
     parse_tool_calls,
 )
+from exporter.engine.chat_format import ToolFormat
 from exporter.errors import UserError
 
 # Parameters of POST /v1/chat/completions: the ones we honour, and the ones accepted only at their neutral value.
@@ -86,7 +87,7 @@ class ChatRequest:
     n: int
     stream: bool
     include_usage: bool
-    tools: bool
+    tools: list[dict[str, Any]] | None
     logprobs: bool
 
 
@@ -154,8 +155,7 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
     except EngineError as e:
         raise ApiError(400, str(e), param="messages") from None
     so = body.get("stream_options") or {}
-    return ChatRequest(prompt, sampling, n, bool(body.get("stream")), bool(so.get("include_usage")), tools is not None,
-                       want_lp)  # fmt: skip
+    return ChatRequest(prompt, sampling, n, bool(body.get("stream")), bool(so.get("include_usage")), tools, want_lp)
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -172,8 +172,8 @@ def _logprobs(engine: Engine, lps: list[Any] | None) -> dict[str, Any] | None:
     return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps]}
 
 
-def _message(engine: Engine, c: Completion, tools: bool) -> tuple[dict[str, Any], str]:
-    content, calls = parse_tool_calls(engine.chat_format.tools, c.text) if tools else (c.text, [])
+def _message(engine: Engine, c: Completion, tools: list[dict[str, Any]] | None) -> tuple[dict[str, Any], str]:
+    content, calls = parse_tool_calls(engine.chat_format.tools, c.text, tools) if tools else (c.text, [])
     if calls:
         return {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
     return {"role": "assistant", "content": content}, c.finish_reason
@@ -321,10 +321,47 @@ async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name:
     }
 
 
+class _ToolText:
+    """One answer's text while tools may be called: the text before the first call marker goes out as it comes
+    (less a tail that may be the marker's start, and trailing whitespace, which non-streamed content strips); from
+    the marker on it is held, then parsed at the end exactly as a non-streamed answer is."""
+
+    def __init__(self, fmt: ToolFormat) -> None:
+        self.fmt, self.text, self.sent, self.held = fmt, "", 0, False
+
+    def push(self, text: str) -> str:
+        """The new text that is safe to send now."""
+        self.text += text
+        if self.held or self.fmt.find(self.text) >= 0:
+            self.held = True
+            return ""
+        if self.fmt.start == "{":  # Llama 3: a call is the whole answer; wait for its first character
+            safe = len(self.text) if self.text.strip() else 0
+        else:
+            start, safe = self.fmt.start, len(self.text)
+            for n in range(min(len(start) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(start[:n]):
+                    safe -= n
+                    break
+        safe = len(self.text[:safe].rstrip())
+        out, self.sent = self.text[self.sent : safe], max(self.sent, safe)
+        return out
+
+    def finish(self, tools: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
+        """The last delta (the rest of the content, then the tool calls) and "tool_calls" if the answer called any."""
+        content, calls = parse_tool_calls(self.fmt, self.text, tools)
+        rest = content[self.sent :]  # what was sent has no marker and ends in non-space: a prefix of `content`
+        delta: dict[str, Any] = {"content": rest} if rest else {}
+        if calls:
+            delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(calls)]
+        return delta, "tool_calls" if calls else None
+
+
 async def _stream(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: str) -> AsyncIterator[str]:
-    """SSE chunks; with tools the text is held until the end (a tool call is only known once complete)."""
+    """SSE chunks; with tools, text streams until a tool call starts, and the calls follow once parsed."""
     created = int(time.time())
-    held: list[list[Delta]] = [[] for _ in range(req.n)]
+    fmt = engine.chat_format.tools
+    tool_text = [_ToolText(fmt) for _ in range(req.n)] if req.tools and fmt is not None else None
     counts = [0] * req.n
     done = 0
     try:
@@ -336,23 +373,19 @@ async def _stream(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: s
                 yield f"data: {json.dumps(err)}\n\n"
                 return
             counts[i] += len(d.token_ids)
-            if req.tools:
-                held[i].append(d)
-                if d.finish_reason is None:
-                    continue
-                msg, reason = _message(engine, collect(held[i], len(req.prompt)), True)
-                delta = {k: v for k, v in msg.items() if k != "role"}
-                if "tool_calls" in delta:
-                    delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(delta["tool_calls"])]
-                yield _chunk(rid, created, name, [_choice(i, delta, reason)])
-                done += 1
-                continue
-            if d.text or d.logprobs:
-                lp = _logprobs(engine, d.logprobs) if req.logprobs else None
-                yield _chunk(rid, created, name, [_choice(i, {"content": d.text}, None, lp)])
+            text = tool_text[i].push(d.text) if tool_text is not None else d.text
+            if text or (d.logprobs and tool_text is None):
+                lp = _logprobs(engine, d.logprobs) if req.logprobs and tool_text is None else None
+                yield _chunk(rid, created, name, [_choice(i, {"content": text}, None, lp)])
             if d.finish_reason is not None:
                 done += 1
-                yield _chunk(rid, created, name, [_choice(i, {}, d.finish_reason)])
+                reason = d.finish_reason
+                if tool_text is not None:
+                    delta, called = tool_text[i].finish(req.tools or [])
+                    reason = called or reason
+                    if delta:
+                        yield _chunk(rid, created, name, [_choice(i, delta)])
+                yield _chunk(rid, created, name, [_choice(i, {}, reason)])
         if req.include_usage:
             yield _chunk(rid, created, name, [], _usage(len(req.prompt), counts))
         yield "data: [DONE]\n\n"

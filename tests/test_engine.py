@@ -139,7 +139,13 @@ def test_gguf_greedy_equals_llama_cpp_alone_and_batched(models) -> None:
         prompts = _ids(eng)
         alone = [eng.generate([p], Sampling(max_new_tokens=N))[0].token_ids for p in prompts]
         batched = [c.token_ids for c in eng.generate(prompts, Sampling(max_new_tokens=N))]
+        # prefix cache: a finished answer's cells stay; its continuation feeds only the new tokens
+        longer = prompts[0] + alone[0][:-1] + prompts[1][-3:]
+        slots = range(eng.options.max_seqs)
+        assert max(eng.backend.prefix(s, longer) for s in slots) >= len(prompts[0]) + len(alone[0]) - 1
+        continued = eng.generate([longer], Sampling(max_new_tokens=N))[0].token_ids
         llm = Llama(model_path=str(models.gguf), n_ctx=256, logits_all=True, verbose=False)
+        assert continued == _llama_greedy(llm, longer, N)
         ref = [_llama_greedy(llm, p, N) for p in prompts]
         llm.reset()
         llm.eval(prompts[0])
@@ -397,6 +403,32 @@ def test_glm_and_granite_tool_calls_parse_into_openai_calls() -> None:
     assert content == "" and [c["function"]["name"] for c in parsed] == ["get_weather", "now"]
     assert parse_tool_calls(granite.tools, "<|tool_call|>[not json") == ("<|tool_call|>[not json", [])
     assert parse_tool_calls(glm.tools, "Just text.") == ("Just text.", [])
+
+
+def test_glm_string_arguments_that_look_like_json_stay_strings() -> None:
+    """GLM writes string values raw (`<arg_value>21</arg_value>`): where the request's schema says the parameter is
+    a string it stays "21"; untyped parameters parse as JSON where they can, as before."""
+    import json
+
+    from exporter import templates
+
+    glm = ChatFormat(templates.load_template("glm-4.6").jinja, {"bos_token": "", "eos_token": "<|endoftext|>"})
+    args = {"zip": "21", "flag": "true", "note": "null", "days": 3, "ok": True}
+    props = {"zip": {"type": "string"}, "flag": {"type": ["string", "null"]}, "note": {"type": "string"},
+             "days": {"type": "integer"}, "ok": {"type": "boolean"}}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"properties": props}}}]
+    call = {"type": "function", "function": {"name": "lookup", "arguments": args}}
+    conv = [{"role": "user", "content": "Look up."}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    head = glm.render(conv[:1], tools=tools, add_generation_prompt=True)
+    answer = glm.render(conv, tools=tools, add_generation_prompt=False)[len(head) :]
+    assert "<arg_value>21</arg_value>" in answer  # written raw: JSON alone cannot tell it from the number 21
+    _, calls = parse_tool_calls(glm.tools, answer, tools)
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [args]
+    _, calls = parse_tool_calls(glm.tools, answer)  # no schema: JSON where it parses
+    assert json.loads(calls[0]["function"]["arguments"]) == {**args, "zip": 21, "flag": True, "note": None}
+    other = [{"type": "function", "function": {"name": "other", "parameters": {"properties": props}}}]
+    _, calls = parse_tool_calls(glm.tools, answer, other)  # another function's schema does not apply
+    assert json.loads(calls[0]["function"]["arguments"])["zip"] == 21
 
 
 def test_arg_key_tool_calls_round_trip_through_published_templates() -> None:

@@ -153,6 +153,8 @@ def test_answers_equal_reference_streaming_and_not(which: str, request, referenc
 
 @pytest.mark.parametrize("which", ["hf_server", "gguf_server"])
 def test_tool_call_round_trip(which: str, request) -> None:
+    from openai.lib.streaming.chat import ChatCompletionStreamState  # the client's own assembly of a stream
+
     c = request.getfixturevalue(which).client()
     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
     r = c.chat.completions.create(model="tuned", messages=msgs, tools=TOOLS, temperature=0, max_tokens=40)
@@ -166,11 +168,44 @@ def test_tool_call_round_trip(which: str, request) -> None:
     ]
     r = c.chat.completions.create(model="tuned", messages=msgs, tools=TOOLS, temperature=0, max_tokens=40)
     assert r.choices[0].message.content == "It is 21 degrees in Paris." and r.choices[0].finish_reason == "stop"
-    chunks = list(c.chat.completions.create(model="tuned", messages=msgs[:1], tools=TOOLS, temperature=0,
-                                            max_tokens=40, stream=True))  # fmt: skip
-    calls = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
-    assert [tc.function.name for tc in calls] == ["get_weather"]
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    for conv in (msgs[:1], msgs):  # a tool call, then a text answer: streamed = non-streamed, as the client sees it
+        kw = dict(model="tuned", messages=conv, tools=TOOLS, temperature=0, max_tokens=40)
+        want = c.chat.completions.create(**kw).choices[0]
+        state = ChatCompletionStreamState()
+        for chunk in c.chat.completions.create(**kw, stream=True):
+            state.handle_chunk(chunk)
+        got = state.get_final_completion().choices[0]
+        assert got.finish_reason == want.finish_reason and (got.message.content or None) == want.message.content
+        assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in got.message.tool_calls or []] == [
+            (tc.function.name, json.loads(tc.function.arguments)) for tc in want.message.tool_calls or []]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt_name", ["hermes", "llama3"])
+def test_streamed_tool_text_goes_out_before_the_call(fmt_name: str) -> None:
+    """Text before the call marker is sent as it comes (less a possible marker start and trailing spaces); the
+    calls come at the end, parsed as a non-streamed answer is, and together they equal the non-streamed message."""
+    from exporter.engine.chat_format import TOOL_FORMATS, parse_tool_calls
+    from exporter.serve import _ToolText
+
+    fmt = next(f for f in TOOL_FORMATS if f.name == fmt_name)
+    if fmt_name == "hermes":
+        pieces = ["Let me", " check", " that.\n", "<tool", "_call>\n", '{"name": "get_weather", "arguments": ',
+                  '{"city": "21"}}\n</tool_call>']  # fmt: skip
+        sent = [["Let me"], [" check"], [" that."], [], [], [], []]
+    else:
+        pieces = ["  ", '{"name": "get_weather", ', '"parameters": {"city": "Paris"}}']
+        sent = [[], [], []]
+    tt = _ToolText(fmt)
+    assert [[x] if (x := tt.push(p)) else [] for p in pieces] == sent
+    delta, called = tt.finish(TOOLS)
+    content, calls = parse_tool_calls(fmt, "".join(pieces), TOOLS)
+    assert called == "tool_calls" and "".join(s for x in sent for s in x) + delta.get("content", "") == content
+    assert [(tc["function"]["name"], tc["function"]["arguments"]) for tc in delta["tool_calls"]] == [
+        (tc["function"]["name"], tc["function"]["arguments"]) for tc in calls]  # fmt: skip
+    plain = _ToolText(fmt)
+    out = [plain.push(p) for p in ["Sure, ", "<tool", " is a word.  "]] if fmt_name == "hermes" else []
+    if out:  # a marker start that was not a marker: held, then sent; trailing spaces come with the end
+        assert out == ["Sure,", "", " <tool is a word."] and plain.finish(TOOLS) == ({"content": "  "}, None)
 
 
 def test_errors_have_openai_shape(hf_server: Server) -> None:

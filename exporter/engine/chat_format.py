@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,13 @@ class ToolFormat:
     name: str
     marker: str
     start: str
-    parse: Callable[[str], list[dict[str, Any]] | None]
+    parse: Callable[[str, Mapping[str, set[str]]], list[dict[str, Any]] | None]  # (text, string parameters)
+
+    def find(self, text: str) -> int:
+        """Where the first call starts in `text`, -1 if none (Llama 3 calls are the whole answer)."""
+        if self.start == "{":
+            return 0 if text.lstrip().startswith(("{", "<|python_tag|>")) else -1
+        return text.find(self.start)
 
 
 def _json_objects(text: str) -> list[Any]:
@@ -51,7 +57,7 @@ def _call(name: Any, args: Any) -> dict[str, Any]:
     return {"name": name, "arguments": args}
 
 
-def _parse_hermes(text: str) -> list[dict[str, Any]] | None:
+def _parse_hermes(text: str, _strings: Mapping[str, set[str]]) -> list[dict[str, Any]] | None:
     bodies = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S)
     if not bodies:
         return None
@@ -62,9 +68,10 @@ def _parse_hermes(text: str) -> list[dict[str, Any]] | None:
     return calls
 
 
-def _parse_glm(text: str) -> list[dict[str, Any]] | None:
-    """GLM-4.5/4.6: `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value>...</tool_call>`; a value is JSON where
-    it parses as JSON (the template writes non-strings with tojson), else the string itself."""
+def _parse_glm(text: str, strings: Mapping[str, set[str]]) -> list[dict[str, Any]] | None:
+    """GLM-4.5/4.6: `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value>...</tool_call>`; a value is the string
+    itself where the tool's schema says the parameter is a string (`strings`: function -> such parameters), else JSON
+    where it parses as JSON (the template writes non-strings with tojson), else the string."""
     bodies = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S)
     if not bodies:
         return None
@@ -73,22 +80,23 @@ def _parse_glm(text: str) -> list[dict[str, Any]] | None:
         name = body.split("<arg_key>", 1)[0].strip()
         args: dict[str, Any] = {}
         for key, value in re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", body, flags=re.S):
+            key = key.strip()
             try:
-                args[key.strip()] = json.loads(value)
+                args[key] = value if key in strings.get(name, ()) else json.loads(value)
             except ValueError:
-                args[key.strip()] = value
+                args[key] = value
         calls.append(_call(name, args))
     return calls
 
 
-def _parse_granite(text: str) -> list[dict[str, Any]] | None:
+def _parse_granite(text: str, _strings: Mapping[str, set[str]]) -> list[dict[str, Any]] | None:
     """Granite 3.x: `<|tool_call|>` then a JSON list of {"name", "arguments"} objects."""
     body = text.split("<|tool_call|>", 1)[1].strip() if "<|tool_call|>" in text else ""
     items = [x for v in _json_objects(body) for x in (v if isinstance(v, list) else [v])]
     return [_call(o.get("name"), o.get("arguments", {})) for o in items] or None
 
 
-def _parse_mistral(text: str) -> list[dict[str, Any]] | None:
+def _parse_mistral(text: str, _strings: Mapping[str, set[str]]) -> list[dict[str, Any]] | None:
     if "[TOOL_CALLS]" not in text:
         return None
     body = text.split("[TOOL_CALLS]", 1)[1].strip()
@@ -96,7 +104,7 @@ def _parse_mistral(text: str) -> list[dict[str, Any]] | None:
     return [_call(o.get("name"), o.get("arguments", {})) for o in items]
 
 
-def _parse_llama3(text: str) -> list[dict[str, Any]] | None:
+def _parse_llama3(text: str, _strings: Mapping[str, set[str]]) -> list[dict[str, Any]] | None:
     body = text.replace("<|python_tag|>", "").strip()
     if not body.startswith("{"):
         return None
@@ -122,16 +130,35 @@ def tool_format(template: str) -> ToolFormat | None:
     return next((f for f in TOOL_FORMATS if f.marker in template), None)
 
 
-def parse_tool_calls(fmt: ToolFormat | None, text: str) -> tuple[str, list[dict[str, Any]]]:
+def string_parameters(tools: list[dict[str, Any]] | None) -> dict[str, set[str]]:
+    """function name -> its parameters whose JSON schema type is only "string" (or "string" and "null")."""
+    out: dict[str, set[str]] = {}
+    for t in tools or []:
+        fn = t.get("function") if isinstance(t, dict) else None
+        props = ((fn or {}).get("parameters") or {}).get("properties") if isinstance(fn, dict) else None
+        if not isinstance(props, dict):
+            continue
+        for key, schema in props.items():
+            kind = schema.get("type") if isinstance(schema, dict) else None
+            kinds = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else set()
+            if kinds and kinds - {"null"} == {"string"}:
+                out.setdefault(fn.get("name"), set()).add(key)
+    return out
+
+
+def parse_tool_calls(
+    fmt: ToolFormat | None, text: str, tools: list[dict[str, Any]] | None = None
+) -> tuple[str, list[dict[str, Any]]]:
     """(content before the calls, OpenAI `tool_calls`) from an answer; ([text], []) when it calls no tool or the
-    call is not well-formed JSON (then the answer is returned as plain text, as OpenAI-compatible servers do)."""
+    call is not well-formed JSON (then the answer is returned as plain text, as OpenAI-compatible servers do).
+    `tools`: the request's tool list, whose schemas say which argument values stay strings."""
     if fmt is None:
         return text, []
-    at = text.find(fmt.start) if fmt.start != "{" else (0 if text.lstrip().startswith(("{", "<|python_tag|>")) else -1)
+    at = fmt.find(text)
     if at < 0:
         return text, []
     try:
-        calls = fmt.parse(text[at:])
+        calls = fmt.parse(text[at:], string_parameters(tools))
     except (ValueError, AttributeError, TypeError):
         return text, []
     if not calls:
@@ -144,7 +171,7 @@ def parse_tool_calls(fmt: ToolFormat | None, text: str) -> tuple[str, list[dict[
         }
         for c in calls
     ]
-    return text[:at].strip(), out
+    return text[:at].rstrip(), out
 
 
 def _text_content(content: Any, where: str) -> str:

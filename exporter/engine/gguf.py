@@ -34,6 +34,16 @@ def _llama() -> Any:
     return llama_cpp
 
 
+def common_prefix(a: list[int], b: list[int], most: int) -> int:
+    """How many leading tokens `a` and `b` share, at most `most`."""
+    n = 0
+    for x, y in zip(a, b[: max(most, 0)], strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class GGUFBackend:
     """A GGUF model and context behind the scheduler's `Backend` protocol, plus scoring."""
 
@@ -74,7 +84,7 @@ class GGUFBackend:
                 self.close()
                 raise UserError(f"{lora}: llama.cpp cannot apply this GGUF LoRA to {path.name}")
         self.batch = L.llama_batch_init(self.batch_tokens, 0, 1)
-        self.pos: dict[int, int] = {}
+        self.cells: dict[int, list[int]] = {}  # the tokens in each sequence's KV cells (kept after release)
 
     def close(self) -> None:
         L = self.L
@@ -157,18 +167,18 @@ class GGUFBackend:
         """One llama_decode of (seq, tokens, want-logits per token); the wanted logits rows, in batch order."""
         b, n, outs = self.batch, 0, 0
         for seq, ids, want in items:
-            p = self.pos.get(seq, 0)
+            cells = self.cells.setdefault(seq, [])
             for j, t in enumerate(ids):
-                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = t, p + j, 1, want[j]
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = t, len(cells) + j, 1, want[j]
                 b.seq_id[n][0] = seq
                 n += 1
                 outs += want[j]
-            self.pos[seq] = p + len(ids)
+            cells += ids
         b.n_tokens = n
         rc = self.L.llama_decode(self.ctx, b)
         if rc != 0:
             for seq, ids, _ in items:  # the KV cache is restored on failure: so are the positions
-                self.pos[seq] -= len(ids)
+                del self.cells[seq][len(self.cells[seq]) - len(ids) :]
             what = "no room left in the KV cache" if rc == 1 else f"llama_decode returned {rc}"
             raise EngineError(f"{what} ({n} tokens in the batch, {self.n_ctx} cells per sequence)")
         if not outs:
@@ -180,13 +190,29 @@ class GGUFBackend:
         rows = self._decode([(f.seq, f.ids, [False] * (len(f.ids) - 1) + [f.want]) for f in feeds])
         return list(rows)
 
+    def prefix(self, seq: int, prompt: list[int]) -> int:
+        """How many of `prompt`'s tokens `seq`'s cells hold already (see `reuse`)."""
+        return common_prefix(self.cells.get(seq, []), prompt, len(prompt) - 1)
+
+    def reuse(self, seq: int, prompt: list[int]) -> int:
+        """Keep the longest prefix of `prompt` that `seq`'s cells already hold (at most all but its last token, whose
+        logits are needed), drop the rest; its length (prompt tokens not to feed again). As llama-cpp-python's
+        server does, a new turn or a shared system prompt is not computed twice."""
+        cells = self.cells.setdefault(seq, [])
+        keep = self.prefix(seq, prompt)
+        if keep < len(cells) and not self.L.llama_memory_seq_rm(self.mem, seq, keep, -1):
+            self.release(seq)  # a cache that cannot drop a tail (recurrent models): start afresh
+            return 0
+        del cells[keep:]
+        return keep
+
     def release(self, seq: int, broken: bool = False) -> None:
         """Free `seq`'s KV cells. `broken`: they may hold NaN/inf (a request stopped on non-finite logits). llama.cpp
         keeps a freed cell's values and masks them with -inf, and NaN - inf is NaN: the next request on this slot would
         read NaN, so they are first overwritten with finite ones (a run of token 0 as long as the sequence was)."""
-        n = self.pos.get(seq, 0)
+        n = len(self.cells.get(seq, []))
         self.L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        self.pos.pop(seq, None)
+        self.cells.pop(seq, None)
         if broken and n:
             for i in range(0, n, self.batch_tokens):
                 k = min(self.batch_tokens, n - i)

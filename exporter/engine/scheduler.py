@@ -46,6 +46,9 @@ class Backend(Protocol):
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str: ...
 
+    # optional, a prefix cache (gguf): a finished sequence's cells stay until its slot is taken again;
+    # prefix(seq, prompt): how many prompt tokens the slot holds; reuse(seq, prompt): keep those, drop the rest
+
 
 @dataclass(eq=False)
 class _Seq:
@@ -156,7 +159,13 @@ class Scheduler:
                 seq.sink(Delta("", [], "cancelled"))
                 continue
             self._waiting.popleft()
-            seq.slot = self._free.pop()
+            if hasattr(self.backend, "reuse"):  # the free slot that holds the longest start of this prompt
+                seq.slot = max(reversed(self._free), key=lambda s: self.backend.prefix(s, seq.prompt))
+                self._free.remove(seq.slot)
+                with self.lock:
+                    seq.fed = self.backend.reuse(seq.slot, seq.prompt)
+            else:
+                seq.slot = self._free.pop()
             seq.sampler = Sampler(seq.sampling, seq.prompt)
             skip = seq.sampling.skip_special_tokens
             seq.text = TextStream(lambda ids, skip=skip: self.backend.decode(ids, skip), seq.sampling.stop)
@@ -165,8 +174,9 @@ class Scheduler:
     def _finish(self, seq: _Seq, reason: str | None, error: BaseException | None = None) -> None:
         self._live.remove(seq)
         try:
-            with self.lock:
-                self.backend.release(seq.slot, isinstance(error, NonFiniteLogits))
+            if error is not None or not hasattr(self.backend, "reuse"):  # else its cells stay for the next prompt
+                with self.lock:
+                    self.backend.release(seq.slot, isinstance(error, NonFiniteLogits))
         finally:
             self._free.append(seq.slot)
             if error is not None:
