@@ -150,3 +150,28 @@ def test_installed_package_ships_data() -> None:
     corpora = importlib.resources.files("exporter.verify.corpora")
     for name in ("tokenizer_texts.json", "conversations.json", "prompts.json", "held_out.txt"):
         assert corpora.joinpath(name).read_text(encoding="utf-8").strip(), name
+
+
+def test_progress_state_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EXPORTER_PROGRESS_FILE gets the bar's done/total and an ETA from the rate so far (the board reads it)."""
+    import time
+
+    from exporter.progress import progress, read
+
+    f = tmp_path / "p.json"
+    monkeypatch.setenv("EXPORTER_PROGRESS_FILE", str(f))
+    monkeypatch.setenv("EXPORTER_NO_PROGRESS", "1")  # the terminal bar off; the file still written
+    with progress("predict", "samples", 4) as advance:
+        assert read(f) == {"what": "predict", "unit": "samples", "done": 0, "total": 4, "elapsed_s": 0.0,
+                           "eta_s": None}  # fmt: skip
+        time.sleep(0.6)
+        advance()
+        mid = read(f)
+        assert mid["done"] == 1 and 3 * 0.6 <= mid["eta_s"] <= 3 * mid["elapsed_s"] + 0.01, mid
+        advance(3)
+    end = read(f)
+    assert (end["done"], end["total"], end["eta_s"]) == (4, 4, 0.0)
+    f.unlink()
+    with progress("train", "loss {task.fields[loss]}", 2, show=False, loss="-") as advance:  # another rank
+        advance(2)
+    assert not f.exists() and not list(tmp_path.iterdir())

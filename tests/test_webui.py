@@ -278,6 +278,7 @@ def test_predict_equals_the_cli(client, model: Path, data_dir: Path, tmp_path: P
                                         api_name="/eval_predict")  # fmt: skip
     assert 'data-status="finished"' in status, log
     assert f"--output_dir {out}" in status and "--per_device_eval_batch_size 2" in status
+    assert " · predict 3/3 samples " in status, status  # the command's progress (its ETA while it runs)
     # the reference: the same options typed on the command line
     _cli("predict", "--model_name_or_path", str(model), "--eval_dataset", "identity", "--dataset_dir", str(data_dir),
          "--max_samples", "3", "--cutoff_len", "256", "--per_device_eval_batch_size", "2", "--max_new_tokens", "8",

@@ -1,7 +1,8 @@
 """The Evaluate & Predict tab: `exporter predict` (BLEU-4 / ROUGE on a held-out set of the Train tab's data dir) and
 `exporter eval` (MMLU / C-Eval / CMMLU accuracy), their options built as the CLI builds them (`PredictOptions`,
 `EvalOptions`), written back as LLaMA-Factory `--key value` arguments and run as a subprocess of the real CLI, as the
-Export tab runs its stages; the log is tailed live and the scores the command wrote are shown as a table.
+Export tab runs its stages; the log is tailed live with the command's progress (done/total, ETA: `exporter.progress`)
+and the scores the command wrote are shown as a table.
 
 The model is the top row's model + adapter, or a merged dir / GGUF file the last export wrote (as the Chat tab offers).
 """
@@ -13,6 +14,7 @@ import html
 import json
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +138,18 @@ def status_html(job: jobs.Job, lang: str) -> str:
     state = ("running" if job.running() else "stopped" if job.stopped else "finished" if job.returncode == 0
              else "failed")  # fmt: skip
     css = {"running": "exp-stage-run", "finished": "exp-stage-pass", "failed": "exp-stage-fail"}.get(state, "")
-    return (f'<p class="{css}" data-status="{state}"><b>{word(state, lang)}</b> {secs:.0f} s '
+    return (f'<p class="{css}" data-status="{state}"><b>{word(state, lang)}</b> {secs:.0f} s{_bar(job, lang)} '
             f"<code>{html.escape(jobs.command_line(job.argv))}</code></p>")  # fmt: skip
+
+
+def _bar(job: jobs.Job, lang: str) -> str:
+    """` · predict 12/40 samples · ETA 0:01:05` from the command's progress bar (the ETA while it runs)."""
+    p = job.progress()
+    if p is None:
+        return ""
+    eta = p.get("eta_s")
+    tail = f" · {word('eta', lang)} {timedelta(seconds=round(eta))}" if job.running() and eta is not None else ""
+    return html.escape(f" · {p['what']} {p['done']}/{p['total']} {p['unit']}".rstrip() + tail)
 
 
 def run(board: Any, verb: str, opts: Any, lang: str) -> Iterator[tuple[Any, ...]]:

@@ -1,7 +1,8 @@
 """Long stages run as subprocesses of the real CLI (`python -m exporter VERB ...`), so the board stays responsive,
 a crash is that command's own one-line error, and what the board runs is exactly what a user could type.
 
-A `Job` is one such process: its combined output goes to a log file the board tails; `stop()` ends its whole process
+A `Job` is one such process: its combined output goes to a log file the board tails, its progress bar's state
+(done, total, ETA) to a JSON file beside it (EXPORTER_PROGRESS_FILE); `stop()` ends its whole process
 group (SIGTERM, then SIGKILL after a grace period).
 """
 
@@ -17,6 +18,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from exporter.progress import PROGRESS_FILE
 
 # what the board shows for a command (the user's own `exporter` on PATH runs the same code)
 DISPLAY = "exporter"
@@ -81,6 +85,12 @@ class Job:
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.output().splitlines()[-lines:])
 
+    def progress(self) -> dict[str, Any] | None:
+        """The command's progress bar as it last wrote it (`exporter.progress`: done, total, elapsed_s, eta_s)."""
+        from exporter.progress import read
+
+        return read(progress_file(self.log))
+
     def error_line(self) -> str:
         """The command's one-line error (`error: ...`), else the last line it printed."""
         lines = [ln.strip() for ln in self.output().splitlines() if ln.strip()]
@@ -90,12 +100,18 @@ class Job:
         return lines[-1] if lines else f"exit code {self.returncode}"
 
 
+def progress_file(log: Path) -> Path:
+    """Where a job's command keeps its progress bar's state (beside its log)."""
+    return log.with_name(log.name + ".progress.json")
+
+
 def start(argv: list[str], log_dir: Path | None = None, env: dict[str, str] | None = None) -> Job:
     """Run `exporter ARGV...` with this Python in a new process group; output (stdout and stderr) to a log file."""
     log_dir = Path(log_dir or tempfile.gettempdir())
     log_dir.mkdir(parents=True, exist_ok=True)
     fd, log_name = tempfile.mkstemp(prefix=f"exporter-{argv[0]}-", suffix=".log", dir=log_dir)
-    child_env = {**os.environ, "EXPORTER_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    child_env = {**os.environ, "EXPORTER_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1",
+                 PROGRESS_FILE: str(progress_file(Path(log_name))), **(env or {})}  # fmt: skip
     with os.fdopen(fd, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", *argv], stdin=subprocess.DEVNULL, stdout=out,
