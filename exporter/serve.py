@@ -31,7 +31,7 @@ from exporter.engine import (
     normalize_messages,
     parse_tool_calls,
 )
-from exporter.engine.chat_format import ToolFormat
+from exporter.engine.chat_format import PYTHON_TAG, ToolFormat
 from exporter.errors import UserError
 
 # Parameters of POST /v1/chat/completions: the ones we honour, and the ones accepted only at their neutral value.
@@ -335,8 +335,9 @@ class _ToolText:
         if self.held or self.fmt.find(self.text) >= 0:
             self.held = True
             return ""
-        if self.fmt.start == "{":  # Llama 3: a call is the whole answer; wait for its first character
-            safe = len(self.text) if self.text.strip() else 0
+        if self.fmt.start == "{":  # Llama 3: a call is the whole answer; wait for its first character (and for
+            lead = self.text.lstrip()  # the rest of a <|python_tag|> it may begin)
+            safe = len(self.text) if lead and not PYTHON_TAG.startswith(lead) else 0
         else:
             start, safe = self.fmt.start, len(self.text)
             for n in range(min(len(start) - 1, len(self.text)), 0, -1):

@@ -192,9 +192,9 @@ def test_streamed_tool_text_goes_out_before_the_call(fmt_name: str) -> None:
         pieces = ["Let me", " check", " that.\n", "<tool", "_call>\n", '{"name": "get_weather", "arguments": ',
                   '{"city": "21"}}\n</tool_call>']  # fmt: skip
         sent = [["Let me"], [" check"], [" that."], [], [], [], []]
-    else:
-        pieces = ["  ", '{"name": "get_weather", ', '"parameters": {"city": "Paris"}}']
-        sent = [[], [], []]
+    else:  # a <|python_tag|> that arrives in pieces is held too
+        pieces = ["  ", "<|py", "thon_tag|>", '{"name": "get_weather", ', '"parameters": {"city": "Paris"}}']
+        sent = [[], [], [], [], []]
     tt = _ToolText(fmt)
     assert [[x] if (x := tt.push(p)) else [] for p in pieces] == sent
     delta, called = tt.finish(TOOLS)

@@ -16,6 +16,7 @@ from typing import Any
 from exporter.engine.api import EngineError
 
 _SENTINEL = "\u2063ENGINE-ANSWER\u2063"
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.1+: may open a tool-call answer
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class ToolFormat:
     def find(self, text: str) -> int:
         """Where the first call starts in `text`, -1 if none (Llama 3 calls are the whole answer)."""
         if self.start == "{":
-            return 0 if text.lstrip().startswith(("{", "<|python_tag|>")) else -1
+            return 0 if text.lstrip().startswith(("{", PYTHON_TAG)) else -1
         return text.find(self.start)
 
 
@@ -105,7 +106,7 @@ def _parse_mistral(text: str, _strings: Mapping[str, set[str]]) -> list[dict[str
 
 
 def _parse_llama3(text: str, _strings: Mapping[str, set[str]]) -> list[dict[str, Any]] | None:
-    body = text.replace("<|python_tag|>", "").strip()
+    body = text.replace(PYTHON_TAG, "").strip()
     if not body.startswith("{"):
         return None
     objs = _json_objects(body)
