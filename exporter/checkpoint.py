@@ -95,15 +95,17 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 def save(
-    model: Any, optim: dict[str, Any] | None, sched: Any, state: dict[str, Any], out_dir: Path, cfg: TrainConfig,
-    model_dir: Path, tpl: Any, state_dict: dict[str, Any] | None = None, rngs: list[Any] | None = None,
+    model: Any, optim: dict[str, Any] | list[Any] | None, sched: Any, state: dict[str, Any], out_dir: Path,
+    cfg: TrainConfig, model_dir: Path, tpl: Any, state_dict: dict[str, Any] | None = None,
+    rngs: list[Any] | None = None,
 ) -> Path:  # fmt: skip
     """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
     trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir.
     Nothing in it can carry code: tensors in safetensors, everything else JSON; its manifest lists every file's
     sha256, checked before a resume reuses it. `state_dict`: the weights gathered from sharded ranks (FSDP/DeepSpeed);
-    `optim`: the optimizer's state dict (gathered to rank 0 under FSDP), None: weights only; `rngs`: every rank's
-    `rng_state()` (default: this process's)."""
+    `optim`: the optimizer's state dict (gathered to rank 0 under FSDP), or under DeepSpeed every rank's own part
+    (`distributed.deepspeed_part`: one file per rank), None: weights only; `rngs`: every rank's `rng_state()`
+    (default: this process's)."""
     from exporter import hf_dir
 
     path = out_dir / f"checkpoint-{state['global_step']}"
@@ -113,7 +115,11 @@ def save(
         if not cfg.save_only_model and optim is not None:
             from safetensors.torch import save_file
 
-            _save_optimizer(optim, tmp / OPTIMIZER)
+            if isinstance(optim, list):
+                for rank, (tensors, meta) in enumerate(optim):
+                    save_file(tensors, str(tmp / optimizer_name(rank)), metadata=meta)
+            else:
+                _save_optimizer(optim, tmp / OPTIMIZER)
             (tmp / SCHEDULER).write_text(json.dumps(sched.state_dict(), indent=1) + "\n", encoding="utf-8")
             for rank, (tensors, meta) in enumerate(rngs or [rng_state()]):
                 save_file(tensors, str(tmp / rng_name(rank)), metadata=meta)
@@ -157,6 +163,11 @@ def _load_optimizer(path: Path) -> dict[str, Any]:
     return {"state": state, "param_groups": groups}
 
 
+def optimizer_name(rank: int) -> str:
+    """A DeepSpeed run's optimizer is saved as each rank's own part: rank 0's under the single-process name."""
+    return OPTIMIZER if rank == 0 else f"optimizer_{rank}.safetensors"
+
+
 def rng_name(rank: int) -> str:
     """Rank 0's RNG file keeps the single-process name; every other rank has its own, as HF's Trainer does."""
     return RNG if rank == 0 else f"rng_state_{rank}.safetensors"
@@ -178,7 +189,7 @@ def rng_state() -> tuple[dict[str, Any], dict[str, str]]:
     return tensors, meta
 
 
-def _read_rng(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def _read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -233,7 +244,9 @@ def _check_lora_shapes(path: Path, model: Any) -> None:
 
     from exporter.safetensors_file import read_header
 
-    want = {k: list(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    params = dict(model.named_parameters())  # a ZeRO-3 shard knows its whole shape as ds_shape
+    saved = get_peft_model_state_dict(model, state_dict=params)
+    want = {k: list(getattr(v, "ds_shape", v.shape)) for k, v in saved.items()}
     have = {k: list(e.shape) for k, e in read_header(path / "adapter_model.safetensors").items()}
     for k in sorted(want.keys() | have.keys()):
         if want.get(k) != have.get(k):
@@ -257,6 +270,7 @@ class Saved:
     optimizer: dict[str, Any] | None  # None: an older checkpoint's .pt/.pth files (`load` reads them the safe way)
     scheduler: dict[str, Any] | None
     rng: list[tuple[dict[str, Any], dict[str, str]]]  # per rank
+    parts: list[tuple[dict[str, Any], dict[str, str]]] | None = None  # DeepSpeed: each rank's optimizer part
 
 
 def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) -> Saved:
@@ -279,17 +293,20 @@ def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) 
     state = read_json(state_file)
     if state.get("fingerprint") != fingerprint:
         raise UserError(
-            f"resume_from_checkpoint {path}: saved for different data or batch settings "
+            f"resume_from_checkpoint {path}: saved for different data, batch or process settings "
             f"({state.get('fingerprint')} vs now {fingerprint})"
         )
     if not new:
         return Saved(state, weights, None, None, [])
     world = fingerprint.get("world", 1)
     try:
-        rng = [_read_rng(path / rng_name(r)) for r in range(world) if r == 0 or (path / rng_name(r)).is_file()]
+        rng = [_read_tensors(path / rng_name(r)) for r in range(world) if r == 0 or (path / rng_name(r)).is_file()]
         if len(rng) < world:  # written before each rank had its own: every rank takes rank 0's, as it did then
             say(f"{path}: one RNG state for {world} processes (an older checkpoint); every process resumes from it")
             rng = rng[:1] * world
+        if "deepspeed" in fingerprint:  # the same engine and world, said by the fingerprint: one part per rank
+            parts = [_read_tensors(path / optimizer_name(r)) for r in range(world)]
+            return Saved(state, weights, None, read_json(path / SCHEDULER), rng, parts)
         return Saved(state, weights, _load_optimizer(path / OPTIMIZER), read_json(path / SCHEDULER), rng)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise _unreadable(path, e) from None
@@ -321,8 +338,10 @@ def by_model_key(path: Path, model: Any, weights: dict[str, Any], cfg: TrainConf
         name_of = {id(v): k for k, v in own.items()}
         saved_as = get_peft_model_state_dict(model, state_dict=own)  # the same tensors, under the file's names
         return {name_of[id(v)]: weights[k] for k, v in saved_as.items()}
+    shapes = {k: list(v.shape) for k, v in own.items()}  # a ZeRO-3 shard knows its whole shape as ds_shape
+    shapes |= {k: list(p.ds_shape) for k, p in model.named_parameters(remove_duplicate=False) if hasattr(p, "ds_shape")}
     for k in sorted(own.keys() | weights.keys()):
-        if k not in own or k not in weights or list(own[k].shape) != list(weights[k].shape):
+        if k not in own or k not in weights or shapes[k] != list(weights[k].shape):
             raise UserError(f"resume_from_checkpoint {path}: its weights do not fit this model (tensor {k})")
     return weights
 

@@ -11,6 +11,7 @@ example is seen twice and the loss equals one process with the same global batch
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -106,6 +107,26 @@ def share(d: Dist, value: Any) -> Any:
     return box[0]
 
 
+def scatter(d: Dist, values: list[Any] | None) -> Any:
+    """Rank r's item of rank 0's list `values` (one per rank; objects of our own making), on rank r."""
+    if not d.active:
+        return values[0]
+    import torch
+
+    out = [None]
+    torch.distributed.scatter_object_list(out, values if d.main else None, src=0)
+    return out[0]
+
+
+def all_agree(d: Dist, ok: bool) -> bool:
+    """True on every rank when `ok` is true on every rank (a check all ranks must act on alike)."""
+    if not d.active:
+        return ok
+    import torch
+
+    return bool(all_sum(d, torch.tensor([0.0 if ok else 1.0]))[0] == 0)
+
+
 def gather(d: Dist, value: Any) -> list[Any] | None:
     """Every rank's `value` (a picklable object of our own making) as a list on rank 0, None on the others."""
     if not d.active:
@@ -185,35 +206,42 @@ def on_main(d: Dist, fn: Callable[[], Any], everywhere: bool = True) -> Any:
     return value
 
 
-def full_state_dict(model: Any, score: Any, d: Dist, engine: str) -> dict[str, Any] | None:
-    """The whole model's weights on rank 0 when FSDP or DeepSpeed ZeRO-3 shards them (every rank takes part);
-    None when the model in memory is already whole."""
-    prefix = "model."  # the Scorer holds the model as `model`
-    if engine == "fsdp":
+def full_state_dict(run: Any) -> dict[str, Any] | None:
+    """The whole model's weights on rank 0 when FSDP or DeepSpeed ZeRO-3 shards them (every rank takes part; None on
+    the others); None when the model in memory is already whole."""
+    d = run.dist
+    if run.engine == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(score, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix(prefix): v for k, v in sd.items()} if d.main else None
-    if engine == "deepspeed" and getattr(score, "zero_optimization_partition_weights", lambda: False)():
+        sd = get_model_state_dict(run.plain, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("model."): v for k, v in sd.items()} if d.main else None  # the Scorer's `model`
+    if run.engine == "deepspeed" and run.score.zero_optimization_partition_weights():
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if d.main else None
-        return sd
+        keys = run.model.state_dict().keys()
+        sd = {}
+        for name, p in run.model.named_parameters():  # one at a time: never whole on a rank; tied ones once
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if d.main:
+                    sd[name] = p.detach().cpu().clone()
+        buffers = run.model.named_buffers(remove_duplicate=False)
+        return sd | {k: v.detach().cpu().clone() for k, v in buffers if k in keys} if d.main else None
     return None
 
 
-def full_optimizer_state(score: Any, opt: Any, d: Dist, engine: str) -> dict[str, Any] | None:
-    """The optimizer's whole state on rank 0, for a checkpoint: under DDP/FSDP gathered by torch (keyed by parameter
-    name; every rank takes part); None elsewhere and for DeepSpeed (its partitioned state is not saved)."""
-    if engine == "single":
-        return opt.state_dict()
-    if engine == "deepspeed":
-        return None
+def full_optimizer_state(run: Any) -> dict[str, Any] | list[Any] | None:
+    """The optimizer's state for a checkpoint, on rank 0 (every rank takes part; None on the others): one process's
+    state dict; under DDP/FSDP the whole state gathered by torch (keyed by parameter name); under DeepSpeed every
+    rank's own part (`deepspeed_part`), a list by rank."""
+    if run.engine == "single":
+        return run.opt.state_dict()
+    if run.engine == "deepspeed":
+        return gather(run.dist, deepspeed_part(run.score))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    sd = get_optimizer_state_dict(score, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if d.main else None
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_optimizer_state_dict(run.plain, run.opt, options=opts)
+    return sd if run.dist.main else None
 
 
 def restore(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
@@ -243,6 +271,92 @@ def restore(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
     weights = {f"model.{k}": v for k, v in saved.weights.items()} if d.main else {}  # the Scorer holds it as `model`
     set_model_state_dict(run.plain, weights, options=opts)
     set_optimizer_state_dict(run.plain, run.opt, saved.optimizer if d.main else {}, options=opts)
+    state, sched, rng = share(d, (saved.state, saved.scheduler, saved.rng) if d.main else None)
+    run.sched.load_state_dict(sched)
+    checkpoint.set_rng(*rng[d.rank])
+    return state
+
+
+# where each DeepSpeed optimizer keeps the flat fp32 tensors its torch optimizer steps: this rank's master weights
+DEEPSPEED_FLATS = (
+    "fp32_partitioned_groups_flat",  # ZeRO-3
+    "single_partition_of_fp32_groups",  # ZeRO-1/2
+    "fp32_groups_flat_partition",  # bf16 without ZeRO
+)
+
+
+def _flats(engine: Any) -> tuple[Any, list[Any]]:
+    """DeepSpeed's torch optimizer (ours, which it wraps) and the flat tensors it steps on this rank; without a
+    wrapper (ZeRO-0 in fp32) the trained parameters themselves."""
+    zo = engine.optimizer
+    for attr in DEEPSPEED_FLATS:
+        if hasattr(zo, attr):
+            return zo.optimizer, list(getattr(zo, attr))
+    return zo, [p for g in zo.param_groups for p in g["params"]]
+
+
+def deepspeed_part(engine: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """This rank's part of a DeepSpeed run's optimizer, as DeepSpeed holds it: per flat tensor `<i>.master` (the
+    fp32 master weights) and its AdamW state (`<i>.exp_avg`, `<i>.exp_avg_sq`, `<i>.step`); the param groups'
+    settings (the scheduler's current lr) in the metadata. Safetensors, unlike DeepSpeed's own checkpoints (pickles);
+    a resume needs the same ZeRO stage and processes (the fingerprint says so)."""
+    import torch
+
+    opt, flats = _flats(engine)
+    tensors = {}
+    for i, flat in enumerate(flats):
+        tensors[f"{i}.master"] = flat.detach().cpu().clone()
+        for key, v in opt.state.get(flat, {}).items():
+            tensors[f"{i}.{key}"] = torch.as_tensor(v).detach().cpu().clone()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # lr, betas, ...
+    meta = {"param_groups": json.dumps(groups), "flats": str(len(flats))}
+    return tensors, meta | {"deepspeed_zero_stage": str(engine.zero_optimization_stage())}
+
+
+def restore_deepspeed(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
+    """Resume a DeepSpeed run from checkpoint-N: rank 0 checks and reads it (safetensors and JSON only), the trained
+    weights go from rank 0 into every rank's parameters (ZeRO-3: into their shards, through DeepSpeed's
+    GatheredParameters), each rank gets its own optimizer part (master weights and AdamW state), the scheduler and
+    its RNG state. Returns the trainer state."""
+    import deepspeed
+    import torch
+
+    from exporter import checkpoint
+
+    d, engine = run.dist, run.score
+
+    def read() -> Any:
+        saved = checkpoint.read(path, cfg, run.model, run.state.fingerprint)
+        return dataclasses.replace(saved, weights=checkpoint.by_model_key(path, run.model, saved.weights, cfg))
+
+    saved = on_main(d, read, everywhere=False)
+    zero3 = engine.zero_optimization_stage() == 3
+    for name, p in [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]:
+        # one at a time, so a ZeRO-3 model is never whole; its context spreads rank 0's value to the shards
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3), torch.no_grad():
+            if d.main:
+                p.copy_(saved.weights[name])
+        if d.active and not zero3:
+            torch.distributed.broadcast(p.data, src=0)
+    tensors, meta = scatter(d, saved.parts if d.main else None)
+    opt, flats = _flats(engine)
+    fits = meta.get("flats") == str(len(flats)) and all(
+        tensors[f"{i}.master"].shape == f.shape for i, f in enumerate(flats))  # fmt: skip
+    if not all_agree(d, fits):
+        raise UserError(f"resume_from_checkpoint {path}: its optimizer was partitioned otherwise (DeepSpeed's "
+                        "bucket or sub-group sizes changed); resume with the config it was saved with")  # fmt: skip
+    groups = json.loads(meta["param_groups"])
+    if len(groups) != len(opt.param_groups):
+        raise UserError(f"resume_from_checkpoint {path}: its optimizer has {len(groups)} parameter groups, this run "
+                        f"{len(opt.param_groups)}; resume with the settings it was saved with")  # fmt: skip
+    for group, saved_group in zip(opt.param_groups, groups, strict=True):  # the scheduler's lr as it left it
+        group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
+    on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))  # else AdamW keeps `step` on the CPU
+    for i, flat in enumerate(flats):
+        with torch.no_grad():
+            flat.copy_(tensors[f"{i}.master"])
+        keys = {k.split(".", 1)[1] for k in tensors if k.startswith(f"{i}.") and k != f"{i}.master"}
+        opt.state[flat] = {k: tensors[f"{i}.{k}"].to(flat.device if k != "step" or on_device else "cpu") for k in keys}
     state, sched, rng = share(d, (saved.state, saved.scheduler, saved.rng) if d.main else None)
     run.sched.load_state_dict(sched)
     checkpoint.set_rng(*rng[d.rank])
@@ -283,6 +397,10 @@ def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any
     left = [k for k, v in _walk(ds) if v == "auto"]
     if left:
         raise UserError(f'deepspeed: {cfg.deepspeed}: cannot fill "auto" for {", ".join(left)}; give values')
+    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if offload.get("device") == "nvme" and not cfg.save_only_model:
+        raise UserError(f"deepspeed: {cfg.deepspeed}: offload_optimizer to nvme keeps the optimizer state out of "
+                        "memory, where checkpoints read it; offload to cpu, or set save_only_model: true")  # fmt: skip
     ds.setdefault("zero_force_ds_cpu_optimizer", False)  # our AdamW, also with offloading
     engine, _, _, _ = deepspeed.initialize(model=score, optimizer=opt, config=ds)
     return engine

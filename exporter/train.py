@@ -353,13 +353,12 @@ def loop(run: Run, log: TrainerLog) -> None:
 
 
 def _checkpoint(run: Run) -> None:
-    """checkpoint-N on rank 0, with the weights and optimizer state gathered from every rank (DeepSpeed: weights)."""
+    """checkpoint-N on rank 0, with the weights and optimizer state gathered from every rank."""
     from exporter import distributed
 
     flush(run)
-    full = distributed.full_state_dict(run.model, run.plain, run.dist, run.engine)
-    optim = None if run.cfg.save_only_model else distributed.full_optimizer_state(run.plain, run.opt, run.dist,
-                                                                                  run.engine)  # fmt: skip
+    full = distributed.full_state_dict(run)
+    optim = None if run.cfg.save_only_model else distributed.full_optimizer_state(run)
     rngs = distributed.gather(run.dist, checkpoint.rng_state())
     if run.dist.main:
         _check_weights(run, full)
@@ -409,6 +408,8 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     fingerprint = {"examples": len(prep.train), "tokens": sum(length(e) for e in prep.train),
                    "batch_size": cfg.per_device_train_batch_size, "accum": cfg.gradient_accumulation_steps,
                    "seed": cfg.seed, "total_steps": sch.total, "world": d.world}  # fmt: skip
+    if engine == "deepspeed":  # its optimizer is saved as each rank's part: resumable with the same stage only
+        fingerprint["deepspeed"] = wrapped.zero_optimization_stage()
     amp = (torch.bfloat16 if cfg.bf16 else torch.float16) if (cfg.bf16 or cfg.fp16) else None
     scaler = torch.amp.GradScaler("cuda") if cfg.fp16 and engine != "deepspeed" else None
     run = Run(cfg, prep, sch, model, wrapped, distributed.unwrapped(wrapped), opt, sched, scaler, amp, device, d, out,
@@ -418,11 +419,10 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
         objective.reference_logps(run, prep.train)
         objective.reference_logps(run, prep.val)
     if resume is not None:
-        if engine == "deepspeed":  # its partitioned optimizer state is not gathered into our checkpoint format
-            raise UserError(f"resume_from_checkpoint {resume}: resuming a deepspeed run is not supported (its "
-                            "checkpoints hold the gathered weights only); use fsdp: full_shard to resume")  # fmt: skip
         if engine == "single":
             run.state = State.from_dict(checkpoint.load(resume, model, opt, sched, cfg, fingerprint))
+        elif engine == "deepspeed":
+            run.state = State.from_dict(distributed.restore_deepspeed(resume, cfg, run))
         else:
             run.state = State.from_dict(distributed.restore(resume, cfg, run))
     return run
@@ -539,7 +539,7 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
             results = _results(run, log)
         finally:
             log.close()
-        full = distributed.full_state_dict(run.model, run.plain, d, run.engine)
+        full = distributed.full_state_dict(run)
         if d.main:
             _check_weights(run, full)
             checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))

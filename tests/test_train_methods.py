@@ -238,14 +238,18 @@ main()
 """
 
 
-def _torchrun(n: int, args: list[str], tmp_path: Path, group_gone: bool = True) -> str:
-    """Run under torchrun; every rank must exit 0 and (`group_gone`) with no gloo thread left at interpreter exit."""
+def _torchrun(n: int, args: list[str], tmp_path: Path, group_gone: bool = True, fails: bool = False) -> str:
+    """Run under torchrun; every rank must exit 0 and (`group_gone`) with no gloo thread left at interpreter exit
+    (`fails`: rank 0 must exit 2 with a one-line error instead)."""
     env = dict(os.environ, EXPORTER_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     probe = tmp_path / "exit_probe.py"
     probe.write_text(_EXIT_PROBE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), str(probe),
            str(tmp_path), "train", *args]  # fmt: skip
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    if fails:
+        assert p.returncode != 0 and "exitcode  : 2" in p.stderr, p.stderr[-3000:]
+        return p.stderr
     assert p.returncode == 0, p.stderr[-3000:]
     if group_gone and sys.platform == "linux":
         left = {r: (tmp_path / f"threads-{r}").read_text() for r in range(n)}
@@ -286,12 +290,24 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
     assert settings["processes"] == 2 and settings["engine"] == engine
 
 
+def _ds_config(tmp_path: Path, zero: int) -> Path:
+    """LLaMA-Factory's examples/deepspeed/ds_z{2,3}_config.json keys."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    ds = tmp_path / f"ds_z{zero}.json"
+    ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                              "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto"},
+                              "zero_optimization": {"stage": zero, "reduce_bucket_size": "auto"}}))  # fmt: skip
+    return ds
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+@pytest.mark.parametrize("engine", ["fsdp", "ddp", "zero2", "zero3", "zero3-full"])
 def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_path: Path, engine: str) -> None:
     """A 2-process run resumed from its checkpoint-2 in a new process group continues exactly as the run that went
-    on (loss curve, final weights): weights, optimizer state gathered from the ranks, scheduler, each rank's RNG
-    (LoRA dropout draws on it)."""
+    on (loss curve, final weights): weights, optimizer state gathered from the ranks (DeepSpeed: each rank's part,
+    master weights included), scheduler, each rank's RNG (LoRA dropout draws on it)."""
     from safetensors.torch import load_file
 
     common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=4,
@@ -299,33 +315,39 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
                     per_device_train_batch_size=2, lora_dropout=0.1, lr_scheduler_type="cosine", warmup_steps=1,
                     disable_gradient_checkpointing=True, max_samples=24)  # fmt: skip
     common += ["--fsdp", "full_shard"] if engine == "fsdp" else []
+    deepspeed = engine.startswith("zero")
+    common += _flags(deepspeed=_ds_config(tmp_path, int(engine[4]))) if deepspeed else []
+    common += _flags(finetuning_type="full") if engine.endswith("full") else []
+    weights = "model.safetensors" if engine.endswith("full") else "adapter_model.safetensors"
     a, b = tmp_path / "a", tmp_path / "b"
-    _torchrun(2, common + _flags(output_dir=a), tmp_path)
+    _torchrun(2, common + _flags(output_dir=a), tmp_path, group_gone=not deepspeed)
     ckpt = a / "checkpoint-2"
-    assert {"optimizer.safetensors", "rng_state.safetensors", "rng_state_1.safetensors"} <= {
-        p.name for p in ckpt.iterdir()}  # fmt: skip
-    err = _torchrun(2, common + _flags(output_dir=b, resume_from_checkpoint=ckpt), tmp_path)
+    files = {"optimizer.safetensors", "rng_state.safetensors", "rng_state_1.safetensors"}
+    files |= {"optimizer_1.safetensors"} if deepspeed else set()  # each rank's part of the partitioned optimizer
+    assert files <= {p.name for p in ckpt.iterdir()}
+    assert not any(p.suffix in (".pt", ".pth", ".bin") for p in ckpt.rglob("*"))  # nothing that unpickles
+    err = _torchrun(2, common + _flags(output_dir=b, resume_from_checkpoint=ckpt), tmp_path, group_gone=not deepspeed)
     assert "trained 4 steps" in err
     la, lb = _log(a), _log(b)
     assert [r["current_steps"] for r in lb] == [1, 2, 3, 4]
     for ra, rb in zip(la, lb, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
-    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    wa, wb = load_file(a / weights), load_file(b / weights)
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
-    before = load_file(ckpt / "adapter_model.safetensors")  # the resumed steps did train
+    if engine.endswith("full"):  # ZeRO-3's shards were gathered: the whole model, shape for shape
+        assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in load_file(tiny / weights).items()}
+    before = load_file(ckpt / weights)  # the resumed steps did train
     assert any(not torch.allclose(before[k], wb[k], atol=1e-5) for k in wa)
+    if engine == "zero2":  # its optimizer parts fit ZeRO-2 on 2 processes only: another stage is one line, exit 2
+        other = common[: common.index("--deepspeed")] + _flags(deepspeed=_ds_config(tmp_path, 3))
+        err = _torchrun(2, other + _flags(output_dir=tmp_path / "c", resume_from_checkpoint=ckpt), tmp_path, fails=True)
+        assert "saved for different data, batch or process settings" in err and "'deepspeed': 3" in err
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: int) -> None:
-    if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed not installed")
-    ds = tmp_path / "ds_z2.json"  # LLaMA-Factory's examples/deepspeed/ds_z2_config.json keys
-    ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-                              "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto"},
-                              "zero_optimization": {"stage": zero, "reduce_bucket_size": "auto"}}))  # fmt: skip
+    ds = _ds_config(tmp_path, zero)
     common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
                     logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
                     disable_gradient_checkpointing=True)  # fmt: skip
@@ -348,6 +370,21 @@ def test_deepspeed_missing_is_one_line(tiny: Path, pdata: Path, tmp_path: Path, 
                                            "--deepspeed", "ds_z3_config.json"])  # fmt: skip
     with pytest.raises(UserError, match=r"deepspeed: ds_z3_config.json: the deepspeed package is not installed"):
         lf_args.check(cfg, given, "cpu")
+
+
+def test_deepspeed_nvme_offload_needs_save_only_model(tmp_path: Path) -> None:
+    """Checkpoints hold the optimizer state DeepSpeed keeps in memory; offloaded to NVMe it is not there: refused up
+    front in one line, before DeepSpeed starts."""
+    from exporter import distributed
+
+    ds = _ds_config(tmp_path, 3)
+    doc = json.loads(ds.read_text())
+    doc["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": str(tmp_path)}
+    ds.write_text(json.dumps(doc))
+    cfg, _ = lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a",
+                                       "--deepspeed", str(ds)])  # fmt: skip
+    with pytest.raises(UserError, match=r"offload_optimizer to nvme .* set save_only_model: true"):
+        distributed.deepspeed_engine(None, None, cfg, distributed.Dist(), None)
 
 
 def test_force_torchrun_relaunches_with_lf_variables(monkeypatch, tmp_path: Path) -> None:
