@@ -431,3 +431,37 @@ def test_qlora_cli_prints_no_third_party_noise(tiny: Path, pdata: Path, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert "QLoRA: base quantized to 4-bit" in r.stderr
     assert not [line for line in (r.stdout + r.stderr).splitlines() if NOISE.search(line)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_qlora_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, engine: str) -> None:
+    """QLoRA on 2 processes (DDP, or DeepSpeed ZeRO-2, which shards only the trained LoRA weights' optimizer state
+    and gradients) gives one process's loss curve and adapter for the same global batch."""
+    from safetensors.torch import load_file
+
+    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
+                    logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2, quantization_bit=4,
+                    disable_gradient_checkpointing=True, max_samples=24)  # fmt: skip
+    one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
+    extra = _flags(deepspeed=_ds_config(tmp_path, 2)) if engine == "zero2" else []
+    _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two") + extra, tmp_path,
+              group_gone=engine == "ddp")  # fmt: skip
+    for ra, rb in zip(_log(one), _log(tmp_path / "two"), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize(("engine", "refused"), [("fsdp", "quantization_bit with fsdp is not supported"),
+                                                 ("zero3", "ZeRO-3 shards the quantized base weights")])  # fmt: skip
+def test_qlora_sharded_base_is_one_line(tmp_path: Path, engine: str, refused: str) -> None:
+    """QLoRA where the engine would shard the packed 4-bit base weights is refused before anything loads (tried: under
+    FSDP2 a rank fails, under ZeRO-3 the weights turn non-finite)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes not installed")
+    extra = ["--fsdp", "full_shard"] if engine == "fsdp" else ["--deepspeed", str(_ds_config(tmp_path, 3))]
+    cfg, given = lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a",
+                                           "--quantization_bit", "4", *extra])  # fmt: skip
+    with pytest.raises(UserError, match=refused):
+        lf_args.check(cfg, given, "cpu")
