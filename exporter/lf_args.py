@@ -342,12 +342,9 @@ def _check_methods(cfg: TrainConfig, device: str) -> None:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("quantization_bit needs bitsandbytes: pip install 'exporter[quant]'")
-        if cfg.fsdp:
-            raise UserError("quantization_bit with fsdp is not supported; QLoRA runs with DDP (torchrun) or DeepSpeed "
-                            "ZeRO-0/1/2")  # fmt: skip
-        if cfg.deepspeed and _zero_stage(cfg.deepspeed) == 3:  # it would shard the packed 4-bit weights
-            raise UserError(f"deepspeed: {cfg.deepspeed}: ZeRO-3 shards the quantized base weights, which bitsandbytes "
-                            "cannot compute with; QLoRA runs with ZeRO-0/1/2 or DDP (torchrun)")  # fmt: skip
+        if cfg.fsdp and cfg.quantization_bit == 8:  # tried: AttributeError 'Parameter' object has no attribute 'CB'
+            raise UserError("quantization_bit: 8 with fsdp is not supported (FSDP2 replaces bitsandbytes' 8-bit "
+                            "weights by plain ones, losing their scales); use 4, or DDP / DeepSpeed")  # fmt: skip
     if cfg.neat_packing and cfg.stage != "sft":
         raise UserError("neat_packing packs SFT examples: stage: sft")
     bad = [w for w in cfg.fsdp if w not in _FSDP_WORDS]
@@ -363,13 +360,6 @@ def _check_methods(cfg: TrainConfig, device: str) -> None:
                 f"deepspeed: {cfg.deepspeed}: the deepspeed package is not installed (pip install deepspeed); "
                 "without it, run torchrun (DDP) or set fsdp: full_shard (FSDP2)"
             )
-
-
-def _zero_stage(path: str) -> Any:
-    """The ZeRO stage a DeepSpeed JSON config asks for (0 when it has none)."""
-    doc = config_mod.read_json(path)
-    zero = doc.get("zero_optimization") if isinstance(doc, dict) else None
-    return zero.get("stage", 0) if isinstance(zero, dict) else 0
 
 
 # ------------------------------------------------------------------ export (merge / quantize) arguments

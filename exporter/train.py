@@ -167,10 +167,11 @@ class Diverged(UserError):
 
 def _check_weights(run: Run, full: dict[str, Any] | None = None) -> None:
     """Before anything is written: every trainable weight finite (a finite loss can still step into inf); `full`:
-    the weights gathered from sharded ranks, when there are."""
+    the weights gathered from sharded ranks, when there are (QLoRA's frozen base is packed 4-bit data: not checked)."""
     import torch
 
-    params = list(full.values()) if full else [p for p in run.model.parameters() if p.requires_grad]
+    trained = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    params = [full[n] for n in trained if n in full] if full else list(trained.values())  # never a packed 4-bit base
     if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
         raise Diverged(run, "the weights became non-finite (inf/nan)", run.state.global_step)
 
