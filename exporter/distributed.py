@@ -207,26 +207,36 @@ def on_main(d: Dist, fn: Callable[[], Any], everywhere: bool = True) -> Any:
 
 
 def full_state_dict(run: Any) -> dict[str, Any] | None:
-    """The whole model's weights on rank 0 when FSDP or DeepSpeed ZeRO-3 shards them (every rank takes part; None on
-    the others); None when the model in memory is already whole."""
-    d = run.dist
-    if run.engine == "fsdp":
+    """The model's weights on rank 0 when FSDP or DeepSpeed ZeRO-3 shards them (every rank takes part; None on the
+    others); None when the model in memory is already whole. A LoRA run saves an adapter: only its trained weights
+    are gathered, never the (possibly huge or 4-bit packed) base."""
+    d, lora = run.dist, run.cfg.finetuning_type == "lora"
+    zero3 = run.engine == "deepspeed" and run.score.zero_optimization_partition_weights()
+    if run.engine == "fsdp" and not lora:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(run.plain, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k.removeprefix("model."): v for k, v in sd.items()} if d.main else None  # the Scorer's `model`
-    if run.engine == "deepspeed" and run.score.zero_optimization_partition_weights():
+    if run.engine != "fsdp" and not zero3:
+        return None
+    if zero3:
         import deepspeed
-
-        keys = run.model.state_dict().keys()
-        sd = {}
-        for name, p in run.model.named_parameters():  # one at a time: never whole on a rank; tied ones once
+    sd = {}
+    for name, p in run.model.named_parameters():  # one at a time: never whole on a rank; tied ones once
+        if lora and not p.requires_grad:
+            continue
+        if zero3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if d.main:
-                    sd[name] = p.detach().cpu().clone()
-        buffers = run.model.named_buffers(remove_duplicate=False)
-        return sd | {k: v.detach().cpu().clone() for k, v in buffers if k in keys} if d.main else None
-    return None
+                whole = p.detach().cpu().clone() if d.main else None
+        else:
+            whole = p.full_tensor().detach().cpu() if hasattr(p, "full_tensor") else p.detach().cpu().clone()
+        if d.main:
+            sd[name] = whole
+    if lora or not d.main:
+        return sd if d.main else None
+    keys = run.model.state_dict().keys()
+    buffers = run.model.named_buffers(remove_duplicate=False)
+    return sd | {k: v.detach().cpu().clone() for k, v in buffers if k in keys}
 
 
 def full_optimizer_state(run: Any) -> dict[str, Any] | list[Any] | None:
