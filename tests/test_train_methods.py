@@ -303,7 +303,7 @@ def _ds_config(tmp_path: Path, zero: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp", "ddp", "zero2", "zero3", "zero3-full"])
+@pytest.mark.parametrize("engine", ["fsdp", "ddp", "zero0", "zero2", "zero3", "zero3-full"])
 def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_path: Path, engine: str) -> None:
     """A 2-process run resumed from its checkpoint-2 in a new process group continues exactly as the run that went
     on (loss curve, final weights): weights, optimizer state gathered from the ranks (DeepSpeed: each rank's part,
