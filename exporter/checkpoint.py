@@ -151,16 +151,22 @@ def _load_optimizer(path: Path) -> dict[str, Any]:
         meta = f.metadata() or {}
         flat = {k: f.get_tensor(k) for k in f.keys()}
     flat.update(json.loads(meta.get("other", "{}")))
-    groups = json.loads(meta["param_groups"])
+    groups = param_groups(meta["param_groups"])
     named = any(isinstance(p, str) for g in groups for p in g.get("params", []))
     state: dict[int | str, dict[str, Any]] = {}
     for name, value in flat.items():
         param, key = name.rsplit(".", 1)  # optimizer keys (exp_avg, step) have no dot; parameter names do
         state.setdefault(param if named else int(param), {})[key] = value
-    for g in groups:  # JSON has no tuples; AdamW's betas are one
+    return {"state": state, "param_groups": groups}
+
+
+def param_groups(text: str) -> list[dict[str, Any]]:
+    """An optimizer's param groups as saved in JSON (JSON has no tuples; AdamW's betas are one)."""
+    groups = json.loads(text)
+    for g in groups:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
+    return groups
 
 
 def optimizer_name(rank: int) -> str:
@@ -237,6 +243,11 @@ def latest(out_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _whole_shape(param: Any) -> list[int]:
+    """A parameter's shape; a ZeRO-3 shard's whole shape (it keeps it as ds_shape)."""
+    return list(getattr(param, "ds_shape", param.shape))
+
+
 def _check_lora_shapes(path: Path, model: Any) -> None:
     """The checkpoint's LoRA tensors are this run's, name for name and shape for shape (PEFT would skip a missing
     one silently and fail on a shape with a traceback)."""
@@ -244,9 +255,8 @@ def _check_lora_shapes(path: Path, model: Any) -> None:
 
     from exporter.safetensors_file import read_header
 
-    params = dict(model.named_parameters())  # a ZeRO-3 shard knows its whole shape as ds_shape
-    saved = get_peft_model_state_dict(model, state_dict=params)
-    want = {k: list(getattr(v, "ds_shape", v.shape)) for k, v in saved.items()}
+    saved = get_peft_model_state_dict(model, state_dict=dict(model.named_parameters()))
+    want = {k: _whole_shape(v) for k, v in saved.items()}
     have = {k: list(e.shape) for k, e in read_header(path / "adapter_model.safetensors").items()}
     for k in sorted(want.keys() | have.keys()):
         if want.get(k) != have.get(k):
@@ -338,8 +348,8 @@ def by_model_key(path: Path, model: Any, weights: dict[str, Any], cfg: TrainConf
         name_of = {id(v): k for k, v in own.items()}
         saved_as = get_peft_model_state_dict(model, state_dict=own)  # the same tensors, under the file's names
         return {name_of[id(v)]: weights[k] for k, v in saved_as.items()}
-    shapes = {k: list(v.shape) for k, v in own.items()}  # a ZeRO-3 shard knows its whole shape as ds_shape
-    shapes |= {k: list(p.ds_shape) for k, p in model.named_parameters(remove_duplicate=False) if hasattr(p, "ds_shape")}
+    shapes = {k: list(v.shape) for k, v in own.items()} | {
+        k: _whole_shape(p) for k, p in model.named_parameters(remove_duplicate=False)}  # fmt: skip
     for k in sorted(own.keys() | weights.keys()):
         if k not in own or k not in weights or shapes[k] != list(weights[k].shape):
             raise UserError(f"resume_from_checkpoint {path}: its weights do not fit this model (tensor {k})")

@@ -264,23 +264,40 @@ def restore(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
         set_optimizer_state_dict,
     )
 
-    from exporter import checkpoint
+    d = run.dist
 
-    d, model = run.dist, run.model
-
-    def read() -> Any:
-        saved = checkpoint.read(path, cfg, model, run.state.fingerprint)
+    def named(saved: Any) -> None:  # older versions saved the optimizer of several processes by parameter index
         groups = saved.optimizer["param_groups"] if saved.optimizer else []
         if saved.optimizer is None or any(isinstance(p, int) for g in groups for p in g["params"]):
             raise UserError(f"resume_from_checkpoint {path}: written by an older version of exporter for "
                             f"{d.world} processes; resume it with that version or start over")  # fmt: skip
-        return dataclasses.replace(saved, weights=checkpoint.by_model_key(path, model, saved.weights, cfg))
 
-    saved = on_main(d, read, everywhere=False)
+    saved = _read_on_main(path, cfg, run, named)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     weights = {f"model.{k}": v for k, v in saved.weights.items()} if d.main else {}  # the Scorer holds it as `model`
     set_model_state_dict(run.plain, weights, options=opts)
     set_optimizer_state_dict(run.plain, run.opt, saved.optimizer if d.main else {}, options=opts)
+    return _resume_rest(run, saved)
+
+
+def _read_on_main(path: Any, cfg: Any, run: Any, check: Callable[[Any], None] = lambda saved: None) -> Any:
+    """checkpoint-N checked (`check` too) and read on rank 0 (`checkpoint.read`: safetensors and JSON only), its
+    weights under the model's own names; None on the other ranks, a UserError on every rank."""
+    from exporter import checkpoint
+
+    def read() -> Any:
+        saved = checkpoint.read(path, cfg, run.model, run.state.fingerprint)
+        check(saved)
+        return dataclasses.replace(saved, weights=checkpoint.by_model_key(path, run.model, saved.weights, cfg))
+
+    return on_main(run.dist, read, everywhere=False)
+
+
+def _resume_rest(run: Any, saved: Any) -> dict[str, Any]:
+    """Every rank takes the scheduler and its own RNG state from what rank 0 read; returns the trainer state."""
+    from exporter import checkpoint
+
+    d = run.dist
     state, sched, rng = share(d, (saved.state, saved.scheduler, saved.rng) if d.main else None)
     run.sched.load_state_dict(sched)
     checkpoint.set_rng(*rng[d.rank])
@@ -334,12 +351,7 @@ def restore_deepspeed(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
     from exporter import checkpoint
 
     d, engine = run.dist, run.score
-
-    def read() -> Any:
-        saved = checkpoint.read(path, cfg, run.model, run.state.fingerprint)
-        return dataclasses.replace(saved, weights=checkpoint.by_model_key(path, run.model, saved.weights, cfg))
-
-    saved = on_main(d, read, everywhere=False)
+    saved = _read_on_main(path, cfg, run)
     zero3 = engine.zero_optimization_stage() == 3
     for name, p in [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]:
         # one at a time, so a ZeRO-3 model is never whole; its context spreads rank 0's value to the shards
@@ -355,22 +367,19 @@ def restore_deepspeed(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
     if not all_agree(d, fits):
         raise UserError(f"resume_from_checkpoint {path}: its optimizer was partitioned otherwise (DeepSpeed's "
                         "bucket or sub-group sizes changed); resume with the config it was saved with")  # fmt: skip
-    groups = json.loads(meta["param_groups"])
+    groups = checkpoint.param_groups(meta["param_groups"])
     if len(groups) != len(opt.param_groups):
         raise UserError(f"resume_from_checkpoint {path}: its optimizer has {len(groups)} parameter groups, this run "
                         f"{len(opt.param_groups)}; resume with the settings it was saved with")  # fmt: skip
     for group, saved_group in zip(opt.param_groups, groups, strict=True):  # the scheduler's lr as it left it
-        group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
+        group.update(saved_group)
     on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))  # else AdamW keeps `step` on the CPU
     for i, flat in enumerate(flats):
         with torch.no_grad():
             flat.copy_(tensors[f"{i}.master"])
         keys = {k.split(".", 1)[1] for k in tensors if k.startswith(f"{i}.") and k != f"{i}.master"}
         opt.state[flat] = {k: tensors[f"{i}.{k}"].to(flat.device if k != "step" or on_device else "cpu") for k in keys}
-    state, sched, rng = share(d, (saved.state, saved.scheduler, saved.rng) if d.main else None)
-    run.sched.load_state_dict(sched)
-    checkpoint.set_rng(*rng[d.rank])
-    return state
+    return _resume_rest(run, saved)
 
 
 def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any:
