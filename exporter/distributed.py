@@ -11,6 +11,7 @@ example is seen twice and the loss equals one process with the same global batch
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -57,9 +58,13 @@ def init(timeout_s: int) -> tuple[Dist, str]:
         torch.cuda.set_device(d.local_rank)
         device = f"cuda:{d.local_rank}"
     if d.active and not torch.distributed.is_initialized():
-        # before the group exists: torch.distributed.nn's `group=group.WORLD` defaults, evaluated at its import,
-        # would otherwise hold the group until the interpreter exits (see shutdown)
+        # before the group exists: torch.distributed.nn's and DeepSpeed's `group=...WORLD` defaults, evaluated at
+        # their import, would otherwise hold the group until the interpreter exits (see shutdown); where DeepSpeed
+        # is installed, transformers imports it whenever rank 0 saves a whole model (accelerate's unwrap_model)
         import torch.distributed.nn  # noqa: F401
+
+        if importlib.util.find_spec("deepspeed") is not None:
+            import deepspeed  # noqa: F401
 
         backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
@@ -216,7 +221,9 @@ def full_state_dict(run: Any) -> dict[str, Any] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(run.plain, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("model."): v for k, v in sd.items()} if d.main else None  # the Scorer's `model`
+        own = {n for n, _ in run.model.named_parameters()} | {n for n, _ in run.model.named_buffers()}
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}  # the Scorer's `model`; tied weights once
+        return {k: v for k, v in sd.items() if k in own} if d.main else None
     if run.engine != "fsdp" and not zero3:
         return None
     if zero3:
@@ -302,6 +309,35 @@ def _resume_rest(run: Any, saved: Any) -> dict[str, Any]:
     run.sched.load_state_dict(sched)
     checkpoint.set_rng(*rng[d.rank])
     return state
+
+
+# the counters of DeepSpeed's dynamic fp16 loss scaler (the rest comes from its config)
+DEEPSPEED_LOSS_SCALE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _deepspeed_scaler(run: Any) -> Any:
+    scaler = getattr(getattr(run.score, "optimizer", None), "loss_scaler", None) if run.engine == "deepspeed" else None
+    return scaler if getattr(scaler, "dynamic", False) else None
+
+
+def loss_scale(run: Any) -> dict[str, Any] | None:
+    """fp16's dynamic loss scale for a checkpoint (the same on every rank): torch's GradScaler state, or DeepSpeed's
+    loss scaler counters; None without one. Without it a resumed run would start again at 65536 and skip updates."""
+    if run.scaler is not None:
+        return run.scaler.state_dict()
+    scaler = _deepspeed_scaler(run)
+    return {k: getattr(scaler, k) for k in DEEPSPEED_LOSS_SCALE} if scaler is not None else None
+
+
+def set_loss_scale(run: Any, state: dict[str, Any] | None) -> None:
+    """Put a checkpoint's loss scale (`loss_scale`) back; nothing when it has none (not fp16, or an older one)."""
+    if not state:
+        return
+    if run.scaler is not None:
+        run.scaler.load_state_dict(state)
+    elif (scaler := _deepspeed_scaler(run)) is not None:
+        for key in DEEPSPEED_LOSS_SCALE:
+            setattr(scaler, key, state[key])
 
 
 # where each DeepSpeed optimizer keeps the flat fp32 tensors its torch optimizer steps: this rank's master weights
@@ -410,9 +446,14 @@ def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any
         return node
 
     ds = fill(ds)
-    for key, on in (("bf16", cfg.bf16), ("fp16", cfg.fp16)):
-        if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
-            ds[key]["enabled"] = on
+    for key, on in (("bf16", cfg.bf16), ("fp16", cfg.fp16)):  # DeepSpeed's mixed precision is the training key's
+        section = ds.setdefault(key, {"enabled": on}) if on else ds.get(key, {})  # as accelerate adds it
+        enabled = section.get("enabled", False) if isinstance(section, dict) else section
+        if enabled == "auto":
+            section["enabled"] = on
+        elif str(enabled).lower() != str(on).lower():
+            raise UserError(f"deepspeed: {cfg.deepspeed}: {key}.enabled is {enabled} but {key} is {on} in the "
+                            f'training settings; make them agree or write "auto"')  # fmt: skip
     left = [k for k, v in _walk(ds) if v == "auto"]
     if left:
         raise UserError(f'deepspeed: {cfg.deepspeed}: cannot fill "auto" for {", ".join(left)}; give values')
@@ -420,6 +461,11 @@ def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any
     if offload.get("device") == "nvme" and not cfg.save_only_model:
         raise UserError(f"deepspeed: {cfg.deepspeed}: offload_optimizer to nvme keeps the optimizer state out of "
                         "memory, where checkpoints read it; offload to cpu, or set save_only_model: true")  # fmt: skip
+    from deepspeed.accelerator import get_accelerator
+
+    if cfg.fp16 and not get_accelerator().is_fp16_supported():
+        raise UserError(f"deepspeed: {cfg.deepspeed}: fp16: DeepSpeed has no fp16 on this device "
+                        f"({get_accelerator().device_name()}); use bf16: true, or fp16 without deepspeed")  # fmt: skip
     ds.setdefault("zero_force_ds_cpu_optimizer", False)  # our AdamW, also with offloading
     engine, _, _, _ = deepspeed.initialize(model=score, optimizer=opt, config=ds)
     return engine

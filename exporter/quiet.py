@@ -30,6 +30,8 @@ NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "logbar", "gptqmodel", "bitsa
 KNOWN_WARNINGS = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
     (UserWarning, r"MatMul8bitLt: inputs will be cast"),  # bitsandbytes' 8-bit QLoRA computing in fp32 on CPU
+    # DeepSpeed's ZeRO calls torch.distributed collectives torch 2.13 deprecates (on every step)
+    (FutureWarning, r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
     # Gradio 6.31's queue (exporter webui) on pandas 3: its dataframe handling uses options pandas 4 drops
     (Warning, r"'future.no_silent_downcasting' is deprecated"),
     (Warning, r"The copy keyword is deprecated and will be removed"),

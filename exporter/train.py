@@ -77,6 +77,7 @@ class State:
     pending_metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # key -> [sum, count]
     loss_total: float = 0.0
     loss_steps: int = 0
+    loss_scale: dict[str, Any] | None = None  # fp16's dynamic loss scale at the last checkpoint
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> State:
@@ -215,7 +216,8 @@ def step(run: Run, group: list[list[int]]) -> float:
                 loss_units, metrics = objective.micro_loss(run, batch)
             part = loss_units * (weight / max(n_units, 1))
             scaled = part * d.world  # DDP/FSDP/DeepSpeed average gradients over the ranks
-            if run.engine == "deepspeed":
+            if run.engine == "deepspeed":  # our groups set the boundary: an epoch's short last group steps too
+                run.score.set_gradient_accumulation_boundary(last)
                 run.score.backward(scaled, scale_wrt_gas=False)
                 run.score.step()
             else:
@@ -230,18 +232,24 @@ def step(run: Run, group: list[list[int]]) -> float:
     run.state.tokens_seen += tokens
     run.run_tokens += tokens
     run.losses.append(step_loss)
-    if run.engine != "deepspeed":  # the engine clips, steps and zeroes at the accumulation boundary itself
+    if run.engine == "deepspeed":  # the engine clips, steps and zeroes at the accumulation boundary itself
+        stepped = run.score.was_step_applied()
+    else:
         if run.scaler:
             run.scaler.unscale_(run.opt)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        stepped = True
         if run.scaler:
+            scale = run.scaler.get_scale()
             run.scaler.step(run.opt)
             run.scaler.update()
+            stepped = run.scaler.get_scale() >= scale  # backed off: inf/NaN gradients, the update was skipped
         else:
             run.opt.step()
         run.opt.zero_grad(set_to_none=True)
-    run.sched.step()
+    if stepped:  # a skipped update (fp16 overflow) leaves the lr schedule where it was, as HF's Trainer does
+        run.sched.step()
     return run.sched.get_last_lr()[0]
 
 
@@ -361,6 +369,7 @@ def _checkpoint(run: Run) -> None:
     full = distributed.full_state_dict(run)
     optim = None if run.cfg.save_only_model else distributed.full_optimizer_state(run)
     rngs = distributed.gather(run.dist, checkpoint.rng_state())
+    run.state.loss_scale = distributed.loss_scale(run)
     if run.dist.main:
         _check_weights(run, full)
         checkpoint.save(run.model, optim, run.sched, dataclasses.asdict(run.state), run.out, run.cfg, run.model_dir,
@@ -412,7 +421,7 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     if engine == "deepspeed":  # its optimizer is saved as each rank's part: resumable with the same stage only
         fingerprint["deepspeed"] = wrapped.zero_optimization_stage()
     amp = (torch.bfloat16 if cfg.bf16 else torch.float16) if (cfg.bf16 or cfg.fp16) else None
-    scaler = torch.amp.GradScaler("cuda") if cfg.fp16 and engine != "deepspeed" else None
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if cfg.fp16 and engine != "deepspeed" else None
     run = Run(cfg, prep, sch, model, wrapped, distributed.unwrapped(wrapped), opt, sched, scaler, amp, device, d, out,
               model_dir, State(fingerprint=fingerprint), engine)  # fmt: skip
     if cfg.stage in ("dpo", "kto") and cfg.finetuning_type != "lora" and cfg.pref_loss not in ("orpo", "simpo"):
@@ -426,6 +435,7 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
             run.state = State.from_dict(distributed.restore_deepspeed(resume, cfg, run))
         else:
             run.state = State.from_dict(distributed.restore(resume, cfg, run))
+        distributed.set_loss_scale(run, run.state.loss_scale)
     return run
 
 

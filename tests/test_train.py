@@ -104,7 +104,7 @@ def test_flag_style_equals_yaml(tmp_path: Path) -> None:
     assert {"do_train", "plot_loss", "bf16"} <= given
 
 
-def test_config_errors() -> None:
+def test_config_errors(monkeypatch) -> None:
     with pytest.raises(UserError, match=r"unknown key 'lora_rnak' \(did you mean 'lora_rank'\?\)"):
         lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--lora_rnak", "8"])
     with pytest.raises(UserError, match=r"use_unsloth: Unsloth kernels is not supported yet"):
@@ -127,8 +127,11 @@ def test_config_errors() -> None:
     cfg, given = lf_args.config_from_args(
         ["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a", "--fp16"]
     )
-    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+    monkeypatch.setattr(lf_args, "cpu_has_fp16", lambda: False)
+    with pytest.raises(UserError, match="fp16: this CPU has no native fp16 .* use bf16: true or neither"):
         lf_args.check(cfg, given, "cpu")
+    monkeypatch.setattr(lf_args, "cpu_has_fp16", lambda: True)  # AVX512-FP16 / AMX-FP16: as on a GPU
+    lf_args.check(cfg, given, "cpu")
     cfg, given = lf_args.config_from_args(
         "--model_name_or_path m --output_dir o --dataset a --eval_steps 5 --eval_strategy no".split()
     )
@@ -436,7 +439,7 @@ def test_resume_matches_uninterrupted(
         (["--lora_rnak", "8"], "unknown key 'lora_rnak' (did you mean 'lora_rank'?)"),
         (["--dataset", "nope"], "dataset 'nope' is not defined"),
         (["--template", "llama-3.1"], "template 'llama-3.1' ends assistant turns with '<|eot_id|>', but the tokenizer"),
-        (["--fp16"], "fp16 needs a CUDA GPU"),
+        (["--fp16", "--bf16"], "bf16 and fp16 are both set; pick one"),
         (["--max_steps", "many"], "max_steps must be an integer"),
         (["--shift_attn"], "shift_attn: shift short attention is not supported yet"),
         (["--stage", "dpo"], "stage dpo needs a preference dataset"),

@@ -233,17 +233,23 @@ def names():
     with open(os.path.join(out, "threads-" + os.environ["RANK"]), "w") as f:
         f.write(" ".join(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")))
 atexit.register(names)
+{before}
 from exporter.cli import main
 main()
 """
 
 
-def _torchrun(n: int, args: list[str], tmp_path: Path, group_gone: bool = True, fails: bool = False) -> str:
+# this CPU emulates fp16 (59x slower than fp32), which exporter refuses; told it has it, it runs the GPU's fp16 path
+_CPU_FP16 = "import exporter.lf_args\nexporter.lf_args.cpu_has_fp16 = lambda: True"
+
+
+def _torchrun(n: int, args: list[str], tmp_path: Path, group_gone: bool = True, fails: bool = False,
+              before: str = "") -> str:  # fmt: skip
     """Run under torchrun; every rank must exit 0 and (`group_gone`) with no gloo thread left at interpreter exit
-    (`fails`: rank 0 must exit 2 with a one-line error instead)."""
+    (`fails`: rank 0 must exit 2 with a one-line error instead); `before`: code each rank runs first."""
     env = dict(os.environ, EXPORTER_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     probe = tmp_path / "exit_probe.py"
-    probe.write_text(_EXIT_PROBE)
+    probe.write_text(_EXIT_PROBE.replace("{before}", before))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), str(probe),
            str(tmp_path), "train", *args]  # fmt: skip
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -267,27 +273,61 @@ def _one_process(flags: list[str]) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "engine"), [("dpo", "ddp"), ("kto", "ddp"), ("sft", "fsdp")])
-def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage: str, engine: str) -> None:
+@pytest.mark.parametrize(
+    ("stage", "engine"), [("dpo", "ddp"), ("kto", "ddp"), ("sft", "fsdp"), ("sft", "fsdp-fp16-full")]
+)
+def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage: str, engine: str,
+                                 monkeypatch) -> None:  # fmt: skip
     """torchrun --nproc_per_node 2 (gloo) gives one process's loss curve for the same global batch, and one set of
-    outputs written by rank 0."""
+    outputs written by rank 0. fp16 under FSDP: the ranks agree on skipping an overflowing update (each holds only
+    its shards' gradients), as one process skips it."""
     data = {"sft": "sft", "dpo": "pairs", "kto": "kto"}[stage]
     common = _flags(stage=stage, model_name_or_path=tiny, dataset=data, dataset_dir=pdata, template="qwen",
                     max_steps=4, logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
                     disable_gradient_checkpointing=True, max_samples=24)  # fmt: skip
+    fp16 = engine.endswith("fp16-full")  # whole micro-batches: an early update overflows at the initial scale
+    common += ["--fp16", "--finetuning_type", "full", "--gradient_accumulation_steps", "1"] if fp16 else []
+    if fp16:  # this CPU emulates fp16: told it has it, it runs the GPU's path
+        monkeypatch.setattr(lf_args, "cpu_has_fp16", lambda: True)
     one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
+    engine = engine.split("-")[0]
     extra = ["--fsdp", "full_shard"] if engine == "fsdp" else []
-    _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two") + extra, tmp_path)
+    _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two") + extra, tmp_path,
+              before=_CPU_FP16 if fp16 else "")  # fmt: skip
     a, b = _log(one), _log(tmp_path / "two")
     assert [r["current_steps"] for r in b] == [1, 2, 3, 4]  # one log, each step once
+    if fp16:  # an update skipped (its lr repeats in the log), by both at the same step
+        lrs = [r["lr"] for r in a]
+        assert len(set(lrs)) < len(lrs) and [r["lr"] for r in b] == lrs
     for ra, rb in zip(a, b, strict=True):
-        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4, rel=1e-4 if fp16 else 0)  # fp16: batch-size rounding
         for key in ("rewards/accuracies", "rewards/margins", "kl"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-4), key
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in one.iterdir())
     settings = json.loads((tmp_path / "two" / "exporter_manifest.json").read_text())["settings"]
     assert settings["processes"] == 2 and settings["engine"] == engine
+
+
+def test_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp_path: Path, monkeypatch) -> None:
+    """fp16 (torch's loss scaling; this CPU emulates fp16, so it is told it has it, to run the GPU's path): the
+    first update overflows at the initial scale and is skipped without moving the lr schedule; the checkpoint keeps
+    the backed-off scale, so the resumed run does not start again at 65536 (and skip another update) but continues
+    exactly as the run that went on."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(lf_args, "cpu_has_fp16", lambda: True)  # as on a GPU, or a CPU with AVX512-FP16
+    kw = dict(fp16=True, finetuning_type="full", max_steps=6, save_steps=2)
+    a = T.train(_cfg(tiny, pdata, tmp_path / "a", **kw), set()).out
+    ckpt = a / "checkpoint-2"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["loss_scale"]["scale"] == 32768.0
+    la = _log(a)
+    assert la[0]["lr"] == 5e-3 and la[1]["lr"] == pytest.approx(5e-3 * 5 / 6)  # step 1 skipped: the lr stayed
+    b = T.train(_cfg(tiny, pdata, tmp_path / "b", resume_from_checkpoint=str(ckpt), **kw), set()).out
+    for ra, rb in zip(la, _log(b), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 def _ds_config(tmp_path: Path, zero: int) -> Path:
@@ -303,7 +343,7 @@ def _ds_config(tmp_path: Path, zero: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp", "ddp", "zero0", "zero2", "zero3", "zero3-full"])
+@pytest.mark.parametrize("engine", ["fsdp", "ddp", "zero0", "zero2", "zero3", "zero3-full", "fsdp-fp16-full"])
 def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_path: Path, engine: str) -> None:
     """A 2-process run resumed from its checkpoint-2 in a new process group continues exactly as the run that went
     on (loss curve, final weights): weights, optimizer state gathered from the ranks (DeepSpeed: each rank's part,
@@ -314,19 +354,23 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
                     save_steps=2, logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
                     per_device_train_batch_size=2, lora_dropout=0.1, lr_scheduler_type="cosine", warmup_steps=1,
                     disable_gradient_checkpointing=True, max_samples=24)  # fmt: skip
-    common += ["--fsdp", "full_shard"] if engine == "fsdp" else []
+    common += ["--fsdp", "full_shard"] if engine.startswith("fsdp") else []
     deepspeed = engine.startswith("zero")
     common += _flags(deepspeed=_ds_config(tmp_path, int(engine[4]))) if deepspeed else []
-    common += _flags(finetuning_type="full") if engine.endswith("full") else []
-    weights = "model.safetensors" if engine.endswith("full") else "adapter_model.safetensors"
+    common += _flags(finetuning_type="full") if "full" in engine else []
+    common += ["--fp16"] if "fp16" in engine else []  # its loss scale is resumed too
+    weights = "model.safetensors" if "full" in engine else "adapter_model.safetensors"
     a, b = tmp_path / "a", tmp_path / "b"
-    _torchrun(2, common + _flags(output_dir=a), tmp_path, group_gone=not deepspeed)
+    before = _CPU_FP16 if "fp16" in engine else ""
+    _torchrun(2, common + _flags(output_dir=a), tmp_path, group_gone=not deepspeed, before=before)
     ckpt = a / "checkpoint-2"
+    assert (json.loads((ckpt / "trainer_state.json").read_text())["loss_scale"] is not None) == ("fp16" in engine)
     files = {"optimizer.safetensors", "rng_state.safetensors", "rng_state_1.safetensors"}
     files |= {"optimizer_1.safetensors"} if deepspeed else set()  # each rank's part of the partitioned optimizer
     assert files <= {p.name for p in ckpt.iterdir()}
     assert not any(p.suffix in (".pt", ".pth", ".bin") for p in ckpt.rglob("*"))  # nothing that unpickles
-    err = _torchrun(2, common + _flags(output_dir=b, resume_from_checkpoint=ckpt), tmp_path, group_gone=not deepspeed)
+    err = _torchrun(2, common + _flags(output_dir=b, resume_from_checkpoint=ckpt), tmp_path, group_gone=not deepspeed,
+                    before=before)  # fmt: skip
     assert "trained 4 steps" in err
     la, lb = _log(a), _log(b)
     assert [r["current_steps"] for r in lb] == [1, 2, 3, 4]
@@ -334,7 +378,7 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
     wa, wb = load_file(a / weights), load_file(b / weights)
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
-    if engine.endswith("full"):  # ZeRO-3's shards were gathered: the whole model, shape for shape
+    if "full" in engine:  # ZeRO-3's shards were gathered: the whole model, shape for shape
         assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in load_file(tiny / weights).items()}
     before = load_file(ckpt / weights)  # the resumed steps did train
     assert any(not torch.allclose(before[k], wb[k], atol=1e-5) for k in wa)
@@ -345,16 +389,47 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
 
 
 @pytest.mark.slow
+def test_deepspeed_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    """DeepSpeed's fp16 is a GPU path: on CPU its accelerator says it has none, which is one line, exit 2. Told
+    otherwise, the same fp16 optimizer runs here: the updates it skips leave the lr schedule where it was, its
+    dynamic loss scaler's counters go into the checkpoint, and a run resumed after an overflow continues exactly as
+    the run that went on (restarted counters would skip or scale otherwise)."""
+    from safetensors.torch import load_file
+
+    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=6,
+                    save_steps=3, logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
+                    per_device_train_batch_size=2, disable_gradient_checkpointing=True, max_samples=24,
+                    deepspeed=_ds_config(tmp_path, 2)) + ["--fp16"]  # fmt: skip
+    err = _torchrun(2, common + _flags(output_dir=tmp_path / "x"), tmp_path, fails=True, before=_CPU_FP16)
+    assert "fp16: DeepSpeed has no fp16 on this device (cpu); use bf16: true" in err
+    fp16 = _CPU_FP16 + "\nimport deepspeed.accelerator as A\nA.get_accelerator().is_fp16_supported = lambda: True"
+    a, b = tmp_path / "a", tmp_path / "b"
+    _torchrun(2, common + _flags(output_dir=a), tmp_path, group_gone=False, before=fp16)
+    ckpt = a / "checkpoint-3"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["loss_scale"]["last_overflow_iter"] >= 0
+    la = _log(a)
+    assert any(r["lr"] == prev["lr"] for prev, r in zip(la, la[1:], strict=False))  # a skipped update: lr stayed
+    _torchrun(2, common + _flags(output_dir=b, resume_from_checkpoint=ckpt), tmp_path, group_gone=False, before=fp16)
+    for ra, rb in zip(la, _log(b), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: int) -> None:
+    """2 processes under DeepSpeed give one process's loss curve and adapter, also through an epoch's short last
+    group (8 batches in groups of 3: its 2 micro-batches make an update too), with no third-party warnings."""
     ds = _ds_config(tmp_path, zero)
-    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
-                    logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
+    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=4,
+                    logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=3,
                     disable_gradient_checkpointing=True)  # fmt: skip
     one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
     # DeepSpeed keeps its process groups in its own module state: they outlive the run (not checked here)
-    _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two", deepspeed=ds), tmp_path,
-              group_gone=False)  # fmt: skip
+    err = _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two", deepspeed=ds),
+                    tmp_path, group_gone=False)  # fmt: skip
+    assert "Warning" not in err and "WARNING" not in err, err
     for ra, rb in zip(_log(one), _log(tmp_path / "two"), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
     from safetensors.torch import load_file  # the adapter gathered from the shards equals one process's
