@@ -91,7 +91,11 @@ def shutdown() -> None:
     _sharding_prop.ShardingPropagator._propagate_tensor_meta_cached.cache_clear()
     debug._clear_sharding_prop_cache()
     gc.collect()  # FSDP's module states and hooks form reference cycles
-    torch.distributed.destroy_process_group()
+    ds = sys.modules.get("deepspeed.comm.comm")
+    if ds is not None and ds.cdb is not None:  # DeepSpeed's groups, held in its module state, are released too
+        ds.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:

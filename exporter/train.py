@@ -563,6 +563,8 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
                 file=sys.stderr,
             )
         distributed.barrier(d)
+    if run.engine == "deepspeed":  # its optimizer's hooks hold the engine, and it DeepSpeed's process groups
+        run.score.destroy()
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
