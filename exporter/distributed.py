@@ -64,11 +64,22 @@ def init(timeout_s: int) -> tuple[Dist, str]:
         import torch.distributed.nn  # noqa: F401
 
         if importlib.util.find_spec("deepspeed") is not None:
-            import deepspeed  # noqa: F401
+            _import_deepspeed()
 
         backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return d, device
+
+
+def _import_deepspeed() -> Any:
+    """DeepSpeed, told the accelerator when there is no GPU (else its import warns that it falls back to the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
 
 
 def shutdown() -> None:
@@ -426,11 +437,12 @@ def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any
     """DeepSpeed's engine around the scorer, from the user's JSON with HF's "auto" values filled from the training
     keys (batch sizes, accumulation, clipping, bf16/fp16, bucket sizes from the hidden size)."""
     try:
-        import deepspeed
+        deepspeed = _import_deepspeed()
     except ImportError:
         raise UserError(f"deepspeed: {cfg.deepspeed}: the deepspeed package is not installed (pip install "
                         "deepspeed), or use fsdp: full_shard") from None  # fmt: skip
     from exporter.config import read_json
+    from exporter.quiet import prints_dropped
 
     ds = read_json(cfg.deepspeed)
     if not isinstance(ds, dict):
@@ -471,7 +483,8 @@ def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any
         raise UserError(f"deepspeed: {cfg.deepspeed}: fp16: DeepSpeed has no fp16 on this device "
                         f"({get_accelerator().device_name()}); use bf16: true, or fp16 without deepspeed")  # fmt: skip
     ds.setdefault("zero_force_ds_cpu_optimizer", False)  # our AdamW, also with offloading
-    engine, _, _, _ = deepspeed.initialize(model=score, optimizer=opt, config=ds)
+    with prints_dropped():  # on CPU it prints that it built its shared-memory op
+        engine, _, _, _ = deepspeed.initialize(model=score, optimizer=opt, config=ds)
     return engine
 
 

@@ -10,14 +10,18 @@ The known noise and where it comes from:
 - Where they are needed (quantize, verify --quantized), their loggers are turned down to errors instead.
 - peft calls transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every LoRA training run);
   transformers draws a "Loading weights" bar for every model it loads; llama.cpp logs context warnings to stderr;
-  gguf-py's SpecialVocab warns about post-processor templates it cannot map to its flags.
+  gguf-py's SpecialVocab warns about post-processor templates it cannot map to its flags; DeepSpeed on CPU prints
+  that it built its shared-memory op at every start (`prints_dropped`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 
 # imported by transformers' and peft's availability probes whenever installed; needed only to quantize or to load
 # a quantized model
@@ -64,6 +68,17 @@ def quiet(verbose: bool = False, transformers: bool = True) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def prints_dropped() -> Iterator[None]:
+    """Around a third-party call that print()s a banner (DeepSpeed on CPU: "... shm_comm_op built successfully"):
+    its stdout goes nowhere; its loggers and exceptions are untouched. --verbose keeps the prints."""
+    if _verbose:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def silence_llama_cpp() -> None:
