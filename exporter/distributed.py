@@ -232,13 +232,6 @@ def full_state_dict(run: Any) -> dict[str, Any] | None:
     are gathered, never the (possibly huge or 4-bit packed) base."""
     d, lora = run.dist, run.cfg.finetuning_type == "lora"
     zero3 = run.engine == "deepspeed" and run.score.zero_optimization_partition_weights()
-    if run.engine == "fsdp" and not lora:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(run.plain, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        own = {n for n, _ in run.model.named_parameters()} | {n for n, _ in run.model.named_buffers()}
-        sd = {k.removeprefix("model."): v for k, v in sd.items()}  # the Scorer's `model`; tied weights once
-        return {k: v for k, v in sd.items() if k in own} if d.main else None
     if run.engine != "fsdp" and not zero3:
         return None
     if zero3:
