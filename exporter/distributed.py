@@ -337,14 +337,28 @@ def loss_scale(run: Any) -> dict[str, Any] | None:
     return {k: getattr(scaler, k) for k in DEEPSPEED_LOSS_SCALE} if scaler is not None else None
 
 
-def set_loss_scale(run: Any, state: dict[str, Any] | None) -> None:
-    """Put a checkpoint's loss scale (`loss_scale`) back; nothing when it has none (not fp16, or an older one)."""
-    if not state:
+# what torch's GradScaler.state_dict() holds
+TORCH_LOSS_SCALE = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def set_loss_scale(run: Any, state: Any, path: Any) -> None:
+    """Put checkpoint-N's loss scale (`loss_scale`) back; nothing when it has none (not fp16, or an older one). Its
+    values must be finite numbers (torch takes any value and fails later, inside the loop)."""
+    import math
+
+    scaler = run.scaler if run.scaler is not None else _deepspeed_scaler(run)
+    if not state or scaler is None:
         return
+    keys = TORCH_LOSS_SCALE if run.scaler is not None else DEEPSPEED_LOSS_SCALE
+    bad = next((k for k in keys if not isinstance(state, dict) or type(state.get(k)) not in (int, float)
+                or not math.isfinite(state[k])), None)  # fmt: skip
+    if bad is not None:
+        raise UserError(f"resume_from_checkpoint {path}: trainer_state.json: loss_scale.{bad} must be a finite number, "
+                        f"got {state.get(bad) if isinstance(state, dict) else state!r}")  # fmt: skip
     if run.scaler is not None:
         run.scaler.load_state_dict(state)
-    elif (scaler := _deepspeed_scaler(run)) is not None:
-        for key in DEEPSPEED_LOSS_SCALE:
+    else:
+        for key in keys:
             setattr(scaler, key, state[key])
 
 

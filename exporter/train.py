@@ -435,7 +435,7 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
             run.state = State.from_dict(distributed.restore_deepspeed(resume, cfg, run))
         else:
             run.state = State.from_dict(distributed.restore(resume, cfg, run))
-        distributed.set_loss_scale(run, run.state.loss_scale)
+        distributed.set_loss_scale(run, run.state.loss_scale, resume)
     return run
 
 

@@ -20,6 +20,7 @@ from exporter import examples as E
 from exporter import lf_args
 from exporter import train as T
 from exporter.errors import UserError
+from exporter.manifest import MANIFEST_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
@@ -329,6 +330,17 @@ def test_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp_path: Pat
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # an edited loss scale: the manifest catches it; without a manifest (an older checkpoint) it is one line too
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["loss_scale"]["scale"] = float("nan")
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    edited = ((False, "the manifest says|changed since"), (True, r"loss_scale.scale must be a finite number, got nan"))
+    for drop_manifest, msg in edited:
+        if drop_manifest:
+            (ckpt / MANIFEST_NAME).unlink()
+        with pytest.raises(UserError, match=msg):
+            T.train(_cfg(tiny, pdata, tmp_path / "c", resume_from_checkpoint=str(ckpt), **kw), set())
+        assert not (tmp_path / "c" / "model.safetensors").exists()
 
 
 def _ds_config(tmp_path: Path, zero: int) -> Path:
