@@ -343,7 +343,7 @@ TORCH_LOSS_SCALE = ("scale", "growth_factor", "backoff_factor", "growth_interval
 
 def set_loss_scale(run: Any, state: Any, path: Any) -> None:
     """Put checkpoint-N's loss scale (`loss_scale`) back; nothing when it has none (not fp16, or an older one). Its
-    values must be finite numbers (torch takes any value and fails later, inside the loop)."""
+    values must be finite numbers (torch's GradScaler takes any value: with a NaN scale a run trained on silently)."""
     import math
 
     scaler = run.scaler if run.scaler is not None else _deepspeed_scaler(run)
