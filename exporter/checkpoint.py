@@ -95,29 +95,28 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 def save(
-    model: Any, optim: dict[str, Any] | list[Any] | None, sched: Any, state: dict[str, Any], out_dir: Path,
+    model: Any, optim: dict[str, Any] | None, sched: Any, state: dict[str, Any], out_dir: Path,
     cfg: TrainConfig, model_dir: Path, tpl: Any, state_dict: dict[str, Any] | None = None,
-    rngs: list[Any] | None = None,
+    rngs: list[Any] | None = None, parts: Callable[[Path], None] | None = None,
 ) -> Path:  # fmt: skip
     """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
     trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir.
     Nothing in it can carry code: tensors in safetensors, everything else JSON; its manifest lists every file's
     sha256, checked before a resume reuses it. `state_dict`: the weights gathered from sharded ranks (FSDP/DeepSpeed);
-    `optim`: the optimizer's state dict (gathered to rank 0 under FSDP), or under DeepSpeed every rank's own part
-    (`distributed.deepspeed_part`: one file per rank), None: weights only; `rngs`: every rank's `rng_state()`
-    (default: this process's)."""
+    `optim`: the optimizer's state dict (gathered to rank 0 under DDP/FSDP), None: weights only, or under DeepSpeed
+    `parts`, which has every rank write its own part into the staging dir (`save_part`), before the manifest;
+    `rngs`: every rank's `rng_state()` (default: this process's)."""
     from exporter import hf_dir
 
     path = out_dir / f"checkpoint-{state['global_step']}"
     with atomic_dir(path, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir)
-        if not cfg.save_only_model and optim is not None:
+        if not cfg.save_only_model and (optim is not None or parts is not None):
             from safetensors.torch import save_file
 
-            if isinstance(optim, list):
-                for rank, (tensors, meta) in enumerate(optim):
-                    save_file(tensors, str(tmp / optimizer_name(rank)), metadata=meta)
+            if parts is not None:
+                parts(tmp)
             else:
                 _save_optimizer(optim, tmp / OPTIMIZER)
             (tmp / SCHEDULER).write_text(json.dumps(sched.state_dict(), indent=1) + "\n", encoding="utf-8")
@@ -172,6 +171,28 @@ def param_groups(text: str) -> list[dict[str, Any]]:
 def optimizer_name(rank: int) -> str:
     """A DeepSpeed run's optimizer is saved as each rank's own part: rank 0's under the single-process name."""
     return OPTIMIZER if rank == 0 else f"optimizer_{rank}.safetensors"
+
+
+def save_part(tmp: Path, rank: int, part: tuple[dict[str, Any], dict[str, str]]) -> None:
+    """This rank's own part of a partitioned optimizer (`distributed.deepspeed_part`), written by the rank itself."""
+    from safetensors.torch import save_file
+
+    tensors, meta = part
+    save_file(tensors, str(tmp / optimizer_name(rank)), metadata=meta)
+
+
+def read_part(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """This rank's own optimizer part of checkpoint-N (after rank 0 checked its manifest), read by the rank itself."""
+    from safetensors import SafetensorError
+
+    try:
+        tensors, meta = _read_tensors(path / optimizer_name(rank))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"resume_from_checkpoint {path}: {optimizer_name(rank)} is unreadable ({e})") from None
+    if not {"param_groups", "flats"} <= meta.keys():
+        raise UserError(f"resume_from_checkpoint {path}: {optimizer_name(rank)} is not an optimizer part (its metadata "
+                        "lacks param_groups/flats)")  # fmt: skip
+    return tensors, meta
 
 
 def rng_name(rank: int) -> str:
@@ -277,10 +298,10 @@ class Saved:
 
     state: dict[str, Any]  # trainer_state.json
     weights: dict[str, Any]  # the adapter's tensors as saved, or the whole model's
-    optimizer: dict[str, Any] | None  # None: an older checkpoint's .pt/.pth files (`load` reads them the safe way)
+    # None: an older checkpoint's .pt/.pth files (`load` reads them the safe way), or DeepSpeed's parts (`read_part`)
+    optimizer: dict[str, Any] | None
     scheduler: dict[str, Any] | None
     rng: list[tuple[dict[str, Any], dict[str, str]]]  # per rank
-    parts: list[tuple[dict[str, Any], dict[str, str]]] | None = None  # DeepSpeed: each rank's optimizer part
 
 
 def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) -> Saved:
@@ -314,9 +335,8 @@ def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) 
         if len(rng) < world:  # written before each rank had its own: every rank takes rank 0's, as it did then
             say(f"{path}: one RNG state for {world} processes (an older checkpoint); every process resumes from it")
             rng = rng[:1] * world
-        if "deepspeed" in fingerprint:  # the same engine and world, said by the fingerprint: one part per rank
-            parts = [_read_tensors(path / optimizer_name(r)) for r in range(world)]
-            return Saved(state, weights, None, read_json(path / SCHEDULER), rng, parts)
+        if "deepspeed" in fingerprint:  # the same engine and world, said by the fingerprint: each rank reads its part
+            return Saved(state, weights, None, read_json(path / SCHEDULER), rng)
         return Saved(state, weights, _load_optimizer(path / OPTIMIZER), read_json(path / SCHEDULER), rng)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise _unreadable(path, e) from None

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from exporter.errors import UserError
@@ -125,17 +126,6 @@ def share(d: Dist, value: Any) -> Any:
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def scatter(d: Dist, values: list[Any] | None) -> Any:
-    """Rank r's item of rank 0's list `values` (one per rank; objects of our own making), on rank r."""
-    if not d.active:
-        return values[0]
-    import torch
-
-    out = [None]
-    torch.distributed.scatter_object_list(out, values if d.main else None, src=0)
-    return out[0]
 
 
 def all_agree(d: Dist, ok: bool) -> bool:
@@ -254,19 +244,34 @@ def full_state_dict(run: Any) -> dict[str, Any] | None:
     return sd | {k: v.detach().cpu().clone() for k, v in buffers if k in keys}
 
 
-def full_optimizer_state(run: Any) -> dict[str, Any] | list[Any] | None:
+def full_optimizer_state(run: Any) -> dict[str, Any] | None:
     """The optimizer's state for a checkpoint, on rank 0 (every rank takes part; None on the others): one process's
-    state dict; under DDP/FSDP the whole state gathered by torch (keyed by parameter name); under DeepSpeed every
-    rank's own part (`deepspeed_part`), a list by rank."""
+    state dict; under DDP/FSDP the whole state gathered by torch (keyed by parameter name). Not DeepSpeed's: each of
+    its ranks writes its own part (`deepspeed_part`, `write_parts`)."""
     if run.engine == "single":
         return run.opt.state_dict()
-    if run.engine == "deepspeed":
-        return gather(run.dist, deepspeed_part(run.score))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_optimizer_state_dict(run.plain, run.opt, options=opts)
     return sd if run.dist.main else None
+
+
+def write_parts(d: Dist, tmp: Path | None, write: Callable[[Path], None]) -> None:
+    """Every rank writes its own files (`write`) into rank 0's staging dir `tmp` (None on the others), so no rank's
+    state travels through another's memory; all ranks call it together. The dir must be one every node sees, as for
+    DeepSpeed's own checkpoints. A rank that fails makes every rank fail (rank 0's staging dir is then removed)."""
+    where = Path(share(d, str(tmp) if d.main else None))
+    error: Exception | None = None
+    try:
+        write(where)
+    except OSError as e:
+        error = UserError(f"process {d.rank} cannot write {e.filename or where}: {e.strerror} (under several "
+                          "processes output_dir must be a directory every node sees)")  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+        error = e
+    if not all_agree(d, error is None):
+        raise error or UserError(f"{where.name}: another process could not write its part; nothing was saved")
 
 
 def restore(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
@@ -401,8 +406,8 @@ def deepspeed_part(engine: Any) -> tuple[dict[str, Any], dict[str, str]]:
 def restore_deepspeed(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
     """Resume a DeepSpeed run from checkpoint-N: rank 0 checks and reads it (safetensors and JSON only), the trained
     weights go from rank 0 into every rank's parameters (ZeRO-3: into their shards, through DeepSpeed's
-    GatheredParameters), each rank gets its own optimizer part (master weights and AdamW state), the scheduler and
-    its RNG state. Returns the trainer state."""
+    GatheredParameters), each rank reads its own optimizer part (master weights and AdamW state) and gets the
+    scheduler and its RNG state. Returns the trainer state."""
     import deepspeed
     import torch
 
@@ -418,10 +423,16 @@ def restore_deepspeed(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
                 p.copy_(saved.weights[name])
         if d.active and not zero3:
             torch.distributed.broadcast(p.data, src=0)
-    tensors, meta = scatter(d, saved.parts if d.main else None)
+    error, tensors, meta = None, {}, {}
+    try:  # checked by rank 0 against the manifest, which lists every rank's part
+        tensors, meta = checkpoint.read_part(path, d.rank)
+    except UserError as e:
+        error = e
+    if not all_agree(d, error is None):
+        raise error or UserError(f"resume_from_checkpoint {path}: another process could not read its optimizer part")
     opt, flats = _flats(engine)
     fits = meta.get("flats") == str(len(flats)) and all(
-        tensors[f"{i}.master"].shape == f.shape for i, f in enumerate(flats))  # fmt: skip
+        f"{i}.master" in tensors and tensors[f"{i}.master"].shape == f.shape for i, f in enumerate(flats))  # fmt: skip
     if not all_agree(d, fits):
         raise UserError(f"resume_from_checkpoint {path}: its optimizer was partitioned otherwise (DeepSpeed's "
                         "bucket or sub-group sizes changed); resume with the config it was saved with")  # fmt: skip

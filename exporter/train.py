@@ -362,18 +362,27 @@ def loop(run: Run, log: TrainerLog) -> None:
 
 
 def _checkpoint(run: Run) -> None:
-    """checkpoint-N on rank 0, with the weights and optimizer state gathered from every rank."""
+    """checkpoint-N on rank 0, with the weights and optimizer state gathered from every rank; under DeepSpeed each
+    rank writes its own optimizer part into it (gathered, every rank's part would pass through rank 0's memory)."""
     from exporter import distributed
 
     flush(run)
     full = distributed.full_state_dict(run)
-    optim = None if run.cfg.save_only_model else distributed.full_optimizer_state(run)
+    own = run.engine == "deepspeed" and not run.cfg.save_only_model
+    optim = None if run.cfg.save_only_model or own else distributed.full_optimizer_state(run)
+    part = distributed.deepspeed_part(run.score) if own else None
     rngs = distributed.gather(run.dist, checkpoint.rng_state())
     run.state.loss_scale = distributed.loss_scale(run)
+
+    def parts(tmp: Path | None) -> None:  # every rank, at the same point
+        distributed.write_parts(run.dist, tmp, lambda where: checkpoint.save_part(where, run.dist.rank, part))
+
     if run.dist.main:
         _check_weights(run, full)
         checkpoint.save(run.model, optim, run.sched, dataclasses.asdict(run.state), run.out, run.cfg, run.model_dir,
-                        run.prep.tpl, state_dict=full, rngs=rngs)  # fmt: skip
+                        run.prep.tpl, state_dict=full, rngs=rngs, parts=parts if own else None)  # fmt: skip
+    elif own:
+        parts(None)
     distributed.barrier(run.dist)
 
 

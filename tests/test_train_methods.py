@@ -240,7 +240,33 @@ main()
 """
 
 
-# this CPU emulates fp16 (59x slower than fp32), which exporter refuses; told it has it, it runs the GPU's fp16 path
+# The most tensor bytes one object collective (gather_object, scatter_object_list, ...) was handed on this rank, written
+# at exit as carried-<rank>: state sent through one passes whole through rank 0's memory (under NCCL, its GPU's).
+_CARRIED = """import torch, torch.distributed as dist
+carried = [0]
+def _bytes(o):
+    if isinstance(o, torch.Tensor):
+        return o.numel() * o.element_size()
+    if isinstance(o, dict):
+        return sum(_bytes(v) for v in o.values())
+    return sum(_bytes(v) for v in o) if isinstance(o, (list, tuple)) else 0
+def _watch(real):
+    def call(*a, **k):
+        carried[0] = max(carried[0], _bytes([a, k]))
+        return real(*a, **k)
+    return call
+for name in ("gather_object", "scatter_object_list", "broadcast_object_list", "all_gather_object"):
+    setattr(dist, name, _watch(getattr(dist, name)))
+atexit.register(lambda: open(os.path.join(out, "carried-" + os.environ["RANK"]), "w").write(str(carried[0])))
+"""
+
+
+def _carried(tmp_path: Path, n: int = 2) -> int:
+    return max(int((tmp_path / f"carried-{r}").read_text()) for r in range(n))
+
+
+# a CPU without AVX512-FP16 emulates fp16 (59x slower than fp32), which exporter refuses; told it has it, it runs the
+# GPU's fp16 path
 _CPU_FP16 = "import exporter.lf_args\nexporter.lf_args.cpu_has_fp16 = lambda: True"
 
 
@@ -289,7 +315,7 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
                     disable_gradient_checkpointing=True, max_samples=24)  # fmt: skip
     fp16 = engine.endswith("fp16-full")  # whole micro-batches: an early update overflows at the initial scale
     common += ["--fp16", "--finetuning_type", "full", "--gradient_accumulation_steps", "1"] if fp16 else []
-    if fp16:  # this CPU emulates fp16: told it has it, it runs the GPU's path
+    if fp16:  # a CPU may emulate fp16: told it has it, it runs the GPU's path
         monkeypatch.setattr(lf_args, "cpu_has_fp16", lambda: True)
     one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
     engine = engine.split("-")[0]
@@ -312,7 +338,7 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
 
 
 def test_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp_path: Path, monkeypatch) -> None:
-    """fp16 (torch's loss scaling; this CPU emulates fp16, so it is told it has it, to run the GPU's path): the
+    """fp16 (torch's loss scaling; a CPU may emulate fp16: told it has it, it runs the GPU's path): the
     first update overflows at the initial scale and is skipped without moving the lr schedule; the checkpoint keeps
     the backed-off scale, so the resumed run does not start again at 65536 (and skip another update) but continues
     exactly as the run that went on."""
@@ -360,7 +386,8 @@ def _ds_config(tmp_path: Path, zero: int) -> Path:
 def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_path: Path, engine: str) -> None:
     """A 2-process run resumed from its checkpoint-2 in a new process group continues exactly as the run that went
     on (loss curve, final weights): weights, optimizer state gathered from the ranks (DeepSpeed: each rank's part,
-    master weights included), scheduler, each rank's RNG (LoRA dropout draws on it)."""
+    master weights included, written and read by the rank itself), scheduler, each rank's RNG (LoRA dropout draws
+    on it)."""
     from safetensors.torch import load_file
 
     common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=4,
@@ -374,9 +401,10 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
     common += ["--fp16"] if "fp16" in engine else []  # its loss scale is resumed too
     weights = "model.safetensors" if "full" in engine else "adapter_model.safetensors"
     a, b = tmp_path / "a", tmp_path / "b"
-    before = _CPU_FP16 if "fp16" in engine else ""
+    before = _CPU_FP16 if "fp16" in engine else _CARRIED if deepspeed else ""
     _torchrun(2, common + _flags(output_dir=a), tmp_path, group_gone=not deepspeed, before=before)
     ckpt = a / "checkpoint-2"
+    carried = _carried(tmp_path) if deepspeed else 0
     assert (json.loads((ckpt / "trainer_state.json").read_text())["loss_scale"] is not None) == ("fp16" in engine)
     files = {"optimizer.safetensors", "rng_state.safetensors", "rng_state_1.safetensors"}
     files |= {"optimizer_1.safetensors"} if deepspeed else set()  # each rank's part of the partitioned optimizer
@@ -385,6 +413,9 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
     err = _torchrun(2, common + _flags(output_dir=b, resume_from_checkpoint=ckpt), tmp_path, group_gone=not deepspeed,
                     before=before)  # fmt: skip
     assert "trained 4 steps" in err
+    if deepspeed:  # no rank's optimizer part went through a collective (the largest was the RNG states)
+        part = min((ckpt / name).stat().st_size for name in ("optimizer.safetensors", "optimizer_1.safetensors"))
+        assert max(carried, _carried(tmp_path)) < part / 4, (carried, _carried(tmp_path), part)
     la, lb = _log(a), _log(b)
     assert [r["current_steps"] for r in lb] == [1, 2, 3, 4]
     for ra, rb in zip(la, lb, strict=True):
@@ -399,12 +430,19 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
         other = common[: common.index("--deepspeed")] + _flags(deepspeed=_ds_config(tmp_path, 3))
         err = _torchrun(2, other + _flags(output_dir=tmp_path / "c", resume_from_checkpoint=ckpt), tmp_path, fails=True)
         assert "saved for different data, batch or process settings" in err and "'deepspeed': 3" in err
+        (ckpt / MANIFEST_NAME).unlink()  # an older checkpoint, whose rank-1 part is cut short: that rank's one line
+        part = (ckpt / "optimizer_1.safetensors").read_bytes()
+        (ckpt / "optimizer_1.safetensors").write_bytes(part[: len(part) // 2])
+        err = _torchrun(2, common + _flags(output_dir=tmp_path / "d", resume_from_checkpoint=ckpt), tmp_path,
+                        fails=True)  # fmt: skip
+        assert "optimizer_1.safetensors is unreadable (" in err, err[-2000:]
+        assert not (tmp_path / "d" / weights).exists()
 
 
 @pytest.mark.slow
 def test_deepspeed_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp_path: Path) -> None:
-    """DeepSpeed's fp16 is a GPU path: on CPU its accelerator says it has none, which is one line, exit 2. Told
-    otherwise, the same fp16 optimizer runs here: the updates it skips leave the lr schedule where it was, its
+    """DeepSpeed's fp16: where its accelerator says the device has none (a CPU without AVX512-FP16), one line, exit 2.
+    Told it has it, the GPU's fp16 optimizer runs here: the updates it skips leave the lr schedule where it was, its
     dynamic loss scaler's counters go into the checkpoint, and a run resumed after an overflow continues exactly as
     the run that went on (restarted counters would skip or scale otherwise)."""
     from safetensors.torch import load_file
@@ -413,9 +451,10 @@ def test_deepspeed_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp
                     save_steps=3, logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
                     per_device_train_batch_size=2, disable_gradient_checkpointing=True, max_samples=24,
                     deepspeed=_ds_config(tmp_path, 2)) + ["--fp16"]  # fmt: skip
-    err = _torchrun(2, common + _flags(output_dir=tmp_path / "x"), tmp_path, fails=True, before=_CPU_FP16)
+    told = _CPU_FP16 + "\nimport deepspeed.accelerator as A\nA.get_accelerator().is_fp16_supported = lambda: {}"
+    err = _torchrun(2, common + _flags(output_dir=tmp_path / "x"), tmp_path, fails=True, before=told.format(False))
     assert "fp16: DeepSpeed has no fp16 on this device (cpu); use bf16: true" in err
-    fp16 = _CPU_FP16 + "\nimport deepspeed.accelerator as A\nA.get_accelerator().is_fp16_supported = lambda: True"
+    fp16 = told.format(True)
     a, b = tmp_path / "a", tmp_path / "b"
     _torchrun(2, common + _flags(output_dir=a), tmp_path, group_gone=False, before=fp16)
     ckpt = a / "checkpoint-3"
