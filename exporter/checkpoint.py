@@ -127,28 +127,34 @@ def save(
     return path
 
 
-def _save_optimizer(sd: dict[str, Any], path: Path) -> None:
-    """Optimizer state: its tensors in safetensors (`<param>.<key>`: the parameter's index, or its name in a state
-    gathered from several ranks), the rest as JSON in the metadata."""
-    from safetensors.torch import save_file
-
+def optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """An optimizer state dict as safetensors: its tensors as `<param>.<key>` (the parameter's index, or its name in a
+    state from several ranks; a sharded one's local part), the rest as JSON in the metadata."""
     tensors, other = {}, {}
     for idx, st in sd["state"].items():
         for key, value in st.items():
             if hasattr(value, "detach"):
+                value = value.to_local() if hasattr(value, "to_local") else value  # a DTensor: this rank's shard
                 tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 other[f"{idx}.{key}"] = value
-    meta = {"param_groups": json.dumps(sd["param_groups"]), "other": json.dumps(other)}
+    return tensors, {"param_groups": json.dumps(sd["param_groups"]), "other": json.dumps(other)}
+
+
+def _save_optimizer(sd: dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors, meta = optimizer_tensors(sd)
     save_file(tensors, str(path), metadata=meta)
 
 
 def _load_optimizer(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
+    return optimizer_state(*_read_tensors(path))
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        flat = {k: f.get_tensor(k) for k in f.keys()}
+
+def optimizer_state(tensors: dict[str, Any], meta: dict[str, str]) -> dict[str, Any]:
+    """What `optimizer_tensors` wrote, as an optimizer state dict again."""
+    flat = dict(tensors)
     flat.update(json.loads(meta.get("other", "{}")))
     groups = param_groups(meta["param_groups"])
     named = any(isinstance(p, str) for g in groups for p in g.get("params", []))
@@ -169,30 +175,43 @@ def param_groups(text: str) -> list[dict[str, Any]]:
 
 
 def optimizer_name(rank: int) -> str:
-    """A DeepSpeed run's optimizer is saved as each rank's own part: rank 0's under the single-process name."""
+    """A sharded run's optimizer (FSDP, DeepSpeed) is saved as each rank's own part: rank 0's under the
+    single-process name."""
     return OPTIMIZER if rank == 0 else f"optimizer_{rank}.safetensors"
 
 
+# the metadata key of an optimizer part (its rank): each rank of the run that wrote it reads its own on resume
+PART = "part"
+
+
 def save_part(tmp: Path, rank: int, part: tuple[dict[str, Any], dict[str, str]]) -> None:
-    """This rank's own part of a partitioned optimizer (`distributed.deepspeed_part`), written by the rank itself."""
+    """This rank's own part of a sharded optimizer (`distributed.optimizer_part`), written by the rank itself."""
     from safetensors.torch import save_file
 
     tensors, meta = part
-    save_file(tensors, str(tmp / optimizer_name(rank)), metadata=meta)
+    save_file(tensors, str(tmp / optimizer_name(rank)), metadata=meta | {PART: str(rank)})
 
 
 def read_part(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, str]]:
     """This rank's own optimizer part of checkpoint-N (after rank 0 checked its manifest), read by the rank itself."""
     from safetensors import SafetensorError
 
+    name = optimizer_name(rank)
     try:
-        tensors, meta = _read_tensors(path / optimizer_name(rank))
+        tensors, meta = _read_tensors(path / name)
     except (SafetensorError, OSError) as e:
-        raise UserError(f"resume_from_checkpoint {path}: {optimizer_name(rank)} is unreadable ({e})") from None
-    if not {"param_groups", "flats"} <= meta.keys():
-        raise UserError(f"resume_from_checkpoint {path}: {optimizer_name(rank)} is not an optimizer part (its metadata "
-                        "lacks param_groups/flats)")  # fmt: skip
+        raise UserError(f"resume_from_checkpoint {path}: {name} is unreadable ({e})") from None
+    if "param_groups" not in meta or meta.get(PART, str(rank)) != str(rank):
+        raise UserError(f"resume_from_checkpoint {path}: {name} is not this process's optimizer part (rank {rank})")
     return tensors, meta
+
+
+def _is_part(path: Path) -> bool:
+    """Whether checkpoint-N's optimizer file is rank 0's part of a sharded optimizer (not a whole state)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / OPTIMIZER), framework="pt") as f:
+        return PART in (f.metadata() or {})
 
 
 def rng_name(rank: int) -> str:
@@ -298,10 +317,11 @@ class Saved:
 
     state: dict[str, Any]  # trainer_state.json
     weights: dict[str, Any]  # the adapter's tensors as saved, or the whole model's
-    # None: an older checkpoint's .pt/.pth files (`load` reads them the safe way), or DeepSpeed's parts (`read_part`)
+    # None: an older checkpoint's .pt/.pth files (`load` reads them the safe way), or `parts`
     optimizer: dict[str, Any] | None
     scheduler: dict[str, Any] | None
     rng: list[tuple[dict[str, Any], dict[str, str]]]  # per rank
+    parts: bool = False  # a sharded optimizer (FSDP, DeepSpeed): each rank reads its own part (`read_part`)
 
 
 def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) -> Saved:
@@ -335,8 +355,8 @@ def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) 
         if len(rng) < world:  # written before each rank had its own: every rank takes rank 0's, as it did then
             say(f"{path}: one RNG state for {world} processes (an older checkpoint); every process resumes from it")
             rng = rng[:1] * world
-        if "deepspeed" in fingerprint:  # the same engine and world, said by the fingerprint: each rank reads its part
-            return Saved(state, weights, None, read_json(path / SCHEDULER), rng)
+        if "deepspeed" in fingerprint or _is_part(path):  # the same world, said by the fingerprint
+            return Saved(state, weights, None, read_json(path / SCHEDULER), rng, parts=True)
         return Saved(state, weights, _load_optimizer(path / OPTIMIZER), read_json(path / SCHEDULER), rng)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise _unreadable(path, e) from None

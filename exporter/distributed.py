@@ -246,8 +246,8 @@ def full_state_dict(run: Any) -> dict[str, Any] | None:
 
 def full_optimizer_state(run: Any) -> dict[str, Any] | None:
     """The optimizer's state for a checkpoint, on rank 0 (every rank takes part; None on the others): one process's
-    state dict; under DDP/FSDP the whole state gathered by torch (keyed by parameter name). Not DeepSpeed's: each of
-    its ranks writes its own part (`deepspeed_part`, `write_parts`)."""
+    state dict; under DDP the whole state gathered by torch (keyed by parameter name). Not a sharded one's (FSDP,
+    DeepSpeed): each of its ranks writes its own part (`optimizer_part`, `write_parts`)."""
     if run.engine == "single":
         return run.opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -255,6 +255,62 @@ def full_optimizer_state(run: Any) -> dict[str, Any] | None:
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_optimizer_state_dict(run.plain, run.opt, options=opts)
     return sd if run.dist.main else None
+
+
+def optimizer_part(run: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """This rank's part of a sharded optimizer for its checkpoint: DeepSpeed's as it holds it (`deepspeed_part`), or
+    FSDP's by parameter name, each state tensor this rank's shard (as torch's sharded optimizer state dict has it)."""
+    if run.engine == "deepspeed":
+        return deepspeed_part(run.score)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from exporter import checkpoint
+
+    sd = get_optimizer_state_dict(run.plain, run.opt, options=StateDictOptions(full_state_dict=False))
+    return checkpoint.optimizer_tensors(sd)
+
+
+def _read_own_part(path: Any, d: Dist) -> tuple[dict[str, Any], dict[str, str]]:
+    """This rank's optimizer part of checkpoint-N, read by every rank for itself; a rank that cannot makes all fail."""
+    from exporter import checkpoint
+
+    error, part = None, ({}, {})
+    try:  # checked by rank 0 against the manifest, which lists every rank's part
+        part = checkpoint.read_part(path, d.rank)
+    except UserError as e:
+        error = e
+    if not all_agree(d, error is None):
+        raise error or UserError(f"resume_from_checkpoint {path}: another process could not read its optimizer part")
+    return part
+
+
+def _sharded_optimizer_state(run: Any, part: tuple[dict[str, Any], dict[str, str]], path: Any) -> dict[str, Any]:
+    """An FSDP rank's saved part as torch's sharded optimizer state dict: each tensor shaped like its parameter's
+    shard becomes a DTensor placed as the parameter is (the scalar `step` stays as it is)."""
+    from torch.distributed.tensor import DTensor
+
+    from exporter import checkpoint
+
+    try:
+        sd = checkpoint.optimizer_state(*part)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"resume_from_checkpoint {path}: its optimizer part is unreadable ({e})") from None
+    params = dict(run.plain.named_parameters())
+    for name, st in sd["state"].items():
+        p = params.get(name)
+        if not isinstance(p, DTensor):
+            raise UserError(f"resume_from_checkpoint {path}: its optimizer has state for {name}, which this run does "
+                            "not shard; resume with the settings it was saved with")  # fmt: skip
+        local = p.to_local()
+        for key, v in st.items():
+            if getattr(v, "dim", lambda: 0)() == 0:
+                continue
+            if v.shape != local.shape:
+                raise UserError(f"resume_from_checkpoint {path}: its optimizer's {name}.{key} is {list(v.shape)} on "
+                                f"process {run.dist.rank}, this run's shard {list(local.shape)}")  # fmt: skip
+            st[key] = DTensor.from_local(v.to(local.device), p.device_mesh, p.placements, shape=p.shape,
+                                         stride=p.stride())  # fmt: skip
+    return sd
 
 
 def write_parts(d: Dist, tmp: Path | None, write: Callable[[Path], None]) -> None:
@@ -287,6 +343,11 @@ def restore(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
     d = run.dist
 
     def named(saved: Any) -> None:  # older versions saved the optimizer of several processes by parameter index
+        if saved.parts:
+            if run.engine != "fsdp":
+                raise UserError(f"resume_from_checkpoint {path}: its optimizer is sharded by process (an FSDP run); "
+                                "resume it with fsdp set as it was")  # fmt: skip
+            return
         groups = saved.optimizer["param_groups"] if saved.optimizer else []
         if saved.optimizer is None or any(isinstance(p, int) for g in groups for p in g["params"]):
             raise UserError(f"resume_from_checkpoint {path}: written by an older version of exporter for "
@@ -296,7 +357,11 @@ def restore(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     weights = {f"model.{k}": v for k, v in saved.weights.items()} if d.main else {}  # the Scorer holds it as `model`
     set_model_state_dict(run.plain, weights, options=opts)
-    set_optimizer_state_dict(run.plain, run.opt, saved.optimizer if d.main else {}, options=opts)
+    if share(d, saved.parts if d.main else None):  # FSDP's: each rank its own shards
+        sharded = _sharded_optimizer_state(run, _read_own_part(path, d), path)
+        set_optimizer_state_dict(run.plain, run.opt, sharded, options=StateDictOptions(full_state_dict=False))
+    else:  # a whole state (DDP's, or an FSDP run's saved by an earlier version): into every rank's shards
+        set_optimizer_state_dict(run.plain, run.opt, saved.optimizer if d.main else {}, options=opts)
     return _resume_rest(run, saved)
 
 
@@ -423,13 +488,7 @@ def restore_deepspeed(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
                 p.copy_(saved.weights[name])
         if d.active and not zero3:
             torch.distributed.broadcast(p.data, src=0)
-    error, tensors, meta = None, {}, {}
-    try:  # checked by rank 0 against the manifest, which lists every rank's part
-        tensors, meta = checkpoint.read_part(path, d.rank)
-    except UserError as e:
-        error = e
-    if not all_agree(d, error is None):
-        raise error or UserError(f"resume_from_checkpoint {path}: another process could not read its optimizer part")
+    tensors, meta = _read_own_part(path, d)
     opt, flats = _flats(engine)
     fits = meta.get("flats") == str(len(flats)) and all(
         f"{i}.master" in tensors and tensors[f"{i}.master"].shape == f.shape for i, f in enumerate(flats))  # fmt: skip

@@ -362,15 +362,15 @@ def loop(run: Run, log: TrainerLog) -> None:
 
 
 def _checkpoint(run: Run) -> None:
-    """checkpoint-N on rank 0, with the weights and optimizer state gathered from every rank; under DeepSpeed each
-    rank writes its own optimizer part into it (gathered, every rank's part would pass through rank 0's memory)."""
+    """checkpoint-N on rank 0, with the weights gathered from every rank; a sharded optimizer (FSDP, DeepSpeed) is
+    written by each rank, its own part (gathered, every rank's part would pass through rank 0's memory)."""
     from exporter import distributed
 
     flush(run)
     full = distributed.full_state_dict(run)
-    own = run.engine == "deepspeed" and not run.cfg.save_only_model
+    own = run.engine in ("fsdp", "deepspeed") and not run.cfg.save_only_model
     optim = None if run.cfg.save_only_model or own else distributed.full_optimizer_state(run)
-    part = distributed.deepspeed_part(run.score) if own else None
+    part = distributed.optimizer_part(run) if own else None
     rngs = distributed.gather(run.dist, checkpoint.rng_state())
     run.state.loss_scale = distributed.loss_scale(run)
 

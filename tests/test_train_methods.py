@@ -327,8 +327,10 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
     if fp16:  # an update skipped (its lr repeats in the log), by both at the same step
         lrs = [r["lr"] for r in a]
         assert len(set(lrs)) < len(lrs) and [r["lr"] for r in b] == lrs
+    # fp16 keeps 11 bits (rounding 4.9e-4 relative), and how the batch is split changes what rounds: with native fp16
+    # kernels (AVX512-FP16) 2 processes were 2.1e-4 relative off one at step 3; emulated, within 1e-4
     for ra, rb in zip(a, b, strict=True):
-        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4, rel=1e-4 if fp16 else 0)  # fp16: batch-size rounding
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4, rel=1e-3 if fp16 else 0)
         for key in ("rewards/accuracies", "rewards/margins", "kl"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-4), key
@@ -407,8 +409,14 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
     carried = _carried(tmp_path) if deepspeed else 0
     assert (json.loads((ckpt / "trainer_state.json").read_text())["loss_scale"] is not None) == ("fp16" in engine)
     files = {"optimizer.safetensors", "rng_state.safetensors", "rng_state_1.safetensors"}
-    files |= {"optimizer_1.safetensors"} if deepspeed else set()  # each rank's part of the partitioned optimizer
+    sharded = deepspeed or engine.startswith("fsdp")  # each rank wrote its own part of the sharded optimizer
+    files |= {"optimizer_1.safetensors"} if sharded else set()
     assert files <= {p.name for p in ckpt.iterdir()}
+    if engine.startswith("fsdp"):  # FSDP's parts: every AdamW moment once, rank 0's half in its own file
+        parts = [load_file(ckpt / name) for name in ("optimizer.safetensors", "optimizer_1.safetensors")]
+        moments = [sum(v.numel() for k, v in part.items() if not k.endswith(".step")) for part in parts]
+        trained = sum(v.numel() for v in load_file(ckpt / weights).values())
+        assert sum(moments) == 2 * trained and 0 < moments[0] < sum(moments), (moments, trained)
     assert not any(p.suffix in (".pt", ".pth", ".bin") for p in ckpt.rglob("*"))  # nothing that unpickles
     err = _torchrun(2, common + _flags(output_dir=b, resume_from_checkpoint=ckpt), tmp_path, group_gone=not deepspeed,
                     before=before)  # fmt: skip
@@ -426,6 +434,10 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
         assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in load_file(tiny / weights).items()}
     before = load_file(ckpt / weights)  # the resumed steps did train
     assert any(not torch.allclose(before[k], wb[k], atol=1e-5) for k in wa)
+    if engine == "fsdp":  # its optimizer parts are FSDP's shards: resumed under DDP, one line, exit 2
+        ddp = [x for x in common if x not in ("--fsdp", "full_shard")]
+        err = _torchrun(2, ddp + _flags(output_dir=tmp_path / "c", resume_from_checkpoint=ckpt), tmp_path, fails=True)
+        assert "its optimizer is sharded by process (an FSDP run); resume it with fsdp set as it was" in err
     if engine == "zero2":  # its optimizer parts fit ZeRO-2 on 2 processes only: another stage is one line, exit 2
         other = common[: common.index("--deepspeed")] + _flags(deepspeed=_ds_config(tmp_path, 3))
         err = _torchrun(2, other + _flags(output_dir=tmp_path / "c", resume_from_checkpoint=ckpt), tmp_path, fails=True)
