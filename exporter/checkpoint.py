@@ -103,9 +103,9 @@ def save(
     trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir.
     Nothing in it can carry code: tensors in safetensors, everything else JSON; its manifest lists every file's
     sha256, checked before a resume reuses it. `state_dict`: the weights gathered from sharded ranks (FSDP/DeepSpeed);
-    `optim`: the optimizer's state dict (gathered to rank 0 under DDP/FSDP), None: weights only, or under DeepSpeed
-    `parts`, which has every rank write its own part into the staging dir (`save_part`), before the manifest;
-    `rngs`: every rank's `rng_state()` (default: this process's)."""
+    `optim`: the optimizer's state dict (gathered to rank 0 under DDP), None: weights only, or for a sharded
+    optimizer (FSDP, DeepSpeed) `parts`, which has every rank write its own part into the staging dir (`save_part`),
+    before the manifest; `rngs`: every rank's `rng_state()` (default: this process's)."""
     from exporter import hf_dir
 
     path = out_dir / f"checkpoint-{state['global_step']}"

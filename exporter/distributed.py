@@ -11,6 +11,7 @@ example is seen twice and the loss equals one process with the same global batch
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import os
@@ -321,9 +322,9 @@ def write_parts(d: Dist, tmp: Path | None, write: Callable[[Path], None]) -> Non
     error: Exception | None = None
     try:
         write(where)
-    except OSError as e:
-        error = UserError(f"process {d.rank} cannot write {e.filename or where}: {e.strerror} (under several "
-                          "processes output_dir must be a directory every node sees)")  # fmt: skip
+    except OSError as e:  # rank 0's goes to its staging dir's handler (a full disk, said in one line)
+        hint = " (output_dir must be a directory every node sees)" if e.errno == errno.ENOENT else ""
+        error = e if d.main else UserError(f"process {d.rank} cannot write {e.filename or where}: {e.strerror}{hint}")
     except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
         error = e
     if not all_agree(d, error is None):

@@ -449,6 +449,13 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
                         fails=True)  # fmt: skip
         assert "optimizer_1.safetensors is unreadable (" in err, err[-2000:]
         assert not (tmp_path / "d" / weights).exists()
+        # rank 1 cannot write its part (another node's output_dir, say): every rank stops, nothing half-written stays
+        lost = ("import exporter.checkpoint as C\nif os.environ['RANK'] == '1':\n"
+                "    C.save_part = lambda tmp, rank, part: open(tmp / 'elsewhere' / 'x', 'wb')")  # fmt: skip
+        err = _torchrun(2, common + _flags(output_dir=tmp_path / "e"), tmp_path, fails=True, before=lost)
+        assert "process 1 cannot write" in err and "output_dir must be a directory every node sees" in err, err[-2000:]
+        assert "another process could not write its part; nothing was saved" in err
+        assert not [p.name for p in (tmp_path / "e").iterdir() if p.name.startswith("checkpoint")]
 
 
 @pytest.mark.slow
