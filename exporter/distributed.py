@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -594,14 +593,38 @@ def relaunch(argv: list[str]) -> int | None:
     nproc = os.environ.get("NPROC_PER_NODE", str(max(gpus, 1)))
     if not nproc.isdigit() or int(nproc) < 1:
         raise UserError(f"NPROC_PER_NODE must be a positive number of processes, got {nproc!r}")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", os.environ.get("NNODES", "1"),
-        "--node_rank", os.environ.get("NODE_RANK", "0"), "--nproc_per_node", nproc,
-        "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+    args = [
+        "--nnodes", os.environ.get("NNODES", "1"), "--node_rank", os.environ.get("NODE_RANK", "0"),
+        "--nproc_per_node", nproc, "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
         "--master_port", os.environ.get("MASTER_PORT", str(_free_port())), "-m", "exporter", "train", *argv,
     ]  # fmt: skip
+    # torchrun gives each process 1 OpenMP thread when none is set, with a banner saying so: share the cores out
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))
     print(f"note: launching {nproc} training processes per node with torchrun", file=sys.stderr)
-    return subprocess.run(cmd, check=False).returncode
+    return _torchrun(args)
+
+
+def _torchrun(args: list[str]) -> int:
+    """torchrun (`torch.distributed.run`) run here, on `args`; its exit code: a failed rank's, which has said why
+    in one line (a rank killed by a signal is said here). The launcher's own failure log and report, a traceback,
+    are kept out of normal output (`--verbose` shows them)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from exporter import quiet
+
+    quiet.launcher()
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if quiet.verbose():
+            print(str(e), file=sys.stderr)
+        if failure.exitcode < 0:
+            print(f"error: training process {rank} was killed ({failure.signal_name()})", file=sys.stderr)
+            return 128 - failure.exitcode
+        return failure.exitcode
+    return 0
 
 
 def _gpu_count() -> int:

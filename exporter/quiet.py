@@ -12,6 +12,9 @@ The known noise and where it comes from:
   transformers draws a "Loading weights" bar for every model it loads; llama.cpp logs context warnings to stderr;
   gguf-py's SpecialVocab warns about post-processor templates it cannot map to its flags; DeepSpeed on CPU prints
   that it built its shared-memory op at every start (`prints_dropped`).
+- torchrun (`exporter train` under FORCE_TORCHRUN) prints a banner when it sets OpenMP threads (we set them), logs
+  each failed rank and the SIGTERM to the others, and raises a report with a traceback; each rank has already said
+  why in one line (`launcher`).
 """
 
 from __future__ import annotations
@@ -41,8 +44,26 @@ KNOWN_WARNINGS = (
     (Warning, r"The copy keyword is deprecated and will be removed"),
 )
 
+# torchrun's launcher (`exporter train` under FORCE_TORCHRUN): it logs each failed rank and the SIGTERM to the others,
+# each of which has said why in one line
+LAUNCHER_LOGGERS = "torch.distributed.elastic"
+
 _llama_log_callback = None
 _verbose = False
+
+
+def verbose() -> bool:
+    """Whether this run was asked for everything (`--verbose`)."""
+    return _verbose
+
+
+def launcher() -> None:
+    """Turn torchrun's launcher loggers down (they are set up, at WARNING, as their modules are imported)."""
+    if _verbose:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(LAUNCHER_LOGGERS):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def without_quantization_libraries() -> None:

@@ -539,16 +539,18 @@ def test_force_torchrun_relaunches_with_lf_variables(monkeypatch, tmp_path: Path
 
     seen = {}
 
-    def fake_run(cmd, check):
-        seen["cmd"] = cmd
-        return subprocess.CompletedProcess(cmd, 0)
+    def fake_run(args):
+        seen["cmd"] = [sys.executable, "-m", "torch.distributed.run", *args]
+        return 0
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(distributed, "_torchrun", fake_run)
     for k, v in {"FORCE_TORCHRUN": "1", "NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "3",
                  "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}.items():  # fmt: skip
         monkeypatch.setenv(k, v)
     assert distributed.relaunch(["cfg.yaml"]) == 0
+    assert os.environ["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 3))  # the cores shared out, not 1 each
     cmd = seen["cmd"]
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-4:] == ["-m", "exporter", "train", "cfg.yaml"]
     flags = dict(zip(cmd[3:-4:2], cmd[4:-4:2], strict=True))
@@ -564,6 +566,33 @@ def test_force_torchrun_relaunches_with_lf_variables(monkeypatch, tmp_path: Path
     monkeypatch.setenv("FORCE_TORCHRUN", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")  # already under torchrun: train here
     assert distributed.relaunch(["cfg.yaml"]) is None
+
+
+@pytest.mark.slow
+def test_force_torchrun_trains_and_fails_in_one_line(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    """`FORCE_TORCHRUN=1 exporter train`, as LLaMA-Factory's users launch several processes: it trains on 2 processes
+    without torchrun's banner; bad data stops every process with its one line and exit code 2, without torchrun's
+    failure log and report (a traceback)."""
+    env = dict(os.environ, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", EXPORTER_NO_PROGRESS="1")
+    env.pop("OMP_NUM_THREADS", None)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "b.json").write_text('[{"instruction": "a", "output": "b"}, {broken')
+    (bad / "dataset_info.json").write_text(json.dumps({"b": {"file_name": "b.json"}}))
+    runs = {}
+    for name, data in (("ok", _flags(dataset="sft", dataset_dir=pdata)), ("bad", _flags(dataset="b", dataset_dir=bad))):
+        args = _flags(model_name_or_path=tiny, template="qwen", max_steps=1, per_device_train_batch_size=2,
+                      disable_gradient_checkpointing=True, output_dir=tmp_path / name) + data  # fmt: skip
+        runs[name] = subprocess.run([sys.executable, "-m", "exporter", "train", *args], env=env, capture_output=True,
+                                    text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    ok, bad_run = runs["ok"], runs["bad"]
+    assert ok.returncode == 0 and "on 2 processes (ddp)" in ok.stderr, ok.stderr[-3000:]
+    assert "OMP_NUM_THREADS" not in ok.stdout + ok.stderr
+    assert bad_run.returncode == 2, bad_run.stderr[-3000:]
+    lines = [line for line in bad_run.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors and all("b.json" in line for line in errors), bad_run.stderr[-3000:]
+    assert not [line for line in lines if not line.startswith(("error:", "note:"))], bad_run.stderr[-3000:]
 
 
 def test_qlora_cli_prints_no_third_party_noise(tiny: Path, pdata: Path, tmp_path: Path) -> None:
