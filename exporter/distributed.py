@@ -591,11 +591,18 @@ def relaunch(argv: list[str]) -> int | None:
     if not force and gpus <= 1:
         return None
     nproc = os.environ.get("NPROC_PER_NODE", str(max(gpus, 1)))
+    nnodes, node_rank = os.environ.get("NNODES", "1"), os.environ.get("NODE_RANK", "0")
     if not nproc.isdigit() or int(nproc) < 1:
         raise UserError(f"NPROC_PER_NODE must be a positive number of processes, got {nproc!r}")
+    if not nnodes.isdigit() or int(nnodes) < 1 or not node_rank.isdigit() or int(node_rank) >= int(nnodes):
+        raise UserError(f"NNODES={nnodes!r}, NODE_RANK={node_rank!r}: expected NNODES nodes numbered 0 to NNODES-1")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if int(nnodes) > 1 and missing:  # each node would wait at its own address or port for the others, for good
+        raise UserError(f"NNODES={nnodes}: {' and '.join(missing)} not set; every node needs the same MASTER_ADDR "
+                        "(node 0's address) and MASTER_PORT (a free port there)")  # fmt: skip
     args = [
-        "--nnodes", os.environ.get("NNODES", "1"), "--node_rank", os.environ.get("NODE_RANK", "0"),
-        "--nproc_per_node", nproc, "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        "--nnodes", nnodes, "--node_rank", node_rank, "--nproc_per_node", nproc,
+        "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
         "--master_port", os.environ.get("MASTER_PORT", str(_free_port())), "-m", "exporter", "train", *argv,
     ]  # fmt: skip
     # torchrun gives each process 1 OpenMP thread when none is set, with a banner saying so: share the cores out

@@ -551,6 +551,14 @@ def test_force_torchrun_relaunches_with_lf_variables(monkeypatch, tmp_path: Path
         monkeypatch.setenv(k, v)
     assert distributed.relaunch(["cfg.yaml"]) == 0
     assert os.environ["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 3))  # the cores shared out, not 1 each
+    monkeypatch.delenv("MASTER_PORT")  # several nodes need one rendezvous: a port picked here would differ per node
+    with pytest.raises(UserError, match=r"NNODES=2: MASTER_PORT not set; every node needs the same MASTER_ADDR"):
+        distributed.relaunch(["cfg.yaml"])
+    monkeypatch.setenv("NODE_RANK", "2")
+    with pytest.raises(UserError, match=r"NNODES='2', NODE_RANK='2': expected NNODES nodes numbered 0 to NNODES-1"):
+        distributed.relaunch(["cfg.yaml"])
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("MASTER_PORT", "29501")
     cmd = seen["cmd"]
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-4:] == ["-m", "exporter", "train", "cfg.yaml"]
     flags = dict(zip(cmd[3:-4:2], cmd[4:-4:2], strict=True))
