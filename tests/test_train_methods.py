@@ -384,7 +384,8 @@ def _ds_config(tmp_path: Path, zero: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp", "ddp", "zero0", "zero2", "zero3", "zero3-full", "fsdp-fp16-full"])
+@pytest.mark.parametrize("engine", ["fsdp", "ddp", "zero0", "zero2", "zero3", "zero3-full", "fsdp-fp16-full",
+                                    "fsdp-qlora"])  # fmt: skip
 def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_path: Path, engine: str) -> None:
     """A 2-process run resumed from its checkpoint-2 in a new process group continues exactly as the run that went
     on (loss curve, final weights): weights, optimizer state gathered from the ranks (DeepSpeed: each rank's part,
@@ -401,6 +402,11 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
     common += _flags(deepspeed=_ds_config(tmp_path, int(engine[4]))) if deepspeed else []
     common += _flags(finetuning_type="full") if "full" in engine else []
     common += ["--fp16"] if "fp16" in engine else []  # its loss scale is resumed too
+    if "qlora" in engine:  # the 4-bit base sharded too; its optimizer parts hold the LoRA weights' shards
+        from conftest import require_quant
+
+        require_quant()
+        common += _flags(quantization_bit=4)
     weights = "model.safetensors" if "full" in engine else "adapter_model.safetensors"
     a, b = tmp_path / "a", tmp_path / "b"
     before = _CPU_FP16 if "fp16" in engine else _CARRIED if deepspeed else ""
