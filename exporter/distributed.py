@@ -613,8 +613,10 @@ def relaunch(argv: list[str]) -> int | None:
 
 def _torchrun(args: list[str]) -> int:
     """torchrun (`torch.distributed.run`) run here, on `args`; its exit code: a failed rank's, which has said why
-    in one line (a rank killed by a signal is said here). The launcher's own failure log and report, a traceback,
-    are kept out of normal output (`--verbose` shows them)."""
+    in one line (a rank killed by a signal is said here), or 128 + the signal that stopped the launcher (Ctrl-C:
+    130, as one process exits). The launcher's own failure log and report, a traceback, are kept out of normal
+    output (`--verbose` shows them)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -623,6 +625,8 @@ def _torchrun(args: list[str]) -> int:
     quiet.launcher()
     try:
         run(parse_args(args))
+    except SignalException as e:  # Ctrl-C (or a kill) of this launcher: it stopped every rank with the same signal
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if quiet.verbose():

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -607,6 +608,19 @@ def test_force_torchrun_trains_and_fails_in_one_line(tiny: Path, pdata: Path, tm
     errors = [line for line in lines if line.startswith("error:")]
     assert errors and all("b.json" in line for line in errors), bad_run.stderr[-3000:]
     assert not [line for line in lines if not line.startswith(("error:", "note:"))], bad_run.stderr[-3000:]
+    # Ctrl-C of the launcher once the ranks run: every rank stops, exit 130 as one process, no traceback
+    args = _flags(model_name_or_path=tiny, template="qwen", max_steps=10000, per_device_train_batch_size=2,
+                  dataset="sft", dataset_dir=pdata, output_dir=tmp_path / "int")  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-m", "exporter", "train", *args], env=env, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)  # fmt: skip
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if "gradient checkpointing" in line:  # a rank is about to train
+            p.send_signal(signal.SIGINT)
+            break
+    rest = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and "Traceback" not in rest and "SignalException" not in rest, "".join(seen) + rest
 
 
 def test_qlora_cli_prints_no_third_party_noise(tiny: Path, pdata: Path, tmp_path: Path) -> None:
