@@ -197,6 +197,9 @@ def read_part(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, str]]:
     from safetensors import SafetensorError
 
     name = optimizer_name(rank)
+    if not (path / name).is_file():  # rank 0 saw it (its manifest said so): this node does not see rank 0's files
+        raise UserError(f"resume_from_checkpoint {path}: process {rank} finds no {name} there (under several nodes "
+                        "the checkpoint must be in a directory every node sees)")  # fmt: skip
     try:
         tensors, meta = _read_tensors(path / name)
     except (SafetensorError, OSError) as e:

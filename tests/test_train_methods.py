@@ -445,6 +445,12 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
         ddp = [x for x in common if x not in ("--fsdp", "full_shard")]
         err = _torchrun(2, ddp + _flags(output_dir=tmp_path / "c", resume_from_checkpoint=ckpt), tmp_path, fails=True)
         assert "its optimizer is sharded by process (an FSDP run); resume it with fsdp set as it was" in err
+        (ckpt / MANIFEST_NAME).unlink()  # rank 1's part not where rank 1 looks (another node's disk, say)
+        (ckpt / "optimizer_1.safetensors").unlink()
+        err = _torchrun(2, common + _flags(output_dir=tmp_path / "d", resume_from_checkpoint=ckpt), tmp_path,
+                        fails=True)  # fmt: skip
+        assert "process 1 finds no optimizer_1.safetensors there (under several nodes the checkpoint" in err
+        assert "another process could not read its optimizer part" in err
     if engine == "zero2":  # its optimizer parts fit ZeRO-2 on 2 processes only: another stage is one line, exit 2
         other = common[: common.index("--deepspeed")] + _flags(deepspeed=_ds_config(tmp_path, 3))
         err = _torchrun(2, other + _flags(output_dir=tmp_path / "c", resume_from_checkpoint=ckpt), tmp_path, fails=True)
