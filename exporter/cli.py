@@ -198,7 +198,7 @@ def train_cmd(ctx: typer.Context) -> None:
     _setup(quantization=lf_args.parse_args(argv)[0].get("quantization_bit") is not None)  # QLoRA needs bitsandbytes
     from exporter import train
 
-    train.main(argv)
+    train.main(argv, [flag for flag in ("--debug", "--verbose") if _state[flag[2:]]])  # for every rank, if relaunched
 
 
 # ---- predict and eval: LLaMA-Factory's do_predict and llamafactory-cli eval (exporter/predict.py, evaluate.py) ----

@@ -18,7 +18,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -580,10 +580,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def relaunch(argv: list[str]) -> int | None:
+def relaunch(argv: list[str], flags: Sequence[str] = ()) -> int | None:
     """LLaMA-Factory's launcher rule: with FORCE_TORCHRUN=1, or more than one visible GPU, run this same command
-    under torchrun (NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT); returns its exit code, or None
-    when this process should train itself (already under torchrun, or one device)."""
+    (`exporter [flags] train argv`: flags such as --verbose go to every rank) under torchrun (NNODES, NODE_RANK,
+    NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT); returns its exit code, or None when this process should train itself
+    (already under torchrun, or one device)."""
     if "LOCAL_RANK" in os.environ:
         return None
     force = os.environ.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "yes")
@@ -603,7 +604,7 @@ def relaunch(argv: list[str]) -> int | None:
     args = [
         "--nnodes", nnodes, "--node_rank", node_rank, "--nproc_per_node", nproc,
         "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        "--master_port", os.environ.get("MASTER_PORT", str(_free_port())), "-m", "exporter", "train", *argv,
+        "--master_port", os.environ.get("MASTER_PORT", str(_free_port())), "-m", "exporter", *flags, "train", *argv,
     ]  # fmt: skip
     # torchrun gives each process 1 OpenMP thread when none is set, with a banner saying so: share the cores out
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))

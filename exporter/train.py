@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -577,10 +578,11 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
-def main(argv: list[str]) -> TrainResult | Any:
+def main(argv: list[str], flags: Sequence[str] = ()) -> TrainResult | Any:
     """CLI entry: parse LLaMA-Factory style arguments; train (here, or under torchrun when LF's launcher rules say
-    so), then predict when do_predict is set (LF's do_predict without do_train only predicts; under torchrun, rank 0
-    predicts). Returns the TrainResult, or the PredictResult when it predicted."""
+    so; `flags`: the root options, such as --verbose, each rank gets), then predict when do_predict is set (LF's
+    do_predict without do_train only predicts; under torchrun, rank 0 predicts). Returns the TrainResult, or the
+    PredictResult when it predicted."""
 
     from exporter import distributed, predict
 
@@ -589,7 +591,7 @@ def main(argv: list[str]) -> TrainResult | Any:
     result = None
     if train_raw is not None:
         cfg, given = config_from_dict(train_raw, where)
-        code = distributed.relaunch(argv)
+        code = distributed.relaunch(argv, flags)
         if code is not None:
             raise SystemExit(code)
         result = train(cfg, given)

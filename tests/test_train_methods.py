@@ -581,6 +581,8 @@ def test_force_torchrun_relaunches_with_lf_variables(monkeypatch, tmp_path: Path
         monkeypatch.delenv(k)
     monkeypatch.setattr(distributed, "_gpu_count", lambda: 2)
     assert distributed.relaunch(["cfg.yaml"]) == 0 and seen["cmd"][seen["cmd"].index("--nproc_per_node") + 1] == "2"
+    assert distributed.relaunch(["cfg.yaml"], ["--verbose"]) == 0  # `exporter --verbose train`: every rank verbose
+    assert seen["cmd"][-5:] == ["-m", "exporter", "--verbose", "train", "cfg.yaml"]
     monkeypatch.setattr(distributed, "_gpu_count", lambda: 1)
     seen.clear()
     assert distributed.relaunch(["cfg.yaml"]) is None and not seen
