@@ -3,9 +3,10 @@ LLaMA-Factory's launcher variables: FORCE_TORCHRUN=1, NNODES, NODE_RANK, NPROC_P
 and an automatic torchrun when more than one GPU is visible).
 
 Existing engines only: DistributedDataParallel (default), FSDP2 (`fully_shard` per decoder layer, with `fsdp:`),
-DeepSpeed (`deepspeed:`, where it is installed and CUDA is present). Gloo on CPU, NCCL on GPUs. Every process reads
-and tokenizes the same data and plans the same global batches; each takes its own rows of every batch, so no
-example is seen twice and the loss equals one process with the same global batch. Only rank 0 writes.
+DeepSpeed (`deepspeed:`, where it is installed). Gloo on CPU, NCCL on GPUs. Every process reads and tokenizes the
+same data and plans the same global batches; each takes its own rows of every batch, so no example is seen twice
+and the loss equals one process with the same global batch. Only rank 0 writes, except that each rank writes its own
+part of a sharded optimizer (FSDP, DeepSpeed) into rank 0's checkpoint staging dir.
 """
 
 from __future__ import annotations
