@@ -130,12 +130,15 @@ def share(d: Dist, value: Any) -> Any:
 
 
 def all_agree(d: Dist, ok: bool) -> bool:
-    """True on every rank when `ok` is true on every rank (a check all ranks must act on alike)."""
+    """True on every rank when `ok` is true on every rank (a check all ranks must act on alike). An object
+    collective, which torch stages on the backend's device: a CPU tensor has no backend in an NCCL group."""
     if not d.active:
         return ok
     import torch
 
-    return bool(all_sum(d, torch.tensor([0.0 if ok else 1.0]))[0] == 0)
+    oks: list[Any] = [None] * d.world
+    torch.distributed.all_gather_object(oks, bool(ok))
+    return all(oks)
 
 
 def gather(d: Dist, value: Any) -> list[Any] | None:
