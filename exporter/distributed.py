@@ -274,18 +274,26 @@ def optimizer_part(run: Any) -> tuple[dict[str, Any], dict[str, str]]:
     return checkpoint.optimizer_tensors(sd)
 
 
-def _read_own_part(path: Any, d: Dist) -> tuple[dict[str, Any], dict[str, str]]:
-    """This rank's optimizer part of checkpoint-N, read by every rank for itself; a rank that cannot makes all fail."""
-    from exporter import checkpoint
-
-    error, part = None, ({}, {})
-    try:  # checked by rank 0 against the manifest, which lists every rank's part
-        part = checkpoint.read_part(path, d.rank)
-    except UserError as e:
+def _on_every_rank(d: Dist, fn: Callable[[], Any], elsewhere: str) -> Any:
+    """`fn()` on every rank (all call it together); where it failed on any rank, every rank raises: its own error, or
+    a UserError saying `elsewhere`. Returns this rank's result."""
+    value, error = None, None
+    try:
+        value = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
         error = e
     if not all_agree(d, error is None):
-        raise error or UserError(f"resume_from_checkpoint {path}: another process could not read its optimizer part")
-    return part
+        raise error or UserError(elsewhere)
+    return value
+
+
+def _read_own_part(path: Any, d: Dist) -> tuple[dict[str, Any], dict[str, str]]:
+    """This rank's optimizer part of checkpoint-N, read by every rank for itself (after rank 0 checked the manifest,
+    which lists every rank's part); a rank that cannot makes all fail."""
+    from exporter import checkpoint
+
+    elsewhere = f"resume_from_checkpoint {path}: another process could not read its optimizer part"
+    return _on_every_rank(d, lambda: checkpoint.read_part(path, d.rank), elsewhere)
 
 
 def _sharded_optimizer_state(run: Any, part: tuple[dict[str, Any], dict[str, str]], path: Any) -> dict[str, Any]:
@@ -322,16 +330,17 @@ def write_parts(d: Dist, tmp: Path | None, write: Callable[[Path], None]) -> Non
     state travels through another's memory; all ranks call it together. The dir must be one every node sees, as for
     DeepSpeed's own checkpoints. A rank that fails makes every rank fail (rank 0's staging dir is then removed)."""
     where = Path(share(d, str(tmp) if d.main else None))
-    error: Exception | None = None
-    try:
-        write(where)
-    except OSError as e:  # rank 0's goes to its staging dir's handler (a full disk, said in one line)
-        hint = " (output_dir must be a directory every node sees)" if e.errno == errno.ENOENT else ""
-        error = e if d.main else UserError(f"process {d.rank} cannot write {e.filename or where}: {e.strerror}{hint}")
-    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
-        error = e
-    if not all_agree(d, error is None):
-        raise error or UserError(f"{where.name}: another process could not write its part; nothing was saved")
+
+    def mine() -> None:
+        try:
+            write(where)
+        except OSError as e:  # rank 0's goes to its staging dir's handler (a full disk, said in one line)
+            if d.main:
+                raise
+            hint = " (output_dir must be a directory every node sees)" if e.errno == errno.ENOENT else ""
+            raise UserError(f"process {d.rank} cannot write {e.filename or where}: {e.strerror}{hint}") from None
+
+    _on_every_rank(d, mine, f"{where.name}: another process could not write its part; nothing was saved")
 
 
 def restore(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
