@@ -89,11 +89,13 @@ def shutdown() -> None:
     Call it once the run's objects are released. `destroy_process_group` only unregisters the group: it lives on
     while anything holds it, and with FSDP2 DTensor's caches hold it (cached plans and sharding decisions keep the
     device mesh, the mesh keeps the group). A group alive at interpreter exit keeps gloo's threads running into
-    finalization, where a rank can abort ("terminate called without an active exception") after a finished run."""
+    finalization, where a rank can abort ("terminate called without an active exception") after a finished run.
+    The run's DeepSpeed engines are let go here too, whether the run finished or failed (`_release_deepspeed`)."""
     import gc
 
     import torch
 
+    _release_deepspeed()
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     from torch.distributed.tensor import _collective_utils, _redistribute, _sharding_prop, debug
@@ -109,6 +111,29 @@ def shutdown() -> None:
         ds.destroy_process_group()
     else:
         torch.distributed.destroy_process_group()
+
+
+_deepspeed_engines: list[Any] = []  # the run's, released by `shutdown` however the run ended
+
+
+def _release_deepspeed() -> None:
+    """Let the run's DeepSpeed engines go with their process groups. `destroy()` (its optimizer's hooks hold the
+    engine), then what DeepSpeed keeps in module state: ZeRO-3 appends the top module to its module-level forward
+    stack and never takes it out, and its parameter coordinator keeps every module it released in a class-level
+    `lru_cache`; the modules' forward hooks hold the engine, and it the groups."""
+    while _deepspeed_engines:
+        engine = _deepspeed_engines.pop()
+        engine.destroy()
+        offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+        if offload is not None:
+            offload.FWD_MODULE_STACK[:] = [m for m in offload.FWD_MODULE_STACK if m is not engine.module]
+        coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+        if coordinator is not None:  # the cached method is wrapped by DeepSpeed's NVTX decorator, no functools.wraps
+            cls = coordinator.PartitionedParameterCoordinator
+            method = vars(cls).get("_PartitionedParameterCoordinator__params_to_release")
+            for cell in getattr(method, "__closure__", None) or ():
+                if hasattr(cell.cell_contents, "cache_clear"):
+                    cell.cell_contents.cache_clear()
 
 
 def barrier(d: Dist) -> None:
@@ -575,6 +600,7 @@ def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any
     ds.setdefault("zero_force_ds_cpu_optimizer", False)  # our AdamW, also with offloading
     with prints_dropped():  # on CPU it prints that it built its shared-memory op
         engine, _, _, _ = deepspeed.initialize(model=score, optimizer=opt, config=ds)
+    _deepspeed_engines.append(engine)
     return engine
 
 

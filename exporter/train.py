@@ -525,18 +525,21 @@ class TrainResult:
 def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     """Train per `cfg` (`given`: the keys the user set, for the notes on keys without effect here); under torchrun
     every process calls it and rank 0 writes."""
-    import traceback
+    import atexit
 
     from exporter import distributed
 
     d, device = distributed.init(cfg.ddp_timeout)
     try:
-        return _train(cfg, given if given is not None else set(), d, device)
-    except BaseException as e:  # the run's objects in its frames hold the process group; shutdown needs them gone
-        traceback.clear_frames(e.__traceback__)
+        result = _train(cfg, given if given is not None else set(), d, device)
+    except BaseException:
+        # the error's traceback holds the run (frames keep their closures' cells even when cleared), and the run the
+        # process group, until the error is handled: leave the group at exit, once it is
+        atexit.unregister(distributed.shutdown)  # once, however many runs in this process failed
+        atexit.register(distributed.shutdown)
         raise
-    finally:
-        distributed.shutdown()
+    distributed.shutdown()
+    return result
 
 
 def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResult:
@@ -573,8 +576,6 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
                 file=sys.stderr,
             )
         distributed.barrier(d)
-    if run.engine == "deepspeed":  # its optimizer's hooks hold the engine, and it DeepSpeed's process groups
-        run.score.destroy()
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 
 
