@@ -476,20 +476,26 @@ def _webui(
 
 def main() -> None:
     """Console entry point: user errors (and a full disk, a read-only or forbidden path) become one line on stderr
-    and exit code 2."""
+    and exit code 2; any other error (or any with --debug) its traceback and exit code 1, printed here: Python keeps
+    an uncaught error in `sys.last_exc` to the end, its frames and what they hold with it (a training run's process
+    group, whose threads would then run into interpreter shutdown)."""
+    import traceback
+
     from exporter.atomic import os_error
 
     try:
         app()
     except UserError as e:
         if _state["debug"]:
-            raise
+            traceback.print_exc()
+            sys.exit(1)
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except Exception as e:
         err = os_error(e)
         if err is None or _state["debug"]:
-            raise
+            traceback.print_exc()
+            sys.exit(1)
         typer.echo(f"error: {err.filename or 'writing an output'}: {err.strerror}", err=True)
         sys.exit(2)
 

@@ -460,6 +460,20 @@ def test_cli_bad_input_exit_2(
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
 
 
+def test_cli_debug_prints_the_traceback(tiny: Path, datadir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """--debug: the error's traceback and exit code 1, as Python prints an uncaught one (printed by exporter, which
+    keeps nothing of it to exit)."""
+    monkeypatch.setattr(sys, "argv", ["exporter", "--debug", "train", "--model_name_or_path", str(tiny),
+                                      "--dataset_dir", str(datadir), "--dataset", "nope",
+                                      "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "UserError: dataset 'nope' is not defined" in err
+
+
 def test_cli_subprocess_yaml_missing_file(tmp_path: Path, datadir: Path, tiny: Path) -> None:
     d = tmp_path / "d"
     shutil.copytree(datadir, d)
