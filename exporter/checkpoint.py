@@ -98,19 +98,20 @@ def save(
     model: Any, optim: dict[str, Any] | None, sched: Any, state: dict[str, Any], out_dir: Path,
     cfg: TrainConfig, model_dir: Path, tpl: Any, state_dict: dict[str, Any] | None = None,
     rngs: list[Any] | None = None, parts: Callable[[Path], None] | None = None,
+    weights: Callable[[Path], None] | None = None,
 ) -> Path:  # fmt: skip
     """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
     trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir.
     Nothing in it can carry code: tensors in safetensors, everything else JSON; its manifest lists every file's
-    sha256, checked before a resume reuses it. `state_dict`: the weights gathered from sharded ranks (FSDP/DeepSpeed);
-    `optim`: the optimizer's state dict (gathered to rank 0 under DDP), None: weights only, or for a sharded
-    optimizer (FSDP, DeepSpeed) `parts`, which has every rank write its own part into the staging dir (`save_part`),
-    before the manifest; `rngs`: every rank's `rng_state()` (default: this process's)."""
+    sha256, checked before a resume reuses it. `state_dict`, `weights`: see `save_model`; `optim`: the optimizer's
+    state dict (gathered to rank 0 under DDP), None: weights only, or for a sharded optimizer (FSDP, DeepSpeed)
+    `parts`, which has every rank write its own part into the staging dir (`save_part`), before the manifest;
+    `rngs`: every rank's `rng_state()` (default: this process's)."""
     from exporter import hf_dir
 
     path = out_dir / f"checkpoint-{state['global_step']}"
     with atomic_dir(path, force=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        save_model(model, tmp, state_dict, weights)
         hf_dir.finish(tmp, tpl, model_dir, tokenizer_dir=model_dir)
         if not cfg.save_only_model and (optim is not None or parts is not None):
             from safetensors.torch import save_file
@@ -125,6 +126,18 @@ def save(
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         manifest.write(tmp, "checkpoint", inputs={}, settings={"global_step": state["global_step"]})
     return path
+
+
+def save_model(model: Any, tmp: Path, state_dict: dict[str, Any] | None = None,
+               weights: Callable[[Path], None] | None = None) -> None:  # fmt: skip
+    """The model or adapter into `tmp` through save_pretrained: as it is in memory; or `state_dict`, its weights
+    gathered from sharded ranks; or, with `weights` (the model's safetensors streamed from sharded ranks, which all
+    call it at this point), save_pretrained's config files and `weights` for the tensors."""
+    if weights is not None:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict={})
+        weights(tmp)
+        return
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
 
 
 def optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

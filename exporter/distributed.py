@@ -245,32 +245,122 @@ def on_main(d: Dist, fn: Callable[[], Any], everywhere: bool = True) -> Any:
     return value
 
 
-def full_state_dict(run: Any) -> dict[str, Any] | None:
-    """The model's weights on rank 0 when FSDP or DeepSpeed ZeRO-3 shards them (every rank takes part; None on the
-    others); None when the model in memory is already whole. A LoRA run saves an adapter: only its trained weights
-    are gathered, never the (possibly huge or 4-bit packed) base."""
-    d, lora = run.dist, run.cfg.finetuning_type == "lora"
-    zero3 = run.engine == "deepspeed" and run.score.zero_optimization_partition_weights()
-    if run.engine != "fsdp" and not zero3:
-        return None
-    if zero3:
+# save_pretrained's max_shard_size default
+_SHARD_BYTES = 50 * 10**9
+
+
+def _zero3(run: Any) -> bool:
+    return run.engine == "deepspeed" and run.score.zero_optimization_partition_weights()
+
+
+def _sharded(run: Any) -> bool:
+    """Whether the ranks hold only shards of the weights (FSDP, DeepSpeed ZeRO-3)."""
+    return run.engine == "fsdp" or _zero3(run)
+
+
+def _saved(run: Any) -> list[tuple[str, Any]]:
+    """What the saved weights hold, in order, each a (maybe sharded) parameter or a buffer: a LoRA run's trained
+    weights (its adapter: never the possibly huge or 4-bit packed base); otherwise every parameter once (a tied one
+    under its first name, the one save_pretrained keeps) and the buffers the state dict has."""
+    model = run.model
+    if run.cfg.finetuning_type == "lora":
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    keys = set(model.state_dict().keys()) - set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    buffers = [(k, b) for k, b in model.named_buffers(remove_duplicate=False) if k in keys]
+    return [(n, p) for n, p in model.named_parameters() if n in keys] + buffers
+
+
+def _whole_shape(t: Any) -> tuple[int, ...]:
+    return tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)  # a DTensor's shape is the whole one
+
+
+def _gathered(run: Any, t: Any) -> Any:
+    """`t` whole, on rank 0's CPU (None on the others); every rank takes part when it is sharded."""
+    if hasattr(t, "ds_id"):
         import deepspeed
-    sd = {}
-    for name, p in run.model.named_parameters():  # one at a time: never whole on a rank; tied ones once
-        if lora and not p.requires_grad:
-            continue
-        if zero3:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                whole = p.detach().cpu().clone() if d.main else None
-        else:
-            whole = p.full_tensor().detach().cpu() if hasattr(p, "full_tensor") else p.detach().cpu().clone()
-        if d.main:
-            sd[name] = whole
-    if lora or not d.main:
-        return sd if d.main else None
-    keys = run.model.state_dict().keys()
-    buffers = run.model.named_buffers(remove_duplicate=False)
-    return sd | {k: v.detach().cpu().clone() for k, v in buffers if k in keys}
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return t.detach().to("cpu", copy=True) if run.dist.main else None
+    if hasattr(t, "full_tensor"):
+        whole = t.full_tensor()
+        return whole.detach().cpu() if run.dist.main else None
+    return t.detach().to("cpu", copy=True) if run.dist.main else None
+
+
+def local_part(t: Any, d: Dist) -> Any:
+    """This rank's part of a parameter: its FSDP shard, its ZeRO-3 partition (without the padding DeepSpeed leaves
+    uninitialised at the end of the last one), or the whole tensor where it is not sharded."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    if hasattr(t, "ds_tensor"):
+        part = t.ds_tensor
+        return part.narrow(0, 0, max(0, min(part.numel(), t.ds_numel - d.rank * part.numel())))
+    return t
+
+
+def full_state_dict(run: Any) -> dict[str, Any] | None:
+    """The saved weights (`_saved`) gathered whole on rank 0 when FSDP or ZeRO-3 shards them (every rank takes part;
+    None on the others); None when the model in memory is already whole. One tensor at a time: never the whole
+    model on a rank but rank 0, which holds what is saved: a LoRA run's adapter, or a whole model that cannot be
+    streamed (`weights_writer`)."""
+    if not _sharded(run):
+        return None
+    sd = {name: _gathered(run, t) for name, t in _saved(run)}
+    return sd if run.dist.main else None
+
+
+def _saved_as_held(model: Any, planned: list[Any]) -> bool:
+    """Whether save_pretrained writes these tensors as the model holds them: it reverts weight conversions made on
+    loading (MoE experts fused into one tensor, renamed keys) over the whole state dict; tried on meta tensors."""
+    import torch
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        meta = {t.name: torch.empty(t.shape, dtype=t.dtype, device="meta") for t in planned}
+        out = revert_weight_conversion(model, dict(meta))
+    except Exception:  # noqa: BLE001 - a conversion that cannot run on meta tensors is one that changes them
+        return False
+    return out.keys() == meta.keys() and all(out[k] is meta[k] for k in out)
+
+
+def weights_writer(run: Any, bar: bool = False) -> Callable[[Path | None], None] | None:
+    """Full and freeze runs whose weights FSDP or ZeRO-3 shard: a writer of the model's safetensors that every rank
+    calls at the same point, rank 0 with its staging dir, the others with None. Tensor by tensor, each is gathered
+    whole to rank 0 and appended to its shard at once, so no rank ever holds the whole model (HF's Trainer gathers
+    it into rank 0's memory). None where the model is whole in memory, for LoRA (its adapter is gathered:
+    `full_state_dict`), and where save_pretrained converts weights (`_saved_as_held`). `bar`: rank 0 shows its
+    progress (not under the training loop's bar)."""
+    from exporter.progress import progress
+    from exporter.shards import PlannedTensor, ShardWriter, write_shards
+
+    if run.cfg.finetuning_type == "lora" or not _sharded(run):
+        return None
+    saved = _saved(run)
+    planned = [PlannedTensor(name, t.dtype, _whole_shape(t)) for name, t in saved]
+    if not _saved_as_held(run.model, planned):
+        return None
+
+    def write(tmp: Path | None) -> None:
+        tensors = (_gathered(run, t) for _, t in saved)
+
+        def mine() -> None:
+            with progress("save", "tensors", len(planned), show=bar and run.dist.main) as advance:
+
+                def fill(_: PlannedTensor, writer: ShardWriter) -> None:
+                    writer.write(next(tensors))
+                    advance()
+
+                try:
+                    if tmp is not None:
+                        write_shards(tmp, planned, _SHARD_BYTES, fill)
+                finally:  # the other ranks gather to the end, whatever rank 0 did with it
+                    for _ in tensors:
+                        pass
+
+        _on_every_rank(run.dist, mine, "another process could not write the model's weights; nothing was saved")
+
+    return write
 
 
 def full_optimizer_state(run: Any) -> dict[str, Any] | None:

@@ -32,10 +32,9 @@ from exporter.shards import (
     itemsize,
     numel,
     parse_size,
-    plan_shards,
     read_header,
     read_rows,
-    shard_names,
+    write_shards,
 )
 
 OUT_DTYPES = {
@@ -384,29 +383,16 @@ def _write_shards(tmp: Path, p: Plan, shard_bytes: int) -> int:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     planned = [PlannedTensor(j.name, j.out_dtype, j.shape) for j in p.jobs]
-    shards = plan_shards(planned, shard_bytes)
-    names = shard_names(len(shards))
-    total = sum(t.nbytes for t in planned)
     jobs = {j.name: j for j in p.jobs}
     columns = (TextColumn("[bold]merge[/] {task.fields[tensor]}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("merge", total=total, tensor="")
-        weight_map: dict[str, str] = {}
-        for shard, fname in zip(shards, names, strict=True):
-            writer = ShardWriter(tmp / fname, shard)
-            try:
-                for t in shard:
-                    bar.update(task, tensor=t.name)
-                    _run_job(jobs[t.name], writer, lambda n: bar.advance(task, n))
-                    weight_map[t.name] = fname
-            except BaseException:
-                writer.f.close()
-                raise
-            writer.close()
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return len(shards)
+        task = bar.add_task("merge", total=sum(t.nbytes for t in planned), tensor="")
+
+        def fill(t: PlannedTensor, writer: ShardWriter) -> None:
+            bar.update(task, tensor=t.name)
+            _run_job(jobs[t.name], writer, lambda n: bar.advance(task, n))
+
+        return write_shards(tmp, planned, shard_bytes, fill)
 
 
 def merge(opts: MergeOptions) -> MergeResult:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,3 +158,27 @@ class ShardWriter:
         self.f.close()
         if self.written != self.total:
             raise RuntimeError(f"{self.path}: wrote {self.written} bytes of tensor data, planned {self.total}")
+
+
+def write_shards(tmp: Path, planned: list[PlannedTensor], shard_bytes: int,
+                 fill: Callable[[PlannedTensor, ShardWriter], None]) -> int:  # fmt: skip
+    """The planned tensors, in order, streamed into safetensors shards of at most `shard_bytes` in `tmp` (+ the
+    index when there are several): `fill(t, writer)` writes tensor t's bytes. Returns the shard count."""
+    shards = plan_shards(planned, shard_bytes)
+    names = shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    for shard, fname in zip(shards, names, strict=True):
+        writer = ShardWriter(tmp / fname, shard)
+        try:
+            for t in shard:
+                fill(t, writer)
+                weight_map[t.name] = fname
+        except BaseException:
+            writer.f.close()
+            raise
+        writer.close()
+    if len(shards) > 1:
+        total = sum(t.nbytes for t in planned)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return len(shards)

@@ -167,14 +167,16 @@ class Diverged(UserError):
         )
 
 
-def _check_weights(run: Run, full: dict[str, Any] | None = None) -> None:
-    """Before anything is written: every trainable weight finite (a finite loss can still step into inf); `full`:
-    the weights gathered from sharded ranks, when there are (QLoRA's frozen base is packed 4-bit data: not checked)."""
+def _check_weights(run: Run) -> None:
+    """Before anything is written, on every rank: every trainable weight finite (a finite loss can still step into
+    inf), each rank checking its own shards where FSDP or ZeRO-3 shard them (QLoRA's frozen 4-bit base: never)."""
     import torch
 
-    trained = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
-    params = [full[n] for n in trained if n in full] if full else list(trained.values())  # never a packed 4-bit base
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+    from exporter.distributed import all_agree, local_part
+
+    parts = [local_part(p, run.dist) for p in run.model.parameters() if p.requires_grad]
+    ok = not parts or bool(torch.stack([torch.isfinite(p).all() for p in parts]).all())
+    if not all_agree(run.dist, ok):
         raise Diverged(run, "the weights became non-finite (inf/nan)", run.state.global_step)
 
 
@@ -368,7 +370,9 @@ def _checkpoint(run: Run) -> None:
     from exporter import distributed
 
     flush(run)
-    full = distributed.full_state_dict(run)
+    _check_weights(run)
+    weights = distributed.weights_writer(run)
+    full = None if weights else distributed.full_state_dict(run)
     own = run.engine in ("fsdp", "deepspeed") and not run.cfg.save_only_model
     optim = None if run.cfg.save_only_model or own else distributed.full_optimizer_state(run)
     part = distributed.optimizer_part(run) if own else None
@@ -379,11 +383,14 @@ def _checkpoint(run: Run) -> None:
         distributed.write_parts(run.dist, tmp, lambda where: checkpoint.save_part(where, run.dist.rank, part))
 
     if run.dist.main:
-        _check_weights(run, full)
         checkpoint.save(run.model, optim, run.sched, dataclasses.asdict(run.state), run.out, run.cfg, run.model_dir,
-                        run.prep.tpl, state_dict=full, rngs=rngs, parts=parts if own else None)  # fmt: skip
-    elif own:
-        parts(None)
+                        run.prep.tpl, state_dict=full, rngs=rngs, parts=parts if own else None,
+                        weights=weights)  # fmt: skip
+    else:  # in step with rank 0's save
+        if weights:
+            weights(None)
+        if own:
+            parts(None)
     distributed.barrier(run.dist)
 
 
@@ -474,11 +481,12 @@ def _results(run: Run, log: TrainerLog) -> dict[str, Any]:
     return results
 
 
-def _write_outputs(tmp: Path, run: Run, results: dict[str, Any], full: Any) -> None:
-    """Adapter (or model), tokenizer with the training template, generation_config, HF trainer_state, results, plots."""
+def _write_outputs(tmp: Path, run: Run, results: dict[str, Any], full: Any, weights: Any) -> None:
+    """Adapter (or model), tokenizer with the training template, generation_config, HF trainer_state, results, plots;
+    `full`, `weights`: see `checkpoint.save_model`."""
     from exporter import hf_dir
 
-    run.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
+    checkpoint.save_model(run.model, tmp, full, weights)
     hf_dir.finish(tmp, run.prep.tpl, run.model_dir, tokenizer_dir=run.model_dir)
     st, sch = run.state, run.sch
     renamed = {"lr": "learning_rate", "current_steps": "step"}
@@ -563,10 +571,11 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
             results = _results(run, log)
         finally:
             log.close()
-        full = distributed.full_state_dict(run)
+        _check_weights(run)
+        weights = distributed.weights_writer(run, bar=True)
+        full = None if weights else distributed.full_state_dict(run)
         if d.main:
-            _check_weights(run, full)
-            checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full))
+            checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full, weights))
             _write_manifest(run)
             print(
                 f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
@@ -575,6 +584,8 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
                 + f" -> {out}",
                 file=sys.stderr,
             )
+        elif weights:  # in step with rank 0's write
+            weights(None)
         distributed.barrier(d)
     return TrainResult(out, run.state.global_step, prep.tpl.name if prep.tpl else None, results)
 

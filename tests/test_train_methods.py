@@ -472,6 +472,76 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
         assert not [p.name for p in (tmp_path / "e").iterdir() if p.name.startswith("checkpoint")]
 
 
+_STREAMED = """import exporter.distributed as D
+D._SHARD_BYTES = 300_000  # several shards from the tiny model
+_gather_all = D.full_state_dict
+def _adapter_only(run):
+    assert run.cfg.finetuning_type == "lora", "the whole model was gathered into one dict"
+    return _gather_all(run)
+D.full_state_dict = _adapter_only"""
+
+_DISK_FULL = """
+import errno, exporter.shards as S
+_write = S.ShardWriter.write
+def _full(self, chunk):
+    if self.written:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+    _write(self, chunk)
+if os.environ["RANK"] == "0":
+    S.ShardWriter.write = _full"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_sharded_full_run_streams_its_weights(tiny: Path, pdata: Path, tmp_path: Path, engine: str) -> None:
+    """Full fine-tuning under FSDP or ZeRO-3 writes the model tensor by tensor, each gathered whole to rank 0 and
+    appended to its shard at once (never the whole model in one rank's memory), laid out as save_pretrained lays it
+    out: shards and their index, save_pretrained's metadata, the tensors of one process's save_pretrained output.
+    transformers loads it whole, a resume from its checkpoint continues the run, and a rank 0 that cannot write a
+    shard stops every rank in one line, with nothing half-written."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=2,
+                    save_steps=1, logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
+                    disable_gradient_checkpointing=True, max_samples=24, finetuning_type="full")  # fmt: skip
+    one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
+    common += ["--fsdp", "full_shard"] if engine == "fsdp" else _flags(deepspeed=_ds_config(tmp_path, 3))
+    common += _flags(per_device_train_batch_size=2)
+    two = tmp_path / "two"
+    _torchrun(2, common + _flags(output_dir=two), tmp_path, before=_STREAMED)
+
+    def tensors(d: Path) -> dict[str, torch.Tensor]:
+        out = {}
+        for f in sorted(d.glob("model*.safetensors")):
+            with safe_open(f, "pt") as st:
+                assert st.metadata() == {"format": "pt"}, f
+                out |= {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118 - safe_open has no iteration
+        return out
+
+    for d, ref in ((two, tensors(one)), (two / "checkpoint-1", tensors(one / "checkpoint-1"))):
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1 and not (d / "model.safetensors").exists()
+        got = tensors(d)
+        assert sorted(index["weight_map"]) == sorted(got) and index["metadata"]["total_size"] == sum(
+            t.numel() * t.element_size() for t in got.values())  # fmt: skip
+        assert {k: (v.dtype, v.shape) for k, v in got.items()} == {k: (v.dtype, v.shape) for k, v in ref.items()}
+        # a 2-way split of the batch rounds its gradients otherwise, and Adam's first updates are about lr * g / |g|:
+        # up to 4e-5 apart here (weights ~0.1: a tensor written under another's name would be ~0.1 off)
+        assert all(torch.allclose(got[k], ref[k], atol=1e-4) for k in ref)
+    model, info = AutoModelForCausalLM.from_pretrained(two, output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    err = _torchrun(2, common + _flags(output_dir=tmp_path / "r", resume_from_checkpoint=two / "checkpoint-1"),
+                    tmp_path, before=_STREAMED)  # fmt: skip
+    assert "trained 2 steps" in err
+    for ra, rb in zip(_log(two), _log(tmp_path / "r"), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+    err = _torchrun(2, common + _flags(output_dir=tmp_path / "e", max_steps=1), tmp_path, fails=True,
+                    before=_STREAMED + _DISK_FULL)  # fmt: skip
+    assert "No space left on device" in err and "another process could not write the model's weights" in err, err
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").glob("*.safetensors"))
+
+
 @pytest.mark.slow
 def test_deepspeed_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp_path: Path) -> None:
     """DeepSpeed's fp16: where its accelerator says the device has none (a CPU without AVX512-FP16), one line, exit 2.
