@@ -410,7 +410,11 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = tuning.load_model(cfg, model_dir, device)
+    engine = "deepspeed" if cfg.deepspeed else "fsdp" if cfg.fsdp and d.active else "ddp" if d.active else "single"
+    # FSDP: the weights stay on the CPU until fully_shard moves each layer to the device and shards it, so the model
+    # never has to fit one GPU (QLoRA's 4-bit base is placed where bitsandbytes quantizes it)
+    on_cpu = engine == "fsdp" and not cfg.quantization_bit
+    model = tuning.load_model(cfg, model_dir, "cpu" if on_cpu else device)
     model.train()
     if cfg.stage in ("dpo", "kto"):  # TRL and LLaMA-Factory train preferences without dropout
         for m in model.modules():
@@ -419,18 +423,18 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     sch = schedule(cfg, len(prep.train), d.world)
     score = tuning.scorer(model)
     probe = to_device(objective.collate(cfg.stage, prep.train[: cfg.per_device_train_batch_size], prep.pad_id), device)
-    score.fast = tuning.fast_path_ok(model, probe)
-    if not score.fast:
-        say("computing the loss through the model's own forward (its output head is not a plain projection)")
-    engine = "deepspeed" if cfg.deepspeed else "fsdp" if cfg.fsdp and d.active else "ddp" if d.active else "single"
     if cfg.fsdp and not d.active:
         say("fsdp: one process, nothing to shard (run it under torchrun --nproc_per_node N)")
     if engine == "deepspeed":  # the scheduler drives the param groups DeepSpeed's optimizer wraps
+        score.fast = tuning.fast_path_ok(score, probe)  # on the weights as loaded, before DeepSpeed casts them
         opt = tuning.make_optimizer(model, cfg)
         wrapped = distributed.deepspeed_engine(score, opt, cfg, d, model)
     else:
         wrapped = distributed.wrap(score, model, cfg, d, device)
+        score.fast = tuning.fast_path_ok(score, probe)  # FSDP: every rank, on its shards
         opt = tuning.make_optimizer(model, cfg)  # after FSDP replaced the parameters with their shards
+    if not score.fast:
+        say("computing the loss through the model's own forward (its output head is not a plain projection)")
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=sch.warmup, num_training_steps=sch.total)
     fingerprint = {"examples": len(prep.train), "tokens": sum(length(e) for e in prep.train),
                    "batch_size": cfg.per_device_train_batch_size, "accum": cfg.gradient_accumulation_steps,

@@ -293,22 +293,27 @@ def completion_logps(score: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     return preference.sequence_logps(preference.token_logps(logits, target), rows, batch["input_ids"].shape[0])
 
 
-def fast_path_ok(model: Any, batch: dict[str, Any]) -> bool:
-    """Check once that the fast loss equals the model's own loss (guards against heads we do not know)."""
+def fast_path_ok(score: Any, batch: dict[str, Any]) -> bool:
+    """Check once that the fast path (`Scorer`: the output head on the trained positions only) gives the loss the
+    model's own logits give (guards against heads we do not know); leaves `score` on the path to train with. Under
+    FSDP every rank runs it alike (its forwards gather the shards)."""
     import torch
 
-    was = model.training
-    model.eval()
+    was = score.training
+    score.eval()
     try:
+        _parts(score.model)  # a model without a decoder and a head we know: no forward started
         with torch.no_grad():
-            ours = loss_sum(scorer(model, fast=True), batch) / max(batch["n_trained"], 1)
-            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], labels=batch["labels"])  # fmt: skip
-        return bool(torch.allclose(ours, ref.loss.float(), rtol=1e-3, atol=1e-4))
+            score.fast = True
+            ours = loss_sum(score, batch)
+            score.fast = False
+            ref = loss_sum(score, batch)
+        n = max(batch["n_trained"], 1)
+        return bool(torch.allclose(ours / n, ref / n, rtol=1e-3, atol=1e-4))
     except Exception:
         return False
     finally:
-        model.train(was)
+        score.train(was)
 
 
 def make_optimizer(model: Any, cfg: TrainConfig) -> Any:

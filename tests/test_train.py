@@ -532,3 +532,27 @@ def test_lora_options_and_sft_packing(tiny: Path, datadir: Path, tmp_path: Path)
     assert set(lrs) == {1e-3, 16e-3}  # LoRA+: B matrices (and DoRA magnitudes) at lr * ratio
     with pytest.raises(UserError, match=r"lora_target 'qproj': no linear layer .*did you mean 'q_proj'"):
         tuning.load_model(dataclasses.replace(cfg, lora_target=["qproj"]), tiny, "cpu")
+
+
+@pytest.mark.parametrize(("family", "fast"), [("qwen2", True), ("gemma2", True), ("granite", False)])
+def test_fast_path_only_where_it_equals_the_models_own_logits(tiny_model, family: str, fast: bool) -> None:
+    """The output head on the trained positions only (gemma2: with its logit soft-cap) is used where it gives the
+    loss the model's own logits give; granite divides its logits by `logits_scaling`, which the fast path does not:
+    its loss comes from the model's own forward, and equals transformers' own loss. The scorer keeps the path found."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(family), dtype=torch.float32)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (2, 12))
+    index = torch.cat([torch.arange(5, 11), 12 + torch.arange(5, 11)])  # each row's positions 5..10 predict a token
+    labels = torch.full((24,), -100)
+    labels[index + 1] = ids.flatten()[index + 1]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(12).repeat(2, 1),
+             "index": index, "target": ids.flatten()[index + 1], "rows": index // 12, "n_trained": 12}  # fmt: skip
+    score = tuning.scorer(model)
+    score.fast = tuning.fast_path_ok(score, batch)
+    assert score.fast is fast
+    with torch.no_grad():
+        ours = tuning.loss_sum(score, batch) / 12
+        ref = model(input_ids=ids, labels=labels.view(2, 12)).loss
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5), (ours, ref)
