@@ -295,8 +295,8 @@ def completion_logps(score: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
 
 def fast_path_ok(score: Any, batch: dict[str, Any]) -> bool:
     """Check once that the fast path (`Scorer`: the output head on the trained positions only) gives the loss the
-    model's own logits give (guards against heads we do not know); leaves `score` on the path to train with. Under
-    FSDP every rank runs it alike (its forwards gather the shards)."""
+    model's own logits give (guards against heads we do not know); the caller sets `score.fast` from it. Under FSDP
+    every rank runs it alike (its forwards gather the shards)."""
     import torch
 
     was = score.training
