@@ -180,6 +180,17 @@ def _check_weights(run: Run) -> None:
         raise Diverged(run, "the weights became non-finite (inf/nan)", run.state.global_step)
 
 
+def _weights_to_save(run: Run, bar: bool = False) -> tuple[dict[str, Any] | None, Any]:
+    """Every rank, before a save: the weights checked (`_check_weights`), then how they are written: streamed by
+    rank 0 as the ranks gather them (`distributed.weights_writer`; `bar`: with a progress bar), or gathered into one
+    dict first (`distributed.full_state_dict`; None where the model is whole in memory). (full, weights)."""
+    from exporter import distributed
+
+    _check_weights(run)
+    weights = distributed.weights_writer(run, bar)
+    return (None if weights else distributed.full_state_dict(run)), weights
+
+
 def _micro_batches(run: Run, group: list[list[int]], pool: list[Any]) -> list[tuple[list[Any], float]]:
     """This rank's examples of each global batch, with weight 1; a rank left without rows (a short last batch)
     reruns the batch's first example with weight 0, so every rank runs the same forwards and collectives."""
@@ -370,9 +381,7 @@ def _checkpoint(run: Run) -> None:
     from exporter import distributed
 
     flush(run)
-    _check_weights(run)
-    weights = distributed.weights_writer(run)
-    full = None if weights else distributed.full_state_dict(run)
+    full, weights = _weights_to_save(run)
     own = run.engine in ("fsdp", "deepspeed") and not run.cfg.save_only_model
     optim = None if run.cfg.save_only_model or own else distributed.full_optimizer_state(run)
     part = distributed.optimizer_part(run) if own else None
@@ -575,9 +584,7 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
             results = _results(run, log)
         finally:
             log.close()
-        _check_weights(run)
-        weights = distributed.weights_writer(run, bar=True)
-        full = None if weights else distributed.full_state_dict(run)
+        full, weights = _weights_to_save(run, bar=True)
         if d.main:
             checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full, weights))
             _write_manifest(run)
