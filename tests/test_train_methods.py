@@ -490,6 +490,18 @@ def _full(self, chunk):
 if os.environ["RANK"] == "0":
     S.ShardWriter.write = _full"""
 
+_NAN_ON_RANK_1 = """
+import torch, exporter.train as T
+_results = T._results
+def _poisoned(run, log):  # after the last step: a non-finite weight in rank 1's shard only
+    out = _results(run, log)
+    if os.environ["RANK"] == "1":
+        p = next(p for p in run.model.parameters() if p.requires_grad)
+        with torch.no_grad():
+            (p.to_local() if hasattr(p, "to_local") else p.ds_tensor).fill_(float("nan"))
+    return out
+T._results = _poisoned"""
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fsdp", "zero3"])
@@ -540,6 +552,11 @@ def test_sharded_full_run_streams_its_weights(tiny: Path, pdata: Path, tmp_path:
                     before=_STREAMED + _DISK_FULL)  # fmt: skip
     assert "No space left on device" in err and "another process could not write the model's weights" in err, err
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").glob("*.safetensors"))
+    # a non-finite weight in one rank's shard: every rank stops with the same line before anything is written
+    err = _torchrun(2, common + _flags(output_dir=tmp_path / "n", max_steps=1), tmp_path, fails=True,
+                    before=_STREAMED + _NAN_ON_RANK_1)  # fmt: skip
+    assert err.count("training diverged at step 1 of 1: the weights became non-finite (inf/nan)") == 2, err
+    assert not any((tmp_path / "n").glob("*.safetensors")) and not (tmp_path / "n" / "all_results.json").exists()
 
 
 @pytest.mark.slow
