@@ -17,6 +17,7 @@ from typing import Any
 from exporter import manifest
 from exporter.atomic import atomic_dir
 from exporter.config import read_json
+from exporter.distributed import whole_shape
 from exporter.errors import UserError
 from exporter.lf_args import TrainConfig, say
 from exporter.manifest import MANIFEST_NAME
@@ -299,11 +300,6 @@ def latest(out_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _whole_shape(param: Any) -> list[int]:
-    """A parameter's shape; a ZeRO-3 shard's whole shape (it keeps it as ds_shape)."""
-    return list(getattr(param, "ds_shape", param.shape))
-
-
 def _check_lora_shapes(path: Path, model: Any) -> None:
     """The checkpoint's LoRA tensors are this run's, name for name and shape for shape (PEFT would skip a missing
     one silently and fail on a shape with a traceback)."""
@@ -312,7 +308,7 @@ def _check_lora_shapes(path: Path, model: Any) -> None:
     from exporter.safetensors_file import read_header
 
     saved = get_peft_model_state_dict(model, state_dict=dict(model.named_parameters()))
-    want = {k: _whole_shape(v) for k, v in saved.items()}
+    want = {k: list(whole_shape(v)) for k, v in saved.items()}
     have = {k: list(e.shape) for k, e in read_header(path / "adapter_model.safetensors").items()}
     for k in sorted(want.keys() | have.keys()):
         if want.get(k) != have.get(k):
@@ -405,7 +401,7 @@ def by_model_key(path: Path, model: Any, weights: dict[str, Any], cfg: TrainConf
         saved_as = get_peft_model_state_dict(model, state_dict=own)  # the same tensors, under the file's names
         return {name_of[id(v)]: weights[k] for k, v in saved_as.items()}
     shapes = {k: list(v.shape) for k, v in own.items()} | {
-        k: _whole_shape(p) for k, p in model.named_parameters(remove_duplicate=False)}  # fmt: skip
+        k: list(whole_shape(p)) for k, p in model.named_parameters(remove_duplicate=False)}  # fmt: skip
     for k in sorted(own.keys() | weights.keys()):
         if k not in own or k not in weights or shapes[k] != list(weights[k].shape):
             raise UserError(f"resume_from_checkpoint {path}: its weights do not fit this model (tensor {k})")

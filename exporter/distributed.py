@@ -11,6 +11,7 @@ part of a sharded optimizer (FSDP, DeepSpeed) into rank 0's checkpoint staging d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import importlib.util
@@ -19,7 +20,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -270,8 +271,10 @@ def _saved(run: Any) -> list[tuple[str, Any]]:
     return [(n, p) for n, p in model.named_parameters() if n in keys] + buffers
 
 
-def _whole_shape(t: Any) -> tuple[int, ...]:
-    return tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)  # a DTensor's shape is the whole one
+def whole_shape(t: Any) -> tuple[int, ...]:
+    """A parameter's whole shape, also where this process holds only its shard: ZeRO-3 keeps it as `ds_shape`
+    (its own shape is its empty placeholder's), a DTensor's shape is the whole one."""
+    return tuple(getattr(t, "ds_shape", t.shape))
 
 
 def _gathered(run: Any, t: Any) -> Any:
@@ -337,7 +340,7 @@ def weights_writer(run: Any, bar: bool = False) -> Callable[[Path | None], None]
     if run.cfg.finetuning_type == "lora" or not _sharded(run):
         return None
     saved = _saved(run)
-    planned = [PlannedTensor(name, t.dtype, _whole_shape(t)) for name, t in saved]
+    planned = [PlannedTensor(name, t.dtype, whole_shape(t)) for name, t in saved]
     if not _saved_as_held(run.model, planned):
         return None
 
@@ -638,21 +641,21 @@ def restore_deepspeed(path: Any, cfg: Any, run: Any) -> dict[str, Any]:
     return _resume_rest(run, saved)
 
 
-def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any:
-    """DeepSpeed's engine around the scorer, from the user's JSON with HF's "auto" values filled from the training
-    keys (batch sizes, accumulation, clipping, bf16/fp16, bucket sizes from the hidden size)."""
+def deepspeed_config(cfg: Any, d: Dist, model_dir: Path) -> dict[str, Any]:
+    """The user's DeepSpeed JSON with HF's "auto" values filled from the training keys (batch sizes, accumulation,
+    clipping, bf16/fp16, bucket sizes from the model's hidden size), checked before the model loads."""
     try:
-        deepspeed = _import_deepspeed()
+        _import_deepspeed()
     except ImportError:
         raise UserError(f"deepspeed: {cfg.deepspeed}: the deepspeed package is not installed (pip install "
                         "deepspeed), or use fsdp: full_shard") from None  # fmt: skip
     from exporter.config import read_json
-    from exporter.quiet import prints_dropped
 
     ds = read_json(cfg.deepspeed)
     if not isinstance(ds, dict):
         raise UserError(f"deepspeed: {cfg.deepspeed}: expected a JSON object (a DeepSpeed config)")
-    hidden = getattr(model.config, "hidden_size", 0) if hasattr(model, "config") else 0
+    config = read_json(Path(model_dir) / "config.json", optional=True)
+    hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size") or 0
     auto = {
         "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -688,6 +691,40 @@ def deepspeed_engine(score: Any, opt: Any, cfg: Any, d: Dist, model: Any) -> Any
         raise UserError(f"deepspeed: {cfg.deepspeed}: fp16: DeepSpeed has no fp16 on this device "
                         f"({get_accelerator().device_name()}); use bf16: true, or fp16 without deepspeed")  # fmt: skip
     ds.setdefault("zero_force_ds_cpu_optimizer", False)  # our AdamW, also with offloading
+    return ds
+
+
+@contextlib.contextmanager
+def zero3_loading(ds: dict[str, Any] | None, cfg: Any) -> Iterator[bool]:
+    """Under ZeRO-3 the model loads straight into its partitions, as HF's Trainer and LLaMA-Factory load it:
+    while this config is registered, transformers builds the model under `deepspeed.zero.Init`, rank 0 reads the
+    checkpoint and each layer is gathered, filled and partitioned in turn, so no GPU holds the whole model. Not for
+    QLoRA (bitsandbytes quantizes where it loads; transformers skips zero.Init for it). Yields whether it is on; the
+    registration ends with the block, so later loads in the process (a checkpoint's weights on rank 0) are plain."""
+    if ds is None or (ds.get("zero_optimization") or {}).get("stage") != 3 or cfg.quantization_bit:
+        yield False
+        return
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from exporter.quiet import prints_dropped
+
+    with prints_dropped():  # zero.Init reads the group's size from DeepSpeed's view of it, as its engine will
+        _import_deepspeed().init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    registered = HfDeepSpeedConfig(ds)  # transformers keeps a weak reference to it
+    try:
+        yield True
+    finally:
+        del registered
+        unset_hf_deepspeed_config()
+
+
+def deepspeed_engine(score: Any, opt: Any, ds: dict[str, Any]) -> Any:
+    """DeepSpeed's engine around the scorer, from the filled config (`deepspeed_config`)."""
+    from exporter.quiet import prints_dropped
+
+    deepspeed = _import_deepspeed()
     with prints_dropped():  # on CPU it prints that it built its shared-memory op
         engine, _, _, _ = deepspeed.initialize(model=score, optimizer=opt, config=ds)
     _deepspeed_engines.append(engine)

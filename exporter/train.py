@@ -423,7 +423,9 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     # FSDP: the weights stay on the CPU until fully_shard moves each layer to the device and shards it, so the model
     # never has to fit one GPU (QLoRA's 4-bit base is placed where bitsandbytes quantizes it)
     on_cpu = engine == "fsdp" and not cfg.quantization_bit
-    model = tuning.load_model(cfg, model_dir, "cpu" if on_cpu else device)
+    ds = distributed.deepspeed_config(cfg, d, model_dir) if engine == "deepspeed" else None
+    with distributed.zero3_loading(ds, cfg) as in_parts:  # ZeRO-3: no GPU holds the whole model either
+        model = tuning.load_model(cfg, model_dir, "cpu" if on_cpu else device)
     model.train()
     if cfg.stage in ("dpo", "kto"):  # TRL and LLaMA-Factory train preferences without dropout
         for m in model.modules():
@@ -435,9 +437,12 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     if cfg.fsdp and not d.active:
         say("fsdp: one process, nothing to shard (run it under torchrun --nproc_per_node N)")
     if engine == "deepspeed":  # the scheduler drives the param groups DeepSpeed's optimizer wraps
-        score.fast = tuning.fast_path_ok(score, probe)  # on the weights as loaded, before DeepSpeed casts them
+        if not in_parts:  # on the weights as loaded, before DeepSpeed casts them
+            score.fast = tuning.fast_path_ok(score, probe)
         opt = tuning.make_optimizer(model, cfg)
-        wrapped = distributed.deepspeed_engine(score, opt, cfg, d, model)
+        wrapped = distributed.deepspeed_engine(score, opt, ds)
+        if in_parts:  # ZeRO-3's hooks gather each layer's weights for the forwards
+            score.fast = tuning.fast_path_ok(score, probe)
     else:
         wrapped = distributed.wrap(score, model, cfg, d, device)
         score.fast = tuning.fast_path_ok(score, probe)  # FSDP: every rank, on its shards

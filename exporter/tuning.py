@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
 from exporter.config import did_you_mean
+from exporter.distributed import whole_shape
 from exporter.errors import UserError
 from exporter.lf_args import TrainConfig, say
 
@@ -57,7 +59,7 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
         )
     except (OSError, ValueError) as e:
         raise UserError(f"model {model_dir}: cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
-    if not cfg.quantization_bit:
+    if not cfg.quantization_bit and not _partitioned(model):  # ZeRO-3 placed its partitions itself
         model.to(device)
     for m in model.modules():  # bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode
         if hasattr(m, "support_avx512bf16_for_cpu"):  # forward, and its training path cannot use that layout
@@ -77,9 +79,13 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
     else:
         model = _lora(model, cfg)
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and not hasattr(p, "ds_id"):  # ZeRO-3's partitions: its engine sets the dtypes
             p.data = p.data.float()
     return model
+
+
+def _partitioned(model: Any) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def checkpointing_unneeded(cfg: TrainConfig, given: set[str], model_dir: Path, device: str, rows: int) -> bool:
@@ -145,7 +151,7 @@ def _expert_params(model: Any) -> list[str]:
     out = set()
     for name, p in model.named_parameters():
         module, _, leaf = name.rpartition(".")
-        if p.dim() == 3 and module.endswith(".experts"):
+        if len(whole_shape(p)) == 3 and module.endswith(".experts"):
             out.add(".".join(module.split(".")[-2:]) + "." + leaf)
     return sorted(out)
 
@@ -220,7 +226,7 @@ def _freeze(model: Any, cfg: TrainConfig) -> None:
     for name, p in model.named_parameters():
         if id(p) not in in_layers and name.rsplit(".", 2)[-2] in (cfg.freeze_extra_modules or []):
             p.requires_grad_(True)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_train = sum(math.prod(whole_shape(p)) for p in model.parameters() if p.requires_grad)
     say(f"freeze tuning: layers {chosen.start}-{chosen.stop - 1} ({', '.join(cfg.freeze_trainable_modules)}) "
         f"{'+ ' + ', '.join(cfg.freeze_extra_modules) + ' ' if cfg.freeze_extra_modules else ''}train: "
         f"{n_train / 1e6:.2f}M parameters")  # fmt: skip
@@ -328,9 +334,9 @@ def make_optimizer(model: Any, cfg: TrainConfig) -> Any:
         if cfg.loraplus_lr_ratio is not None:
             if "lora_embedding_" in name:
                 lr = cfg.loraplus_lr_embedding
-            elif "lora_B" in name or p.ndim == 1:
+            elif "lora_B" in name or len(whole_shape(p)) == 1:
                 lr = cfg.learning_rate * cfg.loraplus_lr_ratio
-        decay = 0.0 if (p.ndim < 2 or "norm" in name.lower()) else cfg.weight_decay
+        decay = 0.0 if (len(whole_shape(p)) < 2 or "norm" in name.lower()) else cfg.weight_decay
         groups.setdefault((lr, decay), []).append(p)
     params = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
     return torch.optim.AdamW(

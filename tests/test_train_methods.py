@@ -588,25 +588,49 @@ def test_deepspeed_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+# Each rank's model as `tuning.load_model` returns it, before any engine: per parameter, (name, elements this process
+# holds, elements of the whole), written as loaded-<rank>
+_LOADED = """import json, math, exporter.tuning as T
+_load = T.load_model
+def _probe(*a, **k):
+    m = _load(*a, **k)
+    held = [(n, getattr(p, "ds_tensor", p).numel(), math.prod(getattr(p, "ds_shape", p.shape)))
+            for n, p in m.named_parameters()]
+    open(os.path.join(out, "loaded-" + os.environ["RANK"]), "w").write(json.dumps(held))
+    return m
+T.load_model = _probe
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [2, 3])
-def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: int) -> None:
-    """2 processes under DeepSpeed give one process's loss curve and adapter, also through an epoch's short last
-    group (8 batches in groups of 3: its 2 micro-batches make an update too), with no third-party warnings or
-    banners."""
-    ds = _ds_config(tmp_path, zero)
+@pytest.mark.parametrize("zero", ["2", "3", "3-freeze"])
+def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: str) -> None:
+    """2 processes under DeepSpeed give one process's loss curve and trained weights, also through an epoch's short
+    last group (8 batches in groups of 3: its 2 micro-batches make an update too), with no third-party warnings or
+    banners. Under ZeRO-3 the model loads straight into its partitions (HF's zero.Init loading): no process holds a
+    base weight whole, before the engine too (before, each loaded the whole model on its device and the engine
+    partitioned it), and the fast loss path is still taken."""
+    ds = _ds_config(tmp_path, int(zero[0]))
     common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=4,
                     logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=3,
                     disable_gradient_checkpointing=True)  # fmt: skip
+    if zero.endswith("freeze"):
+        common += _flags(finetuning_type="freeze", freeze_trainable_layers=1, freeze_extra_modules="norm")
     one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
     err = _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two", deepspeed=ds),
-                    tmp_path)  # fmt: skip
+                    tmp_path, before=_LOADED)  # fmt: skip
     assert "Warning" not in err and "WARNING" not in err and "built successfully" not in err, err
+    assert "the model's own forward" not in err  # the fast path's check ran through ZeRO-3's hooks
     for ra, rb in zip(_log(one), _log(tmp_path / "two"), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
-    from safetensors.torch import load_file  # the adapter gathered from the shards equals one process's
+    for rank in (0, 1):
+        base = [(n, held, whole) for n, held, whole in json.loads((tmp_path / f"loaded-{rank}").read_text())
+                if "lora_" not in n]  # fmt: skip
+        assert base and all(held <= (whole + 1) // 2 if zero[0] == "3" else held == whole for _, held, whole in base)
+    from safetensors.torch import load_file  # the trained weights gathered from the shards equal one process's
 
-    a, b = load_file(one / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    weights = "model.safetensors" if zero.endswith("freeze") else "adapter_model.safetensors"
+    a, b = load_file(one / weights), load_file(tmp_path / "two" / weights)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
@@ -631,7 +655,7 @@ def test_deepspeed_nvme_offload_needs_save_only_model(tmp_path: Path) -> None:
     cfg, _ = lf_args.config_from_args(["--model_name_or_path", "m", "--output_dir", "o", "--dataset", "a",
                                        "--deepspeed", str(ds)])  # fmt: skip
     with pytest.raises(UserError, match=r"offload_optimizer to nvme .* set save_only_model: true"):
-        distributed.deepspeed_engine(None, None, cfg, distributed.Dist(), None)
+        distributed.deepspeed_config(cfg, distributed.Dist(), tmp_path)
 
 
 def test_force_torchrun_relaunches_with_lf_variables(monkeypatch, tmp_path: Path) -> None:
