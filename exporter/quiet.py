@@ -39,6 +39,14 @@ KNOWN_WARNINGS = (
     (UserWarning, r"MatMul8bitLt: inputs will be cast"),  # bitsandbytes' 8-bit QLoRA computing in fp32 on CPU
     # DeepSpeed's ZeRO calls torch.distributed collectives torch 2.13 deprecates (on every step)
     (FutureWarning, r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+    # PEFT 0.21 checks rank_pattern/alpha_pattern keys against the modules it targeted only, so the pattern it adds
+    # itself for fused MoE experts (gate_up_proj at twice the rank, which it does apply to that expert parameter) is
+    # reported as ignored on every MoE LoRA run
+    (
+        RuntimeWarning,
+        r"The following (rank|alpha)_pattern keys did not match any targeted module and were ignored: "
+        r"\['\.\*\\\\\.gate_up_proj'\]",
+    ),
     # Gradio 6.31's queue (exporter webui) on pandas 3: its dataframe handling uses options pandas 4 drops
     (Warning, r"'future.no_silent_downcasting' is deprecated"),
     (Warning, r"The copy keyword is deprecated and will be removed"),

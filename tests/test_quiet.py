@@ -18,7 +18,7 @@ from conftest import ROOT
 # what the demo printed before exporter/quiet.py, and what any third-party library's warning looks like
 NOISE = re.compile(
     r"Failed to load|GPT-?QModel|gptqmodel|torchao|_pytree|FutureWarning|DeprecationWarning|UserWarning|"
-    r"Loading weights|llama_context|deprecated",
+    r"Loading weights|llama_context|deprecated|(?-i:[A-Z][a-z]*Warning)",
     re.IGNORECASE,
 )
 
@@ -49,6 +49,26 @@ def test_train_and_verify_print_no_third_party_noise(trained, tmp_path: Path) ->
     for r in (train, verify):
         noise = [line for line in (r.stdout + r.stderr).splitlines() if NOISE.search(line)]
         assert not noise, noise
+
+
+def test_moe_lora_training_prints_no_third_party_noise(tiny_model, tmp_path: Path) -> None:
+    """LoRA on every linear layer and the experts of an MoE model: PEFT adds a rank pattern for the fused gate_up_proj
+    experts and then warns that it matched no module (it matched their parameter: rank 2r there)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "adapter"
+    r = _cli("train", "--model_name_or_path", str(tiny_model("qwen3_moe")), "--dataset", "identity", "--dataset_dir",
+             str(ROOT / "data" / "demo"), "--lora_target", "all", "--output_dir", str(out), "--max_steps", "1",
+             "--per_device_train_batch_size", "2", "--cutoff_len", "64", "--max_samples", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    noise = [line for line in (r.stdout + r.stderr).splitlines() if NOISE.search(line)]
+    assert not noise, noise
+    config = json.loads((out / "adapter_config.json").read_text())
+    rank = config["rank_pattern"][r".*\.gate_up_proj"]
+    assert rank == 2 * config["r"]  # what the warning called ignored is applied: gate_up_proj's LoRA has rank 2r
+    experts = json.loads((tiny_model("qwen3_moe") / "config.json").read_text())["num_local_experts"]
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"].shape[0] == rank * experts
 
 
 def test_verbose_shows_what_is_hidden(tiny_model, tmp_path: Path) -> None:
