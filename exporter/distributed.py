@@ -51,8 +51,10 @@ def from_env() -> Dist:
                 int(os.environ.get("LOCAL_RANK", "0")))  # fmt: skip
 
 
-def init(timeout_s: int) -> tuple[Dist, str]:
-    """Join the process group (gloo on CPU, NCCL on CUDA); returns this process's place and its device."""
+def init(timeout_s: int, group_of_one: bool = False) -> tuple[Dist, str]:
+    """Join the process group (gloo on CPU, NCCL on CUDA); returns this process's place and its device.
+    `group_of_one`: one process outside torchrun still gets a group of its own (DeepSpeed runs only inside one, and
+    its own launcher makes one for a single GPU; without it DeepSpeed looks for MPI)."""
     import torch
 
     d = from_env()
@@ -60,7 +62,7 @@ def init(timeout_s: int) -> tuple[Dist, str]:
     if device == "cuda" and d.active:
         torch.cuda.set_device(d.local_rank)
         device = f"cuda:{d.local_rank}"
-    if d.active and not torch.distributed.is_initialized():
+    if (d.active or group_of_one) and not torch.distributed.is_initialized():
         # before the group exists: torch.distributed.nn's and DeepSpeed's `group=...WORLD` defaults, evaluated at
         # their import, would otherwise hold the group until the interpreter exits (see shutdown); where DeepSpeed
         # is installed, transformers imports it whenever rank 0 saves a whole model (accelerate's unwrap_model)
@@ -70,6 +72,10 @@ def init(timeout_s: int) -> tuple[Dist, str]:
             _import_deepspeed()
 
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        if not d.active:  # what a launcher of one process sets (DeepSpeed reads LOCAL_RANK itself)
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                               ("MASTER_PORT", str(_free_port()))):  # fmt: skip
+                os.environ.setdefault(key, value)
         torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return d, device
 

@@ -555,7 +555,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
 
     from exporter import distributed
 
-    d, device = distributed.init(cfg.ddp_timeout)
+    d, device = distributed.init(cfg.ddp_timeout, group_of_one=bool(cfg.deepspeed))
     try:
         result = _train(cfg, given if given is not None else set(), d, device)
     except BaseException:

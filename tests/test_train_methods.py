@@ -634,6 +634,29 @@ def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: str) ->
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_in_one_process(tiny: Path, pdata: Path, tmp_path: Path, zero: int) -> None:
+    """`deepspeed:` without torchrun (one GPU, as LLaMA-Factory runs it without FORCE_TORCHRUN) trains in a process
+    group of its own and gives the plain run's loss curve and adapter (it used to stop with a traceback: DeepSpeed,
+    finding no group, looked for MPI)."""
+    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
+                    logging_steps=1, learning_rate=5e-3, per_device_train_batch_size=2,
+                    disable_gradient_checkpointing=True)  # fmt: skip
+    one = _one_process(common + _flags(output_dir=tmp_path / "one"))
+    cmd = [sys.executable, "-m", "exporter", "train", *common, "--output_dir", str(tmp_path / "ds"), "--deepspeed",
+           str(_ds_config(tmp_path, zero))]  # fmt: skip
+    r = subprocess.run(cmd, env=dict(os.environ, EXPORTER_NO_PROGRESS="1"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "WARNING" not in r.stderr, r.stderr
+    for ra, rb in zip(_log(one), _log(tmp_path / "ds"), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+    from safetensors.torch import load_file
+
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(tmp_path / "ds" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
 def test_deepspeed_missing_is_one_line(tiny: Path, pdata: Path, tmp_path: Path, monkeypatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
