@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,10 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
         )
     except (OSError, ValueError) as e:
         raise UserError(f"model {model_dir}: cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) on a .bin that would run code
+        raise UserError(f"model {model_dir}: refusing to load its pickled weights: they need more than plain tensors "
+                        "to unpickle, and exporter never runs code from a model; convert them to safetensors where "
+                        "they were made") from None  # fmt: skip
     if not cfg.quantization_bit and not _partitioned(model):  # ZeRO-3 placed its partitions itself
         model.to(device)
     for m in model.modules():  # bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import io
 import json
 import os
@@ -727,6 +728,33 @@ def test_resume_never_unpickles(qwen: Path, rows: Path, tmp_path: Path, capsys) 
     _refused(capsys, rf"{re.escape(str(old / 'optimizer.pt'))}: refusing to load it: .*never runs code",
              *args, "--resume_from_checkpoint", str(old), "--output_dir", str(tmp_path / "third"))  # fmt: skip
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("engine", ["single", "zero3"])
+def test_base_model_pickle_never_runs(qwen: Path, rows: Path, tmp_path: Path, capsys, engine: str) -> None:
+    """A base model whose pytorch_model.bin would run code when unpickled: one line, exit 2, the code never runs,
+    also where ZeRO-3 loads it into partitions (transformers' other loading path); it was a traceback."""
+    model, marker = tmp_path / "model", tmp_path / "PWNED"
+    model.mkdir()
+    for f in qwen.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, model / f.name)
+    _pickle_bomb(model / "pytorch_model.bin", marker)
+    extra = ()
+    if engine == "zero3":
+        if importlib.util.find_spec("deepspeed") is None:
+            pytest.skip("deepspeed not installed")
+        ds = tmp_path / "ds_z3.json"
+        ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                  "zero_optimization": {"stage": 3}}))  # fmt: skip
+        extra = ("--deepspeed", str(ds))
+    cmd = [sys.executable, "-m", "exporter", *_train(model, rows, tmp_path / "out", "--max_steps", "1", *extra)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    _one_error(r.stderr, r"model .*: refusing to load its pickled weights: .*never runs code from a model")
+    assert not marker.exists()
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_resume_refuses_a_changed_checkpoint(qwen: Path, rows: Path, tmp_path: Path, capsys) -> None:
