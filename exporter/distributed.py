@@ -198,8 +198,42 @@ def rows(d: Dist, batch: list[int]) -> list[int]:
     return batch[d.rank :: d.world]
 
 
-def wrap(score: Any, model: Any, cfg: Any, d: Dist, device: str) -> Any:
-    """The scorer (see `tuning.scorer`) as DDP, or sharded with FSDP2 when `fsdp` is set; unchanged alone."""
+def load_on_main(d: Dist, load: Callable[[bool], Any]) -> Any:
+    """FSDP: the model read by rank 0 alone (`load(False)`); the others build it empty on the meta device
+    (`load(True)`) and `wrap` fills their shards from rank 0's weights, so the host holds one copy of the model, not
+    one per process (accelerate's cpu_ram_efficient_loading). A rank that fails makes every rank fail. Every rank
+    goes on from rank 0's random state (LoRA's initialization drew on it), as if each had loaded the model itself."""
+    import torch
+
+    model = _on_every_rank(d, lambda: load(not d.main), "another process could not load the model")
+    torch.set_rng_state(share(d, torch.get_rng_state()))
+    return model
+
+
+def _fill_from_main(score: Any, full: dict[str, Any], d: Dist, device: str, offload: bool) -> None:
+    """Each rank's FSDP shards, and every buffer, from rank 0's weights (`full`, its state dict before sharding;
+    empty elsewhere): torch sends them tensor by tensor and each rank keeps its shard. The other ranks first give
+    their empty model storage where rank 0's is: shards on the device (on the CPU with `offload`), buffers on the
+    device, as fully_shard placed rank 0's."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not d.main:
+        score.to_empty(device="cpu" if offload else device)
+        for module in score.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != torch.device(device):
+                    module._buffers[name] = buf.to(device)
+    set_model_state_dict(score, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for module in score.modules():  # non-persistent buffers (rotary tables) are in no state dict
+        for buf in module._buffers.values():
+            if buf is not None:
+                torch.distributed.broadcast(buf.view(torch.uint8) if buf.dtype == torch.bool else buf, src=0)
+
+
+def wrap(score: Any, model: Any, cfg: Any, d: Dist, device: str, from_main: bool = False) -> Any:
+    """The scorer (see `tuning.scorer`) as DDP, or sharded with FSDP2 when `fsdp` is set; unchanged alone.
+    `from_main`: only rank 0 holds the weights (`load_on_main`); every rank's shards come from it."""
     import torch
 
     if not d.active:
@@ -208,12 +242,15 @@ def wrap(score: Any, model: Any, cfg: Any, d: Dist, device: str) -> Any:
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
         kw: dict[str, Any] = {"reshard_after_forward": "shard_grad_op" not in cfg.fsdp}
-        if "offload" in cfg.fsdp:
-            kw["offload_policy"] = CPUOffloadPolicy()
+        if "offload" in cfg.fsdp:  # pinned host memory is for copies to a GPU (on a CPU, torch cannot pin)
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.startswith("cuda"))
+        full = score.state_dict() if from_main and d.main else {}
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         for layer in base.get_decoder().layers:
             fully_shard(layer, **kw)
         fully_shard(score, **kw)
+        if from_main:
+            _fill_from_main(score, full, d, device, "offload" in cfg.fsdp)
         return score
     # frozen weights are identical on every rank (same files): skip broadcasting and bucketing them
     frozen = [n for n, p in score.named_parameters() if not p.requires_grad]

@@ -421,11 +421,15 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     torch.manual_seed(cfg.seed)
     engine = "deepspeed" if cfg.deepspeed else "fsdp" if cfg.fsdp and d.active else "ddp" if d.active else "single"
     # FSDP: the weights stay on the CPU until fully_shard moves each layer to the device and shards it, so the model
-    # never has to fit one GPU (QLoRA's 4-bit base is placed where bitsandbytes quantizes it)
-    on_cpu = engine == "fsdp" and not cfg.quantization_bit
+    # never has to fit one GPU, and only rank 0 reads them, so the host holds one copy, not one per process (QLoRA's
+    # 4-bit base is loaded by every rank, placed where bitsandbytes quantizes it)
+    from_main = engine == "fsdp" and not cfg.quantization_bit
     ds = distributed.deepspeed_config(cfg, d, model_dir) if engine == "deepspeed" else None
     with distributed.zero3_loading(ds, cfg) as in_parts:  # ZeRO-3: no GPU holds the whole model either
-        model = tuning.load_model(cfg, model_dir, "cpu" if on_cpu else device)
+        if from_main:
+            model = distributed.load_on_main(d, lambda empty: tuning.load_model(cfg, model_dir, "cpu", empty))
+        else:
+            model = tuning.load_model(cfg, model_dir, device)
     model.train()
     if cfg.stage in ("dpo", "kto"):  # TRL and LLaMA-Factory train preferences without dropout
         for m in model.modules():
@@ -444,7 +448,7 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
         if in_parts:  # ZeRO-3's hooks gather each layer's weights for the forwards
             score.fast = tuning.fast_path_ok(score, probe)
     else:
-        wrapped = distributed.wrap(score, model, cfg, d, device)
+        wrapped = distributed.wrap(score, model, cfg, d, device, from_main)
         score.fast = tuning.fast_path_ok(score, probe)  # FSDP: every rank, on its shards
         opt = tuning.make_optimizer(model, cfg)  # after FSDP replaced the parameters with their shards
     if not score.fast:

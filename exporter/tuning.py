@@ -41,11 +41,12 @@ def quantization_config(cfg: TrainConfig) -> Any:
     )  # fmt: skip
 
 
-def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
+def load_model(cfg: TrainConfig, model_dir: Path, device: str, empty: bool = False) -> Any:
     """Base model (quantized for QLoRA) with its trainable part set up: a PEFT LoRA wrapper, unfrozen layers
-    (freeze), or every weight (full); trainable weights in fp32 (LLaMA-Factory's upcast)."""
+    (freeze), or every weight (full); trainable weights in fp32 (LLaMA-Factory's upcast). `empty`: built from
+    config.json on the meta device, no weight read (an FSDP process that receives its shards from rank 0)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch.float32 if cfg.finetuning_type == "full" else compute_dtype(cfg)
     kw: dict[str, Any] = {}
@@ -55,16 +56,21 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
         detail = (detail if cfg.quantization_bit == 4 else "") + f"compute in {str(dtype).removeprefix('torch.')}"
         say(f"QLoRA: base quantized to {cfg.quantization_bit}-bit by bitsandbytes at load ({detail})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation=_attn_impl(cfg), trust_remote_code=cfg.trust_remote_code, **kw
-        )
+        if empty:
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_attn_impl(cfg),
+                                                         trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=_attn_impl(cfg),
+                                                         trust_remote_code=cfg.trust_remote_code, **kw)  # fmt: skip
     except (OSError, ValueError) as e:
         raise UserError(f"model {model_dir}: cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
     except pickle.UnpicklingError:  # torch.load(weights_only=True) on a .bin that would run code
         raise UserError(f"model {model_dir}: refusing to load its pickled weights: they need more than plain tensors "
                         "to unpickle, and exporter never runs code from a model; convert them to safetensors where "
                         "they were made") from None  # fmt: skip
-    if not cfg.quantization_bit and not _partitioned(model):  # ZeRO-3 placed its partitions itself
+    if not cfg.quantization_bit and not empty and not _partitioned(model):  # ZeRO-3 placed its partitions itself
         model.to(device)
     for m in model.modules():  # bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode
         if hasattr(m, "support_avx512bf16_for_cpu"):  # forward, and its training path cannot use that layout
@@ -82,7 +88,7 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str) -> Any:
     if cfg.finetuning_type == "freeze":
         _freeze(model, cfg)
     else:
-        model = _lora(model, cfg)
+        model = _lora(model, cfg, empty)
     for p in model.parameters():
         if p.requires_grad and not hasattr(p, "ds_id"):  # ZeRO-3's partitions: its engine sets the dtypes
             p.data = p.data.float()
@@ -130,14 +136,16 @@ def _available_memory() -> int | None:
     return None
 
 
-def _lora(model: Any, cfg: TrainConfig) -> Any:
+def _lora(model: Any, cfg: TrainConfig, empty: bool = False) -> Any:
+    """The PEFT LoRA wrapper: a new adapter, or `adapter_name_or_path` to train on (on an `empty` model its weights
+    are assigned, not copied into meta tensors)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.adapter_name_or_path:
         from exporter import hub
 
         adapter = hub.resolve(cfg.adapter_name_or_path, "adapter")
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True, low_cpu_mem_usage=empty)
     target, params = _targets(model, cfg)
     lora = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank * 2, lora_dropout=cfg.lora_dropout,

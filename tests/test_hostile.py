@@ -730,10 +730,11 @@ def test_resume_never_unpickles(qwen: Path, rows: Path, tmp_path: Path, capsys) 
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("engine", ["single", "zero3"])
+@pytest.mark.parametrize("engine", ["single", "zero3", "fsdp"])
 def test_base_model_pickle_never_runs(qwen: Path, rows: Path, tmp_path: Path, capsys, engine: str) -> None:
     """A base model whose pytorch_model.bin would run code when unpickled: one line, exit 2, the code never runs,
-    also where ZeRO-3 loads it into partitions (transformers' other loading path); it was a traceback."""
+    also where ZeRO-3 loads it into partitions (transformers' other loading path; it was a traceback), and under
+    FSDP, where rank 0 alone reads the weights: the other process, which built the model without them, stops too."""
     model, marker = tmp_path / "model", tmp_path / "PWNED"
     model.mkdir()
     for f in qwen.iterdir():
@@ -748,11 +749,20 @@ def test_base_model_pickle_never_runs(qwen: Path, rows: Path, tmp_path: Path, ca
         ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                                   "zero_optimization": {"stage": 3}}))  # fmt: skip
         extra = ("--deepspeed", str(ds))
+    env = dict(os.environ)
+    if engine == "fsdp":  # LLaMA-Factory's launcher variables: exporter starts torchrun itself
+        extra, env = ("--fsdp", "full_shard"), dict(env, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "exporter", *_train(model, rows, tmp_path / "out", "--max_steps", "1", *extra)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    _one_error(r.stderr, r"model .*: refusing to load its pickled weights: .*never runs code from a model")
+    refused = r"model .*: refusing to load its pickled weights: .*never runs code from a model"
+    if engine == "fsdp":
+        lines = sorted(ln for ln in r.stderr.splitlines() if ln.startswith("error:"))
+        assert len(lines) == 2 and lines[0] == "error: another process could not load the model", r.stderr
+        assert re.search(refused, lines[1]), lines[1]
+    else:
+        _one_error(r.stderr, refused)
     assert not marker.exists()
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 

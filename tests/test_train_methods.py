@@ -305,13 +305,16 @@ def _one_process(flags: list[str]) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("stage", "engine"), [("dpo", "ddp"), ("kto", "ddp"), ("sft", "fsdp"), ("sft", "fsdp-fp16-full")]
+    ("stage", "engine"),
+    [("dpo", "ddp"), ("kto", "ddp"), ("sft", "fsdp"), ("sft", "fsdp-fp16-full"), ("sft", "fsdp-offload")],
 )
 def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage: str, engine: str,
                                  monkeypatch) -> None:  # fmt: skip
     """torchrun --nproc_per_node 2 (gloo) gives one process's loss curve for the same global batch, and one set of
     outputs written by rank 0. fp16 under FSDP: the ranks agree on skipping an overflowing update (each holds only
-    its shards' gradients), as one process skips it."""
+    its shards' gradients), as one process skips it. Under FSDP only rank 0 reads the weights: rank 1 builds the
+    model empty and gets its shards from rank 0 (before, each process loaded the whole model). FSDP's `offload` runs
+    on a CPU too (it was a traceback: torch cannot pin memory without a GPU)."""
     data = {"sft": "sft", "dpo": "pairs", "kto": "kto"}[stage]
     common = _flags(stage=stage, model_name_or_path=tiny, dataset=data, dataset_dir=pdata, template="qwen",
                     max_steps=4, logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
@@ -321,10 +324,14 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
     if fp16:  # a CPU may emulate fp16: told it has it, it runs the GPU's path
         monkeypatch.setattr(lf_args, "cpu_has_fp16", lambda: True)
     one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
-    engine = engine.split("-")[0]
-    extra = ["--fsdp", "full_shard"] if engine == "fsdp" else []
-    _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two") + extra, tmp_path,
-              before=_CPU_FP16 if fp16 else "")  # fmt: skip
+    offload, engine = engine.endswith("offload"), engine.split("-")[0]
+    extra = ["--fsdp", "full_shard offload" if offload else "full_shard"] if engine == "fsdp" else []
+    out = _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two") + extra, tmp_path,
+                    before=(_CPU_FP16 + "\n" if fp16 else "") + _LOADED)  # fmt: skip
+    assert "Warning" not in out and "WARNING" not in out, out
+    for rank in (0, 1):
+        held = json.loads((tmp_path / f"loaded-{rank}").read_text())
+        assert held and all(h == (w if rank == 0 or engine == "ddp" else 0) for _, h, w in held), (rank, held)
     a, b = _log(one), _log(tmp_path / "two")
     assert [r["current_steps"] for r in b] == [1, 2, 3, 4]  # one log, each step once
     if fp16:  # an update skipped (its lr repeats in the log), by both at the same step
@@ -340,6 +347,27 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in one.iterdir())
     settings = json.loads((tmp_path / "two" / "exporter_manifest.json").read_text())["settings"]
     assert settings["processes"] == 2 and settings["engine"] == engine
+
+
+@pytest.mark.slow
+def test_fsdp_trains_a_given_adapter(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    """`adapter_name_or_path` under FSDP: rank 1, which builds the model empty, takes the adapter's structure without
+    copying its weights into meta tensors (torch's no-op warning), gets base and adapter from rank 0, and the run
+    continues the adapter as one process does."""
+    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
+                    logging_steps=1, learning_rate=5e-3, disable_gradient_checkpointing=True)  # fmt: skip
+    first = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "first"))
+    common += _flags(adapter_name_or_path=first)
+    one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))
+    out = _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two", fsdp="full_shard"),
+                    tmp_path, before=_LOADED)  # fmt: skip
+    assert "Warning" not in out and "WARNING" not in out, out
+    held = json.loads((tmp_path / "loaded-1").read_text())
+    assert all(h == 0 for n, h, _ in held if "lora_" not in n) and any("lora_" in n for n, _, _ in held)
+    a, b = _log(one), _log(tmp_path / "two")
+    assert a[0]["loss"] < _log(first)[0]["loss"]  # it went on from the adapter, not from a new one
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
 
 
 def test_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp_path: Path, monkeypatch) -> None:
@@ -589,12 +617,12 @@ def test_deepspeed_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp
 
 
 # Each rank's model as `tuning.load_model` returns it, before any engine: per parameter, (name, elements this process
-# holds, elements of the whole), written as loaded-<rank>
+# holds (0 on the meta device), elements of the whole), written as loaded-<rank>
 _LOADED = """import json, math, exporter.tuning as T
 _load = T.load_model
 def _probe(*a, **k):
     m = _load(*a, **k)
-    held = [(n, getattr(p, "ds_tensor", p).numel(), math.prod(getattr(p, "ds_shape", p.shape)))
+    held = [(n, 0 if p.is_meta else getattr(p, "ds_tensor", p).numel(), math.prod(getattr(p, "ds_shape", p.shape)))
             for n, p in m.named_parameters()]
     open(os.path.join(out, "loaded-" + os.environ["RANK"]), "w").write(json.dumps(held))
     return m
