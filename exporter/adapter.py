@@ -6,17 +6,21 @@ stay on disk, read by rows.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from exporter.config import read_json
 from exporter.errors import UserError
-from exporter.hf_dir import has_tokenizer
+from exporter.hf_dir import has_tokenizer, vocabulary
 from exporter.shards import read_header, read_rows
 
 _PREFIXES = ("base_model.model.",)
@@ -341,3 +345,126 @@ def expert_targets(
         if row != out:
             raise UserError(f"{where}: expert {e}'s tensors in {base_dir} have {row} rows, the LoRA changes {out}")
     return hits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Does an adapter belong to this base? (merge, gguf --adapter, export, verify)
+
+FINGERPRINT_KEY = "base_fingerprint"  # train's exporter_manifest.json settings: `base_fingerprint(model_dir)`
+_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "vocab_size")  # fmt: skip
+_SAMPLE_BYTES = 1 << 16  # bytes of each tensor that go into the weights digest
+
+
+def _vocab_digest(vocab: Mapping[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+
+
+def _weights_digests(model_dir: Path) -> tuple[str | None, str | None]:
+    """(sha256 of every tensor's name, dtype and shape; sha256 of the first 64 KiB of every tensor's bytes), over
+    the dir's safetensors files in name order (sharding does not matter); (None, None) without safetensors."""
+    from exporter.safetensors_file import ITEMSIZE, pread_exact
+    from exporter.safetensors_file import read_header as read_entries
+
+    entries = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        entries.update({name: (f, e) for name, e in read_entries(f).items()})
+    if not entries:
+        return None, None
+    layout, weights = hashlib.sha256(), hashlib.sha256()
+    fds: dict[Path, int] = {}
+    try:
+        for name in sorted(entries):
+            f, e = entries[name]
+            layout.update(json.dumps([name, e.dtype, list(e.shape)]).encode())
+            n = min(_SAMPLE_BYTES, math.prod(e.shape) * ITEMSIZE[e.dtype])
+            buf = bytearray(n)
+            if f not in fds:
+                fds[f] = os.open(f, os.O_RDONLY)
+            pread_exact(fds[f], buf, e.start, f, name)
+            weights.update(buf)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return layout.hexdigest(), weights.hexdigest()
+
+
+def _config_facts(model_dir: Path) -> dict[str, Any]:
+    config = read_json(model_dir / "config.json", optional=True)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    sizes = {k: text.get(k, config.get(k)) for k in _SIZE_KEYS}
+    return {"model_type": config.get("model_type"), "architectures": config.get("architectures"),
+            "sizes": {k: v for k, v in sizes.items() if v is not None}}  # fmt: skip
+
+
+def base_fingerprint(model_dir: Path) -> dict[str, Any]:
+    """What identifies a base model cheaply (a few MB read, whatever its size), for train to record in its manifest
+    under `FINGERPRINT_KEY`: config.json's model_type, architectures and sizes, a sha256 of the vocabulary, and
+    sha256s of the tensor layout and of the first 64 KiB of every tensor (dtype-dependent)."""
+    vocab = vocabulary(model_dir)
+    layout, weights = _weights_digests(model_dir)
+    return {**_config_facts(model_dir), "vocab_sha256": _vocab_digest(vocab) if vocab else None,
+            "tensors_sha256": layout, "weights_sha256": weights}  # fmt: skip
+
+
+def _model_name(source: str) -> str:
+    """The model's name in a path or hub id: the last part, or `name` of a hub cache's `models--org--name`."""
+    parts = [p for p in Path(str(source)).parts if p not in ("/", "")]
+    for p in reversed(parts):
+        if p.startswith("models--"):
+            return p.split("--")[-1].lower()
+    return parts[-1].lower() if parts else ""
+
+
+def _vocab_difference(adapter: Mapping[str, int], base: Mapping[str, int]) -> str | None:
+    """How the adapter's tokenizer fails to extend the base's (same ids; added tokens allowed), or None."""
+    for token, tid in sorted(base.items(), key=lambda kv: kv[1]):
+        if adapter.get(token) != tid:
+            there = f"id {adapter[token]}" if token in adapter else "absent"
+            return (f"its tokenizer ({len(adapter)} tokens) is not the base's ({len(base)} tokens): token {token!r} "
+                    f"is id {tid} in the base, {there} in the adapter's")  # fmt: skip
+    return None
+
+
+def check_base(adapter_dir: Path, base_dir: Path, label: str) -> str | None:
+    """Refuse (UserError naming both) an adapter that was definitely trained on another base: its tokenizer does not
+    hold the base's vocabulary with the same ids, or the base fingerprint train recorded in its manifest names
+    another model_type, architecture, sizes or vocabulary. Returns a note (else None) for weaker signs: the
+    recorded weights digest differs (another fine-tune of the same model?), or only adapter_config.json's
+    base_model_name_or_path names another model (paths move between machines, so that is never a refusal).
+    Adapters from elsewhere (no manifest, no tokenizer) pass on their tensor shapes alone."""
+    named = str(read_json(adapter_dir / "adapter_config.json", optional=True).get("base_model_name_or_path") or "")
+    where = f"adapter {label} was trained on another base than {base_dir}" + (f" (on {named})" if named else "")
+    from exporter.manifest import MANIFEST_NAME
+
+    doc = read_json(adapter_dir / MANIFEST_NAME, optional=True)
+    recorded = (doc.get("settings") or {}).get(FINGERPRINT_KEY) if isinstance(doc, dict) else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    if recorded:
+        now = _config_facts(base_dir)
+        for key in ("model_type", "architectures"):
+            if recorded.get(key) and now[key] and recorded[key] != now[key]:
+                raise UserError(f"{where}: its manifest records {key} {recorded[key]}, the base has {now[key]}")
+        sizes = recorded.get("sizes") if isinstance(recorded.get("sizes"), dict) else {}
+        for key, value in sizes.items():
+            if key in now["sizes"] and now["sizes"][key] != value:
+                raise UserError(f"{where}: its manifest records {key} {value}, the base has {now['sizes'][key]}")
+    base_vocab = vocabulary(base_dir)
+    if base_vocab:
+        ad_vocab = vocabulary(adapter_dir)
+        if ad_vocab and (diff := _vocab_difference(ad_vocab, base_vocab)):
+            raise UserError(f"{where}: {diff}")
+    if base_vocab and recorded.get("vocab_sha256") and recorded["vocab_sha256"] != _vocab_digest(base_vocab):
+        raise UserError(f"{where}: the base's vocabulary differs from the one recorded in its manifest")
+    if recorded.get("weights_sha256"):
+        layout, weights = _weights_digests(base_dir)
+        if layout == recorded.get("tensors_sha256"):
+            if weights == recorded["weights_sha256"]:
+                return None  # the very weights it was trained on
+            return (
+                f"note: the weights of {base_dir} are not the ones adapter {label} was trained on (its manifest's "
+                "weights digest differs: another fine-tune of that model?); its changes apply to these"
+            )
+    if named and _model_name(named) != _model_name(str(base_dir)):
+        return f"note: adapter {label} was trained on {named} (adapter_config.json); using the base {base_dir}"
+    return None

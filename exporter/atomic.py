@@ -6,7 +6,10 @@
 - `check_target(out, force, inputs)` never lets an output replace or mix into what is not ours: it must be absent,
   an empty dir, or (with force) an exporter output (it holds `exporter_manifest.json`), and never an input.
 - `atomic_dir` / `atomic_file` write beside the target and rename; a crash or error leaves nothing final-looking,
-  a full disk is one line saying how much space was needed; outputs follow the umask (not tempfile's 0700/0600).
+  a full disk is one line saying how much space was needed; outputs follow the umask (not tempfile's 0700/0600, nor
+  safetensors' 0600).
+- `leftover(name)` / `lock_name(name)`: the only names these write beside an output, so that what they left behind
+  is recognised by its exact name and nothing else is ever taken for it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shlex
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -29,6 +34,26 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _held: dict[Path, int] = {}  # claimed output path -> nesting depth in this process
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+# `<out>.tmp-<pid>-<tempfile's 8 random characters>` (mkdtemp/mkstemp) and `<out>.old-<pid>` (`_replace`)
+_LEFTOVER = re.compile(r"(?P<out>.+)\.(?:tmp-(?P<pid>\d+)-[a-z0-9_]{8}|old-(?P<old>\d+))")
+_LOCK = ".exporter-lock"
+
+
+def leftover(name: str) -> tuple[str, int] | None:
+    """(output name, writer's pid) when `name` is a temporary this module writes beside an output, else None."""
+    m = _LEFTOVER.fullmatch(name)
+    return (m["out"], int(m["pid"] or m["old"])) if m else None
+
+
+def lock_name(name: str) -> str:
+    """The lock file `claim` holds beside the output `name`."""
+    return f".{name}{_LOCK}"
+
+
+def locked(name: str) -> str | None:
+    """The output whose lock file `name` is (`lock_name`), else None."""
+    inner = name.removeprefix(".").removesuffix(_LOCK)
+    return inner if inner and len(name) == len(inner) + 1 + len(_LOCK) else None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -126,11 +151,8 @@ def _remove_stale(out: Path, only_dead: bool) -> None:
     except OSError:
         return
     for p in siblings:
-        kind = next((k for k in (".tmp-", ".old-") if p.name.startswith(out.name + k)), None)
-        if kind is None:
-            continue
-        pid = p.name[len(out.name) + len(kind) :].split("-", 1)[0]
-        if only_dead and (not pid.isdigit() or _alive(int(pid))):
+        found = leftover(p.name)
+        if found is None or found[0] != out.name or (only_dead and _alive(found[1])):
             continue
         size = _size(p)
         _discard(p)
@@ -166,7 +188,7 @@ def claim(out: Path | str) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
-    lock = out.parent / f".{out.name}.exporter-lock"
+    lock = out.parent / lock_name(out.name)
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -213,6 +235,18 @@ def _replace(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _follow_umask(path: Path) -> None:
+    """Give a written file, or every file and dir under a written dir, the mode the umask gives a new one (0644/0755
+    under 022; executables keep their x bits): tempfile makes 0600/0700, safetensors' save_file 0600."""
+    for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode
+        full = 0o777 if p.is_dir() or mode & 0o111 else 0o666
+        if stat.S_IMODE(mode) != full & ~_UMASK:
+            os.chmod(p, full & ~_UMASK)
+
+
 def _disk_full(out: Path, tmp: Path, need: int | None, err: OSError) -> UserError:
     written = _size(tmp)
     _discard(tmp)
@@ -230,6 +264,7 @@ def _committed(tmp: Path, out: Path, need: int | None) -> Iterator[Path]:
     forbidden path as one line)."""
     try:
         yield tmp
+        _follow_umask(tmp)
         _fsync_tree(tmp)
         _replace(tmp, out)
     except BaseException as e:
@@ -253,7 +288,6 @@ def atomic_dir(
     with claim(out):
         check_target(out, force, inputs)
         tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_UMASK)
         with _committed(tmp, out, need) as t:
             yield t
 
@@ -272,7 +306,6 @@ def atomic_file(out: Path | str, force: bool = True) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent)
     except OSError as err:
         raise UserError(f"cannot write into {out.parent}: {err.strerror}") from None
-    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     with _committed(Path(name), out, None) as t:
         yield t

@@ -1,5 +1,6 @@
 """`exporter chat`: a terminal chat on the engine, like `llamafactory-cli chat` (streamed answers, history,
-`clear`, `exit`); with stdin not a terminal it reads one prompt a line and prints one answer each (scriptable).
+`clear`, `exit`); with stdin not a terminal it reads one prompt a line and prints each answer whole on one line
+(newlines escaped as \\n, backslashes doubled; `[error: ...]` in its place when it fails): scriptable.
 
 Also here: LLaMA-Factory's inference YAML (`model_name_or_path`, `adapter_name_or_path`, `template`,
 `infer_backend`, `default_system`, generation keys), read unchanged by `chat` and `serve`.
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from exporter.config import did_you_mean, read_yaml
+from exporter.config import did_you_mean, read_text, read_yaml
 from exporter.engine import EngineError, LoadOptions, Sampling
 from exporter.engine.sampling import check_sampling
 from exporter.errors import UserError
@@ -58,6 +59,31 @@ class InferConfig:
     notes: list[str]
 
 
+# the typed keys of an inference YAML (LF's GeneratingArguments / ModelArguments types)
+_TYPES: dict[str, type] = {
+    "temperature": float, "top_p": float, "repetition_penalty": float, "length_penalty": float, "top_k": int,
+    "max_new_tokens": int, "num_beams": int, "vllm_maxlen": int, "do_sample": bool, "skip_special_tokens": bool,
+}  # fmt: skip
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _typed(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """`data[key]` as `kind` (a quoted number reads as one; 2.5 is no integer, "yes" no boolean); anything else is
+    one line naming the file, the key and the type expected."""
+    v = data[key]
+    if kind is bool:
+        if isinstance(v, bool):
+            return v
+    elif isinstance(v, str):
+        try:
+            return kind(v.strip())
+        except ValueError:
+            pass
+    elif not isinstance(v, bool) and (isinstance(v, int) or (kind is float and isinstance(v, float))):
+        return kind(v)
+    raise UserError(f"{where}: {key}: expected {_EXPECTED[kind]}, got {v!r}")
+
+
 def read_infer_yaml(path: Path | str) -> InferConfig:
     """LLaMA-Factory's inference YAML; an unknown key is an error with a did-you-mean, never ignored."""
     data = read_yaml(path)
@@ -90,21 +116,19 @@ def read_infer_yaml(path: Path | str) -> InferConfig:
     if dtype not in _DTYPES:
         raise UserError(f"{where}: infer_dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     load["dtype"] = _DTYPES[dtype]
-    if data.get("vllm_maxlen"):
-        load["ctx"] = int(data["vllm_maxlen"])
-    if int(data.get("num_beams") or 1) != 1:
-        raise UserError(f"{where}: num_beams {data['num_beams']}: beam search is not supported (use 1)")
-    if data.get("length_penalty") not in (None, 1, 1.0):
+    value = {k: _typed(data, k, kind, where) for k, kind in _TYPES.items() if data.get(k) is not None}
+    if "vllm_maxlen" in value:
+        if value["vllm_maxlen"] < 1:
+            raise UserError(f"{where}: vllm_maxlen: expected a positive integer, got {value['vllm_maxlen']}")
+        load["ctx"] = value["vllm_maxlen"]
+    if value.get("num_beams", 1) != 1:
+        raise UserError(f"{where}: num_beams {value['num_beams']}: beam search is not supported (use 1)")
+    if value.get("length_penalty", 1.0) != 1.0:
         raise UserError(f"{where}: length_penalty applies to beam search only, which is not supported")
-    for key in ("temperature", "top_p", "repetition_penalty"):
-        if data.get(key) is not None:
-            samp[key] = float(data[key])
-    for key, to in (("top_k", "top_k"), ("max_new_tokens", "max_new_tokens")):
-        if data.get(key) is not None:
-            samp[to] = int(data[key])
-    if data.get("skip_special_tokens") is not None:
-        samp["skip_special_tokens"] = bool(data["skip_special_tokens"])
-    if data.get("do_sample") is False:
+    for key in ("temperature", "top_p", "repetition_penalty", "top_k", "max_new_tokens", "skip_special_tokens"):
+        if key in value:
+            samp[key] = value[key]
+    if value.get("do_sample") is False:
         samp["temperature"] = 0.0
     return InferConfig(load, samp, data.get("default_system"), notes)
 
@@ -122,6 +146,7 @@ def resolve_options(
         load, samp, system = cfg.load, cfg.sampling, system or cfg.system
     load.update({k: v for k, v in cli_load.items() if v is not None})
     samp.update({k: v for k, v in cli_sampling.items() if v is not None})
+    check_template_file(load.get("template"))
     try:
         sampling = defaults.replace(**samp)
         check_sampling(sampling)  # a bad value is one line now, not an error per answer
@@ -130,6 +155,21 @@ def resolve_options(
         raise UserError(f"bad option: {e}") from None
     except EngineError as e:
         raise UserError(str(e)) from None
+
+
+def check_template_file(template: str | None) -> None:
+    """A template given as a .jinja file must compile as transformers compiles it: a syntax error is one line naming
+    the file and line at startup, not an `[error: ...]` for every answer."""
+    path = Path(template).expanduser() if template else None
+    if path is None or not path.is_file():
+        return
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(read_text(path))
+    except TemplateSyntaxError as e:
+        raise UserError(f"{path}: not a valid Jinja chat template: line {e.lineno}: {e.message}") from None
 
 
 def quantized_model(opts: LoadOptions) -> bool:
@@ -144,6 +184,24 @@ def quantized_model(opts: LoadOptions) -> bool:
 # ------------------------------------------------------------------------------------------------ the chat loop
 
 WELCOME = "Welcome to the CLI application, use `clear` to remove the history, use `exit` to exit the application."
+
+
+_ONE_LINE = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r"})
+
+
+def one_line(text: str) -> str:
+    """`text` as one output line, for a script reading answers (stdin not a terminal): backslashes doubled, line
+    feeds and carriage returns written as \\n and \\r, so the k-th line out answers the k-th prompt."""
+    return text.translate(_ONE_LINE)
+
+
+def _end(out: TextIO, interactive: bool, streamed: list[str], note: str) -> None:
+    """An answer that stopped: `note` on a line of its own (piped: in place of the answer, on its line)."""
+    if interactive:
+        out.write(("\n" if any(streamed) else "") + f"{note}\n")
+    else:
+        out.write(f"{one_line(note)}\n")
+    out.flush()
 
 
 def chat(opts: ChatOptions) -> None:
@@ -184,17 +242,19 @@ def chat(opts: ChatOptions) -> None:
             answer = []
             try:
                 for d in engine.stream(engine.encode_chat(messages), opts.sampling):
-                    out.write(d.text)
-                    out.flush()
                     answer.append(d.text)
+                    if interactive:  # streamed; piped, the answer is written whole, on its line
+                        out.write(d.text)
+                        out.flush()
             except EngineError as e:  # e.g. NaN logits: this answer stops, the chat goes on
                 history.pop()
-                out.write(("\n" if any(answer) else "") + f"[error: {e}]\n")
+                _end(out, interactive, answer, f"[error: {e}]")
                 continue
             except KeyboardInterrupt:  # Ctrl-C stops this answer (its slot is freed), not the chat
                 history.pop()
-                out.write("\n[interrupted]\n")
+                _end(out, interactive, answer, "[interrupted]")
                 continue
-            out.write("\n")
+            text = "".join(answer)
+            out.write("\n" if interactive else f"{one_line(text)}\n")
             out.flush()
-            history.append({"role": "assistant", "content": "".join(answer)})
+            history.append({"role": "assistant", "content": text})

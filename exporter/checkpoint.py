@@ -5,6 +5,7 @@ run resumes from, and the final outputs written beside them atomically.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import random
@@ -14,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exporter import manifest
-from exporter.atomic import atomic_dir
+from exporter import hf_dir, manifest
+from exporter.atomic import atomic_dir, leftover, locked
 from exporter.config import read_json
 from exporter.distributed import whole_shape
 from exporter.errors import UserError
@@ -27,20 +28,59 @@ STATE_NAME = "trainer_state.json"
 OPTIMIZER, SCHEDULER, RNG = "optimizer.safetensors", "scheduler.json", "rng_state.safetensors"
 
 
-_FINAL_NAMES = ("adapter_model.safetensors", "model.safetensors", "all_results.json")
-_TEMPS = (".final", "*.tmp-*", "*.old-*", ".*.exporter-lock")  # a killed run's; never a live one's (out is claimed)
+_FINISHED = ("adapter_model.safetensors", "model.safetensors", "all_results.json")  # a finished run holds one
+_STAGED = ".final"  # the final outputs' staging dir (`write_final`)
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# what a run writes beside its checkpoints, log and manifest (`write_final`): PEFT's and save_pretrained's files, the
+# tokenizer, results and plots; a name listed in the manifest is ours only if it is one of these
+_WRITTEN = ("adapter_model.safetensors", "adapter_config.json", "README.md", "config.json", "generation_config.json",
+            "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "trainer_state.json",
+            "all_results.json", "train_results.json", "eval_results.json", "training_*.png", "*.tiktoken",
+            *hf_dir.TOKENIZER_FILES)  # fmt: skip
+
+
+def _written(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _WRITTEN)
+
+
+def _stale(name: str) -> bool:
+    """Whether `name` in output_dir is what a killed run left (never a live one's: output_dir is claimed): the
+    final outputs' staging dir, or a temporary or lock file that `atomic` writes for it or for a checkpoint (their
+    exact names, `atomic.leftover` / `atomic.locked`)."""
+    if name == _STAGED:
+        return True
+    found = leftover(name)
+    of = found[0] if found else locked(name)
+    return of is not None and (of == _STAGED or _CHECKPOINT.fullmatch(of) is not None)
+
+
+def _listed(out: Path) -> set[str]:
+    """Top-level names that the manifest in `out` lists as a run's outputs (and that a run writes)."""
+    try:
+        doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        names = {Path(str(r["path"])).parts[0] for r in doc.get("outputs", []) if r.get("path")}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return set()
+    return {n for n in names if _written(n)}
 
 
 def _ours(out: Path) -> set[str]:
-    """Top-level names in `out` that a training run wrote: the manifest's outputs, checkpoints, log, temporaries."""
-    names = {MANIFEST_NAME, TRAINER_LOG}
-    names |= {p.name for pattern in ("checkpoint-*", *_TEMPS) for p in out.glob(pattern)}
-    try:
-        doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-        names |= {Path(str(r["path"])).parts[0] for r in doc.get("outputs", []) if r.get("path")}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        pass
+    """Top-level names in `out` that a training run wrote: manifest, log, checkpoint-N dirs, its listed outputs, and
+    what killed runs left; anything else (a `checkpoint-best/` copy, notes) is the user's."""
+    names = {MANIFEST_NAME, TRAINER_LOG} | _listed(out)
+    for p in out.iterdir():
+        if (_CHECKPOINT.fullmatch(p.name) and p.is_dir() and not p.is_symlink()) or _stale(p.name):
+            names.add(p.name)
     return names
+
+
+def _mark(out: Path, ours: set[str]) -> None:
+    """`out` is ours and incomplete while a run writes into it (`manifest.mark`), its outputs already there (a
+    finished run being continued, final outputs being moved in) still listed as ours."""
+    path = manifest.mark(out, "train")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["outputs"] = [{"path": n} for n in sorted(ours)]
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _remove(p: Path) -> None:
@@ -48,34 +88,32 @@ def _remove(p: Path) -> None:
 
 
 def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
-    """Check/clean output_dir (call with it claimed); return the checkpoint to resume from (explicit, latest, or
-    LLaMA-Factory's auto). output_dir must be new, empty, or one of ours (it holds exporter_manifest.json, written
-    when a run starts); overwrite_output_dir removes only what a run wrote and keeps anything else."""
+    """Check output_dir (call with it claimed) and return the checkpoint to resume from (explicit, latest, or
+    LLaMA-Factory's auto); nothing in it changes here (`begin` does that once the run has started), so a refusal
+    leaves it as it was. output_dir must be new, empty, or one of ours (it holds exporter_manifest.json, written
+    when a run starts), and hold no file of a name the run writes that is not ours."""
     if cfg.resume_from_checkpoint not in (None, False) and cfg.overwrite_output_dir:
         raise UserError("resume_from_checkpoint and overwrite_output_dir contradict each other; pick one")
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+    used = out.is_dir() and any(out.iterdir())
+    if used and not (out / MANIFEST_NAME).is_file():
         raise UserError(
             f"output_dir {out} is not empty and is not an exporter training output (no {MANIFEST_NAME}); "
             "choose a new or empty dir (nothing in it was changed)"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for pattern in _TEMPS:  # left by killed runs; the output dir is claimed, so no live run writes them
-        for p in out.glob(pattern):
-            _remove(p)
-            say(f"removed {p}, left behind by an interrupted run")
-    if cfg.overwrite_output_dir and any(out.iterdir()):
+    if used:
         ours = _ours(out)
-        kept = sorted(p.name for p in out.iterdir() if p.name not in ours)
-        for p in out.iterdir():
-            if p.name in ours:
-                _remove(p)
-        if kept:
-            say(f"overwrite_output_dir: kept {', '.join(kept)} in {out} (not written by exporter train)")
-    manifest.mark(out, "train")  # ours from now on, incomplete until the run's manifest replaces it
+        clash = sorted(p.name for p in out.iterdir() if p.name not in ours and _written(p.name))
+        if clash:
+            raise UserError(
+                f"output_dir {out}: {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} not listed in its "
+                f"{MANIFEST_NAME} as written by exporter train, and a run writes files of that name; move "
+                f"{'it' if len(clash) == 1 else 'them'} out of {out} or choose another output_dir (nothing in it "
+                "was changed)"
+            )
     if cfg.resume_from_checkpoint is True:
-        ckpt = latest(out)
+        ckpt = latest(out) if used else None
         if ckpt is None:
             raise UserError(f"resume_from_checkpoint: true, but {out} has no checkpoint-N")
         return ckpt
@@ -84,15 +122,39 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
         if not ckpt.is_dir():
             raise UserError(f"resume_from_checkpoint {ckpt}: no such directory")
         return ckpt
+    if not used or cfg.overwrite_output_dir:
+        return None
     ckpt = latest(out)
-    if any((out / n).exists() for n in _FINAL_NAMES):
-        raise UserError(f"output_dir {out} already holds a finished run; set overwrite_output_dir: true")
+    if any((out / n).exists() for n in _FINISHED):
+        more = f", or resume_from_checkpoint: {ckpt} with a larger max_steps to continue it" if ckpt else ""
+        raise UserError(f"output_dir {out} already holds a finished run; set overwrite_output_dir: true to start "
+                        f"over{more}")  # fmt: skip
     if ckpt is not None:  # LLaMA-Factory resumes automatically from the last checkpoint
         say(f"resuming from {ckpt} (found in output_dir; set overwrite_output_dir: true to start over)")
-        return ckpt
-    if (out / TRAINER_LOG).exists():
-        (out / TRAINER_LOG).unlink()
-    return None
+    return ckpt
+
+
+def begin(cfg: TrainConfig, out: Path, resume: Path | None) -> None:
+    """Make output_dir ours for the run `prepare_output` planned (call with it claimed, once the run has started):
+    remove what killed runs left, with overwrite_output_dir everything a run wrote (naming what it keeps), and
+    mark it incomplete until the run's manifest replaces the mark."""
+    out.mkdir(parents=True, exist_ok=True)
+    listed = _listed(out)
+    for p in sorted(out.iterdir()):
+        if _stale(p.name):
+            _remove(p)
+            say(f"removed {p}, left behind by an interrupted run")
+    if cfg.overwrite_output_dir and any(out.iterdir()):
+        ours, listed = _ours(out), set()
+        kept = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        for p in out.iterdir():
+            if p.name in ours:
+                _remove(p)
+        if kept:
+            say(f"overwrite_output_dir: kept {', '.join(kept)} in {out} (not written by exporter train)")
+    if resume is None:
+        (out / TRAINER_LOG).unlink(missing_ok=True)
+    _mark(out, {n for n in listed if (out / n).exists()})
 
 
 def save(
@@ -108,8 +170,6 @@ def save(
     state dict (gathered to rank 0 under DDP), None: weights only, or for a sharded optimizer (FSDP, DeepSpeed)
     `parts`, which has every rank write its own part into the staging dir (`save_part`), before the manifest;
     `rngs`: every rank's `rng_state()` (default: this process's)."""
-    from exporter import hf_dir
-
     path = out_dir / f"checkpoint-{state['global_step']}"
     with atomic_dir(path, force=True) as tmp:
         save_model(model, tmp, state_dict, weights)
@@ -125,7 +185,10 @@ def save(
             for rank, (tensors, meta) in enumerate(rngs or [rng_state()]):
                 save_file(tensors, str(tmp / rng_name(rank)), metadata=meta)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        manifest.write(tmp, "checkpoint", inputs={}, settings={"global_step": state["global_step"]})
+        from exporter.adapter import FINGERPRINT_KEY, base_fingerprint  # merge and gguf check an adapter against it
+
+        settings = {"global_step": state["global_step"], FINGERPRINT_KEY: base_fingerprint(model_dir)}
+        manifest.write(tmp, "checkpoint", inputs={}, settings=settings)
     return path
 
 
@@ -354,11 +417,7 @@ def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) 
         raise UserError(f"resume_from_checkpoint {path}: saved with save_only_model, no optimizer state to resume")
     weights = _weights(path, cfg, model)
     state = read_json(state_file)
-    if state.get("fingerprint") != fingerprint:
-        raise UserError(
-            f"resume_from_checkpoint {path}: saved for different data, batch or process settings "
-            f"({state.get('fingerprint')} vs now {fingerprint})"
-        )
+    _check_same_run(path, state.get("fingerprint"), fingerprint)
     if not new:
         return Saved(state, weights, None, None, [])
     world = fingerprint.get("world", 1)
@@ -372,6 +431,20 @@ def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) 
         return Saved(state, weights, _load_optimizer(path / OPTIMIZER), read_json(path / SCHEDULER), rng)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise _unreadable(path, e) from None
+
+
+def _check_same_run(path: Path, saved: Any, now: dict[str, Any]) -> None:
+    """A checkpoint resumes a run of the same data, batches and processes (the fingerprint); the planned total of
+    steps may change, as HF's Trainer allows (a larger max_steps or num_train_epochs continues the run, its learning
+    rate schedule rebuilt for the new total; older checkpoints recorded the total in their fingerprint)."""
+    saved = {k: v for k, v in saved.items() if k != "total_steps"} if isinstance(saved, dict) else {}
+    diff = [f"{k} {saved.get(k, '(none)')} in the checkpoint, {now.get(k, '(none)')} now"
+            for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]  # fmt: skip
+    if diff:
+        raise UserError(
+            f"resume_from_checkpoint {path}: saved for different data, batch or process settings ({'; '.join(diff)}); "
+            "resume with those, or start over (overwrite_output_dir: true)"
+        )
 
 
 def _unreadable(path: Path, e: Exception) -> UserError:
@@ -446,10 +519,13 @@ def load(path: Path, model: Any, opt: Any, sched: Any, cfg: TrainConfig, fingerp
 
 def write_final(out: Path, write: Callable[[Path], None]) -> None:
     """Final outputs into `out` beside its checkpoints and log: `write` fills a staging dir that is completed and
-    fsynced by the same atomic helper checkpoints use, then each file is renamed into `out`."""
-    staged = out / ".final"
+    fsynced by the same atomic helper checkpoints use, then each file is renamed into `out` (listed as ours first,
+    so that a run killed in between leaves them known as ours)."""
+    staged = out / _STAGED
     with atomic_dir(staged, force=True) as tmp:
         write(tmp)
-    for p in sorted(staged.iterdir()):
-        os.replace(p, out / p.name)
+    names = sorted(p.name for p in staged.iterdir())
+    _mark(out, _listed(out) | set(names))
+    for name in names:
+        os.replace(staged / name, out / name)
     staged.rmdir()

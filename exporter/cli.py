@@ -37,13 +37,16 @@ def _root(
     _state["verbose"] = verbose
 
 
-def _setup(quantization: bool = False, transformers: bool = True) -> None:
-    """Before a command imports anything heavy: without `quantization`, GPT-QModel and torchao stay unimported;
-    known third-party noise stays out of the output unless --verbose (exporter/quiet.py)."""
+def _setup(quantization: bool = False, transformers: bool = True, deepspeed: bool = False) -> None:
+    """Before a command imports anything heavy: without `quantization`, GPT-QModel and torchao stay unimported, and
+    DeepSpeed without `deepspeed`; known third-party noise stays out of the output unless --verbose
+    (exporter/quiet.py)."""
     from exporter import quiet
 
     if not quantization:
-        quiet.without_quantization_libraries()
+        quiet.without_libraries(quiet.QUANT_LIBRARIES)
+    if not deepspeed:
+        quiet.without_libraries(("deepspeed",))
     quiet.quiet(_state["verbose"], transformers=transformers)
 
 
@@ -146,7 +149,7 @@ def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir wit
 @template_app.command("render")
 def _template_render(
     family: str = typer.Argument(..., help="Family or LLaMA-Factory name."),
-    conversation: str = typer.Argument(..., help='JSON file: [messages] or {"messages": [...], "tools": [...]}.'),
+    conversation: str = typer.Argument(..., help='JSON file: \\[messages] or {"messages": \\[...], "tools": \\[...]}.'),
     fmt: str = typer.Option("train", "--format", help="train (trained parts in green), jinja or ollama."),
     generation_prompt: bool = typer.Option(
         None, "--generation-prompt/--no-generation-prompt", help="Default: on unless the last message is an answer."
@@ -195,7 +198,8 @@ def train_cmd(ctx: typer.Context) -> None:
     from exporter import lf_args
 
     argv = _lf_args(ctx, "train")
-    _setup(quantization=lf_args.parse_args(argv)[0].get("quantization_bit") is not None)  # QLoRA needs bitsandbytes
+    raw = lf_args.parse_args(argv)[0]  # QLoRA needs bitsandbytes; a `deepspeed` config, DeepSpeed
+    _setup(quantization=raw.get("quantization_bit") is not None, deepspeed=raw.get("deepspeed") is not None)
     from exporter import train
 
     train.main(argv, [flag for flag in ("--debug", "--verbose") if _state[flag[2:]]])  # for every rank, if relaunched
@@ -306,8 +310,10 @@ def _verify(
     base: Path = typer.Option(None, "--base", help="Base model dir the adapter was trained on."),
     adapter: Path = typer.Option(None, "--adapter", help="PEFT LoRA adapter dir."),
     merged: Path = typer.Option(None, "--merged", help="Merged (exported) HF model dir."),
-    gguf: list[Path] = typer.Option([], "--gguf", help="GGUF file (repeatable)."),
-    modelfile: list[Path] = typer.Option([], "--modelfile", help="Ollama Modelfile (repeatable)."),
+    gguf: list[Path] = typer.Option([], "--gguf", help="GGUF file, or a dir: every .gguf in it (repeatable)."),
+    modelfile: list[Path] = typer.Option(
+        [], "--modelfile", help="Ollama Modelfile, or a dir: every Modelfile* in it (repeatable)."
+    ),
     quantized: list[Path] = typer.Option(
         [], "--quantized", help="Quantized HF dir from `exporter quantize` (repeatable; needs --merged)."
     ),
@@ -345,6 +351,11 @@ def _verify(
         text=text, data=data, ctx=ctx, max_windows=max_windows, max_new_tokens=max_new_tokens, eval_dir=eval_dir,
         eval_task=eval_task, eval_questions=eval_questions,
     )  # fmt: skip
+    for option, path in (("--report", report), ("--junit", junit)):
+        if path is not None:
+            verify_report.check_output(path, option)
+    if report is not None and junit is not None and report.resolve() == junit.resolve():
+        raise UserError(f"--report and --junit are the same file {report}; give two paths")
     rep = verify.verify(opts)
     verify_report.print_table(rep)
     if report is not None:
@@ -361,7 +372,11 @@ def _pipeline(
     overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.max_steps=5."),
 ) -> None:
     """train -> merge -> gguf -> verify into one run dir; finished stages are skipped; exit 1 if verify fails."""
-    _setup()
+    from exporter import config
+
+    train = config.read_yaml(config_file).get("train")
+    _setup(deepspeed=(isinstance(train, dict) and train.get("deepspeed") is not None)
+           or any(o.startswith("train.deepspeed=") for o in overrides or []))  # fmt: skip
     from exporter import pipeline
 
     result = pipeline.run(pipeline.load_config(config_file, overrides or []))

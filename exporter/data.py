@@ -383,6 +383,13 @@ def unfilled_placeholders(samples: list[Sample]) -> set[str]:
     return found
 
 
+def check_max_samples(max_samples: int | None) -> None:
+    """`max_samples` is a number of rows per dataset (None: all); rows[:-1] would silently drop the last row."""
+    if max_samples is not None and (isinstance(max_samples, bool) or max_samples < 1):
+        raise UserError(f"max_samples must be a positive number of rows per dataset (or unset for all), got "
+                        f"{max_samples}")  # fmt: skip
+
+
 def load(
     names: list[str],
     dataset_dir: Path | str,
@@ -396,6 +403,7 @@ def load(
         raise UserError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     if not names:
         raise UserError("no dataset given (set dataset: name1,name2 from dataset_info.json)")
+    check_max_samples(max_samples)
     dataset_dir = Path(dataset_dir)
     info = read_info(dataset_dir)
     drops = Drops()

@@ -104,6 +104,13 @@ def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
     else:
         raise UserError(f"{where}: dataset {name!r} needs file_name or hf_hub_url")
     formatting = entry.get("formatting", "alpaca")
+    if formatting == "openai":  # LF 0.9.5's converter adds Nemotron's "detailed thinking off" to every system prompt
+        raise UserError(
+            f"{where}: dataset {name!r}: formatting openai (LLaMA-Factory's converter for Nemotron data, which adds "
+            '"detailed thinking off" to the system prompt) is not supported; OpenAI-style messages train as '
+            '"formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": {"role_tag": "role", '
+            '"content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}'
+        )
     if formatting not in ("alpaca", "sharegpt"):
         raise UserError(f"{where}: dataset {name!r}: formatting must be alpaca or sharegpt, got {formatting!r}")
     own = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS

@@ -80,8 +80,10 @@ def say_no_effect(table: dict[str, str], given: set[str]) -> None:
 def engine_options(opts: Any, max_seqs: int, template: str | None) -> Any:
     """The engine's LoadOptions for LF's model keys (model_name_or_path, adapter_name_or_path, template,
     infer_backend, infer_dtype) plus exporter's `backend` (default: .gguf -> gguf, a dir -> hf)."""
+    from exporter.chat import check_template_file
     from exporter.engine import LoadOptions
 
+    check_template_file(template)
     backend = opts.backend or ("vllm" if opts.infer_backend == "vllm" else None)
     return LoadOptions(opts.model_name_or_path, adapter=opts.adapter_name_or_path, backend=backend, template=template,
                        dtype=DTYPES[opts.infer_dtype], max_seqs=max_seqs)  # fmt: skip
@@ -102,7 +104,8 @@ def build_prompts(opts: EvalOptions, subjects: list[benchmarks.Subject], encode:
     the first `max_questions` of each subject when set).
 
     `template: fewshot` is LF's plain template: each message tokenized alone (no BOS, no special tokens), answers
-    followed by a blank line, concatenated. Any other template renders the turns through the chat template."""
+    followed by a blank line, concatenated. Any other template is `chat_ids` (`lf_prompt_ids` for a LLaMA-Factory
+    name, else the turns rendered through the chat template)."""
     sampler = benchmarks.SupportSampler(opts.seed)
     template = benchmarks.EVAL_TEMPLATES[opts.lang]
     out = []
@@ -120,6 +123,53 @@ def build_prompts(opts: EvalOptions, subjects: list[benchmarks.Subject], encode:
                 ids = chat_ids(messages)
             out.append((k, q, ids))
     return out
+
+
+class _LFVocab:
+    """What LF's encoder (`lf_templates.piece_ids`) asks of a tokenizer, on the engine's own vocabulary (HF or GGUF):
+    a text tokenized alone (special tokens parsed, nothing added: LF's `encode(add_special_tokens=False)`), token
+    texts as ids, and bos/eos as LF's `fix_special_tokens` leaves them (`replace_eos`: the first stop word)."""
+
+    def __init__(self, eng: Any, tpl: Any) -> None:
+        self._eng = eng
+        special = eng.chat_format.special
+        eos = tpl.stop_words[0] if tpl.replace_eos and tpl.stop_words else special.get("eos_token")
+        missing = [w for w in tpl.stop_words if self._id(w) is None]
+        if missing:
+            raise UserError(f"template {tpl.name!r} needs tokens the vocabulary of {eng.name} lacks "
+                            f"({', '.join(missing)}); pick the LLaMA-Factory template of this model's "
+                            "format")  # fmt: skip
+        self.bos_token_id, self.eos_token_id = self._id(special.get("bos_token")), self._id(eos)
+
+    def _id(self, token: str | None) -> int | None:
+        ids = self._eng.tokenize(token) if token else []
+        return ids[0] if len(ids) == 1 else None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._eng.tokenize(text)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self._id(token)
+
+
+def lf_prompt_ids(eng: Any, name: str) -> Any:
+    """messages -> LF's `template.encode_oneturn` prompt ids for the LLaMA-Factory template `name` (what
+    `llamafactory-cli eval` scores): LF's slots, each piece tokenized alone, the template's default system."""
+    from exporter import lf_names
+    from exporter import lf_templates as lf
+
+    tpl = lf.load(name)
+    vocab = _LFVocab(eng, tpl)
+    # mask_history: history answers get no empty thought (reasoning templates), as in encode_oneturn
+    opts = lf.LFOptions(mask_history=True)
+
+    def ids(messages: list[dict[str, Any]]) -> list[int]:
+        system, msgs = lf_names.to_lf(messages, tpl.tool_call_words)
+        pieces = lf.pairs(tpl, [*msgs, {"role": "assistant", "content": ""}], system, "", opts)
+        out = [i for p, a in pieces[:-1] for i in lf.piece_ids(vocab, p) + lf.piece_ids(vocab, a)]
+        return out + lf.piece_ids(vocab, pieces[-1][0])  # the answer's turn is not part of the prompt
+
+    return ids
 
 
 def choice_ids(encode: Any) -> list[int]:
@@ -200,10 +250,14 @@ def evaluate(opts: EvalOptions, given: set[str] | None = None) -> EvalResult:
 
     check(opts)
     say_no_effect(NO_EFFECT, given or set())
+    from exporter import lf_names
+
     subjects = benchmarks.load_task(opts.task_dir, opts.task)
-    fewshot = opts.template == "fewshot"
-    with load(engine_options(opts, max_seqs=opts.batch_size, template=None if fewshot else opts.template)) as eng:
-        prompts = build_prompts(opts, subjects, eng.tokenize, lambda m: eng.encode_chat(m))
+    lf_name = lf_names.is_lf_name(opts.template)  # LF's prompt, as `llamafactory-cli eval` builds it
+    own = opts.template == "fewshot" or lf_name
+    with load(engine_options(opts, max_seqs=opts.batch_size, template=None if own else opts.template)) as eng:
+        chat_ids = lf_prompt_ids(eng, opts.template) if lf_name else eng.encode_chat
+        prompts = build_prompts(opts, subjects, eng.tokenize, chat_ids)
         start = time.perf_counter()
         with progress(f"eval {opts.task}", "questions", len(prompts)) as advance:
             answers = answer(eng, [ids for _, _, ids in prompts], choice_ids(eng.tokenize), opts.batch_size, advance)

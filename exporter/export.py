@@ -1,10 +1,12 @@
 """`exporter export`: LLaMA-Factory's merge/export YAML (`llamafactory-cli export cfg.yaml`), unchanged.
 
 The recipe: read LF's keys (`lf_args.ExportConfig`), merge the adapters into the base exactly as `exporter merge`
-does (`export_size` GB shards, `infer_dtype` as LF reads it), and with `export_quantization_bit` quantize exactly as
-`exporter quantize --method gptq` does (calibrated on `export_quantization_dataset`: a file of raw `text` rows as in
-LF, or dataset names from data/dataset_info.json). LF refuses adapters and quantization in one config; exporter
-merges into a temporary dir, quantizes that, and removes it.
+does (`export_size` GB shards, `infer_dtype` as LF reads it); without adapters, re-save the model as LF does (the
+same streaming copy: cast to `infer_dtype`, resharded at `export_size`, tokenizer with the template); and with
+`export_quantization_bit` quantize exactly as `exporter quantize --method gptq` does (calibrated on
+`export_quantization_dataset`: a file of raw `text` rows as in LF, or dataset names from data/dataset_info.json).
+LF refuses adapters and quantization in one config; exporter merges into a temporary dir, quantizes that, and removes
+it.
 """
 
 from __future__ import annotations
@@ -59,19 +61,17 @@ def export(cfg: ExportConfig, given: set[str] | None = None) -> ExportResult:
         raise UserError(f"export_dir {out} already exists; exporter never writes into an existing dir: remove it")
     adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
     quantizing = cfg.export_quantization_bit is not None
-    if not adapters and not quantizing:
-        raise UserError("nothing to export: give adapter_name_or_path (merge) and/or export_quantization_bit")
     if adapters and cfg.finetuning_type != "lora":
         raise UserError(f"adapter_name_or_path with finetuning_type {cfg.finetuning_type}: only LoRA adapters merge")
     _notes(cfg, given)
     merged = quantized = None
     merge_out = out.with_name(f".{out.name}.merged-{os.getpid()}") if quantizing else out
     try:
-        if adapters:
+        if adapters or not quantizing:  # no adapters: LF re-saves the model (dtype, shards, template)
             opts = MergeOptions(base=cfg.model_name_or_path, adapters=adapters, out=str(merge_out),
                                 dtype=_merge_dtype(cfg, cfg.model_name_or_path),
                                 max_shard_size=f"{cfg.export_size}GB", template=cfg.template)  # fmt: skip
-            merged = merge(opts)
+            merged = merge(opts, need_adapter=False)
         if quantizing:
             source = merge_out if adapters else cfg.model_name_or_path
             qopts = QuantizeOptions(model=str(source), method="gptq", out=str(out), bits=cfg.export_quantization_bit,

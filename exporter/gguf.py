@@ -134,12 +134,14 @@ def export(
     force: bool = False,
     source_label: str | None = None,
 ) -> GGUFResult:
-    """Write the GGUF files and Modelfiles for `kinds` into `out` (atomically) using chat template `tpl`."""
+    """Write the GGUF files and Modelfiles for `kinds` into `out` (atomically) using chat template `tpl`; every
+    refusal comes before the first line printed."""
     from exporter import manifest
     from exporter.converters import gguf_convert, gguf_kquant
     from exporter.converters.modelfile import ModelfileSpec, render
 
     check_target(out, force, [model_dir])
+    manifest.check_stage(out, "gguf")  # --force replaces a previous gguf output only
     _, _, src = gguf_convert.plan(model_dir)  # unsupported architecture / missing weights fail before any write
     src.close()
     params = sum(math.prod(shape) for shape in src.shapes.values())
@@ -147,6 +149,7 @@ def export(
     names = ollama_names(model_dir, kinds, ollama_name)
     need = int(params * sum(_BYTES_PER_PARAM[k] for k in kinds))
     check_free_space(out.parent, need)
+    _say_template(tpl)
     kquants = [k for k in kinds if k in KQUANT_KINDS]
     numpy_kinds = [k for k in kinds if k in NUMPY_KINDS]
     temp_f16 = bool(kquants) and "f16" not in numpy_kinds
@@ -214,8 +217,10 @@ def export_adapter(
     force: bool = False,
     base_gguf: str | None = None,
 ) -> GGUFResult:
-    """A PEFT LoRA adapter as a GGUF LoRA file plus a Modelfile `FROM <base>` + `ADAPTER ./<file>.gguf`."""
+    """A PEFT LoRA adapter as a GGUF LoRA file plus a Modelfile `FROM <base>` + `ADAPTER ./<file>.gguf`; an adapter
+    trained on another base is refused (`adapter.check_base`). Nothing is printed before the file is converted."""
     from exporter import manifest
+    from exporter.adapter import check_base
     from exporter.converters.gguf_lora import LORA_KINDS, convert_lora
     from exporter.converters.modelfile import ModelfileSpec, render
 
@@ -223,6 +228,8 @@ def export_adapter(
         raise UserError(f"with --adapter, --type is one of {', '.join(LORA_KINDS)} (the LoRA matrices' type)")
     kind = kinds[0]
     check_target(out, force, [adapter_dir, base_dir])
+    manifest.check_stage(out, "gguf")
+    note = check_base(adapter_dir, base_dir, str(adapter_dir))
     stem = _safe_name(adapter_dir.name)
     name = ollama_name or stem.lower()
     base_from = base_gguf or str(base_dir.resolve())
@@ -230,6 +237,9 @@ def export_adapter(
     with atomic_dir(out, force, [adapter_dir, base_dir]) as tmp:
         path = tmp / f"{stem}-lora-{kind}.gguf"
         ranks = convert_lora(adapter_dir, base_dir, path, kind)
+        _say_template(tpl)
+        if note:
+            console.print(note, highlight=False, markup=False, soft_wrap=True)
         header = modelfile_header(kind, f"{adapter_dir} on {base_dir}", tpl, name, path.name)
         header[-1] = (
             f"create with: ollama create {name} -f Modelfile (FROM must be the base model the adapter was trained on)"
@@ -276,12 +286,10 @@ def run(opts: GGUFOptions) -> GGUFResult:
             adapter_dir / "tokenizer_config.json", optional=True
         )
         tpl = templates.resolve(adapter_dir if has_template else model_dir, opts.template, need=False)
-        _say_template(tpl)
         out = Path(opts.out) if opts.out is not None else adapter_dir.parent / f"{adapter_dir.name}-gguf"
         result = export_adapter(adapter_dir, model_dir, kinds, tpl, out, opts.ollama_name, opts.force, opts.base_gguf)
     else:
         tpl = templates.resolve(model_dir, opts.template, need=False)
-        _say_template(tpl)
         out = Path(opts.out) if opts.out is not None else model_dir.parent / f"{model_dir.name}-gguf"
         result = export(model_dir, kinds, tpl, out, opts.ollama_name, opts.force, source_label=str(opts.model))
     _report(result)

@@ -55,6 +55,40 @@ def check_readable(model_dir: Path) -> None:
             (read_json if name.endswith(".json") else read_text)(model_dir / name)
 
 
+def vocabulary(model_dir: Path) -> dict[str, int] | None:
+    """Token -> id of the tokenizer in `model_dir` (added tokens included), read from tokenizer.json, else
+    vocab.json + added_tokens.json, else tokenizer.model (SentencePiece); None when there is none of them."""
+    tj = model_dir / "tokenizer.json"
+    if tj.is_file():
+        doc = read_json(tj)
+        model = doc.get("model") or {}
+        raw = model.get("vocab") or {}
+        if isinstance(raw, list):  # Unigram: [piece, score] in id order
+            vocab = {str(p[0]): i for i, p in enumerate(raw)}
+        else:
+            vocab = {str(t): int(i) for t, i in raw.items()}
+        vocab.update({str(t["content"]): int(t["id"]) for t in doc.get("added_tokens") or []})
+        return vocab or None
+    if (model_dir / "vocab.json").is_file():
+        vocab = {str(t): int(i) for t, i in read_json(model_dir / "vocab.json").items()}
+        vocab.update({str(t): int(i) for t, i in read_json(model_dir / "added_tokens.json", optional=True).items()})
+        return vocab
+    sp = model_dir / "tokenizer.model"
+    if sp.is_file():
+        try:
+            import sentencepiece
+        except ImportError:
+            return None
+        try:
+            proc = sentencepiece.SentencePieceProcessor(model_file=str(sp))
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"{sp}: not a SentencePiece model ({e})") from None
+        vocab = {proc.id_to_piece(i): i for i in range(proc.get_piece_size())}
+        vocab.update({str(t): int(i) for t, i in read_json(model_dir / "added_tokens.json", optional=True).items()})
+        return vocab
+    return None
+
+
 def tokenizer_files(model_dir: Path) -> list[str]:
     """Names of the tokenizer files present in `model_dir`."""
     names = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()] + [p.name for p in model_dir.glob("*.tiktoken")]

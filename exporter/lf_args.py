@@ -107,6 +107,7 @@ class TrainConfig:
     overwrite_cache: bool = False
     overwrite_output_dir: bool = False
     logging_steps: float = 500
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"  # HF's: also at the last step / each epoch's end
     save_steps: float = 500
     save_only_model: bool = False
     plot_loss: bool = False
@@ -200,7 +201,9 @@ def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set
             data[key] = [w for w in data[key].replace(",", " ").split() if w]
     if data.get("eval_steps") is not None and "eval_strategy" not in data and "evaluation_strategy" not in data:
         data["eval_strategy"] = "steps"  # the tutorials' `--val_size 0.1 --eval_steps 50`
-        say(f"eval_steps={data['eval_steps']} without eval_strategy: evaluating every {data['eval_steps']} steps")
+        every = data["eval_steps"]
+        every = f"{every} steps" if not isinstance(every, float) or every >= 1 else f"{every:g} of the run's steps"
+        say(f"eval_steps={data['eval_steps']} without eval_strategy: evaluating every {every}")
     cfg = config_mod.build(TrainConfig, data, where)
     return cfg, set(data)
 
@@ -239,9 +242,10 @@ def _check_numbers(cfg: TrainConfig) -> None:
     need(0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]")
     need(cfg.warmup_steps >= 0, "warmup_steps", ">= 0")
     need(0 <= cfg.lora_dropout < 1, "lora_dropout", "in [0, 1)")
-    for key in ("logging_steps", "save_steps", "eval_steps"):
+    for key in ("logging_steps", "save_steps", "eval_steps"):  # HF's rule: a whole count, or a fraction when < 1
         value = getattr(cfg, key)
-        need(value is None or value > 0, key, "positive (a step count, or a fraction of the run when < 1)")
+        need(value is None or (value > 0 and (value < 1 or value == int(value))), key,
+             "positive: a whole number of steps, or a fraction of the run's steps when < 1")  # fmt: skip
     if cfg.finetuning_type == "lora" and not cfg.adapter_name_or_path:
         need(cfg.lora_rank >= 1, "lora_rank", "a positive integer")
         need(cfg.lora_alpha is None or cfg.lora_alpha > 0, "lora_alpha", "positive")
@@ -301,6 +305,7 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
         "preprocessing_num_workers": "preprocessing_num_workers: tokenization runs in this process (fast tokenizer)",
         "overwrite_cache": "overwrite_cache: exporter keeps no preprocessing cache; data are always re-read",
         "dataloader_num_workers": "dataloader_num_workers: batches are built in memory, no loader workers",
+        "save_steps": f"save_steps: no effect with save_strategy: {cfg.save_strategy} (as in HF's Trainer)",
     }  # fmt: skip
     skip = {
         "flash_attn": cfg.flash_attn == "disabled",
@@ -308,6 +313,7 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
         **{k: cfg.finetuning_type == "freeze" for k in _FREEZE_KEYS},
         "double_quantization": cfg.quantization_bit == 4,
         "quantization_type": cfg.quantization_bit == 4,
+        "save_steps": cfg.save_strategy == "steps",
     }
     for key, msg in said.items():
         if notes and key in given and not skip.get(key):

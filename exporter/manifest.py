@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from exporter.errors import UserError
+
 MANIFEST_NAME = "exporter_manifest.json"
 _PACKAGES = ("exporter", "torch", "transformers", "peft", "safetensors", "gguf", "tokenizers", "llama-cpp-python")
 
@@ -112,3 +114,21 @@ def changed(out_dir: Path) -> str | None:
         if digest != expected[name][1]:
             return f"{files[name]} changed since it was written (sha256 differs from {path.name})"
     return None
+
+
+def check_stage(out: Path, stage: str) -> None:
+    """`--force` replaces only an output of the same kind: an existing exporter output at `out` must have been
+    written by `stage` (a merge never replaces a training run's dir, a gguf never a merged model)."""
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        found = json.loads(path.read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != stage:
+        what = f"an exporter {found} output" if isinstance(found, str) else f"not readable as a {stage} output"
+        raise UserError(
+            f"{out} is {what} ({MANIFEST_NAME}); --force replaces only a previous {stage} output: remove it "
+            "yourself or choose another output path"
+        )

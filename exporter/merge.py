@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 
 from exporter import atomic, hf_dir, hub
-from exporter.adapter import Adapter, ExpertLora, LoraPart, Source, expert_targets, load_adapter, match_tensor
+from exporter.adapter import (
+    Adapter,
+    ExpertLora,
+    LoraPart,
+    Source,
+    check_base,
+    expert_targets,
+    load_adapter,
+    match_tensor,
+)
 from exporter.config import read_json
 from exporter.errors import UserError
 from exporter.shards import (
@@ -275,10 +284,15 @@ def _run_job(job: Job, writer: ShardWriter, advance: Callable[[int], None]) -> N
         advance((r1 - r0) * row_elems * itemsize(job.out_dtype))
 
 
+def _tokenizer_source(base: Path, adapters: list[Adapter]) -> Path:
+    """Where the merged model's tokenizer comes from: the last adapter that carries one (training writes its template
+    there), else the base."""
+    return next((a.path for a in reversed(adapters) if a.has_tokenizer), base)
+
+
 def _copy_tokenizer(base: Path, adapters: list[Adapter], out: Path) -> None:
-    """Tokenizer files verbatim: the last adapter that carries a tokenizer wins over the base (training writes its
-    template there); a lone chat_template.jinja in an adapter dir overrides too."""
-    src = next((a.path for a in reversed(adapters) if a.has_tokenizer), base)
+    """Tokenizer files verbatim from `_tokenizer_source`; a lone chat_template.jinja in an adapter dir overrides."""
+    src = _tokenizer_source(base, adapters)
     hf_dir.copy_tokenizer(src, out)
     for a in adapters:
         if a.path != src and not a.has_tokenizer and (a.path / "chat_template.jinja").is_file():
@@ -305,31 +319,52 @@ def _write_configs(base: Path, out: Path, p: Plan, out_dtype: torch.dtype | None
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _qlora_check(base_dir: Path, ads: list[Adapter]) -> None:
+def _check_template(src: Path, name: str) -> None:
+    """A `--template` the user asked for, checked against the tokenizer the merged model will carry (`src`) before
+    any work: a known name whose end-of-turn tokens (an LF name: every token it needs) are in that vocabulary."""
+    from exporter import templates
+
+    tpl = templates.resolve(src, name, need=False)  # unknown names; an LF name's tokens (naming `src`)
+    vocab = hf_dir.vocabulary(src)
+    missing = [t for t in tpl.eot_tokens if vocab is not None and t not in vocab]
+    if missing:
+        raise UserError(
+            f"template {tpl.name!r} ends assistant turns with {missing[0]!r}, but the tokenizer of {src} has no such "
+            "token; pick the family that matches this tokenizer with --template"
+        )
+
+
+def _qlora_check(base_dir: Path, ads: list[Adapter]) -> list[str]:
     """A QLoRA adapter merges into the original 16-bit base, never into dequantized 4/8-bit weights: refuse a
-    quantized base, and say so for adapters `exporter train` trained on a quantized base."""
+    quantized base; the notes to print for adapters `exporter train` trained on a quantized base."""
     from exporter import manifest
 
     qc = read_json(base_dir / "config.json", optional=True).get("quantization_config")
+    if qc and not ads:
+        raise UserError(f"model {base_dir} is a quantized model ({qc.get('quant_method', 'quantized')}): exporter "
+                        "re-saves only 16/32-bit weights; export the original model")  # fmt: skip
     if qc:
         raise UserError(
             f"base {base_dir} is a quantized model ({qc.get('quant_method', 'quantized')}): merge into the original "
             "16-bit base (a QLoRA adapter too: it was trained on a quantization of that base, not on these weights)"
         )
+    notes = []
     for ad in ads:
         trained = read_json(ad.path / manifest.MANIFEST_NAME, optional=True).get("settings", {})
         if trained.get("quantization_bit"):
             kind = f"{trained['quantization_bit']}-bit" + (
                 f" {trained.get('quantization_type')}" if trained["quantization_bit"] == 4 else ""
             )
-            _say(f"note: adapter {ad.label} was trained with QLoRA on a {kind} quantization of its base; merging it "
-                 f"into the original 16-bit weights of {base_dir}, not into dequantized {kind} weights")  # fmt: skip
+            notes.append(f"note: adapter {ad.label} was trained with QLoRA on a {kind} quantization of its base; "
+                         f"merging it into the original 16-bit weights of {base_dir}, not into dequantized {kind} "
+                         "weights")  # fmt: skip
+    return notes
 
 
 def _say(msg: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(msg, highlight=False)
+    Console(stderr=True).print(msg, highlight=False, soft_wrap=True)  # one line per message, never re-wrapped
 
 
 @dataclass
@@ -357,9 +392,9 @@ class MergeResult:
     vocab_size: int | None  # when an adapter resized the vocabulary
 
 
-def check_options(o: MergeOptions) -> tuple[list[float], torch.dtype | None, int]:
+def check_options(o: MergeOptions, need_adapter: bool = True) -> tuple[list[float], torch.dtype | None, int]:
     """Validated (weights, output dtype, shard bytes)."""
-    if not o.adapters:
+    if need_adapter and not o.adapters:
         raise UserError("give at least one --adapter")
     weights = list(o.weights) if o.weights else [1.0] * len(o.adapters)
     if len(weights) != len(o.adapters):
@@ -395,24 +430,35 @@ def _write_shards(tmp: Path, p: Plan, shard_bytes: int) -> int:
         return write_shards(tmp, planned, shard_bytes, fill)
 
 
-def merge(opts: MergeOptions) -> MergeResult:
-    """Merge the adapters (applied in order, each scaled by its weight) into the base; write an HF dir at `out`."""
-    from exporter import templates
+def merge(opts: MergeOptions, need_adapter: bool = True) -> MergeResult:
+    """Merge the adapters (applied in order, each scaled by its weight) into the base; write an HF dir at `out`.
+    Every check runs before the first line is printed. `need_adapter=False` (LF's export of a full model): no
+    adapters re-saves the base, cast to `dtype`, in `max_shard_size` shards, with the template."""
+    from exporter import manifest, templates
 
     out = Path(opts.out)
-    weights, out_dtype, shard_bytes = check_options(opts)
+    weights, out_dtype, shard_bytes = check_options(opts, need_adapter)
     base_dir = hub.resolve(opts.base, "base model")
     paths = [hub.resolve(a, "adapter") for a in opts.adapters]
     atomic.check_target(out, opts.force, [base_dir, *paths])  # never an --out that is, holds or lies in an input
+    manifest.check_stage(out, "merge")  # --force replaces a previous merge only
     ads = []
     for i, (a, w, path) in enumerate(zip(opts.adapters, weights, paths, strict=True)):
         ads.append(load_adapter(path, float(w), label=str(a) if len(opts.adapters) == 1 else f"#{i + 1} {a}"))
-    _qlora_check(base_dir, ads)
+    notes = [n for ad in ads if (n := check_base(ad.path, base_dir, ad.label))]
+    notes += _qlora_check(base_dir, ads)
     p = plan(base_dir, ads, out_dtype)
     if p.vocab_size is not None and not any(a.has_tokenizer for a in ads):
         raise UserError(f"the adapters resize the vocabulary to {p.vocab_size} but no adapter dir has tokenizer files")
+    forced = opts.template not in (None, "auto")  # a template the user asked for must fit the tokenizer
+    if forced:
+        _check_template(_tokenizer_source(base_dir, ads), str(opts.template))
     total = sum(PlannedTensor(j.name, j.out_dtype, j.shape).nbytes for j in p.jobs)
     atomic.check_free_space(out.parent if out.parent != Path("") else Path("."), total + 50 * 2**20)
+    from rich.markup import escape  # paths and template notes may hold [INST]-like brackets
+
+    for note in notes:
+        _say(escape(note))
     if p.untied:
         _say(
             f"note: {', '.join(p.untied)} change(s) the tied embedding/lm_head; writing both tensors and setting "
@@ -426,9 +472,6 @@ def merge(opts: MergeOptions) -> MergeResult:
         for py in base_dir.glob("*.py"):  # remote-code models need their modeling files
             shutil.copyfile(py, tmp / py.name)
         _copy_tokenizer(base_dir, ads, tmp)
-        from rich.markup import escape  # template notes hold [INST]-like brackets
-
-        forced = opts.template not in (None, "auto")  # a template the user asked for must fit the tokenizer
         tpl = templates.resolve(tmp, opts.template, need=False)
         for note in tpl.notes:
             _say(f"[dim]{escape(note)}[/]")
@@ -440,5 +483,6 @@ def merge(opts: MergeOptions) -> MergeResult:
         for warning in hf_dir.finish(tmp, tpl, base_dir, stage="merge", inputs=inputs, settings=settings,
                                      strict=forced):  # fmt: skip
             _say(f"[yellow]warning[/]: {escape(warning)}")
-    _say(f"merged {len(ads)} adapter(s) into {out} ({n_shards} shard(s), template {tpl.name})")
+    what = f"merged {len(ads)} adapter(s) into" if ads else f"wrote {base_dir} as"
+    _say(f"{what} {out} ({n_shards} shard(s), template {tpl.name})")
     return MergeResult(out, n_shards, tpl.name, p.untied, p.vocab_size)

@@ -2,6 +2,7 @@
 
     base: path/or/hub-id          # the model to fine-tune
     run_dir: runs/my-run          # every stage writes below it: adapter/ merged/ gguf/ verify/ pipeline.json
+                                  # (a full or freeze run: model/ gguf/ verify/; nothing to merge)
     template: qwen-2.5            # chat-template family (default: detected from the base model)
     train: {dataset: identity, dataset_dir: data/demo, max_steps: 60, ...}   # `exporter train` keys
     merge: {dtype: bfloat16}      # `exporter merge` options
@@ -20,8 +21,10 @@ writes a run dir, which must be new, empty, or hold `pipeline.json`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import time
 from pathlib import Path
@@ -86,7 +89,8 @@ def load_config(path: Path | str, overrides: list[str]) -> PipelineConfig:
                 raise UserError(f"override {key}: {p} is not a mapping in {path}")
         node[parts[-1]] = value
     cfg = config.build(PipelineConfig, data, where=str(path))
-    check(stage_options(cfg, Path(cfg.base), where=str(path)))  # every block's keys, types, values before any runs
+    with contextlib.redirect_stderr(io.StringIO()):  # its notes are said once, when `run` builds the options again
+        check(stage_options(cfg, Path(cfg.base), where=str(path)))  # every block's keys, types, values before any runs
     return cfg
 
 
@@ -105,7 +109,17 @@ def _build(cls: type, name: str, block: dict[str, Any], fixed: dict[str, Any], w
     for key in block:
         if key in _SET_BY_PIPELINE[name]:
             raise UserError(f"{where}: {name}.{key} is set by the pipeline (base / run_dir / template); remove it")
+    if name == "train":  # read as `exporter train` reads a YAML (LF's `eval_steps` without eval_strategy, `no`...)
+        from exporter import lf_args
+
+        return lf_args.config_from_dict({**block, **fixed}, where=f"{where}: {name}")[0]
     return config.build(cls, {**block, **fixed}, where=f"{where}: {name}")
+
+
+def trained_dir(run_dir: Path, train_block: dict[str, Any]) -> Path:
+    """Where the train stage writes: `adapter/` for LoRA (merged next), `model/` for a full or freeze run (the model
+    itself, converted as it is: nothing to merge)."""
+    return run_dir / ("adapter" if train_block.get("finetuning_type", "lora") == "lora" else "model")
 
 
 def stage_options(cfg: PipelineConfig, base: Path, where: str = "pipeline") -> StageOptions:
@@ -113,7 +127,9 @@ def stage_options(cfg: PipelineConfig, base: Path, where: str = "pipeline") -> S
     from exporter import gguf, lf_args, merge, verify
 
     run_dir, tpl = Path(cfg.run_dir), cfg.template
-    adapter, merged = run_dir / "adapter", run_dir / "merged"
+    adapter = trained_dir(run_dir, cfg.train)
+    lora = adapter.name == "adapter"
+    merged = run_dir / "merged" if lora else adapter
     fixed = {"model_name_or_path": str(base), "output_dir": str(adapter), "template": tpl}
     train_opts = _build(lf_args.TrainConfig, "train", cfg.train, fixed, where)
     data_files = _data_files(train_opts)
@@ -131,8 +147,8 @@ def stage_options(cfg: PipelineConfig, base: Path, where: str = "pipeline") -> S
     if isinstance(block.get("ppl_threshold"), str):
         block["ppl_threshold"] = verify.parse_thresholds(block["ppl_threshold"])
     verify_opts = _build(verify.VerifyOptions, "verify", block,
-                         {"base": base, "adapter": adapter, "merged": merged, "template": tpl,
-                          "data": data_files}, where)  # fmt: skip
+                         {"base": base if lora else None, "adapter": adapter if lora else None, "merged": merged,
+                          "template": tpl, "data": data_files}, where)  # fmt: skip
     return StageOptions(train_opts, set(cfg.train) | {"model_name_or_path", "output_dir", "template"}, merge_opts,
                         gguf_opts, verify_opts)  # fmt: skip
 
@@ -239,7 +255,8 @@ def _run(cfg: PipelineConfig, opts: StageOptions, console: Any, run_dir: Path, b
     data_files = opts.verify.data
     state.doc.update({"base": str(base.resolve()), "template": template,
                       "data": [str(p.resolve()) for p in data_files]})  # fmt: skip
-    adapter, merged, gguf_dir, verify_dir = (run_dir / n for n in ("adapter", "merged", "gguf", "verify"))
+    adapter, merged = Path(opts.train.output_dir), Path(opts.gguf.model)
+    gguf_dir, verify_dir = run_dir / "gguf", run_dir / "verify"
 
     h_train = _hash("train", str(base.resolve()), _fingerprint(base), template, cfg.train,
                     [_fingerprint(p) for p in data_files])  # fmt: skip
@@ -251,6 +268,10 @@ def _run(cfg: PipelineConfig, opts: StageOptions, console: Any, run_dir: Path, b
     ran, skipped = [], []
     invalid = False
     for stage in STAGES:
+        if stage == "merge" and merged == adapter:
+            console.print(f"[dim]merge: nothing to merge (finetuning_type {opts.train.finetuning_type}): {adapter} is "
+                          "converted as it is[/]")  # fmt: skip
+            continue
         if state.done(stage, hashes[stage]) and not invalid:
             problem = manifest.changed(outputs[stage])  # what is reused must be what the stage wrote
             if problem is None:
@@ -266,7 +287,7 @@ def _run(cfg: PipelineConfig, opts: StageOptions, console: Any, run_dir: Path, b
         _run_stage(stage, opts, overwrite=finished_before, verify_dir=verify_dir)
         state.record(stage, hashes[stage], time.perf_counter() - t0)
         ran.append(stage)
-    return _summary(console, run_dir, ran, skipped, opts.gguf, verify_dir)
+    return _summary(console, run_dir, ran, skipped, opts, verify_dir)
 
 
 def _run_stage(stage: str, opts: StageOptions, overwrite: bool, verify_dir: Path) -> None:
@@ -277,7 +298,8 @@ def _run_stage(stage: str, opts: StageOptions, overwrite: bool, verify_dir: Path
 
     if stage == "train":
         tcfg = opts.train
-        if overwrite or (Path(tcfg.output_dir) / "adapter_model.safetensors").exists():
+        finished = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+        if overwrite or any((Path(tcfg.output_dir) / n).exists() for n in finished):
             tcfg = dataclasses.replace(tcfg, overwrite_output_dir=True)
         train.train(tcfg, given=opts.train_given | ({"overwrite_output_dir"} if tcfg.overwrite_output_dir else set()))
     elif stage == "merge":
@@ -296,10 +318,11 @@ def _run_stage(stage: str, opts: StageOptions, overwrite: bool, verify_dir: Path
             manifest.write(tmp, "verify", inputs={}, settings={"passed": rep.passed})  # what was checked: report.json
 
 
-def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gguf_opts: GGUFOptions,
+def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], opts: StageOptions,
              verify_dir: Path) -> PipelineResult:  # fmt: skip
     from exporter import gguf
 
+    gguf_opts = opts.gguf
     report = verify_dir / "report.json"
     doc = config.read_json(report)
     names = gguf.ollama_names(Path(gguf_opts.model), gguf.parse_types(gguf_opts.types), gguf_opts.ollama_name)
@@ -325,8 +348,8 @@ def _summary(console: Any, run_dir: Path, ran: list[str], skipped: list[str], gg
     console.print(f"verify {verdict}: {s['pass']} passed, {s['fail']} failed, {s['skip']} skipped{warned} -> {report}")
     console.print(f"run dir: {run_dir.resolve()}  (ran: {', '.join(ran) or 'nothing'}; "
                   f"skipped: {', '.join(skipped) or 'nothing'})")  # fmt: skip
-    for name in ("adapter", "merged", "gguf"):
-        console.print(f"  {name + '/':9} {(run_dir / name).resolve()}")
+    for path in dict.fromkeys((Path(opts.train.output_dir), Path(gguf_opts.model), Path(gguf_opts.out))):
+        console.print(f"  {path.name + '/':9} {path.resolve()}")
     console.print("Import into Ollama:")
     for cmd in commands:
         console.print(f"  {cmd}", soft_wrap=True)

@@ -7,6 +7,8 @@ model's chat template with the generation prompt, the label is what the template
 engine (HF, HF + adapter, GGUF or vLLM; continuous batching of `per_device_eval_batch_size` sequences; greedy unless
 `do_sample`) with a progress bar -> `generated_predictions.jsonl` (`prompt`, `predict`, `label`) and
 `predict_results.json` (`predict_bleu-4`, `predict_rouge-1/2/l`, runtime, samples/s; `exporter.metrics`).
+`output_dir` must be absent, empty or an exporter output (a training run's dir, an earlier predict's), checked before
+any work; its manifest records what predict wrote.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from exporter.data import check_max_samples
 from exporter.errors import UserError
+from exporter.manifest import MANIFEST_NAME
 
 PREDICTIONS = "generated_predictions.jsonl"
 RESULTS = "predict_results.json"
@@ -110,6 +114,20 @@ def check(opts: PredictOptions) -> None:
         raise UserError("per_device_eval_batch_size must be >= 1 and cutoff_len >= 2")
     if opts.max_new_tokens < 1 and opts.max_length is None:
         raise UserError("max_new_tokens must be >= 1 (or set max_length)")
+    check_max_samples(opts.max_samples)
+
+
+def check_output(out: Path) -> None:
+    """output_dir must be absent, an empty dir or an exporter output (a training run's dir, where `exporter train`
+    with do_predict writes, or an earlier predict's): predict writes its files into it, never over a user's file."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise UserError(f"output_dir {out} exists and is not a directory; predict writes {PREDICTIONS} and {RESULTS} "
+                        "into a directory: choose a new or empty one")  # fmt: skip
+    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise UserError(f"output_dir {out} is not empty and not an exporter output (no {MANIFEST_NAME}); not writing "
+                        f"{PREDICTIONS} and {RESULTS} into it: choose a new or empty directory")  # fmt: skip
 
 
 def sampling(opts: PredictOptions, max_new_tokens: int) -> Any:
@@ -179,10 +197,15 @@ def _speed(n: int, batches: int, runtime: float) -> dict[str, float]:
             "predict_steps_per_second": round(batches / runtime, 3)}  # fmt: skip
 
 
-def _write_outputs(out: Path, examples: list[Example], eng: Any, preds: list[str], metrics: dict) -> None:
+def _write_outputs(out: Path, examples: list[Example], eng: Any, preds: list[str], metrics: dict) -> list[str]:
+    """Write LF's files into `out` (made ours first, so that a crash midway leaves a dir the next run may reuse);
+    returns their names."""
+    from exporter import manifest
     from exporter.atomic import atomic_file
 
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST_NAME).is_file():
+        manifest.mark(out, "predict")
     with atomic_file(out / PREDICTIONS) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for ex, pred in zip(examples, preds, strict=True):
             row = {"prompt": eng.decode(ex.prompt_ids, False), "predict": pred, "label": ex.label}
@@ -193,23 +216,57 @@ def _write_outputs(out: Path, examples: list[Example], eng: Any, preds: list[str
     merged = json.loads(combined.read_text(encoding="utf-8")) if combined.is_file() else {}
     with atomic_file(combined) as tmp:
         tmp.write_text(json.dumps(merged | metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+    return [PREDICTIONS, RESULTS, combined.name]
+
+
+def _record(out: Path, opts: PredictOptions, written: list[str]) -> None:
+    """The manifest of `out`: predict's own (its settings and dataset files), or, in another stage's output (a
+    training run's dir), that manifest with the rows of the files predict wrote replaced, so it still matches."""
+    from exporter import dataset_info, manifest
+    from exporter.atomic import atomic_file
+
+    path = out / MANIFEST_NAME
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not ours to repair
+    if isinstance(doc, dict) and doc.get("stage") not in (None, "predict"):
+        if doc.get("complete") is False or not isinstance(doc.get("outputs"), list):
+            return  # a run still writing it (or an unreadable one) keeps its manifest as it is
+        kept = [r for r in doc["outputs"] if not (isinstance(r, dict) and r.get("path") in written)]
+        doc["outputs"] = kept + [row for name in written for row in manifest.describe(out / name, out)]
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        return
+    info = dataset_info.read_info(Path(opts.dataset_dir))
+    inputs = {f"dataset:{n}": dataset_info.spec(n, info, Path(opts.dataset_dir)).source for n in opts.eval_dataset}
+    manifest.write(out, "predict", inputs=inputs, settings=dataclasses.asdict(opts))
 
 
 def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResult:
     """Generate an answer for every sample of `eval_dataset`, score them as LF does, write LF's files."""
+    from exporter.atomic import claim
+
+    check(opts)
+    out = Path(opts.output_dir)
+    with claim(out):  # one run per output_dir, checked before any work
+        check_output(out)
+        return _predict(opts, given, out)
+
+
+def _predict(opts: PredictOptions, given: set[str] | None, out: Path) -> PredictResult:
+    """`predict` with `out` claimed and checked."""
     from exporter import data, metrics
     from exporter.engine import EngineError, load
     from exporter.evaluate import engine_options, say_no_effect
     from exporter.progress import progress
 
-    check(opts)
     say_no_effect(NO_EFFECT, given or set())
     metrics._libraries()  # fail on a missing [eval] extra before the model loads
     fill = {k: v for k, v in (("name", opts.identity_name), ("author", opts.identity_author)) if v}
     samples, drops = data.load(opts.eval_dataset, opts.dataset_dir, "sft", opts.max_samples, fill, opts.seed)
     if drops.counts:
         print(f"note: dropped {sum(drops.counts.values())} sample(s): {drops.summary()}", file=sys.stderr)
-    out = Path(opts.output_dir)
     with load(engine_options(opts, opts.per_device_eval_batch_size, opts.template)) as eng:
         examples, cut = build_examples(eng, samples, opts.cutoff_len)
         if cut:
@@ -234,10 +291,11 @@ def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResul
         batches = math.ceil(len(examples) / opts.per_device_eval_batch_size)
         result |= _speed(len(examples), batches, runtime)
         if opts.skip_special_tokens:
-            _write_outputs(out, examples, eng, preds, result)
+            written = _write_outputs(out, examples, eng, preds, result)
         else:
             raw = [dataclasses.replace(e, label=e.label_raw) for e in examples]
-            _write_outputs(out, raw, eng, [eng.decode(a, False) for a in answers], result)
+            written = _write_outputs(out, raw, eng, [eng.decode(a, False) for a in answers], result)
+    _record(out, opts, written)
     print("***** predict metrics *****")
     for k in sorted(result):
         print(f"  {k:<28} = {result[k]}")

@@ -179,6 +179,7 @@ def _check_architecture(cfg: dict[str, Any], method: str, model_dir: Path) -> No
         if model_type not in CONFIG_MAPPING:
             raise UserError(f"model_type {model_type!r} ({model_dir}) is not known to this transformers version")
         return
+    _import_gptqmodel()
     from gptqmodel.models.auto import MODEL_MAP
 
     if model_type not in MODEL_MAP:
@@ -192,11 +193,15 @@ def _check_architecture(cfg: dict[str, Any], method: str, model_dir: Path) -> No
 
 
 def _import_gptqmodel() -> Any:
-    """Import gptqmodel with a CPU worker pool that works on small machines (its default of 1 fails on 2 cores)."""
+    """Import gptqmodel with a CPU worker pool that works on small machines (its default of 1 fails on 2 cores), without
+    its banner and INFO logs (its logger is set to INFO, and the banner logged, as it is imported)."""
+    from exporter import quiet
+
     if "GPTQMODEL_CPU_WORKERS" not in os.environ:
         os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, min(12, ((os.cpu_count() or 2) + 1) // 2)))
-    import gptqmodel
-
+    with quiet.prints_dropped():
+        import gptqmodel
+    quiet.loggers_down()
     return gptqmodel
 
 
@@ -215,6 +220,9 @@ def _run_gptqmodel(model_dir: Path, tmp: Path, method: str, bits: int, group: in
     """Quantize with gptqmodel and save into `tmp`; returns the kernel backend used."""
     import torch
 
+    from exporter import quiet
+    from exporter.progress import progress
+
     gm = _import_gptqmodel()
     cuda = torch.cuda.is_available()
     if method == "gptq":
@@ -232,13 +240,23 @@ def _run_gptqmodel(model_dir: Path, tmp: Path, method: str, bits: int, group: in
     with tempfile.TemporaryDirectory(prefix="exporter-gptqmodel-logs-") as logs:
         # gptqmodel 7.6 writes per-run logs into ./logs of the current directory; keep the user's cwd clean
         loop_processor._PROJECT_LOG_DIR = Path(logs)
-        model = gm.GPTQModel.load(str(model_dir), qc)
+        with quiet.prints_dropped():  # its own bars: one line per module and batch when not on a terminal
+            model = gm.GPTQModel.load(str(model_dir), qc)
         if method == "awq" and _rotary_needs_layer_type(model.model):
             # gptqmodel 7.6's AWQ scale search recomputes RoPE without `layer_type` (Gemma 3: local/global RoPE) and
             # fails; reuse the position embeddings captured from the real forward pass instead.
             model.awq_preserve_explicit_position_embeddings = True
-        model.quantize(calib, backend=backend, calibration_data_min_length=1, calibration_sort="desc")
-        model.save(str(tmp))
+        layers = int(getattr(model.model.config.get_text_config(), "num_hidden_layers", 0) or 0)
+        with progress(f"{method} layers", "", total=layers) as advance, quiet.prints_dropped():
+
+            def layer_done(layer_idx: int, submodule_finalized: bool) -> None:
+                if submodule_finalized and isinstance(layer_idx, int) and 0 <= layer_idx < layers:
+                    advance()
+
+            model.layer_callback = layer_done  # gptqmodel calls it as each layer is quantized and finalized
+            model.quantize(calib, backend=backend, calibration_data_min_length=1, calibration_sort="desc")
+        with quiet.prints_dropped():
+            model.save(str(tmp))
     return str(getattr(backend, "value", backend))
 
 

@@ -6,7 +6,10 @@ The known noise and where it comes from:
   .../_C_mxfp8...so" for its CUDA kernels and registers enums with torch's pytree, which logs a deprecation warning
   per enum; GPT-QModel's import logs a banner; peft imports bitsandbytes, which logs that optional CPU kernels are
   missing. Commands that neither quantize nor load a quantized model mark these libraries absent
-  (`without_quantization_libraries`), so nothing imports them.
+  (`without_libraries`), so nothing imports them.
+- accelerate imports DeepSpeed, when installed, to unwrap a model transformers saves (a full or freeze training run's
+  `save_pretrained`), and DeepSpeed's import sets up its own logger, which warns "Setting accelerator to CPU" on a
+  CPU: runs without a `deepspeed` config mark it absent too.
 - Where they are needed (quantize, verify --quantized), their loggers are turned down to errors instead.
 - peft calls transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every LoRA training run);
   transformers draws a "Loading weights" bar for every model it loads; llama.cpp logs context warnings to stderr;
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -29,10 +33,15 @@ from collections.abc import Iterator
 # imported by transformers' and peft's availability probes whenever installed; needed only to quantize or to load
 # a quantized model
 QUANT_LIBRARIES = ("gptqmodel", "torchao", "bitsandbytes")
-# loggers of known noise: torchao's kernel loading, torch's pytree deprecations, GPT-QModel (LogBar), bitsandbytes'
-# optional kernels, gguf-py's SpecialVocab reading a tokenizer's post-processor (exporter writes add_bos/add_eos from
-# what the HF tokenizer does instead, converters/gguf_vocab.py), DeepSpeed's accelerator and engine notes (train)
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "logbar", "gptqmodel", "bitsandbytes", "gguf.vocab", "DeepSpeed")
+# every library a command may mark absent (`without_libraries`): the quantization ones, and DeepSpeed where a run has
+# no `deepspeed` config
+OPTIONAL_LIBRARIES = (*QUANT_LIBRARIES, "deepspeed")
+# loggers of known noise: torchao's kernel loading, torch's pytree deprecations, GPT-QModel (LogBar) and its tokenizer
+# fixer (Tokenicer), bitsandbytes' optional kernels, gguf-py's SpecialVocab reading a tokenizer's post-processor
+# (exporter writes add_bos/add_eos from what the HF tokenizer does instead, converters/gguf_vocab.py), DeepSpeed's
+# accelerator and engine notes (train)
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "logbar", "gptqmodel", "tokenicer", "bitsandbytes", "gguf.vocab",
+                 "DeepSpeed")  # fmt: skip
 # (category, message regex) of known third-party warnings
 KNOWN_WARNINGS = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
@@ -51,6 +60,10 @@ KNOWN_WARNINGS = (
     (Warning, r"'future.no_silent_downcasting' is deprecated"),
     (Warning, r"The copy keyword is deprecated and will be removed"),
 )
+
+# (logger, message regex) of known third-party log lines: a GPT-QModel quantized model has no `loss_type`, and
+# transformers says so as it falls back to the causal-LM loss the model would have had anyway
+KNOWN_LOGS = (("transformers.modeling_utils", r"`loss_type=None` was set in the config but it is unrecognized"),)
 
 # torchrun's launcher (`exporter train` under FORCE_TORCHRUN): it logs each failed rank and the SIGTERM to the others,
 # each of which has said why in one line
@@ -74,10 +87,10 @@ def launcher() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def without_quantization_libraries() -> None:
-    """Mark the quantization libraries absent in this process: `importlib.util.find_spec` then says None (so the
-    probes of transformers and peft skip them) and importing them raises ImportError."""
-    for name in QUANT_LIBRARIES:
+def without_libraries(names: tuple[str, ...]) -> None:
+    """Mark `names` absent in this process: `importlib.util.find_spec` then says None (so the probes of transformers,
+    peft and accelerate skip them) and importing them raises ImportError. A library already imported stays."""
+    for name in names:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]
 
@@ -89,14 +102,35 @@ def quiet(verbose: bool = False, transformers: bool = True) -> None:
     _verbose = verbose
     if verbose:
         return
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    loggers_down()
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, message in KNOWN_LOGS:
+        pattern = re.compile(message)
+        logging.getLogger(name).addFilter(lambda record, p=pattern: not p.search(record.getMessage()))
     if transformers:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+
+
+def loggers_down() -> None:
+    """Turn the known noisy loggers down to errors (again after importing a library that sets its logger's level as it
+    is imported, as GPT-QModel's LogBar does: INFO). No-op with --verbose."""
+    if _verbose:
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def library_quiet() -> Iterator[None]:
+    """Around a call that may import a library which logs a banner and sets its logger up as it is imported (loading a
+    GPT-QModel quantized dir imports GPT-QModel): its prints go nowhere and the known loggers are turned down again
+    after. --verbose keeps everything."""
+    with prints_dropped():
+        yield
+    loggers_down()
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ the engine's continuous batching; a client that goes away frees its slot at the 
 
 import asyncio
 import json
+import math
 import os
 import secrets
 import shlex
@@ -32,6 +33,7 @@ from exporter.engine import (
     parse_tool_calls,
 )
 from exporter.engine.chat_format import PYTHON_TAG, ToolFormat
+from exporter.engine.sampling import seed_of_choice
 from exporter.errors import UserError
 
 # Parameters of POST /v1/chat/completions: the ones we honour, and the ones accepted only at their neutral value.
@@ -42,6 +44,7 @@ SUPPORTED = {
 }  # fmt: skip
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "response_format": {"type": "text"}}
 MAX_N = 16
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's range for `seed`
 
 
 @dataclass
@@ -67,15 +70,53 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _number(body: dict[str, Any], key: str, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
+def _number(
+    body: dict[str, Any], key: str, kind: type, lo: float | None = None, hi: float | None = None, above: bool = False
+) -> Any:
+    """body[key] (None when absent or null) checked to be an int (`kind` int) or a finite number in [lo, hi]
+    (`above`: greater than lo); else a 400 naming the key."""
     v = body.get(key)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
         raise ApiError(400, f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {v!r}", param=key)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ApiError(400, f"'{key}' must be between {lo} and {hi}, got {v}", param=key)
+    if not math.isfinite(v) or (lo is not None and (v <= lo if above else v < lo)) or (hi is not None and v > hi):
+        if lo is not None and hi is not None:
+            want = f"in ({lo}, {hi}]" if above else f"between {lo} and {hi}"
+        else:
+            want = f"{'>' if above else '>='} {lo}" if lo is not None else f"<= {hi}"
+        raise ApiError(400, f"'{key}' must be {want}, got {v}", param=key)
     return v
+
+
+def _typed(body: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    """body[key] (None when absent or null) checked to be a `kind`; else a 400 naming the key and `what`."""
+    v = body.get(key)
+    if v is not None and not isinstance(v, kind):
+        raise ApiError(400, f"'{key}' must be {what}, got {json.dumps(v)[:80]}", param=key)
+    return v
+
+
+def _check_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """The request's `tools` (None when absent or empty); 400 naming the first malformed entry."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be a list of {'type': 'function', 'function': {...}}", param="tools")
+    for k, t in enumerate(tools):
+        where = f"tools[{k}]"
+        if not isinstance(t, dict) or t.get("type") != "function":
+            raise ApiError(400, f"{where}: expected {{'type': 'function', 'function': {{...}}}}", param=where)
+        fn = t.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ApiError(400, f"{where}.function: expected an object with a 'name' string",
+                           param=f"{where}.function")  # fmt: skip
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise ApiError(400, f"{where}.function.description must be a string", param=f"{where}.function")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ApiError(400, f"{where}.function.parameters must be a JSON Schema object",
+                           param=f"{where}.function")  # fmt: skip
+    return tools
 
 
 @dataclass
@@ -101,6 +142,7 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
                 raise ApiError(400, f"unsupported parameter: '{key}' (only {NEUTRAL[key]!r} is supported)", param=key)
         elif key not in SUPPORTED:
             raise ApiError(400, f"unsupported parameter: '{key}'", param=key, code="unsupported_parameter")
+    _typed(body, "model", str, "a string")
     if body.get("model") is not None and body.get("model") != name:
         raise ApiError(404, f"The model '{body.get('model')}' does not exist; this server serves '{name}'",
                        param="model", code="model_not_found")  # fmt: skip
@@ -112,10 +154,8 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
         raise ApiError(400, str(e), param="messages") from None
     if opts.default_system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": opts.default_system})
-    tools = body.get("tools") or None
+    tools = _check_tools(body.get("tools"))
     if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type") == "function" for t in tools):
-            raise ApiError(400, "'tools' must be a list of {'type': 'function', 'function': {...}}", param="tools")
         if engine.chat_format.tools is None:
             raise ApiError(400, f"the chat template of '{name}' has no tool-call format", param="tools")
     choice = body.get("tool_choice")
@@ -124,6 +164,13 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
                        param="tool_choice")  # fmt: skip
     if choice == "none":
         tools = None
+    _typed(body, "parallel_tool_calls", bool, "true or false")
+    _typed(body, "user", str, "a string")
+    stream = bool(_typed(body, "stream", bool, "true or false"))
+    so = _typed(body, "stream_options", dict, "an object") or {}
+    if body.get("stream_options") is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    include_usage = bool(_typed(so, "include_usage", bool, "true or false"))
     d = opts.sampling
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
@@ -131,31 +178,32 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
         raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
     max_new = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
     top_logprobs = _number(body, "top_logprobs", int, 0, 20)
-    want_lp = bool(body.get("logprobs"))
+    want_lp = bool(_typed(body, "logprobs", bool, "true or false"))
     if top_logprobs is not None and not want_lp:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     temperature = _number(body, "temperature", float, 0, 2)
+    top_p = _number(body, "top_p", float, 0, 1, above=True)
+    top_k = _number(body, "top_k", int, 0)
+    penalty = _number(body, "repetition_penalty", float, 0, above=True)
+    skip = _typed(body, "skip_special_tokens", bool, "true or false")
     sampling = d.replace(
         max_new_tokens=max_new or d.max_new_tokens,
         temperature=d.temperature if temperature is None else float(temperature),
-        top_p=_number(body, "top_p", float, 0, 1) if body.get("top_p") is not None else d.top_p,
-        top_k=_number(body, "top_k", int, 0) if body.get("top_k") is not None else d.top_k,
-        repetition_penalty=_number(body, "repetition_penalty", float, 0) or d.repetition_penalty,
-        seed=_number(body, "seed", int),
+        top_p=d.top_p if top_p is None else float(top_p),
+        top_k=d.top_k if top_k is None else top_k,
+        repetition_penalty=d.repetition_penalty if penalty is None else float(penalty),
+        seed=_number(body, "seed", int, *INT64),
         stop=tuple(stop),
         logprobs=(top_logprobs or 0) if want_lp else None,
-        skip_special_tokens=bool(body.get("skip_special_tokens", tools is None)),
-        ignore_eos=bool(body.get("ignore_eos", False)),
+        skip_special_tokens=tools is None if skip is None else skip,
+        ignore_eos=bool(_typed(body, "ignore_eos", bool, "true or false")),
     )
-    if sampling.top_p == 0:
-        raise ApiError(400, "'top_p' must be greater than 0", param="top_p")
     n = _number(body, "n", int, 1, MAX_N) or 1
     try:
         prompt = engine.encode_chat(messages, tools)
     except EngineError as e:
         raise ApiError(400, str(e), param="messages") from None
-    so = body.get("stream_options") or {}
-    return ChatRequest(prompt, sampling, n, bool(body.get("stream")), bool(so.get("include_usage")), tools, want_lp)
+    return ChatRequest(prompt, sampling, n, stream, include_usage, tools, want_lp)
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -166,8 +214,8 @@ def _logprobs(engine: Engine, lps: list[Any] | None) -> dict[str, Any] | None:
         return None
 
     def entry(token: int, lp: float) -> dict[str, Any]:
-        text = engine.decode([token], skip_special=False)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        raw = engine.token_bytes(token)  # a part of a UTF-8 character shows as \\xNN escapes, as OpenAI's do
+        return {"token": raw.decode("utf-8", errors="backslashreplace"), "logprob": lp, "bytes": list(raw)}
 
     return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps]}
 
@@ -203,7 +251,7 @@ class _Run:
         self.handles = []
         try:
             for i in range(req.n):
-                s = req.sampling if req.sampling.seed is None else req.sampling.replace(seed=req.sampling.seed + i)
+                s = req.sampling.replace(seed=seed_of_choice(req.sampling.seed, i))
 
                 def sink(d: Delta | BaseException, i: int = i) -> None:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (i, d))
@@ -251,8 +299,12 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
         return await call_next(request)
 
     @app.get("/health")
-    async def _health() -> dict[str, Any]:
+    async def _health() -> Any:
         running, waiting = engine.load()
+        error = engine.error
+        if error is not None:  # closed, or its worker died: no request can be served
+            body = {"status": "error", "error": error, "model": name, "running": running, "waiting": waiting}
+            return JSONResponse(body, status_code=503)
         return {"status": "ok", "model": name, "running": running, "waiting": waiting}
 
     @app.get("/v1/models")
@@ -277,7 +329,7 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
         except QueueFull as e:
             raise ApiError(429, str(e), type_="rate_limit_error", code="queue_full") from None
         except EngineClosed as e:
-            raise ApiError(503, str(e), type_="server_error", code="unavailable") from None
+            raise _unavailable(e) from None
         except EngineError as e:
             raise ApiError(400, str(e)) from None
         rid = f"chatcmpl-{secrets.token_hex(12)}"
@@ -288,22 +340,44 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
     return app
 
 
+def _unavailable(e: EngineClosed) -> ApiError:
+    return ApiError(503, str(e), type_="server_error", code="unavailable")
+
+
+def _failure(e: BaseException) -> ApiError:
+    """What a request that failed inside the engine answers: 503 when the engine closed or died, else 500."""
+    return _unavailable(e) if isinstance(e, EngineClosed) else ApiError(500, str(e), type_="server_error")
+
+
+async def _disconnected(request: Any) -> None:
+    """Returns when the client goes away. The body has been read, so the next ASGI message is the disconnect."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a receive channel that breaks: nobody is listening either
+        return
+
+
 async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: str, request: Any) -> dict:
+    """The non-streamed answer; a client that goes away cancels its requests at once (their slots free at the next
+    step), not when the answer is done."""
     parts: list[list[Delta]] = [[] for _ in range(req.n)]
     done = 0
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
         while done < req.n:
-            try:
-                i, d = await asyncio.wait_for(run.queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise asyncio.CancelledError from None
-                continue
+            got = asyncio.ensure_future(run.queue.get())
+            await asyncio.wait({got, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not got.done():
+                got.cancel()
+                raise asyncio.CancelledError  # nobody to answer
+            i, d = got.result()
             if isinstance(d, BaseException):
-                raise ApiError(500, str(d), type_="server_error")
+                raise _failure(d)
             parts[i].append(d)
             done += d.finish_reason is not None
     finally:
+        gone.cancel()
         run.cancel()
     choices, counts = [], []
     for i, p in enumerate(parts):
@@ -370,8 +444,7 @@ async def _stream(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: s
         while done < req.n:
             i, d = await run.queue.get()
             if isinstance(d, BaseException):
-                err = ApiError(500, str(d), type_="server_error").body()
-                yield f"data: {json.dumps(err)}\n\n"
+                yield f"data: {json.dumps(_failure(d).body())}\n\n"
                 return
             counts[i] += len(d.token_ids)
             text = tool_text[i].push(d.text) if tool_text is not None else d.text

@@ -62,6 +62,16 @@ def schedule(cfg: TrainConfig, n_train: int, world: int = 1) -> Schedule:
                     eval_every)  # fmt: skip
 
 
+def _say_fractions(cfg: TrainConfig, sch: Schedule) -> None:
+    """Say the step count an interval given as a fraction of the run (< 1) came to."""
+    used = {"logging_steps": (True, sch.log_every), "save_steps": (cfg.save_strategy == "steps", sch.save_every),
+            "eval_steps": (cfg.eval_strategy == "steps", sch.eval_every)}  # fmt: skip
+    for key, (applies, every) in used.items():
+        value = getattr(cfg, key)
+        if applies and value is not None and 0 < value < 1:
+            say(f"{key}={value:g}: every {every} of the {sch.total} steps")
+
+
 @dataclasses.dataclass
 class State:
     """Where the run is; saved as each checkpoint's trainer_state.json (with the data order) and restored on resume."""
@@ -350,7 +360,8 @@ def _log_line(run: Run, lr: float) -> dict[str, Any]:
 
 
 def loop(run: Run, log: TrainerLog) -> None:
-    """Steps until the total: log every `log_every`, evaluate as eval_strategy says, checkpoint every `save_every`."""
+    """Steps until the total: log every `log_every`, evaluate and checkpoint as eval_strategy and save_strategy say
+    (HF's rules: also at the last step)."""
     st, cfg, sch = run.state, run.cfg, run.sch
     with progress("train", "loss {task.fields[loss]}", sch.total, done=st.global_step, show=run.dist.main,
                   loss="-") as advance:  # fmt: skip
@@ -367,12 +378,18 @@ def loop(run: Run, log: TrainerLog) -> None:
                 log.write(rec)
                 advance(0, loss=f"{rec['loss']:.4f}")
             advance()
-            epoch_end = st.batches_done >= len(st.order or [])
-            if run.prep.val and ((cfg.eval_strategy == "steps" and n % sch.eval_every == 0)
-                                 or (cfg.eval_strategy == "epoch" and epoch_end)):  # fmt: skip
+            last = n == sch.total  # HF's Trainer ends the epoch there: its epoch-end evaluation and save happen too
+            epoch_end = st.batches_done >= len(st.order or []) or last
+            if run.prep.val and _due(cfg.eval_strategy, n % sch.eval_every == 0 or last, epoch_end):
                 log.write(evaluate(run))
-            if n % sch.save_every == 0 and n < sch.total:
+            if _due(cfg.save_strategy, n % sch.save_every == 0 or last, epoch_end):
                 _checkpoint(run)
+
+
+def _due(strategy: str, step_due: bool, epoch_end: bool) -> bool:
+    """HF's DefaultFlowCallback: `steps` every interval and at the last step, `epoch` at each epoch's end (the
+    last step ends one), `no` never."""
+    return (strategy == "steps" and step_due) or (strategy == "epoch" and epoch_end)
 
 
 def _checkpoint(run: Run) -> None:
@@ -436,6 +453,7 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     sch = schedule(cfg, len(prep.train), d.world)
+    _say_fractions(cfg, sch)
     score = tuning.scorer(model)
     probe = to_device(objective.collate(cfg.stage, prep.train[: cfg.per_device_train_batch_size], prep.pad_id), device)
     if cfg.fsdp and not d.active:
@@ -454,9 +472,10 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     if not score.fast:
         say("computing the loss through the model's own forward (its output head is not a plain projection)")
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=sch.warmup, num_training_steps=sch.total)
+    # what a resume must match; not the total of steps, which a resume may extend (`checkpoint.read`)
     fingerprint = {"examples": len(prep.train), "tokens": sum(length(e) for e in prep.train),
                    "batch_size": cfg.per_device_train_batch_size, "accum": cfg.gradient_accumulation_steps,
-                   "seed": cfg.seed, "total_steps": sch.total, "world": d.world}  # fmt: skip
+                   "seed": cfg.seed, "world": d.world}  # fmt: skip
     if engine == "deepspeed":  # its optimizer is saved as each rank's part: resumable with the same stage only
         fingerprint["deepspeed"] = wrapped.zero_optimization_stage()
     amp = (torch.bfloat16 if cfg.bf16 else torch.float16) if (cfg.bf16 or cfg.fp16) else None
@@ -479,7 +498,8 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
 
 
 def _results(run: Run, log: TrainerLog) -> dict[str, Any]:
-    """all_results.json: LLaMA-Factory's train metrics (+ eval metrics when evaluating), and CPU time of the loop."""
+    """all_results.json: LLaMA-Factory's train metrics (+ its eval metrics when evaluating: HF's evaluate() speed
+    metrics, pt's perplexity), and CPU time of the loop."""
     st, cfg = run.state, run.cfg
     runtime, cpu_time = time.time() - log.start, time.process_time() - log.cpu_start
     results: dict[str, Any] = {
@@ -496,10 +516,17 @@ def _results(run: Run, log: TrainerLog) -> dict[str, Any]:
     if cfg.include_num_input_tokens_seen:
         results["num_input_tokens_seen"] = st.tokens_seen
     if run.prep.val and (cfg.do_eval or cfg.eval_strategy != "no"):
+        start = time.time()
         found = evaluate(run)
-        results |= found
         if cfg.do_eval:
             log.write(found)
+        runtime = max(time.time() - start, 1e-9)
+        batches = math.ceil(len(run.prep.val) / (cfg.per_device_eval_batch_size * run.dist.world))
+        results |= found | {"eval_runtime": round(runtime, 4),
+                            "eval_samples_per_second": round(len(run.prep.val) / runtime, 3),
+                            "eval_steps_per_second": round(batches / runtime, 3)}  # fmt: skip
+        if cfg.stage == "pt" and found["eval_loss"] < 700:  # LLaMA-Factory's pt adds it (exp overflows past 709)
+            results["eval_perplexity"] = math.exp(found["eval_loss"])
     return results
 
 
@@ -520,12 +547,16 @@ def _write_outputs(tmp: Path, run: Run, results: dict[str, Any], full: Any, weig
     (tmp / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     train_only = {k: v for k, v in results.items() if not k.startswith("eval")}
     (tmp / "train_results.json").write_text(json.dumps(train_only, indent=2) + "\n", encoding="utf-8")
+    eval_only = {k: v for k, v in results.items() if k.startswith("eval")}
+    if eval_only:  # HF's save_metrics("eval"): the final evaluation and the epoch
+        eval_only["epoch"] = results["epoch"]
+        (tmp / "eval_results.json").write_text(json.dumps(eval_only, indent=2) + "\n", encoding="utf-8")
     if run.cfg.plot_loss:
         plot(st.log_history, tmp, title=str(run.out))
 
 
 def _write_manifest(run: Run) -> None:
-    from exporter import dataset_info, manifest
+    from exporter import adapter, dataset_info, manifest
 
     cfg = run.cfg
     inputs: dict[str, Path | str] = {"model": str(run.model_dir)}
@@ -538,7 +569,8 @@ def _write_manifest(run: Run) -> None:
                                           "packing": run.prep.packing, "total_steps": run.sch.total,
                                           "train_examples": len(run.prep.train), "val_examples": len(run.prep.val),
                                           "device": run.device, "processes": run.dist.world,
-                                          "engine": run.engine}  # fmt: skip
+                                          "engine": run.engine,
+                                          adapter.FINGERPRINT_KEY: adapter.base_fingerprint(run.model_dir)}  # fmt: skip
     manifest.write(run.out, "train", inputs=inputs, settings=settings)
 
 
@@ -579,14 +611,16 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
 
     check(cfg, given, device.split(":")[0])
     model_dir = hub.resolve(cfg.model_name_or_path, "model")
+    tuning.check_inputs(cfg, model_dir)  # corrupt weights, an adapter given as the model: one line, nothing written
     out = Path(cfg.output_dir)
     prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
     rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
     if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
         cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)
     with claim(out) if d.main else contextlib.nullcontext():  # one run per output_dir
-        resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))
+        resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))  # checks only
         run = _start(cfg, prep, model_dir, out, resume, device, d)
+        distributed.on_main(d, lambda: checkpoint.begin(cfg, out, resume))  # output_dir changes from here on
         log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
         try:
             loop(run, log)

@@ -41,6 +41,33 @@ def quantization_config(cfg: TrainConfig) -> Any:
     )  # fmt: skip
 
 
+def check_inputs(cfg: TrainConfig, model_dir: Path) -> None:
+    """Before anything is written: the base is a model, not a PEFT adapter (transformers would load the adapter's
+    own base under it and PEFT stack a second adapter on that, which a merge into the base later drops), and its
+    weights and text files, and adapter_name_or_path's, are readable (`hf_dir.check_readable`: one line naming a
+    corrupt or truncated file, not a loader's traceback)."""
+    from exporter import hf_dir, hub
+    from exporter.config import read_json
+
+    if (model_dir / "adapter_config.json").is_file():
+        doc = read_json(model_dir / "adapter_config.json")
+        base = doc.get("base_model_name_or_path") if isinstance(doc, dict) else None
+        raise UserError(
+            f"model_name_or_path {model_dir} is a PEFT adapter (it holds adapter_config.json), not a model: pass its "
+            f"base model{f' ({base})' if base else ''} as model_name_or_path and {model_dir} as adapter_name_or_path"
+        )
+    hf_dir.check_readable(model_dir)
+    if cfg.adapter_name_or_path:
+        adapter = hub.resolve(cfg.adapter_name_or_path, "adapter")
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"adapter_name_or_path {adapter}: no adapter_config.json (not a PEFT adapter dir)")
+        hf_dir.check_readable(adapter)
+        from exporter.adapter import check_base
+
+        if note := check_base(adapter, model_dir, f"adapter_name_or_path {adapter}"):  # another base: one line
+            say(note.removeprefix("note: "))
+
+
 def load_model(cfg: TrainConfig, model_dir: Path, device: str, empty: bool = False) -> Any:
     """Base model (quantized for QLoRA) with its trainable part set up: a PEFT LoRA wrapper, unfrozen layers
     (freeze), or every weight (full); trainable weights in fp32 (LLaMA-Factory's upcast). `empty`: built from

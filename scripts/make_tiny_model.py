@@ -1102,9 +1102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights dtype (default: the family's)")
     args = ap.parse_args(argv)
-    from exporter.quiet import without_quantization_libraries
+    from exporter.quiet import QUANT_LIBRARIES, without_libraries
 
-    without_quantization_libraries()  # else transformers imports torchao (and logs its load failures) for nothing
+    without_libraries(QUANT_LIBRARIES)  # else transformers imports torchao (and logs its load failures) for nothing
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from exporter.errors import UserError

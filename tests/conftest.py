@@ -34,6 +34,21 @@ import pytest
 os.environ["PYTHONSAFEPATH"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _optional_libraries_unmarked() -> Iterator[None]:
+    """A command run in this process (`cli.main()`) marks the libraries it does not need absent (exporter/quiet.py);
+    after each test they are importable again, as in a new process, so a later test's `find_spec` still finds them."""
+    from exporter import quiet
+
+    before = {n for n in quiet.OPTIONAL_LIBRARIES if n not in sys.modules}
+    yield
+    for name in before:
+        if sys.modules.get(name, 0) is None:
+            del sys.modules[name]
+
+
 DENSE = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 MORE = ("qwen3_moe", "mixtral", "gemma2", "mistral_nemo", "glm4", "granite", "olmo2", "smollm3")
 FAMILIES = DENSE + MORE

@@ -161,6 +161,16 @@ def test_num_samples_subset(tmp_path: Path) -> None:
     assert len(s1) == 3 and [s.messages[0]["content"] for s in s1] == [s.messages[0]["content"] for s in s2]
 
 
+@pytest.mark.parametrize("n", [0, -1])
+def test_max_samples_below_one_is_refused(tmp_path: Path, n: int) -> None:
+    """rows[:-1] would silently drop the last row, rows[:0] all of them: one line, for every caller of `load`."""
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(3)]
+    d = _write(tmp_path, {"a": {"file_name": "a.json"}}, {"a.json": rows})
+    assert len(data.load(["a"], d, max_samples=2)[0]) == 2
+    with pytest.raises(UserError, match=rf"^max_samples must be a positive number of rows per dataset .*got {n}$"):
+        data.load(["a"], d, max_samples=n)
+
+
 ROW = {"instruction": "x", "output": "y"}
 BAD_INPUT = [
     ({"a": {"file_name": "a.json"}}, {}, ["a"], r"dataset 'a': file .*a.json not found"),

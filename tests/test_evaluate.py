@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,37 @@ def test_bad_files_are_one_line_errors(task_dir: Path, tmp_path: Path) -> None:
         benchmarks.load_task(bad, "mmlu_test")
 
 
+def test_non_utf8_csv_names_file_and_byte(task_dir: Path, tmp_path: Path) -> None:
+    """A CSV saved in another encoding is one line naming the file (or zip member), byte offset and line; a UTF-8
+    BOM is read as pandas reads it."""
+    bad = tmp_path / "bad"
+    shutil.copytree(task_dir / "ceval", bad / "ceval")
+    f = bad / "ceval" / "val" / "art_studies_val.csv"
+    text = f.read_text(encoding="utf-8")
+    plain = benchmarks.load_task(bad, "ceval_validation")
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert [s.questions for s in benchmarks.load_task(bad, "ceval_validation")] == [s.questions for s in plain]
+    raw = text.encode("gbk")
+    at = next(i for i, (a, b) in enumerate(zip(raw, text.encode("utf-8"), strict=False)) if a != b)
+    f.write_bytes(raw)
+    line = raw.count(b"\n", 0, at) + 1
+    with pytest.raises(
+        UserError, match=rf"^{f}: not UTF-8 text: byte {at} \(line {line}\) is .*; save the file as UTF-8$"
+    ):
+        benchmarks.load_task(bad, "ceval_validation")
+    write_task(tmp_path / "z", "ceval", as_zip=True)
+    archive = next((tmp_path / "z" / "ceval").glob("*.zip"))
+    with zipfile.ZipFile(archive) as zin:
+        members = {n: zin.read(n) for n in zin.namelist()}
+    name = next(n for n in members if n.endswith("val/art_studies_val.csv"))
+    members[name] = members[name].decode("utf-8").encode("gbk")
+    with zipfile.ZipFile(archive, "w") as zout:
+        for n, data in members.items():
+            zout.writestr(n, data)
+    with pytest.raises(UserError, match=rf"{archive.name}:{name}: not UTF-8 text: byte \d+ \(line \d+\)"):
+        benchmarks.load_task(tmp_path / "z", "ceval_validation")
+
+
 # ---------------------------------------------------------------------------------------------- reference
 
 
@@ -109,9 +141,10 @@ def _reference_prompts(task_dir: Path, task: str, lang: str, encode, n_shot: int
     return out
 
 
-def _run_eval(model: Path | str, task_dir: Path, task: str, lang: str, save: Path, *extra: str) -> None:
+def _run_eval(model: Path | str, task_dir: Path, task: str, lang: str, save: Path, *extra: str,
+              template: str = "fewshot") -> None:  # fmt: skip
     cmd = [sys.executable, "-m", "exporter", "eval", "--model_name_or_path", str(model), "--task", task,
-           "--task_dir", str(task_dir), "--lang", lang, "--n_shot", "5", "--template", "fewshot",
+           "--task_dir", str(task_dir), "--lang", lang, "--n_shot", "5", "--template", template,
            "--save_dir", str(save), *extra]  # fmt: skip
     env = {**os.environ, "EXPORTER_NO_PROGRESS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -205,6 +238,33 @@ def test_same_prompts_and_answers_as_llamafactory(sharp_model: Path, task_dir: P
     )
     assert [ids for _, _, ids in ours] == json.loads((tmp_path / "lf_inputs.json").read_text())
     _run_eval(sharp_model, task_dir, task, lang, tmp_path / "ours")
+    for name in ("results.json", "results.log"):
+        assert (tmp_path / "ours" / name).read_text(encoding="utf-8") == (tmp_path / "lf" / name).read_text(
+            encoding="utf-8"
+        ), name
+
+
+@pytest.mark.parametrize("family,template", [("llama3", "llama3"), ("qwen2", "qwen")])
+def test_lf_template_name_gives_lf_prompts(tiny_model, sharp_model: Path, task_dir: Path, tmp_path: Path, family: str,
+                                           template: str) -> None:  # fmt: skip
+    """`template: llama3` means LF's llama3 slots, as in `llamafactory-cli eval` (before, the model's own Llama 3.1
+    Jinja put a dated system block in front): identical prompt ids, answers and results.log."""
+    from exporter.engine import LoadOptions, load
+
+    lf = lf_python()
+    model = sharp_model if family == "llama3" else tiny_model(family)
+    task, lang = "mmlu_test", "en"
+    cmd = [lf, str(HERE / "lf_eval_reference.py"), str(model), str(task_dir), task, lang, "5", "4",
+           str(tmp_path / "lf"), template, str(tmp_path / "lf_inputs.json")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = json.loads((tmp_path / "lf_inputs.json").read_text())
+    opts = evaluate.EvalOptions(str(model), task, template=template, task_dir=str(task_dir), lang=lang)
+    with load(LoadOptions(str(model))) as eng:
+        chat_ids = evaluate.lf_prompt_ids(eng, template)
+        ours = evaluate.build_prompts(opts, benchmarks.load_task(task_dir, task), eng.tokenize, chat_ids)
+    assert [ids for _, _, ids in ours] == theirs
+    _run_eval(model, task_dir, task, lang, tmp_path / "ours", template=template)
     for name in ("results.json", "results.log"):
         assert (tmp_path / "ours" / name).read_text(encoding="utf-8") == (tmp_path / "lf" / name).read_text(
             encoding="utf-8"

@@ -41,8 +41,8 @@ from exporter.manifest import MANIFEST_NAME
 
 def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     """Run `exporter ARGS` in this process: (exit code, stderr); with capfd, stderr includes what C code wrote.
-    The quantization libraries a command marks absent (exporter/quiet.py) are unmarked after it, as in a new process."""
-    old, marked = sys.argv, {n for n in quiet.QUANT_LIBRARIES if n not in sys.modules}
+    The libraries a command marks absent (exporter/quiet.py) are unmarked after it, as in a new process."""
+    old, marked = sys.argv, {n for n in quiet.OPTIONAL_LIBRARIES if n not in sys.modules}
     sys.argv = ["exporter", *map(str, args)]
     try:
         cli.main()
@@ -821,7 +821,7 @@ def test_overwrite_clears_only_our_outputs(qwen: Path, rows: Path, tmp_path: Pat
     args = _train(qwen, rows, out, "--max_steps", "2", "--save_steps", "1")
     assert _cli(capsys, *args)[0] == 0
     (out / "notes.md").write_text("mine")
-    (out / ".final.tmp-999-x").mkdir()  # a killed run's staging dir
+    (out / ".final.tmp-999-abcd1234").mkdir()  # a killed run's staging dir (atomic's name)
     code, err = _cli(capsys, *args, "--overwrite_output_dir")
     assert code == 0, err
     assert "kept notes.md" in err and "removed " in err and (out / "notes.md").read_text() == "mine"

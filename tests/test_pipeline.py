@@ -63,3 +63,27 @@ def test_pipeline_config_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="base model"):
         pipeline.run(pipeline.load_config(path, []))
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_pipeline_full_fine_tune_converts_the_trained_model(tiny_model, tmp_path: Path) -> None:
+    """finetuning_type full (or freeze) trains the model itself: nothing to merge, the trained model is converted and
+    verified as it is (it used to train, then stop at merge: 'missing adapter_config.json'). The train block reads as
+    `exporter train` reads a YAML: `eval_steps` without eval_strategy evaluates every eval_steps (LF's tutorials)."""
+    require_llama_cpp()
+    base = tiny_model("qwen2")
+    path = _config(tmp_path, base)
+    # the trained weights are fp32 (the bf16 base trained in fp32) and this random model's perplexity is ~1e10, where
+    # f16 rounding moves it by 0.2% at a KL of 1e-12: the f16 threshold is the demo's q8_0 one
+    over = ["train.finetuning_type=full", "train.learning_rate=1e-5", "train.val_size=0.25", "train.eval_steps=1",
+            "verify.prompts=1", "verify.ppl_threshold=f16=0.02"]  # fmt: skip
+    first = pipeline.run(pipeline.load_config(path, over))
+    run = tmp_path / "run"
+    assert first.ran == ["train", "gguf", "verify"] and first.passed, json.loads(first.report.read_text())["checks"]
+    assert (run / "model" / "model.safetensors").is_file() and not (run / "merged").exists()
+    assert sorted(p.name for p in (run / "gguf").glob("*.gguf")) == ["model-f16.gguf"]
+    log = [json.loads(line) for line in (run / "model" / "trainer_log.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in row for row in log), log
+    art = verify.discover(run)
+    assert (art.adapter, art.merged) == (None, run / "model")
+    again = pipeline.run(pipeline.load_config(path, over))
+    assert again.ran == [] and again.skipped == ["train", "gguf", "verify"] and again.passed

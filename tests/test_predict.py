@@ -114,6 +114,44 @@ def test_bad_input_is_one_line(sharp_qwen: Path, tmp_path: Path) -> None:
                   str(DATA), "--output_dir", str(tmp_path / "o"))  # fmt: skip
     assert r.returncode == 2 and "nope" in r.stderr
     assert not (tmp_path / "o" / "generated_predictions.jsonl").exists()
+    r = _exporter("predict", "--model_name_or_path", str(sharp_qwen), "--eval_dataset", "identity", "--dataset_dir",
+                  str(DATA), "--output_dir", str(tmp_path / "o"), "--max_samples", "-1")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines() == ["error: max_samples must be a positive number of rows per dataset (or unset for "
+                                     "all), got -1"]  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_not_ours_is_refused_before_any_work(sharp_qwen: Path, tmp_path: Path) -> None:
+    """output_dir must be absent, empty or an exporter output: a file, or a user's dir holding a file of predict's
+    name, is one line before the model loads, and left as it was; an earlier predict's dir is reused."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "generated_predictions.jsonl").write_text("my notes\n")
+    out = tmp_path / "again"
+
+    def run(out: Path, n: int) -> subprocess.CompletedProcess:
+        return _exporter("predict", "--model_name_or_path", str(sharp_qwen), "--eval_dataset", "identity",
+                         "--dataset_dir", str(DATA), "--max_samples", str(n), "--max_new_tokens", "2", "--output_dir",
+                         str(out))  # fmt: skip
+
+    for bad, message in ((afile, "exists and is not a directory"), (user, "is not empty and not an exporter output")):
+        r = run(bad, 1)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        (line,) = r.stderr.splitlines()
+        assert line.startswith(f"error: output_dir {bad} ") and message in line, line
+        assert "predict_bleu-4" not in r.stdout  # nothing generated
+    assert afile.read_text() == "mine" and (user / "generated_predictions.jsonl").read_text() == "my notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "user"]  # no lock or temporary left
+    for n in (1, 2):  # an earlier predict's dir is ours: the second run replaces its files
+        r = run(out, n)
+        assert r.returncode == 0, r.stderr
+        assert len(_rows(out)) == n
+    from exporter import manifest
+
+    assert manifest.changed(out) is None
 
 
 def test_lf_predict_yaml_runs_unchanged_with_adapter(tiny_model, tmp_path: Path) -> None:
@@ -233,6 +271,9 @@ def test_train_with_do_predict(tiny_model, tmp_path: Path) -> None:
     assert (out / "adapter_model.safetensors").is_file() and len(_rows(out)) == 3
     results = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
     assert "train_loss" in results and "predict_bleu-4" in results
+    from exporter import manifest
+
+    assert manifest.changed(out) is None  # the training run's manifest still matches its dir
     r = _exporter("train", "--model_name_or_path", str(model), "--dataset", "identity", "--eval_dataset", "identity",
                   "--output_dir", str(tmp_path / "x"))  # fmt: skip
     assert r.returncode == 2 and "eval_dataset is read by do_predict" in r.stderr

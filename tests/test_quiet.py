@@ -18,7 +18,8 @@ from conftest import ROOT
 # what the demo printed before exporter/quiet.py, and what any third-party library's warning looks like
 NOISE = re.compile(
     r"Failed to load|GPT-?QModel|gptqmodel|torchao|_pytree|FutureWarning|DeprecationWarning|UserWarning|"
-    r"Loading weights|llama_context|deprecated|(?-i:[A-Z][a-z]*Warning)",
+    r"Loading weights|llama_context|deprecated|(?-i:[A-Z][a-z]*Warning)|(?-i:\[WARNING\]|\bINFO\b|^WARN )|"
+    r"real_accelerator|Tokenicer|GIL is enabled",
     re.IGNORECASE,
 )
 
@@ -78,3 +79,40 @@ def test_verbose_shows_what_is_hidden(tiny_model, tmp_path: Path) -> None:
              "1", "--per_device_train_batch_size", "2", "--cutoff_len", "64", "--max_samples", "4")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is_gradient_checkpointing" in r.stderr and "Loading weights" in r.stderr  # peft's FutureWarning, HF's bar
+
+
+def _noise(*runs: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for r in runs for line in (r.stdout + r.stderr).splitlines() if NOISE.search(line)]
+
+
+def test_full_training_prints_no_deepspeed_warning(tiny_model, tmp_path: Path) -> None:
+    """A full fine-tune saves through transformers, whose accelerate unwrapping imports DeepSpeed when installed; its
+    import set up a logger that warned "Setting accelerator to CPU". A run without a `deepspeed` config never imports
+    it."""
+    r = _cli("train", "--model_name_or_path", str(tiny_model("qwen2")), "--dataset", "identity", "--dataset_dir",
+             str(ROOT / "data" / "demo"), "--finetuning_type", "full", "--output_dir", str(tmp_path / "full"),
+             "--max_steps", "1", "--per_device_train_batch_size", "2", "--cutoff_len", "64",
+             "--max_samples", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+    assert not _noise(r), _noise(r)
+
+
+def test_quantize_and_its_verify_print_no_gptqmodel_noise(tiny_model, tmp_path: Path) -> None:
+    """GPT-QModel logs a banner and INFO tables as it is imported (its LogBar logger set to INFO then) and draws a bar
+    per module and batch: `exporter quantize` shows its own bar over the layers instead, and verify --quantized (whose
+    load imports GPT-QModel through transformers) prints nothing of it."""
+    pytest.importorskip("gptqmodel")
+    base = tiny_model("qwen2")
+    out = tmp_path / "gptq"
+    q = _cli("quantize", str(base), "--method", "gptq", "--out", str(out), "--dataset-dir", str(ROOT / "data" / "demo"),
+             "--dataset", "identity", "--samples", "4", "--max-length", "32")  # fmt: skip
+    assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    assert re.search(rf"gptq layers .* {layers}/{layers}", q.stderr), q.stderr  # every layer counted, once
+    printed = q.stdout + q.stderr
+    assert not re.search(r"Quantizing|Forward|Loading checkpoint|Model loading", printed), printed
+    v = _cli("verify", "--merged", str(base), "--quantized", str(out), "--prompts", "0", "--ctx", "32",
+             "--max-windows", "1")  # fmt: skip
+    assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
+    assert not _noise(q, v), _noise(q, v)

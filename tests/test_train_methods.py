@@ -483,7 +483,7 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
     if engine == "zero2":  # its optimizer parts fit ZeRO-2 on 2 processes only: another stage is one line, exit 2
         other = common[: common.index("--deepspeed")] + _flags(deepspeed=_ds_config(tmp_path, 3))
         err = _torchrun(2, other + _flags(output_dir=tmp_path / "c", resume_from_checkpoint=ckpt), tmp_path, fails=True)
-        assert "saved for different data, batch or process settings" in err and "'deepspeed': 3" in err
+        assert "saved for different data, batch or process settings (deepspeed 2 in the checkpoint, 3 now)" in err
         (ckpt / MANIFEST_NAME).unlink()  # an older checkpoint, whose rank-1 part is cut short: that rank's one line
         part = (ckpt / "optimizer_1.safetensors").read_bytes()
         (ckpt / "optimizer_1.safetensors").write_bytes(part[: len(part) // 2])

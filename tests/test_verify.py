@@ -275,6 +275,43 @@ def test_cli_exit_codes_and_files(good, tmp_path: Path, monkeypatch) -> None:
         assert ("<failure" in (out / "junit.xml").read_text()) is (code == 1)
 
 
+def test_report_never_replaces_a_user_file_and_gguf_takes_a_dir(good, tmp_path: Path, monkeypatch, capsys) -> None:
+    """--report / --junit replace only an earlier verify's report, checked before any work: an input GGUF, a config.json
+    or a user's notes stay as they were. --gguf and --modelfile also take a dir (the README's `--gguf out/gguf`)."""
+    from exporter import cli
+
+    gguf_copy = tmp_path / good.f16.name
+    shutil.copy(good.f16, gguf_copy)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    base = ["exporter", "verify", "--merged", str(good.merged), "--prompts", "0", "--ctx", "32", "--max-windows", "1"]
+    for option, target in (("--report", gguf_copy), ("--junit", notes), ("--report", good.merged / "config.json")):
+        before = target.read_bytes()
+        monkeypatch.setattr(sys, "argv", [*base, "--gguf", str(gguf_copy), option, str(target)])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{option} {target} exists and is not a report of exporter verify" in err, err
+        assert target.read_bytes() == before
+    report, junit = tmp_path / "report.json", tmp_path / "junit.xml"
+    for _ in range(2):  # the second run replaces the first one's reports
+        gguf_dir = str(good.root / "gguf")
+        argv = [*base, "--gguf", gguf_dir, "--modelfile", gguf_dir, "--report", str(report), "--junit", str(junit)]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        assert e.value.code == 0, capsys.readouterr()
+    doc = json.loads(report.read_text())
+    assert sorted(Path(p).name for p in doc["artifacts"]["ggufs"]) == sorted([good.f16.name, good.q8.name])
+    assert sorted(Path(p).name for p in doc["artifacts"]["modelfiles"]) == sorted([good.mf16.name, good.mq8.name])
+    monkeypatch.setattr(sys, "argv", [*base, "--gguf", str(tmp_path / "empty")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2 and "a directory with no gguf file in it" in capsys.readouterr().err
+
+
 def test_parse_modelfile_and_thresholds(tmp_path: Path) -> None:
     mf = tmp_path / "Modelfile"
     mf.write_text(

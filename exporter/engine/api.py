@@ -22,7 +22,7 @@ class LoadOptions:
     dtype: str = "auto"  # hf: auto (fp32 on CPU, the checkpoint's dtype on a GPU) | fp32 | bf16 | fp16
     device: str | None = None  # hf: cpu, cuda, cuda:1 ... (default: cuda when available)
     max_seqs: int = 8  # sequences decoded together (continuous batching); 1 = one at a time
-    max_waiting: int = 256  # requests queued behind them before submit() raises QueueFull
+    max_waiting: int = 256  # requests queued behind them before submit() raises QueueFull (0: no queue)
     ctx: int | None = None  # gguf: tokens each sequence holds (default 4096 or the training ctx if less); vllm: max len
     threads: int | None = None  # gguf: CPU threads (default: all cores)
     batch_tokens: int = 512  # gguf: tokens per llama_decode call (prompt chunks + one per decoding sequence)

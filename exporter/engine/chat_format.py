@@ -202,24 +202,35 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         msg["content"] = _text_content(m.get("content"), where)
         for key in ("name", "tool_call_id"):
             if m.get(key) is not None:
+                if not isinstance(m[key], str):
+                    raise EngineError(f"{where}.{key} must be a string")
                 msg[key] = m[key]
-        if m.get("tool_calls"):
+        if m.get("tool_calls") is not None:
+            if not isinstance(m["tool_calls"], list):
+                raise EngineError(f"{where}.tool_calls must be a list")
             calls = []
             for j, tc in enumerate(m["tool_calls"]):
                 fn = tc.get("function") if isinstance(tc, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     raise EngineError(f"{where}.tool_calls[{j}]: expected {{'function': {{'name', 'arguments'}}}}")
-                args = fn.get("arguments", {})
-                if isinstance(args, str):
+                if tc.get("id") is not None and not isinstance(tc["id"], str):
+                    raise EngineError(f"{where}.tool_calls[{j}].id must be a string")
+                args = fn.get("arguments")
+                if args is None:
+                    args = {}
+                elif isinstance(args, str):
                     try:
                         args = json.loads(args) if args.strip() else {}
                     except json.JSONDecodeError as e:
                         raise EngineError(f"{where}.tool_calls[{j}].function.arguments: not valid JSON ({e})") from None
+                if not isinstance(args, dict):
+                    raise EngineError(f"{where}.tool_calls[{j}].function.arguments must be a JSON object")
                 call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
                 if tc.get("id"):
                     call["id"] = tc["id"]
                 calls.append(call)
-            msg["tool_calls"] = calls
+            if calls:
+                msg["tool_calls"] = calls
         out.append(msg)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -54,6 +55,10 @@ class Engine:
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a UTF-8 character: decode() gives U+FFFD)."""
+        return self.backend.token_bytes(token)
 
     # ---- generation
 
@@ -128,6 +133,11 @@ class Engine:
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests."""
         return self._sched.load()
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine serves no request (closed, or its worker died on an error); None while it serves."""
+        return self._sched.error
 
     # ---- scoring
 
@@ -214,6 +224,11 @@ def _model_and_adapter(opts: LoadOptions) -> tuple[Path, Path | None]:
         raise UserError(f"model {model}: no config.json (expected an HF model dir)")
     for d in (model, adapter) if adapter is not None else (model,):
         check_readable(d)
+    if adapter is not None and adapter != model:
+        from exporter.adapter import check_base
+
+        if note := check_base(adapter, model, str(adapter)):  # refuses an adapter of another base; notes weaker signs
+            print(note, file=sys.stderr)
     return model, adapter
 
 
@@ -294,6 +309,9 @@ def load(opts: LoadOptions) -> Engine:
     """Load `opts.model` on the backend its path calls for (or `opts.backend`)."""
     if opts.max_seqs < 1:
         raise UserError(f"max_seqs must be >= 1, got {opts.max_seqs}")
+    if opts.max_waiting < 0:
+        raise UserError(f"max_waiting must be >= 0 (0: no queue, a request runs only when a slot is free), "
+                        f"got {opts.max_waiting}")  # fmt: skip
     kind = choose_backend(opts)
     if kind == "gguf":
         return _load_gguf(opts)

@@ -73,7 +73,10 @@ class GGUFBackend:
         if not self.ctx:
             L.llama_model_free(self.model)
             raise UserError(f"{path}: llama.cpp cannot create a context of {per_seq} x {opts.max_seqs} sequences")
-        self.n_ctx = min(int(L.llama_n_ctx_seq(self.ctx)), n_train)
+        # llama.cpp rounds the cells up (to 256) but caps n_batch/n_ubatch at the n_ctx asked for: a step never
+        # holds more tokens than it accepts (a larger batch aborts the process), and a sequence holds what was asked
+        self.batch_tokens = min(self.batch_tokens, int(L.llama_n_batch(self.ctx)), int(L.llama_n_ubatch(self.ctx)))
+        self.n_ctx = min(int(L.llama_n_ctx_seq(self.ctx)), n_train, per_seq)
         self.mem = L.llama_get_memory(self.ctx)
         self.lora = None
         if lora is not None:
@@ -120,6 +123,15 @@ class GGUFBackend:
     def token_text(self, token: int) -> str:
         raw = self.L.llama_vocab_get_text(self.vocab, token)
         return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token's piece (special tokens as their text), also a part of a UTF-8 character."""
+        buf = ctypes.create_string_buffer(256)
+        n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)]
 
     def special_tokens(self) -> dict[str, str]:
         """bos_token / eos_token / ... texts for the chat template, from the vocabulary's special ids."""

@@ -37,19 +37,54 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     return read_json(model_dir / "config.json")
 
 
+def _devices() -> list[str]:
+    """The devices torch can use here: cpu, then cuda:0 ... (and mps, xpu ... where present)."""
+    import torch
+
+    out = ["cpu"]
+    for kind in ("cuda", "xpu", "mps"):
+        mod, flags = getattr(torch, kind, None), getattr(torch.backends, kind, None)
+        try:
+            available = (getattr(mod, "is_available", None) or getattr(flags, "is_available", None) or bool)()
+            n = int(getattr(mod, "device_count", lambda: 1)()) if available else 0
+        except Exception:  # a backend that cannot even count its devices has none to offer
+            n = 0
+        out += [f"{kind}:{i}" for i in range(n)]
+    return out
+
+
+def resolve_device(name: str | None) -> str:
+    """The device to load on (default: cuda when available, else cpu); UserError naming --device and the devices
+    this machine has when `name` is not one of them."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    have = _devices()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or (dev.type != "cpu" and f"{dev.type}:{dev.index or 0}" not in have):
+        raise UserError(f"--device {name!r}: not available here (this machine has: {', '.join(have)})")
+    return name
+
+
 def load_model(model_dir: Path, adapter: Path | None, opts: LoadOptions) -> tuple[Any, Any, str]:
     """(model in eval mode, tokenizer, device). The tokenizer comes from the adapter dir when it has one (the
     training template and any added tokens live there), else from the model dir."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(opts.device)
     quantized = isinstance(_read_config(model_dir).get("quantization_config"), dict)
     kw: dict[str, Any] = {"dtype": _torch_dtype(opts.dtype, device, quantized)}
     if device != "cpu":
         kw["device_map"] = device
+    from exporter import quiet
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+        with quiet.library_quiet():  # a GPT-QModel dir imports it, banner and all
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
     except ImportError as e:
         raise UserError(f"{model_dir}: {e} (quantized dirs need: pip install 'exporter[quant]')") from None
     tok_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
@@ -61,6 +96,23 @@ def load_model(model_dir: Path, adapter: Path | None, opts: LoadOptions) -> tupl
             model.resize_token_embeddings(len(tok))
         model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval(), tok, device
+
+
+def token_bytes(tok: Any, token: int) -> bytes:
+    """The bytes a token stands for, also when they are part of a UTF-8 character (decoding gives U+FFFD there):
+    a byte-fallback piece `<0xE4>`, or the GPT-2 byte-to-character map of byte-level BPE vocabularies."""
+    text = tok.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if "\ufffd" not in text:
+        return text.encode("utf-8")
+    piece = tok.convert_ids_to_tokens(token)
+    if isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = {c: b for b, c in bytes_to_unicode().items()}
+    if isinstance(piece, str) and piece and all(c in chars for c in piece):
+        return bytes(chars[c] for c in piece)
+    return text.encode("utf-8")
 
 
 def eos_ids(model_dir: Path, tok: Any) -> set[int]:
@@ -99,6 +151,9 @@ class HFBackend:
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        return token_bytes(self.tok, token)
 
     def special_ids(self) -> set[int]:
         """Ids of special tokens (all_special_ids and added tokens marked special)."""

@@ -11,9 +11,13 @@ import numpy as np
 
 from exporter.engine.api import EngineError, NonFiniteLogits, Sampling, TokenLogprob
 
+RANDOM_SEED = -1  # llama.cpp's convention (its server, llama-cpp-python): a seed of -1 means "draw a fresh one"
+
 
 def check_sampling(s: Sampling) -> None:
     """EngineError naming the first out-of-range value."""
+    if s.seed is not None and (isinstance(s.seed, bool) or not isinstance(s.seed, int)):
+        raise EngineError(f"seed must be an integer, got {s.seed!r}")
     if s.max_new_tokens < 1:
         raise EngineError(f"max_new_tokens must be >= 1, got {s.max_new_tokens}")
     if not s.temperature >= 0:
@@ -48,12 +52,23 @@ def _top_p_cut(probs: np.ndarray, top_p: float) -> np.ndarray:
         k = min(n, k * 4)
 
 
+def rng(seed: int | None) -> np.random.Generator:
+    """A request's random generator: any integer seeds it (a negative one as its 64-bit two's complement), None or
+    `RANDOM_SEED` draws fresh entropy."""
+    return np.random.default_rng(None if seed is None or seed == RANDOM_SEED else seed % 2**64)
+
+
+def seed_of_choice(seed: int | None, i: int) -> int | None:
+    """The seed of the i-th of n answers to one request (OpenAI's `n`): seed + i, so answer 0 is what n=1 gives."""
+    return seed if seed is None or seed == RANDOM_SEED else seed + i
+
+
 class Sampler:
     """Per-request token picker: repetition penalty, then greedy, or temperature -> top-k -> top-p -> draw."""
 
     def __init__(self, s: Sampling, prompt: Sequence[int]) -> None:
         self.s = s
-        self.rng = np.random.default_rng(s.seed)
+        self.rng = rng(s.seed)
         self.seen: set[int] = set(prompt) if s.repetition_penalty != 1.0 else set()
         self.n = 0  # tokens picked so far
 

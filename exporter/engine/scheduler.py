@@ -4,7 +4,8 @@ Each step feeds one token per decoding sequence plus prompt tokens of newly admi
 backend allows), picks each sequence's next token with its own `Sampler`, and hands the new text to that request's
 sink. Requests wait in a bounded queue; a finished or cancelled sequence frees its slot (and KV cells) at once, and
 the next waiting one takes it in the same step. Outputs never mix: each sequence has its own KV cache rows and
-sampler, and its events go to its own sink.
+sampler, and its events go to its own sink. An exception while serving one request fails that request only; should
+the worker itself die, every request gets EngineClosed naming why, and so does every later `submit`.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Scheduler:
         self._live: list[_Seq] = []
         self._free = list(range(max_seqs - 1, -1, -1))
         self._closed = False
+        self._died: str | None = None  # why the worker thread stopped on an error
         self._thread: threading.Thread | None = None
 
     # ---- client side
@@ -108,8 +110,8 @@ class Scheduler:
         seq = _Seq(list(prompt), sampling.replace(max_new_tokens=max_new), stops, sink)
         with self._cond:
             if self._closed:
-                raise EngineClosed("the engine is closed")
-            if bounded and len(self._waiting) >= self.max_waiting:
+                raise EngineClosed(self._died or "the engine is closed")
+            if bounded and len(self._waiting) >= self.max_waiting + len(self._free):  # a free slot takes one now
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again later")
             self._waiting.append(seq)
             if self._thread is None:
@@ -137,6 +139,12 @@ class Scheduler:
         with self._cond:
             return len(self._live), len(self._waiting)
 
+    @property
+    def error(self) -> str | None:
+        """Why no request can be served (closed, or the worker died), None while it serves."""
+        with self._cond:
+            return (self._died or "the engine is closed") if self._closed else None
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -162,14 +170,18 @@ class Scheduler:
             if hasattr(self.backend, "reuse"):  # the free slot that holds the longest start of this prompt
                 seq.slot = max(reversed(self._free), key=lambda s: self.backend.prefix(s, seq.prompt))
                 self._free.remove(seq.slot)
-                with self.lock:
-                    seq.fed = self.backend.reuse(seq.slot, seq.prompt)
             else:
                 seq.slot = self._free.pop()
-            seq.sampler = Sampler(seq.sampling, seq.prompt)
-            skip = seq.sampling.skip_special_tokens
-            seq.text = TextStream(lambda ids, skip=skip: self.backend.decode(ids, skip), seq.sampling.stop)
             self._live.append(seq)
+            try:
+                if hasattr(self.backend, "reuse"):
+                    with self.lock:
+                        seq.fed = self.backend.reuse(seq.slot, seq.prompt)
+                seq.sampler = Sampler(seq.sampling, seq.prompt)
+                skip = seq.sampling.skip_special_tokens
+                seq.text = TextStream(lambda ids, skip=skip: self.backend.decode(ids, skip), seq.sampling.stop)
+            except Exception as e:  # this request fails; the worker goes on
+                self._finish(seq, None, _failed(e))
 
     def _finish(self, seq: _Seq, reason: str | None, error: BaseException | None = None) -> None:
         self._live.remove(seq)
@@ -180,10 +192,10 @@ class Scheduler:
         finally:
             self._free.append(seq.slot)
             if error is not None:
-                seq.sink(error)
+                _send(seq, error)
             elif reason is not None:
                 tail = seq.text.finish() if reason != "cancelled" and seq.text is not None else ""
-                seq.sink(Delta(tail, [], reason))
+                _send(seq, Delta(tail, [], reason))
 
     def _feeds(self) -> list[tuple[_Seq, Feed, int]]:
         """(sequence, feed, prompt tokens in it) for this step: one token per decoding sequence, then prompt tokens
@@ -206,6 +218,26 @@ class Scheduler:
         return feeds
 
     def _run(self) -> None:
+        """The worker: steps until closed; if it dies on an error, every request fails naming it."""
+        try:
+            self._loop()
+        except BaseException as e:  # reported to every request, and by `error` (a server's /health)
+            with self._cond:
+                self._closed = True
+                self._died = f"the engine's worker stopped: {type(e).__name__}: {e}"
+        finally:
+            self._fail_all()
+
+    def _fail_all(self) -> None:
+        """Closed: every running and waiting request gets EngineClosed (nothing of the backend is touched)."""
+        with self._cond:
+            error = EngineClosed(self._died or "the engine was closed")
+            for seq in self._live + list(self._waiting):
+                _send(seq, error)
+            self._live.clear()
+            self._waiting.clear()
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._closed and not self._waiting and not self._live:
@@ -224,35 +256,45 @@ class Scheduler:
             except Exception as e:  # a failed forward fails the requests in it, not the server
                 with self._cond:
                     for seq in {s for s, _, _ in feeds}:
-                        self._finish(seq, None, EngineError(f"generation failed: {type(e).__name__}: {e}"))
+                        self._finish(seq, None, _failed(e))
                 continue
             with self._cond:
                 it = iter(rows)
                 for seq, feed, n_prompt in feeds:
                     seq.fed += n_prompt
                     if feed.want:
-                        self._advance(seq, next(it))
-        with self._cond:  # closed: fail what is left
-            for seq in list(self._live):
-                self._finish(seq, None, EngineClosed("the engine was closed"))
-            while self._waiting:
-                self._waiting.popleft().sink(EngineClosed("the engine was closed"))
+                        row = next(it)
+                        try:
+                            self._advance(seq, row)
+                        except Exception as e:  # this request fails; the others in the batch go on
+                            if seq in self._live:
+                                self._finish(seq, None, _failed(e))
 
     def _advance(self, seq: _Seq, logits: np.ndarray) -> None:
         assert seq.sampler is not None and seq.text is not None
-        try:
-            token, lp = seq.sampler(logits)
-        except NonFiniteLogits as e:  # this request fails; the others in the batch go on
-            self._finish(seq, None, e)
-            return
+        token, lp = seq.sampler(logits)
         seq.out.append(token)
         if token in seq.stops:
-            seq.sink(Delta("", [token], None, [lp] if lp else None))
+            _send(seq, Delta("", [token], None, [lp] if lp else None))
             self._finish(seq, "stop")
             return
         text, hit = seq.text.push(token)
-        seq.sink(Delta(text, [token], None, [lp] if lp else None))
+        _send(seq, Delta(text, [token], None, [lp] if lp else None))
         if hit:
             self._finish(seq, "stop")
         elif len(seq.out) >= seq.sampling.max_new_tokens:
             self._finish(seq, "length")
+
+
+def _failed(e: Exception) -> EngineError:
+    """The error a request gets when serving it raised `e` (an EngineError, e.g. NonFiniteLogits, as it is)."""
+    return e if isinstance(e, EngineError) else EngineError(f"generation failed: {type(e).__name__}: {e}")
+
+
+def _send(seq: _Seq, item: Delta | BaseException) -> None:
+    """Hand `item` to the request's sink; a sink that raises (its client's event loop is gone) cancels the request
+    instead of stopping the worker."""
+    try:
+        seq.sink(item)
+    except Exception:
+        seq.cancelled = True

@@ -17,7 +17,7 @@ import numpy as np
 from exporter.engine.api import Delta, EngineClosed, EngineError, LoadOptions, Sampling, TokenLogprob
 from exporter.engine.chat_format import ChatFormat
 from exporter.engine.core import Engine, _chat_format, _model_and_adapter
-from exporter.engine.sampling import TextStream, check_sampling
+from exporter.engine.sampling import RANDOM_SEED, TextStream, check_sampling
 from exporter.engine.scheduler import Sink
 from exporter.errors import UserError
 
@@ -92,6 +92,11 @@ class VLLMEngine(Engine):
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
+    def token_bytes(self, token: int) -> bytes:
+        from exporter.engine import hf
+
+        return hf.token_bytes(self.tok, token)
+
     def special_ids(self) -> set[int]:
         return set(self.tok.all_special_ids) | {i for i, t in self.tok.added_tokens_decoder.items() if t.special}
 
@@ -112,7 +117,7 @@ class VLLMEngine(Engine):
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1,
             repetition_penalty=sampling.repetition_penalty,
-            seed=sampling.seed,
+            seed=None if sampling.seed in (None, RANDOM_SEED) else sampling.seed % 2**63,
             ignore_eos=True,  # our stop ids decide (below), as on the other backends
             logprobs=sampling.logprobs,
             detokenize=False,
@@ -174,6 +179,10 @@ class VLLMEngine(Engine):
 
     def load(self) -> tuple[int, int]:
         return self.llm.get_num_unfinished_requests(), 0
+
+    @property
+    def error(self) -> str | None:
+        return "the engine is closed" if self._closed else None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         raise EngineError("the vllm backend gives no full logits; score with the hf or gguf backend")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,20 @@ def discover(run_dir: Path) -> VerifyOptions:
     return art
 
 
+def _files_in(paths: list[Path], option: str, wanted: Callable[[Path], bool]) -> list[Path]:
+    """`paths` with each directory replaced by the files in it that `option` takes (`--gguf out/gguf`: its GGUFs)."""
+    out: list[Path] = []
+    for p in paths:
+        if not p.is_dir():
+            out.append(p)
+            continue
+        found = sorted(f for f in p.iterdir() if f.is_file() and wanted(f) and ".tmp-" not in f.name)
+        if not found:
+            raise UserError(f"{option} {p}: a directory with no {option[2:]} file in it")
+        out += found
+    return out
+
+
 def collect(opts: VerifyOptions) -> VerifyOptions:
     """The options with paths as Paths, what is not given filled in from a pipeline `run_dir`, and the base of an
     adapter from its config."""
@@ -83,6 +99,8 @@ def collect(opts: VerifyOptions) -> VerifyOptions:
         setattr(art, name, Path(value) if value else None)
     for name in ("ggufs", "modelfiles", "quantized", "data"):
         setattr(art, name, [Path(p) for p in getattr(opts, name)] or getattr(found, name))
+    art.ggufs = _files_in(art.ggufs, "--gguf", lambda p: p.suffix == ".gguf")
+    art.modelfiles = _files_in(art.modelfiles, "--modelfile", lambda p: p.name.startswith("Modelfile"))
     if art.adapter is not None and art.base is None and (art.adapter / "adapter_config.json").is_file():
         cfg = read_json(art.adapter / "adapter_config.json")
         if cfg.get("base_model_name_or_path"):
@@ -115,6 +133,12 @@ def check_inputs(art: VerifyOptions) -> None:
     for d in (art.base, art.adapter, art.merged, *art.quantized):
         if d is not None and Path(d).is_dir():
             check_readable(Path(d))  # truncated weights, non-UTF-8 files: one line naming the file, not a traceback
+    if art.base is not None and art.adapter is not None:
+        from exporter import adapter
+
+        note = adapter.check_base(Path(art.adapter), Path(art.base), f"--adapter {art.adapter}")
+        if note:
+            print(note, file=sys.stderr)
     if art.quantized and art.merged is None:
         raise UserError("--quantized needs --merged: quantized dirs are scored against the unquantized model")
     if art.merged is None and art.adapter is None and not art.ggufs and not art.modelfiles:

@@ -164,8 +164,11 @@ def load_model(model_dir: Path | str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from exporter import quiet
+
     kw: dict[str, Any] = {"device_map": "cuda"} if torch.cuda.is_available() else {}
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).eval()
+    with quiet.library_quiet():  # a GPT-QModel dir imports it, banner and all
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).eval()
 
 
 def load_hf(model_dir: Path) -> Any:

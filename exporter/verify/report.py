@@ -44,6 +44,7 @@ from typing import Any, Literal
 from xml.sax.saxutils import escape, quoteattr
 
 from exporter.atomic import atomic_file
+from exporter.errors import UserError
 
 Status = Literal["pass", "fail", "skip", "warn"]
 SCHEMA = "exporter.verify/1"
@@ -104,6 +105,35 @@ def _strict(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [_strict(v) for v in x]
     return x
+
+
+_JUNIT_SUITE = '<testsuite name="exporter verify"'
+
+
+def _is_ours(path: Path) -> bool:
+    """Whether the file at `path` is a report an earlier verify wrote (report.json or its JUnit XML)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1 << 16)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if _JUNIT_SUITE in head:
+        return True
+    try:
+        return json.loads(head).get("schema") == SCHEMA
+    except (ValueError, AttributeError):
+        return False
+
+
+def check_output(path: Path, option: str) -> None:
+    """Before verify runs: `path` (for `option`, --report or --junit) may be new or a report of an earlier verify,
+    which is replaced; never a model, a Modelfile or any other file of the user's."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file path")
+    if (path.exists() or path.is_symlink()) and not _is_ours(path):
+        raise UserError(
+            f"{option} {path} exists and is not a report of exporter verify; not replacing it: choose another path"
+        )
 
 
 def write_json(report: Report, path: Path) -> None:

@@ -1,0 +1,114 @@
+"""`exporter chat` / `serve` options read before any model loads: LLaMA-Factory's inference YAML typed as LF types its
+keys (one line naming the file, key and type expected), a broken `--template file.jinja` refused at startup."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from exporter.chat import read_infer_yaml
+from exporter.errors import UserError
+
+
+def _yaml(tmp_path: Path, extra: str) -> Path:
+    cfg = tmp_path / "infer.yaml"
+    cfg.write_text(f"model_name_or_path: {tmp_path / 'model'}\n{extra}\n", encoding="utf-8")
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ("max_new_tokens: abc", "max_new_tokens: expected an integer, got 'abc'"),
+        ("vllm_maxlen: big", "vllm_maxlen: expected an integer, got 'big'"),
+        ("num_beams: two", "num_beams: expected an integer, got 'two'"),
+        ("top_k: 2.5", "top_k: expected an integer, got 2.5"),
+        ("top_k: true", "top_k: expected an integer, got True"),
+        ("temperature: warm", "temperature: expected a number, got 'warm'"),
+        ("do_sample: 'no'", "do_sample: expected true or false, got 'no'"),
+        ("skip_special_tokens: 0", "skip_special_tokens: expected true or false, got 0"),
+        ("vllm_maxlen: 0", "vllm_maxlen: expected a positive integer, got 0"),
+    ],
+)
+def test_inference_yaml_values_are_typed(tmp_path: Path, extra: str, message: str) -> None:
+    cfg = _yaml(tmp_path, extra)
+    with pytest.raises(UserError) as e:
+        read_infer_yaml(cfg)
+    assert str(e.value) == f"{cfg}: {message}"
+
+
+def test_inference_yaml_numbers_read_as_lf_types_them(tmp_path: Path) -> None:
+    cfg = _yaml(tmp_path, "top_k: 7\nmax_new_tokens: '64'\ntemperature: 1e-3\ntop_p: 1\nvllm_maxlen: 2048\n"
+                "num_beams: 1\ndo_sample: true\nskip_special_tokens: false")  # fmt: skip
+    got = read_infer_yaml(cfg)
+    assert got.sampling == {"top_k": 7, "max_new_tokens": 64, "temperature": 0.001, "top_p": 1.0,
+                            "skip_special_tokens": False}  # fmt: skip
+    assert type(got.sampling["top_p"]) is float and got.load["ctx"] == 2048
+
+
+@pytest.mark.parametrize("verb", ["chat", "serve"])
+def test_bad_inference_yaml_is_one_line_before_loading(tmp_path: Path, verb: str) -> None:
+    cfg = _yaml(tmp_path, "max_new_tokens: abc")
+    r = subprocess.run([sys.executable, "-m", "exporter", verb, str(cfg)], input="hi\n", capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [f"error: {cfg}: max_new_tokens: expected an integer, got 'abc'"]
+
+
+@pytest.mark.parametrize("verb", ["chat", "serve", "predict"])
+def test_broken_jinja_template_is_one_line_at_startup(tiny_model, tmp_path: Path, verb: str) -> None:
+    """Before, chat accepted it and printed `[error: ...]` for every question, exit 0."""
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}{% endfor %\n", encoding="utf-8")
+    model = str(tiny_model("qwen2"))
+    if verb == "predict":
+        args = ["--model_name_or_path", model, "--template", str(broken), "--eval_dataset", "identity",
+                "--dataset_dir", str(ROOT / "data"), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    else:
+        args = [model, "--template", str(broken)]
+    r = subprocess.run([sys.executable, "-m", "exporter", verb, *args], input="hi\n", capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [f"error: {broken}: not a valid Jinja chat template: line 1: expected token "
+                                     "'end of statement block', got '%'"]  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_piped_chat_writes_one_answer_a_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stdin not a terminal: the k-th output line answers the k-th prompt, whatever the answer holds (newlines
+    escaped as \\n, backslashes doubled), and an answer that fails is `[error: ...]` on its line, partial text
+    dropped. Before, answers were written raw, so a multi-line answer took several lines."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from exporter import chat, engine
+    from exporter.engine import EngineError, LoadOptions
+
+    answers = {"one": ["first line\n", "second \\ line"], "two": ["half", "!"], "three": ["a\r\nb\n"]}
+
+    class Engine:
+        chat_format = SimpleNamespace(require=lambda: None)
+
+        def encode_chat(self, messages: list[dict]) -> list[dict]:
+            return messages
+
+        def stream(self, messages: list[dict], sampling: object):
+            for k, text in enumerate(answers[messages[-1]["content"]]):
+                if messages[-1]["content"] == "two" and k == 1:
+                    raise EngineError("the model's logits are not finite\nat token 2")
+                yield SimpleNamespace(text=text)
+
+    monkeypatch.setattr(engine, "load", lambda opts: contextlib.nullcontext(Engine()))
+    out = io.StringIO()
+    chat.chat(chat.ChatOptions(LoadOptions("m"), stdin=io.StringIO("one\n\ntwo\nthree\n"), stdout=out))
+    assert out.getvalue().split("\n") == [
+        "first line\\nsecond \\\\ line",
+        "[error: the model's logits are not finite\\nat token 2]",
+        "a\\r\\nb\\n",
+        "",
+    ]

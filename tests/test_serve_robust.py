@@ -1,0 +1,198 @@
+"""`exporter serve` under malformed requests and faults: every wrong-typed field is a 400 naming it, a dead engine
+worker shows in /health and answers 503, seeds of any int64 work, logprobs carry a token's real bytes, and a
+non-streaming client that disconnects frees its slot at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from conftest import require_llama_cpp
+
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+from exporter.engine import LoadOptions, Sampling, load  # noqa: E402
+from exporter.engine.chat_format import tool_format  # noqa: E402
+from exporter.serve import ApiError, ServeOptions, create_app, parse_request  # noqa: E402
+
+USER = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _fake_engine() -> Any:
+    """What parse_request needs of an engine: a chat format with a tool format, and encode_chat."""
+    fmt = SimpleNamespace(tools=tool_format("{{ tools }}<tool_call>"))
+    return SimpleNamespace(chat_format=fmt, encode_chat=lambda messages, tools=None: [1, 2, 3])
+
+
+def _parse(body: dict[str, Any]) -> Any:
+    opts = ServeOptions(LoadOptions("m"), sampling=Sampling(max_new_tokens=16, temperature=1.0))
+    return parse_request(body, _fake_engine(), opts, "m")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "says"),
+    [
+        ({"stream_options": "x"}, "stream_options", "must be an object"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage", "true or false"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when 'stream' is true"),
+        ({"stream": "false"}, "stream", "true or false"),
+        ({"logprobs": "no"}, "logprobs", "true or false"),
+        ({"ignore_eos": 1}, "ignore_eos", "true or false"),
+        ({"skip_special_tokens": "no"}, "skip_special_tokens", "true or false"),
+        ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "true or false"),
+        ({"user": 5}, "user", "a string"),
+        ({"model": 5}, "model", "a string"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "must be > 0, got 0"),
+        ({"top_p": 0}, "top_p", "must be in (0, 1], got 0"),
+        ({"max_tokens": 0}, "max_tokens", "'max_tokens' must be >= 1, got 0"),
+        ({"max_completion_tokens": -3}, "max_completion_tokens", "must be >= 1, got -3"),
+        ({"temperature": float("nan")}, "temperature", "between 0 and 2, got nan"),
+        ({"seed": 2**63}, "seed", "between"),
+        ({"seed": "1"}, "seed", "an integer"),
+        ({"n": 0}, "n", "between 1 and 16"),
+        ({"tools": [{"type": "function", "function": "x"}]}, "tools[0].function", "'name' string"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function", "'name' string"),
+        ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function", "'name' string"),
+        ({"tools": [TOOL, {"type": "code"}]}, "tools[1]", "expected {'type': 'function'"),
+        ({"tools": [{**TOOL, "function": {"name": "f", "parameters": []}}]}, "tools[0].function", "JSON Schema"),
+        ({"tools": {"a": 1}}, "tools", "must be a list"),
+        (
+            {"messages": [{"role": "assistant", "content": "", "tool_calls": 5}]},
+            "messages",
+            "tool_calls must be a list",
+        ),
+        ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages", "name must be a string"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": []}]}, "messages", "tool_call_id must be"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]},
+            "messages",
+            "arguments must be a JSON object",
+        ),
+    ],
+)
+def test_each_wrong_type_is_a_400_naming_the_field(extra: dict, param: str, says: str) -> None:
+    with pytest.raises(ApiError) as e:
+        _parse({"messages": USER, **extra})
+    assert e.value.status == 400 and e.value.param == param and says in str(e.value), (e.value.param, str(e.value))
+    assert e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_well_typed_values_pass() -> None:
+    r = _parse({"messages": USER, "stream": True, "stream_options": {"include_usage": True}, "seed": -(2**63),
+                "repetition_penalty": 1.2, "top_p": 1, "logprobs": True, "top_logprobs": 2, "tools": [TOOL],
+                "parallel_tool_calls": True, "user": "me"})  # fmt: skip
+    assert r.stream and r.sampling.seed == -(2**63) and r.sampling.repetition_penalty == 1.2 and r.logprobs
+    assert _parse({"messages": USER, "stream": False, "logprobs": False}).sampling.logprobs is None
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+    require_llama_cpp()
+    from exporter import gguf, templates
+
+    hf = tiny_model("qwen2")
+    return gguf.export(hf, ["f16"], templates.resolve(hf, None), tmp_path_factory.mktemp("serve")).files["f16"]
+
+
+def test_seeds_work_and_a_dead_worker_is_503_and_unhealthy(tiny_gguf: Path) -> None:
+    """seed -1 (random) and any other int64 answer 200 (a negative seed used to kill the engine's worker, after
+    which every request hung while /health said ok); if the worker dies anyway, /health is 503 naming why and
+    requests get OpenAI's 503 JSON."""
+    from fastapi.testclient import TestClient
+
+    with load(LoadOptions(str(tiny_gguf), max_seqs=2)) as eng:
+        client = TestClient(create_app(eng, ServeOptions(eng.options)))
+        body = {"messages": USER, "max_tokens": 4, "temperature": 1.5}
+        for seed in (-1, -7, 2**63 - 1):
+            r = client.post("/v1/chat/completions", json={**body, "seed": seed, "n": 2})
+            assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+        assert client.get("/health").json()["status"] == "ok"
+
+        def broken() -> list:
+            raise RuntimeError("worker bug")
+
+        eng._sched._feeds = broken
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503 and "worker bug" in r.json()["error"]["message"], r.text
+        h = client.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "error" and "worker bug" in h.json()["error"]
+        r = client.post("/v1/chat/completions", json={**body, "stream": True})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+
+def test_logprobs_bytes_are_the_tokens_bytes(tiny_model) -> None:
+    """A logprobs entry for a token that holds part of a UTF-8 character reports that token's bytes (it was U+FFFD's,
+    [239, 191, 189]) and escapes them in `token` (\\xNN), as OpenAI does. Real Qwen2 vocabulary."""
+    from exporter.engine import TokenLogprob
+    from exporter.serve import _logprobs
+
+    with load(LoadOptions(str(tiny_model("qwen2", real_vocab=True)), max_seqs=1)) as eng:
+        ids = eng.tokenize("龘")  # two tokens, neither a whole character
+        out = _logprobs(eng, [TokenLogprob(t, -1.0, [(t, -1.0)]) for t in ids])
+        assert out is not None
+        entries = [e for c in out["content"] for e in (c, *c["top_logprobs"])]
+        assert b"".join(bytes(c["bytes"]) for c in out["content"]) == "龘".encode()
+        for e in entries:
+            assert bytes(e["bytes"]).decode("utf-8", errors="backslashreplace") == e["token"]
+            assert "\ufffd" not in e["token"] and e["token"].startswith("\\x")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _health(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_non_streaming_client_that_disconnects_frees_its_slot_at_once(tiny_gguf: Path) -> None:
+    """A non-streamed request of 30000 tokens (many seconds) whose client goes away is cancelled within a step or
+    so; before, its slot stayed busy until the answer was done. The server then stops on SIGTERM."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "exporter", "serve", str(tiny_gguf), "--port", str(port), "--max-seqs", "1",
+           "--ctx", "32768", "--threads", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no start"
+            try:
+                _health(port)
+                break
+            except OSError:
+                time.sleep(0.2)
+        body = json.dumps({"messages": USER, "max_tokens": 30000, "ignore_eos": True, "temperature": 0}).encode()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        while _health(port)["running"] == 0:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert _health(port)["running"] == 1  # still generating
+        sock.close()
+        t0 = time.time()
+        while _health(port)["running"] and time.time() - t0 < 10:
+            time.sleep(0.05)
+        assert time.time() - t0 < 3, "the slot stayed busy after its client went away"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
