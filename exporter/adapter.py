@@ -450,11 +450,13 @@ def check_base(adapter_dir: Path, base_dir: Path, label: str) -> str | None:
             if key in now["sizes"] and now["sizes"][key] != value:
                 raise UserError(f"{where}: its manifest records {key} {value}, the base has {now['sizes'][key]}")
     base_vocab = vocabulary(base_dir)
-    if base_vocab:
-        ad_vocab = vocabulary(adapter_dir)
-        if ad_vocab and (diff := _vocab_difference(ad_vocab, base_vocab)):
-            raise UserError(f"{where}: {diff}")
-    if base_vocab and recorded.get("vocab_sha256") and recorded["vocab_sha256"] != _vocab_digest(base_vocab):
+    ad_vocab = vocabulary(adapter_dir) if base_vocab else None
+    if base_vocab and ad_vocab and (diff := _vocab_difference(ad_vocab, base_vocab)):
+        raise UserError(f"{where}: {diff}")
+    # the recorded digest decides only for an adapter without a tokenizer of its own (the base's tokenizer files
+    # may be another form of the same vocabulary: tokenizer.json, or tokenizer.model with its added tokens)
+    digest = recorded.get("vocab_sha256")
+    if base_vocab and not ad_vocab and digest and digest != _vocab_digest(base_vocab):
         raise UserError(f"{where}: the base's vocabulary differs from the one recorded in its manifest")
     if recorded.get("weights_sha256"):
         layout, weights = _weights_digests(base_dir)

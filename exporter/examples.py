@@ -326,18 +326,27 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
         check_template_tokens(tokenizer, tpl, str(model_dir))
         for note in tpl.notes:
             say(note)
-    examples: list[Any]
-    if cfg.stage == "pt":
-        examples = tokenize_pt(samples, tokenizer, cfg, packing)
-    elif cfg.stage == "sft":
-        examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
+
+    def tokenize(samples: list[Any], drops: Any, what: str) -> list[Any]:
+        if cfg.stage == "pt":
+            examples = tokenize_pt(samples, tokenizer, cfg, packing)
+        elif cfg.stage == "sft":
+            examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
+        else:
+            examples = _tokenize_preference(samples, tokenizer, tpl, cfg, drops)
+        if not examples:
+            raise UserError(f"no usable {what} samples after tokenization: {drops.summary()}")
+        if drops.counts:
+            say(f"dropped {sum(drops.counts.values())} {what} sample(s): {drops.summary()}")
+        return examples
+
+    examples = tokenize(samples, drops, "training")
+    if cfg.eval_dataset:  # LLaMA-Factory's eval_dataset: read and tokenized as the training sets, never split
+        val_samples, val_drops = data.load(cfg.eval_dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill,
+                                           cfg.seed)  # fmt: skip
+        train_ex, val_ex = examples, tokenize(val_samples, val_drops, "eval_dataset")
     else:
-        examples = _tokenize_preference(samples, tokenizer, tpl, cfg, drops)
-    if not examples:
-        raise UserError(f"no usable samples after tokenization: {drops.summary()}")
-    if drops.counts:
-        say(f"dropped {sum(drops.counts.values())} sample(s): {drops.summary()}")
-    train_ex, val_ex = split_val(examples, cfg.val_size, cfg.seed)
+        train_ex, val_ex = split_val(examples, cfg.val_size, cfg.seed)
     if cfg.stage == "sft" and packing:
         train_ex = pack_sft(train_ex, cfg.cutoff_len, neat=cfg.neat_packing)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -71,8 +71,7 @@ def vocabulary(model_dir: Path) -> dict[str, int] | None:
         return vocab or None
     if (model_dir / "vocab.json").is_file():
         vocab = {str(t): int(i) for t, i in read_json(model_dir / "vocab.json").items()}
-        vocab.update({str(t): int(i) for t, i in read_json(model_dir / "added_tokens.json", optional=True).items()})
-        return vocab
+        return vocab | _added_tokens(model_dir)
     sp = model_dir / "tokenizer.model"
     if sp.is_file():
         try:
@@ -84,9 +83,20 @@ def vocabulary(model_dir: Path) -> dict[str, int] | None:
         except (OSError, RuntimeError) as e:
             raise UserError(f"{sp}: not a SentencePiece model ({e})") from None
         vocab = {proc.id_to_piece(i): i for i in range(proc.get_piece_size())}
-        vocab.update({str(t): int(i) for t, i in read_json(model_dir / "added_tokens.json", optional=True).items()})
-        return vocab
+        return vocab | _added_tokens(model_dir)
     return None
+
+
+def _added_tokens(model_dir: Path) -> dict[str, int]:
+    """Tokens added beside a vocab.json or tokenizer.model: added_tokens.json and tokenizer_config.json's
+    `added_tokens_decoder` (where transformers keeps them; Phi-3's 64, Mistral's control tokens)."""
+    added = {str(t): int(i) for t, i in read_json(model_dir / "added_tokens.json", optional=True).items()}
+    decoder = read_json(model_dir / "tokenizer_config.json", optional=True).get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for i, t in decoder.items():
+            if isinstance(t, dict) and isinstance(t.get("content"), str) and str(i).isdigit():
+                added[t["content"]] = int(i)
+    return added
 
 
 def tokenizer_files(model_dir: Path) -> list[str]:

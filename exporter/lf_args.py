@@ -90,6 +90,7 @@ class TrainConfig:
     kto_chosen_weight: float = 1.0
     kto_rejected_weight: float = 1.0
     dataset: list[str] = dataclasses.field(default_factory=list)
+    eval_dataset: list[str] = dataclasses.field(default_factory=list)  # evaluated on instead of a val_size split
     dataset_dir: str = "data"
     template: str | None = None
     cutoff_len: int = 2048
@@ -202,8 +203,8 @@ def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set
     if data.get("eval_steps") is not None and "eval_strategy" not in data and "evaluation_strategy" not in data:
         data["eval_strategy"] = "steps"  # the tutorials' `--val_size 0.1 --eval_steps 50`
         every = data["eval_steps"]
-        every = f"{every} steps" if not isinstance(every, float) or every >= 1 else f"{every:g} of the run's steps"
-        say(f"eval_steps={data['eval_steps']} without eval_strategy: evaluating every {every}")
+        if not isinstance(every, (int, float)) or every >= 1:  # a fraction is said once resolved (train's schedule)
+            say(f"eval_steps={every} without eval_strategy: evaluating every {every} steps")
     cfg = config_mod.build(TrainConfig, data, where)
     return cfg, set(data)
 
@@ -272,10 +273,12 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
                         f"{cfg.max_samples}")  # fmt: skip
     if cfg.val_size < 0 or (cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size)):
         raise UserError(f"val_size must be a fraction in [0, 1) or a whole number of samples, got {cfg.val_size}")
-    if cfg.eval_strategy != "no" and cfg.val_size == 0:
-        raise UserError(f"eval_strategy: {cfg.eval_strategy} needs a validation split: set val_size")
-    if cfg.do_eval and cfg.val_size == 0:
-        raise UserError("do_eval needs a validation split: set val_size")
+    if cfg.eval_dataset and cfg.val_size:  # LLaMA-Factory's split_dataset refuses it too
+        raise UserError("val_size and eval_dataset both name a validation set; set one of them")
+    if cfg.eval_strategy != "no" and not cfg.val_size and not cfg.eval_dataset:
+        raise UserError(f"eval_strategy: {cfg.eval_strategy} needs a validation set: set val_size or eval_dataset")
+    if cfg.do_eval and not cfg.val_size and not cfg.eval_dataset:
+        raise UserError("do_eval needs a validation set: set val_size or eval_dataset")
     if cfg.finetuning_type == "full" and cfg.adapter_name_or_path:
         raise UserError("adapter_name_or_path only applies to finetuning_type: lora")
     if cfg.adapter_name_or_path and "," in cfg.adapter_name_or_path:

@@ -88,9 +88,10 @@ def load_config(path: Path | str, overrides: list[str]) -> PipelineConfig:
             if not isinstance(node, dict):
                 raise UserError(f"override {key}: {p} is not a mapping in {path}")
         node[parts[-1]] = value
-    cfg = config.build(PipelineConfig, data, where=str(path))
+    where = f"{path} with {' '.join(overrides)}" if overrides else str(path)  # a bad key may be an override's
+    cfg = config.build(PipelineConfig, data, where=where)
     with contextlib.redirect_stderr(io.StringIO()):  # its notes are said once, when `run` builds the options again
-        check(stage_options(cfg, Path(cfg.base), where=str(path)))  # every block's keys, types, values before any runs
+        check(stage_options(cfg, Path(cfg.base), where=where))  # every block's keys, types, values before any runs
     return cfg
 
 

@@ -322,8 +322,6 @@ def split_train_args(raw: dict[str, Any], where: str) -> tuple[dict[str, Any] | 
     Without do_train (LF's default) a do_predict config only predicts; with both, prediction runs on the freshly
     trained output_dir (the adapter, or the full model)."""
     if not raw.get("do_predict"):
-        if "eval_dataset" in raw:
-            raise UserError(f"{where}: eval_dataset is read by do_predict; evaluation during training uses val_size")
         return raw, None
     if not raw.get("do_train"):
         return None, raw

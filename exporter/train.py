@@ -565,6 +565,8 @@ def _write_manifest(run: Run) -> None:
     info = dataset_info.read_info(Path(cfg.dataset_dir))
     for name in cfg.dataset:
         inputs[f"dataset:{name}"] = dataset_info.spec(name, info, Path(cfg.dataset_dir)).source
+    for name in cfg.eval_dataset:
+        inputs[f"eval_dataset:{name}"] = dataset_info.spec(name, info, Path(cfg.dataset_dir)).source
     settings = dataclasses.asdict(cfg) | {"template": run.prep.tpl.name if run.prep.tpl else None,
                                           "packing": run.prep.packing, "total_steps": run.sch.total,
                                           "train_examples": len(run.prep.train), "val_examples": len(run.prep.val),

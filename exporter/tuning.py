@@ -64,7 +64,7 @@ def check_inputs(cfg: TrainConfig, model_dir: Path) -> None:
         hf_dir.check_readable(adapter)
         from exporter.adapter import check_base
 
-        if note := check_base(adapter, model_dir, f"adapter_name_or_path {adapter}"):  # another base: one line
+        if note := check_base(adapter, model_dir, str(adapter)):  # another base: one line
             say(note.removeprefix("note: "))
 
 

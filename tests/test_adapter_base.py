@@ -150,3 +150,28 @@ def test_vocabulary_reader_agrees_across_tokenizer_files(tiny_model, tmp_path):
     (plain / "added_tokens.json").write_text(json.dumps({t["content"]: t["id"] for t in doc["added_tokens"]}))
     assert hf_dir.vocabulary(plain) == hf_dir.vocabulary(qwen)
     assert hf_dir.vocabulary(tmp_path) is None
+
+
+@pytest.mark.parametrize("family", ["phi3", "mistral"])
+def test_same_base_without_tokenizer_json_is_no_other_base(tiny_model, tmp_path, family):
+    """A copy of the base without tokenizer.json is the same model: tokenizer.model plus the tokens transformers keeps
+    in tokenizer_config.json's `added_tokens_decoder` (Phi-3's, Mistral's control tokens) is the same vocabulary, and an
+    adapter trained on either copy merges into the other (it was refused: 'the base's vocabulary differs from the one
+    recorded'). An adapter without a tokenizer is still checked against the recorded vocabulary."""
+    base = tiny_model(family)
+    spm_only = shutil.copytree(base, tmp_path / "spm")
+    (spm_only / "tokenizer.json").unlink()
+    assert hf_dir.vocabulary(spm_only) == hf_dir.vocabulary(base)
+    for trained_on, merged_into in ((spm_only, base), (base, spm_only)):
+        ad = _trained(trained_on, tmp_path / f"ad-{trained_on.name}", fingerprint=True)
+        note = adapter_mod.check_base(ad, merged_into, str(ad))  # at most the note that the path differs
+        assert note is None or note.startswith("note: adapter"), note
+    bare = _trained(base, tmp_path / "bare", fingerprint=True)
+    for name in hf_dir.tokenizer_files(bare):
+        (bare / name).unlink()
+    other = _copy_base(base, tmp_path / "other")
+    doc = json.loads((other / "tokenizer.json").read_text())
+    doc["added_tokens"][0]["content"] = "<|renamed|>"
+    (other / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="the base's vocabulary differs from the one recorded"):
+        adapter_mod.check_base(bare, other, str(bare))

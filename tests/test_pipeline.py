@@ -54,7 +54,7 @@ def test_pipeline_config_errors(tmp_path: Path) -> None:
     path = _config(tmp_path, tmp_path / "nowhere")
     cfg = pipeline.load_config(path, ["train.max_steps=7", "gguf.types=f16,q8_0", "run_dir=elsewhere"])
     assert cfg.train["max_steps"] == 7 and cfg.gguf["types"] == "f16,q8_0" and cfg.run_dir == "elsewhere"
-    with pytest.raises(UserError, match="did you mean 'prompts'"):
+    with pytest.raises(UserError, match=r"p\.yaml with verify\.promts=3: verify: unknown key .*did you mean 'prompts'"):
         pipeline.load_config(path, ["verify.promts=3"])
     with pytest.raises(UserError, match="unknown key 'trian'"):
         pipeline.load_config(path, ["trian.max_steps=3"])

@@ -274,6 +274,19 @@ def test_train_with_do_predict(tiny_model, tmp_path: Path) -> None:
     from exporter import manifest
 
     assert manifest.changed(out) is None  # the training run's manifest still matches its dir
+    # without do_predict, eval_dataset is what training evaluates on (LLaMA-Factory's), instead of a val_size split
+    out = tmp_path / "evaluated"
+    r = _exporter("train", "--model_name_or_path", str(model), "--dataset", "identity", "--eval_dataset",
+                  "alpaca_en_demo", "--dataset_dir", str(DATA), "--template", "llama3", "--output_dir", str(out),
+                  "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_samples", "3", "--eval_steps", "1",
+                  "--per_device_eval_batch_size", "3")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [row["current_steps"] for row in log if "eval_loss" in row] == [1, 2], log
+    doc = json.loads((out / "exporter_manifest.json").read_text())
+    assert "eval_dataset:alpaca_en_demo" in doc["inputs"]
+    assert "eval_loss" in json.loads((out / "eval_results.json").read_text())
     r = _exporter("train", "--model_name_or_path", str(model), "--dataset", "identity", "--eval_dataset", "identity",
-                  "--output_dir", str(tmp_path / "x"))  # fmt: skip
-    assert r.returncode == 2 and "eval_dataset is read by do_predict" in r.stderr
+                  "--val_size", "0.1", "--dataset_dir", str(DATA), "--output_dir", str(tmp_path / "x"))  # fmt: skip
+    assert r.returncode == 2 and "val_size and eval_dataset both name a validation set" in r.stderr
+    assert not (tmp_path / "x").exists()

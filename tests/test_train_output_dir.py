@@ -253,7 +253,7 @@ def test_fractional_intervals_and_eval_results(tiny: Path, rows: Path, tmp_path:
         lf_args.check(_cfg(Path("m"), rows, tmp_path, val_size=0.25, eval_strategy="steps", eval_steps=1.5),
                       set(), "cpu")  # fmt: skip
     cfg, _ = lf_args.config_from_dict({"model_name_or_path": "m", "output_dir": "o", "eval_steps": 0.5}, "x")
-    assert "evaluating every 0.5 of the run's steps" in capsys.readouterr().err
+    assert cfg.eval_strategy == "steps" and "eval_steps" not in capsys.readouterr().err  # said once it is resolved
     out = tmp_path / "sft"
     T.train(_cfg(tiny, rows, out, max_steps=4, val_size=0.25, eval_strategy="steps", eval_steps=0.5, save_steps=0.5,
                  logging_steps=0.5, do_eval=True))  # fmt: skip

@@ -136,7 +136,7 @@ def check_inputs(art: VerifyOptions) -> None:
     if art.base is not None and art.adapter is not None:
         from exporter import adapter
 
-        note = adapter.check_base(Path(art.adapter), Path(art.base), f"--adapter {art.adapter}")
+        note = adapter.check_base(Path(art.adapter), Path(art.base), str(art.adapter))
         if note:
             print(note, file=sys.stderr)
     if art.quantized and art.merged is None:
