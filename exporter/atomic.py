@@ -4,7 +4,8 @@
   naming the holder's pid and command; under the lock, temporary dirs of killed runs for that path are named and
   removed.
 - `check_target(out, force, inputs)` never lets an output replace or mix into what is not ours: it must be absent,
-  an empty dir, or (with force) an exporter output (it holds `exporter_manifest.json`), and never an input.
+  an empty dir, or (with force) an exporter output (it holds `exporter_manifest.json`), and never an input;
+  `occupant(out)` is that classification, for stages that write into a dir rather than replace it.
 - `atomic_dir` / `atomic_file` write beside the target and rename; a crash or error leaves nothing final-looking,
   a full disk is one line saying how much space was needed; outputs follow the umask (not tempfile's 0700/0600, nor
   safetensors' 0600).
@@ -99,17 +100,28 @@ def check_target(out: Path, force: bool, inputs: Sequence[Path | str] = ()) -> N
                 f"output {out} overlaps the input {inp} (it would replace or write into it); choose an output "
                 "path outside the inputs"
             )
-    if not out.exists() and not out.is_symlink():
-        return
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return  # an empty dir is replaced
+    found = occupant(out)
+    if found == "none" and not out.is_symlink():
+        return  # absent, or an empty dir (replaced)
     if not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    if not out.is_dir() or not (out / MARKER).is_file():
+    if found != "ours":
         raise UserError(
             f"{out} exists and is not an exporter output (no {MARKER} in it); not replacing it: remove it yourself "
             "or choose another output path"
         )
+
+
+def occupant(out: Path) -> str:
+    """What is at `out` (a symlink counts as what it points to): "none" (nothing, or an empty dir), "ours" (a dir
+    holding the exporter marker) or "other" (a file, a dangling link, a user's dir)."""
+    if not out.exists():
+        return "other" if out.is_symlink() else "none"
+    if not out.is_dir():
+        return "other"
+    if (out / MARKER).is_file():
+        return "ours"
+    return "other" if any(out.iterdir()) else "none"
 
 
 def check_free_space(where: Path, needed_bytes: int) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from exporter.config import read_json
+from exporter.config import decode, read_json
 from exporter.errors import UserError
 
 CHOICES = ("A", "B", "C", "D")
@@ -123,27 +123,13 @@ class _Source:
         """(text, where) of `rel`, or None when it does not exist."""
         if self.zip is None:
             path = self.root / rel
-            return (_decode(path.read_bytes(), str(path)), str(path)) if path.is_file() else None
+            return (decode(path.read_bytes(), str(path)), str(path)) if path.is_file() else None
         # LF's zips hold the layout at the top or under one folder named like the task
         for name in (rel, f"{self.root.name}/{rel}"):
             if name in self.names:
                 where = f"{self.root / self.zip.filename}:{name}"
-                return _decode(self.zip.read(name), where), where
+                return decode(self.zip.read(name), where), where
         return None
-
-
-def _decode(raw: bytes, where: str) -> str:
-    """UTF-8 text (a leading BOM dropped, as pandas reads it); other bytes are a UserError naming the byte offset
-    and line, as `config.read_text` does."""
-    start = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
-    try:
-        return raw[start:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        at = start + e.start
-        line = raw.count(b"\n", 0, at) + 1
-        raise UserError(
-            f"{where}: not UTF-8 text: byte {at} (line {line}) is {raw[at : at + 1]!r}; save the file as UTF-8"
-        ) from None
 
 
 def _rows(text: str, where: str, layout: Layout) -> Iterator[tuple[str, dict[str, str]]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from exporter.config import did_you_mean, read_text, read_yaml
+from exporter.config import did_you_mean, read_yaml
 from exporter.engine import EngineError, LoadOptions, Sampling
 from exporter.engine.sampling import check_sampling
 from exporter.errors import UserError
@@ -146,7 +146,6 @@ def resolve_options(
         load, samp, system = cfg.load, cfg.sampling, system or cfg.system
     load.update({k: v for k, v in cli_load.items() if v is not None})
     samp.update({k: v for k, v in cli_sampling.items() if v is not None})
-    check_template_file(load.get("template"))
     try:
         sampling = defaults.replace(**samp)
         check_sampling(sampling)  # a bad value is one line now, not an error per answer
@@ -155,21 +154,6 @@ def resolve_options(
         raise UserError(f"bad option: {e}") from None
     except EngineError as e:
         raise UserError(str(e)) from None
-
-
-def check_template_file(template: str | None) -> None:
-    """A template given as a .jinja file must compile as transformers compiles it: a syntax error is one line naming
-    the file and line at startup, not an `[error: ...]` for every answer."""
-    path = Path(template).expanduser() if template else None
-    if path is None or not path.is_file():
-        return
-    from jinja2 import TemplateSyntaxError
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    try:
-        _compile_jinja_template(read_text(path))
-    except TemplateSyntaxError as e:
-        raise UserError(f"{path}: not a valid Jinja chat template: line {e.lineno}: {e.message}") from None
 
 
 def quantized_model(opts: LoadOptions) -> bool:

@@ -159,14 +159,15 @@ def begin(cfg: TrainConfig, out: Path, resume: Path | None) -> None:
 
 def save(
     model: Any, optim: dict[str, Any] | None, sched: Any, state: dict[str, Any], out_dir: Path,
-    cfg: TrainConfig, model_dir: Path, tpl: Any, state_dict: dict[str, Any] | None = None,
+    cfg: TrainConfig, model_dir: Path, tpl: Any, base: dict[str, Any], state_dict: dict[str, Any] | None = None,
     rngs: list[Any] | None = None, parts: Callable[[Path], None] | None = None,
     weights: Callable[[Path], None] | None = None,
 ) -> Path:  # fmt: skip
     """checkpoint-N/: weights, tokenizer (with the training template), optimizer, scheduler, RNG states and the
     trainer state (incl. the data order), so a checkpoint is both resumable and usable as an adapter/model dir.
     Nothing in it can carry code: tensors in safetensors, everything else JSON; its manifest lists every file's
-    sha256, checked before a resume reuses it. `state_dict`, `weights`: see `save_model`; `optim`: the optimizer's
+    sha256, checked before a resume reuses it; `base`, the base's `adapter.base_fingerprint`, goes into it for merge
+    and gguf to check an adapter against. `state_dict`, `weights`: see `save_model`; `optim`: the optimizer's
     state dict (gathered to rank 0 under DDP), None: weights only, or for a sharded optimizer (FSDP, DeepSpeed)
     `parts`, which has every rank write its own part into the staging dir (`save_part`), before the manifest;
     `rngs`: every rank's `rng_state()` (default: this process's)."""
@@ -185,9 +186,9 @@ def save(
             for rank, (tensors, meta) in enumerate(rngs or [rng_state()]):
                 save_file(tensors, str(tmp / rng_name(rank)), metadata=meta)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        from exporter.adapter import FINGERPRINT_KEY, base_fingerprint  # merge and gguf check an adapter against it
+        from exporter.adapter import FINGERPRINT_KEY
 
-        settings = {"global_step": state["global_step"], FINGERPRINT_KEY: base_fingerprint(model_dir)}
+        settings = {"global_step": state["global_step"], FINGERPRINT_KEY: base}
         manifest.write(tmp, "checkpoint", inputs={}, settings=settings)
     return path
 

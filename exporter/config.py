@@ -41,13 +41,20 @@ def read_text(path: Path | str) -> str:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    return decode(raw, str(path))
+
+
+def decode(raw: bytes, where: str) -> str:
+    """UTF-8 text, a leading BOM dropped (as pandas and Notepad's readers do); other bytes are a UserError naming
+    `where`, the byte offset and line."""
+    start = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
-        return raw.decode("utf-8")
+        return raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
+        at = start + e.start
+        line = raw.count(b"\n", 0, at) + 1
         raise UserError(
-            f"{path}: not UTF-8 text: byte {e.start} (line {line}) is {raw[e.start : e.start + 1]!r}; save the file "
-            "as UTF-8"
+            f"{where}: not UTF-8 text: byte {at} (line {line}) is {raw[at : at + 1]!r}; save the file as UTF-8"
         ) from None
 
 

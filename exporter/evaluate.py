@@ -80,10 +80,8 @@ def say_no_effect(table: dict[str, str], given: set[str]) -> None:
 def engine_options(opts: Any, max_seqs: int, template: str | None) -> Any:
     """The engine's LoadOptions for LF's model keys (model_name_or_path, adapter_name_or_path, template,
     infer_backend, infer_dtype) plus exporter's `backend` (default: .gguf -> gguf, a dir -> hf)."""
-    from exporter.chat import check_template_file
     from exporter.engine import LoadOptions
 
-    check_template_file(template)
     backend = opts.backend or ("vllm" if opts.infer_backend == "vllm" else None)
     return LoadOptions(opts.model_name_or_path, adapter=opts.adapter_name_or_path, backend=backend, template=template,
                        dtype=DTYPES[opts.infer_dtype], max_seqs=max_seqs)  # fmt: skip

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from exporter import config as config_mod
+from exporter.data import check_max_samples
 from exporter.errors import UserError
 
 _QUANT_METHODS = ("bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4", "fp8")  # LF's names
@@ -268,9 +269,7 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
         raise UserError("flash_attn: fa2 needs a CUDA GPU with flash-attn installed; use auto or sdpa on CPU")
     if cfg.cutoff_len < 2:
         raise UserError(f"cutoff_len must be at least 2, got {cfg.cutoff_len}")
-    if cfg.max_samples is not None and cfg.max_samples < 1:  # rows[:-1] would silently drop the last row
-        raise UserError(f"max_samples must be a positive number of rows per dataset (or unset for all), got "
-                        f"{cfg.max_samples}")  # fmt: skip
+    check_max_samples(cfg.max_samples)
     if cfg.val_size < 0 or (cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size)):
         raise UserError(f"val_size must be a fraction in [0, 1) or a whole number of samples, got {cfg.val_size}")
     if cfg.eval_dataset and cfg.val_size:  # LLaMA-Factory's split_dataset refuses it too

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from exporter.atomic import occupant
 from exporter.data import check_max_samples
 from exporter.errors import UserError
 from exporter.manifest import MANIFEST_NAME
@@ -120,14 +121,13 @@ def check(opts: PredictOptions) -> None:
 def check_output(out: Path) -> None:
     """output_dir must be absent, an empty dir or an exporter output (a training run's dir, where `exporter train`
     with do_predict writes, or an earlier predict's): predict writes its files into it, never over a user's file."""
-    if not out.exists() and not out.is_symlink():
+    if occupant(out) != "other":
         return
     if not out.is_dir():
         raise UserError(f"output_dir {out} exists and is not a directory; predict writes {PREDICTIONS} and {RESULTS} "
                         "into a directory: choose a new or empty one")  # fmt: skip
-    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise UserError(f"output_dir {out} is not empty and not an exporter output (no {MANIFEST_NAME}); not writing "
-                        f"{PREDICTIONS} and {RESULTS} into it: choose a new or empty directory")  # fmt: skip
+    raise UserError(f"output_dir {out} is not empty and not an exporter output (no {MANIFEST_NAME}); not writing "
+                    f"{PREDICTIONS} and {RESULTS} into it: choose a new or empty directory")  # fmt: skip
 
 
 def sampling(opts: PredictOptions, max_new_tokens: int) -> Any:

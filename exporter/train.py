@@ -152,6 +152,8 @@ class Run:
     model_dir: Path  # the base model: tokenizer and generation_config of every written dir come from it
     state: State
     engine: str = "single"  # single | ddp | fsdp | deepspeed
+    base: dict[str, Any] = dataclasses.field(default_factory=dict)  # adapter.base_fingerprint(model_dir), rank 0
+    evaluated: tuple[int, dict[str, float], float] | None = None  # the last evaluation: step, metrics, seconds
     run_tokens: int = 0  # tokens seen in this run (all ranks), for tokens/s
     losses: list[Any] = dataclasses.field(default_factory=list)  # device-side step losses since the last flush
     sums: dict[str, Any] = dataclasses.field(default_factory=dict)  # device-side metric sums since the last flush
@@ -338,6 +340,16 @@ def evaluate(run: Run) -> dict[str, float]:
     return out | {f"eval_{k}": v for k, v in found.items()}
 
 
+def _timed_evaluate(run: Run) -> tuple[dict[str, float], float]:
+    """`evaluate` and its seconds, remembered with the step: the final evaluation after the last step reuses it (the
+    weights have not changed since)."""
+    if run.evaluated is None or run.evaluated[0] != run.state.global_step:
+        start = time.time()
+        found = evaluate(run)
+        run.evaluated = (run.state.global_step, found, max(time.time() - start, 1e-9))
+    return dict(run.evaluated[1]), run.evaluated[2]
+
+
 def _next_group(run: Run) -> list[list[int]]:
     """The global batches of the next update; a new epoch's order when this one is used up."""
     st, cfg = run.state, run.cfg
@@ -381,7 +393,7 @@ def loop(run: Run, log: TrainerLog) -> None:
             last = n == sch.total  # HF's Trainer ends the epoch there: its epoch-end evaluation and save happen too
             epoch_end = st.batches_done >= len(st.order or []) or last
             if run.prep.val and _due(cfg.eval_strategy, n % sch.eval_every == 0 or last, epoch_end):
-                log.write(evaluate(run))
+                log.write(_timed_evaluate(run)[0])
             if _due(cfg.save_strategy, n % sch.save_every == 0 or last, epoch_end):
                 _checkpoint(run)
 
@@ -410,7 +422,7 @@ def _checkpoint(run: Run) -> None:
 
     if run.dist.main:
         checkpoint.save(run.model, optim, run.sched, dataclasses.asdict(run.state), run.out, run.cfg, run.model_dir,
-                        run.prep.tpl, state_dict=full, rngs=rngs, parts=parts if own else None,
+                        run.prep.tpl, run.base, state_dict=full, rngs=rngs, parts=parts if own else None,
                         weights=weights)  # fmt: skip
     else:  # in step with rank 0's save
         if weights:
@@ -431,7 +443,7 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     import torch
     from transformers import get_scheduler
 
-    from exporter import distributed, tuning
+    from exporter import adapter, distributed, tuning
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -482,6 +494,8 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     scaler = torch.amp.GradScaler(device.split(":")[0]) if cfg.fp16 and engine != "deepspeed" else None
     run = Run(cfg, prep, sch, model, wrapped, distributed.unwrapped(wrapped), opt, sched, scaler, amp, device, d, out,
               model_dir, State(fingerprint=fingerprint), engine)  # fmt: skip
+    if d.main:  # what every checkpoint's and the final manifest record of the base (read once)
+        run.base = adapter.base_fingerprint(model_dir)
     if cfg.stage in ("dpo", "kto") and cfg.finetuning_type != "lora" and cfg.pref_loss not in ("orpo", "simpo"):
         say("reference log-probs: computed once with the initial model (no second copy in memory)")
         objective.reference_logps(run, prep.train)
@@ -516,11 +530,9 @@ def _results(run: Run, log: TrainerLog) -> dict[str, Any]:
     if cfg.include_num_input_tokens_seen:
         results["num_input_tokens_seen"] = st.tokens_seen
     if run.prep.val and (cfg.do_eval or cfg.eval_strategy != "no"):
-        start = time.time()
-        found = evaluate(run)
+        found, runtime = _timed_evaluate(run)
         if cfg.do_eval:
             log.write(found)
-        runtime = max(time.time() - start, 1e-9)
         batches = math.ceil(len(run.prep.val) / (cfg.per_device_eval_batch_size * run.dist.world))
         results |= found | {"eval_runtime": round(runtime, 4),
                             "eval_samples_per_second": round(len(run.prep.val) / runtime, 3),
@@ -572,7 +584,7 @@ def _write_manifest(run: Run) -> None:
                                           "train_examples": len(run.prep.train), "val_examples": len(run.prep.val),
                                           "device": run.device, "processes": run.dist.world,
                                           "engine": run.engine,
-                                          adapter.FINGERPRINT_KEY: adapter.base_fingerprint(run.model_dir)}  # fmt: skip
+                                          adapter.FINGERPRINT_KEY: run.base}  # fmt: skip
     manifest.write(run.out, "train", inputs=inputs, settings=settings)
 
 

@@ -232,6 +232,21 @@ def _model_and_adapter(opts: LoadOptions) -> tuple[Path, Path | None]:
     return model, adapter
 
 
+def _check_template_file(template: str | None) -> None:
+    """A template given as a .jinja file must compile as transformers compiles it: a syntax error is one line naming
+    the file and line before the weights load, not an `[error: ...]` for every answer."""
+    path = Path(template).expanduser() if template else None
+    if path is None or not path.is_file():
+        return
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(read_text(path))
+    except TemplateSyntaxError as e:
+        raise UserError(f"{path}: not a valid Jinja chat template: line {e.lineno}: {e.message}") from None
+
+
 def _template_override(name: str, own: str | None, special: dict[str, str]) -> str:
     """A LLaMA-Factory name (the Jinja LF leaves in the tokenizer: the model's own unless the LF template replaces
     it), a family name or a .jinja file -> Jinja."""
@@ -312,6 +327,7 @@ def load(opts: LoadOptions) -> Engine:
     if opts.max_waiting < 0:
         raise UserError(f"max_waiting must be >= 0 (0: no queue, a request runs only when a slot is free), "
                         f"got {opts.max_waiting}")  # fmt: skip
+    _check_template_file(opts.template)
     kind = choose_backend(opts)
     if kind == "gguf":
         return _load_gguf(opts)
