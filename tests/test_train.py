@@ -382,6 +382,30 @@ def test_do_eval_after_training(tiny: Path, datadir: Path, tmp_path: Path) -> No
     assert results["eval_loss"] > 0 and _log(out)[-1] == {**_log(out)[-1], "eval_loss": results["eval_loss"]}
 
 
+def test_final_evaluation_reuses_the_last_steps(
+    tiny: Path, datadir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eval_strategy: steps evaluates at steps 2 and 3 (the last); do_eval's final evaluation is the step-3 one, not a
+    third pass over the same weights. The base fingerprint is read once, not per checkpoint."""
+    from exporter import adapter
+
+    calls: list[int] = []
+    reads: list[Path] = []
+    real_eval, real_fp = T.evaluate, adapter.base_fingerprint
+    monkeypatch.setattr(T, "evaluate", lambda run: calls.append(run.state.global_step) or real_eval(run))
+    monkeypatch.setattr(adapter, "base_fingerprint", lambda d: reads.append(d) or real_fp(d))
+    out = tmp_path / "eval"
+    T.train(_cfg(tiny, datadir, out, val_size=0.25, do_eval=True, eval_strategy="steps", eval_steps=2, max_steps=3,
+                 save_steps=1))  # fmt: skip
+    assert calls == [2, 3] and len(reads) == 1
+    results = json.loads((out / "all_results.json").read_text())
+    evals = [r for r in _log(out) if "eval_loss" in r]
+    assert len(evals) == 3 and evals[-1]["eval_loss"] == evals[-2]["eval_loss"] == results["eval_loss"]
+    assert results["eval_runtime"] > 0
+    fp = json.loads((out / "checkpoint-1" / "exporter_manifest.json").read_text())["settings"]["base_fingerprint"]
+    assert fp == json.loads((out / "exporter_manifest.json").read_text())["settings"]["base_fingerprint"] != {}
+
+
 def test_pt_stage_packing(tiny: Path, datadir: Path, tmp_path: Path) -> None:
     out = tmp_path / "pt"
     cfg = _cfg(tiny, datadir, out, stage="pt", dataset=["text"], template=None, cutoff_len=32, max_steps=3, bf16=True)
