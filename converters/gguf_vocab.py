@@ -59,6 +59,9 @@ class Vocab:
     add_other: dict[str, bool] = field(default_factory=dict)  # add_sep_token etc. as the tokenizer files say
     rstrip: bool = False  # some added token eats the whitespace on its right (Phi-3)
     notes: list[str] = field(default_factory=list)
+    # tokenizer_config.json's named chat templates ([{"name": "default", ...}, {"name": "tool_use", ...}]): name ->
+    # template, in the file's order
+    named_templates: dict[str, str] = field(default_factory=dict)
 
     def token_id(self, text: str) -> int | None:
         for i, t in enumerate(self.tokens):
@@ -286,7 +289,21 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch: gguf_arch.Arch, eot_t
 
     vocab.rstrip = any(a.get("rstrip") for a in tj.get("added_tokens", []))
     _set_eog(vocab, eot_tokens, model_dir)
+    vocab.named_templates = named_templates(model_dir)
     return vocab
+
+
+def named_templates(model_dir: Path) -> dict[str, str]:
+    """The named chat templates of tokenizer_config.json (`chat_template` as a list of {name, template}), name ->
+    template; names as gguf-py's `add_chat_template` writes them (other characters than letters and digits: `_`)."""
+    ct = read_json(model_dir / "tokenizer_config.json", optional=True).get("chat_template")
+    out: dict[str, str] = {}
+    for item in ct if isinstance(ct, list) else ():
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("template"), str):
+            name = "".join(c if c.isascii() and c.isalnum() else "_" for c in item["name"])
+            if name:
+                out.setdefault(name, item["template"])
+    return out
 
 
 def _generation_eos(model_dir: Path, n_tokens: int) -> list[int]:
@@ -359,3 +376,9 @@ def write_vocab(w: gguf.GGUFWriter, vocab: Vocab, chat_template: str | None) -> 
         w.add_add_space_prefix(vocab.add_space_prefix)
     if chat_template is not None:
         w.add_chat_template(chat_template)
+        named = {k: v for k, v in vocab.named_templates.items() if k != "default"}
+        if named and vocab.named_templates.get("default", chat_template) == chat_template:  # the model's own set
+            # as llama.cpp's converter (gguf-py add_chat_template with the list), the names in the file's order
+            for name, template in named.items():
+                w.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name=name), template)
+            w.add_array(gguf.Keys.Tokenizer.CHAT_TEMPLATES, list(named))

@@ -96,10 +96,20 @@ def parse(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def unprintable(value: str) -> str | None:
+    """The first character of `value` Ollama's Modelfile parser drops, as `U+00A0 (NO-BREAK SPACE) at offset 12`;
+    None when there is none."""
+    for i, c in enumerate(value):
+        if not _is_print(c) and c not in "\t\n\r":
+            return f"U+{ord(c):04X} ({unicodedata.name(c, 'unnamed')}) at offset {i}"
+    return None
+
+
 def quote(value: str, what: str, always: bool = False) -> str:
     """`value` quoted so Ollama's parser returns it unchanged (`always`: quoted even when plain would do)."""
-    if any(not _is_print(c) and c not in "\t\n\r" for c in value):
-        raise UserError(f"{what} contains non-printable characters that Ollama's Modelfile parser drops")
+    bad = unprintable(value)
+    if bad is not None:
+        raise UserError(f"{what} contains {bad}, a non-printable character that Ollama's Modelfile parser drops")
     candidates = (
         [f'"""{value}"""', f'"{value}"']
         if ('"' in value or "\n" in value or value != value.strip())

@@ -188,6 +188,23 @@ def _end(out: TextIO, interactive: bool, streamed: list[str], note: str) -> None
     out.flush()
 
 
+def fit_history(engine: Any, system: str | None, history: list[dict[str, Any]], max_new: int) -> tuple[list[int], int]:
+    """(prompt ids, how many of the oldest messages to drop) so that the system prompt, the newest turns and
+    `max_new` answer tokens fit the context (whole user/assistant pairs go; the new question always stays).
+    EngineError when the question alone (with the system prompt) leaves no room for an answer."""
+    head = [{"role": "system", "content": system}] if system else []
+    drop = 0
+    while True:
+        prompt = engine.encode_chat(head + history[drop:])
+        if len(prompt) + max_new <= engine.n_ctx or drop + 1 >= len(history):
+            break
+        drop += 2 if history[drop]["role"] == "user" and drop + 2 < len(history) else 1
+    if len(prompt) >= engine.n_ctx:
+        raise EngineError(f"the question alone is {len(prompt)} tokens with the chat template; the context holds "
+                          f"{engine.n_ctx} (--ctx)")  # fmt: skip
+    return prompt, drop
+
+
 def chat(opts: ChatOptions) -> None:
     """Run the chat until `exit` or end of input."""
     from exporter.engine import load
@@ -197,6 +214,7 @@ def chat(opts: ChatOptions) -> None:
     with load(opts.load) as engine:
         engine.chat_format.require()
         history: list[dict[str, Any]] = []
+        said = False  # the note that old turns are dropped, once
         if interactive:
             out.write(f"{WELCOME}\n")
         while True:
@@ -220,12 +238,18 @@ def chat(opts: ChatOptions) -> None:
             if not query:
                 continue
             history.append({"role": "user", "content": query})
-            messages = ([{"role": "system", "content": opts.system}] if opts.system else []) + history
             if interactive:
                 out.write("Assistant: ")
             answer = []
             try:
-                for d in engine.stream(engine.encode_chat(messages), opts.sampling):
+                prompt, dropped = fit_history(engine, opts.system, history, opts.sampling.max_new_tokens)
+                if dropped and not said:
+                    said = True
+                    print(f"note: the conversation outgrew the context ({engine.n_ctx} tokens): the oldest turns are "
+                          "dropped to fit each new question and its answer (`clear` empties the history)",
+                          file=sys.stderr)  # fmt: skip
+                del history[:dropped]
+                for d in engine.stream(prompt, opts.sampling):
                     answer.append(d.text)
                     if interactive:  # streamed; piped, the answer is written whole, on its line
                         out.write(d.text)

@@ -402,7 +402,7 @@ class Saved:
 
 def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) -> Saved:
     """Check and read checkpoint-N for `model` (its LoRA tensors must be this run's) and a run of this
-    `fingerprint` (data, batch settings, processes)."""
+    `fingerprint` (data, batch and optimizer settings, processes)."""
     from safetensors import SafetensorError
 
     state_file = path / STATE_NAME
@@ -434,17 +434,26 @@ def read(path: Path, cfg: TrainConfig, model: Any, fingerprint: dict[str, Any]) 
         raise _unreadable(path, e) from None
 
 
+# settings a resume takes from the checkpoint, not from the config (the optimizer's param groups and the scheduler's
+# base learning rates are restored): a change would be ignored, so it is refused; the schedule's shape (type, warmup,
+# total) is rebuilt from the config
+OPTIMIZER_KEYS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "loraplus_lr_ratio",
+                  "loraplus_lr_embedding")  # fmt: skip
+
+
 def _check_same_run(path: Path, saved: Any, now: dict[str, Any]) -> None:
-    """A checkpoint resumes a run of the same data, batches and processes (the fingerprint); the planned total of
-    steps may change, as HF's Trainer allows (a larger max_steps or num_train_epochs continues the run, its learning
-    rate schedule rebuilt for the new total; older checkpoints recorded the total in their fingerprint)."""
+    """A checkpoint resumes a run of the same data, batches, optimizer settings (those it restores, when recorded)
+    and processes (the fingerprint); the planned total of steps may change, as HF's Trainer allows (a larger
+    max_steps or num_train_epochs continues the run, its learning rate schedule rebuilt for the new total; older
+    checkpoints recorded the total in their fingerprint)."""
     saved = {k: v for k, v in saved.items() if k != "total_steps"} if isinstance(saved, dict) else {}
+    now = {k: v for k, v in now.items() if k in saved or k not in OPTIMIZER_KEYS}  # older checkpoints: not recorded
     diff = [f"{k} {saved.get(k, '(none)')} in the checkpoint, {now.get(k, '(none)')} now"
             for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]  # fmt: skip
     if diff:
         raise UserError(
-            f"resume_from_checkpoint {path}: saved for different data, batch or process settings ({'; '.join(diff)}); "
-            "resume with those, or start over (overwrite_output_dir: true)"
+            f"resume_from_checkpoint {path}: saved for different data, batch, optimizer or process settings "
+            f"({'; '.join(diff)}); resume with those, or start over (overwrite_output_dir: true)"
         )
 
 

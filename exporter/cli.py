@@ -138,8 +138,17 @@ def _template_detect(model_dir: str = typer.Argument(..., help="HF model dir wit
     from it: the shapes checked in Go and those that differ."""
     _setup()
     from exporter import lf_names
-    from exporter.templates import detect
+    from exporter.templates import detect, model_chat_template
 
+    try:
+        model_chat_template(model_dir)
+    except UserError as e:
+        if "has no chat_template" not in str(e):  # unreadable files say what is wrong with them
+            raise
+        raise UserError(
+            f"{model_dir} has no chat_template (tokenizer_config.json or chat_template.jinja): nothing to detect; "
+            "gguf, merge and quantize export it without one, training needs a --template"
+        ) from None
     tpl = detect(model_dir)
     lf = lf_names.generated_by(tpl.jinja, tpl.bos_token, tpl.eos_token)
     lf_note = [f"LLaMA-Factory's generated Jinja of: {', '.join(lf)} (train with that --template)"] if lf else []
@@ -184,6 +193,9 @@ _LF_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 def _lf_args(ctx: typer.Context, verb: str) -> list[str]:
     if not ctx.args:
         raise UserError(f"exporter {verb}: give CONFIG.yaml [key=value ...] or --key value flags (see --help)")
+    first = ctx.args[0]
+    if not first.startswith("-") and "=" not in first and Path(first).is_dir():
+        raise UserError(f"{first} is a directory, expected a config file (CONFIG.yaml)")
     return list(ctx.args)
 
 
@@ -375,7 +387,9 @@ def _pipeline(
     from exporter import config
 
     train = config.read_yaml(config_file).get("train")
-    _setup(deepspeed=(isinstance(train, dict) and train.get("deepspeed") is not None)
+    _setup(quantization=(isinstance(train, dict) and train.get("quantization_bit") is not None)
+           or any(o.startswith("train.quantization_bit=") for o in overrides or []),
+           deepspeed=(isinstance(train, dict) and train.get("deepspeed") is not None)
            or any(o.startswith("train.deepspeed=") for o in overrides or []))  # fmt: skip
     from exporter import pipeline
 
@@ -411,10 +425,12 @@ def _chat(
     repetition_penalty: float = typer.Option(None, "--repetition-penalty", help="HF's (default 1.0)."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
     backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
-    dtype: str = typer.Option(None, "--dtype", help="hf: auto | fp32 | bf16 | fp16."),
+    dtype: str = typer.Option(None, "--dtype", help="hf, vllm: auto | fp32 | bf16 | fp16."),
     device: str = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1 ..."),
-    ctx: int = typer.Option(None, "--ctx", help="gguf: context size (default 4096); vllm: max model length."),
-    threads: int = typer.Option(None, "--threads", help="gguf: CPU threads."),
+    ctx: int = typer.Option(
+        None, "--ctx", help="Context: prompt + answer (gguf: 4096, hf: the model's; 0: the training one)."
+    ),
+    threads: int = typer.Option(None, "--threads", help="hf, gguf: CPU threads."),
 ) -> None:
     """Chat in the terminal (history, `clear`, `exit`); reads one prompt a line when stdin is not a terminal."""
     from exporter.chat import LF_SAMPLING, ChatOptions, chat, quantized_model, resolve_options
@@ -443,12 +459,16 @@ def _serve(
     max_waiting: int = typer.Option(256, "--max-waiting", help="Requests queued behind those; more get 429."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Answer length when a request sets none (1024)."),
     backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
-    dtype: str = typer.Option(None, "--dtype", help="hf: auto | fp32 | bf16 | fp16."),
+    dtype: str = typer.Option(None, "--dtype", help="hf, vllm: auto | fp32 | bf16 | fp16."),
     device: str = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1 ..."),
-    ctx: int = typer.Option(None, "--ctx", help="gguf: tokens per request (default 4096); KV = ctx x max-seqs."),
-    threads: int = typer.Option(None, "--threads", help="gguf: CPU threads."),
+    ctx: int = typer.Option(
+        None,
+        "--ctx",
+        help="Tokens per request (gguf: 4096, hf: the model's; 0: the training one); gguf KV = ctx x max-seqs.",
+    ),
+    threads: int = typer.Option(None, "--threads", help="hf, gguf: CPU threads."),
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions with streaming and tools)."""
+    """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions with streaming and tools, /v1/completions)."""
     from exporter.chat import quantized_model, resolve_options
     from exporter.engine import Sampling
     from exporter.serve import ServeOptions, options_from_env, run
@@ -462,6 +482,9 @@ def _serve(
     opts.host, opts.port = host or opts.host, port or opts.port
     opts.api_key, opts.model_name = api_key or opts.api_key, model_name or opts.model_name
     _setup(quantization=quantized_model(load_opts))
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn handles SIGTERM itself and re-raises it once shut down
     run(opts)
 
 
@@ -489,16 +512,78 @@ def _webui(
     launch(WebUIOptions(host=host, port=port, share=share, lang=lang, runs_dir=str(runs_dir)))
 
 
+def _repeated_option(argv: list[str]) -> str | None:
+    """The first single-value option given twice to the command `argv` names (`gguf -t q4_k_m -t q8_0`: click keeps
+    the last silently), as an error line; None when there is none. Options declared repeatable, flags, and commands
+    that pass their flags through (train, predict, eval, export) are left alone."""
+    cmd = typer.main.get_command(app)  # typer's own click: duck-typed
+    args = list(argv)
+    while hasattr(cmd, "commands"):  # the subcommand path; root options (--debug, --verbose) have no values
+        while args and args[0].startswith("-"):
+            args.pop(0)
+        if not args or args[0] not in cmd.commands:
+            return None
+        cmd = cmd.commands[args.pop(0)]
+    if cmd.context_settings.get("allow_extra_args"):
+        return None
+    value_opts = {}  # name -> option, for options that take a value
+    for param in cmd.params:
+        if param.param_type_name == "option" and not param.is_flag and not param.count:
+            for name in param.opts + param.secondary_opts:
+                value_opts[name] = param
+    seen: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg, i = args[i], i + 1
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2] if arg.startswith("-") else None
+        param = value_opts.get(name or "")
+        if param is None:
+            continue
+        if name == arg:  # the value is the next argument
+            i += 1
+        if param.multiple:
+            continue
+        if param.name in seen:
+            return f"{param.opts[0]} is given twice ({seen[param.name]} and {name}); it takes one value"
+        seen[param.name] = name
+    return None
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (`timeout`, a CI cancel, `docker stop`) unwinds like Ctrl-C: temporary outputs and locks are removed
+    by the `finally` blocks on the way out; exit code 143 (128 + 15)."""
+    raise SystemExit(128 + signum)
+
+
+def _handle_sigterm() -> object:
+    """Install `_on_sigterm` unless this is a torchrun worker (its launcher stops it) or a handler is already set;
+    `serve` (uvicorn) and torchrun's launcher install their own while they run. Returns the handler to restore."""
+    import os
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if "TORCHELASTIC_RUN_ID" not in os.environ and previous in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    return signal.SIG_DFL if previous is None else previous
+
+
 def main() -> None:
     """Console entry point: user errors (and a full disk, a read-only or forbidden path) become one line on stderr
     and exit code 2; any other error (or any with --debug) its traceback and exit code 1, printed here: Python keeps
     an uncaught error in `sys.last_exc` to the end, its frames and what they hold with it (a training run's process
     group, whose threads would then run into interpreter shutdown)."""
+    import signal
     import traceback
 
     from exporter.atomic import os_error
 
+    previous = _handle_sigterm()
     try:
+        repeated = _repeated_option(sys.argv[1:])
+        if repeated is not None:
+            raise UserError(repeated)
         app()
     except UserError as e:
         if _state["debug"]:
@@ -513,6 +598,9 @@ def main() -> None:
             sys.exit(1)
         typer.echo(f"error: {err.filename or 'writing an output'}: {err.strerror}", err=True)
         sys.exit(2)
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, previous)  # as it was (`main` called in-process, e.g. by tests)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,19 @@ def parse_overrides(items: typing.Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def scalar_texts(path: Path | str) -> dict[str, str]:
+    """The source text of each plain (unquoted) scalar value of a YAML file's top-level mapping (`0123`, not 83;
+    `Yes`, not true), for keys that take a string."""
+    try:
+        node = yaml.compose(read_text(path), Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: v.value for k, v in node.value
+            if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode) and v.style is None}  # fmt: skip
+
+
 def read_text(path: Path | str) -> str:
     """A UTF-8 text file; other bytes are a UserError naming the file, byte offset and line."""
     path = Path(path)
@@ -142,8 +155,9 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise UserError(f"{where}: {name} must be a number, got {value!r}") from None
     if hint is str:
-        if isinstance(value, (dict, list)):
-            raise UserError(f"{where}: {name} must be a string, got {value!r}")
+        if isinstance(value, (dict, list, bool, int, float)):  # YAML read 0123 as 83, Yes as true: not the text
+            quote = " (quote it)" if not isinstance(value, (dict, list)) else ""
+            raise UserError(f"{where}: {name} must be a string, got {value!r}{quote}")
         return str(value)
     if hint is Path:
         return Path(str(value))

@@ -5,11 +5,13 @@ tagged with the file and row it came from. Turning rows into conversations is `e
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ TAGS = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
+# a proxy may reach the hub where its host does not resolve here: no reachability probe then
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 # entry keys that change nothing for a local, text-only, single-split load
 _IGNORED_ENTRY_KEYS = {"ms_hub_url", "om_hub_url", "file_sha1", "description"}
 _ENTRY_KEYS = {
@@ -220,6 +224,59 @@ def _read_parquet(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
 
 
+def _hub_reachable() -> bool:
+    """Whether the hub's host takes a connection within a few seconds (offline mode, or a proxy, are taken as they
+    are): without a network huggingface_hub retries each request five times over ~23 s, logging each try."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=3).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's and datasets' offline mode while `offline`: a cached dataset still loads, a missing one fails
+    at once."""
+    import datasets
+    from huggingface_hub import constants
+
+    mods = [m for m in (constants, datasets.config) if offline and hasattr(m, "HF_HUB_OFFLINE")]
+    saved = [m.HF_HUB_OFFLINE for m in mods]
+    for m in mods:
+        m.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for m, v in zip(mods, saved, strict=True):
+            m.HF_HUB_OFFLINE = v
+
+
+@contextlib.contextmanager
+def _loggers_down(names: tuple[str, ...]) -> Iterator[None]:
+    """These libraries' log lines (retries, cache notes) off while loading: the outcome is said in one line."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+
+
 def _read_hub(sp: DatasetSpec) -> list[tuple[str, Any]]:
     try:
         import datasets
@@ -228,12 +285,16 @@ def _read_hub(sp: DatasetSpec) -> list[tuple[str, Any]]:
             f"dataset {sp.name!r} comes from the hub ({sp.source}); install the `datasets` package, or download it "
             "and point file_name at the local file"
         ) from None
+    reachable = _hub_reachable()
     try:
-        ds = datasets.load_dataset(sp.source, name=sp.subset, data_dir=sp.folder, split=sp.split, revision=sp.revision)
+        with _hub_offline(not reachable), _loggers_down(("huggingface_hub", "datasets", "fsspec")):
+            ds = datasets.load_dataset(sp.source, name=sp.subset, data_dir=sp.folder, split=sp.split,
+                                       revision=sp.revision)  # fmt: skip
     except Exception as e:  # offline, missing repo, bad split: one clear line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = "" if reachable else "the hub is unreachable and it is not in the local cache: "
         raise UserError(
-            f"dataset {sp.name!r}: loading {sp.source!r} from the Hugging Face hub failed ({first})"
+            f"dataset {sp.name!r}: loading {sp.source!r} from the Hugging Face hub failed ({why}{first})"
         ) from None
     return [(f"{sp.source} row {i + 1}", r) for i, r in enumerate(ds)]
 

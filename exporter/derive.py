@@ -122,6 +122,13 @@ class Layout:
     eot: list[str]  # end-of-turn tokens: generation stops on them
     closers: list[str]  # tokens that close an answer in the rendered text (eot, and gpt-oss's <|end|> in history)
     bos_rendered: bool
+    # (opening, closing) reasoning tags when the Jinja drops an earlier answer's reasoning (`content.split('</think>')
+    # [-1]`): the Go TEMPLATE names `.Thinking` between them, so that Ollama infers the tags and parses reasoning out
+    think: tuple[str, str] | None = None
+
+
+_REASONING = "Zq5rsnQz"
+THINK_TAGS = ("<think>", "</think>")  # what Ollama's thinking parser is fed here (gotemplate.ollama_data)
 
 
 class _Marks:
@@ -222,7 +229,20 @@ def derive_layout(
         if g and g[1].startswith(usuf) and g[1][len(usuf) :] != gen:
             gen_no_think = g[1][len(usuf) :]
     sys = _system_layout(r, head, c)
+    think = None
+    if THINK_TAGS[1] in jinja:  # an earlier answer with inline reasoning: does the Jinja drop the reasoning?
+        try:
+            rt = r([_u(_U1), _a(f"{THINK_TAGS[0]}\n{_REASONING}\n{THINK_TAGS[1]}\n\n{_A1}"), _u(_U2)], True)
+        except DeriveError:
+            rt = ""
+        if _A1 in rt and _REASONING not in rt:
+            think = THINK_TAGS
+            notes.append(
+                "earlier answers' reasoning: the Jinja drops it; Ollama hands it to the TEMPLATE apart from the answer "
+                "(.Thinking, left out) when a chat asks with think: true, else it stays in the answer and Go prints it"
+            )
     lay = Layout(
+        think=think,
         head=head,
         user=(upre, usuf),
         assistant=(apre, asuf),
@@ -299,18 +319,29 @@ def _system_layout(r: Callable[..., str], head: str, between: str) -> dict[str, 
 # Go TEMPLATE
 
 
+def go_string(text: str) -> str:
+    """`text` as a Go string literal whose characters all survive Ollama's Modelfile parser: JSON's escapes, and
+    `\\uXXXX` / `\\UXXXXXXXX` for the other characters Go's strconv.IsPrint rejects (U+00A0, U+200B, U+2028 …)."""
+    from exporter.converters.modelfile import _is_print
+
+    return "".join(
+        c if _is_print(c) else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+        for c in json.dumps(text, ensure_ascii=False)
+    )
+
+
 def _go_text(text: str, notes: list[str] | None = None) -> str:
     """Template actions printing `text` exactly (Go string literals), dates as `currentDate`."""
     out, pos = [], 0
     for m in _DATE.finditer(text):
         if m.start() > pos:
-            out.append("{{ " + json.dumps(text[pos : m.start()], ensure_ascii=False) + " }}")
+            out.append("{{ " + go_string(text[pos : m.start()]) + " }}")
         out.append("{{ currentDate }}")
         if notes is not None and m.group(1) != _ISO_DATE:
             notes.append(f"the Jinja prints today's date as {m.group(1)!r}; Ollama's currentDate prints YYYY-MM-DD")
         pos = m.end()
     if pos < len(text):
-        out.append("{{ " + json.dumps(text[pos:], ensure_ascii=False) + " }}")
+        out.append("{{ " + go_string(text[pos:]) + " }}")
     return "".join(out)
 
 
@@ -351,7 +382,10 @@ def go_template(lay: Layout, notes: list[str] | None = None) -> str:
         gen = "{{ if and $.IsThinkSet (not $.Think) }}" + t(lay.gen_no_think) + "{{ else }}" + gen + "{{ end }}"
     if gen:
         lines.append("{{- if $last }}" + gen + "{{ end }}")
-    lines.append('{{- else if eq $m.Role "assistant" }}' + t(apre) + "{{ $m.Content }}")
+    # reasoning of earlier answers: never printed, as in the Jinja; the tags around `.Thinking` (plain text, in a
+    # range over .Messages) are what Ollama's thinking.InferTags reads to make the model thinking-capable
+    think = "{{ if false }}" + lay.think[0] + "{{ .Thinking }}" + lay.think[1] + "{{ end }}" if lay.think else ""
+    lines.append('{{- else if eq $m.Role "assistant" }}' + t(apre) + think + "{{ $m.Content }}")
     if asuf:
         lines.append("{{- if not $last }}" + t(asuf) + "{{ end }}")
     lines.append("{{- end }}")
@@ -374,6 +408,9 @@ SHAPES: dict[str, Messages] = {
     "padded whitespace": [_u("  leading and trailing spaces  \n"), _a(" spaced answer "), _u(" next ")],
     "empty system": [_s(""), _u("Hello there")],
     "empty content": [_u(""), _a(""), _u("Say something.")],
+    # an answer with reasoning in history: fed to Go as Ollama feeds it (`.Thinking` apart from the answer when the
+    # TEMPLATE is thinking-aware, else inline)
+    "earlier reasoning": [_u("Hi"), _a("<think>\nThe user greets me.\n</think>\n\nHello!"), _u("How are you?")],
 }
 PLAIN_SHAPES = ("user", "system+user", "multi-turn", "system+multi-turn")
 
@@ -404,7 +441,7 @@ def check_go(
     """For each candidate (Go TEMPLATE, Modelfile SYSTEM): every shape rendered through the Jinja (transformers,
     leading BOS dropped) and through the candidate (real Go, fed as Ollama feeds it). Shapes the Jinja refuses are
     left out. GoUnavailable without a Go toolchain."""
-    from exporter.gotemplate import ollama_data, render_go_results
+    from exporter.gotemplate import ollama_data, render_go_results, thinking_aware
 
     shapes = SHAPES if shapes is None else shapes
     refs: dict[str, str] = {}
@@ -414,7 +451,8 @@ def check_go(
         except Exception:  # the Jinja refuses this shape (e.g. no system role): nothing to compare
             continue
         refs[name] = text[len(bos) :] if bos and text.startswith(bos) else text
-    items = [(go, ollama_data(shapes[name], system=system)) for go, system in candidates for name in refs]
+    items = [(go, ollama_data(shapes[name], system=system, split_thinking=thinking_aware(go)))
+             for go, system in candidates for name in refs]  # fmt: skip
     rendered = iter(render_go_results(items))
     out = []
     for _ in candidates:
@@ -543,7 +581,14 @@ def chat_template(
         note = f"no Ollama TEMPLATE could be derived: {e}"
         return ChatTemplate(**common, description="the model's own Jinja; no Ollama TEMPLATE", ollama="", stop=stop,
                             eot_tokens=[], default_system=None, format=fmt, notes=(note, *near))  # fmt: skip
-    names, gos, systems, stops, tie_ok = ["derived"], [d.ollama], [d.default_system], [d.stop], [False]
+    from exporter.converters.modelfile import unprintable
+
+    system, bad = d.default_system, unprintable(d.default_system or "")
+    if bad is not None:  # the TEMPLATE prints the Jinja's head, default included, when a chat has no system message
+        system = None
+        d.notes.append(f"the default system prompt holds {bad}, which a Modelfile cannot hold: no SYSTEM line (the "
+                       "TEMPLATE prints the default itself when a chat has no system message)")  # fmt: skip
+    names, gos, systems, stops, tie_ok = ["derived"], [d.ollama], [system], [d.stop], [False]
     fams: list[Any] = [None]
     own_tools = tool_probe(jinja, bos, eos)
     for name in list_templates():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +112,7 @@ def check_ollama_name(name: str | None) -> None:
 
 def ollama_names(model_dir: Path, kinds: list[str], ollama_name: str | None = None) -> dict[str, str]:
     """The `ollama create` name of each type's model: `<name>:<type>`, the name defaulting to the dir's."""
-    name = ollama_name or _safe_name(model_dir.name).lower()
+    name = ollama_name or _safe_name(model_dir.resolve().name).lower()
     return {kind: f"{name}:{kind}" for kind in kinds}
 
 
@@ -123,6 +125,38 @@ def modelfile_header(kind: str, source: str, tpl: Any, ollama_name: str, gguf_na
         *(n.replace("\n", "\\n") for n in tpl.notes),
         f"create with: ollama create {ollama_name} -f Modelfile.{kind}",
     ]
+
+
+def default_out(src: Path) -> Path:
+    """`<src>-gguf` beside `src`, from its resolved path (`exporter gguf .` -> `../<dir>-gguf`, not `-gguf` in it)."""
+    src = src.resolve()
+    return src.parent / f"{src.name}-gguf"
+
+
+def create_command(name: str, modelfile: Path) -> str:
+    """The `ollama create` line printed for a Modelfile, shell-quoted (paths with spaces or parentheses)."""
+    return f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile))}"
+
+
+def base_from_line(base_gguf: str | None, base_dir: Path, out: Path) -> str:
+    """FROM of an adapter's Modelfile: `base_gguf` as given when it is an Ollama model name, an existing path
+    relative to the Modelfile's dir `out` (Ollama resolves a relative FROM there, not in the cwd); else the base."""
+    if base_gguf is None:
+        return str(base_dir.resolve())
+    path = Path(base_gguf).expanduser()
+    if not path.exists():
+        return base_gguf
+    rel = os.path.relpath(path.resolve(), out.resolve())
+    return rel if rel.startswith("..") else f"./{rel}"
+
+
+def check_modelfile(tpl: Any) -> None:
+    """A Modelfile with `tpl`'s TEMPLATE, stops and SYSTEM can be written: refused (naming the character and its
+    offset) before anything is converted, not after."""
+    from exporter.converters.modelfile import ModelfileSpec, render
+
+    render(ModelfileSpec(from_="./model.gguf", template=tpl.ollama or None, stops=list(tpl.stop),
+                         system=tpl.default_system))  # fmt: skip
 
 
 def export(
@@ -145,10 +179,11 @@ def export(
     _, _, src = gguf_convert.plan(model_dir)  # unsupported architecture / missing weights fail before any write
     src.close()
     params = sum(math.prod(shape) for shape in src.shapes.values())
-    stem = _safe_name(model_dir.name)
+    stem = _safe_name(model_dir.resolve().name)
     names = ollama_names(model_dir, kinds, ollama_name)
     need = int(params * sum(_BYTES_PER_PARAM[k] for k in kinds))
     check_free_space(out.parent, need)
+    check_modelfile(tpl)
     _say_template(tpl)
     kquants = [k for k in kinds if k in KQUANT_KINDS]
     numpy_kinds = [k for k in kinds if k in NUMPY_KINDS]
@@ -197,7 +232,7 @@ def export(
             result.files[kind] = out / gguf_name
             result.modelfiles[kind] = out / mf.name
             result.names[kind] = names[kind]
-            result.commands.append(f"ollama create {names[kind]} -f {out / mf.name}")
+            result.commands.append(create_command(names[kind], out / mf.name))
         manifest.write(
             tmp,
             "gguf",
@@ -230,9 +265,10 @@ def export_adapter(
     check_target(out, force, [adapter_dir, base_dir])
     manifest.check_stage(out, "gguf")
     note = check_base(adapter_dir, base_dir, str(adapter_dir))
-    stem = _safe_name(adapter_dir.name)
+    check_modelfile(tpl)
+    stem = _safe_name(adapter_dir.resolve().name)
     name = ollama_name or stem.lower()
-    base_from = base_gguf or str(base_dir.resolve())
+    base_from = base_from_line(base_gguf, base_dir, out)
     result = GGUFResult(out)
     with atomic_dir(out, force, [adapter_dir, base_dir]) as tmp:
         path = tmp / f"{stem}-lora-{kind}.gguf"
@@ -264,7 +300,7 @@ def export_adapter(
     result.files[kind] = out / path.name
     result.modelfiles[kind] = out / "Modelfile"
     result.names[kind] = name
-    result.commands.append(f"ollama create {name} -f {out / 'Modelfile'}")
+    result.commands.append(create_command(name, out / "Modelfile"))
     return result
 
 
@@ -275,6 +311,11 @@ def run(opts: GGUFOptions) -> GGUFResult:
 
     kinds = parse_types(opts.types)
     check_ollama_name(opts.ollama_name)
+    if opts.base_gguf is not None and opts.adapter is None:
+        raise UserError(
+            f"--base-gguf {opts.base_gguf!r} is the FROM of an adapter's Modelfile: it needs --adapter (a full "
+            "model's Modelfile is FROM its own GGUF)"
+        )
     model_dir = hub.resolve(opts.model, "model")
     arch_for(load_hparams(model_dir), model_dir)  # an unsupported architecture is the first thing to report
     check_readable(model_dir)  # truncated weights, non-UTF-8 tokenizer files: one line, not the converter's traceback
@@ -286,11 +327,11 @@ def run(opts: GGUFOptions) -> GGUFResult:
             adapter_dir / "tokenizer_config.json", optional=True
         )
         tpl = templates.resolve(adapter_dir if has_template else model_dir, opts.template, need=False)
-        out = Path(opts.out) if opts.out is not None else adapter_dir.parent / f"{adapter_dir.name}-gguf"
+        out = Path(opts.out) if opts.out is not None else default_out(adapter_dir)
         result = export_adapter(adapter_dir, model_dir, kinds, tpl, out, opts.ollama_name, opts.force, opts.base_gguf)
     else:
         tpl = templates.resolve(model_dir, opts.template, need=False)
-        out = Path(opts.out) if opts.out is not None else model_dir.parent / f"{model_dir.name}-gguf"
+        out = Path(opts.out) if opts.out is not None else default_out(model_dir)
         result = export(model_dir, kinds, tpl, out, opts.ollama_name, opts.force, source_label=str(opts.model))
     _report(result)
     return result

@@ -14,6 +14,7 @@ import hashlib
 import importlib.resources
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -83,6 +84,26 @@ def _arguments(args: Any, where: str) -> dict[str, Any]:
     if not isinstance(args, dict):
         raise UserError(f"{where}: tool-call arguments must be a JSON object, got {type(args).__name__}")
     return args
+
+
+_THINKING_ACTION = re.compile(r"\}\}([^{}]*)\{\{-?\s*\.Thinking\s*-?\}\}([^{}]*)\{\{")
+
+
+def thinking_tags(go: str) -> tuple[str, str]:
+    """The (opening, closing) reasoning tags Ollama's thinking.InferTags reads from a TEMPLATE: the plain text
+    around a `{{ .Thinking }}` action (a field of the message, in a range over .Messages); ("", "") when there is
+    none. Ollama parses reasoning out of answers (think: true) only when both are found."""
+    if "range" not in go or ".Messages" not in go:
+        return "", ""
+    for m in _THINKING_ACTION.finditer(go):
+        if m.group(1).strip() and m.group(2).strip():
+            return m.group(1).strip(), m.group(2).strip()
+    return "", ""
+
+
+def thinking_aware(go: str) -> bool:
+    """Whether Ollama treats a model with this TEMPLATE as thinking-capable (`thinking_tags` finds both tags)."""
+    return all(thinking_tags(go))
 
 
 def ollama_data(

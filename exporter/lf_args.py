@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 import typing
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ _QUANT_METHODS = ("bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4"
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 _FSDP_WORDS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap", "no_shard")
 _FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")  # key=value: still unsets a text key, as OmegaConf reads it
 _SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                "inverse_sqrt")  # fmt: skip
 
@@ -53,6 +56,15 @@ UNSUPPORTED = {
     "use_llama_pro": "LLaMA Pro",
     "group_by_length": "HF length grouping (exporter always batches by length within shuffled windows)",
 }
+# their LLaMA-Factory / HF defaults: a key given at its default asks for nothing and is accepted
+UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    **dict.fromkeys(UNSUPPORTED),
+    **dict.fromkeys(("use_unsloth", "use_galore", "use_badam", "use_apollo", "pissa_init", "create_new_adapter",
+                     "streaming", "shift_attn", "enable_liger_kernel", "use_llama_pro", "group_by_length"), False),
+    "pref_bco_weight": 0.0,
+    "freeze_multi_modal_projector": True,
+    "mix_strategy": "concat",
+}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -154,10 +166,12 @@ def parse_args(argv: list[str], cls: type | None = None) -> tuple[dict[str, Any]
     data: dict[str, Any] = {}
     where = "command line"
     args = list(argv)
+    hints = typing.get_type_hints(cls or TrainConfig)
     if args and not args[0].startswith("-") and "=" not in args[0]:
         where = args.pop(0)
         data.update(config_mod.read_yaml(where))
-    hints = typing.get_type_hints(cls or TrainConfig)
+        texts = config_mod.scalar_texts(where)
+        data.update({k: texts[k] for k, v in data.items() if text_key(k, cls) and v is not None and k in texts})
     i = 0
     while i < len(args):
         arg = args[i]
@@ -174,13 +188,36 @@ def parse_args(argv: list[str], cls: type | None = None) -> tuple[dict[str, Any]
                     continue
                 value = nxt
                 i += 1
-            data[key] = yaml.safe_load(value) if value.strip() else None
+            text = text_key(key, cls) and value.strip()
+            data[key] = value if text else yaml.safe_load(value) if value.strip() else None
         elif "=" in arg:
-            data.update(config_mod.parse_overrides([arg]))
+            key, _, value = arg.partition("=")
+            text = text_key(key.strip(), cls) and value.strip() not in _YAML_NULLS
+            data.update({key.strip(): value} if text else config_mod.parse_overrides([arg]))
         else:
             raise UserError(f"unexpected argument {arg!r}: expected CONFIG.yaml first, then key=value or --key value")
         i += 1
     return data, where
+
+
+def _at_default(value: Any, default: Any) -> bool:
+    """Whether a key's given value is `default` (`streaming=false`, `--mix_strategy concat`, `ref_model: null`)."""
+    if isinstance(default, bool) and isinstance(value, str):
+        value = _BOOL_WORDS.get(value.lower(), value)
+    if default is None and isinstance(value, str) and value.strip() in _YAML_NULLS:
+        value = None
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == default
+    return type(value) is type(default) and value == default
+
+
+def text_key(key: str, cls: type | None = None) -> bool:
+    """Whether `key` takes text (str or str | None): its command-line value is kept as typed, as LF's argparse keeps
+    it (`--output_dir 0123` is the directory 0123, not YAML's octal 83). Lists (`dataset: [a, b]` or `a,b`) are
+    parsed as YAML, as before."""
+    hint = typing.get_type_hints(cls or TrainConfig).get(key)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return hint is str or (union and [a for a in typing.get_args(hint) if a is not type(None)] == [str])
 
 
 def config_from_args(argv: list[str]) -> tuple[TrainConfig, set[str]]:
@@ -190,9 +227,10 @@ def config_from_args(argv: list[str]) -> tuple[TrainConfig, set[str]]:
 
 def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set[str]]:
     """The TrainConfig for parsed LF keys (`parse_args`), and the keys the user set explicitly."""
-    for key in data:
-        if key in UNSUPPORTED:
+    for key in [k for k in data if k in UNSUPPORTED]:
+        if not _at_default(data[key], UNSUPPORTED_DEFAULTS[key]):
             raise UserError(f"{where}: {key}: {UNSUPPORTED[key]} is not supported yet")
+        del data[key]
     if isinstance(data.get("lora_target"), str) and data["lora_target"].strip() == "all":
         data["lora_target"] = ["all"]
     for key in ("eval_strategy", "save_strategy"):
@@ -282,8 +320,10 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
         raise UserError("adapter_name_or_path only applies to finetuning_type: lora")
     if cfg.adapter_name_or_path and "," in cfg.adapter_name_or_path:
         raise UserError("adapter_name_or_path: continuing from several adapters at once is not supported yet")
-    if cfg.loraplus_lr_ratio is not None and cfg.finetuning_type != "lora":
-        raise UserError("loraplus_lr_ratio only applies to finetuning_type: lora")
+    for key, scope, acts in _SCOPED_ERRORS:  # as LLaMA-Factory refuses them
+        if _differs(cfg, key) and not acts(cfg):
+            raise UserError(f"{key} only applies to {scope} (stage is {cfg.stage}, "
+                            f"finetuning_type {cfg.finetuning_type})")  # fmt: skip
     if cfg.per_device_train_batch_size < 1 or cfg.gradient_accumulation_steps < 1 or cfg.per_device_eval_batch_size < 1:
         raise UserError(
             "per_device_train_batch_size, per_device_eval_batch_size and gradient_accumulation_steps must be >= 1"
@@ -295,10 +335,13 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
     if "eval_steps" in given and cfg.eval_strategy != "steps":
         raise UserError(f"eval_steps is set but eval_strategy is {cfg.eval_strategy!r}; set eval_strategy: steps")
     _check_methods(cfg, device)
+    idle = [f"{', '.join(ks)} (only with {scope})" for keys, scope, acts in _SCOPED if not acts(cfg)
+            for ks in [[k for k in keys if k in given and _differs(cfg, k)]] if ks]  # fmt: skip
+    if notes and idle:
+        run = f"stage {cfg.stage}, finetuning_type {cfg.finetuning_type}"
+        run += f", quantization_bit {cfg.quantization_bit}" if cfg.quantization_bit else ""
+        say(f"no effect in this run ({run}): {'; '.join(idle)}")
     said = {
-        **{k: f"{k} applies to finetuning_type: freeze (it is {cfg.finetuning_type})" for k in _FREEZE_KEYS},
-        "double_quantization": "double_quantization applies to quantization_bit: 4 only",
-        "quantization_type": "quantization_type applies to quantization_bit: 4 only",
         "flash_attn": f"flash_attn={cfg.flash_attn}: "
         + ("FlashAttention does not exist on CPU; using PyTorch SDPA attention" if device == "cpu"
            else "using PyTorch SDPA attention"),
@@ -312,14 +355,42 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
     skip = {
         "flash_attn": cfg.flash_attn == "disabled",
         "ddp_timeout": _distributed(),
-        **{k: cfg.finetuning_type == "freeze" for k in _FREEZE_KEYS},
-        "double_quantization": cfg.quantization_bit == 4,
-        "quantization_type": cfg.quantization_bit == 4,
         "save_steps": cfg.save_strategy == "steps",
     }
     for key, msg in said.items():
         if notes and key in given and not skip.get(key):
             say(msg)
+
+
+# keys that act only in some stages or methods (LLaMA-Factory ignores them elsewhere): (keys, where they act, whether
+# they act for a config); given elsewhere with another value than the default, they are said once to have no effect
+_SCOPED: tuple[tuple[tuple[str, ...], str, typing.Callable[[TrainConfig], bool]], ...] = (
+    (("pref_beta", "pref_ftx"), "stage: dpo or kto", lambda c: c.stage in ("dpo", "kto")),
+    (("pref_loss", "dpo_label_smoothing"), "stage: dpo", lambda c: c.stage == "dpo"),
+    (("simpo_gamma",), "stage: dpo with pref_loss: simpo", lambda c: c.stage == "dpo" and c.pref_loss == "simpo"),
+    (("kto_chosen_weight", "kto_rejected_weight"), "stage: kto", lambda c: c.stage == "kto"),
+    (("packing",), "stage: sft or pt", lambda c: c.stage in ("sft", "pt")),
+    (("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "loraplus_lr_embedding"), "finetuning_type: lora",
+     lambda c: c.finetuning_type == "lora"),
+    (_FREEZE_KEYS, "finetuning_type: freeze", lambda c: c.finetuning_type == "freeze"),
+    (("quantization_type", "double_quantization"), "quantization_bit: 4", lambda c: c.quantization_bit == 4),
+)  # fmt: skip
+# settings LLaMA-Factory 0.9.5 refuses outside where they act: (key, where it acts, whether it acts for a config)
+_SCOPED_ERRORS: tuple[tuple[str, str, typing.Callable[[TrainConfig], bool]], ...] = (
+    ("train_on_prompt", "stage: sft", lambda c: c.stage == "sft"),
+    ("mask_history", "stage: sft", lambda c: c.stage == "sft"),
+    ("use_rslora", "finetuning_type: lora", lambda c: c.finetuning_type == "lora"),
+    ("use_dora", "finetuning_type: lora", lambda c: c.finetuning_type == "lora"),
+    ("loraplus_lr_ratio", "finetuning_type: lora", lambda c: c.finetuning_type == "lora"),
+)
+
+
+def _differs(cfg: TrainConfig, key: str) -> bool:
+    """Whether `key` holds another value than its default (an unset `packing` and false are the same)."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == key)
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
+    value = getattr(cfg, key)
+    return value != default and not (default is None and value is False)
 
 
 def cpu_has_fp16() -> bool:

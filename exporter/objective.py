@@ -65,14 +65,20 @@ def _ref_logps(run: Any, batch: dict[str, Any], precomputed: Any) -> Any:
         return tuning.completion_logps(run.plain, batch)[0]
 
 
-def micro_loss(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """(loss summed over the batch's units, metric sums) for one micro-batch of `run.cfg.stage`."""
+def desirable(stage: str, batch_examples: list[Any]) -> int:
+    """KTO: how many of the examples are desirable (0 for the other stages)."""
+    return sum(e.desirable for e in batch_examples) if stage == "kto" else 0
+
+
+def micro_loss(run: Any, batch: dict[str, Any], totals: tuple[int, int] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(loss summed over the batch's units, metric sums) for one micro-batch of `run.cfg.stage`; `totals` are the
+    units and desirable examples of the whole global step (all micro-batches, all ranks; default: this batch's)."""
     stage = run.cfg.stage
     if stage in ("sft", "pt"):
         return tuning.loss_sum(run.score, batch), {}
     if stage == "dpo":
         return _dpo(run, batch)
-    return _kto(run, batch)
+    return _kto(run, batch, totals)
 
 
 def _dpo(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -89,7 +95,7 @@ def _dpo(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return out.losses.sum(), metrics
 
 
-def _kto(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _kto(run: Any, batch: dict[str, Any], totals: tuple[int, int] | None) -> tuple[Any, dict[str, Any]]:
     import torch
 
     from exporter import distributed
@@ -104,15 +110,18 @@ def _kto(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     kl = (distributed.all_sum(run.dist, kl) / run.dist.world).clamp(min=0)[0]
     out = preference.kto_loss(logps[good], logps[bad], kl_logps, ref[good], ref[bad], ref_kl, cfg.pref_beta,
                               cfg.kto_chosen_weight, cfg.kto_rejected_weight, kl=kl)  # fmt: skip
-    loss = out.losses.nanmean()
-    n_good = int(batch["n_desirable"])
-    if cfg.pref_ftx > 0 and n_good:  # LLaMA-Factory's SFT term for KTO, scaled as it scales it
+    loss = out.losses.nanmean() * len(logps)
+    n_all, n_good = totals or (len(logps), int(batch["n_desirable"]))
+    if cfg.pref_ftx > 0 and n_good:
+        # LLaMA-Factory's SFT term for KTO, ftx * mean(chosen NLL) / n_good * n, taken over the whole global step
+        # (n, n_good: its counts) so that accumulation and several processes equal one batch: as a sum over this
+        # batch's chosen answers, scaled by n (the loop divides by n)
         chosen_avg = logps[good] / lens[good].clamp(min=1)
-        loss = loss + cfg.pref_ftx * (-chosen_avg).nanmean() / n_good * len(logps)
+        loss = loss + cfg.pref_ftx * (-chosen_avg).nansum() * (n_all / n_good) ** 2
     metrics = {"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
                "logps/chosen": logps[good].detach().sum(), "logps/rejected": logps[bad].detach().sum(),
                "kl": kl}  # fmt: skip
-    return loss * len(logps), metrics
+    return loss, metrics
 
 
 def metric_counts(stage: str, batch: dict[str, Any], n_units: int) -> dict[str, float]:

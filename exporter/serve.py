@@ -2,7 +2,8 @@
 
 GET /v1/models, POST /v1/chat/completions (JSON or SSE streaming; tools with parsed tool_calls where the chat
 template has a tool format; stop, max_tokens / max_completion_tokens, temperature, top_p, seed, n, logprobs;
-usage; finish_reason stop / length / tool_calls). Errors have OpenAI's shape: 401 bad key, 400 malformed or
+usage; finish_reason stop / length / tool_calls), POST /v1/completions (a raw prompt, as llama-cpp-python's server:
+echo, logprobs, stop, stream). Errors have OpenAI's shape: 401 bad key, 400 malformed or
 unsupported parameter (named), 404 unknown model, 429 queue full, 503 engine closed. Requests run concurrently on
 the engine's continuous batching; a client that goes away frees its slot at the next step.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from exporter.engine import (
     Completion,
+    ContextOverflow,
     Delta,
     Engine,
     EngineClosed,
@@ -43,6 +45,12 @@ SUPPORTED = {
     "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos",
 }  # fmt: skip
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "response_format": {"type": "text"}}
+# ... and of POST /v1/completions (llama-cpp-python's server serves it too)
+COMPLETION_SUPPORTED = {
+    "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "echo",
+    "logprobs", "user", "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos",
+}  # fmt: skip
+COMPLETION_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "suffix": None, "best_of": 1}
 MAX_N = 16
 INT64 = (-(2**63), 2**63 - 1)  # OpenAI's range for `seed`
 
@@ -132,20 +140,63 @@ class ChatRequest:
     logprobs: bool
 
 
-def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> ChatRequest:
-    """Check every parameter (400 naming the first bad one) and render the prompt."""
+def _check_keys(body: Any, name: str, supported: set[str], neutral: dict[str, Any]) -> None:
+    """The body is an object of known parameters (unsupported ones only at their neutral value) for this model."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     for key in body:
-        if key in NEUTRAL:
-            if body[key] not in (NEUTRAL[key], None, {}) and not (key == "logit_bias" and body[key] == {}):
-                raise ApiError(400, f"unsupported parameter: '{key}' (only {NEUTRAL[key]!r} is supported)", param=key)
-        elif key not in SUPPORTED:
+        if key in neutral:
+            if body[key] not in (neutral[key], None, {}) and not (key == "logit_bias" and body[key] == {}):
+                raise ApiError(400, f"unsupported parameter: '{key}' (only {neutral[key]!r} is supported)", param=key)
+        elif key not in supported:
             raise ApiError(400, f"unsupported parameter: '{key}'", param=key, code="unsupported_parameter")
     _typed(body, "model", str, "a string")
     if body.get("model") is not None and body.get("model") != name:
         raise ApiError(404, f"The model '{body.get('model')}' does not exist; this server serves '{name}'",
                        param="model", code="model_not_found")  # fmt: skip
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = bool(_typed(body, "stream", bool, "true or false"))
+    so = _typed(body, "stream_options", dict, "an object") or {}
+    if body.get("stream_options") is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    return stream, bool(_typed(so, "include_usage", bool, "true or false"))
+
+
+def _sampling(body: dict[str, Any], d: Sampling, logprobs: int | None, skip_special: bool) -> Sampling:
+    """The request's sampling on the server's defaults `d` (stop, max_tokens, temperature, top_p, top_k,
+    repetition_penalty, seed, ignore_eos, skip_special_tokens); 400 naming the first bad one."""
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+    if "" in stop:  # llama-cpp-python's server ends every answer at once on it, with no text
+        raise ApiError(400, "'stop' strings must not be empty", param="stop")
+    max_new = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
+    temperature = _number(body, "temperature", float, 0, 2)
+    top_p = _number(body, "top_p", float, 0, 1, above=True)
+    top_k = _number(body, "top_k", int, 0)
+    penalty = _number(body, "repetition_penalty", float, 0, above=True)
+    skip = _typed(body, "skip_special_tokens", bool, "true or false")
+    return d.replace(
+        max_new_tokens=max_new or d.max_new_tokens,
+        temperature=d.temperature if temperature is None else float(temperature),
+        top_p=d.top_p if top_p is None else float(top_p),
+        top_k=d.top_k if top_k is None else top_k,
+        repetition_penalty=d.repetition_penalty if penalty is None else float(penalty),
+        seed=_number(body, "seed", int, *INT64),
+        stop=tuple(stop),
+        logprobs=logprobs,
+        skip_special_tokens=skip_special if skip is None else skip,
+        ignore_eos=bool(_typed(body, "ignore_eos", bool, "true or false")),
+    )
+
+
+def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> ChatRequest:
+    """Check every parameter (400 naming the first bad one) and render the prompt."""
+    _check_keys(body, name, SUPPORTED, NEUTRAL)
     if "messages" not in body:
         raise ApiError(400, "'messages' is required", param="messages")
     try:
@@ -166,44 +217,61 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
         tools = None
     _typed(body, "parallel_tool_calls", bool, "true or false")
     _typed(body, "user", str, "a string")
-    stream = bool(_typed(body, "stream", bool, "true or false"))
-    so = _typed(body, "stream_options", dict, "an object") or {}
-    if body.get("stream_options") is not None and not stream:
-        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    include_usage = bool(_typed(so, "include_usage", bool, "true or false"))
-    d = opts.sampling
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    max_new = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
+    stream, include_usage = _streaming(body)
     top_logprobs = _number(body, "top_logprobs", int, 0, 20)
     want_lp = bool(_typed(body, "logprobs", bool, "true or false"))
     if top_logprobs is not None and not want_lp:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    temperature = _number(body, "temperature", float, 0, 2)
-    top_p = _number(body, "top_p", float, 0, 1, above=True)
-    top_k = _number(body, "top_k", int, 0)
-    penalty = _number(body, "repetition_penalty", float, 0, above=True)
-    skip = _typed(body, "skip_special_tokens", bool, "true or false")
-    sampling = d.replace(
-        max_new_tokens=max_new or d.max_new_tokens,
-        temperature=d.temperature if temperature is None else float(temperature),
-        top_p=d.top_p if top_p is None else float(top_p),
-        top_k=d.top_k if top_k is None else top_k,
-        repetition_penalty=d.repetition_penalty if penalty is None else float(penalty),
-        seed=_number(body, "seed", int, *INT64),
-        stop=tuple(stop),
-        logprobs=(top_logprobs or 0) if want_lp else None,
-        skip_special_tokens=tools is None if skip is None else skip,
-        ignore_eos=bool(_typed(body, "ignore_eos", bool, "true or false")),
-    )
+    sampling = _sampling(body, opts.sampling, (top_logprobs or 0) if want_lp else None, tools is None)
     n = _number(body, "n", int, 1, MAX_N) or 1
     try:
         prompt = engine.encode_chat(messages, tools)
     except EngineError as e:
         raise ApiError(400, str(e), param="messages") from None
     return ChatRequest(prompt, sampling, n, stream, include_usage, tools, want_lp)
+
+
+@dataclass
+class TextRequest:
+    """A validated POST /v1/completions request: the prompt (text and ids), sampling, n, echo, streaming."""
+
+    text: str
+    prompt: list[int]
+    sampling: Sampling
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+def parse_completion(body: Any, engine: Engine, opts: ServeOptions, name: str) -> TextRequest:
+    """POST /v1/completions: `prompt` is a string (or a list of one string, or of token ids), tokenized as
+    llama-cpp-python's server does (the BOS the model adds, special tokens parsed); 400 naming a bad parameter."""
+    _check_keys(body, name, COMPLETION_SUPPORTED, COMPLETION_NEUTRAL)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids, text = list(prompt), engine.decode(prompt, skip_special=False)
+        if any(t < 0 or t >= engine.vocab_size for t in ids):
+            raise ApiError(400, f"'prompt' token ids must be in [0, {engine.vocab_size})", param="prompt")
+    elif isinstance(prompt, str) and prompt:
+        try:
+            ids, text = engine.encode_text(prompt), prompt
+        except EngineError as e:
+            raise ApiError(400, str(e), param="prompt") from None
+    else:
+        raise ApiError(400, "'prompt' must be a non-empty string (or a list of one string, or of token ids)",
+                       param="prompt")  # fmt: skip
+    _typed(body, "user", str, "a string")
+    stream, include_usage = _streaming(body)
+    echo = bool(_typed(body, "echo", bool, "true or false"))
+    logprobs = _number(body, "logprobs", int, 0, 20)
+    if echo and logprobs is not None:
+        raise ApiError(400, "'echo' with 'logprobs' is not supported (no log-probabilities of prompt tokens)",
+                       param="echo")  # fmt: skip
+    sampling = _sampling(body, opts.sampling, logprobs, True)
+    return TextRequest(text, ids, sampling, _number(body, "n", int, 1, MAX_N) or 1, stream, include_usage, echo)
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -245,7 +313,7 @@ def _usage(prompt: int, completions: list[int]) -> dict[str, int]:
 class _Run:
     """n engine requests of one HTTP request, their deltas on one asyncio queue: (choice index, Delta | error)."""
 
-    def __init__(self, engine: Engine, req: ChatRequest) -> None:
+    def __init__(self, engine: Engine, req: ChatRequest | TextRequest) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Delta | BaseException]] = asyncio.Queue()
         self.handles = []
@@ -269,7 +337,7 @@ class _Run:
 def create_app(engine: Engine, opts: ServeOptions) -> Any:
     """The FastAPI app serving `engine`."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     name = opts.model_name or engine.name
     app = FastAPI(title="exporter serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -288,15 +356,7 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
         e = ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
         return JSONResponse(e.body(), status_code=405)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if opts.api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {opts.api_key}".encode()):
-                e = ApiError(401, "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer)",
-                             type_="authentication_error", code="invalid_api_key")  # fmt: skip
-                return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+    app.add_middleware(_Auth, key=opts.api_key)
 
     @app.get("/health")
     async def _health() -> Any:
@@ -319,25 +379,83 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
 
     @app.post("/v1/chat/completions")
     async def _chat(request: Request) -> Any:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        req = parse_request(body, engine, opts, name)
-        try:
-            run = _Run(engine, req)
-        except QueueFull as e:
-            raise ApiError(429, str(e), type_="rate_limit_error", code="queue_full") from None
-        except EngineClosed as e:
-            raise _unavailable(e) from None
-        except EngineError as e:
-            raise ApiError(400, str(e)) from None
+        req = parse_request(await _json(request), engine, opts, name)
+        run = _start(engine, req)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         if req.stream:
             return StreamingResponse(_stream(engine, req, run, rid, name), media_type="text/event-stream")
-        return JSONResponse(await _complete(engine, req, run, rid, name, request))
+        answer = await _complete(engine, req, run, rid, name, request)
+        if answer is None:  # the client went away: nobody reads this (uvicorn drops it), nothing to log
+            return Response(status_code=499)
+        return JSONResponse(answer)
+
+    @app.post("/v1/completions")
+    async def _text(request: Request) -> Any:
+        req = parse_completion(await _json(request), engine, opts, name)
+        run = _start(engine, req)
+        rid = f"cmpl-{secrets.token_hex(12)}"
+        if req.stream:
+            return StreamingResponse(_stream_text(engine, req, run, rid, name), media_type="text/event-stream")
+        answer = await _complete_text(engine, req, run, rid, name, request)
+        return Response(status_code=499) if answer is None else JSONResponse(answer)
 
     return app
+
+
+async def _json(request: Any) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _start(engine: Engine, req: ChatRequest | TextRequest) -> _Run:
+    """The request's n answers queued on the engine; 429 queue full, 503 engine closed, 400 too long or bad."""
+    try:
+        return _Run(engine, req)
+    except QueueFull as e:
+        raise ApiError(429, str(e), type_="rate_limit_error", code="queue_full") from None
+    except EngineClosed as e:
+        raise _unavailable(e) from None
+    except ContextOverflow as e:
+        raise _too_long(e, req.sampling.max_new_tokens, isinstance(req, TextRequest)) from None
+    except EngineError as e:
+        raise ApiError(400, str(e)) from None
+
+
+class _Auth:
+    """Checks the Bearer key on /v1/ paths. A plain ASGI middleware: Starlette's BaseHTTPMiddleware (call_next)
+    logged a traceback ("No response returned") for every non-streamed client that went away."""
+
+    def __init__(self, app: Any, key: str | None) -> None:
+        self.app, self.key = app, key
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.key is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.key}".encode()):
+                from fastapi.responses import JSONResponse
+
+                e = ApiError(401, "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer)",
+                             type_="authentication_error", code="invalid_api_key")  # fmt: skip
+                await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _too_long(e: ContextOverflow, max_tokens: int, text: bool = False) -> ApiError:
+    """A prompt that fills the context: llama-cpp-python's server's (and OpenAI's) 400, counting the answer asked;
+    `text`: of /v1/completions (its wording there)."""
+    asked = e.prompt_tokens + max_tokens
+    if text:
+        message = (f"This model's maximum context length is {e.n_ctx} tokens, however you requested {asked} tokens "
+                   f"({e.prompt_tokens} in your prompt; {max_tokens} for the completion). Please reduce your prompt; "
+                   "or completion length.")  # fmt: skip
+    else:
+        message = (f"This model's maximum context length is {e.n_ctx} tokens. However, you requested {asked} tokens "
+                   f"({e.prompt_tokens} in the messages, {max_tokens} in the completion). Please reduce the length of "
+                   "the messages or completion.")  # fmt: skip
+    return ApiError(400, message, param="messages", code="context_length_exceeded")
 
 
 def _unavailable(e: EngineClosed) -> ApiError:
@@ -358,9 +476,9 @@ async def _disconnected(request: Any) -> None:
         return
 
 
-async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: str, request: Any) -> dict:
-    """The non-streamed answer; a client that goes away cancels its requests at once (their slots free at the next
-    step), not when the answer is done."""
+async def _gather(req: ChatRequest | TextRequest, run: _Run, request: Any) -> list[list[Delta]] | None:
+    """The Deltas of each of the n answers, or None when the client went away: that cancels its requests at once
+    (their slots free at the next step), not when the answers are done."""
     parts: list[list[Delta]] = [[] for _ in range(req.n)]
     done = 0
     gone = asyncio.ensure_future(_disconnected(request))
@@ -370,7 +488,7 @@ async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name:
             await asyncio.wait({got, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not got.done():
                 got.cancel()
-                raise asyncio.CancelledError  # nobody to answer
+                return None  # nobody to answer
             i, d = got.result()
             if isinstance(d, BaseException):
                 raise _failure(d)
@@ -379,6 +497,14 @@ async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name:
     finally:
         gone.cancel()
         run.cancel()
+    return parts
+
+
+async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: str, request: Any) -> dict | None:
+    """The non-streamed answer, or None when the client went away."""
+    parts = await _gather(req, run, request)
+    if parts is None:
+        return None
     choices, counts = [], []
     for i, p in enumerate(parts):
         c = collect(p, len(req.prompt))
@@ -393,6 +519,78 @@ async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name:
         "choices": choices,
         "usage": _usage(len(req.prompt), counts),
     }
+
+
+def _text_logprobs(engine: Engine, lps: list[Any] | None, offset: int) -> dict[str, Any] | None:
+    """/v1/completions' logprobs (tokens, text_offset, token_logprobs, top_logprobs), as llama-cpp-python's server
+    gives them: each top_logprobs entry also holds the chosen token."""
+    if lps is None:
+        return None
+
+    def text(token: int) -> str:
+        return engine.token_bytes(token).decode("utf-8", errors="backslashreplace")
+
+    tokens = [text(x.token) for x in lps]
+    ids = [x.token for x in lps]
+    offsets = [offset + len(engine.decode(ids[:k], skip_special=False)) for k in range(len(ids))]
+    tops = [{**{text(t): v for t, v in x.top}, tokens[k]: x.logprob} for k, x in enumerate(lps)]
+    return {"tokens": tokens, "text_offset": offsets, "token_logprobs": [x.logprob for x in lps], "top_logprobs": tops}
+
+
+def _text_choice(i: int, text: str, reason: str | None, lp: Any = None) -> dict[str, Any]:
+    return {"text": text, "index": i, "logprobs": lp, "finish_reason": reason}
+
+
+def _text_body(rid: str, created: int, name: str, choices: list[dict[str, Any]], usage: Any = None) -> dict:
+    body = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+async def _complete_text(engine: Engine, req: TextRequest, run: _Run, rid: str, name: str, request: Any) -> dict | None:
+    """The non-streamed /v1/completions answer (the prompt first with `echo`), or None when the client went away."""
+    parts = await _gather(req, run, request)
+    if parts is None:
+        return None
+    head = req.text if req.echo else ""
+    choices, counts = [], []
+    for i, p in enumerate(parts):
+        c = collect(p, len(req.prompt))
+        lp = _text_logprobs(engine, c.logprobs, len(req.text))
+        choices.append(_text_choice(i, head + c.text, c.finish_reason, lp))
+        counts.append(c.completion_tokens)
+    return _text_body(rid, int(time.time()), name, choices, _usage(len(req.prompt), counts))
+
+
+async def _stream_text(engine: Engine, req: TextRequest, run: _Run, rid: str, name: str) -> AsyncIterator[str]:
+    """/v1/completions' SSE chunks: the text of each answer as it comes (the prompt first with `echo`)."""
+    created = int(time.time())
+    counts, sent = [0] * req.n, [len(req.text)] * req.n  # text_offset of each answer's next token
+    done = 0
+
+    def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
+        return f"data: {json.dumps(_text_body(rid, created, name, choices, usage), ensure_ascii=False)}\n\n"
+
+    try:
+        if req.echo:
+            yield chunk([_text_choice(i, req.text, None) for i in range(req.n)])
+        while done < req.n:
+            i, d = await run.queue.get()
+            if isinstance(d, BaseException):
+                yield f"data: {json.dumps(_failure(d).body())}\n\n"
+                return
+            counts[i] += len(d.token_ids)
+            if d.text or d.logprobs or d.finish_reason is not None:
+                lp = _text_logprobs(engine, d.logprobs, sent[i]) if d.logprobs is not None else None
+                yield chunk([_text_choice(i, d.text, d.finish_reason, lp)])
+            sent[i] += len(d.text)
+            done += d.finish_reason is not None
+        if req.include_usage:
+            yield chunk([], _usage(len(req.prompt), counts))
+        yield "data: [DONE]\n\n"
+    finally:
+        run.cancel()  # a client that went away (the task is cancelled) frees its slots
 
 
 class _ToolText:
@@ -511,9 +709,7 @@ def run(opts: ServeOptions) -> None:
         import uvicorn
     except ImportError:
         raise UserError("exporter serve needs FastAPI and uvicorn: pip install 'exporter[serve]'") from None
-    if not 0 < opts.port < 65536:
-        raise UserError(f"--port {opts.port}: expected 1-65535")
-    sock = _listen(opts.host, opts.port)  # first: a busy port is one line, not a banner and then uvicorn's error
+    sock = listen(opts.host, opts.port)  # first: a busy port is one line, not a banner and then uvicorn's error
     try:
         engine = load(opts.load)
         try:
@@ -528,10 +724,13 @@ def run(opts: ServeOptions) -> None:
         sock.close()
 
 
-def _listen(host: str, port: int) -> Any:
-    """A listening socket on host:port; UserError naming the address when it is taken or not ours to bind."""
+def listen(host: str, port: int) -> Any:
+    """A listening socket on host:port; UserError naming the port when it is out of range, or the address when it
+    is taken or not ours to bind (`exporter webui` checks its port with it too)."""
     import socket
 
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: expected 1-65535")
     try:
         return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:

@@ -456,6 +456,22 @@ def no_template(bos: str, eos: str) -> ChatTemplate:
                         tools=False, format={"kind": "none"}, notes=(note,))  # fmt: skip
 
 
+def _relabel(tpl: ChatTemplate, model_dir: Path | str, label: str) -> ChatTemplate:
+    """`tpl` whose notes and description say `label` instead of "the model's own Jinja" when its Jinja is not the
+    model's (a --template that replaced it, or a model without one)."""
+    try:
+        own: str | None = model_chat_template(model_dir)[0]
+    except UserError:
+        own = None
+    if tpl.jinja == own:
+        return tpl
+
+    def say(text: str) -> str:
+        return text.replace("the model's own Jinja", label).replace("the model renders", "it renders")
+
+    return dataclasses.replace(tpl, description=say(tpl.description), notes=tuple(say(n) for n in tpl.notes))
+
+
 def resolve(model_dir: Path | str, override: str | None, need: bool = True) -> ChatTemplate:
     """`override` (a family name; "auto" = none) when given, else `detect(model_dir)`; filled in with the model's
     BOS/EOS text (see `ChatTemplate.for_tokenizer`). Without any chat template in the model: a UserError when
@@ -466,7 +482,7 @@ def resolve(model_dir: Path | str, override: str | None, need: bool = True) -> C
         from exporter import lf_names
 
         if lf_names.is_lf_name(override):
-            return lf_names.resolve(model_dir, override)
+            return _relabel(lf_names.resolve(model_dir, override), model_dir, f"LLaMA-Factory's Jinja for {override!r}")
         return load_template(override).for_tokenizer(bos or None, eos or None)
     try:
         return detect(model_dir)
@@ -484,6 +500,8 @@ def resolve(model_dir: Path | str, override: str | None, need: bool = True) -> C
 def read_conversation(path: Path | str) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """(messages, tools) from a JSON file: a list of messages or {"messages": [...], "tools": [...]}."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, expected a conversation JSON file")
     if not path.is_file():
         raise UserError(f"conversation file {path} not found")
     data = read_json(path)
@@ -515,6 +533,13 @@ def render_for_cli(
 
     messages, tools = read_conversation(conversation)
     check_roles(messages)
+    if fmt == "ollama":
+        for i, m in enumerate(messages):
+            if m.get("content") is not None and not isinstance(m.get("content"), str):
+                raise UserError(
+                    f"{conversation}: message {i} content is a {type(m['content']).__name__}; Ollama's messages hold "
+                    "text: give it as a string"
+                )
     if lf_names.is_lf_name(family):
         return lf_names.render_for_cli(family, messages, tools, fmt, bos_token, eos_token)
     tpl = load_template(family).for_tokenizer(bos_token, eos_token)
@@ -554,7 +579,16 @@ def show_for_cli(family: str, fmt: str = "jinja", bos_token: str | None = None, 
     if fmt == "jinja":
         return tpl.jinja
     if fmt == "ollama":
-        lines = [f'TEMPLATE """{tpl.ollama}"""']
+        lines = []
+        if "{eos_token}" in tpl.ollama + "".join(tpl.stop):
+            if eos_token:
+                tpl = tpl.for_tokenizer(bos_token, eos_token)
+            if "{eos_token}" in tpl.ollama + "".join(tpl.stop):
+                lines.append(
+                    "# {eos_token} stands for the tokenizer's eos text (an export fills in the model's); "
+                    "pass --eos-token to fill it in"
+                )
+        lines.append(f'TEMPLATE """{tpl.ollama}"""')
         if tpl.default_system:
             lines.append(f'SYSTEM """{tpl.default_system}"""')
         lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in tpl.stop]

@@ -217,7 +217,7 @@ def _micro_batches(run: Run, group: list[list[int]], pool: list[Any]) -> list[tu
 
 def step(run: Run, group: list[list[int]]) -> float:
     """One optimizer update over the global batches of `group` (gradient accumulation; the loss averaged over all
-    their units on every rank); returns the learning rate after the scheduler step, as HF logs it. The step's loss
+    their units on every rank); returns the learning rate the update used, as HF's Trainer logs it. The step's loss
     and metrics stay on the device until the next flush (no per-step host sync)."""
     import contextlib
 
@@ -227,6 +227,7 @@ def step(run: Run, group: list[list[int]]) -> float:
 
     cfg, d, pool = run.cfg, run.dist, run.prep.train
     n_units = sum(objective.units(cfg.stage, [pool[i] for i in b]) for b in group)
+    totals = (n_units, sum(objective.desirable(cfg.stage, [pool[i] for i in b]) for b in group))
     parts = _micro_batches(run, group, pool)
     step_loss = torch.zeros((), device=run.device)
     for k, (items, weight) in enumerate(parts):
@@ -239,7 +240,7 @@ def step(run: Run, group: list[list[int]]) -> float:
         batch = run.batch(items)
         with sync:
             with torch.autocast(run.device.split(":")[0], dtype=run.amp, enabled=run.amp is not None):
-                loss_units, metrics = objective.micro_loss(run, batch)
+                loss_units, metrics = objective.micro_loss(run, batch, totals)
             part = loss_units * (weight / max(n_units, 1))
             scaled = part * d.world  # DDP/FSDP/DeepSpeed average gradients over the ranks
             if run.engine == "deepspeed":  # our groups set the boundary: an epoch's short last group steps too
@@ -274,9 +275,10 @@ def step(run: Run, group: list[list[int]]) -> float:
         else:
             run.opt.step()
         run.opt.zero_grad(set_to_none=True)
+    lr = run.sched.get_last_lr()[0]
     if stepped:  # a skipped update (fp16 overflow) leaves the lr schedule where it was, as HF's Trainer does
         run.sched.step()
-    return run.sched.get_last_lr()[0]
+    return lr
 
 
 def flush(run: Run) -> None:
@@ -319,10 +321,11 @@ def evaluate(run: Run) -> dict[str, float]:
     sums = torch.zeros(1 + len(keys), device=run.device, dtype=torch.float64)  # loss, metrics: on the device
     counts = [0.0] * (1 + len(keys))  # units, metric counts: on the host
     with torch.no_grad(), torch.autocast(run.device.split(":")[0], dtype=run.amp, enabled=run.amp is not None):
-        for items, weight in _micro_batches(run, [list(range(s, min(s + bs, len(pool)))) for s in
-                                                  range(0, len(pool), bs)], pool):  # fmt: skip
+        batches = [list(range(s, min(s + bs, len(pool)))) for s in range(0, len(pool), bs)]
+        for b, (items, weight) in zip(batches, _micro_batches(run, batches, pool), strict=True):
             batch = run.batch(items)
-            loss_units, metrics = objective.micro_loss(run, batch)
+            totals = (len(b), objective.desirable(cfg.stage, [pool[i] for i in b]))  # the batch over all ranks
+            loss_units, metrics = objective.micro_loss(run, batch, totals)
             zero = loss_units.new_zeros(())
             sums += weight * torch.stack([loss_units, *(metrics.get(k, zero) for k in keys)]).double()
             cnt = objective.metric_counts(cfg.stage, batch, len(items))
@@ -487,7 +490,8 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     # what a resume must match; not the total of steps, which a resume may extend (`checkpoint.read`)
     fingerprint = {"examples": len(prep.train), "tokens": sum(length(e) for e in prep.train),
                    "batch_size": cfg.per_device_train_batch_size, "accum": cfg.gradient_accumulation_steps,
-                   "seed": cfg.seed, "world": d.world}  # fmt: skip
+                   "seed": cfg.seed, "world": d.world,
+                   **{k: getattr(cfg, k) for k in checkpoint.OPTIMIZER_KEYS}}  # fmt: skip
     if engine == "deepspeed":  # its optimizer is saved as each rank's part: resumable with the same stage only
         fingerprint["deepspeed"] = wrapped.zero_optimization_stage()
     amp = (torch.bfloat16 if cfg.bf16 else torch.float16) if (cfg.bf16 or cfg.fp16) else None
@@ -618,6 +622,15 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     return result
 
 
+def _trained(start: int, done: int) -> str:
+    """What this run trained: its steps, and where a resumed run took over."""
+    if not start:
+        return f"trained {done} step{'' if done == 1 else 's'}"
+    if done == start:
+        return f"trained no step (resumed at step {start}, the run's last)"
+    return f"trained steps {start + 1}-{done} (resumed at step {start})"
+
+
 def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResult:
     """The run (see the module's recipe); what it built is released when it returns, before `train` leaves the
     process group."""
@@ -634,6 +647,8 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
     with claim(out) if d.main else contextlib.nullcontext():  # one run per output_dir
         resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))  # checks only
         run = _start(cfg, prep, model_dir, out, resume, device, d)
+        if cfg.adapter_name_or_path:
+            tuning.say_adapter_settings(run.model, cfg, given)
         distributed.on_main(d, lambda: checkpoint.begin(cfg, out, resume))  # output_dir changes from here on
         log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
         try:
@@ -646,7 +661,7 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
             checkpoint.write_final(out, lambda tmp: _write_outputs(tmp, run, results, full, weights))
             _write_manifest(run)
             print(
-                f"trained {run.state.global_step} steps, loss {results['train_loss']:.4f}, "
+                f"{_trained(log.step_at_start, run.state.global_step)}, loss {results['train_loss']:.4f}, "
                 f"{results['train_tokens_per_second']:.0f} tokens/s"
                 + (f" on {d.world} processes ({run.engine})" if d.active else "")
                 + f" -> {out}",

@@ -163,6 +163,49 @@ def _available_memory() -> int | None:
     return None
 
 
+# LoRA settings a continued adapter keeps from its adapter_config.json: (our key, PEFT's key)
+_ADAPTER_KEYS = (("lora_rank", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout"),
+                 ("use_rslora", "use_rslora"), ("use_dora", "use_dora"), ("lora_target", "target_modules"))  # fmt: skip
+
+
+def say_adapter_settings(model: Any, cfg: TrainConfig, given: set[str]) -> None:
+    """Training on `adapter_name_or_path` keeps the adapter's own LoRA settings (as PEFT loads it): say once which
+    given LoRA keys differ from them, with the adapter's values (`lora_target: all` is the model's linear layers)."""
+    import torch
+
+    peft = getattr(model, "peft_config", {}).get("default")
+    if peft is None:
+        return
+    differ = []
+    for key, theirs_key in _ADAPTER_KEYS:
+        if key not in given:
+            continue
+        ours, theirs = getattr(cfg, key), getattr(peft, theirs_key, None)
+        if key == "lora_alpha":
+            ours = ours or cfg.lora_rank * 2
+        if key == "lora_target":
+            theirs = sorted({str(t).rsplit(".", 1)[-1] for t in theirs}) if isinstance(theirs, (set, list, tuple)) \
+                else [theirs]  # fmt: skip
+            if ours == ["all"]:
+                linear = set()
+                for name, m in model.named_modules():
+                    if isinstance(m, torch.nn.Linear) and ".lora_" not in name and not name.endswith("lm_head"):
+                        parts = name.split(".")
+                        linear.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])
+                ours = sorted(linear - {"lm_head"})
+                if theirs == ["all-linear"] or set(theirs) == set(ours):
+                    continue
+                ours = ["all"]
+            elif set(ours) == set(theirs):
+                continue
+            ours, theirs = ",".join(ours), ",".join(theirs)
+        if ours != theirs:
+            differ.append(f"{key} {ours} (the adapter's: {theirs})")
+    if differ:
+        say(f"adapter_name_or_path {cfg.adapter_name_or_path} trains with its own LoRA settings, not these: "
+            + "; ".join(differ))  # fmt: skip
+
+
 def _lora(model: Any, cfg: TrainConfig, empty: bool = False) -> Any:
     """The PEFT LoRA wrapper: a new adapter, or `adapter_name_or_path` to train on (on an `empty` model its weights
     are assigned, not copied into meta tensors)."""

@@ -93,6 +93,7 @@ def test_piped_chat_writes_one_answer_a_line(monkeypatch: pytest.MonkeyPatch) ->
 
     class Engine:
         chat_format = SimpleNamespace(require=lambda: None)
+        n_ctx = 1 << 20
 
         def encode_chat(self, messages: list[dict]) -> list[dict]:
             return messages

@@ -343,7 +343,8 @@ def test_sft_alpaca_outputs_and_adapter_changes_logits(tiny: Path, datadir: Path
     for r in train_rows:
         assert {"current_steps", "total_steps", "loss", "lr", "epoch", "percentage", "elapsed_time",
                 "remaining_time", "throughput", "total_tokens"} <= set(r)  # fmt: skip
-    assert train_rows[-1]["percentage"] == 100.0 and train_rows[0]["lr"] == pytest.approx(1e-3)  # warmup 1 of 4
+    assert train_rows[-1]["percentage"] == 100.0  # warmup 1 of 4: the lr each step used, as LLaMA-Factory logs it
+    assert train_rows[0]["lr"] == 0.0 and train_rows[1]["lr"] == pytest.approx(1e-3)
     assert [r["current_steps"] for r in log if "eval_loss" in r] == [2, 4]
     hf_state = json.loads((out / "trainer_state.json").read_text())
     assert hf_state["global_step"] == 4 and [r["step"] for r in hf_state["log_history"] if "loss" in r] == [1, 2, 3, 4]

@@ -127,7 +127,7 @@ def test_a_crash_shows_its_one_line_error(client, model: Path, data_dir: Path, t
     # a value the CLI's parser refuses never starts a process
     form = train_form(data_dir, tmp_path / "o2", learning_rate="fast")
     status, *_ = client.predict(*train_inputs(model, form), api_name="/train_start")
-    assert "learning_rate must be a number, got 'fast'" in status
+    assert "error: Learning rate: expected a number, got 'fast'" in status and "/tmp" not in status
     assert not (tmp_path / "o2").exists()
 
 
@@ -185,7 +185,7 @@ def test_chat_errors_are_one_line(client, model: Path, tmp_path: Path) -> None:
     assert status == "No model loaded." and query == "hi"
     status = client.predict("en", str(model), "", "auto", str(tmp_path / "nope.gguf"), "auto", "auto",
                             api_name="/chat_load")  # fmt: skip
-    assert status.startswith(f"**Failed**: `error: model '{tmp_path / 'nope.gguf'}': no such directory"), status
+    assert status.startswith(f"**Failed**: `error: GGUF file {tmp_path / 'nope.gguf'} not found"), status
     status = client.predict("en", "", "", "auto", "", "auto", "auto", api_name="/chat_load")
     assert "error: set the model path" in status
 

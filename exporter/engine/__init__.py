@@ -14,17 +14,19 @@ vLLM backends behind the same chat template, stops, sampler and continuous-batch
 API (stable; changes are additive):
 - `LoadOptions`, `Sampling` in; `Completion`, `Delta`, `TokenLogprob` out (api.py).
 - `load(opts) -> Engine`; `from_hf_model(model, tokenizer, opts) -> Engine` (a model already in memory);
-  `Engine.render / tokenize / encode_chat / decode / token_bytes` (the model's own Jinja, rendered by transformers
-  for HF dirs and GGUF files alike), `submit / stream / generate / chat`, `logits / next_logits`, `load / error`,
+  `Engine.render / tokenize / encode_chat / encode_text / decode / token_bytes` (the model's own Jinja, rendered by
+  transformers for HF dirs and GGUF files alike), `submit / stream / generate / chat`, `logits / next_logits`,
+  `load / error`,
   `stop_ids` (end ids the model declares plus the template's end-of-turn token), `eos_ids`, `chat_format`
   (`ChatFormat`: template, tool format), `close`.
-- Errors: `UserError` for what cannot be loaded; `EngineError` (and `QueueFull`, `EngineClosed`, `NonFiniteLogits`)
-  for a request.
+- Errors: `UserError` for what cannot be loaded; `EngineError` (and `ContextOverflow`, `QueueFull`, `EngineClosed`,
+  `NonFiniteLogits`) for a request.
 """
 
 from exporter.engine.api import (
     BACKENDS,
     Completion,
+    ContextOverflow,
     Delta,
     EngineClosed,
     EngineError,
@@ -41,6 +43,7 @@ __all__ = [
     "BACKENDS",
     "ChatFormat",
     "Completion",
+    "ContextOverflow",
     "Delta",
     "Engine",
     "EngineClosed",

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 BACKENDS = ("hf", "gguf", "vllm")
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # hf: --dtype
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
@@ -23,8 +24,10 @@ class LoadOptions:
     device: str | None = None  # hf: cpu, cuda, cuda:1 ... (default: cuda when available)
     max_seqs: int = 8  # sequences decoded together (continuous batching); 1 = one at a time
     max_waiting: int = 256  # requests queued behind them before submit() raises QueueFull (0: no queue)
-    ctx: int | None = None  # gguf: tokens each sequence holds (default 4096 or the training ctx if less); vllm: max len
-    threads: int | None = None  # gguf: CPU threads (default: all cores)
+    ctx: int | None = None  # tokens a prompt + answer may hold; gguf: KV cells per sequence (default 4096 or the
+    #                         training ctx if less); hf: default the model's max positions; vllm: max len; 0: the
+    #                         model's training context
+    threads: int | None = None  # gguf, hf: CPU threads (default: all cores; hf: torch's default)
     batch_tokens: int = 512  # gguf: tokens per llama_decode call (prompt chunks + one per decoding sequence)
     lora_scale: float = 1.0  # gguf: scale of the GGUF LoRA
     tensor_parallel: int = 1  # vllm: GPUs to shard the model over
@@ -94,6 +97,14 @@ class EngineError(Exception):
     """A request the engine cannot serve (prompt longer than the context, bad sampling values ...)."""
 
     index: int | None = None  # Engine.generate: which of its prompts failed (0-based)
+
+
+class ContextOverflow(EngineError):
+    """The prompt alone fills the context (`prompt_tokens` >= `n_ctx`): no token of an answer fits."""
+
+    def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(f"the prompt is {prompt_tokens} tokens; the context holds {n_ctx}")
+        self.prompt_tokens, self.n_ctx = prompt_tokens, n_ctx
 
 
 class NonFiniteLogits(EngineError):

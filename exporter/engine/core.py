@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from exporter.config import read_json, read_text
-from exporter.engine.api import BACKENDS, Completion, Delta, EngineError, LoadOptions, Sampling
+from exporter.engine.api import BACKENDS, DTYPES, Completion, Delta, EngineError, LoadOptions, Sampling
 from exporter.engine.chat_format import ChatFormat
 from exporter.engine.sampling import check_sampling
 from exporter.engine.scheduler import Handle, Scheduler, Sink
@@ -52,6 +52,11 @@ class Engine:
     ) -> list[int]:
         """Prompt token ids of a conversation (render, then tokenize)."""
         return self.tokenize(self.render(messages, tools, add_generation_prompt))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a raw prompt (not a chat) as llama.cpp and the HF tokenizer encode one: the BOS the model
+        asks to add first, special tokens parsed (POST /v1/completions, as llama-cpp-python's server)."""
+        return self.backend.bos_prefix() + self.tokenize(text)
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special)
@@ -197,9 +202,9 @@ def choose_backend(opts: LoadOptions) -> str:
             raise UserError(f"--backend {opts.backend!r}: expected one of {', '.join(BACKENDS)}")
         return opts.backend
     p = Path(opts.model).expanduser()
+    if p.suffix.lower() == ".gguf" and not p.is_dir():  # a missing one is "GGUF file ... not found", not a hub id
+        return "gguf"
     if p.is_file():
-        if p.suffix.lower() == ".gguf":
-            return "gguf"
         raise UserError(f"{p}: expected an HF model dir, a PEFT adapter dir or a .gguf file")
     return "hf"
 
@@ -285,7 +290,7 @@ def _hf_engine(model: Any, tok: Any, device: str, eos: set[int], name: str, opts
     special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
     template = tok.chat_template if isinstance(tok.chat_template, str) else None
     fmt = _chat_format(template, opts.template, special, where)
-    return Engine(hf.HFBackend(model, tok, device), "hf", name, fmt, eos, opts)
+    return Engine(hf.HFBackend(model, tok, device, opts.ctx), "hf", name, fmt, eos, opts)
 
 
 def from_hf_model(model: Any, tokenizer: Any, opts: LoadOptions | None = None) -> Engine:
@@ -320,6 +325,30 @@ def _load_gguf(opts: LoadOptions) -> Engine:
         raise
 
 
+# the load options a backend may not use: field -> (flag, the backends that honour it)
+_APPLIES = {"dtype": ("--dtype", ("hf", "vllm")), "device": ("--device", ("hf",)),
+            "threads": ("--threads", ("hf", "gguf"))}  # fmt: skip
+_ON = {"gguf": "on a GGUF model (llama.cpp runs it on the CPU, with the tensor types the file stores)",
+       "vllm": "on the vllm backend (vLLM places the model itself)"}  # fmt: skip
+
+
+def check_options(opts: LoadOptions, kind: str) -> list[str]:
+    """UserError (one line) for a value no backend takes; the notes to print for options the chosen backend does
+    not use (as the inference YAML's keys with no effect are noted)."""
+    if opts.dtype not in DTYPES:
+        raise UserError(f"--dtype {opts.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if opts.ctx is not None and opts.ctx < 0:
+        raise UserError(f"--ctx {opts.ctx}: expected a number of tokens (0: the model's training context)")
+    if opts.threads is not None and opts.threads < 1:
+        raise UserError(f"--threads {opts.threads}: expected a positive number of CPU threads")
+    notes = []
+    for key, (flag, backends) in _APPLIES.items():
+        value = getattr(opts, key)
+        if value not in (None, "auto") and kind not in backends:
+            notes.append(f"note: {flag} {value} has no effect {_ON[kind]}")
+    return notes
+
+
 def load(opts: LoadOptions) -> Engine:
     """Load `opts.model` on the backend its path calls for (or `opts.backend`)."""
     if opts.max_seqs < 1:
@@ -329,6 +358,8 @@ def load(opts: LoadOptions) -> Engine:
                         f"got {opts.max_waiting}")  # fmt: skip
     _check_template_file(opts.template)
     kind = choose_backend(opts)
+    for note in check_options(opts, kind):
+        print(note, file=sys.stderr)
     if kind == "gguf":
         return _load_gguf(opts)
     if kind == "vllm":

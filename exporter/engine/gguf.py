@@ -59,7 +59,7 @@ class GGUFBackend:
         self.vocab = L.llama_model_get_vocab(self.model)
         self.vocab_size = int(L.llama_vocab_n_tokens(self.vocab))
         n_train = int(L.llama_model_n_ctx_train(self.model)) or DEFAULT_CTX
-        per_seq = opts.ctx or min(DEFAULT_CTX, n_train)
+        per_seq = n_train if opts.ctx == 0 else opts.ctx or min(DEFAULT_CTX, n_train)  # 0: llama.cpp's n_ctx 0
         self.batch_tokens = max(opts.batch_tokens, opts.max_seqs + 1)
         cp = L.llama_context_default_params()
         cp.n_ctx = per_seq * opts.max_seqs
@@ -150,6 +150,11 @@ class GGUFBackend:
         L = self.L
         attrs = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
         return {t for t in range(self.vocab_size) if L.llama_vocab_get_attr(self.vocab, t) & attrs}
+
+    def bos_prefix(self) -> list[int]:
+        """[BOS] when the vocabulary asks for one before a text (tokenizer.ggml.add_bos_token), else []."""
+        bos = int(self.L.llama_vocab_bos(self.vocab))
+        return [bos] if self.L.llama_vocab_get_add_bos(self.vocab) and 0 <= bos < self.vocab_size else []
 
     def tokenize(self, text: str) -> list[int]:
         raw = text.encode("utf-8")

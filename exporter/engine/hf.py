@@ -14,11 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from exporter.engine.api import LoadOptions
+from exporter.engine.api import DTYPES, LoadOptions
 from exporter.engine.scheduler import Feed
 from exporter.errors import UserError
-
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _torch_dtype(name: str, device: str, quantized: bool) -> Any:
@@ -73,8 +71,11 @@ def resolve_device(name: str | None) -> str:
 def load_model(model_dir: Path, adapter: Path | None, opts: LoadOptions) -> tuple[Any, Any, str]:
     """(model in eval mode, tokenizer, device). The tokenizer comes from the adapter dir when it has one (the
     training template and any added tokens live there), else from the model dir."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     device = resolve_device(opts.device)
     quantized = isinstance(_read_config(model_dir).get("quantization_config"), dict)
     kw: dict[str, Any] = {"dtype": _torch_dtype(opts.dtype, device, quantized)}
@@ -127,16 +128,24 @@ def eos_ids(model_dir: Path, tok: Any) -> set[int]:
     return ids
 
 
+def bos_prefix(tok: Any) -> list[int]:
+    """The ids the tokenizer puts before a text of its own (a BOS), without those it appends (an EOS)."""
+    ids, plain = list(tok("a")["input_ids"]), list(tok("a", add_special_tokens=False)["input_ids"])
+    k = next((k for k in range(len(ids) - len(plain) + 1) if ids[k : k + len(plain)] == plain), 0)
+    return ids[:k]
+
+
 class HFBackend:
     """A transformers model + tokenizer behind the scheduler's `Backend` protocol, plus scoring."""
 
     chunked_prefill = False
     batch_tokens = None
 
-    def __init__(self, model: Any, tok: Any, device: str) -> None:
+    def __init__(self, model: Any, tok: Any, device: str, ctx: int | None = None) -> None:
         self.model, self.tok, self.device = model, tok, device
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.n_ctx = int(getattr(cfg, "max_position_embeddings", None) or 1 << 20)
+        n_pos = int(getattr(cfg, "max_position_embeddings", None) or 1 << 20)
+        self.n_ctx = min(ctx, n_pos) if ctx else n_pos  # --ctx: what a prompt + answer may hold, as on gguf
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0)
         self.rows: list[int] = []  # slot of each batch row
@@ -148,6 +157,9 @@ class HFBackend:
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def bos_prefix(self) -> list[int]:
+        return bos_prefix(self.tok)
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)

@@ -19,7 +19,15 @@ from typing import Protocol
 
 import numpy as np
 
-from exporter.engine.api import Delta, EngineClosed, EngineError, NonFiniteLogits, QueueFull, Sampling
+from exporter.engine.api import (
+    ContextOverflow,
+    Delta,
+    EngineClosed,
+    EngineError,
+    NonFiniteLogits,
+    QueueFull,
+    Sampling,
+)
 from exporter.engine.sampling import Sampler, TextStream
 
 Sink = Callable[[Delta | BaseException], None]
@@ -99,7 +107,7 @@ class Scheduler:
         """`max_new` cut to what the context holds after the prompt; EngineError when the prompt alone is too long."""
         room = self.backend.n_ctx
         if prompt_len >= room:
-            raise EngineError(f"the prompt is {prompt_len} tokens; the context holds {room}")
+            raise ContextOverflow(prompt_len, room)
         return min(max_new, room - prompt_len)
 
     def submit(self, prompt: Sequence[int], sampling: Sampling, sink: Sink, bounded: bool = True) -> Handle:

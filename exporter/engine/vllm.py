@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.engine.api import Delta, EngineClosed, EngineError, LoadOptions, Sampling, TokenLogprob
+from exporter.engine.api import ContextOverflow, Delta, EngineClosed, EngineError, LoadOptions, Sampling, TokenLogprob
 from exporter.engine.chat_format import ChatFormat
 from exporter.engine.core import Engine, _chat_format, _model_and_adapter
 from exporter.engine.sampling import RANDOM_SEED, TextStream, check_sampling
@@ -61,6 +61,7 @@ class VLLMEngine(Engine):
             tensor_parallel_size=opts.tensor_parallel,
             max_num_seqs=opts.max_seqs,
             enable_lora=adapter is not None,
+            dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(opts.dtype, "auto"),
             **({"max_model_len": opts.ctx} if opts.ctx else {}),
         )
         self.llm = vllm.LLMEngine.from_engine_args(args)
@@ -89,6 +90,11 @@ class VLLMEngine(Engine):
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
+    def bos_prefix(self) -> list[int]:
+        from exporter.engine import hf
+
+        return hf.bos_prefix(self.tok)
+
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
@@ -105,7 +111,7 @@ class VLLMEngine(Engine):
         if self._closed:
             raise EngineClosed("the engine is closed")
         if len(prompt) >= self.n_ctx:
-            raise EngineError(f"the prompt is {len(prompt)} tokens; the context holds {self.n_ctx}")
+            raise ContextOverflow(len(prompt), self.n_ctx)
         stops = frozenset(sampling.stop_ids) | (frozenset() if sampling.ignore_eos else self.stop_ids)
         skip = sampling.skip_special_tokens
         text = TextStream(lambda ids, skip=skip: self.decode(ids, skip), sampling.stop)

@@ -186,6 +186,11 @@ def data_texts(path: Path, limit: int = 200) -> tuple[list[str], list[str]]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"data {f}: not readable JSON ({e})") from None
         walk(records)
+    if path.is_file() and not texts:  # a file given by name that adds nothing is not silently ignored
+        raise UserError(
+            f"data {path}: no text in any row; expected rows with string values (messages with content, "
+            "instruction/input/output, or text)"
+        )
     return list(dict.fromkeys(texts))[:limit], list(dict.fromkeys(prompts))
 
 

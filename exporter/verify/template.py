@@ -161,9 +161,15 @@ def _check_go(tpl: Any, tok: Any, mf: Modelfile, probes: list[Probe]) -> Check:
     metrics = {"conversations": n, "stated_differences": warned}
     if problem:
         return Check("template", target, "fail", problem, metrics)
+    # a difference no probe shows (an earlier answer's reasoning, dropped by the Jinja) is still a finding
+    reasoning = [ln for ln in header if ln.startswith(("earlier answers' reasoning", "differs on earlier reasoning"))]
     if warned:
         why = "; ".join(ln for ln in header if ln.startswith("differs on ") or "today's date" in ln)
         detail = f"{n - len(warned)} of {n} prompts render identically in Go; the others differ as stated ({why})"
+        return Check("template", target, "warn", "; ".join([detail, *(ln for ln in reasoning if ln not in why)]),
+                     metrics)  # fmt: skip
+    if reasoning:
+        detail = f"{n} prompts render identically with Go text/template; " + "; ".join(reasoning)
         return Check("template", target, "warn", detail, metrics)
     return Check("template", target, "pass", f"{n} prompts render identically with Go text/template", metrics)
 

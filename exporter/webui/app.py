@@ -126,10 +126,27 @@ def build(opts: WebUIOptions) -> tuple[Any, Board]:
     return demo, board
 
 
+def check_options(opts: WebUIOptions) -> None:
+    """One line (UserError) for options the board cannot run with, before Gradio starts: a port out of range or
+    taken (the check `exporter serve` makes), a --runs-dir that is not a directory nor can be made one."""
+    from exporter.errors import UserError
+    from exporter.serve import listen
+
+    listen(opts.host, opts.port).close()
+    runs = Path(opts.runs_dir)
+    first = next(p for p in (runs, *runs.absolute().parents) if p.exists())  # made at the first Start, not now
+    if not first.is_dir():
+        what = "not a directory" if first == runs else f"{first} is not a directory"
+        raise UserError(f"--runs-dir {runs}: {what} (the board saves the configs it runs and their logs there)")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise UserError(f"--runs-dir {runs}: {first} is not writable")
+
+
 def launch(opts: WebUIOptions, block: bool = True) -> Any:
     """Build and serve the board on opts.host:opts.port; a public link only with opts.share."""
     import gradio as gr
 
+    check_options(opts)
     demo, _ = build(opts)
     demo.queue(default_concurrency_limit=1)
     demo.launch(

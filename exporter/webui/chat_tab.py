@@ -186,7 +186,7 @@ def _wire(board: Any, c: dict[str, Any], status: Any, box: Any, query: Any, hist
         # every update carries the answer so far in the history too: Stop keeps what was said (the chat box shows the
         # same messages; Markdown is off there, so it shows what the model wrote)
         turn = [*hist, {"role": "assistant", "content": ""}]
-        yield turn, turn, "", gr.skip()
+        yield turn, turn, "", f"**{word('loaded', lang)}** {loaded.what}"  # an earlier answer's "Failed" goes
         try:
             for partial in answer(loaded, system, hist, samp):
                 turn = [*hist, {"role": "assistant", "content": partial}]

@@ -1,7 +1,9 @@
 """The Export tab: merge -> quantize -> gguf -> verify, each stage's options built as the CLI builds them
 (`MergeOptions`, `QuantizeOptions`, `GGUFOptions`, `VerifyOptions`), written back as that command's flags and run as
 a subprocess of the real CLI, one after the other; then the verify table, each Modelfile and the `ollama create`
-commands.
+commands. Every stage's options are checked before the first one runs; run again, the board skips the stages it
+finished in that export dir (same command, files still as their manifest says) as `exporter pipeline` does, and
+reruns a changed one over its own output.
 """
 
 from __future__ import annotations
@@ -125,6 +127,59 @@ def stage_options(stage: str, f: dict[str, Any]) -> Any:
     )  # fmt: skip
 
 
+def check_stages(f: dict[str, Any], stages: list[str]) -> None:
+    """Every chosen stage's options checked as its command checks them, before the first stage runs (a bad Ollama
+    name used to fail gguf after merge had run); UserError names the first bad one."""
+    from exporter import gguf, merge, quantize
+
+    for stage in stages:
+        if stage == "verify":  # its options are what the earlier stages write
+            continue
+        opts = stage_options(stage, f)
+        if stage == "merge":
+            merge.check_options(opts)
+        elif stage == "quantize":
+            quantize._check_options(opts)
+        else:
+            gguf.parse_types(opts.types)
+            gguf.check_ollama_name(opts.ollama_name)
+
+
+def _state_path(f: dict[str, Any]) -> Path:
+    """Where the board records each finished stage's command line in the export dir (`exporter pipeline`'s way)."""
+    return Path(f["export_out"]) / "webui_stages.json"
+
+
+def _stage_output(stage: str, f: dict[str, Any]) -> Path:
+    out = Path(f["export_out"])
+    return {"merge": out / "merged", "quantize": out / f"quantized-{f['quant_method']}", "gguf": out / "gguf",
+            "verify": report_path(f)}[stage]  # fmt: skip
+
+
+def _finished(stage: str, argv: list[str], f: dict[str, Any], done: dict[str, list[str]]) -> bool:
+    """Whether an earlier run of the board finished `stage` with the same command and its files still match their
+    manifest (a changed or truncated file runs it again)."""
+    from exporter import manifest
+
+    if done.get(stage) != argv:
+        return False
+    out = _stage_output(stage, f)
+    return out.is_file() if stage == "verify" else manifest.changed(out) is None
+
+
+def _read_state(f: dict[str, Any]) -> dict[str, list[str]]:
+    try:
+        doc = json.loads(_state_path(f).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _write_state(f: dict[str, Any], done: dict[str, list[str]]) -> None:
+    Path(f["export_out"]).mkdir(parents=True, exist_ok=True)
+    _state_path(f).write_text(json.dumps(done, indent=1), encoding="utf-8")
+
+
 def chat_targets(f: dict[str, Any]) -> list[str]:
     """What the export wrote that the Chat tab can load: the merged dir, the quantized dir, each GGUF."""
     out = Path(f["export_out"])
@@ -140,7 +195,7 @@ def report_path(f: dict[str, Any]) -> Path:
 @dataclasses.dataclass
 class StageState:
     name: str
-    status: str = "pending"  # pending | running | pass | fail | stopped
+    status: str = "pending"  # pending | running | pass | fail | stopped | skipped (finished in an earlier run)
     command: str = ""
     seconds: float = 0.0
 
@@ -160,14 +215,15 @@ class ExportRun:
 
 
 def progress_html(run: ExportRun, lang: str) -> str:
-    done = sum(s.status == "pass" for s in run.stages)
-    icons = {"pending": "·", "running": "▶", "pass": "✓", "fail": "✗", "stopped": "■"}
+    done = sum(s.status in ("pass", "skipped") for s in run.stages)
+    icons = {"pending": "·", "running": "▶", "pass": "✓", "fail": "✗", "stopped": "■", "skipped": "✓"}
     css = {"running": "exp-stage-run", "pass": "exp-stage-pass", "fail": "exp-stage-fail"}
     words = {"pending": word("pending", lang), "running": word("running", lang), "pass": "",
-             "fail": word("failed", lang), "stopped": word("stopped", lang)}  # fmt: skip
+             "fail": word("failed", lang), "stopped": word("stopped", lang),
+             "skipped": word("skipped", lang)}  # fmt: skip
     rows = []
     for s in run.stages:
-        secs = f" {s.seconds:.1f} s" if s.status != "pending" else ""
+        secs = f" {s.seconds:.1f} s" if s.status not in ("pending", "skipped") else ""
         rows.append(
             f'<li class="{css.get(s.status, "")}" data-stage="{s.name}" data-status="{s.status}">'
             f"{icons[s.status]} <b>{s.name}</b>{secs} {words[s.status]} <code>{html.escape(s.command)}</code></li>"
@@ -176,11 +232,21 @@ def progress_html(run: ExportRun, lang: str) -> str:
     return f'<div class="exp-progress">{bar}<span>{done}/{len(run.stages)}</span></div><ul>{"".join(rows)}</ul>'
 
 
-def _run_stage(run: ExportRun, st: StageState, f: dict[str, Any], runs_dir: Path, lang: str) -> Iterator[str]:
-    """Run one stage to its end, yielding the progress HTML every second; sets st.status."""
-    argv = to_argv(st.name, stage_options(st.name, f))
-    if st.name == "verify":
-        argv += ["--report", str(report_path(f))]
+def stage_argv(stage: str, f: dict[str, Any], force: bool = False) -> list[str]:
+    """The `exporter STAGE ...` arguments of one stage (`force`: overwrite what an earlier board run wrote)."""
+    opts = stage_options(stage, f)
+    if force and hasattr(opts, "force"):
+        opts.force = True
+    argv = to_argv(stage, opts)
+    return argv + ["--report", str(report_path(f))] if stage == "verify" else argv
+
+
+def _run_stage(run: ExportRun, st: StageState, f: dict[str, Any], runs_dir: Path, lang: str,
+               done: dict[str, list[str]], force: bool) -> Iterator[str]:  # fmt: skip
+    """Run one stage to its end, yielding the progress HTML every second; sets st.status. A stage an earlier run of
+    the board wrote with other settings (or whose files changed) is overwritten (--force), as `exporter pipeline`
+    reruns it; a dir the board did not write keeps the command's "already exists" error."""
+    argv = stage_argv(st.name, f, force)
     st.command, st.status = jobs.command_line(argv), "running"
     run.job = jobs.start(argv, runs_dir)
     for st.seconds in run.job.follow():
@@ -189,6 +255,9 @@ def _run_stage(run: ExportRun, st: StageState, f: dict[str, Any], runs_dir: Path
     rc = run.job.returncode
     ok = rc == 0 or (st.name == "verify" and rc == 1 and report_path(f).is_file())  # 1: checks ran, some failed
     st.status = "stopped" if run.stopped else "pass" if ok else "fail"
+    if st.status == "pass":
+        done[st.name] = stage_argv(st.name, f)
+        _write_state(f, done)
 
 
 def verify_results(f: dict[str, Any], lang: str) -> tuple[str, Any]:
@@ -230,9 +299,26 @@ def run_chain(f: dict[str, Any], board: Any, lang: str) -> Iterator[tuple[Any, .
     run = ExportRun([StageState(s) for s in stages_for(f)])
     board.export_run = run
     skip = (gr.skip(),) * 4
-    for st in run.stages:
+    try:
+        check_stages(f, [s.name for s in run.stages])
+    except UserError as e:
+        yield (progress_html(run, lang), f"error: {e}", *skip)
+        return
+    done = _read_state(f)
+    wrote = set(done)  # stages an earlier board run finished here: rerun over them (--force)
+    rerun = False
+    for k, st in enumerate(run.stages):
         try:
-            for prog in _run_stage(run, st, f, board.runs_dir, lang):
+            if not rerun and _finished(st.name, stage_argv(st.name, f), f, done):
+                st.status, st.command = "skipped", jobs.command_line(done[st.name])
+                yield (progress_html(run, lang), "", *skip)
+                continue
+            if not rerun:  # this stage and every later one run again
+                rerun = True
+                for later in run.stages[k:]:
+                    done.pop(later.name, None)
+                _write_state(f, done)
+            for prog in _run_stage(run, st, f, board.runs_dir, lang, done, st.name in wrote):
                 yield (prog, run.job.tail() if run.job else "", *skip)
         except UserError as e:
             st.status = "fail"

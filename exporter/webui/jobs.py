@@ -105,10 +105,20 @@ def progress_file(log: Path) -> Path:
     return log.with_name(log.name + ".progress.json")
 
 
+def make_dir(runs_dir: Path) -> None:
+    """The dir the board writes its configs and logs in; UserError (one line) when it cannot be made."""
+    from exporter.errors import UserError
+
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--runs-dir {runs_dir}: cannot write the board's runs there: {e.strerror or e}") from None
+
+
 def start(argv: list[str], log_dir: Path | None = None, env: dict[str, str] | None = None) -> Job:
     """Run `exporter ARGV...` with this Python in a new process group; output (stdout and stderr) to a log file."""
     log_dir = Path(log_dir or tempfile.gettempdir())
-    log_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(log_dir)
     fd, log_name = tempfile.mkstemp(prefix=f"exporter-{argv[0]}-", suffix=".log", dir=log_dir)
     child_env = {**os.environ, "EXPORTER_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1",
                  PROGRESS_FILE: str(progress_file(Path(log_name))), **(env or {})}  # fmt: skip

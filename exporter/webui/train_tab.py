@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import re
 import tempfile
 import time
 import typing
@@ -20,7 +21,7 @@ import yaml
 
 from exporter.errors import UserError
 from exporter.webui import jobs
-from exporter.webui.locales import word
+from exporter.webui.locales import LABELS, label, word
 
 # LLaMA-Factory 0.9.5's web board defaults (llamafactory/webui/components/train.py); compute_type is bf16 there and
 # falls back to fp32 here when no CUDA GPU is present (PyTorch trains neither fp16 nor fast bf16 on a CPU).
@@ -172,7 +173,10 @@ def parse(args: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.yaml"
         path.write_text(yaml.safe_dump(args, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        cfg, given = lf_args.config_from_args([str(path)])
+        try:
+            cfg, given = lf_args.config_from_args([str(path)])
+        except UserError as e:  # about a file the user never sees: name the form's field instead
+            raise field_error(str(e).replace(f"{path}: ", "")) from None
     if not cfg.model_name_or_path:
         raise UserError("model_name_or_path: set the model path (an HF model dir)")
     if not cfg.output_dir:
@@ -183,16 +187,45 @@ def parse(args: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     return {k: args[k] if isinstance(args[k], int) and typed[k] == args[k] else typed[k] for k in args}, cfg
 
 
+# LLaMA-Factory keys the form names otherwise (key -> the form field's label key)
+_FIELD_OF = {"model_name_or_path": "model", "adapter_name_or_path": "adapter", "per_device_train_batch_size":
+             "batch_size", "finetuning_type": "method"}  # fmt: skip
+
+
+class FieldError(UserError):
+    """A bad value of one form field: `field` (a locales.LABELS key) and what is wrong (`detail`)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{label(field, 'en')}: {detail}")
+        self.field, self.detail = field, detail
+
+    def text(self, lang: str) -> str:
+        return f"{label(self.field, lang)}: {self.detail}"
+
+
+def field_error(message: str) -> UserError:
+    """lf_args' "KEY must be ..., got ..." (or "KEY: ...") as the form field that holds KEY; else as it is."""
+    m = re.match(r"(\w+)(?: must be |: )(.*)", message, re.S)
+    key = _FIELD_OF.get(m[1], m[1]) if m else None
+    if m is None or key not in LABELS:
+        return UserError(message)
+    return FieldError(key, f"expected {m[2]}" if message[len(m[1]) :].startswith(" must be ") else m[2])
+
+
 def yaml_text(args: dict[str, Any]) -> str:
     return yaml.safe_dump(args, sort_keys=False, allow_unicode=True)
 
 
 def flags_command(args: dict[str, Any]) -> str:
-    """The same run as LLaMA-Factory-style flags: each value written as the YAML scalar it is, so it parses back
-    to the same value (`lf_args.parse_args`)."""
+    """The same run as LLaMA-Factory-style flags: text keys as typed, other values as the YAML scalar they are, so
+    each parses back to the same value (`lf_args.parse_args`)."""
+    from exporter import lf_args
+
     argv = ["train"]
     for k, v in args.items():
-        argv += [f"--{k}", yaml.safe_dump(v, default_flow_style=True, width=10**9).strip().removesuffix("\n...")]
+        text = isinstance(v, str) and lf_args.text_key(k)
+        scalar = yaml.safe_dump(v, default_flow_style=True, width=10**9).strip().removesuffix("\n...")
+        argv += [f"--{k}", v if text else scalar]
     return jobs.command_line(argv)
 
 
@@ -304,7 +337,7 @@ class TrainRun:
 def start(args: dict[str, Any], runs_dir: Path) -> TrainRun:
     """Check the keys, save them as a YAML config in `runs_dir`, and run `exporter train CONFIG.yaml`."""
     typed, cfg = parse(args)
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    jobs.make_dir(runs_dir)
     config = runs_dir / time.strftime("train-%Y%m%d-%H%M%S.yaml")
     config.write_text(yaml_text(typed), encoding="utf-8")
     return TrainRun(jobs.start(["train", str(config)], runs_dir), Path(cfg.output_dir), config)
@@ -340,7 +373,7 @@ def _args_of(values: tuple[Any, ...], resume: bool = False) -> tuple[str, dict[s
 
 
 def _failed(lang: str, e: Exception) -> str:
-    return f"**{word('failed', lang)}**: `error: {e}`"
+    return f"**{word('failed', lang)}**: `error: {e.text(lang) if isinstance(e, FieldError) else e}`"
 
 
 def build(board: Any, demo: Any) -> None:
@@ -483,7 +516,7 @@ def _wire(board: Any, demo: Any, c: dict[str, Any], ui: dict[str, Any]) -> None:
         try:
             return preview_html(preview_rows(args), lang)
         except UserError as e:
-            return f"<p><code>error: {html.escape(str(e))}</code></p>"
+            return f"<p><code>error: {html.escape(e.text(lang) if isinstance(e, FieldError) else str(e))}</code></p>"
 
     def run(values: tuple[Any, ...], resume: bool) -> Iterator[tuple[Any, ...]]:
         lang, args = _args_of(values, resume)
