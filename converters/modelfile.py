@@ -29,7 +29,7 @@ COMMANDS = (
 )
 
 
-def _is_print(ch: str) -> bool:
+def is_print(ch: str) -> bool:
     """Go's strconv.IsPrint: letters, marks, numbers, punctuation, symbols and the ASCII space."""
     return ch == " " or unicodedata.category(ch)[0] in "LMNPS"
 
@@ -82,7 +82,7 @@ def parse(text: str) -> list[tuple[str, str]]:
                     continue
                 out.append((name, value))
             buf, state = "", nxt
-        if r is not None and _is_print(r):
+        if r is not None and is_print(r):
             buf += r
     if state == "value":
         value, ok = _unquote(buf.strip())
@@ -100,7 +100,7 @@ def unprintable(value: str) -> str | None:
     """The first character of `value` Ollama's Modelfile parser drops, as `U+00A0 (NO-BREAK SPACE) at offset 12`;
     None when there is none."""
     for i, c in enumerate(value):
-        if not _is_print(c) and c not in "\t\n\r":
+        if not is_print(c) and c not in "\t\n\r":
             return f"U+{ord(c):04X} ({unicodedata.name(c, 'unnamed')}) at offset {i}"
     return None
 

@@ -322,10 +322,10 @@ def _system_layout(r: Callable[..., str], head: str, between: str) -> dict[str, 
 def go_string(text: str) -> str:
     """`text` as a Go string literal whose characters all survive Ollama's Modelfile parser: JSON's escapes, and
     `\\uXXXX` / `\\UXXXXXXXX` for the other characters Go's strconv.IsPrint rejects (U+00A0, U+200B, U+2028 …)."""
-    from exporter.converters.modelfile import _is_print
+    from exporter.converters.modelfile import is_print
 
     return "".join(
-        c if _is_print(c) else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+        c if is_print(c) else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
         for c in json.dumps(text, ensure_ascii=False)
     )
 

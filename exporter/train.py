@@ -628,6 +628,8 @@ def _trained(start: int, done: int) -> str:
         return f"trained {done} step{'' if done == 1 else 's'}"
     if done == start:
         return f"trained no step (resumed at step {start}, the run's last)"
+    if done == start + 1:
+        return f"trained step {done} (resumed at step {start})"
     return f"trained steps {start + 1}-{done} (resumed at step {start})"
 
 

@@ -576,7 +576,7 @@ def test_sharded_full_run_streams_its_weights(tiny: Path, pdata: Path, tmp_path:
     assert not any(info.values()), info  # nothing missing, unexpected or mismatched
     err = _torchrun(2, common + _flags(output_dir=tmp_path / "r", resume_from_checkpoint=two / "checkpoint-1"),
                     tmp_path, before=_STREAMED)  # fmt: skip
-    assert "trained 2 steps" in err
+    assert "trained step 2 (resumed at step 1)" in err
     for ra, rb in zip(_log(two), _log(tmp_path / "r"), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
     err = _torchrun(2, common + _flags(output_dir=tmp_path / "e", max_steps=1), tmp_path, fails=True,

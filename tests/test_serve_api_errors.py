@@ -1,4 +1,4 @@
-"""`exporter serve` fixes: a non-streamed client that goes away logs nothing, a prompt that fills the context is
+"""`exporter serve` edge cases: a non-streamed client that goes away logs nothing, a prompt that fills the context is
 llama-cpp-python's 400 (`param`, `code`, wording), and an empty stop string is a 400 naming `stop`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""exporter train, defects found by an exploratory pass: the pipeline's QLoRA, KTO's pref_ftx over a global step, the
+"""exporter train's keys and their effect: the pipeline's QLoRA, KTO's pref_ftx over a global step, the
 logged learning rate, text keys kept as typed, keys without effect said once, a continued adapter's own settings,
 optimizer settings changed on resume, an unreachable hub dataset, unsupported keys at their defaults, what a resumed
 run trained."""
@@ -276,4 +276,4 @@ def test_resumed_run_says_what_it_trained() -> None:
     """The closing line says the steps this run trained (it said "trained 6 steps" for steps 5-6 of a resume)."""
     assert T._trained(0, 6) == "trained 6 steps" and T._trained(0, 1) == "trained 1 step"
     assert T._trained(4, 6) == "trained steps 5-6 (resumed at step 4)"
-    assert T._trained(6, 6).startswith("trained no step")
+    assert T._trained(5, 6) == "trained step 6 (resumed at step 5)" and T._trained(6, 6).startswith("trained no step")

@@ -1,4 +1,4 @@
-"""CLI and gguf fixes: an adapter's relative --base-gguf, --base-gguf without --adapter, repeated single-value
+"""CLI and gguf checks: an adapter's relative --base-gguf, --base-gguf without --adapter, repeated single-value
 options, `gguf .`, shell-quoted `ollama create` lines, SIGTERM cleanup."""
 
 from __future__ import annotations
