@@ -377,27 +377,24 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
             raise ApiError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
         return {"id": name, "object": "model", "created": created, "owned_by": "exporter"}
 
+    async def _respond(request: Request, req: ChatRequest | TextRequest, rid: str, stream: Any, complete: Any) -> Any:
+        """The request's answers, streamed (SSE) or whole; when the client went away, a 499 nobody reads (uvicorn
+        drops it) and nothing logged."""
+        run = _start(engine, req)
+        if req.stream:
+            return StreamingResponse(stream(engine, req, run, rid, name), media_type="text/event-stream")
+        answer = await complete(engine, req, run, rid, name, request)
+        return Response(status_code=499) if answer is None else JSONResponse(answer)
+
     @app.post("/v1/chat/completions")
     async def _chat(request: Request) -> Any:
         req = parse_request(await _json(request), engine, opts, name)
-        run = _start(engine, req)
-        rid = f"chatcmpl-{secrets.token_hex(12)}"
-        if req.stream:
-            return StreamingResponse(_stream(engine, req, run, rid, name), media_type="text/event-stream")
-        answer = await _complete(engine, req, run, rid, name, request)
-        if answer is None:  # the client went away: nobody reads this (uvicorn drops it), nothing to log
-            return Response(status_code=499)
-        return JSONResponse(answer)
+        return await _respond(request, req, f"chatcmpl-{secrets.token_hex(12)}", _stream, _complete)
 
     @app.post("/v1/completions")
     async def _text(request: Request) -> Any:
         req = parse_completion(await _json(request), engine, opts, name)
-        run = _start(engine, req)
-        rid = f"cmpl-{secrets.token_hex(12)}"
-        if req.stream:
-            return StreamingResponse(_stream_text(engine, req, run, rid, name), media_type="text/event-stream")
-        answer = await _complete_text(engine, req, run, rid, name, request)
-        return Response(status_code=499) if answer is None else JSONResponse(answer)
+        return await _respond(request, req, f"cmpl-{secrets.token_hex(12)}", _stream_text, _complete_text)
 
     return app
 
