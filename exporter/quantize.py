@@ -71,7 +71,7 @@ class QuantizeOptions:
     force: bool = False
 
 
-def _check_options(o: QuantizeOptions) -> tuple[int, int | None]:
+def check_options(o: QuantizeOptions) -> tuple[int, int | None]:
     """Validate the flag combination; returns (bits, group_size) with defaults applied."""
     from exporter.config import did_you_mean
 
@@ -328,7 +328,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
 
     from exporter import atomic, calibration, hf_dir, hub, spm, templates
 
-    bits, group = _check_options(opts)
+    bits, group = check_options(opts)
     _require(opts.method)
     model_dir = hub.resolve(opts.model, "model")
     out = Path(opts.out)

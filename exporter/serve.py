@@ -382,7 +382,7 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
         drops it) and nothing logged."""
         run = _start(engine, req)
         if req.stream:
-            return StreamingResponse(stream(engine, req, run, rid, name), media_type="text/event-stream")
+            return StreamingResponse(_sse(run, stream(engine, req, run, rid, name)), media_type="text/event-stream")
         answer = await complete(engine, req, run, rid, name, request)
         return Response(status_code=499) if answer is None else JSONResponse(answer)
 
@@ -497,6 +497,32 @@ async def _gather(req: ChatRequest | TextRequest, run: _Run, request: Any) -> li
     return parts
 
 
+async def _deltas(req: ChatRequest | TextRequest, run: _Run, counts: list[int]) -> AsyncIterator[tuple[int, Delta]]:
+    """Each of the n answers' Deltas as they come, until all n finish, counting each answer's tokens into `counts`;
+    a failure inside the engine raises its ApiError."""
+    done = 0
+    while done < req.n:
+        i, d = await run.queue.get()
+        if isinstance(d, BaseException):
+            raise _failure(d)
+        counts[i] += len(d.token_ids)
+        yield i, d
+        done += d.finish_reason is not None
+
+
+async def _sse(run: _Run, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A route's SSE `chunks`, then [DONE]; a failure inside the engine ends the stream with its error event. A
+    client that went away (the task is cancelled) frees the request's slots."""
+    try:
+        async for c in chunks:
+            yield c
+        yield "data: [DONE]\n\n"
+    except ApiError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+    finally:
+        run.cancel()
+
+
 async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: str, request: Any) -> dict | None:
     """The non-streamed answer, or None when the client went away."""
     parts = await _gather(req, run, request)
@@ -564,30 +590,19 @@ async def _stream_text(engine: Engine, req: TextRequest, run: _Run, rid: str, na
     """/v1/completions' SSE chunks: the text of each answer as it comes (the prompt first with `echo`)."""
     created = int(time.time())
     counts, sent = [0] * req.n, [len(req.text)] * req.n  # text_offset of each answer's next token
-    done = 0
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
         return f"data: {json.dumps(_text_body(rid, created, name, choices, usage), ensure_ascii=False)}\n\n"
 
-    try:
-        if req.echo:
-            yield chunk([_text_choice(i, req.text, None) for i in range(req.n)])
-        while done < req.n:
-            i, d = await run.queue.get()
-            if isinstance(d, BaseException):
-                yield f"data: {json.dumps(_failure(d).body())}\n\n"
-                return
-            counts[i] += len(d.token_ids)
-            if d.text or d.logprobs or d.finish_reason is not None:
-                lp = _text_logprobs(engine, d.logprobs, sent[i]) if d.logprobs is not None else None
-                yield chunk([_text_choice(i, d.text, d.finish_reason, lp)])
-            sent[i] += len(d.text)
-            done += d.finish_reason is not None
-        if req.include_usage:
-            yield chunk([], _usage(len(req.prompt), counts))
-        yield "data: [DONE]\n\n"
-    finally:
-        run.cancel()  # a client that went away (the task is cancelled) frees its slots
+    if req.echo:
+        yield chunk([_text_choice(i, req.text, None) for i in range(req.n)])
+    async for i, d in _deltas(req, run, counts):
+        if d.text or d.logprobs or d.finish_reason is not None:
+            lp = _text_logprobs(engine, d.logprobs, sent[i]) if d.logprobs is not None else None
+            yield chunk([_text_choice(i, d.text, d.finish_reason, lp)])
+        sent[i] += len(d.text)
+    if req.include_usage:
+        yield chunk([], _usage(len(req.prompt), counts))
 
 
 class _ToolText:
@@ -633,33 +648,22 @@ async def _stream(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: s
     fmt = engine.chat_format.tools
     tool_text = [_ToolText(fmt) for _ in range(req.n)] if req.tools and fmt is not None else None
     counts = [0] * req.n
-    done = 0
-    try:
-        yield _chunk(rid, created, name, [_choice(i, {"role": "assistant", "content": ""}) for i in range(req.n)])
-        while done < req.n:
-            i, d = await run.queue.get()
-            if isinstance(d, BaseException):
-                yield f"data: {json.dumps(_failure(d).body())}\n\n"
-                return
-            counts[i] += len(d.token_ids)
-            text = tool_text[i].push(d.text) if tool_text is not None else d.text
-            if text or (d.logprobs and tool_text is None):
-                lp = _logprobs(engine, d.logprobs) if req.logprobs and tool_text is None else None
-                yield _chunk(rid, created, name, [_choice(i, {"content": text}, None, lp)])
-            if d.finish_reason is not None:
-                done += 1
-                reason = d.finish_reason
-                if tool_text is not None:
-                    delta, called = tool_text[i].finish(req.tools or [])
-                    reason = called or reason
-                    if delta:
-                        yield _chunk(rid, created, name, [_choice(i, delta)])
-                yield _chunk(rid, created, name, [_choice(i, {}, reason)])
-        if req.include_usage:
-            yield _chunk(rid, created, name, [], _usage(len(req.prompt), counts))
-        yield "data: [DONE]\n\n"
-    finally:
-        run.cancel()  # a client that went away (the task is cancelled) frees its slots
+    yield _chunk(rid, created, name, [_choice(i, {"role": "assistant", "content": ""}) for i in range(req.n)])
+    async for i, d in _deltas(req, run, counts):
+        text = tool_text[i].push(d.text) if tool_text is not None else d.text
+        if text or (d.logprobs and tool_text is None):
+            lp = _logprobs(engine, d.logprobs) if req.logprobs and tool_text is None else None
+            yield _chunk(rid, created, name, [_choice(i, {"content": text}, None, lp)])
+        if d.finish_reason is not None:
+            reason = d.finish_reason
+            if tool_text is not None:
+                delta, called = tool_text[i].finish(req.tools or [])
+                reason = called or reason
+                if delta:
+                    yield _chunk(rid, created, name, [_choice(i, delta)])
+            yield _chunk(rid, created, name, [_choice(i, {}, reason)])
+    if req.include_usage:
+        yield _chunk(rid, created, name, [], _usage(len(req.prompt), counts))
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -168,11 +168,22 @@ _ADAPTER_KEYS = (("lora_rank", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropou
                  ("use_rslora", "use_rslora"), ("use_dora", "use_dora"), ("lora_target", "target_modules"))  # fmt: skip
 
 
+def _linear_names(model: Any) -> list[str]:
+    """The leaf names of the model's linear layers (`q_proj`, `lm_head` …), PEFT's LoRA wrappers seen through: a
+    wrapped layer's `base_layer` counts under its own name, its `lora_A`/`lora_B` not at all."""
+    import torch
+
+    names = set()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".lora_" not in name:
+            parts = name.split(".")
+            names.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])
+    return sorted(names)
+
+
 def say_adapter_settings(model: Any, cfg: TrainConfig, given: set[str]) -> None:
     """Training on `adapter_name_or_path` keeps the adapter's own LoRA settings (as PEFT loads it): say once which
     given LoRA keys differ from them, with the adapter's values (`lora_target: all` is the model's linear layers)."""
-    import torch
-
     peft = getattr(model, "peft_config", {}).get("default")
     if peft is None:
         return
@@ -187,12 +198,7 @@ def say_adapter_settings(model: Any, cfg: TrainConfig, given: set[str]) -> None:
             theirs = sorted({str(t).rsplit(".", 1)[-1] for t in theirs}) if isinstance(theirs, (set, list, tuple)) \
                 else [theirs]  # fmt: skip
             if ours == ["all"]:
-                linear = set()
-                for name, m in model.named_modules():
-                    if isinstance(m, torch.nn.Linear) and ".lora_" not in name and not name.endswith("lm_head"):
-                        parts = name.split(".")
-                        linear.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])
-                ours = sorted(linear - {"lm_head"})
+                ours = [n for n in _linear_names(model) if n != "lm_head"]
                 if theirs == ["all-linear"] or set(theirs) == set(ours):
                     continue
                 ours = ["all"]
@@ -249,13 +255,11 @@ def _targets(model: Any, cfg: TrainConfig) -> tuple[Any, list[str]]:
     parameter (all-linear alone would leave the experts of MoE types PEFT does not convert untrained); names are
     linear layers, expert parameters (`gate_up_proj`, `down_proj`, `experts` for both) or, on an MoE model, the
     transformers 4 expert/router names LLaMA-Factory configs use (PEFT converts those)."""
-    import torch
-
     experts = _expert_params(model)
     if cfg.lora_target == ["all"]:
         target, params = "all-linear", experts
     else:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        linear = _linear_names(model)
         leaves = {e.rsplit(".", 1)[-1]: e for e in experts}
         v4 = _V4_MOE_NAMES if experts else ()
         target, params = [], []

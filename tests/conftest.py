@@ -204,6 +204,16 @@ def tiny(tiny_model) -> Path:
     return tiny_model("qwen2")
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+    """The qwen2 fixture as an f16 GGUF (with its Modelfile), built once per session; tests only read it."""
+    require_llama_cpp()
+    from exporter import gguf, templates
+
+    hf = tiny_model("qwen2")
+    return gguf.export(hf, ["f16"], templates.resolve(hf, None), tmp_path_factory.mktemp("gguf")).files["f16"]
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Tiny models train fastest on one thread (and do not fight other processes for cores); a module asks for it

@@ -8,21 +8,11 @@ import io
 from pathlib import Path
 
 import pytest
-from conftest import require_llama_cpp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from exporter.chat import ChatOptions, chat  # noqa: E402
 from exporter.engine import LoadOptions, Sampling, load  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
-    require_llama_cpp()
-    from exporter import gguf, templates
-
-    hf = tiny_model("qwen2")
-    return gguf.export(hf, ["f16"], templates.resolve(hf, None), tmp_path_factory.mktemp("chat")).files["f16"]
 
 
 def _chat(model: Path, lines: list[str], system: str | None = None) -> list[str]:

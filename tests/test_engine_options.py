@@ -7,21 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import require_llama_cpp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from exporter.engine import ContextOverflow, LoadOptions, Sampling, load  # noqa: E402
 from exporter.errors import UserError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
-    require_llama_cpp()
-    from exporter import gguf, templates
-
-    hf = tiny_model("qwen2")
-    return gguf.export(hf, ["f16"], templates.resolve(hf, None), tmp_path_factory.mktemp("opts")).files["f16"]
 
 
 @pytest.mark.parametrize(

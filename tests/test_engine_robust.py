@@ -22,16 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 WAIT = 120  # seconds a request may take before the test calls it hung
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
-    """The qwen2 fixture as an f16 GGUF."""
-    require_llama_cpp()
-    from exporter import gguf, templates
-
-    hf = tiny_model("qwen2")
-    return gguf.export(hf, ["f16"], templates.resolve(hf, None), tmp_path_factory.mktemp("robust")).files["f16"]
-
-
 def _answer(eng, prompt: list[int], sampling: Sampling) -> list:
     """What one submitted request's sink receives, up to its last event (never waits forever)."""
     q: queue.SimpleQueue = queue.SimpleQueue()

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_llama_cpp
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -26,13 +25,10 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
-    require_llama_cpp()
+def server_gguf(tiny_gguf) -> Path:
+    """The session's tiny GGUF, where llama-cpp-python's server (the reference) is installed."""
     pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python's server extra")
-    from exporter import gguf, templates
-
-    hf = tiny_model("qwen2")
-    return gguf.export(hf, ["f16"], templates.resolve(hf, None), tmp_path_factory.mktemp("cmpl")).files["f16"]
+    return tiny_gguf
 
 
 def _free_port() -> int:
@@ -54,11 +50,11 @@ def _started(cmd: list[str], port: int, path: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def clients(tiny_gguf: Path) -> Iterator[tuple[object, object]]:
+def clients(server_gguf: Path) -> Iterator[tuple[object, object]]:
     ours, ref = _free_port(), _free_port()
-    mine = [sys.executable, "-m", "exporter", "serve", str(tiny_gguf), "--port", str(ours), "--ctx", "512",
+    mine = [sys.executable, "-m", "exporter", "serve", str(server_gguf), "--port", str(ours), "--ctx", "512",
             "--max-seqs", "2", "--threads", "1"]  # fmt: skip
-    theirs = [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--port", str(ref), "--n_ctx",
+    theirs = [sys.executable, "-m", "llama_cpp.server", "--model", str(server_gguf), "--port", str(ref), "--n_ctx",
               "512", "--n_threads", "1", "--verbose", "false"]  # fmt: skip
     procs = [_started(mine, ours, "/health"), _started(theirs, ref, "/v1/models")]
     try:

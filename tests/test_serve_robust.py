@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import require_llama_cpp
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,15 +95,6 @@ def test_well_typed_values_pass() -> None:
                 "parallel_tool_calls": True, "user": "me"})  # fmt: skip
     assert r.stream and r.sampling.seed == -(2**63) and r.sampling.repetition_penalty == 1.2 and r.logprobs
     assert _parse({"messages": USER, "stream": False, "logprobs": False}).sampling.logprobs is None
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
-    require_llama_cpp()
-    from exporter import gguf, templates
-
-    hf = tiny_model("qwen2")
-    return gguf.export(hf, ["f16"], templates.resolve(hf, None), tmp_path_factory.mktemp("serve")).files["f16"]
 
 
 def test_seeds_work_and_a_dead_worker_is_503_and_unhealthy(tiny_gguf: Path) -> None:

@@ -139,7 +139,7 @@ def check_stages(f: dict[str, Any], stages: list[str]) -> None:
         if stage == "merge":
             merge.check_options(opts)
         elif stage == "quantize":
-            quantize._check_options(opts)
+            quantize.check_options(opts)
         else:
             gguf.parse_types(opts.types)
             gguf.check_ollama_name(opts.ollama_name)
