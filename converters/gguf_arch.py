@@ -163,27 +163,152 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class JsonType:
+    """What a config.json value must be: `check` accepts it; `expected` says so in an error."""
+
+    expected: str
+    check: Callable[[Any], bool]
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+POSITIVE = JsonType("a positive integer", lambda v: _is_int(v, 1))
+COUNT = JsonType("a non-negative integer", lambda v: _is_int(v, 0))
+NUMBER = JsonType("a number", _is_number)
+BOOL = JsonType("true or false", lambda v: isinstance(v, bool))
+STRING = JsonType("a string", lambda v: isinstance(v, str))
+OBJECT = JsonType("a JSON object", lambda v: isinstance(v, dict))
+STRINGS = JsonType("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+COUNTS = JsonType("a list of non-negative integers", lambda v: isinstance(v, list) and all(_is_int(x, 0) for x in v))
+NUMBERS = JsonType("a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v))
+
+# Every config.json key the converter reads -> (its type, whether null is allowed). transformers 5's config classes
+# refuse null for the keys every supported family declares non-null; a family-specific key (experts, Granite's
+# multipliers) may be null, as transformers takes keys a class does not declare as they are, and null is then as if
+# left out. Ints are not floats (transformers refuses 4096.0); a float key takes an int (1e-06 and 0 alike). The
+# same table checks a `text_config` (Gemma 3's text half).
+HPARAM_TYPES: dict[str, tuple[JsonType, bool]] = {
+    "model_type": (STRING, True),
+    "architectures": (STRINGS, True),
+    "text_config": (OBJECT, True),
+    "vocab_size": (POSITIVE, False),
+    "hidden_size": (POSITIVE, False),
+    "num_attention_heads": (POSITIVE, False),
+    "num_hidden_layers": (POSITIVE, False),
+    "intermediate_size": (POSITIVE, False),
+    "num_key_value_heads": (POSITIVE, True),
+    "head_dim": (POSITIVE, True),
+    "max_position_embeddings": (POSITIVE, False),
+    "original_max_position_embeddings": (POSITIVE, True),
+    "rms_norm_eps": (NUMBER, False),
+    "tie_word_embeddings": (BOOL, True),  # null: Gemma 3's outer config; the family default then
+    "rope_theta": (NUMBER, True),  # transformers 4 layout: top-level RoPE keys
+    "rope_scaling": (OBJECT, True),
+    "rope_parameters": (OBJECT, True),
+    "rope_local_base_freq": (NUMBER, True),
+    "partial_rotary_factor": (NUMBER, True),
+    "sliding_window": (COUNT, True),
+    "sliding_window_pattern": (POSITIVE, True),
+    "layer_types": (STRINGS, True),
+    "query_pre_attn_scalar": (NUMBER, True),
+    "attn_logit_softcapping": (NUMBER, True),
+    "final_logit_softcapping": (NUMBER, True),
+    "attention_multiplier": (NUMBER, True),
+    "embedding_multiplier": (NUMBER, True),
+    "residual_multiplier": (NUMBER, True),
+    "logits_scaling": (NUMBER, True),
+    "no_rope_layers": (COUNTS, True),
+    "no_rope_layer_interval": (POSITIVE, True),
+    "num_local_experts": (COUNT, True),
+    "num_experts": (COUNT, True),
+    "num_experts_per_tok": (POSITIVE, True),
+    "moe_intermediate_size": (POSITIVE, True),
+    "mlp_only_layers": (COUNTS, True),
+    "decoder_sparse_step": (POSITIVE, True),
+}
+# The keys of `rope_parameters` / `rope_scaling` (and of their per-attention-type parts, Gemma 3's full_attention
+# and sliding_attention) the converter reads; null in them is the same as left out.
+ROPE_TYPES: dict[str, JsonType] = {
+    "rope_type": STRING,
+    "type": STRING,
+    "rope_theta": NUMBER,
+    "factor": NUMBER,
+    "original_max_position_embeddings": POSITIVE,
+    "low_freq_factor": NUMBER,
+    "high_freq_factor": NUMBER,
+    "extrapolation_factor": NUMBER,
+    "attention_factor": NUMBER,
+    "beta_fast": NUMBER,
+    "beta_slow": NUMBER,
+    "partial_rotary_factor": NUMBER,
+    "long_factor": NUMBERS,
+    "short_factor": NUMBERS,
+    "full_attention": OBJECT,
+    "sliding_attention": OBJECT,
+}
+
+
+def _refuse(path: Path, key: str, value: Any, expected: str) -> UserError:
+    shown = "null" if value is None else repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return UserError(f"{path}: {key} is {shown}; expected {expected}")
+
+
+def _check_rope(path: Path, prefix: str, rp: dict[str, Any]) -> None:
+    for key, jtype in ROPE_TYPES.items():
+        v = rp.get(key)
+        if v is not None and not jtype.check(v):
+            raise _refuse(path, prefix + key, v, jtype.expected)
+        if isinstance(v, dict) and key in ("full_attention", "sliding_attention"):
+            _check_rope(path, f"{prefix}{key}.", v)
+
+
+def check_types(path: Path, cfg: dict[str, Any], prefix: str = "") -> None:
+    """Every key of HPARAM_TYPES (and the RoPE dicts' ROPE_TYPES) that `cfg` has is of its type; one UserError
+    naming the file, the key and the type expected otherwise (not a struct.error from the GGUF writer later)."""
+    for key, (jtype, nullable) in HPARAM_TYPES.items():
+        if key not in cfg:
+            continue
+        v = cfg[key]
+        if v is None and nullable:
+            continue
+        if v is None or not jtype.check(v):
+            raise _refuse(path, prefix + key, v, jtype.expected)
+    for key in ("rope_parameters", "rope_scaling"):
+        if isinstance(cfg.get(key), dict):
+            _check_rope(path, f"{prefix}{key}.", cfg[key])
+    if isinstance(cfg.get("text_config"), dict) and not prefix:
+        check_types(path, cfg["text_config"], "text_config.")
+
+
 def load_hparams(model_dir: Path) -> dict[str, Any]:
-    """config.json with the defaults transformers would fill in for the keys the converter reads."""
+    """config.json with the defaults transformers would fill in for the keys the converter reads, every one of them
+    checked against HPARAM_TYPES."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
     hp = read_json(path)
     if not isinstance(hp, dict):
         raise UserError(f"{path}: expected a JSON object")
+    check_types(path, hp)
     if isinstance(hp.get("text_config"), dict):
         hp = {**hp, **hp["text_config"], "model_type": hp["text_config"].get("model_type", hp.get("model_type"))}
     model_type = hp.get("model_type")
     if model_type == "gemma3":
         model_type = "gemma3_text"
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
-                "num_key_value_heads", "head_dim"):  # fmt: skip
-        v = hp.get(key)
-        needed = key in ("hidden_size", "num_attention_heads", "num_hidden_layers") and model_type in _DEFAULTS
-        if (v is not None or needed) and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise UserError(f"{path}: {key} is {v!r}; expected a positive integer")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers"):
+        if key not in hp and model_type in _DEFAULTS:
+            raise _refuse(path, key, None, POSITIVE.expected)
     for key, value in _DEFAULTS.get(model_type, {}).items():
         hp.setdefault(key, value)
+    if hp.get("tie_word_embeddings") is None:  # null (Gemma 3's outer config allows it): the family's default
+        hp["tie_word_embeddings"] = _DEFAULTS.get(model_type, {}).get("tie_word_embeddings", False)
     if hp.get("num_key_value_heads") is None and hp.get("num_attention_heads"):
         hp["num_key_value_heads"] = hp["num_attention_heads"]
     if model_type in ("llama", "mistral") and hp.get("head_dim") is None and hp.get("num_attention_heads"):
@@ -199,10 +324,12 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
 
 
 def rope_params(hp: dict[str, Any]) -> dict[str, Any]:
-    """Global-attention RoPE parameters from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`."""
+    """Global-attention RoPE parameters from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`;
+    a null value is left out (its default applies)."""
     rp = dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
-    if "full_attention" in rp:
+    if isinstance(rp.get("full_attention"), dict):
         rp = dict(rp["full_attention"])
+    rp = {k: v for k, v in rp.items() if v is not None}
     if "rope_theta" not in rp and hp.get("rope_theta") is not None:
         rp["rope_theta"] = hp["rope_theta"]
     if "rope_type" not in rp and rp.get("type") is not None:
@@ -217,6 +344,11 @@ def _sliding_rope_theta(hp: dict[str, Any]) -> float | None:
     if "sliding_attention" in rp:
         return rp["sliding_attention"].get("rope_theta")
     return hp.get("rope_local_base_freq")
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (a null in config.json is as if left out)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _head_dim(hp: dict[str, Any]) -> int:
@@ -241,6 +373,8 @@ def _common_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     elif rope_type == "yarn" and rp.get("factor") is not None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rp["factor"])
+        if rp.get("original_max_position_embeddings") is None:
+            raise UserError("config.json: YaRN RoPE scaling without original_max_position_embeddings")
         w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
         for key, add in (
             ("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
@@ -260,7 +394,7 @@ def _common_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
         w.add_rope_freq_base_swa(swa_theta)
     if hp.get("rms_norm_eps") is not None:
         w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
-    if (n_expert := hp.get("num_local_experts", hp.get("num_experts"))) is not None:
+    if (n_expert := _first(hp.get("num_local_experts"), hp.get("num_experts"))) is not None:
         w.add_expert_count(n_expert)
     if hp.get("num_experts_per_tok") is not None:
         w.add_expert_used_count(hp["num_experts_per_tok"])
@@ -271,23 +405,26 @@ def _common_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
 
 def _llama_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     _common_params(hp, w)
-    w.add_vocab_size(hp["vocab_size"])
+    if hp.get("vocab_size") is not None:
+        w.add_vocab_size(hp["vocab_size"])
     w.add_rope_dimension_count(_head_dim(hp))
 
 
 def _qwen3moe_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     _common_params(hp, w)
-    if hp.get("mlp_only_layers") or hp.get("decoder_sparse_step", 1) != 1:
+    if hp.get("mlp_only_layers") or _first(hp.get("decoder_sparse_step"), 1) != 1:
         raise UserError("Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported")
+    if hp.get("moe_intermediate_size") is None:
+        raise UserError("config.json: moe_intermediate_size is null; expected a positive integer (Qwen3-MoE)")
     w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
 
 
 def _gemma2_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     """Gemma 2: no RoPE keys (llama.cpp's 10000 is Gemma 2's), soft-capping, sliding window every other layer."""
     n_layer, n_head, hidden = hp["num_hidden_layers"], hp["num_attention_heads"], hp["hidden_size"]
-    head_dim = hp.get("head_dim", 256)
+    head_dim = _first(hp.get("head_dim"), 256)
     # llama.cpp scales queries by 1/sqrt(hidden/heads) for the 46-layer 27B, by 1/sqrt(head_dim) otherwise
-    scalar = hp.get("query_pre_attn_scalar", 256)
+    scalar = _first(hp.get("query_pre_attn_scalar"), 256)
     want = hidden // n_head if n_layer == 46 else head_dim
     if scalar != want:
         raise UserError(f"Gemma 2 config: query_pre_attn_scalar {scalar}, but llama.cpp scales queries by {want}")
@@ -302,9 +439,13 @@ def _gemma2_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_attn_logit_softcapping(hp.get("attn_logit_softcapping", 50.0))
-    w.add_final_logit_softcapping(hp.get("final_logit_softcapping", 30.0))
-    w.add_sliding_window(hp.get("sliding_window", 4096))
+    for key, add, default in (
+        ("attn_logit_softcapping", w.add_attn_logit_softcapping, 50.0),
+        ("final_logit_softcapping", w.add_final_logit_softcapping, 30.0),
+    ):
+        if hp.get(key, default) is not None:  # null: no soft-capping
+            add(hp.get(key, default))
+    w.add_sliding_window(_first(hp.get("sliding_window"), 4096))
     types = hp.get("layer_types") or []
     if types and types != ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)]:
         w.add_sliding_window_pattern([t == "sliding_attention" for t in types])  # not llama.cpp's default cycle
@@ -312,7 +453,7 @@ def _gemma2_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
 
 def _glm4_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     _common_params(hp, w)
-    factor = rope_params(hp).get("partial_rotary_factor", hp.get("partial_rotary_factor", 0.5))
+    factor = _first(rope_params(hp).get("partial_rotary_factor"), hp.get("partial_rotary_factor"), 0.5)
     w.add_rope_dimension_count(int(_head_dim(hp) * factor))
 
 
@@ -332,7 +473,7 @@ def _granite_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
 
 def _olmo2_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     _common_params(hp, w)
-    if "sliding_window" in hp:  # OLMo 3
+    if hp.get("sliding_window") is not None:  # OLMo 3
         w.add_sliding_window(hp["sliding_window"])
         types = hp.get("layer_types") or ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention"
                                           for i in range(hp["num_hidden_layers"])]  # fmt: skip
@@ -342,7 +483,8 @@ def _olmo2_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
 def _smollm3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     """SmolLM3: Llama with RoPE left out of every 4th layer, a pattern llama.cpp fixes in code."""
     n_layer = hp["num_hidden_layers"]
-    nope = hp.get("no_rope_layers") or [int((i + 1) % hp.get("no_rope_layer_interval", 4) != 0) for i in range(n_layer)]
+    every = _first(hp.get("no_rope_layer_interval"), 4)
+    nope = hp.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n_layer)]
     if list(nope) != [int((i + 1) % 4 != 0) for i in range(n_layer)]:
         raise UserError(
             f"SmolLM3 config: no_rope_layers {list(nope)}; llama.cpp leaves RoPE out of every 4th layer only"
@@ -381,7 +523,7 @@ def _gemma3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     if hp.get("final_logit_softcapping"):
         w.add_final_logit_softcapping(hp["final_logit_softcapping"])
     if hp.get("sliding_window_pattern") != 1:
-        w.add_sliding_window(hp["sliding_window"])
+        w.add_sliding_window(_first(hp.get("sliding_window"), 4096))
         if hp.get("layer_types"):
             # which layers slide: without this llama.cpp assumes Gemma3's 5-local-1-global cycle from layer 0,
             # wrong for any config whose layer_types differ from that cycle (llama.cpp's converter drops it)
@@ -390,7 +532,7 @@ def _gemma3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
 
 def _phi3_rope_parts(hp: dict[str, Any]) -> tuple[dict[str, Any], int]:
     rp = rope_params(hp)
-    rot = rp.get("partial_rotary_factor", hp.get("partial_rotary_factor", 1.0))
+    rot = _first(rp.get("partial_rotary_factor"), hp.get("partial_rotary_factor"), 1.0)
     return rp, int(rot * hp["hidden_size"]) // hp["num_attention_heads"]
 
 
@@ -408,7 +550,7 @@ def _phi3_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     w.add_head_count_kv(hp["num_key_value_heads"])
     w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
     w.add_rope_dimension_count(rope_dims)
-    w.add_rope_freq_base(rp["rope_theta"])
+    w.add_rope_freq_base(_first(rp.get("rope_theta"), 10_000.0))
     w.add_sliding_window(hp.get("sliding_window") or 0)
 
 
@@ -418,7 +560,9 @@ def _phi3_rope_factors(hp: dict[str, Any], w: gguf.GGUFWriter) -> list[tuple[str
     long, short = rp.get("long_factor"), rp.get("short_factor")
     if not long:
         return []
-    orig = rp["original_max_position_embeddings"]
+    orig = rp.get("original_max_position_embeddings")
+    if orig is None:
+        raise UserError("Phi3 config.json lacks original_max_position_embeddings; llama.cpp needs it")
     scale = hp["max_position_embeddings"] / orig
     kind = str(rp.get("rope_type", "")).lower()
     if kind in ("su", "longrope"):
@@ -507,7 +651,7 @@ def plan_tensors(
     tmap = gguf.get_tensor_name_map(arch.gguf_arch, n_layer)
     n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
     specs: list[TensorSpec] = []
-    tied = bool(hp.get("tie_word_embeddings"))
+    tied = hp.get("tie_word_embeddings") is True  # load_hparams checked it is a bool
     for name, (shape, stack) in stack_experts(shapes).items():
         if name.endswith(arch.skip):
             continue

@@ -183,13 +183,17 @@ def _metadata(w: gguf.GGUFWriter, model_dir: Path, name: str | None, arch: gguf_
 
 
 def plan(model_dir: Path) -> tuple[gguf_arch.Arch, dict[str, Any], Source]:
-    """Architecture, config and the opened weights; UserError for anything unsupported."""
+    """Architecture, config and the opened weights; UserError for anything unsupported, metadata the architecture
+    cannot write included (its keys go to a writer that writes nothing: no tensor is read)."""
     hp = gguf_arch.load_hparams(model_dir)
     arch = gguf_arch.arch_for(hp, model_dir)
     src = Source.open(model_dir)
     try:
         gguf_arch.check_geometry(arch, hp, src.shapes, model_dir)
-    except UserError:
+        dry = gguf.GGUFWriter(path=None, arch=arch.name)
+        arch.extra(hp, dry)
+        arch.params(hp, dry)
+    except BaseException:
         src.close()
         raise
     return arch, hp, src
@@ -303,15 +307,18 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
     model_name: str | None = None,
     threads: int | None = None,
+    vocab: gguf_vocab.Vocab | None = None,
 ) -> tuple[list[Written], gguf_vocab.Vocab]:
-    """Write one GGUF per `outputs` kind (f32, f16, bf16, q8_0, q4_0) reading the model once, block by block."""
+    """Write one GGUF per `outputs` kind (f32, f16, bf16, q8_0, q4_0) reading the model once, block by block;
+    `vocab`: the model's, already read by `gguf_vocab.build_vocab` with `eot_tokens` (read here otherwise)."""
     for kind in outputs:
         if kind not in NUMPY_TYPES:
             raise UserError(f"GGUF type {kind!r} is not a direct conversion type; use one of {', '.join(NUMPY_TYPES)}")
     if not outputs:
         raise UserError("no GGUF output type requested")
     arch, hp, src = plan(model_dir)
-    vocab = gguf_vocab.build_vocab(model_dir, hp, arch, eot_tokens)
+    if vocab is None:
+        vocab = gguf_vocab.build_vocab(model_dir, hp, arch, eot_tokens)
     n_vocab_real = len(vocab.tokens) if arch.gguf_arch == gguf.MODEL_ARCH.GEMMA3 else None
     specs = gguf_arch.plan_tensors(arch, hp, src.shapes, n_vocab_real)
     has_output = any(s.name == "output.weight" for s in specs)

@@ -8,7 +8,8 @@
   `occupant(out)` is that classification, for stages that write into a dir rather than replace it.
 - `atomic_dir` / `atomic_file` write beside the target and rename; a crash or error leaves nothing final-looking,
   a full disk is one line saying how much space was needed; outputs follow the umask (not tempfile's 0700/0600, nor
-  safetensors' 0600).
+  safetensors' 0600). `scratch_dir` is a work dir for intermediates of an output (export's merge before quantizing),
+  named as its temporaries, so a killed run's is removed the same way.
 - `leftover(name)` / `lock_name(name)`: the only names these write beside an output, so that what they left behind
   is recognised by its exact name and nothing else is ever taken for it.
 """
@@ -89,17 +90,21 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def overlapping(out: Path | str, inputs: Sequence[Path | str]) -> Path | str | None:
+    """The first existing input that `out` is, lies inside or holds, else None."""
+    where = _key(Path(out))
+    return next((inp for inp in inputs if Path(inp).exists() and _overlaps(where, Path(inp).resolve())), None)
+
+
 def check_target(out: Path, force: bool, inputs: Sequence[Path | str] = ()) -> None:
     """Refuse an output that overlaps an input, an existing output without `force`, and anything not ours."""
     out = Path(out)
-    where = _key(out)
-    for inp in inputs:
-        p = Path(inp)
-        if p.exists() and _overlaps(where, p.resolve()):
-            raise UserError(
-                f"output {out} overlaps the input {inp} (it would replace or write into it); choose an output "
-                "path outside the inputs"
-            )
+    inp = overlapping(out, inputs)
+    if inp is not None:
+        raise UserError(
+            f"output {out} overlaps the input {inp} (it would replace or write into it); choose an output "
+            "path outside the inputs"
+        )
     found = occupant(out)
     if found == "none" and not out.is_symlink():
         return  # absent, or an empty dir (replaced)
@@ -289,6 +294,24 @@ def _committed(tmp: Path, out: Path, need: int | None) -> Iterator[Path]:
         raise
 
 
+def _temp_prefix(out: Path) -> str:
+    """The start of the name of every temporary written beside `out` (`leftover` recognises it)."""
+    return f"{out.name}.tmp-{os.getpid()}-"
+
+
+@contextmanager
+def scratch_dir(out: Path | str) -> Iterator[Path]:
+    """A work dir beside `out` for its intermediates while `out` is claimed, removed on exit; named as `out`'s
+    temporaries, so one a killed run left behind is removed by the next run writing `out`."""
+    out = Path(out)
+    with claim(out):
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
+        try:
+            yield tmp
+        finally:
+            _discard(tmp)
+
+
 @contextmanager
 def atomic_dir(
     out: Path | str, force: bool = False, inputs: Sequence[Path | str] = (), need: int | None = None
@@ -299,7 +322,7 @@ def atomic_dir(
     out = Path(out)
     with claim(out):
         check_target(out, force, inputs)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
         with _committed(tmp, out, need) as t:
             yield t
 
@@ -315,7 +338,7 @@ def atomic_file(out: Path | str, force: bool = True) -> Iterator[Path]:
     _make_parent(out)
     _remove_stale(out, only_dead=True)
     try:
-        fd, name = tempfile.mkstemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
     except OSError as err:
         raise UserError(f"cannot write into {out.parent}: {err.strerror}") from None
     os.close(fd)

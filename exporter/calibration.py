@@ -13,9 +13,12 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.errors import UserError
+
+if TYPE_CHECKING:
+    from exporter.quantize import Names
 
 MIN_BLOCKS = 8  # fewer than min(samples, 8) full blocks of calibration tokens is too little to estimate activations
 
@@ -86,10 +89,49 @@ def _text_file_sequences(path: Path, tokenizer: Any, rejected: Counter) -> tuple
     return [tokenizer(s.text)["input_ids"] for s in samples], len(samples) + sum(drops.counts.values())
 
 
+def text_file(dataset: str | None) -> Path | None:
+    """`dataset` as a file of raw `text` rows (tokenized as plain text), or None when it names datasets."""
+    return Path(dataset) if dataset and Path(dataset).is_file() else None
+
+
 def dataset_source(dataset: str, dataset_dir: Path | str | None) -> Path:
     """The file calibration reads for `dataset`: the text file itself, else the dataset_info.json naming it."""
-    path = Path(dataset)
-    return path if path.is_file() else Path(dataset_dir or "data") / "dataset_info.json"
+    return text_file(dataset) or Path(dataset_dir or "data") / "dataset_info.json"
+
+
+def check_inputs(
+    dataset: str | None, dataset_dir: Path | str | None, samples: int, max_length: int, names: Names | None = None
+) -> None:
+    """The calibration settings, and that `dataset` is a file or names datasets of dataset_dir's dataset_info.json
+    (before any model is loaded); `names`: what the user calls each option."""
+    from exporter import dataset_info
+    from exporter.config import did_you_mean
+
+    if names is None:
+        from exporter.quantize import FLAGS as names
+    if samples < 1:
+        raise UserError(f"{names.samples} must be at least 1, got {samples}")
+    if max_length < 16:
+        raise UserError(f"{names.max_length} must be at least 16 tokens, got {max_length}")
+    if not dataset:
+        if dataset_dir:
+            raise UserError(f"{names.dataset_dir} given without {names.dataset}: name the dataset(s) to calibrate on")
+        return
+    if text_file(dataset):
+        return
+    said = f"{names.dataset} {dataset}"
+    if Path(dataset).is_dir():
+        raise UserError(f"{said}: a directory; give a file of raw `text` rows or dataset names from dataset_info.json")
+    info_path = Path(dataset_dir or "data") / dataset_info.INFO_NAME
+    if not info_path.is_file():
+        raise UserError(f"{said}: no such file, and no {info_path} to look it up in as a dataset name")
+    info = dataset_info.read_info(info_path.parent)
+    for name in (n.strip() for n in dataset.split(",") if n.strip()):
+        if name not in info:
+            raise UserError(
+                f"{said}: no such file, and dataset {name!r} is not defined in {info_path}{did_you_mean(name, info)}"
+            )
+        dataset_info.spec(name, info, info_path.parent)
 
 
 def _encoded(
@@ -149,30 +191,29 @@ def build(
     samples: int,
     max_length: int,
     seed: int,
+    names: Names | None = None,
 ) -> Calibration:
     """Calibration blocks of `max_length` tokens (at most `samples` of them) from `dataset` (dataset_info.json names,
-    or a file of raw `text` rows) or the built-in texts."""
-    if samples < 1:
-        raise UserError(f"--samples must be at least 1, got {samples}")
-    if max_length < 16:
-        raise UserError(f"--max-length must be at least 16 tokens, got {max_length}")
+    or a file of raw `text` rows) or the built-in texts; `names`: what the user calls each option."""
+    if names is None:
+        from exporter.quantize import FLAGS as names
+    check_inputs(dataset, dataset_dir, samples, max_length, names)
     rejected: Counter = Counter()
     eos = tokenizer.eos_token_id
-    if dataset and Path(dataset).is_file():
-        seqs, rows_total = _text_file_sequences(Path(dataset), tokenizer, rejected)
+    text = text_file(dataset)
+    if text is not None:
+        seqs, rows_total = _text_file_sequences(text, tokenizer, rejected)
         order = list(range(len(seqs)))
         random.Random(seed).shuffle(order)
         blocks, used = pack(iter([seqs[i] for i in order]), eos, max_length, samples)
         cal = Calibration(blocks, f"text file {dataset}", rows_used=used, rows_total=rows_total, rejected=rejected)
-        return _enough(cal, samples, max_length)
+        return _enough(cal, samples, max_length, names)
     if dataset:
-        names = [n.strip() for n in dataset.split(",") if n.strip()]
+        sets = [n.strip() for n in dataset.split(",") if n.strip()]
         ddir = Path(dataset_dir) if dataset_dir else Path("data")
-        convs = _dataset_conversations(names, ddir, seed, rejected)
-        source = f"dataset {','.join(names)} from {ddir / 'dataset_info.json'}"
+        convs = _dataset_conversations(sets, ddir, seed, rejected)
+        source = f"dataset {','.join(sets)} from {ddir / 'dataset_info.json'}"
     else:
-        if dataset_dir:
-            raise UserError("--dataset-dir given without --dataset: name the dataset(s) to calibrate on")
         convs = _default_conversations(seed)
         source = "built-in multilingual texts"
     rows_total = len(convs) + sum(rejected.values())  # rows exporter.data dropped count too
@@ -182,17 +223,19 @@ def build(
     seqs = _encoded([convs[i] for i in order], tokenizer, tpl, rejected)
     blocks, used = pack(seqs, eos, max_length, samples, enders)
     cal = Calibration(blocks, source, rows_used=used, rows_total=rows_total, rejected=rejected)
-    return _enough(cal, samples, max_length)
+    return _enough(cal, samples, max_length, names)
 
 
-def _enough(cal: Calibration, samples: int, max_length: int) -> Calibration:
+def _enough(cal: Calibration, samples: int, max_length: int, names: Names) -> Calibration:
     """`cal`, or a UserError saying what was found and why rows were left out when it is too little."""
     need_blocks = min(samples, MIN_BLOCKS)
     if cal.tokens < need_blocks * max_length:
         why = "; ".join(f"{n} rows: {r}" for r, n in cal.rejected.most_common()) or "no rows were rejected"
+        lower = f"lower {names.max_length}"
+        fix = f", {lower}, or omit {names.dataset} for the built-in set" if names.builtin else f" or {lower}"
         raise UserError(
             f"calibration set too small: {cal.source} gives {cal.tokens} tokens from {cal.rows_used} usable rows "
-            f"(of {cal.rows_total}), need at least {need_blocks * max_length} ({need_blocks} blocks of --max-length "
-            f"{max_length}); rejected: {why}. Add rows, lower --max-length, or omit --dataset for the built-in set"
+            f"(of {cal.rows_total}), need at least {need_blocks * max_length} ({need_blocks} blocks of "
+            f"{names.max_length} {max_length}); rejected: {why}. Add rows{fix}"
         )
     return cal

@@ -17,6 +17,7 @@ from exporter.config import did_you_mean, read_yaml
 from exporter.engine import EngineError, LoadOptions, Sampling
 from exporter.engine.sampling import check_sampling
 from exporter.errors import UserError
+from exporter.hf_dir import NO_MODEL_CODE
 
 # LLaMA-Factory's generation defaults (its GeneratingArguments), used by `chat` as `llamafactory-cli chat` does.
 LF_SAMPLING = Sampling(max_new_tokens=1024, temperature=0.95, top_p=0.7, top_k=50)
@@ -24,7 +25,7 @@ LF_BACKENDS = {"huggingface": "hf", "hf": "hf", "vllm": "vllm"}
 # Inference keys with no effect here, said once: exporter never runs a model's remote code, and the rest only
 # choose how transformers loads what we load anyway.
 LF_NO_EFFECT = {
-    "trust_remote_code": "exporter never runs code shipped with a model",
+    "trust_remote_code": NO_MODEL_CODE,
     "use_fast_tokenizer": "the fast tokenizer is always used",
     "flash_attn": "attention is transformers' default (sdpa)",
     "finetuning_type": "an adapter_name_or_path is attached as a LoRA",

@@ -69,6 +69,7 @@ def _quantize(
     samples: int = typer.Option(128, "--samples", help="Calibration blocks (at most)."),
     max_length: int = typer.Option(512, "--max-length", help="Tokens per calibration block."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration order and quantization."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard, e.g. 2GB, 500MB."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output dir."),
 ) -> None:
     """Quantize an HF model to GPTQ, AWQ or bitsandbytes nf4/int8, calibrated on your data through its chat template."""
@@ -78,7 +79,8 @@ def _quantize(
     quantize(
         QuantizeOptions(
             model=model, method=method, out=out, bits=bits, group_size=group_size, dataset=dataset,
-            dataset_dir=dataset_dir, template=template, samples=samples, max_length=max_length, seed=seed, force=force,
+            dataset_dir=dataset_dir, template=template, samples=samples, max_length=max_length, seed=seed,
+            max_shard_size=max_shard_size, force=force,
         )
     )  # fmt: skip
 
@@ -336,6 +338,18 @@ def _verify(
     ppl_threshold: str = typer.Option(
         None, "--ppl-threshold", help="Max relative perplexity difference per type, e.g. f16=0.001,q8_0=0.005."
     ),
+    kld_threshold: str = typer.Option(
+        None,
+        "--kld-threshold",
+        help="Max mean KL divergence from the reference (nats/token) per type, e.g. adapter=1e-3,q4_k_m=0.1 "
+        "(defaults: adapter 2e-3, f32 1e-4, f16 5e-4, bf16 1e-3, q8_0 0.03, q4_k_m 0.6).",
+    ),
+    top1_threshold: str = typer.Option(
+        None,
+        "--top1-threshold",
+        help="Min top-1 agreement with the reference (near-ties excused) per type, e.g. q4_k_m=0.85 "
+        "(defaults: adapter, f32, f16 0.99; bf16 0.98; quantized types none).",
+    ),
     prompts: int = typer.Option(4, "--prompts", min=0, help="Greedy chat prompts compared HF vs GGUF."),
     text: Path = typer.Option(None, "--text", help="Held-out text file for perplexity (default: built-in)."),
     data: list[Path] = typer.Option(
@@ -359,7 +373,9 @@ def _verify(
 
     opts = verify.VerifyOptions(
         base=base, adapter=adapter, merged=merged, ggufs=gguf, modelfiles=modelfile, quantized=quantized,
-        run_dir=run_dir, template=template, ppl_threshold=verify.parse_thresholds(ppl_threshold), prompts=prompts,
+        run_dir=run_dir, template=template, ppl_threshold=verify.parse_thresholds(ppl_threshold, "ppl_threshold"),
+        kld_threshold=verify.parse_thresholds(kld_threshold, "kld_threshold"),
+        top1_threshold=verify.parse_thresholds(top1_threshold, "top1_threshold"), prompts=prompts,
         text=text, data=data, ctx=ctx, max_windows=max_windows, max_new_tokens=max_new_tokens, eval_dir=eval_dir,
         eval_task=eval_task, eval_questions=eval_questions,
     )  # fmt: skip
@@ -499,7 +515,7 @@ def _webui(
         Path("webui_runs"), "--runs-dir", help="Where the board saves the configs it runs and their logs."
     ),
 ) -> None:
-    """LLaMA-Factory-style web board: train, evaluate, chat and export in a browser (needs exporter[webui])."""
+    """LLaMA-Factory-style web board: train, evaluate, chat and export in a browser (needs exporter\\[webui])."""
     import importlib.util
 
     if importlib.util.find_spec("gradio") is None:

@@ -83,6 +83,15 @@ def read_json(path: Path | str, optional: bool = False) -> Any:
         raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
+def read_json_object(path: Path | str, optional: bool = False) -> dict[str, Any]:
+    """`read_json` of a file that must hold a JSON object (an HF config or tokenizer file): anything else is a
+    UserError naming the file."""
+    data = read_json(path, optional)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_yaml(path: Path | str) -> dict[str, Any]:
     """A YAML mapping from `path`, with a clear error when it is missing or not a mapping."""
     path = Path(path)

@@ -154,7 +154,11 @@ def _text(value: Any, what: str, where: str, optional: bool = True) -> str:
     return value
 
 
-def _alpaca(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops: Drops) -> Sample | None:
+def _alpaca(
+    sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops: Drops, unlabeled: bool = False
+) -> Sample | None:
+    """One alpaca row; `unlabeled` (predict): a row without a response gets an empty answer, as LLaMA-Factory's
+    unsupervised rows (`response = []`) are predicted on."""
     c = sp.columns
     messages: list[dict[str, str]] = []
     if c["history"] and row.get(c["history"]) is not None:
@@ -185,6 +189,8 @@ def _alpaca(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops:
         rejected = pair[1]
     elif stage in ("sft", "kto"):
         response = row.get(c["response"]) if c["response"] else None
+        if response is None and unlabeled:
+            response = ""
         if not isinstance(response, (str, int, float)) or isinstance(response, bool):
             if response is None:
                 drops.add("rows without a response", where)
@@ -332,9 +338,14 @@ def _check_columns(sp: DatasetSpec, rows: list[tuple[str, Any]], stage: str) -> 
 
 
 def convert(
-    sp: DatasetSpec, rows: list[tuple[str, Any]], stage: str, fill: dict[str, str], drops: Drops
+    sp: DatasetSpec,
+    rows: list[tuple[str, Any]],
+    stage: str,
+    fill: dict[str, str],
+    drops: Drops,
+    unlabeled: bool = False,
 ) -> list[Sample]:
-    """Rows of one dataset -> Samples (placeholders `{{key}}` filled from `fill`)."""
+    """Rows of one dataset -> Samples (placeholders `{{key}}` filled from `fill`; `unlabeled`: see `_alpaca`)."""
     _check_columns(sp, rows, stage)
     out = []
     for where, row in rows:
@@ -350,7 +361,10 @@ def convert(
                 {k: _fill(v, fill) for k, v in m.items()} if isinstance(m, dict) else m
                 for m in row[sp.columns["messages"]]
             ]
-        sample = (_alpaca if sp.formatting == "alpaca" else _sharegpt)(sp, row, where, stage, drops)
+        if sp.formatting == "alpaca":
+            sample = _alpaca(sp, row, where, stage, drops, unlabeled)
+        else:
+            sample = _sharegpt(sp, row, where, stage, drops)
         if sample is not None:
             out.append(sample)
     return out
@@ -397,8 +411,10 @@ def load(
     max_samples: int | None = None,
     fill: dict[str, str] | None = None,
     seed: int = 42,
+    unlabeled: bool = False,
 ) -> tuple[list[Sample], Drops]:
-    """Load and convert the named datasets (concatenated in order). Errors if nothing usable is left."""
+    """Load and convert the named datasets (concatenated in order). Errors if nothing usable is left. `unlabeled`
+    (predict): alpaca rows without a response are kept with an empty answer."""
     if stage not in STAGES:
         raise UserError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     if not names:
@@ -421,7 +437,7 @@ def load(
             rows = [rows[i] for i in idx[: sp.num_samples]]
         if max_samples is not None:
             rows = rows[:max_samples]
-        got = convert(sp, rows, stage, fill or {}, drops)
+        got = convert(sp, rows, stage, fill or {}, drops, unlabeled)
         if not rows:
             drops.add("empty datasets", f"{name} ({sp.source})")
         samples += got

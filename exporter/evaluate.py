@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from exporter import benchmarks
 from exporter.errors import UserError
+from exporter.hf_dir import NO_MODEL_CODE
 from exporter.progress import progress
 
 # keys of LF's eval YAML that change nothing here, and why (said once when given)
@@ -27,7 +28,7 @@ NO_EFFECT = {
     "finetuning_type": "finetuning_type (an adapter is attached as it is)",
     "download_mode": "download_mode (benchmarks are read from task_dir)",
     "cache_dir": "cache_dir (benchmarks are read from task_dir)",
-    "trust_remote_code": "trust_remote_code (exporter runs no code from model dirs)",
+    "trust_remote_code": f"trust_remote_code ({NO_MODEL_CODE})",
 }
 
 
@@ -123,10 +124,11 @@ def build_prompts(opts: EvalOptions, subjects: list[benchmarks.Subject], encode:
     return out
 
 
-class _LFVocab:
+class LFVocab:
     """What LF's encoder (`lf_templates.piece_ids`) asks of a tokenizer, on the engine's own vocabulary (HF or GGUF):
     a text tokenized alone (special tokens parsed, nothing added: LF's `encode(add_special_tokens=False)`), token
-    texts as ids, and bos/eos as LF's `fix_special_tokens` leaves them (`replace_eos`: the first stop word)."""
+    texts as ids, bos/eos as LF's `fix_special_tokens` leaves them (`replace_eos`: the first stop word), and
+    `stop_ids`, LF's stop tokens (that eos and the stop words) as ids."""
 
     def __init__(self, eng: Any, tpl: Any) -> None:
         self._eng = eng
@@ -138,6 +140,7 @@ class _LFVocab:
                             f"({', '.join(missing)}); pick the LLaMA-Factory template of this model's "
                             "format")  # fmt: skip
         self.bos_token_id, self.eos_token_id = self._id(special.get("bos_token")), self._id(eos)
+        self.stop_ids = {i for i in (self.eos_token_id, *map(self._id, tpl.stop_words)) if i is not None}
 
     def _id(self, token: str | None) -> int | None:
         ids = self._eng.tokenize(token) if token else []
@@ -157,15 +160,11 @@ def lf_prompt_ids(eng: Any, name: str) -> Any:
     from exporter import lf_templates as lf
 
     tpl = lf.load(name)
-    vocab = _LFVocab(eng, tpl)
-    # mask_history: history answers get no empty thought (reasoning templates), as in encode_oneturn
-    opts = lf.LFOptions(mask_history=True)
+    vocab = LFVocab(eng, tpl)
 
     def ids(messages: list[dict[str, Any]]) -> list[int]:
         system, msgs = lf_names.to_lf(messages, tpl.tool_call_words)
-        pieces = lf.pairs(tpl, [*msgs, {"role": "assistant", "content": ""}], system, "", opts)
-        out = [i for p, a in pieces[:-1] for i in lf.piece_ids(vocab, p) + lf.piece_ids(vocab, a)]
-        return out + lf.piece_ids(vocab, pieces[-1][0])  # the answer's turn is not part of the prompt
+        return lf.encode_oneturn(vocab, tpl, [*msgs, {"role": "assistant", "content": ""}], system, "")[0]
 
     return ids
 

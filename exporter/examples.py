@@ -305,7 +305,7 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     """Datasets -> examples through the template; every data error surfaces here, before anything is written."""
-    from exporter import data, lf_names, spm
+    from exporter import data, hf_dir, lf_names
 
     packing = cfg.neat_packing or (cfg.packing if cfg.packing is not None else cfg.stage == "pt")
     fill = {k: v for k, v in (("name", cfg.identity_name), ("author", cfg.identity_author)) if v}
@@ -314,10 +314,7 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     if left:
         say(f"placeholders {', '.join('{{' + k + '}}' for k in sorted(left))} left in the data "
             "(set identity_name / identity_author to fill them)")  # fmt: skip
-    try:
-        tokenizer = spm.load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model {model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    tokenizer = hf_dir.load_tokenizer(model_dir, sentencepiece_prefix=True)  # one line if it cannot, no dir code run
     tpl = None
     if cfg.stage != "pt" or cfg.template:
         tpl = lf_names.resolve_for_training(model_dir, cfg)  # an LF name first, then a family, else the model's

@@ -12,17 +12,22 @@ it.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 
 from exporter.errors import UserError
 from exporter.lf_args import ExportConfig, say
 from exporter.merge import MergeOptions, MergeResult, merge
-from exporter.quantize import QuantizeOptions, QuantizeResult, quantize
+from exporter.quantize import Names, QuantizeOptions, QuantizeResult, check_model, check_options, quantize, require
 
 # LF's infer_dtype -> exporter merge's --dtype ("auto": the base's own, float32 halved to bfloat16 as LF does)
 _DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+# quantize's options as the export YAML names them (it has no method key: GPTQ, as in LF)
+EXPORT_NAMES = Names(
+    method="GPTQ", bits="export_quantization_bit", dataset="export_quantization_dataset",
+    dataset_dir="dataset_dir", samples="export_quantization_nsamples", max_length="export_quantization_maxlen",
+    max_shard_size="export_size", instead="remove export_quantization_bit to export the merged model, then run "
+    "`exporter quantize` on it with --method {others}", builtin=False,
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -53,33 +58,60 @@ def _merge_dtype(cfg: ExportConfig, base: str) -> str | None:
     return "bf16" if str(config.get("dtype") or config.get("torch_dtype")) == "float32" else None
 
 
+def _quantize_options(cfg: ExportConfig, out: Path) -> QuantizeOptions:
+    """`exporter quantize --method gptq` with LF's export_quantization_* keys (the model is set once merged)."""
+    return QuantizeOptions(model=cfg.model_name_or_path, method="gptq", out=str(out), bits=cfg.export_quantization_bit,
+                           dataset=cfg.export_quantization_dataset, samples=cfg.export_quantization_nsamples,
+                           max_length=cfg.export_quantization_maxlen, template=cfg.template,
+                           max_shard_size=f"{cfg.export_size}GB")  # fmt: skip
+
+
+def _check_quantize(q: QuantizeOptions, out: Path, adapters: list[str]) -> dict[str, Path | str]:
+    """Every quantize check on the base (the merge keeps its config and layer shapes) before anything is merged, in
+    LF's keys; returns the inputs the export's manifest records (the base and adapters, not the temporary merge)."""
+    from exporter import atomic, hub
+
+    bits, group = check_options(q, EXPORT_NAMES)
+    require(q.method)
+    base = hub.resolve(q.model, "model")
+    inputs: dict[str, Path | str] = {"base": base}
+    for i, a in enumerate(adapters):
+        inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = hub.resolve(a, "adapter")
+    atomic.check_target(out, False, list(inputs.values()))
+    check_model(q, base, group, EXPORT_NAMES)
+    return inputs
+
+
 def export(cfg: ExportConfig, given: set[str] | None = None) -> ExportResult:
     """Merge (and quantize when asked) per LF's export keys; returns what was written to `export_dir`."""
+    from exporter import atomic, gguf
+
     given = given if given is not None else set()
     out = Path(cfg.export_dir)
     if out.exists():
         raise UserError(f"export_dir {out} already exists; exporter never writes into an existing dir: remove it")
     adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
-    quantizing = cfg.export_quantization_bit is not None
     if adapters and cfg.finetuning_type != "lora":
         raise UserError(f"adapter_name_or_path with finetuning_type {cfg.finetuning_type}: only LoRA adapters merge")
+    merge_opts = MergeOptions(base=cfg.model_name_or_path, adapters=adapters, out=str(out),
+                              dtype=_merge_dtype(cfg, cfg.model_name_or_path), max_shard_size=f"{cfg.export_size}GB",
+                              template=cfg.template)  # fmt: skip
+    if cfg.export_quantization_bit is None:  # no adapters: LF re-saves the model (dtype, shards, template)
+        _notes(cfg, given)
+        merged = merge(dataclasses.replace(merge_opts, modelfile=True), need_adapter=False)
+        if (out / "Modelfile").is_file():
+            say(f"Ollama imports it with: {gguf.create_command(gguf.default_ollama_name(out), out / 'Modelfile')}")
+        return ExportResult(out, merged, None)
+    qopts = _quantize_options(cfg, out)
+    inputs = _check_quantize(qopts, out, adapters)
     _notes(cfg, given)
-    merged = quantized = None
-    merge_out = out.with_name(f".{out.name}.merged-{os.getpid()}") if quantizing else out
-    try:
-        if adapters or not quantizing:  # no adapters: LF re-saves the model (dtype, shards, template)
-            opts = MergeOptions(base=cfg.model_name_or_path, adapters=adapters, out=str(merge_out),
-                                dtype=_merge_dtype(cfg, cfg.model_name_or_path),
-                                max_shard_size=f"{cfg.export_size}GB", template=cfg.template)  # fmt: skip
-            merged = merge(opts, need_adapter=False)
-        if quantizing:
-            source = merge_out if adapters else cfg.model_name_or_path
-            qopts = QuantizeOptions(model=str(source), method="gptq", out=str(out), bits=cfg.export_quantization_bit,
-                                    dataset=cfg.export_quantization_dataset,
-                                    samples=cfg.export_quantization_nsamples,
-                                    max_length=cfg.export_quantization_maxlen, template=cfg.template)  # fmt: skip
-            quantized = quantize(qopts)
-    finally:
-        if quantizing and merge_out.exists():
-            shutil.rmtree(merge_out)
+    say("no Ollama Modelfile with export_quantization_bit (LLaMA-Factory writes one): Ollama imports 16/32-bit "
+        "safetensors, not GPTQ's packed weights; for Ollama, export without it and run `exporter gguf` on the "
+        "result")  # fmt: skip
+    merged = None
+    with atomic.scratch_dir(out) as work:  # a killed run's merge is removed like its other temporaries
+        if adapters:
+            merged = merge(dataclasses.replace(merge_opts, out=str(work / "merged")))
+            qopts = dataclasses.replace(qopts, model=str(merged.out))
+        quantized = quantize(qopts, EXPORT_NAMES, inputs if adapters else None)
     return ExportResult(out, merged, quantized)

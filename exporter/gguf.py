@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shlex
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,11 @@ def _progress() -> Progress:
 
 
 def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
+    """An ASCII file stem and Ollama name from a dir name: accents dropped (`ünï` -> `uni`), any other character
+    but letters, digits and `-_.` made `-`, at most 80 characters (Ollama's limit); `model` when nothing is left."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "-" for c in plain)
+    return safe.strip("-.")[:80].rstrip("-.") or "model"
 
 
 _OLLAMA_NAME = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,79}/){0,2}[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")
@@ -112,8 +117,15 @@ def check_ollama_name(name: str | None) -> None:
 
 def ollama_names(model_dir: Path, kinds: list[str], ollama_name: str | None = None) -> dict[str, str]:
     """The `ollama create` name of each type's model: `<name>:<type>`, the name defaulting to the dir's."""
-    name = ollama_name or _safe_name(model_dir.resolve().name).lower()
+    name = ollama_name or default_ollama_name(model_dir)
     return {kind: f"{name}:{kind}" for kind in kinds}
+
+
+def default_ollama_name(path: Path) -> str:
+    """The Ollama name from a dir's name: `_safe_name` in lower case, one `check_ollama_name` accepts."""
+    name = _safe_name(path.resolve().name).lower()
+    check_ollama_name(name)
+    return name
 
 
 def modelfile_header(kind: str, source: str, tpl: Any, ollama_name: str, gguf_name: str) -> list[str]:
@@ -125,6 +137,23 @@ def modelfile_header(kind: str, source: str, tpl: Any, ollama_name: str, gguf_na
         *(n.replace("\n", "\\n") for n in tpl.notes),
         f"create with: ollama create {ollama_name} -f Modelfile.{kind}",
     ]
+
+
+def dir_modelfile(tpl: Any, source: str) -> str:
+    """An Ollama Modelfile `FROM .` for the HF dir it is written into, as LLaMA-Factory's export writes one: Ollama
+    converts the safetensors itself, for the architectures it supports."""
+    from exporter.converters.modelfile import ModelfileSpec, render
+
+    header = [
+        f"Ollama Modelfile for the safetensors model in this dir, written by exporter {__version__}",
+        f"source model: {source}",
+        f"chat template: {tpl.name}",
+        *(n.replace("\n", "\\n") for n in tpl.notes),
+        "create with: ollama create NAME -f Modelfile (Ollama converts the weights of the architectures it supports;",
+        "`exporter gguf` on this dir writes GGUFs and Modelfiles that `exporter verify` checks)",
+    ]
+    return render(ModelfileSpec(from_=".", template=tpl.ollama or None, stops=list(tpl.stop), system=tpl.default_system,
+                                header=header))  # fmt: skip
 
 
 def default_out(src: Path) -> Path:
@@ -171,13 +200,15 @@ def export(
     """Write the GGUF files and Modelfiles for `kinds` into `out` (atomically) using chat template `tpl`; every
     refusal comes before the first line printed."""
     from exporter import manifest
-    from exporter.converters import gguf_convert, gguf_kquant
+    from exporter.converters import gguf_convert, gguf_kquant, gguf_vocab
     from exporter.converters.modelfile import ModelfileSpec, render
 
     check_target(out, force, [model_dir])
     manifest.check_stage(out, "gguf")  # --force replaces a previous gguf output only
-    _, _, src = gguf_convert.plan(model_dir)  # unsupported architecture / missing weights fail before any write
+    arch, hp, src = gguf_convert.plan(model_dir)  # unsupported architecture / missing weights fail before any write
     src.close()
+    # the tokenizer's refusals (none, ids past vocab_size, an end-of-turn token it lacks) before any line too
+    vocab = gguf_vocab.build_vocab(model_dir, hp, arch, list(tpl.eot_tokens))
     params = sum(math.prod(shape) for shape in src.shapes.values())
     stem = _safe_name(model_dir.resolve().name)
     names = ollama_names(model_dir, kinds, ollama_name)
@@ -203,6 +234,7 @@ def export(
                 tpl.jinja or None,
                 list(tpl.eot_tokens),
                 progress=lambda done, total: prog.update(task, completed=done, total=total),
+                vocab=vocab,
             )
             for rec in written:
                 result.fallbacks[rec.kind] = rec.fallbacks
@@ -267,7 +299,7 @@ def export_adapter(
     note = check_base(adapter_dir, base_dir, str(adapter_dir))
     check_modelfile(tpl)
     stem = _safe_name(adapter_dir.resolve().name)
-    name = ollama_name or stem.lower()
+    name = ollama_name or default_ollama_name(adapter_dir)
     base_from = base_from_line(base_gguf, base_dir, out)
     result = GGUFResult(out)
     with atomic_dir(out, force, [adapter_dir, base_dir]) as tmp:

@@ -12,8 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from exporter.config import read_json
+from exporter.config import read_json, read_json_object
 from exporter.errors import UserError
+
+# Why a model that needs its own Python (auto_map, pickled objects) is refused, and trust_remote_code does nothing.
+NO_MODEL_CODE = "exporter never runs code from a model"
 
 # Files that make up a tokenizer (and its chat template) in an HF dir, besides `*.tiktoken`.
 TOKENIZER_FILES = (
@@ -34,6 +37,8 @@ TOKENIZER_FILES = (
 _CHECKED_FILES = ("config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
                   *(f for f in TOKENIZER_FILES if f.endswith((".json", ".txt", ".jinja"))))  # fmt: skip
 _CORE = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # one of these makes a dir a tokenizer source
+# Files that hold a vocabulary (a tokenizer_config.json alone does not), besides `*.tiktoken`.
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def has_tokenizer(model_dir: Path) -> bool:
@@ -43,16 +48,147 @@ def has_tokenizer(model_dir: Path) -> bool:
 
 def check_readable(model_dir: Path) -> None:
     """Every weights header and text file of an HF model or adapter dir parses: a truncated or corrupt safetensors
-    file, or a JSON / Jinja / merges file that is not UTF-8 (or not JSON), is one line naming it, before a loader
-    would raise its own traceback."""
+    file, a JSON / Jinja / merges file that is not UTF-8 (or not a JSON object), or a `chat_template` of another
+    type than transformers reads, is one line naming it, before a loader would raise its own traceback."""
     from exporter.config import read_text
     from exporter.safetensors_file import read_header
 
     for f in sorted(model_dir.glob("*.safetensors")):
         read_header(f)
     for name in _CHECKED_FILES:
-        if (model_dir / name).is_file():
-            (read_json if name.endswith(".json") else read_text)(model_dir / name)
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".json"):
+            read_text(path)
+        elif name in ("tokenizer_config.json", "chat_template.json"):
+            saved_chat_template(read_json_object(path), path)
+        else:
+            read_json_object(path)
+
+
+def saved_chat_template(cfg: dict[str, Any], path: Path) -> str | None:
+    """The `chat_template` of a tokenizer_config.json / chat_template.json (`path`, for the message): a string, or
+    the "default" one of a list of {name, template} (transformers' named templates); None when there is none.
+    Another type is a UserError, not a model without a template."""
+    ct = cfg.get("chat_template")
+    if ct is None or isinstance(ct, str):
+        return ct
+    if isinstance(ct, list) and all(
+        isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("template"), str) for d in ct
+    ):
+        return next((d["template"] for d in ct if d["name"] == "default"), None)
+    shown = json.dumps(ct)
+    raise UserError(f"{path}: chat_template is {shown if len(shown) <= 60 else shown[:57] + '...'}; expected a "
+                    "string or a list of {name, template}")  # fmt: skip
+
+
+def tokenizer_dir(model_dir: Path, adapter: Path | None) -> Path:
+    """Where a model's tokenizer is loaded from: the adapter dir when it has one (the training template and any
+    added tokens live there), else the model dir."""
+    return adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
+
+
+def load_tokenizer(tok_dir: Path, sentencepiece_prefix: bool = False) -> Any:
+    """The transformers tokenizer in `tok_dir`, never running code shipped with it: one line naming the dir when it
+    cannot load (tokenizer files missing, a tokenizer class that only the dir's own code defines). With
+    `sentencepiece_prefix`, SentencePiece's "▁" prefix as training and llama.cpp use it (`spm.load_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    from exporter import spm
+
+    try:
+        if sentencepiece_prefix:
+            return spm.load_tokenizer(tok_dir, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
+    except Exception as e:  # any loader failure on these files is a fault of the dir
+        code = _auto_map(tok_dir, "AutoTokenizer")
+        if code:
+            raise UserError(f"model {tok_dir}: its tokenizer is the code shipped with it (auto_map: {code}), and "
+                            f"{NO_MODEL_CODE}") from None  # fmt: skip
+        vocabulary = any((tok_dir / f).is_file() for f in _VOCABULARY_FILES) or any(tok_dir.glob("*.tiktoken"))
+        why = _reason(e) if vocabulary else "no tokenizer.json or tokenizer.model"
+        raise UserError(f"model {tok_dir}: cannot load its tokenizer ({why})") from None
+
+
+def _reason(e: BaseException) -> str:
+    """A loader's error message on one line, cut to a readable length."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _auto_map(model_dir: Path, key: str) -> str | None:
+    """The class `key` (AutoTokenizer, AutoConfig, ...) names in the dir's `auto_map` (config.json, or
+    tokenizer_config.json for AutoTokenizer): code shipped with the model; None when there is none."""
+    for name in ("tokenizer_config.json", "config.json"):
+        auto = read_json_object(model_dir / name, optional=True).get("auto_map")
+        ref = auto.get(key) if isinstance(auto, dict) else None
+        ref = next((r for r in reversed(ref) if r), None) if isinstance(ref, list) else ref
+        if isinstance(ref, str):
+            return ref
+    return None
+
+
+def pickle_refused(model_dir: Path) -> UserError:
+    """The refusal of a model whose pickled weights need more than plain tensors to unpickle."""
+    return UserError(f"model {model_dir}: refusing to load its pickled weights: they need more than plain tensors to "
+                     f"unpickle, and {NO_MODEL_CODE}; convert them to safetensors where they were made")  # fmt: skip
+
+
+def check_loadable(model_dir: Path, tok_dir: Path | None = None, model: bool = True) -> None:
+    """Before any work, with no code from the dir run: `check_readable` (also of `tok_dir`), then that the
+    tokenizer in `tok_dir` (default `model_dir`) loads (`load_tokenizer`), and with `model`, that transformers can
+    build the model without the dir's code (config.json) and that its weights are safetensors or pickles of plain
+    tensors. `model=False` (merge, which streams safetensors itself and copies a remote-code model's *.py along):
+    the tokenizer only, and a tokenizer.json is read as the merge reads it, by the tokenizers library."""
+    tok_dir = tok_dir or model_dir
+    for d in dict.fromkeys((model_dir, tok_dir)):
+        check_readable(d)
+    if model:
+        _check_model_code(model_dir)
+        _check_pickles(model_dir)
+    if model or not (tok_dir / "tokenizer.json").is_file():
+        load_tokenizer(tok_dir)
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    except Exception as e:  # the library's message for a malformed file
+        raise UserError(f"{tok_dir / 'tokenizer.json'}: not a tokenizer ({_reason(e)})") from None
+
+
+def _check_model_code(model_dir: Path) -> None:
+    """config.json names a model transformers has, not one that only the dir's own code defines."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:  # any loader failure on config.json is a fault of the dir
+        code = _auto_map(model_dir, "AutoConfig") or _auto_map(model_dir, "AutoModelForCausalLM")
+        if code:
+            raise UserError(f"model {model_dir}: its architecture is the code shipped with it (auto_map: {code}), "
+                            f"and {NO_MODEL_CODE}") from None  # fmt: skip
+        raise UserError(f"{model_dir / 'config.json'}: transformers cannot load it ({_reason(e)})") from None
+
+
+def _check_pickles(model_dir: Path) -> None:
+    """pytorch_model*.bin weights (what transformers loads when there is no safetensors file) unpickle to plain
+    tensors (torch's weights_only, memory-mapped: nothing is read into memory, no code runs)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    if any(model_dir.glob("*.safetensors")):
+        return
+    for f in sorted(model_dir.glob("pytorch_model*.bin")):
+        try:
+            torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+        except pickle.UnpicklingError:
+            raise pickle_refused(model_dir) from None
+        except (OSError, RuntimeError, EOFError) as e:
+            raise UserError(f"{f}: not a PyTorch weights file ({_reason(e)})") from None
 
 
 def vocabulary(model_dir: Path) -> dict[str, int] | None:
@@ -124,7 +260,7 @@ def write_generation_config(model_dir: Path, out: Path) -> None:
     """`model_dir`'s generation_config.json, else one with the bos/eos/pad ids of its config.json."""
     src = model_dir / "generation_config.json"
     if src.is_file():
-        gen = read_json(src)
+        gen = read_json_object(src)
     else:
         config = read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
         text = config.get("text_config") or {}

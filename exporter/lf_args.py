@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from exporter import config as config_mod
+from exporter import hf_dir
 from exporter.data import check_max_samples
 from exporter.errors import UserError
 
@@ -172,6 +173,8 @@ def parse_args(argv: list[str], cls: type | None = None) -> tuple[dict[str, Any]
         data.update(config_mod.read_yaml(where))
         texts = config_mod.scalar_texts(where)
         data.update({k: texts[k] for k, v in data.items() if text_key(k, cls) and v is not None and k in texts})
+        if args:  # a bad value may be an override's (as pipeline.load_config says it)
+            where = f"{where} with {' '.join(args)}"
     i = 0
     while i < len(args):
         arg = args[i]
@@ -351,11 +354,13 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
         "overwrite_cache": "overwrite_cache: exporter keeps no preprocessing cache; data are always re-read",
         "dataloader_num_workers": "dataloader_num_workers: batches are built in memory, no loader workers",
         "save_steps": f"save_steps: no effect with save_strategy: {cfg.save_strategy} (as in HF's Trainer)",
+        "trust_remote_code": f"trust_remote_code: {hf_dir.NO_MODEL_CODE} (a model that needs its own code is refused)",
     }  # fmt: skip
     skip = {
         "flash_attn": cfg.flash_attn == "disabled",
         "ddp_timeout": _distributed(),
         "save_steps": cfg.save_strategy == "steps",
+        "trust_remote_code": not cfg.trust_remote_code,
     }
     for key, msg in said.items():
         if notes and key in given and not skip.get(key):

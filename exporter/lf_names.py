@@ -62,7 +62,7 @@ def to_lf(
     return system, out
 
 
-def _tools_json(tools: Any) -> str:
+def tools_json(tools: Any) -> str:
     if not tools:
         return ""
     return tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
@@ -96,18 +96,17 @@ def encode(
     cutoff_len: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """The `ChatTemplate.encoder` of an LF name. A conversation that ends with a prompt encodes as that prompt
-    (labels all -100): what generation feeds the model."""
+    (labels all -100): what generation feeds the model, LF's `encode_oneturn` as its chat does it."""
     _ensure_fixed(tpl, tokenizer)
     system, msgs = to_lf(messages, tpl.tool_call_words)
+    if len(msgs) % 2:
+        asked = [*msgs, {"role": "assistant", "content": ""}]
+        ids, _ = lf.encode_oneturn(tokenizer, tpl, asked, system, tools_json(tools), opts)
+        return ids, [lf.IGNORE] * len(ids)
     opts = dataclasses.replace(opts, train_on_prompt=train_on_prompt or opts.train_on_prompt)
     if cutoff_len is not None:
         opts = dataclasses.replace(opts, cutoff_len=cutoff_len)
-    if len(msgs) % 2 == 0:
-        return lf.encode(tokenizer, tpl, msgs, system, _tools_json(tools), opts)
-    pieces = lf.pairs(tpl, [*msgs, {"role": "assistant", "content": ""}], system, _tools_json(tools), opts)
-    ids = [i for p, a in pieces[:-1] for i in lf.piece_ids(tokenizer, p) + lf.piece_ids(tokenizer, a)]
-    ids += lf.piece_ids(tokenizer, pieces[-1][0])
-    return ids, [lf.IGNORE] * len(ids)
+    return lf.encode(tokenizer, tpl, msgs, system, tools_json(tools), opts)
 
 
 def segments(
@@ -121,7 +120,7 @@ def segments(
     else:
         drop_last = False
     out = []
-    pieces = lf.pairs(tpl, msgs, system, _tools_json(tools), lf.LFOptions())
+    pieces = lf.pairs(tpl, msgs, system, tools_json(tools), lf.LFOptions())
     for k, (prompt, answer) in enumerate(pieces):
         out.append((lf.piece_text(prompt, bos, eos), False))
         if not (drop_last and k == len(pieces) - 1):
@@ -159,7 +158,9 @@ def resolve(model_dir: Path | str, name: str, opts: lf.LFOptions = NO_CUT) -> An
     from exporter import templates
 
     tpl = lf.with_options(lf.load(name), opts)
-    tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True, split_special_tokens=False)
+    tok = AutoTokenizer.from_pretrained(
+        str(model_dir), use_fast=True, split_special_tokens=False, trust_remote_code=False
+    )
     own = tok.chat_template
     fix_tokenizer(tpl, tok, str(model_dir))
     jinja = lf.chat_template_for(tpl, tok)

@@ -396,6 +396,24 @@ def seqlen(source: int, target: int, cutoff: int) -> tuple[int, int]:
     return min(max(cutoff - new_target, 0), source), new_target
 
 
+def encode_oneturn(
+    tokenizer: Any,
+    tpl: LFTemplate,
+    messages: list[dict[str, str]],
+    system: str | None = None,
+    tools: str | None = None,
+    opts: LFOptions = LFOptions(),
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of a conversation ending with its answer, as LF's `template.encode_oneturn` makes
+    them (what `do_predict` and `llamafactory-cli eval` feed the model): every turn before the last answer is the
+    prompt; history answers lose their thoughts and only the last answer gets an empty one (reasoning templates).
+    `messages` are LF's roles; `tokenizer` has been through `fix_tokenizer`; nothing is cut."""
+    tpl = with_options(tpl, opts)
+    pieces = pairs(tpl, messages, system, tools, dataclasses.replace(opts, mask_history=True))
+    prompt = [i for p, a in pieces[:-1] for i in piece_ids(tokenizer, p) + piece_ids(tokenizer, a)]
+    return prompt + piece_ids(tokenizer, pieces[-1][0]), piece_ids(tokenizer, pieces[-1][1])
+
+
 def encode(
     tokenizer: Any,
     tpl: LFTemplate,

@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -379,6 +380,20 @@ class MergeOptions:
     max_shard_size: str = "2GB"
     template: str | None = None  # chat-template family to write (default: detected)
     force: bool = False
+    modelfile: bool = False  # also an Ollama Modelfile `FROM .` in the output (LLaMA-Factory's export writes one)
+
+
+def _write_modelfile(out: Path, tpl: Any, source: str) -> None:
+    """The Ollama Modelfile `FROM .` of a merged dir; one that Ollama's parser would not read back as written (an
+    unprintable character in the template) is a note, never a failed merge."""
+    from exporter import gguf
+
+    try:
+        (out / "Modelfile").write_text(gguf.dir_modelfile(tpl, source), encoding="utf-8")
+    except UserError as e:
+        from rich.markup import escape
+
+        _say(f"note: no Modelfile written: {escape(str(e))}")
 
 
 @dataclass
@@ -445,6 +460,7 @@ def merge(opts: MergeOptions, need_adapter: bool = True) -> MergeResult:
     ads = []
     for i, (a, w, path) in enumerate(zip(opts.adapters, weights, paths, strict=True)):
         ads.append(load_adapter(path, float(w), label=str(a) if len(opts.adapters) == 1 else f"#{i + 1} {a}"))
+    hf_dir.check_loadable(base_dir, _tokenizer_source(base_dir, ads), model=False)  # one line, before any shard
     notes = [n for ad in ads if (n := check_base(ad.path, base_dir, ad.label))]
     notes += _qlora_check(base_dir, ads)
     p = plan(base_dir, ads, out_dtype)
@@ -480,6 +496,8 @@ def merge(opts: MergeOptions, need_adapter: bool = True) -> MergeResult:
             inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = ad.path
         settings = {"weights": weights, "dtype": opts.dtype, "max_shard_size": str(opts.max_shard_size),
                     "template": tpl.name, "untied_embeddings": bool(p.untied), "vocab_size": p.vocab_size}  # fmt: skip
+        if opts.modelfile:
+            _write_modelfile(tmp, tpl, str(opts.base))
         for warning in hf_dir.finish(tmp, tpl, base_dir, stage="merge", inputs=inputs, settings=settings,
                                      strict=forced):  # fmt: skip
             _say(f"[yellow]warning[/]: {escape(warning)}")

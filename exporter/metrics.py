@@ -36,6 +36,12 @@ def _libraries() -> tuple[Any, Any, Any, Any]:
     return jieba, Rouge, sentence_bleu, SmoothingFunction
 
 
+def warm() -> None:
+    """Load the libraries now (a UserError when the [eval] extra is missing) and build jieba's dictionary (about a
+    second, once per process), so that a timed `similarity` measures the scoring alone."""
+    _libraries()[0].initialize()
+
+
 def sample_scores(prediction: str, label: str) -> dict[str, float]:
     """LLaMA-Factory's four scores (x100, rounded to 4 decimals) of one prediction against its label."""
     jieba, rouge_cls, sentence_bleu, smoothing = _libraries()

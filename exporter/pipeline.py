@@ -145,8 +145,9 @@ def stage_options(cfg: PipelineConfig, base: Path, where: str = "pipeline") -> S
         where,
     )
     block = dict(cfg.verify)
-    if isinstance(block.get("ppl_threshold"), str):
-        block["ppl_threshold"] = verify.parse_thresholds(block["ppl_threshold"])
+    for key in verify.LIMITS:  # ppl_threshold, kld_threshold, top1_threshold: "f16=0.001,..." or a mapping
+        if isinstance(block.get(key), str):
+            block[key] = verify.parse_thresholds(block[key], key)
     verify_opts = _build(verify.VerifyOptions, "verify", block,
                          {"base": base if lora else None, "adapter": adapter if lora else None, "merged": merged,
                           "template": tpl, "data": data_files}, where)  # fmt: skip
@@ -166,7 +167,7 @@ def check(opts: StageOptions) -> None:
     gguf.parse_types(opts.gguf.types)
     gguf.check_ollama_name(opts.gguf.ollama_name)
     v = opts.verify
-    verify.check_thresholds(v.ppl_threshold)
+    verify.limits_of(v)
     for key, least in (("prompts", 0), ("ctx", 8), ("max_windows", 1), ("max_new_tokens", 1)):
         if getattr(v, key) < least:
             raise UserError(f"verify.{key} must be at least {least}, got {getattr(v, key)}")
@@ -174,14 +175,31 @@ def check(opts: StageOptions) -> None:
         raise UserError(f"verify.text {v.text}: no such file")
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    """A run dir is ours: absent, empty, or holding the pipeline's state file."""
+def _check_run_dir(run_dir: Path, opts: StageOptions) -> None:
+    """A run dir is ours: absent, empty, or holding the pipeline's state file; and no stage's output is, lies in or
+    holds an input (the base model, the training data, verify's text), as `atomic.check_target` refuses for one
+    stage, before any stage runs."""
+    from exporter import atomic
+
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run_dir {run_dir} is a file")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / STATE).is_file():
         raise UserError(
             f"run_dir {run_dir} is not empty and holds no {STATE}: not a pipeline run dir; choose a new or empty one"
         )
+    inputs = {f"the base model {opts.merge.base}": opts.merge.base}
+    inputs |= {f"the training data file {p}": p for p in opts.verify.data}
+    if opts.verify.text is not None:
+        inputs[f"verify.text {opts.verify.text}"] = opts.verify.text
+    outputs = {"train": opts.train.output_dir, "merge": opts.merge.out, "gguf": opts.gguf.out,
+               "verify": run_dir / "verify"}  # fmt: skip
+    for stage, out in outputs.items():
+        for said, inp in inputs.items():
+            if atomic.overlapping(out, [inp]) is not None:
+                raise UserError(
+                    f"run_dir {run_dir}: {stage} would write {out}, which overlaps {said}; choose a run_dir "
+                    "outside the inputs"
+                )
 
 
 def _hash(*parts: Any) -> str:
@@ -244,7 +262,7 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     tpl = templates.resolve(base, cfg.template)
     opts = stage_options(cfg, base)  # no template given: every stage keeps the model's own (resolved the same way)
     check(opts)
-    _check_run_dir(run_dir)
+    _check_run_dir(run_dir, opts)
     with claim(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         return _run(cfg, opts, console, run_dir, base, tpl.name)

@@ -1,9 +1,11 @@
 """`exporter predict`: batched generation over a held-out set with LLaMA-Factory's BLEU-4 / ROUGE scores.
 
 Recipe (LF's `do_predict` + `predict_with_generate`, its YAML keys unchanged): load `eval_dataset` from
-`dataset_info.json` -> for each sample, the prompt is every turn before the last answer rendered through the
-model's chat template with the generation prompt, the label is what the template writes for that answer (LF's
-`label` field: special tokens removed), both cut to `cutoff_len` as LF cuts them -> generate through the inference
+`dataset_info.json` (rows without a response kept with an empty answer, as LF predicts on them) -> for each sample,
+the prompt is every turn before the last answer and the label what the template writes for that answer (LF's
+`label` field: special tokens removed): for a LLaMA-Factory `template:` name LF's own `encode_oneturn` on its slots
+(`lf_templates`, with `default_system`, `enable_thinking`, `tool_format`), else rendered through the model's chat
+template (or the named family's), both cut to `cutoff_len` as LF cuts them -> generate through the inference
 engine (HF, HF + adapter, GGUF or vLLM; continuous batching of `per_device_eval_batch_size` sequences; greedy unless
 `do_sample`) with a progress bar -> `generated_predictions.jsonl` (`prompt`, `predict`, `label`) and
 `predict_results.json` (`predict_bleu-4`, `predict_rouge-1/2/l`, runtime, samples/s; `exporter.metrics`).
@@ -19,12 +21,21 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from exporter.atomic import occupant
 from exporter.data import check_max_samples
 from exporter.errors import UserError
+from exporter.hf_dir import NO_MODEL_CODE
 from exporter.manifest import MANIFEST_NAME
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from exporter.data import Sample
+
+    # one sample -> (prompt ids, label ids, the label text of (cut) label ids with/without special tokens)
+    Encoder = Callable[[Sample], tuple[list[int], list[int], Callable[[list[int], bool], str]]]
 
 PREDICTIONS = "generated_predictions.jsonl"
 RESULTS = "predict_results.json"
@@ -36,7 +47,7 @@ NO_EFFECT = {
     "overwrite_output_dir": "overwrite_output_dir (predict replaces its own files in output_dir)",
     "ddp_timeout": "ddp_timeout (one process)",
     "finetuning_type": "finetuning_type (an adapter is attached as it is)",
-    "trust_remote_code": "trust_remote_code (exporter runs no code from model dirs)",
+    "trust_remote_code": f"trust_remote_code ({NO_MODEL_CODE})",
     "report_to": "report_to (metrics go to predict_results.json)",
     "length_penalty": "length_penalty (beam search only)",
 }
@@ -52,6 +63,9 @@ class PredictOptions:
     eval_dataset: list[str] = dataclasses.field(default_factory=list)
     adapter_name_or_path: str | None = None
     template: str | None = None
+    default_system: str | None = None
+    enable_thinking: bool | None = True
+    tool_format: str | None = None
     dataset_dir: str = "data"
     cutoff_len: int = 2048
     max_samples: int | None = None
@@ -116,6 +130,22 @@ def check(opts: PredictOptions) -> None:
     if opts.max_new_tokens < 1 and opts.max_length is None:
         raise UserError("max_new_tokens must be >= 1 (or set max_length)")
     check_max_samples(opts.max_samples)
+    from exporter import lf_names
+    from exporter import lf_templates as lf
+
+    if lf_names.is_lf_name(opts.template):
+        lf.with_options(lf.load(opts.template or ""), lf_options(opts))  # an unknown tool_format, before any work
+    elif opts.enable_thinking is not True or opts.tool_format is not None:
+        raise UserError("enable_thinking and tool_format shape LLaMA-Factory's template slots: set template: to a "
+                        "LLaMA-Factory template name (exporter template list)")  # fmt: skip
+
+
+def lf_options(opts: PredictOptions) -> Any:
+    """LF's data arguments that shape the predict prompt (`lf_templates.LFOptions`)."""
+    from exporter import lf_templates as lf
+
+    return lf.LFOptions(enable_thinking=opts.enable_thinking, default_system=opts.default_system,
+                        tool_format=opts.tool_format)  # fmt: skip
 
 
 def check_output(out: Path) -> None:
@@ -130,12 +160,12 @@ def check_output(out: Path) -> None:
                     f"{PREDICTIONS} and {RESULTS} into it: choose a new or empty directory")  # fmt: skip
 
 
-def sampling(opts: PredictOptions, max_new_tokens: int) -> Any:
-    """The engine's Sampling for LF's generation keys (greedy unless do_sample)."""
+def sampling(opts: PredictOptions, max_new_tokens: int, stop_ids: set[int] | None = None) -> Any:
+    """The engine's Sampling for LF's generation keys (greedy unless do_sample), stopping also at `stop_ids`."""
     from exporter.engine import Sampling
 
     common = {"max_new_tokens": max_new_tokens, "repetition_penalty": opts.repetition_penalty,
-              "skip_special_tokens": opts.skip_special_tokens}  # fmt: skip
+              "skip_special_tokens": opts.skip_special_tokens, "stop_ids": tuple(sorted(stop_ids or ()))}  # fmt: skip
     if not opts.do_sample:
         return Sampling(temperature=0.0, **common)
     return Sampling(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed, **common)
@@ -149,30 +179,69 @@ def _label(eng: Any, answer: str, suffix: str, ids: list[int], skip_special: boo
     return eng.decode(ids, skip_special)
 
 
-def build_examples(eng: Any, samples: list[Any], cutoff_len: int) -> tuple[list[Example], int]:
+def lf_encoder(eng: Any, opts: PredictOptions) -> tuple[Encoder, set[int]]:
+    """(encoder, LF's stop ids) for the LLaMA-Factory template `opts.template`: LF's UnsupervisedDatasetProcessor, which
+    `predict_with_generate` uses (`template.encode_oneturn` on its slots, the eos after the answer of `efficient_eos`
+    templates), with `default_system`, `enable_thinking` and `tool_format` applied; labels decoded as LF decodes
+    them."""
+    from exporter import lf_names
+    from exporter import lf_templates as lf
+    from exporter.evaluate import LFVocab
+
+    lf_opts = lf_options(opts)
+    tpl = lf.with_options(lf.load(opts.template or ""), lf_opts)
+    vocab = LFVocab(eng, tpl)
+
+    def encode(s: Sample) -> tuple[list[int], list[int], Callable[[list[int], bool], str]]:
+        tools = lf_names.tools_json(s.tools)
+        prompt, answer = lf.encode_oneturn(vocab, tpl, s.messages, s.system, tools, lf_opts)
+        if tpl.efficient_eos:
+            answer = [*answer, vocab.eos_token_id]
+        return prompt, answer, eng.decode
+
+    return encode, vocab.stop_ids
+
+
+def jinja_encoder(eng: Any, opts: PredictOptions) -> Encoder:
+    """The encoder of a chat template rendered as Jinja (the model's own, a family name or a .jinja file):
+    `default_system` is the system of rows without one (`check` refuses enable_thinking and tool_format here);
+    the label is what the template writes after the prompt."""
+    from exporter.engine import EngineError
+
+    def encode(s: Sample) -> tuple[list[int], list[int], Callable[[list[int], bool], str]]:
+        chat, tools = s.chat(), s.tool_list()
+        if opts.default_system and chat[0]["role"] != "system":
+            chat = [{"role": "system", "content": opts.default_system}, *chat]
+        if chat[-1]["role"] != "assistant":
+            raise UserError(f"{s.where}: the last turn must be the answer to predict")
+        try:
+            prompt_text = eng.render(chat[:-1], tools, add_generation_prompt=True)
+            full_text = eng.render(chat, tools, add_generation_prompt=False)
+        except EngineError as e:  # the template's own raise_exception (e.g. Mistral's tool-call ids)
+            raise UserError(f"{s.where}: {e}") from None
+        # the label is what the template writes after the prompt (e.g. "answer<|im_end|>\n"); where the template
+        # renders the history differently once answered (thinking blocks), the answer alone
+        answer = chat[-1]["content"] or ""
+        suffix = full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else answer
+        return eng.tokenize(prompt_text), eng.tokenize(suffix), lambda ids, skip: _label(eng, answer, suffix, ids, skip)
+
+    return encode
+
+
+def build_examples(eng: Any, samples: list[Any], cutoff_len: int, encode: Encoder) -> tuple[list[Example], int]:
     """(examples, how many were cut to cutoff_len): prompt ids and LF's label for each sample."""
     from exporter.examples import _infer_seqlen
 
     out, cut = [], 0
     for s in samples:
-        chat, tools = s.chat(), s.tool_list()
-        if chat[-1]["role"] != "assistant":
-            raise UserError(f"{s.where}: the last turn must be the answer to predict")
-        prompt_text = eng.render(chat[:-1], tools, add_generation_prompt=True)
-        full_text = eng.render(chat, tools, add_generation_prompt=False)
-        # the label is what the template writes after the prompt (e.g. "answer<|im_end|>\n"); where the template
-        # renders the history differently once answered (thinking blocks), the answer alone
-        answer = chat[-1]["content"] or ""
-        suffix = full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else answer
-        prompt_ids, label_ids = eng.tokenize(prompt_text), eng.tokenize(suffix)
+        prompt_ids, label_ids, label = encode(s)
         src, tgt = _infer_seqlen(len(prompt_ids), len(label_ids), cutoff_len)
         if (src, tgt) != (len(prompt_ids), len(label_ids)):
             cut += 1
             prompt_ids, label_ids = prompt_ids[:src], label_ids[:tgt]
         if not prompt_ids:
             raise UserError(f"{s.where}: cutoff_len {cutoff_len} leaves no prompt token")
-        label, raw = (_label(eng, answer, suffix, label_ids, skip) for skip in (True, False))
-        out.append(Example(prompt_ids, label, raw, s.where))
+        out.append(Example(prompt_ids, label(label_ids, True), label(label_ids, False), s.where))
     return out, cut
 
 
@@ -186,7 +255,7 @@ def _max_new(opts: PredictOptions, ex: Example) -> int:
     return left
 
 
-def _answer_ids(c: Any, stop_ids: frozenset[int]) -> list[int]:
+def _answer_ids(c: Any, stop_ids: set[int] | frozenset[int]) -> list[int]:
     ids = list(c.token_ids)
     return ids[:-1] if ids and c.finish_reason == "stop" and ids[-1] in stop_ids else ids
 
@@ -256,19 +325,24 @@ def predict(opts: PredictOptions, given: set[str] | None = None) -> PredictResul
 
 def _predict(opts: PredictOptions, given: set[str] | None, out: Path) -> PredictResult:
     """`predict` with `out` claimed and checked."""
-    from exporter import data, metrics
+    from exporter import data, lf_names, metrics
     from exporter.engine import EngineError, load
     from exporter.evaluate import engine_options, say_no_effect
     from exporter.progress import progress
 
     say_no_effect(NO_EFFECT, given or set())
-    metrics._libraries()  # fail on a missing [eval] extra before the model loads
+    metrics.warm()  # fail on a missing [eval] extra before the model loads; jieba's dictionary outside the timing
     fill = {k: v for k, v in (("name", opts.identity_name), ("author", opts.identity_author)) if v}
-    samples, drops = data.load(opts.eval_dataset, opts.dataset_dir, "sft", opts.max_samples, fill, opts.seed)
+    samples, drops = data.load(opts.eval_dataset, opts.dataset_dir, "sft", opts.max_samples, fill, opts.seed,
+                               unlabeled=True)  # fmt: skip
     if drops.counts:
         print(f"note: dropped {sum(drops.counts.values())} sample(s): {drops.summary()}", file=sys.stderr)
     with load(engine_options(opts, opts.per_device_eval_batch_size, opts.template)) as eng:
-        examples, cut = build_examples(eng, samples, opts.cutoff_len)
+        if lf_names.is_lf_name(opts.template):
+            encode, stops = lf_encoder(eng, opts)
+        else:
+            encode, stops = jinja_encoder(eng, opts), set()
+        examples, cut = build_examples(eng, samples, opts.cutoff_len, encode)
         if cut:
             print(f"note: {cut} sample(s) cut to cutoff_len={opts.cutoff_len} as LLaMA-Factory cuts them",
                   file=sys.stderr)  # fmt: skip
@@ -276,13 +350,14 @@ def _predict(opts: PredictOptions, given: set[str] | None, out: Path) -> Predict
         with progress("predict", "samples", len(examples)) as advance:
             try:
                 done = eng.generate(
-                    [e.prompt_ids for e in examples], [sampling(opts, _max_new(opts, e)) for e in examples],
+                    [e.prompt_ids for e in examples],
+                    [sampling(opts, _max_new(opts, e), stops) for e in examples],
                     progress=lambda i, c: advance(),
                 )  # fmt: skip
             except EngineError as e:  # NaN logits, a failed forward: one line naming the sample, nothing written
                 where = examples[e.index].where if e.index is not None else opts.eval_dataset
                 raise UserError(f"{where}: {e}") from None
-        answers = [_answer_ids(c, eng.stop_ids) for c in done]
+        answers = [_answer_ids(c, eng.stop_ids | stops) for c in done]
         preds = [eng.decode(a, True) for a in answers]
         labels = [e.label for e in examples]
         scores = metrics.similarity(preds, labels)  # LF scores the texts without special tokens

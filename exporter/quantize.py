@@ -68,19 +68,43 @@ class QuantizeOptions:
     samples: int = 128
     max_length: int = 512
     seed: int = 0
+    max_shard_size: str = "2GB"  # as `exporter merge --max-shard-size`
     force: bool = False
 
 
-def check_options(o: QuantizeOptions) -> tuple[int, int | None]:
+@dataclasses.dataclass(frozen=True)
+class Names:
+    """What the user calls each option in messages: `exporter quantize`'s flags (the defaults), or the keys of the
+    command that quantizes on its behalf (`exporter export`'s `export_quantization_*`)."""
+
+    method: str = "--method {method}"
+    bits: str = "--bits"
+    dataset: str = "--dataset"
+    dataset_dir: str = "--dataset-dir"
+    samples: str = "--samples"
+    max_length: str = "--max-length"
+    max_shard_size: str = "--max-shard-size"
+    instead: str = "use {others}"  # what to do when the method cannot quantize the model
+    builtin: bool = True  # without a dataset, the built-in texts calibrate
+
+
+FLAGS = Names()
+
+
+def check_options(o: QuantizeOptions, names: Names = FLAGS) -> tuple[int, int | None]:
     """Validate the flag combination; returns (bits, group_size) with defaults applied."""
     from exporter.config import did_you_mean
+    from exporter.shards import parse_size
 
     if o.method not in METHODS:
         raise UserError(f"unknown --method {o.method!r}{did_you_mean(o.method, METHODS)}; choose one of {METHODS}")
     bits = o.bits if o.bits is not None else BITS[o.method][0]
     if bits not in BITS[o.method]:
         hint = {"awq": "; AWQ is 4-bit only: use --method gptq --bits 8 or bnb8 for 8 bits"}.get(o.method, "")
-        raise UserError(f"--bits {bits} is not supported by --method {o.method} (supported: {BITS[o.method]}){hint}")
+        method = names.method.format(method=o.method)
+        raise UserError(f"{names.bits} {bits} is not supported by {method} (supported: {BITS[o.method]}){hint}")
+    if parse_size(o.max_shard_size) <= 0:
+        raise UserError(f"{names.max_shard_size} {o.max_shard_size!r}: must be positive")
     if o.method.startswith("bnb"):
         given = [f for f, v in (("--group-size", o.group_size), ("--dataset", o.dataset),
                                 ("--dataset-dir", o.dataset_dir)) if v is not None]  # fmt: skip
@@ -99,7 +123,7 @@ def check_options(o: QuantizeOptions) -> tuple[int, int | None]:
     return bits, group
 
 
-def _require(method: str) -> None:
+def require(method: str) -> None:
     """The optional `[quant]` extra must be installed for this method."""
     needed = ["bitsandbytes"] if method.startswith("bnb") else ["gptqmodel", "optimum"]
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
@@ -159,19 +183,21 @@ def _has_experts(model_dir: Path) -> bool:
     return any(".experts." in n for f in sorted(model_dir.glob("*.safetensors")) for n in read_header(f))
 
 
-def _check_architecture(cfg: dict[str, Any], method: str, model_dir: Path) -> None:
+def _check_architecture(cfg: dict[str, Any], method: str, model_dir: Path, names: Names = FLAGS) -> None:
     model_type = cfg.get("model_type")
     if not model_type:
         raise UserError(f"{model_dir / 'config.json'}: no model_type")
+    said = names.method.format(method=method)
     if _has_experts(model_dir):
         raise UserError(
-            f"--method {method} cannot quantize model_type {model_type!r} (MoE experts): {MOE_BROKEN[method]}; "
+            f"{said} cannot quantize model_type {model_type!r} (MoE experts): {MOE_BROKEN[method]}; "
             "no method here quantizes MoE experts, `exporter gguf --type q4_k_m` does"
         )
     if (method, model_type) in BROKEN:
+        others = " or ".join(m for m in METHODS if (m, model_type) not in BROKEN)
         raise UserError(
-            f"--method {method} cannot quantize model_type {model_type!r}: {BROKEN[method, model_type]}; "
-            f"use {' or '.join(m for m in METHODS if (m, model_type) not in BROKEN)}"
+            f"{said} cannot quantize model_type {model_type!r}: {BROKEN[method, model_type]}; "
+            f"{names.instead.format(others=others)}"
         )
     if method.startswith("bnb"):
         from transformers import CONFIG_MAPPING
@@ -187,8 +213,8 @@ def _check_architecture(cfg: dict[str, Any], method: str, model_dir: Path) -> No
 
         raise UserError(
             f"model_type {model_type!r} ({model_dir / 'config.json'}) is not among the {len(MODEL_MAP)} architectures "
-            f"gptqmodel supports{did_you_mean(model_type, MODEL_MAP)}, so --method {method} cannot quantize it; "
-            f"--method bnb4 or bnb8 works for any model transformers loads"
+            f"gptqmodel supports{did_you_mean(model_type, MODEL_MAP)}, so {said} cannot quantize it; "
+            f"{names.instead.format(others='bnb4 or bnb8')} (bitsandbytes works for any model transformers loads)"
         )
 
 
@@ -216,7 +242,24 @@ def _rotary_needs_layer_type(hf_model: Any) -> bool:
     return False
 
 
-def _run_gptqmodel(model_dir: Path, tmp: Path, method: str, bits: int, group: int, blocks: list[list[int]]) -> str:
+def check_model(o: QuantizeOptions, model_dir: Path, group: int | None, names: Names = FLAGS) -> dict[str, Any]:
+    """Everything knowable before quantizing `model_dir` (its config, layers and architecture, the calibration
+    inputs); returns its config.json."""
+    from exporter import calibration
+
+    cfg = _read_config(model_dir)
+    shapes = linear_shapes(model_dir)
+    if group is not None:  # first: it needs no quantization library
+        calibration.check_inputs(o.dataset, o.dataset_dir, o.samples, o.max_length, names)
+    _check_architecture(cfg, o.method, model_dir, names)
+    if group is not None:
+        check_shapes(shapes, o.method, group)
+    return cfg
+
+
+def _run_gptqmodel(
+    model_dir: Path, tmp: Path, method: str, bits: int, group: int, blocks: list[list[int]], shard_bytes: int
+) -> str:
     """Quantize with gptqmodel and save into `tmp`; returns the kernel backend used."""
     import torch
 
@@ -256,11 +299,11 @@ def _run_gptqmodel(model_dir: Path, tmp: Path, method: str, bits: int, group: in
             model.layer_callback = layer_done  # gptqmodel calls it as each layer is quantized and finalized
             model.quantize(calib, backend=backend, calibration_data_min_length=1, calibration_sort="desc")
         with quiet.prints_dropped():
-            model.save(str(tmp))
+            model.save(str(tmp), max_shard_size=shard_bytes)
     return str(getattr(backend, "value", backend))
 
 
-def _run_bnb(model_dir: Path, tmp: Path, method: str, cfg: dict[str, Any]) -> str:
+def _run_bnb(model_dir: Path, tmp: Path, method: str, cfg: dict[str, Any], shard_bytes: int) -> str:
     """Quantize at load with bitsandbytes and `save_pretrained` into `tmp`; returns the device used."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -278,7 +321,7 @@ def _run_bnb(model_dir: Path, tmp: Path, method: str, cfg: dict[str, Any]) -> st
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), quantization_config=qc, device_map=device, dtype=compute
     )
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), max_shard_size=shard_bytes)
     return device
 
 
@@ -306,38 +349,46 @@ class QuantizeResult:
     seconds: float
 
 
-def _calibrate(opts: QuantizeOptions, tokenizer: Any, tpl: Any) -> Any:
+def _calibrate(opts: QuantizeOptions, tokenizer: Any, tpl: Any, names: Names) -> Any:
     """Calibration blocks for GPTQ/AWQ from the dataset (or the built-in texts), with what was found said."""
+    from rich.markup import escape
+
     from exporter import calibration
 
-    _console.print(f"[bold]calibration[/]: rendering through template {tpl.name!r}")
-    cal = calibration.build(tokenizer, tpl, opts.dataset, opts.dataset_dir, opts.samples, opts.max_length, opts.seed)
+    text = calibration.text_file(opts.dataset)
+    how = f"raw text rows of {text}, tokenized as plain text" if text else f"rendering through template {tpl.name!r}"
+    _console.print(f"[bold]calibration[/]: {escape(how)}")
+    cal = calibration.build(tokenizer, tpl, opts.dataset, opts.dataset_dir, opts.samples, opts.max_length, opts.seed,
+                            names)  # fmt: skip
     if len(cal.blocks) < opts.samples:
         _console.print(
-            f"[yellow]calibration[/]: {cal.source} gives {len(cal.blocks)} blocks of up to {opts.max_length} "
-            f"tokens ({cal.tokens} tokens), fewer than --samples {opts.samples}; using all of them"
+            f"[yellow]calibration[/]: {escape(cal.source)} gives {len(cal.blocks)} blocks of up to {opts.max_length} "
+            f"tokens ({cal.tokens} tokens), fewer than {names.samples} {opts.samples}; using all of them"
         )
     if cal.rejected:
         _console.print(f"[yellow]calibration[/]: rows left out: {dict(cal.rejected)}")
     return cal
 
 
-def quantize(opts: QuantizeOptions) -> QuantizeResult:
-    """Quantize the HF model `opts.model` with `opts.method` into `opts.out`."""
+def quantize(
+    opts: QuantizeOptions, names: Names = FLAGS, inputs: dict[str, Path | str] | None = None
+) -> QuantizeResult:
+    """Quantize the HF model `opts.model` with `opts.method` into `opts.out`. `names`: what the options are called in
+    messages; `inputs`: what the manifest records as made from (default: the model; `export` names the base and
+    adapters its temporary merge came from)."""
     import torch
 
-    from exporter import atomic, calibration, hf_dir, hub, spm, templates
+    from exporter import atomic, calibration, hf_dir, hub, manifest, spm, templates
+    from exporter.shards import parse_size
 
-    bits, group = check_options(opts)
-    _require(opts.method)
+    bits, group = check_options(opts, names)
+    require(opts.method)
     model_dir = hub.resolve(opts.model, "model")
     out = Path(opts.out)
     atomic.check_target(out, opts.force, [model_dir])
-    cfg = _read_config(model_dir)
-    shapes = linear_shapes(model_dir)
-    _check_architecture(cfg, opts.method, model_dir)
-    if group is not None:
-        check_shapes(shapes, opts.method, group)
+    manifest.check_stage(out, "quantize")  # --force replaces a previous quantize output only
+    hf_dir.check_loadable(model_dir)  # tokenizer, architecture, pickled weights: one line, no code from the dir run
+    cfg = check_model(opts, model_dir, group, names)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.check_free_space(out.parent, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2)
     from exporter.converters.gguf_convert import check_finite
@@ -348,9 +399,10 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
     tokenizer = spm.load_tokenizer(model_dir)
     random.seed(opts.seed)
     torch.manual_seed(opts.seed)
-    settings: dict[str, Any] = {"method": opts.method, "bits": bits, "template": tpl.name, "seed": opts.seed}
-    inputs: dict[str, Path | str] = {"model": model_dir}
-    cal = _calibrate(opts, tokenizer, tpl) if group is not None else None
+    settings: dict[str, Any] = {"method": opts.method, "bits": bits, "template": tpl.name, "seed": opts.seed,
+                                "max_shard_size": str(opts.max_shard_size)}  # fmt: skip
+    inputs = dict(inputs) if inputs else {"model": model_dir}
+    cal = _calibrate(opts, tokenizer, tpl, names) if group is not None else None
     if cal is not None:
         settings.update(group_size=group, samples=opts.samples, max_length=opts.max_length,
                         calibration=cal.describe())  # fmt: skip
@@ -360,9 +412,10 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
     with atomic.atomic_dir(out, opts.force, [model_dir]) as tmp:
         _console.print(f"[bold]quantize[/]: {opts.method} {bits}-bit {model_dir} -> {out}")
         if cal is not None:
-            settings["backend"] = _run_gptqmodel(model_dir, tmp, opts.method, bits, group, cal.blocks)
+            shard_bytes = parse_size(opts.max_shard_size)
+            settings["backend"] = _run_gptqmodel(model_dir, tmp, opts.method, bits, group, cal.blocks, shard_bytes)
         else:
-            settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg)
+            settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg, parse_size(opts.max_shard_size))
         _check_quantization_config(tmp)
         settings["seconds"] = round(time.perf_counter() - start, 2)
         from rich.markup import escape

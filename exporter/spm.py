@@ -74,7 +74,7 @@ def fix_dir(out_dir: Path | str) -> bool:
     model = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {}
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
         return False  # not SentencePiece-style (byte-level BPE, Unigram, WordPiece): nothing to restore
-    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False)
     if not getattr(tokenizer, "is_fast", False) or not fix_tokenizer(tokenizer):
         return False
     with atomic_file(out_dir / "tokenizer.json") as tmp:
@@ -84,6 +84,6 @@ def fix_dir(out_dir: Path | str) -> bool:
     cfg["tokenizer_class"] = GENERIC_CLASS
     with atomic_file(cfg_path) as tmp:
         tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if drifts(AutoTokenizer.from_pretrained(str(out_dir)).backend_tokenizer):
+    if drifts(AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False).backend_tokenizer):
         raise UserError(f"{out_dir}: the tokenizer still drops SentencePiece's '▁' prefix after rewriting it")
     return True

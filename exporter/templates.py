@@ -38,9 +38,10 @@ from typing import Any
 
 import yaml
 
-from exporter.config import read_json, read_text
+from exporter.config import read_json, read_json_object, read_text
 from exporter.diff import first_diff
 from exporter.errors import UserError
+from exporter.hf_dir import saved_chat_template
 
 FAMILIES_PACKAGE = "exporter.families"
 
@@ -154,7 +155,7 @@ def _token_ids(out_dir: Path, tokens: list[str]) -> list[int | None]:
         return [tk.token_to_id(t) for t in tokens]
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    tok = AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False)
     ids = tok.convert_tokens_to_ids(tokens)
     return [None if i is None or i == tok.unk_token_id else int(i) for i in ids]
 
@@ -170,7 +171,7 @@ def _fix_saved_tokenizer(out_dir: Path, fix: Callable[[Any], None]) -> dict[str,
     """Apply `fix` to the tokenizer saved in `out_dir`; save it back (and return its new config) when it changed."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    tok = AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False)
     before = (tok.eos_token, tok.pad_token, len(tok), tuple(tok.all_special_tokens))
     fix(tok)
     if before == (tok.eos_token, tok.pad_token, len(tok), tuple(tok.all_special_tokens)):
@@ -304,7 +305,7 @@ def model_chat_template(model_dir: Path | str) -> tuple[str, str, str]:
     cfg_path = model_dir / "tokenizer_config.json"
     cfg: dict[str, Any] = {}
     if cfg_path.is_file():
-        cfg = read_json(cfg_path)
+        cfg = read_json_object(cfg_path)
     elif not model_dir.is_dir():
         raise UserError(f"{model_dir}: not a directory")
     template = None
@@ -312,11 +313,7 @@ def model_chat_template(model_dir: Path | str) -> tuple[str, str, str]:
     if jinja_file.is_file():
         template = read_text(jinja_file)
     else:
-        ct = cfg.get("chat_template")
-        if isinstance(ct, list):
-            named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
-            ct = named.get("default")
-        template = ct if isinstance(ct, str) else None
+        template = saved_chat_template(cfg, cfg_path)
     if not template:
         raise UserError(
             f"{model_dir} has no chat_template (tokenizer_config.json or chat_template.jinja); "
@@ -340,14 +337,12 @@ def model_tokens(model_dir: Path | str) -> tuple[list[str], list[str]]:
         model_vocab = (data.get("model") or {}).get("vocab")
         if isinstance(model_vocab, dict):
             vocab.update({v: k for k, v in model_vocab.items() if isinstance(v, int)})
-    cfg = model_dir / "tokenizer_config.json"
-    decoder = read_json(cfg).get("added_tokens_decoder") if cfg.is_file() else None
+    decoder = read_json_object(model_dir / "tokenizer_config.json", optional=True).get("added_tokens_decoder")
     for tid, t in (decoder or {}).items():
         if isinstance(t, dict) and isinstance(t.get("content"), str):
             markers.append(t["content"])
             vocab.setdefault(int(tid), t["content"])
-    gen = model_dir / "generation_config.json"
-    ids = read_json(gen).get("eos_token_id") if gen.is_file() else None
+    ids = read_json_object(model_dir / "generation_config.json", optional=True).get("eos_token_id")
     ids = [ids] if isinstance(ids, int) else [i for i in ids or [] if isinstance(i, int)]
     return list(dict.fromkeys(markers)), [vocab[i] for i in ids if i in vocab]
 

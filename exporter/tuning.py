@@ -75,6 +75,8 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str, empty: bool = Fal
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from exporter import hf_dir
+
     dtype = torch.float32 if cfg.finetuning_type == "full" else compute_dtype(cfg)
     kw: dict[str, Any] = {}
     if cfg.quantization_bit:
@@ -84,19 +86,17 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str, empty: bool = Fal
         say(f"QLoRA: base quantized to {cfg.quantization_bit}-bit by bitsandbytes at load ({detail})")
     try:
         if empty:
-            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # never the dir's code
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_attn_impl(cfg),
-                                                         trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+                                                         trust_remote_code=False)  # fmt: skip
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=_attn_impl(cfg),
-                                                         trust_remote_code=cfg.trust_remote_code, **kw)  # fmt: skip
+                                                         trust_remote_code=False, **kw)  # fmt: skip
     except (OSError, ValueError) as e:
         raise UserError(f"model {model_dir}: cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
     except pickle.UnpicklingError:  # torch.load(weights_only=True) on a .bin that would run code
-        raise UserError(f"model {model_dir}: refusing to load its pickled weights: they need more than plain tensors "
-                        "to unpickle, and exporter never runs code from a model; convert them to safetensors where "
-                        "they were made") from None  # fmt: skip
+        raise hf_dir.pickle_refused(model_dir) from None
     if not cfg.quantization_bit and not empty and not _partitioned(model):  # ZeRO-3 placed its partitions itself
         model.to(device)
     for m in model.modules():  # bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode

@@ -970,3 +970,125 @@ def test_eval_of_a_model_with_non_finite_logits_fails(llama: Path, tmp_path: Pat
     _refused(capsys, r"nan: the answer letters' logits are not finite \(nan, nan, nan, nan\) for question \d+: the "
              r"model's weights are broken", *args)  # fmt: skip
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------- model dirs that cannot load without their code
+
+
+_EVIL = """import pathlib
+pathlib.Path({marker!r}).write_text("pwned")
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+class EvilConfig(LlamaConfig): pass
+class EvilModel(LlamaForCausalLM): config_class = EvilConfig
+class EvilTok(PreTrainedTokenizerFast): pass
+"""
+
+
+def _remote_code(llama: Path, where: Path, marker: Path) -> Path:
+    """A copy of `llama` whose config and tokenizer name classes of its own evil.py (auto_map), which writes
+    `marker` when imported."""
+    d = _copy(llama, where)
+    (d / "evil.py").write_text(_EVIL.format(marker=str(marker)))
+    _edit_json(d / "config.json", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    _edit_json(d / "tokenizer_config.json", auto_map={"AutoTokenizer": [None, "evil.EvilTok"]},
+               tokenizer_class="EvilTok")  # fmt: skip
+    return d
+
+
+def test_train_trust_remote_code_runs_no_model_code(llama: Path, rows: Path, tmp_path: Path, capsys) -> None:
+    """`trust_remote_code: true` is noted as without effect (as chat, predict, eval and export say it), and a model
+    whose tokenizer is its own code is one line, exit 2 (was: evil.py imported, then a 70-line traceback)."""
+    marker = tmp_path / "PWNED"
+    rc = _remote_code(llama, tmp_path / "rc", marker)
+    code, err = _cli(capsys, *_train_args(rc, rows, tmp_path / "out", "--trust_remote_code", "true"))
+    assert code == 2, err
+    _one_error(err, r"model .*rc: its tokenizer is the code shipped with it \(auto_map: evil\.EvilTok\), and "
+               r"exporter never runs code from a model")  # fmt: skip
+    assert "note: trust_remote_code: exporter never runs code from a model" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def _no_tokenizer(llama: Path, where: Path, marker: Path) -> Path:
+    d = _copy(llama, where)
+    (d / "tokenizer.json").unlink()
+    return d
+
+
+def _pickled(llama: Path, where: Path, marker: Path) -> Path:
+    d = _copy(llama, where)
+    (d / "model.safetensors").unlink()
+    _pickle_bomb(d / "pytorch_model.bin", marker)
+    return d
+
+
+_UNLOADABLE = {
+    "no-tokenizer": (_no_tokenizer, r"model .*: cannot load its tokenizer \(no tokenizer\.json or tokenizer\.model\)"),
+    "remote-code": (_remote_code, r"model .*: its tokenizer is the code shipped with it \(auto_map: evil\.EvilTok\)"),
+    "pickle": (_pickled, r"model .*: refusing to load its pickled weights: .*never runs code from a model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_UNLOADABLE))
+@pytest.mark.parametrize("verb", ["merge", "quantize", "chat", "serve", "verify"])
+def test_unloadable_model_dir_is_one_line(verb: str, case: str, llama: Path, lora: Path, tmp_path: Path,
+                                          capsys) -> None:  # fmt: skip
+    """A model dir whose tokenizer cannot load, or that needs its own code, or whose only weights are a pickle
+    that needs more than tensors: one line, exit 2, before any work, and no code from the dir runs (was: a
+    50-70-line traceback; merge's after every shard was merged)."""
+    if verb == "quantize" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes not installed")
+    if verb == "merge" and case == "pickle":
+        pytest.skip("merge reads safetensors only (its own message)")
+    make, pattern = _UNLOADABLE[case]
+    marker = tmp_path / "PWNED"
+    d = make(llama, tmp_path / "m", marker)
+    out = tmp_path / "out"
+    args = {
+        "merge": ("merge", "--base", d, "--adapter", lora, "--out", out),
+        "quantize": ("quantize", d, "--method", "bnb4", "--out", out),
+        "chat": ("chat", d),
+        "serve": ("serve", d, "--port", "0"),
+        "verify": ("verify", "--merged", d),
+    }[verb]
+    if verb == "merge" and case == "remote-code":  # merge reads tokenizer.json itself and copies evil.py along
+        assert _cli(capsys, *args)[0] == 0 and (out / "evil.py").is_file() and not marker.exists()
+        return
+    _refused(capsys, pattern, *args)
+    assert not marker.exists() and not out.exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("verb", ["gguf", "merge", "chat"])
+def test_generation_config_not_an_object(verb: str, llama: Path, lora: Path, tmp_path: Path, capsys) -> None:
+    """generation_config.json `[1, 2]`: one line naming it (was: AttributeError / TypeError tracebacks)."""
+    d = _copy(llama, tmp_path / "gc")
+    (d / "generation_config.json").write_text("[1, 2]")
+    out = tmp_path / "out"
+    args = {"gguf": ("gguf", d, "--out", out), "merge": ("merge", "--base", d, "--adapter", lora, "--out", out),
+            "chat": ("chat", d)}[verb]  # fmt: skip
+    _refused(capsys, r"gc/generation_config\.json: expected a JSON object$", *args)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("verb", ["gguf", "merge"])
+def test_chat_template_of_the_wrong_type(verb: str, llama: Path, lora: Path, tmp_path: Path, capsys) -> None:
+    """`chat_template: 5` is refused by name (was: taken as no template, and exported without one)."""
+    d = _copy(llama, tmp_path / "tc")
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    _edit_json(d / "tokenizer_config.json", chat_template=5)
+    out = tmp_path / "out"
+    args = {"gguf": ("gguf", d, "--out", out), "merge": ("merge", "--base", d, "--adapter", lora, "--out", out)}[verb]
+    _refused(capsys, r"tc/tokenizer_config\.json: chat_template is 5; expected a string or a list of "
+             r"\{name, template\}$", *args)  # fmt: skip
+    assert not out.exists()
+
+
+def test_named_chat_templates_are_read(llama: Path, tmp_path: Path) -> None:
+    """transformers' list of {name, template}: the "default" one is the model's template."""
+    from exporter import templates
+
+    d = _copy(llama, tmp_path / "named")
+    own = (d / "chat_template.jinja").read_text()
+    (d / "chat_template.jinja").unlink()
+    _edit_json(d / "tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "x"},
+                                                           {"name": "default", "template": own}])  # fmt: skip
+    assert templates.model_chat_template(d)[0] == own

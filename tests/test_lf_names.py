@@ -315,3 +315,43 @@ def test_tutorial_flow_llama3_0(tiny_model, tmp_path) -> None:
     run("verify", "--merged", str(merged), "--gguf", str(f16), "--modelfile",
         str(gguf / "Modelfile.f16"), "--prompts", "1", "--max-new-tokens", "4", "--ctx", "64", "--max-windows", "2",
         "--report", str(tmp_path / "report.json"))  # fmt: skip
+
+
+_LF_CHAT = """
+import json, os, sys
+os.environ["DISABLE_VERSION_CHECK"] = "1"
+from llamafactory.data import get_template_and_fix_tokenizer
+from llamafactory.hparams import DataArguments
+from transformers import AutoTokenizer
+out = []
+for case in json.load(sys.stdin):
+    tok = AutoTokenizer.from_pretrained(case["tokenizer"])
+    tpl = get_template_and_fix_tokenizer(tok, DataArguments(template=case["template"], **case["data_args"]))
+    messages = case["messages"] + [{"role": "assistant", "content": ""}]
+    out.append(tpl.encode_oneturn(tok, messages, case["system"])[0])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize(("name", "fixture", "data_args"), [("qwen3", "qwen3-real", {}),
+                                                            ("qwen3", "qwen3-real", {"enable_thinking": False}),
+                                                            ("llama3", "llama3-real", {})])  # fmt: skip
+def test_chat_prompts_equal_llamafactory_chat(name: str, fixture: str, data_args: dict, tiny_model) -> None:
+    """What chat/serve feed the model for an LF name is LF's own `encode_oneturn` (its ChatModel's prompt): earlier
+    answers' thoughts dropped on a reasoning template, the thought words where LF puts them."""
+    model = tiny_model(fixture.removesuffix("-real"), real_vocab=fixture.endswith("-real"))
+    history = [{"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "<think>\nsay hello\n</think>\n\nHello!"},
+               {"role": "user", "content": "And again?"}]  # fmt: skip
+    case = {"tokenizer": str(model), "template": name, "data_args": data_args, "messages": history,
+            "system": "Be brief."}  # fmt: skip
+    proc = subprocess.run([lf_python(), "-c", _LF_CHAT], input=json.dumps([case]), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+    tpl = lf_names.resolve(model, name, lf_templates.LFOptions(cutoff_len=1 << 30, **data_args))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids, labels = render.encode(tok, tpl, [{"role": "system", "content": "Be brief."}, *history])
+    assert ids == want and set(labels) == {-100}

@@ -87,3 +87,25 @@ def test_pipeline_full_fine_tune_converts_the_trained_model(tiny_model, tmp_path
     assert (art.adapter, art.merged) == (None, run / "model")
     again = pipeline.run(pipeline.load_config(path, over))
     assert again.ran == [] and again.skipped == ["train", "gguf", "verify"] and again.passed
+
+
+def test_run_dir_overlapping_an_input_is_refused_before_training(tiny_model, tmp_path: Path) -> None:
+    """A run_dir inside the base model (or one whose stage outputs would hold a training data file) is refused before
+    any stage runs; it used to train into the model's folder, then stop at merge."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model("qwen2"), base)
+    before = sorted(p.name for p in base.iterdir())
+    path = pipeline_yaml(tmp_path, base, base / "run")
+    with pytest.raises(UserError, match=r"^run_dir .*base/run: train would write .*base/run/adapter, which overlaps "
+                                        r"the base model .*base; choose a run_dir outside the inputs$"):  # fmt: skip
+        pipeline.run(pipeline.load_config(path, []))
+    assert sorted(p.name for p in base.iterdir()) == before
+    text = tmp_path / "run" / "gguf" / "held_out.txt"
+    text.parent.mkdir(parents=True)
+    text.write_text("some held-out text\n")
+    (tmp_path / "run" / "pipeline.json").write_text('{"stages": {}}')
+    path = pipeline_yaml(tmp_path, base, tmp_path / "run", verify={"text": str(text)})
+    with pytest.raises(UserError, match=r"gguf would write .*run/gguf, which overlaps verify\.text"):
+        pipeline.run(pipeline.load_config(path, []))

@@ -116,6 +116,29 @@ def test_group_size_must_divide_in_features(tiny_model, tmp_path: Path) -> None:
         check_shapes({"model.layers.0.x": (250, 256)}, "awq", 128)
 
 
+def test_calibration_dataset_neither_file_nor_name_is_named(
+    tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --dataset that is a directory, a missing file or an unknown name: one line naming the value and the flag,
+    before the model is loaded (it used to be `dataset_dir data: no dataset_info.json`)."""
+    require_quant()
+    monkeypatch.chdir(tmp_path)
+    src = str(tiny_model("llama3"))
+    cases = {
+        str(tmp_path): f"--dataset {tmp_path}: a directory; give a file of raw `text` rows or dataset names",
+        "nosuch.jsonl": "--dataset nosuch.jsonl: no such file, and no data/dataset_info.json to look it up in as a "
+        "dataset name",
+    }
+    for value, message in cases.items():
+        with pytest.raises(UserError, match="^" + re.escape(message)):
+            quantize(QuantizeOptions(model=src, method="gptq", out=str(tmp_path / "o"), dataset=value))
+    _alpaca_dir(tmp_path, _rows(2))
+    with pytest.raises(UserError, match=r"^--dataset calb: no such file, and dataset 'calb' is not defined in "
+                                        r"data/dataset_info.json \(did you mean 'calib'\?\)$"):  # fmt: skip
+        quantize(QuantizeOptions(model=src, method="gptq", out=str(tmp_path / "o"), dataset="calb"))
+    assert not list(tmp_path.glob("o*"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Calibration: rendered through the chat template (HF apply_chat_template is the reference), packed, seeded.
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,7 +442,7 @@ def test_cli_gptq_8bit_with_dataset_and_bad_inputs(tiny_model, tmp_path: Path) -
     assert "in_features 256 is not divisible by --group-size 512" in r.stderr
     assert "group sizes that divide every layer of this model: -1, 16, 32, 64, 128, 256" in r.stderr
     assert not list(tmp_path.glob("bad*"))
-    # an architecture gptqmodel has no definition for
+    # an architecture transformers has no definition for: refused before any quantizer is imported
     odd = tmp_path / "odd"
     odd.mkdir()
     for f in src.iterdir():
@@ -428,5 +451,39 @@ def test_cli_gptq_8bit_with_dataset_and_bad_inputs(tiny_model, tmp_path: Path) -
     cfg["model_type"] = "qwen3_tiny_custom"
     (odd / "config.json").write_text(json.dumps(cfg))
     r = _cli("quantize", str(odd), "--method", "awq", "--out", str(tmp_path / "bad2"))
-    assert r.returncode == 2 and "model_type 'qwen3_tiny_custom'" in r.stderr and "bnb4" in r.stderr, r.stderr
+    assert r.returncode == 2 and "config.json: transformers cannot load it" in r.stderr, r.stderr
+    assert "qwen3_tiny_custom" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not list(tmp_path.glob("bad2*"))
+
+
+@pytest.mark.slow
+def test_cli_max_shard_size_and_raw_text_calibration(tiny_model, tmp_path: Path) -> None:
+    """--max-shard-size (merge's option) reaches the quantizer's save; a raw-text file is said to be tokenized as plain
+    text, not rendered through the template."""
+    require_quant()
+    texts = tmp_path / "c4.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"row {i}: " + "the quick brown fox jumps. " * 30}) + "\n"
+                             for i in range(20)))  # fmt: skip
+    out = tmp_path / "q"
+    r = _cli("quantize", str(tiny_model("llama3")), "--method", "gptq", "--dataset", str(texts), "--samples", "8",
+             "--max-length", "32", "--max-shard-size", "400KB", "--out", str(out), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"calibration: raw text rows of {texts}, tokenized as plain text" in r.stderr.replace("\n", "")
+    assert "rendering through template" not in r.stderr
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file(), shards
+    assert all(p.stat().st_size < 600_000 for p in shards), [p.stat().st_size for p in shards]
+    assert json.loads((out / "exporter_manifest.json").read_text())["settings"]["max_shard_size"] == "400KB"
+
+
+@pytest.mark.parametrize("stage", ["train", "merge", "gguf"])
+def test_force_replaces_only_a_previous_quantize(tiny_model, tmp_path: Path, stage: str) -> None:
+    """--force never replaces a training run, a merged model or a gguf output (their manifests say so)."""
+    require_quant()
+    other = tmp_path / stage
+    (other / "checkpoint-2").mkdir(parents=True)
+    (other / "exporter_manifest.json").write_text(json.dumps({"stage": stage, "outputs": []}))
+    opts = QuantizeOptions(model=str(tiny_model("qwen2")), method="bnb4", out=str(other), force=True)
+    with pytest.raises(UserError, match=rf"{other} is an exporter {stage} output .*only a previous quantize output"):
+        quantize(opts)
+    assert (other / "checkpoint-2").is_dir()

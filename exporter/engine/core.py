@@ -17,7 +17,7 @@ from exporter.engine.chat_format import ChatFormat
 from exporter.engine.sampling import check_sampling
 from exporter.engine.scheduler import Handle, Scheduler, Sink
 from exporter.errors import UserError
-from exporter.hf_dir import check_readable
+from exporter.hf_dir import check_loadable, check_readable, tokenizer_dir
 
 
 class Engine:
@@ -229,6 +229,7 @@ def _model_and_adapter(opts: LoadOptions) -> tuple[Path, Path | None]:
         raise UserError(f"model {model}: no config.json (expected an HF model dir)")
     for d in (model, adapter) if adapter is not None else (model,):
         check_readable(d)
+    check_loadable(model, tokenizer_dir(model, adapter))  # tokenizer, architecture, pickles: one line, no dir code
     if adapter is not None and adapter != model:
         from exporter.adapter import check_base
 

@@ -8,15 +8,16 @@ and all-padding columns trimmed. A batch of one runs without padding or mask, ex
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from exporter.config import read_json_object
 from exporter.engine.api import DTYPES, LoadOptions
 from exporter.engine.scheduler import Feed
 from exporter.errors import UserError
+from exporter.hf_dir import tokenizer_dir
 
 
 def _torch_dtype(name: str, device: str, quantized: bool) -> Any:
@@ -85,11 +86,10 @@ def load_model(model_dir: Path, adapter: Path | None, opts: LoadOptions) -> tupl
 
     try:
         with quiet.library_quiet():  # a GPT-QModel dir imports it, banner and all
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False, **kw)
     except ImportError as e:
         raise UserError(f"{model_dir}: {e} (quantized dirs need: pip install 'exporter[quant]')") from None
-    tok_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(model_dir, adapter)), trust_remote_code=False)
     if adapter is not None:
         from peft import PeftModel
 
@@ -119,10 +119,8 @@ def token_bytes(tok: Any, token: int) -> bytes:
 def eos_ids(model_dir: Path, tok: Any) -> set[int]:
     """End ids the model declares: generation_config.json `eos_token_id` (int or list) and the tokenizer's eos."""
     ids: set[int] = set()
-    gc = model_dir / "generation_config.json"
-    if gc.is_file():
-        v = json.loads(gc.read_text(encoding="utf-8")).get("eos_token_id")
-        ids.update([v] if isinstance(v, int) else [int(x) for x in v or []])
+    v = read_json_object(model_dir / "generation_config.json", optional=True).get("eos_token_id")
+    ids.update([v] if isinstance(v, int) else [int(x) for x in v or [] if isinstance(x, int)])
     if tok.eos_token_id is not None:
         ids.add(int(tok.eos_token_id))
     return ids

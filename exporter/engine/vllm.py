@@ -20,6 +20,7 @@ from exporter.engine.core import Engine, _chat_format, _model_and_adapter
 from exporter.engine.sampling import RANDOM_SEED, TextStream, check_sampling
 from exporter.engine.scheduler import Sink
 from exporter.errors import UserError
+from exporter.hf_dir import tokenizer_dir
 
 
 def _vllm() -> Any:
@@ -51,8 +52,7 @@ class VLLMEngine(Engine):
         from transformers import AutoTokenizer
 
         model_dir, adapter = _model_and_adapter(opts)
-        has_tok = adapter is not None and (adapter / "tokenizer_config.json").is_file()
-        self.tok = AutoTokenizer.from_pretrained(str(adapter if has_tok else model_dir))
+        self.tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(model_dir, adapter)), trust_remote_code=False)
         from exporter.engine import hf
 
         args = vllm.EngineArgs(

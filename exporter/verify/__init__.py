@@ -6,8 +6,8 @@ One public entry, `verify(VerifyOptions) -> Report`. The checks, one module each
 2. `stops`     every end-of-turn token is EOG in each GGUF, a `PARAMETER stop` in each Modelfile, and in
                `generation_config.json` `eos_token_id`;
 3. `tokenizer` HF ids == GGUF (llama.cpp) ids on a built-in multilingual corpus, rendered chats and the data texts;
-4. `numbers`   perplexity of adapter vs merged vs each GGUF/quantized dir on the SAME token ids, within a threshold
-               per type;
+4. `numbers`   perplexity, KL divergence and top-1 agreement of adapter vs merged vs each GGUF/quantized dir on the
+               SAME token ids, each within a limit per type;
 5. `chat`      greedy answers through the template: full-precision GGUFs match HF token for token;
 6. `accuracy`  (with `eval_dir`) MMLU/C-Eval/CMMLU accuracy of merged vs each GGUF on a small slice.
 `artifacts` holds the options and reads the inputs, `corpus` the built-in texts (data files in `corpora/`).
@@ -38,9 +38,13 @@ from exporter.verify.artifacts import (
 from exporter.verify.chat import check_chat
 from exporter.verify.corpus import CHAT_PROMPTS, HELD_OUT_TEXT, PROBE_CONVERSATIONS, TOKENIZER_CORPUS
 from exporter.verify.numbers import (
+    DEFAULT_KLD,
     DEFAULT_THRESHOLDS,
+    DEFAULT_TOP1,
+    LIMITS,
     check_numbers,
     check_thresholds,
+    limits_of,
     load_hf,
     parse_thresholds,
     score,
@@ -53,8 +57,11 @@ from exporter.verify.tokenizer import check_tokenizer
 
 __all__ = [
     "CHAT_PROMPTS",
+    "DEFAULT_KLD",
     "DEFAULT_THRESHOLDS",
+    "DEFAULT_TOP1",
     "HELD_OUT_TEXT",
+    "LIMITS",
     "PROBE_CONVERSATIONS",
     "TOKENIZER_CORPUS",
     "Check",
@@ -64,6 +71,7 @@ __all__ = [
     "VerifyOptions",
     "check_thresholds",
     "discover",
+    "limits_of",
     "parse_modelfile",
     "parse_thresholds",
     "quantized_kind",
@@ -92,7 +100,7 @@ def verify(opts: VerifyOptions) -> Report:
     check_inputs(art)
     if art.eval_dir is not None:  # a bad benchmark dir fails before any model is loaded
         art.eval_task = pick_task(art.eval_dir, art.eval_task)
-    thresholds = {**DEFAULT_THRESHOLDS, **check_thresholds(art.ppl_threshold)}
+    limits = limits_of(art)
     quantized_kinds = [quantized_kind(q) for q in art.quantized]  # bad dirs fail before any model is loaded
     infos = [read_gguf(p) for p in art.ggufs]
     mfs = [parse_modelfile(p) for p in art.modelfiles]
@@ -115,7 +123,7 @@ def verify(opts: VerifyOptions) -> Report:
     chat_texts = render_each(tok, chat_source, PROBE_CONVERSATIONS) if chat_source else []
     checks += check_tokenizer(tok, infos, texts, chat_texts)
     hf_model = load_hf(art.merged) if art.merged else None
-    checks += check_numbers(art, tok, hf_model, infos, quantized_kinds, thresholds, art.ctx, art.max_windows)
+    checks += check_numbers(art, tok, hf_model, infos, quantized_kinds, limits, art.ctx, art.max_windows)
     if art.eval_dir is not None:
         if art.merged is None:
             checks.append(Check("accuracy", "-", "skip", "eval_dir compares merged and the GGUFs: give merged"))
@@ -127,4 +135,7 @@ def verify(opts: VerifyOptions) -> Report:
     from exporter import manifest
 
     artifacts = {**artifacts_json(art), "template": tpl.name if tpl is not None else None}
-    return Report(checks, artifacts, thresholds, time.perf_counter() - t0, manifest.versions())
+    return Report(
+        checks, artifacts, limits["ppl_threshold"], time.perf_counter() - t0, manifest.versions(),
+        kld_thresholds=limits["kld_threshold"], top1_thresholds=limits["top1_threshold"],
+    )  # fmt: skip

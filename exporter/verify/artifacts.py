@@ -33,6 +33,8 @@ class VerifyOptions:
     run_dir: Path | None = None  # a pipeline run dir: fills in what is not given
     template: str | None = None  # the training chat-template family (default: detected)
     ppl_threshold: dict[str, float] = dataclasses.field(default_factory=dict)  # per type, over DEFAULT_THRESHOLDS
+    kld_threshold: dict[str, float] = dataclasses.field(default_factory=dict)  # per type, over DEFAULT_KLD
+    top1_threshold: dict[str, float] = dataclasses.field(default_factory=dict)  # per type, over DEFAULT_TOP1
     prompts: int = 4
     ctx: int = 128
     max_windows: int = 8
@@ -72,7 +74,24 @@ def discover(run_dir: Path) -> VerifyOptions:
             art.merged = d
     art.ggufs = sorted(p for p in run_dir.rglob("*.gguf") if ".tmp-" not in str(p))
     art.modelfiles = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name.startswith("Modelfile"))
+    if not state.is_file() and not (art.adapter or art.merged or art.ggufs or art.modelfiles):
+        raise UserError(_not_a_run(run_dir))
     return art
+
+
+def _not_a_run(run_dir: Path) -> str:
+    """Why `run_dir` has nothing to verify, and which option takes what it is when it is a model or adapter dir."""
+    what = (
+        ": it is a PEFT adapter dir, give it as --adapter"
+        if (run_dir / "adapter_config.json").is_file()
+        else ": it is an HF model dir, give it as --merged"
+        if (run_dir / "config.json").is_file()
+        else ""
+    )
+    return (
+        f"--run-dir {run_dir}: not a pipeline run dir (expected pipeline.json, an adapter/ and merged/ or model/ "
+        f"dir, or gguf/*.gguf in it; found none){what}"
+    )
 
 
 def _files_in(paths: list[Path], option: str, wanted: Callable[[Path], bool]) -> list[Path]:
@@ -128,11 +147,14 @@ def check_inputs(art: VerifyOptions) -> None:
             raise UserError(f"{p}: no such file")
     if art.text:
         read_text(art.text)  # not UTF-8: one line naming the byte, before any model is loaded
-    from exporter.hf_dir import check_readable
+    from exporter.hf_dir import check_loadable, check_readable
 
     for d in (art.base, art.adapter, art.merged, *art.quantized):
         if d is not None and Path(d).is_dir():
             check_readable(Path(d))  # truncated weights, non-UTF-8 files: one line naming the file, not a traceback
+    for d in (art.base, art.merged, *art.quantized):  # the models loaded: tokenizer, architecture, pickles, no code run
+        if d is not None and Path(d).is_dir():
+            check_loadable(Path(d))
     if art.base is not None and art.adapter is not None:
         from exporter import adapter
 
@@ -142,6 +164,11 @@ def check_inputs(art: VerifyOptions) -> None:
     if art.quantized and art.merged is None:
         raise UserError("--quantized needs --merged: quantized dirs are scored against the unquantized model")
     if art.merged is None and art.adapter is None and not art.ggufs and not art.modelfiles:
+        if art.run_dir is not None:  # a run dir whose pipeline has not written a model yet
+            raise UserError(
+                f"--run-dir {art.run_dir}: nothing to verify yet (pipeline.json but no adapter/, merged/, model/ or "
+                "gguf/*.gguf in it: run the pipeline first)"
+            )
         raise UserError("nothing to verify: give --merged, --adapter, --gguf, --modelfile or --run-dir")
 
 

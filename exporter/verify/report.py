@@ -13,6 +13,8 @@
         "template": str|null          # chat-template family the export was trained with
       },
       "thresholds": {"f16": 0.001, "q8_0": 0.005, ...},   # max relative perplexity difference per type
+      "kld_thresholds": {"f16": 0.0005, ...},             # max mean KL divergence (nats/token) per type
+      "top1_thresholds": {"f16": 0.99, ...},              # min top-1 agreement (near-ties excused) per type
       "summary": {"pass": int, "fail": int, "skip": int, "warn": int},
       "checks": [
         {
@@ -28,7 +30,8 @@
     }
 
 Metrics per check: template {conversations, compared}; stops {eot_tokens, eot_ids, ...};
-tokenizer {texts, mismatches, pre}; perplexity {ppl, ref_ppl, rel_diff, threshold, type, kld, top1, tokens};
+tokenizer {texts, mismatches, pre}; perplexity {ppl, ref_ppl, rel_diff, threshold, type, kld, kld_limit, top1,
+near_ties (share of tokens whose top-1 differs at a near-tie of the reference), top1_limit, tokens; a limit null: none};
 chat {prompts, exact, first_divergence: [int|null per prompt], hf_tokens, gguf_tokens, answers};
 accuracy (with --eval) {accuracy, ref_accuracy, task, questions, n_shot; GGUFs: agreement, allowed_drop, type}.
 """
@@ -70,6 +73,8 @@ class Report:
     thresholds: dict[str, float]
     seconds: float = 0.0
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    kld_thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+    top1_thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -90,6 +95,8 @@ class Report:
             "seconds": round(self.seconds, 3),
             "artifacts": self.artifacts,
             "thresholds": self.thresholds,
+            "kld_thresholds": self.kld_thresholds,
+            "top1_thresholds": self.top1_thresholds,
             "summary": self.summary(),
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "versions": self.versions,
