@@ -302,9 +302,9 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     model_type = hp.get("model_type")
     if model_type == "gemma3":
         model_type = "gemma3_text"
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers"):
-        if key not in hp and model_type in _DEFAULTS:
-            raise _refuse(path, key, None, POSITIVE.expected)
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
+        if key not in hp and model_type in _DEFAULTS:  # every supported family's config has them
+            raise UserError(f"{path}: no {key}; expected {POSITIVE.expected}")
     for key, value in _DEFAULTS.get(model_type, {}).items():
         hp.setdefault(key, value)
     if hp.get("tie_word_embeddings") is None:  # null (Gemma 3's outer config allows it): the family's default

@@ -9,11 +9,12 @@ Also here: LLaMA-Factory's inference YAML (`model_name_or_path`, `adapter_name_o
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from exporter.config import did_you_mean, read_yaml
+from exporter.config import did_you_mean, parse_overrides, read_yaml
 from exporter.engine import EngineError, LoadOptions, Sampling
 from exporter.engine.sampling import check_sampling
 from exporter.errors import UserError
@@ -85,10 +86,11 @@ def _typed(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
     raise UserError(f"{where}: {key}: expected {_EXPECTED[kind]}, got {v!r}")
 
 
-def read_infer_yaml(path: Path | str) -> InferConfig:
-    """LLaMA-Factory's inference YAML; an unknown key is an error with a did-you-mean, never ignored."""
-    data = read_yaml(path)
-    where = str(path)
+def read_infer_yaml(path: Path | str, overrides: Sequence[str] = ()) -> InferConfig:
+    """LLaMA-Factory's inference YAML, with `key=value` overrides over it as `llamafactory-cli chat cfg.yaml k=v`
+    takes them; an unknown key is an error with a did-you-mean, never ignored."""
+    data = read_yaml(path) | parse_overrides(overrides)
+    where = f"{path} with {' '.join(overrides)}" if overrides else str(path)  # a bad value may be an override's
     load: dict[str, Any] = {}
     samp: dict[str, Any] = {}
     notes = []
@@ -135,13 +137,23 @@ def read_infer_yaml(path: Path | str) -> InferConfig:
 
 
 def resolve_options(
-    model: str, cli_load: dict[str, Any], cli_sampling: dict[str, Any], system: str | None, defaults: Sampling
+    model: str,
+    cli_load: dict[str, Any],
+    cli_sampling: dict[str, Any],
+    system: str | None,
+    defaults: Sampling,
+    overrides: Sequence[str] = (),
 ) -> tuple[LoadOptions, Sampling, str | None]:
-    """MODEL (a model path or an inference YAML) + command-line values (which win) -> engine options."""
+    """MODEL (a model path or an inference YAML, with `key=value` `overrides` over it) + command-line values (which
+    win) -> engine options."""
     load: dict[str, Any] = {"model": model}
     samp: dict[str, Any] = {}
-    if model.endswith((".yaml", ".yml")) and Path(model).is_file():
-        cfg = read_infer_yaml(model)
+    is_yaml = model.endswith((".yaml", ".yml")) and Path(model).is_file()
+    if overrides and not is_yaml:
+        raise UserError(f"{' '.join(overrides)}: key=value overrides apply to an inference YAML; {model} is not one "
+                        "(give the settings as options, e.g. --max-new-tokens)")  # fmt: skip
+    if is_yaml:
+        cfg = read_infer_yaml(model, overrides)
         for note in cfg.notes:
             print(f"note: {note}", file=sys.stderr)
         load, samp, system = cfg.load, cfg.sampling, system or cfg.system

@@ -424,11 +424,13 @@ def _engine_load_options(
 
 _MODEL_HELP = "HF dir, PEFT adapter dir, .gguf file, or a LLaMA-Factory inference YAML."
 _BACKEND_HELP = "hf | gguf | vllm (default: from the path)."
+_OVERRIDES_HELP = "key=value over the inference YAML, as llamafactory-cli takes them (e.g. max_new_tokens=64)."
 
 
 @app.command("chat")
 def _chat(
     model: str = typer.Argument(..., help=_MODEL_HELP),
+    overrides: list[str] = typer.Argument(None, help=_OVERRIDES_HELP),
     adapter: str = typer.Option(None, "--adapter", help="PEFT adapter dir (hf) or GGUF LoRA file (gguf)."),
     template: str = typer.Option(
         None, "--template", help="LLaMA-Factory or family name, or a .jinja file (default: the model's own)."
@@ -454,7 +456,7 @@ def _chat(
     load_kw = _engine_load_options(adapter, template, backend, dtype, device, 1, ctx, threads)
     samp_kw = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
                "repetition_penalty": repetition_penalty, "seed": seed}  # fmt: skip
-    load_opts, sampling, sys_prompt = resolve_options(model, load_kw, samp_kw, system, LF_SAMPLING)
+    load_opts, sampling, sys_prompt = resolve_options(model, load_kw, samp_kw, system, LF_SAMPLING, overrides or [])
     _setup(quantization=quantized_model(load_opts))
     chat(ChatOptions(load_opts, sampling, sys_prompt))
 
@@ -462,6 +464,7 @@ def _chat(
 @app.command("serve")
 def _serve(
     model: str = typer.Argument(..., help=_MODEL_HELP),
+    overrides: list[str] = typer.Argument(None, help=_OVERRIDES_HELP),
     adapter: str = typer.Option(None, "--adapter", help="PEFT adapter dir (hf) or GGUF LoRA file (gguf)."),
     template: str = typer.Option(
         None, "--template", help="LLaMA-Factory or family name, or a .jinja file (default: the model's own)."
@@ -493,7 +496,7 @@ def _serve(
     load_kw["max_waiting"] = max_waiting
     defaults = Sampling(max_new_tokens=1024, temperature=1.0)  # OpenAI's defaults for what a request leaves out
     load_opts, sampling, sys_prompt = resolve_options(model, load_kw, {"max_new_tokens": max_new_tokens}, system,
-                                                      defaults)  # fmt: skip
+                                                      defaults, overrides or [])  # fmt: skip
     opts = options_from_env(ServeOptions(load_opts, default_system=sys_prompt, sampling=sampling))
     opts.host, opts.port = host or opts.host, port or opts.port
     opts.api_key, opts.model_name = api_key or opts.api_key, model_name or opts.model_name

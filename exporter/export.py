@@ -69,7 +69,7 @@ def _quantize_options(cfg: ExportConfig, out: Path) -> QuantizeOptions:
 def _check_quantize(q: QuantizeOptions, out: Path, adapters: list[str]) -> dict[str, Path | str]:
     """Every quantize check on the base (the merge keeps its config and layer shapes) before anything is merged, in
     LF's keys; returns the inputs the export's manifest records (the base and adapters, not the temporary merge)."""
-    from exporter import atomic, hub
+    from exporter import atomic, hf_dir, hub
 
     bits, group = check_options(q, EXPORT_NAMES)
     require(q.method)
@@ -78,6 +78,8 @@ def _check_quantize(q: QuantizeOptions, out: Path, adapters: list[str]) -> dict[
     for i, a in enumerate(adapters):
         inputs["adapter" if i == 0 else f"adapter_{i + 1}"] = hub.resolve(a, "adapter")
     atomic.check_target(out, False, list(inputs.values()))
+    adapter = Path(inputs["adapter"]) if adapters else None
+    hf_dir.check_loadable(base, hf_dir.tokenizer_dir(base, adapter))  # what quantize loads, checked before the merge
     check_model(q, base, group, EXPORT_NAMES)
     return inputs
 

@@ -135,18 +135,22 @@ def pickle_refused(model_dir: Path) -> UserError:
                      f"unpickle, and {NO_MODEL_CODE}; convert them to safetensors where they were made")  # fmt: skip
 
 
-def check_loadable(model_dir: Path, tok_dir: Path | None = None, model: bool = True) -> None:
+def check_loadable(model_dir: Path, tok_dir: Path | None = None, model: bool = True, tokenizer: bool = True) -> None:
     """Before any work, with no code from the dir run: `check_readable` (also of `tok_dir`), then that the
     tokenizer in `tok_dir` (default `model_dir`) loads (`load_tokenizer`), and with `model`, that transformers can
     build the model without the dir's code (config.json) and that its weights are safetensors or pickles of plain
     tensors. `model=False` (merge, which streams safetensors itself and copies a remote-code model's *.py along):
-    the tokenizer only, and a tokenizer.json is read as the merge reads it, by the tokenizers library."""
+    the tokenizer only, and a tokenizer.json is read as the merge reads it, by the tokenizers library.
+    `tokenizer=False`: the caller loads it next through `load_tokenizer` (a large vocabulary takes a second or two
+    to load: not twice)."""
     tok_dir = tok_dir or model_dir
     for d in dict.fromkeys((model_dir, tok_dir)):
         check_readable(d)
     if model:
         _check_model_code(model_dir)
         _check_pickles(model_dir)
+    if not tokenizer:
+        return
     if model or not (tok_dir / "tokenizer.json").is_file():
         load_tokenizer(tok_dir)
         return

@@ -90,6 +90,12 @@ class State:
     loss_steps: int = 0
     loss_scale: dict[str, Any] | None = None  # fp16's dynamic loss scale at the last checkpoint
 
+    @property
+    def epoch(self) -> float:
+        """HF's Trainer's epoch: the epochs done plus the share of this epoch's batches used (an epoch whose batches
+        do not fill the last accumulation is 1.0 only at its end)."""
+        return self.epoch_index + (self.batches_done / len(self.order) if self.order else 0.0)
+
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> State:
         return cls(**{f.name: doc[f.name] for f in dataclasses.fields(cls) if f.name in doc})
@@ -107,21 +113,32 @@ class TrainerLog:
         self.t0 = time.time() - state.elapsed  # the run's start, across resumes
         self.start, self.cpu_start, self.step_at_start = time.time(), time.process_time(), state.global_step
 
-    def write(self, rec: dict[str, Any]) -> None:
+    def _line(self, rec: dict[str, Any]) -> dict[str, Any]:
         done, total = self.state.global_step, self.sch.total
         elapsed = time.time() - self.t0
         per_step = (time.time() - self.start) / max(done - self.step_at_start, 1)
-        epoch = round(done / self.sch.updates_per_epoch, 4)
-        full = {"current_steps": done, "total_steps": total, **rec, "epoch": epoch,
+        if "rewards/accuracies" in rec:  # LLaMA-Factory's field for it (its board shows it)
+            rec = {**rec, "accuracy": rec["rewards/accuracies"]}
+        full = {"current_steps": done, "total_steps": total, **rec, "epoch": round(self.state.epoch, 4),
                 "percentage": round(done / total * 100, 2),
                 "elapsed_time": str(timedelta(seconds=int(elapsed))),
                 "remaining_time": str(timedelta(seconds=int((total - done) * per_step)))}  # fmt: skip
         if self.with_tokens:
             full["throughput"] = round(self.state.tokens_seen / max(elapsed, 1e-9), 2)
             full["total_tokens"] = self.state.tokens_seen
+        return full
+
+    def write(self, rec: dict[str, Any]) -> None:
+        full = self._line(rec)
         self.state.log_history.append(full)
         if self.file:
             self.file.write(json.dumps(full, allow_nan=False) + "\n")
+            self.file.flush()
+
+    def closing(self) -> None:
+        """LLaMA-Factory's last line, written when HF's Trainer logs its training summary: steps, epoch, time."""
+        if self.file:
+            self.file.write(json.dumps(self._line({})) + "\n")
             self.file.flush()
 
     def close(self) -> None:
@@ -375,8 +392,8 @@ def _log_line(run: Run, lr: float) -> dict[str, Any]:
 
 
 def loop(run: Run, log: TrainerLog) -> None:
-    """Steps until the total: log every `log_every`, evaluate and checkpoint as eval_strategy and save_strategy say
-    (HF's rules: also at the last step)."""
+    """Steps until the total: log every `log_every` (HF's rule: not at the last step unless it is one of them),
+    evaluate and checkpoint as eval_strategy and save_strategy say (HF's rules: also at the last step)."""
     st, cfg, sch = run.state, run.cfg, run.sch
     with progress("train", "loss {task.fields[loss]}", sch.total, done=st.global_step, show=run.dist.main,
                   loss="-") as advance:  # fmt: skip
@@ -388,7 +405,8 @@ def loop(run: Run, log: TrainerLog) -> None:
             st.elapsed = time.time() - log.t0
             n = st.global_step
             if n % sch.log_every == 0 or n == sch.total:
-                flush(run)
+                flush(run)  # the last steps count in train_loss also when they are not logged
+            if n % sch.log_every == 0:
                 rec = _log_line(run, lr)
                 log.write(rec)
                 advance(0, loss=f"{rec['loss']:.4f}")
@@ -521,18 +539,19 @@ def _results(run: Run, log: TrainerLog) -> dict[str, Any]:
     st, cfg = run.state, run.cfg
     runtime, cpu_time = time.time() - log.start, time.process_time() - log.cpu_start
     results: dict[str, Any] = {
-        "epoch": round(st.global_step / run.sch.updates_per_epoch, 4),
+        "epoch": st.epoch,
         "train_loss": round(st.loss_total / max(st.loss_steps, 1), 6),
         "train_runtime": round(runtime, 3),
-        "train_samples_per_second": round(
-            len(run.prep.train) * st.global_step / run.sch.updates_per_epoch / max(runtime, 1e-9), 3
-        ),
+        "train_samples_per_second": round(len(run.prep.train) * st.epoch / max(runtime, 1e-9), 3),
         "train_steps_per_second": round((st.global_step - log.step_at_start) / max(runtime, 1e-9), 3),
         "train_tokens_per_second": round(run.run_tokens / max(runtime, 1e-9), 2),
         "train_cpu_seconds": round(cpu_time, 3),  # CPU time of the loop (this process): load-independent cost
     }
     if cfg.include_num_input_tokens_seen:
         results["num_input_tokens_seen"] = st.tokens_seen
+    # HF's Trainer ends log_history with the training summary (trainer_state.json), before any final evaluation
+    summary = {k: v for k, v in results.items() if k.startswith("train_") and k != "train_cpu_seconds"}
+    st.log_history.append({"epoch": st.epoch, "step": st.global_step, **summary})
     if run.prep.val and (cfg.do_eval or cfg.eval_strategy != "no"):
         found, runtime = _timed_evaluate(run)
         if cfg.do_eval:
@@ -655,6 +674,7 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
         log = TrainerLog(out, run.state, run.sch, cfg.include_num_input_tokens_seen, d.main)
         try:
             loop(run, log)
+            log.closing()
             results = _results(run, log)
         finally:
             log.close()

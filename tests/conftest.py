@@ -19,6 +19,7 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -224,6 +225,18 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# the fields of LLaMA-Factory's closing trainer_log.jsonl line (steps, epoch, time; no loss, lr or metric)
+_CLOSING = {"current_steps", "total_steps", "epoch", "percentage", "elapsed_time", "remaining_time", "throughput",
+            "total_tokens"}  # fmt: skip
+
+
+def trainer_log(out: Path) -> list[dict]:
+    """The step and evaluation records of `out`'s trainer_log.jsonl: a finished run's closing line (LLaMA-Factory
+    writes it when HF's Trainer logs its summary) left out."""
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [r for r in rows if not set(r) <= _CLOSING]
 
 
 def random_lora(base: Path, out: Path, dtype: object = None, **config: object) -> Path:

@@ -50,6 +50,31 @@ def test_inference_yaml_numbers_read_as_lf_types_them(tmp_path: Path) -> None:
     assert type(got.sampling["top_p"]) is float and got.load["ctx"] == 2048
 
 
+def test_inference_yaml_takes_key_value_overrides(tmp_path: Path) -> None:
+    """`exporter chat infer.yaml max_new_tokens=8` as `llamafactory-cli chat infer.yaml max_new_tokens=8`: the value
+    over the file's (it was "Got unexpected extra argument"); a bad one is named as the override's."""
+    from exporter.chat import LF_SAMPLING, resolve_options
+
+    cfg = _yaml(tmp_path, "max_new_tokens: 64\ntemperature: 0.5")
+    got = read_infer_yaml(cfg, ["max_new_tokens=8", "default_system=Be brief."])
+    assert got.sampling == {"max_new_tokens": 8, "temperature": 0.5} and got.system == "Be brief."
+    with pytest.raises(UserError, match=rf"^{cfg} with top_k=x: top_k: expected an integer, got 'x'$"):
+        read_infer_yaml(cfg, ["top_k=x"])
+    with pytest.raises(UserError, match=r"^max_new_tokens=8: key=value overrides apply to an inference YAML"):
+        resolve_options(str(tmp_path), {}, {}, None, LF_SAMPLING, ["max_new_tokens=8"])
+
+
+@pytest.mark.parametrize("verb", ["chat", "serve"])
+def test_overrides_reach_chat_and_serve(tmp_path: Path, verb: str) -> None:
+    """Through the CLI, chat and serve take the overrides (a bad one: one line naming it, before any model loads)."""
+    cfg = _yaml(tmp_path, "max_new_tokens: 64")
+    r = subprocess.run([sys.executable, "-m", "exporter", verb, str(cfg), "max_new_tokens=abc"], input="hi\n",
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [f"error: {cfg} with max_new_tokens=abc: max_new_tokens: expected an integer, "
+                                     "got 'abc'"]  # fmt: skip
+
+
 @pytest.mark.parametrize("verb", ["chat", "serve"])
 def test_bad_inference_yaml_is_one_line_before_loading(tmp_path: Path, verb: str) -> None:
     cfg = _yaml(tmp_path, "max_new_tokens: abc")

@@ -215,6 +215,21 @@ def test_quantization_keys_checked_before_the_merge(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c4.jsonl", "e.yaml"]
 
 
+def test_quantized_export_checks_the_base_loads_before_the_merge(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """A base whose tokenizer cannot load is one line before the merge (quantize found it after merging)."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c4.jsonl").write_text(json.dumps({"text": "some text " * 50}) + "\n")
+    monkeypatch.setattr(export, "merge", lambda *a, **k: pytest.fail("merged before the base was checked"))
+    base = tmp_path / "notok"
+    shutil.copytree(tiny_model("llama3"), base)
+    (base / "tokenizer.json").unlink()
+    cfg, given = _export_cfg(tmp_path, base, base, "export_quantization_bit=4", "export_quantization_dataset=c4.jsonl")
+    with pytest.raises(UserError, match=r"model .*notok: cannot load its tokenizer"):
+        export.export(cfg, given)
+
+
 def test_quantized_export_merges_under_the_out_temp_name_and_records_the_real_inputs(
     lf_merge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

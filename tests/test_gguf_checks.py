@@ -126,6 +126,15 @@ def test_wrongly_typed_config_is_one_line(tiny_model, tmp_path, capfd, key, valu
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.parametrize("key", ["hidden_size", "intermediate_size"])
+def test_missing_size_key_is_one_line(tiny_model, tmp_path, key):
+    """A size every supported family's config carries, left out: one line (intermediate_size was a KeyError)."""
+    model = _edited(tiny_model("llama3"), tmp_path / "m", lambda cfg: cfg.pop(key))
+    with pytest.raises(UserError, match=f"^{re.escape(str(model / 'config.json'))}: no {key}; expected a positive"):
+        gguf.run(gguf.GGUFOptions(str(model), out=str(tmp_path / "g")))
+    assert not (tmp_path / "g").exists()
+
+
 def test_wrongly_typed_config_cli(tiny_model, tmp_path):
     """The tester's case through the CLI: one line, exit 2, nothing written (it was exit 0 and no output.weight)."""
     model = _edited(tiny_model("llama3"), tmp_path / "tw", _set("tie_word_embeddings", "false"))

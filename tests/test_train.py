@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import trainer_log
 
-from exporter import checkpoint, cli, data, lf_args, templates, tuning
+from exporter import cli, data, lf_args, templates, tuning
 from exporter import examples as E
 from exporter import train as T
 from exporter.errors import UserError
@@ -70,10 +71,6 @@ def _cfg(model: Path, datadir: Path, out: Path, **kw) -> lf_args.TrainConfig:
     )  # fmt: skip
     base.update(kw)
     return lf_args.TrainConfig(**base)
-
-
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / checkpoint.TRAINER_LOG).read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ config
@@ -337,7 +334,7 @@ def test_sft_alpaca_outputs_and_adapter_changes_logits(tiny: Path, datadir: Path
         "tokenizer_config.json",
         "chat_template.jinja",
     } <= {p.name for p in (out / "checkpoint-2").iterdir()}
-    log = _log(out)
+    log = trainer_log(out)
     train_rows = [r for r in log if "loss" in r]
     assert [r["current_steps"] for r in train_rows] == [1, 2, 3, 4]
     for r in train_rows:
@@ -380,7 +377,10 @@ def test_do_eval_after_training(tiny: Path, datadir: Path, tmp_path: Path) -> No
     out = tmp_path / "eval"
     T.train(_cfg(tiny, datadir, out, val_size=0.25, do_eval=True, max_steps=2))
     results = json.loads((out / "all_results.json").read_text())
-    assert results["eval_loss"] > 0 and _log(out)[-1] == {**_log(out)[-1], "eval_loss": results["eval_loss"]}
+    assert results["eval_loss"] > 0 and trainer_log(out)[-1] == {
+        **trainer_log(out)[-1],
+        "eval_loss": results["eval_loss"],
+    }
 
 
 def test_final_evaluation_reuses_the_last_steps(
@@ -400,7 +400,7 @@ def test_final_evaluation_reuses_the_last_steps(
                  save_steps=1))  # fmt: skip
     assert calls == [2, 3] and len(reads) == 1
     results = json.loads((out / "all_results.json").read_text())
-    evals = [r for r in _log(out) if "eval_loss" in r]
+    evals = [r for r in trainer_log(out) if "eval_loss" in r]
     assert len(evals) == 3 and evals[-1]["eval_loss"] == evals[-2]["eval_loss"] == results["eval_loss"]
     assert results["eval_runtime"] > 0
     fp = json.loads((out / "checkpoint-1" / "exporter_manifest.json").read_text())["settings"]["base_fingerprint"]
@@ -446,7 +446,7 @@ def test_resume_matches_uninterrupted(
             T.train(_cfg(tiny, datadir, tmp_path / "b", **kw))
     assert not (tmp_path / "b" / "adapter_model.safetensors").exists() and (tmp_path / "b" / "checkpoint-2").is_dir()
     T.train(_cfg(tiny, datadir, tmp_path / "b", resume_from_checkpoint=True, **kw))
-    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    a, b = trainer_log(tmp_path / "a"), trainer_log(tmp_path / "b")
     assert (
         [r["current_steps"] for r in a]
         == [r["current_steps"] for r in b]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import trainer_log
 
 from exporter import checkpoint, cli, dataset_info, lf_args
 from exporter import train as T
@@ -40,10 +41,6 @@ def _cfg(model: Path, data: Path, out: Path, **kw) -> lf_args.TrainConfig:
                 template="qwen", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=2, logging_steps=1,
                 disable_gradient_checkpointing=True)  # fmt: skip
     return lf_args.TrainConfig(**(base | kw))
-
-
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / checkpoint.TRAINER_LOG).read_text().splitlines()]
 
 
 # 1 -------------------------------------------------------------------------------------------------------------
@@ -82,7 +79,7 @@ def test_kto_pref_ftx_accumulation_equals_one_batch(tiny: Path, rows: Path, tmp_
     one = T.train(_cfg(tiny, rows, tmp_path / "one", per_device_train_batch_size=8, **kw)).out
     acc = T.train(_cfg(tiny, rows, tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=4,
                        **kw)).out  # fmt: skip
-    assert _log(acc)[0]["loss"] == pytest.approx(_log(one)[0]["loss"], abs=1e-4)
+    assert trainer_log(acc)[0]["loss"] == pytest.approx(trainer_log(one)[0]["loss"], abs=1e-4)
 
 
 # 3 -------------------------------------------------------------------------------------------------------------
@@ -92,7 +89,7 @@ def test_logged_lr_is_the_lr_the_step_used(tiny: Path, rows: Path, tmp_path: Pat
     """trainer_log.jsonl's lr is the rate the step trained with, as transformers 5's Trainer (and so LLaMA-Factory
     0.9.5) logs it: 1e-4, 6.67e-5, 3.33e-5 for a linear schedule over 3 steps (it was one step late: ..., 0.0)."""
     out = T.train(_cfg(tiny, rows, tmp_path / "o", max_steps=3, learning_rate=1e-4, per_device_train_batch_size=2)).out
-    assert [r["lr"] for r in _log(out)] == pytest.approx([1e-4, 1e-4 * 2 / 3, 1e-4 / 3])
+    assert [r["lr"] for r in trainer_log(out)] == pytest.approx([1e-4, 1e-4 * 2 / 3, 1e-4 / 3])
 
 
 # 4 -------------------------------------------------------------------------------------------------------------
@@ -277,3 +274,57 @@ def test_resumed_run_says_what_it_trained() -> None:
     assert T._trained(0, 6) == "trained 6 steps" and T._trained(0, 1) == "trained 1 step"
     assert T._trained(4, 6) == "trained steps 5-6 (resumed at step 4)"
     assert T._trained(5, 6) == "trained step 6 (resumed at step 5)" and T._trained(6, 6).startswith("trained no step")
+
+
+# 9 -------------------------------------------------------------------------------------------------------------
+
+_LF_TRAIN = """
+import os, sys, yaml
+os.environ["DISABLE_VERSION_CHECK"] = "1"
+from llamafactory.train.tuner import run_exp
+run_exp(yaml.safe_load(open(sys.argv[1])))
+"""
+
+
+def test_trainer_log_and_state_follow_llamafactory(tiny: Path, tmp_path: Path) -> None:
+    """An epoch of 8 batches in updates of 3 (3, 3, 2), logging_steps 2, max_steps 3, through LLaMA-Factory 0.9.5
+    itself and through exporter: the same log lines (step 2 only: HF logs the last step only when it is due), HF's
+    epoch (micro-batches used: 0.75 at step 2, where updates gave 0.6667), LF's closing line, and trainer_state.json
+    ending with the training summary."""
+    import os
+    import subprocess
+
+    from conftest import lf_python
+
+    rows = tmp_path / "data"  # LF's alpaca reader needs the input column
+    rows.mkdir()
+    (rows / "d.json").write_text(
+        json.dumps([{"instruction": f"Q{i}?", "input": "", "output": f"A{i}."} for i in range(8)])
+    )
+    (rows / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json"}}))
+    args = {"model_name_or_path": str(tiny), "dataset": "d", "dataset_dir": str(rows), "template": "qwen",
+            "per_device_train_batch_size": 1, "gradient_accumulation_steps": 3, "max_steps": 3, "logging_steps": 2,
+            "learning_rate": 1e-3, "cutoff_len": 128}  # fmt: skip
+    lf_out = tmp_path / "lf"
+    lf_cfg = {**args, "stage": "sft", "do_train": True, "finetuning_type": "lora", "output_dir": str(lf_out),
+              "report_to": "none", "bf16": False, "plot_loss": False, "save_strategy": "no"}  # fmt: skip
+    (tmp_path / "lf.yaml").write_text(json.dumps(lf_cfg))
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"), "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([lf_python(), "-c", _LF_TRAIN, str(tmp_path / "lf.yaml")], capture_output=True, text=True,
+                          env=env, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = T.train(_cfg(tiny, rows, tmp_path / "ours", **{k: v for k, v in args.items() if k != "dataset"})).out
+
+    def lines(out: Path) -> list[dict]:
+        return [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+    def shape(out: Path) -> list[tuple]:
+        return [(r["current_steps"], "loss" in r, round(r["epoch"], 4)) for r in lines(out)]
+
+    assert shape(ours) == shape(lf_out) == [(2, True, 0.75), (3, False, 1.0)]
+    assert set(lines(ours)[-1]) == set(lines(lf_out)[-1])  # the closing line: steps, epoch, percentage, times
+    summary = {"epoch", "step", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+    for out in (ours, lf_out):
+        state = json.loads((out / "trainer_state.json").read_text())
+        assert summary <= set(state["log_history"][-1]) and state["log_history"][-1]["epoch"] == 1.0, out
+        assert json.loads((out / "all_results.json").read_text())["epoch"] == 1.0

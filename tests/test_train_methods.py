@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import trainer_log
 
 from exporter import examples as E
 from exporter import lf_args
@@ -63,10 +64,6 @@ def _cfg(model: Path, data: Path, out: Path, **kw) -> lf_args.TrainConfig:
     return lf_args.TrainConfig(**base)
 
 
-def _log(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
-
-
 # ------------------------------------------------------------------ preference stages
 
 
@@ -78,19 +75,21 @@ def test_dpo_reward_accuracy_rises(tiny: Path, pdata: Path, tmp_path: Path, pref
                logging_steps=2, finetuning_type=finetuning_type, plot_loss=True,
                learning_rate=5e-3 if finetuning_type == "lora" else 1e-3)  # fmt: skip
     out = T.train(cfg).out
-    log = _log(out)
+    log = trainer_log(out)
     if pref_loss == "sigmoid":  # step 1: the policy is the reference, so the loss is -log sigmoid(0) = log 2
         first = T.train(_cfg(tiny, pdata, tmp_path / "first", stage="dpo", dataset=["pairs"], max_steps=1,
                              finetuning_type=finetuning_type)).out  # fmt: skip
-        assert _log(first)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-        assert _log(first)[0]["rewards/accuracies"] == 0.0  # equal rewards are not "chosen > rejected"
+        assert trainer_log(first)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert trainer_log(first)[0]["rewards/accuracies"] == 0.0  # equal rewards are not "chosen > rejected"
+        assert trainer_log(first)[0]["accuracy"] == 0.0  # LLaMA-Factory's name for it in trainer_log.jsonl
     assert log[-1]["rewards/accuracies"] > 0.5 and log[-1]["rewards/margins"] > 0
     assert log[-1]["loss"] < log[0]["loss"]
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert key in log[-1]
     assert (out / "training_rewards_accuracies.png").is_file() and (out / "training_loss.png").is_file()
     state = json.loads((out / "trainer_state.json").read_text())
-    assert "rewards/accuracies" in state["log_history"][-1]  # where LLaMA-Factory's plots read it
+    assert "rewards/accuracies" in state["log_history"][-2]  # where LLaMA-Factory's plots read it
+    assert "train_loss" in state["log_history"][-1]  # HF's training summary ends it
     assert (out / ("adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors")).is_file()
 
 
@@ -98,7 +97,7 @@ def test_kto_margin_rises_with_eval(tiny: Path, pdata: Path, tmp_path: Path) -> 
     cfg = _cfg(tiny, pdata, tmp_path / "o", stage="kto", dataset=["kto"], max_steps=12, logging_steps=3,
                val_size=4, eval_strategy="steps", eval_steps=12, kto_rejected_weight=1.2)  # fmt: skip
     out = T.train(cfg).out
-    log = _log(out)
+    log = trainer_log(out)
     train_lines = [r for r in log if "loss" in r]
     assert train_lines[-1]["rewards/margins"] > 0 and train_lines[-1]["rewards/chosen"] > 0
     assert train_lines[-1]["loss"] < train_lines[0]["loss"]
@@ -114,7 +113,7 @@ def test_kto_margin_rises_with_eval(tiny: Path, pdata: Path, tmp_path: Path) -> 
 @pytest.mark.slow
 def test_qlora_trains_merges_into_16bit_base_and_verifies(tiny: Path, pdata: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:  # fmt: skip
-    from conftest import require_llama_cpp, require_quant
+    from conftest import require_llama_cpp, require_quant, trainer_log
 
     require_quant()
     require_llama_cpp()
@@ -125,7 +124,7 @@ def test_qlora_trains_merges_into_16bit_base_and_verifies(tiny: Path, pdata: Pat
                        learning_rate=1e-2)).out  # fmt: skip
     err = capsys.readouterr().err
     assert "QLoRA: base quantized to 4-bit by bitsandbytes at load (nf4, double quantization" in err
-    losses = [r["loss"] for r in _log(out)]
+    losses = [r["loss"] for r in trainer_log(out)]
     assert losses[-1] < losses[0] - 1.0
     manifest = json.loads((out / "exporter_manifest.json").read_text())
     assert manifest["settings"]["quantization_bit"] == 4
@@ -156,7 +155,7 @@ def test_qlora_8bit_steps(tiny: Path, pdata: Path, tmp_path: Path) -> None:
     require_quant()
     out = T.train(_cfg(tiny, pdata, tmp_path / "q8", quantization_bit=8, max_steps=3)).out
     assert (out / "adapter_model.safetensors").is_file()
-    assert all(math.isfinite(r["loss"]) for r in _log(out))
+    assert all(math.isfinite(r["loss"]) for r in trainer_log(out))
 
 
 def test_qlora_keys_reach_bitsandbytes(tiny: Path, pdata: Path, tmp_path: Path) -> None:
@@ -335,7 +334,7 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
     for rank in (0, 1):
         held = json.loads((tmp_path / f"loaded-{rank}").read_text())
         assert held and all(h == (w if rank == 0 or engine == "ddp" else 0) for _, h, w in held), (rank, held)
-    a, b = _log(one), _log(tmp_path / "two")
+    a, b = trainer_log(one), trainer_log(tmp_path / "two")
     assert [r["current_steps"] for r in b] == [1, 2, 3, 4]  # one log, each step once
     if fp16:  # an update skipped (its lr repeats in the log), by both at the same step
         lrs = [r["lr"] for r in a]
@@ -367,8 +366,8 @@ def test_fsdp_trains_a_given_adapter(tiny: Path, pdata: Path, tmp_path: Path) ->
     assert "Warning" not in out and "WARNING" not in out, out
     held = json.loads((tmp_path / "loaded-1").read_text())
     assert all(h == 0 for n, h, _ in held if "lora_" not in n) and any("lora_" in n for n, _, _ in held)
-    a, b = _log(one), _log(tmp_path / "two")
-    assert a[0]["loss"] < _log(first)[0]["loss"]  # it went on from the adapter, not from a new one
+    a, b = trainer_log(one), trainer_log(tmp_path / "two")
+    assert a[0]["loss"] < trainer_log(first)[0]["loss"]  # it went on from the adapter, not from a new one
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
 
@@ -385,10 +384,10 @@ def test_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp_path: Pat
     a = T.train(_cfg(tiny, pdata, tmp_path / "a", **kw), set()).out
     ckpt = a / "checkpoint-2"
     assert json.loads((ckpt / "trainer_state.json").read_text())["loss_scale"]["scale"] == 32768.0
-    la = _log(a)
+    la = trainer_log(a)
     assert [r["lr"] for r in la[:3]] == pytest.approx([5e-3, 5e-3, 5e-3 * 5 / 6])  # step 1 skipped: the lr stayed
     b = T.train(_cfg(tiny, pdata, tmp_path / "b", resume_from_checkpoint=str(ckpt), **kw), set()).out
-    for ra, rb in zip(la, _log(b), strict=True):
+    for ra, rb in zip(la, trainer_log(b), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
@@ -463,7 +462,7 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
     if deepspeed:  # no rank's optimizer part went through a collective (the largest was the RNG states)
         part = min((ckpt / name).stat().st_size for name in ("optimizer.safetensors", "optimizer_1.safetensors"))
         assert max(carried, _carried(tmp_path)) < part / 4, (carried, _carried(tmp_path), part)
-    la, lb = _log(a), _log(b)
+    la, lb = trainer_log(a), trainer_log(b)
     assert [r["current_steps"] for r in lb] == [1, 2, 3, 4]
     for ra, rb in zip(la, lb, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
@@ -577,7 +576,7 @@ def test_sharded_full_run_streams_its_weights(tiny: Path, pdata: Path, tmp_path:
     err = _torchrun(2, common + _flags(output_dir=tmp_path / "r", resume_from_checkpoint=two / "checkpoint-1"),
                     tmp_path, before=_STREAMED)  # fmt: skip
     assert "trained step 2 (resumed at step 1)" in err
-    for ra, rb in zip(_log(two), _log(tmp_path / "r"), strict=True):
+    for ra, rb in zip(trainer_log(two), trainer_log(tmp_path / "r"), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
     err = _torchrun(2, common + _flags(output_dir=tmp_path / "e", max_steps=1), tmp_path, fails=True,
                     before=_STREAMED + _DISK_FULL)  # fmt: skip
@@ -610,10 +609,10 @@ def test_deepspeed_fp16_resume_keeps_the_loss_scale(tiny: Path, pdata: Path, tmp
     _torchrun(2, common + _flags(output_dir=a), tmp_path, before=fp16)
     ckpt = a / "checkpoint-3"
     assert json.loads((ckpt / "trainer_state.json").read_text())["loss_scale"]["last_overflow_iter"] >= 0
-    la = _log(a)
+    la = trainer_log(a)
     assert any(r["lr"] == prev["lr"] for prev, r in zip(la, la[1:], strict=False))  # a skipped update: lr stayed
     _torchrun(2, common + _flags(output_dir=b, resume_from_checkpoint=ckpt), tmp_path, before=fp16)
-    for ra, rb in zip(la, _log(b), strict=True):
+    for ra, rb in zip(la, trainer_log(b), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4) and rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
     wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
@@ -652,7 +651,7 @@ def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: str) ->
                     tmp_path, before=_LOADED)  # fmt: skip
     assert "Warning" not in err and "WARNING" not in err and "built successfully" not in err, err
     assert "the model's own forward" not in err  # the fast path's check ran through ZeRO-3's hooks
-    for ra, rb in zip(_log(one), _log(tmp_path / "two"), strict=True):
+    for ra, rb in zip(trainer_log(one), trainer_log(tmp_path / "two"), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
     for rank in (0, 1):
         base = [(n, held, whole) for n, held, whole in json.loads((tmp_path / f"loaded-{rank}").read_text())
@@ -680,7 +679,7 @@ def test_deepspeed_in_one_process(tiny: Path, pdata: Path, tmp_path: Path, zero:
     r = subprocess.run(cmd, env=dict(os.environ, EXPORTER_NO_PROGRESS="1"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "WARNING" not in r.stderr, r.stderr
-    for ra, rb in zip(_log(one), _log(tmp_path / "ds"), strict=True):
+    for ra, rb in zip(trainer_log(one), trainer_log(tmp_path / "ds"), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
     from safetensors.torch import load_file
 
@@ -826,7 +825,7 @@ def test_qlora_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, 
     extra = _flags(deepspeed=_ds_config(tmp_path, int(engine[-1]))) if engine.startswith("zero") else []
     extra += ["--fsdp", "full_shard"] if engine == "fsdp" else []
     _torchrun(2, common + _flags(per_device_train_batch_size=2, output_dir=tmp_path / "two") + extra, tmp_path)
-    for ra, rb in zip(_log(one), _log(tmp_path / "two"), strict=True):
+    for ra, rb in zip(trainer_log(one), trainer_log(tmp_path / "two"), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
     a, b = load_file(one / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_lora
+from conftest import random_lora, trainer_log
 
 from exporter import atomic, checkpoint, cli, lf_args, manifest
 from exporter import train as T
@@ -70,10 +70,6 @@ def _refused(capsys: pytest.CaptureFixture, args: list[str], *expected: str) -> 
 
 def _tree(path: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
-
-
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / checkpoint.TRAINER_LOG).read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ what is ours
@@ -219,7 +215,7 @@ def test_final_checkpoint_and_a_run_extended_from_it(tiny: Path, rows: Path, tmp
     _refused(capsys, _args(tiny, rows, out), f"resume_from_checkpoint: {out / 'checkpoint-2'} with a larger max_steps")
     T.train(_cfg(tiny, rows, out, lr_scheduler_type="linear", max_steps=4,
                  resume_from_checkpoint=str(out / "checkpoint-2")))  # fmt: skip
-    log = _log(out)
+    log = trainer_log(out)
     assert [(r["current_steps"], r["total_steps"]) for r in log] == [(1, 2), (2, 2), (3, 4), (4, 4)]
     # the lr each step used: step 3 the checkpoint's last rate (0, as HF's resumed optimizer has it), step 4 the new
     # total's schedule
@@ -261,7 +257,7 @@ def test_fractional_intervals_and_eval_results(tiny: Path, rows: Path, tmp_path:
                  logging_steps=0.5, do_eval=True))  # fmt: skip
     err = capsys.readouterr().err
     assert all(f"{k}=0.5: every 2 of the 4 steps" in err for k in ("logging_steps", "save_steps", "eval_steps"))
-    assert [r["current_steps"] for r in _log(out) if "eval_loss" in r] == [2, 4, 4]  # + do_eval's at the end
+    assert [r["current_steps"] for r in trainer_log(out) if "eval_loss" in r] == [2, 4, 4]  # + do_eval's at the end
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
     results, evals = (json.loads((out / f"{n}_results.json").read_text()) for n in ("all", "eval"))
     assert set(evals) == {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch"}

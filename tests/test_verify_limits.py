@@ -156,3 +156,11 @@ def test_one_token_alone_fails_no_top1_limit() -> None:
     assert "1 token of 64 differs" in _judge(_Candidate("adapter", "adapter", lambda: None, True),
                                              Scored(1.0, 64, kld=1e-5, top1=63 / 64, near_ties=0.0), ref, "merged",
                                              limits, {}).detail  # fmt: skip
+
+
+def test_adapter_without_tokenizer_files_uses_the_bases(merges) -> None:
+    """A PEFT adapter dir holds no tokenizer (PEFT saves none): verify of base + adapter alone reads the base's, as
+    the engine does (it loaded the adapter dir's and gave transformers' 20-line traceback)."""
+    assert not (merges.adapter / "tokenizer_config.json").exists()
+    rep = V.verify(V.VerifyOptions(base=merges.base, adapter=merges.adapter, max_windows=1, **FAST))
+    assert rep.passed, [c.detail for c in rep.checks if c.status != "pass"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import trainer_log
 from eval_fixture import write_task
 from PIL import Image
 from typer.testing import CliRunner
@@ -102,7 +103,7 @@ def test_train_to_the_end(trained, model: Path) -> None:
     out, (status, progress, plot, output) = trained
     assert status.startswith("**Finished**"), (status, output)
     assert (out / "adapter_model.safetensors").is_file()
-    log = [json.loads(ln) for ln in (out / "trainer_log.jsonl").read_text().splitlines()]
+    log = trainer_log(out)
     assert [r["current_steps"] for r in log] == [1, 2, 3, 4]
     assert "step 4/4" in progress and 'value="4" max="4"' in progress
     assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/")
@@ -146,7 +147,7 @@ def test_stop_then_resume(client, model: Path, data_dir: Path, tmp_path: Path) -
     assert not (out / "adapter_model.safetensors").exists()
     status, progress, _, _ = client.predict(*train_inputs(model, form), api_name="/train_resume")
     assert status.startswith("**Finished**"), status
-    log = [json.loads(ln) for ln in (out / "trainer_log.jsonl").read_text().splitlines()]
+    log = trainer_log(out)
     assert [r["current_steps"] for r in log] == list(range(1, 9))  # the log continues where the checkpoint was
     assert "step 8/8" in progress
 

@@ -229,7 +229,8 @@ def _model_and_adapter(opts: LoadOptions) -> tuple[Path, Path | None]:
         raise UserError(f"model {model}: no config.json (expected an HF model dir)")
     for d in (model, adapter) if adapter is not None else (model,):
         check_readable(d)
-    check_loadable(model, tokenizer_dir(model, adapter))  # tokenizer, architecture, pickles: one line, no dir code
+    # architecture and pickles: one line, no dir code; the tokenizer is checked as the backend loads it, first
+    check_loadable(model, tokenizer_dir(model, adapter), tokenizer=False)
     if adapter is not None and adapter != model:
         from exporter.adapter import check_base
 

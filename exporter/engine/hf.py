@@ -17,7 +17,7 @@ from exporter.config import read_json_object
 from exporter.engine.api import DTYPES, LoadOptions
 from exporter.engine.scheduler import Feed
 from exporter.errors import UserError
-from exporter.hf_dir import tokenizer_dir
+from exporter.hf_dir import load_tokenizer, tokenizer_dir
 
 
 def _torch_dtype(name: str, device: str, quantized: bool) -> Any:
@@ -71,10 +71,12 @@ def resolve_device(name: str | None) -> str:
 
 def load_model(model_dir: Path, adapter: Path | None, opts: LoadOptions) -> tuple[Any, Any, str]:
     """(model in eval mode, tokenizer, device). The tokenizer comes from the adapter dir when it has one (the
-    training template and any added tokens live there), else from the model dir."""
+    training template and any added tokens live there), else from the model dir; it loads first (one line when it
+    cannot, before the weights)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tok = load_tokenizer(tokenizer_dir(model_dir, adapter))
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = resolve_device(opts.device)
@@ -89,7 +91,6 @@ def load_model(model_dir: Path, adapter: Path | None, opts: LoadOptions) -> tupl
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False, **kw)
     except ImportError as e:
         raise UserError(f"{model_dir}: {e} (quantized dirs need: pip install 'exporter[quant]')") from None
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(model_dir, adapter)), trust_remote_code=False)
     if adapter is not None:
         from peft import PeftModel
 

@@ -20,7 +20,7 @@ from exporter.engine.core import Engine, _chat_format, _model_and_adapter
 from exporter.engine.sampling import RANDOM_SEED, TextStream, check_sampling
 from exporter.engine.scheduler import Sink
 from exporter.errors import UserError
-from exporter.hf_dir import tokenizer_dir
+from exporter.hf_dir import load_tokenizer, tokenizer_dir
 
 
 def _vllm() -> Any:
@@ -49,10 +49,9 @@ class VLLMEngine(Engine):
 
     def __init__(self, opts: LoadOptions) -> None:
         vllm = _vllm()
-        from transformers import AutoTokenizer
 
         model_dir, adapter = _model_and_adapter(opts)
-        self.tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(model_dir, adapter)), trust_remote_code=False)
+        self.tok = load_tokenizer(tokenizer_dir(model_dir, adapter))
         from exporter.engine import hf
 
         args = vllm.EngineArgs(

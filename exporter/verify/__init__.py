@@ -16,6 +16,7 @@ One public entry, `verify(VerifyOptions) -> Report`. The checks, one module each
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from exporter.converters.gguf_read import read_kv
 from exporter.errors import UserError
@@ -106,12 +107,17 @@ def verify(opts: VerifyOptions) -> Report:
     mfs = [parse_modelfile(p) for p in art.modelfiles]
     texts, data_prompts = _data(art)
 
-    from transformers import AutoTokenizer
+    from exporter.hf_dir import load_tokenizer, tokenizer_dir
 
-    tok_dir = art.merged or art.adapter or art.base
-    if tok_dir is None:
+    if art.merged is not None:
+        tok_dir = Path(art.merged)
+    elif art.base is not None:  # the adapter's own tokenizer when it has one, as the engine loads it
+        tok_dir = tokenizer_dir(Path(art.base), Path(art.adapter) if art.adapter is not None else None)
+    elif art.adapter is not None:
+        tok_dir = Path(art.adapter)
+    else:
         raise UserError("verify needs an HF tokenizer: give --merged (or --adapter/--base) with the GGUF files")
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(tok_dir)  # one line when it cannot load, never the dir's code
 
     tpl, reason = training_template(art.template, art)
     exported = exported_templates(art.merged) if art.merged else {}
