@@ -378,7 +378,7 @@ def quantize(
     adapters its temporary merge came from)."""
     import torch
 
-    from exporter import atomic, calibration, hf_dir, hub, manifest, spm, templates
+    from exporter import atomic, calibration, hf_dir, hub, manifest, templates
     from exporter.shards import parse_size
 
     bits, group = check_options(opts, names)
@@ -387,7 +387,8 @@ def quantize(
     out = Path(opts.out)
     atomic.check_target(out, opts.force, [model_dir])
     manifest.check_stage(out, "quantize")  # --force replaces a previous quantize output only
-    hf_dir.check_loadable(model_dir)  # tokenizer, architecture, pickled weights: one line, no code from the dir run
+    hf_dir.check_loadable(model_dir, tokenizer=False)  # architecture, pickled weights: one line, no dir code run
+    tokenizer = hf_dir.load_tokenizer(model_dir, sentencepiece_prefix=True)  # loaded once; one line if it cannot
     cfg = check_model(opts, model_dir, group, names)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.check_free_space(out.parent, sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2)
@@ -396,7 +397,6 @@ def quantize(
     check_finite(model_dir)  # quantizers would carry inf/nan into the output without a word
 
     tpl = templates.resolve(model_dir, opts.template, need=False)
-    tokenizer = spm.load_tokenizer(model_dir)
     random.seed(opts.seed)
     torch.manual_seed(opts.seed)
     settings: dict[str, Any] = {"method": opts.method, "bits": bits, "template": tpl.name, "seed": opts.seed,
@@ -408,14 +408,14 @@ def quantize(
                         calibration=cal.describe())  # fmt: skip
         if opts.dataset:
             inputs["dataset"] = calibration.dataset_source(opts.dataset, opts.dataset_dir)
+    shard_bytes = parse_size(opts.max_shard_size)
     start = time.perf_counter()
     with atomic.atomic_dir(out, opts.force, [model_dir]) as tmp:
         _console.print(f"[bold]quantize[/]: {opts.method} {bits}-bit {model_dir} -> {out}")
         if cal is not None:
-            shard_bytes = parse_size(opts.max_shard_size)
             settings["backend"] = _run_gptqmodel(model_dir, tmp, opts.method, bits, group, cal.blocks, shard_bytes)
         else:
-            settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg, parse_size(opts.max_shard_size))
+            settings["device"] = _run_bnb(model_dir, tmp, opts.method, cfg, shard_bytes)
         _check_quantization_config(tmp)
         settings["seconds"] = round(time.perf_counter() - start, 2)
         from rich.markup import escape

@@ -16,7 +16,6 @@ One public entry, `verify(VerifyOptions) -> Report`. The checks, one module each
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from exporter.converters.gguf_read import read_kv
 from exporter.errors import UserError
@@ -35,6 +34,7 @@ from exporter.verify.artifacts import (
     parse_modelfile,
     quantized_kind,
     read_gguf,
+    tokenizer_source,
 )
 from exporter.verify.chat import check_chat
 from exporter.verify.corpus import CHAT_PROMPTS, HELD_OUT_TEXT, PROBE_CONVERSATIONS, TOKENIZER_CORPUS
@@ -107,15 +107,10 @@ def verify(opts: VerifyOptions) -> Report:
     mfs = [parse_modelfile(p) for p in art.modelfiles]
     texts, data_prompts = _data(art)
 
-    from exporter.hf_dir import load_tokenizer, tokenizer_dir
+    from exporter.hf_dir import load_tokenizer
 
-    if art.merged is not None:
-        tok_dir = Path(art.merged)
-    elif art.base is not None:  # the adapter's own tokenizer when it has one, as the engine loads it
-        tok_dir = tokenizer_dir(Path(art.base), Path(art.adapter) if art.adapter is not None else None)
-    elif art.adapter is not None:
-        tok_dir = Path(art.adapter)
-    else:
+    tok_dir = tokenizer_source(art)
+    if tok_dir is None:
         raise UserError("verify needs an HF tokenizer: give --merged (or --adapter/--base) with the GGUF files")
     tok = load_tokenizer(tok_dir)  # one line when it cannot load, never the dir's code
 

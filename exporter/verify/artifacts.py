@@ -129,6 +129,18 @@ def collect(opts: VerifyOptions) -> VerifyOptions:
     return art
 
 
+def tokenizer_source(art: VerifyOptions) -> Path | None:
+    """The dir verify reads the HF tokenizer from: the merged model's, else the adapter's own when it has one (as
+    the engine loads it), else the base's; None when none is given."""
+    from exporter.hf_dir import tokenizer_dir
+
+    if art.merged is not None:
+        return Path(art.merged)
+    if art.base is not None:
+        return tokenizer_dir(Path(art.base), Path(art.adapter) if art.adapter is not None else None)
+    return Path(art.adapter) if art.adapter is not None else None
+
+
 def check_inputs(art: VerifyOptions) -> None:
     """Every given path exists and is the kind of thing its flag names; there is something to verify."""
     for name in ("base", "adapter", "merged"):
@@ -152,9 +164,10 @@ def check_inputs(art: VerifyOptions) -> None:
     for d in (art.base, art.adapter, art.merged, *art.quantized):
         if d is not None and Path(d).is_dir():
             check_readable(Path(d))  # truncated weights, non-UTF-8 files: one line naming the file, not a traceback
+    tok = tokenizer_source(art)  # verify loads that one itself: its tokenizer is checked then, not loaded twice
     for d in (art.base, art.merged, *art.quantized):  # the models loaded: tokenizer, architecture, pickles, no code run
         if d is not None and Path(d).is_dir():
-            check_loadable(Path(d))
+            check_loadable(Path(d), tokenizer=Path(d) != tok)
     if art.base is not None and art.adapter is not None:
         from exporter import adapter
 
