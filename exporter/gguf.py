@@ -336,11 +336,8 @@ def export_adapter(
     return result
 
 
-def run(opts: GGUFOptions) -> GGUFResult:
-    """The `exporter gguf` stage: convert a model (or, with `adapter`, a LoRA adapter) and print how to import it."""
-    from exporter import hub, templates
-    from exporter.converters.gguf_arch import arch_for, load_hparams
-
+def check_options(opts: GGUFOptions) -> list[str]:
+    """The types, the Ollama name and `base_gguf`, checked before any stage runs; returns the parsed types."""
     kinds = parse_types(opts.types)
     check_ollama_name(opts.ollama_name)
     if opts.base_gguf is not None and opts.adapter is None:
@@ -348,6 +345,15 @@ def run(opts: GGUFOptions) -> GGUFResult:
             f"--base-gguf {opts.base_gguf!r} is the FROM of an adapter's Modelfile: it needs --adapter (a full "
             "model's Modelfile is FROM its own GGUF)"
         )
+    return kinds
+
+
+def run(opts: GGUFOptions) -> GGUFResult:
+    """The `exporter gguf` stage: convert a model (or, with `adapter`, a LoRA adapter) and print how to import it."""
+    from exporter import hub, templates
+    from exporter.converters.gguf_arch import arch_for, load_hparams
+
+    kinds = check_options(opts)
     model_dir = hub.resolve(opts.model, "model")
     arch_for(load_hparams(model_dir), model_dir)  # an unsupported architecture is the first thing to report
     check_readable(model_dir)  # truncated weights, non-UTF-8 tokenizer files: one line, not the converter's traceback

@@ -164,8 +164,7 @@ def check(opts: StageOptions) -> None:
 
     lf_args.check(opts.train, opts.train_given, "cuda" if torch.cuda.is_available() else "cpu", notes=False)
     merge.check_options(opts.merge)
-    gguf.parse_types(opts.gguf.types)
-    gguf.check_ollama_name(opts.gguf.ollama_name)
+    gguf.check_options(opts.gguf)
     v = opts.verify
     verify.limits_of(v)
     for key, least in (("prompts", 0), ("ctx", 8), ("max_windows", 1), ("max_new_tokens", 1)):

@@ -44,13 +44,13 @@ SUPPORTED = {
     "seed", "n", "stop", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "user",
     "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos",
 }  # fmt: skip
-NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "response_format": {"type": "text"}}
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}
 # ... and of POST /v1/completions (llama-cpp-python's server serves it too)
 COMPLETION_SUPPORTED = {
     "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "echo",
     "logprobs", "user", "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos",
 }  # fmt: skip
-COMPLETION_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "suffix": None, "best_of": 1}
+COMPLETION_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "suffix": None, "best_of": 1}
 MAX_N = 16
 INT64 = (-(2**63), 2**63 - 1)  # OpenAI's range for `seed`
 
@@ -146,7 +146,7 @@ def _check_keys(body: Any, name: str, supported: set[str], neutral: dict[str, An
         raise ApiError(400, "the request body must be a JSON object")
     for key in body:
         if key in neutral:
-            if body[key] not in (neutral[key], None, {}) and not (key == "logit_bias" and body[key] == {}):
+            if body[key] is not None and body[key] != neutral[key]:
                 raise ApiError(400, f"unsupported parameter: '{key}' (only {neutral[key]!r} is supported)", param=key)
         elif key not in supported:
             raise ApiError(400, f"unsupported parameter: '{key}'", param=key, code="unsupported_parameter")

@@ -141,8 +141,7 @@ def check_stages(f: dict[str, Any], stages: list[str]) -> None:
         elif stage == "quantize":
             quantize.check_options(opts)
         else:
-            gguf.parse_types(opts.types)
-            gguf.check_ollama_name(opts.ollama_name)
+            gguf.check_options(opts)
 
 
 def _state_path(f: dict[str, Any]) -> Path:
