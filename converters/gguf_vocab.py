@@ -40,6 +40,7 @@ _TEKKEN_REGEX = (
 _DIGITS = r"\p{N}"  # a Digits(individual_digits) pre-tokenizer step: every digit alone (StarCoder, Granite)
 
 SPM_USER_SPACE = "\u2581"
+EOS_TOKEN_IDS = "tokenizer.ggml.eos_token_ids"
 
 
 @dataclass
@@ -62,6 +63,9 @@ class Vocab:
     # tokenizer_config.json's named chat templates ([{"name": "default", ...}, {"name": "tool_use", ...}]): name ->
     # template, in the file's order
     named_templates: dict[str, str] = field(default_factory=dict)
+    # tokenizer.ggml.eos_token_ids: every id that ends generation (eos first), as Ollama's converter writes
+    # generation_config's eos_token_id list; Ollama's Go engine stops on eos + these, and reads no eot/eom
+    eos_ids: list[int] = field(default_factory=list)
 
     def token_id(self, text: str) -> int | None:
         for i, t in enumerate(self.tokens):
@@ -106,6 +110,69 @@ def bpe_pre_name(tokenizer_json: dict, where: Path) -> str:
     )
 
 
+# Normalizers llama.cpp's byte-level BPE leaves out without changing the tokens of ordinary (NFC) text: Qwen's NFC
+# (llama.cpp's converter accepts it too), and an empty Sequence as some tokenizer.json files carry.
+_HARMLESS_NORMALIZERS = ("NFC",)
+
+
+def _knobs(tokenizer_json: dict) -> list[tuple[str, Any]]:
+    """(key, value) of each tokenizer.json setting that changes byte-level BPE tokens and that no llama.cpp
+    pre-tokenizer applies: a ByteLevel pre-tokenizer's `add_prefix_space: true`, a normalizer other than NFC."""
+    out: list[tuple[str, Any]] = []
+
+    def pre(node: Any, key: str) -> None:
+        if not isinstance(node, dict):
+            return
+        if node.get("type") == "Sequence":
+            for i, sub in enumerate(node.get("pretokenizers") or []):
+                pre(sub, f"{key}.pretokenizers[{i}]")
+        elif node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
+            out.append((f"{key}.add_prefix_space", node["add_prefix_space"]))
+
+    def norm(node: Any, key: str) -> None:
+        if node is None:
+            return
+        if isinstance(node, dict) and node.get("type") == "Sequence":
+            for i, sub in enumerate(node.get("normalizers") or []):
+                norm(sub, f"{key}.normalizers[{i}]")
+        elif not (isinstance(node, dict) and node.get("type") in _HARMLESS_NORMALIZERS):
+            out.append((key, node.get("type", node) if isinstance(node, dict) else node))
+
+    pre(tokenizer_json.get("pre_tokenizer"), "pre_tokenizer")
+    norm(tokenizer_json.get("normalizer"), "normalizer")
+    return out
+
+
+def check_bpe_knobs(model_dir: Path, tokenizer_json: dict, pre: str) -> None:
+    """Refuse a byte-level BPE tokenizer whose normalizer or ByteLevel `add_prefix_space` changes its tokens in
+    transformers while llama.cpp's pre-tokenizer `pre` ignores it (the GGUF would tokenize every prompt otherwise).
+    What counts is the tokenizer transformers builds: some classes (Qwen2Tokenizer, LlamaTokenizer) rebuild their
+    normalizer and pre-tokenizer from their own code and tokenizer_config.json, so a knob of tokenizer.json they
+    drop is no difference, and `add_prefix_space` in tokenizer_config.json can be one."""
+    path = model_dir / "tokenizer.json"
+    config = model_dir / "tokenizer_config.json"
+    if not _knobs(tokenizer_json) and not read_json(config, optional=True).get("add_prefix_space"):
+        return  # nothing to look at: no need to load transformers' tokenizer
+    import json
+
+    from exporter.hf_dir import load_tokenizer
+
+    backend = getattr(load_tokenizer(model_dir), "backend_tokenizer", None)
+    effective = _knobs(json.loads(backend.to_str())) if backend is not None else _knobs(tokenizer_json)
+    if not effective:
+        return
+    key, value = effective[0]
+    in_file = dict(_knobs(tokenizer_json))
+    from_config = key not in in_file and "add_prefix_space" in key  # the class took it from tokenizer_config.json
+    where, what = (config, "add_prefix_space") if from_config else (path, key)
+    shown = json.dumps(in_file.get(key, value))
+    raise UserError(
+        f"{where}: {what} is {shown}, which transformers applies and llama.cpp's byte-level BPE pre-tokenizer "
+        f"{pre!r} does not (the GGUF would tokenize text differently); expected "
+        + ("add_prefix_space false" if "add_prefix_space" in key else "no normalizer, or NFC")
+    )
+
+
 def _looks_special(text: str) -> bool:
     """Added tokens that are control tokens even when a tokenizer forgot to flag them special."""
     return (
@@ -119,6 +186,7 @@ def _bpe_vocab(model_dir: Path, vocab_size: int, tokenizer: Any, pre_names: dict
     tj = read_json(model_dir / "tokenizer.json", optional=True)
     pre = bpe_pre_name(tj, model_dir / "tokenizer.json")
     pre = pre_names.get(pre, pre)
+    check_bpe_knobs(model_dir, tj, pre)
     reverse = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     if max(reverse) >= vocab_size:
         raise UserError(f"{model_dir}: tokenizer has id {max(reverse)} but config vocab_size is {vocab_size}")
@@ -313,12 +381,30 @@ def _generation_eos(model_dir: Path, n_tokens: int) -> list[int]:
     return [i for i in ids if isinstance(i, int) and 0 <= i < n_tokens]
 
 
+# Token texts llama.cpp ends generation on whatever the metadata says (llama-vocab.cpp, "maintain a list of tokens
+# that cause end-of-generation"): a generation_config eos id among them needs no eot/eom slot.
+_LLAMA_CPP_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
+})  # fmt: skip
+
+
+def _text(vocab: Vocab, tid: int) -> str:
+    t = vocab.tokens[tid]
+    return t.decode("utf-8", "replace") if isinstance(t, bytes) else t
+
+
 def _set_eog(vocab: Vocab, eot_tokens: list[str], model_dir: Path) -> None:
-    """Make each end-of-turn token an EOG id: eos already is; the first other one is eot, the next eom. Then the
-    ids generation_config stops on, where a slot is left (a template's own Jinja may not say that a turn can end
-    with, e.g., GLM-4's <|observation|>); one that does not fit is noted."""
+    """Make each end-of-turn token an EOG id. eos already is. eot is the token that ends a chat turn, the template's
+    first end-of-turn token even when it is eos (llama.cpp closes an interrupted turn with it, and llguidance ends
+    on it): never a pre-training end-of-text token that generation_config also stops on. The template's other
+    end-of-turn tokens take eot (when the first is eos) and eom. Then the ids generation_config stops on that
+    llama.cpp does not end generation on by their text, where a slot is left (a template's own Jinja may not say
+    that a turn can end with, e.g., GLM-4's <|observation|>, Phi-3's <|assistant|>); one that does not fit is noted.
+    `eos_ids` (tokenizer.ggml.eos_token_ids, what Ollama's engine stops on besides eos) lists them all."""
     eos = vocab.special_ids.get("eos")
-    extra: list[int] = []
+    ids: list[int] = []
     for text in eot_tokens:
         tid = vocab.token_id(text)
         if tid is None:
@@ -326,31 +412,53 @@ def _set_eog(vocab: Vocab, eot_tokens: list[str], model_dir: Path) -> None:
         if vocab.toktypes[tid] not in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
             vocab.notes.append(f"end-of-turn token {text!r} (id {tid}) was a normal token; typed CONTROL")
             vocab.toktypes[tid] = gguf.TokenType.CONTROL
-        if tid != eos and tid not in extra:
-            extra.append(tid)
+        if tid not in ids:
+            ids.append(tid)
+    extra = [tid for tid in ids if tid != eos]
     if eos is None and extra:
         vocab.special_ids["eos"] = extra.pop(0)
-    slots = ["eot", "eom"]
+    # eot: the first end-of-turn token; when that is eos and two others remain, eos is eot already by being eos
+    eot = ids[0] if ids and (len(extra) < 2 or ids[0] != eos) else None
+    if eot is not None and vocab.special_ids.get("eot") in (None, eot):
+        vocab.special_ids["eot"] = eot
+        extra = [tid for tid in extra if tid != eot]
+    slots = [k for k in ("eot", "eom") if vocab.special_ids.get(k) is None]
     for tid in extra:
-        for slot in list(slots):
-            slots.remove(slot)
-            if vocab.special_ids.get(slot) in (None, tid):
-                vocab.special_ids[slot] = tid
-                break
-        else:
+        if not slots:
             raise UserError(
                 f"{model_dir}: the template ends turns with more tokens than GGUF can mark as end-of-generation "
                 f"(eos, eot, eom): {eot_tokens}"
             )
+        vocab.special_ids[slots.pop(0)] = tid
+    declared = {vocab.special_ids.get(k) for k in ("eos", "eot", "eom")} - {None}
+    gen_ids: list[int] = []
     for tid in _generation_eos(model_dir, len(vocab.tokens)):
-        free = [k for k in ("eos", "eot", "eom") if vocab.special_ids.get(k) is None and (k == "eos" or k in slots)]
-        if tid in (vocab.special_ids.get(k) for k in ("eos", "eot", "eom")):
+        if tid in declared or tid in gen_ids:
             continue
-        if not free or vocab.toktypes[tid] not in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
-            why = "no eos/eot/eom slot left" if free == [] else "an ordinary token"
-            vocab.notes.append(f"generation_config eos id {tid} ({vocab.tokens[tid]!r}) not made EOG: {why}")
+        if vocab.toktypes[tid] not in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
+            vocab.notes.append(
+                f"generation_config eos id {tid} ({vocab.tokens[tid]!r}) not made EOG: an ordinary token"
+            )
             continue
-        vocab.special_ids[free[0]] = tid
+        gen_ids.append(tid)
+        if vocab.special_ids.get("eos") is None:
+            vocab.special_ids["eos"] = tid
+        elif _text(vocab, tid) in _LLAMA_CPP_EOG_TEXTS:
+            continue  # EOG in llama.cpp by its text: the eot slot stays the chat turn's, eom stays free
+        elif slots and (slots[0] != "eot" or not ids):  # eot only when the template has no end-of-turn token
+            vocab.special_ids[slots.pop(0)] = tid
+        elif "eom" in slots:
+            slots.remove("eom")
+            vocab.special_ids["eom"] = tid
+        else:
+            vocab.notes.append(
+                f"generation_config eos id {tid} ({vocab.tokens[tid]!r}) is in tokenizer.ggml.eos_token_ids (Ollama "
+                "stops on it) but not EOG for llama.cpp: no eot/eom slot left"
+            )
+    every = [vocab.special_ids[k] for k in ("eos", "eot", "eom") if vocab.special_ids.get(k) is not None]
+    vocab.eos_ids = list(dict.fromkeys([*every, *gen_ids]))
+    if len(vocab.eos_ids) < 2:  # eos alone: tokenizer.ggml.eos_token_id says it all
+        vocab.eos_ids = []
 
 
 def write_vocab(w: gguf.GGUFWriter, vocab: Vocab, chat_template: str | None) -> None:
@@ -365,6 +473,8 @@ def write_vocab(w: gguf.GGUFWriter, vocab: Vocab, chat_template: str | None) -> 
         w.add_token_merges(vocab.merges)
     for kind, tid in vocab.special_ids.items():
         getattr(w, f"add_{kind}_token_id")(tid)
+    if vocab.eos_ids:  # gguf-py has no constant or writer method for it (Ollama's convert/ writes this key)
+        w.add_array(EOS_TOKEN_IDS, vocab.eos_ids)
     if vocab.add_bos is not None:
         w.add_add_bos_token(vocab.add_bos)
     if vocab.add_eos is not None:

@@ -8,10 +8,13 @@ dropped. We pick a quoting that survives these rules and refuse values that cann
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from exporter.config import read_json_object
 from exporter.errors import UserError
 
 COMMANDS = (
@@ -130,6 +133,48 @@ def quote(value: str, what: str, always: bool = False) -> str:
     raise UserError(f"{what} cannot be written in an Ollama Modelfile: it ends a line with the closing quote")
 
 
+# generation_config.json key -> (Ollama PARAMETER, transformers' value when the key is unset (None: no line), integer)
+_SAMPLING = {
+    "temperature": ("temperature", 1.0, False),
+    "top_k": ("top_k", 50, True),
+    "top_p": ("top_p", 1.0, False),
+    "min_p": ("min_p", None, False),
+    "repetition_penalty": ("repeat_penalty", 1.0, False),
+}
+
+
+def sampling_parameters(model_dir: Path | None) -> tuple[list[tuple[str, str]], str | None]:
+    """(PARAMETER name, value) of the sampling `transformers.generate` does with the model's generation_config.json,
+    and a comment line saying why there are none where it has sampling keys that do not apply.
+
+    Only with `do_sample: true`: then every knob transformers applies, the unset ones at transformers' defaults
+    (temperature 1, top_k 50, top_p 1, repetition_penalty 1; min_p only when set), since Ollama's own defaults
+    (0.8, 40, 0.9, repeat_penalty 1.1) differ from them; Ollama's library Modelfiles carry these lines (qwen3:
+    temperature 0.6, top_k 20, top_p 0.95, repeat_penalty 1). Without it transformers decodes greedily; Ollama's
+    only match is temperature 0, which makes every chat deterministic, not what Ollama's users expect of a chat
+    model, so no line is written and Ollama's defaults apply (the comment says so). A value that is not a number is
+    a UserError naming the file and key, with or without do_sample."""
+    path = (model_dir / "generation_config.json") if model_dir is not None else None
+    gen = read_json_object(path, optional=True) if path is not None else {}
+    values: dict[str, float] = {}
+    for key, (name, default, integer) in _SAMPLING.items():
+        value = gen.get(key)
+        if value is None:
+            value = default
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            # checked with or without do_sample: the GGUF's general.sampling.* (gguf-py's Metadata) carry them too
+            raise UserError(f"{path}: {key} is {value!r}; expected a non-negative number")
+        elif integer and value != int(value):
+            raise UserError(f"{path}: {key} is {value!r}; expected a whole number")
+        if value is not None:
+            values[name] = int(value) if integer else value
+    if gen.get("do_sample") is not True:
+        present = [k for k in _SAMPLING if gen.get(k) is not None]
+        why = "do_sample is not true: transformers decodes greedily, and Ollama samples with its own defaults"
+        return [], (f"generation_config.json sets {', '.join(present)} but {why}" if present else None)
+    return [(name, repr(value)) for name, value in values.items()], None
+
+
 @dataclass(frozen=True)
 class ModelfileSpec:
     """What goes into one Modelfile."""
@@ -140,6 +185,7 @@ class ModelfileSpec:
     system: str | None = None
     adapter: str | None = None
     header: Sequence[str] = ()
+    parameters: Sequence[tuple[str, str]] = ()  # PARAMETER lines other than stop (`sampling_parameters`)
 
 
 def render(spec: ModelfileSpec) -> str:
@@ -152,6 +198,8 @@ def render(spec: ModelfileSpec) -> str:
         lines.append(f"TEMPLATE {quote(spec.template, 'TEMPLATE')}")
     for stop in spec.stops:
         lines.append(f"PARAMETER stop {quote(stop, f'stop {stop!r}', always=True)}")
+    for name, value in spec.parameters:
+        lines.append(f"PARAMETER {name} {quote(value, f'PARAMETER {name}')}")
     if spec.system:
         lines.append(f"SYSTEM {quote(spec.system, 'SYSTEM', always=True)}")
     text = "\n".join(lines) + "\n"
@@ -161,6 +209,7 @@ def render(spec: ModelfileSpec) -> str:
     if spec.template is not None:
         expected.append(("template", spec.template))
     expected += [("parameter stop", s) for s in spec.stops]
+    expected += [(f"parameter {name}", value) for name, value in spec.parameters]
     if spec.system:
         expected.append(("system", spec.system))
     if parse(text) != expected:

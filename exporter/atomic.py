@@ -1,8 +1,9 @@
 """Safe outputs: one writer per output path, written into `<out>.tmp-*`, fsynced and renamed when complete.
 
-- `claim(out)` holds `<parent>/.<name>.exporter-lock` for the whole run: a second run writing the same path exits 2
-  naming the holder's pid and command; under the lock, temporary dirs of killed runs for that path are named and
-  removed.
+- `claim(out)` holds `<parent>/.<name>.exporter-lock` for the whole run (of the path `out` resolves to, so a symlink
+  and its target share one lock): a second run writing the same path exits 2 naming the holder's pid and command;
+  under the lock, what killed runs left for that path is named and removed, or put back (`settle`). An output name
+  too long for the temporary names beside it is refused first (`check_name`).
 - `check_target(out, force, inputs)` never lets an output replace or mix into what is not ours: it must be absent,
   an empty dir, or (with force) an exporter output (it holds `exporter_manifest.json`), and never an input;
   `occupant(out)` is that classification, for stages that write into a dir rather than replace it.
@@ -11,7 +12,9 @@
   safetensors' 0600). `scratch_dir` is a work dir for intermediates of an output (export's merge before quantizing),
   named as its temporaries, so a killed run's is removed the same way.
 - `leftover(name)` / `lock_name(name)`: the only names these write beside an output, so that what they left behind
-  is recognised by its exact name and nothing else is ever taken for it.
+  is recognised by its exact name and nothing else is ever taken for it: every temporary carries `-<pid>-<8 random
+  characters>` (`tag()`), a mark a user's `backup.old-1` or `ckpt.tmp-2024` does not have. A previous output moved
+  aside by `_replace` (`<out>.old-<tag>`) is put back, never removed, when a killed run left `<out>` missing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import shlex
 import shutil
 import stat
@@ -36,15 +40,26 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _held: dict[Path, int] = {}  # claimed output path -> nesting depth in this process
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-# `<out>.tmp-<pid>-<tempfile's 8 random characters>` (mkdtemp/mkstemp) and `<out>.old-<pid>` (`_replace`)
-_LEFTOVER = re.compile(r"(?P<out>.+)\.(?:tmp-(?P<pid>\d+)-[a-z0-9_]{8}|old-(?P<old>\d+))")
+# errors a user fixes (`os_error`): a full disk, a file-size limit (`ulimit -f`), a name too long, no permission
+_USER_ERRNOS = (*_FULL, errno.EFBIG, errno.ENAMETOOLONG, errno.EROFS, errno.EACCES, errno.EPERM)
+# the mark of every temporary name: the writer's pid and 8 random characters (tempfile's, or `tag()`'s)
+TAG = r"(?P<pid>\d+)-[a-z0-9_]{8}"
+# `<out>.tmp-<tag>` (mkdtemp/mkstemp) and `<out>.old-<tag>` (a previous output moved aside by `_replace`)
+_LEFTOVER = re.compile(rf"(?P<out>.+)\.(?P<kind>tmp|old)-{TAG}")
 _LOCK = ".exporter-lock"
+_TAG_LEN = 1 + 7 + 1 + 8  # "-<pid>-<8 random>" with pid_max's 7 digits
+_LONGEST = len(".tmp") + _TAG_LEN  # the longest suffix a temporary adds to the output's name
+
+
+def tag() -> str:
+    """`<this pid>-<8 random characters>`: the mark that makes a name one we write (`TAG`)."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def leftover(name: str) -> tuple[str, int] | None:
     """(output name, writer's pid) when `name` is a temporary this module writes beside an output, else None."""
     m = _LEFTOVER.fullmatch(name)
-    return (m["out"], int(m["pid"] or m["old"])) if m else None
+    return (m["out"], int(m["pid"])) if m else None
 
 
 def lock_name(name: str) -> str:
@@ -69,7 +84,11 @@ def _fsync_tree(path: Path) -> None:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{int(n)} bytes"
 
 
 def _size(path: Path) -> int:
@@ -79,11 +98,12 @@ def _size(path: Path) -> int:
 
 
 def _discard(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
 
 
 def _key(out: Path) -> Path:
-    return out.parent.resolve() / out.name
+    """The path `out` stands for: a symlink's target, so that every spelling of one output takes one lock."""
+    return out.resolve() if out.is_symlink() else out.parent.resolve() / out.name
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -96,15 +116,20 @@ def overlapping(out: Path | str, inputs: Sequence[Path | str]) -> Path | str | N
     return next((inp for inp in inputs if Path(inp).exists() and _overlaps(where, Path(inp).resolve())), None)
 
 
-def check_target(out: Path, force: bool, inputs: Sequence[Path | str] = ()) -> None:
-    """Refuse an output that overlaps an input, an existing output without `force`, and anything not ours."""
-    out = Path(out)
+def check_inputs(out: Path | str, inputs: Sequence[Path | str], what: str = "output") -> None:
+    """Refuse an output (`what`: how the user named it) that is, holds or lies inside an existing input."""
     inp = overlapping(out, inputs)
     if inp is not None:
         raise UserError(
-            f"output {out} overlaps the input {inp} (it would replace or write into it); choose an output "
+            f"{what} {out} overlaps the input {inp} (it would replace or write into it); choose an output "
             "path outside the inputs"
         )
+
+
+def check_target(out: Path, force: bool, inputs: Sequence[Path | str] = ()) -> None:
+    """Refuse an output that overlaps an input, an existing output without `force`, and anything not ours."""
+    out = Path(out)
+    check_inputs(out, inputs)
     found = occupant(out)
     if found == "none" and not out.is_symlink():
         return  # absent, or an empty dir (replaced)
@@ -145,32 +170,80 @@ def os_error(e: BaseException) -> OSError | None:
     Libraries wrap write errors (safetensors' SafetensorError, torch's RuntimeError): the chain and the text count."""
     seen = e
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (*_FULL, errno.EROFS, errno.EACCES, errno.EPERM):
+        if isinstance(seen, OSError) and seen.errno in _USER_ERRNOS:
             return seen
         seen = seen.__cause__ or seen.__context__
     text = str(e)
     if "No space left on device" in text or "StorageFull" in text:
         return OSError(errno.ENOSPC, "No space left on device")
+    if "File too large" in text:  # safetensors' SafetensorError wraps EFBIG as text
+        return OSError(errno.EFBIG, "File too large")
+    return None
+
+
+def os_error_text(err: OSError, what: str = "writing an output") -> str:
+    """`err` as the one line a user reads: the file (or `what`), the reason, and for a file-size limit which one."""
+    limit = " (over the file-size limit of this process: ulimit -f)" if err.errno == errno.EFBIG else ""
+    return f"{err.filename or what}: {err.strerror}{limit}"
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing parent of `path` that is not a directory (so `path` cannot be created), else None."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
     return None
 
 
 def _make_parent(out: Path) -> None:
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise UserError(f"cannot create {out.parent}: {blocker} is a file, not a directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {out.parent}: {err.strerror}") from None
 
 
-def _remove_stale(out: Path, only_dead: bool) -> None:
-    """Remove `<out>.tmp-*` / `<out>.old-*` left by killed runs (all of them while `out` is claimed)."""
+def check_name(out: Path | str) -> None:
+    """Refuse, before any work, an output whose name leaves no room for the temporary names written beside it."""
+    out = Path(out)
+    probe = out.parent
+    while not probe.is_dir() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    limit = name_max - _LONGEST
+    if len(os.fsencode(out.name)) > limit:
+        raise UserError(
+            f"output name {out.name[:30]}... is {len(os.fsencode(out.name))} bytes long; the temporary names written "
+            f"beside it (<name>.tmp-<pid>-<8 characters>) need it to be at most {limit} bytes (the file system "
+            f"allows {name_max}): choose a shorter name"
+        )
+
+
+def settle(out: Path, only_dead: bool = False) -> None:
+    """Clean up what killed runs left beside `out` (all of them while `out` is claimed, else dead writers'): remove
+    `<out>.tmp-<tag>`; a `<out>.old-<tag>` is the previous output moved aside by `_replace`: put back when `out` is
+    missing (the run was killed between its two renames), else removed (killed while removing it)."""
     try:
         siblings = list(out.parent.iterdir())
     except OSError:
         return
+    found = []
     for p in siblings:
-        found = leftover(p.name)
-        if found is None or found[0] != out.name or (only_dead and _alive(found[1])):
-            continue
+        m = _LEFTOVER.fullmatch(p.name)
+        if m and m["out"] == out.name and not (only_dead and _alive(int(m["pid"]))):
+            found.append((p, m["kind"]))
+    olds = sorted((p for p, kind in found if kind == "old"), key=lambda p: p.lstat().st_ctime)
+    if olds and not (out.exists() or out.is_symlink()):
+        back = olds.pop()  # the latest moved aside
+        os.replace(back, out)
+        print(f"note: put {out} back from {back.name}: the previous output, which an interrupted run had moved "
+              "aside to replace it", file=sys.stderr)  # fmt: skip
+    for p in [p for p, kind in found if kind == "tmp"] + olds:
         size = _size(p)
         _discard(p)
         print(f"note: removed {p} ({_gib(size)}), left behind by an interrupted run", file=sys.stderr)
@@ -196,6 +269,7 @@ def _command() -> str:
 def claim(out: Path | str) -> Iterator[None]:
     """Be the only writer of `out` while the block runs (re-entrant in one process); clean up killed runs' temps."""
     out = Path(out)
+    check_name(out)
     _make_parent(out)
     key = _key(out)
     if key in _held:
@@ -205,7 +279,7 @@ def claim(out: Path | str) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
-    lock = out.parent / lock_name(out.name)
+    lock = key.parent / lock_name(key.name)  # beside what `out` stands for: one lock for every spelling of it
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -231,7 +305,7 @@ def claim(out: Path | str) -> Iterator[None]:
     os.pwrite(fd, f"pid {os.getpid()}: {_command()}\n".encode(), 0)
     _held[key] = 1
     try:
-        _remove_stale(out, only_dead=False)
+        settle(out, only_dead=False)
         yield
     finally:
         del _held[key]
@@ -240,14 +314,13 @@ def claim(out: Path | str) -> Iterator[None]:
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    """Rename `tmp` to `out`: a file in one atomic rename; a dir over an existing `out` in two, the previous one
+    moved aside as `<out>.old-<tag>` in between (`settle` puts it back should a kill land there)."""
+    if tmp.is_dir() and (out.exists() or out.is_symlink()):
+        old = out.with_name(f"{out.name}.old-{tag()}")
         os.replace(out, old)
         os.replace(tmp, out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
+        _discard(old)
     else:
         os.replace(tmp, out)
 
@@ -268,9 +341,9 @@ def _disk_full(out: Path, tmp: Path, need: int | None, err: OSError) -> UserErro
     written = _size(tmp)
     _discard(tmp)
     free = shutil.disk_usage(out.parent).free
-    total = f"about {_gib(need)} needed in all" if need else f"more than the {_gib(written)} written so far needed"
+    total = f", about {_gib(need)} needed in all" if need else ""
     return UserError(
-        f"disk full under {out.parent} while writing {out} ({err.strerror}): {_gib(written)} written, {total}, "
+        f"disk full under {out.parent} while writing {out} ({err.strerror}): {_gib(written)} written{total}, "
         f"{_gib(free)} free now; the partial output was removed"
     )
 
@@ -290,7 +363,7 @@ def _committed(tmp: Path, out: Path, need: int | None) -> Iterator[Path]:
             raise _disk_full(out, tmp, need, err) from None
         _discard(tmp)
         if err is not None:
-            raise UserError(f"cannot write {err.filename or out}: {err.strerror}") from None
+            raise UserError(f"cannot write {os_error_text(err, str(out))}") from None
         raise
 
 
@@ -335,8 +408,9 @@ def atomic_file(out: Path | str, force: bool = True) -> Iterator[Path]:
         raise UserError(f"{out} is a directory; expected a file path")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
+    check_name(out)
     _make_parent(out)
-    _remove_stale(out, only_dead=True)
+    settle(out, only_dead=True)
     try:
         fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
     except OSError as err:

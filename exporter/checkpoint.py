@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter import hf_dir, manifest
-from exporter.atomic import atomic_dir, leftover, locked
+from exporter.atomic import TAG, atomic_dir, check_inputs, leftover, locked, settle, tag
 from exporter.config import read_json
 from exporter.distributed import whole_shape
 from exporter.errors import UserError
@@ -29,7 +29,8 @@ OPTIMIZER, SCHEDULER, RNG = "optimizer.safetensors", "scheduler.json", "rng_stat
 
 
 _FINISHED = ("adapter_model.safetensors", "model.safetensors", "all_results.json")  # a finished run holds one
-_STAGED = ".final"  # the final outputs' staging dir (`write_final`)
+_STAGED = ".final"  # the final outputs' staging dir (`write_final`): `.final-<tag>`, a name only we write
+_STAGED_NAME = re.compile(rf"\.final-{TAG}")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # what a run writes beside its checkpoints, log and manifest (`write_final`): PEFT's and save_pretrained's files, the
 # tokenizer, results and plots; a name listed in the manifest is ours only if it is one of these
@@ -45,13 +46,15 @@ def _written(name: str) -> bool:
 
 def _stale(name: str) -> bool:
     """Whether `name` in output_dir is what a killed run left (never a live one's: output_dir is claimed): the
-    final outputs' staging dir, or a temporary or lock file that `atomic` writes for it or for a checkpoint (their
-    exact names, `atomic.leftover` / `atomic.locked`)."""
-    if name == _STAGED:
+    final outputs' staging dir `.final-<tag>`, or a temporary or lock file that `atomic` writes for it, for a
+    checkpoint or for the manifest (their exact names, `atomic.leftover` / `atomic.locked`). A bare `.final` or a
+    `checkpoint-4.old-2` is a user's: older versions' names without the tag are not taken for ours."""
+    if _STAGED_NAME.fullmatch(name):
         return True
     found = leftover(name)
     of = found[0] if found else locked(name)
-    return of is not None and (of == _STAGED or _CHECKPOINT.fullmatch(of) is not None)
+    staged = of is not None and (of == _STAGED or _STAGED_NAME.fullmatch(of) is not None)
+    return of is not None and (staged or of == MANIFEST_NAME or _CHECKPOINT.fullmatch(of) is not None)
 
 
 def _listed(out: Path) -> set[str]:
@@ -77,14 +80,37 @@ def _ours(out: Path) -> set[str]:
 def _mark(out: Path, ours: set[str]) -> None:
     """`out` is ours and incomplete while a run writes into it (`manifest.mark`), its outputs already there (a
     finished run being continued, final outputs being moved in) still listed as ours."""
-    path = manifest.mark(out, "train")
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    doc["outputs"] = [{"path": n} for n in sorted(ours)]
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    manifest.mark(out, "train", sorted(ours))
 
 
 def _remove(p: Path) -> None:
     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def check_not_input(cfg: TrainConfig, out: Path, model_dir: Path) -> None:
+    """Before output_dir is claimed or touched: it is not, does not hold and does not lie inside an input of the
+    run (the base model, adapter_name_or_path, a dataset's file or dir, dataset_info.json), the rule merge, gguf and
+    pipeline apply to their outputs (`atomic.check_inputs`)."""
+    from exporter import dataset_info
+
+    inputs: list[Path | str] = [model_dir, cfg.model_name_or_path]
+    if cfg.adapter_name_or_path:
+        inputs += [a.strip() for a in str(cfg.adapter_name_or_path).split(",")]
+    info_path = Path(cfg.dataset_dir) / dataset_info.INFO_NAME
+    if info_path.is_file():
+        info = dataset_info.read_info(Path(cfg.dataset_dir))
+        specs = [dataset_info.spec(n, info, Path(cfg.dataset_dir)) for n in [*cfg.dataset, *cfg.eval_dataset]]
+        inputs += [info_path, *(sp.source for sp in specs if sp.load_from == "file")]
+    check_inputs(out, inputs, "output_dir")
+
+
+def _incomplete(out: Path) -> bool:
+    """Whether the manifest of `out` says a run writing it did not finish (`manifest.mark`)."""
+    try:
+        doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("complete") is False
 
 
 def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
@@ -125,7 +151,7 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
     if not used or cfg.overwrite_output_dir:
         return None
     ckpt = latest(out)
-    if any((out / n).exists() for n in _FINISHED):
+    if any((out / n).exists() for n in _FINISHED) and not _incomplete(out):  # killed as its outputs moved in: resumed
         more = f", or resume_from_checkpoint: {ckpt} with a larger max_steps to continue it" if ckpt else ""
         raise UserError(f"output_dir {out} already holds a finished run; set overwrite_output_dir: true to start "
                         f"over{more}")  # fmt: skip
@@ -141,7 +167,12 @@ def begin(cfg: TrainConfig, out: Path, resume: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     listed = _listed(out)
     for p in sorted(out.iterdir()):
-        if _stale(p.name):
+        if not _stale(p.name) or not (p.exists() or p.is_symlink()):  # (settled with an earlier name)
+            continue
+        found = leftover(p.name)
+        if found is not None:  # a checkpoint's temporaries: a moved-aside one is put back if it is missing
+            settle(out / found[0])
+        else:
             _remove(p)
             say(f"removed {p}, left behind by an interrupted run")
     if cfg.overwrite_output_dir and any(out.iterdir()):
@@ -531,7 +562,7 @@ def write_final(out: Path, write: Callable[[Path], None]) -> None:
     """Final outputs into `out` beside its checkpoints and log: `write` fills a staging dir that is completed and
     fsynced by the same atomic helper checkpoints use, then each file is renamed into `out` (listed as ours first,
     so that a run killed in between leaves them known as ours)."""
-    staged = out / _STAGED
+    staged = out / f"{_STAGED}-{tag()}"
     with atomic_dir(staged, force=True) as tmp:
         write(tmp)
     names = sorted(p.name for p in staged.iterdir())

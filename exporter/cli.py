@@ -501,10 +501,9 @@ def _serve(
     opts.host, opts.port = host or opts.host, port or opts.port
     opts.api_key, opts.model_name = api_key or opts.api_key, model_name or opts.model_name
     _setup(quantization=quantized_model(load_opts))
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn handles SIGTERM itself and re-raises it once shut down
-    run(opts)
+    code = run(opts)  # SIGINT / SIGTERM end the open requests and stop it: 130 / 143, as every verb
+    if code:
+        raise typer.Exit(code)
 
 
 # webui: the board in a browser (exporter/webui/) ----------------------------------------------------------------
@@ -596,7 +595,7 @@ def main() -> None:
     import signal
     import traceback
 
-    from exporter.atomic import os_error
+    from exporter.atomic import os_error, os_error_text
 
     previous = _handle_sigterm()
     try:
@@ -615,7 +614,7 @@ def main() -> None:
         if err is None or _state["debug"]:
             traceback.print_exc()
             sys.exit(1)
-        typer.echo(f"error: {err.filename or 'writing an output'}: {err.strerror}", err=True)
+        typer.echo(f"error: {os_error_text(err)}", err=True)
         sys.exit(2)
     finally:
         if signal.getsignal(signal.SIGTERM) is _on_sigterm:

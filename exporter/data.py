@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.config import did_you_mean
 from exporter.dataset_info import INFO_NAME, DatasetSpec, read_info, read_rows, spec
 from exporter.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 STAGES = ("sft", "pt", "dpo", "kto")
 
@@ -155,20 +157,21 @@ def _text(value: Any, what: str, where: str, optional: bool = True) -> str:
 
 
 def _alpaca(
-    sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops: Drops, unlabeled: bool = False
+    sp: DatasetSpec,
+    row: dict[str, Any],
+    where: str,
+    stage: str,
+    drops: Drops,
+    unlabeled: bool = False,
+    keep_empty: bool = False,
 ) -> Sample | None:
     """One alpaca row; `unlabeled` (predict): a row without a response gets an empty answer, as LLaMA-Factory's
-    unsupervised rows (`response = []`) are predicted on."""
+    unsupervised rows (`response = []`) are predicted on; `keep_empty`: see `convert`."""
     c = sp.columns
     messages: list[dict[str, str]] = []
-    if c["history"] and row.get(c["history"]) is not None:
-        hist = row[c["history"]]
-        if isinstance(hist, str):  # csv / stringified
-            try:
-                hist = json.loads(hist)
-            except json.JSONDecodeError:
-                raise UserError(f"{where}: malformed row: history must be a list of [prompt, response]") from None
-        if not isinstance(hist, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in hist):
+    hist = row.get(c["history"]) if c["history"] else None
+    if isinstance(hist, list):  # LLaMA-Factory's rule: anything else (a CSV cell's text, null) is no history
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in hist):
             raise UserError(f"{where}: malformed row: history must be a list of [prompt, response] pairs")
         for old_prompt, old_response in hist:
             messages.append({"role": "user", "content": _text(old_prompt, "history prompt", where, False)})
@@ -197,7 +200,7 @@ def _alpaca(
                 return None
             raise UserError(f"{where}: malformed row: {c['response']} must be a string, got {type(response).__name__}")
         messages.append({"role": "assistant", "content": str(response)})
-    elif not messages[0]["content"]:
+    elif not messages[0]["content"] and not keep_empty:
         drops.add("rows with empty text", where)
         return None
     system = _text(row.get(c["system"]), c["system"], where) if c["system"] else ""
@@ -251,7 +254,9 @@ def _finish(sample: Sample, sp: DatasetSpec, row: dict[str, Any], stage: str, dr
     return sample
 
 
-def _sharegpt(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops: Drops) -> Sample | None:
+def _sharegpt(
+    sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drops: Drops, keep_empty: bool = False
+) -> Sample | None:
     c, t = sp.columns, sp.tags
     msgs = row.get(c["messages"])
     if isinstance(msgs, str):
@@ -308,7 +313,7 @@ def _sharegpt(sp: DatasetSpec, row: dict[str, Any], where: str, stage: str, drop
             return None
         messages.append(pair[0])
         rejected = pair[1]
-    if stage == "pt" and not messages[0]["content"]:
+    if stage == "pt" and not messages[0]["content"] and not keep_empty:
         drops.add("rows with empty text", where)
         return None
     tools = row.get(c["tools"]) if c["tools"] else None
@@ -344,10 +349,14 @@ def convert(
     fill: dict[str, str],
     drops: Drops,
     unlabeled: bool = False,
+    keep_empty: bool = False,
 ) -> list[Sample]:
-    """Rows of one dataset -> Samples (placeholders `{{key}}` filled from `fill`; `unlabeled`: see `_alpaca`)."""
+    """Rows of one dataset -> Samples (placeholders `{{key}}` filled from `fill`; `unlabeled`: see `_alpaca`).
+    `keep_empty` (training): a stage pt row with empty text is kept, as LLaMA-Factory pretrains it (an eos-only
+    document); without it such a row is dropped (calibration text)."""
     _check_columns(sp, rows, stage)
     out = []
+    unused_history: list[str] = []
     for where, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{where}: malformed row: expected an object, got {type(row).__name__}")
@@ -362,12 +371,27 @@ def convert(
                 for m in row[sp.columns["messages"]]
             ]
         if sp.formatting == "alpaca":
-            sample = _alpaca(sp, row, where, stage, drops, unlabeled)
+            hist = row.get(sp.columns["history"]) if sp.columns["history"] else None
+            if hist not in (None, "") and not isinstance(hist, list):
+                unused_history.append(where)
+            sample = _alpaca(sp, row, where, stage, drops, unlabeled, keep_empty)
         else:
-            sample = _sharegpt(sp, row, where, stage, drops)
+            sample = _sharegpt(sp, row, where, stage, drops, keep_empty)
         if sample is not None:
             out.append(sample)
+    if unused_history:
+        _say(
+            f"dataset {sp.name!r} ({sp.source}): history column {sp.columns['history']!r} is not a list in "
+            f"{len(unused_history)} row(s) (first: {unused_history[0]}); those rows train without a history, as "
+            "LLaMA-Factory ignores one that is not a list (a CSV cell is text: give histories in a JSON file)"
+        )
     return out
+
+
+def _say(msg: str) -> None:
+    from exporter.lf_args import say  # lf_args imports this module
+
+    say(msg)
 
 
 def _check_stage(sp: DatasetSpec, stage: str, dataset_dir: Path) -> None:
@@ -404,6 +428,26 @@ def check_max_samples(max_samples: int | None) -> None:
                         f"{max_samples}")  # fmt: skip
 
 
+def sampler(seed: int) -> np.random.RandomState:
+    """The random state LLaMA-Factory draws `num_samples` subsets from: numpy's global one as `set_seed(seed)`
+    leaves it (nothing draws from it before the datasets load). One per run: the training datasets' loads draw
+    first, then the eval_dataset ones continue from where they left off."""
+    import numpy as np
+
+    if not 0 <= seed < 2**32:
+        raise UserError(f"seed must be between 0 and 2**32 - 1 (numpy's random seed, as LLaMA-Factory's), got {seed}")
+    return np.random.RandomState(seed)
+
+
+def _subset(rows: list[Any], n: int, rng: np.random.RandomState) -> list[Any]:
+    """`num_samples`: LLaMA-Factory's rows — a random permutation's first n, and with n beyond the dataset, every row
+    once followed by rows drawn with replacement."""
+    idx = list(rng.permutation(len(rows))[:n])
+    if n > len(rows):
+        idx += list(rng.choice(len(rows), n - len(rows)))
+    return [rows[i] for i in idx]
+
+
 def load(
     names: list[str],
     dataset_dir: Path | str,
@@ -412,9 +456,14 @@ def load(
     fill: dict[str, str] | None = None,
     seed: int = 42,
     unlabeled: bool = False,
+    rng: np.random.RandomState | None = None,
 ) -> tuple[list[Sample], Drops]:
     """Load and convert the named datasets (concatenated in order). Errors if nothing usable is left. `unlabeled`
-    (predict): alpaca rows without a response are kept with an empty answer."""
+    (predict): alpaca rows without a response are kept with an empty answer. `rng`: where `num_samples` subsets
+    are drawn from (default: a fresh `sampler(seed)`; pass the training load's to an eval_dataset load).
+
+    A name given twice is loaded once, at its first place (LLaMA-Factory keys the datasets by name: its later
+    load replaces the earlier one, each drawing its `num_samples` subset)."""
     if stage not in STAGES:
         raise UserError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     if not names:
@@ -423,24 +472,32 @@ def load(
     dataset_dir = Path(dataset_dir)
     info = read_info(dataset_dir)
     drops = Drops()
-    samples: list[Sample] = []
+    read: dict[str, list[tuple[str, Any]]] = {}
+    picked: dict[str, tuple[DatasetSpec, list[tuple[str, Any]]]] = {}
     for name in names:
         sp = spec(name, info, dataset_dir)
         _check_stage(sp, stage, dataset_dir)
-        rows = read_rows(sp)
-        if sp.num_samples is not None:  # LLaMA-Factory: random subset (or oversample) of that many rows
-            rng = random.Random(seed)
-            idx = list(range(len(rows)))
-            rng.shuffle(idx)
-            if sp.num_samples > len(rows):
-                idx += [rng.randrange(len(rows)) for _ in range(sp.num_samples - len(rows))]
-            rows = [rows[i] for i in idx[: sp.num_samples]]
+        if name not in read:
+            read[name] = read_rows(sp)
+        rows = read[name]
+        if sp.num_samples is not None and rows:
+            rng = rng if rng is not None else sampler(seed)
+            rows = _subset(rows, sp.num_samples, rng)
         if max_samples is not None:
             rows = rows[:max_samples]
-        got = convert(sp, rows, stage, fill or {}, drops, unlabeled)
+        picked[name] = (sp, rows)
+    twice = [n for n, k in Counter(names).items() if k > 1]
+    if twice:
+        _say(
+            f"{', '.join(f'dataset {n!r} ({picked[n][0].source})' for n in twice)} named more than once in "
+            f"{','.join(names)}: loaded once, as LLaMA-Factory does (to repeat rows, give the file a second "
+            f"{INFO_NAME} entry)"
+        )
+    samples: list[Sample] = []
+    for name, (sp, rows) in picked.items():
+        samples += convert(sp, rows, stage, fill or {}, drops, unlabeled, keep_empty=True)
         if not rows:
             drops.add("empty datasets", f"{name} ({sp.source})")
-        samples += got
     if not samples:
         raise UserError(
             f"no usable samples in dataset(s) {', '.join(names)}: {drops.summary() or 'the files hold no rows'}"

@@ -508,12 +508,19 @@ class Derived:
     extra: dict[str, Any]  # render variables the Jinja needs (an empty tools list for tool-use templates)
 
 
-def stops_for(lay: Layout, eos: str, eos_tokens: Sequence[str]) -> list[str]:
-    """End-of-turn tokens, eos, generation_config eos tokens; the next user prefix when there is no token."""
-    out = list(lay.eot)
+def with_eos_stops(stops: Sequence[str], eos: str, eos_tokens: Sequence[str]) -> list[str]:
+    """`stops`, then eos and the generation_config eos tokens not among them: HF `generate` ends on each of those, so
+    the Modelfile's stops hold them too (for the exact-family and the derived template alike)."""
+    out = list(stops)
     for s in (eos, *eos_tokens):
         if s and s not in out:
             out.append(s)
+    return out
+
+
+def stops_for(lay: Layout, eos: str, eos_tokens: Sequence[str]) -> list[str]:
+    """End-of-turn tokens, eos, generation_config eos tokens; the next user prefix when there is no token."""
+    out = with_eos_stops(lay.eot, eos, eos_tokens)
     if not lay.eot and lay.user[0].strip():
         out.append(lay.user[0].strip())
     return out

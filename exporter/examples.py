@@ -2,10 +2,15 @@
 end-of-turn token trained), LLaMA-Factory's turn-by-turn truncation, packing (and neat packing: no attention across
 packed examples), the validation split, and the batches of an epoch (length-sorted within shuffled windows,
 right-padded). Preference stages get pairs (dpo) or tagged examples with KL pairs (kto) from `exporter.preference`.
+
+As LLaMA-Factory 0.9.5 prepares them: `val_size` splits the rows before tokenizing (datasets' `train_test_split`),
+and each split is tokenized in map batches of `preprocessing_batch_size` rows: pt blocks, SFT packing bins and KTO's
+KL pairs never cross a batch.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
@@ -14,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import UserError
-from exporter.hf_dir import adds_bos
 from exporter.lf_args import TrainConfig, say
 
 IGNORE = -100
@@ -125,7 +129,7 @@ def tokenize_sft(
         except UserError as e:
             raise UserError(f"{s.where}: {e}") from None
         if not lf:
-            ids, labels = truncate(list(ids), list(labels), cfg.cutoff_len)
+            ids, labels = truncate(list(ids), list(labels), lf_names.cutoff(cfg))
         if not any(x != IGNORE for x in labels[1:]):
             drops.add("samples with no trained token left within cutoff_len", s.where)
             continue
@@ -134,68 +138,78 @@ def tokenize_sft(
 
 
 def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) -> list[Example]:
-    """Raw text + eos; packed into cutoff_len blocks (remainder dropped) or truncated one per sample."""
-    eos = tokenizer.eos_token or ""
-    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    """LLaMA-Factory's pretraining examples: each text + the end of a document (`<|end_of_text|>` under template
+    llama3, else eos); packing: each map batch of `preprocessing_batch_size` texts concatenated and cut into blocks
+    (its remainder dropped), else one truncated example per text. A BOS only where the tokenizer's `add_bos_token`
+    says so (LF's rule): it replaces the first token of a block, or goes before a text."""
+    from exporter import lf_names
+
+    eos = "<|end_of_text|>" if cfg.template == "llama3" else tokenizer.eos_token or ""
+    bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
+    size = lf_names.cutoff(cfg)  # an explicit `packing: true` keeps one position free, pt's default packing not
     limit = None if packing else max_chars(tokenizer, cfg.cutoff_len)  # packing trains on every token
-    texts = [s.text[:limit] + eos for s in samples]
-    enc = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    if not packing:
-        out = []
-        for ids in enc:
-            ids = ([bos] + ids if bos is not None else ids)[: cfg.cutoff_len]
-            out.append(Example(ids, list(ids)))
-        return out
-    flat = [t for ids in enc for t in ids]
-    n = (len(flat) // cfg.cutoff_len) * cfg.cutoff_len
-    if n == 0:
-        raise UserError(
-            f"packing: the whole dataset is {len(flat)} tokens, shorter than one block of cutoff_len={cfg.cutoff_len}"
-        )
-    blocks = [flat[i : i + cfg.cutoff_len] for i in range(0, n, cfg.cutoff_len)]
-    if bos is not None:
-        for b in blocks:
-            b[0] = bos
-    return [Example(b, list(b)) for b in blocks]
-
-
-def pack_sft(examples: list[Example], cutoff: int, neat: bool = False) -> list[Example]:
-    """LLaMA-Factory's `packing` for SFT: whole examples concatenated into sequences of at most cutoff tokens;
-    `neat` keeps each example's length so that positions restart and attention stays inside each example."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:  # first-fit decreasing
-        n = len(examples[i].input_ids)
-        for b, r in enumerate(room):
-            if n <= r:
-                bins[b].append(i)
-                room[b] -= n
-                break
-        else:
-            bins.append([i])
-            room.append(cutoff - n)
     out = []
-    for b in bins:
-        ids: list[int] = []
-        labels: list[int] = []
-        for i in sorted(b):
-            ids += examples[i].input_ids
-            labels += examples[i].labels
-        out.append(Example(ids, labels, [len(examples[i].input_ids) for i in sorted(b)] if neat else None))
+    for batch in batches(samples, cfg.preprocessing_batch_size):
+        enc = [tokenizer.encode(s.text[:limit] + eos, add_special_tokens=False) for s in batch]
+        if not packing:
+            out += [Example(ids, list(ids)) for e in enc for ids in [([bos] + e if bos is not None else e)[:size]]]
+            continue
+        flat = [t for ids in enc for t in ids]
+        blocks = [flat[i : i + size] for i in range(0, len(flat) // size * size, size)]
+        for b in blocks:
+            b[0] = b[0] if bos is None else bos
+        out += [Example(b, list(b)) for b in blocks]
     return out
 
 
-def split_val(examples: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Shuffled split: val_size < 1 is a fraction (rounded up), >= 1 a count."""
-    if val_size <= 0:
-        return examples, []
-    n_val = int(val_size) if val_size >= 1 else math.ceil(val_size * len(examples))
-    if n_val >= len(examples):
-        raise UserError(f"val_size={val_size} leaves no training samples out of {len(examples)}")
-    idx = list(range(len(examples)))
-    random.Random(seed).shuffle(idx)
-    return [examples[i] for i in idx[n_val:]], [examples[i] for i in idx[:n_val]]
+def batches(rows: list[Any], size: int) -> list[list[Any]]:
+    """LLaMA-Factory's map batches: consecutive runs of `size` rows (preprocessing_batch_size)."""
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def knapsack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """LLaMA-Factory's greedy knapsack on example lengths: each bin takes, again and again, the longest example that
+    still fits (of equal lengths the last one first); the indexes of each bin in the order taken."""
+    where: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        where.setdefault(n, []).append(i)
+    pool = sorted(lengths)
+    bins = []
+    while pool:
+        room, taken = capacity, []
+        while (k := bisect.bisect(pool, room)) or not taken:  # an over-long example gets a bin of its own
+            n = pool.pop(k - 1 if k else 0)
+            room -= n
+            taken.append(where[n].pop())
+        bins.append(taken)
+    return bins
+
+
+def pack_sft(examples: list[Example], cutoff: int, neat: bool = False) -> list[Example]:
+    """LLaMA-Factory's `packing` for SFT (one map batch): whole examples concatenated, in its knapsack's bins and
+    order, into sequences of at most cutoff tokens; `neat` keeps each example's length so that positions restart
+    and attention stays inside each example."""
+    out = []
+    for b in knapsack([len(e.input_ids) for e in examples], cutoff):
+        ids = [t for i in b for t in examples[i].input_ids]
+        labels = [t for i in b for t in examples[i].labels]
+        out.append(Example(ids, labels, [len(examples[i].input_ids) for i in b] if neat else None))
+    return out
+
+
+def split_rows(rows: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """LLaMA-Factory's `val_size` split of the rows before tokenizing (datasets' `train_test_split`: a numpy
+    permutation by seed, the first val_size rows of it for validation; a fraction rounded up, >= 1 a count). Both
+    parts come in the permutation's order."""
+    import numpy as np
+
+    if val_size <= 1e-6:  # LF's threshold
+        return rows, []
+    n_val = int(val_size) if val_size >= 1 else math.ceil(val_size * len(rows))
+    if n_val >= len(rows):
+        raise UserError(f"val_size={val_size:g} takes {n_val} of the {len(rows)} rows for validation: none to train on")
+    perm = np.random.default_rng(seed).permutation(len(rows)).tolist()
+    return [rows[i] for i in perm[n_val:]], [rows[i] for i in perm[:n_val]]
 
 
 def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 64) -> list[list[int]]:
@@ -309,7 +323,8 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
 
     packing = cfg.neat_packing or (cfg.packing if cfg.packing is not None else cfg.stage == "pt")
     fill = {k: v for k, v in (("name", cfg.identity_name), ("author", cfg.identity_author)) if v}
-    samples, drops = data.load(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill, cfg.seed)
+    rng = data.sampler(cfg.seed)  # num_samples subsets: the training loads draw first, eval_dataset's continue
+    samples, drops = data.load(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill, cfg.seed, rng=rng)
     left = data.unfilled_placeholders(samples)
     if left:
         say(f"placeholders {', '.join('{{' + k + '}}' for k in sorted(left))} left in the data "
@@ -324,28 +339,41 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
         for note in tpl.notes:
             say(note)
 
+    limit = max_chars(tokenizer, cfg.cutoff_len) if cfg.stage != "pt" else None  # once: it reads the whole vocabulary
+
     def tokenize(samples: list[Any], drops: Any, what: str) -> list[Any]:
+        examples: list[Any] = []
         if cfg.stage == "pt":
-            examples = tokenize_pt(samples, tokenizer, cfg, packing)
-        elif cfg.stage == "sft":
-            examples = tokenize_sft(samples, tokenizer, tpl, cfg, drops)
-        else:
-            examples = _tokenize_preference(samples, tokenizer, tpl, cfg, drops)
+            examples = tokenize_pt(samples, tokenizer, cfg, packing)  # batched inside
+        for batch in batches(samples, cfg.preprocessing_batch_size) if cfg.stage != "pt" else []:  # LF's map batches
+            if cfg.stage == "sft":
+                got = tokenize_sft(batch, tokenizer, tpl, cfg, drops, limit)
+                examples += pack_sft(got, lf_names.cutoff(cfg), cfg.neat_packing) if packing else got
+            else:
+                examples += _tokenize_preference(batch, tokenizer, tpl, cfg, drops)
         if not examples:
-            raise UserError(f"no usable {what} samples after tokenization: {drops.summary()}")
+            why = drops.summary()
+            if cfg.stage == "pt" and packing:
+                why = (f"no batch of preprocessing_batch_size={cfg.preprocessing_batch_size} rows fills one block of "
+                       f"{lf_names.cutoff(cfg)} tokens (cutoff_len)")  # fmt: skip
+            raise UserError(f"no usable {what} samples after tokenization: {why}")
         if drops.counts:
             say(f"dropped {sum(drops.counts.values())} {what} sample(s): {drops.summary()}")
+        good = sum(e.desirable for e in examples) if cfg.stage == "kto" else -1
+        if what == "training" and good in (0, len(examples)):
+            say(f"kto: all {len(examples)} examples are {'desirable' if good else 'undesirable'}; KTO learns from "
+                "both kinds")  # fmt: skip
         return examples
 
-    examples = tokenize(samples, drops, "training")
     if cfg.eval_dataset:  # LLaMA-Factory's eval_dataset: read and tokenized as the training sets, never split
         val_samples, val_drops = data.load(cfg.eval_dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill,
-                                           cfg.seed)  # fmt: skip
-        train_ex, val_ex = examples, tokenize(val_samples, val_drops, "eval_dataset")
-    else:
-        train_ex, val_ex = split_val(examples, cfg.val_size, cfg.seed)
-    if cfg.stage == "sft" and packing:
-        train_ex = pack_sft(train_ex, cfg.cutoff_len, neat=cfg.neat_packing)
+                                           cfg.seed, rng=rng)  # fmt: skip
+        train_rows, val_rows, what = samples, val_samples, "eval_dataset"
+    else:  # rows, before tokenizing, as LF splits them
+        train_rows, val_rows = split_rows(samples, cfg.val_size, cfg.seed)
+        val_drops, what = data.Drops(), "validation"
+    train_ex = tokenize(train_rows, drops, "training")
+    val_ex = tokenize(val_rows, val_drops, what) if val_rows else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise UserError(f"model {model_dir}: tokenizer has neither a pad nor an eos token")
@@ -371,8 +399,4 @@ def _tokenize_preference(samples: list, tokenizer: Any, tpl: Any, cfg: TrainConf
 
     if cfg.stage == "dpo":
         return preference.encode_pairs(samples, encode, cfg.cutoff_len, drops, chat)
-    out = preference.encode_kto(samples, encode, cfg.cutoff_len, drops, chat)
-    good = sum(e.desirable for e in out)
-    if out and (good == 0 or good == len(out)):
-        say(f"kto: all {len(out)} examples are {'desirable' if good else 'undesirable'}; KTO learns from both kinds")
-    return out
+    return preference.encode_kto(samples, encode, cfg.cutoff_len, drops, chat)

@@ -139,10 +139,24 @@ def modelfile_header(kind: str, source: str, tpl: Any, ollama_name: str, gguf_na
     ]
 
 
-def dir_modelfile(tpl: Any, source: str) -> str:
-    """An Ollama Modelfile `FROM .` for the HF dir it is written into, as LLaMA-Factory's export writes one: Ollama
-    converts the safetensors itself, for the architectures it supports."""
-    from exporter.converters.modelfile import ModelfileSpec, render
+def modelfile_spec(tpl: Any, model_dir: Path | None, from_: str, header: Sequence[str] = (), **more: Any) -> Any:
+    """The one `ModelfileSpec` of every Modelfile exporter writes (a GGUF's, an adapter's, a merged dir's `FROM .`):
+    `tpl`'s TEMPLATE, stops and SYSTEM, and the sampling PARAMETERs of `model_dir`'s generation_config.json
+    (`modelfile.sampling_parameters`; a comment in the header when it has sampling keys that do not apply)."""
+    from exporter.converters.modelfile import ModelfileSpec, sampling_parameters
+
+    parameters, why_none = sampling_parameters(model_dir)
+    if why_none and header:
+        header = [*header[:-1], why_none, header[-1]]
+    return ModelfileSpec(from_=from_, template=tpl.ollama or None, stops=list(tpl.stop), system=tpl.default_system,
+                         header=header, parameters=parameters, **more)  # fmt: skip
+
+
+def dir_modelfile(tpl: Any, source: str, model_dir: Path | None = None) -> str:
+    """An Ollama Modelfile `FROM .` for the HF dir it is written into (`model_dir`, whose generation_config.json
+    gives the sampling PARAMETERs), as LLaMA-Factory's export writes one: Ollama converts the safetensors itself,
+    for the architectures it supports."""
+    from exporter.converters.modelfile import render
 
     header = [
         f"Ollama Modelfile for the safetensors model in this dir, written by exporter {__version__}",
@@ -152,8 +166,7 @@ def dir_modelfile(tpl: Any, source: str) -> str:
         "create with: ollama create NAME -f Modelfile (Ollama converts the weights of the architectures it supports;",
         "`exporter gguf` on this dir writes GGUFs and Modelfiles that `exporter verify` checks)",
     ]
-    return render(ModelfileSpec(from_=".", template=tpl.ollama or None, stops=list(tpl.stop), system=tpl.default_system,
-                                header=header))  # fmt: skip
+    return render(modelfile_spec(tpl, model_dir, ".", header))
 
 
 def default_out(src: Path) -> Path:
@@ -179,13 +192,12 @@ def base_from_line(base_gguf: str | None, base_dir: Path, out: Path) -> str:
     return rel if rel.startswith("..") else f"./{rel}"
 
 
-def check_modelfile(tpl: Any) -> None:
-    """A Modelfile with `tpl`'s TEMPLATE, stops and SYSTEM can be written: refused (naming the character and its
-    offset) before anything is converted, not after."""
-    from exporter.converters.modelfile import ModelfileSpec, render
+def check_modelfile(tpl: Any, model_dir: Path | None = None) -> None:
+    """A Modelfile with `tpl`'s TEMPLATE, stops and SYSTEM and `model_dir`'s sampling PARAMETERs can be written:
+    refused (naming the character and its offset, or the generation_config key) before anything is converted."""
+    from exporter.converters.modelfile import render
 
-    render(ModelfileSpec(from_="./model.gguf", template=tpl.ollama or None, stops=list(tpl.stop),
-                         system=tpl.default_system))  # fmt: skip
+    render(modelfile_spec(tpl, model_dir, "./model.gguf"))
 
 
 def export(
@@ -201,7 +213,7 @@ def export(
     refusal comes before the first line printed."""
     from exporter import manifest
     from exporter.converters import gguf_convert, gguf_kquant, gguf_vocab
-    from exporter.converters.modelfile import ModelfileSpec, render
+    from exporter.converters.modelfile import render
 
     check_target(out, force, [model_dir])
     manifest.check_stage(out, "gguf")  # --force replaces a previous gguf output only
@@ -214,7 +226,7 @@ def export(
     names = ollama_names(model_dir, kinds, ollama_name)
     need = int(params * sum(_BYTES_PER_PARAM[k] for k in kinds))
     check_free_space(out.parent, need)
-    check_modelfile(tpl)
+    check_modelfile(tpl, model_dir)
     _say_template(tpl)
     kquants = [k for k in kinds if k in KQUANT_KINDS]
     numpy_kinds = [k for k in kinds if k in NUMPY_KINDS]
@@ -251,15 +263,8 @@ def export(
         for kind in kinds:
             gguf_name = paths[kind].name
             mf = tmp / f"Modelfile.{kind}"
-            text = render(
-                ModelfileSpec(
-                    from_=f"./{gguf_name}",
-                    template=tpl.ollama or None,
-                    stops=list(tpl.stop),
-                    system=tpl.default_system,
-                    header=modelfile_header(kind, source_label or str(model_dir), tpl, names[kind], gguf_name),
-                )
-            )
+            header = modelfile_header(kind, source_label or str(model_dir), tpl, names[kind], gguf_name)
+            text = render(modelfile_spec(tpl, model_dir, f"./{gguf_name}", header))
             mf.write_text(text, encoding="utf-8")
             result.files[kind] = out / gguf_name
             result.modelfiles[kind] = out / mf.name
@@ -289,7 +294,7 @@ def export_adapter(
     from exporter import manifest
     from exporter.adapter import check_base
     from exporter.converters.gguf_lora import LORA_KINDS, convert_lora
-    from exporter.converters.modelfile import ModelfileSpec, render
+    from exporter.converters.modelfile import render
 
     if len(kinds) != 1 or kinds[0] not in LORA_KINDS:
         raise UserError(f"with --adapter, --type is one of {', '.join(LORA_KINDS)} (the LoRA matrices' type)")
@@ -297,7 +302,9 @@ def export_adapter(
     check_target(out, force, [adapter_dir, base_dir])
     manifest.check_stage(out, "gguf")
     note = check_base(adapter_dir, base_dir, str(adapter_dir))
-    check_modelfile(tpl)
+    # the sampling the model was published with: the adapter's own generation_config.json, else the base's
+    sampling_dir = adapter_dir if (adapter_dir / "generation_config.json").is_file() else base_dir
+    check_modelfile(tpl, sampling_dir)
     stem = _safe_name(adapter_dir.resolve().name)
     name = ollama_name or default_ollama_name(adapter_dir)
     base_from = base_from_line(base_gguf, base_dir, out)
@@ -312,16 +319,7 @@ def export_adapter(
         header[-1] = (
             f"create with: ollama create {name} -f Modelfile (FROM must be the base model the adapter was trained on)"
         )
-        text = render(
-            ModelfileSpec(
-                from_=base_from,
-                adapter=f"./{path.name}",
-                template=tpl.ollama or None,
-                stops=list(tpl.stop),
-                system=tpl.default_system,
-                header=header,
-            )
-        )
+        text = render(modelfile_spec(tpl, sampling_dir, base_from, header, adapter=f"./{path.name}"))
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
         manifest.write(
             tmp,

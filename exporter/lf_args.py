@@ -53,6 +53,8 @@ UNSUPPORTED = {
     "rope_scaling": "RoPE scaling",
     "shift_attn": "shift short attention",
     "mix_strategy": "interleaved dataset mixing",
+    "interleave_probs": "interleaved dataset mixing",
+    "eval_on_each_dataset": "evaluating each eval_dataset separately",
     "enable_liger_kernel": "Liger kernels",
     "use_llama_pro": "LLaMA Pro",
     "group_by_length": "HF length grouping (exporter always batches by length within shuffled windows)",
@@ -61,7 +63,8 @@ UNSUPPORTED = {
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     **dict.fromkeys(UNSUPPORTED),
     **dict.fromkeys(("use_unsloth", "use_galore", "use_badam", "use_apollo", "pissa_init", "create_new_adapter",
-                     "streaming", "shift_attn", "enable_liger_kernel", "use_llama_pro", "group_by_length"), False),
+                     "streaming", "shift_attn", "enable_liger_kernel", "use_llama_pro", "group_by_length",
+                     "eval_on_each_dataset"), False),
     "pref_bco_weight": 0.0,
     "freeze_multi_modal_projector": True,
     "mix_strategy": "concat",
@@ -119,6 +122,7 @@ class TrainConfig:
     packing: bool | None = None
     neat_packing: bool = False
     preprocessing_num_workers: int | None = None
+    preprocessing_batch_size: int = 1000  # rows per LF map batch: pt blocks, SFT packing and KTO's KL pairs per batch
     overwrite_cache: bool = False
     overwrite_output_dir: bool = False
     logging_steps: float = 500
@@ -242,6 +246,8 @@ def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set
     for key in ("report_to", "fsdp"):
         if isinstance(data.get(key), str):  # HF takes space- (or comma-) separated words
             data[key] = [w for w in data[key].replace(",", " ").split() if w]
+    if isinstance(data.get("val_size"), float) and data["val_size"] == 1:  # LF: test_size=1.0, a fraction
+        raise UserError(f"{where}: val_size: 1.0 is a fraction of the rows: give one below 1, or a count (val_size: 1)")
     if data.get("eval_steps") is not None and "eval_strategy" not in data and "evaluation_strategy" not in data:
         data["eval_strategy"] = "steps"  # the tutorials' `--val_size 0.1 --eval_steps 50`
         every = data["eval_steps"]
@@ -313,6 +319,8 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
     check_max_samples(cfg.max_samples)
     if cfg.val_size < 0 or (cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size)):
         raise UserError(f"val_size must be a fraction in [0, 1) or a whole number of samples, got {cfg.val_size}")
+    if cfg.preprocessing_batch_size < 1:
+        raise UserError(f"preprocessing_batch_size must be a number of rows >= 1, got {cfg.preprocessing_batch_size}")
     if cfg.eval_dataset and cfg.val_size:  # LLaMA-Factory's split_dataset refuses it too
         raise UserError("val_size and eval_dataset both name a validation set; set one of them")
     if cfg.eval_strategy != "no" and not cfg.val_size and not cfg.eval_dataset:

@@ -180,9 +180,9 @@ def sample_messages(sample: Any) -> list[dict[str, str]]:
 
 
 def cutoff(cfg: Any) -> int:
-    """LF's cutoff_len for a training config (LF keeps one position free when packing)."""
-    packing = cfg.packing if cfg.packing is not None else cfg.stage == "pt"
-    return cfg.cutoff_len - 1 if packing else cfg.cutoff_len
+    """LF's cutoff_len for a training config: one less when `packing` or `neat_packing` is set (LF's DataArguments;
+    the packing stage pt gets by default keeps the whole length)."""
+    return cfg.cutoff_len - 1 if cfg.packing or cfg.neat_packing else cfg.cutoff_len
 
 
 def resolve_for_training(model_dir: Path, cfg: Any) -> Any:

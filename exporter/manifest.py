@@ -74,18 +74,25 @@ def write(
         "inputs": ins,
         "outputs": describe(outputs if outputs is not None else out_dir),
     }
-    path = Path(out_dir) / MANIFEST_NAME
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return save(Path(out_dir) / MANIFEST_NAME, doc)
+
+
+def save(path: Path, doc: dict[str, Any]) -> Path:
+    """Write the manifest `doc` to `path` atomically (a temporary beside it, renamed): a kill or a full disk leaves
+    the previous manifest or none, never a truncated one; a full disk is one line naming `path`."""
+    from exporter.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     return path
 
 
-def mark(out_dir: Path, stage: str) -> Path:
-    """An incomplete manifest: `out_dir` is ours (an exporter output) while `stage` is still writing into it."""
+def mark(out_dir: Path, stage: str, outputs: list[str] | None = None) -> Path:
+    """An incomplete manifest: `out_dir` is ours (an exporter output) while `stage` is still writing into it;
+    `outputs`: names in it already known as ours."""
     doc = {"stage": stage, "complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "command": sys.argv, "outputs": []}  # fmt: skip
-    path = Path(out_dir) / MANIFEST_NAME
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+           "command": sys.argv, "outputs": [{"path": n} for n in outputs or []]}  # fmt: skip
+    return save(Path(out_dir) / MANIFEST_NAME, doc)
 
 
 def changed(out_dir: Path) -> str | None:
@@ -97,7 +104,8 @@ def changed(out_dir: Path) -> str | None:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc.get("complete") is False:
-            return f"{out_dir} is incomplete (the {doc.get('stage')} run writing it did not finish)"
+            writer = doc.get("pending") or doc.get("stage")  # `pending`: a predict replacing its files in it
+            return f"{out_dir} is incomplete (the {writer} run writing it did not finish)"
         rows = doc["outputs"]
         expected = {str(r["path"]): (int(r["bytes"]), str(r["sha256"])) for r in rows}
     except (ValueError, KeyError, TypeError, AttributeError):

@@ -389,7 +389,7 @@ def _write_modelfile(out: Path, tpl: Any, source: str) -> None:
     from exporter import gguf
 
     try:
-        (out / "Modelfile").write_text(gguf.dir_modelfile(tpl, source), encoding="utf-8")
+        (out / "Modelfile").write_text(gguf.dir_modelfile(tpl, source, out), encoding="utf-8")
     except UserError as e:
         from rich.markup import escape
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 PREDICTIONS = "generated_predictions.jsonl"
 RESULTS = "predict_results.json"
+COMBINED = "all_results.json"  # HF's save_metrics(combined=True): train and predict results together
 
 # keys of LF's predict YAML that change nothing here, and why (said once when given)
 NO_EFFECT = {
@@ -266,22 +267,54 @@ def _speed(n: int, batches: int, runtime: float) -> dict[str, float]:
             "predict_steps_per_second": round(batches / runtime, 3)}  # fmt: skip
 
 
-def _write_outputs(out: Path, examples: list[Example], eng: Any, preds: list[str], metrics: dict) -> list[str]:
-    """Write LF's files into `out` (made ours first, so that a crash midway leaves a dir the next run may reuse);
-    returns their names."""
+def _manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of `out` as a dict, or None (absent, empty, unreadable)."""
+    try:
+        doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _predict_only(out: Path) -> bool:
+    """Whether `out` holds nothing but what predict writes (its files, its manifest, their temporaries): a dir of
+    predict's own, whose manifest it may rewrite when it is unreadable (a kill or a full disk in an older version)."""
+    from exporter.atomic import leftover
+
+    ours = (PREDICTIONS, RESULTS, COMBINED, MANIFEST_NAME)
+    return all(p.name in ours or (leftover(p.name) or ("",))[0] in ours for p in out.iterdir())
+
+
+def _begin(out: Path) -> None:
+    """Mark `out` incomplete before its files are replaced, so that a kill in between never leaves new predictions
+    beside old scores under a manifest that looks whole: predict's own dir gets an incomplete predict manifest;
+    another stage's finished output (a training run's dir) keeps its manifest, marked `complete: false` with
+    `pending: predict` until `_record` completes it; anything else (a run still writing it) is left as it is."""
     from exporter import manifest
+
+    doc = _manifest(out)
+    if doc is None and (not (out / MANIFEST_NAME).exists() or _predict_only(out)):
+        manifest.mark(out, "predict")
+    elif doc is not None and doc.get("stage") in (None, "predict"):
+        manifest.mark(out, "predict")
+    elif doc is not None and doc.get("complete") is not False and isinstance(doc.get("outputs"), list):
+        manifest.save(out / MANIFEST_NAME, doc | {"complete": False, "pending": "predict"})
+
+
+def _write_outputs(out: Path, examples: list[Example], eng: Any, preds: list[str], metrics: dict) -> list[str]:
+    """Write LF's files into `out` (marked incomplete first, `_begin`, so that a crash midway leaves a dir the
+    next run may reuse and nobody takes for whole); returns their names."""
     from exporter.atomic import atomic_file
 
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / MANIFEST_NAME).is_file():
-        manifest.mark(out, "predict")
+    _begin(out)
     with atomic_file(out / PREDICTIONS) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for ex, pred in zip(examples, preds, strict=True):
             row = {"prompt": eng.decode(ex.prompt_ids, False), "predict": pred, "label": ex.label}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     with atomic_file(out / RESULTS) as tmp:
         tmp.write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
-    combined = out / "all_results.json"  # HF's save_metrics(combined=True): train and predict results together
+    combined = out / COMBINED
     merged = json.loads(combined.read_text(encoding="utf-8")) if combined.is_file() else {}
     with atomic_file(combined) as tmp:
         tmp.write_text(json.dumps(merged | metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
@@ -292,20 +325,19 @@ def _record(out: Path, opts: PredictOptions, written: list[str]) -> None:
     """The manifest of `out`: predict's own (its settings and dataset files), or, in another stage's output (a
     training run's dir), that manifest with the rows of the files predict wrote replaced, so it still matches."""
     from exporter import dataset_info, manifest
-    from exporter.atomic import atomic_file
 
-    path = out / MANIFEST_NAME
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # not ours to repair
-    if isinstance(doc, dict) and doc.get("stage") not in (None, "predict"):
-        if doc.get("complete") is False or not isinstance(doc.get("outputs"), list):
+    doc = _manifest(out)
+    if doc is None and not _predict_only(out):
+        return  # another stage's unreadable manifest: not ours to repair
+    if doc is not None and doc.get("stage") not in (None, "predict"):
+        pending = doc.pop("pending", None) == "predict"  # `_begin`'s mark
+        if (doc.get("complete") is False and not pending) or not isinstance(doc.get("outputs"), list):
             return  # a run still writing it (or an unreadable one) keeps its manifest as it is
+        if pending:
+            doc.pop("complete", None)
         kept = [r for r in doc["outputs"] if not (isinstance(r, dict) and r.get("path") in written)]
         doc["outputs"] = kept + [row for name in written for row in manifest.describe(out / name, out)]
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        manifest.save(out / MANIFEST_NAME, doc)
         return
     info = dataset_info.read_info(Path(opts.dataset_dir))
     inputs = {f"dataset:{n}": dataset_info.spec(n, info, Path(opts.dataset_dir)).source for n in opts.eval_dataset}

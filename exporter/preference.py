@@ -266,7 +266,8 @@ def encode_pairs(samples: list, encode: Encode, cutoff: int, drops: Any, chat: C
 
 
 def encode_kto(samples: list, encode: Encode, cutoff: int, drops: Any, chat: Chat = hf_chat) -> list[KTOExample]:
-    """KTO samples (data.Sample with `kto_tag`) -> KTOExample, each with its KL pair (previous sample's answer)."""
+    """KTO samples (data.Sample with `kto_tag`) -> KTOExample, each with its KL pair: the previous sample's answer,
+    the last sample's for the first (LLaMA-Factory's, per map batch: `examples.prepare` passes one batch)."""
     out = []
     for k, s in enumerate(samples):
         messages, tools = chat(s, False)

@@ -6,14 +6,20 @@ usage; finish_reason stop / length / tool_calls), POST /v1/completions (a raw pr
 echo, logprobs, stop, stream). Errors have OpenAI's shape: 401 bad key, 400 malformed or
 unsupported parameter (named), 404 unknown model, 429 queue full, 503 engine closed. Requests run concurrently on
 the engine's continuous batching; a client that goes away frees its slot at the next step.
+
+Stopping: the first SIGINT or SIGTERM says so in one line, stops accepting, and ends every open request at once with
+OpenAI's 503 (a stream: its error event), cancelling its engine requests; the process then exits 130 / 143, as
+the other verbs do. A second signal exits at once.
 """
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import secrets
 import shlex
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -311,12 +317,15 @@ def _usage(prompt: int, completions: list[int]) -> dict[str, int]:
 
 
 class _Run:
-    """n engine requests of one HTTP request, their deltas on one asyncio queue: (choice index, Delta | error)."""
+    """n engine requests of one HTTP request, their deltas on one asyncio queue: (choice index, Delta | error);
+    listed in `tracked` until cancelled (answered, failed, its client gone, or the server stopping)."""
 
-    def __init__(self, engine: Engine, req: ChatRequest | TextRequest) -> None:
+    def __init__(self, engine: Engine, req: ChatRequest | TextRequest, tracked: "_Open") -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Delta | BaseException]] = asyncio.Queue()
         self.handles = []
+        self.stopped: ApiError | None = None  # the server is stopping: the answer ends with this error now
+        self.tracked = tracked
         try:
             for i in range(req.n):
                 s = req.sampling.replace(seed=seed_of_choice(req.sampling.seed, i))
@@ -328,10 +337,36 @@ class _Run:
         except BaseException:
             self.cancel()
             raise
+        tracked.runs.add(self)
 
     def cancel(self) -> None:
+        self.tracked.runs.discard(self)
         for h in self.handles:
             h.cancel()
+
+    def stop(self, error: ApiError) -> None:
+        """End the answer now with `error` (what is queued but not yet sent is dropped); its slots free at the
+        engine's next step."""
+        self.stopped = error
+        self.queue.put_nowait((0, error))
+        self.cancel()
+
+
+class _Open:
+    """The requests being answered, so that a stopping server can end them; `stopping`: the error every request
+    gets from then on."""
+
+    def __init__(self) -> None:
+        self.runs: set[_Run] = set()
+        self.stopping: ApiError | None = None
+
+    def stop(self) -> int:
+        """Refuse new requests and end the open ones with a 503; how many were open."""
+        self.stopping = ApiError(503, "the server is shutting down", type_="server_error", code="unavailable")
+        runs = list(self.runs)
+        for run in runs:
+            run.stop(self.stopping)
+        return len(runs)
 
 
 def create_app(engine: Engine, opts: ServeOptions) -> Any:
@@ -342,6 +377,7 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
     name = opts.model_name or engine.name
     app = FastAPI(title="exporter serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    app.state.requests = requests = _Open()  # `run` ends them when the server stops
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -361,7 +397,7 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
     @app.get("/health")
     async def _health() -> Any:
         running, waiting = engine.load()
-        error = engine.error
+        error = str(requests.stopping) if requests.stopping is not None else engine.error
         if error is not None:  # closed, or its worker died: no request can be served
             body = {"status": "error", "error": error, "model": name, "running": running, "waiting": waiting}
             return JSONResponse(body, status_code=503)
@@ -380,7 +416,7 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
     async def _respond(request: Request, req: ChatRequest | TextRequest, rid: str, stream: Any, complete: Any) -> Any:
         """The request's answers, streamed (SSE) or whole; when the client went away, a 499 nobody reads (uvicorn
         drops it) and nothing logged."""
-        run = _start(engine, req)
+        run = _start(engine, req, requests)
         if req.stream:
             return StreamingResponse(_sse(run, stream(engine, req, run, rid, name)), media_type="text/event-stream")
         answer = await complete(engine, req, run, rid, name, request)
@@ -406,10 +442,13 @@ async def _json(request: Any) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
 
-def _start(engine: Engine, req: ChatRequest | TextRequest) -> _Run:
-    """The request's n answers queued on the engine; 429 queue full, 503 engine closed, 400 too long or bad."""
+def _start(engine: Engine, req: ChatRequest | TextRequest, tracked: _Open) -> _Run:
+    """The request's n answers queued on the engine; 429 queue full, 503 engine closed or the server stopping, 400
+    too long or bad."""
+    if tracked.stopping is not None:
+        raise tracked.stopping
     try:
-        return _Run(engine, req)
+        return _Run(engine, req, tracked)
     except QueueFull as e:
         raise ApiError(429, str(e), type_="rate_limit_error", code="queue_full") from None
     except EngineClosed as e:
@@ -460,7 +499,10 @@ def _unavailable(e: EngineClosed) -> ApiError:
 
 
 def _failure(e: BaseException) -> ApiError:
-    """What a request that failed inside the engine answers: 503 when the engine closed or died, else 500."""
+    """What a request that failed inside the engine answers: 503 when the engine closed or died (or the server is
+    stopping: its own ApiError), else 500."""
+    if isinstance(e, ApiError):
+        return e
     return _unavailable(e) if isinstance(e, EngineClosed) else ApiError(500, str(e), type_="server_error")
 
 
@@ -487,6 +529,8 @@ async def _gather(req: ChatRequest | TextRequest, run: _Run, request: Any) -> li
                 got.cancel()
                 return None  # nobody to answer
             i, d = got.result()
+            if run.stopped is not None:
+                raise run.stopped
             if isinstance(d, BaseException):
                 raise _failure(d)
             parts[i].append(d)
@@ -503,6 +547,8 @@ async def _deltas(req: ChatRequest | TextRequest, run: _Run, counts: list[int]) 
     done = 0
     while done < req.n:
         i, d = await run.queue.get()
+        if run.stopped is not None:
+            raise run.stopped
         if isinstance(d, BaseException):
             raise _failure(d)
         counts[i] += len(d.token_ids)
@@ -701,8 +747,72 @@ def options_from_env(opts: ServeOptions) -> ServeOptions:
     return opts
 
 
-def run(opts: ServeOptions) -> None:
-    """Load the model, print the banner, serve until interrupted."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CUT_AFTER_S = 2.0  # a connection still open this long after the stop (its client reads no more) is closed
+
+
+def _exit_now(sig: int, frame: Any = None) -> None:
+    """A second SIGINT/SIGTERM (a signal handler): exit at once, 128 + the signal, whatever is still running."""
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(128 + sig)
+
+
+def _server(config: Any, requests: _Open) -> Any:
+    """uvicorn's Server, stopped our way. The first SIGINT/SIGTERM prints one line, ends every open request at once
+    (`_Open.stop`: a 503, or a stream's error event), then uvicorn closes the listener and the connections; one
+    whose client reads no more is closed after CUT_AFTER_S. uvicorn alone waited for every answer to finish, with
+    no word and no limit, and re-raised the signal. A second signal exits at once (uvicorn's forced exit cancelled
+    the open requests, a traceback each)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def __init__(self) -> None:
+            super().__init__(config)
+            self.stopped_by = 0  # the signal that stopped it
+            self.loop: asyncio.AbstractEventLoop | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:  # uvicorn's, less its re-raising of the signal on the way out
+            self.loop = asyncio.get_running_loop()
+            previous = {s: signal.signal(s, self.handle_exit) for s in STOP_SIGNALS}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.stopped_by:
+                _exit_now(sig)
+            self.stopped_by = sig
+            self.should_exit = True  # uvicorn's main loop sees it within 0.1 s: stop listening, close connections
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._stop, sig)
+
+        def _stop(self, sig: int) -> None:
+            n = requests.stop()
+            name = signal.Signals(sig).name
+            ended = f"ending {n} open request{'' if n == 1 else 's'} with a 503 error" if n else "no request was open"
+            again = "Ctrl-C" if sig == signal.SIGINT else name
+            print(f"exporter serve: stopping ({name}): {ended}; a second {again} exits at once", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            assert self.loop is not None
+            self.loop.call_later(CUT_AFTER_S, self._cut)
+
+        def _cut(self) -> None:
+            for conn in list(self.server_state.connections):
+                transport = getattr(conn, "transport", None)
+                if transport is not None:
+                    transport.abort()
+
+    return Server()
+
+
+def run(opts: ServeOptions) -> int:
+    """Load the model, print the banner, serve until SIGINT or SIGTERM stops it: the exit code then, 130 / 143. From
+    that signal on, another one exits the process at once (in the engine's last step, or in Python's exit)."""
     from exporter.engine import load
 
     try:
@@ -711,6 +821,7 @@ def run(opts: ServeOptions) -> None:
     except ImportError:
         raise UserError("exporter serve needs FastAPI and uvicorn: pip install 'exporter[serve]'") from None
     sock = listen(opts.host, opts.port)  # first: a busy port is one line, not a banner and then uvicorn's error
+    stopped_by = 0
     try:
         engine = load(opts.load)
         try:
@@ -718,11 +829,22 @@ def run(opts: ServeOptions) -> None:
             app = create_app(engine, opts)
             sys.stdout.write(banner(opts, opts.model_name or engine.name, engine))
             sys.stdout.flush()
-            uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+            config = uvicorn.Config(app, log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=int(CUT_AFTER_S) + 3)  # fmt: skip
+            server = _server(config, app.state.requests)
+            server.run(sockets=[sock])
+            stopped_by = server.stopped_by
         finally:
-            engine.close()
+            previous = {s: signal.signal(s, _exit_now) for s in STOP_SIGNALS}
+            try:
+                engine.close()  # the engine ends its current step
+            finally:
+                if not stopped_by:
+                    for s, handler in previous.items():
+                        signal.signal(s, handler)
     finally:
         sock.close()
+    return 128 + stopped_by if stopped_by else 0
 
 
 def listen(host: str, port: int) -> Any:

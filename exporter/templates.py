@@ -424,12 +424,16 @@ def detect_template_text(
 ) -> ChatTemplate:
     """The family whose Jinja renders every probe exactly as `template` does, carrying `template` itself as its
     Jinja; else a template derived from `template` (`exporter.derive.chat_template`). Never raises for a template."""
+    from exporter.derive import with_eos_stops
+
     family, nearest = match_family(template, bos, eos)
     if family is not None:
         note = (f"chat template: the model's own Jinja, which renders every probe exactly like family {family.name!r}; "
                 f"Ollama TEMPLATE of family {family.name}")  # fmt: skip
-        return dataclasses.replace(family.for_tokenizer(bos or None, eos or None), jinja=template,
-                                   notes=(note, *family.notes))  # fmt: skip
+        filled = family.for_tokenizer(bos or None, eos or None)
+        # the family's stops plus eos and generation_config's eos tokens, as a derived template's (stops_for)
+        return dataclasses.replace(filled, jinja=template, notes=(note, *family.notes),
+                                   stop=with_eos_stops(filled.stop, eos, eos_tokens or []))  # fmt: skip
     from exporter.derive import chat_template
 
     return chat_template(template, bos, eos, markers, eos_tokens or [], nearest)

@@ -662,6 +662,7 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
     tuning.check_inputs(cfg, model_dir)  # corrupt weights, an adapter given as the model: one line, nothing written
     out = Path(cfg.output_dir)
     prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
+    checkpoint.check_not_input(cfg, out, model_dir)  # never into the base, the adapter or the data
     rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
     if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
         cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)

@@ -38,6 +38,19 @@ def test_relative_base_gguf_is_relative_to_the_modelfile(tiny_model, tmp_path, m
     assert gguf.base_from_line("mybase:latest", llama, tmp_path / "out/lora") == "mybase:latest"  # an Ollama name
 
 
+def test_base_gguf_beside_the_modelfile_is_an_explicit_relative_path(tmp_path):
+    """A base GGUF in the Modelfile's own dir (or below) is `./name`, never a bare `name` that reads as an Ollama
+    model name; one elsewhere is `../...`; a name that is no file stays as given."""
+    out = tmp_path / "out" / "lora"
+    (out / "sub").mkdir(parents=True)
+    for rel in ("b.gguf", "sub/b.gguf"):
+        (out / rel).write_bytes(b"GGUF")
+        assert gguf.base_from_line(str(out / rel), tmp_path, out) == f"./{rel}"
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    assert gguf.base_from_line(str(tmp_path / "b.gguf"), tmp_path, out) == "../../b.gguf"
+    assert gguf.base_from_line(None, tmp_path, out) == str(tmp_path.resolve())
+
+
 def test_base_gguf_without_adapter_is_refused(tiny_model, tmp_path):
     r = _run("gguf", str(tiny_model("llama3")), "--base-gguf", "x.gguf", "--out", str(tmp_path / "g"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--base-gguf" in r.stderr and "--adapter" in r.stderr

@@ -434,3 +434,11 @@ def test_a_template_with_its_own_encoder_encodes_itself() -> None:
     msgs = [_u("Hi"), _a("Hello")]
     assert encode(None, tpl, msgs, train_on_prompt=True, cutoff_len=9) == ([1, 2, 3], [-100, 2, 3])
     assert calls == [(msgs, None, True, 9)]
+
+
+def test_stops_are_end_of_turn_and_eos_without_the_user_prefix() -> None:
+    """A template with an end-of-turn token stops on it and on eos; the next user header is a stop only for a
+    template that has no such token (stops_for)."""
+    tokens = [BOS, EOT, "<|start_header_id|>", "<|end_header_id|>"]
+    assert detect_template_text(LLAMA3_0, BOS, EOT, tokens).stop == [EOT]
+    assert detect_template_text(LLAMA3_0, BOS, "<|end_of_text|>", tokens).stop == [EOT, "<|end_of_text|>"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,32 @@ def test_atomic_file(tmp_path: Path) -> None:
     with atomic.atomic_file(out) as tmp:
         tmp.write_bytes(b"whole")
     assert out.read_bytes() == b"whole"
+
+
+def test_only_this_outputs_leftovers_are_removed(tmp_path: Path, capsys) -> None:
+    """A run writing `out` removes what killed runs left as `out`'s temporaries (atomic's exact names), never another
+    output's, a user's file that merely looks alike, nor (for a file output) a live writer's temporary."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid, live = int(dead.stdout), os.getpid()
+    stale = [f"out.tmp-{pid}-abcd_123"]
+    # `out.old-<pid>`: an older version's name, without the random part, is a user's (test_faults)
+    kept = [f"other.tmp-{pid}-abcd_123", f"out.tmp-{pid}-backup", f"out.tmp-{pid}-abcd_123.txt", "out.bak",
+            f"out.old-{pid}"]  # fmt: skip
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("keep me")
+    with atomic.atomic_dir(tmp_path / "out") as tmp:
+        (tmp / manifest.MANIFEST_NAME).write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *kept])
+    err = capsys.readouterr().err
+    assert all(f"removed {tmp_path / name}" in err for name in stale), err
+    # a file output: only dead writers' temporaries go; a live one (this process) is another run's, still writing
+    (tmp_path / f"f.json.tmp-{pid}-abcd1234").write_text("dead")
+    (tmp_path / f"f.json.tmp-{live}-abcd1234").write_text("alive")
+    with atomic.atomic_file(tmp_path / "f.json") as tmp:
+        tmp.write_text("{}")
+    assert not (tmp_path / f"f.json.tmp-{pid}-abcd1234").exists()
+    assert (tmp_path / f"f.json.tmp-{live}-abcd1234").read_text() == "alive"
 
 
 def test_free_space_check(tmp_path: Path) -> None:

@@ -124,6 +124,9 @@ ALLOWED_KV = {
     # recognises by name (checked in test_end_of_turn_tokens_are_eog)
     "tokenizer.ggml.eot_token_id": "end-of-turn token of the template",
     "tokenizer.ggml.eom_token_id": "second end-of-turn token of the template",
+    # every end-of-generation id (generation_config's eos ids too), as Ollama's converter writes it: Ollama's Go engine
+    # stops on eos + this list (llama.cpp's converter does not write it)
+    "tokenizer.ggml.eos_token_ids": "Ollama's stop ids",
     # Gemma3: per-layer sliding/global flags from config.json layer_types; llama.cpp's converter leaves them out and
     # llama.cpp then assumes a 5-local-1-global cycle (wrong for the 2-layer fixture: test_f32_logits_match_...)
     "gemma3.attention.sliding_window_pattern": "layer_types written so llama.cpp slides the right layers",
@@ -164,6 +167,45 @@ def test_matches_llama_cpp_converter(family, tiny_model, converted, tmp_path):
         assert list(t.shape) == list(r.shape), f"{family}/{name}: shape {t.shape} vs {r.shape}"
         assert t.tensor_type == r.tensor_type, f"{family}/{name}: type {t.tensor_type.name} vs {r.tensor_type.name}"
         assert np.asarray(t.data).tobytes() == np.asarray(r.data).tobytes(), f"{family}/{name}: bytes differ"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "attention_factor": 1.25,
+            "extrapolation_factor": 0.5,
+        },  # fmt: skip
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512},
+    ],
+    ids=["linear", "yarn", "yarn-defaults"],
+)
+def test_rope_scaling_matches_llama_cpp_converter(rope, tiny_model, tmp_path):
+    """Linear and YaRN RoPE scaling (no fixture has them): the same rope metadata as llama.cpp's converter."""
+    import shutil
+
+    from exporter import templates
+    from exporter.gguf import export
+
+    model = shutil.copytree(tiny_model("llama2"), tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    cfg["rope_parameters"] = {"rope_theta": 10000.0, **rope}
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    export(model, ["f16"], templates.resolve(model, None), tmp_path / "out")
+    a, b = _fields(_gguf(tmp_path / "out", "f16")), _fields(_reference_f16(model, tmp_path))
+    rope_keys = {k for k in set(a) | set(b) if ".rope." in k}
+    assert {k for k in rope_keys if "scaling" in k} and all(a.get(k) == b.get(k) for k in rope_keys), {
+        k: (_show(_gguf(tmp_path / "out", "f16"), k), _show(tmp_path / "ref-f16.gguf", k))
+        for k in rope_keys
+        if a.get(k) != b.get(k)
+    }
 
 
 def _v4_style(cfg: dict) -> dict:
@@ -347,6 +389,24 @@ def test_kquants_load_and_give_sane_logits(tiny_model, tmp_path):
     types = {t.name: t.tensor_type.name for t in GGUFReader(res.files["q4_k_m"]).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_K"
     assert any(n.startswith(f"{t}: ") for t in types for n in res.fallbacks["q4_k_m"])  # llama.cpp's mix is reported
+
+
+@pytest.mark.parametrize("family", ["llama2", "qwen2"])  # untied head; tied (token_embd is the output projection)
+def test_q4_0_keeps_the_output_projection_at_8_bits(family, tiny_model, tmp_path):
+    """A q4_0 file: every matrix q4_0 except the output projection (output.weight, or token_embd when the head is
+    tied), which stays q8_0 as llama.cpp keeps it at 6+ bits, and the file's report says so."""
+    from gguf import GGUFReader
+
+    from exporter import templates
+    from exporter.gguf import export
+
+    model = tiny_model(family)
+    res = export(model, ["q4_0"], templates.resolve(model, None), tmp_path / "out")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(res.files["q4_0"]).tensors}
+    head = "output.weight" if "output.weight" in types else "token_embd.weight"
+    assert (family == "qwen2") is (head == "token_embd.weight"), sorted(types)
+    assert types[head] == "Q8_0" and types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q4_0"
+    assert any(n.startswith(f"{head}: ") and "q8_0" in n for n in res.fallbacks["q4_0"]), res.fallbacks
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])

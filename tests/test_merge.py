@@ -491,3 +491,26 @@ def test_bin_adapter_same_as_safetensors(tiny_model, tmp_path):
     merge(MergeOptions(base=base, adapters=[st], out=tmp_path / "a"))
     merge(MergeOptions(base=base, adapters=[binad], out=tmp_path / "b"))
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_shard_plan_and_names_match_huggingface_hub():
+    """--max-shard-size reads sizes as huggingface_hub does (GB = 10^9, GiB = 2^30), and the tensors go into shards
+    as its `split_torch_state_dict_into_shards` puts them (a shard filled exactly to the limit is not split),
+    named model-00001-of-0000N.safetensors (model.safetensors alone)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    from exporter.shards import PlannedTensor, parse_size, plan_shards, shard_names
+
+    for size in ("2GB", "500MB", "300KB", "5TB"):
+        assert parse_size(size) == parse_size_to_int(size), size
+    assert parse_size("1GiB") == 2**30 and parse_size("500MiB") == 500 * 2**20
+    # float32: 400+600 bytes, 800+200, 500+500 fill 1000-byte shards exactly; 1000 alone fills the last one
+    state = {f"t{i}": torch.zeros(n) for i, n in enumerate([100, 150, 200, 50, 125, 125, 250])}
+    for limit in (1000, 10_000):
+        ours = plan_shards([PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in state.items()], limit)
+        ref = split_torch_state_dict_into_shards(
+            state, max_shard_size=limit, filename_pattern="model{suffix}.safetensors"
+        )
+        got = {name: [t.name for t in shard] for name, shard in zip(shard_names(len(ours)), ours, strict=True)}
+        assert got == ref.filename_to_tensors, limit

@@ -115,3 +115,13 @@ def test_full_export_of_a_quantized_model_is_refused(tiny_model, tmp_path):
     with pytest.raises(UserError, match="give at least one --adapter"):
         merge(MergeOptions(base=str(q), adapters=[], out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [65504.0, 65519.0, 65520.0, 65536.0, float("inf"), float("nan")])
+def test_fp16_overflow_is_caught_exactly_where_the_cast_overflows(value):
+    """The merge refuses a tensor exactly when its float16 cast holds inf/nan (65520 and up round to inf)."""
+    from exporter.merge import _finite
+
+    cur = torch.tensor([1.0, -value, 2.0], dtype=torch.float32)
+    out = cur.to(torch.float16)
+    assert _finite(cur, out) is bool(torch.isfinite(out).all()), (value, out)

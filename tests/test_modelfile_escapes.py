@@ -35,6 +35,16 @@ def test_go_string_escapes_what_the_modelfile_parser_drops() -> None:
     assert gotemplate.render_go("{{ " + lit + " }}", gotemplate.ollama_data([])) == text  # real Go
 
 
+def test_go_string_escapes_unprintable_characters_beyond_the_bmp() -> None:
+    """Unprintable characters past U+FFFF (language tags, musical format controls) need Go's 8-digit \\U escape: a
+    4-digit one would read the fifth digit as text."""
+    require_go()
+    text = "a\U000e0001b\U0001d173c"
+    lit = derive.go_string(text)
+    assert "\U000e0001" not in lit and "\U0001d173" not in lit
+    assert gotemplate.render_go("{{ " + lit + " }}", gotemplate.ollama_data([])) == text  # real Go
+
+
 def test_unprintable_jinja_literal_and_default_system_export(tiny_model, tmp_path: Path) -> None:
     require_go()
     tpl = detect_template_text(JINJA, "", "<|im_end|>", ["<|im_start|>", "<|im_end|>"])

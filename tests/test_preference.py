@@ -248,3 +248,18 @@ def test_kto_equals_trl(kto_trainer) -> None:
     assert float(out.kl) == pytest.approx(metrics["kl"], rel=1e-5, abs=1e-7)
     assert float(out.chosen_rewards.mean()) == pytest.approx(metrics["rewards/chosen"], rel=1e-5)
     assert float(out.rejected_rewards.mean()) == pytest.approx(metrics["rewards/rejected"], rel=1e-5)
+
+
+def test_orpo_of_near_certain_answers_equals_trl_in_float64() -> None:
+    """Per-token mean log-probs near 0 (answers the model is sure of): the float32 ORPO loss stays finite and equals
+    TRL's odds-ratio loss computed in float64 (log(1 - exp(x)) loses everything in float32 there)."""
+    _quiet()
+    from trl.experimental.orpo import ORPOTrainer
+
+    c64 = torch.tensor([-1e-9, -1e-6, -1e-4, -0.3, -2.0], dtype=torch.float64)
+    r64 = torch.tensor([-2e-9, -3e-7, -2.0, -1e-5, -0.7], dtype=torch.float64)
+    stub = SimpleNamespace(beta=BETA, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    ratio_terms, c_rew, r_rew, _, _ = ORPOTrainer.odds_ratio_loss(stub, c64, r64)
+    out = P.orpo_loss(c64.float(), r64.float(), BETA)
+    assert torch.isfinite(out.losses).all(), out.losses
+    torch.testing.assert_close(out.losses.double(), -c64 - ratio_terms, rtol=1e-4, atol=1e-9)

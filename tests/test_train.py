@@ -289,6 +289,23 @@ def test_pack_sft_bins() -> None:
     assert len(packed) == 4
 
 
+def test_pack_sft_fills_exact_fits_and_keeps_each_examples_labels() -> None:
+    """Examples that fill cutoff_len exactly share one sequence (LLaMA-Factory's greedy knapsack takes a fit of
+    equal size); each packed sequence is whole examples with their own labels, and neat packing's lengths cut it
+    back into them."""
+    exs = [E.Example([1] * 4, [E.IGNORE, 1, 1, 1]), E.Example([2] * 6, [E.IGNORE] * 3 + [2] * 3), E.Example([3] * 5,
+           [3] * 5)]  # fmt: skip
+    groups = []
+    for p in E.pack_sft(exs, 10, neat=True):
+        assert sum(p.segments) == len(p.input_ids) == len(p.labels) <= 10
+        starts = [sum(p.segments[:k]) for k in range(len(p.segments))]
+        groups.append(
+            sorted((p.input_ids[s : s + n], p.labels[s : s + n]) for s, n in zip(starts, p.segments, strict=True))
+        )
+    whole = [(e.input_ids, e.labels) for e in exs]
+    assert sorted(groups) == sorted([sorted(whole[:2]), whole[2:]])
+
+
 def test_fast_loss_equals_model_loss(tiny: Path, datadir: Path) -> None:
     """The loop's loss (decoder + head on labelled positions only) against transformers' own loss."""
     from transformers import AutoTokenizer

@@ -94,8 +94,9 @@ def test_dpo_reward_accuracy_rises(tiny: Path, pdata: Path, tmp_path: Path, pref
 
 
 def test_kto_margin_rises_with_eval(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+    # val_size 5: LLaMA-Factory's split (seed 42) puts rows 31, 19, 7, 27 (undesirable) and 26 (desirable) in eval
     cfg = _cfg(tiny, pdata, tmp_path / "o", stage="kto", dataset=["kto"], max_steps=12, logging_steps=3,
-               val_size=4, eval_strategy="steps", eval_steps=12, kto_rejected_weight=1.2)  # fmt: skip
+               val_size=5, eval_strategy="steps", eval_steps=12, kto_rejected_weight=1.2)  # fmt: skip
     out = T.train(cfg).out
     log = trainer_log(out)
     train_lines = [r for r in log if "loss" in r]
@@ -205,9 +206,9 @@ def test_neat_packing_keeps_examples_apart(tiny: Path, pdata: Path) -> None:
     rng = random.Random(1)
     exs = [E.Example(ids := [rng.randrange(5, 300) for _ in range(n)], [-100] * 2 + ids[2:]) for n in (7, 5, 9, 4)]
     packed = E.pack_sft(exs, cutoff=30, neat=True)
-    assert len(packed) == 1 and packed[0].segments == [7, 5, 9, 4]
+    assert len(packed) == 1 and packed[0].segments == [9, 7, 5, 4]  # LLaMA-Factory's order: the longest first
     batch = E.collate(packed + [E.Example(exs[0].input_ids, exs[0].labels)], pad_id=0)  # a padded second row
-    assert batch["attention_mask"] is None and batch["position_ids"][0].tolist()[:8] == [0, 1, 2, 3, 4, 5, 6, 0]
+    assert batch["attention_mask"] is None and batch["position_ids"][0].tolist()[:10] == [*range(9), 0]
     with torch.no_grad():
         ours, n = tuning.completion_logps(tuning.scorer(model), batch)
         ref = 0.0

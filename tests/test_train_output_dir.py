@@ -79,10 +79,10 @@ def test_only_atomics_exact_temporaries_are_leftovers(tmp_path: Path) -> None:
     """`<name>.tmp-<pid>-<tempfile's suffix>`, `<name>.old-<pid>` and `.<name>.exporter-lock` are ours; a user's
     `notes.tmp-2024.txt` or `eval.old-run1.json` is not, and a claim never removes it."""
     made = Path(tempfile.mkdtemp(prefix=f"out.tmp-{os.getpid()}-", dir=tmp_path)).name
-    assert atomic.leftover(made) == ("out", os.getpid()) and atomic.leftover("out.old-123") == ("out", 123)
+    assert atomic.leftover(made) == ("out", os.getpid()) and atomic.leftover("out.old-123-ab_cd9z0") == ("out", 123)
     assert atomic.leftover("checkpoint-3.tmp-77-ab_cd9z0") == ("checkpoint-3", 77)
     for name in ("notes.tmp-2024.txt", "eval.old-run1.json", "out.tmp-12", "out.tmp-12-abc", "out.old-",
-                 "out.tmp-1-ABCDEFGH", "out.tmp-x-abcdefgh", "out.old-12.bak"):  # fmt: skip
+                 "out.tmp-1-ABCDEFGH", "out.tmp-x-abcdefgh", "out.old-12.bak", "out.old-123"):  # fmt: skip
         assert atomic.leftover(name) is None, name
     assert atomic.locked(atomic.lock_name("checkpoint-3")) == "checkpoint-3" and atomic.locked("..final.exporter-lock")
     assert atomic.locked(".exporter-lock") is None and atomic.locked("a.exporter-lock") is None
@@ -100,18 +100,38 @@ def test_ours_is_what_a_run_writes(tmp_path: Path) -> None:
     killed runs left; a manifest listing a user's file (older versions listed the whole dir) does not make it ours."""
     out = tmp_path / "out"
     out.mkdir()
-    names = ["checkpoint-2", "checkpoint-best", "checkpoint-2.old-5", ".final", ".final.tmp-5-abcdefgh",
-             ".checkpoint-4.exporter-lock", "adapter_model.safetensors", "README.md", "notes.md",
-             "notes.tmp-2024.txt", "eval.old-run1.json", "training_loss.png", checkpoint.TRAINER_LOG]  # fmt: skip
+    names = ["checkpoint-2", "checkpoint-best", "checkpoint-2.old-5-abcdefgh", ".final-5-abcdefgh",
+             ".final.tmp-5-abcdefgh", ".checkpoint-4.exporter-lock", "adapter_model.safetensors", "README.md",
+             "notes.md", "notes.tmp-2024.txt", "eval.old-run1.json", "training_loss.png",
+             checkpoint.TRAINER_LOG]  # fmt: skip
     for n in names:
         (out / n).mkdir() if n.startswith(("checkpoint-", ".final")) else (out / n).write_text("x")
     (out / "checkpoint-3").write_text("a file, not a checkpoint")
     listed = ["adapter_model.safetensors", "notes.md", "training_loss.png", "checkpoint-2/trainer_state.json"]
     (out / manifest.MANIFEST_NAME).write_text(json.dumps({"stage": "train", "outputs": [{"path": p} for p in listed]}))
     assert checkpoint._ours(out) == {
-        manifest.MANIFEST_NAME, checkpoint.TRAINER_LOG, "checkpoint-2", "checkpoint-2.old-5", ".final",
-        ".final.tmp-5-abcdefgh", ".checkpoint-4.exporter-lock", "adapter_model.safetensors", "training_loss.png",
+        manifest.MANIFEST_NAME, checkpoint.TRAINER_LOG, "checkpoint-2", "checkpoint-2.old-5-abcdefgh",
+        ".final-5-abcdefgh", ".final.tmp-5-abcdefgh", ".checkpoint-4.exporter-lock", "adapter_model.safetensors",
+        "training_loss.png",
     }  # fmt: skip
+
+
+def test_look_alikes_of_checkpoints_are_the_users_and_resume_takes_the_highest(tmp_path: Path) -> None:
+    """`checkpoint-3-best/`, a `checkpoint-7` link to a user's dir and another output's atomic temporary are not
+    ours (overwrite_output_dir would remove them); resume picks the highest complete checkpoint-N by number."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = tmp_path / "elsewhere"
+    mine.mkdir()
+    (out / "checkpoint-7").symlink_to(mine, target_is_directory=True)
+    for n in ("checkpoint-3-best", "checkpoint-10.bak", "notes.tmp-5-abcdefgh", "checkpoint-2", "checkpoint-10",
+              "checkpoint-12"):  # fmt: skip
+        (out / n).mkdir()
+    for n in ("checkpoint-2", "checkpoint-10"):  # complete; checkpoint-12 has no state yet (killed mid-save)
+        (out / n / checkpoint.STATE_NAME).write_text("{}")
+    assert checkpoint._ours(out) == {manifest.MANIFEST_NAME, checkpoint.TRAINER_LOG, "checkpoint-2", "checkpoint-10",
+                                     "checkpoint-12"}  # fmt: skip
+    assert checkpoint.latest(out) == out / "checkpoint-10"
 
 
 def test_runs_into_a_dir_keep_the_users_files(tiny: Path, rows: Path, tmp_path: Path, capsys) -> None:
@@ -122,7 +142,8 @@ def test_runs_into_a_dir_keep_the_users_files(tiny: Path, rows: Path, tmp_path: 
     users = {"eval.old-run1.json": "mine", "notes.tmp-2024.txt": "mine", "notes.md": "mine"}
     for n, text in users.items():
         (out / n).write_text(text)
-    stale = [".final.tmp-999999-abcd1234", "checkpoint-2.old-999999", ".checkpoint-1.exporter-lock", ".final"]
+    stale = [".final.tmp-999999-abcd1234", "checkpoint-2.old-999999-abcd1234", ".checkpoint-1.exporter-lock",
+             ".final-999999-abcd1234"]  # fmt: skip
     for n in stale:
         (out / n).mkdir() if "lock" not in n else (out / n).write_text("")
     capsys.readouterr()

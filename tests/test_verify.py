@@ -123,7 +123,8 @@ def test_gguf_without_eog_id(good, tmp_path: Path) -> None:
         good.f16,
         tmp_path / good.f16.name,
         kv={"tokenizer.ggml.eos_token_id": other},
-        drop=tuple(k for k in declared if k != "tokenizer.ggml.eos_token_id"),
+        # tokenizer.ggml.eos_token_ids (Ollama's stop ids) declares it too
+        drop=(*(k for k in declared if k != "tokenizer.ggml.eos_token_id"), "tokenizer.ggml.eos_token_ids"),
     )
     rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen-2.5", **FAST))
     _only_failures(rep, {"stops", "chat"}, bad.name, "<|im_end|>", "not declared end-of-generation")
@@ -202,6 +203,55 @@ def test_wrong_pre_tokenizer(good, tmp_path: Path) -> None:
     bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={"tokenizer.ggml.pre": "gpt-2"})
     rep = V.verify(V.VerifyOptions(merged=good.merged, ggufs=[bad], template="qwen-2.5", **FAST))
     _only_failures(rep, {"tokenizer", "chat"}, bad.name, "tokenize differently", "tokenizer.ggml.pre='gpt-2'")
+
+
+def test_end_of_turn_token_of_ordinary_type_fails(good, tmp_path: Path) -> None:
+    """<|im_end|> stored as an ordinary text token (llama.cpp would print it and not parse it in prompts): the stops
+    check of that GGUF fails naming its type."""
+    from gguf import TokenType
+    from transformers import AutoTokenizer
+
+    from exporter.verify.artifacts import gen_eos
+    from exporter.verify.stops import check_stops, eot_ids
+
+    info = V.read_gguf(good.f16)
+    types = list(info.token_types)
+    im_end = info.tokens.index("<|im_end|>")
+    types[im_end] = int(TokenType.NORMAL)
+    bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={"tokenizer.ggml.token_type": types})
+    tok = AutoTokenizer.from_pretrained(good.merged)
+    eot = eot_ids(tok, good.tpl, [])
+    stops = gen_eos(good.merged) or []  # generation_config's eos ids are EOG in the GGUF too
+    (good_check,) = check_stops(eot, None, [info], [], tok, stops)
+    (bad_check,) = check_stops(eot, None, [V.read_gguf(bad)], [], tok, stops)
+    assert good_check.status == "pass", good_check.detail
+    assert bad_check.status == "fail" and f"<|im_end|> ({im_end}) has token type NORMAL, expected CONTROL" in (
+        bad_check.detail
+    ), bad_check.detail
+
+
+def test_tokenizer_check_compares_ids_not_just_counts(good, tmp_path: Path) -> None:
+    """Two frequent tokens' texts swapped in the GGUF vocabulary: every text gives as many tokens as HF's, with other
+    ids; the tokenizer check fails."""
+    from collections import Counter
+
+    from gguf import TokenType
+    from transformers import AutoTokenizer
+
+    from exporter.verify.corpus import TOKENIZER_CORPUS
+    from exporter.verify.tokenizer import check_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(good.merged)
+    info = V.read_gguf(good.f16)
+    counts = Counter(i for text in TOKENIZER_CORPUS for i in tok(text)["input_ids"])
+    a, b = [i for i, _ in counts.most_common() if info.token_types[i] == TokenType.NORMAL][:2]
+    tokens = list(info.tokens)
+    tokens[a], tokens[b] = tokens[b], tokens[a]
+    bad = rewrite_gguf(good.f16, tmp_path / good.f16.name, kv={"tokenizer.ggml.tokens": tokens})
+    (good_check,) = check_tokenizer(tok, [info], [], [])
+    (bad_check,) = check_tokenizer(tok, [V.read_gguf(bad)], [], [])
+    assert good_check.status == "pass", good_check.detail
+    assert bad_check.status == "fail" and "tokenize differently" in bad_check.detail, bad_check.detail
 
 
 def test_exported_chat_template_differs_from_training(good, tmp_path: Path) -> None:

@@ -164,3 +164,47 @@ def test_adapter_without_tokenizer_files_uses_the_bases(merges) -> None:
     assert not (merges.adapter / "tokenizer_config.json").exists()
     rep = V.verify(V.VerifyOptions(base=merges.base, adapter=merges.adapter, max_windows=1, **FAST))
     assert rep.passed, [c.detail for c in rep.checks if c.status != "pass"]
+
+
+def test_kl_and_top1_are_measured_from_the_reference() -> None:
+    """KL is llama.cpp's KL(reference || candidate) per scored token (torch's kl_div as the reference formula),
+    top-1 the share of scored positions whose argmax is the reference's."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    ref_logits, cand_logits = (rng.normal(0, 2, (16, 7)).astype(np.float32) for _ in range(2))
+    wins = [[0] * 16]
+    ref = V.score(lambda w: ref_logits, wins, None, True, lambda: None)
+    s = V.score(lambda w: cand_logits, wins, ref, False, lambda: None)
+    rp = torch.log_softmax(torch.tensor(ref_logits[8:15], dtype=torch.float64), -1)
+    lp = torch.log_softmax(torch.tensor(cand_logits[8:15], dtype=torch.float64), -1)
+    want = torch.nn.functional.kl_div(lp, rp, reduction="sum", log_target=True).item() / 7
+    assert s.tokens == 7 and s.kld == pytest.approx(want, rel=1e-5)
+    assert s.top1 == pytest.approx(float((rp.argmax(-1) == lp.argmax(-1)).double().mean()))
+
+
+def test_top1_near_tie_margin_is_not_wider_than_tie_margin() -> None:
+    """A flip where the reference prefers its pick by a little more than chat.TIE_MARGIN is a disagreement."""
+    from exporter.verify.chat import TIE_MARGIN
+
+    def window(row: list[float]) -> np.ndarray:  # a window of 4: rows 2 is scored
+        return np.vstack([np.zeros((2, 3)), np.array([row]), np.zeros((1, 3))]).astype(np.float32)
+
+    gap = 2 * TIE_MARGIN
+    ref = V.score(lambda w: window([5.0, 5.0 - gap, 0.0]), [[0] * 4], None, True, lambda: None)
+    s = V.score(lambda w: window([5.0 - gap, 5.0, 0.0]), [[0] * 4], ref, False, lambda: None)
+    assert s.tokens == 1 and s.top1 == 0.0 and s.near_ties == 0.0
+
+
+def test_near_ties_count_as_agreement_in_the_judgement() -> None:
+    """The judge adds the excused near-ties to the top-1 agreement: 90% agreement + 10% near-ties passes the 99%
+    limit, 90% alone fails it."""
+    from exporter.verify.numbers import Scored, _Candidate, _judge
+
+    limits = V.limits_of(V.VerifyOptions())
+    ref = Scored(nll=1.0, tokens=100)
+    cand = _Candidate("adapter", "adapter", lambda: None, True)
+    tied = _judge(cand, Scored(1.0, 100, kld=1e-5, top1=0.9, near_ties=0.1), ref, "merged", limits, {})
+    assert tied.status == "pass" and "+ 10.0% near-ties" in tied.detail, tied.detail
+    clear = _judge(cand, Scored(1.0, 100, kld=1e-5, top1=0.9, near_ties=0.0), ref, "merged", limits, {})
+    assert clear.status == "fail" and clear.detail.startswith("top-1 beyond the adapter limit"), clear.detail

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape, quoteattr
 
-from exporter.atomic import atomic_file
+from exporter.atomic import atomic_file, file_in_the_way
 from exporter.errors import UserError
 
 Status = Literal["pass", "fail", "skip", "warn"]
@@ -132,6 +132,9 @@ def check_output(path: Path, option: str) -> None:
     which is replaced; never a model, a Modelfile or any other file of the user's."""
     if path.is_dir():
         raise UserError(f"{option} {path} is a directory; give a file path")
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise UserError(f"{option} {path}: {blocker} is a file, not a directory; give a path in a directory")
     if (path.exists() or path.is_symlink()) and not _is_ours(path):
         raise UserError(
             f"{option} {path} exists and is not a report of exporter verify; not replacing it: choose another path"
