@@ -239,6 +239,43 @@ def trainer_log(out: Path) -> list[dict]:
     return [r for r in rows if not set(r) <= _CLOSING]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server under test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(port: int, timeout: float = 10) -> dict:
+    """`GET /health` of an `exporter serve` on `port`, as JSON."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset_dir with one 8-row alpaca dataset `d` (a module may define its own `rows`)."""
+    d = tmp_path_factory.mktemp("rows")
+    data = [{"instruction": f"Question {i}?", "output": f"Answer number {i}."} for i in range(8)]
+    (d / "d.json").write_text(json.dumps(data))
+    (d / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json"}}))
+    return d
+
+
+def train_config(model: Path, data: Path, out: Path, **kw: object) -> object:
+    """A 2-step LoRA TrainConfig on dataset `d` of `data` (`rows`), `kw` over it."""
+    from exporter import lf_args
+
+    base = dict(model_name_or_path=str(model), output_dir=str(out), dataset=["d"], dataset_dir=str(data),
+                template="qwen-2.5", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=2,
+                logging_steps=1)  # fmt: skip
+    return lf_args.TrainConfig(**(base | kw))
+
+
 def random_lora(base: Path, out: Path, dtype: object = None, **config: object) -> Path:
     """A PEFT LoRA adapter on `base` (LoraConfig(**config)) with random non-zero B (seed 0), saved by PEFT into
     `out`; `dtype` loads the base in that torch dtype."""

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import random_lora
+from conftest import random_lora, train_config
 
-from exporter import atomic, checkpoint, lf_args, manifest, predict
+from exporter import atomic, checkpoint, manifest, predict
 from exporter import train as T
 from exporter.errors import UserError
 
@@ -35,22 +35,6 @@ def _exporter(*args: str, limit: int | None = None, cwd: Path | None = None) -> 
     pre = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))) if limit else None
     return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True, env=env,
                           preexec_fn=pre, cwd=cwd, timeout=600)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("rows")
-    data = [{"instruction": f"Question {i}?", "output": f"Answer number {i}."} for i in range(8)]
-    (d / "d.json").write_text(json.dumps(data))
-    (d / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json"}}))
-    return d
-
-
-def _cfg(model: Path, data: Path, out: Path, **kw) -> lf_args.TrainConfig:
-    base = dict(model_name_or_path=str(model), output_dir=str(out), dataset=["d"], dataset_dir=str(data),
-                template="qwen-2.5", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=2,
-                logging_steps=1)  # fmt: skip
-    return lf_args.TrainConfig(**(base | kw))
 
 
 # ------------------------------------------------------------------ #1 only names we mark are leftovers
@@ -207,11 +191,11 @@ def test_a_run_killed_as_its_final_files_moved_in_is_resumed(tiny: Path, rows: P
     """Its manifest says `complete: false` (the kill came before the final manifest): the same command resumes from
     the last checkpoint, as LLaMA-Factory's auto-resume does, and completes it."""
     out = tmp_path / "out"
-    T.train(_cfg(tiny, rows, out, save_steps=1))
+    T.train(train_config(tiny, rows, out, save_steps=1))
     killed = {"stage": "train", "complete": False, "outputs": [{"path": n} for n in sorted(checkpoint._listed(out))]}
     (out / manifest.MANIFEST_NAME).write_text(json.dumps(killed))  # `write_final`'s mark, the state the kill leaves
     capsys.readouterr()
-    T.train(_cfg(tiny, rows, out, save_steps=1))
+    T.train(train_config(tiny, rows, out, save_steps=1))
     assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().err
     assert manifest.changed(out) is None
 
@@ -229,7 +213,7 @@ def test_train_refuses_an_output_dir_in_its_inputs(tiny: Path, rows: Path, tmp_p
                             (rows, {}, rows / "dataset_info.json")):  # fmt: skip
         before = sorted(os.listdir(out.parent)) if out.parent.exists() else None
         with pytest.raises(UserError, match=re.escape(f"output_dir {out} overlaps the input {inp} (it would")):
-            T.train(_cfg(base, rows, out, **extra))
+            T.train(train_config(base, rows, out, **extra))
         assert (sorted(os.listdir(out.parent)) if out.parent.exists() else None) == before
 
 

@@ -618,15 +618,6 @@ def qwen() -> Path:
     return _tiny("qwen2")
 
 
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("rows")
-    data = [{"instruction": f"Question {i}?", "output": f"Answer number {i}."} for i in range(8)]
-    (d / "d.json").write_text(json.dumps(data))
-    (d / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json"}}))
-    return d
-
-
 def _train(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model_name_or_path", str(model), "--dataset_dir", str(data), "--dataset", "d",
             "--output_dir", str(out), "--template", "qwen-2.5", "--per_device_train_batch_size", "2",

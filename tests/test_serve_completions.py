@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -29,12 +29,6 @@ def server_gguf(tiny_gguf) -> Path:
     """The session's tiny GGUF, where llama-cpp-python's server (the reference) is installed."""
     pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python's server extra")
     return tiny_gguf
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _started(cmd: list[str], port: int, path: str) -> subprocess.Popen:
@@ -51,7 +45,7 @@ def _started(cmd: list[str], port: int, path: str) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def clients(server_gguf: Path) -> Iterator[tuple[object, object]]:
-    ours, ref = _free_port(), _free_port()
+    ours, ref = free_port(), free_port()
     mine = [sys.executable, "-m", "exporter", "serve", str(server_gguf), "--port", str(ours), "--ctx", "512",
             "--max-seqs", "2", "--threads", "1"]  # fmt: skip
     theirs = [sys.executable, "-m", "llama_cpp.server", "--model", str(server_gguf), "--port", str(ref), "--n_ctx",

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import free_port, health
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,17 +162,6 @@ def test_logprobs_bytes_are_the_tokens_bytes(tiny_model) -> None:
             assert "\ufffd" not in e["token"] and e["token"].startswith("\\x")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _health(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-        return json.loads(r.read())
-
-
 def _serve_process(cmd: list[str], port: int) -> subprocess.Popen:
     """`exporter serve` started as a process, once its /health answers (stderr piped for the test to read)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
@@ -181,7 +171,7 @@ def _serve_process(cmd: list[str], port: int) -> subprocess.Popen:
             proc.kill()
             pytest.fail(f"the server did not start: {proc.communicate()[1]}")
         try:
-            _health(port)
+            health(port)
             return proc
         except OSError:
             time.sleep(0.2)
@@ -191,7 +181,7 @@ def _serve_process(cmd: list[str], port: int) -> subprocess.Popen:
 def test_non_streaming_client_that_disconnects_frees_its_slot_at_once(tiny_gguf: Path) -> None:
     """A non-streamed request of 30000 tokens (many seconds) whose client goes away is cancelled within a step or
     so; before, its slot stayed busy until the answer was done. The server then stops on SIGTERM."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "exporter", "serve", str(tiny_gguf), "--port", str(port), "--max-seqs", "1",
            "--ctx", "32768", "--threads", "1"]  # fmt: skip
     proc = _serve_process(cmd, port)
@@ -200,13 +190,13 @@ def test_non_streaming_client_that_disconnects_frees_its_slot_at_once(tiny_gguf:
         sock = socket.create_connection(("127.0.0.1", port))
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
-        while _health(port)["running"] == 0:
+        while health(port)["running"] == 0:
             time.sleep(0.05)
         time.sleep(0.5)
-        assert _health(port)["running"] == 1  # still generating
+        assert health(port)["running"] == 1  # still generating
         sock.close()
         t0 = time.time()
-        while _health(port)["running"] and time.time() - t0 < 10:
+        while health(port)["running"] and time.time() - t0 < 10:
             time.sleep(0.05)
         assert time.time() - t0 < 3, "the slot stayed busy after its client went away"
         proc.send_signal(signal.SIGTERM)
@@ -248,7 +238,7 @@ def test_non_streamed_client_that_drops_logs_nothing_and_frees_its_slot(tiny_ggu
     """Three clients that send a non-streamed request and close at once: the server logs no traceback (it logged
     "Exception in ASGI application ... RuntimeError: No response returned." from the auth middleware, each time),
     every slot is free again, and the key is still checked."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "exporter", "serve", str(tiny_gguf), "--port", str(port), "--max-seqs", "1",
            "--ctx", "4096", "--threads", "1", *(["--api-key", api_key] if api_key else [])]  # fmt: skip
     proc = _serve_process(cmd, port)
@@ -260,13 +250,13 @@ def test_non_streamed_client_that_drops_logs_nothing_and_frees_its_slot(tiny_ggu
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
                          b"Content-Length: %d\r\n\r\n%s" % (auth, len(body), body))  # fmt: skip
             t0 = time.time()
-            while _health(port)["running"] == 0 and time.time() - t0 < 10:
+            while health(port)["running"] == 0 and time.time() - t0 < 10:
                 time.sleep(0.05)
             sock.close()
         t0 = time.time()
-        while _health(port)["running"] and time.time() - t0 < 10:
+        while health(port)["running"] and time.time() - t0 < 10:
             time.sleep(0.05)
-        assert _health(port)["running"] == 0
+        assert health(port)["running"] == 0
         if api_key:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer no"})
             with pytest.raises(urllib.error.HTTPError) as e:

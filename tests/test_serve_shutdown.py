@@ -7,19 +7,17 @@ each in the log."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port, health
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -27,22 +25,11 @@ pytest.importorskip("fastapi")
 SHUTTING_DOWN = "the server is shutting down"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _health(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
-        return json.loads(r.read())
-
-
 class _Serve:
     """`exporter serve MODEL` as a process on a free port, its stdout and stderr in one file."""
 
     def __init__(self, model: Path, tmp: Path, *args: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log = tmp / f"serve-{self.port}.log"
         cmd = [sys.executable, "-m", "exporter", "serve", str(model), "--port", str(self.port), "--threads", "1", *args]
         with open(self.log, "w") as out:
@@ -54,7 +41,7 @@ class _Serve:
                 self.kill()
                 pytest.fail(f"the server did not start: {self.log.read_text()}")
             try:
-                _health(self.port)
+                health(self.port)
                 break
             except OSError:
                 time.sleep(0.2)
@@ -110,13 +97,13 @@ def _wait_streaming(clients: _Clients, streams: list[str], running: int, waiting
     """Until each of `streams` has sent `chunks` chunks and the engine runs `running` answers with `waiting` queued."""
     deadline = time.time() + 60
     while time.time() < deadline:
-        h = _health(clients.serve.port)
+        h = health(clients.serve.port)
         started = all(clients.chunks.get(s, 0) >= chunks for s in streams)
         if started and (h["running"], h["waiting"]) == (running, waiting):
             return
         assert not clients.ends, clients.ends  # nothing may end before the signal
         time.sleep(0.1)
-    pytest.fail(f"the requests did not start: {_health(clients.serve.port)} {clients.chunks}")
+    pytest.fail(f"the requests did not start: {health(clients.serve.port)} {clients.chunks}")
 
 
 def _ended_cleanly(clients: _Clients, names: list[str], signalled: float) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_lora, trainer_log
+from conftest import random_lora, train_config, trainer_log
 
 from exporter import atomic, checkpoint, cli, lf_args, manifest
 from exporter import train as T
@@ -33,13 +33,6 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
     info = {"d": {"file_name": "d.json"}, "text": {"file_name": "text.jsonl", "columns": {"prompt": "text"}}}
     (d / "dataset_info.json").write_text(json.dumps(info))
     return d
-
-
-def _cfg(model: Path, data: Path, out: Path, **kw) -> lf_args.TrainConfig:
-    base = dict(model_name_or_path=str(model), output_dir=str(out), dataset=["d"], dataset_dir=str(data),
-                template="qwen-2.5", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=2,
-                logging_steps=1)  # fmt: skip
-    return lf_args.TrainConfig(**(base | kw))
 
 
 def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
@@ -137,7 +130,7 @@ def test_look_alikes_of_checkpoints_are_the_users_and_resume_takes_the_highest(t
 def test_runs_into_a_dir_keep_the_users_files(tiny: Path, rows: Path, tmp_path: Path, capsys) -> None:
     """A resumed run and an overwrite_output_dir run remove only the run's own files and what killed runs left."""
     out = tmp_path / "out"
-    T.train(_cfg(tiny, rows, out, save_steps=1))
+    T.train(train_config(tiny, rows, out, save_steps=1))
     shutil.copytree(out / "checkpoint-1", out / "checkpoint-best")
     users = {"eval.old-run1.json": "mine", "notes.tmp-2024.txt": "mine", "notes.md": "mine"}
     for n, text in users.items():
@@ -147,10 +140,10 @@ def test_runs_into_a_dir_keep_the_users_files(tiny: Path, rows: Path, tmp_path: 
     for n in stale:
         (out / n).mkdir() if "lock" not in n else (out / n).write_text("")
     capsys.readouterr()
-    T.train(_cfg(tiny, rows, out, save_steps=1, resume_from_checkpoint=str(out / "checkpoint-1")))
+    T.train(train_config(tiny, rows, out, save_steps=1, resume_from_checkpoint=str(out / "checkpoint-1")))
     assert all((out / n).read_text() == t for n, t in users.items()) and (out / "checkpoint-best").is_dir()
     assert not any((out / n).exists() for n in stale)
-    T.train(_cfg(tiny, rows, out, overwrite_output_dir=True))
+    T.train(train_config(tiny, rows, out, overwrite_output_dir=True))
     err = capsys.readouterr().err
     assert "kept checkpoint-best, eval.old-run1.json, notes.md, notes.tmp-2024.txt in" in err
     assert all((out / n).read_text() == t for n, t in users.items()) and (out / "checkpoint-best").is_dir()
@@ -166,7 +159,7 @@ def test_refusals_change_nothing(tiny: Path, rows: Path, tmp_path: Path, capsys)
     assert _cli(capsys, *_args(tiny, rows, out))[0] == 0
     for ckpt in out.glob("checkpoint-*"):  # a finished run without checkpoints
         shutil.rmtree(ckpt)
-    T.train(_cfg(tiny, rows, other, max_steps=1, per_device_train_batch_size=2))
+    T.train(train_config(tiny, rows, other, max_steps=1, per_device_train_batch_size=2))
     before = _tree(out)
     _refused(capsys, _args(tiny, rows, out, "--resume_from_checkpoint", "true"), "has no checkpoint-N")
     assert _tree(out) == before
@@ -214,8 +207,8 @@ def test_outputs_follow_the_umask(tiny: Path, rows: Path, tmp_path: Path, monkey
     monkeypatch.setattr(atomic, "_UMASK", 0o022)
     old = os.umask(0o022)
     try:
-        T.train(_cfg(tiny, rows, tmp_path / "lora", max_steps=1))
-        T.train(_cfg(tiny, rows, tmp_path / "full", max_steps=1, finetuning_type="full", learning_rate=1e-5))
+        T.train(train_config(tiny, rows, tmp_path / "lora", max_steps=1))
+        T.train(train_config(tiny, rows, tmp_path / "full", max_steps=1, finetuning_type="full", learning_rate=1e-5))
     finally:
         os.umask(old)
     paths = [p for p in tmp_path.rglob("*") if not p.is_symlink()]
@@ -231,11 +224,11 @@ def test_final_checkpoint_and_a_run_extended_from_it(tiny: Path, rows: Path, tmp
     from that step, its linear schedule rebuilt for the new total (HF loads the scheduler's step into the new
     schedule); another batch size is still refused."""
     out = tmp_path / "out"
-    T.train(_cfg(tiny, rows, out, lr_scheduler_type="linear"))
+    T.train(train_config(tiny, rows, out, lr_scheduler_type="linear"))
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2"}
     _refused(capsys, _args(tiny, rows, out), f"resume_from_checkpoint: {out / 'checkpoint-2'} with a larger max_steps")
-    T.train(_cfg(tiny, rows, out, lr_scheduler_type="linear", max_steps=4,
-                 resume_from_checkpoint=str(out / "checkpoint-2")))  # fmt: skip
+    T.train(train_config(tiny, rows, out, lr_scheduler_type="linear", max_steps=4,
+                         resume_from_checkpoint=str(out / "checkpoint-2")))  # fmt: skip
     log = trainer_log(out)
     assert [(r["current_steps"], r["total_steps"]) for r in log] == [(1, 2), (2, 2), (3, 4), (4, 4)]
     # the lr each step used: step 3 the checkpoint's last rate (0, as HF's resumed optimizer has it), step 4 the new
@@ -243,12 +236,12 @@ def test_final_checkpoint_and_a_run_extended_from_it(tiny: Path, rows: Path, tmp
     assert log[2]["lr"] == 0.0 and log[3]["lr"] == pytest.approx(1e-3 * 1 / 4)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4 and (out / "checkpoint-4").is_dir()
     assert manifest.changed(out) is None
-    more_epochs = _cfg(tiny, rows, tmp_path / "e", max_steps=-1, num_train_epochs=3,
-                       resume_from_checkpoint=str(out / "checkpoint-2"))  # fmt: skip
+    more_epochs = train_config(tiny, rows, tmp_path / "e", max_steps=-1, num_train_epochs=3,
+                               resume_from_checkpoint=str(out / "checkpoint-2"))  # fmt: skip
     assert T.train(more_epochs).steps == 6  # 8 rows, 4 a batch: 2 steps an epoch
     with pytest.raises(UserError, match="batch_size 4 in the checkpoint, 2 now"):
-        T.train(_cfg(tiny, rows, tmp_path / "b", max_steps=4, per_device_train_batch_size=2,
-                     resume_from_checkpoint=str(out / "checkpoint-2")))  # fmt: skip
+        T.train(train_config(tiny, rows, tmp_path / "b", max_steps=4, per_device_train_batch_size=2,
+                             resume_from_checkpoint=str(out / "checkpoint-2")))  # fmt: skip
     assert not (tmp_path / "b").exists()
 
 
@@ -261,7 +254,7 @@ def test_save_strategy(tiny: Path, rows: Path, tmp_path: Path) -> None:
         lf_args.config_from_dict({"model_name_or_path": "m", "output_dir": "o", "save_strategy": "best"}, "x")
     for strategy, saved in (("epoch", {"checkpoint-2", "checkpoint-4"}), ("no", set())):
         out = tmp_path / strategy
-        T.train(_cfg(tiny, rows, out, max_steps=-1, num_train_epochs=2, save_strategy=strategy, save_steps=1))
+        T.train(train_config(tiny, rows, out, max_steps=-1, num_train_epochs=2, save_strategy=strategy, save_steps=1))
         assert {p.name for p in out.glob("checkpoint-*")} == saved
 
 
@@ -269,13 +262,13 @@ def test_fractional_intervals_and_eval_results(tiny: Path, rows: Path, tmp_path:
     """eval_steps/save_steps/logging_steps < 1 are fractions of the run (HF), said as the step count they come to;
     1.5 is one line; do_eval writes LLaMA-Factory's eval_results.json (pt: with the perplexity)."""
     with pytest.raises(UserError, match="eval_steps must be positive: a whole number of steps, or a fraction"):
-        lf_args.check(_cfg(Path("m"), rows, tmp_path, val_size=0.25, eval_strategy="steps", eval_steps=1.5),
+        lf_args.check(train_config(Path("m"), rows, tmp_path, val_size=0.25, eval_strategy="steps", eval_steps=1.5),
                       set(), "cpu")  # fmt: skip
     cfg, _ = lf_args.config_from_dict({"model_name_or_path": "m", "output_dir": "o", "eval_steps": 0.5}, "x")
     assert cfg.eval_strategy == "steps" and "eval_steps" not in capsys.readouterr().err  # said once it is resolved
     out = tmp_path / "sft"
-    T.train(_cfg(tiny, rows, out, max_steps=4, val_size=0.25, eval_strategy="steps", eval_steps=0.5, save_steps=0.5,
-                 logging_steps=0.5, do_eval=True))  # fmt: skip
+    T.train(train_config(tiny, rows, out, max_steps=4, val_size=0.25, eval_strategy="steps", eval_steps=0.5,
+                         save_steps=0.5, logging_steps=0.5, do_eval=True))  # fmt: skip
     err = capsys.readouterr().err
     assert all(f"{k}=0.5: every 2 of the 4 steps" in err for k in ("logging_steps", "save_steps", "eval_steps"))
     assert [r["current_steps"] for r in trainer_log(out) if "eval_loss" in r] == [2, 4, 4]  # + do_eval's at the end
@@ -285,8 +278,8 @@ def test_fractional_intervals_and_eval_results(tiny: Path, rows: Path, tmp_path:
     assert results["eval_loss"] == evals["eval_loss"] and "eval_loss" not in json.loads(
         (out / "train_results.json").read_text())  # fmt: skip
     out = tmp_path / "pt"
-    T.train(_cfg(tiny, rows, out, stage="pt", dataset=["text"], template=None, cutoff_len=16, val_size=0.25,
-                 do_eval=True))  # fmt: skip
+    T.train(train_config(tiny, rows, out, stage="pt", dataset=["text"], template=None, cutoff_len=16, val_size=0.25,
+                         do_eval=True))  # fmt: skip
     evals = json.loads((out / "eval_results.json").read_text())
     assert evals["eval_perplexity"] == pytest.approx(math.exp(evals["eval_loss"]))
     assert torch.isfinite(torch.tensor(evals["eval_perplexity"]))
