@@ -60,9 +60,9 @@ def _stale(name: str) -> bool:
 def _listed(out: Path) -> set[str]:
     """Top-level names that the manifest in `out` lists as a run's outputs (and that a run writes)."""
     try:
-        doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-        names = {Path(str(r["path"])).parts[0] for r in doc.get("outputs", []) if r.get("path")}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        rows = (manifest.read(out) or {}).get("outputs", [])
+        names = {Path(str(r["path"])).parts[0] for r in rows if r.get("path")}
+    except (TypeError, KeyError, AttributeError, IndexError):
         return set()
     return {n for n in names if _written(n)}
 
@@ -106,11 +106,7 @@ def check_not_input(cfg: TrainConfig, out: Path, model_dir: Path) -> None:
 
 def _incomplete(out: Path) -> bool:
     """Whether the manifest of `out` says a run writing it did not finish (`manifest.mark`)."""
-    try:
-        doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get("complete") is False
+    return (manifest.read(out) or {}).get("complete") is False
 
 
 def prepare_output(cfg: TrainConfig, out: Path) -> Path | None:

@@ -137,29 +137,24 @@ def tokenize_sft(
     return out
 
 
-def tokenize_pt(samples: list, tokenizer: Any, cfg: TrainConfig, packing: bool) -> list[Example]:
-    """LLaMA-Factory's pretraining examples: each text + the end of a document (`<|end_of_text|>` under template
-    llama3, else eos); packing: each map batch of `preprocessing_batch_size` texts concatenated and cut into blocks
-    (its remainder dropped), else one truncated example per text. A BOS only where the tokenizer's `add_bos_token`
-    says so (LF's rule): it replaces the first token of a block, or goes before a text."""
+def tokenize_pt(batch: list, tokenizer: Any, cfg: TrainConfig, packing: bool, limit: int | None) -> list[Example]:
+    """LLaMA-Factory's pretraining examples of one map batch: each text + the end of a document (`<|end_of_text|>`
+    under template llama3, else eos); packing: the texts concatenated and cut into blocks (the remainder dropped),
+    else one truncated example per text (each first cut to `limit` characters). A BOS only where the tokenizer's
+    `add_bos_token` says so (LF's rule): it replaces the first token of a block, or goes before a text."""
     from exporter import lf_names
 
     eos = "<|end_of_text|>" if cfg.template == "llama3" else tokenizer.eos_token or ""
     bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
     size = lf_names.cutoff(cfg)  # an explicit `packing: true` keeps one position free, pt's default packing not
-    limit = None if packing else max_chars(tokenizer, cfg.cutoff_len)  # packing trains on every token
-    out = []
-    for batch in batches(samples, cfg.preprocessing_batch_size):
-        enc = [tokenizer.encode(s.text[:limit] + eos, add_special_tokens=False) for s in batch]
-        if not packing:
-            out += [Example(ids, list(ids)) for e in enc for ids in [([bos] + e if bos is not None else e)[:size]]]
-            continue
-        flat = [t for ids in enc for t in ids]
-        blocks = [flat[i : i + size] for i in range(0, len(flat) // size * size, size)]
-        for b in blocks:
-            b[0] = b[0] if bos is None else bos
-        out += [Example(b, list(b)) for b in blocks]
-    return out
+    enc = [tokenizer.encode(s.text[:limit] + eos, add_special_tokens=False) for s in batch]
+    if not packing:
+        return [Example(ids, list(ids)) for e in enc for ids in [([bos] + e if bos is not None else e)[:size]]]
+    flat = [t for ids in enc for t in ids]
+    blocks = [flat[i : i + size] for i in range(0, len(flat) // size * size, size)]
+    for b in blocks:
+        b[0] = b[0] if bos is None else bos
+    return [Example(b, list(b)) for b in blocks]
 
 
 def batches(rows: list[Any], size: int) -> list[list[Any]]:
@@ -339,14 +334,15 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
         for note in tpl.notes:
             say(note)
 
-    limit = max_chars(tokenizer, cfg.cutoff_len) if cfg.stage != "pt" else None  # once: it reads the whole vocabulary
+    # once: it reads the whole vocabulary; pt's packing trains on every token
+    limit = None if cfg.stage == "pt" and packing else max_chars(tokenizer, cfg.cutoff_len)
 
     def tokenize(samples: list[Any], drops: Any, what: str) -> list[Any]:
         examples: list[Any] = []
-        if cfg.stage == "pt":
-            examples = tokenize_pt(samples, tokenizer, cfg, packing)  # batched inside
-        for batch in batches(samples, cfg.preprocessing_batch_size) if cfg.stage != "pt" else []:  # LF's map batches
-            if cfg.stage == "sft":
+        for batch in batches(samples, cfg.preprocessing_batch_size):  # LF's map batches
+            if cfg.stage == "pt":
+                examples += tokenize_pt(batch, tokenizer, cfg, packing, limit)
+            elif cfg.stage == "sft":
                 got = tokenize_sft(batch, tokenizer, tpl, cfg, drops, limit)
                 examples += pack_sft(got, lf_names.cutoff(cfg), cfg.neat_packing) if packing else got
             else:

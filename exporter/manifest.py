@@ -95,17 +95,27 @@ def mark(out_dir: Path, stage: str, outputs: list[str] | None = None) -> Path:
     return save(Path(out_dir) / MANIFEST_NAME, doc)
 
 
+def read(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest of `out_dir` as a dict, or None (absent, empty, unreadable, not an object)."""
+    try:
+        doc = json.loads((Path(out_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def changed(out_dir: Path) -> str | None:
     """Why the outputs of `out_dir` no longer match its manifest (missing, other size, other sha256), or None."""
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST_NAME
     if not path.is_file():
         return f"{out_dir} has no {MANIFEST_NAME}"
+    if (doc := read(out_dir)) is None:
+        return f"{path} is not a readable manifest"
+    if doc.get("complete") is False:
+        writer = doc.get("pending") or doc.get("stage")  # `pending`: a predict replacing its files in it
+        return f"{out_dir} is incomplete (the {writer} run writing it did not finish)"
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("complete") is False:
-            writer = doc.get("pending") or doc.get("stage")  # `pending`: a predict replacing its files in it
-            return f"{out_dir} is incomplete (the {writer} run writing it did not finish)"
         rows = doc["outputs"]
         expected = {str(r["path"]): (int(r["bytes"]), str(r["sha256"])) for r in rows}
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -127,13 +137,9 @@ def changed(out_dir: Path) -> str | None:
 def check_stage(out: Path, stage: str) -> None:
     """`--force` replaces only an output of the same kind: an existing exporter output at `out` must have been
     written by `stage` (a merge never replaces a training run's dir, a gguf never a merged model)."""
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
+    if not (Path(out) / MANIFEST_NAME).is_file():
         return
-    try:
-        found = json.loads(path.read_text(encoding="utf-8")).get("stage")
-    except (OSError, ValueError, AttributeError):
-        found = None
+    found = (read(out) or {}).get("stage")
     if found != stage:
         what = f"an exporter {found} output" if isinstance(found, str) else f"not readable as a {stage} output"
         raise UserError(

@@ -80,7 +80,7 @@ class PredictOptions:
     top_k: int = 50
     num_beams: int = 1
     max_new_tokens: int = 1024
-    max_length: int | None = None
+    max_length: int | None = 1024  # LF's: the prompt and answer together, used when max_new_tokens <= 0
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
@@ -267,15 +267,6 @@ def _speed(n: int, batches: int, runtime: float) -> dict[str, float]:
             "predict_steps_per_second": round(batches / runtime, 3)}  # fmt: skip
 
 
-def _manifest(out: Path) -> dict[str, Any] | None:
-    """The manifest of `out` as a dict, or None (absent, empty, unreadable)."""
-    try:
-        doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def _predict_only(out: Path) -> bool:
     """Whether `out` holds nothing but what predict writes (its files, its manifest, their temporaries): a dir of
     predict's own, whose manifest it may rewrite when it is unreadable (a kill or a full disk in an older version)."""
@@ -292,7 +283,7 @@ def _begin(out: Path) -> None:
     `pending: predict` until `_record` completes it; anything else (a run still writing it) is left as it is."""
     from exporter import manifest
 
-    doc = _manifest(out)
+    doc = manifest.read(out)
     if doc is None and (not (out / MANIFEST_NAME).exists() or _predict_only(out)):
         manifest.mark(out, "predict")
     elif doc is not None and doc.get("stage") in (None, "predict"):
@@ -326,7 +317,7 @@ def _record(out: Path, opts: PredictOptions, written: list[str]) -> None:
     training run's dir), that manifest with the rows of the files predict wrote replaced, so it still matches."""
     from exporter import dataset_info, manifest
 
-    doc = _manifest(out)
+    doc = manifest.read(out)
     if doc is None and not _predict_only(out):
         return  # another stage's unreadable manifest: not ours to repair
     if doc is not None and doc.get("stage") not in (None, "predict"):

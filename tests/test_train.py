@@ -435,7 +435,7 @@ def test_pt_stage_packing(tiny: Path, datadir: Path, tmp_path: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(tiny)
     samples, _ = data.load(["text"], datadir, stage="pt")
-    blocks = E.tokenize_pt(samples, tok, cfg, packing=True)
+    blocks = E.tokenize_pt(samples, tok, cfg, packing=True, limit=None)
     flat = [t for s in samples for t in tok.encode(s.text + tok.eos_token, add_special_tokens=False)]
     assert all(len(b.input_ids) == 32 for b in blocks) and len(blocks) == len(flat) // 32
     assert [t for b in blocks for t in b.input_ids] == flat[: len(blocks) * 32]
