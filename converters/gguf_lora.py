@@ -31,6 +31,11 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraPart], list[Exp
     cfg, where = ad.config, adapter_dir / "adapter_config.json"
     if cfg.get("use_dora") or any(p.magnitude is not None for p in ad.lora.values()):
         raise UserError(f"{where}: DoRA adapters have a magnitude vector llama.cpp cannot apply; merge first")
+    if ad.init is not None:
+        raise UserError(
+            f"{where}: init_lora_weights {ad.init!r} trains against the base minus its top-r part, but llama.cpp adds "
+            "B @ A to the unchanged base; merge first (exporter merge), or convert the adapter's pissa_converted/"
+        )
     if ad.full:
         raise UserError(
             f"{where}: {', '.join(sorted(ad.full))} are full weights (modules_to_save), not LoRA; merge the adapter "

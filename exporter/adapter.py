@@ -71,10 +71,33 @@ class LoraPart:
     fan_in_fan_out: bool = False
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    init: str | None = None  # a base-changing init_lora_weights (pissa, pissa_niter_N, olora): see `residual`
+    init_scale: float = 1.0  # the adapter's own alpha/r (rsLoRA alpha/sqrt(r)), which PEFT's init uses
 
     def whole(self) -> bool:
-        """DoRA norms over columns of the stored matrix need every row at once."""
-        return self.magnitude is not None and (self.embedding or self.fan_in_fan_out)
+        """DoRA norms over columns of the stored matrix, and a PiSSA/OLoRA residual, need every row at once."""
+        return self.init is not None or (self.magnitude is not None and (self.embedding or self.fan_in_fan_out))
+
+    def residual(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight PEFT leaves in the base layer when it creates (or loads) an adapter whose init_lora_weights is
+        PiSSA or OLoRA: `w` minus its top-r part (SVD, randomized SVD for `pissa_niter_N`, QR for OLoRA), the same
+        float32 arithmetic as PEFT's `pissa_init` / `olora_init`; the trained A and B apply to that residual."""
+        r, s = self.A.shape[0], self.init_scale
+        if self.init == "olora":
+            q, rr = torch.linalg.qr(w)
+            return w - s * q[:, :r].contiguous() @ rr[:r].contiguous()
+        wt = w.T if self.fan_in_fan_out else w
+        if self.init == "pissa":
+            v, sv, uh = torch.linalg.svd(wt, full_matrices=False)
+            vr, sr, uhr = v[:, :r], sv[:r] / s, uh[:r]
+        else:
+            with torch.random.fork_rng(devices=[]):  # a fixed draw: the same merge from the same files, every run
+                torch.manual_seed(0)
+                vr, sr, ur = torch.svd_lowrank(wt, r, niter=int(str(self.init).split("_niter_")[-1]))
+            sr, uhr = sr / s, ur.t()
+        a0, b0 = torch.diag(torch.sqrt(sr)) @ uhr, vr @ torch.diag(torch.sqrt(sr))
+        res = wt - s * b0 @ a0
+        return res.T if self.fan_in_fan_out else res
 
     def delta(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 of the delta in the stored layout, PEFT's `transpose(B @ A, fifo) * scale`."""
@@ -84,6 +107,8 @@ class LoraPart:
 
     def apply(self, cur: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """`cur` (float32 rows r0:r1, updated in place when possible) with this module's change applied."""
+        if self.init is not None:
+            cur = self.residual(cur)
         if self.magnitude is None and not (self.embedding or self.fan_in_fan_out) and _pow2(self.scale):
             # one fused pass; scaling by a power of two is exact, so this rounds exactly like PEFT's
             # `W + (B @ A) * scale` (the common alpha = r or 2r); other scales take the three-pass path below
@@ -138,6 +163,7 @@ class Adapter:
     full: dict[str, Source] = field(default_factory=dict)  # tensor name (model-relative) -> whole tensor
     experts: dict[str, ExpertLora] = field(default_factory=dict)  # "<experts module>.<param>" -> parameter LoRA
     has_tokenizer: bool = False
+    init: str | None = None  # a base-changing init_lora_weights (`base_changing_init`)
 
 
 def _strip(key: str) -> str:
@@ -200,6 +226,26 @@ def check_lora_numbers(cfg: dict, cfg_path: Path) -> None:
             raise UserError(f"{cfg_path}: {key} is {v!r}; expected a finite number (the LoRA scale's numerator)")
 
 
+def base_changing_init(cfg: dict, cfg_path: Path) -> str | None:
+    """adapter_config.json's init_lora_weights when PEFT changes the base weights for it on every load (PiSSA's
+    `pissa` / `pissa_niter_N`, `olora`): the trained A and B apply to that residual, which the merge recomputes as
+    PEFT does. CorDA and LoftQ residuals need data or a quantizer PEFT ran at training: refused."""
+    init = cfg.get("init_lora_weights", True)
+    if not isinstance(init, str):
+        return None
+    if init == "pissa" or re.fullmatch(r"pissa_niter_\d+", init) or init.lower() == "olora":
+        return "olora" if init.lower() == "olora" else init
+    if init.startswith("pissa"):  # PEFT refuses these too
+        raise UserError(f"{cfg_path}: init_lora_weights={init!r}: expected 'pissa' or 'pissa_niter_<iterations>'")
+    if init.startswith(("corda", "loftq")):
+        raise UserError(
+            f"{cfg_path}: init_lora_weights={init!r} trained on a changed base that cannot be rebuilt here; convert "
+            "it to a plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+            "(CorDA), or merge into the base LoftQ saved"
+        )
+    return None
+
+
 def load_adapter(path: Path, weight: float, label: str) -> Adapter:
     """Read adapter_config.json and the adapter's tensors; every key is classified or rejected."""
     cfg_path = path / "adapter_config.json"
@@ -216,8 +262,12 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
     if cfg.get("bias", "none") != "none":
         raise UserError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (only bias='none')")
     check_lora_numbers(cfg, cfg_path)
+    init = base_changing_init(cfg, cfg_path)
+    if init is not None and weight != 1.0:
+        raise UserError(f"adapter {label}: init_lora_weights={init!r} trains on the base minus its top-r part; it "
+                        "can only be merged with weight 1")  # fmt: skip
     file, sources, _ = _adapter_tensors(path)
-    ad = Adapter(path, label, weight, cfg)
+    ad = Adapter(path, label, weight, cfg, init=init)
     ad.has_tokenizer = has_tokenizer(path)
 
     parts: dict[str, dict[str, Source]] = {}
@@ -249,6 +299,9 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
         alpha = _pattern_value(alpha_pat, name, alpha_default)
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         if param is not None:
+            if init is not None:
+                raise UserError(f"{file}: init_lora_weights={init!r} on the parameter LoRA of {bare}.{param} is "
+                                "not supported")  # fmt: skip
             ad.experts[f"{bare}.{param}"] = _expert_lora(bare, param, p, r, scale * weight, file)
             continue
         embedding = "embA" in p
@@ -264,7 +317,8 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
         mag = _whole(p["mag"]).reshape(-1) if "mag" in p else None
         bias = _whole(p["B.bias"]) if "B.bias" in p else None
         fifo = bool(cfg.get("fan_in_fan_out")) and not embedding
-        ad.lora[mod] = LoraPart(mod, A, B, scale * weight, embedding, fifo, mag, bias)
+        part_init = None if embedding else init  # PEFT's embedding LoRA leaves the base embedding as it is
+        ad.lora[mod] = LoraPart(mod, A, B, scale * weight, embedding, fifo, mag, bias, part_init, scale)
     if not ad.lora and not ad.full and not ad.experts:
         raise UserError(f"{file}: the adapter holds no tensors")
     return ad

@@ -175,8 +175,10 @@ def read_split(source: _Source, layout: Layout, subject: str, split: str, need_a
     return out
 
 
-def load_task(task_dir: Path | str, task: str) -> list[Subject]:
-    """Every subject of `mapping.json` (in its order) with its dev set and the evaluated split."""
+def load_task(task_dir: Path | str, task: str, unanswered: bool = False) -> list[Subject]:
+    """Every subject of `mapping.json` (in its order) with its dev set and the evaluated split. `unanswered`: C-Eval's
+    test split, which has no answers, is read as LF's loader reads it (answers "", scored 0; LF's results.json is
+    then the file to submit) instead of refused."""
     name, split = parse_task(task)
     root = Path(task_dir) / name
     mapping_path = root / "mapping.json"
@@ -194,7 +196,8 @@ def load_task(task_dir: Path | str, task: str) -> list[Subject]:
         if not isinstance(info, dict) or not isinstance(info.get("name"), str) or "category" not in info:
             raise UserError(f"{mapping_path}: {key}: expected {{'name': ..., 'category': ...}}, got {info!r}")
         dev = read_split(source, layout, key, "train", need_answers=True)
-        questions = read_split(source, layout, key, split, need_answers=True)
+        need = not (unanswered and (name, split) == ("ceval", "test"))
+        questions = read_split(source, layout, key, split, need_answers=need)
         subjects.append(Subject(key, info["name"], str(info["category"]), dev, questions))
     return subjects
 

@@ -201,6 +201,42 @@ def _end(out: TextIO, interactive: bool, streamed: list[str], note: str) -> None
     out.flush()
 
 
+def _line_editing() -> bool:
+    """Load GNU readline (or libedit), so that `input()` at a terminal edits the line: arrow keys, Home/End, a
+    character erased whole, Up for earlier questions, as `llamafactory-cli chat` (which imports it) and Python's
+    own prompt. False where the platform has none."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_line(stdin: TextIO, out: TextIO, interactive: bool, editing: bool) -> str | None:
+    """The next line of input, None at its end. At a terminal with `editing`, through `input()` (readline's line
+    editing); else as bytes, decoded in stdin's encoding. ValueError when the line is not text in that encoding, so
+    that one bad line is an error in its place, not the end of the chat."""
+    encoding = getattr(stdin, "encoding", None) or "utf-8"
+    try:
+        if editing:
+            try:
+                line = input("\nUser: ")
+            except EOFError:
+                return None
+        else:
+            if interactive:
+                out.write("\nUser: ")
+                out.flush()
+            raw = getattr(stdin, "buffer", None)
+            line = raw.readline().decode(encoding) if raw is not None else stdin.readline()
+            if not line:
+                return None
+        line.encode("utf-8")  # lone surrogates: bytes a surrogateescape stream could not decode
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise ValueError(f"is not {encoding} text; set the terminal or the file to UTF-8") from None
+    return line
+
+
 def fit_history(engine: Any, system: str | None, history: list[dict[str, Any]], max_new: int) -> tuple[list[int], int]:
     """(prompt ids, how many of the oldest messages to drop) so that the system prompt, the newest turns and
     `max_new` answer tokens fit the context (whole user/assistant pairs go; the new question always stays).
@@ -223,6 +259,7 @@ def chat(opts: ChatOptions) -> None:
     from exporter.engine import load
 
     interactive = opts.stdin.isatty()
+    editing = interactive and opts.stdin is sys.stdin and opts.stdout is sys.stdout and _line_editing()
     out = opts.stdout
     with load(opts.load) as engine:
         engine.chat_format.require()
@@ -230,15 +267,20 @@ def chat(opts: ChatOptions) -> None:
         said = False  # the note that old turns are dropped, once
         if interactive:
             out.write(f"{WELCOME}\n")
+        number = 0  # of the input line
         while True:
-            if interactive:
-                out.write("\nUser: ")
-                out.flush()
+            number += 1
             try:
-                line = opts.stdin.readline()
+                line = read_line(opts.stdin, out, interactive, editing)
             except KeyboardInterrupt:
-                break
-            if not line:
+                line = None
+            except ValueError as e:  # not text: said in its answer's place, and the chat goes on (as LF's)
+                _end(out, interactive, [], f"[error: input line {number} {e}]")
+                continue
+            if line is None:
+                if interactive:  # Ctrl-D / Ctrl-C: the shell's prompt on a line of its own
+                    out.write("\n")
+                    out.flush()
                 break
             query = line.rstrip("\n").strip()
             if query == "exit":

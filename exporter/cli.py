@@ -441,6 +441,9 @@ def _chat(
     top_k: int = typer.Option(None, "--top-k", help="Top-k sampling, 0 = off (default 50)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Longest answer (default 1024)."),
     repetition_penalty: float = typer.Option(None, "--repetition-penalty", help="HF's (default 1.0)."),
+    min_p: float = typer.Option(None, "--min-p", help="Drop tokens below min-p x the top one's probability (0-1)."),
+    presence_penalty: float = typer.Option(None, "--presence-penalty", help="OpenAI's, -2 to 2 (default 0)."),
+    frequency_penalty: float = typer.Option(None, "--frequency-penalty", help="OpenAI's, -2 to 2 (default 0)."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
     backend: str = typer.Option(None, "--backend", help=_BACKEND_HELP),
     dtype: str = typer.Option(None, "--dtype", help="hf, vllm: auto | fp32 | bf16 | fp16."),
@@ -455,7 +458,8 @@ def _chat(
 
     load_kw = _engine_load_options(adapter, template, backend, dtype, device, 1, ctx, threads)
     samp_kw = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-               "repetition_penalty": repetition_penalty, "seed": seed}  # fmt: skip
+               "repetition_penalty": repetition_penalty, "min_p": min_p, "presence_penalty": presence_penalty,
+               "frequency_penalty": frequency_penalty, "seed": seed}  # fmt: skip
     load_opts, sampling, sys_prompt = resolve_options(model, load_kw, samp_kw, system, LF_SAMPLING, overrides or [])
     _setup(quantization=quantized_model(load_opts))
     chat(ChatOptions(load_opts, sampling, sys_prompt))

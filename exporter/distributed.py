@@ -1,6 +1,6 @@
 """Several training processes through torch.distributed: `torchrun --nproc_per_node N exporter train ...` (or
 LLaMA-Factory's launcher variables: FORCE_TORCHRUN=1, NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT,
-and an automatic torchrun when more than one GPU is visible).
+RDZV_ID, MIN_NNODES, MAX_NNODES, MAX_RESTARTS, and an automatic torchrun when more than one GPU is visible).
 
 Existing engines only: DistributedDataParallel (default), FSDP2 (`fully_shard` per decoder layer, with `fsdp:`),
 DeepSpeed (`deepspeed:`, where it is installed). Gloo on CPU, NCCL on GPUs. Every process reads and tokenizes the
@@ -141,6 +141,24 @@ def _release_deepspeed() -> None:
             for cell in getattr(method, "__closure__", None) or ():
                 if hasattr(cell.cell_contents, "cache_clear"):
                     cell.cell_contents.cache_clear()
+
+
+# what gloo says in a collective when a peer process has gone (its socket closed)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost(d: Dist, e: BaseException) -> UserError | None:
+    """The one line for a collective that failed because another process of the group stopped (it said why, or
+    the launcher says it was killed); None for any other error. Under gloo the surviving ranks get a RuntimeError
+    ("Connection closed by peer") before torchrun stops them: it was a traceback after the other rank's one line."""
+    import torch
+
+    if not d.active or isinstance(e, UserError) or not isinstance(e, RuntimeError):
+        return None
+    if not isinstance(e, torch.distributed.DistError) and not any(s in str(e) for s in _PEER_GONE):
+        return None
+    return UserError(f"training process {d.rank} stops: another training process of the run stopped and closed its "
+                     "connection (its error says why)")  # fmt: skip
 
 
 def barrier(d: Dist) -> None:
@@ -792,11 +810,11 @@ def _free_port() -> int:
 def relaunch(argv: list[str], flags: Sequence[str] = ()) -> int | None:
     """LLaMA-Factory's launcher rule: with FORCE_TORCHRUN=1, or more than one visible GPU, run this same command
     (`exporter [flags] train argv`: flags such as --verbose go to every rank) under torchrun (NNODES, NODE_RANK,
-    NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT); returns its exit code, or None when this process should train itself
-    (already under torchrun, or one device)."""
+    NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT; with RDZV_ID an elastic launch, `_elastic`); returns its exit code, or
+    None when this process should train itself (already under torchrun, or one device)."""
     if "LOCAL_RANK" in os.environ:
         return None
-    force = os.environ.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "yes")
+    force = os.environ.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "y", "yes")  # LF's is_env_enabled, + yes
     gpus = _gpu_count()
     if not force and gpus <= 1:
         return None
@@ -806,19 +824,41 @@ def relaunch(argv: list[str], flags: Sequence[str] = ()) -> int | None:
         raise UserError(f"NPROC_PER_NODE must be a positive number of processes, got {nproc!r}")
     if not nnodes.isdigit() or int(nnodes) < 1 or not node_rank.isdigit() or int(node_rank) >= int(nnodes):
         raise UserError(f"NNODES={nnodes!r}, NODE_RANK={node_rank!r}: expected NNODES nodes numbered 0 to NNODES-1")
+    rdzv = _elastic(nnodes)  # LF's elastic launch: RDZV_ID, MIN_NNODES / MAX_NNODES, MAX_RESTARTS
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
-    if int(nnodes) > 1 and missing:  # each node would wait at its own address or port for the others, for good
-        raise UserError(f"NNODES={nnodes}: {' and '.join(missing)} not set; every node needs the same MASTER_ADDR "
-                        "(node 0's address) and MASTER_PORT (a free port there)")  # fmt: skip
-    args = [
-        "--nnodes", nnodes, "--node_rank", node_rank, "--nproc_per_node", nproc,
-        "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        "--master_port", os.environ.get("MASTER_PORT", str(_free_port())), "-m", "exporter", *flags, "train", *argv,
-    ]  # fmt: skip
+    if int(rdzv[1].split(":")[-1] if rdzv else nnodes) > 1 and missing:  # else each node waits for good
+        raise UserError(f"NNODES={rdzv[1] if rdzv else nnodes}: {' and '.join(missing)} not set; every node needs the "
+                        "same MASTER_ADDR (node 0's address) and MASTER_PORT (a free port there)")  # fmt: skip
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT") or str(_free_port())
+    if rdzv:  # as LLaMA-Factory launches it: a c10d rendezvous at MASTER_ADDR:MASTER_PORT, nodes rank themselves
+        where = ["--nnodes", rdzv[1], "--nproc_per_node", nproc, "--rdzv_id", rdzv[0], "--rdzv_backend", "c10d",
+                 "--rdzv_endpoint", f"{addr}:{port}", "--max_restarts", rdzv[2]]  # fmt: skip
+    else:
+        where = ["--nnodes", nnodes, "--node_rank", node_rank, "--nproc_per_node", nproc, "--master_addr", addr,
+                 "--master_port", port]  # fmt: skip
+    args = [*where, "-m", "exporter", *flags, "train", *argv]
     # torchrun gives each process 1 OpenMP thread when none is set, with a banner saying so: share the cores out
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))
     print(f"note: launching {nproc} training processes per node with torchrun", file=sys.stderr)
     return _torchrun(args)
+
+
+def _elastic(nnodes: str) -> tuple[str, str, str] | None:
+    """LLaMA-Factory's elastic launch when RDZV_ID is set: (rendezvous id, nodes — `MIN_NNODES:MAX_NNODES` when both
+    are set, else NNODES —, MAX_RESTARTS); None without RDZV_ID (LF then ignores the other three too)."""
+    rdzv_id = os.environ.get("RDZV_ID")
+    if rdzv_id is None:
+        return None
+    restarts, low, high = (os.environ.get(k) for k in ("MAX_RESTARTS", "MIN_NNODES", "MAX_NNODES"))
+    restarts = restarts or "0"
+    if not restarts.isdigit():
+        raise UserError(f"MAX_RESTARTS must be a number of restarts (0 or more), got {restarts!r}")
+    if low is None or high is None:
+        return rdzv_id, nnodes, restarts
+    if not low.isdigit() or not high.isdigit() or not 1 <= int(low) <= int(high):
+        raise UserError(f"MIN_NNODES={low!r}, MAX_NNODES={high!r}: expected node counts with 1 <= MIN_NNODES <= "
+                        "MAX_NNODES")  # fmt: skip
+    return rdzv_id, f"{low}:{high}", restarts
 
 
 def _torchrun(args: list[str]) -> int:

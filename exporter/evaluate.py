@@ -40,6 +40,8 @@ class EvalOptions:
     task: str
     adapter_name_or_path: str | None = None
     template: str | None = None  # "fewshot" (LF's example): plain text; else a chat template family
+    default_system: str | None = None  # LF's data arguments: the system prompt before the subject line
+    enable_thinking: bool | None = True  # LF reasoning templates: false puts the empty thought into the prompt
     task_dir: str = "evaluation"
     lang: Literal["en", "zh"] = "en"
     n_shot: int = 5
@@ -94,6 +96,11 @@ def check(opts: EvalOptions) -> None:
         raise UserError(f"n_shot must be >= 0 and batch_size >= 1, got {opts.n_shot} and {opts.batch_size}")
     if opts.max_questions is not None and opts.max_questions < 1:
         raise UserError(f"max_questions must be >= 1, got {opts.max_questions}")
+    from exporter import lf_names
+
+    if opts.enable_thinking is not True and opts.template != "fewshot" and not lf_names.is_lf_name(opts.template):
+        raise UserError("enable_thinking shapes a LLaMA-Factory reasoning template's prompt: set template: to a "
+                        "LLaMA-Factory template name (exporter template list)")  # fmt: skip
     if opts.save_dir is not None and Path(opts.save_dir).exists():
         raise UserError(f"save_dir {opts.save_dir} already exists, use another one (as LLaMA-Factory requires)")
 
@@ -102,11 +109,14 @@ def build_prompts(opts: EvalOptions, subjects: list[benchmarks.Subject], encode:
     """[(subject index, question, prompt ids)] in LF's order (subjects as in mapping.json, questions in file order;
     the first `max_questions` of each subject when set).
 
-    `template: fewshot` is LF's plain template: each message tokenized alone (no BOS, no special tokens), answers
-    followed by a blank line, concatenated. Any other template is `chat_ids` (`lf_prompt_ids` for a LLaMA-Factory
-    name, else the turns rendered through the chat template)."""
+    `template: fewshot` is LF's plain template: `default_system` and each message tokenized alone (no BOS, no special
+    tokens), answers followed by a blank line, concatenated. Any other template is `chat_ids` (`lf_prompt_ids` for a
+    LLaMA-Factory name, else the turns rendered through the chat template, `default_system` as a system turn)."""
+    from exporter import lf_names
+
     sampler = benchmarks.SupportSampler(opts.seed)
     template = benchmarks.EVAL_TEMPLATES[opts.lang]
+    lf_name = lf_names.is_lf_name(opts.template)
     out = []
     for k, sub in enumerate(subjects):
         for n, q in enumerate(sub.questions):
@@ -115,9 +125,11 @@ def build_prompts(opts: EvalOptions, subjects: list[benchmarks.Subject], encode:
                 continue  # drawn all the same: a slice's prompts are the full run's prompts
             messages = benchmarks.format_example(template, q, support, sub.name)[:-1]
             if opts.template == "fewshot":
-                ids = []
+                ids = encode(opts.default_system) if opts.default_system else []
                 for m in messages:
                     ids += encode(m["content"] + ("\n\n" if m["role"] == "assistant" else ""))
+            elif opts.default_system and not lf_name:
+                ids = chat_ids([{"role": "system", "content": opts.default_system}, *messages])
             else:
                 ids = chat_ids(messages)
             out.append((k, q, ids))
@@ -153,18 +165,22 @@ class LFVocab:
         return self._id(token)
 
 
-def lf_prompt_ids(eng: Any, name: str) -> Any:
+def lf_prompt_ids(eng: Any, name: str, opts: EvalOptions | None = None) -> Any:
     """messages -> LF's `template.encode_oneturn` prompt ids for the LLaMA-Factory template `name` (what
-    `llamafactory-cli eval` scores): LF's slots, each piece tokenized alone, the template's default system."""
+    `llamafactory-cli eval` scores): LF's slots, each piece tokenized alone, the template's default system (or
+    `opts.default_system`), `opts.enable_thinking` for reasoning templates (false: the empty thought in the prompt)."""
     from exporter import lf_names
     from exporter import lf_templates as lf
 
-    tpl = lf.load(name)
+    lf_opts = lf.LFOptions() if opts is None else lf.LFOptions(enable_thinking=opts.enable_thinking,
+                                                               default_system=opts.default_system)  # fmt: skip
+    tpl = lf.with_options(lf.load(name), lf_opts)
     vocab = LFVocab(eng, tpl)
 
     def ids(messages: list[dict[str, Any]]) -> list[int]:
         system, msgs = lf_names.to_lf(messages, tpl.tool_call_words)
-        return lf.encode_oneturn(vocab, tpl, [*msgs, {"role": "assistant", "content": ""}], system, "")[0]
+        turns = [*msgs, {"role": "assistant", "content": ""}]
+        return lf.encode_oneturn(vocab, tpl, turns, system, "", lf_opts)[0]
 
     return ids
 
@@ -249,11 +265,14 @@ def evaluate(opts: EvalOptions, given: set[str] | None = None) -> EvalResult:
     say_no_effect(NO_EFFECT, given or set())
     from exporter import lf_names
 
-    subjects = benchmarks.load_task(opts.task_dir, opts.task)
+    subjects = benchmarks.load_task(opts.task_dir, opts.task, unanswered=True)
+    if any(not q.answer for s in subjects for q in s.questions):
+        print(f"note: {opts.task} has no answers (C-Eval's test split): accuracy is 0 as in LLaMA-Factory; "
+              "results.json in save_dir holds the answers to submit", file=sys.stderr)  # fmt: skip
     lf_name = lf_names.is_lf_name(opts.template)  # LF's prompt, as `llamafactory-cli eval` builds it
     own = opts.template == "fewshot" or lf_name
     with load(engine_options(opts, max_seqs=opts.batch_size, template=None if own else opts.template)) as eng:
-        chat_ids = lf_prompt_ids(eng, opts.template) if lf_name else eng.encode_chat
+        chat_ids = lf_prompt_ids(eng, opts.template, opts) if lf_name else eng.encode_chat
         prompts = build_prompts(opts, subjects, eng.tokenize, chat_ids)
         start = time.perf_counter()
         with progress(f"eval {opts.task}", "questions", len(prompts)) as advance:

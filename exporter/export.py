@@ -48,6 +48,24 @@ def _notes(cfg: ExportConfig, given: set[str]) -> None:
         say("trust_remote_code: the merge runs no model code (a remote-code model's *.py files are copied along)")
 
 
+def _check_added_tokens(cfg: ExportConfig, adapters: list[str]) -> None:
+    """`add_tokens` / `add_special_tokens` name the tokens training added: each must be in the tokenizer the export
+    carries (the last adapter dir with one, else the base), where LF would add it and resize the embeddings with an
+    untrained row; one line naming the missing token and that tokenizer."""
+    from exporter import hf_dir, hub
+
+    wanted = [t.strip() for key in (cfg.add_tokens, cfg.add_special_tokens) for t in (key or "").split(",")]
+    if not (wanted := [t for t in wanted if t]):
+        return
+    dirs = [hub.resolve(a, "adapter") for a in reversed(adapters)] + [hub.resolve(cfg.model_name_or_path, "model")]
+    src = next(d for d in dirs if hf_dir.has_tokenizer(d) or d == dirs[-1])
+    vocab = hf_dir.vocabulary(src) or {}
+    if missing := [t for t in wanted if t not in vocab]:
+        raise UserError(f"{missing[0]!r} (add_tokens / add_special_tokens) is not in the tokenizer of {src}: the "
+                        "export carries the tokenizer training saved; point adapter_name_or_path at the training "
+                        "output that added it")  # fmt: skip
+
+
 def _merge_dtype(cfg: ExportConfig, base: str) -> str | None:
     if cfg.infer_dtype != "auto":
         return _DTYPES[cfg.infer_dtype]
@@ -95,6 +113,7 @@ def export(cfg: ExportConfig, given: set[str] | None = None) -> ExportResult:
     adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
     if adapters and cfg.finetuning_type != "lora":
         raise UserError(f"adapter_name_or_path with finetuning_type {cfg.finetuning_type}: only LoRA adapters merge")
+    _check_added_tokens(cfg, adapters)
     merge_opts = MergeOptions(base=cfg.model_name_or_path, adapters=adapters, out=str(out),
                               dtype=_merge_dtype(cfg, cfg.model_name_or_path), max_shard_size=f"{cfg.export_size}GB",
                               template=cfg.template)  # fmt: skip

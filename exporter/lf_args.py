@@ -487,6 +487,10 @@ class ExportConfig:
     export_quantization_dataset: str | None = None
     export_quantization_nsamples: int = 128
     export_quantization_maxlen: int = 1024
+    # the tokens training added (LF repeats them at export): each must be in the tokenizer the export carries
+    add_tokens: str | None = None
+    add_special_tokens: str | None = None
+    resize_vocab: bool = False  # the vocabulary size comes from the adapter's saved embeddings
 
 
 # export keys LLaMA-Factory has that exporter does not do
@@ -494,6 +498,7 @@ EXPORT_UNSUPPORTED = {
     "export_hub_model_id": "pushing the export to the Hugging Face hub",
     "quantization_bit": "merging into a quantized base (LLaMA-Factory refuses it too: merge, then quantize)",
     "quantization_method": "merging into a quantized base (LLaMA-Factory refuses it too: merge, then quantize)",
+    "new_special_tokens_config": "a YAML of new special tokens (name them in add_special_tokens)",
 }
 
 

@@ -362,6 +362,17 @@ def _qlora_check(base_dir: Path, ads: list[Adapter]) -> list[str]:
     return notes
 
 
+def _init_note(ad: Adapter) -> str:
+    """What merging an adapter with a base-changing init (PiSSA, OLoRA) does, said once."""
+    how = "randomized SVD: close to, not exactly, the residual training started from" if "_niter_" in str(
+        ad.init) else "exactly as training did"  # fmt: skip
+    note = (f"note: adapter {ad.label} has init_lora_weights={ad.init}: its LoRA applies to the base minus the top-r "
+            f"part PEFT removed at training; that residual is recomputed as PEFT does on load ({how})")  # fmt: skip
+    if "_niter_" in str(ad.init) and (ad.path / "pissa_converted" / "adapter_config.json").is_file():
+        note += f"; {ad.path / 'pissa_converted'} (LLaMA-Factory's pissa_convert) merges exactly"
+    return note
+
+
 def _say(msg: str) -> None:
     from rich.console import Console
 
@@ -463,6 +474,7 @@ def merge(opts: MergeOptions, need_adapter: bool = True) -> MergeResult:
     hf_dir.check_loadable(base_dir, _tokenizer_source(base_dir, ads), model=False)  # one line, before any shard
     notes = [n for ad in ads if (n := check_base(ad.path, base_dir, ad.label))]
     notes += _qlora_check(base_dir, ads)
+    notes += [_init_note(ad) for ad in ads if ad.init is not None]
     p = plan(base_dir, ads, out_dtype)
     if p.vocab_size is not None and not any(a.has_tokenizer for a in ads):
         raise UserError(f"the adapters resize the vocabulary to {p.vocab_size} but no adapter dir has tokenizer files")

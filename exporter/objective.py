@@ -70,15 +70,17 @@ def desirable(stage: str, batch_examples: list[Any]) -> int:
     return sum(e.desirable for e in batch_examples) if stage == "kto" else 0
 
 
-def micro_loss(run: Any, batch: dict[str, Any], totals: tuple[int, int] | None = None) -> tuple[Any, dict[str, Any]]:
+def micro_loss(run: Any, batch: dict[str, Any], totals: tuple[int, int] | None = None,
+               weight: float = 1.0) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """(loss summed over the batch's units, metric sums) for one micro-batch of `run.cfg.stage`; `totals` are the
-    units and desirable examples of the whole global step (all micro-batches, all ranks; default: this batch's)."""
+    units and desirable examples of the whole global step (all micro-batches, all ranks; default: this batch's);
+    `weight` 0: a rank's stand-in rows (it has none of this global batch), which count in nothing."""
     stage = run.cfg.stage
     if stage in ("sft", "pt"):
         return tuning.loss_sum(run.score, batch), {}
     if stage == "dpo":
         return _dpo(run, batch)
-    return _kto(run, batch, totals)
+    return _kto(run, batch, totals, weight)
 
 
 def _dpo(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -95,7 +97,8 @@ def _dpo(run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return out.losses.sum(), metrics
 
 
-def _kto(run: Any, batch: dict[str, Any], totals: tuple[int, int] | None) -> tuple[Any, dict[str, Any]]:
+def _kto(run: Any, batch: dict[str, Any], totals: tuple[int, int] | None,
+         weight: float = 1.0) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     import torch
 
     from exporter import distributed
@@ -106,8 +109,12 @@ def _kto(run: Any, batch: dict[str, Any], totals: tuple[int, int] | None) -> tup
         kl_logps = tuning.completion_logps(run.plain, batch["kl"])[0]
     ref = _ref_logps(run, batch, batch.get("ref"))
     ref_kl = _ref_logps(run, batch["kl"], batch.get("ref_kl"))
-    kl = (kl_logps - ref_kl).mean().detach().reshape(1)  # TRL: the mean over every process, clamped at 0
-    kl = (distributed.all_sum(run.dist, kl) / run.dist.world).clamp(min=0)[0]
+    # the KL baseline: the mean over the global micro-batch's rows, clamped at 0 (TRL's estimate); as a sum and a count
+    # over the ranks, so that a batch the ranks split unevenly (2 rows and 1) equals one process (TRL, and this
+    # before, averaged each process's mean); a rank's stand-in rows count in neither
+    diff = (kl_logps - ref_kl).detach()
+    kl = distributed.all_sum(run.dist, torch.stack([diff.sum(), diff.new_tensor(float(len(diff)))]) * weight)
+    kl = (kl[0] / kl[1].clamp(min=1)).clamp(min=0)
     out = preference.kto_loss(logps[good], logps[bad], kl_logps, ref[good], ref[bad], ref_kl, cfg.pref_beta,
                               cfg.kto_chosen_weight, cfg.kto_rejected_weight, kl=kl)  # fmt: skip
     loss = out.losses.nanmean() * len(logps)

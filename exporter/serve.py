@@ -1,7 +1,8 @@
 """`exporter serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) on the engine.
 
 GET /v1/models, POST /v1/chat/completions (JSON or SSE streaming; tools with parsed tool_calls where the chat
-template has a tool format; stop, max_tokens / max_completion_tokens, temperature, top_p, seed, n, logprobs;
+template has a tool format; stop, max_tokens / max_completion_tokens, temperature, top_p, top_k, min_p,
+repetition / presence / frequency penalties, seed, n, logprobs;
 usage; finish_reason stop / length / tool_calls), POST /v1/completions (a raw prompt, as llama-cpp-python's server:
 echo, logprobs, stop, stream). Errors have OpenAI's shape: 401 bad key, 400 malformed or
 unsupported parameter (named), 404 unknown model, 429 queue full, 503 engine closed. Requests run concurrently on
@@ -41,22 +42,24 @@ from exporter.engine import (
     parse_tool_calls,
 )
 from exporter.engine.chat_format import PYTHON_TAG, ToolFormat
-from exporter.engine.sampling import seed_of_choice
+from exporter.engine.sampling import PENALTY_RANGE, seed_of_choice
 from exporter.errors import UserError
 
 # Parameters of POST /v1/chat/completions: the ones we honour, and the ones accepted only at their neutral value.
 SUPPORTED = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "seed", "n", "stop", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "user",
-    "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos",
+    "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos", "presence_penalty", "frequency_penalty",
+    "min_p",
 }  # fmt: skip
-NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}
+NEUTRAL = {"logit_bias": {}, "response_format": {"type": "text"}}
 # ... and of POST /v1/completions (llama-cpp-python's server serves it too)
 COMPLETION_SUPPORTED = {
     "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "echo",
-    "logprobs", "user", "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos",
+    "logprobs", "user", "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos", "presence_penalty",
+    "frequency_penalty", "min_p",
 }  # fmt: skip
-COMPLETION_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "suffix": None, "best_of": 1}
+COMPLETION_NEUTRAL = {"logit_bias": {}, "suffix": None, "best_of": 1}
 MAX_N = 16
 INT64 = (-(2**63), 2**63 - 1)  # OpenAI's range for `seed`
 
@@ -172,8 +175,9 @@ def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def _sampling(body: dict[str, Any], d: Sampling, logprobs: int | None, skip_special: bool) -> Sampling:
-    """The request's sampling on the server's defaults `d` (stop, max_tokens, temperature, top_p, top_k,
-    repetition_penalty, seed, ignore_eos, skip_special_tokens); 400 naming the first bad one."""
+    """The request's sampling on the server's defaults `d` (stop, max_tokens, temperature, top_p, top_k, min_p,
+    repetition_penalty, presence_penalty, frequency_penalty, seed, ignore_eos, skip_special_tokens); 400 naming the
+    first bad one."""
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
@@ -185,6 +189,8 @@ def _sampling(body: dict[str, Any], d: Sampling, logprobs: int | None, skip_spec
     top_p = _number(body, "top_p", float, 0, 1, above=True)
     top_k = _number(body, "top_k", int, 0)
     penalty = _number(body, "repetition_penalty", float, 0, above=True)
+    min_p = _number(body, "min_p", float, 0, 1)
+    presence, frequency = (_number(body, k, float, *PENALTY_RANGE) for k in ("presence_penalty", "frequency_penalty"))
     skip = _typed(body, "skip_special_tokens", bool, "true or false")
     return d.replace(
         max_new_tokens=max_new or d.max_new_tokens,
@@ -192,6 +198,9 @@ def _sampling(body: dict[str, Any], d: Sampling, logprobs: int | None, skip_spec
         top_p=d.top_p if top_p is None else float(top_p),
         top_k=d.top_k if top_k is None else top_k,
         repetition_penalty=d.repetition_penalty if penalty is None else float(penalty),
+        presence_penalty=d.presence_penalty if presence is None else float(presence),
+        frequency_penalty=d.frequency_penalty if frequency is None else float(frequency),
+        min_p=d.min_p if min_p is None else float(min_p),
         seed=_number(body, "seed", int, *INT64),
         stop=tuple(stop),
         logprobs=logprobs,

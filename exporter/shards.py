@@ -179,6 +179,7 @@ def write_shards(tmp: Path, planned: list[PlannedTensor], shard_bytes: int,
         writer.close()
     if len(shards) > 1:
         total = sum(t.nbytes for t in planned)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        meta = {"total_parameters": sum(numel(t.shape) for t in planned), "total_size": total}  # as transformers 5
+        index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return len(shards)

@@ -257,7 +257,7 @@ def step(run: Run, group: list[list[int]]) -> float:
         batch = run.batch(items)
         with sync:
             with torch.autocast(run.device.split(":")[0], dtype=run.amp, enabled=run.amp is not None):
-                loss_units, metrics = objective.micro_loss(run, batch, totals)
+                loss_units, metrics = objective.micro_loss(run, batch, totals, weight)
             part = loss_units * (weight / max(n_units, 1))
             scaled = part * d.world  # DDP/FSDP/DeepSpeed average gradients over the ranks
             if run.engine == "deepspeed":  # our groups set the boundary: an epoch's short last group steps too
@@ -342,7 +342,7 @@ def evaluate(run: Run) -> dict[str, float]:
         for b, (items, weight) in zip(batches, _micro_batches(run, batches, pool), strict=True):
             batch = run.batch(items)
             totals = (len(b), objective.desirable(cfg.stage, [pool[i] for i in b]))  # the batch over all ranks
-            loss_units, metrics = objective.micro_loss(run, batch, totals)
+            loss_units, metrics = objective.micro_loss(run, batch, totals, weight)
             zero = loss_units.new_zeros(())
             sums += weight * torch.stack([loss_units, *(metrics.get(k, zero) for k in keys)]).double()
             cnt = objective.metric_counts(cfg.stage, batch, len(items))
@@ -631,11 +631,14 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
     d, device = distributed.init(cfg.ddp_timeout, group_of_one=bool(cfg.deepspeed))
     try:
         result = _train(cfg, given if given is not None else set(), d, device)
-    except BaseException:
+    except BaseException as e:
         # the error's traceback holds the run (frames keep their closures' cells even when cleared), and the run the
         # process group, until the error is handled: leave the group at exit, once it is
         atexit.unregister(distributed.shutdown)  # once, however many runs in this process failed
         atexit.register(distributed.shutdown)
+        lost = distributed.peer_lost(d, e)  # another rank failed (it said why): one line here, not a traceback
+        if lost is not None:
+            raise lost from None
         raise
     distributed.shutdown()
     return result

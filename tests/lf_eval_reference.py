@@ -1,7 +1,8 @@
 """Run LLaMA-Factory 0.9.5's own `Evaluator` (llamafactory.eval.evaluator) on a local benchmark fixture.
 
 Runs under LF's reference venv ($EXPORTER_LF_PYTHON), called by tests/test_evaluate.py:
-    python lf_eval_reference.py MODEL_DIR TASK_DIR TASK LANG N_SHOT BATCH_SIZE SAVE_DIR TEMPLATE INPUTS_JSON
+    python lf_eval_reference.py MODEL_DIR TASK_DIR TASK LANG N_SHOT BATCH_SIZE SAVE_DIR TEMPLATE INPUTS_JSON [EXTRA]
+EXTRA, a JSON object, adds LF arguments (`default_system`, `enable_thinking` ...).
 LF reads benchmarks through `datasets` loading scripts (evaluation/<task>/<task>.py in LF's repository), which
 `datasets` 4 no longer runs; `load_dataset` is replaced by what those scripts do (pandas `read_csv` with each
 benchmark's header and column rules, splits train=dev, validation=val, test=test). Everything else is LF's code:
@@ -54,6 +55,7 @@ def load_dataset(path: str, name: str, **_: object) -> datasets.DatasetDict:
 
 def main() -> None:
     model, task_dir, task, lang, n_shot, batch_size, save_dir, template, inputs_json = sys.argv[1:10]
+    extra = json.loads(sys.argv[10]) if len(sys.argv) > 10 else {}
     from llamafactory.eval import evaluator
 
     evaluator.load_dataset = load_dataset
@@ -75,6 +77,7 @@ def main() -> None:
         "n_shot": int(n_shot),
         "batch_size": int(batch_size),
         "save_dir": save_dir,
+        **extra,
     }
     evaluator.Evaluator(args).eval()
     with open(inputs_json, "w", encoding="utf-8") as f:

@@ -4,12 +4,14 @@ trained adapter (see test_serve.py) and transformers' greedy decoding for the ba
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,17 +88,15 @@ def _read_until(fd: int, marker: str, timeout: float = 300) -> str:
     return out.decode(errors="replace")
 
 
-def test_pseudo_terminal_session(tool_models) -> None:
+@contextlib.contextmanager
+def terminal(*args: str) -> Iterator[int]:
+    """`python *args` on a pseudo-terminal: yields its fd; on leaving, the child must have exited 0 (killed when
+    the test failed first)."""
     pid, fd = pty.fork()
-    if pid == 0:  # the child: the chat on a terminal
-        os.execv(sys.executable, [sys.executable, "-m", "exporter", "chat", str(tool_models.gguf), *GREEDY])
+    if pid == 0:  # the child: on the terminal
+        os.execv(sys.executable, [sys.executable, *args])
     try:
-        assert "use `clear` to remove the history" in _read_until(fd, "User: ")
-        os.write(fd, f"{QA[2][0]}\r".encode())
-        assert f"Assistant: {peft_answers(tool_models.base, tool_models.lora)[QA[2][0]]}" in _read_until(fd, "User: ")
-        os.write(fd, b"clear\r")
-        assert "History has been removed." in _read_until(fd, "User: ")
-        os.write(fd, b"exit\r")
+        yield fd
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
@@ -105,6 +105,16 @@ def test_pseudo_terminal_session(tool_models) -> None:
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_pseudo_terminal_session(tool_models) -> None:
+    with terminal("-m", "exporter", "chat", str(tool_models.gguf), *GREEDY) as fd:
+        assert "use `clear` to remove the history" in _read_until(fd, "User: ")
+        os.write(fd, f"{QA[2][0]}\r".encode())
+        assert f"Assistant: {peft_answers(tool_models.base, tool_models.lora)[QA[2][0]]}" in _read_until(fd, "User: ")
+        os.write(fd, b"clear\r")
+        assert "History has been removed." in _read_until(fd, "User: ")
+        os.write(fd, b"exit\r")
 
 
 def test_llamafactory_inference_yaml(tool_models, tmp_path: Path) -> None:

@@ -138,3 +138,33 @@ def test_piped_chat_writes_one_answer_a_line(monkeypatch: pytest.MonkeyPatch) ->
         "a\\r\\nb\\n",
         "",
     ]
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [("--min-p", "min_p must be between 0 and 1, got 1.5"), ("--presence-penalty", "presence_penalty must be"),
+     ("--frequency-penalty", "frequency_penalty must be")],
+)  # fmt: skip
+def test_chat_takes_the_sampling_flags_serve_takes(tmp_path: Path, flag: str, message: str) -> None:
+    """`--min-p`, `--presence-penalty`, `--frequency-penalty` reach chat's sampling: out of range, one line before
+    any model loads (before: no such option)."""
+    r = subprocess.run([sys.executable, "-m", "exporter", "chat", str(tmp_path / "model"), flag, "2.5" if "pen" in flag
+                        else "1.5"], input="hi\n", capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"error: {message}") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_chat_min_p_one_is_greedy(tiny_model) -> None:
+    """`--min-p 1` keeps only the top token: a sampled answer, hot enough to leave greedy without it, equals the
+    greedy one."""
+    model = str(tiny_model("qwen2"))
+    common = [sys.executable, "-m", "exporter", "chat", model, "--max-new-tokens", "12"]
+
+    def answer(*flags: str) -> str:
+        r = subprocess.run([*common, *flags], input="hello there\n", capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    greedy = answer("--temperature", "0")
+    assert answer("--temperature", "5", "--top-k", "0", "--top-p", "1", "--min-p", "1", "--seed", "3") == greedy
+    assert answer("--temperature", "5", "--top-k", "0", "--top-p", "1", "--seed", "3") != greedy

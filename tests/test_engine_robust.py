@@ -185,3 +185,26 @@ def test_token_bytes_are_the_tokens_own_bytes(tiny_model, tmp_path_factory, back
         assert partial, "no token of the text holds part of a character: the test shows nothing"
         assert all(eng.token_bytes(t) != "\ufffd".encode() for t in partial)
         assert b"".join(eng.token_bytes(t) for t in ids) == text.encode()
+
+
+@pytest.mark.parametrize("family", ["llama3", "llama2", "qwen2"])
+def test_gguf_decode_keeps_the_text_hf_decodes(tiny_model, tmp_path_factory, family: str) -> None:
+    """A GGUF's answer text equals the HF tokenizer's decode of the same ids, spaces before punctuation included:
+    `llama_detokenize` cleaned them on Llama 3's vocabulary (`x != 0 .` -> `x!= 0.`, `it 's` -> `it's`), so
+    predict, chat and serve changed the model's words. Real vocabularies: byte-level BPE and SentencePiece."""
+    require_llama_cpp()
+    from exporter import gguf, templates
+
+    hf = tiny_model(family, real_vocab=True)
+    path = gguf.export(hf, ["f16"], templates.resolve(hf, None), tmp_path_factory.mktemp(f"dec-{family}")).files["f16"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    texts = ["if x != 0 . Bonjour !", "it 's a ' quoted ' word , no ?", "Hello world", " two  spaces . end",
+             "naïve 你好 , 世界 !", "a\n. b"]  # fmt: skip
+    with load(LoadOptions(str(path), max_seqs=1)) as eng:
+        for text in texts:
+            ids = tok.encode(text, add_special_tokens=False)
+            want = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            assert eng.decode(ids) == want, (family, text)
+            assert eng.decode(ids, skip_special=False) == want, (family, text)

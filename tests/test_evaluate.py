@@ -73,7 +73,10 @@ def test_bad_files_are_one_line_errors(task_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="mapping.json not found"):
         benchmarks.load_task(tmp_path, "mmlu_test")
     with pytest.raises(UserError, match="publishes no test answers"):
-        benchmarks.load_task(task_dir, "ceval_test")
+        benchmarks.load_task(task_dir, "ceval_test")  # verify --eval needs answers
+    # exporter eval reads them as LF's loader does, with empty answers (scored 0)
+    unanswered = benchmarks.load_task(task_dir, "ceval_test", unanswered=True)
+    assert {q.answer for s in unanswered for q in s.questions} == {""}
     bad = tmp_path / "bad"
     shutil.copytree(task_dir / "mmlu", bad / "mmlu")
     f = bad / "mmlu" / "data" / "test" / "econometrics_test.csv"

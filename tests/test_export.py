@@ -259,3 +259,21 @@ def test_quantized_export_merges_under_the_out_temp_name_and_records_the_real_in
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c4.jsonl", "e.yaml", "out"]
     assert "no Ollama Modelfile with export_quantization_bit" in capsys.readouterr().err  # GPTQ: Ollama cannot import
     assert "Modelfile" not in seen["model_files"]  # the temporary merge wrote none either
+
+
+def test_lf_vocabulary_keys_are_checked_against_the_tokenizer_exported(lf_merge, tmp_path: Path) -> None:
+    """LF's export YAML repeats training's `add_special_tokens` / `add_tokens` / `resize_vocab`: accepted when the
+    tokenizer the export carries holds each token (the export is the same as without them), one line naming a
+    missing token before anything is written (before: "unknown key 'add_special_tokens'", exit 2)."""
+    base, adapter, out = lf_merge
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(LF_MERGE.format(base=base, adapter=adapter, out=tmp_path / "m"))
+    r = _cli("export", str(cfg), "add_special_tokens=<|im_end|>, <|im_start|>", "resize_vocab=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _tensors(tmp_path / "m") == _tensors(out)
+    r = _cli("export", str(cfg), "export_dir=" + str(tmp_path / "n"), "add_tokens=<|im_end|>,<think_new>")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: '<think_new>' (add_tokens / add_special_tokens) is not in the tokenizer of {base}: the export "
+        "carries the tokenizer training saved; point adapter_name_or_path at the training output that added it"
+    ], r.stderr
+    assert not (tmp_path / "n").exists()

@@ -230,21 +230,28 @@ def _metrics_libs(tmp_path: Path) -> Path:
     return libs
 
 
-def test_same_files_as_llamafactory(sharp_qwen: Path, tmp_path: Path) -> None:
-    """LF 0.9.5's own do_predict on the same YAML: identical prompts, predictions, labels and BLEU/ROUGE."""
+def predict_both(tmp_path: Path, text: str) -> tuple[list[dict], list[dict], str]:
+    """The predict YAML `text` (without output_dir) run by LF 0.9.5's own do_predict into tmp_path/lf and by
+    exporter into tmp_path/ours: (LF's rows, ours, exporter's stderr); each must exit 0."""
     lf = lf_python()
-    text = (f"model_name_or_path: {sharp_qwen}\nstage: sft\ndo_predict: true\nfinetuning_type: lora\n"
-            f"eval_dataset: identity,alpaca_zh_demo\ndataset_dir: {DATA}\ntemplate: qwen\ncutoff_len: 1024\n"
-            "max_samples: 3\noverwrite_cache: true\nper_device_eval_batch_size: 1\npredict_with_generate: true\n"
-            "do_sample: false\nmax_new_tokens: 12\nreport_to: none\n")  # fmt: skip
-    (tmp_path / "lf.yaml").write_text(text + f"output_dir: {tmp_path / 'lf'}\n")
-    (tmp_path / "ours.yaml").write_text(text + f"output_dir: {tmp_path / 'ours'}\n")
+    for who in ("lf", "ours"):
+        (tmp_path / f"{who}.yaml").write_text(text + f"output_dir: {tmp_path / who}\n", encoding="utf-8")
     cmd = [lf, str(HERE / "lf_predict_reference.py"), str(tmp_path / "lf.yaml"), str(_metrics_libs(tmp_path))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     r = _exporter("predict", str(tmp_path / "ours.yaml"))
     assert r.returncode == 0, r.stderr
-    assert _rows(tmp_path / "ours") == _rows(tmp_path / "lf")
+    return _rows(tmp_path / "lf"), _rows(tmp_path / "ours"), r.stderr
+
+
+def test_same_files_as_llamafactory(sharp_qwen: Path, tmp_path: Path) -> None:
+    """LF 0.9.5's own do_predict on the same YAML: identical prompts, predictions, labels and BLEU/ROUGE."""
+    text = (f"model_name_or_path: {sharp_qwen}\nstage: sft\ndo_predict: true\nfinetuning_type: lora\n"
+            f"eval_dataset: identity,alpaca_zh_demo\ndataset_dir: {DATA}\ntemplate: qwen\ncutoff_len: 1024\n"
+            "max_samples: 3\noverwrite_cache: true\nper_device_eval_batch_size: 1\npredict_with_generate: true\n"
+            "do_sample: false\nmax_new_tokens: 12\nreport_to: none\n")  # fmt: skip
+    theirs_rows, our_rows, _ = predict_both(tmp_path, text)
+    assert our_rows == theirs_rows
     theirs = json.loads((tmp_path / "lf" / "predict_results.json").read_text(encoding="utf-8"))
     ours = json.loads((tmp_path / "ours" / "predict_results.json").read_text(encoding="utf-8"))
     for key in ("predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l"):

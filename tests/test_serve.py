@@ -223,7 +223,7 @@ def test_errors_have_openai_shape(hf_server: Server) -> None:
     cases = [
         ({"messages": [{"role": "user", "content": "hi"}], "extra_body": {"logit_bias_x": 1}}, "logit_bias_x"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, "temperature"),
-        ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, "frequency_penalty"),
         ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": {}}, "presence_penalty"),
         ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1}}, "logit_bias"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),

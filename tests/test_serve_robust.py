@@ -23,7 +23,7 @@ from conftest import free_port, health
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from exporter.engine import LoadOptions, Sampling, load  # noqa: E402
+from exporter.engine import EngineError, LoadOptions, Sampling, load  # noqa: E402
 from exporter.engine.chat_format import tool_format  # noqa: E402
 from exporter.serve import ApiError, ServeOptions, create_app, parse_request  # noqa: E402
 
@@ -273,3 +273,77 @@ def test_non_streamed_client_that_drops_logs_nothing_and_frees_its_slot(tiny_ggu
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _llama_cpp_greedy(gguf: Path, prompt: list[int], n: int, freq: float, present: float) -> str:
+    """The reference: llama-cpp-python's `Llama` logits, llama.cpp's own penalties sampler over the answer so far
+    (OpenAI's presence / frequency penalties), argmax, until an end-of-generation token or `n` tokens."""
+    import numpy as np
+    from llama_cpp import Llama, llama_vocab_is_eog
+    from test_engine_sampling import _llama_cpp_penalized
+
+    llm = Llama(str(gguf), n_ctx=512, n_threads=1, logits_all=True, verbose=False)  # scores: every row
+    try:
+        llm.eval(prompt)
+        out: list[int] = []
+        for _ in range(n):
+            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            token = int(np.argmax(_llama_cpp_penalized(logits, out, 1.0, freq, present)))
+            if llama_vocab_is_eog(llm._model.vocab, token):
+                break
+            out.append(token)
+            llm.eval([token])
+        return llm.detokenize(out).decode("utf-8", errors="replace")
+    finally:
+        llm.close()
+
+
+def test_presence_frequency_penalties_and_min_p_through_the_openai_client(tiny_gguf: Path) -> None:
+    """OpenAI's `presence_penalty` / `frequency_penalty` were a 400 unless 0; now a greedy answer with them is what
+    llama.cpp's own penalties sampler picks over llama-cpp-python's logits, on both endpoints; `min_p` (as
+    llama-cpp-python's server and vLLM take it) of 1 leaves only the top token, so any seed answers greedily."""
+    from fastapi.testclient import TestClient
+
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("llama_cpp")
+    with load(LoadOptions(str(tiny_gguf), max_seqs=2, ctx=512, threads=1)) as eng:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0,
+                               http_client=TestClient(create_app(eng, ServeOptions(eng.options))))  # fmt: skip
+        name, prompt = eng.name, "The capital of France is"
+        penalties = {"frequency_penalty": 1.5, "presence_penalty": 0.5}
+        plain = client.completions.create(model=name, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+        got = client.completions.create(model=name, prompt=prompt, max_tokens=16, temperature=0, **penalties)
+        want = _llama_cpp_greedy(tiny_gguf, eng.encode_text(prompt), 16, 1.5, 0.5)
+        assert got.choices[0].text == want != plain
+        messages = [{"role": "user", "content": "Who are you?"}]
+        chat = client.chat.completions.create(model=name, messages=messages, max_tokens=16, temperature=0,
+                                              frequency_penalty=-0.5, presence_penalty=1.0)  # fmt: skip
+        assert chat.choices[0].message.content == _llama_cpp_greedy(
+            tiny_gguf, eng.encode_chat(messages), 16, -0.5, 1.0)  # fmt: skip
+        greedy = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+        for seed in range(3):
+            hot = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=1.5,
+                                                 seed=seed, extra_body={"min_p": 1.0})  # fmt: skip
+            assert hot.choices[0].message.content == greedy.choices[0].message.content
+        for key, value in (("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("min_p", 1.5)):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=name, messages=messages, extra_body={key: value})
+            assert e.value.body["param"] == key, e.value.body
+
+
+def test_text_that_is_not_unicode_is_a_400_naming_its_field(tiny_gguf: Path) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"), which is no Unicode text and no tokenizer takes: a 400 naming
+    `messages` / `prompt` in OpenAI's shape (it was a bare 500 "Internal Server Error" and a traceback)."""
+    from fastapi.testclient import TestClient
+
+    with load(LoadOptions(str(tiny_gguf), max_seqs=1, ctx=512, threads=1)) as eng:
+        client = TestClient(create_app(eng, ServeOptions(eng.options)), raise_server_exceptions=False)
+        for path, body, param in (
+            ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "caf\\udce9"}]}', "messages"),
+            ("/v1/completions", b'{"prompt": "\\ud800 hi", "max_tokens": 2}', "prompt"),
+        ):
+            r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == param and "not valid Unicode" in r.json()["error"]["message"]
+        with pytest.raises(EngineError, match="not valid Unicode"):
+            eng.tokenize("\udce9")

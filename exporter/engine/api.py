@@ -42,6 +42,9 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0  # HF's: divides positive / multiplies negative logits of seen tokens
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of each token the answer already holds
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once for each time the answer already holds the token
+    min_p: float = 0.0  # HF's MinPLogitsWarper (after top-p): drop tokens below min_p x the top token's probability
     seed: int | None = None
     stop: tuple[str, ...] = ()  # extra stop strings; the answer ends before them
     stop_ids: tuple[int, ...] = ()  # extra stop token ids, besides the model's end-of-turn ids

@@ -44,7 +44,13 @@ class Engine:
         return self.chat_format.render(messages, tools, add_generation_prompt)
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text`, special tokens parsed, nothing added (chat templates write their own BOS)."""
+        """Token ids of `text`, special tokens parsed, nothing added (chat templates write their own BOS).
+        EngineError when `text` is no valid Unicode (a lone surrogate: JSON's "\\ud800", or a byte that stdin could
+        not decode), which no tokenizer takes."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EngineError(f"the text is not valid Unicode: it holds {text[e.start]!r} ({e.reason})") from None
         return self.backend.tokenize(text)
 
     def encode_chat(

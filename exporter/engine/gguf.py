@@ -88,6 +88,7 @@ class GGUFBackend:
                 raise UserError(f"{lora}: llama.cpp cannot apply this GGUF LoRA to {path.name}")
         self.batch = L.llama_batch_init(self.batch_tokens, 0, 1)
         self.cells: dict[int, list[int]] = {}  # the tokens in each sequence's KV cells (kept after release)
+        self._space_prefix: bool | None = None  # read on the first decode
 
     def close(self) -> None:
         L = self.L
@@ -126,11 +127,16 @@ class GGUFBackend:
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token's piece (special tokens as their text), also a part of a UTF-8 character."""
+        return self._piece(token, 0, True)
+
+    def _piece(self, token: int, lstrip: int, special: bool) -> bytes:
+        """`llama_token_to_piece`: the token's bytes, `lstrip` leading spaces removed; a control token is empty
+        unless `special`."""
         buf = ctypes.create_string_buffer(256)
-        n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), lstrip, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+            n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), lstrip, special)
         return buf.raw[: max(n, 0)]
 
     def special_tokens(self) -> dict[str, str]:
@@ -166,17 +172,17 @@ class GGUFBackend:
         return list(buf[:n])
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        if not ids:
-            return ""
-        arr = (self.L.llama_token * len(ids))(*ids)
-        size = 64 + 16 * len(ids)
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size)
-            n = self.L.llama_detokenize(self.vocab, arr, len(ids), buf, size, False, not skip_special)
-            if n >= 0:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            size = -n + 1
-        raise EngineError("llama.cpp could not detokenize")
+        """The pieces of `ids` joined, the first without the space the tokenizer prefixes (`add_space_prefix`), as
+        `llama_detokenize` builds the text but without its `clean_spaces` pass: on llama-bpe and gpt-2 vocabularies
+        (Llama 3) that drops the space before `. , ! ?` and around `'` (`x != 0 .` -> `x!= 0.`), text the model
+        wrote, which HF's decode and llama-cpp-python's `detokenize` keep."""
+        if self._space_prefix is None:
+            flag = self.meta("tokenizer.ggml.add_space_prefix")  # llama.cpp's default: SPM vocabularies prefix one
+            spm = self.L.llama_vocab_type(self.vocab) == self.L.LLAMA_VOCAB_TYPE_SPM
+            self._space_prefix = flag == "true" if flag is not None else spm
+        lead = int(self._space_prefix)
+        pieces = (self._piece(t, lead if k == 0 else 0, not skip_special) for k, t in enumerate(ids))
+        return b"".join(pieces).decode("utf-8", errors="replace")
 
     # ---- forward passes
 

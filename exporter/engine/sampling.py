@@ -12,6 +12,7 @@ import numpy as np
 from exporter.engine.api import EngineError, NonFiniteLogits, Sampling, TokenLogprob
 
 RANDOM_SEED = -1  # llama.cpp's convention (its server, llama-cpp-python): a seed of -1 means "draw a fresh one"
+PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's presence_penalty / frequency_penalty range
 
 
 def check_sampling(s: Sampling) -> None:
@@ -28,6 +29,12 @@ def check_sampling(s: Sampling) -> None:
         raise EngineError(f"top_k must be >= 0, got {s.top_k}")
     if not s.repetition_penalty > 0:
         raise EngineError(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not PENALTY_RANGE[0] <= getattr(s, name) <= PENALTY_RANGE[1]:
+            raise EngineError(f"{name} must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g}, "
+                              f"got {getattr(s, name)}")  # fmt: skip
+    if not 0 <= s.min_p <= 1:
+        raise EngineError(f"min_p must be between 0 and 1, got {s.min_p}")
     if s.logprobs is not None and not 0 <= s.logprobs <= 20:
         raise EngineError(f"logprobs must be between 0 and 20, got {s.logprobs}")
 
@@ -40,12 +47,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _top_p_cut(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Indices of the smallest set of most likely tokens whose mass reaches top_p (exact, without a full sort)."""
+    """Indices of the smallest set of most likely tokens whose mass reaches top_p (exact, without a full sort); of
+    tokens tied at the edge, the later ids stay, as transformers' TopPLogitsWarper (an ascending stable sort) keeps."""
     n = probs.shape[0]
     k = min(64, n)
     while True:
         idx = np.argpartition(-probs, k - 1)[:k] if k < n else np.arange(n)
-        idx = idx[np.argsort(-probs[idx], kind="stable")]
+        idx = idx[np.lexsort((-idx, -probs[idx]))]
         csum = np.cumsum(probs[idx])
         if csum[-1] >= top_p or k >= n:
             return idx[: int(np.searchsorted(csum, top_p)) + 1]
@@ -64,42 +72,76 @@ def seed_of_choice(seed: int | None, i: int) -> int | None:
 
 
 class Sampler:
-    """Per-request token picker: repetition penalty, then greedy, or temperature -> top-k -> top-p -> draw."""
+    """Per-request token picker, in transformers' order: repetition penalty (HF's, over the prompt and the answer),
+    presence and frequency penalties (OpenAI's, over the answer so far), then greedy, or temperature -> top-k -> top-p
+    -> min-p -> draw."""
 
     def __init__(self, s: Sampling, prompt: Sequence[int]) -> None:
         self.s = s
         self.rng = rng(s.seed)
         self.seen: set[int] = set(prompt) if s.repetition_penalty != 1.0 else set()
+        self.counts: dict[int, int] = {}  # answer token -> times picked (presence / frequency penalties)
         self.n = 0  # tokens picked so far
 
-    def __call__(self, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
-        """The next token (and its log-probs when asked). NonFiniteLogits when the row holds a NaN or +inf, or is
-        all -inf: the check costs one element, since argmax and max return a NaN where there is one."""
+    def penalized(self, logits: np.ndarray) -> np.ndarray:
+        """The logits after the penalties (a float32 copy where one applies). Repetition: a seen token's logit is
+        divided by the penalty when positive, else multiplied (transformers' RepetitionPenaltyLogitsProcessor);
+        then OpenAI's `logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty`."""
         s = self.s
-        self.n += 1
-        raw = logits
+        additive = bool(self.counts) and (s.presence_penalty != 0 or s.frequency_penalty != 0)
+        if not self.seen and not additive:
+            return logits
+        logits = logits.astype(np.float32, copy=True)
         if self.seen:
-            logits = logits.astype(np.float32, copy=True)
             ids = np.fromiter(self.seen, dtype=np.int64)
             ids = ids[ids < logits.shape[0]]
             v = logits[ids]
             logits[ids] = np.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
+        if additive:
+            ids = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
+            n = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
+            inside = ids < logits.shape[0]
+            logits[ids[inside]] -= n[inside] * np.float32(s.frequency_penalty) + np.float32(s.presence_penalty)
+        return logits
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, probabilities) a sampled token is drawn from, for (penalized) `logits`: softmax of logits /
+        temperature over the top-k (every token tied with the k-th kept, as transformers' TopKLogitsWarper), cut to
+        top-p, then to the tokens at least min_p x the top one's probability. NonFiniteLogits on NaN/+inf."""
+        s = self.s
+        x = logits.astype(np.float64) / s.temperature
+        top = x.max()  # NaN when any is: checked before anything else
+        _finite(top, self.n)
+        n = x.shape[0]
+        cand = np.flatnonzero(x >= np.partition(x, n - s.top_k)[n - s.top_k]) if 0 < s.top_k < n else np.arange(n)
+        p = np.exp(x[cand] - top)
+        p /= p.sum()
+        if s.top_p < 1.0:
+            keep = _top_p_cut(p, s.top_p)
+            cand, p = cand[keep], p[keep] / p[keep].sum()
+        if s.min_p > 0:
+            keep = p >= s.min_p * p.max()
+            cand, p = cand[keep], p[keep] / p[keep].sum()
+        return cand, p
+
+    def __call__(self, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
+        """The next token (and its log-probs, of the raw logits, when asked). NonFiniteLogits when the row holds a
+        NaN or +inf, or is all -inf: the check costs one element, since argmax and max return a NaN where there is
+        one."""
+        s = self.s
+        self.n += 1
+        raw = logits
+        logits = self.penalized(logits)
         if s.greedy:
             token = int(np.argmax(logits))
             _finite(logits[token], self.n)
         else:
-            x = logits.astype(np.float64) / s.temperature
-            top = x.max()  # also the top-k candidates' max
-            _finite(top, self.n)
-            cand = np.argpartition(-x, s.top_k - 1)[: s.top_k] if 0 < s.top_k < x.shape[0] else np.arange(x.shape[0])
-            p = np.exp(x[cand] - top)
-            p /= p.sum()
-            if s.top_p < 1.0:
-                keep = _top_p_cut(p, s.top_p)
-                cand, p = cand[keep], p[keep] / p[keep].sum()
+            cand, p = self.distribution(logits)
             token = int(cand[min(int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum())), len(p) - 1)])
-        if self.seen or s.repetition_penalty != 1.0:
+        if s.repetition_penalty != 1.0:
             self.seen.add(token)
+        if s.presence_penalty != 0 or s.frequency_penalty != 0:
+            self.counts[token] = self.counts.get(token, 0) + 1
         return token, (token_logprob(raw, token, s.logprobs) if s.logprobs is not None else None)
 
 

@@ -121,7 +121,10 @@ class VLLMEngine(Engine):
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            min_p=sampling.min_p,
             repetition_penalty=sampling.repetition_penalty,
+            presence_penalty=sampling.presence_penalty,  # vLLM's: OpenAI's, over the answer so far, as ours
+            frequency_penalty=sampling.frequency_penalty,
             seed=None if sampling.seed in (None, RANDOM_SEED) else sampling.seed % 2**63,
             ignore_eos=True,  # our stop ids decide (below), as on the other backends
             logprobs=sampling.logprobs,

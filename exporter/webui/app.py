@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,10 @@ class Board:
         self.train_run: Any = None
         self.export_run: Any = None
         self.eval_run: Any = None  # the Evaluate & Predict tab's command (jobs.Job)
+        self.eval_opts: Any = None  # (verb, options) of eval_run
         self.chat: Any = None  # the Chat tab's loaded model (chat_tab.Loaded)
         self.chat_targets: list[str] = []  # what the last export wrote, offered by the Chat tab
+        self.lock = threading.Lock()  # checking that no run is going and starting one: one step for all pages
 
     def add(self, key: str, component: Any) -> Any:
         if key not in LABELS:

@@ -42,6 +42,16 @@ def _text(v: Any) -> str:
     return "" if v is None else str(v).strip()
 
 
+def _int(f: dict[str, Any], key: str) -> int:
+    """A text box's whole number; FieldError (one line naming the field) otherwise."""
+    from exporter.webui.train_tab import FieldError
+
+    try:
+        return int(_text(f[key]))
+    except ValueError:
+        raise FieldError(key, f"expected an integer, got {_text(f[key])!r}") from None
+
+
 def _model(top: dict[str, Any]) -> dict[str, Any]:
     """The model keys: `path` (a merged dir or .gguf the export wrote) when given, else the top row's model + adapter;
     the top row's template when not auto."""
@@ -59,7 +69,7 @@ def predict_options(top: dict[str, Any], f: dict[str, Any]) -> Any:
 
     if not f["dataset"]:
         raise UserError("pick one or more datasets of dataset_info.json to predict on")
-    max_samples = int(f["max_samples"]) if _text(f["max_samples"]) else None
+    max_samples = _int(f, "max_samples") if _text(f["max_samples"]) else None
     return PredictOptions(
         **_model(top), output_dir=_text(f["output_dir"]) or default_dir("predict"), eval_dataset=list(f["dataset"]),
         dataset_dir=_text(top["dataset_dir"]) or "data", max_samples=max_samples, cutoff_len=int(f["cutoff_len"]),
@@ -134,12 +144,20 @@ def eval_table(save_dir: Path) -> list[list[Any]]:
 
 
 def status_html(job: jobs.Job, lang: str) -> str:
-    secs = time.time() - job.started
+    secs = (time.time() if job.running() else _ended(job)) - job.started
     state = ("running" if job.running() else "stopped" if job.stopped else "finished" if job.returncode == 0
              else "failed")  # fmt: skip
     css = {"running": "exp-stage-run", "finished": "exp-stage-pass", "failed": "exp-stage-fail"}.get(state, "")
     return (f'<p class="{css}" data-status="{state}"><b>{word(state, lang)}</b> {secs:.0f} s{_bar(job, lang)} '
             f"<code>{html.escape(jobs.command_line(job.argv))}</code></p>")  # fmt: skip
+
+
+def _ended(job: jobs.Job) -> float:
+    """When a finished command ended (its log's last write; a page loaded later shows how long it ran)."""
+    try:
+        return job.log.stat().st_mtime
+    except OSError:
+        return time.time()
 
 
 def _bar(job: jobs.Job, lang: str) -> str:
@@ -152,13 +170,13 @@ def _bar(job: jobs.Job, lang: str) -> str:
     return html.escape(f" · {p['what']} {p['done']}/{p['total']} {p['unit']}".rstrip() + tail)
 
 
-def run(board: Any, verb: str, opts: Any, lang: str) -> Iterator[tuple[Any, ...]]:
-    """Run `exporter VERB` for `opts`, yielding (status, log, table) every second; the scores table at the end."""
+def run(job: jobs.Job, verb: str, opts: Any, lang: str) -> Iterator[tuple[Any, ...]]:
+    """Follow `job` (`exporter VERB` for `opts`), yielding (status, log, table) every second; the scores table at the
+    end."""
     import pandas as pd
 
     cols = [word("metric", lang), word("score", lang)]
     empty = pd.DataFrame(columns=cols)
-    job = board.eval_run = jobs.start(to_argv(verb, opts), board.runs_dir)
     for _ in job.follow():
         yield status_html(job, lang), job.tail(), empty
     if job.returncode != 0:
@@ -173,7 +191,8 @@ def run(board: Any, verb: str, opts: Any, lang: str) -> Iterator[tuple[Any, ...]
 
 
 def build(board: Any, demo: Any) -> None:
-    """The tab's components and events (API names eval_predict, eval_bench, eval_stop, eval_models)."""
+    """The tab's components and events (API names eval_predict, eval_bench, eval_stop, eval_models,
+    eval_monitor)."""
     import gradio as gr
 
     from exporter.webui.locales import label
@@ -195,10 +214,14 @@ def build(board: Any, demo: Any) -> None:
                 c["max_new_tokens"] = add("max_new_tokens", gr.Slider(1, 8192, 512, step=1,
                                                                       label=label("max_new_tokens", L),
                                                                       elem_id="eval_max_new_tokens"))  # fmt: skip
-                c["do_sample"] = add("do_sample", gr.Checkbox(False, label=label("do_sample", L)))
-                c["temperature"] = add("temperature", gr.Slider(0.01, 1.5, 0.95, step=0.01,
-                                                                label=label("temperature", L)))  # fmt: skip
-                c["top_p"] = add("top_p", gr.Slider(0.01, 1, 0.7, step=0.01, label=label("top_p", L)))
+                c["do_sample"] = add("do_sample", gr.Checkbox(False, label=label("do_sample", L),
+                                                              elem_id="eval_do_sample"))  # fmt: skip
+                # greedy unless do_sample: the two are greyed out while they have no effect
+                c["temperature"] = add("temperature", gr.Slider(0.01, 1.5, 0.95, step=0.01, interactive=False,
+                                                                label=label("temperature", L),
+                                                                elem_id="eval_temperature"))  # fmt: skip
+                c["top_p"] = add("top_p", gr.Slider(0.01, 1, 0.7, step=0.01, interactive=False,
+                                                    label=label("top_p", L), elem_id="eval_top_p"))  # fmt: skip
             with gr.Row():
                 c["output_dir"] = add("output_dir", gr.Textbox(default_dir("predict"), label=label("output_dir", L),
                                                                scale=3, elem_id="eval_output_dir"))  # fmt: skip
@@ -230,7 +253,17 @@ def build(board: Any, demo: Any) -> None:
     # on opening the tab: the last export's outputs, and the data dir's datasets
     tab.select(lambda d: (gr.update(choices=["", *board.chat_targets]), gr.update(choices=_datasets(d))),
                [board.top["dataset_dir"]], [c["path"], c["dataset"]], api_name="eval_models")  # fmt: skip
-    _wire(board, c, (predict_btn, bench_btn, stop_btn), [status, log, table])
+    c["do_sample"].change(sampling_fields, [c["do_sample"]], [c["temperature"], c["top_p"]],
+                          api_visibility="private")  # fmt: skip
+    _wire(board, demo, c, (predict_btn, bench_btn, stop_btn), [status, log, table])
+
+
+def sampling_fields(do_sample: bool) -> tuple[Any, Any]:
+    """Temperature and top-p take input only when they act: predict samples only with do_sample (LLaMA-Factory's
+    board always samples; `exporter predict` is greedy unless asked)."""
+    import gradio as gr
+
+    return gr.update(interactive=bool(do_sample)), gr.update(interactive=bool(do_sample))
 
 
 def _datasets(dataset_dir: str) -> list[str]:
@@ -239,8 +272,10 @@ def _datasets(dataset_dir: str) -> list[str]:
     return list_datasets(dataset_dir)
 
 
-def _wire(board: Any, c: dict[str, Any], buttons: tuple, outputs: list[Any]) -> None:
+def _wire(board: Any, demo: Any, c: dict[str, Any], buttons: tuple, outputs: list[Any]) -> None:
     import gradio as gr
+
+    from exporter.webui.train_tab import FieldError
 
     top = board.top
     predict_btn, bench_btn, stop_btn = buttons
@@ -250,15 +285,25 @@ def _wire(board: Any, c: dict[str, Any], buttons: tuple, outputs: list[Any]) -> 
         lang, model, adapter, template, dataset_dir, path, *rest = values
         t = {"model": model, "adapter": adapter, "template": template, "dataset_dir": dataset_dir, "path": path}
         f = dict(zip(form, rest, strict=True))
-        if board.eval_run is not None and board.eval_run.running():
+        with board.lock:  # not queued behind another page's run: checking and starting are one step
+            busy = board.eval_run is not None and board.eval_run.running()
+            error = job = None
+            if not busy:
+                try:
+                    opts = predict_options(t, f) if verb == "predict" else eval_options(t, f)
+                    job = board.eval_run = jobs.start(to_argv(verb, opts), board.runs_dir)
+                    board.eval_opts = (verb, opts)  # for a page (re)loaded while it runs
+                except UserError as e:
+                    error = e
+        if busy:  # a toast too: this page's monitor of that run overwrites the status within a second
+            gr.Warning(word("busy", lang))
             yield f"<p>{word('busy', lang)}</p>", gr.skip(), gr.skip()
             return
-        try:
-            opts = predict_options(t, f) if verb == "predict" else eval_options(t, f)
-        except UserError as e:
-            yield f'<p class="exp-stage-fail">{word("failed", lang)}</p>', f"error: {e}", None
+        if error is not None:
+            text = error.text(lang) if isinstance(error, FieldError) else str(error)
+            yield f'<p class="exp-stage-fail">{word("failed", lang)}</p>', f"error: {text}", None
             return
-        yield from run(board, verb, opts, lang)
+        yield from run(job, verb, opts, lang)
 
     def on_predict(*values: Any) -> Iterator[tuple[Any, ...]]:
         yield from start("predict", PREDICT_FORM, values)
@@ -272,6 +317,17 @@ def _wire(board: Any, c: dict[str, Any], buttons: tuple, outputs: list[Any]) -> 
         board.eval_run.stop()
         return word("stopped", lang)
 
-    predict_btn.click(on_predict, [*head, *(c[k] for k in PREDICT_FORM)], outputs, api_name="eval_predict")
-    bench_btn.click(on_bench, [*head, *(c[k] for k in EVAL_FORM)], outputs, api_name="eval_bench")
+    def on_monitor(lang: str) -> Iterator[tuple[Any, ...]]:
+        """A page (re)loaded: the predict/eval command that runs, or how the last one ended."""
+        if board.eval_run is None:
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        verb, opts = board.eval_opts
+        yield from run(board.eval_run, verb, opts, lang)
+
+    predict_btn.click(on_predict, [*head, *(c[k] for k in PREDICT_FORM)], outputs, api_name="eval_predict",
+                      concurrency_limit=None)  # fmt: skip
+    bench_btn.click(on_bench, [*head, *(c[k] for k in EVAL_FORM)], outputs, api_name="eval_bench",
+                    concurrency_limit=None)  # fmt: skip
     stop_btn.click(on_stop, [top["lang"]], [outputs[1]], api_name="eval_stop", concurrency_limit=None)
+    demo.load(on_monitor, [top["lang"]], outputs, api_name="eval_monitor", concurrency_limit=None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,16 +202,23 @@ class StageState:
 
 @dataclasses.dataclass
 class ExportRun:
-    """The chain as it runs: per-stage state and the current subprocess."""
+    """The chain as it runs, in a thread of its own (a page closed or reloaded mid-export leaves it running, and a
+    reloaded page follows it again): per-stage state, the current subprocess, how it ended."""
 
     stages: list[StageState]
+    f: dict[str, Any] = dataclasses.field(default_factory=dict)  # the form it runs
     job: jobs.Job | None = None
     stopped: bool = False
+    error: str = ""  # a one-line error that ended it before or between commands
+    thread: threading.Thread | None = None
 
     def stop(self) -> None:
         self.stopped = True
         if self.job is not None:
             self.job.stop()
+
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
 
 def progress_html(run: ExportRun, lang: str) -> str:
@@ -240,16 +248,18 @@ def stage_argv(stage: str, f: dict[str, Any], force: bool = False) -> list[str]:
     return argv + ["--report", str(report_path(f))] if stage == "verify" else argv
 
 
-def _run_stage(run: ExportRun, st: StageState, f: dict[str, Any], runs_dir: Path, lang: str,
-               done: dict[str, list[str]], force: bool) -> Iterator[str]:  # fmt: skip
-    """Run one stage to its end, yielding the progress HTML every second; sets st.status. A stage an earlier run of
-    the board wrote with other settings (or whose files changed) is overwritten (--force), as `exporter pipeline`
-    reruns it; a dir the board did not write keeps the command's "already exists" error."""
+def _run_stage(run: ExportRun, st: StageState, f: dict[str, Any], runs_dir: Path, done: dict[str, list[str]],
+               force: bool) -> None:  # fmt: skip
+    """Run one stage to its end; sets st.status (and st.seconds as it runs). A stage an earlier run of the board
+    wrote with other settings (or whose files changed) is overwritten (--force), as `exporter pipeline` reruns it; a
+    dir the board did not write keeps the command's "already exists" error."""
     argv = stage_argv(st.name, f, force)
     st.command, st.status = jobs.command_line(argv), "running"
     run.job = jobs.start(argv, runs_dir)
+    if run.stopped:  # Stop came while it was starting
+        run.job.stop()
     for st.seconds in run.job.follow():
-        yield progress_html(run, lang)
+        pass
     st.seconds = time.time() - run.job.started
     rc = run.job.returncode
     ok = rc == 0 or (st.name == "verify" and rc == 1 and report_path(f).is_file())  # 1: checks ran, some failed
@@ -291,46 +301,74 @@ def ollama_outputs(f: dict[str, Any]) -> tuple[str, str]:
     return md, "\n".join(cmds)
 
 
-def run_chain(f: dict[str, Any], board: Any, lang: str) -> Iterator[tuple[Any, ...]]:
-    """Run the chosen stages; yields (progress, output tail, verify summary, verify table, Modelfiles, commands)."""
-    import gradio as gr
-
-    run = ExportRun([StageState(s) for s in stages_for(f)])
-    board.export_run = run
-    skip = (gr.skip(),) * 4
+def _chain(run: ExportRun, board: Any) -> None:
+    """Run the chosen stages one after the other (the thread of `run`); the Chat tab then offers what they wrote."""
+    f, current = run.f, None
     try:
         check_stages(f, [s.name for s in run.stages])
-    except UserError as e:
-        yield (progress_html(run, lang), f"error: {e}", *skip)
-        return
-    done = _read_state(f)
-    wrote = set(done)  # stages an earlier board run finished here: rerun over them (--force)
-    rerun = False
-    for k, st in enumerate(run.stages):
-        try:
-            if not rerun and _finished(st.name, stage_argv(st.name, f), f, done):
-                st.status, st.command = "skipped", jobs.command_line(done[st.name])
-                yield (progress_html(run, lang), "", *skip)
+        done = _read_state(f)
+        wrote = set(done)  # stages an earlier board run finished here: rerun over them (--force)
+        rerun = False
+        for k, current in enumerate(run.stages):
+            if run.stopped:
+                current.status = "stopped"
+                return
+            if not rerun and _finished(current.name, stage_argv(current.name, f), f, done):
+                current.status, current.command = "skipped", jobs.command_line(done[current.name])
                 continue
             if not rerun:  # this stage and every later one run again
                 rerun = True
                 for later in run.stages[k:]:
                     done.pop(later.name, None)
                 _write_state(f, done)
-            for prog in _run_stage(run, st, f, board.runs_dir, lang, done, st.name in wrote):
-                yield (prog, run.job.tail() if run.job else "", *skip)
-        except UserError as e:
-            st.status = "fail"
-            yield (progress_html(run, lang), f"error: {e}", *skip)
-            return
-        if st.status != "pass":
-            error = run.job.error_line() if run.job and st.status == "fail" else word("stopped", lang)
-            yield (progress_html(run, lang), f"{run.job.tail() if run.job else ''}\n\n{error}".strip(), *skip)
-            return
+            _run_stage(run, current, f, board.runs_dir, done, current.name in wrote)
+            if current.status != "pass":
+                return
+    except Exception as e:  # the page shows one line, never a thread's traceback
+        if current is not None and current.status in ("pending", "running"):
+            current.status = "fail"
+        run.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        return
     board.chat_targets = chat_targets(f)  # the Chat tab offers them
-    summary, table = verify_results(f, lang)
-    modelfiles, commands = ollama_outputs(f)
-    yield (progress_html(run, lang), run.job.tail() if run.job else "", summary, table, modelfiles, commands)
+
+
+def start_chain(f: dict[str, Any], board: Any) -> ExportRun:
+    """Start the chain of the form `f` in a thread of its own; it is `board.export_run` from then on."""
+    run = ExportRun([StageState(s) for s in stages_for(f)], f)
+    run.thread = threading.Thread(target=_chain, args=(run, board), name="exporter-webui-export", daemon=True)
+    board.export_run = run
+    run.thread.start()
+    return run
+
+
+def watch(run: ExportRun, lang: str, every: float = 1.0) -> Iterator[tuple[Any, ...]]:
+    """(progress, output tail, verify summary, verify table, Modelfiles, commands) every `every` seconds while the
+    chain runs, then how it ended (the verify table and the Ollama commands when every stage passed)."""
+    import gradio as gr
+
+    skip = (gr.skip(),) * 4
+    while run.running():
+        yield (progress_html(run, lang), run.job.tail() if run.job else "", *skip)
+        time.sleep(every)
+    tail = run.job.tail() if run.job else ""
+    if run.error:
+        yield (progress_html(run, lang), f"error: {run.error}", *skip)
+        return
+    ended = [s for s in run.stages if s.status in ("fail", "stopped", "pending")]
+    if ended or run.stopped:
+        failed = any(s.status == "fail" for s in run.stages)
+        error = run.job.error_line() if failed and run.job else word("stopped", lang)
+        text = tail if tail.rstrip().endswith(error) else f"{tail}\n\n{error}".strip()
+        yield (progress_html(run, lang), text, *skip)
+        return
+    summary, table = verify_results(run.f, lang)
+    modelfiles, commands = ollama_outputs(run.f)
+    yield (progress_html(run, lang), tail, summary, table, modelfiles, commands)
+
+
+def run_chain(f: dict[str, Any], board: Any, lang: str) -> Iterator[tuple[Any, ...]]:
+    """Run the chosen stages; yields (progress, output tail, verify summary, verify table, Modelfiles, commands)."""
+    yield from watch(start_chain(f, board), lang)
 
 
 # ------------------------------------------------------------------ the tab
@@ -341,7 +379,7 @@ FORM = ("export_out", "merge_dtype", "quant_method", "quant_bits", "quant_datase
 
 
 def build(board: Any, demo: Any) -> None:
-    """The Export tab's components and events (API names export_run, export_stop)."""
+    """The Export tab's components and events (API names export_run, export_stop, export_monitor)."""
     import gradio as gr
 
     from exporter.gguf import ALL_KINDS
@@ -391,19 +429,32 @@ def build(board: Any, demo: Any) -> None:
         lang, model, adapter, template, dataset_dir, *rest = values
         f = dict(zip(FORM, rest, strict=True)) | {"model": (model or "").strip(), "adapter": (adapter or "").strip(),
                                                    "template": template, "dataset_dir": dataset_dir}  # fmt: skip
-        if board.export_run is not None and board.export_run.job is not None and board.export_run.job.running():
+        with board.lock:  # not queued behind another page's export: checking and starting are one step
+            busy = board.export_run is not None and board.export_run.running()
+            if not busy:
+                run = start_chain(f, board)
+        if busy:  # a toast too: this page's monitor of that run overwrites the progress within a second
+            gr.Warning(word("busy", lang))
             yield (f"<p>{word('busy', lang)}</p>", *(gr.skip(),) * 5)
             return
-        yield from run_chain(f, board, lang)
+        yield from watch(run, lang)
 
     def on_stop(lang: str) -> str:
-        if board.export_run is None:
+        if board.export_run is None or not board.export_run.running():
             return word("nothing_running", lang)
         board.export_run.stop()
         return word("stopped", lang)
 
-    run_btn.click(on_run, inputs, outputs, api_name="export_run")
+    def on_monitor(lang: str) -> Iterator[tuple[Any, ...]]:
+        """A page (re)loaded: the export that runs, or how the last one ended."""
+        if board.export_run is None:
+            yield (gr.skip(),) * 6
+            return
+        yield from watch(board.export_run, lang)
+
+    run_btn.click(on_run, inputs, outputs, api_name="export_run", concurrency_limit=None)
     stop_btn.click(on_stop, [top["lang"]], [log], api_name="export_stop", concurrency_limit=None)
+    demo.load(on_monitor, [top["lang"]], outputs, api_name="export_monitor", concurrency_limit=None)
     for src in (top["model"], top["adapter"]):  # on blur, as the Train tab's output dir
         src.blur(default_out, [top["model"], top["adapter"]], [c["export_out"]], api_visibility="private",
                  trigger_mode="always_last")  # fmt: skip

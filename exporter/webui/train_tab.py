@@ -108,6 +108,16 @@ def _text(v: Any) -> str:
     return "" if v is None else str(v).strip()
 
 
+def _number(f: dict[str, Any], key: str, kind: type = int) -> Any:
+    """A number box or slider's value as `kind`; FieldError (one line naming the field) when it is empty or not a
+    number (a cleared Seed box hands over None)."""
+    try:
+        return kind(f[key])
+    except (TypeError, ValueError):
+        got = "nothing" if f[key] in (None, "") else repr(f[key])
+        raise FieldError(key, f"expected {'an integer' if kind is int else 'a number'}, got {got}") from None
+
+
 def train_args(f: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     """The LLaMA-Factory training keys for the form `f` (values as the form holds them; `parse` types them)."""
     method = f["method"]
@@ -121,13 +131,13 @@ def train_args(f: dict[str, Any], resume: bool = False) -> dict[str, Any]:
         a["quantization_bit"] = 4
     a["dataset_dir"] = _text(f["dataset_dir"]) or "data"
     a["dataset"] = ",".join(f["dataset"] or [])
-    a["cutoff_len"] = int(f["cutoff_len"])
+    a["cutoff_len"] = _number(f, "cutoff_len")
     for key in ("max_samples", "learning_rate", "num_train_epochs"):
         if _text(f[key]):
             a[key] = _text(f[key])
-    if f.get("max_steps") not in (None, "") and int(f["max_steps"]) > 0:
-        a["max_steps"] = int(f["max_steps"])
-    n = {k: int(f[k]) for k in _INTS}  # sliders and number boxes hand over floats
+    if f.get("max_steps") not in (None, "") and _number(f, "max_steps") > 0:
+        a["max_steps"] = _number(f, "max_steps")
+    n = {k: _number(f, k) for k in _INTS}  # sliders and number boxes hand over floats
     a.update(
         per_device_train_batch_size=n["batch_size"], gradient_accumulation_steps=n["gradient_accumulation_steps"],
         lr_scheduler_type=f["lr_scheduler_type"], max_grad_norm=_text(f["max_grad_norm"]),
@@ -136,14 +146,14 @@ def train_args(f: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     )  # fmt: skip
     if f["compute_type"] in ("bf16", "fp16"):
         a[f["compute_type"]] = True
-    if float(f["val_size"] or 0) > 0:  # as LLaMA-Factory's board: evaluate every save_steps
+    if _number(f, "val_size", float) > 0:  # as LLaMA-Factory's board: evaluate every save_steps
         a.update(val_size=f["val_size"], eval_strategy="steps", eval_steps=n["save_steps"],
                  per_device_eval_batch_size=n["batch_size"])  # fmt: skip
     if a["finetuning_type"] == "lora":
         a.update(lora_rank=n["lora_rank"], lora_alpha=n["lora_alpha"], lora_dropout=f["lora_dropout"],
                  lora_target=_text(f["lora_target"]) or "all", use_rslora=bool(f["use_rslora"]),
                  use_dora=bool(f["use_dora"]))  # fmt: skip
-        if float(f["loraplus_lr_ratio"] or 0) > 0:
+        if _number(f, "loraplus_lr_ratio", float) > 0:
             a["loraplus_lr_ratio"] = f["loraplus_lr_ratio"]
     for key in ("identity_name", "identity_author"):
         if _text(f.get(key)):
@@ -175,13 +185,13 @@ def parse(args: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         path.write_text(yaml.safe_dump(args, sort_keys=False, allow_unicode=True), encoding="utf-8")
         try:
             cfg, given = lf_args.config_from_args([str(path)])
+            if not cfg.model_name_or_path:
+                raise UserError("model_name_or_path: set the model path (an HF model dir)")
+            if not cfg.output_dir:
+                raise UserError("output_dir: set the output dir")
+            lf_args.check(cfg, given, "cuda" if torch.cuda.is_available() else "cpu")
         except UserError as e:  # about a file the user never sees: name the form's field instead
             raise field_error(str(e).replace(f"{path}: ", "")) from None
-    if not cfg.model_name_or_path:
-        raise UserError("model_name_or_path: set the model path (an HF model dir)")
-    if not cfg.output_dir:
-        raise UserError("output_dir: set the output dir")
-    lf_args.check(cfg, given, "cuda" if torch.cuda.is_available() else "cpu")
     typed = {k: _yaml_value(getattr(cfg, k)) for k in args}
     # a whole number stays one (logging_steps: 5, not 5.0, though HF types it float)
     return {k: args[k] if isinstance(args[k], int) and typed[k] == args[k] else typed[k] for k in args}, cfg
@@ -332,6 +342,7 @@ class TrainRun:
     job: jobs.Job
     out_dir: Path
     config: Path
+    form: tuple[Any, ...] = ()  # the model, adapter, template and FORM values it was started with
 
 
 def start(args: dict[str, Any], runs_dir: Path) -> TrainRun:
@@ -504,31 +515,41 @@ def _wire(board: Any, demo: Any, c: dict[str, Any], ui: dict[str, Any]) -> None:
     watched = [ui["status"], ui["progress"], ui["plot"], ui["output"]]
 
     def on_preview(*values: Any) -> tuple[str, str, str]:
-        lang, args = _args_of(values)
+        lang = values[0]
         try:
-            cmds, text = command_preview(args)
+            cmds, text = command_preview(_args_of(values)[1])
         except UserError as e:
             return "", "", _failed(lang, e)
         return cmds, text, ""
 
     def on_data_preview(*values: Any) -> str:
-        lang, args = _args_of(values)
+        lang = values[0]
         try:
-            return preview_html(preview_rows(args), lang)
+            return preview_html(preview_rows(_args_of(values)[1]), lang)
         except UserError as e:
             return f"<p><code>error: {html.escape(e.text(lang) if isinstance(e, FieldError) else str(e))}</code></p>"
 
     def run(values: tuple[Any, ...], resume: bool) -> Iterator[tuple[Any, ...]]:
-        lang, args = _args_of(values, resume)
-        if board.train_run is not None and board.train_run.job.running():
+        lang = values[0]
+        # not queued behind a run another page started (Start would wait unseen for its end, then start a second
+        # run): the lock makes checking for a run and starting one a single step across pages
+        with board.lock:
+            busy = board.train_run is not None and board.train_run.job.running()
+            error = None
+            if not busy:
+                try:
+                    started = board.train_run = start(_args_of(values, resume)[1], board.runs_dir)
+                    started.form = tuple(values[1:])
+                except UserError as e:
+                    error = e
+        if busy:  # a toast too: this page's monitor of that run overwrites the status within a second
+            gr.Warning(word("busy", lang))
             yield (f"**{word('busy', lang)}**", gr.skip(), gr.skip(), gr.skip())
             return
-        try:
-            board.train_run = start(args, board.runs_dir)
-        except UserError as e:
-            yield (_failed(lang, e), "", None, "")
+        if error is not None:
+            yield (_failed(lang, error), "", None, "")
             return
-        yield from watch(board.train_run, lang)
+        yield from watch(started, lang)
 
     def on_start(*values: Any) -> Iterator[tuple[Any, ...]]:
         yield from run(values, resume=False)
@@ -542,24 +563,31 @@ def _wire(board: Any, demo: Any, c: dict[str, Any], ui: dict[str, Any]) -> None:
         board.train_run.job.stop()
         return word("stopped", lang)
 
+    form = inputs[1:]  # what a page (re)loaded while a run goes gets back: that run's form (as LLaMA-Factory's)
+
     def on_monitor(lang: str) -> Iterator[tuple[Any, ...]]:
-        if board.train_run is None:
-            yield (gr.skip(),) * 4
+        run = board.train_run
+        keep = (gr.skip(),) * len(form)
+        if run is None:
+            yield (gr.skip(),) * len(watched) + keep
             return
-        yield from watch(board.train_run, lang)
+        restore = run.form if run.form and run.job.running() else keep
+        for k, out in enumerate(watch(run, lang)):
+            yield (*out, *(restore if k == 0 else keep))
 
     ui["preview_btn"].click(on_preview, inputs, [ui["command"], ui["yaml"], ui["status"]],
                             api_name="train_preview")  # fmt: skip
     ui["preview_data_btn"].click(on_data_preview, inputs, [ui["data_preview"]], api_name="data_preview")
-    ui["start_btn"].click(on_start, inputs, watched, api_name="train_start")
-    ui["resume_btn"].click(on_resume, inputs, watched, api_name="train_resume")
+    ui["start_btn"].click(on_start, inputs, watched, api_name="train_start", concurrency_limit=None)
+    ui["resume_btn"].click(on_resume, inputs, watched, api_name="train_resume", concurrency_limit=None)
     ui["stop_btn"].click(on_stop, [top["lang"]], [ui["status"]], api_name="train_stop", concurrency_limit=None)
-    demo.load(on_monitor, [top["lang"]], watched, api_name="train_monitor", concurrency_limit=None)
+    demo.load(on_monitor, [top["lang"]], [*watched, *form], api_name="train_monitor", concurrency_limit=None)
     c["dataset_dir"].change(lambda p: gr.update(choices=list_datasets(p)), [c["dataset_dir"]], [c["dataset"]],
                             api_visibility="private", trigger_mode="always_last")  # fmt: skip
-    c["stage"].change(lambda s: s == "pt", [c["stage"]], [c["packing"]], api_visibility="private")
+    # on the user's own changes only (`input`), not when a reloaded page gets a running run's form back
+    c["stage"].input(lambda s: s == "pt", [c["stage"]], [c["packing"]], api_visibility="private")
     # a new default output dir once the model path is typed (blur: not per keystroke, so a late update never
     # overwrites an output dir typed just after) or the method changes
-    for event in (top["model"].blur, c["method"].change):
+    for event in (top["model"].blur, c["method"].input):
         event(default_output_dir, [top["model"], c["method"]], [c["output_dir"]], api_visibility="private",
               trigger_mode="always_last")  # fmt: skip
