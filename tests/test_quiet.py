@@ -112,7 +112,8 @@ def test_quantize_and_its_verify_print_no_gptqmodel_noise(tiny_model, tmp_path: 
     assert re.search(rf"gptq layers .* {layers}/{layers}", q.stderr), q.stderr  # every layer counted, once
     printed = q.stdout + q.stderr
     assert not re.search(r"Quantizing|Forward|Loading checkpoint|Model loading", printed), printed
+    # a random tiny model (ppl ~3.6e9 on 15 tokens): its gptq4 perplexity moved 11.3 % on an AVX2-only EPYC, KL 2e-8
     v = _cli("verify", "--merged", str(base), "--quantized", str(out), "--prompts", "0", "--ctx", "32",
-             "--max-windows", "1")  # fmt: skip
+             "--max-windows", "1", "--ppl-threshold", "gptq4=0.5")  # fmt: skip
     assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
     assert not _noise(q, v), _noise(q, v)

@@ -570,8 +570,10 @@ def test_sharded_full_run_streams_its_weights(tiny: Path, pdata: Path, tmp_path:
             t.numel() * t.element_size() for t in got.values())  # fmt: skip
         assert {k: (v.dtype, v.shape) for k, v in got.items()} == {k: (v.dtype, v.shape) for k, v in ref.items()}
         # a 2-way split of the batch rounds its gradients otherwise, and Adam's first updates are about lr * g / |g|:
-        # up to 4e-5 apart here (weights ~0.1: a tensor written under another's name would be ~0.1 off)
-        assert all(torch.allclose(got[k], ref[k], atol=1e-4) for k in ref)
+        # up to 4e-5 apart on an AVX512 Xeon, more on an AVX2-only EPYC (weights ~0.1: a tensor written under
+        # another's name would be ~0.1 off)
+        worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+        assert worst < 2e-3, worst
     model, info = AutoModelForCausalLM.from_pretrained(two, output_loading_info=True)
     assert not any(info.values()), info  # nothing missing, unexpected or mismatched
     err = _torchrun(2, common + _flags(output_dir=tmp_path / "r", resume_from_checkpoint=two / "checkpoint-1"),
