@@ -57,8 +57,8 @@ def _check_added_tokens(cfg: ExportConfig, adapters: list[str]) -> None:
     wanted = [t.strip() for key in (cfg.add_tokens, cfg.add_special_tokens) for t in (key or "").split(",")]
     if not (wanted := [t for t in wanted if t]):
         return
-    dirs = [hub.resolve(a, "adapter") for a in reversed(adapters)] + [hub.resolve(cfg.model_name_or_path, "model")]
-    src = next(d for d in dirs if hf_dir.has_tokenizer(d) or d == dirs[-1])
+    src = hf_dir.tokenizer_source(hub.resolve(cfg.model_name_or_path, "model"),
+                                  [hub.resolve(a, "adapter") for a in adapters])  # fmt: skip
     vocab = hf_dir.vocabulary(src) or {}
     if missing := [t for t in wanted if t not in vocab]:
         raise UserError(f"{missing[0]!r} (add_tokens / add_special_tokens) is not in the tokenizer of {src}: the "

@@ -46,6 +46,12 @@ def has_tokenizer(model_dir: Path) -> bool:
     return any((model_dir / f).is_file() for f in _CORE)
 
 
+def tokenizer_source(base: Path, adapter_dirs: list[Path]) -> Path:
+    """Where a merge's tokenizer comes from: the last adapter dir that carries one (training writes its template and
+    added tokens there), else the base."""
+    return next((a for a in reversed(adapter_dirs) if has_tokenizer(a)), base)
+
+
 def check_readable(model_dir: Path) -> None:
     """Every weights header and text file of an HF model or adapter dir parses: a truncated or corrupt safetensors
     file, a JSON / Jinja / merges file that is not UTF-8 (or not a JSON object), or a `chat_template` of another

@@ -286,9 +286,8 @@ def _run_job(job: Job, writer: ShardWriter, advance: Callable[[int], None]) -> N
 
 
 def _tokenizer_source(base: Path, adapters: list[Adapter]) -> Path:
-    """Where the merged model's tokenizer comes from: the last adapter that carries one (training writes its template
-    there), else the base."""
-    return next((a.path for a in reversed(adapters) if a.has_tokenizer), base)
+    """Where the merged model's tokenizer comes from (`hf_dir.tokenizer_source`)."""
+    return hf_dir.tokenizer_source(base, [a.path for a in adapters])
 
 
 def _copy_tokenizer(base: Path, adapters: list[Adapter], out: Path) -> None:

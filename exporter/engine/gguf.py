@@ -88,7 +88,9 @@ class GGUFBackend:
                 raise UserError(f"{lora}: llama.cpp cannot apply this GGUF LoRA to {path.name}")
         self.batch = L.llama_batch_init(self.batch_tokens, 0, 1)
         self.cells: dict[int, list[int]] = {}  # the tokens in each sequence's KV cells (kept after release)
-        self._space_prefix: bool | None = None  # read on the first decode
+        flag = self.meta("tokenizer.ggml.add_space_prefix")  # llama.cpp's default: SPM vocabularies prefix one
+        spm = L.llama_vocab_type(self.vocab) == L.LLAMA_VOCAB_TYPE_SPM
+        self.space_prefix = flag == "true" if flag is not None else spm  # the first decoded piece drops it
 
     def close(self) -> None:
         L = self.L
@@ -176,11 +178,7 @@ class GGUFBackend:
         `llama_detokenize` builds the text but without its `clean_spaces` pass: on llama-bpe and gpt-2 vocabularies
         (Llama 3) that drops the space before `. , ! ?` and around `'` (`x != 0 .` -> `x!= 0.`), text the model
         wrote, which HF's decode and llama-cpp-python's `detokenize` keep."""
-        if self._space_prefix is None:
-            flag = self.meta("tokenizer.ggml.add_space_prefix")  # llama.cpp's default: SPM vocabularies prefix one
-            spm = self.L.llama_vocab_type(self.vocab) == self.L.LLAMA_VOCAB_TYPE_SPM
-            self._space_prefix = flag == "true" if flag is not None else spm
-        lead = int(self._space_prefix)
+        lead = int(self.space_prefix)
         pieces = (self._piece(t, lead if k == 0 else 0, not skip_special) for k, t in enumerate(ids))
         return b"".join(pieces).decode("utf-8", errors="replace")
 

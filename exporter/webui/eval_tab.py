@@ -42,16 +42,6 @@ def _text(v: Any) -> str:
     return "" if v is None else str(v).strip()
 
 
-def _int(f: dict[str, Any], key: str) -> int:
-    """A text box's whole number; FieldError (one line naming the field) otherwise."""
-    from exporter.webui.train_tab import FieldError
-
-    try:
-        return int(_text(f[key]))
-    except ValueError:
-        raise FieldError(key, f"expected an integer, got {_text(f[key])!r}") from None
-
-
 def _model(top: dict[str, Any]) -> dict[str, Any]:
     """The model keys: `path` (a merged dir or .gguf the export wrote) when given, else the top row's model + adapter;
     the top row's template when not auto."""
@@ -69,7 +59,9 @@ def predict_options(top: dict[str, Any], f: dict[str, Any]) -> Any:
 
     if not f["dataset"]:
         raise UserError("pick one or more datasets of dataset_info.json to predict on")
-    max_samples = _int(f, "max_samples") if _text(f["max_samples"]) else None
+    from exporter.webui.train_tab import number
+
+    max_samples = number(f, "max_samples") if _text(f["max_samples"]) else None
     return PredictOptions(
         **_model(top), output_dir=_text(f["output_dir"]) or default_dir("predict"), eval_dataset=list(f["dataset"]),
         dataset_dir=_text(top["dataset_dir"]) or "data", max_samples=max_samples, cutoff_len=int(f["cutoff_len"]),

@@ -108,7 +108,7 @@ def _text(v: Any) -> str:
     return "" if v is None else str(v).strip()
 
 
-def _number(f: dict[str, Any], key: str, kind: type = int) -> Any:
+def number(f: dict[str, Any], key: str, kind: type = int) -> Any:
     """A number box or slider's value as `kind`; FieldError (one line naming the field) when it is empty or not a
     number (a cleared Seed box hands over None)."""
     try:
@@ -131,13 +131,13 @@ def train_args(f: dict[str, Any], resume: bool = False) -> dict[str, Any]:
         a["quantization_bit"] = 4
     a["dataset_dir"] = _text(f["dataset_dir"]) or "data"
     a["dataset"] = ",".join(f["dataset"] or [])
-    a["cutoff_len"] = _number(f, "cutoff_len")
+    a["cutoff_len"] = number(f, "cutoff_len")
     for key in ("max_samples", "learning_rate", "num_train_epochs"):
         if _text(f[key]):
             a[key] = _text(f[key])
-    if f.get("max_steps") not in (None, "") and _number(f, "max_steps") > 0:
-        a["max_steps"] = _number(f, "max_steps")
-    n = {k: _number(f, k) for k in _INTS}  # sliders and number boxes hand over floats
+    if f.get("max_steps") not in (None, "") and number(f, "max_steps") > 0:
+        a["max_steps"] = number(f, "max_steps")
+    n = {k: number(f, k) for k in _INTS}  # sliders and number boxes hand over floats
     a.update(
         per_device_train_batch_size=n["batch_size"], gradient_accumulation_steps=n["gradient_accumulation_steps"],
         lr_scheduler_type=f["lr_scheduler_type"], max_grad_norm=_text(f["max_grad_norm"]),
@@ -146,14 +146,14 @@ def train_args(f: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     )  # fmt: skip
     if f["compute_type"] in ("bf16", "fp16"):
         a[f["compute_type"]] = True
-    if _number(f, "val_size", float) > 0:  # as LLaMA-Factory's board: evaluate every save_steps
+    if number(f, "val_size", float) > 0:  # as LLaMA-Factory's board: evaluate every save_steps
         a.update(val_size=f["val_size"], eval_strategy="steps", eval_steps=n["save_steps"],
                  per_device_eval_batch_size=n["batch_size"])  # fmt: skip
     if a["finetuning_type"] == "lora":
         a.update(lora_rank=n["lora_rank"], lora_alpha=n["lora_alpha"], lora_dropout=f["lora_dropout"],
                  lora_target=_text(f["lora_target"]) or "all", use_rslora=bool(f["use_rslora"]),
                  use_dora=bool(f["use_dora"]))  # fmt: skip
-        if _number(f, "loraplus_lr_ratio", float) > 0:
+        if number(f, "loraplus_lr_ratio", float) > 0:
             a["loraplus_lr_ratio"] = f["loraplus_lr_ratio"]
     for key in ("identity_name", "identity_author"):
         if _text(f.get(key)):
