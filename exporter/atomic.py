@@ -7,10 +7,11 @@
 - `check_target(out, force, inputs)` never lets an output replace or mix into what is not ours: it must be absent,
   an empty dir, or (with force) an exporter output (it holds `exporter_manifest.json`), and never an input;
   `occupant(out)` is that classification, for stages that write into a dir rather than replace it.
-- `atomic_dir` / `atomic_file` write beside the target and rename; a crash or error leaves nothing final-looking,
-  a full disk is one line saying how much space was needed; outputs follow the umask (not tempfile's 0700/0600, nor
-  safetensors' 0600). `scratch_dir` is a work dir for intermediates of an output (export's merge before quantizing),
-  named as its temporaries, so a killed run's is removed the same way.
+- `atomic_dir` / `atomic_file` write beside the target and rename (the files, their dirs and the rename fsynced); a
+  crash or error leaves nothing final-looking, a full disk is one line saying how much space was needed; outputs
+  follow the umask (not tempfile's 0700/0600, nor safetensors' 0600). `scratch_dir` is a work dir for intermediates
+  of an output (export's merge before quantizing), named as its temporaries, so a killed run's is removed the same
+  way.
 - `leftover(name)` / `lock_name(name)`: the only names these write beside an output, so that what they left behind
   is recognised by its exact name and nothing else is ever taken for it: every temporary carries `-<pid>-<8 random
   characters>` (`tag()`), a mark a user's `backup.old-1` or `ckpt.tmp-2024` does not have. A previous output moved
@@ -74,13 +75,25 @@ def locked(name: str) -> str | None:
 
 
 def _fsync_tree(path: Path) -> None:
+    """fsync every file under `path` (or the file), then every dir under it: a new file's name is in its dir, which
+    fsync(2) of the file does not write out."""
     paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    dirs = [] if path.is_file() else [*(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink()), path]
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(p)
+    for d in dirs:
+        _fsync(d)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL or not path.is_dir():  # a file system that cannot sync a dir: nothing to do
+            raise
+    finally:
+        os.close(fd)
 
 
 def _gib(n: float) -> str:
@@ -357,6 +370,7 @@ def _committed(tmp: Path, out: Path, need: int | None) -> Iterator[Path]:
         _follow_umask(tmp)
         _fsync_tree(tmp)
         _replace(tmp, out)
+        _fsync(out.parent)  # the rename itself: a crash (power loss) must not undo it once the run said it wrote `out`
     except BaseException as e:
         err = os_error(e)
         if err is not None and err.errno in _FULL:

@@ -1,6 +1,8 @@
 """LLaMA-Factory's `dataset_info.json`: its entries (`spec`, with LF's defaults) and the rows of the files or hub
-datasets they name (`read_rows`: json, jsonl, csv, parquet, a folder of them, or the Hugging Face hub), each row
-tagged with the file and row it came from. Turning rows into conversations is `exporter.data`'s part.
+datasets they name (`read_rows`: json, jsonl, csv, parquet, arrow, txt, a folder of them, or the Hugging Face hub),
+each row tagged with the file and row it came from, read as `datasets` reads them for LLaMA-Factory (a txt line is a
+row {"text": line}; an empty or NA CSV cell is null; a folder's files in `os.listdir` order; `split` slices a local
+file's one split, "train"). Turning rows into conversations is `exporter.data`'s part.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,18 @@ from exporter.config import did_you_mean, read_json, read_text
 from exporter.errors import UserError
 
 INFO_NAME = "dataset_info.json"
-FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# LLaMA-Factory's FILEEXT2TYPE: the `datasets` builder each file extension is read with
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow",
+              ".txt": "text"}  # fmt: skip
+# pandas' default NA strings: `datasets` reads a CSV through pandas, so such a cell is null (LF then drops a row whose
+# answer is null, and a null input adds nothing to the prompt)
+CSV_NULLS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})  # fmt: skip
+# `datasets`' split spec (ReadInstruction): name[from:to] with optional % units and rounding, parts joined by "+"
+_SPLIT_PART = re.compile(
+    r"^(?P<split>\w+(\.\w+)*)(\[((?P<from>-?[\d_]+)(?P<from_pct>%)?)?:((?P<to>-?[\d_]+)(?P<to_pct>%)?)?\])?"
+    r"(\((?P<rounding>[^)]*)\))?$"
+)
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
 SHAREGPT_COLUMNS = {"messages": "conversations"}
 COMMON_COLUMNS = {"system": None, "tools": None, "chosen": None, "rejected": None, "kto_tag": None}
@@ -161,7 +175,7 @@ def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
         raise UserError(f"{where}: dataset {name!r}: num_samples must be a positive integer, got {num!r}")
     return DatasetSpec(
         name=name, load_from=load_from, source=source, formatting=formatting, columns=columns,
-        explicit=frozenset(explicit), tags=tags, subset=entry.get("subset"), split=entry.get("split", "train"),
+        explicit=frozenset(explicit), tags=tags, subset=entry.get("subset"), split=str(entry.get("split", "train")),
         folder=entry.get("folder"), revision=entry.get("revision"), num_samples=num, ranking=ranking,
     )  # fmt: skip
 
@@ -170,34 +184,42 @@ def spec(name: str, info: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
 
 
 def _files(path: Path, name: str) -> list[Path]:
+    """The data files of a `file_name`: the file, or a folder's files in `os.listdir` order (LLaMA-Factory hands that
+    list to `datasets` as it is: its rows come in that order, which `max_samples` and `val_size` see)."""
+    kinds = ".json/.jsonl/.csv/.parquet/.arrow/.txt"
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_TYPES)
+        files = [p for p in (path / n for n in os.listdir(path)) if p.is_file() and p.suffix.lower() in FILE_TYPES]
         if not files:
-            raise UserError(f"dataset {name!r}: directory {path} holds no .json/.jsonl/.csv/.parquet files")
-        kinds = {FILE_TYPES[p.suffix.lower()] for p in files}
-        if len(kinds) > 1:
-            raise UserError(f"dataset {name!r}: directory {path} mixes file types ({', '.join(sorted(kinds))})")
+            raise UserError(f"dataset {name!r}: directory {path} holds no {kinds} files")
+        types = {FILE_TYPES[p.suffix.lower()] for p in files}
+        if len(types) > 1:
+            raise UserError(f"dataset {name!r}: directory {path} mixes file types ({', '.join(sorted(types))})")
         return files
     if not path.is_file():
         raise UserError(f"dataset {name!r}: file {path} not found")
     if path.suffix.lower() not in FILE_TYPES:
-        raise UserError(f"dataset {name!r}: {path}: unsupported file type (expected .json, .jsonl, .csv or .parquet)")
+        raise UserError(f"dataset {name!r}: {path}: unsupported file type (expected {kinds.replace('/', ', ')})")
     return [path]
 
 
 def _read_json(path: Path) -> list[tuple[str, Any]]:
     text = read_text(path)
     stripped = text.lstrip()
-    if path.suffix.lower() == ".json" and stripped.startswith("["):
+    if stripped.startswith("["):  # a JSON array, in a .jsonl file too (`datasets` falls back to json.load)
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
-    if path.suffix.lower() == ".json" and stripped.startswith("{") and "\n" not in stripped.strip():
-        return [(f"{path} row 1", json.loads(text))]
-    out = []  # JSON lines (also accepted for .json, as `datasets` does)
-    for n, line in enumerate(text.splitlines(), 1):
+    if stripped.startswith("{"):  # one object, on one line or several, is one row; else JSON lines
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            return [(f"{path} row 1", row)]
+    out = []  # JSON lines (also accepted for .json, as `datasets` does), split at \n only as pyarrow's reader does
+    for n, line in enumerate(text.split("\n"), 1):  # (U+2028 or U+0085 inside a string is valid JSON)
         if not line.strip():
             continue
         try:
@@ -209,19 +231,90 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
 
 def _read_csv(path: Path) -> list[tuple[str, Any]]:
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    return [(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(reader)]
+    null = CSV_NULLS.__contains__
+    return [(f"{path} row {i + 1}", {k: None if isinstance(v, str) and null(v) else v for k, v in r.items()})
+            for i, r in enumerate(reader)]  # fmt: skip
+
+
+def _read_txt(path: Path) -> list[tuple[str, Any]]:
+    """`datasets`' text builder: each line a row {"text": line} (a line ends at \\n, \\r\\n or \\r; an empty line is an
+    empty row; a final line break ends the last line)."""
+    lines = read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [(f"{path} line {i + 1}", {"text": line}) for i, line in enumerate(lines)]
+
+
+def _pyarrow(path: Path, what: str) -> Any:
+    try:
+        import pyarrow
+    except ImportError:
+        raise UserError(f"{path}: reading {what} needs the pyarrow package (pip install pyarrow)") from None
+    return pyarrow
 
 
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{path}: reading parquet needs the pyarrow package (pip install pyarrow)") from None
+    _pyarrow(path, "parquet")
+    import pyarrow.parquet as pq
+
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
     return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
+
+
+def _read_arrow(path: Path) -> list[tuple[str, Any]]:
+    """An Arrow IPC stream (what `Dataset.save_to_disk` writes) or file, as `datasets`' arrow builder opens it."""
+    pa = _pyarrow(path, "arrow")
+    try:
+        raw = path.read_bytes()
+        try:
+            table = pa.ipc.open_stream(raw).read_all()
+        except (OSError, pa.ArrowInvalid):
+            table = pa.ipc.open_file(raw).read_all()
+    except Exception as e:
+        raise UserError(f"{path}: not a readable Arrow file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    return [(f"{path} row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
+
+
+_READERS = {"json": _read_json, "csv": _read_csv, "parquet": _read_parquet, "arrow": _read_arrow, "text": _read_txt}
+
+
+def _split(rows: list[tuple[str, Any]], sp: DatasetSpec) -> list[tuple[str, Any]]:
+    """The rows `split` selects from a local file's one split, "train", as `datasets` reads `train[:100]`,
+    `train[10%:90%]`, `train[:50%](pct1_dropremainder)` or `train[:10]+train[-10:]`."""
+    out: list[tuple[str, Any]] = []
+    n = len(rows)
+    for part in sp.split.split("+"):  # no spaces around "+": datasets refuses " train"
+        m = _SPLIT_PART.match(part)
+        if not m:
+            raise UserError(f"dataset {sp.name!r}: split {sp.split!r} is not a split (e.g. train, train[:100], "
+                            "train[10%:])")  # fmt: skip
+        pct = bool(m["from_pct"] or m["to_pct"])
+        rounding = m["rounding"] or "closest"
+        bad = None
+        if m["split"] != "train":
+            bad = f"names split {m['split']!r}: a local file has one split, 'train'"
+        elif m["rounding"] is not None and (not pct or rounding not in ("closest", "pct1_dropremainder")):
+            bad = "has a rounding other than (closest) or (pct1_dropremainder) on a percent slice"
+        elif pct and any(m[k] is not None and abs(int(m[k])) > 100 for k in ("from", "to")):
+            bad = "has a percent boundary beyond 100"
+        elif pct and rounding == "pct1_dropremainder" and n < 100:
+            bad = "rounds by pct1_dropremainder on fewer than 100 rows (always empty)"
+        if bad:
+            raise UserError(f"dataset {sp.name!r} ({sp.source}): split {sp.split!r} {bad}")
+
+        def bound(key: str, default: int, m: re.Match[str] = m, pct: bool = pct, rounding: str = rounding) -> int:
+            if m[key] is None:
+                return default
+            v = int(m[key])
+            if pct:
+                v = v * (n // 100) if rounding == "pct1_dropremainder" else int(round(v * n / 100.0))
+            return min(max(n + v, 0) if v < 0 else v, n)
+
+        out += rows[bound("from", 0) : bound("to", n)]
+    return out
 
 
 def _hub_reachable() -> bool:
@@ -305,6 +398,5 @@ def read_rows(sp: DatasetSpec) -> list[tuple[str, Any]]:
         return _read_hub(sp)
     rows: list[tuple[str, Any]] = []
     for f in _files(Path(sp.source), sp.name):
-        kind = FILE_TYPES[f.suffix.lower()]
-        rows += _read_json(f) if kind == "json" else _read_csv(f) if kind == "csv" else _read_parquet(f)
-    return rows
+        rows += _READERS[FILE_TYPES[f.suffix.lower()]](f)
+    return rows if sp.split == "train" else _split(rows, sp)

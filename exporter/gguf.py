@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
 import shlex
+import shutil
+import signal
+import sys
+import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +218,7 @@ def export(
     """Write the GGUF files and Modelfiles for `kinds` into `out` (atomically) using chat template `tpl`; every
     refusal comes before the first line printed."""
     from exporter import manifest
-    from exporter.converters import gguf_convert, gguf_kquant, gguf_vocab
+    from exporter.converters import gguf_convert, gguf_vocab
     from exporter.converters.modelfile import render
 
     check_target(out, force, [model_dir])
@@ -224,17 +230,18 @@ def export(
     params = sum(math.prod(shape) for shape in src.shapes.values())
     stem = _safe_name(model_dir.resolve().name)
     names = ollama_names(model_dir, kinds, ollama_name)
-    need = int(params * sum(_BYTES_PER_PARAM[k] for k in kinds))
-    check_free_space(out.parent, need)
-    check_modelfile(tpl, model_dir)
-    _say_template(tpl)
     kquants = [k for k in kinds if k in KQUANT_KINDS]
     numpy_kinds = [k for k in kinds if k in NUMPY_KINDS]
     temp_f16 = bool(kquants) and "f16" not in numpy_kinds
     if temp_f16:
         numpy_kinds.append("f16")
+    # the peak on disk: every type asked for, and the f16 that K-quants are made from until the last is written
+    need = int(params * sum(_BYTES_PER_PARAM[k] for k in dict.fromkeys([*kinds, *numpy_kinds])))
+    check_free_space(out.parent, need)
+    check_modelfile(tpl, model_dir)
     result = GGUFResult(out)
     with atomic_dir(out, force, [model_dir], need) as tmp:
+        _say_template(tpl)  # once `out` is claimed: a path that cannot be written is refused before any line too
         paths = {k: tmp / f"{stem}-{k}.gguf" for k in numpy_kinds}
         if temp_f16:
             paths["f16"] = tmp / f".{stem}-f16.for-kquant.gguf"
@@ -253,7 +260,7 @@ def export(
             for kind in kquants:
                 ktask = prog.add_task(f"GGUF {kind} (libllama)", total=None)
                 path = tmp / f"{stem}-{kind}.gguf"
-                result.fallbacks[kind] = gguf_kquant.quantize(paths["f16"], path, kind)
+                result.fallbacks[kind] = _kquant(paths["f16"], path, kind, int(params * _BYTES_PER_PARAM[kind]))
                 paths[kind] = path
                 prog.update(ktask, total=path.stat().st_size, completed=path.stat().st_size)
         if temp_f16:
@@ -277,6 +284,56 @@ def export(
             settings={"types": kinds, "template": tpl.name, "ollama_names": names, "fallbacks": result.fallbacks},
         )
     return result
+
+
+def _kquant(f16: Path, path: Path, kind: str, expected: int) -> list[str]:
+    """libllama's K-quant of `f16` at `path` (`gguf_kquant.quantize`; about `expected` bytes), Ctrl-C held until it
+    returns (`_signals_held`); a failure on a disk that cannot hold the rest of the file is the full disk it is (the
+    atomic writer's one line), not libllama's bare return code."""
+    from exporter.converters import gguf_kquant
+
+    try:
+        with _signals_held(f"the {kind} GGUF"):
+            return gguf_kquant.quantize(f16, path, kind)
+    except UserError:
+        written = path.stat().st_size if path.exists() else 0
+        if shutil.disk_usage(path.parent).free < expected - written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
+@contextmanager
+def _signals_held(what: str) -> Iterator[None]:
+    """Hold Ctrl-C (and a Python SIGTERM handler, the CLI's) while native code runs that calls back into Python
+    (libllama logs through `quiet.silence_llama_cpp`'s callback): a signal handler that raises inside a ctypes
+    callback has its exception printed and dropped, so the run would go on to the end. The first signal is raised once
+    the native call returns, which removes the partial output on the way out; a second ends the process at once, as a
+    kill does (the next run writing the output removes what it left)."""
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s))]
+    if threading.current_thread() is not threading.main_thread() or not held:
+        yield
+        return
+    previous: dict[int, Callable[..., Any]] = {s: signal.getsignal(s) for s in held}  # type: ignore[misc]
+    got: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        if got:  # the second: now, the way a kill ends it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        got.append(signum)
+        print(f"\nstopping once libllama has written {what} (press Ctrl-C again to stop at once; the next run "
+              "removes what it leaves)", file=sys.stderr, flush=True)  # fmt: skip
+
+    for s in held:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if got:
+        previous[got[0]](got[0], None)  # Python's KeyboardInterrupt, the CLI's SystemExit(143)
 
 
 def export_adapter(

@@ -69,6 +69,66 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "freeze_multi_modal_projector": True,
     "mix_strategy": "concat",
 }  # fmt: skip
+# More of LLaMA-Factory 0.9.5's keys (its hparams dataclasses; most in its examples/extras YAMLs) that exporter does not
+# do: key -> (what it asks for, LF's default). Refused as not supported (they read as unknown keys, with a did-you-mean
+# naming another key: `use_dft_loss` "did you mean 'pref_loss'?"), accepted at LF's default like the keys above.
+_LF_KEYS: dict[str, tuple[str, Any]] = {
+    **{k: ("the Adam-mini optimizer", d) for k, d in (("use_adam_mini", False),)},
+    **{k: ("the Muon optimizer", d) for k, d in (("use_muon", False),)},
+    **{k: ("the DFT loss", d) for k, d in (("use_dft_loss", False),)},
+    **{k: ("the ASFT loss", d) for k, d in (("use_asft_loss", False), ("asft_alpha", 0.1))},
+    **{k: ("the EAFT loss", d) for k, d in (("use_eaft_loss", False), ("eaft_alpha", 1.0))},
+    **{k: ("GaLore", d) for k, d in (("galore_target", "all"), ("galore_rank", 16), ("galore_update_interval", 200),
+                                     ("galore_scale", 2.0), ("galore_proj_type", "std"), ("galore_layerwise", False))},
+    **{k: ("APOLLO", d) for k, d in (("apollo_target", "all"), ("apollo_rank", 16), ("apollo_update_interval", 200),
+                                     ("apollo_scale", 32.0), ("apollo_proj", "random"), ("apollo_proj_type", "std"),
+                                     ("apollo_scale_type", "channel"), ("apollo_layerwise", False),
+                                     ("apollo_scale_front", False))},
+    **{k: ("BAdam", d) for k, d in (("badam_mode", "layer"), ("badam_start_block", None),
+                                    ("badam_switch_mode", "ascending"), ("badam_switch_interval", 50),
+                                    ("badam_update_ratio", 0.05), ("badam_mask_mode", "adjacent"),
+                                    ("badam_verbose", 0))},
+    **{k: ("PiSSA initialisation", d) for k, d in (("pissa_iter", 16), ("pissa_convert", False))},
+    **{k: ("OFT (finetuning_type: oft)", d) for k, d in (("oft_rank", 0), ("oft_block_size", 32),
+                                                         ("oft_target", "all"), ("module_dropout", 0.0))},
+    **{k: ("FP8 training (a GPU with FP8 and torchao or Transformer Engine)", d)
+       for k, d in (("fp8", False), ("fp8_backend", "auto"), ("fp8_enable_fsdp_float8_all_gather", False))},
+    **{k: ("Ray (exporter runs under torchrun)", d) for k, d in (("ray_num_workers", 1), ("ray_init_kwargs", None))},
+    **{k: ("adding tokens to the vocabulary", d)
+       for k, d in (("resize_vocab", False), ("add_tokens", None), ("add_special_tokens", None),
+                    ("new_special_tokens_config", None), ("init_special_tokens", "noise_init"))},
+    "pure_bf16": ("pure bf16 training (bf16 weights, no autocast)", False),
+    "mixture_of_depths": ("mixture-of-depths", None),
+    "train_from_scratch": ("training from randomly initialised weights", False),
+    "upcast_layernorm": ("fp32 layer norms", False),
+    "upcast_lmhead_output": ("fp32 lm_head outputs", False),
+    "moe_aux_loss_coef": ("the MoE router's auxiliary loss", None),
+    "block_diag_attn": ("block-diagonal attention (use neat_packing: true)", False),
+    "split_special_tokens": ("splitting special tokens", False),
+    "use_fast_tokenizer": ("slow tokenizers (the fast tokenizer is always used)", True),
+    "use_unsloth_gc": ("Unsloth's gradient checkpointing", False),
+    "use_reentrant_gc": ("reentrant gradient checkpointing", True),
+    "model_revision": ("hub revisions", "main"),
+    "compute_accuracy": ("token accuracy at evaluation", False),
+    "disable_shuffling": ("training in dataset order", False),
+    "early_stopping_steps": ("early stopping", None),
+    "neftune_noise_alpha": ("NEFTune embedding noise", None),
+    "label_smoothing_factor": ("label smoothing", 0.0),
+    "logging_first_step": ("logging the first step", False),
+    "logging_strategy": ("logging other than every logging_steps", "steps"),
+    "data_seed": ("a data seed apart from seed", None),
+    "torch_compile": ("torch.compile", False),
+    "use_liger_kernel": ("Liger kernels", False),
+    "load_best_model_at_end": ("keeping the best checkpoint", False),
+    "push_to_hub": ("pushing to the hub", False),
+    "hub_model_id": ("pushing to the hub", None),
+    "use_mca": ("MCoreAdapter (Megatron)", False),
+    "use_kt": ("KTransformers", False),
+}  # fmt: skip
+UNSUPPORTED.update({k: why for k, (why, _) in _LF_KEYS.items()})
+UNSUPPORTED_DEFAULTS.update({k: default for k, (_, default) in _LF_KEYS.items()})
+# keys that name a run for report_to's trackers: no effect with report_to none, said once
+_RUN_NAMES = ("run_name", "logging_dir")
 
 
 @dataclasses.dataclass
@@ -238,6 +298,18 @@ def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set
         if not _at_default(data[key], UNSUPPORTED_DEFAULTS[key]):
             raise UserError(f"{where}: {key}: {UNSUPPORTED[key]} is not supported yet")
         del data[key]
+    seen = data.get("include_num_input_tokens_seen")  # HF 5 (LF 0.9.5): no | all | non_padding, or a bool
+    seen = seen.strip().lower() if isinstance(seen, str) else seen
+    if seen in ("no", "all", "non_padding"):
+        data["include_num_input_tokens_seen"] = seen != "no"
+    if seen is True or seen == "all":
+        say(
+            "include_num_input_tokens_seen: exporter counts the examples' tokens (HF's non_padding); HF's all (or "
+            "true) also counts each batch's padding"
+        )
+    for key in [k for k in data if k in _RUN_NAMES]:  # HF's: they name a run for wandb/tensorboard
+        if data.pop(key) is not None:
+            say(f"{key}: no effect (it names the run for report_to's trackers; exporter logs to trainer_log.jsonl)")
     if isinstance(data.get("lora_target"), str) and data["lora_target"].strip() == "all":
         data["lora_target"] = ["all"]
     for key in ("eval_strategy", "save_strategy"):
@@ -312,6 +384,10 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
     if cfg.fp16 and device == "cpu" and not cpu_has_fp16():
         raise UserError("fp16: this CPU has no native fp16 (torch emulates it: training ran 59x slower than fp32 "
                         "here); use bf16: true or neither")  # fmt: skip
+    if cfg.bf16 and device == "cpu" and notes and not cpu_has_bf16():
+        say("bf16: this CPU has no native bf16 (AVX512-BF16 / AMX, as oneDNN reports it) and torch emulates it: "
+            "LLaMA-Factory's qwen3_lora_sft example (bf16: true) trained 10-21x slower than in fp32 on a 2-core "
+            "AVX2 CPU; bf16: false trains in fp32")  # fmt: skip
     if cfg.flash_attn == "fa2" and device == "cpu":
         raise UserError("flash_attn: fa2 needs a CUDA GPU with flash-attn installed; use auto or sdpa on CPU")
     if cfg.cutoff_len < 2:
@@ -413,6 +489,17 @@ def cpu_has_fp16() -> bool:
 
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX-BF16, as oneDNN reports it); elsewhere torch
+    emulates it, many times slower than fp32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 

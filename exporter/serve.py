@@ -6,7 +6,8 @@ repetition / presence / frequency penalties, seed, n, logprobs;
 usage; finish_reason stop / length / tool_calls), POST /v1/completions (a raw prompt, as llama-cpp-python's server:
 echo, logprobs, stop, stream). Errors have OpenAI's shape: 401 bad key, 400 malformed or
 unsupported parameter (named), 404 unknown model, 429 queue full, 503 engine closed. Requests run concurrently on
-the engine's continuous batching; a client that goes away frees its slot at the next step.
+the engine's continuous batching; a client that goes away frees its slot at the next step. Any origin may call it
+from a browser (CORS, as llama-cpp-python's server and LLaMA-Factory's API); a silent stream gets `: ping` comments.
 
 Stopping: the first SIGINT or SIGTERM says so in one line, stops accepting, and ends every open request at once with
 OpenAI's 503 (a stream: its error event), cancelling its engine requests; the process then exits 130 / 143, as
@@ -50,7 +51,7 @@ SUPPORTED = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "seed", "n", "stop", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "user",
     "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos", "presence_penalty", "frequency_penalty",
-    "min_p",
+    "min_p", "do_sample",
 }  # fmt: skip
 NEUTRAL = {"logit_bias": {}, "response_format": {"type": "text"}}
 # ... and of POST /v1/completions (llama-cpp-python's server serves it too)
@@ -61,6 +62,10 @@ COMPLETION_SUPPORTED = {
 }  # fmt: skip
 COMPLETION_NEUTRAL = {"logit_bias": {}, "suffix": None, "best_of": 1}
 MAX_N = 16
+# a stream is not cached, and a proxy passes each event on as it comes (nginx buffers a response unless told so),
+# as llama-cpp-python's server (sse-starlette) says
+SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+PING_S = 15.0  # sse-starlette's interval: under the 60 s a proxy (nginx) waits for a silent upstream by default
 INT64 = (-(2**63), 2**63 - 1)  # OpenAI's range for `seed`
 
 
@@ -184,7 +189,8 @@ def _sampling(body: dict[str, Any], d: Sampling, logprobs: int | None, skip_spec
         raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
     if "" in stop:  # llama-cpp-python's server ends every answer at once on it, with no text
         raise ApiError(400, "'stop' strings must not be empty", param="stop")
-    max_new = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
+    max_tokens = _number(body, "max_tokens", int, 1)  # checked also when max_completion_tokens, which wins, is set
+    max_new = _number(body, "max_completion_tokens", int, 1) or max_tokens
     temperature = _number(body, "temperature", float, 0, 2)
     top_p = _number(body, "top_p", float, 0, 1, above=True)
     top_k = _number(body, "top_k", int, 0)
@@ -239,6 +245,9 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     sampling = _sampling(body, opts.sampling, (top_logprobs or 0) if want_lp else None, tools is None)
     n = _number(body, "n", int, 1, MAX_N) or 1
+    # LLaMA-Factory's API field: false is greedy, as its engine decodes one answer (n > 1 answers are sampled)
+    if _typed(body, "do_sample", bool, "true or false") is False and n == 1:
+        sampling = sampling.replace(temperature=0.0)
     try:
         prompt = engine.encode_chat(messages, tools)
     except EngineError as e:
@@ -267,9 +276,9 @@ def parse_completion(body: Any, engine: Engine, opts: ServeOptions, name: str) -
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids, text = list(prompt), engine.decode(prompt, skip_special=False)
-        if any(t < 0 or t >= engine.vocab_size for t in ids):
+        if any(t < 0 or t >= engine.vocab_size for t in prompt):  # before decoding: llama.cpp aborts the process
             raise ApiError(400, f"'prompt' token ids must be in [0, {engine.vocab_size})", param="prompt")
+        ids, text = list(prompt), engine.decode(prompt, skip_special=False)
     elif isinstance(prompt, str) and prompt:
         try:
             ids, text = engine.encode_text(prompt), prompt
@@ -381,6 +390,7 @@ class _Open:
 def create_app(engine: Engine, opts: ServeOptions) -> Any:
     """The FastAPI app serving `engine`."""
     from fastapi import FastAPI, Request
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     name = opts.model_name or engine.name
@@ -402,6 +412,9 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
         return JSONResponse(e.body(), status_code=405)
 
     app.add_middleware(_Auth, key=opts.api_key)
+    # outermost, so that a browser's preflight (it carries no key) is answered and a 401 still carries the headers
+    # a page needs to read it: any origin, as llama-cpp-python's server and LLaMA-Factory's API allow
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
     @app.get("/health")
     async def _health() -> Any:
@@ -427,7 +440,8 @@ def create_app(engine: Engine, opts: ServeOptions) -> Any:
         drops it) and nothing logged."""
         run = _start(engine, req, requests)
         if req.stream:
-            return StreamingResponse(_sse(run, stream(engine, req, run, rid, name)), media_type="text/event-stream")
+            return StreamingResponse(_sse(run, stream(engine, req, run, rid, name)), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)  # fmt: skip
         answer = await complete(engine, req, run, rid, name, request)
         return Response(status_code=499) if answer is None else JSONResponse(answer)
 
@@ -478,7 +492,7 @@ class _Auth:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self.key is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, f"Bearer {self.key}".encode()):
+            if not secrets.compare_digest(_bearer(given), self.key.encode()):
                 from fastapi.responses import JSONResponse
 
                 e = ApiError(401, "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer)",
@@ -486,6 +500,13 @@ class _Auth:
                 await JSONResponse(e.body(), status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _bearer(header: bytes) -> bytes:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case, as RFC 7235 and FastAPI's
+    HTTPBearer take it; spaces around the token dropped), or b"" for any other header."""
+    scheme, _, token = header.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
 
 
 def _too_long(e: ContextOverflow, max_tokens: int, text: bool = False) -> ApiError:
@@ -567,14 +588,26 @@ async def _deltas(req: ChatRequest | TextRequest, run: _Run, counts: list[int]) 
 
 async def _sse(run: _Run, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     """A route's SSE `chunks`, then [DONE]; a failure inside the engine ends the stream with its error event. A
-    client that went away (the task is cancelled) frees the request's slots."""
+    stream silent for PING_S (queued behind busy slots, or a long prompt being read) gets a `: ping` comment, which
+    SSE clients skip, as sse-starlette sends. A client that went away (the task is cancelled) frees the request's
+    slots."""
+    pending: asyncio.Future[str] | None = None
     try:
-        async for c in chunks:
+        while True:
+            pending = asyncio.ensure_future(anext(chunks))
+            while not (await asyncio.wait({pending}, timeout=PING_S))[0]:
+                yield ": ping\n\n"
+            try:
+                c = pending.result()
+            except StopAsyncIteration:
+                break
             yield c
         yield "data: [DONE]\n\n"
     except ApiError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
     finally:
+        if pending is not None:
+            pending.cancel()
         run.cancel()
 
 
@@ -706,8 +739,8 @@ async def _stream(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: s
     yield _chunk(rid, created, name, [_choice(i, {"role": "assistant", "content": ""}) for i in range(req.n)])
     async for i, d in _deltas(req, run, counts):
         text = tool_text[i].push(d.text) if tool_text is not None else d.text
-        if text or (d.logprobs and tool_text is None):
-            lp = _logprobs(engine, d.logprobs) if req.logprobs and tool_text is None else None
+        if text or d.logprobs:  # with tools too: each token's logprobs as it comes, while its text may be held
+            lp = _logprobs(engine, d.logprobs) if req.logprobs else None
             yield _chunk(rid, created, name, [_choice(i, {"content": text}, None, lp)])
         if d.finish_reason is not None:
             reason = d.finish_reason

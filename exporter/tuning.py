@@ -56,6 +56,7 @@ def check_inputs(cfg: TrainConfig, model_dir: Path) -> None:
             f"model_name_or_path {model_dir} is a PEFT adapter (it holds adapter_config.json), not a model: pass its "
             f"base model{f' ({base})' if base else ''} as model_name_or_path and {model_dir} as adapter_name_or_path"
         )
+    check_not_prequantized(model_dir)
     hf_dir.check_readable(model_dir)
     if cfg.adapter_name_or_path:
         adapter = hub.resolve(cfg.adapter_name_or_path, "adapter")
@@ -66,6 +67,24 @@ def check_inputs(cfg: TrainConfig, model_dir: Path) -> None:
 
         if note := check_base(adapter, model_dir, str(adapter)):  # another base: one line
             say(note.removeprefix("note: "))
+
+
+def check_not_prequantized(model_dir: Path) -> None:
+    """A base saved already quantized (config.json `quantization_config`: LLaMA-Factory's train_qlora examples on
+    GPTQ, AWQ or AQLM checkpoints) is one line: its kernels need a CUDA GPU (on CPU transformers stopped with a
+    NameError from optimum), and an adapter trained on it has no 16-bit base to merge into. QLoRA here quantizes
+    the 16-bit model at load (`quantization_bit`)."""
+    from exporter.config import read_json
+
+    doc = read_json(model_dir / "config.json", optional=True)
+    quant = doc.get("quantization_config") if isinstance(doc, dict) else None
+    if quant:
+        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else "unknown method"
+        raise UserError(
+            f"model_name_or_path {model_dir} is already quantized (config.json quantization_config: {method}): "
+            "training on a pre-quantized base is not supported; train on its 16-bit original (add quantization_bit: "
+            "4 for QLoRA)"
+        )
 
 
 def load_model(cfg: TrainConfig, model_dir: Path, device: str, empty: bool = False) -> Any:

@@ -121,15 +121,20 @@ def runs(tiny_model, tmp_path_factory) -> dict[str, list[tuple[dict[str, Any], d
         configs.append({"stage": "sft", "do_train": True, "finetuning_type": "lora", "report_to": "none",
                         "overwrite_cache": True, "model_name_or_path": str(model), "dataset_dir": str(d),
                         "output_dir": str(tmp / f"out-{k}"), **cfg})  # fmt: skip
+    out: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for (test, _, _), cfg, ref in zip(CASES, configs, run_lf(lf, configs, tmp), strict=True):
+        out.setdefault(test, []).append((cfg, ref))
+    return out
+
+
+def run_lf(lf: str, configs: list[dict[str, Any]], tmp: Path) -> list[dict[str, Any]]:
+    """LF's own `get_dataset` on each config (LF_SCRIPT in LF's venv, offline, caches under `tmp`): its ids/labels."""
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / "hf-datasets"), "HF_HOME": str(tmp / "hf"),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
     proc = subprocess.run([lf, "-c", LF_SCRIPT], input=json.dumps(configs), capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-    for (test, _, _), cfg, ref in zip(CASES, configs, json.loads(proc.stdout), strict=True):
-        out.setdefault(test, []).append((cfg, ref))
-    return out
+    return json.loads(proc.stdout)
 
 
 def _ours(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ One public entry, `verify(VerifyOptions) -> Report`. The checks, one module each
 4. `numbers`   perplexity, KL divergence and top-1 agreement of adapter vs merged vs each GGUF/quantized dir on the
                SAME token ids, each within a limit per type;
 5. `chat`      greedy answers through the template: full-precision GGUFs match HF token for token;
-6. `accuracy`  (with `eval_dir`) MMLU/C-Eval/CMMLU accuracy of merged vs each GGUF on a small slice.
+6. `metadata`  each GGUF's context length and add_bos_token are the HF model's;
+7. `accuracy`  (with `eval_dir`) MMLU/C-Eval/CMMLU accuracy of merged vs each GGUF on a small slice.
 `artifacts` holds the options and reads the inputs, `corpus` the built-in texts (data files in `corpora/`).
 """
 
@@ -38,6 +39,7 @@ from exporter.verify.artifacts import (
 )
 from exporter.verify.chat import check_chat
 from exporter.verify.corpus import CHAT_PROMPTS, HELD_OUT_TEXT, PROBE_CONVERSATIONS, TOKENIZER_CORPUS
+from exporter.verify.metadata import check_metadata
 from exporter.verify.numbers import (
     DEFAULT_KLD,
     DEFAULT_THRESHOLDS,
@@ -119,7 +121,8 @@ def verify(opts: VerifyOptions) -> Report:
     checks = check_template(tpl, reason, tok, exported, infos, mfs)
     gen = gen_eos(art.merged) or []
     eot = eot_ids(tok, tpl, gen)
-    checks += check_stops(eot, art.merged, infos, mfs, tok, gen)
+    checks += check_stops(eot, art.merged, infos, mfs, tok, gen, tpl.stop if tpl is not None else None)
+    checks += check_metadata(infos, art.merged or art.base, tok)
     chat_source = tpl.jinja if tpl is not None else tok.chat_template
     chat_texts = render_each(tok, chat_source, PROBE_CONVERSATIONS) if chat_source else []
     checks += check_tokenizer(tok, infos, texts, chat_texts)

@@ -318,6 +318,8 @@ class GGUFInfo:
     eos_ids: list[int]  # tokenizer.ggml.eos_token_ids when present
     tokens: list[str]
     token_types: list[int]
+    context_length: int | None = None  # `{arch}.context_length`: Ollama cuts num_ctx to it, llama.cpp's -c 0 uses it
+    add_bos: bool | None = None  # tokenizer.ggml.add_bos_token; None when the key is absent
 
 
 def read_gguf(path: Path) -> GGUFInfo:
@@ -338,9 +340,12 @@ def read_gguf(path: Path) -> GGUFInfo:
         if f"tokenizer.ggml.{n}_token_id" in kv
     }
     eos_ids = kv.get("tokenizer.ggml.eos_token_ids")
+    arch = str(kv.get("general.architecture"))
+    n_ctx = kv.get(f"{arch}.context_length")
+    add_bos = kv.get("tokenizer.ggml.add_bos_token")
     return GGUFInfo(
         path=path,
-        arch=str(kv.get("general.architecture")),
+        arch=arch,
         file_type=ftype,
         chat_template=kv.get("tokenizer.chat_template"),
         pre=kv.get("tokenizer.ggml.pre"),
@@ -349,6 +354,8 @@ def read_gguf(path: Path) -> GGUFInfo:
         eos_ids=[int(x) for x in eos_ids] if eos_ids is not None else [],
         tokens=list(kv.get("tokenizer.ggml.tokens") or []),
         token_types=[int(x) for x in kv.get("tokenizer.ggml.token_type", [])],
+        context_length=int(n_ctx) if n_ctx is not None else None,
+        add_bos=bool(add_bos) if add_bos is not None else None,
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from exporter.diff import first_diff
-from exporter.engine import LoadOptions, NonFiniteLogits, Sampling, from_hf_model, load
+from exporter.engine import ContextOverflow, LoadOptions, NonFiniteLogits, Sampling, from_hf_model, load
 from exporter.errors import UserError
 from exporter.progress import progress
 from exporter.verify.artifacts import GGUFInfo
@@ -116,6 +116,10 @@ def check_chat(
                         step()
                 except NonFiniteLogits as e:
                     checks.append(Check("chat", g.path.name, "fail", f"prompt {len(outs) + 1}: {e}"))
+                    continue
+                except ContextOverflow as e:  # the GGUF's context_length is below what HF answered in
+                    detail = f"prompt {len(outs) + 1}: {e} (the GGUF's context_length caps it)"
+                    checks.append(Check("chat", g.path.name, "fail", detail))
                     continue
             checks.append(_judge(tok, g, prompts, ref, outs, stop))
     return checks

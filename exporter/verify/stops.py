@@ -1,11 +1,13 @@
 """Check 2, stops: every end-of-turn token is EOG in each GGUF (declared in its metadata, CONTROL typed, and EOG for
 llama.cpp), a `PARAMETER stop` in each Modelfile, and in `generation_config.json` `eos_token_id`. And nothing else
 ends generation: each GGUF's bos/eos/eot/eom ids are the HF tokenizer's and the template's, and every token
-llama.cpp treats as end-of-generation is one of those, or a special token llama.cpp picks by its name (FIM pad,
-<|endoftext|> ..., reported), never an ordinary text token."""
+llama.cpp treats as end-of-generation (and every id Ollama stops on, tokenizer.ggml.eos_token_ids) is one of those, or
+a special token llama.cpp picks by its name (FIM pad, <|endoftext|> ..., reported), never an ordinary text token; and
+a Modelfile's `PARAMETER stop` strings are the template's stops or special tokens, never ordinary text."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +56,21 @@ def _name(g: GGUFInfo, i: int) -> str:
 
 
 def _special_ids(g: GGUFInfo, tok: Any, expected: dict[int, str]) -> list[str]:
-    """The GGUF's bos id is the HF tokenizer's; its eos/eot/eom ids are expected end-of-generation tokens."""
+    """The GGUF's bos id is the HF tokenizer's; its eos/eot/eom ids and every id of tokenizer.ggml.eos_token_ids (what
+    Ollama stops on) are expected end-of-generation tokens."""
     problems = []
     if tok.bos_token_id is not None and g.bos_id is not None and g.bos_id != tok.bos_token_id:
         problems.append(f"bos id is {_name(g, g.bos_id)}, the HF tokenizer's is {tok.bos_token!r} ({tok.bos_token_id})")
+    want = ", ".join(f"{t!r} ({j})" for j, t in expected.items())
     for key, i in g.eog_ids.items():
         if i not in expected:
-            want = ", ".join(f"{t!r} ({j})" for j, t in expected.items())
             problems.append(f"{key} id is {_name(g, i)}, not an end-of-turn or eos token of the model ({want})")
+    for i in dict.fromkeys(g.eos_ids):  # Ollama's engine stops on each of these besides eos (llama.cpp reads none)
+        if i not in expected:
+            problems.append(
+                f"tokenizer.ggml.eos_token_ids holds {_name(g, i)}, which Ollama stops on: not an end-of-turn or eos "
+                f"token of the model ({want})"
+            )
     return problems
 
 
@@ -113,14 +122,19 @@ def _check_gguf(eot: dict[str, int], g: GGUFInfo, tok: Any, expected: dict[int, 
     return Check("stops", g.path.name, "fail" if problems else "pass", detail, metrics)
 
 
-def _check_modelfile(eot: dict[str, int], mf: Modelfile) -> Check:
+def _check_modelfile(eot: dict[str, int], mf: Modelfile, allowed: set[str] | None) -> Check:
+    """Every end-of-turn token is a PARAMETER stop; with `allowed` (the template's stops, the end-of-turn and the
+    tokenizer's special tokens), a stop that is none of them is ordinary text Ollama would end every answer at."""
     missing = [t for t in eot if t not in mf.stops]
-    detail = (
-        f"no PARAMETER stop for {', '.join(missing)} (stops: {mf.stops})"
-        if missing
-        else f"PARAMETER stop for {', '.join(eot)}"
-    )
-    return Check("stops", mf.path.name, "fail" if missing else "pass", detail, {"stops": mf.stops})
+    extra = [s for s in mf.stops if allowed is not None and s not in allowed]
+    problems = [f"no PARAMETER stop for {', '.join(missing)} (stops: {mf.stops})"] if missing else []
+    problems += [
+        f"PARAMETER stop {s!r} is neither a stop of the template nor a special token: Ollama ends every answer at "
+        f"its first {s!r}"
+        for s in extra
+    ]
+    detail = "; ".join(problems) or f"PARAMETER stop for {', '.join(eot)}"
+    return Check("stops", mf.path.name, "fail" if problems else "pass", detail, {"stops": mf.stops})
 
 
 def check_stops(
@@ -130,11 +144,15 @@ def check_stops(
     modelfiles: list[Modelfile],
     tok: Any,
     gen_eos_ids: list[int],
+    template_stops: Sequence[str] | None = None,
 ) -> list[Check]:
     """Every end-of-turn token: in generation_config eos_token_id, EOG in each GGUF, a stop in each Modelfile; and no
-    other token ends generation in a GGUF."""
+    other token ends generation in a GGUF, no ordinary text in a Modelfile (given the template's `stop` strings)."""
     expected = expected_eog(tok, eot, gen_eos_ids)
     checks = [_check_generation_config(eot, merged)] if merged is not None else []
     checks += [_check_gguf(eot, g, tok, expected) for g in ggufs]
-    checks += [_check_modelfile(eot, mf) for mf in modelfiles]
+    allowed = None
+    if template_stops is not None:
+        allowed = {*template_stops, *eot, *expected.values(), *tok.all_special_tokens, *tok.get_added_vocab()}
+    checks += [_check_modelfile(eot, mf, allowed) for mf in modelfiles]
     return checks
