@@ -73,6 +73,16 @@ def check_readable(model_dir: Path) -> None:
             read_json_object(path)
 
 
+def quant_method(model_dir: Path) -> str | None:
+    """How `model_dir` was saved quantized (its config.json `quantization_config`: gptq, awq, bitsandbytes ...), None
+    for a 16/32-bit model."""
+    doc = read_json(model_dir / "config.json", optional=True)
+    qc = doc.get("quantization_config") if isinstance(doc, dict) else None
+    if not qc:
+        return None
+    return str(qc.get("quant_method", "unknown method")) if isinstance(qc, dict) else "unknown method"
+
+
 def saved_chat_template(cfg: dict[str, Any], path: Path) -> str | None:
     """The `chat_template` of a tokenizer_config.json / chat_template.json (`path`, for the message): a string, or
     the "default" one of a list of {name, template} (transformers' named templates); None when there is none.

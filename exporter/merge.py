@@ -339,13 +339,13 @@ def _qlora_check(base_dir: Path, ads: list[Adapter]) -> list[str]:
     quantized base; the notes to print for adapters `exporter train` trained on a quantized base."""
     from exporter import manifest
 
-    qc = read_json(base_dir / "config.json", optional=True).get("quantization_config")
+    qc = hf_dir.quant_method(base_dir)
     if qc and not ads:
-        raise UserError(f"model {base_dir} is a quantized model ({qc.get('quant_method', 'quantized')}): exporter "
+        raise UserError(f"model {base_dir} is a quantized model ({qc}): exporter "
                         "re-saves only 16/32-bit weights; export the original model")  # fmt: skip
     if qc:
         raise UserError(
-            f"base {base_dir} is a quantized model ({qc.get('quant_method', 'quantized')}): merge into the original "
+            f"base {base_dir} is a quantized model ({qc}): merge into the original "
             "16-bit base (a QLoRA adapter too: it was trained on a quantization of that base, not on these weights)"
         )
     notes = []

@@ -74,12 +74,9 @@ def check_not_prequantized(model_dir: Path) -> None:
     GPTQ, AWQ or AQLM checkpoints) is one line: its kernels need a CUDA GPU (on CPU transformers stopped with a
     NameError from optimum), and an adapter trained on it has no 16-bit base to merge into. QLoRA here quantizes
     the 16-bit model at load (`quantization_bit`)."""
-    from exporter.config import read_json
+    from exporter import hf_dir
 
-    doc = read_json(model_dir / "config.json", optional=True)
-    quant = doc.get("quantization_config") if isinstance(doc, dict) else None
-    if quant:
-        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else "unknown method"
+    if method := hf_dir.quant_method(model_dir):
         raise UserError(
             f"model_name_or_path {model_dir} is already quantized (config.json quantization_config: {method}): "
             "training on a pre-quantized base is not supported; train on its 16-bit original (add quantization_bit: "
