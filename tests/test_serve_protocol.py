@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port, health, lf_python
+from test_serve import Server
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,27 +34,11 @@ USER = [{"role": "user", "content": "The capital of France is"}]
 @pytest.fixture(scope="module")
 def server(tiny_gguf: Path) -> Iterator[str]:
     """`exporter serve` on the tiny GGUF with an API key, as a process: its /v1 base URL."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "exporter", "serve", str(tiny_gguf), "--port", str(port), "--api-key", KEY,
-           "--max-seqs", "2", "--ctx", "512", "--threads", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
+    srv = Server(str(tiny_gguf), "--api-key", KEY, "--max-seqs", "2", "--ctx", "512", "--threads", "1")
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no start"
-            try:
-                health(port)
-                break
-            except OSError:
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield srv.base
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        srv.stop()
 
 
 @pytest.fixture
