@@ -149,6 +149,38 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4,
         "rope_theta": 2_000_000.0,
     },
+    "gemma": {
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "num_key_value_heads": 16,
+        "head_dim": 256,
+    },
+    "qwen2_moe": {
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "num_key_value_heads": 16,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+    },
+    "ernie4_5": {
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+        "rope_theta": 500_000.0,
+    },
+    "cohere": {
+        "max_position_embeddings": 8192,
+        "layer_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "logit_scale": 0.0625,
+        "rope_theta": 500_000.0,
+    },
     "gemma3_text": {
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-6,
@@ -208,6 +240,10 @@ HPARAM_TYPES: dict[str, tuple[JsonType, bool]] = {
     "max_position_embeddings": (POSITIVE, False),
     "original_max_position_embeddings": (POSITIVE, True),
     "rms_norm_eps": (NUMBER, False),
+    "layer_norm_eps": (NUMBER, True),
+    "logit_scale": (NUMBER, True),
+    "use_qk_norm": (BOOL, True),
+    "model_max_length": (POSITIVE, True),
     "tie_word_embeddings": (BOOL, True),  # null: Gemma 3's outer config; the family default then
     "rope_theta": (NUMBER, True),  # transformers 4 layout: top-level RoPE keys
     "rope_scaling": (OBJECT, True),
@@ -230,6 +266,8 @@ HPARAM_TYPES: dict[str, tuple[JsonType, bool]] = {
     "num_experts": (COUNT, True),
     "num_experts_per_tok": (POSITIVE, True),
     "moe_intermediate_size": (POSITIVE, True),
+    "shared_expert_intermediate_size": (POSITIVE, True),
+    "norm_topk_prob": (BOOL, True),
     "mlp_only_layers": (COUNTS, True),
     "decoder_sparse_step": (POSITIVE, True),
 }
@@ -419,6 +457,67 @@ def _qwen3moe_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
 
 
+def _qwen2moe_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """Qwen2-MoE: routed experts plus one gated shared expert in every layer; llama.cpp's graph neither normalizes the
+    top-k routing weights nor has dense layers or an output projection tied to the embedding."""
+    _common_params(hp, w)
+    if hp.get("mlp_only_layers") or _first(hp.get("decoder_sparse_step"), 1) != 1:
+        raise UserError("Qwen2-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported")
+    if hp.get("norm_topk_prob"):
+        raise UserError("Qwen2-MoE config: norm_topk_prob is true; llama.cpp's Qwen2-MoE does not normalize them")
+    if hp.get("tie_word_embeddings"):
+        raise UserError("Qwen2-MoE config: tie_word_embeddings is true; llama.cpp's Qwen2-MoE needs its own lm_head")
+    for key, add in (
+        ("moe_intermediate_size", w.add_expert_feed_forward_length),
+        ("shared_expert_intermediate_size", w.add_expert_shared_feed_forward_length),
+    ):
+        if hp.get(key) is None:
+            raise UserError(f"config.json: {key} is null; expected a positive integer (Qwen2-MoE)")
+        add(hp[key])
+
+
+def _cohere_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """Command-R / Aya-23: LayerNorm (no bias), attention and MLP in parallel, logits scaled by `logit_scale`; the
+    context is `model_max_length` where config.json has it (Command-R says 8192 in max_position_embeddings but was
+    trained on 128k, as llama.cpp's converter reads it)."""
+    if rope_params(hp).get("rope_type") not in (None, "default"):
+        raise UserError("Cohere config: RoPE scaling is not supported; llama.cpp's Command-R runs without it")
+    if hp.get("tie_word_embeddings") is False:
+        raise UserError("Cohere config: tie_word_embeddings is false; llama.cpp's Command-R has no lm_head of its own")
+    n_layer, qk_norm = hp["num_hidden_layers"], bool(hp.get("use_qk_norm"))
+    if qk_norm != (n_layer >= 64):  # llama.cpp loads (and requires) q/k norms by layer count alone
+        raise UserError(
+            f"Cohere config: use_qk_norm is {str(qk_norm).lower()} with {n_layer} layers; llama.cpp's Command-R "
+            "normalizes queries and keys exactly when a model has 64 layers or more (Command-R+)"
+        )
+    _common_params(
+        {**hp, "max_position_embeddings": _first(hp.get("model_max_length"), hp["max_position_embeddings"])}, w
+    )
+    w.add_layer_norm_eps(hp["layer_norm_eps"])
+    w.add_logit_scale(hp["logit_scale"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+
+def _gemma_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """Gemma (1): no RoPE keys unless the base differs from llama.cpp's 10000; queries scaled by 1/sqrt(head_dim)."""
+    rp = rope_params(hp)
+    if rp.get("rope_type") not in (None, "default"):
+        raise UserError(f"Gemma config: RoPE scaling {rp['rope_type']!r} is not supported for Gemma")
+    if hp.get("attn_logit_softcapping") is not None or hp.get("final_logit_softcapping") is not None:
+        raise UserError("Gemma config has logit soft-capping, which Gemma (1) does not use; is this Gemma 2?")
+    w.add_context_length(hp["max_position_embeddings"])
+    w.add_embedding_length(hp["hidden_size"])
+    w.add_block_count(hp["num_hidden_layers"])
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_head_count(hp["num_attention_heads"])
+    w.add_head_count_kv(hp["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    w.add_key_length(_head_dim(hp))
+    w.add_value_length(_head_dim(hp))
+    if rp.get("rope_theta", 10000.0) != 10000.0:
+        w.add_rope_freq_base(rp["rope_theta"])
+
+
 def _gemma2_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     """Gemma 2: no RoPE keys (llama.cpp's 10000 is Gemma 2's), soft-capping, sliding window every other layer."""
     n_layer, n_head, hidden = hp["num_hidden_layers"], hp["num_attention_heads"], hp["hidden_size"]
@@ -599,6 +698,17 @@ ARCHS: dict[str, Arch] = {
         rstrip_names=("phi3", "phi-3"),
     ),
     "qwen3moe": Arch(gguf.MODEL_ARCH.QWEN3MOE, ("Qwen3MoeForCausalLM",), params=_qwen3moe_params),
+    "gemma": Arch(gguf.MODEL_ARCH.GEMMA, ("GemmaForCausalLM",), norm_add=1.0, params=_gemma_params),
+    "qwen2moe": Arch(gguf.MODEL_ARCH.QWEN2MOE, ("Qwen2MoeForCausalLM",), params=_qwen2moe_params),
+    # ERNIE 4.5 rotates adjacent pairs, as llama.cpp's NORM RoPE does: no permutation
+    "ernie4_5": Arch(gguf.MODEL_ARCH.ERNIE4_5, ("Ernie4_5ForCausalLM",), params=_common_params),
+    # Cohere rotates adjacent pairs too (NORM RoPE); its StarCoder-style pre-tokenizer is llama.cpp's "command-r"
+    "cohere": Arch(
+        gguf.MODEL_ARCH.COMMAND_R,
+        ("CohereForCausalLM",),
+        params=_cohere_params,
+        pre_names={"starcoder": "command-r"},
+    ),
     "gemma2": Arch(gguf.MODEL_ARCH.GEMMA2, ("Gemma2ForCausalLM",), norm_add=1.0, params=_gemma2_params),
     "glm4": Arch(
         gguf.MODEL_ARCH.GLM4,
@@ -659,6 +769,12 @@ def plan_tensors(
             continue  # a tied head is the embedding; llama.cpp reuses token_embd
         for hf, out_shape, rows in fused_experts(name, shape) if is_fused(name, shape) else [(name, shape, None)]:
             mapped = tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias"))
+            if mapped is None and name == "lm_head.weight":  # Gemma, Gemma 2: llama.cpp has no output tensor
+                raise UserError(
+                    f"{name}: this model has its own output projection (tie_word_embeddings false, e.g. after training "
+                    f"lm_head), but llama.cpp's {arch.name} always uses the token embedding as the output projection; "
+                    "it cannot be exported to GGUF without changing its answers"
+                )
             if mapped is None:
                 raise UserError(f"tensor {name!r} {list(shape)} has no GGUF name for architecture {arch.name}")
             ttype, new = mapped

@@ -157,8 +157,8 @@ def choose_type(spec: gguf_arch.TensorSpec, kind: str, output_like: bool) -> tup
     want = NUMPY_TYPES[kind]
     if len(spec.shape) <= 1 or spec.name.endswith("_norm.weight") or not spec.name.endswith(".weight"):
         return T.F32, None  # 1-D, norms and biases stay f32 in every llama.cpp file
-    if spec.name.endswith(".ffn_gate_inp.weight"):
-        return T.F32, None  # MoE routers stay f32 in every llama.cpp file
+    if spec.name.endswith((".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")):
+        return T.F32, None  # MoE routers (and Qwen2-MoE's shared-expert gate) stay f32 in every llama.cpp file
     if kind == "q4_0" and output_like:
         return T.Q8_0, "output projection kept at q8_0 (llama.cpp keeps it at 6+ bits)"
     block, _ = gguf.GGML_QUANT_SIZES[want]

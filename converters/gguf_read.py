@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from exporter.errors import UserError
 
@@ -39,6 +39,8 @@ class GGUFHeader:
     version: int
     kv: dict[str, Any]
     tensors: list[TensorInfo] = field(default_factory=list)
+    data_offset: int | None = None  # with `tensors`: where the data section starts (aligned to general.alignment)
+    byte_order: str = "<"  # struct's "<" or ">": a big-endian file's numbers
 
 
 class _Cursor:
@@ -127,7 +129,38 @@ def _parse(path: Path, buf: Any, with_tensors: bool) -> GGUFHeader:
         raise UserError(f"{path}: truncated GGUF header ({e})") from None
     except ValueError as e:  # an unknown value or tensor type number
         raise UserError(f"{path}: unknown GGUF type ({e})") from None
-    return GGUFHeader(version, kv, infos)
+    data_offset = None
+    if with_tensors:
+        align = kv.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0:
+            raise UserError(f"{path}: general.alignment is {align!r}; expected a positive integer")
+        data_offset = -(-cur.pos // align) * align  # the tensor infos' end, padded to the alignment
+    return GGUFHeader(version, kv, infos, data_offset, order)
+
+
+# tensor types read_tensor returns as numbers (1-D factor tensors and the like; quantized blocks are not decoded)
+_PLAIN = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+
+
+def read_tensor(path: Path | str, name: str) -> np.ndarray | None:
+    """The values of an F32 or F16 tensor `name` as float32, in GGUF order flattened; None when the file has no such
+    tensor. UserError when it is of another type or its data lies past the end of the file."""
+    path = Path(path)
+    header = read(path, tensors=True)
+    info = next((t for t in header.tensors if t.name == name), None)
+    if info is None:
+        return None
+    if info.type not in _PLAIN:
+        raise UserError(f"{path}: tensor {name} is {info.type.name}; expected F32 or F16")
+    dtype = np.dtype(_PLAIN[info.type]).newbyteorder(header.byte_order)
+    count = int(np.prod(info.shape, dtype=np.int64))
+    start = (header.data_offset or 0) + info.offset
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(count * dtype.itemsize)
+    if len(raw) != count * dtype.itemsize:
+        raise UserError(f"{path}: tensor {name}'s data lies past the end of the file (truncated?)")
+    return np.frombuffer(raw, dtype=dtype).astype(np.float32)
 
 
 def read_kv(path: Path | str) -> dict[str, Any]:

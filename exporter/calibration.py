@@ -76,7 +76,7 @@ def _dataset_conversations(
 
 
 def _text_file_sequences(path: Path, tokenizer: Any, rejected: Counter) -> tuple[list[list[int]], int]:
-    """Raw `text` rows of a JSON/JSONL/CSV/Parquet file (LLaMA-Factory's export_quantization_dataset, e.g. its
+    """Raw `text` rows of a JSON/JSONL/CSV/Parquet/Arrow/TXT file (LLaMA-Factory's export_quantization_dataset, e.g. its
     c4_demo.jsonl), tokenized as plain text with the tokenizer's own special tokens; (sequences, rows read)."""
     from exporter import data, dataset_info
 

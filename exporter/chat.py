@@ -1,6 +1,7 @@
 """`exporter chat`: a terminal chat on the engine, like `llamafactory-cli chat` (streamed answers, history,
-`clear`, `exit`); with stdin not a terminal it reads one prompt a line and prints each answer whole on one line
-(newlines escaped as \\n, backslashes doubled; `[error: ...]` in its place when it fails): scriptable.
+`clear`, `exit`; Ollama's `/clear`, `/bye`, `/exit`, `/?` too); with stdin not a terminal it reads one prompt a
+line and prints each answer whole on one line (newlines escaped as \\n, backslashes doubled; `[error: ...]` in its
+place when it fails): scriptable.
 
 Also here: LLaMA-Factory's inference YAML (`model_name_or_path`, `adapter_name_or_path`, `template`,
 `infer_backend`, `default_system`, generation keys), read unchanged by `chat` and `serve`.
@@ -8,6 +9,7 @@ Also here: LLaMA-Factory's inference YAML (`model_name_or_path`, `adapter_name_o
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -181,6 +183,23 @@ def quantized_model(opts: LoadOptions) -> bool:
 # ------------------------------------------------------------------------------------------------ the chat loop
 
 WELCOME = "Welcome to the CLI application, use `clear` to remove the history, use `exit` to exit the application."
+HELP = """Available commands:
+  clear, /clear    Remove the history
+  exit, /bye       Exit (also /exit, Ctrl-D)
+  /?, /help        This help
+"""
+# the commands each word is (LLaMA-Factory's chat: exit, clear; `ollama run`: /bye, /exit, /clear, /?, /help)
+COMMANDS = {"exit": "exit", "/bye": "exit", "/exit": "exit", "clear": "clear", "/clear": "clear", "/?": "help",
+            "/help": "help"}  # fmt: skip
+
+
+def command(query: str) -> str | None:
+    """`exit`, `clear` or `help` when the line is a chat command, else None. LF's `exit` and `clear` are the whole
+    line; Ollama's slash commands its first word, as `ollama run` reads them (`/? shortcuts` is help too)."""
+    if query in ("exit", "clear"):
+        return query
+    words = query.split(maxsplit=1)
+    return COMMANDS.get(words[0]) if words and words[0].startswith("/") else None
 
 
 _ONE_LINE = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r"})
@@ -283,12 +302,19 @@ def chat(opts: ChatOptions) -> None:
                     out.flush()
                 break
             query = line.rstrip("\n").strip()
-            if query == "exit":
+            what = command(query)
+            if what == "exit":
                 break
-            if query == "clear":
+            if what == "clear":
                 history = []
                 if interactive:
                     out.write("History has been removed.\n")
+                continue
+            if what == "help":  # on stderr when piped: stdout holds one line per question
+                (out if interactive else sys.stderr).write(HELP)
+                continue
+            if interactive and re.fullmatch(r"/[A-Za-z?]+", query.split(maxsplit=1)[0] if query else ""):
+                out.write(f"Unknown command '{query.split()[0]}'. Type /? for help\n")  # as `ollama run` says
                 continue
             if not query:
                 continue

@@ -66,9 +66,9 @@ def _quantize(
     ),
     dataset_dir: str | None = typer.Option(None, "--dataset-dir", help="Dir holding dataset_info.json (default data)."),
     template: str | None = typer.Option(None, "--template", help="Chat template family (default: detected)."),
-    samples: int = typer.Option(128, "--samples", help="Calibration blocks (at most)."),
-    max_length: int = typer.Option(512, "--max-length", help="Tokens per calibration block."),
-    seed: int = typer.Option(0, "--seed", help="Seed for calibration order and quantization."),
+    samples: int | None = typer.Option(None, "--samples", help="Calibration blocks (at most; default 128)."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per calibration block (default 512)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for calibration order and quantization (default 0)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard, e.g. 2GB, 500MB."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output dir."),
 ) -> None:
@@ -163,7 +163,9 @@ def _template_render(
     conversation: str = typer.Argument(..., help='JSON file: \\[messages] or {"messages": \\[...], "tools": \\[...]}.'),
     fmt: str = typer.Option("train", "--format", help="train (trained parts in green), jinja or ollama."),
     generation_prompt: bool = typer.Option(
-        None, "--generation-prompt/--no-generation-prompt", help="Default: on unless the last message is an answer."
+        None,
+        "--generation-prompt/--no-generation-prompt",
+        help="Default: on unless the last message is an answer (the other choice: an official family's train/jinja).",
     ),
     bos_token: str = typer.Option(None, "--bos-token", help="BOS text for families that take it from the tokenizer."),
     eos_token: str = typer.Option(None, "--eos-token", help="EOS text for families that take it from the tokenizer."),

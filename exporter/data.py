@@ -354,8 +354,21 @@ def convert(
     """Rows of one dataset -> Samples (placeholders `{{key}}` filled from `fill`; `unlabeled`: see `_alpaca`).
     `keep_empty` (training): a stage pt row with empty text is kept, as LLaMA-Factory pretrains it (an eos-only
     document); without it such a row is dropped (calibration text)."""
+    return [s for s in convert_rows(sp, rows, stage, fill, drops, unlabeled, keep_empty) if s is not None]
+
+
+def convert_rows(
+    sp: DatasetSpec,
+    rows: list[tuple[str, Any]],
+    stage: str,
+    fill: dict[str, str],
+    drops: Drops,
+    unlabeled: bool = False,
+    keep_empty: bool = False,
+) -> list[Sample | None]:
+    """`convert`, one entry per row: its Sample, or None where the row is dropped (counted in `drops`)."""
     _check_columns(sp, rows, stage)
-    out = []
+    out: list[Sample | None] = []
     unused_history: list[str] = []
     for where, row in rows:
         if not isinstance(row, dict):
@@ -377,8 +390,7 @@ def convert(
             sample = _alpaca(sp, row, where, stage, drops, unlabeled, keep_empty)
         else:
             sample = _sharegpt(sp, row, where, stage, drops, keep_empty)
-        if sample is not None:
-            out.append(sample)
+        out.append(sample)
     if unused_history:
         _say(
             f"dataset {sp.name!r} ({sp.source}): history column {sp.columns['history']!r} is not a list in "
@@ -448,6 +460,68 @@ def _subset(rows: list[Any], n: int, rng: np.random.RandomState) -> list[Any]:
     return [rows[i] for i in idx]
 
 
+# LLaMA-Factory's mix_strategy -> datasets' stopping_strategy (None: concatenated). LF 0.9.5's interleave_once asks
+# for all_exhausted_without_replacement, which the datasets it allows (<= 4.0.0) refuses: lf_args refuses it too.
+MIX_STRATEGIES = {"concat": None, "interleave_under": "first_exhausted", "interleave_over": "all_exhausted"}
+
+
+def interleave_order(lengths: list[int], probs: list[float] | None, seed: int, stopping: str) -> list[tuple[int, int]]:
+    """(dataset, row) pairs in the order datasets' `interleave_datasets` (map-style, 4.0.0, the version LLaMA-Factory
+    0.9.5 pins) takes them: without `probs` round robin, one row of each in turn, up to the shortest dataset
+    (first_exhausted) or the longest, shorter ones wrapping around (all_exhausted); with `probs`, each row's dataset
+    drawn by `np.random.default_rng(seed).choice` in blocks of 1000, each dataset's rows in order and wrapping
+    around, until the first dataset (first_exhausted) or every dataset (all_exhausted) has given all its rows."""
+    import numpy as np
+
+    n = len(lengths)
+    if probs is None:
+        if stopping == "first_exhausted":
+            return [(d, r) for r in range(min(lengths)) for d in range(n)]
+        return [(d, r % lengths[d]) for r in range(max(lengths)) for d in range(n)]
+    rng = np.random.default_rng(seed)
+    stop = all if stopping == "all_exhausted" else any
+    exhausted = [False] * n
+    current = [0] * n
+    out: list[tuple[int, int]] = []
+    while True:
+        for d in (int(i) for i in rng.choice(n, size=1000, p=probs)):
+            if stop(exhausted):
+                return out
+            out.append((d, current[d]))
+            current[d] += 1
+            if current[d] >= lengths[d]:
+                exhausted[d], current[d] = True, 0
+
+
+def _interleave(
+    picked: list[tuple[DatasetSpec, list[tuple[str, Any]]]],
+    probs: list[float] | None,
+    seed: int,
+    stopping: str,
+    convert_one: Any,
+) -> list[Sample | None]:
+    """The rows of several datasets in `interleave_order`, converted (each row once; a row taken twice by
+    all_exhausted is the same Sample twice; None: a dropped row); the rows it never takes are not read."""
+    for sp, rows in picked:
+        if not rows:  # datasets would take another dataset's row for it, or stop at once
+            raise UserError(f"dataset {sp.name!r} ({sp.source}) has no rows: interleaved mixing needs rows in each")
+    if probs is not None and len(probs) != len(picked):
+        raise UserError(f"interleave_probs gives {len(probs)} probabilities for {len(picked)} different datasets "
+                        f"({', '.join(sp.name for sp, _ in picked)})")  # fmt: skip
+    if probs is not None and stopping == "all_exhausted" and min(probs) <= 0:
+        raise UserError("interleave_probs: mix_strategy interleave_over never ends with a probability of 0 (a "
+                        "dataset never drawn is never exhausted; LLaMA-Factory's datasets loops forever)")  # fmt: skip
+    try:
+        order = interleave_order([len(rows) for _, rows in picked], probs, seed, stopping)
+    except ValueError as e:  # numpy's checks of the probabilities: negative, not summing to 1
+        raise UserError(f"interleave_probs {','.join(map(str, probs or []))}: {e}") from None
+    converted: list[dict[int, Sample | None]] = []
+    for d, (sp, rows) in enumerate(picked):
+        used = sorted({r for k, r in order if k == d})
+        converted.append(dict(zip(used, convert_one(sp, [rows[r] for r in used]), strict=True)))
+    return [converted[d][r] for d, r in order]
+
+
 def load(
     names: list[str],
     dataset_dir: Path | str,
@@ -457,13 +531,38 @@ def load(
     seed: int = 42,
     unlabeled: bool = False,
     rng: np.random.RandomState | None = None,
+    mix_strategy: str = "concat",
+    interleave_probs: list[float] | None = None,
 ) -> tuple[list[Sample], Drops]:
-    """Load and convert the named datasets (concatenated in order). Errors if nothing usable is left. `unlabeled`
-    (predict): alpaca rows without a response are kept with an empty answer. `rng`: where `num_samples` subsets
-    are drawn from (default: a fresh `sampler(seed)`; pass the training load's to an eval_dataset load).
+    """`load_rows` without the dropped rows' places."""
+    rows, drops = load_rows(names, dataset_dir, stage, max_samples, fill, seed, unlabeled, rng, mix_strategy,
+                            interleave_probs)  # fmt: skip
+    return [s for s in rows if s is not None], drops
+
+
+def load_rows(
+    names: list[str],
+    dataset_dir: Path | str,
+    stage: str = "sft",
+    max_samples: int | None = None,
+    fill: dict[str, str] | None = None,
+    seed: int = 42,
+    unlabeled: bool = False,
+    rng: np.random.RandomState | None = None,
+    mix_strategy: str = "concat",
+    interleave_probs: list[float] | None = None,
+) -> tuple[list[Sample | None], Drops]:
+    """Load and convert the named datasets (concatenated in order, or interleaved as LLaMA-Factory's `mix_strategy`
+    interleave_under / interleave_over with `interleave_probs` and `seed`). Errors if nothing usable is left.
+    `unlabeled` (predict): alpaca rows without a response are kept with an empty answer. `rng`: where
+    `num_samples` subsets are drawn from (default: a fresh `sampler(seed)`; pass the training load's to an
+    eval_dataset load). A row that cannot be used keeps its place as None (counted in the Drops): LLaMA-Factory
+    drops it only when tokenizing, after its `val_size` split of all the rows.
 
     A name given twice is loaded once, at its first place (LLaMA-Factory keys the datasets by name: its later
     load replaces the earlier one, each drawing its `num_samples` subset)."""
+    if mix_strategy not in MIX_STRATEGIES:
+        raise UserError(f"mix_strategy must be one of {', '.join(MIX_STRATEGIES)}, got {mix_strategy!r}")
     if stage not in STAGES:
         raise UserError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     if not names:
@@ -493,12 +592,20 @@ def load(
             f"{','.join(names)}: loaded once, as LLaMA-Factory does (to repeat rows, give the file a second "
             f"{INFO_NAME} entry)"
         )
-    samples: list[Sample] = []
-    for name, (sp, rows) in picked.items():
-        samples += convert(sp, rows, stage, fill or {}, drops, unlabeled, keep_empty=True)
-        if not rows:
-            drops.add("empty datasets", f"{name} ({sp.source})")
-    if not samples:
+    samples: list[Sample | None] = []
+    stopping = MIX_STRATEGIES[mix_strategy]
+    if stopping is not None and len(picked) > 1:  # LF's merge_dataset: one dataset is taken as it is
+
+        def rows_of(sp: DatasetSpec, rows: list[tuple[str, Any]]) -> list[Sample | None]:
+            return convert_rows(sp, rows, stage, fill or {}, drops, unlabeled, keep_empty=True)
+
+        samples = _interleave(list(picked.values()), interleave_probs, seed, stopping, rows_of)
+    else:
+        for name, (sp, rows) in picked.items():
+            samples += convert_rows(sp, rows, stage, fill or {}, drops, unlabeled, keep_empty=True)
+            if not rows:
+                drops.add("empty datasets", f"{name} ({sp.source})")
+    if not any(s is not None for s in samples):
         raise UserError(
             f"no usable samples in dataset(s) {', '.join(names)}: {drops.summary() or 'the files hold no rows'}"
         )

@@ -79,6 +79,12 @@ class DatasetSpec:
 def read_info(dataset_dir: Path) -> dict[str, Any]:
     """The parsed `dataset_info.json` of `dataset_dir`."""
     path = Path(dataset_dir) / INFO_NAME
+    if str(dataset_dir).startswith("REMOTE:") or str(dataset_dir) == "ONLINE":
+        raise UserError(
+            f"dataset_dir {dataset_dir}: LLaMA-Factory's hub registries (REMOTE:<repo>, a {INFO_NAME} on the "
+            f"hub; ONLINE, each dataset a hub id) are not supported: put a {INFO_NAME} in a local folder (hub "
+            "datasets go in it as hf_hub_url entries) and give that folder"
+        )
     if not path.is_file():
         raise UserError(f"dataset_dir {dataset_dir}: no {INFO_NAME} (expected LLaMA-Factory's dataset registry)")
     info = read_json(path)

@@ -319,7 +319,10 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
     packing = cfg.neat_packing or (cfg.packing if cfg.packing is not None else cfg.stage == "pt")
     fill = {k: v for k, v in (("name", cfg.identity_name), ("author", cfg.identity_author)) if v}
     rng = data.sampler(cfg.seed)  # num_samples subsets: the training loads draw first, eval_dataset's continue
-    samples, drops = data.load(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill, cfg.seed, rng=rng)
+    mix = {"mix_strategy": cfg.mix_strategy, "interleave_probs": cfg.interleave_probs}
+    rows, drops = data.load_rows(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill, cfg.seed, rng=rng,
+                                 **mix)  # fmt: skip
+    samples = [s for s in rows if s is not None]
     left = data.unfilled_placeholders(samples)
     if left:
         say(f"placeholders {', '.join('{{' + k + '}}' for k in sorted(left))} left in the data "
@@ -363,10 +366,12 @@ def prepare(cfg: TrainConfig, model_dir: Path) -> Prepared:
 
     if cfg.eval_dataset:  # LLaMA-Factory's eval_dataset: read and tokenized as the training sets, never split
         val_samples, val_drops = data.load(cfg.eval_dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples, fill,
-                                           cfg.seed, rng=rng)  # fmt: skip
+                                           cfg.seed, rng=rng, **mix)  # fmt: skip
         train_rows, val_rows, what = samples, val_samples, "eval_dataset"
     else:  # rows, before tokenizing, as LF splits them
-        train_rows, val_rows = split_rows(samples, cfg.val_size, cfg.seed)
+        train_rows, val_rows = (  # a row LF drops when tokenizing still counts in its split
+            [s for s in part if s is not None] for part in split_rows(rows, cfg.val_size, cfg.seed)
+        )
         val_drops, what = data.Drops(), "validation"
     train_ex = tokenize(train_rows, drops, "training")
     val_ex = tokenize(val_rows, val_drops, what) if val_rows else []

@@ -26,6 +26,7 @@ from exporter.atomic import atomic_dir, check_free_space, check_target
 from exporter.config import did_you_mean, read_json
 from exporter.errors import UserError
 from exporter.hf_dir import check_readable
+from exporter.quiet import llama_log_in_python
 
 NUMPY_KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 KQUANT_KINDS = ("q4_k_m", "q5_k_m", "q6_k")
@@ -304,9 +305,9 @@ def _kquant(f16: Path, path: Path, kind: str, expected: int) -> list[str]:
 
 @contextmanager
 def _signals_held(what: str) -> Iterator[None]:
-    """Hold Ctrl-C (and a Python SIGTERM handler, the CLI's) while native code runs that calls back into Python
-    (libllama logs through `quiet.silence_llama_cpp`'s callback): a signal handler that raises inside a ctypes
-    callback has its exception printed and dropped, so the run would go on to the end. The first signal is raised once
+    """Hold Ctrl-C (and a Python SIGTERM handler, the CLI's) while libllama runs, its log lines through Python code
+    (`quiet.llama_log_in_python`) so that the holding handler runs during the call (one that raised there would have
+    its exception printed and dropped by ctypes, and the run would go on to the end). The first signal is raised once
     the native call returns, which removes the partial output on the way out; a second ends the process at once, as a
     kill does (the next run writing the output removes what it left)."""
     held = [s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s))]
@@ -328,7 +329,8 @@ def _signals_held(what: str) -> Iterator[None]:
     for s in held:
         signal.signal(s, hold)
     try:
-        yield
+        with llama_log_in_python():
+            yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -365,8 +367,10 @@ def export_adapter(
     stem = _safe_name(adapter_dir.resolve().name)
     name = ollama_name or default_ollama_name(adapter_dir)
     base_from = base_from_line(base_gguf, base_dir, out)
+    need = _lora_bytes(adapter_dir, kind)
+    check_free_space(out.parent, need)
     result = GGUFResult(out)
-    with atomic_dir(out, force, [adapter_dir, base_dir]) as tmp:
+    with atomic_dir(out, force, [adapter_dir, base_dir], need) as tmp:
         path = tmp / f"{stem}-lora-{kind}.gguf"
         ranks = convert_lora(adapter_dir, base_dir, path, kind)
         _say_template(tpl)
@@ -389,6 +393,18 @@ def export_adapter(
     result.names[kind] = name
     result.commands.append(create_command(name, out / "Modelfile"))
     return result
+
+
+def _lora_bytes(adapter_dir: Path, kind: str) -> int:
+    """About what the GGUF LoRA of `adapter_dir` takes at `kind` (f32/f16): every tensor of its weights file at that
+    width (a `.bin` file: its size at 16 bits a value)."""
+    from exporter.safetensors_file import read_header
+
+    width = _BYTES_PER_PARAM[kind]
+    st = adapter_dir / "adapter_model.safetensors"
+    if st.is_file():
+        return int(width * sum(math.prod(e.shape) for e in read_header(st).values()))
+    return int(width * sum(p.stat().st_size for p in adapter_dir.glob("adapter_model*.bin")) / 2)
 
 
 def check_options(opts: GGUFOptions) -> list[str]:

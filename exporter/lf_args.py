@@ -48,12 +48,10 @@ UNSUPPORTED = {
     "additional_target": "extra trainable modules",
     "create_new_adapter": "stacking a new adapter on adapter_name_or_path",
     "save_total_limit": "rotating checkpoints",
-    "streaming": "dataset streaming",
-    "tokenized_path": "cached tokenized datasets",
+    "streaming": "dataset streaming (LLaMA-Factory then reads rows through a shuffle buffer of buffer_size and needs "
+    "max_steps; exporter reads the datasets into memory)",
     "rope_scaling": "RoPE scaling",
     "shift_attn": "shift short attention",
-    "mix_strategy": "interleaved dataset mixing",
-    "interleave_probs": "interleaved dataset mixing",
     "eval_on_each_dataset": "evaluating each eval_dataset separately",
     "enable_liger_kernel": "Liger kernels",
     "use_llama_pro": "LLaMA Pro",
@@ -67,7 +65,6 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
                      "eval_on_each_dataset"), False),
     "pref_bco_weight": 0.0,
     "freeze_multi_modal_projector": True,
-    "mix_strategy": "concat",
 }  # fmt: skip
 # More of LLaMA-Factory 0.9.5's keys (its hparams dataclasses; most in its examples/extras YAMLs) that exporter does not
 # do: key -> (what it asks for, LF's default). Refused as not supported (they read as unknown keys, with a did-you-mean
@@ -124,6 +121,28 @@ _LF_KEYS: dict[str, tuple[str, Any]] = {
     "hub_model_id": ("pushing to the hub", None),
     "use_mca": ("MCoreAdapter (Megatron)", False),
     "use_kt": ("KTransformers", False),
+    "ignore_pad_token_for_loss": ("training on padding tokens (exporter never puts padding in the loss)", True),
+    "use_swanlab": ("SwanLab logging (exporter logs to trainer_log.jsonl)", False),
+    "cache_dir": ("a hub cache of its own (exporter downloads into the HF cache: set HF_HUB_CACHE=DIR)", None),
+    "predict_with_generate": ("evaluating by generation (BLEU/ROUGE; exporter predict does it after training)", False),
+    "do_predict": ("predicting from here (exporter train's command line predicts after training)", False),
+}  # fmt: skip
+# LLaMA-Factory 0.9.5 keys that do nothing in an exporter train run, whatever their value, as they do nothing in LF
+# without what they serve: key -> (why, LF's default). Accepted; a value other than the default is said once.
+_GENERATION = "generation settings, used with do_predict / predict_with_generate: exporter predict takes them"
+_IDLE_KEYS: dict[str, tuple[str, Any]] = {
+    "buffer_size": ("LLaMA-Factory shuffles through it only with streaming: true", 16384),
+    "data_shared_file_system": ("it picks the processes that fill LLaMA-Factory's dataset cache; exporter keeps none",
+                                False),
+    "media_dir": ("the images, videos and audios of multimodal datasets, which exporter does not read", None),
+    **{k: (_GENERATION, d) for k, d in (("do_sample", True), ("temperature", 0.95), ("top_p", 0.7), ("top_k", 50),
+                                        ("num_beams", 1), ("max_length", 1024), ("max_new_tokens", 1024),
+                                        ("repetition_penalty", 1.0), ("length_penalty", 1.0),
+                                        ("skip_special_tokens", True), ("eval_num_beams", None))},
+    **{k: ("SwanLab settings, used only with use_swanlab: true", d)
+       for k, d in (("swanlab_project", "llamafactory"), ("swanlab_workspace", None), ("swanlab_run_name", None),
+                    ("swanlab_mode", "cloud"), ("swanlab_api_key", None), ("swanlab_logdir", None),
+                    ("swanlab_lark_webhook_url", None), ("swanlab_lark_secret", None))},
 }  # fmt: skip
 UNSUPPORTED.update({k: why for k, (why, _) in _LF_KEYS.items()})
 UNSUPPORTED_DEFAULTS.update({k: default for k, (_, default) in _LF_KEYS.items()})
@@ -173,6 +192,9 @@ class TrainConfig:
     cutoff_len: int = 2048
     max_samples: int | None = None
     val_size: float = 0.0
+    # several datasets: concatenated, or interleaved as datasets' interleave_datasets (data.MIX_STRATEGIES)
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over", "interleave_once"] = "concat"
+    interleave_probs: list[float] | None = None  # interleave_*: each dataset's chance to give the next row
     train_on_prompt: bool = False
     mask_history: bool = False  # these five: LLaMA-Factory template names only (exporter.lf_names)
     enable_thinking: bool | None = True
@@ -182,6 +204,7 @@ class TrainConfig:
     packing: bool | None = None
     neat_packing: bool = False
     preprocessing_num_workers: int | None = None
+    tokenized_path: str | None = None  # LF saves its tokenized data there, or loads it: see check_tokenized_path
     preprocessing_batch_size: int = 1000  # rows per LF map batch: pt blocks, SFT packing and KTO's KL pairs per batch
     overwrite_cache: bool = False
     overwrite_output_dir: bool = False
@@ -307,6 +330,13 @@ def config_from_dict(data: dict[str, Any], where: str) -> tuple[TrainConfig, set
             "include_num_input_tokens_seen: exporter counts the examples' tokens (HF's non_padding); HF's all (or "
             "true) also counts each batch's padding"
         )
+    idle: dict[str, list[str]] = {}
+    for key in [k for k in data if k in _IDLE_KEYS]:
+        why, default = _IDLE_KEYS[key]
+        if not _at_default(data.pop(key), default):
+            idle.setdefault(why, []).append(key)
+    for why, keys in idle.items():
+        say(f"{', '.join(keys)}: no effect in exporter train ({why})")
     for key in [k for k in data if k in _RUN_NAMES]:  # HF's: they name a run for wandb/tensorboard
         if data.pop(key) is not None:
             say(f"{key}: no effect (it names the run for report_to's trackers; exporter logs to trainer_log.jsonl)")
@@ -397,6 +427,8 @@ def check(cfg: TrainConfig, given: set[str], device: str, notes: bool = True) ->
         raise UserError(f"val_size must be a fraction in [0, 1) or a whole number of samples, got {cfg.val_size}")
     if cfg.preprocessing_batch_size < 1:
         raise UserError(f"preprocessing_batch_size must be a number of rows >= 1, got {cfg.preprocessing_batch_size}")
+    check_mix(cfg)
+    check_tokenized_path(cfg, notes)
     if cfg.eval_dataset and cfg.val_size:  # LLaMA-Factory's split_dataset refuses it too
         raise UserError("val_size and eval_dataset both name a validation set; set one of them")
     if cfg.eval_strategy != "no" and not cfg.val_size and not cfg.eval_dataset:
@@ -472,6 +504,41 @@ _SCOPED_ERRORS: tuple[tuple[str, str, typing.Callable[[TrainConfig], bool]], ...
     ("use_dora", "finetuning_type: lora", lambda c: c.finetuning_type == "lora"),
     ("loraplus_lr_ratio", "finetuning_type: lora", lambda c: c.finetuning_type == "lora"),
 )
+
+
+def check_tokenized_path(cfg: TrainConfig, notes: bool = True) -> None:
+    """LF's `tokenized_path`: a folder holding data (LF's `has_tokenized_data`) is LF's saved tokenized dataset, which
+    LF trains on instead of `dataset` (refused: exporter cannot read it); otherwise LF tokenizes `dataset`, saves it
+    there and trains on it: exporter trains on the same examples and says that it saves nothing."""
+    import os
+
+    path = cfg.tokenized_path
+    if path is None:
+        return
+    if os.path.isdir(path) and os.listdir(path):
+        raise UserError(f"tokenized_path: {path} holds a saved tokenized dataset (LLaMA-Factory's save_to_disk), "
+                        "which exporter cannot read; remove tokenized_path to tokenize dataset again")  # fmt: skip
+    if notes:
+        say(f"tokenized_path: {path} is not written: exporter tokenizes the dataset in memory on each run")
+
+
+def check_mix(cfg: Any) -> None:
+    """mix_strategy and interleave_probs as LLaMA-Factory 0.9.5's DataArguments checks them (its messages), for
+    training's and predict's options."""
+    if cfg.mix_strategy == "interleave_once":
+        raise UserError("mix_strategy: interleave_once asks datasets for all_exhausted_without_replacement, which the "
+                        "datasets LLaMA-Factory 0.9.5 allows (<= 4.0.0) refuses; use interleave_under or "
+                        "interleave_over")  # fmt: skip
+    if cfg.interleave_probs is None:
+        return
+    if cfg.mix_strategy == "concat":
+        raise UserError("interleave_probs is only valid for interleaved mixing (mix_strategy: interleave_under or "
+                        "interleave_over)")  # fmt: skip
+    for key in ("dataset", "eval_dataset"):
+        names = getattr(cfg, key, None)
+        if names and len(names) != len(cfg.interleave_probs):
+            raise UserError(f"interleave_probs: {len(cfg.interleave_probs)} probabilities for the {len(names)} "
+                            f"datasets of {key} ({','.join(names)}); give one per dataset")  # fmt: skip
 
 
 def _differs(cfg: TrainConfig, key: str) -> bool:

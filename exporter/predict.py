@@ -70,6 +70,8 @@ class PredictOptions:
     dataset_dir: str = "data"
     cutoff_len: int = 2048
     max_samples: int | None = None
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over", "interleave_once"] = "concat"
+    interleave_probs: list[float] | None = None
     per_device_eval_batch_size: int = 8
     predict_with_generate: bool = True
     do_predict: bool = True
@@ -131,7 +133,9 @@ def check(opts: PredictOptions) -> None:
     if opts.max_new_tokens < 1 and opts.max_length is None:
         raise UserError("max_new_tokens must be >= 1 (or set max_length)")
     check_max_samples(opts.max_samples)
-    from exporter import lf_names
+    from exporter import lf_args, lf_names
+
+    lf_args.check_mix(opts)
     from exporter import lf_templates as lf
 
     if lf_names.is_lf_name(opts.template):
@@ -357,7 +361,8 @@ def _predict(opts: PredictOptions, given: set[str] | None, out: Path) -> Predict
     metrics.warm()  # fail on a missing [eval] extra before the model loads; jieba's dictionary outside the timing
     fill = {k: v for k, v in (("name", opts.identity_name), ("author", opts.identity_author)) if v}
     samples, drops = data.load(opts.eval_dataset, opts.dataset_dir, "sft", opts.max_samples, fill, opts.seed,
-                               unlabeled=True)  # fmt: skip
+                               unlabeled=True, mix_strategy=opts.mix_strategy,
+                               interleave_probs=opts.interleave_probs)  # fmt: skip
     if drops.counts:
         print(f"note: dropped {sum(drops.counts.values())} sample(s): {drops.summary()}", file=sys.stderr)
     with load(engine_options(opts, opts.per_device_eval_batch_size, opts.template)) as eng:

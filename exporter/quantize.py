@@ -25,6 +25,8 @@ from exporter.config import read_json
 from exporter.errors import UserError
 
 METHODS = ("gptq", "awq", "bnb4", "bnb8")
+# the calibration settings of gptq/awq when not given (QuantizeOptions' samples, max_length, seed)
+CALIBRATION = {"samples": 128, "max_length": 512, "seed": 0}
 BITS = {"gptq": (4, 8), "awq": (4,), "bnb4": (4,), "bnb8": (8,)}
 # group sizes gptqmodel 7.6's kernels accept (TorchQuantLinear for GPTQ, AwqTorchQuantLinear for AWQ)
 GROUP_SIZES = {"gptq": (-1, 16, 32, 64, 128, 256, 512, 1024), "awq": (-1, 16, 32, 64, 128)}
@@ -65,9 +67,10 @@ class QuantizeOptions:
     dataset: str | None = None  # names from dataset_info.json, or a file of raw `text` rows (LLaMA-Factory's export)
     dataset_dir: str | None = None
     template: str | None = None
-    samples: int = 128
-    max_length: int = 512
-    seed: int = 0
+    # calibration (gptq/awq); None: CALIBRATION's value, and given with bitsandbytes, which calibrates nothing: refused
+    samples: int | None = None
+    max_length: int | None = None
+    seed: int | None = None
     max_shard_size: str = "2GB"  # as `exporter merge --max-shard-size`
     force: bool = False
 
@@ -107,7 +110,8 @@ def check_options(o: QuantizeOptions, names: Names = FLAGS) -> tuple[int, int | 
         raise UserError(f"{names.max_shard_size} {o.max_shard_size!r}: must be positive")
     if o.method.startswith("bnb"):
         given = [f for f, v in (("--group-size", o.group_size), ("--dataset", o.dataset),
-                                ("--dataset-dir", o.dataset_dir)) if v is not None]  # fmt: skip
+                                ("--dataset-dir", o.dataset_dir), (names.samples, o.samples),
+                                (names.max_length, o.max_length), ("--seed", o.seed)) if v is not None]  # fmt: skip
         if given:
             raise UserError(
                 f"{', '.join(given)} do nothing with --method {o.method}: bitsandbytes quantizes at load time "
@@ -121,6 +125,11 @@ def check_options(o: QuantizeOptions, names: Names = FLAGS) -> tuple[int, int | 
             f"use one of {GROUP_SIZES[o.method]} (-1 = one group per row)"
         )
     return bits, group
+
+
+def with_defaults(o: QuantizeOptions) -> QuantizeOptions:
+    """`o` with the calibration settings not given set to CALIBRATION's."""
+    return dataclasses.replace(o, **{k: v for k, v in CALIBRATION.items() if getattr(o, k) is None})
 
 
 def require(method: str) -> None:
@@ -247,6 +256,7 @@ def check_model(o: QuantizeOptions, model_dir: Path, group: int | None, names: N
     inputs); returns its config.json."""
     from exporter import calibration
 
+    o = with_defaults(o)
     cfg = _read_config(model_dir)
     shapes = linear_shapes(model_dir)
     if group is not None:  # first: it needs no quantization library
@@ -382,6 +392,7 @@ def quantize(
     from exporter.shards import parse_size
 
     bits, group = check_options(opts, names)
+    opts = with_defaults(opts)
     require(opts.method)
     model_dir = hub.resolve(opts.model, "model")
     out = Path(opts.out)

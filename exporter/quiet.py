@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import sys
 import warnings
@@ -146,13 +147,50 @@ def prints_dropped() -> Iterator[None]:
 
 def silence_llama_cpp() -> None:
     """Route libllama's log lines (context sizes, per-tensor quantization notes) to nowhere; our progress bars and
-    reports say what matters. No-op with --verbose or without llama-cpp-python."""
+    reports say what matters. With --verbose, to llama.cpp's own logger (stderr). No-op without llama-cpp-python.
+
+    The sink runs no Python code (a builtin, or no callback at all): Python runs a signal's handler only when Python
+    code runs, and a Ctrl-C handled inside a ctypes callback has its KeyboardInterrupt printed ("Exception ignored on
+    calling ctypes callback function") and dropped, so a GGUF load went on as if no Ctrl-C had come. This way the
+    Ctrl-C is raised once the libllama call returns, as for any native call. llama-cpp-python's own logger (what it
+    installs at import) is such a Python callback, and it fails on log lines that end inside a UTF-8 character."""
     global _llama_log_callback
-    if _llama_log_callback is not None or _verbose:
+    if _llama_log_callback is not None:
         return
     try:
         import llama_cpp
     except ImportError:
         return
-    _llama_log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    # `slice` takes the callback's three arguments (level, text, user data) and does nothing with them
+    _llama_log_callback = llama_cpp.llama_log_callback() if _verbose else llama_cpp.llama_log_callback(slice)
     llama_cpp.llama_log_set(_llama_log_callback, None)
+
+
+def _python_sink(level: int, text: bytes, user_data: object) -> None:
+    """A libllama log line through Python code (`llama_log_in_python`): dropped, or written to stderr (--verbose)."""
+    if _verbose:
+        os.write(2, text)
+
+
+_llama_python_callback = None
+
+
+@contextlib.contextmanager
+def llama_log_in_python() -> Iterator[None]:
+    """Around a libllama call during which Python signal handlers that record a signal and return must run (each log
+    line runs one: `gguf._signals_held`, which holds Ctrl-C through a K-quant and ends the run at a second one): its
+    log lines go through a Python function for the call, then to `silence_llama_cpp`'s sink again."""
+    global _llama_python_callback
+    silence_llama_cpp()
+    if _llama_log_callback is None:  # no llama-cpp-python
+        yield
+        return
+    import llama_cpp
+
+    if _llama_python_callback is None:
+        _llama_python_callback = llama_cpp.llama_log_callback(_python_sink)
+    llama_cpp.llama_log_set(_llama_python_callback, None)
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_llama_log_callback, None)

@@ -3,9 +3,11 @@
 GET /v1/models, POST /v1/chat/completions (JSON or SSE streaming; tools with parsed tool_calls where the chat
 template has a tool format; stop, max_tokens / max_completion_tokens, temperature, top_p, top_k, min_p,
 repetition / presence / frequency penalties, seed, n, logprobs;
-usage; finish_reason stop / length / tool_calls), POST /v1/completions (a raw prompt, as llama-cpp-python's server:
-echo, logprobs, stop, stream). Errors have OpenAI's shape: 401 bad key, 400 malformed or
-unsupported parameter (named), 404 unknown model, 429 queue full, 503 engine closed. Requests run concurrently on
+usage; finish_reason stop / length / tool_calls), POST /v1/completions (raw prompts, as llama-cpp-python's server
+and OpenAI's legacy API: a string, token ids or a list of either, echo, logprobs, the prompt's own log-probs with
+echo + logprobs and max_tokens 0 or more, as lm-evaluation-harness's local-completions asks, stop, stream).
+Errors have OpenAI's shape: 401 bad key, 400 malformed or unsupported parameter (named), 404 unknown model, 429
+queue full, 503 engine closed. Requests run concurrently on
 the engine's continuous batching; a client that goes away frees its slot at the next step. Any origin may call it
 from a browser (CORS, as llama-cpp-python's server and LLaMA-Factory's API); a silent stream gets `: ping` comments.
 
@@ -153,6 +155,10 @@ class ChatRequest:
     tools: list[dict[str, Any]] | None
     logprobs: bool
 
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [self.prompt]
+
 
 def _check_keys(body: Any, name: str, supported: set[str], neutral: dict[str, Any]) -> None:
     """The body is an object of known parameters (unsupported ones only at their neutral value) for this model."""
@@ -257,45 +263,75 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
 
 @dataclass
 class TextRequest:
-    """A validated POST /v1/completions request: the prompt (text and ids), sampling, n, echo, streaming."""
+    """A validated POST /v1/completions request: its prompts (text, ids, and how many ids the server put before the
+    text: a BOS), sampling, n answers to each, echo, streaming, logprobs (k, or None)."""
 
-    text: str
-    prompt: list[int]
+    texts: list[str]
+    prompts: list[list[int]]
+    added: list[int]
     sampling: Sampling
     n: int
     stream: bool
     include_usage: bool
     echo: bool
+    logprobs: int | None = None
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _text_prompts(prompt: Any, engine: Engine) -> tuple[list[str], list[list[int]], list[int]]:
+    """(texts, ids, added) of `prompt`: a string, a list of strings, a list of token ids, or a list of lists of
+    token ids (OpenAI's four forms); a string is tokenized as llama-cpp-python's server does (the BOS the model adds,
+    special tokens parsed), token ids are read as given. 400 naming the first bad prompt."""
+    many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+    items = prompt if many else [prompt]
+    texts, ids, added = [], [], []
+    bos = len(engine.encode_text("a")) - len(engine.tokenize("a"))  # what encode_text puts before a text
+    for k, p in enumerate(items):
+        where = f"prompt[{k}]" if many else "prompt"
+        if _is_ids(p):
+            if any(t < 0 or t >= engine.vocab_size for t in p):  # before decoding: llama.cpp aborts the process
+                raise ApiError(400, f"'{where}' token ids must be in [0, {engine.vocab_size})", param="prompt")
+            texts.append(engine.decode(p, skip_special=False))
+            ids.append(list(p))
+            added.append(0)
+        elif isinstance(p, str) and p:
+            try:
+                ids.append(engine.encode_text(p))
+            except EngineError as e:
+                raise ApiError(400, f"'{where}': {e}", param="prompt") from None
+            texts.append(p)
+            added.append(bos)
+        else:
+            raise ApiError(400, f"'{where}' must be a non-empty string or list of token ids (a request's 'prompt': "
+                           "a string, a list of strings, a list of token ids, or a list of such lists)",
+                           param="prompt")  # fmt: skip
+    return texts, ids, added
 
 
 def parse_completion(body: Any, engine: Engine, opts: ServeOptions, name: str) -> TextRequest:
-    """POST /v1/completions: `prompt` is a string (or a list of one string, or of token ids), tokenized as
-    llama-cpp-python's server does (the BOS the model adds, special tokens parsed); 400 naming a bad parameter."""
+    """POST /v1/completions: `prompt` in OpenAI's four forms (see `_text_prompts`), each prompt answered `n` times
+    (choice index = prompt index x n + answer); `echo` with `logprobs` scores the prompt tokens too, and with
+    `max_tokens` 0 only them (OpenAI's legacy API; lm-evaluation-harness's loglikelihood). 400 naming a bad
+    parameter."""
     _check_keys(body, name, COMPLETION_SUPPORTED, COMPLETION_NEUTRAL)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if any(t < 0 or t >= engine.vocab_size for t in prompt):  # before decoding: llama.cpp aborts the process
-            raise ApiError(400, f"'prompt' token ids must be in [0, {engine.vocab_size})", param="prompt")
-        ids, text = list(prompt), engine.decode(prompt, skip_special=False)
-    elif isinstance(prompt, str) and prompt:
-        try:
-            ids, text = engine.encode_text(prompt), prompt
-        except EngineError as e:
-            raise ApiError(400, str(e), param="prompt") from None
-    else:
-        raise ApiError(400, "'prompt' must be a non-empty string (or a list of one string, or of token ids)",
-                       param="prompt")  # fmt: skip
+    texts, ids, added = _text_prompts(body.get("prompt"), engine)
     _typed(body, "user", str, "a string")
     stream, include_usage = _streaming(body)
     echo = bool(_typed(body, "echo", bool, "true or false"))
     logprobs = _number(body, "logprobs", int, 0, 20)
-    if echo and logprobs is not None:
-        raise ApiError(400, "'echo' with 'logprobs' is not supported (no log-probabilities of prompt tokens)",
-                       param="echo")  # fmt: skip
-    sampling = _sampling(body, opts.sampling, logprobs, True)
-    return TextRequest(text, ids, sampling, _number(body, "n", int, 1, MAX_N) or 1, stream, include_usage, echo)
+    score_only = body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool)
+    if score_only and not echo:
+        raise ApiError(400, "'max_tokens' 0 needs 'echo': true (the prompt alone is answered)", param="max_tokens")
+    sampling = _sampling({**body, "max_tokens": None} if score_only else body, opts.sampling, logprobs, True)
+    if score_only:
+        sampling = sampling.replace(max_new_tokens=0, prompt_logprobs=logprobs or 0)
+    elif echo and logprobs is not None:
+        sampling = sampling.replace(prompt_logprobs=logprobs)
+    n = _number(body, "n", int, 1, MAX_N) or 1
+    return TextRequest(texts, ids, added, sampling, n, stream, include_usage, echo, logprobs)
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -345,13 +381,13 @@ class _Run:
         self.stopped: ApiError | None = None  # the server is stopping: the answer ends with this error now
         self.tracked = tracked
         try:
-            for i in range(req.n):
-                s = req.sampling.replace(seed=seed_of_choice(req.sampling.seed, i))
+            for i in range(len(req.prompts) * req.n):  # choice i: prompt i // n, its answer i % n
+                s = req.sampling.replace(seed=seed_of_choice(req.sampling.seed, i % req.n))
 
                 def sink(d: Delta | BaseException, i: int = i) -> None:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (i, d))
 
-                self.handles.append(engine.submit(req.prompt, s, sink))
+                self.handles.append(engine.submit(req.prompts[i // req.n], s, sink))
         except BaseException:
             self.cancel()
             raise
@@ -548,11 +584,11 @@ async def _disconnected(request: Any) -> None:
 async def _gather(req: ChatRequest | TextRequest, run: _Run, request: Any) -> list[list[Delta]] | None:
     """The Deltas of each of the n answers, or None when the client went away: that cancels its requests at once
     (their slots free at the next step), not when the answers are done."""
-    parts: list[list[Delta]] = [[] for _ in range(req.n)]
+    parts: list[list[Delta]] = [[] for _ in range(len(req.prompts) * req.n)]
     done = 0
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while done < req.n:
+        while done < len(parts):
             got = asyncio.ensure_future(run.queue.get())
             await asyncio.wait({got, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not got.done():
@@ -572,10 +608,10 @@ async def _gather(req: ChatRequest | TextRequest, run: _Run, request: Any) -> li
 
 
 async def _deltas(req: ChatRequest | TextRequest, run: _Run, counts: list[int]) -> AsyncIterator[tuple[int, Delta]]:
-    """Each of the n answers' Deltas as they come, until all n finish, counting each answer's tokens into `counts`;
-    a failure inside the engine raises its ApiError."""
+    """Each answer's Deltas as they come (n per prompt), until all finish, counting each answer's tokens into
+    `counts`; a failure inside the engine raises its ApiError."""
     done = 0
-    while done < req.n:
+    while done < len(req.prompts) * req.n:
         i, d = await run.queue.get()
         if run.stopped is not None:
             raise run.stopped
@@ -643,9 +679,28 @@ def _text_logprobs(engine: Engine, lps: list[Any] | None, offset: int) -> dict[s
 
     tokens = [text(x.token) for x in lps]
     ids = [x.token for x in lps]
-    offsets = [offset + len(engine.decode(ids[:k], skip_special=False)) for k in range(len(ids))]
+    offsets = [offset + n for n in engine.text_offsets(ids)]
     tops = [{**{text(t): v for t, v in x.top}, tokens[k]: x.logprob} for k, x in enumerate(lps)]
     return {"tokens": tokens, "text_offset": offsets, "token_logprobs": [x.logprob for x in lps], "top_logprobs": tops}
+
+
+def _echo_logprobs(engine: Engine, ids: list[int], lps: list[Any], gen: dict[str, Any] | None) -> dict[str, Any]:
+    """/v1/completions' logprobs with `echo`: the prompt's tokens (those of its text: not a BOS the server put before
+    it), the first with null token_logprobs and top_logprobs (nothing before it is scored), as OpenAI's legacy API
+    and llama-cpp-python's server give them; then the answer's (`gen`)."""
+
+    def text(token: int) -> str:
+        return engine.token_bytes(token).decode("utf-8", errors="backslashreplace")
+
+    out: dict[str, list[Any]] = {"tokens": [], "text_offset": engine.text_offsets(ids), "token_logprobs": [],
+                                 "top_logprobs": []}  # fmt: skip
+    for k, (t, x) in enumerate(zip(ids, lps, strict=True)):
+        out["tokens"].append(text(t))
+        out["token_logprobs"].append(None if k == 0 else x.logprob)
+        out["top_logprobs"].append(None if k == 0 else {**{text(i): v for i, v in x.top}, out["tokens"][-1]: x.logprob})
+    for key, values in (gen or {}).items():
+        out[key] += values
+    return out
 
 
 def _text_choice(i: int, text: str, reason: str | None, lp: Any = None) -> dict[str, Any]:
@@ -664,33 +719,41 @@ async def _complete_text(engine: Engine, req: TextRequest, run: _Run, rid: str, 
     parts = await _gather(req, run, request)
     if parts is None:
         return None
-    head = req.text if req.echo else ""
     choices, counts = [], []
     for i, p in enumerate(parts):
-        c = collect(p, len(req.prompt))
-        lp = _text_logprobs(engine, c.logprobs, len(req.text))
-        choices.append(_text_choice(i, head + c.text, c.finish_reason, lp))
+        k = i // req.n  # the prompt this answer is to
+        c = collect(p, len(req.prompts[k]))
+        lp = _text_logprobs(engine, c.logprobs, len(req.texts[k]))
+        if req.echo and req.logprobs is not None and c.prompt_logprobs is not None:
+            lp = _echo_logprobs(engine, req.prompts[k][req.added[k] :], c.prompt_logprobs[req.added[k] :], lp)
+        choices.append(_text_choice(i, (req.texts[k] if req.echo else "") + c.text, c.finish_reason, lp))
         counts.append(c.completion_tokens)
-    return _text_body(rid, int(time.time()), name, choices, _usage(len(req.prompt), counts))
+    return _text_body(rid, int(time.time()), name, choices, _usage(sum(map(len, req.prompts)), counts))
 
 
 async def _stream_text(engine: Engine, req: TextRequest, run: _Run, rid: str, name: str) -> AsyncIterator[str]:
     """/v1/completions' SSE chunks: the text of each answer as it comes (the prompt first with `echo`)."""
     created = int(time.time())
-    counts, sent = [0] * req.n, [len(req.text)] * req.n  # text_offset of each answer's next token
+    total = len(req.prompts) * req.n
+    counts, sent = [0] * total, [len(req.texts[i // req.n]) for i in range(total)]  # text_offset of the next token
+    scored = req.echo and req.logprobs is not None  # the echo of each answer waits for its prompt's log-probs
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
         return f"data: {json.dumps(_text_body(rid, created, name, choices, usage), ensure_ascii=False)}\n\n"
 
-    if req.echo:
-        yield chunk([_text_choice(i, req.text, None) for i in range(req.n)])
+    if req.echo and not scored:
+        yield chunk([_text_choice(i, req.texts[i // req.n], None) for i in range(total)])
     async for i, d in _deltas(req, run, counts):
+        if d.prompt_logprobs is not None and scored:
+            k, a = i // req.n, req.added[i // req.n]
+            lp = _echo_logprobs(engine, req.prompts[k][a:], d.prompt_logprobs[a:], None)
+            yield chunk([_text_choice(i, req.texts[k], None, lp)])
         if d.text or d.logprobs or d.finish_reason is not None:
             lp = _text_logprobs(engine, d.logprobs, sent[i]) if d.logprobs is not None else None
             yield chunk([_text_choice(i, d.text, d.finish_reason, lp)])
         sent[i] += len(d.text)
     if req.include_usage:
-        yield chunk([], _usage(len(req.prompt), counts))
+        yield chunk([], _usage(sum(map(len, req.prompts)), counts))
 
 
 class _ToolText:

@@ -515,6 +515,23 @@ def read_conversation(path: Path | str) -> tuple[list[dict[str, Any]], list[dict
     return data, tools
 
 
+_OLLAMA_BOS = "Ollama's TEMPLATE has no BOS: Ollama adds the model's own when it tokenizes"
+
+
+def check_token_flags(tpl: ChatTemplate, bos_token: str | None, eos_token: str | None) -> None:
+    """--bos-token / --eos-token give the tokenizer's texts to the families that write them from the tokenizer (the
+    family has none of its own and its Jinja uses it); on any other family they would change nothing: refused."""
+    for flag, given, own in (("--bos-token", bos_token, tpl.bos_token), ("--eos-token", eos_token, tpl.eos_token)):
+        word = flag[2:5]
+        if given is None or (own is None and f"{word}_token" in tpl.jinja):
+            continue
+        takers = [n for n in list_templates() if getattr(load_template(n), f"{word}_token") is None
+                  and f"{word}_token" in load_template(n).jinja]  # fmt: skip
+        what = f"writes its own {word} {own!r}" if own is not None else f"writes no {word} token"
+        raise UserError(f"{flag} with {tpl.name}: the family {what}; {flag} is for the families that take it from "
+                        f"the tokenizer ({', '.join(takers)}); drop it")  # fmt: skip
+
+
 def render_for_cli(
     family: str,
     conversation: Path | str,
@@ -525,7 +542,8 @@ def render_for_cli(
 ) -> list[tuple[str, bool]]:
     """Render a conversation file with one family: `train` (segments with the trained flag), `jinja` (transformers
     apply_chat_template of our Jinja) or `ollama` (real Go text/template; no leading BOS, which Ollama adds at
-    tokenization). The generation prompt defaults to on when the conversation does not end with an answer.
+    tokenization). The generation prompt defaults to on when the conversation does not end with an answer; asking
+    otherwise is refused where nothing can honour it (an LF name's text, Ollama's Go template).
     A LLaMA-Factory name renders LF's training text and LF's generated Jinja (`lf_names.render_for_cli`)."""
     from exporter import lf_names
     from exporter.render import check_roles, render_segments
@@ -539,10 +557,22 @@ def render_for_cli(
                     f"{conversation}: message {i} content is a {type(m['content']).__name__}; Ollama's messages hold "
                     "text: give it as a string"
                 )
-    if lf_names.is_lf_name(family):
+    opens = messages[-1].get("role") != "assistant"  # the generation prompt by default
+    lf_name = lf_names.is_lf_name(family)
+    if add_generation_prompt is not None and add_generation_prompt != opens and (lf_name or fmt == "ollama"):
+        flag = "--generation-prompt" if add_generation_prompt else "--no-generation-prompt"
+        why = (f"LLaMA-Factory's {family} writes the assistant's header as part of the turn before it (its training "
+               "text and its generated Jinja alike)" if lf_name else "Ollama's template has no such switch: it "
+               "opens the assistant's turn after any other message and continues a last assistant message")  # fmt: skip
+        raise UserError(f"{flag} with {family} --format {fmt}: {why}; drop it")
+    if lf_name:
         return lf_names.render_for_cli(family, messages, tools, fmt, bos_token, eos_token)
-    tpl = load_template(family).for_tokenizer(bos_token, eos_token)
-    gen = messages[-1].get("role") != "assistant" if add_generation_prompt is None else add_generation_prompt
+    tpl = load_template(family)
+    check_token_flags(tpl, None if fmt == "ollama" else bos_token, eos_token)
+    if fmt == "ollama" and bos_token is not None:
+        raise UserError(f"--bos-token with --format ollama: {_OLLAMA_BOS}; drop it")
+    tpl = tpl.for_tokenizer(bos_token, eos_token)
+    gen = opens if add_generation_prompt is None else add_generation_prompt
     if fmt == "train":
         return render_segments(tpl, messages, tools=tools, add_generation_prompt=gen)
     if fmt == "jinja":
@@ -576,8 +606,15 @@ def show_for_cli(family: str, fmt: str = "jinja", bos_token: str | None = None, 
         return lf_names.show_for_cli(family, fmt, bos_token, eos_token)
     tpl = load_template(family)
     if fmt == "jinja":
+        if bos_token is not None or eos_token is not None:
+            raise UserError(f"--bos-token / --eos-token with {family} --format jinja: the family's Jinja is printed as "
+                            "it is, and reads bos_token and eos_token from the tokenizer when it renders (`template "
+                            "render --format jinja` takes them); drop them")  # fmt: skip
         return tpl.jinja
     if fmt == "ollama":
+        if bos_token is not None:
+            raise UserError(f"--bos-token with --format ollama: {_OLLAMA_BOS}; drop it")
+        check_token_flags(tpl, None, eos_token)
         lines = []
         if "{eos_token}" in tpl.ollama + "".join(tpl.stop):
             if eos_token:

@@ -46,6 +46,10 @@ FAMILIES = (
     "granite",
     "olmo2",
     "smollm3",
+    "gemma",
+    "qwen2_moe",
+    "ernie4_5",
+    "cohere",
 )
 
 # Llama 3 / Qwen2 pre-tokenizer regexes, as published in those models' tokenizer.json files.
@@ -162,6 +166,9 @@ _SMOLLM3_ADDED = [  # at Llama 3's reserved ids 128000.. (SmolLM3 reuses Llama 3
     ("<|im_start|>", True),
     ("<|im_end|>", True),
 ]
+_COHERE_HEAD = ["<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>", "<EOS_TOKEN>", "<EOP_TOKEN>"]
+_COHERE_ADDED = ["<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+                 "<|SYSTEM_TOKEN|>"]  # fmt: skip
 _MISTRAL_CONTROL = [
     "[INST]",
     "[/INST]",
@@ -430,7 +437,53 @@ SPECS: dict[str, Family] = {
         real_template="HuggingFaceTB-SmolLM3-3B.jinja",
         layers=4,
     ),
+    "qwen2_moe": Family(  # Qwen1.5-MoE / Qwen2-57B-A14B: ChatML, a shared expert beside the routed ones
+        "qwen2_moe",
+        "qwen-2.5",
+        "Qwen2MoeForCausalLM",
+        "Qwen2Tokenizer",
+        "bpe",
+        added=tuple(_QWEN25_ADDED),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        gen_eos=("<|im_end|>", "<|endoftext|>"),
+        vocab_multiple=128,
+    ),
+    "ernie4_5": Family(  # ERNIE-4.5-0.3B: a SentencePiece vocabulary, tied embeddings (no ERNIE Jinja to reuse here)
+        "ernie4_5",
+        "human-assistant",
+        "Ernie4_5ForCausalLM",
+        "LlamaTokenizer",
+        "spm",
+        spm_head=("<unk>", "<s>", "</s>"),
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        add_bos=True,
+        gen_eos=("</s>",),
+        tie=True,
+    ),
+    "cohere": Family(  # Command-R / Aya-23: StarCoder-style byte-level BPE, specials at ids 0.., turn tokens appended
+        "cohere",
+        "human-assistant",
+        "CohereForCausalLM",
+        "PreTrainedTokenizerFast",
+        "bpe",
+        spm_head=tuple(_COHERE_HEAD),
+        added=tuple((t, True) for t in _COHERE_ADDED),
+        bos="<BOS_TOKEN>",
+        eos="<|END_OF_TURN_TOKEN|>",
+        pad="<PAD>",
+        unk="<UNK>",
+        add_bos=True,
+        gen_eos=("<|END_OF_TURN_TOKEN|>",),
+        tie=True,
+        bpe_style="starcoder",
+    ),
 }
+
+# Gemma 1 / CodeGemma: Gemma 2's tokenizer and published template (Gemma 1.1 has the same)
+SPECS["gemma"] = dataclasses.replace(SPECS["gemma2"], name="gemma", arch="GemmaForCausalLM")
 
 SIZES = {
     # tiny: a few MB; every row count a multiple of 256 so K-quants apply.
@@ -877,6 +930,21 @@ def _config_more(fam: Family, s: dict, common: dict) -> tuple[str, dict]:
         common.pop("head_dim")
         extra = dict(max_position_embeddings=65536, rms_norm_eps=1e-6, rope_parameters=_rope(5e6))
         return "smollm3", dict(extra, no_rope_layer_interval=4, use_sliding_window=False, attention_bias=False)
+    if n == "gemma":  # Gemma 1: Gemma 2 without soft-capping and sliding windows
+        extra = dict(max_position_embeddings=8192, rms_norm_eps=1e-6, rope_parameters=_rope(10000.0))
+        return "gemma", dict(extra, hidden_activation="gelu_pytorch_tanh", attention_bias=False)
+    if n == "qwen2_moe":  # every layer sparse, q/k/v biases, a gated shared expert (Qwen1.5-MoE-A2.7B's layout)
+        experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=moe_ff, norm_topk_prob=False)
+        extra = dict(max_position_embeddings=8192, rms_norm_eps=1e-6, rope_parameters=_rope(1e6), **experts)
+        shared = dict(shared_expert_intermediate_size=s["intermediate"], decoder_sparse_step=1, mlp_only_layers=[])
+        return "qwen2_moe", dict(extra, **shared, qkv_bias=True, use_sliding_window=False)
+    if n == "ernie4_5":  # interleaved RoPE (rotates adjacent pairs), no biases
+        extra = dict(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=_rope(500000.0))
+        return "ernie4_5", dict(extra, use_bias=False)
+    if n == "cohere":  # LayerNorm without bias, attention and MLP in parallel, logits scaled (Command-R's values)
+        common.pop("head_dim")
+        extra = dict(max_position_embeddings=8192, layer_norm_eps=1e-5, rope_parameters=_rope(8e6))
+        return "cohere", dict(extra, logit_scale=0.0625, use_qk_norm=False, attention_bias=False)
     raise ValueError(n)  # pragma: no cover - FAMILIES is closed
 
 
@@ -914,6 +982,7 @@ def _tensor_shapes(config) -> dict[str, tuple[int, ...]]:
 # checkpoints (and save_pretrained) keep one tensor per expert: (gate, up, down) names and the router's rename
 _EXPERTS = {
     "qwen3_moe": ("mlp.experts.{}.gate_proj", "mlp.experts.{}.up_proj", "mlp.experts.{}.down_proj", None),
+    "qwen2_moe": ("mlp.experts.{}.gate_proj", "mlp.experts.{}.up_proj", "mlp.experts.{}.down_proj", None),
     "mixtral": (
         "block_sparse_moe.experts.{}.w1",
         "block_sparse_moe.experts.{}.w3",

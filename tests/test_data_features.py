@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_lf_data_parity import _check, _ours, run_lf
+from test_lf_data_parity import Runs, _check, _ours, lf_runs
 
 from exporter import data
 from exporter.errors import UserError
@@ -91,7 +91,7 @@ def _write_data(d: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory) -> dict[str, list[tuple[dict[str, Any], dict[str, Any]]]]:
+def runs(tiny_model, tmp_path_factory) -> Runs:
     """Per test name: (config, LF's result) for each of its cases, from one LF process."""
     from conftest import lf_python
 
@@ -101,15 +101,7 @@ def runs(tiny_model, tmp_path_factory) -> dict[str, list[tuple[dict[str, Any], d
     d = tmp / "data"
     _write_data(d)
     model = tiny_model("qwen2")
-    configs = []
-    for k, (_, cfg) in enumerate(CASES):
-        configs.append({"stage": "sft", "do_train": True, "finetuning_type": "lora", "report_to": "none",
-                        "overwrite_cache": True, "model_name_or_path": str(model), "dataset_dir": str(d),
-                        "output_dir": str(tmp / f"out-{k}"), **cfg})  # fmt: skip
-    out: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-    for (test, _), cfg, ref in zip(CASES, configs, run_lf(lf, configs, tmp), strict=True):
-        out.setdefault(test, []).append((cfg, ref))
-    return out
+    return lf_runs(lf, [(test, model, cfg) for test, cfg in CASES], d, tmp)
 
 
 def test_txt_files_as_llamafactory(runs) -> None:

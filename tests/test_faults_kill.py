@@ -104,6 +104,19 @@ def test_kquant_free_space_counts_the_f16_they_are_made_from(tiny: Path, tmp_pat
     assert asked and peak and asked[0] >= 0.9 * peak[0], (asked, peak)
 
 
+@pytest.mark.parametrize("kind", ["f16", "f32"])
+def test_an_adapter_gguf_checks_free_space_for_what_it_writes(tiny: Path, tmp_path: Path, monkeypatch, kind) -> None:
+    """`gguf --adapter` checks the disk before writing, for about the bytes the GGUF LoRA takes (measured)."""
+    from conftest import random_lora
+
+    lora = random_lora(tiny, tmp_path / "lora", r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    asked: list[int] = []
+    monkeypatch.setattr(gguf, "check_free_space", lambda where, need: asked.append(need))
+    done = gguf.export_adapter(lora, tiny, [kind], templates.resolve(tiny, None), tmp_path / "g")
+    size = done.files[kind].stat().st_size
+    assert len(asked) == 1 and 0.8 * size <= asked[0] <= 1.2 * size, (asked, size)
+
+
 def _mount_tmpfs(where: Path, size: int) -> bool:
     where.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:

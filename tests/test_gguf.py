@@ -114,6 +114,20 @@ def _show(path: Path, key: str) -> str:
     return "<missing>" if field is None else repr(field.contents())[:100]
 
 
+def assert_same_tensors(ours: Path, ref: Path, family: str) -> None:
+    """The two GGUFs hold the same tensors: names, shapes, types and bytes."""
+    from gguf import GGUFReader
+
+    ta = {t.name: t for t in GGUFReader(ours).tensors}
+    tb = {t.name: t for t in GGUFReader(ref).tensors}
+    assert sorted(ta) == sorted(tb), f"{family}: tensor names differ: {sorted(set(ta) ^ set(tb))}"
+    for name, t in ta.items():
+        r = tb[name]
+        assert list(t.shape) == list(r.shape), f"{family}/{name}: shape {t.shape} vs {r.shape}"
+        assert t.tensor_type == r.tensor_type, f"{family}/{name}: type {t.tensor_type.name} vs {r.tensor_type.name}"
+        assert np.asarray(t.data).tobytes() == np.asarray(r.data).tobytes(), f"{family}/{name}: bytes differ"
+
+
 # Keys where we differ from llama.cpp's converter on purpose.
 ALLOWED_KV = {
     # llama.cpp's converter only writes add_bos/add_eos when tokenizer files mention them; we always write what the
@@ -137,7 +151,6 @@ ALLOWED_KV = {
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_llama_cpp_converter(family, tiny_model, converted, tmp_path):
     """Same tensors (names, shapes, types, f16 bytes) and metadata as llama.cpp's converter on the same model."""
-    from gguf import GGUFReader
 
     real = family in BPE_FAMILIES
     model = tiny_model(family, real_vocab=real)
@@ -159,14 +172,7 @@ def test_matches_llama_cpp_converter(family, tiny_model, converted, tmp_path):
     for key in diffs & {"tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"}:
         assert key in a, f"{family}: we must always write {key}"
 
-    ta = {t.name: t for t in GGUFReader(ours).tensors}
-    tb = {t.name: t for t in GGUFReader(ref).tensors}
-    assert sorted(ta) == sorted(tb), f"{family}: tensor names differ: {sorted(set(ta) ^ set(tb))}"
-    for name, t in ta.items():
-        r = tb[name]
-        assert list(t.shape) == list(r.shape), f"{family}/{name}: shape {t.shape} vs {r.shape}"
-        assert t.tensor_type == r.tensor_type, f"{family}/{name}: type {t.tensor_type.name} vs {r.tensor_type.name}"
-        assert np.asarray(t.data).tobytes() == np.asarray(r.data).tobytes(), f"{family}/{name}: bytes differ"
+    assert_same_tensors(ours, ref, family)
 
 
 @pytest.mark.slow

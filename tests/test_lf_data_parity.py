@@ -21,6 +21,8 @@ from exporter import examples, lf_args
 from exporter.errors import UserError
 
 IGNORE = -100
+# per test name: (config, LF's result) for each of its cases
+Runs = dict[str, list[tuple[dict[str, Any], dict[str, Any]]]]
 
 # LF's side: per config the train and eval examples as get_dataset makes them, or the error LF raises
 LF_SCRIPT = r"""
@@ -104,7 +106,7 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory) -> dict[str, list[tuple[dict[str, Any], dict[str, Any]]]]:
+def runs(tiny_model, tmp_path_factory) -> Runs:
     """Per test name: (config, LF's result) for each of its cases, from one LF process."""
     from conftest import lf_python
 
@@ -115,14 +117,21 @@ def runs(tiny_model, tmp_path_factory) -> dict[str, list[tuple[dict[str, Any], d
     for name, rows in _rows().items():
         (d / name).write_text(json.dumps(rows))
     (d / "dataset_info.json").write_text(json.dumps(INFO))
+    cases = [(test, tiny_model(family.removesuffix("-real"), real_vocab=family.endswith("-real")), cfg)
+             for test, family, cfg in CASES]  # fmt: skip
+    return lf_runs(lf, cases, d, tmp)
+
+
+def lf_runs(lf: str, cases: list[tuple[str, Path, dict[str, Any]]], data_dir: Path, tmp: Path) -> Runs:
+    """LF's `get_dataset` on each (test name, model, config) case, in one LF process: per test name, (the whole
+    config, LF's result) for each of its cases."""
     configs = []
-    for k, (_, family, cfg) in enumerate(CASES):
-        model = tiny_model(family.removesuffix("-real"), real_vocab=family.endswith("-real"))
+    for k, (_, model, cfg) in enumerate(cases):
         configs.append({"stage": "sft", "do_train": True, "finetuning_type": "lora", "report_to": "none",
-                        "overwrite_cache": True, "model_name_or_path": str(model), "dataset_dir": str(d),
+                        "overwrite_cache": True, "model_name_or_path": str(model), "dataset_dir": str(data_dir),
                         "output_dir": str(tmp / f"out-{k}"), **cfg})  # fmt: skip
-    out: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-    for (test, _, _), cfg, ref in zip(CASES, configs, run_lf(lf, configs, tmp), strict=True):
+    out: Runs = {}
+    for (test, _, _), cfg, ref in zip(cases, configs, run_lf(lf, configs, tmp), strict=True):
         out.setdefault(test, []).append((cfg, ref))
     return out
 
@@ -245,12 +254,13 @@ def test_map_batches_of_preprocessing_batch_size(runs) -> None:
 
 
 def test_lf_data_keys_not_supported_yet() -> None:
-    """LF's interleave_probs and eval_on_each_dataset are known keys, not supported yet; preprocessing_batch_size is
-    a key of exporter's own."""
+    """LF's eval_on_each_dataset is a known key, not supported yet; interleave_probs, as in LF, needs an interleaved
+    mix_strategy; preprocessing_batch_size is a key of exporter's own."""
     base = {"model_name_or_path": "m", "output_dir": "o", "dataset": "a"}
-    for key, value in (("interleave_probs", "0.5,0.5"), ("eval_on_each_dataset", True)):
-        with pytest.raises(UserError, match=f"{key}: .* is not supported yet"):
-            lf_args.config_from_dict({**base, key: value}, "cmd")
+    with pytest.raises(UserError, match="eval_on_each_dataset: .* is not supported yet"):
+        lf_args.config_from_dict({**base, "eval_on_each_dataset": True}, "cmd")
+    with pytest.raises(UserError, match="interleave_probs is only valid for interleaved mixing"):
+        lf_args.check(lf_args.config_from_dict({**base, "interleave_probs": "0.5,0.5"}, "cmd")[0], set(), "cpu")
     cfg, _ = lf_args.config_from_dict({**base, "eval_on_each_dataset": False, "preprocessing_batch_size": 4}, "cmd")
     assert cfg.preprocessing_batch_size == 4
     with pytest.raises(UserError, match="preprocessing_batch_size must be"):

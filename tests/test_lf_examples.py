@@ -101,6 +101,65 @@ def test_refused_keys_are_llamafactorys_with_its_defaults() -> None:
     for key in set(lf_args.UNSUPPORTED) - ours_only:
         assert key in lf, key
         assert lf[key] == lf_args.UNSUPPORTED_DEFAULTS[key], (key, lf[key], lf_args.UNSUPPORTED_DEFAULTS[key])
+    for key, (_, default) in lf_args._IDLE_KEYS.items():  # accepted as doing nothing: LF's keys, LF's defaults
+        assert key in lf and lf[key] == default, (key, lf.get(key), default)
+    for key in ("mix_strategy", "interleave_probs", "tokenized_path"):  # honoured: LF's keys with LF's defaults
+        assert lf[key] == getattr(lf_args.TrainConfig("m", "o"), key), key
+
+
+# keys LF's web board writes (its runner's _parse_train_args, the preview command and training_args.yaml) or its
+# data arguments take, that exporter called unknown keys: refused by name where they ask for something exporter does
+# not do, accepted and said where they do nothing in a training run
+BOARD_REFUSED = {"ignore_pad_token_for_loss": False, "use_swanlab": True, "cache_dir": "/data/hf-cache",
+                 "predict_with_generate": True, "do_predict": True}  # fmt: skip
+BOARD_IDLE = {"buffer_size": 1024, "data_shared_file_system": True, "media_dir": "data/media", "max_new_tokens": 512,
+              "temperature": 0.5, "top_p": 0.9, "eval_num_beams": 2, "swanlab_project": "p"}  # fmt: skip
+
+
+def test_board_and_data_keys_are_known() -> None:
+    """Each refused key is named in one line as not supported (it was "unknown key 'use_swanlab' (did you mean
+    'use_rslora'?)"); at LF's default it is accepted."""
+    for key, value in BOARD_REFUSED.items():
+        with pytest.raises(UserError) as e:
+            lf_args.config_from_dict({**BASE, key: value}, "training_args.yaml")
+        msg = str(e.value)
+        assert msg.startswith(f"training_args.yaml: {key}: ") and msg.endswith("is not supported yet"), msg
+        assert "unknown key" not in msg and "\n" not in msg, msg
+    at_defaults = {k: lf_args.UNSUPPORTED_DEFAULTS[k] for k in BOARD_REFUSED}
+    cfg, given = lf_args.config_from_dict({**BASE, **at_defaults}, "training_args.yaml")
+    assert cfg.template == "llama3" and not given & set(BOARD_REFUSED)
+
+
+def test_keys_without_effect_in_training_are_said(capsys) -> None:
+    """buffer_size (streaming only), data_shared_file_system, media_dir (multimodal), generation and SwanLab
+    settings do nothing in a training run, in LF as here: accepted, each said once with why; at LF's defaults not
+    said."""
+    cfg, given = lf_args.config_from_dict({**BASE, **BOARD_IDLE}, "cfg.yaml")
+    assert not given & set(BOARD_IDLE)
+    err = capsys.readouterr().err
+    for key in BOARD_IDLE:
+        assert err.count(key) == 1, (key, err)
+    assert "streaming" in err and "multimodal" in err and "exporter predict" in err and "use_swanlab" in err
+    defaults = {k: lf_args._IDLE_KEYS[k][1] for k in BOARD_IDLE}
+    lf_args.config_from_dict({**BASE, **defaults}, "cfg.yaml")
+    assert "no effect" not in capsys.readouterr().err
+
+
+def test_preprocess_example_tokenized_path(tmp_path: Path, capsys) -> None:
+    """LF's train_lora/qwen3_preprocess.yaml: `tokenized_path` names a folder LF fills with the tokenized dataset and
+    trains on the same examples; exporter trains and says it saves nothing. A folder that holds LF's saved dataset
+    (LF would train on it instead of `dataset`) is one line (it was "tokenized_path: ... is not supported yet")."""
+    args = {**BASE, "tokenized_path": str(tmp_path / "saves" / "dataset" / "sft")}
+    cfg, given = lf_args.config_from_dict(dict(args), "qwen3_preprocess.yaml")
+    lf_args.check(cfg, given, "cpu")
+    assert "tokenized_path: " in capsys.readouterr().err
+    saved = tmp_path / "saves" / "dataset" / "sft"
+    saved.mkdir(parents=True)
+    (saved / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    cfg, given = lf_args.config_from_dict(dict(args), "qwen3_preprocess.yaml")
+    with pytest.raises(UserError, match="holds a saved tokenized dataset") as e:
+        lf_args.check(cfg, given, "cpu")
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ layers, transformers loads the models: the paths where transformers and peft pro
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -117,3 +118,43 @@ def test_quantize_and_its_verify_print_no_gptqmodel_noise(tiny_model, tmp_path: 
              "--max-windows", "1", "--ppl-threshold", "gptq4=0.5")  # fmt: skip
     assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
     assert not _noise(q, v), _noise(q, v)
+
+
+# loads a GGUF again and again, libllama logging each load through the sink `silence_llama_cpp` installs, until a
+# Ctrl-C ends it (exit 130) or 8 s have gone by (exit 0)
+_LOAD_LOOP = """
+import sys, time
+import llama_cpp
+from exporter import quiet
+quiet._verbose = sys.argv[2] == "verbose"
+quiet.silence_llama_cpp()
+llama_cpp.llama_backend_init()
+params = llama_cpp.llama_model_default_params()
+print("loading", flush=True)
+start = time.monotonic()
+try:
+    while time.monotonic() - start < 8:
+        llama_cpp.llama_model_free(llama_cpp.llama_model_load_from_file(sys.argv[1].encode(), params))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "verbose"])
+def test_ctrl_c_during_a_gguf_load_stops_the_run(tiny_gguf: Path, mode: str) -> None:
+    """Ctrl-C while libllama loads a GGUF (verify, chat, serve, predict, eval) is raised once the load returns; a
+    Python log callback had it printed as "Exception ignored on calling ctypes callback function" and dropped."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", _LOAD_LOOP, str(tiny_gguf), mode], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, errors="replace", env=env)  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline() == "loading\n", p.communicate()[1][-2000:]
+    time.sleep(0.5)
+    sent = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert time.monotonic() - sent < 5
+    assert "Exception ignored" not in err and "Traceback" not in err, err[-2000:]

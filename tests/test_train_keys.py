@@ -250,14 +250,14 @@ def test_reachable_hub_is_left_online(rows: Path, monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value", "accepted"),
-    [("mix_strategy", "concat", True), ("streaming", False, True), ("use_unsloth", "false", True),
+    [("eval_on_each_dataset", "false", True), ("streaming", False, True), ("use_unsloth", "false", True),
      ("ref_model", None, True), ("pref_bco_weight", 0, True), ("freeze_multi_modal_projector", True, True),
-     ("mix_strategy", "interleave_under", False), ("streaming", True, False), ("use_unsloth", "yes", False),
+     ("eval_on_each_dataset", True, False), ("streaming", True, False), ("use_unsloth", "yes", False),
      ("ref_model", "m2", False), ("pref_bco_weight", 0.5, False)],
 )  # fmt: skip
 def test_unsupported_key_at_its_default_is_accepted(key: str, value, accepted: bool) -> None:
     """A key exporter cannot honour yet, given at LLaMA-Factory's default, asks for nothing and is accepted; another
-    value still needs the feature and is refused (`mix_strategy=concat` was refused as interleaving)."""
+    value still needs the feature and is refused (`streaming=false` asks for nothing, `streaming=true` is refused)."""
     data = {"model_name_or_path": "m", "output_dir": "o", key: value}
     if accepted:
         assert not hasattr(lf_args.config_from_dict(data, "config")[0], key)

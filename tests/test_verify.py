@@ -65,7 +65,7 @@ def test_good_export_passes(good, tmp_path: Path) -> None:
     )
     assert rep.passed, _failed(rep)
     kinds = {c.check for c in rep.checks if c.status == "pass"}
-    assert {"stops", "tokenizer", "perplexity", "chat"} <= kinds
+    assert {"stops", "tokenizer", "perplexity", "chat", "metadata", "modelfile"} <= kinds
     ppl = {c.target: c.metrics for c in rep.checks if c.check == "perplexity"}
     assert ppl[good.f16.name]["rel_diff"] <= 0.001 and ppl[good.f16.name]["type"] == "f16"
     chat = next(c for c in rep.checks if c.check == "chat" and c.target == good.f16.name)
@@ -97,6 +97,7 @@ def _only_failures(rep: verify_report.Report, expected_checks: set[str], target:
 def test_go_template_differs(good, tmp_path: Path) -> None:
     require_go()
     mf = tmp_path / "Modelfile.f16"
+    (tmp_path / good.f16.name).symlink_to(good.f16)  # its FROM, so only the TEMPLATE differs
     text = good.mf16.read_text()
     assert "<|im_start|>assistant\n" in text
     mf.write_text(text.replace("<|im_start|>assistant\n", "<|im_start|>assistant \n"))
@@ -106,6 +107,7 @@ def test_go_template_differs(good, tmp_path: Path) -> None:
 
 def test_missing_stop_line(good, tmp_path: Path) -> None:
     mf = tmp_path / "Modelfile.f16"
+    (tmp_path / good.f16.name).symlink_to(good.f16)  # its FROM, so only the stop line differs
     lines = good.mf16.read_text().splitlines(keepends=True)
     mf.write_text("".join(ln for ln in lines if ln.strip() != 'PARAMETER stop "<|im_end|>"'))
     assert mf.read_text() != good.mf16.read_text()

@@ -12,11 +12,12 @@ vLLM backends behind the same chat template, stops, sampler and continuous-batch
         eng.logits(ids)                                                           # [len(ids), vocab]
 
 API (stable; changes are additive):
-- `LoadOptions`, `Sampling` in; `Completion`, `Delta`, `TokenLogprob` out (api.py).
+- `LoadOptions`, `Sampling` in; `Completion`, `Delta`, `TokenLogprob` out (api.py); `Sampling.prompt_logprobs`
+  scores the prompt's own tokens in the batch (`max_new_tokens` 0: nothing generated), for /v1/completions' echo.
 - `load(opts) -> Engine`; `from_hf_model(model, tokenizer, opts) -> Engine` (a model already in memory);
   `Engine.render / tokenize / encode_chat / encode_text / decode / token_bytes` (the model's own Jinja, rendered by
-  transformers for HF dirs and GGUF files alike), `submit / stream / generate / chat`, `logits / next_logits`,
-  `load / error`,
+  transformers for HF dirs and GGUF files alike), `text_offsets`, `submit / stream / generate / chat`,
+  `logits / next_logits`, `load / error`,
   `stop_ids` (end ids the model declares plus the template's end-of-turn token), `eos_ids`, `chat_format`
   (`ChatFormat`: template, tool format), `close`.
 - Errors: `UserError` for what cannot be loaded; `EngineError` (and `ContextOverflow`, `QueueFull`, `EngineClosed`,

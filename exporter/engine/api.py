@@ -37,7 +37,7 @@ class LoadOptions:
 class Sampling:
     """How to pick tokens. temperature 0 (or top_k 1) is greedy; a seed makes sampling repeatable per request."""
 
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # 0 only with prompt_logprobs: the prompt is read and scored, nothing generated
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -51,6 +51,7 @@ class Sampling:
     ignore_eos: bool = False  # do not stop at the model's end-of-turn ids (benchmarks)
     logprobs: int | None = None  # None: no log-probs; k >= 0: the chosen token's and the top-k per step
     skip_special_tokens: bool = True  # in `text`: leave out special tokens (as LLaMA-Factory's default)
+    prompt_logprobs: int | None = None  # k >= 0: each prompt token's log-prob (given those before it) and the top-k
 
     def replace(self, **kw: object) -> Sampling:
         return dataclasses.replace(self, **kw)  # type: ignore[arg-type]
@@ -72,12 +73,14 @@ class TokenLogprob:
 @dataclass
 class Delta:
     """One streaming event: new text (whole characters only) and the tokens behind it; the last one has a
-    `finish_reason`."""
+    `finish_reason`. With `Sampling.prompt_logprobs`, one event (no text, no tokens) before the answer's first holds
+    `prompt_logprobs`: one per prompt token, None for the first (nothing before it to predict it)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with Sampling.prompt_logprobs (see Delta)
 
     @property
     def completion_tokens(self) -> int:

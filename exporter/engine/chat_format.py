@@ -190,15 +190,28 @@ def _text_content(content: Any, where: str) -> str:
 
 
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
-    """OpenAI-style messages -> what HF chat templates expect: text content, tool-call arguments as objects."""
+    """OpenAI-style messages -> what HF chat templates expect: text content, tool-call arguments as objects.
+    OpenAI's legacy function calling is read as its tool calling: an assistant's `function_call` as its one tool
+    call, a `function` message (the call's result, after it) as a `tool` message of that `name`."""
     if not isinstance(messages, list) or not messages:
         raise EngineError("messages must be a non-empty list")
-    out = []
+    out: list[dict[str, Any]] = []
     for k, m in enumerate(messages):
         where = f"messages[{k}]"
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+        roles = ("system", "developer", "user", "assistant", "tool", "function")
+        if not isinstance(m, dict) or m.get("role") not in roles:
             raise EngineError(f"{where}: role must be one of system, user, assistant, tool")
-        msg: dict[str, Any] = {"role": "system" if m["role"] == "developer" else m["role"]}
+        if m["role"] == "function":
+            if not isinstance(m.get("name"), str) or not m["name"]:
+                raise EngineError(f"{where}: a 'function' message (OpenAI's legacy function result) needs the "
+                                  "function's 'name'")  # fmt: skip
+            if not out or out[-1]["role"] not in ("assistant", "tool"):
+                raise EngineError(f"{where}: a 'function' message (OpenAI's legacy function result) must follow the "
+                                  "assistant's call; send an assistant's call as its 'tool_calls'")  # fmt: skip
+        if m.get("function_call") is not None and m.get("tool_calls") is None and m["role"] == "assistant":
+            m = {**m, "tool_calls": [{"type": "function", "function": m["function_call"]}]}
+        role = {"developer": "system", "function": "tool"}.get(m["role"], m["role"])
+        msg: dict[str, Any] = {"role": role}
         msg["content"] = _text_content(m.get("content"), where)
         for key in ("name", "tool_call_id"):
             if m.get(key) is not None:

@@ -67,6 +67,14 @@ class Engine:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special)
 
+    def text_offsets(self, ids: Sequence[int]) -> list[int]:
+        """The length of the text of the tokens before each of `ids` (`decode(ids[:k], skip_special=False)`):
+        /v1/completions' text_offset. A backend that can (gguf) counts it reading each token once."""
+        fast = getattr(getattr(self, "backend", None), "text_offsets", None)
+        if fast is not None:
+            return fast(list(ids))
+        return [len(self.decode(ids[:k], skip_special=False)) for k in range(len(ids))]
+
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for (a token may hold part of a UTF-8 character: decode() gives U+FFFD)."""
         return self.backend.token_bytes(token)
@@ -187,6 +195,7 @@ def collect(deltas: Sequence[Delta], prompt_tokens: int) -> Completion:
         finish_reason=deltas[-1].finish_reason or "stop",
         prompt_tokens=prompt_tokens,
         logprobs=lps if any(d.logprobs for d in deltas) else None,
+        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
     )
 
 

@@ -9,6 +9,7 @@ needed. A released sequence's KV cells are cleared at once (`llama_memory_seq_rm
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import os
 from pathlib import Path
@@ -182,6 +183,17 @@ class GGUFBackend:
         pieces = (self._piece(t, lead if k == 0 else 0, not skip_special) for k, t in enumerate(ids))
         return b"".join(pieces).decode("utf-8", errors="replace")
 
+    def text_offsets(self, ids: list[int]) -> list[int]:
+        """`len(self.decode(ids[:k], False))` for each k, each token's piece read once (decoding every prefix again
+        costs the square of the length: seconds on a long prompt); a prefix ending inside a UTF-8 character counts
+        it as the one U+FFFD that decode() gives."""
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        out, n, lead = [], 0, int(self.space_prefix)
+        for k, t in enumerate(ids):
+            out.append(n + (1 if dec.getstate()[0] else 0))
+            n += len(dec.decode(self._piece(t, lead if k == 0 else 0, True)))
+        return out
+
     # ---- forward passes
 
     def _decode(self, items: list[tuple[int, list[int], list[bool]]]) -> np.ndarray:
@@ -208,8 +220,18 @@ class GGUFBackend:
         return np.ctypeslib.as_array(ptr, shape=(outs, self.vocab_size)).copy()
 
     def step(self, feeds: list[Feed]) -> list[np.ndarray]:
-        rows = self._decode([(f.seq, f.ids, [False] * (len(f.ids) - 1) + [f.want]) for f in feeds])
-        return list(rows)
+        rows = self._decode([(f.seq, f.ids, [f.every] * (len(f.ids) - 1) + [f.want or f.every]) for f in feeds])
+        if not any(f.every for f in feeds):
+            return list(rows)
+        out, k = [], 0
+        for f in feeds:
+            if f.every:
+                out.append(rows[k : k + len(f.ids)])
+                k += len(f.ids)
+            elif f.want:
+                out.append(rows[k])
+                k += 1
+        return out
 
     def prefix(self, seq: int, prompt: list[int]) -> int:
         """How many of `prompt`'s tokens `seq`'s cells hold already (see `reuse`)."""

@@ -223,11 +223,11 @@ class HFBackend:
             ids, mask, pos = self._left_pad([f.ids for f in new])
             res = self._forward(ids, mask, pos, DynamicCache())
             logits = res.logits[:, -1].float().cpu().numpy()
-            for r, f in enumerate(new):
-                out[f.seq] = logits[r]
+            for r, f in enumerate(new):  # `every`: the rows of its own tokens (after its left padding)
+                out[f.seq] = res.logits[r, -len(f.ids) :].float().cpu().numpy() if f.every else logits[r]
             mask = mask if mask is not None else torch.ones(ids.shape, dtype=torch.long)
             self._join(res.past_key_values, mask, [f.seq for f in new], [len(f.ids) for f in new])
-        return [out[f.seq] for f in feeds if f.want]
+        return [out[f.seq] for f in feeds if f.want or f.every]
 
     def _join(self, cache: Any, mask: Any, slots: list[int], lengths: list[int]) -> None:
         """Append new rows to the running batch, padding the shorter cache on the left."""

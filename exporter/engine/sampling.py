@@ -19,7 +19,7 @@ def check_sampling(s: Sampling) -> None:
     """EngineError naming the first out-of-range value."""
     if s.seed is not None and (isinstance(s.seed, bool) or not isinstance(s.seed, int)):
         raise EngineError(f"seed must be an integer, got {s.seed!r}")
-    if s.max_new_tokens < 1:
+    if s.max_new_tokens < (0 if s.prompt_logprobs is not None else 1):
         raise EngineError(f"max_new_tokens must be >= 1, got {s.max_new_tokens}")
     if not s.temperature >= 0:
         raise EngineError(f"temperature must be >= 0, got {s.temperature}")
@@ -35,8 +35,10 @@ def check_sampling(s: Sampling) -> None:
                               f"got {getattr(s, name)}")  # fmt: skip
     if not 0 <= s.min_p <= 1:
         raise EngineError(f"min_p must be between 0 and 1, got {s.min_p}")
-    if s.logprobs is not None and not 0 <= s.logprobs <= 20:
-        raise EngineError(f"logprobs must be between 0 and 20, got {s.logprobs}")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(s, name)
+        if k is not None and not 0 <= k <= 20:
+            raise EngineError(f"{name} must be between 0 and 20, got {k}")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

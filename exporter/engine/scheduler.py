@@ -27,19 +27,22 @@ from exporter.engine.api import (
     NonFiniteLogits,
     QueueFull,
     Sampling,
+    TokenLogprob,
 )
-from exporter.engine.sampling import Sampler, TextStream
+from exporter.engine.sampling import Sampler, TextStream, token_logprob
 
 Sink = Callable[[Delta | BaseException], None]
 
 
 @dataclass
 class Feed:
-    """Tokens to append to sequence `seq`; `want`: return the logits after the last of them."""
+    """Tokens to append to sequence `seq`; `want`: return the logits after the last of them; `every`: return the
+    logits after each of them instead ([len(ids), vocab]: prompt log-probs)."""
 
     seq: int
     ids: list[int]
     want: bool = True
+    every: bool = False
 
 
 class Backend(Protocol):
@@ -49,7 +52,8 @@ class Backend(Protocol):
     batch_tokens: int | None  # most tokens in one step (None: no limit)
     chunked_prefill: bool  # may a prompt be fed over several steps
 
-    def step(self, feeds: list[Feed]) -> list[np.ndarray]: ...  # one logits row per feed with want, in order
+    # per feed, in order: [len(ids), vocab] logits for one with `every`, else one row for one with `want`
+    def step(self, feeds: list[Feed]) -> list[np.ndarray]: ...
 
     def release(self, seq: int, broken: bool = False) -> None: ...  # broken: its cache may hold NaN/inf
 
@@ -71,6 +75,7 @@ class _Seq:
     cancelled: bool = False
     sampler: Sampler | None = None
     text: TextStream | None = None
+    scored: list[TokenLogprob | None] | None = None  # prompt log-probs so far (Sampling.prompt_logprobs)
 
 
 class Handle:
@@ -182,7 +187,12 @@ class Scheduler:
                 seq.slot = self._free.pop()
             self._live.append(seq)
             try:
-                if hasattr(self.backend, "reuse"):
+                if seq.sampling.prompt_logprobs is not None:  # every prompt token is read (and scored) again
+                    seq.scored = [None]
+                    if hasattr(self.backend, "reuse"):
+                        with self.lock:
+                            self.backend.release(seq.slot)
+                elif hasattr(self.backend, "reuse"):
                     with self.lock:
                         seq.fed = self.backend.reuse(seq.slot, seq.prompt)
                 seq.sampler = Sampler(seq.sampling, seq.prompt)
@@ -221,7 +231,8 @@ class Scheduler:
             n = min(left, room) if self.backend.chunked_prefill else left
             if n <= 0 or (n > room and feeds):
                 continue
-            feeds.append((seq, Feed(seq.slot, seq.prompt[seq.fed : seq.fed + n], want=n == left), n))
+            every = seq.scored is not None
+            feeds.append((seq, Feed(seq.slot, seq.prompt[seq.fed : seq.fed + n], want=n == left, every=every), n))
             room -= n
         return feeds
 
@@ -269,14 +280,36 @@ class Scheduler:
             with self._cond:
                 it = iter(rows)
                 for seq, feed, n_prompt in feeds:
-                    seq.fed += n_prompt
-                    if feed.want:
-                        row = next(it)
+                    start, seq.fed = seq.fed, seq.fed + n_prompt
+                    if feed.want or feed.every:
+                        row: np.ndarray | None = next(it)
                         try:
-                            self._advance(seq, row)
+                            if feed.every:
+                                row = self._score(seq, start, row)
+                            if feed.want and row is not None:
+                                self._advance(seq, row)
                         except Exception as e:  # this request fails; the others in the batch go on
                             if seq in self._live:
                                 self._finish(seq, None, _failed(e))
+
+    def _score(self, seq: _Seq, start: int, rows: np.ndarray) -> np.ndarray | None:
+        """The log-probs of the prompt tokens that `rows` (the logits after each of prompt[start:...]) predict; once
+        the whole prompt is read they go out in one Delta. The row to sample the answer's first token from, or None
+        (more prompt to read, or `max_new_tokens` 0: the request ends here)."""
+        assert seq.scored is not None and seq.sampling.prompt_logprobs is not None
+        k = seq.sampling.prompt_logprobs
+        for j, row in enumerate(rows[: len(seq.prompt) - start - 1]):
+            seq.scored.append(lp := token_logprob(row, seq.prompt[start + j + 1], k))
+            if not np.isfinite(lp.logprob):  # broken weights: no NaN goes out as a log-prob
+                raise NonFiniteLogits(f"the model's logits are not finite at prompt token {start + j + 1}: its "
+                                      "weights are broken")  # fmt: skip
+        if seq.fed < len(seq.prompt):
+            return None
+        _send(seq, Delta("", [], None, prompt_logprobs=seq.scored))
+        if seq.sampling.max_new_tokens == 0:
+            self._finish(seq, "length")
+            return None
+        return rows[-1]
 
     def _advance(self, seq: _Seq, logits: np.ndarray) -> None:
         assert seq.sampler is not None and seq.text is not None

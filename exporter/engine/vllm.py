@@ -107,6 +107,8 @@ class VLLMEngine(Engine):
 
     def submit(self, prompt: Sequence[int], sampling: Sampling, sink: Sink, bounded: bool = True) -> Any:
         check_sampling(sampling)
+        if sampling.prompt_logprobs is not None:
+            raise EngineError("the vllm backend gives no prompt log-probs; score with the hf or gguf backend")
         if self._closed:
             raise EngineClosed("the engine is closed")
         if len(prompt) >= self.n_ctx:

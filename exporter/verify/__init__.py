@@ -9,8 +9,10 @@ One public entry, `verify(VerifyOptions) -> Report`. The checks, one module each
 4. `numbers`   perplexity, KL divergence and top-1 agreement of adapter vs merged vs each GGUF/quantized dir on the
                SAME token ids, each within a limit per type;
 5. `chat`      greedy answers through the template: full-precision GGUFs match HF token for token;
-6. `metadata`  each GGUF's context length and add_bos_token are the HF model's;
-7. `accuracy`  (with `eval_dir`) MMLU/C-Eval/CMMLU accuracy of merged vs each GGUF on a small slice.
+6. `metadata`  each GGUF's context length, add_bos_token and RoPE scaling (factor tensors, scaling keys) are the
+               HF model's (transformers' RoPE functions);
+7. `modelfile` each Modelfile's FROM/ADAPTER resolve to files and every PARAMETER is one `ollama create` accepts;
+8. `accuracy`  (with `eval_dir`) MMLU/C-Eval/CMMLU accuracy of merged vs each GGUF on a small slice.
 `artifacts` holds the options and reads the inputs, `corpus` the built-in texts (data files in `corpora/`).
 """
 
@@ -40,6 +42,7 @@ from exporter.verify.artifacts import (
 from exporter.verify.chat import check_chat
 from exporter.verify.corpus import CHAT_PROMPTS, HELD_OUT_TEXT, PROBE_CONVERSATIONS, TOKENIZER_CORPUS
 from exporter.verify.metadata import check_metadata
+from exporter.verify.modelfile import check_modelfiles
 from exporter.verify.numbers import (
     DEFAULT_KLD,
     DEFAULT_THRESHOLDS,
@@ -123,6 +126,7 @@ def verify(opts: VerifyOptions) -> Report:
     eot = eot_ids(tok, tpl, gen)
     checks += check_stops(eot, art.merged, infos, mfs, tok, gen, tpl.stop if tpl is not None else None)
     checks += check_metadata(infos, art.merged or art.base, tok)
+    checks += check_modelfiles(mfs)
     chat_source = tpl.jinja if tpl is not None else tok.chat_template
     chat_texts = render_each(tok, chat_source, PROBE_CONVERSATIONS) if chat_source else []
     checks += check_tokenizer(tok, infos, texts, chat_texts)

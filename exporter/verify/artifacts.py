@@ -143,6 +143,9 @@ def tokenizer_source(art: VerifyOptions) -> Path | None:
 
 def check_inputs(art: VerifyOptions) -> None:
     """Every given path exists and is the kind of thing its flag names; there is something to verify."""
+    if art.eval_dir is None and (art.eval_task is not None or art.eval_questions != 5):
+        raise UserError("--eval-task / --eval-questions (eval_task / eval_questions) choose what the accuracy check "
+                        "asks: give the benchmark dir with --eval (eval_dir)")  # fmt: skip
     for name in ("base", "adapter", "merged"):
         p = getattr(art, name)
         if p is not None and not Path(p).is_dir():
@@ -286,10 +289,13 @@ class Modelfile:
     template: str | None
     system: str | None
     stops: list[str]
+    froms: list[str] = dataclasses.field(default_factory=list)  # every FROM, in order (Ollama reads each)
+    adapters: list[str] = dataclasses.field(default_factory=list)
+    parameters: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, value), stop included
 
 
 def parse_modelfile(path: Path) -> Modelfile:
-    """FROM / TEMPLATE / SYSTEM / PARAMETER stop of an Ollama Modelfile, read with Ollama's parsing rules."""
+    """FROM / ADAPTER / TEMPLATE / SYSTEM / PARAMETERs of an Ollama Modelfile, read with Ollama's parsing rules."""
     from exporter.converters.modelfile import parse
 
     try:
@@ -298,7 +304,12 @@ def parse_modelfile(path: Path) -> Modelfile:
         raise UserError(f"Modelfile {path}: {e}") from None
     last = {cmd: value for cmd, value in commands}
     stops = [value for cmd, value in commands if cmd == "parameter stop"]
-    return Modelfile(path, last["model"], last.get("template"), last.get("system"), stops)
+    return Modelfile(
+        path, last["model"], last.get("template"), last.get("system"), stops,
+        froms=[value for cmd, value in commands if cmd == "model"],
+        adapters=[value for cmd, value in commands if cmd == "adapter"],
+        parameters=[(cmd.removeprefix("parameter "), value) for cmd, value in commands if cmd.startswith("parameter ")],
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- GGUF

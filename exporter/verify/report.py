@@ -18,10 +18,11 @@
       "summary": {"pass": int, "fail": int, "skip": int, "warn": int},
       "checks": [
         {
-          "check": "template" | "stops" | "metadata" | "tokenizer" | "perplexity" | "chat" | "accuracy",
+          "check": "template" | "stops" | "metadata" | "modelfile" | "tokenizer" | "perplexity" | "chat" | "accuracy",
           "target": str,              # which artifact (a file name, "merged", "adapter", "Modelfile.q8_0" ...)
           "status": "pass" | "fail" | "skip" | "warn",   # warn: a difference the export states (a Modelfile
-                                                        # TEMPLATE cannot trim like the Jinja ...); not a fail
+                                                        # TEMPLATE cannot trim like the Jinja ...) or a limit of
+                                                        # llama.cpp/Ollama no file can fix; not a fail
           "detail": str,              # one line: the cause of a failure, the reason of a skip, or a summary
           "metrics": {...}            # check-specific numbers, see below
         }, ...
@@ -30,7 +31,7 @@
     }
 
 Metrics per check: template {conversations, compared}; stops {eot_tokens, eot_ids, ...};
-metadata {context_length, hf_context_length, add_bos_token, hf_adds_bos};
+metadata {context_length, hf_context_length, add_bos_token, hf_adds_bos, hf_rope_type}; modelfile {parameters};
 tokenizer {texts, mismatches, pre}; perplexity {ppl, ref_ppl, rel_diff, threshold, type, kld, kld_limit, top1,
 near_ties (share of tokens whose top-1 differs at a near-tie of the reference), top1_limit, tokens; a limit null: none};
 chat {prompts, exact, first_divergence: [int|null per prompt], hf_tokens, gguf_tokens, answers};
