@@ -166,7 +166,9 @@ def _paused(tmp: Path, target: str, *args: str) -> Iterator[tuple[subprocess.Pop
 
 
 def _sub(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exporter", *map(str, args)], capture_output=True, text=True)
+    # --verbose passes llama.cpp's own log through as its C logger writes it: token pieces may split a UTF-8 character
+    return subprocess.run([sys.executable, "-m", "exporter", *map(str, args)], capture_output=True, text=True,
+                          errors="backslashreplace")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- atomic outputs, locks
