@@ -142,11 +142,12 @@ def _parse(path: Path, buf: Any, with_tensors: bool) -> GGUFHeader:
 _PLAIN = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
 
-def read_tensor(path: Path | str, name: str) -> np.ndarray | None:
+def read_tensor(path: Path | str, name: str, header: GGUFHeader | None = None) -> np.ndarray | None:
     """The values of an F32 or F16 tensor `name` as float32, in GGUF order flattened; None when the file has no such
-    tensor. UserError when it is of another type or its data lies past the end of the file."""
+    tensor. UserError when it is of another type or its data lies past the end of the file. `header`: the file's
+    `read(path, tensors=True)` when the caller has it (else it is read here)."""
     path = Path(path)
-    header = read(path, tensors=True)
+    header = header if header is not None else read(path, tensors=True)
     info = next((t for t in header.tensors if t.name == name), None)
     if info is None:
         return None

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from exporter.config import read_json
-from exporter.converters.gguf_read import read, read_tensor
+from exporter.converters.gguf_read import GGUFHeader, read, read_tensor
 from exporter.verify.artifacts import GGUFInfo
 from exporter.verify.report import Check
 
@@ -125,17 +125,17 @@ def _same(a: Any, b: Any) -> bool:
     return bool(np.isclose(float(a), float(b), rtol=1e-5, atol=0.0))
 
 
-def rope_problems(path: Path, arch: str, rope: HFRope) -> tuple[list[str], list[str]]:
-    """(problems, notes) of a GGUF's RoPE scaling keys and factor tensors against the HF config's."""
-    kv = read(path, tensors=True)
-    names = {t.name for t in kv.tensors}
+def rope_problems(path: Path, header: GGUFHeader, arch: str, rope: HFRope) -> tuple[list[str], list[str]]:
+    """(problems, notes) of a GGUF's RoPE scaling keys and factor tensors (its `header`, read with tensors) against
+    the HF config's."""
+    names = {t.name for t in header.tensors}
     problems, notes = [], []
     prefix = f"{arch}.rope.scaling."
-    got_type = kv.kv.get(prefix + "type")
+    got_type = header.kv.get(prefix + "type")
     if rope.keys.get("type") is None and got_type not in (None, "none") and rope.rope_type not in ("longrope", "su"):
         problems.append(f"{prefix}type is {got_type!r}, the HF config's rope_type is {rope.rope_type!r}")
     for key, want in rope.keys.items():
-        got = kv.kv.get(prefix + key)
+        got = header.kv.get(prefix + key)
         if want is None or _same(got, want):
             continue
         where = "not set" if got is None else f"{got!r}"
@@ -149,7 +149,7 @@ def rope_problems(path: Path, arch: str, rope: HFRope) -> tuple[list[str], list[
                     "positions that transformers does not"
                 )
             continue
-        got = read_tensor(path, name)
+        got = read_tensor(path, name, header)
         if got is None:
             problems.append(
                 f"{name} is missing (HF rope_type {rope.rope_type}): llama.cpp and Ollama then use unscaled RoPE, "
@@ -251,10 +251,11 @@ def _check_gguf(
             problems.append(f"tokenizer.ggml.add_bos_token is {str(g.add_bos).lower()}, the HF tokenizer {says} BOS")
         else:
             notes.append(f"add_bos_token {str(g.add_bos).lower()}")
+    header = read(g.path, tensors=True)
     if rope is not None:
-        more, said = rope_problems(g.path, g.arch, rope)
+        more, said = rope_problems(g.path, header, g.arch, rope)
         problems, notes = problems + more, notes + said
-    more, said, warnings = swa_problems(read(g.path).kv, g.arch, cfg)
+    more, said, warnings = swa_problems(header.kv, g.arch, cfg)
     problems, notes = problems + more, notes + said
     detail = "; ".join(problems) or (", ".join(notes) + " as the HF model" if notes else "nothing to compare")
     if warnings and not problems:
