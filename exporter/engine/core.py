@@ -70,7 +70,7 @@ class Engine:
     def text_offsets(self, ids: Sequence[int]) -> list[int]:
         """The length of the text of the tokens before each of `ids` (`decode(ids[:k], skip_special=False)`):
         /v1/completions' text_offset. A backend that can (gguf) counts it reading each token once."""
-        fast = getattr(getattr(self, "backend", None), "text_offsets", None)
+        fast = getattr(self.backend, "text_offsets", None)
         if fast is not None:
             return fast(list(ids))
         return [len(self.decode(ids[:k], skip_special=False)) for k in range(len(ids))]
