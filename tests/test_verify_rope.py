@@ -20,6 +20,7 @@ from export_edits import rewrite_gguf, sharpen_attention
 from exporter.converters import gguf_read
 
 from exporter import verify as V
+from exporter.errors import UserError
 from exporter.verify.metadata import check_metadata
 
 
@@ -101,6 +102,14 @@ def test_data_offset_and_tensor_values_as_gguf_py_reads_them(tmp_path: Path) -> 
         got = gguf_read.read_tensor(path, t.name)
         assert np.array_equal(got, np.asarray(t.data, dtype=np.float32).reshape(-1)), t.name
     assert gguf_read.read_tensor(path, "nope.weight") is None
+    # a file cut inside the last tensor's data: one line naming the file and tensor, no short array, no traceback
+    short = tmp_path / "short.gguf"
+    last_t = max(ref.tensors, key=lambda t: t.data_offset)
+    short.write_bytes(path.read_bytes()[: last_t.data_offset + last_t.n_bytes - 4])
+    last = last_t.name
+    with pytest.raises(UserError, match=rf"short\.gguf: tensor {last}'s data lies past the end of the file") as e:
+        gguf_read.read_tensor(short, last)
+    assert "\n" not in str(e.value)
 
 
 @pytest.fixture(scope="module")
