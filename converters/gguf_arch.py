@@ -181,6 +181,21 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "logit_scale": 0.0625,
         "rope_theta": 500_000.0,
     },
+    "ernie4_5_moe": {
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "num_key_value_heads": 4,
+        "rope_theta": 500_000.0,
+        "moe_num_experts": 64,
+        "moe_k": 6,
+        "moe_intermediate_size": 1536,
+        "moe_num_shared_experts": 2,
+        "moe_layer_start_index": 1,
+        "moe_layer_end_index": -1,
+        "moe_layer_interval": 1,
+        "use_bias": False,
+    },
     "gemma3_text": {
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-6,
@@ -270,6 +285,15 @@ HPARAM_TYPES: dict[str, tuple[JsonType, bool]] = {
     "norm_topk_prob": (BOOL, True),
     "mlp_only_layers": (COUNTS, True),
     "decoder_sparse_step": (POSITIVE, True),
+    "moe_num_experts": (POSITIVE, True),
+    "moe_k": (POSITIVE, True),
+    "moe_num_shared_experts": (COUNT, True),
+    "moe_layer_start_index": (COUNT, True),
+    "moe_layer_end_index": (JsonType("an integer >= -1", lambda v: _is_int(v, -1)), True),
+    "moe_layer_interval": (POSITIVE, True),
+    "use_bias": (BOOL, True),
+    "use_sliding_window": (BOOL, True),
+    "max_window_layers": (COUNT, True),
 }
 # The keys of `rope_parameters` / `rope_scaling` (and of their per-attention-type parts, Gemma 3's full_attention
 # and sliding_attention) the converter reads; null in them is the same as left out.
@@ -393,8 +417,34 @@ def _head_dim(hp: dict[str, Any]) -> int:
     return hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
 
 
+def qwen_sliding_layers(hp: dict[str, Any]) -> list[int]:
+    """The layers transformers runs with a sliding window in a Qwen2/Qwen3(-MoE) config (`use_sliding_window`: only
+    some layers, by `max_window_layers` or `layer_types`); llama.cpp's qwen2/qwen3 graphs attend over the whole
+    context in every layer. Empty for the other families and when the window is off."""
+    model_type, n_layer = hp.get("model_type"), hp["num_hidden_layers"]
+    if model_type not in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") or not hp.get("use_sliding_window"):
+        return []
+    if not (hp["sliding_window"] if "sliding_window" in hp else 4096):  # null (Qwen2-MoE: 0 too): no window
+        return []
+    if model_type == "qwen3_moe":  # every layer slides
+        return list(range(n_layer))
+    if hp.get("layer_types"):
+        return [i for i, t in enumerate(hp["layer_types"]) if t == "sliding_attention"]
+    top = _first(hp.get("max_window_layers"), 28)
+    if model_type == "qwen2_moe":  # transformers 5: every other layer below max_window_layers
+        return [i for i in range(n_layer) if (i + 1) % 2 and i < top]
+    return [i for i in range(n_layer) if i >= top]
+
+
 def _common_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     """Hyper-parameters every decoder shares."""
+    if sliding := qwen_sliding_layers(hp):
+        shown = ", ".join(map(str, sliding[:8])) + (", ..." if len(sliding) > 8 else "")
+        raise UserError(
+            f"config.json: use_sliding_window is true, so transformers gives layer(s) {shown} a sliding window of "
+            f"{hp.get('sliding_window', 4096)} tokens; llama.cpp's {hp['model_type']} attends over the whole context "
+            "in every layer, so the GGUF would answer differently (no released Qwen model sets it)"
+        )
     w.add_block_count(hp["num_hidden_layers"])
     if hp.get("max_position_embeddings") is not None:
         w.add_context_length(hp["max_position_embeddings"])
@@ -474,6 +524,39 @@ def _qwen2moe_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
         if hp.get(key) is None:
             raise UserError(f"config.json: {key} is null; expected a positive integer (Qwen2-MoE)")
         add(hp[key])
+
+
+def _ernie45moe_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """ERNIE 4.5 MoE (21B-A3B, 300B-A47B): dense layers before `moe_layer_start_index`, then routed experts (chosen by
+    softmax + a correction bias, weights renormalized) beside always-on shared experts of moe_num_shared_experts *
+    moe_intermediate_size. llama.cpp's loader gives every layer from the start index on its experts, so a config with
+    dense layers elsewhere (an interval or an end index) is refused, as are biases (its FFNs have none)."""
+    n_layer = hp["num_hidden_layers"]
+    start = _first(hp.get("moe_layer_start_index"), 1)
+    end = _first(hp.get("moe_layer_end_index"), -1)
+    step = _first(hp.get("moe_layer_interval"), 1)
+    end = n_layer - 1 if end == -1 else end
+    if step != 1 or end < n_layer - 1 or start >= n_layer:
+        raise UserError(
+            f"ERNIE 4.5 MoE config: moe_layer_start_index {start}, moe_layer_end_index {end}, moe_layer_interval "
+            f"{step} with {n_layer} layers; llama.cpp's ernie4_5-moe has experts in every layer from the start index "
+            "to the last (interval 1)"
+        )
+    if hp.get("use_bias"):
+        raise UserError("ERNIE 4.5 MoE config: use_bias is true; llama.cpp's ernie4_5-moe has no MLP or lm_head biases")
+    for key in ("moe_num_experts", "moe_k", "moe_intermediate_size"):
+        if hp.get(key) is None:
+            raise UserError(f"config.json: {key} is null; expected a positive integer (ERNIE 4.5 MoE)")
+    _common_params(hp, w)
+    w.add_expert_count(hp["moe_num_experts"])
+    w.add_expert_used_count(hp["moe_k"])
+    w.add_interleave_moe_layer_step(step)
+    w.add_leading_dense_block_count(start)
+    w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
+    shared = _first(hp.get("moe_num_shared_experts"), 0)
+    w.add_expert_shared_count(shared)
+    if shared:
+        w.add_expert_shared_feed_forward_length(hp["moe_intermediate_size"] * shared)
 
 
 def _cohere_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
@@ -702,6 +785,7 @@ ARCHS: dict[str, Arch] = {
     "qwen2moe": Arch(gguf.MODEL_ARCH.QWEN2MOE, ("Qwen2MoeForCausalLM",), params=_qwen2moe_params),
     # ERNIE 4.5 rotates adjacent pairs, as llama.cpp's NORM RoPE does: no permutation
     "ernie4_5": Arch(gguf.MODEL_ARCH.ERNIE4_5, ("Ernie4_5ForCausalLM",), params=_common_params),
+    "ernie4_5_moe": Arch(gguf.MODEL_ARCH.ERNIE4_5_MOE, ("Ernie4_5_MoeForCausalLM",), params=_ernie45moe_params),
     # Cohere rotates adjacent pairs too (NORM RoPE); its StarCoder-style pre-tokenizer is llama.cpp's "command-r"
     "cohere": Arch(
         gguf.MODEL_ARCH.COMMAND_R,
@@ -768,6 +852,9 @@ def plan_tensors(
         if tied and name == "lm_head.weight":
             continue  # a tied head is the embedding; llama.cpp reuses token_embd
         for hf, out_shape, rows in fused_experts(name, shape) if is_fused(name, shape) else [(name, shape, None)]:
+            # the router's score correction (ERNIE 4.5 MoE's moe_statics; transformers 5 holds it under the router) is
+            # named as a bias in GGUF
+            hf = hf.replace(".gate.moe_statics.", ".moe_statics.").replace("_correction_bias", "_correction.bias")
             mapped = tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias"))
             if mapped is None and name == "lm_head.weight":  # Gemma, Gemma 2: llama.cpp has no output tensor
                 raise UserError(

@@ -322,7 +322,8 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch: gguf_arch.Arch, eot_t
     if vocab_size is None and tokenizer is not None:
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     has_spm_model = (model_dir / "tokenizer.model").is_file()
-    if has_spm_model and arch_name in ("llama", "gemma", "gemma2", "gemma3", "phi3", "qwen2", "qwen3", "ernie4_5"):
+    spm_archs = ("llama", "gemma", "gemma2", "gemma3", "phi3", "qwen2", "qwen3", "ernie4_5", "ernie4_5-moe")
+    if has_spm_model and arch_name in spm_archs:
         vocab = _spm_model_vocab(model_dir, vocab_size, fixed_added_types=arch_name == "phi3")
     elif tj and _is_spm_json(tj):
         vocab = _spm_json_vocab(model_dir, tj)
@@ -332,7 +333,7 @@ def build_vocab(model_dir: Path, hp: dict[str, Any], arch: gguf_arch.Arch, eot_t
         raise UserError(f"{model_dir}: no tokenizer.json or tokenizer.model; cannot export the vocabulary")
     if vocab.model == "llama" and arch_name in ("gemma", "gemma2", "gemma3"):
         vocab.add_space_prefix = False
-    elif vocab.model == "llama" and arch_name in ("llama", "ernie4_5"):
+    elif vocab.model == "llama" and arch_name in ("llama", "ernie4_5", "ernie4_5-moe"):
         prefix = read_json(model_dir / "tokenizer_config.json", optional=True).get("add_prefix_space")
         if prefix is not None:
             vocab.add_space_prefix = bool(prefix)

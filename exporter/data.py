@@ -610,3 +610,168 @@ def load_rows(
             f"no usable samples in dataset(s) {', '.join(names)}: {drops.summary() or 'the files hold no rows'}"
         )
     return samples, drops
+
+
+# LLaMA-Factory's `tokenized_path`: its get_dataset saves the tokenized splits with datasets' `save_to_disk` (Arrow
+# files and JSON, no pickle) and, when the folder holds data, trains on them with `load_from_disk` instead of
+# `dataset`. Stages sft (unpacked) and pt, with the columns and types LF 0.9.5's processors give them.
+TOKENIZED_SPLITS = ("train", "validation")
+
+
+def has_tokenized(path: str | None) -> bool:
+    """LF's `has_tokenized_data`: the folder exists and holds something."""
+    import os
+
+    return path is not None and os.path.isdir(path) and bool(os.listdir(path))
+
+
+def tokenized_unsupported(stage: str, packing: bool) -> str:
+    """Why exporter does not save or read LF's tokenized dataset for this run ("" when it does): dpo/kto have
+    other columns, LF saves packed sft rows padded with position_ids, and `datasets` (optional) writes the format."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        return "without the datasets package (pip install datasets)"
+    if stage not in ("sft", "pt"):
+        return f"for stage {stage} (only sft and pt)"
+    if stage == "sft" and packing:
+        return "with sft packing / neat_packing (LLaMA-Factory saves padded packed rows with position_ids)"
+    return ""
+
+
+def _datasets(path: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"tokenized_path: {path}: reading or writing LLaMA-Factory's tokenized dataset needs the "
+                        "datasets package (pip install datasets)") from None  # fmt: skip
+    return datasets
+
+
+def _features(datasets: Any, stage: str) -> Any:
+    """The columns and types LF 0.9.5 saves: pt the tokenizer's input_ids/attention_mask, sft also labels and its
+    (empty) media columns."""
+    cols = {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "attention_mask": datasets.List(datasets.Value("int8")),
+    }
+    if stage == "sft":
+        cols["labels"] = datasets.List(datasets.Value("int64"))
+        cols.update({k: datasets.Value("null") for k in ("images", "videos", "audios")})
+    return datasets.Features(cols)
+
+
+def save_tokenized(path: str, stage: str, train: list[Any], val: list[Any]) -> None:
+    """Write the examples as LF's get_dataset saves them (a DatasetDict with train and, when there is one,
+    validation); the folder appears whole or not at all."""
+    import os
+    import shutil
+    import tempfile
+
+    datasets = _datasets(path)
+    features = _features(datasets, stage)
+
+    def split(examples: list[Any]) -> Any:
+        cols: dict[str, list[Any]] = {"input_ids": [e.input_ids for e in examples],
+                                      "attention_mask": [[1] * len(e.input_ids) for e in examples]}  # fmt: skip
+        if stage == "sft":
+            cols["labels"] = [e.labels for e in examples]
+            cols.update({k: [None] * len(examples) for k in ("images", "videos", "audios")})
+        return datasets.Dataset.from_dict(cols, features=features)
+
+    parts = {"train": split(train), **({"validation": split(val)} if val else {})}
+    target = Path(path).absolute()
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        datasets.DatasetDict(parts).save_to_disk(str(tmp / "d"))
+        os.replace(tmp / "d", target)  # onto a missing or empty folder
+    except OSError as e:
+        raise UserError(f"tokenized_path: cannot write {path} ({e.strerror or e})") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _say(f"tokenized_path: saved the tokenized dataset ({', '.join(f'{k} {len(v)}' for k, v in parts.items())} "
+         f"examples) to {path}")  # fmt: skip
+
+
+def load_tokenized(path: str, stage: str) -> tuple[list[Any], list[Any]]:
+    """The train and validation examples of a folder LF's (or our) `tokenized_path` run saved, in their saved
+    order; one line naming the folder, split and column when it is not a tokenized dataset of this stage."""
+    from exporter.examples import Example
+
+    datasets = _datasets(path)
+    try:
+        got = datasets.load_from_disk(path)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"tokenized_path: {path} holds files but is not a dataset saved by save_to_disk "
+                        f"({first}); empty it or name another folder") from None  # fmt: skip
+    parts = dict(got) if isinstance(got, datasets.DatasetDict) else {"train": got}
+    other = sorted(set(parts) - set(TOKENIZED_SPLITS))
+    if other or "train" not in parts:
+        raise UserError(f"tokenized_path: {path} has splits {', '.join(sorted(parts))}; exporter trains on 'train' "
+                        "and evaluates on 'validation' (not eval_on_each_dataset's validation_<name>)")  # fmt: skip
+
+    def examples(name: str) -> list[Any]:
+        ds = parts[name].with_format(None)
+        where = f"tokenized_path: {path} split {name!r}"
+        cols = set(ds.column_names)
+        saved_for = ("dpo" if "chosen_input_ids" in cols else "kto" if "kto_tags" in cols
+                     else "sft" if "labels" in cols else "pt")  # fmt: skip
+        if saved_for != stage:
+            raise UserError(f"{where} holds stage {saved_for}'s tokenized data, not stage {stage}'s")
+        if "position_ids" in cols or "packing_params" in cols:
+            raise UserError(f"{where} holds packed examples (packing / neat_packing), which exporter does not read "
+                            "back; save it again without packing")  # fmt: skip
+        if "input_ids" not in cols:
+            raise UserError(f"{where} has no input_ids column (columns: {', '.join(sorted(cols))})")
+        ids = ds["input_ids"]
+        labels = ds["labels"] if stage == "sft" else [list(x) for x in ids]
+        masks = ds["attention_mask"] if "attention_mask" in cols else [None] * len(ids)
+        out = []
+        for i, (x, y, m) in enumerate(zip(ids, labels, masks, strict=True)):
+            if not x or len(y) != len(x) or (m is not None and (len(m) != len(x) or any(v != 1 for v in m))):
+                raise UserError(f"{where} row {i + 1}: expected non-empty input_ids with labels and an "
+                                "attention_mask of 1s of the same length")  # fmt: skip
+            out.append(Example(list(x), list(y)))
+        if name == "train" and not out:
+            raise UserError(f"{where} holds no examples")
+        return out
+
+    return examples("train"), examples("validation") if "validation" in parts else []
+
+
+def prepare_tokenized(cfg: Any, model_dir: Path, save: bool = True) -> Any:
+    """`examples.prepare` with LF's `tokenized_path`: a folder holding data gives the examples (the tokenizer and
+    template still come from the model, for padding and the saved chat template); otherwise the dataset is
+    tokenized and, when `save` (the main process), saved there."""
+    from exporter import examples, hf_dir, lf_names
+
+    path = cfg.tokenized_path
+    if not has_tokenized(path):
+        prep = examples.prepare(cfg, model_dir)
+        if path is not None and save and not tokenized_unsupported(cfg.stage, bool(cfg.packing or cfg.neat_packing)):
+            save_tokenized(path, cfg.stage, prep.train, prep.val)
+        return prep
+    train, val = load_tokenized(path, cfg.stage)
+    tokenizer = hf_dir.load_tokenizer(model_dir, sentencepiece_prefix=True)
+    tpl = None
+    if cfg.stage != "pt" or cfg.template:
+        tpl = lf_names.resolve_for_training(model_dir, cfg)
+        if tpl.tokenizer_fix is not None:
+            tpl.tokenizer_fix(tokenizer)
+        examples.check_template_tokens(tokenizer, tpl, str(model_dir))
+        for note in tpl.notes:
+            examples.say(note)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise UserError(f"model {model_dir}: tokenizer has neither a pad nor an eos token")
+    vocab = len(tokenizer)
+    for e in train + val:
+        if max(e.input_ids) >= vocab or min(e.input_ids) < 0:
+            raise UserError(f"tokenized_path: {path} holds token ids outside the vocabulary of {model_dir} "
+                            f"({vocab} tokens): it was tokenized for another model")  # fmt: skip
+    packing = cfg.stage == "pt" and cfg.packing is not False
+    return examples.Prepared(tokenizer, tpl, train, val, pad_id, packing)

@@ -46,6 +46,10 @@ def _notes(cfg: ExportConfig, given: set[str]) -> None:
             "when there is one")  # fmt: skip
     if "trust_remote_code" in given:
         say("trust_remote_code: the merge runs no model code (a remote-code model's *.py files are copied along)")
+    if "resize_vocab" in given and cfg.resize_vocab:
+        say("resize_vocab: exporter resizes nothing itself; the vocabulary size is that of the embeddings the adapter "
+            "saved (LLaMA-Factory resizes the base to the tokenizer, then loads them: the same tensors), else the "
+            "base's")  # fmt: skip
 
 
 def _check_added_tokens(cfg: ExportConfig, adapters: list[str]) -> None:
@@ -113,6 +117,12 @@ def export(cfg: ExportConfig, given: set[str] | None = None) -> ExportResult:
     adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
     if adapters and cfg.finetuning_type != "lora":
         raise UserError(f"adapter_name_or_path with finetuning_type {cfg.finetuning_type}: only LoRA adapters merge")
+    if cfg.cache_dir:  # LF's hub cache of its own: hub ids become their snapshot dirs there, before any other step
+        from exporter import hub
+
+        adapters = [str(hub.resolve(a, "adapter", cfg.cache_dir)) for a in adapters]
+        cfg = dataclasses.replace(cfg, model_name_or_path=str(hub.resolve(cfg.model_name_or_path, "model",
+                                  cfg.cache_dir)), adapter_name_or_path=",".join(adapters) or None)  # fmt: skip
     _check_added_tokens(cfg, adapters)
     merge_opts = MergeOptions(base=cfg.model_name_or_path, adapters=adapters, out=str(out),
                               dtype=_merge_dtype(cfg, cfg.model_name_or_path), max_shard_size=f"{cfg.export_size}GB",

@@ -508,18 +508,31 @@ _SCOPED_ERRORS: tuple[tuple[str, str, typing.Callable[[TrainConfig], bool]], ...
 
 def check_tokenized_path(cfg: TrainConfig, notes: bool = True) -> None:
     """LF's `tokenized_path`: a folder holding data (LF's `has_tokenized_data`) is LF's saved tokenized dataset, which
-    LF trains on instead of `dataset` (refused: exporter cannot read it); otherwise LF tokenizes `dataset`, saves it
-    there and trains on it: exporter trains on the same examples and says that it saves nothing."""
+    LF (and exporter, `data.prepare_tokenized`) trains on instead of `dataset`, ignoring the other data keys;
+    otherwise the dataset is tokenized, saved there and trained on. What exporter cannot save in LF's format (stages
+    dpo/kto, sft packing) trains without saving (said), and such a saved folder is refused."""
     import os
+
+    from exporter.data import has_tokenized, tokenized_unsupported
 
     path = cfg.tokenized_path
     if path is None:
         return
-    if os.path.isdir(path) and os.listdir(path):
-        raise UserError(f"tokenized_path: {path} holds a saved tokenized dataset (LLaMA-Factory's save_to_disk), "
-                        "which exporter cannot read; remove tokenized_path to tokenize dataset again")  # fmt: skip
-    if notes:
-        say(f"tokenized_path: {path} is not written: exporter tokenizes the dataset in memory on each run")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"tokenized_path: {path} is a file, not a folder")
+    why = tokenized_unsupported(cfg.stage, bool(cfg.packing or cfg.neat_packing))
+    if has_tokenized(path):
+        if why:
+            raise UserError(f"tokenized_path: {path} holds a saved tokenized dataset (LLaMA-Factory's "
+                            f"save_to_disk), which exporter cannot read {why}; remove tokenized_path to tokenize "
+                            "dataset again")  # fmt: skip
+        if notes:
+            say(f"tokenized_path: training on the tokenized dataset saved in {path}; dataset, val_size, cutoff_len "
+                "and the other data keys are ignored, as LLaMA-Factory does")  # fmt: skip
+    elif notes:
+        say(f"tokenized_path: {path} is not written {why}: exporter tokenizes the dataset in memory on each run" if why
+            else f"tokenized_path: the tokenized dataset will be saved in {path} (LLaMA-Factory's format: a later "
+            "run, LLaMA-Factory's or exporter's, trains on it)")  # fmt: skip
 
 
 def check_mix(cfg: Any) -> None:
@@ -633,6 +646,7 @@ class ExportConfig:
     template: str | None = None
     finetuning_type: Literal["lora", "full", "freeze"] = "lora"
     trust_remote_code: bool = False
+    cache_dir: str | None = None  # a hub cache of its own (as HF_HUB_CACHE): hub ids are resolved there
     infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     export_size: int = 5  # GB per shard
     export_device: Literal["cpu", "auto"] = "cpu"

@@ -1,11 +1,12 @@
 """`exporter serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) on the engine.
 
 GET /v1/models, POST /v1/chat/completions (JSON or SSE streaming; tools with parsed tool_calls where the chat
-template has a tool format; stop, max_tokens / max_completion_tokens, temperature, top_p, top_k, min_p,
-repetition / presence / frequency penalties, seed, n, logprobs;
-usage; finish_reason stop / length / tool_calls), POST /v1/completions (raw prompts, as llama-cpp-python's server
-and OpenAI's legacy API: a string, token ids or a list of either, echo, logprobs, the prompt's own log-probs with
-echo + logprobs and max_tokens 0 or more, as lm-evaluation-harness's local-completions asks, stop, stream).
+template has a tool format, and OpenAI's deprecated functions / function_call, answered in function_call; stop,
+max_tokens / max_completion_tokens, temperature, top_p, top_k, min_p, repetition / presence / frequency penalties,
+logit_bias, seed, n, logprobs; usage; finish_reason stop / length / tool_calls / function_call), POST
+/v1/completions (raw prompts, as llama-cpp-python's server and OpenAI's legacy API: a string, token ids or a list
+of either, echo, logprobs, the prompt's own log-probs with echo + logprobs and max_tokens 0 or more, as
+lm-evaluation-harness's local-completions asks, stop, logit_bias, stream).
 Errors have OpenAI's shape: 401 bad key, 400 malformed or unsupported parameter (named), 404 unknown model, 429
 queue full, 503 engine closed. Requests run concurrently on
 the engine's continuous batching; a client that goes away frees its slot at the next step. Any origin may call it
@@ -45,7 +46,7 @@ from exporter.engine import (
     parse_tool_calls,
 )
 from exporter.engine.chat_format import PYTHON_TAG, ToolFormat
-from exporter.engine.sampling import PENALTY_RANGE, seed_of_choice
+from exporter.engine.sampling import LOGIT_BIAS, PENALTY_RANGE, seed_of_choice
 from exporter.errors import UserError
 
 # Parameters of POST /v1/chat/completions: the ones we honour, and the ones accepted only at their neutral value.
@@ -53,16 +54,16 @@ SUPPORTED = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "seed", "n", "stop", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "user",
     "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos", "presence_penalty", "frequency_penalty",
-    "min_p", "do_sample",
+    "min_p", "do_sample", "logit_bias", "functions", "function_call",
 }  # fmt: skip
-NEUTRAL = {"logit_bias": {}, "response_format": {"type": "text"}}
+NEUTRAL = {"response_format": {"type": "text"}}
 # ... and of POST /v1/completions (llama-cpp-python's server serves it too)
 COMPLETION_SUPPORTED = {
     "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "echo",
     "logprobs", "user", "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos", "presence_penalty",
-    "frequency_penalty", "min_p",
+    "frequency_penalty", "min_p", "logit_bias",
 }  # fmt: skip
-COMPLETION_NEUTRAL = {"logit_bias": {}, "suffix": None, "best_of": 1}
+COMPLETION_NEUTRAL = {"suffix": None, "best_of": 1}
 MAX_N = 16
 # a stream is not cached, and a proxy passes each event on as it comes (nginx buffers a response unless told so),
 # as llama-cpp-python's server (sse-starlette) says
@@ -131,16 +132,54 @@ def _check_tools(tools: Any) -> list[dict[str, Any]] | None:
         where = f"tools[{k}]"
         if not isinstance(t, dict) or t.get("type") != "function":
             raise ApiError(400, f"{where}: expected {{'type': 'function', 'function': {{...}}}}", param=where)
-        fn = t.get("function")
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ApiError(400, f"{where}.function: expected an object with a 'name' string",
-                           param=f"{where}.function")  # fmt: skip
-        if fn.get("description") is not None and not isinstance(fn["description"], str):
-            raise ApiError(400, f"{where}.function.description must be a string", param=f"{where}.function")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise ApiError(400, f"{where}.function.parameters must be a JSON Schema object",
-                           param=f"{where}.function")  # fmt: skip
+        _check_function(t.get("function"), f"{where}.function")
     return tools
+
+
+def _check_function(fn: Any, where: str) -> None:
+    """A tool's function object ({name, description?, parameters?}); 400 naming `where` when malformed."""
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ApiError(400, f"{where}: expected an object with a 'name' string", param=where)
+    if fn.get("description") is not None and not isinstance(fn["description"], str):
+        raise ApiError(400, f"{where}.description must be a string", param=where)
+    if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+        raise ApiError(400, f"{where}.parameters must be a JSON Schema object", param=where)
+
+
+def _legacy_functions(body: dict[str, Any]) -> tuple[Any, Any, bool]:
+    """(tools, tool_choice, legacy) of the request: OpenAI's deprecated `functions` / `function_call` mapped to
+    `tools` / `tool_choice` as OpenAI documents them (each function is a tool's function; "none", "auto" or
+    {"name": ...}), legacy True when they were given (the answer then calls in `function_call`, as OpenAI's legacy
+    API answers). 400 when both forms are given or one is malformed."""
+    functions, call = body.get("functions"), body.get("function_call")
+    if functions is None and call is None:
+        return body.get("tools"), body.get("tool_choice"), False
+    key = "functions" if functions is not None else "function_call"
+    if body.get("tools") is not None or body.get("tool_choice") is not None:
+        raise ApiError(400, "give 'tools' / 'tool_choice' or the deprecated 'functions' / 'function_call', not both",
+                       param=key)  # fmt: skip
+    if functions is None:
+        raise ApiError(400, "'function_call' needs 'functions'", param="function_call")
+    if not isinstance(functions, list):
+        raise ApiError(400, "'functions' must be a list of {'name': ..., 'parameters': {...}}", param="functions")
+    for k, fn in enumerate(functions):
+        _check_function(fn, f"functions[{k}]")
+    if isinstance(call, dict):
+        if not isinstance(call.get("name"), str) or set(call) != {"name"}:
+            raise ApiError(400, "'function_call' must be 'none', 'auto' or {'name': ...}", param="function_call")
+        call = {"type": "function", "function": {"name": call["name"]}}
+    elif call not in (None, "none", "auto"):
+        raise ApiError(400, "'function_call' must be 'none', 'auto' or {'name': ...}", param="function_call")
+    return [{"type": "function", "function": fn} for fn in functions], call, True
+
+
+def _as_function_call(out: dict[str, Any]) -> dict[str, Any]:
+    """A message or delta with `tool_calls` in OpenAI's legacy form: its first call's function as `function_call`
+    (the legacy API makes one call per answer)."""
+    calls = out.pop("tool_calls", None)
+    if calls:
+        out["function_call"] = calls[0]["function"]
+    return out
 
 
 @dataclass
@@ -154,6 +193,7 @@ class ChatRequest:
     include_usage: bool
     tools: list[dict[str, Any]] | None
     logprobs: bool
+    legacy: bool = False  # asked with the deprecated `functions`: calls are answered in `function_call`
 
     @property
     def prompts(self) -> list[list[int]]:
@@ -185,10 +225,27 @@ def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, bool(_typed(so, "include_usage", bool, "true or false"))
 
 
-def _sampling(body: dict[str, Any], d: Sampling, logprobs: int | None, skip_special: bool) -> Sampling:
+def _logit_bias(body: dict[str, Any], engine: Engine) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: an object of token id (a decimal string, as JSON keys are; one of `engine`'s
+    vocabulary) -> bias from -100 to 100; 400 naming the first bad entry."""
+    bias = _typed(body, "logit_bias", dict, "an object of token id -> bias from -100 to 100") or {}
+    vocab = engine.vocab_size if bias else 0
+    out = []
+    for key, value in bias.items():
+        token = int(key) if key.isdecimal() and key.isascii() else -1
+        if not 0 <= token < vocab:
+            raise ApiError(400, f"'logit_bias' key {key!r}: expected a token id in [0, {vocab})", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -LOGIT_BIAS <= value <= LOGIT_BIAS:
+            raise ApiError(400, f"'logit_bias' of token {key}: expected a number from -{LOGIT_BIAS} to {LOGIT_BIAS}, "
+                           f"got {json.dumps(value)[:40]}", param="logit_bias")  # fmt: skip
+        out.append((token, float(value)))
+    return tuple(out)
+
+
+def _sampling(body: dict[str, Any], d: Sampling, logprobs: int | None, skip_special: bool, engine: Engine) -> Sampling:
     """The request's sampling on the server's defaults `d` (stop, max_tokens, temperature, top_p, top_k, min_p,
-    repetition_penalty, presence_penalty, frequency_penalty, seed, ignore_eos, skip_special_tokens); 400 naming the
-    first bad one."""
+    repetition_penalty, presence_penalty, frequency_penalty, seed, ignore_eos, skip_special_tokens, logit_bias of
+    `engine`'s tokens); 400 naming the first bad one."""
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
@@ -218,6 +275,7 @@ def _sampling(body: dict[str, Any], d: Sampling, logprobs: int | None, skip_spec
         logprobs=logprobs,
         skip_special_tokens=skip_special if skip is None else skip,
         ignore_eos=bool(_typed(body, "ignore_eos", bool, "true or false")),
+        logit_bias=_logit_bias(body, engine),
     )
 
 
@@ -232,14 +290,15 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
         raise ApiError(400, str(e), param="messages") from None
     if opts.default_system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": opts.default_system})
-    tools = _check_tools(body.get("tools"))
+    tools, choice, legacy = _legacy_functions(body)
+    tools = _check_tools(tools)
     if tools is not None:
         if engine.chat_format.tools is None:
-            raise ApiError(400, f"the chat template of '{name}' has no tool-call format", param="tools")
-    choice = body.get("tool_choice")
+            raise ApiError(400, f"the chat template of '{name}' has no tool-call format",
+                           param="functions" if legacy else "tools")  # fmt: skip
     if choice not in (None, "auto", "none"):
-        raise ApiError(400, "unsupported tool_choice: only 'auto' and 'none' (no constrained decoding)",
-                       param="tool_choice")  # fmt: skip
+        key = "function_call" if legacy else "tool_choice"
+        raise ApiError(400, f"unsupported {key}: only 'auto' and 'none' (no constrained decoding)", param=key)
     if choice == "none":
         tools = None
     _typed(body, "parallel_tool_calls", bool, "true or false")
@@ -249,7 +308,7 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
     want_lp = bool(_typed(body, "logprobs", bool, "true or false"))
     if top_logprobs is not None and not want_lp:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    sampling = _sampling(body, opts.sampling, (top_logprobs or 0) if want_lp else None, tools is None)
+    sampling = _sampling(body, opts.sampling, (top_logprobs or 0) if want_lp else None, tools is None, engine)
     n = _number(body, "n", int, 1, MAX_N) or 1
     # LLaMA-Factory's API field: false is greedy, as its engine decodes one answer (n > 1 answers are sampled)
     if _typed(body, "do_sample", bool, "true or false") is False and n == 1:
@@ -258,7 +317,7 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
         prompt = engine.encode_chat(messages, tools)
     except EngineError as e:
         raise ApiError(400, str(e), param="messages") from None
-    return ChatRequest(prompt, sampling, n, stream, include_usage, tools, want_lp)
+    return ChatRequest(prompt, sampling, n, stream, include_usage, tools, want_lp, legacy)
 
 
 @dataclass
@@ -325,7 +384,7 @@ def parse_completion(body: Any, engine: Engine, opts: ServeOptions, name: str) -
     score_only = body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool)
     if score_only and not echo:
         raise ApiError(400, "'max_tokens' 0 needs 'echo': true (the prompt alone is answered)", param="max_tokens")
-    sampling = _sampling({**body, "max_tokens": None} if score_only else body, opts.sampling, logprobs, True)
+    sampling = _sampling({**body, "max_tokens": None} if score_only else body, opts.sampling, logprobs, True, engine)
     if score_only:
         sampling = sampling.replace(max_new_tokens=0, prompt_logprobs=logprobs or 0)
     elif echo and logprobs is not None:
@@ -348,10 +407,14 @@ def _logprobs(engine: Engine, lps: list[Any] | None) -> dict[str, Any] | None:
     return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps]}
 
 
-def _message(engine: Engine, c: Completion, tools: list[dict[str, Any]] | None) -> tuple[dict[str, Any], str]:
+def _message(
+    engine: Engine, c: Completion, tools: list[dict[str, Any]] | None, legacy: bool = False
+) -> tuple[dict[str, Any], str]:
+    """The answer's message and finish_reason: its tool calls parsed (`legacy`: the first as `function_call`)."""
     content, calls = parse_tool_calls(engine.chat_format.tools, c.text, tools) if tools else (c.text, [])
     if calls:
-        return {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
+        msg = {"role": "assistant", "content": content or None, "tool_calls": calls}
+        return (_as_function_call(msg), "function_call") if legacy else (msg, "tool_calls")
     return {"role": "assistant", "content": content}, c.finish_reason
 
 
@@ -655,7 +718,7 @@ async def _complete(engine: Engine, req: ChatRequest, run: _Run, rid: str, name:
     choices, counts = [], []
     for i, p in enumerate(parts):
         c = collect(p, len(req.prompt))
-        msg, reason = _message(engine, c, req.tools)
+        msg, reason = _message(engine, c, req.tools, req.legacy)
         choices.append({"index": i, "message": msg, "logprobs": _logprobs(engine, c.logprobs), "finish_reason": reason})
         counts.append(c.completion_tokens)
     return {
@@ -809,6 +872,8 @@ async def _stream(engine: Engine, req: ChatRequest, run: _Run, rid: str, name: s
             reason = d.finish_reason
             if tool_text is not None:
                 delta, called = tool_text[i].finish(req.tools or [])
+                if called and req.legacy:
+                    delta, called = _as_function_call(delta), "function_call"
                 reason = called or reason
                 if delta:
                     yield _chunk(rid, created, name, [_choice(i, delta)])

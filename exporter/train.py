@@ -597,11 +597,14 @@ def _write_manifest(run: Run) -> None:
     inputs: dict[str, Path | str] = {"model": str(run.model_dir)}
     if cfg.adapter_name_or_path:
         inputs["adapter"] = cfg.adapter_name_or_path
-    info = dataset_info.read_info(Path(cfg.dataset_dir))
-    for name in cfg.dataset:
-        inputs[f"dataset:{name}"] = dataset_info.spec(name, info, Path(cfg.dataset_dir)).source
-    for name in cfg.eval_dataset:
-        inputs[f"eval_dataset:{name}"] = dataset_info.spec(name, info, Path(cfg.dataset_dir)).source
+    if cfg.tokenized_path:  # what was trained on (saved from the datasets, or LF's run without them)
+        inputs["tokenized_path"] = cfg.tokenized_path
+    else:
+        info = dataset_info.read_info(Path(cfg.dataset_dir))
+        for name in cfg.dataset:
+            inputs[f"dataset:{name}"] = dataset_info.spec(name, info, Path(cfg.dataset_dir)).source
+        for name in cfg.eval_dataset:
+            inputs[f"eval_dataset:{name}"] = dataset_info.spec(name, info, Path(cfg.dataset_dir)).source
     settings = dataclasses.asdict(cfg) | {"template": run.prep.tpl.name if run.prep.tpl else None,
                                           "packing": run.prep.packing, "total_steps": run.sch.total,
                                           "train_examples": len(run.prep.train), "val_examples": len(run.prep.val),
@@ -658,13 +661,13 @@ def _trained(start: int, done: int) -> str:
 def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResult:
     """The run (see the module's recipe); what it built is released when it returns, before `train` leaves the
     process group."""
-    from exporter import distributed, examples, hub, tuning
+    from exporter import data, distributed, examples, hub, tuning
 
     check(cfg, given, device.split(":")[0])
     model_dir = hub.resolve(cfg.model_name_or_path, "model")
     tuning.check_inputs(cfg, model_dir)  # corrupt weights, an adapter given as the model: one line, nothing written
     out = Path(cfg.output_dir)
-    prep = examples.prepare(cfg, model_dir)  # every data error surfaces before anything is written
+    prep = data.prepare_tokenized(cfg, model_dir, save=d.main)  # data errors before anything is written
     checkpoint.check_not_input(cfg, out, model_dir)  # never into the base, the adapter or the data
     rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
     if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):

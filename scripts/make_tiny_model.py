@@ -50,6 +50,7 @@ FAMILIES = (
     "qwen2_moe",
     "ernie4_5",
     "cohere",
+    "ernie4_5_moe",
 )
 
 # Llama 3 / Qwen2 pre-tokenizer regexes, as published in those models' tokenizer.json files.
@@ -484,6 +485,8 @@ SPECS: dict[str, Family] = {
 
 # Gemma 1 / CodeGemma: Gemma 2's tokenizer and published template (Gemma 1.1 has the same)
 SPECS["gemma"] = dataclasses.replace(SPECS["gemma2"], name="gemma", arch="GemmaForCausalLM")
+# ERNIE-4.5-21B-A3B: ERNIE 4.5's tokenizer; a dense first layer, then routed experts beside shared ones
+SPECS["ernie4_5_moe"] = dataclasses.replace(SPECS["ernie4_5"], name="ernie4_5_moe", arch="Ernie4_5_MoeForCausalLM")
 
 SIZES = {
     # tiny: a few MB; every row count a multiple of 256 so K-quants apply.
@@ -941,6 +944,14 @@ def _config_more(fam: Family, s: dict, common: dict) -> tuple[str, dict]:
     if n == "ernie4_5":  # interleaved RoPE (rotates adjacent pairs), no biases
         extra = dict(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=_rope(500000.0))
         return "ernie4_5", dict(extra, use_bias=False)
+    if n == "ernie4_5_moe":  # ERNIE-4.5-21B-A3B's layout: layer 0 dense, the rest sparse with 2 shared experts
+        # intermediate / kv heads == moe_intermediate_size * shared experts, as in the 21B model (12288 / 4 == 1536 *
+        # 2): llama.cpp's converter writes the shared experts' width as the former
+        common["intermediate_size"] = s["kv_heads"] * moe_ff * 2
+        experts = dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=moe_ff, moe_num_shared_experts=2)
+        extra = dict(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=_rope(500000.0), **experts)
+        layers = dict(moe_layer_start_index=1, moe_layer_end_index=-1, moe_layer_interval=1)
+        return "ernie4_5_moe", dict(extra, **layers, use_bias=False)
     if n == "cohere":  # LayerNorm without bias, attention and MLP in parallel, logits scaled (Command-R's values)
         common.pop("head_dim")
         extra = dict(max_position_embeddings=8192, layer_norm_eps=1e-5, rope_parameters=_rope(8e6))
@@ -983,6 +994,12 @@ def _tensor_shapes(config) -> dict[str, tuple[int, ...]]:
 _EXPERTS = {
     "qwen3_moe": ("mlp.experts.{}.gate_proj", "mlp.experts.{}.up_proj", "mlp.experts.{}.down_proj", None),
     "qwen2_moe": ("mlp.experts.{}.gate_proj", "mlp.experts.{}.up_proj", "mlp.experts.{}.down_proj", None),
+    "ernie4_5_moe": (
+        "mlp.experts.{}.gate_proj",
+        "mlp.experts.{}.up_proj",
+        "mlp.experts.{}.down_proj",
+        ("mlp.gate.moe_statics.", "mlp.moe_statics."),
+    ),
     "mixtral": (
         "block_sparse_moe.experts.{}.w1",
         "block_sparse_moe.experts.{}.w3",

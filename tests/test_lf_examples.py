@@ -146,17 +146,20 @@ def test_keys_without_effect_in_training_are_said(capsys) -> None:
 
 
 def test_preprocess_example_tokenized_path(tmp_path: Path, capsys) -> None:
-    """LF's train_lora/qwen3_preprocess.yaml: `tokenized_path` names a folder LF fills with the tokenized dataset and
-    trains on the same examples; exporter trains and says it saves nothing. A folder that holds LF's saved dataset
-    (LF would train on it instead of `dataset`) is one line (it was "tokenized_path: ... is not supported yet")."""
+    """LF's train_lora/qwen3_preprocess.yaml: `tokenized_path` names a folder LF fills with the tokenized dataset; an
+    empty one says the dataset will be saved there, a filled one says it is trained on, and a run exporter cannot
+    save in LF's format (sft packing) refuses a filled one in one line."""
     args = {**BASE, "tokenized_path": str(tmp_path / "saves" / "dataset" / "sft")}
     cfg, given = lf_args.config_from_dict(dict(args), "qwen3_preprocess.yaml")
     lf_args.check(cfg, given, "cpu")
-    assert "tokenized_path: " in capsys.readouterr().err
+    assert "will be saved in" in capsys.readouterr().err
     saved = tmp_path / "saves" / "dataset" / "sft"
     saved.mkdir(parents=True)
     (saved / "dataset_dict.json").write_text('{"splits": ["train"]}')
     cfg, given = lf_args.config_from_dict(dict(args), "qwen3_preprocess.yaml")
+    lf_args.check(cfg, given, "cpu")
+    assert "training on the tokenized dataset saved in" in capsys.readouterr().err
+    cfg, given = lf_args.config_from_dict({**args, "packing": True}, "qwen3_preprocess.yaml")
     with pytest.raises(UserError, match="holds a saved tokenized dataset") as e:
         lf_args.check(cfg, given, "cpu")
     assert "\n" not in str(e.value)

@@ -13,6 +13,7 @@ from exporter.engine.api import EngineError, NonFiniteLogits, Sampling, TokenLog
 
 RANDOM_SEED = -1  # llama.cpp's convention (its server, llama-cpp-python): a seed of -1 means "draw a fresh one"
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's presence_penalty / frequency_penalty range
+LOGIT_BIAS = 100  # OpenAI's logit_bias values: -100 (bans the token) to 100 (forces it)
 
 
 def check_sampling(s: Sampling) -> None:
@@ -39,6 +40,11 @@ def check_sampling(s: Sampling) -> None:
         k = getattr(s, name)
         if k is not None and not 0 <= k <= 20:
             raise EngineError(f"{name} must be between 0 and 20, got {k}")
+    for token, bias in s.logit_bias:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise EngineError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
+        if not -LOGIT_BIAS <= bias <= LOGIT_BIAS:
+            raise EngineError(f"logit_bias of token {token} must be between -{LOGIT_BIAS} and {LOGIT_BIAS}, got {bias}")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -74,9 +80,10 @@ def seed_of_choice(seed: int | None, i: int) -> int | None:
 
 
 class Sampler:
-    """Per-request token picker, in transformers' order: repetition penalty (HF's, over the prompt and the answer),
-    presence and frequency penalties (OpenAI's, over the answer so far), then greedy, or temperature -> top-k -> top-p
-    -> min-p -> draw."""
+    """Per-request token picker: OpenAI's logit_bias (added to the model's logits before anything else, as
+    llama-cpp-python's server applies it: a logits processor ahead of its sampler chain), then in transformers'
+    order: repetition penalty (HF's, over the prompt and the answer), presence and frequency penalties (OpenAI's,
+    over the answer so far), then greedy, or temperature -> top-k -> top-p -> min-p -> draw."""
 
     def __init__(self, s: Sampling, prompt: Sequence[int]) -> None:
         self.s = s
@@ -86,14 +93,18 @@ class Sampler:
         self.n = 0  # tokens picked so far
 
     def penalized(self, logits: np.ndarray) -> np.ndarray:
-        """The logits after the penalties (a float32 copy where one applies). Repetition: a seen token's logit is
-        divided by the penalty when positive, else multiplied (transformers' RepetitionPenaltyLogitsProcessor);
-        then OpenAI's `logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty`."""
+        """The logits after the bias and the penalties (a float32 copy where one applies). logit_bias: added to its
+        token's logit (ids past the vocabulary ignored). Repetition: a seen token's logit is divided by the penalty
+        when positive, else multiplied (transformers' RepetitionPenaltyLogitsProcessor); then OpenAI's
+        `logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty`."""
         s = self.s
         additive = bool(self.counts) and (s.presence_penalty != 0 or s.frequency_penalty != 0)
-        if not self.seen and not additive:
+        if not self.seen and not additive and not s.logit_bias:
             return logits
         logits = logits.astype(np.float32, copy=True)
+        for token, bias in s.logit_bias:
+            if token < logits.shape[0]:
+                logits[token] += np.float32(bias)
         if self.seen:
             ids = np.fromiter(self.seen, dtype=np.int64)
             ids = ids[ids < logits.shape[0]]

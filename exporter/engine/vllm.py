@@ -130,6 +130,7 @@ class VLLMEngine(Engine):
             seed=None if sampling.seed in (None, RANDOM_SEED) else sampling.seed % 2**63,
             ignore_eos=True,  # our stop ids decide (below), as on the other backends
             logprobs=sampling.logprobs,
+            logit_bias=dict(sampling.logit_bias) or None,
             detokenize=False,
         )
         with self._lock:

@@ -11,8 +11,10 @@ One public entry, `verify(VerifyOptions) -> Report`. The checks, one module each
 5. `chat`      greedy answers through the template: full-precision GGUFs match HF token for token;
 6. `metadata`  each GGUF's context length, add_bos_token and RoPE scaling (factor tensors, scaling keys) are the
                HF model's (transformers' RoPE functions);
-7. `modelfile` each Modelfile's FROM/ADAPTER resolve to files and every PARAMETER is one `ollama create` accepts;
-8. `accuracy`  (with `eval_dir`) MMLU/C-Eval/CMMLU accuracy of merged vs each GGUF on a small slice.
+7. `modelfile` each Modelfile's FROM/ADAPTER resolve to files, a FROM file is a verified GGUF of the type the
+               Modelfile's name says, and every PARAMETER is one `ollama create` accepts;
+8. `accuracy`  (with `eval_dir`) MMLU/C-Eval/CMMLU accuracy of merged vs each GGUF on a small slice;
+9. `weights`   each quantized GGUF's tensors, dequantized, within a bound per ggml type of a float GGUF's (`weights`).
 `artifacts` holds the options and reads the inputs, `corpus` the built-in texts (data files in `corpora/`).
 """
 
@@ -60,6 +62,7 @@ from exporter.verify.report import Check, Report
 from exporter.verify.stops import check_stops, eot_ids
 from exporter.verify.template import check_template, render_each, training_template
 from exporter.verify.tokenizer import check_tokenizer
+from exporter.verify.weights import check_weights
 
 __all__ = [
     "CHAT_PROMPTS",
@@ -126,7 +129,8 @@ def verify(opts: VerifyOptions) -> Report:
     eot = eot_ids(tok, tpl, gen)
     checks += check_stops(eot, art.merged, infos, mfs, tok, gen, tpl.stop if tpl is not None else None)
     checks += check_metadata(infos, art.merged or art.base, tok)
-    checks += check_modelfiles(mfs)
+    checks += check_modelfiles(mfs, infos)
+    checks += check_weights(infos)
     chat_source = tpl.jinja if tpl is not None else tok.chat_template
     chat_texts = render_each(tok, chat_source, PROBE_CONVERSATIONS) if chat_source else []
     checks += check_tokenizer(tok, infos, texts, chat_texts)

@@ -7,16 +7,20 @@ name; a missing ADAPTER is an error. Every PARAMETER goes through `api.FormatPar
 not an `api.Options` field (`repetition_penalty`, transformers' name) is "unknown parameter", a value that Go's
 `strconv.ParseInt` / `ParseFloat(s, 32)` / `ParseBool` refuses is "invalid int value"; a few deprecated names are
 skipped with a warning. A `num_ctx` above the GGUF's context length is cut to it (llm/server.go), a warning here.
+A FROM that is a file must be a GGUF verify checked (the same file, or one with the same bytes), and the one its
+`Modelfile.<type>` name says: `ollama create` imports whatever file FROM names, so a FROM edited to another type's
+GGUF, or left at a stale copy from an earlier export, would ship numbers no other row looked at.
 """
 
 from __future__ import annotations
 
+import filecmp
 import math
 import os
 import re
 from pathlib import Path
 
-from exporter.verify.artifacts import Modelfile
+from exporter.verify.artifacts import GGUFInfo, Modelfile
 from exporter.verify.report import Check
 
 # api.Options (and its Runner) JSON names -> the Go kind FormatParams parses the value as
@@ -101,16 +105,64 @@ def _context_length(path: Path) -> int | None:
     return int(n) if n is not None else None
 
 
-def check_modelfile(mf: Modelfile) -> Check:
-    """One row per Modelfile: FROM/ADAPTER resolve to files, every PARAMETER is one `ollama create` accepts."""
+def named_type(mf: Modelfile) -> str | None:
+    """The GGUF file type a `Modelfile.<type>` name says (`Modelfile.q4_k_m`: q4_k_m; the gguf stage's names), else
+    None."""
+    from gguf import LlamaFileType
+
+    kind = mf.path.name.partition(".")[2].lower()
+    types = {t.name.removeprefix("MOSTLY_").removeprefix("ALL_").lower() for t in LlamaFileType}
+    return kind if kind in types else None
+
+
+def from_problem(value: str, target: Path, mf: Modelfile, ggufs: list[GGUFInfo]) -> tuple[str, str]:
+    """("fail" | "warn" | "pass", one line) for a FROM that resolves to the file `target`: which verified GGUF it is
+    (the same file, or the same bytes), and whether that is the type the Modelfile's name says."""
+    match, how = None, ""
+    for g in ggufs:
+        if g.path.exists() and os.path.samefile(target, g.path):
+            match, how = g, "the same file"
+            break
+    else:
+        size = target.stat().st_size
+        for g in ggufs:
+            if g.path.exists() and g.path.stat().st_size == size and filecmp.cmp(target, g.path, shallow=False):
+                match, how = g, "the same bytes"
+                break
+    want = named_type(mf)
+    if match is None:
+        if not ggufs:
+            return "warn", f"FROM {value} ({target}) was not verified: give it with --gguf to check what Ollama runs"
+        names = ", ".join(g.path.name for g in ggufs)
+        return "fail", (
+            f"FROM {value} is {target}, none of the GGUFs verified here ({names}): `ollama create` would import a "
+            "file no other row checked"
+        )
+    if want is not None and match.file_type != want:
+        return "fail", (
+            f"FROM {value} is {match.path.name} ({how}), a {match.file_type} GGUF, but the Modelfile's name says "
+            f"{want}: Ollama would run the {match.file_type} file"
+        )
+    return "pass", f"FROM {value} is the verified {match.path.name} ({how})"
+
+
+def check_modelfile(mf: Modelfile, ggufs: list[GGUFInfo] | None = None) -> Check:
+    """One row per Modelfile: FROM/ADAPTER resolve to files, a FROM file is one of `ggufs` (the GGUFs verify
+    checks; None: not compared) of the type the Modelfile's name says, every PARAMETER is one `ollama create`
+    accepts."""
     path = mf.path
     problems: list[str] = []
     warnings: list[str] = []
+    notes: list[str] = []
     ctx: int | None = None
     for value in mf.froms:
         target = resolve(value, path)
         if target.exists():
             ctx = _context_length(target) if ctx is None else ctx
+            # with ADAPTER, FROM is the base model the adapter applies to, not an export of this run
+            if ggufs is not None and target.is_file() and not mf.adapters:
+                status, line = from_problem(value, target, mf, ggufs)
+                {"fail": problems, "warn": warnings, "pass": notes}[status].append(line)
         elif looks_like_path(value):
             problems.append(
                 f"FROM {value}: no such file ({target}; Ollama resolves it from the Modelfile's folder), so "
@@ -143,10 +195,12 @@ def check_modelfile(mf: Modelfile) -> Check:
                 f"PARAMETER num_ctx {value} is above the GGUF's context_length {ctx}: Ollama cuts it to {ctx}"
             )
     status = "fail" if problems else "warn" if warnings else "pass"
-    detail = "; ".join(problems + warnings) or "FROM and every PARAMETER as `ollama create` reads them"
+    detail = "; ".join(problems + warnings) or "; ".join(
+        [*notes, "FROM and every PARAMETER as `ollama create` reads them"]
+    )
     return Check("modelfile", path.name, status, detail, {"parameters": len(mf.parameters)})
 
 
-def check_modelfiles(mfs: list[Modelfile]) -> list[Check]:
-    """A `modelfile` row per Modelfile."""
-    return [check_modelfile(mf) for mf in mfs]
+def check_modelfiles(mfs: list[Modelfile], ggufs: list[GGUFInfo] | None = None) -> list[Check]:
+    """A `modelfile` row per Modelfile (`ggufs`: the GGUFs verified, which a FROM file must be one of)."""
+    return [check_modelfile(mf, ggufs) for mf in mfs]

@@ -18,7 +18,8 @@
       "summary": {"pass": int, "fail": int, "skip": int, "warn": int},
       "checks": [
         {
-          "check": "template" | "stops" | "metadata" | "modelfile" | "tokenizer" | "perplexity" | "chat" | "accuracy",
+          "check": "template" | "stops" | "metadata" | "modelfile" | "weights" | "tokenizer" | "perplexity" | "chat"
+                   | "accuracy",
           "target": str,              # which artifact (a file name, "merged", "adapter", "Modelfile.q8_0" ...)
           "status": "pass" | "fail" | "skip" | "warn",   # warn: a difference the export states (a Modelfile
                                                         # TEMPLATE cannot trim like the Jinja ...) or a limit of
@@ -32,6 +33,7 @@
 
 Metrics per check: template {conversations, compared}; stops {eot_tokens, eot_ids, ...};
 metadata {context_length, hf_context_length, add_bos_token, hf_adds_bos, hf_rope_type}; modelfile {parameters};
+weights {reference (the float GGUF compared with), tensors, worst (the tensor nearest its bound), worst_rel_error};
 tokenizer {texts, mismatches, pre}; perplexity {ppl, ref_ppl, rel_diff, threshold, type, kld, kld_limit, top1,
 near_ties (share of tokens whose top-1 differs at a near-tie of the reference), top1_limit, tokens; a limit null: none};
 chat {prompts, exact, first_divergence: [int|null per prompt], hf_tokens, gguf_tokens, answers};

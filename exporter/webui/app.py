@@ -18,6 +18,10 @@ from exporter.webui.locales import LABELS, LANGS, label
 
 # Gradio reads these at import: no usage analytics, no version check against its servers.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# and as its queue starts: no per-event summary for its monitoring dashboard (the board has none). Gradio 6.31 rebuilt
+# it with pandas after every event, in a worker thread, through options pandas 3 deprecates; while pandas turns
+# DeprecationWarning on for the whole process in another thread, those warnings reached the terminal on page reloads
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(2**62))
 
 CSS = """
 .exp-preview pre { white-space: pre-wrap; font-size: 13px; margin: 4px 0 12px; }

@@ -1,0 +1,197 @@
+"""ERNIE 4.5 MoE (ERNIE-4.5-21B-A3B / 300B-A47B, LLaMA-Factory's `ernie_nothink` group) through `exporter gguf`, which
+refused it, checked against independent references: llama.cpp's own convert_hf_to_gguf.py on the same model
+(metadata, tensor names, shapes, types, f16 bytes), llama.cpp through llama-cpp-python (f32 logits == transformers,
+q8_0 and q4_k_m track them, tokenization == the HF tokenizer, end-of-turn ids are EOG), PEFT (GGUF LoRA == merge) and
+the chain (LoRA training, merge, GGUF, verify). The fixture follows the 21B model's layout: a dense first layer, then
+routed experts picked by softmax + a correction bias, two shared experts beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import pipeline_yaml, require_llama_cpp
+from test_arch_added import _tensors, model_of
+from test_gguf import ALLOWED_KV, _fields, _hf_model, _llama, _probe_ids, _reference_f16, _show, assert_same_tensors
+
+from exporter.errors import UserError
+
+FAMILY = "ernie4_5_moe"
+_OUT: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Factory: our f32/f16/q8_0 export of the fixture (one pass) -> (out dir, ChatTemplate)."""
+    from exporter import templates
+    from exporter.gguf import export
+
+    def get(family: str = FAMILY):
+        if family not in _OUT:
+            model = model_of(family)
+            tpl = templates.resolve(model, None)
+            out = tmp_path_factory.mktemp(f"gguf-{family}") / "out"
+            export(model, ["f32", "f16", "q8_0"], tpl, out)
+            _OUT[family] = (out, tpl)
+        return _OUT[family]
+
+    return get
+
+
+def _file(out, kind: str):
+    (path,) = out.glob(f"*-{kind}.gguf")
+    return path
+
+
+@pytest.mark.slow
+def test_matches_llama_cpp_converter(converted, tmp_path):
+    """Same tensors (names, shapes, types, f16 bytes: the 3-D experts, the f32 router and its correction bias, the
+    shared experts, the dense first layer) and metadata as llama.cpp's converter on the same model."""
+    ours = _file(converted()[0], "f16")
+    ref = _reference_f16(model_of(FAMILY), tmp_path)
+    a, b = _fields(ours), _fields(ref)
+    diffs = {k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>")}
+    # llama.cpp's ERNIE converters copy a null add_prefix_space as false (test_arch_added explains and checks it)
+    assert (_show(ours, "tokenizer.ggml.add_space_prefix"), _show(ref, "tokenizer.ggml.add_space_prefix")) == (
+        "<missing>",
+        "False",
+    )
+    unexplained = {
+        k: (_show(ours, k), _show(ref, k)) for k in diffs - set(ALLOWED_KV) - {"tokenizer.ggml.add_space_prefix"}
+    }
+    assert not unexplained, f"metadata differs from llama.cpp: {unexplained}"
+    for key, want in (
+        ("ernie4_5-moe.leading_dense_block_count", "1"),
+        ("ernie4_5-moe.expert_shared_feed_forward_length", "512"),
+        ("ernie4_5-moe.expert_count", "4"),
+    ):
+        assert _show(ours, key) == want, key
+    assert_same_tensors(ours, ref, FAMILY)
+
+
+def test_config_defaults_match_transformers(tmp_path, caplog):
+    """What config.json leaves out is filled in as Ernie4_5_MoeConfig fills it in (test_gguf's check)."""
+    import test_gguf
+
+    test_gguf.test_config_defaults_match_transformers(FAMILY, model_of, tmp_path, caplog)
+
+
+def test_logits_match_transformers(converted):
+    """f32 logits == transformers' (the suite's limit) with the router's correction bias in play; q8_0 tracks them."""
+    import torch
+
+    model = model_of(FAMILY)
+    out, _ = converted()
+    hf = _hf_model(model)
+    bias = hf.model.layers[1].mlp.gate.moe_statics.e_score_correction_bias
+    assert float(bias.abs().max()) > 0, "the fixture's correction bias did not load: the check would not see it"
+    f32 = _llama(_file(out, "f32"), n_ctx=64, logits_all=True, n_threads=1)
+    q8 = _llama(_file(out, "q8_0"), n_ctx=64, logits_all=True, n_threads=1)
+    for ids in _probe_ids(model):
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0].numpy()
+        for llm in (f32, q8):
+            llm.reset()
+            llm.eval(ids)
+        got = np.array(f32.scores[: len(ids)], dtype=np.float32)
+        diff = float(np.abs(got - want).max())
+        assert diff < 2e-3 * max(1.0, float(np.abs(want).max())), f"max |logit diff| {diff}"
+        q = np.array(q8.scores[: len(ids)], dtype=np.float32)
+        assert float(np.corrcoef(q.ravel(), want.ravel())[0, 1]) > 0.99, "q8_0 logits drift"
+
+
+def test_tokenization_and_end_of_turn(converted):
+    """llama.cpp's ids == the HF tokenizer's on the mixed-language corpus; every end-of-turn token is EOG."""
+    import test_arch_added
+
+    test_arch_added.test_tokenization_and_end_of_turn(FAMILY, lambda family: converted())
+
+
+def test_kquants(converted, tmp_path):
+    """q4_k_m through libllama: it loads, its logits track the f32 file's, every tensor not at Q4_K is reported."""
+    import test_gguf
+
+    test_gguf.test_kquants_of_every_new_architecture(FAMILY, model_of, lambda family: converted(), tmp_path)
+
+
+def test_gguf_lora_matches_peft_merge(converted, tmp_path):
+    """Base f32 GGUF + our GGUF LoRA in llama.cpp == PEFT merge_and_unload in transformers (the MLP names reach the
+    dense layer and the shared experts)."""
+    import test_gguf
+
+    # the dense layer's and the shared experts' down_proj (PEFT refuses gate_proj or up_proj alone: the routed experts
+    # hold them fused)
+    targets = r".*\.(q_proj|v_proj|o_proj|layers\.0\.mlp\.down_proj|shared_experts\.down_proj)"
+    test_gguf.test_gguf_lora_matches_peft_merge(FAMILY, targets, None, model_of, lambda f: converted(), tmp_path)
+
+
+def test_fused_checkpoint_gives_the_same_file(converted, tmp_path):
+    """The model saved as transformers 5 holds it (experts fused, the correction bias under the router) converts to
+    the same tensors as the released layout (which the reference converter checks above)."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+    from test_merge import fused_checkpoint
+
+    from exporter.gguf import export
+
+    out, tpl = converted()
+    fused = fused_checkpoint(model_of(FAMILY), tmp_path / "fused")
+    with safe_open(next(fused.glob("*.safetensors")), "pt") as st:
+        assert any(k.endswith("experts.gate_up_proj") for k in st.keys()), "transformers saved per-expert tensors"
+    res = export(fused, ["f16"], tpl, tmp_path / "out")
+    got = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(res.files["f16"]).tensors}
+    want = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(_file(out, "f16")).tensors}
+    assert got.keys() == want.keys() and got == want
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # llama.cpp's loader gives every layer from moe_layer_start_index on its experts
+        ({"moe_layer_interval": 2}, "moe_layer_interval 2 with 2 layers"),
+        ({"moe_layer_start_index": 0, "moe_layer_end_index": 0}, "moe_layer_start_index 0, moe_layer_end_index 0"),
+        ({"use_bias": True}, "use_bias is true"),
+        ({"moe_k": "2"}, "moe_k is '2'; expected a positive integer"),
+    ],
+)
+def test_what_llama_cpp_cannot_run_is_refused(edit, message, tmp_path):
+    """A config llama.cpp's graph would compute differently from transformers is one UserError, no file written."""
+    from exporter import templates
+    from exporter.gguf import export
+
+    model = shutil.copytree(model_of(FAMILY), tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, **edit}))
+    with pytest.raises(UserError, match=message):
+        export(model, ["f16"], templates.resolve(model, None), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_chain(tmp_path):
+    """LoRA training (`lora_target: all` reaches the routed experts), merge, GGUF and verify's checks
+    (template, stops, tokenizer ids, perplexity, greedy answers HF == llama.cpp) through `exporter pipeline`."""
+    import torch
+
+    from exporter import pipeline
+
+    require_llama_cpp()
+    train = {"lora_target": "all", "lora_rank": 8, "max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1,
+             "max_samples": 8}  # fmt: skip
+    verify = {"prompts": 2, "max_new_tokens": 8, "ctx": 64, "max_windows": 2, "ppl_threshold": {"adapter": 0.01}}
+    gguf = {"types": ["f16", "q8_0"], "ollama_name": "t"}
+    path = pipeline_yaml(tmp_path, model_of(FAMILY), tmp_path / "run", None, train=train, gguf=gguf, verify=verify)
+    res = pipeline.run(pipeline.load_config(path, []))
+    checks = json.loads(res.report.read_text())["checks"]
+    assert res.passed, [c for c in checks if c["status"] != "pass"]
+    assert {"template", "stops", "tokenizer", "perplexity", "chat"} <= {c["check"] for c in checks}
+    merged, base = _tensors(tmp_path / "run" / "merged"), _tensors(model_of(FAMILY))
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert any(".q_proj." in k for k in changed), "attention LoRA did not reach the merged weights"
+    # the routed experts (PEFT parameter LoRA on the fused experts) and the router; PEFT 0.21's weight conversion turns
+    # the gate/up/down_proj targets into the fused experts' names, so the dense layer's MLP and the shared experts
+    # keep their weights (reported; not the converter's concern)
+    assert any(".experts.1." in k for k in changed), " ".join(sorted(changed))
