@@ -181,6 +181,14 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "logit_scale": 0.0625,
         "rope_theta": 500_000.0,
     },
+    "cohere2": {
+        "max_position_embeddings": 8192,
+        "layer_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "logit_scale": 0.0625,
+        "sliding_window": 4096,
+        "rope_theta": 10_000.0,
+    },
     "ernie4_5_moe": {
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-5,
@@ -292,6 +300,7 @@ HPARAM_TYPES: dict[str, tuple[JsonType, bool]] = {
     "moe_layer_end_index": (JsonType("an integer >= -1", lambda v: _is_int(v, -1)), True),
     "moe_layer_interval": (POSITIVE, True),
     "use_bias": (BOOL, True),
+    "attention_bias": (BOOL, True),
     "use_sliding_window": (BOOL, True),
     "max_window_layers": (COUNT, True),
 }
@@ -526,6 +535,14 @@ def _qwen2moe_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
         add(hp[key])
 
 
+def _ernie45_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """ERNIE 4.5 (dense): `use_bias` gives transformers' MLP biases that llama.cpp's ernie4_5 never loads (a file
+    with them fails to load: too many tensors), so it is refused."""
+    if hp.get("use_bias"):
+        raise UserError("ERNIE 4.5 config: use_bias is true; llama.cpp's ernie4_5 has no MLP biases (cannot load them)")
+    _common_params(hp, w)
+
+
 def _ernie45moe_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     """ERNIE 4.5 MoE (21B-A3B, 300B-A47B): dense layers before `moe_layer_start_index`, then routed experts (chosen by
     softmax + a correction bias, weights renormalized) beside always-on shared experts of moe_num_shared_experts *
@@ -578,6 +595,38 @@ def _cohere_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
     )
     w.add_layer_norm_eps(hp["layer_norm_eps"])
     w.add_logit_scale(hp["logit_scale"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+
+def _cohere2_params(hp: dict[str, Any], w: gguf.GGUFWriter) -> None:
+    """Command R7B / Command A: Command-R's parallel block, LayerNorm and scaled logits; its sliding-window layers
+    rotate queries and keys, its global layers do not (NoPE), as llama.cpp's cohere2 does. llama.cpp slides every
+    layer but each 4th unless the file lists them, so another `layer_types` is written out."""
+    if rope_params(hp).get("rope_type") not in (None, "default"):
+        raise UserError("Cohere2 config: RoPE scaling is not supported; llama.cpp's cohere2 runs without it")
+    if hp.get("tie_word_embeddings") is False:
+        raise UserError("Cohere2 config: tie_word_embeddings is false; llama.cpp's cohere2 has no lm_head of its own")
+    if hp.get("attention_bias"):
+        raise UserError("Cohere2 config: attention_bias is true; llama.cpp's cohere2 has no attention biases")
+    n_layer, window = hp["num_hidden_layers"], hp.get("sliding_window")
+    if not window:  # transformers then gives no layer a window, and so no layer RoPE
+        shown = "null" if window is None else window
+        raise UserError(
+            f"Cohere2 config: sliding_window is {shown}; transformers then rotates no layer, llama.cpp needs one"
+        )
+    every = _first(hp.get("sliding_window_pattern"), 4)
+    cycle = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n_layer)]
+    types = hp.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                                      for i in range(n_layer)]  # fmt: skip
+    head_dim = hp["hidden_size"] // hp["num_attention_heads"]  # what transformers uses, whatever head_dim says
+    _common_params({**hp, "head_dim": head_dim}, w)
+    w.add_vocab_size(hp["vocab_size"])
+    w.add_layer_norm_eps(hp["layer_norm_eps"])
+    w.add_logit_scale(hp["logit_scale"])
+    w.add_sliding_window(window)
+    if types != cycle:
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    w.add_rope_dimension_count(head_dim)
     w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
 
 
@@ -784,13 +833,19 @@ ARCHS: dict[str, Arch] = {
     "gemma": Arch(gguf.MODEL_ARCH.GEMMA, ("GemmaForCausalLM",), norm_add=1.0, params=_gemma_params),
     "qwen2moe": Arch(gguf.MODEL_ARCH.QWEN2MOE, ("Qwen2MoeForCausalLM",), params=_qwen2moe_params),
     # ERNIE 4.5 rotates adjacent pairs, as llama.cpp's NORM RoPE does: no permutation
-    "ernie4_5": Arch(gguf.MODEL_ARCH.ERNIE4_5, ("Ernie4_5ForCausalLM",), params=_common_params),
+    "ernie4_5": Arch(gguf.MODEL_ARCH.ERNIE4_5, ("Ernie4_5ForCausalLM",), params=_ernie45_params),
     "ernie4_5_moe": Arch(gguf.MODEL_ARCH.ERNIE4_5_MOE, ("Ernie4_5_MoeForCausalLM",), params=_ernie45moe_params),
     # Cohere rotates adjacent pairs too (NORM RoPE); its StarCoder-style pre-tokenizer is llama.cpp's "command-r"
     "cohere": Arch(
         gguf.MODEL_ARCH.COMMAND_R,
         ("CohereForCausalLM",),
         params=_cohere_params,
+        pre_names={"starcoder": "command-r"},
+    ),
+    "cohere2": Arch(
+        gguf.MODEL_ARCH.COHERE2,
+        ("Cohere2ForCausalLM",),
+        params=_cohere2_params,
         pre_names={"starcoder": "command-r"},
     ),
     "gemma2": Arch(gguf.MODEL_ARCH.GEMMA2, ("Gemma2ForCausalLM",), norm_add=1.0, params=_gemma2_params),

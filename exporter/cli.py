@@ -298,7 +298,12 @@ def _merge(
 def _gguf(
     model: str = typer.Argument(..., help="HF model dir (or hub id); with --adapter: the base model."),
     type_: str = typer.Option(
-        "f16", "--type", "-t", help="Comma-separated GGUF types: f32,f16,bf16,q8_0,q4_0,q4_k_m,q5_k_m,q6_k."
+        "f16",
+        "--type",
+        "-t",
+        help="Comma-separated GGUF types, named as llama-quantize names them (any case): f32,f16,bf16,q8_0,q4_0; "
+        "through libllama: q2_k,q3_k_s,q3_k_m,q3_k_l,q4_k_s,q4_k_m,q5_k_s,q5_k_m,q6_k,q4_1,q5_0,q5_1,"
+        "iq4_nl,iq4_xs,iq3_s,iq3_m (types that need an imatrix are refused).",
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output dir (default: <model>-gguf next to the model)."),
     ollama_name: str | None = typer.Option(None, "--ollama-name", help="Model name in the ollama create commands."),

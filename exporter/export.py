@@ -44,6 +44,9 @@ def _notes(cfg: ExportConfig, given: set[str]) -> None:
     if "export_device" in given and cfg.export_device == "auto":
         say("export_device=auto: the merge streams tensors on the CPU with little memory; quantization uses a GPU "
             "when there is one")  # fmt: skip
+    if "export_legacy_format" in given and cfg.export_legacy_format:
+        say("export_legacy_format: true: the export is safetensors, as LLaMA-Factory 0.9.5's on transformers 5 (it "
+            "writes pickled .bin only on transformers 4); exporter never writes pickle")  # fmt: skip
     if "trust_remote_code" in given:
         say("trust_remote_code: the merge runs no model code (a remote-code model's *.py files are copied along)")
     if "resize_vocab" in given and cfg.resize_vocab:

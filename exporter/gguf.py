@@ -29,17 +29,35 @@ from exporter.hf_dir import check_readable
 from exporter.quiet import llama_log_in_python
 
 NUMPY_KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
-KQUANT_KINDS = ("q4_k_m", "q5_k_m", "q6_k")
+# written by libllama's llama_model_quantize (converters/gguf_kquant.KQUANT_TYPES, from which this is copied so that
+# `import exporter.gguf` stays light)
+KQUANT_KINDS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+                "q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs", "iq3_s", "iq3_m")  # fmt: skip
 ALL_KINDS = NUMPY_KINDS + KQUANT_KINDS
+# bytes per parameter, about 7% over llama-quantize's Llama-3-8B sizes (tools/quantize/quantize.cpp QUANT_OPTIONS:
+# q4_k_m 4.58G of 8.03B parameters = 0.57) or, without one there, its bits per weight / 8
 _BYTES_PER_PARAM = {
     "f32": 4,
     "f16": 2,
     "bf16": 2,
     "q8_0": 1.07,
     "q4_0": 0.57,
+    "q2_k": 0.4,
+    "q3_k_s": 0.46,
+    "q3_k_m": 0.5,
+    "q3_k_l": 0.54,
+    "q4_k_s": 0.59,
     "q4_k_m": 0.61,
+    "q5_k_s": 0.7,
     "q5_k_m": 0.71,
     "q6_k": 0.83,
+    "q4_1": 0.64,
+    "q5_0": 0.7,
+    "q5_1": 0.76,
+    "iq4_nl": 0.61,
+    "iq4_xs": 0.58,
+    "iq3_s": 0.47,
+    "iq3_m": 0.5,
 }
 
 console = Console(stderr=True)
@@ -75,10 +93,16 @@ def parse_types(types: str | Sequence[str]) -> list[str]:
     """`"f16,q8_0"` -> ["f16", "q8_0"]; unknown names are a UserError with a suggestion."""
     items = types.split(",") if isinstance(types, str) else [t for x in types for t in x.split(",")]
     kinds = []
+    from exporter.converters.gguf_kquant import ALIASES, refusal
+
     for raw in items:
         kind = raw.strip().lower()
         if not kind:
             continue
+        kind = ALIASES.get(kind, kind)  # llama-quantize's `Q4_K` is Q4_K_M
+        why = refusal(kind)
+        if why is not None:
+            raise UserError(f"--type {raw.strip()!r}: {why}")
         if kind not in ALL_KINDS:
             raise UserError(
                 f"--type {raw!r} is not a GGUF type{did_you_mean(kind, ALL_KINDS)}; use {', '.join(ALL_KINDS)}"

@@ -123,7 +123,6 @@ _LF_KEYS: dict[str, tuple[str, Any]] = {
     "use_kt": ("KTransformers", False),
     "ignore_pad_token_for_loss": ("training on padding tokens (exporter never puts padding in the loss)", True),
     "use_swanlab": ("SwanLab logging (exporter logs to trainer_log.jsonl)", False),
-    "cache_dir": ("a hub cache of its own (exporter downloads into the HF cache: set HF_HUB_CACHE=DIR)", None),
     "predict_with_generate": ("evaluating by generation (BLEU/ROUGE; exporter predict does it after training)", False),
     "do_predict": ("predicting from here (exporter train's command line predicts after training)", False),
 }  # fmt: skip
@@ -158,6 +157,8 @@ class TrainConfig:
     output_dir: str
     adapter_name_or_path: str | None = None
     trust_remote_code: bool = False
+    cache_dir: str | None = None  # a hub cache of its own (as HF_HUB_CACHE): hub ids are resolved there
+    use_cpu: bool = False  # HF's: train on the CPU, GPUs visible or not (LF asks for it for bf16 on a CPU)
     stage: Literal["sft", "pt", "dpo", "kto"] = "sft"
     do_train: bool = True
     do_eval: bool = False
@@ -677,11 +678,6 @@ def export_config_from_args(argv: list[str]) -> tuple[ExportConfig, set[str]]:
         if key in EXPORT_UNSUPPORTED:
             raise UserError(f"{where}: {key}: {EXPORT_UNSUPPORTED[key]} is not supported")
     cfg = config_mod.build(ExportConfig, data, where)
-    if cfg.export_legacy_format:
-        raise UserError(
-            f"{where}: export_legacy_format: true asks for pickled .bin weights; exporter writes safetensors only "
-            "(pickle can run code when loaded): set it to false"
-        )
     if cfg.export_quantization_bit is not None and not cfg.export_quantization_dataset:
         raise UserError(f"{where}: export_quantization_bit needs export_quantization_dataset (as in LLaMA-Factory)")
     if cfg.export_size < 1:

@@ -3,10 +3,12 @@
 GET /v1/models, POST /v1/chat/completions (JSON or SSE streaming; tools with parsed tool_calls where the chat
 template has a tool format, and OpenAI's deprecated functions / function_call, answered in function_call; stop,
 max_tokens / max_completion_tokens, temperature, top_p, top_k, min_p, repetition / presence / frequency penalties,
-logit_bias, seed, n, logprobs; usage; finish_reason stop / length / tool_calls / function_call), POST
+logit_bias, seed, n, logprobs; response_format json_object / json_schema, tool_choice "required" or a named
+function, and llama-cpp-python's `grammar`, decoded under llama.cpp's grammar sampler on the gguf backend; usage;
+finish_reason stop / length / tool_calls / function_call), POST
 /v1/completions (raw prompts, as llama-cpp-python's server and OpenAI's legacy API: a string, token ids or a list
 of either, echo, logprobs, the prompt's own log-probs with echo + logprobs and max_tokens 0 or more, as
-lm-evaluation-harness's local-completions asks, stop, logit_bias, stream).
+lm-evaluation-harness's local-completions asks, stop, logit_bias, grammar, stream).
 Errors have OpenAI's shape: 401 bad key, 400 malformed or unsupported parameter (named), 404 unknown model, 429
 queue full, 503 engine closed. Requests run concurrently on
 the engine's continuous batching; a client that goes away frees its slot at the next step. Any origin may call it
@@ -46,6 +48,7 @@ from exporter.engine import (
     parse_tool_calls,
 )
 from exporter.engine.chat_format import PYTHON_TAG, ToolFormat
+from exporter.engine.grammar import TOOL_CALL_SHAPES, json_grammar, tool_call_grammar
 from exporter.engine.sampling import LOGIT_BIAS, PENALTY_RANGE, seed_of_choice
 from exporter.errors import UserError
 
@@ -54,14 +57,14 @@ SUPPORTED = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "seed", "n", "stop", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "user",
     "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos", "presence_penalty", "frequency_penalty",
-    "min_p", "do_sample", "logit_bias", "functions", "function_call",
+    "min_p", "do_sample", "logit_bias", "functions", "function_call", "response_format", "grammar",
 }  # fmt: skip
-NEUTRAL = {"response_format": {"type": "text"}}
+NEUTRAL: dict[str, Any] = {}
 # ... and of POST /v1/completions (llama-cpp-python's server serves it too)
 COMPLETION_SUPPORTED = {
     "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "echo",
     "logprobs", "user", "top_k", "repetition_penalty", "skip_special_tokens", "ignore_eos", "presence_penalty",
-    "frequency_penalty", "min_p", "logit_bias",
+    "frequency_penalty", "min_p", "logit_bias", "grammar",
 }  # fmt: skip
 COMPLETION_NEUTRAL = {"suffix": None, "best_of": 1}
 MAX_N = 16
@@ -279,6 +282,97 @@ def _sampling(body: dict[str, Any], d: Sampling, logprobs: int | None, skip_spec
     )
 
 
+RESPONSE_FORMATS = (
+    "{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name': ..., "
+    "'schema': {...}}}"
+)
+
+
+def _response_format(body: dict[str, Any]) -> str | None:
+    """The GBNF grammar of the request's `response_format` (None for text): json_object is any JSON object (with a
+    `schema`, as llama-cpp-python's server takes it: that schema), json_schema its `json_schema.schema`. 400 naming
+    the first malformed field or what the schema converter could not read."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"'response_format' must be {RESPONSE_FORMATS}, got {json.dumps(rf)[:80]}",
+                       param="response_format")  # fmt: skip
+    if rf["type"] == "text":
+        return None
+    if rf["type"] == "json_object":
+        where, schema = "response_format.schema", rf.get("schema")
+    else:
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise ApiError(400, "Missing required parameter: 'response_format.json_schema' (an object with a 'name' "
+                           "and a 'schema')", param="response_format.json_schema")  # fmt: skip
+        if not isinstance(js.get("name"), str) or not js["name"]:
+            raise ApiError(400, "Missing required parameter: 'response_format.json_schema.name' (a string)",
+                           param="response_format.json_schema.name")  # fmt: skip
+        if js.get("strict") is not None and not isinstance(js["strict"], bool):
+            raise ApiError(400, "'response_format.json_schema.strict' must be true or false",
+                           param="response_format.json_schema.strict")  # fmt: skip
+        where, schema = "response_format.json_schema.schema", js.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise ApiError(400, f"'{where}' must be a JSON Schema object, got {json.dumps(schema)[:80]}", param=where)
+    try:
+        return json_grammar(schema)
+    except EngineError as e:
+        raise ApiError(400, f"'{where}': {e}", param=where) from None
+
+
+def _forced_call(choice: Any, tools: list[dict[str, Any]] | None, engine: Engine, key: str) -> str | None:
+    """The GBNF grammar of one call in the template's tool format when `choice` ("required", or a named function)
+    forces one (None for "auto" / "none" / absent); 400 naming what is wrong."""
+    if choice in (None, "auto", "none"):
+        return None
+    if choice == "required":
+        names = None
+    elif (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+          and isinstance(choice["function"].get("name"), str)):  # fmt: skip
+        names = {choice["function"]["name"]}
+    else:
+        raise ApiError(400, f"'{key}' must be 'none', 'auto', 'required' or {{'type': 'function', 'function': "
+                       f"{{'name': ...}}}}, got {json.dumps(choice)[:80]}", param=key)  # fmt: skip
+    if not tools:
+        raise ApiError(400, f"'{key}' {json.dumps(choice)[:80]} needs 'tools'", param=key)
+    functions = [t["function"] for t in tools if names is None or t["function"]["name"] in names]
+    if not functions:
+        where = "functions" if key == "function_call" else "tools"
+        raise ApiError(400, f"'{key}': no tool named {sorted(names or ())[0]!r} in '{where}'", param=key)
+    fmt = engine.chat_format.tools
+    if fmt is None or fmt.name not in TOOL_CALL_SHAPES:
+        raise ApiError(400, f"'{key}' {json.dumps(choice)[:60]}: a call cannot be forced in the "
+                       f"{fmt.name if fmt else 'missing'} tool format of this chat template (only in "
+                       f"{', '.join(TOOL_CALL_SHAPES)}); use 'auto'", param=key)  # fmt: skip
+    try:
+        return tool_call_grammar(functions, fmt.name)
+    except EngineError as e:
+        raise ApiError(400, f"'{key}': {e}", param=key) from None
+
+
+def _check_grammar(engine: Engine, grammar: str | None, param: str) -> None:
+    """400 naming `param` when the engine cannot decode under `grammar` (its backend has no grammar engine, or
+    llama.cpp cannot parse it)."""
+    if grammar is not None:
+        try:
+            engine.check_grammar(grammar)
+        except EngineError as e:
+            raise ApiError(400, f"'{param}': {e}", param=param) from None
+
+
+def _own_grammar(body: dict[str, Any], engine: Engine, other: str | None) -> str | None:
+    """llama-cpp-python's server field `grammar`: a GBNF grammar (llama.cpp's syntax) the answer follows; 400 when
+    it is no string, llama.cpp cannot parse it, or `other` (a response_format / forced tool call) is given too."""
+    grammar = _typed(body, "grammar", str, "a GBNF grammar (llama.cpp's grammar syntax) as a string")
+    if grammar is not None:
+        if other is not None:
+            raise ApiError(400, f"give 'grammar' or '{other}', not both", param="grammar")
+        _check_grammar(engine, grammar, "grammar")
+    return grammar
+
+
 def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> ChatRequest:
     """Check every parameter (400 naming the first bad one) and render the prompt."""
     _check_keys(body, name, SUPPORTED, NEUTRAL)
@@ -296,11 +390,15 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
         if engine.chat_format.tools is None:
             raise ApiError(400, f"the chat template of '{name}' has no tool-call format",
                            param="functions" if legacy else "tools")  # fmt: skip
-    if choice not in (None, "auto", "none"):
-        key = "function_call" if legacy else "tool_choice"
-        raise ApiError(400, f"unsupported {key}: only 'auto' and 'none' (no constrained decoding)", param=key)
+    key = "function_call" if legacy else "tool_choice"
+    grammar = _forced_call(choice, tools, engine, key)
     if choice == "none":
         tools = None
+    fmt_grammar = _response_format(body)
+    if grammar is None:
+        grammar, key = fmt_grammar, "response_format"
+    _check_grammar(engine, grammar, key)
+    grammar = _own_grammar(body, engine, key if grammar is not None else None) or grammar
     _typed(body, "parallel_tool_calls", bool, "true or false")
     _typed(body, "user", str, "a string")
     stream, include_usage = _streaming(body)
@@ -309,6 +407,7 @@ def parse_request(body: Any, engine: Engine, opts: ServeOptions, name: str) -> C
     if top_logprobs is not None and not want_lp:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     sampling = _sampling(body, opts.sampling, (top_logprobs or 0) if want_lp else None, tools is None, engine)
+    sampling = sampling.replace(grammar=grammar)
     n = _number(body, "n", int, 1, MAX_N) or 1
     # LLaMA-Factory's API field: false is greedy, as its engine decodes one answer (n > 1 answers are sampled)
     if _typed(body, "do_sample", bool, "true or false") is False and n == 1:
@@ -389,6 +488,7 @@ def parse_completion(body: Any, engine: Engine, opts: ServeOptions, name: str) -
         sampling = sampling.replace(max_new_tokens=0, prompt_logprobs=logprobs or 0)
     elif echo and logprobs is not None:
         sampling = sampling.replace(prompt_logprobs=logprobs)
+    sampling = sampling.replace(grammar=_own_grammar(body, engine, None))
     n = _number(body, "n", int, 1, MAX_N) or 1
     return TextRequest(texts, ids, added, sampling, n, stream, include_usage, echo, logprobs)
 

@@ -663,8 +663,15 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
     process group."""
     from exporter import data, distributed, examples, hub, tuning
 
+    if cfg.use_cpu and device != "cpu":  # HF's use_cpu: the CPU even where a GPU is visible
+        if d.active or cfg.deepspeed:
+            raise UserError(
+                "use_cpu: true with several processes or DeepSpeed where GPUs are visible is not "
+                "supported (their process group runs on NCCL): hide the GPUs (CUDA_VISIBLE_DEVICES=)"
+            )
+        device = "cpu"
     check(cfg, given, device.split(":")[0])
-    model_dir = hub.resolve(cfg.model_name_or_path, "model")
+    model_dir = hub.resolve(cfg.model_name_or_path, "model", cfg.cache_dir)
     tuning.check_inputs(cfg, model_dir)  # corrupt weights, an adapter given as the model: one line, nothing written
     out = Path(cfg.output_dir)
     prep = data.prepare_tokenized(cfg, model_dir, save=d.main)  # data errors before anything is written

@@ -29,6 +29,27 @@ def compute_dtype(cfg: TrainConfig) -> Any:
     return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
 
 
+def base_dtype(cfg: TrainConfig, model_dir: Path) -> Any:
+    """The dtype the base is loaded in. LLaMA-Factory loads it as the checkpoint stores it (`torch_dtype="auto"`)
+    and upcasts only the trainable weights to fp32, so a LoRA's frozen base stays bf16 on a bf16 checkpoint, with
+    or without `bf16: true`, and fp32 on an fp32 one. Full tuning: fp32 (every weight trains). Freeze tuning without
+    bf16/fp16: fp32, where LLaMA-Factory stops (a frozen bf16 embedding feeds an fp32 trainable layer, and without
+    autocast the matmul refuses the mix); with them, the checkpoint's dtype under autocast, as LLaMA-Factory.
+    DeepSpeed: the compute dtype, as before (its engine and ZeRO-3's partitioned loading set the dtypes)."""
+    import torch
+
+    from exporter.config import read_json
+
+    if cfg.deepspeed:
+        return torch.float32 if cfg.finetuning_type == "full" else compute_dtype(cfg)
+    if cfg.finetuning_type == "full" or (cfg.finetuning_type == "freeze" and not (cfg.bf16 or cfg.fp16)):
+        return torch.float32
+    c = read_json(Path(model_dir) / "config.json", optional=True) or {}
+    name = c.get("dtype") or c.get("torch_dtype") or (c.get("text_config") or {}).get("dtype")
+    dtype = getattr(torch, str(name).removeprefix("torch."), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def quantization_config(cfg: TrainConfig) -> Any:
     """bitsandbytes settings for QLoRA (LLaMA-Factory's: nf4/fp4, double quantization, the compute dtype)."""
     from transformers import BitsAndBytesConfig
@@ -59,7 +80,7 @@ def check_inputs(cfg: TrainConfig, model_dir: Path) -> None:
     check_not_prequantized(model_dir)
     hf_dir.check_readable(model_dir)
     if cfg.adapter_name_or_path:
-        adapter = hub.resolve(cfg.adapter_name_or_path, "adapter")
+        adapter = hub.resolve(cfg.adapter_name_or_path, "adapter", cfg.cache_dir)
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"adapter_name_or_path {adapter}: no adapter_config.json (not a PEFT adapter dir)")
         hf_dir.check_readable(adapter)
@@ -93,12 +114,13 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str, empty: bool = Fal
 
     from exporter import hf_dir
 
-    dtype = torch.float32 if cfg.finetuning_type == "full" else compute_dtype(cfg)
+    dtype = base_dtype(cfg, model_dir)
     kw: dict[str, Any] = {}
     if cfg.quantization_bit:
         kw = {"quantization_config": quantization_config(cfg), "device_map": {"": device}}
         detail = f"{cfg.quantization_type}{', double quantization' if cfg.double_quantization else ''}, "
-        detail = (detail if cfg.quantization_bit == 4 else "") + f"compute in {str(dtype).removeprefix('torch.')}"
+        computes = str(compute_dtype(cfg)).removeprefix("torch.")
+        detail = (detail if cfg.quantization_bit == 4 else "") + f"compute in {computes}"
         say(f"QLoRA: base quantized to {cfg.quantization_bit}-bit by bitsandbytes at load ({detail})")
     try:
         if empty:
@@ -119,6 +141,8 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str, empty: bool = Fal
         if hasattr(m, "support_avx512bf16_for_cpu"):  # forward, and its training path cannot use that layout
             m.support_avx512bf16_for_cpu = False
     model.config.use_cache = False
+    if Path(model_dir) != Path(cfg.model_name_or_path).expanduser():  # a hub id: the adapter's base_model_name_or_path
+        model.config.name_or_path = model.name_or_path = cfg.model_name_or_path  # names it, as LLaMA-Factory's does
     if not cfg.disable_gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -236,7 +260,7 @@ def _lora(model: Any, cfg: TrainConfig, empty: bool = False) -> Any:
     if cfg.adapter_name_or_path:
         from exporter import hub
 
-        adapter = hub.resolve(cfg.adapter_name_or_path, "adapter")
+        adapter = hub.resolve(cfg.adapter_name_or_path, "adapter", cfg.cache_dir)
         return PeftModel.from_pretrained(model, adapter, is_trainable=True, low_cpu_mem_usage=empty)
     target, params = _targets(model, cfg)
     lora = LoraConfig(

@@ -51,6 +51,7 @@ FAMILIES = (
     "ernie4_5",
     "cohere",
     "ernie4_5_moe",
+    "cohere2",
 )
 
 # Llama 3 / Qwen2 pre-tokenizer regexes, as published in those models' tokenizer.json files.
@@ -487,6 +488,8 @@ SPECS: dict[str, Family] = {
 SPECS["gemma"] = dataclasses.replace(SPECS["gemma2"], name="gemma", arch="GemmaForCausalLM")
 # ERNIE-4.5-21B-A3B: ERNIE 4.5's tokenizer; a dense first layer, then routed experts beside shared ones
 SPECS["ernie4_5_moe"] = dataclasses.replace(SPECS["ernie4_5"], name="ernie4_5_moe", arch="Ernie4_5_MoeForCausalLM")
+# Command R7B / Command A: Command-R's tokenizer; three sliding-window layers with RoPE, then a global one without
+SPECS["cohere2"] = dataclasses.replace(SPECS["cohere"], name="cohere2", arch="Cohere2ForCausalLM", layers=4)
 
 SIZES = {
     # tiny: a few MB; every row count a multiple of 256 so K-quants apply.
@@ -956,6 +959,10 @@ def _config_more(fam: Family, s: dict, common: dict) -> tuple[str, dict]:
         common.pop("head_dim")
         extra = dict(max_position_embeddings=8192, layer_norm_eps=1e-5, rope_parameters=_rope(8e6))
         return "cohere", dict(extra, logit_scale=0.0625, use_qk_norm=False, attention_bias=False)
+    if n == "cohere2":  # Command R7B's values, but a window the probes' 24 tokens outgrow; rotary_pct as in R7B's
+        common.pop("head_dim")  # config.json (transformers ignores it; llama.cpp's converter reads it)
+        extra = dict(max_position_embeddings=8192, layer_norm_eps=1e-5, rope_parameters=_rope(50000.0), rotary_pct=1.0)
+        return "cohere2", dict(extra, logit_scale=0.25, sliding_window=8, attention_bias=False)
     raise ValueError(n)  # pragma: no cover - FAMILIES is closed
 
 

@@ -13,8 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import pipeline_yaml, require_llama_cpp
-from test_arch_added import _tensors, model_of
+from test_arch_added import model_of, run_chain
 from test_gguf import ALLOWED_KV, _fields, _hf_model, _llama, _probe_ids, _reference_f16, _show, assert_same_tensors
 
 from exporter.errors import UserError
@@ -174,23 +173,7 @@ def test_what_llama_cpp_cannot_run_is_refused(edit, message, tmp_path):
 def test_chain(tmp_path):
     """LoRA training (`lora_target: all` reaches the routed experts), merge, GGUF and verify's checks
     (template, stops, tokenizer ids, perplexity, greedy answers HF == llama.cpp) through `exporter pipeline`."""
-    import torch
-
-    from exporter import pipeline
-
-    require_llama_cpp()
-    train = {"lora_target": "all", "lora_rank": 8, "max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1,
-             "max_samples": 8}  # fmt: skip
-    verify = {"prompts": 2, "max_new_tokens": 8, "ctx": 64, "max_windows": 2, "ppl_threshold": {"adapter": 0.01}}
-    gguf = {"types": ["f16", "q8_0"], "ollama_name": "t"}
-    path = pipeline_yaml(tmp_path, model_of(FAMILY), tmp_path / "run", None, train=train, gguf=gguf, verify=verify)
-    res = pipeline.run(pipeline.load_config(path, []))
-    checks = json.loads(res.report.read_text())["checks"]
-    assert res.passed, [c for c in checks if c["status"] != "pass"]
-    assert {"template", "stops", "tokenizer", "perplexity", "chat"} <= {c["check"] for c in checks}
-    merged, base = _tensors(tmp_path / "run" / "merged"), _tensors(model_of(FAMILY))
-    changed = {k for k in base if not torch.equal(base[k], merged[k])}
-    assert any(".q_proj." in k for k in changed), "attention LoRA did not reach the merged weights"
+    changed = run_chain(model_of(FAMILY), tmp_path)
     # the routed experts (PEFT parameter LoRA on the fused experts) and the router; PEFT 0.21's weight conversion turns
     # the gate/up/down_proj targets into the fused experts' names, so the dense layer's MLP and the shared experts
     # keep their weights (reported; not the converter's concern)

@@ -124,7 +124,6 @@ def test_lf_export_overrides_and_bad_input(lf_merge, tmp_path: Path) -> None:
     assert "note: export_device=auto" in r.stderr
     assert json.loads((tmp_path / "m" / "exporter_manifest.json").read_text())["settings"]["dtype"] == "fp32"
     bad = {
-        ("export_legacy_format=true",): "pickled .bin weights",
         ("export_dri=x",): "unknown key 'export_dri' (did you mean 'export_dir'?)",
         ("export_quantization_bit=4",): "export_quantization_bit needs export_quantization_dataset",
         ("export_hub_model_id=me/m",): "pushing the export to the Hugging Face hub is not supported",

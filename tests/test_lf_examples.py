@@ -103,15 +103,15 @@ def test_refused_keys_are_llamafactorys_with_its_defaults() -> None:
         assert lf[key] == lf_args.UNSUPPORTED_DEFAULTS[key], (key, lf[key], lf_args.UNSUPPORTED_DEFAULTS[key])
     for key, (_, default) in lf_args._IDLE_KEYS.items():  # accepted as doing nothing: LF's keys, LF's defaults
         assert key in lf and lf[key] == default, (key, lf.get(key), default)
-    for key in ("mix_strategy", "interleave_probs", "tokenized_path"):  # honoured: LF's keys with LF's defaults
+    for key in ("mix_strategy", "interleave_probs", "tokenized_path", "cache_dir"):  # honoured: LF's, its defaults
         assert lf[key] == getattr(lf_args.TrainConfig("m", "o"), key), key
 
 
 # keys LF's web board writes (its runner's _parse_train_args, the preview command and training_args.yaml) or its
 # data arguments take, that exporter called unknown keys: refused by name where they ask for something exporter does
 # not do, accepted and said where they do nothing in a training run
-BOARD_REFUSED = {"ignore_pad_token_for_loss": False, "use_swanlab": True, "cache_dir": "/data/hf-cache",
-                 "predict_with_generate": True, "do_predict": True}  # fmt: skip
+BOARD_REFUSED = {"ignore_pad_token_for_loss": False, "use_swanlab": True, "predict_with_generate": True,
+                 "do_predict": True}  # fmt: skip
 BOARD_IDLE = {"buffer_size": 1024, "data_shared_file_system": True, "media_dir": "data/media", "max_new_tokens": 512,
               "temperature": 0.5, "top_p": 0.9, "eval_num_beams": 2, "swanlab_project": "p"}  # fmt: skip
 

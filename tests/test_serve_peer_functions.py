@@ -83,7 +83,7 @@ def test_function_call_none_renders_no_functions(served) -> None:
      ({"functions": [{"description": "no name"}]}, "functions[0]", "'name' string"),
      ({"functions": [{"name": "f", "parameters": "x"}]}, "functions[0]", "JSON Schema"),
      ({"functions": FUNCTIONS, "function_call": "always"}, "function_call", "'none', 'auto' or {'name'"),
-     ({"functions": FUNCTIONS, "function_call": {"name": "get_weather"}}, "function_call", "constrained decoding")],
+     ({"functions": FUNCTIONS, "function_call": {"name": "get_time"}}, "function_call", "no tool named 'get_time'")],
 )  # fmt: skip
 def test_malformed_legacy_functions_are_400s(served, extra, param, words) -> None:
     """One 400 naming the parameter and saying what is wrong (they were all "unsupported parameter")."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import typer
 from conftest import trainer_log
+from test_train_dtype_lf import fp32_copy
 
 from exporter import checkpoint, cli, dataset_info, lf_args
 from exporter import train as T
@@ -34,6 +35,12 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                          "kto_tag": "tag"}}}  # fmt: skip
     (d / "dataset_info.json").write_text(json.dumps(info))
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny32(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The qwen2 fixture in fp32: the base of runs compared across batch layouts (`fp32_copy`)."""
+    return fp32_copy(tiny, tmp_path_factory.mktemp("tiny32"))
 
 
 def _cfg(model: Path, data: Path, out: Path, **kw) -> lf_args.TrainConfig:
@@ -71,13 +78,13 @@ def test_pipeline_with_quantization_bit_keeps_the_quant_libraries(tmp_path: Path
 # 2 -------------------------------------------------------------------------------------------------------------
 
 
-def test_kto_pref_ftx_accumulation_equals_one_batch(tiny: Path, rows: Path, tmp_path: Path) -> None:
+def test_kto_pref_ftx_accumulation_equals_one_batch(tiny32: Path, rows: Path, tmp_path: Path) -> None:
     """KTO's pref_ftx term is normalised over the global step (its examples and desirable ones), so micro-batches
     with unequal numbers of desirable answers give one batch's loss (LLaMA-Factory's value for that batch); it used
     each micro-batch's own count."""
     kw = dict(stage="kto", dataset=["kto"], pref_ftx=0.5, max_steps=1, max_samples=8)
-    one = T.train(_cfg(tiny, rows, tmp_path / "one", per_device_train_batch_size=8, **kw)).out
-    acc = T.train(_cfg(tiny, rows, tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+    one = T.train(_cfg(tiny32, rows, tmp_path / "one", per_device_train_batch_size=8, **kw)).out
+    acc = T.train(_cfg(tiny32, rows, tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=4,
                        **kw)).out  # fmt: skip
     assert trainer_log(acc)[0]["loss"] == pytest.approx(trainer_log(one)[0]["loss"], abs=1e-4)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import trainer_log
+from test_train_dtype_lf import fp32_copy
 
 from exporter import examples as E
 from exporter import lf_args
@@ -294,6 +295,12 @@ def _torchrun(n: int, args: list[str], tmp_path: Path, fails: bool = False, befo
     return p.stderr if fails else p.stdout + p.stderr
 
 
+@pytest.fixture(scope="session")
+def tiny32(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The qwen2 fixture in fp32: the base of runs compared across batch layouts (`fp32_copy`)."""
+    return fp32_copy(tiny, tmp_path_factory.mktemp("tiny32"))
+
+
 def _flags(**kw) -> list[str]:
     return [x for k, v in kw.items() for x in (f"--{k}", str(v))]
 
@@ -309,7 +316,7 @@ def _one_process(flags: list[str]) -> Path:
     [("dpo", "ddp"), ("kto", "ddp"), ("kto", "ddp-ftx"), ("sft", "fsdp"), ("sft", "fsdp-fp16-full"),
      ("sft", "fsdp-offload")],
 )  # fmt: skip
-def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage: str, engine: str,
+def test_two_processes_equal_one(tiny32: Path, pdata: Path, tmp_path: Path, stage: str, engine: str,
                                  monkeypatch) -> None:  # fmt: skip
     """torchrun --nproc_per_node 2 (gloo) gives one process's loss curve for the same global batch, and one set of
     outputs written by rank 0. fp16 under FSDP: the ranks agree on skipping an overflowing update (each holds only
@@ -318,7 +325,7 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
     on a CPU too (it was a traceback: torch cannot pin memory without a GPU). KTO's pref_ftx term is normalised over
     the global step (it took each micro-batch's own count of desirable answers)."""
     data = {"sft": "sft", "dpo": "pairs", "kto": "kto"}[stage]
-    common = _flags(stage=stage, model_name_or_path=tiny, dataset=data, dataset_dir=pdata, template="qwen",
+    common = _flags(stage=stage, model_name_or_path=tiny32, dataset=data, dataset_dir=pdata, template="qwen",
                     max_steps=4, logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
                     disable_gradient_checkpointing=True, max_samples=24)  # fmt: skip
     common += _flags(pref_ftx=0.5) if engine.endswith("ftx") else []
@@ -353,11 +360,11 @@ def test_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, stage:
 
 
 @pytest.mark.slow
-def test_fsdp_trains_a_given_adapter(tiny: Path, pdata: Path, tmp_path: Path) -> None:
+def test_fsdp_trains_a_given_adapter(tiny32: Path, pdata: Path, tmp_path: Path) -> None:
     """`adapter_name_or_path` under FSDP: rank 1, which builds the model empty, takes the adapter's structure without
     copying its weights into meta tensors (torch's no-op warning), gets base and adapter from rank 0, and the run
     continues the adapter as one process does."""
-    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
+    common = _flags(model_name_or_path=tiny32, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
                     logging_steps=1, learning_rate=5e-3, disable_gradient_checkpointing=True)  # fmt: skip
     first = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "first"))
     common += _flags(adapter_name_or_path=first)
@@ -420,14 +427,14 @@ def _ds_config(tmp_path: Path, zero: int) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fsdp", "ddp", "zero0", "zero2", "zero3", "zero3-full", "fsdp-fp16-full",
                                     "fsdp-qlora"])  # fmt: skip
-def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_path: Path, engine: str) -> None:
+def test_two_processes_resume_equals_uninterrupted(tiny32: Path, pdata: Path, tmp_path: Path, engine: str) -> None:
     """A 2-process run resumed from its checkpoint-2 in a new process group continues exactly as the run that went
     on (loss curve, final weights): weights, optimizer state gathered from the ranks (DeepSpeed: each rank's part,
     master weights included, written and read by the rank itself), scheduler, each rank's RNG (LoRA dropout draws
     on it)."""
     from safetensors.torch import load_file
 
-    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=4,
+    common = _flags(model_name_or_path=tiny32, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=4,
                     save_steps=2, logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2,
                     per_device_train_batch_size=2, lora_dropout=0.1, lr_scheduler_type="cosine", warmup_steps=1,
                     disable_gradient_checkpointing=True, max_samples=24)  # fmt: skip
@@ -470,7 +477,7 @@ def test_two_processes_resume_equals_uninterrupted(tiny: Path, pdata: Path, tmp_
     wa, wb = load_file(a / weights), load_file(b / weights)
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     if "full" in engine:  # ZeRO-3's shards were gathered: the whole model, shape for shape
-        assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in load_file(tiny / weights).items()}
+        assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in load_file(tiny32 / weights).items()}
     before = load_file(ckpt / weights)  # the resumed steps did train
     assert any(not torch.allclose(before[k], wb[k], atol=1e-5) for k in wa)
     if engine == "fsdp":  # its optimizer parts are FSDP's shards: resumed under DDP, one line, exit 2
@@ -637,14 +644,14 @@ T.load_model = _probe
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["2", "3", "3-freeze"])
-def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: str) -> None:
+def test_deepspeed_on_cpu(tiny32: Path, pdata: Path, tmp_path: Path, zero: str) -> None:
     """2 processes under DeepSpeed give one process's loss curve and trained weights, also through an epoch's short
     last group (8 batches in groups of 3: its 2 micro-batches make an update too), with no third-party warnings or
     banners. Under ZeRO-3 the model loads straight into its partitions (HF's zero.Init loading): no process holds a
     base weight whole, before the engine too (before, each loaded the whole model on its device and the engine
     partitioned it), and the fast loss path is still taken."""
     ds = _ds_config(tmp_path, int(zero[0]))
-    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=4,
+    common = _flags(model_name_or_path=tiny32, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=4,
                     logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=3,
                     disable_gradient_checkpointing=True)  # fmt: skip
     if zero.endswith("freeze"):
@@ -669,11 +676,11 @@ def test_deepspeed_on_cpu(tiny: Path, pdata: Path, tmp_path: Path, zero: str) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
-def test_deepspeed_in_one_process(tiny: Path, pdata: Path, tmp_path: Path, zero: int) -> None:
+def test_deepspeed_in_one_process(tiny32: Path, pdata: Path, tmp_path: Path, zero: int) -> None:
     """`deepspeed:` without torchrun (one GPU, as LLaMA-Factory runs it without FORCE_TORCHRUN) trains in a process
     group of its own and gives the plain run's loss curve and adapter (it used to stop with a traceback: DeepSpeed,
     finding no group, looked for MPI)."""
-    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
+    common = _flags(model_name_or_path=tiny32, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
                     logging_steps=1, learning_rate=5e-3, per_device_train_batch_size=2,
                     disable_gradient_checkpointing=True)  # fmt: skip
     one = _one_process(common + _flags(output_dir=tmp_path / "one"))
@@ -814,14 +821,14 @@ def test_qlora_cli_prints_no_third_party_noise(tiny: Path, pdata: Path, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("engine", "bits"), [("ddp", 4), ("zero2", 4), ("zero3", 4), ("fsdp", 4), ("zero3", 8)])
-def test_qlora_two_processes_equal_one(tiny: Path, pdata: Path, tmp_path: Path, engine: str, bits: int) -> None:
+def test_qlora_two_processes_equal_one(tiny32: Path, pdata: Path, tmp_path: Path, engine: str, bits: int) -> None:
     """QLoRA on 2 processes gives one process's loss curve and adapter for the same global batch: DDP, DeepSpeed
     ZeRO-2 (it shards only the LoRA weights' gradients and optimizer state), and ZeRO-3 and FSDP2, which shard the
     quantized base too (its 4-bit weights packed in the compute dtype, `bnb_4bit_quant_storage`, as LLaMA-Factory
     does)."""
     from safetensors.torch import load_file
 
-    common = _flags(model_name_or_path=tiny, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
+    common = _flags(model_name_or_path=tiny32, dataset="sft", dataset_dir=pdata, template="qwen", max_steps=3,
                     logging_steps=1, learning_rate=5e-3, gradient_accumulation_steps=2, quantization_bit=bits,
                     disable_gradient_checkpointing=True, max_samples=24)  # fmt: skip
     one = _one_process(common + _flags(per_device_train_batch_size=4, output_dir=tmp_path / "one"))

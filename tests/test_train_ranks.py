@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train_dtype_lf import fp32_copy
 from test_train_methods import pdata  # noqa: F401 - the pairwise, KTO and SFT rows of the training tests
 
 from exporter import distributed
@@ -35,6 +36,12 @@ _LAUNCHES = {  # LLaMA-Factory's launcher variables, as its docs and examples se
     "elastic-fixed": {"FORCE_TORCHRUN": "true", "RDZV_ID": "job8", "NNODES": "2", "NPROC_PER_NODE": "2"},
 }
 _MASTER = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29555"}
+
+
+@pytest.fixture(scope="session")
+def tiny32(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The qwen2 fixture in fp32: the base of runs compared across batch layouts (`fp32_copy`)."""
+    return fp32_copy(tiny, tmp_path_factory.mktemp("tiny32"))
 
 
 def _options(args: list[str]) -> dict[str, str]:
@@ -153,7 +160,7 @@ def test_one_rank_failing_stops_every_rank_in_one_line(tiny: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_kto_batch_split_unevenly_equals_one_process(tiny: Path, pdata: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_kto_batch_split_unevenly_equals_one_process(tiny32: Path, pdata: Path, tmp_path: Path) -> None:  # noqa: F811
     """27 KTO examples in global batches of 4: the short batch of 3 is split 2 + 1 over two processes. Its KL baseline
     is the mean over its 3 rows, as one process computes it; each process's mean, averaged over the processes, made
     the two-process run leave one process's curve at that step (loss 0.7679 against 0.7771, kl 148.4 against 138.5)
@@ -163,11 +170,11 @@ def test_kto_batch_split_unevenly_equals_one_process(tiny: Path, pdata: Path, tm
 
     from exporter import examples, lf_args
 
-    common = _flags(stage="kto", model_name_or_path=tiny, dataset="kto", dataset_dir=pdata, template="qwen",
+    common = _flags(stage="kto", model_name_or_path=tiny32, dataset="kto", dataset_dir=pdata, template="qwen",
                     max_samples=27, num_train_epochs=1, logging_steps=1, learning_rate=1e-2, save_strategy="no",
                     disable_gradient_checkpointing=True)  # fmt: skip
     cfg, _ = lf_args.config_from_args(common + _flags(output_dir=tmp_path / "x"))
-    lengths = [examples.length(e) for e in examples.prepare(cfg, tiny).train]
+    lengths = [examples.length(e) for e in examples.prepare(cfg, tiny32).train]
     assert len(lengths) == 27
 
     def short_at(seed: int) -> int:  # the step of the batch of 3 (with LoRA's zero start the KL is 0 at step 1)

@@ -60,7 +60,7 @@ def train_form(data_dir: Path, out: Path, **over: Any) -> dict[str, Any]:
         "seed": 42, "packing": False, "train_on_prompt": False, "identity_name": "", "identity_author": "",
         "lora_rank": d["lora_rank"], "lora_alpha": d["lora_alpha"], "lora_dropout": d["lora_dropout"],
         "loraplus_lr_ratio": d["loraplus_lr_ratio"], "lora_target": "", "use_rslora": False, "use_dora": False,
-        "output_dir": str(out), "overwrite_output_dir": False,
+        "output_dir": str(out), "overwrite_output_dir": False, "extra_args": "{}",
     }  # fmt: skip
     form.update(over)
     return form

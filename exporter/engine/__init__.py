@@ -14,6 +14,8 @@ vLLM backends behind the same chat template, stops, sampler and continuous-batch
 API (stable; changes are additive):
 - `LoadOptions`, `Sampling` in; `Completion`, `Delta`, `TokenLogprob` out (api.py); `Sampling.prompt_logprobs`
   scores the prompt's own tokens in the batch (`max_new_tokens` 0: nothing generated), for /v1/completions' echo.
+  `Sampling.grammar` (GBNF, engine/grammar.py: JSON / a JSON schema / a tool call) constrains an answer with
+  llama.cpp's grammar sampler (gguf backend; `Engine.check_grammar` says up front whether it can).
 - `load(opts) -> Engine`; `from_hf_model(model, tokenizer, opts) -> Engine` (a model already in memory);
   `Engine.render / tokenize / encode_chat / encode_text / decode / token_bytes` (the model's own Jinja, rendered by
   transformers for HF dirs and GGUF files alike), `text_offsets`, `submit / stream / generate / chat`,

@@ -53,6 +53,7 @@ class Sampling:
     skip_special_tokens: bool = True  # in `text`: leave out special tokens (as LLaMA-Factory's default)
     prompt_logprobs: int | None = None  # k >= 0: each prompt token's log-prob (given those before it) and the top-k
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias in [-100, 100]) added to its logit
+    grammar: str | None = None  # a GBNF grammar (llama.cpp's) the answer must follow (engine/grammar.py)
 
     def replace(self, **kw: object) -> Sampling:
         return dataclasses.replace(self, **kw)  # type: ignore[arg-type]

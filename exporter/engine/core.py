@@ -79,6 +79,16 @@ class Engine:
         """The bytes one token stands for (a token may hold part of a UTF-8 character: decode() gives U+FFFD)."""
         return self.backend.token_bytes(token)
 
+    def check_grammar(self, gbnf: str) -> None:
+        """EngineError when this engine cannot constrain an answer to `gbnf` (a GBNF grammar, `Sampling.grammar`):
+        its backend has no grammar engine, or llama.cpp cannot parse the grammar."""
+        make = getattr(self.backend, "grammar", None)
+        if make is None:
+            raise EngineError(f"the {self.kind} backend cannot constrain an answer (no grammar engine); serve the "
+                              "model's GGUF (exporter gguf), whose backend decodes with llama.cpp's grammar "
+                              "sampler")  # fmt: skip
+        make(gbnf, frozenset()).close()
+
     # ---- generation
 
     def submit(self, prompt: Sequence[int], sampling: Sampling, sink: Sink, bounded: bool = True) -> Handle:

@@ -92,6 +92,8 @@ class GGUFBackend:
         flag = self.meta("tokenizer.ggml.add_space_prefix")  # llama.cpp's default: SPM vocabularies prefix one
         spm = L.llama_vocab_type(self.vocab) == L.LLAMA_VOCAB_TYPE_SPM
         self.space_prefix = flag == "true" if flag is not None else spm  # the first decoded piece drops it
+        self._vocab_table: tuple[set[int], set[int], Any] | None = None  # (end-of-generation ids, control ids,
+        #                                                                    utf8_table): grammar()
 
     def close(self) -> None:
         L = self.L
@@ -159,6 +161,21 @@ class GGUFBackend:
         L = self.L
         attrs = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
         return {t for t in range(self.vocab_size) if L.llama_vocab_get_attr(self.vocab, t) & attrs}
+
+    def grammar(self, gbnf: str, stops: frozenset[int], skip_special: bool = True) -> Any:
+        """A `LlamaGrammar` of `gbnf` over this vocabulary for one answer (engine/grammar.py); with `skip_special`
+        (the answer's text leaves control tokens out) no control token other than `stops` is allowed. EngineError
+        when llama.cpp cannot parse it."""
+        from exporter.engine.grammar import LlamaGrammar, utf8_table
+
+        if self._vocab_table is None:  # read once: a pass over the vocabulary
+            control = self.L.LLAMA_TOKEN_ATTR_CONTROL
+            ctl = {t for t in range(self.vocab_size) if self.L.llama_vocab_get_attr(self.vocab, t) & control}
+            pieces = [self._piece(t, 0, True) for t in range(self.vocab_size)]  # as llama.cpp's grammar reads them
+            self._vocab_table = (self.eog_ids(), ctl, utf8_table(pieces))
+        eog, control, utf8 = self._vocab_table
+        banned = control if skip_special else set()
+        return LlamaGrammar(self.L, self.vocab, self.vocab_size, gbnf, stops, eog, banned, utf8)
 
     def bos_prefix(self) -> list[int]:
         """[BOS] when the vocabulary asks for one before a text (tokenizer.ggml.add_bos_token), else []."""

@@ -6,6 +6,7 @@ One implementation for every backend, so greedy means the same argmax everywhere
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -83,10 +84,14 @@ class Sampler:
     """Per-request token picker: OpenAI's logit_bias (added to the model's logits before anything else, as
     llama-cpp-python's server applies it: a logits processor ahead of its sampler chain), then in transformers'
     order: repetition penalty (HF's, over the prompt and the answer), presence and frequency penalties (OpenAI's,
-    over the answer so far), then greedy, or temperature -> top-k -> top-p -> min-p -> draw."""
+    over the answer so far), then greedy, or temperature -> top-k -> top-p -> min-p -> draw. A `constraint` (a
+    grammar: `mask(logits)` -> logits with what it forbids at -inf, `allows(token)`, `accept(token)`, `close()`)
+    masks the logits after the penalties (greedy: only when it refuses the top token) and is told each token
+    picked."""
 
-    def __init__(self, s: Sampling, prompt: Sequence[int]) -> None:
+    def __init__(self, s: Sampling, prompt: Sequence[int], constraint: Constraint | None = None) -> None:
         self.s = s
+        self.constraint = constraint
         self.rng = rng(s.seed)
         self.seen: set[int] = set(prompt) if s.repetition_penalty != 1.0 else set()
         self.counts: dict[int, int] = {}  # answer token -> times picked (presence / frequency penalties)
@@ -145,17 +150,42 @@ class Sampler:
         self.n += 1
         raw = logits
         logits = self.penalized(logits)
+        c = self.constraint
         if s.greedy:
             token = int(np.argmax(logits))
+            if c is not None and np.isfinite(logits[token]) and not c.allows(token):  # else mask the whole row
+                logits = c.mask(logits)
+                token = int(np.argmax(logits))
             _finite(logits[token], self.n)
         else:
+            if c is not None:
+                logits = c.mask(logits)
             cand, p = self.distribution(logits)
             token = int(cand[min(int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum())), len(p) - 1)])
+        if c is not None:
+            c.accept(token)
         if s.repetition_penalty != 1.0:
             self.seen.add(token)
         if s.presence_penalty != 0 or s.frequency_penalty != 0:
             self.counts[token] = self.counts.get(token, 0) + 1
         return token, (token_logprob(raw, token, s.logprobs) if s.logprobs is not None else None)
+
+    def close(self) -> None:
+        """Free the constraint's resources (a llama.cpp sampler); the answer is over."""
+        if self.constraint is not None:
+            self.constraint.close()
+
+
+class Constraint(Protocol):
+    """What constrains a `Sampler` (engine/grammar.py's `LlamaGrammar`)."""
+
+    def mask(self, logits: np.ndarray) -> np.ndarray: ...
+
+    def allows(self, token: int) -> bool: ...
+
+    def accept(self, token: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _finite(top: float, n: int) -> None:

@@ -29,7 +29,7 @@ from exporter.engine.api import (
     Sampling,
     TokenLogprob,
 )
-from exporter.engine.sampling import Sampler, TextStream, token_logprob
+from exporter.engine.sampling import Constraint, Sampler, TextStream, token_logprob
 
 Sink = Callable[[Delta | BaseException], None]
 
@@ -59,6 +59,7 @@ class Backend(Protocol):
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str: ...
 
+    # optional, grammar(gbnf, stops, skip_special) -> Constraint: constrained decoding (gguf)
     # optional, a prefix cache (gguf): a finished sequence's cells stay until its slot is taken again;
     # prefix(seq, prompt): how many prompt tokens the slot holds; reuse(seq, prompt): keep those, drop the rest
 
@@ -195,14 +196,29 @@ class Scheduler:
                 elif hasattr(self.backend, "reuse"):
                     with self.lock:
                         seq.fed = self.backend.reuse(seq.slot, seq.prompt)
+                constraint = self._constraint(seq)
                 seq.sampler = Sampler(seq.sampling, seq.prompt)
+                seq.sampler.constraint = constraint
                 skip = seq.sampling.skip_special_tokens
                 seq.text = TextStream(lambda ids, skip=skip: self.backend.decode(ids, skip), seq.sampling.stop)
             except Exception as e:  # this request fails; the worker goes on
                 self._finish(seq, None, _failed(e))
 
+    def _constraint(self, seq: _Seq) -> Constraint | None:
+        """The grammar of a request that asks for one, over the backend's vocabulary (EngineError where the backend
+        has no grammar engine)."""
+        if seq.sampling.grammar is None:
+            return None
+        make = getattr(self.backend, "grammar", None)
+        if make is None:
+            raise EngineError(f"the {getattr(self.backend, 'kind', type(self.backend).__name__)} backend cannot "
+                              "constrain an answer to a grammar")  # fmt: skip
+        return make(seq.sampling.grammar, seq.stops, seq.sampling.skip_special_tokens)
+
     def _finish(self, seq: _Seq, reason: str | None, error: BaseException | None = None) -> None:
         self._live.remove(seq)
+        if seq.sampler is not None:
+            seq.sampler.close()
         try:
             if error is not None or not hasattr(self.backend, "reuse"):  # else its cells stay for the next prompt
                 with self.lock:

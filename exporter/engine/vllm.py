@@ -109,6 +109,8 @@ class VLLMEngine(Engine):
         check_sampling(sampling)
         if sampling.prompt_logprobs is not None:
             raise EngineError("the vllm backend gives no prompt log-probs; score with the hf or gguf backend")
+        if sampling.grammar is not None:
+            raise EngineError("the vllm backend cannot constrain an answer to a grammar; the gguf backend can")
         if self._closed:
             raise EngineClosed("the engine is closed")
         if len(prompt) >= self.n_ctx:

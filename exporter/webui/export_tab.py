@@ -128,19 +128,37 @@ def stage_options(stage: str, f: dict[str, Any]) -> Any:
     )  # fmt: skip
 
 
+def check_form(f: dict[str, Any], stages: list[str]) -> None:
+    """What LLaMA-Factory's export tab checks first (a model, an export dir, something to export), one line naming
+    the field: an empty model ran `exporter gguf .` on the board's working dir, an empty export dir wrote `merged/`
+    there, and nothing chosen ended at once as a "0/0" that said nothing."""
+    from exporter.webui.locales import label
+
+    if not str(f.get("model") or "").strip():
+        raise UserError(f"{label('model', 'en')}: set the model to export")
+    if not str(f.get("export_out") or "").strip():
+        raise UserError(f"{label('export_out', 'en')}: set the dir the export writes into")
+    if not stages:
+        raise UserError("nothing to export: set an adapter to merge, or choose a quantize method, GGUF types or "
+                        "verify")  # fmt: skip
+
+
 def check_stages(f: dict[str, Any], stages: list[str]) -> None:
     """Every chosen stage's options checked as its command checks them, before the first stage runs (a bad Ollama
     name used to fail gguf after merge had run); UserError names the first bad one."""
-    from exporter import gguf, merge, quantize
+    from exporter import gguf, hub, merge, quantize
 
+    check_form(f, stages)
     for stage in stages:
         if stage == "verify":  # its options are what the earlier stages write
             continue
         opts = stage_options(stage, f)
         if stage == "merge":
             merge.check_options(opts)
-        elif stage == "quantize":
-            quantize.check_options(opts)
+        elif stage == "quantize":  # and what `exporter quantize` checks before loading the model, on the base
+            _, group = quantize.check_options(opts)  # (the merge keeps its config and layer shapes), as `export`
+            quantize.require(opts.method)
+            quantize.check_model(opts, hub.resolve(f["model"], "model"), group)
         else:
             gguf.check_options(opts)
 

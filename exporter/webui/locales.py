@@ -48,6 +48,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "train_on_prompt": ("Train on prompt", "学习提示词"),
     "identity_name": ("identity_name ({{name}} in the data)", "identity_name（数据中的 {{name}}）"),
     "identity_author": ("identity_author ({{author}} in the data)", "identity_author（数据中的 {{author}}）"),
+    "extra_args": ("Extra arguments (JSON: LLaMA-Factory keys)", "额外参数（JSON：LLaMA-Factory 参数）"),
     "lora_tab": ("LoRA settings", "LoRA 参数设置"),
     "lora_rank": ("LoRA rank", "LoRA 秩"),
     "lora_alpha": ("LoRA alpha", "LoRA 缩放系数"),

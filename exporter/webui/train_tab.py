@@ -1,7 +1,8 @@
 """The Train tab: LLaMA-Factory's training form -> an `exporter train` YAML, parsed and checked by `lf_args` exactly as
 the CLI parses it, run as `exporter train CONFIG.yaml` in a subprocess; `trainer_log.jsonl` is tailed into a progress
 bar with ETA and a live loss plot. "Preview data" renders the first rows through the template as training sees them
-(`examples.prepare`), trained tokens marked.
+(`examples.prepare`, or the saved `tokenized_path` training reads instead), trained tokens marked. "Extra arguments"
+takes any other training key as JSON, as LLaMA-Factory's board does.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ FORM = (
     "compute_type", "cutoff_len", "batch_size", "gradient_accumulation_steps", "val_size", "lr_scheduler_type",
     "logging_steps", "save_steps", "warmup_steps", "max_steps", "optim", "seed", "packing", "train_on_prompt",
     "identity_name", "identity_author", "lora_rank", "lora_alpha", "lora_dropout", "loraplus_lr_ratio", "lora_target",
-    "use_rslora", "use_dora", "output_dir", "overwrite_output_dir",
+    "use_rslora", "use_dora", "output_dir", "overwrite_output_dir", "extra_args",
 )  # fmt: skip
 
 
@@ -146,6 +147,7 @@ def train_args(f: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     )  # fmt: skip
     if f["compute_type"] in ("bf16", "fp16"):
         a[f["compute_type"]] = True
+    a.update(extra_args(f))  # as LLaMA-Factory's board: over the keys above, under the LoRA/eval fields below
     if number(f, "val_size", float) > 0:  # as LLaMA-Factory's board: evaluate every save_steps
         a.update(val_size=f["val_size"], eval_strategy="steps", eval_steps=n["save_steps"],
                  per_device_eval_batch_size=n["batch_size"])  # fmt: skip
@@ -165,6 +167,23 @@ def train_args(f: dict[str, Any], resume: bool = False) -> dict[str, Any]:
         a["overwrite_output_dir"] = True
     a["plot_loss"] = True
     return a
+
+
+def extra_args(f: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA-Factory's "Extra arguments" box: a JSON object of training keys (how its board sets any key it has no
+    field for, e.g. tokenized_path); FieldError when it is not one."""
+    text = _text(f.get("extra_args"))
+    if not text:
+        return {}
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FieldError(
+            "extra_args", f"expected a JSON object of LLaMA-Factory keys, got {text!r} ({e.msg})"
+        ) from None
+    if not isinstance(extra, dict):
+        raise FieldError("extra_args", f"expected a JSON object of LLaMA-Factory keys, got {text!r}")
+    return extra
 
 
 def _yaml_value(v: Any) -> Any:
@@ -243,14 +262,16 @@ def flags_command(args: dict[str, Any]) -> str:
 
 
 def preview_rows(args: dict[str, Any], n: int = PREVIEW_ROWS) -> list[tuple[list[tuple[str, bool]], int, int]]:
-    """The first `n` rows of each dataset as training encodes them: [(segments (text, trained), tokens, trained)]."""
-    from exporter import examples, hub
+    """The first `n` rows of each dataset as training encodes them: [(segments (text, trained), tokens, trained)];
+    with a `tokenized_path` that holds LLaMA-Factory's saved dataset, its first `n` train rows (what training reads
+    instead of the datasets). Writes nothing (training, not the preview, saves a tokenized_path)."""
+    from exporter import data, examples, hub
 
     _, cfg = parse(args)
     cfg = dataclasses.replace(cfg, max_samples=n, val_size=0.0, packing=False)
-    prep = examples.prepare(cfg, hub.resolve(cfg.model_name_or_path, "model"))
+    prep = data.prepare_tokenized(cfg, hub.resolve(cfg.model_name_or_path, "model"), save=False)
     rows = []
-    for ex in prep.train:
+    for ex in prep.train[: n if data.has_tokenized(cfg.tokenized_path) else None]:
         flags = [lab != examples.IGNORE for lab in ex.labels]
         cuts = [0] + [i for i in range(1, len(flags)) if flags[i] != flags[i - 1]] + [len(flags)]
         texts = [prep.tokenizer.decode(ex.input_ids[:c], skip_special_tokens=False) for c in cuts]
@@ -483,6 +504,8 @@ def _extra(board: Any, c: dict[str, Any]) -> None:
                                                                  elem_id="identity_name"))  # fmt: skip
             c["identity_author"] = add("identity_author", gr.Textbox(label=label("identity_author", L),
                                                                      elem_id="identity_author"))  # fmt: skip
+        with gr.Row():
+            c["extra_args"] = add("extra_args", gr.Textbox("{}", label=label("extra_args", L), elem_id="extra_args"))
 
 
 def _lora(board: Any, c: dict[str, Any]) -> None:
