@@ -14,37 +14,15 @@ import shutil
 
 import numpy as np
 import pytest
+import test_arch_added
 from conftest import llama_src, require_go
-from test_arch_added import model_of, run_chain
+from test_arch_added import _file, model_of, run_chain
 from test_gguf import ALLOWED_KV, _fields, _hf_model, _llama, _probe_ids, _reference_f16, _show, assert_same_tensors
 
 from exporter.errors import UserError
 
 FAMILY = "cohere2"
-_OUT: dict[str, object] = {}
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Factory: our f32/f16/q8_0 export of the fixture (one pass) -> (out dir, ChatTemplate)."""
-    from exporter import templates
-    from exporter.gguf import export
-
-    def get(family: str = FAMILY):
-        if family not in _OUT:
-            model = model_of(family)
-            tpl = templates.resolve(model, None)
-            out = tmp_path_factory.mktemp(f"gguf-{family}") / "out"
-            export(model, ["f32", "f16", "q8_0"], tpl, out)
-            _OUT[family] = (out, tpl)
-        return _OUT[family]
-
-    return get
-
-
-def _file(out, kind: str):
-    (path,) = out.glob(f"*-{kind}.gguf")
-    return path
+converted = test_arch_added.converted  # the fixture: our f32/f16/q8_0 export of a family, once
 
 
 def _logit_diff(model, gguf_file) -> float:
@@ -67,7 +45,7 @@ def _logit_diff(model, gguf_file) -> float:
 @pytest.mark.slow
 def test_matches_llama_cpp_converter(converted, tmp_path):
     """Same tensors (names, shapes, types, f16 bytes) and metadata as llama.cpp's converter on the same model."""
-    ours = _file(converted()[0], "f16")
+    ours = _file(converted(FAMILY)[0], "f16")
     ref = _reference_f16(model_of(FAMILY), tmp_path, "command-r")
     a, b = _fields(ours), _fields(ref)
     diffs = {k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>")}
@@ -92,7 +70,7 @@ def test_logits_match_transformers(converted):
     model = model_of(FAMILY)
     cfg = json.loads((model / "config.json").read_text())
     assert max(map(len, _probe_ids(model))) > cfg["sliding_window"], "the probes stay inside the window"
-    out, _ = converted()
+    out, _ = converted(FAMILY)
     assert _logit_diff(model, _file(out, "f32")) < 2e-3
     hf = _hf_model(model)
     q8 = _llama(_file(out, "q8_0"), n_ctx=64, logits_all=True, n_threads=1)
@@ -123,16 +101,15 @@ def test_other_layer_types_are_written(tmp_path):
 
 def test_tokenization_and_end_of_turn(converted):
     """llama.cpp's ids == the HF tokenizer's on the mixed-language corpus; every end-of-turn token is EOG."""
-    import test_arch_added
 
-    test_arch_added.test_tokenization_and_end_of_turn(FAMILY, lambda family: converted())
+    test_arch_added.test_tokenization_and_end_of_turn(FAMILY, converted)
 
 
 def test_kquants(converted, tmp_path):
     """q4_k_m through libllama: it loads, its logits track the f32 file's, every tensor not at Q4_K is reported."""
     import test_gguf
 
-    test_gguf.test_kquants_of_every_new_architecture(FAMILY, model_of, lambda family: converted(), tmp_path)
+    test_gguf.test_kquants_of_every_new_architecture(FAMILY, model_of, converted, tmp_path)
 
 
 def test_gguf_lora_matches_peft_merge(converted, tmp_path):
@@ -140,7 +117,7 @@ def test_gguf_lora_matches_peft_merge(converted, tmp_path):
     import test_gguf
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
-    test_gguf.test_gguf_lora_matches_peft_merge(FAMILY, targets, None, model_of, lambda f: converted(), tmp_path)
+    test_gguf.test_gguf_lora_matches_peft_merge(FAMILY, targets, None, model_of, converted, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -13,43 +13,21 @@ import shutil
 
 import numpy as np
 import pytest
-from test_arch_added import model_of, run_chain
+import test_arch_added
+from test_arch_added import _file, model_of, run_chain
 from test_gguf import ALLOWED_KV, _fields, _hf_model, _llama, _probe_ids, _reference_f16, _show, assert_same_tensors
 
 from exporter.errors import UserError
 
 FAMILY = "ernie4_5_moe"
-_OUT: dict[str, object] = {}
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Factory: our f32/f16/q8_0 export of the fixture (one pass) -> (out dir, ChatTemplate)."""
-    from exporter import templates
-    from exporter.gguf import export
-
-    def get(family: str = FAMILY):
-        if family not in _OUT:
-            model = model_of(family)
-            tpl = templates.resolve(model, None)
-            out = tmp_path_factory.mktemp(f"gguf-{family}") / "out"
-            export(model, ["f32", "f16", "q8_0"], tpl, out)
-            _OUT[family] = (out, tpl)
-        return _OUT[family]
-
-    return get
-
-
-def _file(out, kind: str):
-    (path,) = out.glob(f"*-{kind}.gguf")
-    return path
+converted = test_arch_added.converted  # the fixture: our f32/f16/q8_0 export of a family, once
 
 
 @pytest.mark.slow
 def test_matches_llama_cpp_converter(converted, tmp_path):
     """Same tensors (names, shapes, types, f16 bytes: the 3-D experts, the f32 router and its correction bias, the
     shared experts, the dense first layer) and metadata as llama.cpp's converter on the same model."""
-    ours = _file(converted()[0], "f16")
+    ours = _file(converted(FAMILY)[0], "f16")
     ref = _reference_f16(model_of(FAMILY), tmp_path)
     a, b = _fields(ours), _fields(ref)
     diffs = {k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>")}
@@ -83,7 +61,7 @@ def test_logits_match_transformers(converted):
     import torch
 
     model = model_of(FAMILY)
-    out, _ = converted()
+    out, _ = converted(FAMILY)
     hf = _hf_model(model)
     bias = hf.model.layers[1].mlp.gate.moe_statics.e_score_correction_bias
     assert float(bias.abs().max()) > 0, "the fixture's correction bias did not load: the check would not see it"
@@ -104,16 +82,15 @@ def test_logits_match_transformers(converted):
 
 def test_tokenization_and_end_of_turn(converted):
     """llama.cpp's ids == the HF tokenizer's on the mixed-language corpus; every end-of-turn token is EOG."""
-    import test_arch_added
 
-    test_arch_added.test_tokenization_and_end_of_turn(FAMILY, lambda family: converted())
+    test_arch_added.test_tokenization_and_end_of_turn(FAMILY, converted)
 
 
 def test_kquants(converted, tmp_path):
     """q4_k_m through libllama: it loads, its logits track the f32 file's, every tensor not at Q4_K is reported."""
     import test_gguf
 
-    test_gguf.test_kquants_of_every_new_architecture(FAMILY, model_of, lambda family: converted(), tmp_path)
+    test_gguf.test_kquants_of_every_new_architecture(FAMILY, model_of, converted, tmp_path)
 
 
 def test_gguf_lora_matches_peft_merge(converted, tmp_path):
@@ -124,7 +101,7 @@ def test_gguf_lora_matches_peft_merge(converted, tmp_path):
     # the dense layer's and the shared experts' down_proj (PEFT refuses gate_proj or up_proj alone: the routed experts
     # hold them fused)
     targets = r".*\.(q_proj|v_proj|o_proj|layers\.0\.mlp\.down_proj|shared_experts\.down_proj)"
-    test_gguf.test_gguf_lora_matches_peft_merge(FAMILY, targets, None, model_of, lambda f: converted(), tmp_path)
+    test_gguf.test_gguf_lora_matches_peft_merge(FAMILY, targets, None, model_of, converted, tmp_path)
 
 
 def test_fused_checkpoint_gives_the_same_file(converted, tmp_path):
@@ -136,7 +113,7 @@ def test_fused_checkpoint_gives_the_same_file(converted, tmp_path):
 
     from exporter.gguf import export
 
-    out, tpl = converted()
+    out, tpl = converted(FAMILY)
     fused = fused_checkpoint(model_of(FAMILY), tmp_path / "fused")
     with safe_open(next(fused.glob("*.safetensors")), "pt") as st:
         assert any(k.endswith("experts.gate_up_proj") for k in st.keys()), "transformers saved per-expert tensors"
