@@ -477,7 +477,7 @@ def _start(cfg: TrainConfig, prep: Prepared, model_dir: Path, out: Path, resume:
     ds = distributed.deepspeed_config(cfg, d, model_dir) if engine == "deepspeed" else None
     with distributed.zero3_loading(ds, cfg) as in_parts:  # ZeRO-3: no GPU holds the whole model either
         if from_main:
-            model = distributed.load_on_main(d, lambda empty: tuning.load_model(cfg, model_dir, "cpu", empty))
+            model = distributed.load_on_main(d, lambda empty: tuning.load_model(cfg, model_dir, "cpu", empty, device))
         else:
             model = tuning.load_model(cfg, model_dir, device)
     model.train()
