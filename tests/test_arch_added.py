@@ -273,8 +273,19 @@ def test_fused_qwen2_moe_checkpoint_gives_the_same_file(converted, tmp_path):
         # transformers' use_bias gives the MLP biases too, which llama.cpp's ernie4_5 does not load (the file fails)
         ("ernie4_5", {"use_bias": True}, "use_bias is true"),
         ("cohere", {"tie_word_embeddings": False}, "no lm_head of its own"),
+        # llama.cpp's ernie4_5_moe loader gives every layer from moe_layer_start_index on its experts
+        ("ernie4_5_moe", {"moe_layer_interval": 2}, "moe_layer_interval 2 with 2 layers"),
+        ("ernie4_5_moe", {"moe_layer_start_index": 0, "moe_layer_end_index": 0},
+         "moe_layer_start_index 0, moe_layer_end_index 0"),
+        ("ernie4_5_moe", {"use_bias": True}, "use_bias is true"),
+        ("ernie4_5_moe", {"moe_k": "2"}, "moe_k is '2'; expected a positive integer"),
+        ("cohere2", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}}, "RoPE scaling"),
+        ("cohere2", {"tie_word_embeddings": False}, "no lm_head of its own"),
+        ("cohere2", {"attention_bias": True}, "attention_bias is true"),
+        ("cohere2", {"sliding_window": None}, "sliding_window is null"),
+        ("cohere2", {"attention_bias": "no"}, "attention_bias is 'no'; expected true or false"),
     ],
-)
+)  # fmt: skip
 def test_what_llama_cpp_cannot_run_is_refused(family, edit, message, tmp_path):
     """A config llama.cpp's graph would compute differently from transformers is one UserError, no file written."""
     import torch

@@ -19,8 +19,6 @@ from conftest import llama_src, require_go
 from test_arch_added import _file, model_of, run_chain
 from test_gguf import ALLOWED_KV, _fields, _hf_model, _llama, _probe_ids, _reference_f16, _show, assert_same_tensors
 
-from exporter.errors import UserError
-
 FAMILY = "cohere2"
 converted = test_arch_added.converted  # the fixture: our f32/f16/q8_0 export of a family, once
 
@@ -118,29 +116,6 @@ def test_gguf_lora_matches_peft_merge(converted, tmp_path):
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
     test_gguf.test_gguf_lora_matches_peft_merge(FAMILY, targets, None, model_of, converted, tmp_path)
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}}, "RoPE scaling"),
-        ({"tie_word_embeddings": False}, "no lm_head of its own"),
-        ({"attention_bias": True}, "attention_bias is true"),
-        ({"sliding_window": None}, "sliding_window is null"),
-        ({"attention_bias": "no"}, "attention_bias is 'no'; expected true or false"),
-    ],
-)
-def test_what_llama_cpp_cannot_run_is_refused(edit, message, tmp_path):
-    """A config llama.cpp's graph would compute differently from transformers is one UserError, no file written."""
-    from exporter import templates
-    from exporter.gguf import export
-
-    model = shutil.copytree(model_of(FAMILY), tmp_path / "m")
-    cfg = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**cfg, **edit}))
-    with pytest.raises(UserError, match=message):
-        export(model, ["f16"], templates.resolve(model, None), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
