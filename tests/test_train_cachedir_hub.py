@@ -15,6 +15,7 @@ import pytest
 from conftest import random_lora, trainer_log
 from safetensors.torch import load_file
 from test_hub_cache_dir import _cache
+from test_train_dtype_lf import fp32_copy
 
 YAML = """model_name_or_path: {base}
 adapter_name_or_path: {adapter}
@@ -83,11 +84,12 @@ run_exp(yaml.safe_load(open(sys.argv[1])))
 def test_train_from_cache_dir_as_llamafactory(tiny: Path, tmp_path: Path, how: str) -> None:
     """LLaMA-Factory 0.9.5 itself (its venv, offline) on the same YAML, a hub id in cache_dir (or in the HF cache
     HF_HUB_CACHE names): the same first loss, and the adapter names its base by the hub id (exporter wrote the
-    snapshot's path there, a path of this machine's cache, and in the adapter's README)."""
+    snapshot's path there, a path of this machine's cache, and in the adapter's README). The fp32 copy of the fixture:
+    on a CPU that emulates bf16 exporter upcasts a bf16 frozen base, which LLaMA-Factory keeps (test_train_dtype_lf)."""
     from conftest import lf_python
 
     cache = tmp_path / "hf"
-    _cache(cache, "acme/tiny", tiny)
+    _cache(cache, "acme/tiny", fp32_copy(tiny, tmp_path / "tiny32"))
     data = tmp_path / "data"
     data.mkdir()
     (data / "d.json").write_text(json.dumps([{"instruction": "Who are you?", "input": "", "output": "I am Exa."}]))
