@@ -4,6 +4,7 @@ streaming give what the reference gives."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -43,15 +44,19 @@ def _started(cmd: list[str], port: int, path: str) -> subprocess.Popen:
             time.sleep(0.3)
 
 
-@pytest.fixture(scope="module")
-def clients(server_gguf: Path) -> Iterator[tuple[object, object]]:
+@contextlib.contextmanager
+def side_by_side(gguf: Path) -> Iterator[tuple[object, object]]:
+    """openai clients of `exporter serve` and of llama-cpp-python's own server (the peer), both on `gguf`; each
+    server started is stopped at the end, also when the other did not start."""
     ours, ref = free_port(), free_port()
-    mine = [sys.executable, "-m", "exporter", "serve", str(server_gguf), "--port", str(ours), "--ctx", "512",
+    mine = [sys.executable, "-m", "exporter", "serve", str(gguf), "--port", str(ours), "--ctx", "512",
             "--max-seqs", "2", "--threads", "1"]  # fmt: skip
-    theirs = [sys.executable, "-m", "llama_cpp.server", "--model", str(server_gguf), "--port", str(ref), "--n_ctx",
+    theirs = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(ref), "--n_ctx",
               "512", "--n_threads", "1", "--verbose", "false"]  # fmt: skip
-    procs = [_started(mine, ours, "/health"), _started(theirs, ref, "/v1/models")]
+    procs = []
     try:
+        for cmd, port, path in ((mine, ours, "/health"), (theirs, ref, "/v1/models")):
+            procs.append(_started(cmd, port, path))
         yield tuple(openai.OpenAI(base_url=f"http://127.0.0.1:{p}/v1", api_key="x", max_retries=0) for p in (ours, ref))
     finally:
         for p in procs:
@@ -61,6 +66,12 @@ def clients(server_gguf: Path) -> Iterator[tuple[object, object]]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+@pytest.fixture(scope="module")
+def clients(server_gguf: Path) -> Iterator[tuple[object, object]]:
+    with side_by_side(server_gguf) as both:
+        yield both
 
 
 def _both(clients: tuple, **kw: object) -> tuple[object, object]:

@@ -5,17 +5,11 @@ where llama-cpp-python's server extra (sse-starlette, starlette-context, pydanti
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from test_serve_completions import side_by_side
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -32,37 +26,8 @@ NEWLINE, IS, OTHER = 198, 353, 374
 def clients(tiny_gguf: Path) -> Iterator[tuple[object, object]]:
     """openai clients of ours and of llama-cpp-python's server, both on the session's tiny GGUF."""
     pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python's server extra")
-    ours, ref = free_port(), free_port()
-    mine = [sys.executable, "-m", "exporter", "serve", str(tiny_gguf), "--port", str(ours), "--ctx", "512",
-            "--max-seqs", "2", "--threads", "1"]  # fmt: skip
-    theirs = [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--port", str(ref), "--n_ctx",
-              "512", "--n_threads", "1", "--verbose", "false"]  # fmt: skip
-    procs = []
-    try:
-        for cmd, port, path in ((mine, ours, "/health"), (theirs, ref, "/v1/models")):
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                          env=os.environ))  # fmt: skip
-            _wait(procs[-1], port, path)
-        yield tuple(openai.OpenAI(base_url=f"http://127.0.0.1:{p}/v1", api_key="x", max_retries=0) for p in (ours, ref))
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-def _wait(proc: subprocess.Popen, port: int, path: str) -> None:
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no start"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
+    with side_by_side(tiny_gguf) as both:
+        yield both
 
 
 def _chat(client, stream: bool, **kw) -> str:
