@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import test_arch_added
 from test_arch_added import _file, model_of, run_chain
-from test_gguf import ALLOWED_KV, _fields, _hf_model, _llama, _probe_ids, _reference_f16, _show, assert_same_tensors
+from test_gguf import ALLOWED_KV, _fields, _hf_model, _reference_f16, _show, assert_same_tensors
 
 FAMILY = "ernie4_5_moe"
 converted = test_arch_added.converted  # the fixture: our f32/f16/q8_0 export of a family, once
@@ -53,26 +53,10 @@ def test_config_defaults_match_transformers(tmp_path, caplog):
 
 def test_logits_match_transformers(converted):
     """f32 logits == transformers' (the suite's limit) with the router's correction bias in play; q8_0 tracks them."""
-    import torch
-
-    model = model_of(FAMILY)
-    out, _ = converted(FAMILY)
-    hf = _hf_model(model)
+    hf = _hf_model(model_of(FAMILY))
     bias = hf.model.layers[1].mlp.gate.moe_statics.e_score_correction_bias
     assert float(bias.abs().max()) > 0, "the fixture's correction bias did not load: the check would not see it"
-    f32 = _llama(_file(out, "f32"), n_ctx=64, logits_all=True, n_threads=1)
-    q8 = _llama(_file(out, "q8_0"), n_ctx=64, logits_all=True, n_threads=1)
-    for ids in _probe_ids(model):
-        with torch.no_grad():
-            want = hf(torch.tensor([ids])).logits[0].numpy()
-        for llm in (f32, q8):
-            llm.reset()
-            llm.eval(ids)
-        got = np.array(f32.scores[: len(ids)], dtype=np.float32)
-        diff = float(np.abs(got - want).max())
-        assert diff < 2e-3 * max(1.0, float(np.abs(want).max())), f"max |logit diff| {diff}"
-        q = np.array(q8.scores[: len(ids)], dtype=np.float32)
-        assert float(np.corrcoef(q.ravel(), want.ravel())[0, 1]) > 0.99, "q8_0 logits drift"
+    test_arch_added.test_logits_match_transformers(FAMILY, converted)
 
 
 def test_tokenization_and_end_of_turn(converted):
