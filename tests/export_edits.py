@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,19 @@ def rewrite_gguf(
         w.write_tensor_data(data)
     w.close()
     return dst
+
+
+def sharpened_export(src: Path, root: Path, types: list[str]) -> tuple[Path, Any, Any]:
+    """The qwen2 fixture `src` copied to `root/merged`, sharpened (sharpen_attention), the qwen-2.5 template written
+    into it and exported to `root/gguf` in `types`: (merged dir, template, gguf.export's result)."""
+    from exporter import gguf, templates
+
+    merged = root / "merged"
+    shutil.copytree(src, merged)
+    sharpen_attention(merged)
+    tpl = templates.resolve(merged, "qwen-2.5")
+    templates.write_into(merged, tpl)
+    return merged, tpl, gguf.export(merged, types, tpl, root / "gguf")
 
 
 def sharpen_attention(model_dir: Path, factor: float = 6.0, embed_scale: float = 0.15) -> None:

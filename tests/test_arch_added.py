@@ -238,17 +238,17 @@ def test_gguf_lora_matches_peft_merge(family, targets, converted, tmp_path):
     test_gguf.test_gguf_lora_matches_peft_merge(family, targets, None, model_of, converted, tmp_path)
 
 
-def test_fused_qwen2_moe_checkpoint_gives_the_same_file(converted, tmp_path):
-    """Qwen2-MoE saved as transformers 5 holds it (experts fused into gate_up / down) converts to the same tensors as
-    the released per-expert layout (which the reference converter checks above)."""
+def test_fused_qwen2_moe_checkpoint_gives_the_same_file(converted, tmp_path, family="qwen2_moe"):
+    """Qwen2-MoE (or another MoE `family`) saved as transformers 5 holds it (experts fused into gate_up / down)
+    converts to the same tensors as the released per-expert layout (which the reference converter checks above)."""
     from gguf import GGUFReader
     from safetensors import safe_open
     from test_merge import fused_checkpoint
 
     from exporter.gguf import export
 
-    out, tpl = converted("qwen2_moe")
-    fused = fused_checkpoint(model_of("qwen2_moe"), tmp_path / "fused")
+    out, tpl = converted(family)
+    fused = fused_checkpoint(model_of(family), tmp_path / "fused")
     with safe_open(next(fused.glob("*.safetensors")), "pt") as st:
         assert any(k.endswith("experts.gate_up_proj") for k in st.keys()), "transformers saved per-expert tensors"
     res = export(fused, ["f16"], tpl, tmp_path / "out")

@@ -8,7 +8,6 @@ routed experts picked by softmax + a correction bias, two shared experts beside 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import test_arch_added
 from test_arch_added import _file, model_of, run_chain
@@ -86,20 +85,7 @@ def test_gguf_lora_matches_peft_merge(converted, tmp_path):
 def test_fused_checkpoint_gives_the_same_file(converted, tmp_path):
     """The model saved as transformers 5 holds it (experts fused, the correction bias under the router) converts to
     the same tensors as the released layout (which the reference converter checks above)."""
-    from gguf import GGUFReader
-    from safetensors import safe_open
-    from test_merge import fused_checkpoint
-
-    from exporter.gguf import export
-
-    out, tpl = converted(FAMILY)
-    fused = fused_checkpoint(model_of(FAMILY), tmp_path / "fused")
-    with safe_open(next(fused.glob("*.safetensors")), "pt") as st:
-        assert any(k.endswith("experts.gate_up_proj") for k in st.keys()), "transformers saved per-expert tensors"
-    res = export(fused, ["f16"], tpl, tmp_path / "out")
-    got = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(res.files["f16"]).tensors}
-    want = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(_file(out, "f16")).tensors}
-    assert got.keys() == want.keys() and got == want
+    test_arch_added.test_fused_qwen2_moe_checkpoint_gives_the_same_file(converted, tmp_path, FAMILY)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import FAMILIES, TEMPLATE_OF, require_go, require_llama_cpp, require_quant
-from export_edits import rewrite_gguf, sharpen_attention
+from export_edits import rewrite_gguf, sharpen_attention, sharpened_export
 
 from exporter import verify as V
 from exporter.errors import UserError
@@ -29,15 +29,8 @@ FAST = {"prompts": 2, "max_new_tokens": 8, "ctx": 64, "max_windows": 3}
 def good(tiny_model, tmp_path_factory) -> SimpleNamespace:
     """A faithful export of the qwen2 fixture: merged dir, f16 + q8_0 GGUFs, their Modelfiles."""
     require_llama_cpp()
-    from exporter import gguf, templates
-
     root = tmp_path_factory.mktemp("verify")
-    merged = root / "merged"
-    shutil.copytree(tiny_model("qwen2"), merged)
-    sharpen_attention(merged)
-    tpl = templates.resolve(merged, "qwen-2.5")
-    templates.write_into(merged, tpl)
-    res = gguf.export(merged, ["f16", "q8_0"], tpl, root / "gguf")
+    merged, tpl, res = sharpened_export(tiny_model("qwen2"), root, ["f16", "q8_0"])
     return SimpleNamespace(
         root=root,
         merged=merged,

@@ -8,7 +8,6 @@ weights are 100% or more away from what they should be. Good q8_0/q4_0 (our nump
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import llama_src, require_llama_cpp
-from export_edits import rewrite_gguf, sharpen_attention
+from export_edits import rewrite_gguf, sharpened_export
 
 from exporter import verify as V
 
@@ -29,15 +28,8 @@ TYPES = ["f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
 def export(tiny_model, tmp_path_factory) -> SimpleNamespace:
     """The sharpened qwen2 fixture (attention that depends on the weights, as a trained model's) in every TYPES."""
     require_llama_cpp()
-    from exporter import gguf, templates
-
     root = tmp_path_factory.mktemp("verify-more-weights")
-    merged = root / "merged"
-    shutil.copytree(tiny_model("qwen2"), merged)
-    sharpen_attention(merged)
-    tpl = templates.resolve(merged, "qwen-2.5")
-    templates.write_into(merged, tpl)
-    res = gguf.export(merged, TYPES, tpl, root / "gguf")
+    merged, _, res = sharpened_export(tiny_model("qwen2"), root, TYPES)
     return SimpleNamespace(merged=merged, files=res.files, root=root)
 
 
