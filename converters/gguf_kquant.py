@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from exporter.converters import gguf_read
-
 from exporter.errors import UserError
 from exporter.quiet import silence_llama_cpp
 
@@ -91,6 +89,8 @@ def quantize(f16_path: Path, out_path: Path, kind: str, nthread: int | None = No
 def type_report(path: Path, kind: str) -> list[str]:
     """Tensors of a libllama-quantized file whose type is not the nominal one (1-D and norm tensors are f32
     everywhere)."""
+    from exporter.converters import gguf_read  # gguf-py and numpy: not for `exporter.gguf`'s import of the tables
+
     notes = []
     for t in gguf_read.read(path, tensors=True).tensors:
         if len(t.shape) < 2 or t.type.name == KQUANT_TYPES[kind][1]:

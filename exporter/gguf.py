@@ -24,15 +24,13 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from exporter import __version__
 from exporter.atomic import atomic_dir, check_free_space, check_target
 from exporter.config import did_you_mean, read_json
+from exporter.converters.gguf_kquant import ALIASES, KQUANT_TYPES, refusal
 from exporter.errors import UserError
 from exporter.hf_dir import check_readable
 from exporter.quiet import llama_log_in_python
 
 NUMPY_KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
-# written by libllama's llama_model_quantize (converters/gguf_kquant.KQUANT_TYPES, from which this is copied so that
-# `import exporter.gguf` stays light)
-KQUANT_KINDS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
-                "q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs", "iq3_s", "iq3_m")  # fmt: skip
+KQUANT_KINDS = tuple(KQUANT_TYPES)  # written by libllama's llama_model_quantize
 ALL_KINDS = NUMPY_KINDS + KQUANT_KINDS
 # bytes per parameter, about 7% over llama-quantize's Llama-3-8B sizes (tools/quantize/quantize.cpp QUANT_OPTIONS:
 # q4_k_m 4.58G of 8.03B parameters = 0.57) or, without one there, its bits per weight / 8
@@ -93,8 +91,6 @@ def parse_types(types: str | Sequence[str]) -> list[str]:
     """`"f16,q8_0"` -> ["f16", "q8_0"]; unknown names are a UserError with a suggestion."""
     items = types.split(",") if isinstance(types, str) else [t for x in types for t in x.split(",")]
     kinds = []
-    from exporter.converters.gguf_kquant import ALIASES, refusal
-
     for raw in items:
         kind = raw.strip().lower()
         if not kind:
