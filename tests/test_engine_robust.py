@@ -62,10 +62,10 @@ def test_an_exception_serving_one_request_fails_it_only(tiny_gguf: Path, monkeyp
     real = sampling.Sampler
 
     class Picky(real):
-        def __init__(self, s: Sampling, prompt) -> None:
+        def __init__(self, s: Sampling, prompt, constraint=None) -> None:
             if s.seed == 13:
                 raise ValueError("unlucky seed")
-            super().__init__(s, prompt)
+            super().__init__(s, prompt, constraint)
 
         def __call__(self, logits):
             if self.s.seed == 14 and self.n == 2:

@@ -196,9 +196,7 @@ class Scheduler:
                 elif hasattr(self.backend, "reuse"):
                     with self.lock:
                         seq.fed = self.backend.reuse(seq.slot, seq.prompt)
-                constraint = self._constraint(seq)
-                seq.sampler = Sampler(seq.sampling, seq.prompt)
-                seq.sampler.constraint = constraint
+                seq.sampler = Sampler(seq.sampling, seq.prompt, self._constraint(seq))
                 skip = seq.sampling.skip_special_tokens
                 seq.text = TextStream(lambda ids, skip=skip: self.backend.decode(ids, skip), seq.sampling.stop)
             except Exception as e:  # this request fails; the worker goes on
