@@ -267,6 +267,15 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
             "tokens": int(mask.sum()), "n_trained": int(rows.numel())}  # fmt: skip
 
 
+def causal_only(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its padding mask (training on CUDA). Rows are right-padded, so under causal attention no
+    real token attends to a later pad, and pads are never scored (`index` skips them): the logits that count are the
+    same, while SDPA runs its causal kernels instead of building and reading an L x L mask in every layer and
+    attending to the whole square. Neat-packed batches have no mask already (their segments are in position_ids)."""
+    return {k: None if k == "attention_mask" else causal_only(v) if isinstance(v, dict) else v
+            for k, v in batch.items()}  # fmt: skip
+
+
 def collate_pairs(pairs: list[Any], pad_id: int) -> dict[str, Any]:
     """DPO: one batch of the chosen rows followed by the rejected rows."""
     rows = [Example(p.chosen_ids, p.chosen_labels) for p in pairs]

@@ -27,7 +27,7 @@ from exporter import checkpoint, objective
 from exporter.atomic import claim
 from exporter.distributed import Dist
 from exporter.errors import UserError
-from exporter.examples import Prepared, length, plan_epoch, to_device
+from exporter.examples import Prepared, causal_only, length, plan_epoch, to_device
 from exporter.lf_args import TrainConfig, check, config_from_dict, parse_args, say
 from exporter.loss_plot import plot
 from exporter.progress import progress
@@ -177,7 +177,7 @@ class Run:
     counts: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return to_device(batch, self.device)
+        return to_device(causal_only(batch) if self.device.startswith("cuda") else batch, self.device)
 
     def batch(self, items: list[Any]) -> dict[str, Any]:
         return self.to_device(objective.collate(self.cfg.stage, items, self.prep.pad_id))
@@ -679,7 +679,7 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, device: str) -> TrainResu
     rows = cfg.per_device_train_batch_size * max(examples.n_tokens(e) for e in prep.train)
     if tuning.checkpointing_unneeded(cfg, given, model_dir, device, rows):
         cfg = dataclasses.replace(cfg, disable_gradient_checkpointing=True)
-    with claim(out) if d.main else contextlib.nullcontext():  # one run per output_dir
+    with claim(out) if d.main else contextlib.nullcontext(), tuning.attention_kernels(device):  # one run per output_dir
         resume = distributed.on_main(d, lambda: checkpoint.prepare_output(cfg, out))  # checks only
         run = _start(cfg, prep, model_dir, out, resume, device, d)
         if cfg.adapter_name_or_path:

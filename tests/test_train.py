@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -323,6 +324,53 @@ def test_fast_loss_equals_model_loss(tiny: Path, datadir: Path) -> None:
         ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert n == int((batch["labels"][:, 1:] != E.IGNORE).sum())
     torch.testing.assert_close(ours / n, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "override"),
+    [("llama3", {}), ("qwen3", {}), ("phi3", {}), ("gemma2", {}), ("qwen3_moe", {}), ("mixtral", {}), ("glm4", {}),
+     ("granite", {}), ("gemma3", {"sliding_window": 8}), ("mistral", {"sliding_window": 8})],
+)  # fmt: skip
+def test_causal_only_batch_scores_like_the_masked_one(tiny_model, family: str, override: dict) -> None:
+    """On CUDA the loop drops the padding mask of its right-padded batches (`examples.causal_only`): the trained
+    positions score as with the mask (and as transformers' own loss), also with sliding windows shorter than the
+    rows, soft-caps, MoE routing and logit scaling (the model's own forward)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(family), dtype=torch.float32, **override).eval()
+    rng = random.Random(0)
+    rows = []
+    for n in (30, 9, 17):
+        ids = [rng.randrange(5, 200) for _ in range(n)]
+        rows.append(E.Example(ids, [E.IGNORE] * 4 + ids[4:]))
+    batch = E.collate(rows, pad_id=0)
+    assert batch["attention_mask"] is not None
+    plain = E.causal_only(batch)
+    assert plain["attention_mask"] is None and plain["index"] is batch["index"]
+    score = tuning.scorer(model)
+    score.fast = tuning.fast_path_ok(score, batch)
+    with torch.no_grad():
+        masked, causal = tuning.loss_sum(score, batch), tuning.loss_sum(score, plain)
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(causal, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal / batch["n_trained"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_kernels_keep_cudnn_out_of_cuda_training_only() -> None:
+    """cuDNN's attention is off while training on CUDA (flash first, its own priority), restored after, also after an
+    error; on the CPU nothing changes."""
+    from torch.nn.attention import SDPBackend
+
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
+    with tuning.attention_kernels("cpu"):
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before
+    with pytest.raises(RuntimeError), tuning.attention_kernels("cuda:0"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch._C._get_sdp_priority_order()[:2] == [int(SDPBackend.FLASH_ATTENTION),
+                                                          int(SDPBackend.EFFICIENT_ATTENTION)]  # fmt: skip
+        raise RuntimeError("out of memory")
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before
 
 
 # ------------------------------------------------------------------ training runs

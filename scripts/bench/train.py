@@ -80,10 +80,11 @@ COMMON = dict(
 )  # fmt: skip
 
 
-def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int, float]:
-    """(wall seconds, peak RSS bytes, exit code, CPU seconds) of one child process."""
+def run_child(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int, int, float]:
+    """(wall seconds, peak RSS bytes, exit code, CPU seconds) of one child process, run in `cwd` (not the checkout's
+    root, where `python -m exporter` would import the source folder instead of the installed package)."""
     t = time.time()
-    p = subprocess.Popen(cmd, env=env)
+    p = subprocess.Popen(cmd, env=env, cwd=cwd)
     _, status, usage = os.wait4(p.pid, 0)
     return time.time() - t, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
 
@@ -188,6 +189,7 @@ def main() -> int:
     )
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.work = a.work.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
     if a.peer:
         peer(a.work, a.steps, a.batch, a.bf16)
@@ -213,14 +215,15 @@ def main() -> int:
     env = dict(os.environ, EXPORTER_NO_PROGRESS="1")
     sides = []
     wall, rss, rc, cpu = run_child([sys.executable, "-m", "exporter", "train", str(yml),
-                                    f"output_dir={a.work / 'ours-out'}"], env)  # fmt: skip
+                                    f"output_dir={a.work / 'ours-out'}"], env, a.work)  # fmt: skip
     if rc:
         print("exporter train failed", file=sys.stderr)
         return 1
     sides.append(side("exporter", wall, rss, cpu, a.work / "ours-out"))
     wall, rss, rc, cpu = run_child(
-        [sys.executable, __file__, "--peer", "--work", str(a.work), "--steps", str(a.steps), "--batch", str(a.batch)]
-        + (["--bf16"] if a.bf16 else []), env,
+        [sys.executable, str(ROOT / "scripts" / "bench" / "train.py"), "--peer", "--work", str(a.work), "--steps",
+         str(a.steps), "--batch", str(a.batch)]
+        + (["--bf16"] if a.bf16 else []), env, a.work,
     )  # fmt: skip
     if rc:
         print("HF Trainer run failed", file=sys.stderr)
@@ -232,7 +235,7 @@ def main() -> int:
     if lf_python:
         lf_out = a.work / "lf-out"
         wall, rss, rc, cpu = run_child([lf_python, "-m", "llamafactory.cli", "train", str(yml),
-                                        f"output_dir={lf_out}"], env)  # fmt: skip
+                                        f"output_dir={lf_out}"], env, a.work)  # fmt: skip
         if rc:
             print("LLaMA-Factory run failed", file=sys.stderr)
             return 1
