@@ -104,7 +104,6 @@ _LF_KEYS: dict[str, tuple[str, Any]] = {
     "split_special_tokens": ("splitting special tokens", False),
     "use_fast_tokenizer": ("slow tokenizers (the fast tokenizer is always used)", True),
     "use_unsloth_gc": ("Unsloth's gradient checkpointing", False),
-    "use_reentrant_gc": ("reentrant gradient checkpointing", True),
     "model_revision": ("hub revisions", "main"),
     "compute_accuracy": ("token accuracy at evaluation", False),
     "disable_shuffling": ("training in dataset order", False),
@@ -172,6 +171,7 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6
     disable_gradient_checkpointing: bool = False
+    use_reentrant_gc: bool = True  # LLaMA-Factory's default: torch's reentrant checkpoint (false: non-reentrant)
     freeze_trainable_layers: int = 2  # > 0: the last n decoder layers train, < 0: the first -n
     freeze_trainable_modules: list[str] = dataclasses.field(default_factory=lambda: ["all"])
     freeze_extra_modules: list[str] | None = None  # modules outside the layers that train too (e.g. embed_tokens)

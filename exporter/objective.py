@@ -51,9 +51,7 @@ def collate(stage: str, batch_examples: list[Any], pad_id: int) -> dict[str, Any
 @contextlib.contextmanager
 def reference(model: Any) -> Iterator[None]:
     """The reference model: the PEFT model with its adapter disabled."""
-    import torch
-
-    with torch.no_grad(), model.disable_adapter():
+    with tuning.without_grad(model), model.disable_adapter():
         yield
 
 
@@ -105,7 +103,7 @@ def _kto(run: Any, batch: dict[str, Any], totals: tuple[int, int] | None,
 
     cfg, good, bad = run.cfg, batch["desirable"], batch["undesirable"]  # index tensors: no device sync
     logps, lens = tuning.completion_logps(run.score, batch)
-    with torch.no_grad():
+    with tuning.without_grad(run.model):
         kl_logps = tuning.completion_logps(run.plain, batch["kl"])[0]
     ref = _ref_logps(run, batch, batch.get("ref"))
     ref_kl = _ref_logps(run, batch["kl"], batch.get("ref_kl"))
@@ -160,9 +158,7 @@ def reference_logps(run: Any, items: list[Any]) -> None:
 
     d, bs, stage = run.dist, run.cfg.per_device_eval_batch_size * run.dist.world, run.cfg.stage
     found = torch.zeros(len(items), 2, dtype=torch.float64, device=run.device)
-    was = run.model.training
-    run.model.eval()
-    with torch.no_grad():
+    with tuning.without_grad(run.model):
         for s in range(0, len(items), bs):
             idx = rows(d, list(range(s, min(s + bs, len(items)))))
             b = run.to_device(collate(stage, [items[i] for i in idx or [s]], run.prep.pad_id))
@@ -173,6 +169,5 @@ def reference_logps(run: Any, items: list[Any]) -> None:
                                     tuning.completion_logps(run.plain, b["kl"])[0]], dim=1)  # fmt: skip
             if idx:
                 found[idx] = pair.double()
-    run.model.train(was)
     for e, (a, b2) in zip(items, all_sum(d, found).tolist(), strict=True):
         e.ref = (a, b2)

@@ -40,6 +40,23 @@ def attention_kernels(device: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def without_grad(model: Any) -> Iterator[None]:
+    """Forwards that need no gradients inside training (DPO/KTO's reference, KTO's KL term, the reference log-probs
+    computed before training): torch.no_grad, with the model in eval mode meanwhile so no layer is checkpointed
+    (there is nothing to recompute, and torch's reentrant checkpoint warns without grad). dpo/kto train without
+    dropout, so eval mode changes nothing else."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
 def compute_dtype(cfg: TrainConfig) -> Any:
     """The dtype the frozen base computes in (LLaMA-Factory's compute_dtype): bf16/fp16 when asked, else fp32."""
     import torch
@@ -179,11 +196,12 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: str, empty: bool = Fal
     model.config.use_cache = False
     if Path(model_dir) != Path(cfg.model_name_or_path).expanduser():  # a hub id: the adapter's base_model_name_or_path
         model.config.name_or_path = model.name_or_path = cfg.model_name_or_path  # names it, as LLaMA-Factory's does
-    if not cfg.disable_gradient_checkpointing:
+    if not cfg.disable_gradient_checkpointing:  # transformers makes the embeddings' output require grad for it
+        kwargs = {"use_reentrant": cfg.use_reentrant_gc}
         if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.finetuning_type == "full":
         for p in model.parameters():
             p.requires_grad_(True)

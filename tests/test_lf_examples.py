@@ -103,7 +103,7 @@ def test_refused_keys_are_llamafactorys_with_its_defaults() -> None:
         assert lf[key] == lf_args.UNSUPPORTED_DEFAULTS[key], (key, lf[key], lf_args.UNSUPPORTED_DEFAULTS[key])
     for key, (_, default) in lf_args._IDLE_KEYS.items():  # accepted as doing nothing: LF's keys, LF's defaults
         assert key in lf and lf[key] == default, (key, lf.get(key), default)
-    for key in ("mix_strategy", "interleave_probs", "tokenized_path", "cache_dir"):  # honoured: LF's, its defaults
+    for key in ("mix_strategy", "interleave_probs", "tokenized_path", "cache_dir", "use_reentrant_gc"):  # honoured
         assert lf[key] == getattr(lf_args.TrainConfig("m", "o"), key), key
 
 

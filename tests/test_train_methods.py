@@ -849,3 +849,59 @@ def test_qlora_8bit_with_fsdp_is_one_line(tmp_path: Path) -> None:
                                            "--quantization_bit", "8", "--fsdp", "full_shard"])  # fmt: skip
     with pytest.raises(UserError, match="quantization_bit: 8 with fsdp is not supported"):
         lf_args.check(cfg, given, "cpu")
+
+
+# Each rank records the use_reentrant of every checkpointed layer call (transformers' checkpoint function) in
+# reentrant-<rank>
+_REENTRANT = """import transformers.modeling_utils as _M
+_real = _M.checkpoint
+def _spy(fn, *a, **k):
+    open(os.path.join(out, "reentrant-" + os.environ["RANK"]), "a").write(f"{k.get('use_reentrant')}\\n")
+    return _real(fn, *a, **k)
+_M.checkpoint = _spy
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["lora", "lora-nonreentrant", "freeze", "kto", "dpo-ddp", "fsdp", "zero3"])
+def test_gradient_checkpointing_keeps_the_loss_curve(tiny32: Path, pdata: Path, tmp_path: Path, how: str,
+                                                     monkeypatch) -> None:  # fmt: skip
+    """LLaMA-Factory's `use_reentrant_gc` (default true: torch's reentrant checkpoint, as in LF; false: the
+    non-reentrant one) with checkpointing kept (`disable_gradient_checkpointing: false`) gives the losses of a run
+    without it: LoRA on a frozen base (transformers makes the embeddings' output require grad), freeze tuning, KTO
+    and DPO under DDP (their reference and KL forwards run without grad, in eval mode: not checkpointed, no warning),
+    FSDP2 and DeepSpeed ZeRO-3."""
+    import warnings
+
+    import transformers.modeling_utils as M
+
+    stage = how.split("-")[0] if how.startswith(("dpo", "kto")) else "sft"
+    common = _flags(stage=stage, model_name_or_path=tiny32, dataset={"sft": "sft", "dpo": "pairs", "kto": "kto"}[stage],
+                    dataset_dir=pdata, template="qwen", max_steps=3, logging_steps=1, learning_rate=5e-3,
+                    max_samples=24, gradient_accumulation_steps=2)  # fmt: skip
+    common += _flags(finetuning_type="freeze") if how == "freeze" else []
+    plain = _one_process(common + _flags(per_device_train_batch_size=4, disable_gradient_checkpointing=True,
+                                         output_dir=tmp_path / "plain"))  # fmt: skip
+    reentrant = how != "lora-nonreentrant"
+    kept = common + _flags(disable_gradient_checkpointing=False, use_reentrant_gc=reentrant,
+                           output_dir=tmp_path / "kept")  # fmt: skip
+    if how in ("dpo-ddp", "fsdp", "zero3"):
+        extra = {"fsdp": ["--fsdp", "full_shard"], "zero3": _flags(deepspeed=_ds_config(tmp_path, 3))}.get(how, [])
+        out = _torchrun(2, kept + _flags(per_device_train_batch_size=2) + extra, tmp_path, before=_REENTRANT)
+        assert "Warning" not in out and "WARNING" not in out, out
+        seen = {x for r in (0, 1) for x in (tmp_path / f"reentrant-{r}").read_text().split()}
+    else:
+        calls: list = []
+        real = M.checkpoint
+        monkeypatch.setattr(
+            M, "checkpoint", lambda fn, *a, **k: calls.append(k.get("use_reentrant")) or real(fn, *a, **k)
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _one_process(kept + _flags(per_device_train_batch_size=4))
+        assert not [w for w in caught if "requires_grad" in str(w.message)]
+        seen = {str(x) for x in calls}
+    assert seen == {str(reentrant)}  # every layer was checkpointed, the way asked
+    a, b = trainer_log(plain), trainer_log(tmp_path / "kept")
+    tol = 1e-5 if how in ("dpo-ddp", "fsdp", "zero3") else 1e-6
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=tol)
