@@ -330,14 +330,15 @@ def evaluate(run: Run) -> dict[str, float]:
     the reward metrics, as `eval_*` keys; every rank scores its rows of each batch."""
     import torch
 
+    from exporter import tuning
     from exporter.distributed import all_sum
 
     cfg, pool, bs = run.cfg, run.prep.val, run.cfg.per_device_eval_batch_size * run.dist.world
-    run.model.eval()
     keys = objective.PAIR_METRICS if cfg.stage == "dpo" else objective.KTO_METRICS if cfg.stage == "kto" else ()
     sums = torch.zeros(1 + len(keys), device=run.device, dtype=torch.float64)  # loss, metrics: on the device
     counts = [0.0] * (1 + len(keys))  # units, metric counts: on the host
-    with torch.no_grad(), torch.autocast(run.device.split(":")[0], dtype=run.amp, enabled=run.amp is not None):
+    amp = torch.autocast(run.device.split(":")[0], dtype=run.amp, enabled=run.amp is not None)
+    with tuning.without_grad(run.model), amp:
         batches = [list(range(s, min(s + bs, len(pool)))) for s in range(0, len(pool), bs)]
         for b, (items, weight) in zip(batches, _micro_batches(run, batches, pool), strict=True):
             batch = run.batch(items)
@@ -348,7 +349,6 @@ def evaluate(run: Run) -> dict[str, float]:
             cnt = objective.metric_counts(cfg.stage, batch, len(items))
             new = [objective.units(cfg.stage, items), *(cnt.get(k, 0) for k in keys)]
             counts = [c + weight * n for c, n in zip(counts, new, strict=True)]
-    run.model.train()
     vals = all_sum(run.dist, torch.cat([sums, torch.tensor(counts, device=run.device, dtype=torch.float64)]))
     vals = vals.tolist()
     n = 1 + len(keys)

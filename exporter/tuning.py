@@ -42,10 +42,10 @@ def attention_kernels(device: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def without_grad(model: Any) -> Iterator[None]:
-    """Forwards that need no gradients inside training (DPO/KTO's reference, KTO's KL term, the reference log-probs
-    computed before training): torch.no_grad, with the model in eval mode meanwhile so no layer is checkpointed
-    (there is nothing to recompute, and torch's reentrant checkpoint warns without grad). dpo/kto train without
-    dropout, so eval mode changes nothing else."""
+    """Forwards that need no gradients inside training (evaluation, DPO/KTO's reference, KTO's KL term, the
+    reference log-probs computed before training): torch.no_grad, with the model in eval mode meanwhile (restored
+    after, also after an error) so no layer is checkpointed (there is nothing to recompute, and torch's reentrant
+    checkpoint warns without grad). dpo/kto train without dropout, so there eval mode changes nothing else."""
     import torch
 
     was = model.training
